@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make demo   sets everything up (idempotent) and runs the pipeline on the embedded demo corpus
+#   make test   sets everything up (idempotent) and runs the unit + integration tests
+# Everything the project needs is installed by these targets; CI starts on a clean machine.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp depends on pyproject.toml: editing the dependencies reinstalls, a second `make` does not.
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test unit integration bench clean-artifacts
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml third_party/no-dataclasses/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	@bash infra/install_system_deps.sh
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m pipelines.demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: install
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean-artifacts:
+	rm -rf artifacts

@@ -1,0 +1,340 @@
+"""The registry: versions of datasets, models and evaluations on any fsspec URL.
+
+Layout under the registry root (local directory by default, `s3://`, `gs://`, `memory://` by URL):
+
+    <root>/<kind>s/<name>/<version>/manifest.json     # written last: its presence *is* the commit
+    <root>/<kind>s/<name>/<version>/<files...>
+    <root>/.work/<cache_key>/                          # local working dirs of running stages (resumable)
+
+Publishing is atomic: files are staged and their checksums verified, and the manifest is written last (on a
+local disk the whole version directory is renamed into place in one step). Versions are immutable:
+publishing different content under an existing name@version raises `VersionExistsError`.
+References: `name@v3`, `name@latest`, `name` (= latest), `name@<content-id prefix>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+import fsspec
+
+from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
+
+DEFAULT_REGISTRY = "./artifacts/registry"
+MANIFEST_NAME = "manifest.json"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message names the version or file."""
+
+
+class VersionExistsError(RegistryError):
+    pass
+
+
+class NotFoundError(RegistryError):
+    pass
+
+
+def default_registry_url() -> str:
+    return os.environ.get("BLIP_REGISTRY") or DEFAULT_REGISTRY
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def code_version() -> str:
+    """git describe of this checkout, or the package version outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True, text=True, timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "blip-bootstrap " + version("blip-bootstrap")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'name@selector' -> (name, selector); a bare name means latest."""
+    name, _, selector = ref.partition("@")
+    return name, selector or "latest"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise RegistryError(f"invalid name {name!r}: use lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+class Registry:
+    """Versions on an fsspec URL. Cheap to construct; reads manifests lazily."""
+
+    def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
+        self.url = str(url) if url is not None else default_registry_url()
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
+        if self.is_local:
+            self.root = str(Path(self.root).resolve())
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    # ------------------------------------------------------------------ paths
+    def version_path(self, kind: str, name: str, version: str) -> str:
+        """Filesystem path (in `self.fs`) of a version directory."""
+        if kind not in KINDS:
+            raise RegistryError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        return f"{self.root}/{kind}s/{name}/{version}"
+
+    def path_of(self, manifest: Manifest, relpath: str) -> str:
+        """Path (in `self.fs`) of a file the manifest references; refuses anything else."""
+        entry_paths = {entry.path for entry in manifest.files}
+        if relpath not in entry_paths and relpath != MANIFEST_NAME:
+            raise NotFoundError(f"{manifest.ref} does not reference {relpath!r}")
+        return f"{self.version_path(manifest.kind, manifest.name, manifest.version)}/{relpath}"
+
+    def url_of(self, manifest: Manifest, relpath: str) -> str:
+        """Full URL of a referenced file (local path for a local registry), usable by webdataset/pyarrow."""
+        path = self.path_of(manifest, relpath)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def local_path(self, manifest: Manifest, relpath: str) -> Path:
+        if not self.is_local:
+            raise RegistryError(f"{self.url} is not a local registry; use open() or url_of()")
+        return Path(self.path_of(manifest, relpath))
+
+    def open(self, manifest: Manifest, relpath: str, mode: str = "rb") -> IO[Any]:
+        if "w" in mode or "a" in mode:
+            raise RegistryError("versions are immutable: the registry opens files read-only")
+        return self.fs.open(self.path_of(manifest, relpath), mode)
+
+    def work_dir(self, key: str) -> Path:
+        """A local, deterministic working directory for a stage run (resumable across crashes).
+
+        For a local registry it lives on the same disk, so publishing is a rename, not a copy.
+        """
+        if self.is_local:
+            base = Path(self.root) / ".work"
+        else:
+            base = Path(os.environ.get("BLIP_WORK_DIR", Path(tempfile.gettempdir()) / "blip-work"))
+        path = base / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ reading
+    def names(self, kind: str) -> list[str]:
+        base = f"{self.root}/{kind}s"
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def versions(self, kind: str, name: str) -> list[Manifest]:
+        """Published versions of one name, oldest first (only those whose manifest exists)."""
+        base = f"{self.root}/{kind}s/{name}"
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for path in self.fs.ls(base, detail=False):
+            manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
+            if self.fs.exists(manifest_path):
+                found.append(self._read_manifest(manifest_path))
+        return sorted(found, key=_version_sort_key)
+
+    def list(self, kind: str | None = None) -> list[Manifest]:
+        kinds = [kind] if kind else list(KINDS)
+        return [m for k in kinds for name in self.names(k) for m in self.versions(k, name)]
+
+    def resolve(self, ref: str | Manifest, kind: str | None = None) -> Manifest:
+        """Find the manifest of 'name@version', 'name@latest', 'name' or 'name@<id prefix>'."""
+        if isinstance(ref, Manifest):
+            return ref
+        name, selector = parse_ref(ref)
+        kinds = [kind] if kind else list(KINDS)
+        candidates = [m for k in kinds for m in self.versions(k, name)]
+        if not candidates:
+            known = ", ".join(n for k in kinds for n in self.names(k)) or "none"
+            raise NotFoundError(f"no version of {name!r} in {self.url} (known names: {known})")
+        if selector == "latest":
+            return candidates[-1]
+        exact = [m for m in candidates if m.version == selector]
+        if exact:
+            return exact[0]
+        by_id = [m for m in candidates if m.id.startswith(selector.lower())]
+        if len(by_id) == 1:
+            return by_id[0]
+        if len(by_id) > 1:
+            raise NotFoundError(f"{ref!r} is ambiguous: {', '.join(m.ref for m in by_id)}")
+        versions = ", ".join(m.version for m in candidates)
+        raise NotFoundError(f"{ref!r} not found (versions of {name}: {versions})")
+
+    def find_cached(self, kind: str, name: str, key: str) -> Manifest | None:
+        """The version of `name` produced by a run with this cache key, if one was published."""
+        for manifest in reversed(self.versions(kind, name)):
+            if manifest.producer.cache_key == key:
+                return manifest
+        return None
+
+    def children(self, manifest: Manifest) -> list[Manifest]:
+        """Versions that name `manifest` as a parent (datasets made from it, models trained on it)."""
+        return [m for m in self.list() if manifest.id in m.parent_ids]
+
+    def next_version(self, kind: str, name: str) -> str:
+        numbers = [int(match.group(1)) for m in self.versions(kind, name) if (match := _VERSION_RE.match(m.version))]
+        return f"v{max(numbers, default=0) + 1}"
+
+    # ------------------------------------------------------------------ writing
+    def publish(
+        self,
+        *,
+        kind: str,
+        name: str,
+        staging_dir: str | Path,
+        files: Iterable[FileEntry | dict[str, Any]],
+        producer: Producer,
+        parents: Iterable[Manifest] = (),
+        version: str | None = None,
+        move: bool = True,
+        **fields: Any,
+    ) -> Manifest:
+        """Publish the files of a local `staging_dir` as a new immutable version.
+
+        `files` lists what to publish (paths relative to `staging_dir`; sha256/bytes are computed here when
+        missing). `fields` are the other Manifest fields (counts, drop_reasons, stats, splits, ...).
+        On a local registry the staged files are moved (`move=True`), not copied.
+        """
+        check_name(name)
+        staging = Path(staging_dir)
+        parents = list(parents)
+        entries = [self._entry(staging, item) for item in files]
+        paths = [entry.path for entry in entries]
+        if len(set(paths)) != len(paths):
+            raise RegistryError(f"{name}: duplicate file paths in publish list")
+        producer = replace(
+            producer,
+            code_version=producer.code_version or code_version(),
+            finished_at=now_utc(),
+            host=producer.host or socket.gethostname(),
+        )
+        manifest = Manifest(
+            kind=kind, name=name, version=version or self.next_version(kind, name), producer=producer,
+            files=tuple(entries), parents=tuple(p.ref for p in parents), parent_ids=tuple(p.id for p in parents),
+            **fields,
+        )
+        target = self.version_path(kind, name, manifest.version)
+        if self.fs.exists(f"{target}/{MANIFEST_NAME}"):
+            existing = self._read_manifest(f"{target}/{MANIFEST_NAME}")
+            if existing.id == manifest.id:
+                return existing
+            raise VersionExistsError(
+                f"{manifest.ref} already exists with different content (id {existing.short_id} != {manifest.short_id});"
+                " versions are immutable: publish under a new version"
+            )
+        if self.is_local:
+            self._publish_local(manifest, staging, target, move)
+        else:
+            self._publish_remote(manifest, staging, target)
+        return manifest
+
+    def _entry(self, staging: Path, item: FileEntry | dict[str, Any]) -> FileEntry:
+        entry = item if isinstance(item, FileEntry) else None
+        data = dict(item) if isinstance(item, dict) else {}
+        relpath = entry.path if entry else data["path"]
+        if relpath.startswith("/") or ".." in Path(relpath).parts or relpath == MANIFEST_NAME:
+            raise RegistryError(f"invalid file path in a version: {relpath!r}")
+        local = staging / relpath
+        if not local.is_file():
+            raise RegistryError(f"staged file missing: {local}")
+        digest, size = sha256_file(local)
+        if entry is None:
+            data.setdefault("sha256", digest)
+            data.setdefault("bytes", size)
+            entry = FileEntry(**data)
+        if entry.sha256 != digest or entry.bytes != size:
+            raise RegistryError(f"staged file {relpath} changed: checksum or size differs from its entry")
+        return entry
+
+    def _publish_local(self, manifest: Manifest, staging: Path, target: str, move: bool) -> None:
+        stage_root = Path(self.root) / ".staging" / f"{manifest.name}-{uuid.uuid4().hex[:8]}"
+        stage_root.mkdir(parents=True)
+        try:
+            for entry in manifest.files:
+                source, dest = staging / entry.path, stage_root / entry.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if move:
+                    shutil.move(str(source), str(dest))
+                else:
+                    shutil.copy2(source, dest)
+                digest, size = sha256_file(dest)
+                if digest != entry.sha256 or size != entry.bytes:
+                    raise RegistryError(f"{manifest.ref}: {entry.path} changed while publishing")
+            (stage_root / MANIFEST_NAME).write_text(manifest.to_json())
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(stage_root, target)  # the commit: one atomic rename
+            except OSError as error:
+                raise VersionExistsError(f"{manifest.ref}: target exists or cannot be created ({error})") from error
+        except BaseException:
+            if move:  # give the files back so a retry can publish them
+                for entry in manifest.files:
+                    moved = stage_root / entry.path
+                    if moved.exists() and not (staging / entry.path).exists():
+                        (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(str(moved), str(staging / entry.path))
+            shutil.rmtree(stage_root, ignore_errors=True)
+            raise
+
+    def _publish_remote(self, manifest: Manifest, staging: Path, target: str) -> None:
+        # Object stores have no rename: upload everything, verify sizes, then write the manifest last.
+        for entry in manifest.files:
+            self.fs.put_file(str(staging / entry.path), f"{target}/{entry.path}")
+            remote_size = self.fs.size(f"{target}/{entry.path}")
+            if remote_size != entry.bytes:
+                raise RegistryError(f"{manifest.ref}: upload of {entry.path} is {remote_size} bytes, expected {entry.bytes}")
+        with self.fs.open(f"{target}/{MANIFEST_NAME}", "w") as handle:
+            handle.write(manifest.to_json())
+
+    def _read_manifest(self, path: str) -> Manifest:
+        with self.fs.open(path, "r") as handle:
+            text = handle.read()
+        try:
+            return Manifest.from_json(text)
+        except (ValueError, TypeError, KeyError) as error:
+            raise RegistryError(f"corrupt manifest {path}: {error}") from error
+
+
+def _version_sort_key(manifest: Manifest) -> tuple[int, str, str]:
+    match = _VERSION_RE.match(manifest.version)
+    return (int(match.group(1)) if match else 1 << 30, manifest.producer.finished_at, manifest.version)

@@ -1,0 +1,67 @@
+"""`blip`: the command line of the pipeline. A thin face over the stage functions.
+
+Each command group lives in its own module exposing `register(subparsers)`; handlers return an exit code.
+Modules import their heavy dependencies inside the handlers, so `blip data ls` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipelines.runtime import apply_environment
+
+# One module per command group, in the order they appear in `blip --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "datasets_manifests.cli",  # blip data ls|show|lineage|diff|verify|samples|serve
+    "pipelines.commands.stages",  # blip demo-corpus, download, shard
+)
+
+
+class CommandError(Exception):
+    """An error for the user: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip",
+        description="BLIP data bootstrapping: download -> shard -> pretrain -> CapFilt -> finetune -> evaluate, "
+        "with every dataset and model a versioned artifact in a registry.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - user-facing errors become one line
+        if _is_user_error(error) and not getattr(args, "traceback", False):
+            print(f"blip {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(error: Exception) -> bool:
+    from pipelines.config import ConfigError
+
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, (CommandError, ConfigError, FileNotFoundError)) or bool(
+        names & {"RegistryError", "UserError"}
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed configs: YAML files loaded into frozen dataclasses that fail loudly.
+
+One loader for every config in the project (stage configs, pipeline presets, model sizes). An unknown or
+misspelled key, a wrong type or a missing required value raises `ConfigError` naming the file, the dotted
+key and what was expected (torchtitan's `training.stpes` lesson). Dotted overrides (`capfilt.threshold=0.6`)
+are the only other input. The resolved config and its hash are stored with every output (`config_hash`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be accepted; the message names file, key and expectation."""
+
+
+def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Load `source` (a YAML path or a plain dict) into the frozen dataclass `cls`.
+
+    `overrides` are `dotted.key=value` strings; values are parsed as YAML scalars (`0.5`, `true`, `[1,2]`).
+    """
+    if isinstance(source, dict):
+        origin, raw = "<dict>", dict(source)
+    else:
+        origin = str(source)
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"{origin}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{origin}: not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, origin)
+    return build(cls, raw, origin=origin)
+
+
+def build(cls: type[T], raw: dict[str, Any], *, origin: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: '{prefix or '<root>'}' expected a mapping for {cls.__name__}, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = get_type_hints(cls)
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
+        raise ConfigError(
+            f"{origin}: unknown key '{_join(prefix, str(key))}'{hint} (valid keys: {', '.join(sorted(fields))})"
+        )
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        dotted = _join(prefix, name)
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], origin, dotted)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"{origin}: missing required key '{dotted}' ({_describe(hints[name])})")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{origin}: {prefix or cls.__name__}: {error}") from error
+
+
+def to_dict(config: Any) -> Any:
+    """Plain JSON-able form of a config (dataclasses -> dicts, tuples -> lists, Paths -> str)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(item) for item in config]
+    if isinstance(config, dict):
+        return {str(key): to_dict(value) for key, value in config.items()}
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the canonical JSON form of a config (first 16 hex digits)."""
+    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def check_range(owner: str, name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Range check for __post_init__: raises ValueError naming the key."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"'{name}' = {value!r} is out of range {bounds}")
+
+
+# ---------------------------------------------------------------------------------------------- internals
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if origin in (tuple, list):
+        args = get_args(tp)
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if origin is dict:
+        key_tp, value_tp = get_args(tp)
+        return f"a mapping of {_describe(key_tp)} to {_describe(value_tp)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, origin: str, dotted: str) -> Any:
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{origin}: key '{dotted}' expected {_describe(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    kind = get_origin(tp)
+    if kind in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(option, value, origin, dotted)
+            except ConfigError as error:
+                errors.append(error)
+        fail()
+    if tp is type(None):
+        if value is None:
+            return None
+        fail()
+    if kind is Literal:
+        if value in get_args(tp):
+            return value
+        fail()
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, origin=origin, prefix=dotted)
+    if kind in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, item, origin, f"{dotted}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if kind is tuple else items
+    if kind is dict:
+        if not isinstance(value, dict):
+            fail()
+        key_tp, value_tp = get_args(tp)
+        return {
+            _coerce(key_tp, key, origin, f"{dotted}.{key}"): _coerce(value_tp, item, origin, f"{dotted}.{key}")
+            for key, item in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        fail()
+    if isinstance(value, tp):
+        return value
+    fail()
+
+
+def _apply_override(raw: dict[str, Any], override: str, origin: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"{origin}: override {override!r} must look like key.path=value")
+    dotted, text = override.split("=", 1)
+    node = raw
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: override '{dotted}': '{part}' is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text)

@@ -1,0 +1,49 @@
+"""Process environment every entry point applies before touching Ray or Prefect.
+
+Each setting was reproduced on our machines (shared/docs/orchestration.md):
+- RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray listener on 127.0.0.1; without it a client rewrites
+  127.0.0.1 into the network card's address and hangs. It must be set in *every* process that uses Ray.
+- RAY_AUTH_MODE=token: Ray 2.60 turns token auth on; the jobs CLI/SDK only send the token with this set.
+- Telemetry off (Ray usage stats, Prefect analytics, DO_NOT_TRACK).
+Values already set by the user win (setdefault).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+ENVIRONMENT = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # The ephemeral Prefect server's 20 s default start-up timeout is too tight on 2 cores (15-17 s seen).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_environment() -> None:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init_kwargs: Any) -> Any:
+    """Connect to the cluster in `address`/RAY_ADDRESS, or start a private local Ray (no dashboard).
+
+    Returns the `ray` module. Safe to call twice.
+    """
+    apply_environment()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=init_kwargs.pop("log_to_driver", True), **init_kwargs)
+    else:
+        init_kwargs.setdefault("include_dashboard", False)
+        ray.init(num_cpus=num_cpus, **init_kwargs)
+    return ray

@@ -1,0 +1,41 @@
+"""Session-wide test setup.
+
+The environment is fixed before anything imports prefect or ray: an isolated PREFECT_HOME (cache records
+live there, so a shared home would leak caches between runs), loopback-only Ray, no telemetry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blip-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("BLIP_REGISTRY", None)
+
+from pipelines.runtime import apply_environment  # noqa: E402
+
+apply_environment()
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def test_output_dir() -> Path:
+    """Where tests leave files worth looking at (screenshots, reports)."""
+    path = ROOT / "test-output"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+    from pipelines.runtime import ensure_ray
+
+    ray = ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
