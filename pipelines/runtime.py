@@ -5,7 +5,8 @@ Each setting was reproduced on our machines (shared/docs/orchestration.md):
   127.0.0.1 into the network card's address and hangs. It must be set in *every* process that uses Ray.
 - RAY_AUTH_MODE=token: Ray 2.60 turns token auth on; the jobs CLI/SDK only send the token with this set.
 - Telemetry off (Ray usage stats, Prefect analytics, DO_NOT_TRACK).
-Values already set by the user win (setdefault).
+Values already set by the user win (setdefault). On a real multi-node cluster set BLIP_RAY_MULTINODE=1
+(the infra/ images do): the loopback switch would stop extra nodes from joining.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ ENVIRONMENT = {
 
 
 def apply_environment() -> None:
+    multinode = os.environ.get("BLIP_RAY_MULTINODE") == "1"
     for key, value in ENVIRONMENT.items():
+        if multinode and key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
+            continue
         os.environ.setdefault(key, value)
 
 
