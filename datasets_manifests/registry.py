@@ -35,6 +35,7 @@ DEFAULT_REGISTRY = "./artifacts/registry"
 MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
+_VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class RegistryError(Exception):
@@ -104,7 +105,9 @@ class Registry:
     def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
         self.url = str(url) if url is not None else default_registry_url()
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.is_local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.is_local = "file" in protocols or "local" in protocols
+        self.root = self.root.rstrip("/") or "/"
         if self.is_local:
             self.root = str(Path(self.root).resolve())
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -182,8 +185,12 @@ class Registry:
         if isinstance(ref, Manifest):
             return ref
         name, selector = parse_ref(ref)
+        check_name(name)
         kinds = [kind] if kind else list(KINDS)
         candidates = [m for k in kinds for m in self.versions(k, name)]
+        if len({m.kind for m in candidates}) > 1:
+            found = ", ".join(sorted({m.kind for m in candidates}))
+            raise NotFoundError(f"{name!r} names versions of several kinds ({found}); pass the kind")
         if not candidates:
             known = ", ".join(n for k in kinds for n in self.names(k)) or "none"
             raise NotFoundError(f"no version of {name!r} in {self.url} (known names: {known})")
@@ -192,13 +199,22 @@ class Registry:
         exact = [m for m in candidates if m.version == selector]
         if exact:
             return exact[0]
-        by_id = [m for m in candidates if m.id.startswith(selector.lower())]
+        # An id prefix must be hex and long enough not to match by accident ("v1" is never an id).
+        is_prefix = len(selector) >= 4 and all(c in "0123456789abcdef" for c in selector.lower())
+        by_id = [m for m in candidates if is_prefix and m.id.startswith(selector.lower())]
         if len(by_id) == 1:
             return by_id[0]
         if len(by_id) > 1:
             raise NotFoundError(f"{ref!r} is ambiguous: {', '.join(m.ref for m in by_id)}")
         versions = ", ".join(m.version for m in candidates)
         raise NotFoundError(f"{ref!r} not found (versions of {name}: {versions})")
+
+    def by_id(self, manifest_id: str) -> Manifest | None:
+        """The version with this exact content id, if this registry holds it."""
+        for manifest in self.list():
+            if manifest.id == manifest_id:
+                return manifest
+        return None
 
     def find_cached(self, kind: str, name: str, key: str) -> Manifest | None:
         """The version of `name` produced by a run with this cache key, if one was published."""
@@ -233,9 +249,12 @@ class Registry:
 
         `files` lists what to publish (paths relative to `staging_dir`; sha256/bytes are computed here when
         missing). `fields` are the other Manifest fields (counts, drop_reasons, stats, splits, ...).
-        On a local registry the staged files are moved (`move=True`), not copied.
+        On a local registry `move=True` hard-links the staged files into place (no copy) and removes them from
+        `staging_dir` after the commit; `move=False` copies them and leaves `staging_dir` alone.
         """
         check_name(name)
+        if version is not None and not _VERSION_NAME_RE.match(version):
+            raise RegistryError(f"invalid version {version!r}: use letters, digits, '.', '_' and '-' (e.g. v3)")
         staging = Path(staging_dir)
         parents = list(parents)
         entries = [self._entry(staging, item) for item in files]
@@ -271,7 +290,9 @@ class Registry:
     def _entry(self, staging: Path, item: FileEntry | dict[str, Any]) -> FileEntry:
         entry = item if isinstance(item, FileEntry) else None
         data = dict(item) if isinstance(item, dict) else {}
-        relpath = entry.path if entry else data["path"]
+        relpath = entry.path if entry else data.get("path")
+        if not isinstance(relpath, str) or not relpath:
+            raise RegistryError(f"file entry without a 'path': {item!r}")
         if relpath.startswith("/") or ".." in Path(relpath).parts or relpath == MANIFEST_NAME:
             raise RegistryError(f"invalid file path in a version: {relpath!r}")
         local = staging / relpath
@@ -281,24 +302,25 @@ class Registry:
         if entry is None:
             data.setdefault("sha256", digest)
             data.setdefault("bytes", size)
-            entry = FileEntry(**data)
+            try:
+                entry = FileEntry(**data)
+            except TypeError as error:
+                raise RegistryError(f"file entry {relpath!r}: {error}") from error
         if entry.sha256 != digest or entry.bytes != size:
             raise RegistryError(f"staged file {relpath} changed: checksum or size differs from its entry")
         return entry
 
     def _publish_local(self, manifest: Manifest, staging: Path, target: str, move: bool) -> None:
+        # Files are hard-linked (or copied) into a private staging dir; the staged originals are removed
+        # only after the commit, so a crash at any point leaves the work dir intact for a retry.
         stage_root = Path(self.root) / ".staging" / f"{manifest.name}-{uuid.uuid4().hex[:8]}"
         stage_root.mkdir(parents=True)
         try:
             for entry in manifest.files:
                 source, dest = staging / entry.path, stage_root / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if move:
-                    shutil.move(str(source), str(dest))
-                else:
-                    shutil.copy2(source, dest)
-                digest, size = sha256_file(dest)
-                if digest != entry.sha256 or size != entry.bytes:
+                linked = _place_file(source, dest, link=move)
+                if dest.stat().st_size != entry.bytes or (not linked and sha256_file(dest)[0] != entry.sha256):
                     raise RegistryError(f"{manifest.ref}: {entry.path} changed while publishing")
             (stage_root / MANIFEST_NAME).write_text(manifest.to_json())
             Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -307,24 +329,34 @@ class Registry:
             except OSError as error:
                 raise VersionExistsError(f"{manifest.ref}: target exists or cannot be created ({error})") from error
         except BaseException:
-            if move:  # give the files back so a retry can publish them
-                for entry in manifest.files:
-                    moved = stage_root / entry.path
-                    if moved.exists() and not (staging / entry.path).exists():
-                        (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.move(str(moved), str(staging / entry.path))
             shutil.rmtree(stage_root, ignore_errors=True)
             raise
+        if move:
+            for entry in manifest.files:
+                (staging / entry.path).unlink(missing_ok=True)
 
     def _publish_remote(self, manifest: Manifest, staging: Path, target: str) -> None:
         # Object stores have no rename: upload everything, verify sizes, then write the manifest last.
-        for entry in manifest.files:
-            self.fs.put_file(str(staging / entry.path), f"{target}/{entry.path}")
-            remote_size = self.fs.size(f"{target}/{entry.path}")
-            if remote_size != entry.bytes:
-                raise RegistryError(f"{manifest.ref}: upload of {entry.path} is {remote_size} bytes, expected {entry.bytes}")
-        with self.fs.open(f"{target}/{MANIFEST_NAME}", "w") as handle:
-            handle.write(manifest.to_json())
+        # Until the manifest exists the version is invisible (versions() lists only committed ones).
+        try:
+            for entry in manifest.files:
+                self.fs.makedirs(f"{target}/{entry.path}".rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(staging / entry.path), f"{target}/{entry.path}")
+                remote_size = self.fs.size(f"{target}/{entry.path}")
+                if remote_size != entry.bytes:
+                    raise RegistryError(
+                        f"{manifest.ref}: upload of {entry.path} is {remote_size} bytes, expected {entry.bytes}"
+                    )
+            with self.fs.open(f"{target}/{MANIFEST_NAME}", "w") as handle:
+                handle.write(manifest.to_json())
+        except BaseException:
+            # Best effort: a crash that skips this leaves only invisible files that a retry overwrites.
+            if not self.fs.exists(f"{target}/{MANIFEST_NAME}"):
+                try:
+                    self.fs.rm(target, recursive=True)
+                except (OSError, FileNotFoundError):
+                    pass
+            raise
 
     def _read_manifest(self, path: str) -> Manifest:
         with self.fs.open(path, "r") as handle:
@@ -333,6 +365,19 @@ class Registry:
             return Manifest.from_json(text)
         except (ValueError, TypeError, KeyError) as error:
             raise RegistryError(f"corrupt manifest {path}: {error}") from error
+
+
+def _place_file(source: Path, dest: Path, link: bool) -> bool:
+    """Put a staged file into the registry's staging dir: a hard link when allowed (no copy, same inode),
+    else a copy. Returns True when linked (the bytes are then the ones already hashed)."""
+    if link:
+        try:
+            os.link(source, dest)
+            return True
+        except OSError:  # another filesystem, or links not supported: copy instead
+            pass
+    shutil.copy2(source, dest)
+    return False
 
 
 def _version_sort_key(manifest: Manifest) -> tuple[int, str, str]:

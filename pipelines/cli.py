@@ -17,6 +17,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "datasets_manifests.cli",  # blip data ls|show|lineage|diff|verify|samples|serve
     "pipelines.commands.stages",  # blip demo-corpus, download, shard
     "pipelines.commands.orchestrate",  # blip run (Prefect deployment), blip submit (Ray job)
+    "pipelines.commands.capfilt",  # blip capfilt
+    "pipelines.commands.train",  # blip train (pretraining on Ray Train)
+    "pipelines.commands.infer",  # blip infer caption|itm|vqa|features
 )
 
 

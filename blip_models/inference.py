@@ -1,0 +1,210 @@
+"""Load any BLIP checkpoint as the task model a job needs, and run batched inference with it.
+
+Checkpoint sources, detected from the path: our `save_pretrained` directory, a transformers `Salesforce/blip-*`
+directory (or hub name), an official salesforce/BLIP `.pth` (path or URL). The requested kind decides the model
+class; a checkpoint of another kind is accepted when it holds every tensor that kind needs (a pretrain or
+retrieval file serves ITM, a pretrain file serves captioning), otherwise the error names both kinds.
+
+Task helpers follow the reference inference settings: captions with beam 3, max 20, min 5, prompt 'a picture of '
+(spec §4.2); ITM match probability = softmax of the `[ENC]`-first ITM logits plus the ITC cosine (spec §9.2-9.3);
+VQA answers generated with beam 3, max 10, min 1 (spec §4.3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blip_models.checkpoints import (
+    CheckpointError,
+    LoadReport,
+    accept_fresh,
+    build_model,
+    config_from_dict,
+    from_pretrained,
+    is_pretrained_dir,
+    load_into,
+    load_official,
+    read_pretrained_config,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    kind: str
+    source_format: str  # "pretrained" | "huggingface" | "official"
+    report: LoadReport | None
+    tokenizer_source: str | None  # what load_tokenizer should read (None = the offline BERT vocab)
+
+
+def detect_format(path: str | Path) -> str:
+    """'pretrained' (our directory), 'huggingface' (transformers directory or hub name) or 'official' (.pth)."""
+    from blip_models.hf_convert import HUB_MODELS, is_hf_dir
+
+    text = str(path)
+    if text.startswith(("http://", "https://")):
+        return "official"
+    local = Path(path)
+    if local.is_dir():
+        if is_pretrained_dir(local):
+            return "pretrained"
+        if is_hf_dir(local):
+            return "huggingface"
+        raise CheckpointError(f"{path}: a directory, but neither a save_pretrained model (config.json + "
+                              "model.safetensors) nor a transformers BLIP directory")  # fmt: skip
+    if local.is_file():
+        return "official"
+    if text in HUB_MODELS or (text.count("/") == 1 and text.startswith("Salesforce/blip")):
+        return "huggingface"
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def load_for(path: str | Path, kind: str, image_size: int | None = None, map_location: str = "cpu") -> LoadedModel:
+    """The `kind` model with the weights at `path` (any supported format); CheckpointError when they do not fit."""
+    source_format = detect_format(path)
+    if source_format == "official":
+        model, report = load_official(path, kind=kind, image_size=image_size, map_location=map_location)
+        return LoadedModel(model, kind, source_format, report, None)
+    if source_format == "huggingface":
+        from blip_models.hf_convert import load_hf
+
+        model, report = load_hf(path, kind=kind)
+        local = Path(path)
+        tokenizer = str(local) if local.is_dir() and (local / "vocab.txt").is_file() else None
+        return LoadedModel(model, kind, source_format, report, tokenizer)
+    data = read_pretrained_config(path)
+    tokenizer = (data.get("tokenizer") or {}).get("source")
+    if data["kind"] == kind and image_size is None:
+        return LoadedModel(from_pretrained(path, map_location), kind, source_format, None, tokenizer)
+    model, report = _convert_pretrained(path, data, kind, image_size, map_location)
+    return LoadedModel(model, kind, source_format, report, tokenizer)
+
+
+def _convert_pretrained(path: str | Path, data: dict[str, Any], kind: str, image_size: int | None,
+                        map_location: str) -> tuple[nn.Module, LoadReport]:  # fmt: skip
+    from safetensors.torch import load_file
+
+    config = config_from_dict(data["config"])
+    if image_size is not None:
+        config = config.replace(vision={"image_size": image_size})
+    tensors = load_file(str(Path(path) / "model.safetensors"), device=map_location)
+    for alias, canonical in data.get("tied", {}).items():
+        tensors.setdefault(alias, tensors[canonical])
+    model = build_model(kind, config)
+    report = accept_fresh(model, load_into(model, tensors, source=str(path), kind=kind), data["kind"])
+    if report.missing:
+        raise CheckpointError(f"{path}: a '{data['kind']}' model lacks {len(report.missing)} tensor(s) a '{kind}' model "
+                              f"needs, e.g. {', '.join(report.missing[:3])}")  # fmt: skip
+    return model.eval(), report
+
+
+# ----------------------------------------------------------------------------------------------------- tasks
+
+
+def image_size_of(model: nn.Module) -> int:
+    return int(model.config.vision.image_size)
+
+
+def load_images(paths: list[Path], image_size: int) -> torch.Tensor:
+    """(B, 3, S, S) eval-transformed pixels; ValueError naming the file that cannot be read as an image."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from blip_models.processing import eval_transform
+
+    transform = eval_transform(image_size)
+    tensors = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                tensors.append(transform(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+    return torch.stack(tensors)
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 5
+    prompt: str | None = None  # None = the model's prompt ('a picture of ')
+    do_sample: bool = False
+    top_p: float = 0.9
+    repetition_penalty: float | None = None
+
+
+def caption(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, settings: CaptionSettings) -> list[str]:
+    return model.generate(pixel_values, tokenizer, prompt=settings.prompt, num_beams=settings.num_beams,
+                          max_length=settings.max_length, min_length=settings.min_length,
+                          do_sample=settings.do_sample, top_p=settings.top_p,
+                          repetition_penalty=settings.repetition_penalty)  # fmt: skip
+
+
+def itm(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: list[str]) -> list[dict[str, float]]:
+    """Score image i against every text: ITM match probability, raw ITM logit and ITC cosine."""
+    import torch
+    import torch.nn.functional as F
+
+    from blip_models.processing import pre_caption
+    from blip_models.tokenizer import tokenize
+
+    input_ids, attention_mask = tokenize(tokenizer, [pre_caption(text, 50) for text in texts], 35, padding="longest")
+    input_ids, attention_mask = input_ids.to(pixel_values.device), attention_mask.to(pixel_values.device)
+    image_embeds = model.visual_encoder(pixel_values)  # (B, 1+N, Dv)
+    batch, num_texts = pixel_values.shape[0], len(texts)
+    image_rows = image_embeds.repeat_interleave(num_texts, dim=0)  # (B*T, 1+N, Dv)
+    ids, mask = input_ids.repeat(batch, 1), attention_mask.repeat(batch, 1)  # (B*T, L)
+    logits = model.itm_logits(image_rows, ids, mask).float()  # (B*T, 2)
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
+    text_out = model.text_encoder(input_ids, attention_mask, mode="text")
+    text_feat = F.normalize(model.text_proj(text_out.last_hidden_state[:, 0, :]), dim=-1)  # (T, E)
+    cosine = (image_feat @ text_feat.T).float().reshape(-1)  # (B*T,)
+    probability = torch.softmax(logits, dim=-1)[:, 1]
+    return [{"itm_probability": float(p), "itm_logit": float(logit[1]), "itc_cosine": float(c)}
+            for p, logit, c in zip(probability, logits, cosine)]  # fmt: skip
+
+
+def vqa(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, questions: list[str],
+        answer_list: list[str] | None = None, num_beams: int = 3, max_length: int = 10, min_length: int = 1,
+        k_test: int = 128) -> list[str]:  # fmt: skip
+    """Answer question j for image i (B * Q answers, image-major): rank `answer_list` when given (the reference
+    default, k_test candidates re-scored), else beam-search generation (spec §4.3)."""
+    from blip_models.processing import pre_question
+
+    batch, num_questions = pixel_values.shape[0], len(questions)
+    pixels = pixel_values.repeat_interleave(num_questions, dim=0)  # (B*Q, 3, S, S)
+    question_ids, question_mask = model.prepare_question(tokenizer, [pre_question(q) for q in questions] * batch)
+    question_ids, question_mask = question_ids.to(pixels.device), question_mask.to(pixels.device)
+    mode = "rank" if answer_list else "generate"
+    return model.answer(pixels, question_ids, question_mask, tokenizer, mode=mode, answer_list=answer_list,
+                        k_test=k_test, num_beams=num_beams, max_length=max_length, min_length=min_length)  # fmt: skip
+
+
+def features(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, text: str | None) -> dict[str, torch.Tensor]:
+    """Per image: the normalised projected image feature (E,), and with `text` the normalised text feature and the
+    multimodal `[ENC]` state (H,) of (image, text)."""
+    from blip_models.processing import pre_caption
+
+    batch = pixel_values.shape[0]
+    if text is None:
+        output = model(pixel_values=pixel_values, mode="image")
+        return {"image_feature": output.image_embeds_proj}
+    input_ids, attention_mask = model.prepare_text(tokenizer, [pre_caption(text, 50)] * batch)
+    input_ids, attention_mask = input_ids.to(pixel_values.device), attention_mask.to(pixel_values.device)
+    output = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, mode="multimodal")
+    text_output = model(input_ids=input_ids[:1], attention_mask=attention_mask[:1], mode="text")
+    return {"image_feature": output.image_embeds_proj,
+            "text_feature": text_output.text_embeds_proj.expand(batch, -1),
+            "multimodal_feature": output.multimodal_embeds[:, 0, :]}  # fmt: skip
+
+
+def report_json(loaded: LoadedModel) -> str:
+    return json.dumps(loaded.report.to_dict() if loaded.report else {"source_format": loaded.source_format})

@@ -1,0 +1,409 @@
+"""MED: the BERT-shaped text transformer of BLIP ("multimodal mixture of encoder-decoder"), spec §1.1, §1.3, §1.5.
+
+Follows BLIP `models/med.py` (itself a modified HF BERT): embeddings = word + absolute position (no token types),
+post-LN layers of self-attention → optional cross-attention to image tokens → FFN, additive −10000 masks, a causal
+decoder with a key/value cache, and an LM head tied to the word embeddings with label-smoothed (0.1) loss.
+Module and parameter names match the official state dicts (`text_encoder.*`, `text_decoder.bert.*`,
+`text_decoder.cls.predictions.*`). Attention runs through `F.scaled_dot_product_attention`.
+
+Modes of `BertModel.forward`: `mode="text"` skips cross-attention (unimodal ITC encoder); `mode="multimodal"` runs it
+(ITM / VQA question / decoder). `is_decoder=True` adds the causal mask. Modes are Python strings fixed per call site,
+so the compiled graph has no data-dependent branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_models.configuration_blip import TextConfig
+
+# One (self_key, self_value, cross_key, cross_value) tuple per layer; cross entries are computed once.
+LayerCache = tuple[torch.Tensor, ...]
+Cache = tuple[LayerCache, ...]
+Mode = Literal["text", "multimodal"]
+
+MASK_VALUE = -10000.0  # the reference's additive mask value (not -inf), kept for parity
+
+
+def additive_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 1/0 mask → (B, 1, 1, L) additive mask (0 keep, −10000 drop)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASK_VALUE
+
+
+def additive_causal_mask(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, P + L) padding mask → (B, 1, L, P + L) additive causal mask; the P cached positions are all visible."""
+    total = attention_mask.shape[1]
+    past = total - query_length
+    query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + past  # (L, 1)
+    key_pos = torch.arange(total, device=attention_mask.device)[None, :]  # (1, P + L)
+    causal = (key_pos <= query_pos).to(dtype)  # (L, P + L)
+    keep = causal[None, None] * attention_mask[:, None, None, :].to(dtype)  # (B, 1, L, P + L)
+    return (1.0 - keep) * MASK_VALUE
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings → LayerNorm → dropout (no token-type embeddings)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        length = input_ids.shape[1]
+        position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None]  # (1, L)
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, L, H)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention with separate query/key/value Linears; cross-attention keys/values read `encoder_width`."""
+
+    def __init__(self, config: TextConfig, is_cross_attention: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_p = config.attention_dropout
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, H)
+        attention_mask: torch.Tensor | None,  # additive, broadcastable to (B, h, L, S)
+        key_value_states: torch.Tensor | None = None,  # (B, S, W) for cross-attention, None for self-attention
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        is_cross_attention: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        query = self._heads(self.query(hidden_states))  # (B, h, L, d)
+        if is_cross_attention and past_key_value is not None:
+            key, value = past_key_value  # image/question keys do not change between decoding steps
+        else:
+            source = key_value_states if is_cross_attention else hidden_states
+            key = self._heads(self.key(source))  # (B, h, S, d)
+            value = self._heads(self.value(source))
+            if past_key_value is not None:  # self-attention cache: append the new positions
+                key = torch.cat([past_key_value[0], key], dim=2)
+                value = torch.cat([past_key_value[1], value], dim=2)
+        mask = None if attention_mask is None else attention_mask.to(query.dtype)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )  # (B, h, L, d)
+        batch, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, L, H)
+        return context, (key, value)
+
+
+class BertSelfOutput(nn.Module):
+    """dense → dropout → LayerNorm(x + residual) (post-LN)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    """`self` (attention heads) + `output` (projection, residual, LayerNorm)."""
+
+    def __init__(self, config: TextConfig, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.is_cross_attention = is_cross_attention
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_value_states: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        context, present = self.self(
+            hidden_states, attention_mask, key_value_states, past_key_value, self.is_cross_attention
+        )
+        return self.output(context, hidden_states), present
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden_states))  # exact (erf) GELU, as BERT's "gelu"
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertLayer(nn.Module):
+    """Self-attention → (multimodal only) cross-attention → FFN; every layer owns a cross-attention block."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.crossattention: nn.Module = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, H)
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        mode: Mode,
+        past: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, LayerCache]:
+        hidden_states, self_kv = self.attention(
+            hidden_states, attention_mask, past_key_value=None if past is None else (past[0], past[1])
+        )
+        present: LayerCache = self_kv
+        if mode == "multimodal":
+            cross_past = None if past is None or len(past) < 4 else (past[2], past[3])
+            hidden_states, cross_kv = self.crossattention(
+                hidden_states, encoder_attention_mask, encoder_hidden_states, cross_past
+            )
+            present = present + tuple(cross_kv)
+        hidden_states = self.output(self.intermediate(hidden_states), hidden_states)
+        return hidden_states, present
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+@dataclass
+class TextModelOutput:
+    last_hidden_state: torch.Tensor  # (B, L, H)
+    past_key_values: Cache | None = None
+
+
+class BertModel(nn.Module):
+    """The MED transformer (no pooler). Used as `text_encoder` and as `text_decoder.bert`."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.apply(lambda module: init_bert_weights(module, config.initializer_range))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        attention_mask: torch.Tensor | None = None,  # (B, L) or (B, P + L) with a cache
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, S, W)
+        encoder_attention_mask: torch.Tensor | None = None,  # (B, S)
+        mode: Mode = "multimodal",
+        is_decoder: bool = False,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> TextModelOutput:
+        if mode not in ("text", "multimodal"):
+            raise ValueError(f"BertModel: mode must be 'text' or 'multimodal', got {mode!r}")
+        if mode == "multimodal" and encoder_hidden_states is None and past_key_values is None:
+            raise ValueError("BertModel: mode='multimodal' needs encoder_hidden_states")
+        batch, length = input_ids.shape
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        hidden = self.embeddings(input_ids, past_length)  # (B, L, H)
+        dtype = hidden.dtype
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, device=input_ids.device)
+        elif attention_mask.shape[1] == length and past_length:
+            ones = torch.ones(batch, past_length, device=input_ids.device, dtype=attention_mask.dtype)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)  # the cached prefix stays visible
+        if is_decoder:
+            self_mask = additive_causal_mask(attention_mask, length, dtype)  # (B, 1, L, P + L)
+        else:
+            self_mask = additive_padding_mask(attention_mask, dtype)  # (B, 1, 1, L)
+        cross_mask = None
+        if mode == "multimodal" and encoder_attention_mask is not None:
+            cross_mask = encode_cross_mask(encoder_attention_mask, dtype)
+        presents: list[LayerCache] = []
+        for index, layer in enumerate(self.encoder.layer):
+            past = None if past_key_values is None else past_key_values[index]
+            hidden, present = layer(hidden, self_mask, encoder_hidden_states, cross_mask, mode, past)
+            if use_cache:
+                presents.append(present)
+        return TextModelOutput(hidden, tuple(presents) if use_cache else None)
+
+
+def encode_cross_mask(encoder_attention_mask: torch.Tensor | tuple, dtype: torch.dtype) -> torch.Tensor | tuple:
+    """Additive cross-attention mask(s); a tuple (NLVR2's two images) gives a tuple."""
+    if isinstance(encoder_attention_mask, (tuple, list)):
+        return tuple(additive_padding_mask(mask, dtype) for mask in encoder_attention_mask)
+    return additive_padding_mask(encoder_attention_mask, dtype)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """transform → decoder Linear (weight tied to word embeddings) + separate `bias`."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states)) + self.bias  # (B, L, V)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden_states)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, L, V)
+    loss: torch.Tensor | None = None  # scalar, or (B,) per-sequence sums with reduction="none"
+    past_key_values: Cache | None = None
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    """Next-token CE on shifted logits, ignore −100; reduction "none" returns the per-sequence SUM (B,)."""
+    shifted = logits[:, :-1, :].float()  # (B, L-1, V)
+    targets = labels[:, 1:]  # (B, L-1)
+    if reduction == "mean":
+        return F.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
+        )
+    if reduction == "none":
+        per_token = F.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            label_smoothing=label_smoothing, reduction="none",
+        )  # fmt: skip
+        return per_token.view(targets.shape).sum(dim=1)  # (B,)
+    raise ValueError(f"lm_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+class BertLMHeadModel(nn.Module):
+    """Image-grounded text decoder (`text_decoder`): `bert` (causal MED) + `cls` (tied LM head)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.cls.apply(lambda module: init_bert_weights(module, config.initializer_range))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """LM decoder weight IS the word-embedding Parameter."""
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L), position 0 = [DEC]
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, S, W)
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,  # (B, L), −100 = ignored
+        reduction: str = "mean",
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        mode: Mode = "multimodal",
+    ) -> LMOutput:
+        output = self.bert(
+            input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
+            mode=mode, is_decoder=True, past_key_values=past_key_values, use_cache=use_cache,
+        )  # fmt: skip
+        logits = self.cls(output.last_hidden_state)  # (B, L, V)
+        loss = None
+        if labels is not None:
+            loss = lm_loss(logits, labels, self.config.label_smoothing, reduction)
+        return LMOutput(logits=logits, loss=loss, past_key_values=output.past_key_values)
+
+
+def reorder_cache(past_key_values: Cache, index: torch.Tensor) -> Cache:
+    """Select rows of every cached tensor (beam search bookkeeping)."""
+    return tuple(tuple(tensor.index_select(0, index) for tensor in layer) for layer in past_key_values)
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT init: normal(0, std) for Linear/Embedding, LayerNorm to (1, 0), zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def tie_encoder_decoder_weights(encoder: nn.Module, decoder: nn.Module, skip_key: str = "/attention") -> list[str]:
+    """Make `encoder` reuse the decoder's weight/bias Parameters, except under paths containing `skip_key`.
+
+    Paths are written '/encoder/layer/0/attention/self/query'; '/crossattention' does not contain '/attention', so
+    cross-attention, embeddings and FFNs are shared and only self-attention stays separate (spec §1.5).
+    Returns the dotted names of the encoder modules that now share parameters.
+    """
+    decoder_modules = dict(decoder.named_modules())
+    tied: list[str] = []
+    for name, module in encoder.named_modules():
+        if not name or skip_key in "/" + name.replace(".", "/"):
+            continue
+        if name not in decoder_modules:
+            raise ValueError(f"tie_encoder_decoder_weights: decoder has no module {name!r}")
+        target = decoder_modules[name]
+        shared = False
+        for attr in ("weight", "bias"):
+            param = module._parameters.get(attr)
+            if param is None:
+                continue
+            other = target._parameters.get(attr)
+            if other is None or other.shape != param.shape:
+                raise ValueError(f"tie_encoder_decoder_weights: {name}.{attr} has no same-shaped decoder twin")
+            setattr(module, attr, other)
+            shared = True
+        if shared:
+            tied.append(name)
+    return tied

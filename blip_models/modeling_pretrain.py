@@ -1,0 +1,239 @@
+"""BLIP pretraining model: ITC (momentum distillation + queues) + ITM (hard negatives) + LM (spec §2.1).
+
+Follows BLIP `models/blip_pretrain.py` (Li et al. 2022, "BLIP: Bootstrapping Language-Image Pre-training").
+The unimodal text encoder (`text_encoder`) and the image-grounded decoder (`text_decoder.bert`) share every
+parameter except self-attention (spec §1.5). Total loss = ITC + ITM + LM with equal weights.
+
+Distribution: when torch.distributed is initialised, momentum features are all-gathered before they enter the
+queues (as the reference); nothing else in the model knows about ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_models.configuration_blip import BlipConfig
+from blip_models.med import BertLMHeadModel, BertModel, tie_encoder_decoder_weights
+from blip_models.vit import VisionTransformer
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # loss_itc + loss_itm + loss_lm
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_lm: torch.Tensor
+
+
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient; identity in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Copy of `input_ids` whose position 0 is `token_id` ([ENC] for grounded encoding, [DEC] for decoding)."""
+    output = input_ids.clone()
+    output[:, 0] = token_id
+    return output
+
+
+class BlipPretrain(nn.Module):
+    """Pretraining model. Momentum copies and queues follow the official names (`*_m`, `image_queue`, `queue_ptr`)."""
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__()
+        if config.text.encoder_width != config.vision.width:
+            raise ValueError(
+                f"BlipPretrain: text.encoder_width={config.text.encoder_width} must equal vision.width="
+                f"{config.vision.width} (cross-attention reads ViT tokens)"
+            )
+        self.config = config
+        text, embed_dim = config.text, config.embed_dim
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(text)
+        self.text_decoder = BertLMHeadModel(text)
+        # Encoder reuses the decoder's Parameters except self-attention ('/attention' paths).
+        tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, skip_key="/attention")
+        self.vision_proj = nn.Linear(config.vision.width, embed_dim)
+        self.text_proj = nn.Linear(text.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+
+        # Momentum encoders: EMA copies, never trained by gradient.
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for module in self._momentum_modules():
+            module.requires_grad_(False)
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, config.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, config.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ------------------------------------------------------------------------------------------ momentum / queue
+
+    def _model_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    def _momentum_modules(self) -> list[nn.Module]:
+        return [momentum for _, momentum in self._model_pairs()]
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset momentum copies to the online weights (after loading a checkpoint without momentum keys)."""
+        for online, momentum in self._model_pairs():
+            for param, param_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                param_m.copy_(param)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_m ← m·θ_m + (1 − m)·θ for every (online, momentum) pair."""
+        online_params, momentum_params = [], []
+        for online, momentum in self._model_pairs():
+            for param, param_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                online_params.append(param.detach())
+                momentum_params.append(param_m)
+        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.config.momentum)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Write gathered momentum features (B_global, E) at `queue_ptr` (wrapping) and advance the pointer."""
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch = image_feats.shape[0]
+        queue_size = self.image_queue.shape[1]
+        if batch > queue_size:
+            raise ValueError(f"BlipPretrain: global batch {batch} exceeds queue_size {queue_size}")
+        ptr = int(self.queue_ptr)
+        index = (torch.arange(batch, device=image_feats.device) + ptr) % queue_size
+        self.image_queue[:, index] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, index] = text_feats.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + batch) % queue_size
+
+    # ------------------------------------------------------------------------------------------------- forward
+
+    def _itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, image_feat_all, text_feat_all, alpha):
+        """ITC with momentum distillation; positive = same index in the batch. Returns (loss, sim_i2t, sim_t2i)."""
+        with torch.no_grad():
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp  # (B, B+Q)
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B+Q)
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+    @staticmethod
+    def prepare_text(tokenizer, captions: list[str], max_length: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize pre_caption'd captions, padded to `max_length` (reference pretraining setting)."""
+        from blip_models.tokenizer import tokenize
+
+        return tokenize(tokenizer, captions, max_length, padding="max_length")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # (B, 3, H, W)
+        input_ids: torch.Tensor,  # (B, L) tokenizer output, [CLS] first
+        attention_mask: torch.Tensor,  # (B, L)
+        alpha: float | None = None,  # distillation weight; None = config.alpha (the trainer ramps it)
+        image_ids: torch.Tensor | None = None,  # (B,) optional: same-image pairs are never hard negatives
+    ) -> PretrainOutput:
+        alpha = self.config.alpha if alpha is None else alpha
+        text_cfg = self.config.text
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        batch = pixel_values.shape[0]
+
+        # ---- ITC: online features
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)  # (B, 1+N)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
+        text_output = self.text_encoder(input_ids, attention_mask, mode="text")
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # (B, E)
+
+        # ---- ITC: momentum features and distillation targets
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.visual_encoder_m(pixel_values)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)  # (B, E)
+            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)  # (E, B+Q)
+            text_output_m = self.text_encoder_m(input_ids, attention_mask, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)  # (E, B+Q)
+
+        # Similarities and softmaxes in fp32 even under autocast (temperature 0.07 amplifies bf16 rounding).
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            image_feat, text_feat = image_feat.float(), text_feat.float()
+            image_feat_m, text_feat_m = image_feat_m.float(), text_feat_m.float()
+            image_feat_all, text_feat_all = image_feat_all.float(), text_feat_all.float()
+            loss_itc, sim_i2t, sim_t2i = self._itc_loss(
+                image_feat, text_feat, image_feat_m, text_feat_m, image_feat_all, text_feat_all, alpha
+            )
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        # ---- ITM: positives
+        encoder_input_ids = with_first_token(input_ids, text_cfg.enc_token_id)  # (B, L)
+        output_pos = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
+
+        # ---- ITM: one hard negative image per text and one hard negative text per image (local batch)
+        with torch.no_grad():
+            weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4  # (B, B)
+            weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
+            same = torch.eye(batch, dtype=torch.bool, device=pixel_values.device)
+            if image_ids is not None:
+                same = same | (image_ids.view(-1, 1) == image_ids.view(1, -1))
+            weights_t2i = weights_t2i.masked_fill(same, 0)
+            weights_i2t = weights_i2t.masked_fill(same, 0)
+            if bool((weights_t2i.sum(dim=1) == 0).any()):
+                raise ValueError("BlipPretrain: ITM needs at least two distinct images per batch for hard negatives")
+            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,)
+            negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)  # (B,)
+        image_embeds_neg = image_embeds[negative_image_index]  # (B, 1+N, Dv)
+        text_ids_neg = encoder_input_ids[negative_text_index]  # (B, L)
+        text_atts_neg = attention_mask[negative_text_index]
+
+        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
+        text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, 1+N, Dv)
+        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts_all, mode="multimodal")
+
+        vl_embeddings = torch.cat(
+            [output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0
+        )  # (3B, H)
+        itm_logits = self.itm_head(vl_embeddings)  # (3B, 2)
+        itm_labels = torch.cat(
+            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+        ).to(pixel_values.device)
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+
+        # ---- LM: [DEC] first, pads ignored (no prompt masking in pretraining)
+        decoder_input_ids = with_first_token(input_ids, text_cfg.bos_token_id)
+        decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == text_cfg.pad_token_id, -100)
+        decoder_output = self.text_decoder(
+            decoder_input_ids, attention_mask, image_embeds, image_atts, labels=decoder_targets
+        )
+        loss_lm = decoder_output.loss
+
+        return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)

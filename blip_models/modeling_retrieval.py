@@ -1,0 +1,236 @@
+"""BLIP image-text retrieval model: ITC + ITM finetuning with image-id positives (spec §4.1).
+
+Follows BLIP `models/blip_retrieval.py`. Differences from pretraining: positives are every pair sharing an image
+id (in the batch and in the queue, via `idx_queue`), hard negatives come from online-vs-online similarities with
+same-image entries masked out, and there is no decoder. Inference: `image_features`, `text_features`,
+`itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation). Hard negatives are taken
+from the local batch (the reference's `negative_all_rank=False`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip_models.configuration_blip import BlipConfig
+from blip_models.med import BertModel
+from blip_models.vit import VisionTransformer
+
+
+@dataclass
+class RetrievalOutput:
+    loss: torch.Tensor  # loss_itc + loss_itm
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+
+
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient; identity in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    output = input_ids.clone()
+    output[:, 0] = token_id
+    return output
+
+
+class BlipRetrieval(nn.Module):
+    """Retrieval model with momentum encoders, feature queues, `idx_queue` and `ptr_queue` (official names)."""
+
+    def __init__(self, config: BlipConfig) -> None:
+        super().__init__()
+        if config.text.encoder_width != config.vision.width:
+            raise ValueError(
+                f"BlipRetrieval: text.encoder_width={config.text.encoder_width} must equal vision.width="
+                f"{config.vision.width}"
+            )
+        self.config = config
+        text, embed_dim = config.text, config.embed_dim
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(text)
+        self.vision_proj = nn.Linear(config.vision.width, embed_dim)
+        self.text_proj = nn.Linear(text.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for _, momentum in self._model_pairs():
+            momentum.requires_grad_(False)
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, config.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, config.queue_size), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, config.queue_size), -100, dtype=torch.long))
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+
+    def _model_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset momentum copies to the online weights."""
+        for online, momentum in self._model_pairs():
+            for param, param_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                param_m.copy_(param)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_m ← m·θ_m + (1 − m)·θ."""
+        online_params, momentum_params = [], []
+        for online, momentum in self._model_pairs():
+            for param, param_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                online_params.append(param.detach())
+                momentum_params.append(param_m)
+        torch._foreach_lerp_(momentum_params, online_params, 1.0 - self.config.momentum)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idxs: torch.Tensor) -> None:
+        """Write gathered features and image ids at `ptr_queue` (wrapping) and advance the pointer."""
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        all_idxs = concat_all_gather(idxs.view(-1))
+        batch = image_feats.shape[0]
+        queue_size = self.image_queue.shape[1]
+        if batch > queue_size:
+            raise ValueError(f"BlipRetrieval: global batch {batch} exceeds queue_size {queue_size}")
+        ptr = int(self.ptr_queue)
+        index = (torch.arange(batch, device=image_feats.device) + ptr) % queue_size
+        self.image_queue[:, index] = image_feats.T.to(self.image_queue.dtype)
+        self.text_queue[:, index] = text_feats.T.to(self.text_queue.dtype)
+        self.idx_queue[:, index] = all_idxs.view(1, -1).to(self.idx_queue.dtype)
+        self.ptr_queue[0] = (ptr + batch) % queue_size
+
+    @staticmethod
+    def prepare_text(tokenizer, captions: list[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize pre_caption'd captions padded to `max_length` (35 for retrieval train/eval)."""
+        from blip_models.tokenizer import tokenize
+
+        return tokenize(tokenizer, captions, max_length, padding="max_length")
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # (B, 3, H, W)
+        input_ids: torch.Tensor,  # (B, L), [CLS] first
+        attention_mask: torch.Tensor,  # (B, L)
+        image_ids: torch.Tensor,  # (B,) consecutive integer per distinct image: all its captions are positives
+        alpha: float | None = None,
+    ) -> RetrievalOutput:
+        alpha = self.config.alpha if alpha is None else alpha
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        batch = pixel_values.shape[0]
+        idx = image_ids.view(-1, 1)  # (B, 1)
+
+        image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
+        text_output = self.text_encoder(input_ids, attention_mask, mode="text")
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # (B, E)
+
+        # ---- ITC with image-id positives over batch + queue, mixed with momentum soft targets
+        idx_all = torch.cat([idx.T, self.idx_queue.clone()], dim=1)  # (1, B+Q)
+        pos_idx = torch.eq(idx, idx_all).float()  # (B, B+Q)
+        sim_targets = pos_idx / pos_idx.sum(dim=1, keepdim=True)
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.visual_encoder_m(pixel_values)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)  # (E, B+Q)
+            text_output_m = self.text_encoder_m(input_ids, attention_mask, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):  # fp32 similarities
+            image_feat, text_feat = image_feat.float(), text_feat.float()
+            image_feat_m, text_feat_m = image_feat_m.float(), text_feat_m.float()
+            image_feat_m_all, text_feat_m_all = image_feat_m_all.float(), text_feat_m_all.float()
+            with torch.no_grad():
+                sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp  # (B, B+Q)
+                sim_t2i_m = text_feat_m @ image_feat_m_all / self.temp
+                sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+                sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+            sim_i2t = image_feat @ text_feat_m_all / self.temp
+            sim_t2i = text_feat @ image_feat_m_all / self.temp
+            loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+            loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+            loss_itc = (loss_i2t + loss_t2i) / 2
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+
+        # ---- ITM positives
+        encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
+        output_pos = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
+
+        # ---- ITM hard negatives: online-vs-online similarity, same-image entries masked to 0
+        with torch.no_grad():
+            same = idx == idx.T  # (B, B)
+            weights_i2t = F.softmax((image_feat @ text_feat.T / self.temp).float(), dim=1).masked_fill(same, 0)
+            weights_t2i = F.softmax((text_feat @ image_feat.T / self.temp).float(), dim=1).masked_fill(same, 0)
+            if bool((weights_t2i.sum(dim=1) == 0).any()):
+                raise ValueError("BlipRetrieval: ITM needs at least two distinct image ids per batch for negatives")
+            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,)
+            negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)
+        image_embeds_neg = image_embeds[negative_image_index]
+        text_ids_neg = encoder_input_ids[negative_text_index]
+        text_atts_neg = attention_mask[negative_text_index]
+
+        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
+        text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, 1+N, Dv)
+        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts_all, mode="multimodal")
+
+        vl_embeddings = torch.cat(
+            [output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0
+        )  # (3B, H)
+        itm_logits = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat(
+            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+        ).to(pixel_values.device)
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
+        return RetrievalOutput(loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm)
+
+    # ----------------------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_embeds (B, 1+N, Dv) for ITM, normalised ITC features (B, E))."""
+        image_embeds = self.visual_encoder(pixel_values)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised unimodal ITC features (B, E) from `[CLS]`-first ids."""
+        output = self.text_encoder(input_ids, attention_mask, mode="text")
+        return F.normalize(self.text_proj(output.last_hidden_state[:, 0, :]), dim=-1)
+
+    @torch.no_grad()
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """2-way ITM logits (B, 2) for aligned (image_embeds[i], text[i]) pairs; position 0 becomes `[ENC]`."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
+        output = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
+        return self.itm_head(output.last_hidden_state[:, 0, :])
+
+    @torch.no_grad()
+    def score(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Retrieval score of aligned pairs (B,): ITM positive logit + ITC cosine (reference evaluation)."""
+        image_embeds, image_feat = self.image_features(pixel_values)
+        text_feat = self.text_features(input_ids, attention_mask)
+        return self.itm_logits(image_embeds, input_ids, attention_mask)[:, 1] + (image_feat * text_feat).sum(-1)

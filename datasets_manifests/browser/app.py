@@ -1,0 +1,294 @@
+"""The manifest browser: a read-only web app (Starlette + uvicorn) over a registry of versions.
+
+Pages (one static page, plain JS, hash-routed) show every dataset, model and evaluation version; a version's
+counts, stats, drop reasons, score histograms, lineage (up to the sources, down to the models trained on it),
+files and checksums; a sample grid (thumbnail, web text, synthetic captions, ITM scores, keep/drop and why)
+with filters; a diff between two versions; model versions with their evaluation metrics side by side.
+Each page is backed by a JSON endpoint:
+
+    GET /api/versions                                   all versions (summary rows)
+    GET /api/versions/{kind}/{name}/{version}           one version: manifest, files, parquet footers, relatives
+    GET /api/versions/{kind}/{name}/{version}/lineage   graph: nodes (level < 0 ancestors, > 0 descendants), edges
+    GET /api/versions/{kind}/{name}/{version}/histograms  ITM score / size / caption-length histograms
+    GET /api/versions/{kind}/{name}/{version}/samples   ?q=&source=&min_score=&max_score=&decision=&split=&limit=&offset=
+    GET /api/versions/{kind}/{name}/{version}/thumb/{key}?size=   JPEG thumbnail cut from the shard
+    GET /api/versions/{kind}/{name}/{version}/image?path=         thumbnail of an image file the manifest lists
+    GET /api/diff?a=name@v1&b=name@v2&category=&limit=&offset=    added / removed / recaptioned keys
+    GET /api/models                                     model versions with training + evaluation metrics
+
+Only files that a manifest references are ever read; the app never writes to the registry. It binds 127.0.0.1
+unless told otherwise. The bootstrapping loop it displays is BLIP's CapFilt (Li et al. 2022, section 3.3).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sys
+import time
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from datasets_manifests.browser.query import LRU, QueryError, SampleFilter
+from datasets_manifests.browser.views import (
+    CATALOG_TTL_S, Catalog, diff_changes, image_source, lineage_graph, metrics_of, model_table, side_rows, summary_row,
+)
+from datasets_manifests.browser.thumbnails import (
+    DEFAULT_THUMB_SIZE, THUMB_SIZES, ThumbnailCache, ThumbnailError, make_thumbnail, read_referenced_image,
+    read_sample_image,
+)
+from datasets_manifests.manifest import KINDS, Manifest
+from datasets_manifests.registry import NotFoundError, Registry, RegistryError, check_name
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The only static files served: a fixed map, so no request path ever reaches the filesystem.
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
+MAX_PAGE = 200
+DIFF_CATEGORIES = ("added", "removed", "recaptioned", "newly_dropped", "restored")
+
+
+def api(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """Turn every known failure into a JSON error with a clear message; the server never crashes on data."""
+
+    @functools.wraps(handler)
+    def wrapped(request: Request) -> Response:
+        try:
+            return handler(request)
+        except (QueryError, ThumbnailError) as error:
+            return _error(str(error), error.status)
+        except NotFoundError as error:
+            return _error(str(error), 404)
+        except RegistryError as error:
+            return _error(str(error), 400)
+        except pa.ArrowException as error:  # unreadable or corrupt Parquet file
+            return _error(f"cannot read the per-sample index: {error}", 502)
+        except Exception as error:  # noqa: BLE001 - corrupt files, unreadable parquet: show, don't crash
+            log.exception("browser request %s failed", request.url.path)
+            return _error(f"{type(error).__name__}: {error}", 500)
+
+    return wrapped
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) -> Starlette:
+    """The browser app over one registry (any fsspec URL the `Registry` accepts)."""
+    registry = Registry(registry_url)
+    catalog = Catalog(registry, ttl_s=CATALOG_TTL_S)
+    thumbs = ThumbnailCache(thumb_cache_dir)
+
+    def version_of(request: Request) -> Manifest:
+        params = request.path_params
+        return catalog.get(params["kind"], params["name"], params["version"])
+
+    def page(_: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC_FILES:
+            return _error(f"no static file {name!r}", 404)
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name])
+
+    @api
+    def versions(_: Request) -> Response:
+        return JSONResponse({"registry": registry.url, "versions": [summary_row(m) for m in catalog.all()]})
+
+    @api
+    def version(request: Request) -> Response:
+        manifest = version_of(request)
+        by_id, children = catalog.by_id(), catalog.children_map()
+        parents = []
+        for ref, parent_id in zip(manifest.parents, manifest.parent_ids):
+            parent = by_id.get(parent_id)
+            parents.append({"ref": ref, "id": parent_id, "kind": parent.kind if parent else None, "found": bool(parent)})
+        kids = children.get(manifest.id, [])
+        evaluations = [
+            {"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version, "metrics": metrics_of(m),
+             "task": m.metadata.get("task", "")}
+            for m in kids if m.kind == "evaluation"
+        ]
+        body = {
+            "manifest": {**manifest.to_dict(), "id": manifest.id, "ref": manifest.ref},
+            "summary": summary_row(manifest),
+            "parquet": catalog.data(manifest).summary() if manifest.kind == "dataset" else None,
+            "parents": parents,
+            "children": [{"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version} for m in kids],
+            "evaluations": evaluations,
+        }
+        return JSONResponse(body)
+
+    @api
+    def lineage(request: Request) -> Response:
+        return JSONResponse(lineage_graph(catalog, version_of(request)))
+
+    @api
+    def histograms(request: Request) -> Response:
+        manifest = version_of(request)
+        return JSONResponse(catalog.data(manifest).histograms())
+
+    @api
+    def samples(request: Request) -> Response:
+        manifest = version_of(request)
+        where, limit, offset = parse_sample_query(request)
+        rows, total = catalog.data(manifest).query_samples(where, limit, offset)
+        base = f"/api/versions/{manifest.kind}/{manifest.name}/{manifest.version}/thumb/"
+        for row in rows:
+            catalog.locations.get_or_make((manifest.id, row["key"]), lambda row=row: _location(row))
+            row["thumb"] = base + row["key"]
+        return JSONResponse({"ref": manifest.ref, "total": total, "offset": offset, "limit": limit,
+                             "has_texts": catalog.data(manifest).has_texts, "samples": rows})
+
+    @api
+    def thumb(request: Request) -> Response:
+        manifest = version_of(request)
+        key = request.path_params["key"]
+        size = _thumb_size(request)
+        cache_key = ThumbnailCache.key(manifest.id, key, size)
+        data = thumbs.get(cache_key)
+        if data is None:
+            source, location = image_source(catalog, manifest, key)
+            image = read_sample_image(registry, source, location, key)
+            data = make_thumbnail(image, size, f"{manifest.ref} sample {key}")
+            thumbs.put(cache_key, data)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"})
+
+    @api
+    def image(request: Request) -> Response:
+        manifest = version_of(request)
+        relpath = request.query_params.get("path", "")
+        size = _thumb_size(request)
+        image_bytes = read_referenced_image(registry, manifest, relpath)
+        cache_key = ThumbnailCache.key(manifest.id, "file", relpath, size)
+        data = thumbs.get(cache_key)
+        if data is None:
+            data = make_thumbnail(image_bytes, size, f"{manifest.ref}/{relpath}")
+            thumbs.put(cache_key, data)
+        return Response(data, media_type="image/jpeg")
+
+    diffs = LRU(8)
+
+    @api
+    def diff(request: Request) -> Response:
+        from datasets_manifests.ops import diff as sample_diff
+
+        refs = [request.query_params.get(side, "").strip() for side in ("a", "b")]
+        if not all(refs):
+            raise QueryError("diff needs two dataset versions: ?a=name@v1&b=name@v2")
+        a, b = (registry.resolve(ref, kind="dataset") for ref in refs)
+        category = request.query_params.get("category", "")
+        if category and category not in DIFF_CATEGORIES:
+            raise QueryError(f"category must be one of {', '.join(DIFF_CATEGORIES)}, not {category!r}")
+        limit, offset = _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
+        result = diffs.get_or_make((a.id, b.id), lambda: sample_diff(registry, a, b, limit=None))
+        changes = diff_changes(result)
+        selected = [c for c in changes if not category or c["category"] == category]
+        page_rows = selected[offset:offset + limit]
+        keys = [row["key"] for row in page_rows]
+        sides = {label: side_rows(catalog.data(m), keys) for label, m in (("a", a), ("b", b))}
+        for row in page_rows:
+            row["a"], row["b"] = sides["a"].get(row["key"]), sides["b"].get(row["key"])
+            side = b if row["b"] is not None else a  # the thumbnail comes from the side that has the sample
+            row["thumb"] = f"/api/versions/dataset/{side.name}/{side.version}/thumb/{row['key']}"
+        counts = {name: result.counts.get(name, 0) for name in DIFF_CATEGORIES}
+        return JSONResponse({"a": summary_row(a), "b": summary_row(b), "counts": counts, "all_counts": result.counts,
+                             "manifest_changes": result.manifest_changes, "category": category,
+                             "total": len(selected), "offset": offset, "limit": limit, "rows": page_rows})
+
+    @api
+    def models(_: Request) -> Response:
+        return JSONResponse(model_table(catalog))
+
+    def favicon(_: Request) -> Response:
+        return Response(status_code=204)
+
+    routes = [
+        Route("/", page),
+        Route("/favicon.ico", favicon),
+        Route("/static/{name}", static),
+        Route("/api/versions", versions),
+        Route("/api/versions/{kind}/{name}/{version}", version),
+        Route("/api/versions/{kind}/{name}/{version}/lineage", lineage),
+        Route("/api/versions/{kind}/{name}/{version}/histograms", histograms),
+        Route("/api/versions/{kind}/{name}/{version}/samples", samples),
+        Route("/api/versions/{kind}/{name}/{version}/thumb/{key}", thumb),
+        Route("/api/versions/{kind}/{name}/{version}/image", image),
+        Route("/api/diff", diff),
+        Route("/api/models", models),
+    ]
+
+    async def not_found(request: Request, error: Exception) -> Response:
+        status = getattr(error, "status_code", 404)
+        return _error(f"{request.method} {request.url.path}: {getattr(error, 'detail', 'not found')}", status)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.state.registry, app.state.catalog, app.state.thumbs = registry, catalog, thumbs
+    return app
+
+
+def _location(row: dict[str, Any]) -> dict[str, Any]:
+    return {"shard": row.get("shard"), "jpg_offset": row.get("jpg_offset"), "jpg_bytes": row.get("jpg_bytes"),
+            "drop_reason": row.get("drop_reason")}
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.query_params.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QueryError(f"{name} must be an integer, not {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise QueryError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], not {value}")
+    return value
+
+
+def _float_param(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name, "").strip()
+    if raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise QueryError(f"{name} must be a number, not {raw!r}") from None
+
+
+def _thumb_size(request: Request) -> int:
+    size = _int_param(request, "size", DEFAULT_THUMB_SIZE, 1, max(THUMB_SIZES))
+    if size not in THUMB_SIZES:  # a few fixed sizes keep the cache small
+        raise QueryError(f"size must be one of {', '.join(map(str, THUMB_SIZES))}, not {size}")
+    return size
+
+
+def parse_sample_query(request: Request) -> tuple[SampleFilter, int, int]:
+    params = request.query_params
+    where = SampleFilter(
+        q=params.get("q", "").strip(), source=params.get("source", "").strip(),
+        min_score=_float_param(request, "min_score"), max_score=_float_param(request, "max_score"),
+        decision=params.get("decision", "").strip(), split=params.get("split", "").strip(),
+    )
+    return where, _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
+
+
+def serve(registry_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the browser until interrupted (blocks). Binds loopback unless `host` says otherwise."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the manifest browser is listening on {host}; anyone who can reach it can read the "
+              "registry's samples", file=sys.stderr)
+    Registry(registry_url)  # fail early, with the registry's own message, on a bad URL
+    uvicorn.run(create_app(registry_url), host=host, port=port, log_level="info")

@@ -1,0 +1,350 @@
+"""Lazy Parquet reads behind the manifest browser: sample pages, filters over both layers, score histograms.
+
+A version's per-sample index (`index.parquet`: one row per image) and, for CapFilt versions, its `texts.parquet`
+(one row per caption: web or synthetic, ITM score, kept, drop reason) can hold millions of rows, so nothing here
+loads a whole table per request: an unfiltered page reads only the row groups it covers (footer metadata gives
+the offsets), a filtered page scans only the filter columns (pyarrow.dataset predicates + projection) and then
+fetches full rows for the page's keys. The files and their contract are `datasets_manifests.index`'s; its
+`query_samples` filters the index alone, while the grid also filters on the texts layer (source, ITM score,
+decision, text search over synthetic captions), hence this module.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from datasets_manifests.index import INDEX_FILE, TEXTS_FILE
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import Registry
+
+# Columns a sample card shows; read with projection so caption-heavy pages stay small.
+SAMPLE_COLUMNS = ("key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "caption_source",
+                  "split", "shard", "jpg_offset", "jpg_bytes", "status", "drop_reason")
+TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
+SCORE_BINS = 20
+T = TypeVar("T")
+
+
+class QueryError(Exception):
+    """A request this version cannot answer (bad filter, no index); `status` is the HTTP status to return."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LRU:
+    """A small thread-safe LRU of computed values (per-version handles, histograms, diffs)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self._items, self._lock = capacity, OrderedDict(), threading.Lock()
+
+    def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()  # outside the lock: two threads may both compute; the results are identical
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+
+@dataclass(frozen=True)
+class SampleFilter:
+    """What the sample grid asks for. Empty strings and None mean "no condition"."""
+
+    q: str = ""  # substring of the web caption, raw caption, any text, or the exact key
+    source: str = ""  # "web" | "synthetic": the image has a caption from this source (matching the rest)
+    min_score: float | None = None  # ITM score range of that caption
+    max_score: float | None = None
+    decision: str = ""  # "kept" | "dropped": the caption's (or, without texts, the image's) decision
+    split: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in ("", "web", "synthetic"):
+            raise QueryError(f"source must be 'web' or 'synthetic', not {self.source!r}")
+        if self.decision not in ("", "kept", "dropped"):
+            raise QueryError(f"decision must be 'kept' or 'dropped', not {self.decision!r}")
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise QueryError(f"min_score {self.min_score} is above max_score {self.max_score}")
+
+    @property
+    def empty(self) -> bool:
+        return self == SampleFilter()
+
+    @property
+    def text_level(self) -> bool:
+        return bool(self.source or self.decision) or self.min_score is not None or self.max_score is not None
+
+
+class VersionData:
+    """Lazy handles on the index and texts Parquet files of one version (footers read once)."""
+
+    def __init__(self, registry: Registry, manifest: Manifest) -> None:
+        self.registry, self.manifest = registry, manifest
+        self.index_path = _find_parquet(manifest, INDEX_FILE)
+        self.texts_path = _find_parquet(manifest, TEXTS_FILE)
+        self._datasets: dict[str, ds.Dataset] = {}
+        self._metadata: dict[str, pq.FileMetaData] = {}
+        self._lock = threading.Lock()
+        self._histograms: dict[str, Any] | None = None
+
+    @property
+    def has_index(self) -> bool:
+        return self.index_path is not None
+
+    @property
+    def has_texts(self) -> bool:
+        return self.texts_path is not None
+
+    def _require_index(self) -> str:
+        if self.index_path is None:
+            raise QueryError(f"{self.manifest.ref} has no per-sample index ({INDEX_FILE})", status=404)
+        return self.index_path
+
+    def dataset(self, relpath: str) -> ds.Dataset:
+        with self._lock:
+            if relpath not in self._datasets:
+                self._datasets[relpath] = ds.dataset(self._location(relpath), format="parquet",
+                                                     filesystem=None if self.registry.is_local else self.registry.fs)
+            return self._datasets[relpath]
+
+    def metadata(self, relpath: str) -> pq.FileMetaData:
+        """The Parquet footer (row groups, row counts, schema), read once per version."""
+        with self._lock:
+            if relpath not in self._metadata:
+                self._metadata[relpath] = pq.read_metadata(self._location(relpath),
+                                                           filesystem=None if self.registry.is_local else self.registry.fs)
+            return self._metadata[relpath]
+
+    def read_rows(self, relpath: str, groups: list[int], skip: int, limit: int, columns: list[str]) -> pa.Table:
+        """`limit` rows after skipping `skip` rows of the given row groups, decoding batch by batch: the
+        first page of a 64k-row group decodes a few thousand rows, not the whole group."""
+        # A fresh reader per call (a ParquetFile is not shared across request threads); the footer is reused.
+        location, metadata = self._location(relpath), self.metadata(relpath)
+        handle = None if self.registry.is_local else self.registry.fs.open(location, "rb")
+        try:
+            reader = pq.ParquetFile(location if handle is None else handle, metadata=metadata)
+            batches, wanted = [], limit
+            for batch in reader.iter_batches(batch_size=2048, row_groups=groups, columns=columns):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                part = batch.slice(skip, wanted)
+                skip, wanted = 0, wanted - part.num_rows
+                batches.append(part)
+                if wanted <= 0:
+                    break
+            schema = pa.schema([metadata.schema.to_arrow_schema().field(c) for c in columns])
+            return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _location(self, relpath: str) -> str:
+        try:
+            return self.registry.path_of(self.manifest, relpath)
+        except Exception as error:  # noqa: BLE001 - the message names the version and file
+            raise QueryError(str(error), status=404) from error
+
+    def index_columns(self) -> list[str]:
+        return self.dataset(self._require_index()).schema.names
+
+    def summary(self) -> dict[str, Any]:
+        """Row counts and columns from the Parquet footers only (no data pages read)."""
+        out: dict[str, Any] = {"index": None, "texts": None}
+        for label, path in (("index", self.index_path), ("texts", self.texts_path)):
+            if path is None:
+                continue
+            try:
+                meta = self.metadata(path)
+                out[label] = {"path": path, "rows": meta.num_rows, "row_groups": meta.num_row_groups,
+                              "columns": meta.schema.to_arrow_schema().names}
+            except Exception as error:  # noqa: BLE001 - a broken file is shown, not fatal for the page
+                out[label] = {"path": path, "error": f"cannot read {path}: {error}"}
+        return out
+
+    # ------------------------------------------------------------------ samples
+    def query_samples(self, where: SampleFilter, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """One page of samples (index rows + their texts) matching `where`, and the total number of matches."""
+        index_path = self._require_index()
+        index = self.dataset(index_path)
+        columns = [c for c in SAMPLE_COLUMNS if c in index.schema.names]
+        if where.empty:
+            total = self.metadata(index_path).num_rows
+            page = self._slice_rows(index_path, offset, limit, columns)
+        else:
+            expression = self._index_expression(where, index.schema.names)
+            keys = index.to_table(columns=["key"], filter=expression).column("key")
+            total = len(keys)
+            page_keys = keys.slice(offset, limit)
+            page = self.rows_for_keys(page_keys, columns) if len(page_keys) else index.schema.empty_table()
+        rows = page.to_pylist()
+        texts = self.texts_for([row["key"] for row in rows])
+        for row in rows:
+            row["texts"] = texts.get(row["key"], [])
+        return rows, total
+
+    def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str]) -> pa.Table:
+        """Rows [offset, offset+limit) reading only the row groups that hold them."""
+        meta = self.metadata(relpath)
+        groups, start, first_start = [], 0, 0
+        for number in range(meta.num_row_groups):
+            rows = meta.row_group(number).num_rows
+            if start + rows > offset and start < offset + limit:
+                if not groups:
+                    first_start = start
+                groups.append(number)
+            start += rows
+        if not groups:
+            return meta.schema.to_arrow_schema().empty_table().select(columns)
+        return self.read_rows(relpath, groups, offset - first_start, limit, columns)
+
+    def _index_expression(self, where: SampleFilter, names: list[str]) -> ds.Expression:
+        conditions: list[ds.Expression] = []
+        if where.split:
+            conditions.append(ds.field("split") == where.split)
+        if where.text_level:
+            if self.has_texts:
+                conditions.append(ds.field("key").isin(self._text_keys(where)))
+            else:
+                if where.min_score is not None or where.max_score is not None:
+                    raise QueryError(f"{self.manifest.ref} has no ITM scores ({TEXTS_FILE} is absent)")
+                if where.decision:
+                    conditions.append(ds.field("status") == ("ok" if where.decision == "kept" else "dropped"))
+                if where.source and "caption_source" in names:
+                    conditions.append(ds.field("caption_source") == where.source)
+        if where.q:
+            matches = ds.field("key") == where.q
+            for column in ("caption", "raw_caption"):
+                if column in names:
+                    matches = matches | pc.match_substring(ds.field(column), where.q, ignore_case=True)
+            if self.has_texts:
+                text_expression = pc.match_substring(ds.field("text"), where.q, ignore_case=True)
+                text_keys = self.dataset(self.texts_path).to_table(columns=["key"], filter=text_expression)
+                matches = matches | ds.field("key").isin(pc.unique(text_keys.column("key")))
+            conditions.append(matches)
+        expression = ds.scalar(True)
+        for condition in conditions:
+            expression = expression & condition
+        return expression
+
+    def _text_keys(self, where: SampleFilter) -> pa.Array:
+        """Keys with at least one caption satisfying all the text-level conditions together."""
+        conditions = []
+        if where.source:
+            conditions.append(ds.field("source") == where.source)
+        if where.min_score is not None:
+            conditions.append(ds.field("itm_score") >= where.min_score)
+        if where.max_score is not None:
+            conditions.append(ds.field("itm_score") <= where.max_score)
+        if where.decision:
+            conditions.append(ds.field("kept") == (where.decision == "kept"))
+        expression = conditions[0]
+        for condition in conditions[1:]:
+            expression = expression & condition
+        table = self.dataset(self.texts_path).to_table(columns=["key"], filter=expression)
+        return pc.unique(table.column("key"))
+
+    def rows_for_keys(self, keys: pa.Array | pa.ChunkedArray | list[str], columns: list[str] | None = None) -> pa.Table:
+        """Index rows of some keys, in the order of `keys` (keys absent from the index are left out)."""
+        dataset = self.dataset(self._require_index())
+        columns = columns or [c for c in SAMPLE_COLUMNS if c in dataset.schema.names]
+        wanted = pa.array(keys, pa.string()) if isinstance(keys, list) else keys
+        wanted = wanted.combine_chunks() if isinstance(wanted, pa.ChunkedArray) else wanted
+        table = dataset.to_table(columns=columns, filter=ds.field("key").isin(wanted))
+        order = pc.drop_null(pc.index_in(wanted, table.column("key")))  # page order = match order in the index
+        return table.take(order)
+
+    def texts_for(self, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The captions of some keys, web first, then synthetic by descending score."""
+        if not self.has_texts or not keys:
+            return {}
+        texts = self.dataset(self.texts_path)
+        extra = [c for c in texts.schema.names if c not in TEXT_COLUMNS]
+        table = texts.to_table(filter=ds.field("key").isin(pa.array(keys, pa.string())),
+                               columns=[c for c in TEXT_COLUMNS if c in texts.schema.names] + extra)
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for row in table.to_pylist():
+            grouped.setdefault(row["key"], []).append(row)
+        for rows in grouped.values():
+            rows.sort(key=lambda r: (r.get("source") != "web", -(r.get("itm_score") or 0.0)))
+        return grouped
+
+    def locate(self, key: str) -> dict[str, Any] | None:
+        """Shard path and `.jpg` byte range of one key (a projected, filtered scan of the index)."""
+        index = self.dataset(self._require_index())
+        columns = [c for c in ("key", "shard", "jpg_offset", "jpg_bytes", "drop_reason") if c in index.schema.names]
+        if "shard" not in columns:
+            raise QueryError(f"{self.manifest.ref}: index has no 'shard' column, cannot find images", status=404)
+        rows = index.to_table(columns=columns, filter=ds.field("key") == key).to_pylist()
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------ histograms
+    def histograms(self) -> dict[str, Any]:
+        """Score histograms per (source, decision) from texts; size and caption-length histograms from the index."""
+        if self._histograms is None:
+            self._histograms = self._compute_histograms()
+        return self._histograms
+
+    def _compute_histograms(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.has_texts:
+            table = self.dataset(self.texts_path).to_table(columns=["source", "itm_score", "kept"])
+            edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+            scores = pc.fill_null(table.column("itm_score"), -1.0).to_numpy().astype(float)  # null: no score
+            kept = pc.fill_null(table.column("kept"), False).to_numpy(zero_copy_only=False).astype(bool)
+            series = []
+            for source in ("web", "synthetic"):
+                # Masks computed in Arrow: comparing millions of Python strings in numpy is ~100x slower.
+                is_source = pc.fill_null(pc.equal(table.column("source"), source), False)
+                is_source = is_source.to_numpy(zero_copy_only=False).astype(bool) & (scores >= 0.0)
+                for decision, mask in (("kept", kept), ("dropped", ~kept)):
+                    selected = scores[is_source & mask]
+                    counts, _ = np.histogram(np.clip(selected, 0.0, 1.0), bins=edges)
+                    series.append({"label": f"{source} {decision}", "counts": counts.tolist()})
+            out["itm_score"] = {"edges": edges.round(4).tolist(), "series": series,
+                                "total": int((scores >= 0.0).sum())}
+        if self.has_index:
+            index = self.dataset(self.index_path)
+            names = index.schema.names
+            columns = [c for c in ("width", "height", "caption") if c in names]
+            table = index.to_table(columns=columns)
+            if "width" in names and "height" in names:
+                pixels = pc.multiply(pc.cast(table.column("width"), pa.int64()), pc.cast(table.column("height"), pa.int64()))
+                out["megapixels"] = _histogram(pc.divide(pc.cast(pixels, pa.float64()), 1e6), 20)
+            if "caption" in names:
+                words = pc.add(pc.count_substring(pc.utf8_trim_whitespace(table.column("caption")), " "), 1)
+                out["caption_words"] = _histogram(pc.cast(words, pa.float64()), 20)
+        return out
+
+
+def _find_parquet(manifest: Manifest, basename: str) -> str | None:
+    for entry in manifest.files:
+        if entry.path.rsplit("/", 1)[-1] == basename:
+            return entry.path
+    return None
+
+
+def _histogram(values: pa.Array | pa.ChunkedArray, bins: int) -> dict[str, Any]:
+    array = np.asarray(pc.drop_null(values).to_numpy(zero_copy_only=False), dtype=float)
+    if array.size == 0:
+        return {"edges": [], "counts": [], "total": 0}
+    low, high = float(array.min()), float(array.max())
+    if high <= low:  # all values equal: one visible bar in the middle
+        span = abs(low) * 0.1 or 1.0
+        low, high = low - span, high + span
+    counts, edges = np.histogram(array, bins=bins, range=(low, high))
+    return {"edges": edges.round(4).tolist(), "counts": counts.tolist(), "total": int(array.size)}

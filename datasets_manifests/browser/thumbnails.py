@@ -1,0 +1,189 @@
+"""Thumbnails for the manifest browser, cut on demand from the webdataset shards of a version.
+
+An image is found through the per-sample index (the shard's path in the version, the byte offset and size of
+its `.jpg` member), read with one seek through `Registry.open` (which refuses any file the manifest does not
+reference), decoded behind a pixel-count guard (decompression bombs), shrunk, and cached in memory (LRU) and
+in a cache directory. An index without offsets falls back to scanning the tar for `{key}.jpg` (webdataset
+naming). On a local registry, a referenced file that resolves (through symlinks) outside the registry root is
+refused. Every failure is a `ThumbnailError` carrying an HTTP status and a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import NotFoundError, Registry
+
+MAX_IMAGE_BYTES = 32 << 20  # a web image above this is not worth a thumbnail (and may be hostile)
+MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
+THUMB_SIZES = (64, 128, 256, 512)
+DEFAULT_THUMB_SIZE = 256
+
+
+class ThumbnailError(Exception):
+    """An image that cannot be shown; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_relpath(relpath: str) -> str:
+    """A file path as a manifest spells it: relative, forward slashes, no `..`, no NUL. Refuse anything else."""
+    if not relpath or "\x00" in relpath or "\\" in relpath:
+        raise ThumbnailError(f"refused path {relpath!r}: empty or contains NUL/backslash", 400)
+    path = PurePosixPath(relpath)
+    if path.is_absolute() or relpath.startswith("~") or (len(relpath) > 1 and relpath[1] == ":"):
+        raise ThumbnailError(f"refused path {relpath!r}: absolute paths are never served", 400)
+    if any(part in ("..", ".") for part in relpath.split("/")):
+        raise ThumbnailError(f"refused path {relpath!r}: '..' and '.' segments are never served", 400)
+    return relpath
+
+
+def check_inside_registry(registry: Registry, manifest: Manifest, relpath: str) -> None:
+    """Refuse a referenced file that is not in the manifest or (locally) resolves outside the registry."""
+    check_relpath(relpath)
+    if relpath not in {entry.path for entry in manifest.files}:
+        raise ThumbnailError(f"refused: {manifest.ref} does not reference {relpath!r}", 404)
+    try:
+        location = registry.path_of(manifest, relpath)
+    except NotFoundError as error:
+        raise ThumbnailError(f"refused: {error}", 404) from error
+    if registry.is_local:
+        root = os.path.realpath(registry.root)
+        real = os.path.realpath(location)
+        if os.path.commonpath([root, real]) != root:
+            raise ThumbnailError(f"refused: {manifest.ref}/{relpath} resolves outside the registry", 403)
+
+
+class ThumbnailCache:
+    """In-memory LRU of thumbnail bytes, backed by a directory (names are hashes, never user strings)."""
+
+    def __init__(self, cache_dir: str | Path | None = None, capacity: int = 4096) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "blip-browser-thumbs"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return self._memory[key]
+        path = self.cache_dir / key[:2] / f"{key}.jpg"
+        if path.is_file():
+            data = path.read_bytes()
+            self._remember(key, data)
+            self.hits += 1
+            return data
+        self.misses += 1
+        return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._remember(key, data)
+        path = self.cache_dir / key[:2] / f"{key}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+
+    def _remember(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._memory[key] = data
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.capacity:
+                self._memory.popitem(last=False)
+
+
+def make_thumbnail(data: bytes, size: int, what: str) -> bytes:
+    """JPEG thumbnail of encoded image bytes; refuses bombs and undecodable data with a clear message."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # lazy: only the header is parsed here
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ThumbnailError(
+                        f"{what}: {width}x{height} = {width * height} pixels is above the "
+                        f"{MAX_IMAGE_PIXELS} pixel limit (possible decompression bomb); not decoded", 422)
+                image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale directly
+                image.thumbnail((size, size))
+                rgb = image.convert("RGB")
+    except ThumbnailError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ThumbnailError(f"{what}: cannot decode image ({type(error).__name__}: {error})", 422) from error
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def read_sample_image(registry: Registry, manifest: Manifest, location: dict[str, Any], key: str) -> bytes:
+    """The encoded `.jpg` bytes of one sample: one seek when the index has offsets, a tar scan otherwise."""
+    shard = str(location.get("shard") or "")
+    check_inside_registry(registry, manifest, shard)
+    offset, size = location.get("jpg_offset"), location.get("jpg_bytes")
+    what = f"{manifest.ref}/{shard} member {key}.jpg"
+    if size is not None and size > MAX_IMAGE_BYTES:
+        raise ThumbnailError(f"{what}: {size} bytes is above the {MAX_IMAGE_BYTES} byte limit", 413)
+    try:
+        with registry.open(manifest, shard) as handle:
+            if offset is not None and size is not None and offset >= 0 and size >= 0:
+                handle.seek(offset)
+                data = handle.read(size)
+                if len(data) != size:
+                    raise ThumbnailError(f"{what}: shard is truncated ({len(data)} of {size} bytes at {offset})", 502)
+                return data
+            return _scan_tar(handle, key, what)
+    except FileNotFoundError as error:
+        raise ThumbnailError(f"shard {shard} of {manifest.ref} is missing from the registry", 404) from error
+    except (tarfile.TarError, EOFError) as error:
+        raise ThumbnailError(f"shard {shard} of {manifest.ref} is corrupt: {error}", 502) from error
+
+
+def _scan_tar(handle: Any, key: str, what: str) -> bytes:
+    wanted = f"{key}.jpg"
+    with tarfile.open(fileobj=handle, mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and (member.name == wanted or member.name.rsplit("/", 1)[-1] == wanted):
+                if member.size > MAX_IMAGE_BYTES:
+                    raise ThumbnailError(f"{what}: {member.size} bytes is above the {MAX_IMAGE_BYTES} byte limit", 413)
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # a regular file always extracts
+                return extracted.read()
+    raise ThumbnailError(f"{what}: not found in the shard", 404)
+
+
+def read_referenced_image(registry: Registry, manifest: Manifest, relpath: str) -> bytes:
+    """Bytes of an image file the manifest lists (role "image" or an image extension); nothing else."""
+    check_inside_registry(registry, manifest, relpath)
+    entry = manifest.file(relpath)
+    if entry.role != "image" and not relpath.lower().endswith((".jpg", ".jpeg", ".png", ".webp")):
+        raise ThumbnailError(f"refused: {manifest.ref}/{relpath} is a {entry.role!r} file, not an image", 403)
+    if entry.bytes > MAX_IMAGE_BYTES:
+        raise ThumbnailError(f"{manifest.ref}/{relpath}: {entry.bytes} bytes is above the image size limit", 413)
+    try:
+        with registry.open(manifest, relpath) as handle:
+            return handle.read(MAX_IMAGE_BYTES + 1)
+    except FileNotFoundError as error:
+        raise ThumbnailError(f"{relpath} of {manifest.ref} is missing from the registry", 404) from error

@@ -1,0 +1,197 @@
+"""What the manifest browser shows, computed from the registry: the catalog of versions, summary rows,
+metrics, lineage graphs, the model/evaluation table, diff rows and where a sample's image lives.
+
+Plain functions over `Registry`/`Manifest` and the lazy Parquet reads of `query.py`; no HTTP here.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+from datasets_manifests.browser.query import LRU, QueryError, VersionData
+from datasets_manifests.manifest import KINDS, Manifest
+from datasets_manifests.registry import NotFoundError, Registry, check_name
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+CATALOG_TTL_S = 3.0  # new versions appear within this many seconds; versions themselves never change
+
+
+class Catalog:
+    """The registry's manifests, re-listed at most every `CATALOG_TTL_S` seconds, plus per-version handles."""
+
+    def __init__(self, registry: Registry, ttl_s: float = CATALOG_TTL_S) -> None:
+        self.registry, self.ttl_s = registry, ttl_s
+        self._listed_at = -1e9
+        self._manifests: list[Manifest] = []
+        self._lock = threading.Lock()
+        self._data = LRU(64)
+        self.locations = LRU(50_000)  # (manifest id, key) -> shard location, filled by sample pages
+
+    def all(self) -> list[Manifest]:
+        with self._lock:
+            if time.monotonic() - self._listed_at > self.ttl_s:
+                self._manifests = self.registry.list()
+                self._listed_at = time.monotonic()
+            return list(self._manifests)
+
+    def get(self, kind: str, name: str, version: str) -> Manifest:
+        if kind not in KINDS:
+            raise QueryError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})", 404)
+        check_name(name)
+        if not _VERSION_RE.match(version):
+            raise QueryError(f"invalid version {version!r}", 400)
+        for manifest in self.all():
+            if (manifest.kind, manifest.name, manifest.version) == (kind, name, version):
+                return manifest
+        for manifest in self.registry.versions(kind, name):  # published since the last listing
+            if manifest.version == version:
+                return manifest
+        raise NotFoundError(f"no {kind} version {name}@{version} in {self.registry.url}")
+
+    def data(self, manifest: Manifest) -> VersionData:
+        return self._data.get_or_make(manifest.id, lambda: VersionData(self.registry, manifest))
+
+    def by_id(self) -> dict[str, Manifest]:
+        return {m.id: m for m in self.all()}
+
+    def children_map(self) -> dict[str, list[Manifest]]:
+        children: dict[str, list[Manifest]] = {}
+        for manifest in self.all():
+            for parent_id in manifest.parent_ids:
+                children.setdefault(parent_id, []).append(manifest)
+        return children
+
+
+def summary_row(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "kind": manifest.kind, "name": manifest.name, "version": manifest.version, "ref": manifest.ref,
+        "id": manifest.id, "short_id": manifest.short_id, "stage": manifest.producer.stage,
+        "finished_at": manifest.producer.finished_at, "num_samples": manifest.num_samples,
+        "counts": manifest.counts, "parents": list(manifest.parents), "num_files": len(manifest.files),
+        "bytes": sum(entry.bytes for entry in manifest.files), "metrics": metrics_of(manifest),
+    }
+
+
+def metrics_of(manifest: Manifest) -> dict[str, float]:
+    """Numeric metrics of a model (metadata.metrics) or evaluation (stats.metrics / metadata.metrics), flattened."""
+    found: dict[str, Any] = {}
+    for source in (manifest.metadata.get("metrics"), manifest.stats.get("metrics")):
+        if isinstance(source, dict):
+            found.update(source)
+    return _flatten_numbers(found)
+
+
+def _flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten_numbers(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def diff_changes(result: Any) -> list[dict[str, Any]]:
+    """The per-key changes of an `ops.diff` result as rows {key, category, reason?}, grouped by category."""
+    rows = [{"key": key, "category": "added"} for key in result.added]
+    rows += [{"key": key, "category": "removed"} for key in result.removed]
+    rows += [{"key": item["key"], "category": "recaptioned"} for item in result.recaptioned]
+    rows += [{"key": item["key"], "category": "newly_dropped", "reason": item["reason"]} for item in result.newly_dropped]
+    rows += [{"key": key, "category": "restored"} for key in result.restored]
+    return rows
+
+
+def side_rows(data: VersionData, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """What one side of a diff holds for some keys: its index row and its kept texts."""
+    if not keys:
+        return {}
+    columns = ["key", "caption", "caption_source", "status", "drop_reason"]
+    rows = {row["key"]: row for row in data.rows_for_keys(keys, columns).to_pylist()}
+    for key, texts in data.texts_for(list(rows)).items():
+        rows[key]["kept_texts"] = [t["text"] for t in texts if t.get("kept")]
+    return rows
+
+
+def image_source(catalog: Catalog, manifest: Manifest, key: str) -> tuple[Manifest, dict[str, Any]]:
+    """The version whose shards hold `key`'s image: this one, or (for a sample a stage dropped from its shards,
+    e.g. a CapFilt image with no kept caption) the nearest parent dataset that still has it."""
+    location = catalog.locations.get_or_make((manifest.id, key), lambda: catalog.data(manifest).locate(key))
+    if location is None:
+        raise QueryError(f"{manifest.ref} has no sample with key {key!r} in its index", 404)
+    if location.get("shard"):
+        return manifest, location
+    by_id, queue, seen = catalog.by_id(), list(manifest.parent_ids), {manifest.id}
+    while queue:
+        parent = by_id.get(queue.pop(0))
+        if parent is None or parent.id in seen or parent.kind != "dataset":
+            continue
+        seen.add(parent.id)
+        data = catalog.data(parent)
+        if data.has_index:
+            found = catalog.locations.get_or_make((parent.id, key), lambda data=data: data.locate(key))
+            if found is not None and found.get("shard"):
+                return parent, found
+        queue.extend(parent.parent_ids)
+    reason = location.get("drop_reason") or "not in any shard"
+    raise QueryError(f"{manifest.ref} sample {key!r} has no image in its shards or its parents' ({reason})", 404)
+
+
+def lineage_graph(catalog: Catalog, manifest: Manifest, max_depth: int = 12) -> dict[str, Any]:
+    """Ancestors up to the sources (level < 0) and descendants down to models/evaluations (level > 0)."""
+    by_id, children = catalog.by_id(), catalog.children_map()
+    nodes: dict[str, dict[str, Any]] = {manifest.id: _node(manifest, 0)}
+    edges: set[tuple[str, str]] = set()
+    frontier = [manifest]
+    for depth in range(1, max_depth + 1):  # upwards
+        next_frontier = []
+        for current in frontier:
+            for ref, parent_id in zip(current.parents, current.parent_ids):
+                edges.add((parent_id, current.id))
+                if parent_id in nodes:
+                    continue
+                parent = by_id.get(parent_id)
+                nodes[parent_id] = _node(parent, -depth) if parent else {
+                    "id": parent_id, "ref": ref, "kind": "missing", "level": -depth, "name": ref, "version": ""}
+                if parent:
+                    next_frontier.append(parent)
+        frontier = next_frontier
+    frontier = [manifest]
+    for depth in range(1, max_depth + 1):  # downwards
+        next_frontier = []
+        for current in frontier:
+            for child in children.get(current.id, []):
+                edges.add((current.id, child.id))
+                if child.id not in nodes:
+                    nodes[child.id] = _node(child, depth)
+                    next_frontier.append(child)
+        frontier = next_frontier
+    return {"root": manifest.id, "nodes": list(nodes.values()),
+            "edges": [{"source": s, "target": t} for s, t in sorted(edges) if s in nodes and t in nodes]}
+
+
+def _node(manifest: Manifest, level: int) -> dict[str, Any]:
+    return {"id": manifest.id, "ref": manifest.ref, "kind": manifest.kind, "name": manifest.name,
+            "version": manifest.version, "level": level, "stage": manifest.producer.stage}
+
+
+def model_table(catalog: Catalog) -> dict[str, Any]:
+    """One row per model version: its training metrics and the metrics of the evaluations made of it."""
+    children = catalog.children_map()
+    rows, columns = [], []
+    for model in (m for m in catalog.all() if m.kind == "model"):
+        metrics = {f"train/{k}": v for k, v in metrics_of(model).items()}
+        evaluations = [m for m in children.get(model.id, []) if m.kind == "evaluation"]
+        for evaluation in evaluations:  # later versions of the same task overwrite earlier ones
+            task = evaluation.metadata.get("task") or evaluation.name
+            metrics.update({f"{task}/{k}": v for k, v in metrics_of(evaluation).items()})
+        for column in metrics:
+            if column not in columns:
+                columns.append(column)
+        rows.append({**summary_row(model), "datasets": [p for p in model.parents],
+                     "evaluations": [e.ref for e in evaluations], "metrics": metrics})
+    columns.sort(key=lambda c: (c.startswith("train/"), c))
+    return {"columns": columns, "models": rows}

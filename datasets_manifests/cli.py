@@ -1,0 +1,346 @@
+"""`blip data ...`: look at the registry from the command line.
+
+    blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF
+                               | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
+
+The registry is `--registry`, else $BLIP_REGISTRY, else ./artifacts/registry (any fsspec URL). Module
+imports stay light (argparse, fsspec via the registry): pyarrow is imported by the handlers that need it,
+the web browser only by `serve`, so `blip data ls` starts fast. Errors are one line (RegistryError /
+UserError are printed by `pipelines.cli.main` without a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from datasets_manifests.manifest import KINDS, Manifest
+from datasets_manifests.registry import Registry, default_registry_url
+
+DEFAULT_PORT = 8765
+
+
+class UserError(Exception):
+    """A bad command line (printed as one line by `blip`)."""
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser(
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, catalog, serve",
+        description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
+        "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
+    )
+    data.add_argument("--registry", default=None, help="registry URL (local dir, s3://, gs://, memory://)")
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+
+    def command(name: str, help_text: str, func: Any, json_option: bool = True) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the sub-command; SUPPRESS keeps `blip data --registry X ls` working.
+        parser.add_argument("--registry", default=argparse.SUPPRESS, help="registry URL (overrides the one above)")
+        if json_option:
+            parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        parser.set_defaults(func=func)
+        return parser
+
+    ls = command("ls", "list published versions", cmd_ls)
+    ls.add_argument("--kind", choices=KINDS, default=None, help="only this kind")
+    ls.add_argument("name", nargs="?", help="only versions of this name")
+
+    show = command("show", "counts, stats, drop reasons and lineage of a version", cmd_show)
+    show.add_argument("ref", help="name@version, name@latest, name or name@<id prefix>")
+
+    lineage = command("lineage", "parents up to the sources and children down to the leaves", cmd_lineage)
+    lineage.add_argument("ref")
+
+    diff = command("diff", "samples added / removed / re-captioned / dropped between two versions", cmd_diff)
+    diff.add_argument("ref_a")
+    diff.add_argument("ref_b")
+    diff.add_argument("--n", type=int, default=10, help="examples per list (default 10)")
+
+    verify = command("verify", "recompute sha256 and size of every file of a version", cmd_verify)
+    verify.add_argument("ref")
+
+    samples = command("samples", "print samples of a version's per-sample index", cmd_samples)
+    samples.add_argument("ref")
+    samples.add_argument("--n", type=int, default=10, help="how many samples (default 10)")
+    samples.add_argument("--offset", type=int, default=0, help="skip this many matching samples")
+    samples.add_argument("--where", action="append", default=[], metavar="COL=VAL",
+                         help="keep samples whose COL equals VAL (repeat; same COL twice means either; "
+                         "VAL 'null' means missing), e.g. --where status=dropped")
+    samples.add_argument("--text", default=None, help="case-insensitive substring of caption, raw_caption or url")
+    samples.add_argument("--columns", default=None, help="comma-separated columns to print")
+
+    catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
+    catalog.add_argument("name", nargs="?", help="a source or composition name")
+
+    serve = command("serve", "browse the registry in a web browser", cmd_serve, json_option=False)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+
+    data.set_defaults(func=lambda args: _help(data))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry or default_registry_url())
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _size(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{num_bytes} B"
+
+
+def _samples_of(manifest: Manifest) -> str:
+    if manifest.kind != "dataset":
+        return "-"
+    counts = manifest.counts
+    for key in ("ok", "kept", "samples"):
+        if key in counts:
+            return str(counts[key])
+    return str(manifest.num_samples)
+
+
+# --------------------------------------------------------------------------- ls / show
+def cmd_ls(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    manifests = [m for m in registry.list(args.kind) if args.name is None or m.name == args.name]
+    if args.json:
+        _print_json([_summary(m) for m in manifests])
+        return 0
+    if not manifests:
+        print(f"no versions in {registry.url}")
+        return 0
+    rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "PARENTS", "FINISHED")]
+    rows += [(m.ref, m.kind, m.short_id, m.producer.stage, _samples_of(m), ",".join(m.parents) or "-",
+              m.producer.finished_at or "-") for m in manifests]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _summary(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "ref": manifest.ref, "kind": manifest.kind, "id": manifest.id, "stage": manifest.producer.stage,
+        "counts": manifest.counts, "parents": list(manifest.parents), "finished_at": manifest.producer.finished_at,
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from datasets_manifests.ops import lineage
+
+    registry = _registry(args)
+    manifest = registry.resolve(args.ref)
+    tree = lineage(registry, manifest)
+    if args.json:
+        data = json.loads(manifest.to_json())
+        data["lineage"] = tree.to_dict()
+        _print_json(data)
+        return 0
+    for line in show_lines(registry, manifest):
+        print(line)
+    print("lineage:")
+    for line in tree.render():
+        print(f"  {line}")
+    print(f"browse: blip data serve --registry {registry.url}")
+    if manifest.kind == "dataset" and any(e.role == "index" for e in manifest.files):
+        print(f"samples: blip data --registry {registry.url} samples {manifest.ref} --where status=dropped")
+    return 0
+
+
+def show_lines(registry: Registry, manifest: Manifest) -> list[str]:
+    producer = manifest.producer
+    lines = [
+        f"{manifest.kind} {manifest.ref}  id {manifest.id}",
+        f"  producer: stage {producer.stage}, config {producer.config_hash[:12] or '-'}, "
+        f"code {producer.code_version or '-'}, finished {producer.finished_at or '-'}",
+    ]
+    if manifest.parents:
+        lines.append(f"  parents: {', '.join(manifest.parents)}")
+    if manifest.counts:
+        lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in manifest.counts.items()))
+    if manifest.splits:
+        lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in manifest.splits.items()))
+    if manifest.drop_reasons:
+        dropped = sum(manifest.drop_reasons.values())
+        lines.append(f"  drop reasons ({dropped} dropped):")
+        for reason, count in sorted(manifest.drop_reasons.items(), key=lambda item: -item[1]):
+            lines.append(f"    {reason:<28} {count:>10}  {100 * count / max(dropped, 1):5.1f}%")
+    for stage, stats in manifest.stats.items():
+        text = json.dumps(stats, sort_keys=True, default=str) if isinstance(stats, (dict, list)) else str(stats)
+        lines.append(f"  stats {stage}: {text if len(text) <= 160 else text[:157] + '...'}")
+    shards = manifest.shards()
+    other = [e for e in manifest.files if e.role != "shard"]
+    if shards:
+        total = sum(e.bytes for e in shards)
+        lines.append(f"  shards: {len(shards)} files, {manifest.num_samples} samples, {_size(total)}")
+    for entry in other:
+        lines.append(f"  file {entry.path} ({entry.role}, {_size(entry.bytes)})")
+    if manifest.sample_schema:
+        lines.append("  sample fields: " + ", ".join(f"{k} ({v})" for k, v in manifest.sample_schema.items()))
+    lines.append(f"  registry: {registry.url}")
+    return lines
+
+
+# --------------------------------------------------------------------------- lineage / diff / verify
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from datasets_manifests.ops import lineage
+
+    tree = lineage(_registry(args), args.ref)
+    if args.json:
+        _print_json(tree.to_dict())
+    else:
+        print("\n".join(tree.render()))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from datasets_manifests.ops import diff
+
+    result = diff(_registry(args), args.ref_a, args.ref_b, limit=args.n)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    counts = result.counts
+    if counts:
+        print(f"{result.a} -> {result.b}: {counts['a']} -> {counts['b']} samples ({counts['common']} in both)")
+        print(f"  added {counts['added']}, removed {counts['removed']}, re-captioned {counts['recaptioned']}, "
+              f"newly dropped {counts['newly_dropped']}, restored {counts['restored']}")
+    else:
+        print(f"{result.a} -> {result.b}: no per-sample index on either side; manifest differences only")
+    for key in result.added:
+        print(f"  + {key}")
+    for key in result.removed:
+        print(f"  - {key}")
+    for item in result.recaptioned:
+        print(f"  ~ {item['key']}: {item['a']!r} -> {item['b']!r}")
+    for item in result.newly_dropped:
+        print(f"  x {item['key']}: {item['reason']}")
+    for key in result.restored:
+        print(f"  ^ {key}")
+    for field, change in result.manifest_changes.items():
+        print(f"  manifest {field}: {json.dumps(change, default=str)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datasets_manifests.ops import verify
+
+    registry = _registry(args)
+    manifest = registry.resolve(args.ref)
+    problems = verify(registry, manifest)
+    if args.json:
+        _print_json({"ref": manifest.ref, "id": manifest.id, "ok": not problems, "problems": problems})
+    elif problems:
+        for problem in problems:
+            print(f"{manifest.ref}: {problem}", file=sys.stderr)
+    else:
+        total = sum(e.bytes for e in manifest.files)
+        print(f"{manifest.ref}: ok ({len(manifest.files)} files, {_size(total)}, sha256 verified)")
+    return 1 if problems else 0
+
+
+# --------------------------------------------------------------------------- samples
+def parse_where(items: list[str]) -> dict[str, Any]:
+    """['status=dropped', 'split=train', 'split=val'] -> {'status': 'dropped', 'split': ['train', 'val']}."""
+    where: dict[str, Any] = {}
+    for item in items:
+        column, sep, value = item.partition("=")
+        if not sep or not column:
+            raise UserError(f"--where {item!r}: expected COL=VAL")
+        if column in where:
+            previous = where[column]
+            where[column] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            where[column] = value
+    return where
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from datasets_manifests.index import query_samples
+
+    registry = _registry(args)
+    manifest = registry.resolve(args.ref)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    if args.n < 0 or args.offset < 0:
+        raise UserError("--n and --offset must be >= 0")
+    page, total = query_samples(registry, manifest, where=parse_where(args.where), text=args.text,
+                                limit=args.n, offset=args.offset, columns=columns)
+    rows = page.to_pylist()
+    if args.json:
+        _print_json({"ref": manifest.ref, "total": total, "offset": args.offset, "rows": rows})
+        return 0
+    print(f"{manifest.ref}: {total} matching samples; showing {len(rows)} from {args.offset}")
+    for row in rows:
+        print(_sample_line(row) if columns is None else "  " + "  ".join(f"{c}={row[c]!r}" for c in columns))
+    return 0
+
+
+def _sample_line(row: dict[str, Any]) -> str:
+    caption = row.get("caption") or ""
+    caption = caption if len(caption) <= 70 else caption[:67] + "..."
+    size = f"{row.get('width')}x{row.get('height')}" if row.get("width") is not None else "-"
+    status = row.get("status", "?")
+    if status != "ok":
+        status = f"{status}:{row.get('drop_reason')}"
+    return f"  {row.get('key')}  [{status}]  {row.get('split') or '-'}  {size}  {caption!r}"
+
+
+# --------------------------------------------------------------------------- catalog / serve
+def cmd_catalog(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from datasets_manifests import catalog
+
+    try:
+        if args.name:
+            names = {s.name for s in catalog.list_sources()}
+            entry = catalog.get_source(args.name) if args.name in names else catalog.composition(args.name)
+            if args.json:
+                _print_json(dataclasses.asdict(entry))
+            else:
+                print("\n".join(catalog.describe(entry)))
+            return 0
+        sources, compositions = catalog.list_sources(), catalog.list_compositions()
+    except catalog.CatalogError as error:
+        raise UserError(str(error)) from error
+    if args.json:
+        _print_json({"sources": [dataclasses.asdict(s) for s in sources],
+                     "compositions": [dataclasses.asdict(c) for c in compositions]})
+        return 0
+    print("sources:")
+    for source in sources:
+        count = next((c.describe() for c in source.counts), "")
+        print(f"  {source.name:<24} {source.category:<13} {source.title}{f'  ({count})' if count else ''}")
+    print("compositions:")
+    for item in compositions:
+        print(f"  {item.name:<24} {'+'.join(item.sources)}")
+    print("details: blip data catalog NAME")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    registry_url = args.registry or default_registry_url()
+    Registry(registry_url)  # fail fast, in one line, on a bad URL
+    try:
+        from datasets_manifests.browser.app import serve
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("datasets_manifests.browser"):
+            raise
+        raise UserError("the web browser (datasets_manifests.browser) is not installed") from error
+    serve(registry_url, args.host, args.port)
+    return 0

@@ -1,0 +1,316 @@
+"""The per-sample index of a dataset version: one Parquet row per sample, kept *and* dropped.
+
+Every dataset version carries `index.parquet` (file role "index"): where each sample came from (url),
+what its image is (sha256, size), its captions, where it lives (shard path + byte offset of the `.jpg`
+member in the tar) and whether it was kept or dropped, and why. Later stages add a derived layer,
+`texts.parquet`, with every candidate text per key (web and synthetic) and the CapFilt decision on it.
+This is the per-sample lineage the released BLIP data lacks (only url+caption JSONs were published):
+a key is stable across derived versions, so `diff` can tell what a stage changed sample by sample.
+
+Reads go through `pyarrow.dataset` with filter expressions and early-stopping scans, so browsing a
+million-row index reads only the columns and row groups it needs. Imports pyarrow (not torch/ray).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import NotFoundError, Registry, RegistryError
+
+INDEX_FILE = "index.parquet"
+TEXTS_FILE = "texts.parquet"
+INDEX_ROLE = "index"
+STATUSES = ("ok", "dropped")
+TEXT_SOURCES = ("web", "synthetic")
+ROW_GROUP_SIZE = 64 * 1024  # row groups small enough that a filtered page read touches few of them
+
+INDEX_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # unique per version, stable across derived versions
+    pa.field("url", pa.string()),
+    pa.field("image_sha256", pa.string()),  # null when the image never arrived
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("caption", pa.string()),  # the normalised training caption (pre_caption)
+    pa.field("raw_caption", pa.string()),  # the original web text
+    pa.field("caption_source", pa.string()),  # "web" for raw data, "synthetic" after CapFilt
+    pa.field("split", pa.string()),
+    pa.field("shard", pa.string()),  # file path inside the version; null for dropped samples
+    pa.field("jpg_offset", pa.int64()),  # byte offset of the key's .jpg member data in the tar
+    pa.field("jpg_bytes", pa.int64()),
+    pa.field("status", pa.string(), nullable=False),  # "ok" | "dropped"
+    pa.field("drop_reason", pa.string()),  # null when ok
+])
+
+TEXTS_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # the sample key of index.parquet
+    pa.field("text", pa.string()),
+    pa.field("source", pa.string(), nullable=False),  # "web" | "synthetic"
+    pa.field("itm_score", pa.float32()),  # filter's match probability for (image, text)
+    pa.field("kept", pa.bool_(), nullable=False),
+    pa.field("drop_reason", pa.string()),  # null when kept
+])
+
+# What a `--where width=32` string turns into, per Arrow type.
+_PARSERS = {
+    pa.int32(): int, pa.int64(): int, pa.float32(): float, pa.float64(): float,
+    pa.bool_(): lambda text: {"true": True, "1": True, "false": False, "0": False}[text.lower()],
+}
+
+
+class SampleIndexError(RegistryError):
+    """A per-sample index that is malformed or cannot answer the query; the message says why."""
+
+
+# --------------------------------------------------------------------------- writing
+def _to_table(rows_or_table: pa.Table | Iterable[dict[str, Any]], schema: pa.Schema, what: str) -> pa.Table:
+    if isinstance(rows_or_table, pa.Table):
+        table = rows_or_table
+    else:
+        rows = list(rows_or_table)
+        required = set(schema.names)
+        for row in rows:
+            if not required <= row.keys():  # a missing key is a bug in the writer (None is spelled out)
+                missing = sorted(required - row.keys())
+                raise SampleIndexError(f"{what}: row {row.get('key')!r} lacks required column(s) {', '.join(missing)}")
+        names = schema.names + sorted({k for row in rows for k in row} - required)
+        arrays = {}
+        for name in names:
+            declared = schema.field(name).type if name in required else None
+            try:
+                arrays[name] = pa.array([row.get(name) for row in rows], type=declared)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+                raise SampleIndexError(f"{what}: column {name!r}: {error}") from error
+        table = pa.table(arrays)
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise SampleIndexError(f"{what}: missing required column(s) {', '.join(missing)}")
+    # Cast the contract columns to their declared types; extra columns pass through untouched.
+    for field in schema:
+        column = table.column(field.name)
+        if column.type != field.type:
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise SampleIndexError(f"{what}: column {field.name!r} is {column.type}, expected {field.type}") from error
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+        if not field.nullable and column.null_count:
+            raise SampleIndexError(f"{what}: column {field.name!r} has {column.null_count} null value(s)")
+    return table
+
+
+def _check_values(table: pa.Table, column: str, allowed: tuple[str, ...], what: str) -> None:
+    bad = pc.invert(pc.is_in(table.column(column), value_set=pa.array(allowed)))
+    if pc.any(bad).as_py():
+        example = table.filter(bad).column(column)[0].as_py()
+        raise SampleIndexError(f"{what}: column {column!r} has value {example!r} (allowed: {', '.join(allowed)})")
+
+
+def validate_index(rows_or_table: pa.Table | Iterable[dict[str, Any]], what: str = INDEX_FILE) -> pa.Table:
+    """Check the index contract and return the table with the contract columns cast to INDEX_SCHEMA."""
+    table = _to_table(rows_or_table, INDEX_SCHEMA, what)
+    keys = table.column("key")
+    if pc.count_distinct(keys).as_py() != len(table):
+        counts = pc.value_counts(keys)
+        duplicate = next(item["values"].as_py() for item in counts if item["counts"].as_py() > 1)
+        raise SampleIndexError(f"{what}: duplicate key {duplicate!r}; keys must be unique per version")
+    _check_values(table, "status", STATUSES, what)
+    # Every dropped sample is counted with a reason; kept samples have none.
+    dropped = pc.equal(table.column("status"), "dropped")
+    no_reason = pc.and_(dropped, pc.is_null(table.column("drop_reason")))
+    if pc.any(no_reason).as_py():
+        key = table.filter(no_reason).column("key")[0].as_py()
+        raise SampleIndexError(f"{what}: dropped sample {key!r} has no drop_reason")
+    reason_on_ok = pc.and_(pc.invert(dropped), pc.is_valid(table.column("drop_reason")))
+    if pc.any(reason_on_ok).as_py():
+        key = table.filter(reason_on_ok).column("key")[0].as_py()
+        raise SampleIndexError(f"{what}: sample {key!r} has status 'ok' but a drop_reason")
+    return table
+
+
+def validate_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], what: str = TEXTS_FILE) -> pa.Table:
+    table = _to_table(rows_or_table, TEXTS_SCHEMA, what)
+    _check_values(table, "source", TEXT_SOURCES, what)
+    no_reason = pc.and_(pc.invert(table.column("kept")), pc.is_null(table.column("drop_reason")))
+    if pc.any(no_reason).as_py():
+        key = table.filter(no_reason).column("key")[0].as_py()
+        raise SampleIndexError(f"{what}: dropped text of {key!r} has no drop_reason")
+    return table
+
+
+def _write(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    path = str(path)
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "wb") as handle:
+            pq.write_table(table, handle, row_group_size=ROW_GROUP_SIZE)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE)
+
+
+def write_index(rows_or_table: pa.Table | Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Validate and write `index.parquet`; returns the number of rows written."""
+    table = validate_index(rows_or_table, what=str(path))
+    _write(table, path)
+    return len(table)
+
+
+def write_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Validate and write the derived `texts.parquet` layer; returns the number of rows written."""
+    table = validate_texts(rows_or_table, what=str(path))
+    _write(table, path)
+    return len(table)
+
+
+def summarize_index(table: pa.Table) -> dict[str, Any]:
+    """Counts a manifest records from its index: totals, drop reasons and per-split kept samples."""
+    status = table.column("status").to_pylist()
+    reasons = Counter(r for r in table.column("drop_reason").to_pylist() if r is not None)
+    ok = pc.equal(table.column("status"), "ok")
+    splits = Counter(s for s in table.filter(ok).column("split").to_pylist() if s is not None)
+    return {
+        "counts": {"total": len(status), "ok": status.count("ok"), "dropped": status.count("dropped")},
+        "drop_reasons": dict(sorted(reasons.items())),
+        "splits": dict(sorted(splits.items())),
+    }
+
+
+# --------------------------------------------------------------------------- reading
+def has_layer(manifest: Manifest, relpath: str) -> bool:
+    return any(entry.path == relpath for entry in manifest.files)
+
+
+def _dataset(registry: Registry, manifest: Manifest, relpath: str) -> ds.Dataset:
+    if not has_layer(manifest, relpath):
+        raise NotFoundError(f"{manifest.ref} has no {relpath} (not a dataset version with a per-sample index)")
+    path = registry.path_of(manifest, relpath)
+    if registry.is_local:
+        return ds.dataset(path, format="parquet")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return ds.dataset(path, format="parquet", filesystem=PyFileSystem(FSSpecHandler(registry.fs)))
+
+
+def read_index(registry: Registry, manifest: Manifest, columns: list[str] | None = None) -> pa.Table:
+    """The whole index of a version (or some of its columns)."""
+    dataset = _dataset(registry, manifest, INDEX_FILE)
+    _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
+    return dataset.to_table(columns=columns)
+
+
+def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,
+               keys: list[str] | None = None) -> pa.Table | None:
+    """The derived texts layer (CapFilt candidates and decisions), or None when the version has none."""
+    if not has_layer(manifest, TEXTS_FILE):
+        return None
+    dataset = _dataset(registry, manifest, TEXTS_FILE)
+    _check_columns(dataset.schema, columns or [], manifest, TEXTS_FILE)
+    expression = pc.field("key").isin(pa.array(keys, pa.string())) if keys is not None else None
+    return dataset.to_table(columns=columns, filter=expression)
+
+
+def _check_columns(schema: pa.Schema, columns: Iterable[str], manifest: Manifest, relpath: str) -> None:
+    unknown = [c for c in columns if c not in schema.names]
+    if unknown:
+        raise SampleIndexError(
+            f"{manifest.ref}/{relpath} has no column {unknown[0]!r} (columns: {', '.join(schema.names)})"
+        )
+
+
+def _literal(schema: pa.Schema, column: str, value: Any) -> Any:
+    """A `--where` value as the column's type: '32' -> 32 for an int column; '' or None -> null."""
+    if value is None or not isinstance(value, str):
+        return value
+    if value in ("", "null", "None"):
+        return None
+    column_type = schema.field(column).type
+    parser = _PARSERS.get(column_type)
+    if parser is None:
+        return value
+    try:
+        return parser(value)
+    except (ValueError, KeyError) as error:
+        raise SampleIndexError(f"where {column}={value!r}: not a valid {column_type} value") from error
+
+
+def build_filter(schema: pa.Schema, where: dict[str, Any] | None, text: str | None,
+                 text_columns: tuple[str, ...] = ("caption", "raw_caption", "url")) -> pc.Expression | None:
+    """An Arrow filter: every `where` column equals its value (a list means any of; None means null),
+    and, with `text`, any text column contains it (case-insensitive)."""
+    expression: pc.Expression | None = None
+
+    def both(term: pc.Expression) -> None:
+        nonlocal expression
+        expression = term if expression is None else (expression & term)
+
+    for column, value in (where or {}).items():
+        if column not in schema.names:
+            raise SampleIndexError(f"where: unknown column {column!r} (columns: {', '.join(schema.names)})")
+        if isinstance(value, (list, tuple, set)):
+            values = [_literal(schema, column, v) for v in value]
+            both(pc.field(column).isin(pa.array(values, schema.field(column).type)))
+        else:
+            literal = _literal(schema, column, value)
+            both(pc.field(column).is_null() if literal is None else (pc.field(column) == literal))
+    if text:
+        terms = [pc.match_substring(pc.field(c), text, ignore_case=True) for c in text_columns if c in schema.names]
+        if terms:
+            any_term = terms[0]
+            for term in terms[1:]:
+                any_term = any_term | term
+            both(any_term)
+    return expression
+
+
+def query_samples(registry: Registry, manifest: Manifest, where: dict[str, Any] | None = None,
+                  text: str | None = None, limit: int = 50, offset: int = 0,
+                  columns: list[str] | None = None) -> tuple[pa.Table, int]:
+    """One page of matching samples and the number of matches, without loading the whole index.
+
+    The scan stops once `offset + limit` matching rows are read, so the first pages of a huge index are
+    cheap; `total` costs one filtered pass over the needed columns.
+    """
+    if limit < 0 or offset < 0:
+        raise SampleIndexError(f"limit and offset must be >= 0 (got limit={limit}, offset={offset})")
+    dataset = _dataset(registry, manifest, INDEX_FILE)
+    _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
+    expression = build_filter(dataset.schema, where, text)
+    total = dataset.count_rows(filter=expression)
+    batches, skip, wanted = [], offset, limit
+    if wanted:
+        scanner = dataset.scanner(columns=columns, filter=expression, batch_size=8192)
+        for batch in scanner.to_batches():
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch = batch.slice(skip, wanted)
+            skip = 0
+            batches.append(batch)
+            wanted -= batch.num_rows
+            if wanted <= 0:
+                break
+    schema = dataset.schema if columns is None else pa.schema([dataset.schema.field(c) for c in columns])
+    page = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+    return page, total
+
+
+def get_sample(registry: Registry, manifest: Manifest, key: str) -> dict[str, Any]:
+    """One sample's index row (plus its texts when the version has the derived layer)."""
+    page, total = query_samples(registry, manifest, where={"key": key}, limit=1)
+    if not total:
+        raise NotFoundError(f"{manifest.ref} has no sample with key {key!r}")
+    row = page.to_pylist()[0]
+    texts = read_texts(registry, manifest, keys=[key])
+    if texts is not None:
+        row["texts"] = texts.to_pylist()
+    return row

@@ -1,0 +1,245 @@
+"""Operations over published versions: verify checksums, diff two versions sample by sample, walk lineage.
+
+`verify` recomputes the sha256 and size of every file a manifest lists (the check `git fsck` or DVC's
+`status` does for their stores). `diff` joins the per-sample indexes of two versions on the stable sample
+key: what was added, removed, re-captioned or newly dropped by a stage. `lineage` walks parents (up to
+the sources) and children (down to models and evaluations) by content id.
+pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import Registry
+
+
+# --------------------------------------------------------------------------- verify
+def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20) -> list[str]:
+    """Problems with a version's files (missing, wrong size, wrong sha256) and, when they are intact, with its
+    per-sample index (contract, shards it points at); empty when all is well."""
+    manifest = registry.resolve(ref)
+    problems: list[str] = []
+    for entry in manifest.files:
+        path = registry.path_of(manifest, entry.path)
+        if not registry.fs.exists(path):
+            problems.append(f"{entry.path}: missing")
+            continue
+        digest, size = hashlib.sha256(), 0
+        with registry.fs.open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+                size += len(block)
+        if size != entry.bytes:
+            problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+        elif digest.hexdigest() != entry.sha256:
+            problems.append(f"{entry.path}: sha256 {digest.hexdigest()[:12]} != manifest {entry.sha256[:12]}")
+    if not problems:  # only a verified index is worth reading
+        problems += _index_problems(registry, manifest)
+    # Parents missing from this registry are not damage to this version; `lineage` shows them as missing.
+    return problems
+
+
+def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
+    """The index must satisfy its contract and point only at shards this version lists."""
+    from datasets_manifests.index import INDEX_FILE, has_layer, read_index, validate_index
+
+    if not has_layer(manifest, INDEX_FILE):
+        return []
+    try:
+        index = validate_index(read_index(registry, manifest), what=INDEX_FILE)
+    except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
+        return [f"{INDEX_FILE}: {error}"]
+    listed = {entry.path for entry in manifest.files}
+    shards = {s for s in index.column("shard").unique().to_pylist() if s is not None}
+    return [f"{INDEX_FILE}: samples point at {s}, which the manifest does not list" for s in sorted(shards - listed)]
+
+
+# --------------------------------------------------------------------------- diff
+@dataclass(frozen=True)
+class SampleDiff:
+    """What changed between two versions, per sample key."""
+
+    a: str
+    b: str
+    added: list[str]  # keys only in b
+    removed: list[str]  # keys only in a
+    recaptioned: list[dict[str, Any]]  # {key, a, b}: the training caption changed
+    newly_dropped: list[dict[str, Any]]  # {key, reason}: ok in a, dropped in b
+    restored: list[str]  # dropped in a, ok in b
+    counts: dict[str, int] = field(default_factory=dict)  # the full counts (the lists above may be cut)
+    manifest_changes: dict[str, Any] = field(default_factory=dict)  # counts / config / files that differ
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a, "b": self.b, "counts": self.counts, "added": self.added, "removed": self.removed,
+            "recaptioned": self.recaptioned, "newly_dropped": self.newly_dropped, "restored": self.restored,
+            "manifest_changes": self.manifest_changes,
+        }
+
+
+def diff(registry: Registry, ref_a: str | Manifest, ref_b: str | Manifest, limit: int | None = 20) -> SampleDiff:
+    """Samples added / removed / re-captioned / newly dropped from version a to version b (joined by key).
+
+    `counts` are exact; each list keeps at most `limit` examples (all of them with `limit=None`).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from datasets_manifests.index import INDEX_FILE, has_layer, read_index
+
+    a, b = registry.resolve(ref_a), registry.resolve(ref_b)
+    if not has_layer(a, INDEX_FILE) and not has_layer(b, INDEX_FILE):  # e.g. two models: manifests only
+        return SampleDiff(a=a.ref, b=b.ref, added=[], removed=[], recaptioned=[], newly_dropped=[], restored=[],
+                          counts={}, manifest_changes=manifest_changes(a, b))
+    columns = ["key", "caption", "status", "drop_reason"]
+    table_a, table_b = read_index(registry, a, columns), read_index(registry, b, columns)
+    added = table_b.filter(pc.invert(pc.is_in(table_b["key"], value_set=table_a["key"])))
+    removed = table_a.filter(pc.invert(pc.is_in(table_a["key"], value_set=table_b["key"])))
+    joined = table_a.join(table_b, keys="key", join_type="inner", left_suffix="_a", right_suffix="_b")
+    # A caption that appears or disappears counts as re-captioned; null on both sides does not.
+    changed = pc.fill_null(pc.not_equal(joined["caption_a"], joined["caption_b"]), False)
+    one_null = pc.xor(pc.is_null(joined["caption_a"]), pc.is_null(joined["caption_b"]))
+    recaptioned = joined.filter(pc.or_(changed, one_null))
+    newly_dropped = joined.filter(pc.and_(pc.equal(joined["status_a"], "ok"), pc.equal(joined["status_b"], "dropped")))
+    restored = joined.filter(pc.and_(pc.equal(joined["status_a"], "dropped"), pc.equal(joined["status_b"], "ok")))
+
+    def head(table: pa.Table) -> pa.Table:
+        return table if limit is None else table.slice(0, limit)
+
+    return SampleDiff(
+        a=a.ref, b=b.ref,
+        added=head(added)["key"].to_pylist(),
+        removed=head(removed)["key"].to_pylist(),
+        recaptioned=[{"key": r["key"], "a": r["caption_a"], "b": r["caption_b"]} for r in head(recaptioned).to_pylist()],
+        newly_dropped=[{"key": r["key"], "reason": r["drop_reason_b"]} for r in head(newly_dropped).to_pylist()],
+        restored=head(restored)["key"].to_pylist(),
+        counts={
+            "a": len(table_a), "b": len(table_b), "common": len(joined), "added": len(added), "removed": len(removed),
+            "recaptioned": len(recaptioned), "newly_dropped": len(newly_dropped), "restored": len(restored),
+        },
+        manifest_changes=manifest_changes(a, b),
+    )
+
+
+def manifest_changes(a: Manifest, b: Manifest) -> dict[str, Any]:
+    """Manifest-level differences: counts, splits, drop reasons, producer config hash, file list."""
+    changes: dict[str, Any] = {}
+    for name in ("counts", "splits", "drop_reasons"):
+        left, right = getattr(a, name), getattr(b, name)
+        delta = {k: [left.get(k), right.get(k)] for k in sorted(set(left) | set(right)) if left.get(k) != right.get(k)}
+        if delta:
+            changes[name] = delta
+    if a.producer.stage != b.producer.stage:
+        changes["stage"] = [a.producer.stage, b.producer.stage]
+    if a.producer.config_hash != b.producer.config_hash:
+        changes["config_hash"] = [a.producer.config_hash, b.producer.config_hash]
+    files_a, files_b = {e.path: e.sha256 for e in a.files}, {e.path: e.sha256 for e in b.files}
+    file_changes = {
+        "added": sorted(set(files_b) - set(files_a)),
+        "removed": sorted(set(files_a) - set(files_b)),
+        "changed": sorted(p for p in set(files_a) & set(files_b) if files_a[p] != files_b[p]),
+    }
+    if any(file_changes.values()):
+        changes["files"] = file_changes
+    return changes
+
+
+# --------------------------------------------------------------------------- lineage
+@dataclass
+class LineageNode:
+    """One version in a lineage tree; `manifest` is None for a parent this registry does not hold."""
+
+    ref: str
+    id: str
+    manifest: Manifest | None
+    links: list[LineageNode] = field(default_factory=list)  # parents (upward tree) or children (downward)
+    repeated: bool = False  # already shown elsewhere in the tree (diamond lineage)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"ref": self.ref, "id": self.id, "missing": self.manifest is None}
+        if self.manifest is not None:
+            data.update(kind=self.manifest.kind, stage=self.manifest.producer.stage)
+        if self.repeated:
+            data["repeated"] = True
+        data["links"] = [link.to_dict() for link in self.links]
+        return data
+
+
+@dataclass
+class Lineage:
+    root: Manifest
+    parents: list[LineageNode]  # each with its own parents, up to the sources
+    children: list[LineageNode]  # each with its own children, down to the leaves
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.root.ref, "id": self.root.id,
+            "parents": [node.to_dict() for node in self.parents],
+            "children": [node.to_dict() for node in self.children],
+        }
+
+    def render(self) -> list[str]:
+        """A text tree: sources above (indented upward), the version, then what was made from it."""
+        lines = [f"{self.root.ref}  [{self.root.kind}, {self.root.short_id}, {self.root.producer.stage}]"]
+        if self.parents:
+            lines.append("  made from:")
+            lines += _render(self.parents, "    ")
+        if self.children:
+            lines.append("  used by:")
+            lines += _render(self.children, "    ")
+        if not self.parents and not self.children:
+            lines.append("  (no parents, no children)")
+        return lines
+
+
+def _render(nodes: list[LineageNode], indent: str) -> list[str]:
+    lines = []
+    for position, node in enumerate(nodes):
+        last = position == len(nodes) - 1
+        if node.manifest is None:
+            label = f"{node.ref}  [missing from this registry, {node.id[:12]}]"
+        else:
+            label = f"{node.ref}  [{node.manifest.kind}, {node.id[:12]}, {node.manifest.producer.stage}]"
+        if node.repeated:
+            label += "  (see above)"
+        lines.append(f"{indent}{'└─ ' if last else '├─ '}{label}")
+        lines += _render(node.links, indent + ("   " if last else "│  "))
+    return lines
+
+
+def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
+    """Parents up to the sources and children down to the leaves, by content id."""
+    root = registry.resolve(ref)
+    everything = registry.list()
+    by_id = {m.id: m for m in everything}
+    children_of: dict[str, list[Manifest]] = {}
+    for manifest in everything:
+        for parent_id in manifest.parent_ids:
+            children_of.setdefault(parent_id, []).append(manifest)
+
+    def up(manifest: Manifest, seen: set[str]) -> list[LineageNode]:
+        nodes = []
+        for parent_ref, parent_id in zip(manifest.parents, manifest.parent_ids):
+            parent = by_id.get(parent_id)
+            node = LineageNode(ref=parent_ref, id=parent_id, manifest=parent, repeated=parent_id in seen)
+            if parent is not None and not node.repeated:
+                seen.add(parent_id)
+                node.links = up(parent, seen)
+            nodes.append(node)
+        return nodes
+
+    def down(manifest: Manifest, seen: set[str]) -> list[LineageNode]:
+        nodes = []
+        for child in sorted(children_of.get(manifest.id, []), key=lambda m: (m.kind, m.name, m.version)):
+            node = LineageNode(ref=child.ref, id=child.id, manifest=child, repeated=child.id in seen)
+            if not node.repeated:
+                seen.add(child.id)
+                node.links = down(child, seen)
+            nodes.append(node)
+        return nodes
+
+    return Lineage(root=root, parents=up(root, {root.id}), children=down(root, {root.id}))

@@ -1,0 +1,56 @@
+"""`blip capfilt CONFIG --dataset REF --captioner REF --filter REF`: run the CapFilt stage (pipelines/tasks/capfilt.py).
+
+CONFIG is a YAML file or a preset name under configs/capfilt/ (tiny, default, 129m). Ray is the local instance
+unless RAY_ADDRESS names a cluster; the same config sets the actor pools there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "capfilt",
+        help="caption + filter a web dataset version into a bootstrapped dataset version",
+        description="CapFilt (BLIP §3): the captioner writes synthetic captions, the filter's ITM head keeps texts "
+        "with match probability >= threshold; publishes a new dataset version with per-sample provenance "
+        "(texts.parquet) and stats. Resumable: re-run the same command after a crash.",
+    )
+    parser.add_argument("config", help="capfilt config YAML or preset name (tiny, default, 129m)")
+    parser.add_argument("--dataset", required=True, help="input dataset version, e.g. web-demo@v1")
+    parser.add_argument("--captioner", required=True, help="captioner model version (kind caption)")
+    parser.add_argument("--filter", required=True, help="filter model version (kind itm)")
+    parser.add_argument("--name", default=None, help="output dataset name (default: <dataset name>-capfilt)")
+    parser.add_argument("--registry", default=None, help="registry URL (default: $BLIP_REGISTRY or ./artifacts/registry)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set filter.threshold=0.6; repeatable")
+    parser.set_defaults(func=cmd_capfilt)
+
+
+def resolve_config_path(value: str) -> Path:
+    from pipelines.config import CONFIG_DIR
+
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return CONFIG_DIR / "capfilt" / f"{value}.yaml"
+
+
+def cmd_capfilt(args: argparse.Namespace) -> int:
+    from datasets_manifests.registry import Registry, parse_ref
+    from pipelines.config import load_config
+    from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
+
+    config = load_config(CapFiltConfig, resolve_config_path(args.config), args.overrides)
+    name = args.name or f"{parse_ref(args.dataset)[0]}-capfilt"
+    manifest = run_capfilt(config, args.dataset, captioner_ref=args.captioner, filter_ref=args.filter, name=name,
+                           registry=Registry(args.registry))  # fmt: skip
+    stats = manifest.stats.get("capfilt", {})
+    print(json.dumps({"version": manifest.ref, "id": manifest.short_id, "counts": manifest.counts,
+                      "kept_fraction": stats.get("kept_fraction"), "quality": stats.get("quality"),
+                      "throughput": stats.get("throughput")}, indent=2))  # fmt: skip
+    return 0

@@ -1,0 +1,195 @@
+"""`blip infer caption | itm | vqa | features`: run a BLIP checkpoint on an image or a folder of images.
+
+The checkpoint may be our `save_pretrained` directory, an official salesforce/BLIP `.pth` (path or URL) or a
+transformers `Salesforce/blip-*` directory; the format is detected (blip_models.inference.load_for). Images are
+processed in batches with a progress bar on stderr; results go to stdout as tab-separated lines, or one JSON
+object per image with --json. Wrong checkpoint kinds, unreadable images and empty texts are one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.cli import CommandError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features"}
+
+
+def register(subparsers: Any) -> None:
+    infer = subparsers.add_parser(
+        "infer",
+        help="run a BLIP checkpoint on images: caption | itm | vqa | features",
+        description="Run a checkpoint (our model directory, an official .pth or a transformers BLIP directory) "
+        "on one image or every image of a folder.",
+    )
+    tasks = infer.add_subparsers(dest="task", metavar="TASK", required=True)
+    for task, help_text in (("caption", "generate a caption per image (beam 3, max 20, min 5, 'a picture of ')"),
+                            ("itm", "image-text matching: ITM probability + ITC cosine per (image, text)"),
+                            ("vqa", "answer questions about each image"),
+                            ("features", "image (and text / multimodal) feature vectors")):  # fmt: skip
+        parser = tasks.add_parser(task, help=help_text, description=help_text)
+        _common_arguments(parser)
+        if task == "caption":
+            parser.add_argument("--num-beams", type=int, default=3)
+            parser.add_argument("--max-length", type=int, default=20, help="tokens, prompt included")
+            parser.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
+            parser.add_argument("--prompt", default=None, help="caption prefix (default: the model's, 'a picture of ')")
+            parser.add_argument("--sample", action="store_true", help="nucleus sampling (top-p 0.9) instead of beams")
+        elif task == "itm":
+            parser.add_argument("--text", action="append", required=True, help="text to match; repeatable")
+        elif task == "vqa":
+            parser.add_argument("--question", action="append", required=True, help="question; repeatable")
+            parser.add_argument("--answers", type=Path, default=None,
+                                help="answer list (JSON list or one per line): rank these instead of generating")
+        else:
+            parser.add_argument("--text", default=None, help="also return text and multimodal features of this text")
+            parser.add_argument("--output", type=Path, default=None, help="write the features to this .pt file")
+        parser.set_defaults(func=cmd_infer)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model directory, official .pth (path/URL) or HF directory")
+    parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
+    parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
+
+
+def list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        return images
+    raise CommandError(f"image not found: {path}")
+
+
+def _check_texts(values: list[str] | None, what: str) -> list[str]:
+    values = values or []
+    for value in values:
+        if not value.strip():
+            raise CommandError(f"empty {what}: every --{what} must contain some text")
+    return values
+
+
+def _read_answers(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CommandError(f"answer list not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        answers = json.loads(text)
+    except json.JSONDecodeError:
+        answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise CommandError(f"{path}: answer list must be a non-empty JSON list of strings or one answer per line")
+    return answers
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CommandError(f"bad --device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+    from tqdm import tqdm
+
+    from blip_models.checkpoints import CheckpointError
+    from blip_models.inference import CaptionSettings, caption, features, itm, load_for, load_images, vqa
+    from blip_models.tokenizer import load_tokenizer
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    texts = _check_texts(getattr(args, "text", None) if args.task == "itm" else None, "text")
+    questions = _check_texts(getattr(args, "question", None), "question")
+    if args.task == "features" and args.text is not None:
+        _check_texts([args.text], "text")
+    answers = _read_answers(getattr(args, "answers", None))
+    images = list_images(args.image)
+    device = _device(args.device)
+    kind = TASK_KIND[args.task]
+    try:
+        loaded = load_for(args.checkpoint, kind, image_size=args.image_size)
+        tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer_source)
+    except CheckpointError as error:
+        raise CommandError(f"checkpoint {args.checkpoint} cannot serve `infer {args.task}`: {error}") from error
+    except ValueError as error:  # tokenizer or config problems
+        raise CommandError(str(error)) from error
+    model = loaded.model.to(device).eval()
+    image_size = int(model.config.vision.image_size)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    collected: dict[str, list[Any]] = {}
+    progress = tqdm(total=len(images), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
+    for start in range(0, len(images), args.batch_size):
+        batch_paths = images[start : start + args.batch_size]
+        try:
+            pixels = load_images(batch_paths, image_size).to(device)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+        with torch.inference_mode(), autocast:
+            if args.task == "caption":
+                settings = CaptionSettings(num_beams=args.num_beams, max_length=args.max_length,
+                                           min_length=args.min_length, prompt=args.prompt, do_sample=args.sample)  # fmt: skip
+                rows = [{"caption": text} for text in caption(model, tokenizer, pixels, settings)]
+            elif args.task == "itm":
+                scores = itm(model, tokenizer, pixels, texts)
+                rows = [{"results": [dict(text=t, **scores[i * len(texts) + j]) for j, t in enumerate(texts)]}
+                        for i in range(len(batch_paths))]  # fmt: skip
+            elif args.task == "vqa":
+                answers_out = vqa(model, tokenizer, pixels, questions, answer_list=answers)
+                rows = [{"answers": [{"question": q, "answer": answers_out[i * len(questions) + j]}
+                                     for j, q in enumerate(questions)]} for i in range(len(batch_paths))]  # fmt: skip
+            else:
+                feats = features(model, tokenizer, pixels, args.text)
+                for name, tensor in feats.items():
+                    collected.setdefault(name, []).append(tensor.float().cpu())
+                rows = [{name: [round(v, 6) for v in tensor[i].float().tolist()] if args.json else list(tensor.shape[1:])
+                         for name, tensor in feats.items()} for i in range(len(batch_paths))]  # fmt: skip
+        for path, row in zip(batch_paths, rows):
+            _emit(path, row, args)
+        progress.update(len(batch_paths))
+    progress.close()
+    if args.task == "features" and args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": [str(p) for p in images], **{k: torch.cat(v) for k, v in collected.items()}}, args.output)
+        print(f"wrote features of {len(images)} image(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"image": str(path), **row}), flush=True)
+        return
+    if "caption" in row:
+        print(f"{path}\t{row['caption']}")
+    elif "results" in row:
+        for result in row["results"]:
+            print(f"{path}\t{result['text']}\titm={result['itm_probability']:.4f}\titc={result['itc_cosine']:.4f}")
+    elif "answers" in row:
+        for item in row["answers"]:
+            print(f"{path}\t{item['question']}\t{item['answer']}")
+    else:
+        print(f"{path}\t" + "\t".join(f"{name}={shape}" for name, shape in row.items()))

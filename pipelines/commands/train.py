@@ -1,0 +1,80 @@
+"""`blip train CONFIG --dataset REF [--init REF] [--resume] [--name NAME] [--set k=v]`: pretrain on Ray Train.
+
+A thin face over `pipelines.tasks.pretrain.run_pretrain`: loads the typed config (a path, or a preset name from
+configs/train/), connects to Ray (RAY_ADDRESS or a local instance), shows a progress bar fed by rank 0, and
+prints the published model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import CONFIG_DIR
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pretrain BLIP on a dataset version with Ray Train and publish a model version",
+        description="Pretrain on the shards of a dataset version (TorchTrainer: DDP workers from the config's "
+        "scaling section, checkpoints every loop.checkpoint_every steps, automatic restarts after a worker "
+        "failure) and publish the result as a model version with lineage to the dataset and initial weights.",
+    )
+    parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, ...)")
+    parser.add_argument("--dataset", required=True, help="dataset version: name, name@vN or name@<id prefix>")
+    parser.add_argument("--init", default=None,
+                        help="initial weights: a model version, a save_pretrained directory or an official .pth")
+    parser.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
+    parser.add_argument("--name", default=None, help="Ray Train run name (default: derived from inputs + config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set loop.max_steps=100; repeatable")
+    parser.add_argument("--registry", default=None, help="registry URL (default BLIP_REGISTRY or ./artifacts/registry)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=cmd_train)
+
+
+def resolve_config_path(value: str) -> Path:
+    path = Path(value)
+    if path.exists():
+        return path
+    preset = CONFIG_DIR / "train" / (value if value.endswith(".yaml") else f"{value}.yaml")
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "train").glob("*.yaml")))
+    raise FileNotFoundError(f"config {value!r} is neither a file nor a preset in configs/train ({known})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from datasets_manifests.registry import Registry
+    from pipelines.config import load_config
+    from pipelines.tasks.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, resolve_config_path(args.config), args.overrides)
+    registry = Registry(args.registry)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="step", desc="train", dynamic_ncols=True)
+
+    def on_progress(progress: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        bar.total = progress.get("total")
+        bar.n = progress.get("step", 0)
+        bar.set_postfix({k: f"{progress[k]:.3g}" for k in ("loss_itc", "loss_itm", "loss_lm", "lr") if k in progress},
+                        refresh=False)  # fmt: skip
+        bar.refresh()
+
+    try:
+        manifest = run_pretrain(cfg, args.dataset, registry=registry, init=args.init, resume=args.resume,
+                                run_name=args.name, on_progress=on_progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = manifest.metadata
+    print(f"{manifest.ref}  id {manifest.short_id}  step {meta.get('final_step')}/{meta.get('planned_steps')}  "
+          f"restarts {meta.get('restarts')}  parents {', '.join(manifest.parents)}")  # fmt: skip
+    return 0

@@ -1,0 +1,235 @@
+"""Ray Data adapter of the CapFilt stage: CPU decode tasks feeding captioner/filter actor pools.
+
+The only module of the stage importing `ray.data` (shared/docs/style.md rule 3). The shape follows Ray's batch
+inference recipe (shared/docs/pipeline_anchors.md §2.9): a plain function for CPU work, callable classes for
+models (`__init__` loads once per actor, `__call__` infers), `compute=ActorPoolStrategy(size=...)` and fractional
+`num_cpus` so a 2-CPU machine does not deadlock (shared/docs/orchestration.md §4.4).
+
+Rows are model batches, not samples: one row = a fixed slice `[start, start + batch_size)` of one input shard,
+holding the resized uint8 pixels of that slice (normalised on the device, 4x less object-store traffic than
+float32). A batch therefore never mixes shards and has the same composition in every run, which is what keeps
+resumed output byte-identical. Each actor measures its own time computing and time waiting for input, so the
+stage can report whether the accelerator was starved by JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipelines.tasks import capfilt
+
+
+def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> dict[str, list[Any]]:
+    """Read samples [start, stop) of one shard; decode + resize the JPEGs; one output row per model batch."""
+    import fsspec
+    from PIL import Image
+
+    item = {name: batch[name][0] for name in batch}
+    start, stop, expected = int(item["start"]), int(item["stop"]), int(item["expected"])
+    began = time.perf_counter()
+    samples = []
+    with fsspec.open(str(item["url"]), "rb") as handle:
+        last_slice = stop >= expected
+        for ordinal, key, members in capfilt.iter_tar_samples(handle, start, None if last_slice else stop):
+            if ordinal >= expected:
+                raise ValueError(f"{item['path']}: more samples than the {expected} its manifest lists")
+            samples.append((ordinal, key, members))
+    if len(samples) != stop - start:
+        raise ValueError(f"{item['path']}: samples {start}..{stop - 1} expected, found {len(samples)}")
+    rows: dict[str, list[Any]] = {"shard_index": [], "start": [], "meta": [], "pixels": [], "decode_s": []}
+    for offset in range(0, len(samples), batch_size):
+        chunk = samples[offset : offset + batch_size]
+        keys, web_texts, errors, arrays = [], [], [], []
+        for _, key, members in chunk:
+            keys.append(key)
+            web_texts.append(members["txt"].decode("utf-8", "replace") if "txt" in members else None)
+            try:
+                if "jpg" not in members:
+                    raise ValueError("no .jpg member")
+                with Image.open(io.BytesIO(members["jpg"])) as image:
+                    # Resize((s, s), bicubic) of blip_models.processing.eval_transform, done in PIL on uint8.
+                    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+                arrays.append(np.asarray(rgb, dtype=np.uint8))
+                errors.append(None)
+            except Exception as error:  # noqa: BLE001 - any undecodable image is a per-sample drop, with reason
+                errors.append(f"decode_error: {type(error).__name__}: {str(error)[:120]}")
+        pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)  # (n, S, S, 3)
+        rows["shard_index"].append(int(item["shard_index"]))
+        rows["start"].append(start + offset)
+        rows["meta"].append(json.dumps({"keys": keys, "web_texts": web_texts, "errors": errors}))
+        rows["pixels"].append(pixels.tobytes())
+        rows["decode_s"].append(0.0)
+    if rows["decode_s"]:
+        rows["decode_s"][0] = time.perf_counter() - began  # the whole slice's decode time, counted once
+    return rows
+
+
+class _ModelActor:
+    """Shared actor plumbing: device placement, model loading, busy/idle clocks."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, dict[str, str]], roles: tuple[str, ...]) -> None:
+        import torch
+
+        from pipelines.config import build
+
+        self.config = build(capfilt.CapFiltConfig, config)
+        compute = self.config.compute
+        use_cuda = compute.device == "cuda" or (compute.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        if not use_cuda:
+            torch.set_num_threads(compute.torch_threads)
+        self.models = {role: capfilt.load_model(models[role], self.device, compute.dtype) for role in roles}
+        self.refs = {role: models[role]["ref"] for role in models}
+        from blip_models.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer()
+        self.last_end = time.perf_counter()
+        self.calls = 0
+
+    def _pixels(self, row: dict[str, Any], count: int) -> Any:
+        size = self.config_image_size
+        array = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(count, size, size, 3)
+        return capfilt.normalize_pixels(array, self.device, self.config.compute.dtype)  # (n, 3, S, S)
+
+    def _timed(self, batch: dict[str, np.ndarray], work: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, list[Any]]:
+        began = time.perf_counter()
+        wait = began - self.last_end
+        rows: dict[str, list[Any]] = {}
+        for index in range(len(batch["start"])):
+            row = work({name: batch[name][index] for name in batch})
+            for name, value in row.items():
+                rows.setdefault(name, []).append(value)
+        capfilt.synchronize(self.device)
+        self.last_end = time.perf_counter()
+        compute_s = self.last_end - began
+        # The wait before an actor's first batch is pipeline start-up, not starvation: reported apart.
+        first = self.calls == 0
+        self.calls += 1
+        count = len(rows["start"])
+        rows["compute_s"] = [compute_s / count] * count
+        rows["wait_s"] = [0.0 if first else wait / count] * count
+        rows["startup_wait_s"] = [wait / count if first else 0.0] * count
+        return rows
+
+
+class CapFiltActor(_ModelActor):
+    """Captioner and filter on one device: the normalised pixels are shared by both models."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, dict[str, str]], image_size: int) -> None:
+        super().__init__(config, models, ("captioner", "filter"))
+        self.config_image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        return self._timed(batch, self._one)
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(row["meta"])
+        valid = [i for i, error in enumerate(meta["errors"]) if error is None]
+        pixel_values = self._pixels(row, len(valid))
+        captions = capfilt.caption_images(self.models["captioner"], self.tokenizer, pixel_values,
+                                          [meta["keys"][i] for i in valid], self.config.captioner)  # fmt: skip
+        scores = capfilt.score_texts(self.models["filter"], self.tokenizer, pixel_values,
+                                     [meta["web_texts"][i] for i in valid], captions, self.config.filter)  # fmt: skip
+        return _result_row(row, meta, valid, captions, scores, self.config.captioner)
+
+
+class CaptionActor(_ModelActor):
+    """Captioner alone (separate pools): passes the pixels on to the filter pool."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, dict[str, str]], image_size: int) -> None:
+        super().__init__(config, models, ("captioner",))
+        self.config_image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        return self._timed(batch, self._one)
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(row["meta"])
+        valid = [i for i, error in enumerate(meta["errors"]) if error is None]
+        captions = capfilt.caption_images(self.models["captioner"], self.tokenizer, self._pixels(row, len(valid)),
+                                          [meta["keys"][i] for i in valid], self.config.captioner)  # fmt: skip
+        meta["captions"] = captions
+        return {"shard_index": row["shard_index"], "start": row["start"], "meta": json.dumps(meta),
+                "pixels": row["pixels"], "decode_s": row["decode_s"]}  # fmt: skip
+
+
+class FilterActor(_ModelActor):
+    """Filter alone (separate pools): scores web text + the captions the caption pool attached."""
+
+    def __init__(self, config: dict[str, Any], models: dict[str, dict[str, str]], image_size: int) -> None:
+        super().__init__(config, models, ("filter",))
+        self.config_image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        caption_clock = {name: batch[name] for name in ("compute_s", "wait_s", "startup_wait_s")}
+        rows = self._timed(batch, self._one)
+        for name, values in caption_clock.items():  # keep the caption pool's clocks beside the filter's
+            rows[f"caption_{name}"] = [float(v) for v in values]
+        return rows
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(row["meta"])
+        valid = [i for i, error in enumerate(meta["errors"]) if error is None]
+        scores = capfilt.score_texts(self.models["filter"], self.tokenizer, self._pixels(row, len(valid)),
+                                     [meta["web_texts"][i] for i in valid], meta["captions"], self.config.filter)  # fmt: skip
+        return _result_row(row, meta, valid, meta["captions"], scores, self.config.captioner)
+
+
+def _result_row(row: dict[str, Any], meta: dict[str, Any], valid: list[int], captions: list[list[str]],
+                scores: list[list[float]], captioner: capfilt.CaptionerConfig) -> dict[str, Any]:  # fmt: skip
+    """One output row per model batch: per-sample captions, seeds and scores (pixels are left behind)."""
+    results = []
+    by_position = dict(zip(valid, range(len(valid))))
+    for position, key in enumerate(meta["keys"]):
+        slot = by_position.get(position)
+        results.append({
+            "key": key, "web_text": meta["web_texts"][position], "error": meta["errors"][position],
+            "synthetic": captions[slot] if slot is not None else [],
+            "scores": scores[slot] if slot is not None else None,
+            "seeds": [capfilt.sample_seed(captioner.seed, key, i) for i in range(len(captions[slot]))]
+            if slot is not None else [],
+        })  # fmt: skip
+    return {"shard_index": int(row["shard_index"]), "start": int(row["start"]), "results": json.dumps(results),
+            "decode_s": float(row["decode_s"])}  # fmt: skip
+
+
+def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], models: dict[str, dict[str, str]],
+                 image_size: int) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Stream the decode -> caption -> filter pipeline over `items` (decode slices); yields one dict per model batch."""
+    from pipelines.config import to_dict
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray()
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = config.compute.progress_bars
+    compute = config.compute
+    raw = to_dict(config)
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    dataset = dataset.map_batches(decode_slice, batch_size=1, batch_format="numpy", num_cpus=compute.decode_cpus,
+                                  fn_kwargs={"image_size": image_size, "batch_size": compute.batch_size})  # fmt: skip
+    actor_args = {"batch_size": 1, "batch_format": "numpy", "num_cpus": compute.num_cpus_per_actor,
+                  "num_gpus": compute.num_gpus_per_actor or None,
+                  "fn_constructor_kwargs": {"config": raw, "models": models, "image_size": image_size}}  # fmt: skip
+    if compute.colocate:
+        dataset = dataset.map_batches(CapFiltActor, compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
+                                      **actor_args)  # fmt: skip
+    else:
+        dataset = dataset.map_batches(CaptionActor, compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
+                                      **actor_args)  # fmt: skip
+        dataset = dataset.map_batches(FilterActor, compute=ray.data.ActorPoolStrategy(size=compute.filter_actors),
+                                      **actor_args)  # fmt: skip
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for index in range(len(batch["start"])):
+            yield {name: _plain(batch[name][index]) for name in batch}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

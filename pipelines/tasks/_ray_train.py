@@ -1,0 +1,321 @@
+"""Ray Train adapter: the only module that imports `ray.train`. Runs `TrainLoop` on a TorchTrainer.
+
+Ray Train's five touch points (Ray 2.60, Train V2; shared/docs/orchestration.md §4.5): `TorchTrainer` with a
+`ScalingConfig` from the stage config; `prepare_model` (DDP: gloo on CPU, NCCL on GPU); `get_checkpoint` to
+restore; `report(metrics, checkpoint=Checkpoint.from_directory(...))` from rank 0 (every rank reports);
+`RunConfig(name, storage_path, FailureConfig(max_failures))`. V2 has no `resume_from_checkpoint` (it raises):
+reusing the same run name and storage path is what resumes, after a crash as after an explicit `--resume`.
+
+The same code runs on 2 CPU workers here, N GPUs on one node, or many nodes with a shared `storage_path`
+(local path or s3://). Each checkpoint directory holds the whole loop state (`train_state.pt`), the metric
+history, TensorBoard event files and, at the last step, the model (`model/`, save_pretrained) and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.jsonl"
+METRICS_FILE = "metrics.json"
+ATTEMPTS_DIR = "blip_attempts"
+
+
+class UserError(Exception):
+    """A run that cannot be started as asked (the CLI prints it as one line)."""
+
+
+# ---------------------------------------------------------------------------------------------- driver side
+
+
+class Outcome:
+    """A finished run: its final checkpoint and what it recorded."""
+
+    def __init__(self, checkpoint: Any, metrics: dict[str, Any]) -> None:
+        self.checkpoint, self.metrics = checkpoint, metrics
+
+    def collect(self, staging: Path) -> dict[str, Any]:
+        """Copy the publishable files of the final checkpoint into `staging`; return its metrics.json."""
+        staging.mkdir(parents=True, exist_ok=True)
+        with self.checkpoint.as_directory() as directory:
+            source = Path(directory)
+            if not (source / "model").is_dir() or not (source / METRICS_FILE).is_file():
+                raise RuntimeError(f"the last checkpoint {source} has no model: the run did not reach its final step")
+            for name in ("model", "tensorboard"):
+                if (source / name).is_dir():
+                    shutil.copytree(source / name, staging / name)
+            for name in (METRICS_FILE, HISTORY_FILE):
+                shutil.copy2(source / name, staging / name)
+        return json.loads((staging / METRICS_FILE).read_text())
+
+
+def launch(
+    worker_config: dict[str, Any],
+    *,
+    scaling: Any,
+    run_name: str,
+    storage_path: str,
+    resume: bool,
+    progress_file: Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """Run `train_worker` on a TorchTrainer and wait; raises if the run fails after its retries."""
+    import fsspec
+
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.exists(run_dir) and not resume:
+        raise UserError(f"a training run named {run_name!r} already exists in {storage_path}: pass --resume to "
+                        "continue it, or --name NAME for a new run")  # fmt: skip
+    config = dict(worker_config, run_dir=fs.unstrip_protocol(run_dir) if "://" in storage_path else run_dir,
+                  progress_file=str(progress_file) if progress_file else None)  # fmt: skip
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
+    )  # fmt: skip
+    stop = threading.Event()
+    watcher = None
+    if progress_file and on_progress:
+        watcher = threading.Thread(target=_watch, args=(Path(progress_file), on_progress, stop), daemon=True)
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join(timeout=5)
+    if progress_file and on_progress and Path(progress_file).exists():
+        on_progress(json.loads(Path(progress_file).read_text()))
+    if getattr(result, "error", None):
+        raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
+    return Outcome(result.checkpoint, dict(result.metrics or {}))
+
+
+def _watch(path: Path, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+    seen = None
+    while not stop.wait(1.0):
+        try:
+            stamp = path.stat().st_mtime_ns
+            if stamp != seen:
+                seen = stamp
+                on_progress(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+
+def make_task(spec: dict[str, Any]) -> Any:
+    """'module:Class' + kwargs -> a TrainTask instance (the finetune stages pass their own)."""
+    module_name, _, attribute = spec["factory"].partition(":")
+    return getattr(importlib.import_module(module_name), attribute)(**spec.get("kwargs", {}))
+
+
+def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Callable[[Any], Any] | None = None) -> tuple[Any, Any, Any]:
+    """(task, plan, loop) for one rank: seeded model, optional DDP `wrap`, data plan. Shared by Ray and local runs."""
+    from pipelines.tasks.train_data import DataPlan, ShardRef
+    from pipelines.tasks.train_loop import LoopConfig, OptimConfig, TrainLoop, seed_everything
+
+    loop_cfg, optim_cfg = LoopConfig(**config["loop"]), OptimConfig(**config["optim"])
+    seed_everything(loop_cfg.seed + rank)  # BLIP: seed + rank
+    task = make_task(config["task"])
+    model = task.build_model()
+    model = wrap(model) if wrap else model.to(device)
+    data = config["data"]
+    plan = DataPlan(shards=tuple(ShardRef(url, int(n)) for url, n in config["shards"]), world_size=world,
+                    batch_size=data["batch_size"], grad_accum=optim_cfg.grad_accum, seed=loop_cfg.seed,
+                    shuffle_buffer=data["shuffle_buffer"], resampled=data["resampled"])  # fmt: skip
+    return task, plan, TrainLoop(task, model, optim_cfg, loop_cfg, plan.steps_per_epoch, device)
+
+
+def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], None] | None = None) -> Any:
+    """The same training in this process without Ray (one rank): benchmarks and equivalence tests."""
+    import torch
+
+    from pipelines.tasks.train_data import epoch_loader
+
+    task, plan, loop = setup(config, 0, 1, torch.device("cpu"))
+    workers = config["data"]["loader_workers"]
+    loop.run(lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip, num_workers=workers), on_log=on_log)
+    return loop
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function: build, restore, train, checkpoint. Runs on every rank."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.tasks.train_data import epoch_loader
+    from pipelines.tasks.train_loop import TrainLoop
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if config.get("pid_dir"):
+        Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
+        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
+    device = ray.train.torch.get_device()
+    ddp_options = {"find_unused_parameters": bool(config.get("find_unused_parameters"))}
+    task, plan, loop = setup(config, rank, world, device,
+                             wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_options))
+    data = config["data"]
+    run = _RankZeroFiles(config, rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            loop.load(str(Path(directory) / STATE_FILE))
+            run.restore(Path(directory))
+    run.start_attempt(loop.state.step)
+    if rank == 0:
+        print(f"[train] rank 0/{world}: step {loop.state.step}/{loop.total_steps}, {plan.steps_per_epoch} steps per "
+              f"epoch, {plan.num_samples} samples ({plan.dropped_per_epoch} left out per epoch by drop_last)")  # fmt: skip
+
+    def batches(epoch: int, skip: int) -> Any:
+        return epoch_loader(plan, task, rank, epoch, skip, num_workers=data["loader_workers"],
+                            pin_memory=device.type == "cuda")  # fmt: skip
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        run.log(step, metrics, loop.total_steps)
+
+    def on_checkpoint(current: TrainLoop, final: bool) -> None:
+        state = current.state_dict()  # collective: every rank's RNG
+        metrics = {"step": current.state.step, **run.last}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        import torch
+
+        directory = Path(tempfile.mkdtemp(prefix="blip-ckpt-"))
+        try:
+            torch.save(state, directory / STATE_FILE)
+            run.save(directory)
+            if final:
+                _save_final(directory, current, task, state, run, plan)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"checkpoint_step{current.state.step:08d}")  # fmt: skip
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    loop.run(batches, on_log=on_log, on_checkpoint=on_checkpoint)
+    run.close()
+
+
+def _save_final(directory: Path, loop: Any, task: Any, state: dict[str, Any], run: _RankZeroFiles, plan: Any) -> None:
+    from pipelines.tasks.train_loop import unwrap
+
+    save = getattr(task, "save_model", None)
+    if save is None:
+        from blip_models.checkpoints import save_pretrained as save
+    save(unwrap(loop.model), directory / "model")
+    dropped: dict[str, int] = {}
+    for item in state["per_rank"]:
+        for reason, count in item["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    first = run.history[0] if run.history else {}
+    summary = {"last": run.last, "first": first, "wall_time_s": round(run.wall_time(), 2)}
+    metrics = {
+        "final_step": loop.state.step, "planned_steps": loop.total_steps, "epochs_done": loop.state.epoch,
+        "restarts": run.attempts() - 1, "restores": loop.state.restarts,
+        "samples_seen": sum(item["samples_seen"] for item in state["per_rank"]), "dropped": dropped,
+        "init": getattr(task, "init_report", {"from": "scratch"}), "summary": summary,
+        "world_size": plan.world_size, "steps_per_epoch": plan.steps_per_epoch,
+    }  # fmt: skip
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+
+class _RankZeroFiles:
+    """Rank 0's side files: TensorBoard events, metric history, progress, attempt markers."""
+
+    def __init__(self, config: dict[str, Any], rank: int) -> None:
+        self.rank, self.config = rank, config
+        self.history: list[dict[str, Any]] = []
+        self.last: dict[str, float] = {}
+        self.started = time.time()
+        self.elapsed_before = 0.0
+        self.tb_dir = Path(tempfile.mkdtemp(prefix="blip-tb-")) if rank == 0 else None
+        self.writer = None
+
+    def restore(self, directory: Path) -> None:
+        if self.rank != 0:
+            return
+        if (directory / HISTORY_FILE).is_file():
+            lines = (directory / HISTORY_FILE).read_text().splitlines()
+            self.history = [json.loads(line) for line in lines if line.strip()]
+            self.last = {k: v for k, v in self.history[-1].items() if k != "step"} if self.history else {}
+            self.elapsed_before = float(self.history[-1].get("_wall_s", 0.0)) if self.history else 0.0
+        if (directory / "tensorboard").is_dir():
+            shutil.copytree(directory / "tensorboard", self.tb_dir, dirs_exist_ok=True)
+
+    def start_attempt(self, step: int) -> None:
+        if self.rank != 0:
+            return
+        import fsspec
+
+        marker = f"{self.config['run_dir']}/{ATTEMPTS_DIR}/{time.time_ns()}-{uuid.uuid4().hex[:6]}.json"
+        with fsspec.open(marker, "w", auto_mkdir=True) as handle:
+            handle.write(json.dumps({"start_step": step, "pid": os.getpid(), "time": time.time()}))
+
+    def attempts(self) -> int:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(f"{self.config['run_dir']}/{ATTEMPTS_DIR}")
+        return len(fs.ls(root, detail=False)) if fs.exists(root) else 1
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def log(self, step: int, metrics: dict[str, float], total: int) -> None:
+        if self.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.tb_dir))
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.last = dict(metrics)
+        self.history.append({"step": step, **metrics, "_wall_s": round(self.wall_time(), 3)})
+        if self.config.get("progress_file"):
+            path = Path(self.config["progress_file"])
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"step": step, "total": total, **metrics}))
+            temporary.replace(path)
+
+    def save(self, directory: Path) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+        shutil.copytree(self.tb_dir, directory / "tensorboard", dirs_exist_ok=True)
+        (directory / HISTORY_FILE).write_text("".join(json.dumps(item) + "\n" for item in self.history))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.tb_dir is not None:
+            shutil.rmtree(self.tb_dir, ignore_errors=True)

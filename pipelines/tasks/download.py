@@ -1,0 +1,313 @@
+"""Download stage: a source list of (url, caption) -> raw webdataset shards, published as a dataset version.
+
+Runs img2dataset (rom1504/img2dataset, `img2dataset.download`) with the multiprocessing distributor locally or
+the Ray distributor on a Ray cluster. Resumable: img2dataset's `incremental_mode` skips every shard whose
+`_stats.json` exists (a shard's stats are written after its tar and parquet are closed) and redoes partial ones,
+in a working directory derived from (source checksum, config hash), so a relaunch after a crash finishes the job
+with no gaps and no duplicates. The version holds the raw shards, their parquet + `_stats.json` sidecars and
+`index.parquet` (one row per source row: ok, or dropped with an error class). Failed samples inside finished
+shards are never retried by img2dataset (issues #358, #452); `run_retry_failed` re-downloads exactly those
+URLs and publishes a new version, with the earlier one as its parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets_manifests.manifest import Manifest, Producer, cache_key
+from datasets_manifests.registry import Registry, RegistryError, now_utc, sha256_file
+from pipelines.config import check_range, config_hash, to_dict
+
+STAGE = "download"
+RETRY_STAGE = "download-retry"
+SHARD_DIGITS = 5  # img2dataset's oom_shard_count: names 00000.tar ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """img2dataset settings of the download stage (names follow img2dataset's options)."""
+
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"  # "ray": on the cluster in ray_address
+    ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray
+    processes: int = 2  # processes (multiprocessing) or concurrent shard tasks (ray)
+    threads: int = 32  # download threads per process
+    samples_per_shard: int = 10000
+    image_size: int = 384  # BLIP pretrains at 224 and finetunes at 384; keep the larger
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 95
+    timeout: int = 10  # seconds per request
+    retries: int = 0  # per-URL retries inside img2dataset
+    min_image_size: int = 0
+    max_image_area: float = 20_000_000.0  # pixels: larger images (decompression bombs) are dropped as too_large
+    max_aspect_ratio: float = 10.0
+    url_col: str | None = None  # source column names; None: detect url/URL/image, caption/TEXT
+    caption_col: str | None = None
+    max_shard_retry: int = 1
+    user_agent_token: str | None = None
+
+    def __post_init__(self) -> None:
+        check_range("DownloadConfig", "processes", self.processes, 1)
+        check_range("DownloadConfig", "threads", self.threads, 1, 4096)
+        check_range("DownloadConfig", "samples_per_shard", self.samples_per_shard, 1, 1_000_000)
+        check_range("DownloadConfig", "image_size", self.image_size, 8, 8192)
+        check_range("DownloadConfig", "encode_quality", self.encode_quality, 1, 100)
+        check_range("DownloadConfig", "timeout", self.timeout, 1)
+        check_range("DownloadConfig", "retries", self.retries, 0, 10)
+        check_range("DownloadConfig", "max_image_area", self.max_image_area, 1.0)
+        check_range("DownloadConfig", "max_aspect_ratio", self.max_aspect_ratio, 1.0)
+        check_range("DownloadConfig", "max_shard_retry", self.max_shard_retry, 0, 10)
+
+
+# img2dataset reports errors as free text (urllib, OpenCV, its own checks); the classes a report can count.
+_ERROR_CLASSES: tuple[tuple[str, str], ...] = (
+    (r"HTTP Error (\d{3})", "http_{0}"),
+    (r"timed out|timeout", "timeout"),
+    (r"image area too large|DecompressionBomb", "too_large"),
+    (r"image too small", "too_small"),
+    (r"aspect ratio too large", "bad_aspect_ratio"),
+    (r"!buf\.empty\(\)|buf\.empty", "empty_body"),
+    (r"Image decoding error|imdecode|cannot identify image|decod", "decode_error"),
+    (r"X-Robots-Tag", "disallowed_by_robots"),
+    (r"hash mismatch", "hash_mismatch"),
+    (r"Name or service not known|getaddrinfo|nodename nor servname", "dns_error"),
+    (r"Connection refused|Connection reset|Remote end closed|urlopen error|RemoteDisconnected", "connection_error"),
+    (r"certificate|SSL", "ssl_error"),
+)
+
+
+def classify_error(message: str | None) -> str:
+    """Normalise an img2dataset error message into a class (http_404, decode_error, timeout, too_large, ...)."""
+    if not message:
+        return "unknown_error"
+    for pattern, label in _ERROR_CLASSES:
+        match = re.search(pattern, message, flags=re.IGNORECASE)
+        if match:
+            return label.format(*match.groups())
+    return "other_error"
+
+
+def file_sha256(path: str | Path) -> str:
+    return sha256_file(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry: Registry) -> Manifest:
+    """Download the source list and publish the raw shards as a new version of `name` (no-op if done)."""
+    from datasets_manifests.sources import normalise_source_list
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: source list not found")
+    key = cache_key(STAGE, [f"source:{file_sha256(source)}"], config_hash(cfg))
+    cached = registry.find_cached("dataset", name, key)
+    if cached is not None:
+        return cached
+    started = now_utc()
+    work = registry.work_dir(key)
+    stage = work / "stage"
+    source_table = stage / "source.parquet"
+    report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
+    raw_dir = stage / "raw"
+    _run_img2dataset(cfg, source_table, raw_dir)
+    rows, files = collect_shards(raw_dir, "raw")
+    _check_complete(rows, report.rows, raw_dir)
+    producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
+                        started_at=started)
+    extra_counts = {"source_records": report.records, "source_duplicates": report.duplicates}
+    stats = {"source": report.to_dict()}
+    return _publish(registry, name, stage, rows, files + [{"path": "source.parquet", "role": "other"}],
+                    producer, parents=[], extra_counts=extra_counts, stats=stats)
+
+
+def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
+    """Re-download only the URLs that failed in `previous`; publish a complete new version whose parent it is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import read_index
+
+    parent = registry.resolve(previous, "dataset")
+    key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg))
+    cached = registry.find_cached("dataset", name, key)
+    if cached is not None:
+        return cached
+    started = now_utc()
+    index = read_index(registry, parent)
+    failed = index.filter(pc.equal(index.column("status"), "dropped"))
+    kept = index.filter(pc.equal(index.column("status"), "ok"))
+    work = registry.work_dir(key)
+    stage = work / "stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    source_table = work / "retry_source.parquet"
+    pq.write_table(pa.table({"url": failed.column("url"), "caption": failed.column("raw_caption"),
+                             "source_key": failed.column("key")}), source_table)
+    retry_dir = work / "retry"
+    if len(failed):
+        _run_img2dataset(cfg, source_table, retry_dir)
+    # The parent's shards and sidecars come along unchanged; retried shards are numbered after them.
+    parent_files = [e for e in parent.files if e.path.startswith("raw/")]
+    for entry in parent_files:
+        _link_or_copy(registry, parent, entry.path, stage / entry.path)
+    first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
+                       default=-1)
+    rows, files = collect_shards(retry_dir, "raw", id_offset=first_id, move_to=stage / "raw") if len(failed) else ([], [])
+    _check_complete(rows, len(failed), retry_dir)
+    kept_rows = kept.to_pylist()
+    retried = len(rows)
+    recovered = sum(1 for row in rows if row["status"] == "ok")
+    files = [{"path": e.path, "role": e.role, "num_samples": e.num_samples} for e in parent_files] + files
+    producer = Producer(stage=RETRY_STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
+                        started_at=started)
+    return _publish(registry, name, stage, kept_rows + rows, files, producer, parents=[parent],
+                    extra_counts={"retried": retried, "recovered": recovered},
+                    stats={"retry_of": parent.ref})
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_dir: Path) -> None:
+    """img2dataset into `output_dir`; finished shards (with _stats.json) are skipped on a relaunch."""
+    import img2dataset
+
+    if cfg.distributor == "ray":
+        from pipelines.runtime import ensure_ray
+
+        ensure_ray(cfg.ray_address)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    img2dataset.download(
+        url_list=str(source_table), input_format="parquet", url_col="url", caption_col="caption",
+        save_additional_columns=["source_key"], output_folder=str(output_dir), output_format="webdataset",
+        processes_count=cfg.processes, thread_count=cfg.threads, number_sample_per_shard=cfg.samples_per_shard,
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_quality=cfg.encode_quality, encode_format="jpg", timeout=cfg.timeout, retries=cfg.retries,
+        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area, max_aspect_ratio=cfg.max_aspect_ratio,
+        distributor=cfg.distributor, incremental_mode="incremental", enable_wandb=False, compute_hash="sha256",
+        oom_shard_count=SHARD_DIGITS, max_shard_retry=cfg.max_shard_retry, user_agent_token=cfg.user_agent_token,
+        extract_exif=False,
+    )
+
+
+def collect_shards(raw_dir: Path, prefix: str, id_offset: int = 0,
+                   move_to: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Index rows and file entries of img2dataset's finished shards in `raw_dir`.
+
+    Only shards with a `_stats.json` count (finished). With `move_to`, shard files are renamed to
+    `id + id_offset` there (used to append retried shards after the parent's).
+    """
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from blip_models.processing import pre_caption
+    from pipelines.tasks.webdata import iter_tar
+
+    rows: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
+    stats_files = sorted(raw_dir.glob(f"{'[0-9]' * SHARD_DIGITS}_stats.json"))
+    for stats_path in tqdm(stats_files, desc="indexing raw shards", unit="shard", disable=len(stats_files) < 4):
+        shard_id = int(stats_path.name[:SHARD_DIGITS])
+        new_id = f"{shard_id + id_offset:0{SHARD_DIGITS}d}"
+        names = {ext: raw_dir / f"{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
+        if move_to is not None:
+            move_to.mkdir(parents=True, exist_ok=True)
+            for ext, path in list(names.items()):
+                target = move_to / f"{new_id}{ext}"
+                shutil.copy2(path, target)
+                names[ext] = target
+        tar_rel = f"{prefix}/{new_id}.tar"
+        located: dict[str, tuple[int, int, str]] = {}  # img2dataset key -> (jpg offset, bytes, sha256)
+        with open(names[".tar"], "rb") as handle:
+            for sample in iter_tar(handle):
+                data = sample.members.get("jpg")
+                if data is not None:
+                    located[sample.key] = (sample.offsets["jpg"], len(data), hashlib.sha256(data).hexdigest())
+        table = pq.read_table(names[".parquet"])
+        successes = 0
+        for record in table.to_pylist():
+            raw_caption = record.get("caption") or ""
+            row = {
+                "key": record["source_key"], "url": record["url"], "raw_caption": raw_caption,
+                "caption": pre_caption(raw_caption, 50), "caption_source": "web", "split": None,
+                "width": record.get("width"), "height": record.get("height"), "image_sha256": None,
+                "shard": None, "jpg_offset": None, "jpg_bytes": None, "raw_key": record["key"],
+                "error_message": record.get("error_message"),
+            }
+            if record["status"] == "success" and record["key"] in located:
+                offset, size, digest = located[record["key"]]
+                row.update(status="ok", drop_reason=None, shard=tar_rel, jpg_offset=offset, jpg_bytes=size,
+                           image_sha256=digest)
+                successes += 1
+            else:
+                reason = classify_error(record.get("error_message")) if record["status"] != "success" else "missing_in_tar"
+                row.update(status="dropped", drop_reason=reason)
+            rows.append(row)
+        for ext, role in ((".tar", "shard"), (".parquet", "other"), ("_stats.json", "stats")):
+            entry: dict[str, Any] = {"path": f"{prefix}/{new_id}{ext}", "role": role}
+            if role == "shard":
+                entry["num_samples"] = successes
+            files.append(entry)
+    return rows, files
+
+
+def _check_complete(rows: list[dict[str, Any]], expected: int, raw_dir: Path) -> None:
+    keys = Counter(row["key"] for row in rows)
+    duplicated = [key for key, n in keys.items() if n > 1]
+    if duplicated:
+        raise RegistryError(f"{raw_dir}: sample {duplicated[0]} appears in {keys[duplicated[0]]} shards")
+    if len(rows) != expected:
+        raise RegistryError(
+            f"{raw_dir}: {len(rows)} of {expected} source rows accounted for: some shards did not finish "
+            "(img2dataset gave up on them); run the same command again to resume")
+
+
+def _publish(registry: Registry, name: str, stage: Path, rows: list[dict[str, Any]], files: list[dict[str, Any]],
+             producer: Producer, *, parents: list[Manifest], extra_counts: dict[str, int],
+             stats: dict[str, Any]) -> Manifest:
+    from datasets_manifests.index import INDEX_FILE, write_index
+
+    rows = sorted(rows, key=lambda row: row["key"])
+    write_index(rows, stage / INDEX_FILE)
+    reasons = Counter(row["drop_reason"] for row in rows if row["status"] == "dropped")
+    ok = sum(1 for row in rows if row["status"] == "ok")
+    counts = {"input": len(rows), "ok": ok, "dropped": len(rows) - ok, **extra_counts}
+    return registry.publish(
+        kind="dataset", name=name, staging_dir=stage, producer=producer, parents=parents,
+        files=[*files, {"path": INDEX_FILE, "role": "index"}], counts=counts,
+        drop_reasons=dict(sorted(reasons.items())), stats=stats,
+        sample_schema={"jpg": "JPEG bytes (img2dataset re-encoded)", "txt": "raw web caption",
+                       "json": "img2dataset metadata + source_key"},
+        metadata={"layout": "img2dataset-webdataset", "raw": True},
+    )
+
+
+def _link_or_copy(registry: Registry, manifest: Manifest, relpath: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        dest.unlink()
+    if registry.is_local:
+        source = registry.local_path(manifest, relpath)
+        try:
+            os.link(source, dest)  # same disk: no copy; the published file is immutable anyway
+            return
+        except OSError:
+            pass
+    with registry.open(manifest, relpath) as handle, open(dest, "wb") as out:
+        shutil.copyfileobj(handle, out)
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    """A JSON-able summary of a download version, for the CLI and the demo."""
+    return {"ref": manifest.ref, "id": manifest.short_id, "counts": manifest.counts,
+            "failures": manifest.drop_reasons, "shards": len(manifest.shards())}
+

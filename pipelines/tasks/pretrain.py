@@ -1,0 +1,368 @@
+"""The pretraining stage: a dataset version (+ optional initial weights) -> a BLIP model version.
+
+Follows BLIP's `pretrain.py` (Li et al. 2022, salesforce/BLIP; shared/docs/blip_spec.md §2): ITC + ITM + LM
+with equal weights, alpha ramped linearly to 0.4 over the first two epochs, AdamW wd 0.05 with warm-up then
+per-epoch step decay, RandomResizedCrop(0.2-1) + flip + RandAugment(2, 5) + CLIP normalisation, captions
+through `pre_caption(max_words=30)`. The loop itself is `train_loop.TrainLoop`; Ray Train distribution lives in
+`_ray_train.py`. `PretrainTask` is the pretraining instance of the `TrainTask` protocol.
+
+Initialisation: from scratch; ImageNet ViT weights (a local state-dict file with timm names, loaded into
+`visual_encoder` non-strictly with a report); or any model version, `save_pretrained` directory or official
+`.pth` (path or URL). The stage is idempotent: a model version with the same cache key is returned as is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.config import check_range, config_hash, to_dict
+from pipelines.tasks.train_loop import LoopConfig, OptimConfig, StepInfo
+
+STAGE = "pretrain"
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """Training input from the dataset version's shards (per-worker numbers)."""
+
+    split: str = "train"
+    batch_size: int = 75  # micro-batch per worker (BLIP: 75 per GPU)
+    loader_workers: int = 4  # DataLoader processes per training worker (decode + augment)
+    shuffle_buffer: int = 1000  # samples held for within-worker shuffling (0 = shard order only)
+    resampled: bool = False  # draw shards with replacement (huge sets; samples may repeat within an epoch)
+    max_words: int = 30  # pre_caption truncation (BLIP pretraining: 30)
+    min_scale: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, finetuning 0.5)
+    augment: bool = True  # false: the deterministic eval transform (tests, ablations)
+
+    def __post_init__(self) -> None:
+        check_range("data", "batch_size", self.batch_size, 1)
+        check_range("data", "loader_workers", self.loader_workers, 0)
+        check_range("data", "shuffle_buffer", self.shuffle_buffer, 0)
+        check_range("data", "max_words", self.max_words, 1)
+        check_range("data", "min_scale", self.min_scale, 0.01, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScalingConfig:
+    """Ray Train scaling and fault tolerance."""
+
+    num_workers: int = 2  # training processes (one per GPU with use_gpu)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+    storage_path: str | None = None  # Ray Train run storage, local dir or s3://...; None = the registry work dir
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    checkpoints_to_keep: int = 2
+    find_unused_parameters: bool = False  # DDP option for models with conditional branches
+
+    def __post_init__(self) -> None:
+        check_range("scaling", "num_workers", self.num_workers, 1)
+        check_range("scaling", "cpus_per_worker", self.cpus_per_worker, 0.0)
+        check_range("scaling", "gpus_per_worker", self.gpus_per_worker, 0.0)
+        check_range("scaling", "max_failures", self.max_failures, -1)
+        check_range("scaling", "checkpoints_to_keep", self.checkpoints_to_keep, 1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InitConfig:
+    """Where the initial weights come from (both null = from scratch)."""
+
+    checkpoint: str | None = None  # model version ref, save_pretrained dir, or official .pth path/URL
+    vit_weights: str | None = None  # ImageNet ViT state dict (timm key names) for the visual encoder
+
+    def __post_init__(self) -> None:
+        if self.checkpoint and self.vit_weights:
+            raise ValueError("'init.checkpoint' and 'init.vit_weights' are exclusive: a checkpoint has its own ViT")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PretrainConfig:
+    """One pretraining run (configs/train/pretrain_*.yaml)."""
+
+    output_name: str = "blip-pretrain"  # model name in the registry
+    model: str = "base"  # BlipConfig preset: tiny | base | large
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision: {image_size: 384}}
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def blip_config(self) -> Any:
+        from blip_models.configuration_blip import preset
+
+        config = preset(self.model).replace(**self.model_overrides) if self.model_overrides else preset(self.model)
+        if self.loop.grad_checkpointing:  # BLIP's vit_grad_ckpt: checkpoint every ViT block
+            config = config.replace(vision={"grad_ckpt_layers": config.vision.depth})
+        return config
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class PretrainTask:
+    """BLIP pretraining as a `TrainTask`: image + caption -> ITC, ITM, LM losses."""
+
+    # Every rank must feed the same batch shape (momentum features are all-gathered into the queues), so a
+    # micro-batch that lost samples is filled up with repeats of its valid ones (counted as "refilled").
+    fixed_batch_size = True
+
+    def __init__(self, model_config: dict[str, Any], data: dict[str, Any], init: dict[str, Any]) -> None:
+        self.model_config, self.data, self.init = model_config, DataConfig(**data), InitConfig(**init)
+        self.image_size = int(model_config["vision"]["image_size"])
+        self.init_report: dict[str, Any] = {"from": "scratch"}
+        self._tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without the tokenizer
+        return {**self.__dict__, "_tokenizer": None}
+
+    def build_model(self) -> Any:
+        from blip_models.checkpoints import config_from_dict
+        from blip_models.modeling_pretrain import BlipPretrain
+
+        model = BlipPretrain(config_from_dict(self.model_config))
+        if self.init.checkpoint:
+            self.init_report = load_checkpoint_into(model, self.init.checkpoint)
+        elif self.init.vit_weights:
+            self.init_report = load_vit_weights(model, self.init.vit_weights)
+        return model
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        from PIL import Image
+
+        from blip_models.processing import eval_transform, pre_caption, train_transform
+        from pipelines.tasks.train_data import DropSample
+        from pipelines.tasks.train_loop import seeded
+
+        image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_bytes is None:
+            raise DropSample("no_image")
+        if "txt" not in raw:
+            raise DropSample("no_caption")
+        caption = pre_caption(raw["txt"].decode("utf-8", errors="replace"), self.data.max_words)
+        if not caption:
+            raise DropSample("empty_caption")
+        try:
+            image = Image.open(io.BytesIO(image_bytes))
+            image = image.convert("RGB")
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files
+            raise DropSample("undecodable_image", str(error)) from error
+        if self.data.augment:
+            with seeded(rng_seed):  # crop/flip use torch's global RNG, RandAugment its own seeded one
+                pixels = train_transform(self.image_size, self.data.min_scale, augment_seed=rng_seed)(image)
+        else:
+            pixels = eval_transform(self.image_size)(image)
+        return {"image": pixels, "caption": caption}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from blip_models.tokenizer import load_tokenizer, tokenize
+
+        if self._tokenizer is None:  # built once per process (DataLoader workers included)
+            self._tokenizer = load_tokenizer()
+        # BLIP pretraining pads every caption to 30 tokens.
+        input_ids, attention_mask = tokenize(self._tokenizer, [s["caption"] for s in samples], 30, "max_length")
+        return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
+                "attention_mask": attention_mask}  # fmt: skip
+
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+        # BLIP: alpha = 0.4 * min(1, (epoch * iters + i) / (2 * iters)), i.e. a linear ramp over two epochs.
+        alpha = self.model_config["alpha"] * min(1.0, info.step / (2 * info.steps_per_epoch))
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
+        metrics = {f"loss_{name}": float(getattr(output, f"loss_{name}").detach()) for name in ("itc", "itm", "lm")}
+        metrics["loss"] = float(output.loss.detach())
+        metrics["alpha"] = alpha
+        return output.loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------- initialisation
+
+
+def load_checkpoint_into(model: Any, source: str) -> dict[str, Any]:
+    """Weights from a save_pretrained dir (a model version's directory) or an official .pth, with a report."""
+    from blip_models.checkpoints import from_pretrained, is_pretrained_dir, load_into, read_official
+
+    if is_pretrained_dir(source):
+        state, kind = from_pretrained(source).state_dict(), "version"
+    else:
+        state, kind = read_official(source), "official"
+    report = load_into(model, state, source=str(source), kind="pretrain")
+    return {"from": kind, "source": str(source), **report.to_dict()}
+
+
+def load_vit_weights(model: Any, path: str) -> dict[str, Any]:
+    """An ImageNet ViT state dict with timm names into `visual_encoder`, non-strict (the head is unexpected)."""
+    import torch
+
+    from blip_models.checkpoints import load_into
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):  # timm/DeiT training checkpoints wrap the weights
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    report = load_into(model.visual_encoder, state, source=str(path), kind="vit")
+    return {"from": "imagenet_vit", "source": str(path), **report.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def run_pretrain(
+    cfg: PretrainConfig,
+    dataset: Any,
+    *,
+    registry: Any = None,
+    init: str | None = None,
+    resume: bool = False,
+    run_name: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    pid_dir: str | Path | None = None,
+) -> Any:
+    """Pretrain on a dataset version and publish the model version; returns its Manifest.
+
+    `init` (a model ref, directory or .pth) overrides `cfg.init.checkpoint`. `resume=True` continues the Ray
+    Train run of the same name from its last checkpoint; without it an existing run directory is an error.
+    `pid_dir`: each training worker writes `rank{r}.pid` there (operations and the fault test).
+    """
+    from dataclasses import replace
+
+    from datasets_manifests.manifest import Producer, cache_key
+    from datasets_manifests.registry import Registry, now_utc
+    from pipelines.tasks import _ray_train
+    from pipelines.tasks.train_data import DataPlan, shards_of
+
+    registry = registry if registry is not None else Registry()
+    dataset = registry.resolve(dataset, kind="dataset")
+    if init is not None:
+        cfg = replace(cfg, init=InitConfig(checkpoint=init))
+    parents, init_source = [dataset], None
+    if cfg.init.checkpoint:
+        init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
+        if init_manifest is not None:
+            parents.append(init_manifest)
+    elif cfg.init.vit_weights:
+        init_source = cfg.init.vit_weights
+
+    key = cache_key(STAGE, [p.id for p in parents], config_hash(cfg))
+    cached = registry.find_cached("model", cfg.output_name, key)
+    if cached is not None:
+        return cached
+
+    blip_config = cfg.blip_config()
+    shards = shards_of(registry, dataset, cfg.data.split)
+    plan = DataPlan(shards=shards, world_size=cfg.scaling.num_workers, batch_size=cfg.data.batch_size,
+                    grad_accum=cfg.optim.grad_accum, seed=cfg.loop.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                    resampled=cfg.data.resampled)  # fmt: skip
+    _check_plan(plan, blip_config)
+    work = registry.work_dir(key)
+    # Runs live under one directory keyed by run name, so `--resume --name X` finds X after a config change.
+    storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
+    name = run_name or f"{STAGE}-{key[:12]}"
+    config = worker_config(cfg, shards, init_source, pid_dir)
+    started = now_utc()
+    outcome = _ray_train.launch(
+        config, scaling=cfg.scaling, run_name=name, storage_path=storage, resume=resume,
+        progress_file=work / f"{name}.progress.json", on_progress=on_progress,
+    )
+    staging = work / "publish"
+    if staging.exists():
+        shutil.rmtree(staging)
+    stats = outcome.collect(staging)  # model/, tensorboard/, metrics.json into staging
+    files = [{"path": str(p.relative_to(staging)), "role": _role(p)} for p in sorted(staging.rglob("*")) if p.is_file()]
+    producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
+                        started_at=started)  # fmt: skip
+    metadata = {
+        "architecture": cfg.model, "kind": "pretrain", "final_step": stats["final_step"],
+        "planned_steps": stats["planned_steps"], "restarts": stats["restarts"],
+        "restored_from_checkpoint": stats["restores"], "init": stats["init"], "ray_run": {"name": name, "storage_path": storage},
+        "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
+    }  # fmt: skip
+    dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
+    return registry.publish(
+        kind="model", name=cfg.output_name, staging_dir=staging, files=files, producer=producer,
+        parents=parents, metadata=metadata, stats=stats["summary"], drop_reasons=dropped,
+        counts={"samples_trained": stats["samples_seen"], "dropped": sum(dropped.values()),
+                "refilled": stats["dropped"].get("refilled", 0), "dataset_samples": plan.num_samples,
+                "left_out_per_epoch": plan.dropped_per_epoch},
+    )  # fmt: skip
+
+
+def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = None,
+                  pid_dir: str | Path | None = None) -> dict[str, Any]:
+    """The plain-data config every training worker receives (also what `_ray_train.run_local` takes)."""
+    from blip_models.checkpoints import config_to_dict
+
+    return {
+        "task": {"factory": "pipelines.tasks.pretrain:PretrainTask",
+                 "kwargs": {"model_config": config_to_dict(cfg.blip_config()), "data": to_dict(cfg.data),
+                            "init": {"checkpoint": init_source if cfg.init.checkpoint else None,
+                                     "vit_weights": cfg.init.vit_weights}}},
+        "shards": [(s.url, s.num_samples) for s in shards],
+        "data": {"batch_size": cfg.data.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
+                 "resampled": cfg.data.resampled, "loader_workers": cfg.data.loader_workers},
+        "optim": to_dict(cfg.optim),
+        "loop": to_dict(cfg.loop),
+        "pid_dir": str(pid_dir) if pid_dir else None,
+        "find_unused_parameters": cfg.scaling.find_unused_parameters,
+    }  # fmt: skip
+
+
+def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
+    """(model manifest or None, local path/URL of the weights) for an init reference."""
+    from datasets_manifests.registry import NotFoundError
+
+    if Path(source).exists() or source.startswith(("http://", "https://")):
+        return None, source
+    try:
+        manifest = registry.resolve(source, kind="model")
+    except NotFoundError as error:
+        raise FileNotFoundError(f"init {source!r} is neither a file, a directory nor a model version ({error})") from None
+    configs = [e.path for e in manifest.files if Path(e.path).name == "config.json"]
+    if not configs:
+        raise FileNotFoundError(f"model version {manifest.ref} has no config.json (not a save_pretrained model)")
+    return manifest, str(registry.local_path(manifest, configs[0]).parent)
+
+
+def _check_plan(plan: Any, blip_config: Any) -> None:
+    from pipelines.config import ConfigError
+
+    if plan.steps_per_epoch < 1:
+        raise ConfigError(
+            f"the dataset has {plan.num_samples} samples, fewer than one global batch of {plan.global_batch} "
+            f"(num_workers x batch_size x grad_accum)"
+        )
+    per_step = plan.world_size * plan.batch_size
+    if per_step > blip_config.queue_size:  # every micro-batch enqueues all ranks' momentum features
+        raise ConfigError(f"model queue_size {blip_config.queue_size} is smaller than the features enqueued per "
+                          f"micro-batch (num_workers x batch_size = {per_step})")  # fmt: skip
+
+
+def _role(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        return "weights"
+    if path.name == "config.json":
+        return "config"
+    if path.name in ("metrics.json", "history.jsonl"):
+        return "metrics"
+    return "other"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

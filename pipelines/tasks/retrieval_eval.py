@@ -1,0 +1,154 @@
+"""Model-agnostic image-text retrieval evaluation of BLIP (Li et al. 2022), salesforce/BLIP
+`train_retrieval.py:evaluation()` (shared/docs/blip_spec.md §4.1 and §4.5).
+
+Given normalised ITC embeddings and an ITM scorer, BLIP ranks by cosine similarity, re-ranks the top-`k_test`
+candidates of every query with the image-grounded text encoder and scores them `itm_logit + cosine`; every
+other entry is -100. Both directions are computed: image→text (`score_i2t`, N_img × N_txt) and text→image
+(`score_t2i`, N_txt × N_img).
+
+Differences from the reference script, none of which changes a score:
+- the ITM re-ranking is batched across queries: the (query, candidate) pairs of many rows go through the
+  scorer `pairs_per_batch` at a time instead of one forward of k pairs per row;
+- a pair that is in the top-k of both directions is scored once and used for both (`share_pairs`);
+- a slice of rows (`image_rows`, `text_rows`) gives a partial result that is zero outside the slice, so the
+  slices of several workers add up to the full matrices (BLIP splits rows across ranks and `all_reduce`s).
+`retrieval_scores_loop` is the reference per-query loop, kept for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# (image_indices (n,), text_indices (n,)) -> raw ITM positive logits (n,), i.e. itm_head(...)[:, 1].
+ItmScoreFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+NOT_RANKED = -100.0  # BLIP's fill value for pairs outside the top-k
+
+
+@dataclass(frozen=True)
+class RetrievalScores:
+    score_i2t: torch.Tensor  # (N_img, N_txt)
+    score_t2i: torch.Tensor  # (N_txt, N_img)
+    itm_pairs: int  # pairs sent to the ITM scorer
+    itm_calls: int  # scorer calls
+
+
+def split_rows(num_rows: int, num_parts: int) -> list[range]:
+    """Contiguous row ranges, one per worker, as BLIP splits them across ranks (`step = n // parts + 1`)."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    step = num_rows // num_parts + 1
+    return [range(min(num_rows, part * step), min(num_rows, (part + 1) * step)) for part in range(num_parts)]
+
+
+def similarity_matrix(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of normalised ITC features (no temperature): (N_img, D) @ (D, N_txt)."""
+    if image_embeds.dim() != 2 or text_embeds.dim() != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(f"expected (N_img, D) and (N_txt, D) embeddings, got {tuple(image_embeds.shape)} and "
+                         f"{tuple(text_embeds.shape)}")
+    return image_embeds.float() @ text_embeds.float().T  # (N_img, N_txt)
+
+
+def _check_rows(rows: range | None, num_rows: int, name: str) -> range:
+    rows = range(num_rows) if rows is None else rows
+    if rows.step != 1 or rows.start < 0 or rows.stop > num_rows:
+        raise ValueError(f"{name} must be a contiguous range within [0, {num_rows}), got {rows}")
+    return rows
+
+
+def _score_pairs(itm_score_fn: ItmScoreFn, image_indices: torch.Tensor, text_indices: torch.Tensor,
+                 pairs_per_batch: int) -> tuple[torch.Tensor, int]:
+    """Scores of all pairs, `pairs_per_batch` per scorer call; returns (scores (n,), number of calls)."""
+    import torch
+
+    scores = torch.empty(len(image_indices), dtype=torch.float32)
+    calls = 0
+    for start in range(0, len(image_indices), pairs_per_batch):
+        end = min(start + pairs_per_batch, len(image_indices))
+        logits = itm_score_fn(image_indices[start:end], text_indices[start:end])
+        if logits.shape != (end - start,):
+            raise ValueError(f"itm_score_fn returned shape {tuple(logits.shape)} for {end - start} pairs; "
+                             "expected one raw positive ITM logit per pair")
+        scores[start:end] = logits.detach().float().cpu()
+        calls += 1
+    return scores, calls
+
+
+def retrieval_scores_from_sims(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_test: int, *,
+                               pairs_per_batch: int = 1024, image_rows: range | None = None,
+                               text_rows: range | None = None, share_pairs: bool = True) -> RetrievalScores:
+    """BLIP's re-ranked score matrices from a similarity matrix `sims` (N_img, N_txt), batched.
+
+    Only rows in `image_rows` of score_i2t and `text_rows` of score_t2i are computed (default: all); rows
+    outside them are 0, so summing the results of disjoint slices gives the full matrices."""
+    import torch
+
+    if k_test < 1 or pairs_per_batch < 1:
+        raise ValueError(f"k_test and pairs_per_batch must be >= 1, got {k_test} and {pairs_per_batch}")
+    sims = sims.detach().float().cpu()
+    num_images, num_texts = sims.shape
+    image_rows = _check_rows(image_rows, num_images, "image_rows")
+    text_rows = _check_rows(text_rows, num_texts, "text_rows")
+    k_i2t, k_t2i = min(k_test, num_texts), min(k_test, num_images)
+
+    with torch.no_grad():
+        i2t_sims, i2t_texts = sims[image_rows.start:image_rows.stop].topk(k_i2t, dim=1)  # (R_i, k)
+        t2i_sims, t2i_images = sims[:, text_rows.start:text_rows.stop].T.topk(k_t2i, dim=1)  # (R_t, k)
+        # All (image, text) pairs of both directions; the i2t half is image-major (consecutive pairs share an
+        # image), and so is the sorted de-duplicated list when share_pairs is on.
+        pair_images = torch.cat([torch.arange(image_rows.start, image_rows.stop).repeat_interleave(k_i2t),
+                                 t2i_images.reshape(-1)])
+        pair_texts = torch.cat([i2t_texts.reshape(-1),
+                                torch.arange(text_rows.start, text_rows.stop).repeat_interleave(k_t2i)])
+        if share_pairs:
+            keys, inverse = torch.unique(pair_images * num_texts + pair_texts, sorted=True, return_inverse=True)
+            unique_scores, calls = _score_pairs(itm_score_fn, keys // num_texts, keys % num_texts, pairs_per_batch)
+            pair_scores, scored = unique_scores[inverse], len(keys)
+        else:
+            pair_scores, calls = _score_pairs(itm_score_fn, pair_images, pair_texts, pairs_per_batch)
+            scored = len(pair_images)
+        i2t_logits = pair_scores[: i2t_texts.numel()].view_as(i2t_texts)  # (R_i, k)
+        t2i_logits = pair_scores[i2t_texts.numel():].view_as(t2i_images)  # (R_t, k)
+
+        score_i2t = torch.zeros(num_images, num_texts)
+        block = torch.full((len(image_rows), num_texts), NOT_RANKED)
+        score_i2t[image_rows.start:image_rows.stop] = block.scatter_(1, i2t_texts, i2t_logits + i2t_sims)
+        score_t2i = torch.zeros(num_texts, num_images)
+        block = torch.full((len(text_rows), num_images), NOT_RANKED)
+        score_t2i[text_rows.start:text_rows.stop] = block.scatter_(1, t2i_images, t2i_logits + t2i_sims)
+    return RetrievalScores(score_i2t, score_t2i, scored, calls)
+
+
+def retrieval_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor, itm_score_fn: ItmScoreFn,
+                     k_test: int, **options: object) -> RetrievalScores:
+    """`retrieval_scores_from_sims` on the cosine similarities of normalised image and text embeddings
+    (for video, the image embedding is the normalised mean of the frame embeddings)."""
+    return retrieval_scores_from_sims(similarity_matrix(image_embeds, text_embeds), itm_score_fn, k_test,
+                                      **options)  # type: ignore[arg-type]
+
+
+def retrieval_scores_loop(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_test: int) -> RetrievalScores:
+    """The reference algorithm: one scorer call with the k candidates of each image, then of each text."""
+    import torch
+
+    sims = sims.detach().float().cpu()
+    num_images, num_texts = sims.shape
+    k_i2t, k_t2i = min(k_test, num_texts), min(k_test, num_images)
+    score_i2t = torch.full((num_images, num_texts), NOT_RANKED)
+    score_t2i = torch.full((num_texts, num_images), NOT_RANKED)
+    with torch.no_grad():
+        for image in range(num_images):
+            topk_sims, topk_texts = sims[image].topk(k_i2t)
+            logits = itm_score_fn(torch.full((k_i2t,), image), topk_texts)
+            score_i2t[image, topk_texts] = logits.detach().float().cpu() + topk_sims
+        for text in range(num_texts):
+            topk_sims, topk_images = sims[:, text].topk(k_t2i)
+            logits = itm_score_fn(topk_images, torch.full((k_t2i,), text))
+            score_t2i[text, topk_images] = logits.detach().float().cpu() + topk_sims
+    pairs = num_images * k_i2t + num_texts * k_t2i
+    return RetrievalScores(score_i2t, score_t2i, pairs, num_images + num_texts)

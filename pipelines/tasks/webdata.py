@@ -1,0 +1,204 @@
+"""Webdataset shards: reading a version's samples and writing gap-free numbered shards atomically.
+
+Format (webdataset convention, github.com/webdataset/webdataset README): a sample is the tar members sharing a
+basename, here `{key}.jpg` (RGB JPEG), `{key}.txt` (normalised caption) and `{key}.json` (metadata). Shards are
+`shards/{split}-{i:06d}.tar` with no gaps in the numbering (webdataset issue #174: gaps break brace expansion).
+Writers follow img2dataset/webdataset's TarWriter but write to a temporary name and rename when the shard is
+complete, and return the byte offset of every `.jpg` member's data so the index can point into the tar.
+Reading is plain `tarfile` streaming (no torch needed); a truncated or corrupt shard ends that shard's stream
+and is counted, never a crash. Caption cleaning is BLIP's `pre_caption` from blip_models.processing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import Registry
+
+SAMPLE_SCHEMA = {
+    "jpg": "RGB JPEG bytes",
+    "txt": "normalised caption (BLIP pre_caption)",
+    "json": "key, url, raw_caption, caption, image_sha256, width, height, source_key",
+}
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"shards/{split}-{index:06d}.tar"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'abc.def.jpg' -> ('abc', 'def.jpg'): webdataset splits a member name at the first dot of the basename."""
+    directory, _, base = key.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+@dataclass
+class TarSample:
+    key: str
+    members: dict[str, bytes]  # extension -> bytes
+    offsets: dict[str, int]  # extension -> byte offset of the member data in the tar
+
+
+def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") -> Iterator[TarSample]:
+    """Group the members of a tar stream into samples. A truncated/corrupt tar ends the stream (counted)."""
+    current: TarSample | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                handle = archive.extractfile(member)
+                data = handle.read() if handle else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = TarSample(key, {}, {})
+                current.members[ext] = data
+                current.offsets[ext] = member.offset_data
+    except (tarfile.TarError, EOFError, OSError):
+        # The partial sample being assembled is not trustworthy: drop it; the ones before survive.
+        if errors is not None:
+            errors["truncated_shard"] += 1
+        current = None
+    if current is not None:
+        yield current
+
+
+def shard_urls(registry: Registry, manifest: Manifest, split: str | None = None) -> list[str]:
+    """URLs (local paths for a local registry) of a version's shards, in order, optionally one split."""
+    return [registry.url_of(manifest, entry.path) for entry in manifest.shards(split)]
+
+
+def decode_rgb(data: bytes) -> Any:
+    """Decode image bytes into an RGB PIL image (greyscale/CMYK/alpha converted); raises on corrupt data."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Alpha over white, as img2dataset does.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def iter_samples(registry: Registry, manifest: Manifest, split: str | None = None, decode: bool = True,
+                 counts: Counter | None = None) -> Iterator[tuple[str, Any, str, dict[str, Any]]]:
+    """Stream (key, PIL image | jpg bytes, caption, meta) over a version's shards.
+
+    Samples that cannot be used (missing .jpg, undecodable image, unreadable json) are skipped and counted in
+    `counts` (reason -> n), as is a truncated shard.
+    """
+    counts = counts if counts is not None else Counter()
+    for entry in manifest.shards(split):
+        with registry.open(manifest, entry.path) as handle:
+            for sample in iter_tar(handle, counts, entry.path):
+                if "jpg" not in sample.members:
+                    counts["missing_jpg"] += 1
+                    continue
+                try:
+                    meta = json.loads(sample.members["json"]) if "json" in sample.members else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    counts["bad_json"] += 1
+                    continue
+                caption = sample.members.get("txt", b"").decode("utf-8", errors="replace")
+                image: Any = sample.members["jpg"]
+                if decode:
+                    try:
+                        image = decode_rgb(image)
+                    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+                        counts["corrupt_image"] += 1
+                        continue
+                counts["ok"] += 1
+                yield sample.key, image, caption, meta
+
+
+class TarShardWriter:
+    """Write samples into `{root}/shards/{split}-{i:06d}.tar`, `samples_per_shard` each, gap-free and atomic.
+
+    A shard is written under a temporary name and renamed when full (or on close), so a reader never sees a
+    half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes).
+    """
+
+    def __init__(self, root: str | Path, split: str, samples_per_shard: int) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[tuple[str, int]] = []  # (relative path, samples), in order
+        self._index = 0
+        self._count = 0
+        self._archive: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+
+    def _open(self) -> None:
+        final = self.root / shard_name(self.split, self._index)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = final.with_name(f".{final.name}.tmp")
+        self._archive = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if self._archive is None:
+            self._open()
+        assert self._archive is not None
+        jpg_offset = -1
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uname = info.gname = ""
+            self._archive.addfile(info, io.BytesIO(data))
+            if ext == "jpg":
+                # addfile leaves the stream at the end of the padded data block.
+                jpg_offset = self._archive.offset - _padded(len(data))
+        relpath = shard_name(self.split, self._index)
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish()
+        return relpath, jpg_offset, len(members.get("jpg", b""))
+
+    def _finish(self) -> None:
+        if self._archive is None or self._tmp is None:
+            return
+        self._archive.close()
+        final = self.root / shard_name(self.split, self._index)
+        with open(self._tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self._tmp, final)
+        self.shards.append((shard_name(self.split, self._index), self._count))
+        self._archive, self._tmp = None, None
+        self._index += 1
+
+    def close(self) -> list[tuple[str, int]]:
+        """Finish the last shard; returns [(relative path, samples)] of every shard written."""
+        self._finish()
+        return self.shards
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._archive is not None and self._tmp is not None:
+            self._archive.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def _padded(size: int) -> int:
+    return (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE

@@ -1,0 +1,482 @@
+"""The manifest browser's JSON API over a registry built with the registry API (real tars, real Parquet).
+
+Every endpoint is exercised, including the refused paths (traversal, absolute, URL-encoded, symlinks out of
+the registry), broken shards and hostile images. Expected answers are computed from the Parquet files
+themselves, not from constants.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from datasets_manifests.browser import app as browser_app
+from datasets_manifests.browser.app import create_app
+from datasets_manifests.browser.sample_registry import build_sample_registry, make_samples, write_dataset_files
+from datasets_manifests.browser.thumbnails import MAX_IMAGE_PIXELS
+from datasets_manifests.manifest import Producer
+from datasets_manifests.registry import Registry
+
+SECRET = b"TOP-SECRET-OUTSIDE-THE-REGISTRY"
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("browser") / "registry"
+    build_sample_registry(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(registry_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    app = create_app(str(registry_dir), thumb_cache_dir=tmp_path_factory.mktemp("thumbs"))
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path, Path]:
+    """A registry of broken versions: missing/corrupt shards, bombs, garbage, no offsets, symlinks out."""
+    base = tmp_path_factory.mktemp("hostile")
+    root, outside = base / "registry", base / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(SECRET)
+    registry = Registry(str(root))
+    import random
+
+    samples = make_samples(0, 3, random.Random(1))
+
+    def publish(name: str, mutate=None, offsets: bool = True) -> None:
+        staging = base / f"staging-{name}"
+        staging.mkdir()
+        items = [dict(s) for s in samples]
+        if mutate:
+            mutate(items)
+        files = write_dataset_files(staging, items, per_shard=3, split="train")
+        if not offsets:
+            table = pq.read_table(staging / "index.parquet")
+            nulls = pa.nulls(len(table), pa.int64())
+            table = table.set_column(table.schema.get_field_index("jpg_offset"), "jpg_offset", nulls)
+            table = table.set_column(table.schema.get_field_index("jpg_bytes"), "jpg_bytes", nulls)
+            pq.write_table(table, staging / "index.parquet")
+        (staging / "images").mkdir()
+        (staging / "images" / "cover.jpg").write_bytes(samples[0]["jpg"])
+        files.append({"path": "images/cover.jpg", "role": "image"})
+        registry.publish(kind="dataset", name=name, staging_dir=staging, files=files, producer=Producer(stage="test"))
+
+    def bomb(items):  # a real JPEG whose header claims 10000 x 8000 pixels (80 Mpx > our limit)
+        items[0]["jpg"] = _patch_jpeg_size(items[0]["jpg"], 10000, 8000)
+
+    def huge_bomb(items):  # 65535 x 65535: above Pillow's own bomb threshold too
+        items[0]["jpg"] = _patch_jpeg_size(items[0]["jpg"], 65535, 65535)
+
+    def garbage(items):
+        items[0]["jpg"] = b"\xff\xd8 this is not a jpeg " * 20
+
+    publish("ok-no-offsets", offsets=False)
+    publish("missing-shard")
+    publish("corrupt-shard")
+    publish("corrupt-shard-no-offsets", offsets=False)
+    publish("bomb", bomb)
+    publish("huge-bomb", huge_bomb)
+    publish("garbage", garbage)
+    publish("symlinked")
+    publish("corrupt-index")
+    publish("truncated-shard")
+    version = lambda name: root / "datasets" / name / "v1"  # noqa: E731
+    (version("missing-shard") / "shards" / "train-000000.tar").unlink()
+    for name in ("corrupt-shard", "corrupt-shard-no-offsets"):
+        shard = version(name) / "shards" / "train-000000.tar"
+        shard.write_bytes(b"\x00garbage" * (shard.stat().st_size // 8))
+    (version("corrupt-index") / "index.parquet").write_bytes(b"not parquet at all")
+    truncated = version("truncated-shard") / "shards" / "train-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[:700])  # ends inside the first JPEG
+    # Symlinks out of the registry, placed after publishing (as an attacker with write access to the store would).
+    for relpath in ("images/cover.jpg", "shards/train-000000.tar"):
+        target = version("symlinked") / relpath
+        target.unlink()
+        target.symlink_to(outside / "secret.jpg")
+    app = create_app(str(root), thumb_cache_dir=base / "thumbs")
+    return TestClient(app), root, outside
+
+
+def _patch_jpeg_size(jpg: bytes, width: int, height: int) -> bytes:
+    """Rewrite the SOF0 frame header's height/width: a tiny file that claims to be a huge image."""
+    marker = jpg.index(b"\xff\xc0")
+    data = bytearray(jpg)
+    data[marker + 5:marker + 7] = height.to_bytes(2, "big")
+    data[marker + 7:marker + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _index(registry_dir: Path, name: str, version: str = "v1", file: str = "index.parquet") -> pa.Table:
+    return pq.read_table(registry_dir / "datasets" / name / version / file)
+
+
+# ---------------------------------------------------------------------------------------------- pages
+def test_page_and_static_files(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/static/app.js" in page.text
+    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/style.css").status_code == 200
+    for bad in ("/static/app.py", "/static/..%2fapp.py", "/static/%2e%2e%2fapp.py", "/static/../app.py"):
+        response = client.get(bad)
+        assert response.status_code == 404, bad
+        assert "def create_app" not in response.text
+
+
+def test_versions_lists_every_kind(client: TestClient, registry_dir: Path) -> None:
+    body = client.get("/api/versions").json()
+    refs = {(row["kind"], row["ref"]) for row in body["versions"]}
+    expected = {(m.kind, m.ref) for m in Registry(str(registry_dir)).list()}
+    assert refs == expected and len(refs) == 7
+    capfilt = next(row for row in body["versions"] if row["ref"] == "web-demo-capfilt@v1")
+    assert capfilt["parents"] == ["web-demo@v1", "blip-tiny-pretrain@v1"]
+    evaluation = next(row for row in body["versions"] if row["kind"] == "evaluation")
+    assert set(evaluation["metrics"]) == {"tr_r1", "ir_r1", "cider"}
+
+
+def test_version_detail(client: TestClient, registry_dir: Path) -> None:
+    body = client.get("/api/versions/dataset/web-demo-capfilt/v1").json()
+    manifest = Registry(str(registry_dir)).resolve("web-demo-capfilt@v1")
+    assert body["manifest"]["id"] == manifest.id
+    assert [f["sha256"] for f in body["manifest"]["files"]] == [f.sha256 for f in manifest.files]
+    assert body["parquet"]["index"]["rows"] == len(_index(registry_dir, "web-demo-capfilt"))
+    assert body["parquet"]["texts"]["rows"] == len(_index(registry_dir, "web-demo-capfilt", file="texts.parquet"))
+    assert {p["ref"] for p in body["parents"]} == {"web-demo@v1", "blip-tiny-pretrain@v1"}
+    assert all(p["found"] for p in body["parents"])
+    assert [c["ref"] for c in body["children"]] == ["blip-tiny-bootstrapped@v1"]
+    model = client.get("/api/versions/model/blip-tiny-bootstrapped/v1").json()
+    assert model["parquet"] is None
+    assert [e["ref"] for e in model["evaluations"]] == ["eval-blip-tiny-bootstrapped@v1"]
+    assert model["evaluations"][0]["metrics"]["tr_r1"] == pytest.approx(14.9)
+
+
+def test_version_lookup_errors(client: TestClient) -> None:
+    cases = {
+        "/api/versions/dataset/web-demo/v9": 404,
+        "/api/versions/secrets/web-demo/v1": 404,
+        "/api/versions/dataset/Web..Demo/v1": 400,
+        "/api/versions/dataset/web-demo/..": 404,
+        "/api/versions/dataset/%2e%2e/v1": 400,
+    }
+    for url, status in cases.items():
+        response = client.get(url)
+        assert response.status_code == status, (url, response.text)
+        assert response.json()["error"]
+
+
+def test_lineage_goes_up_to_sources_and_down_to_evaluations(client: TestClient) -> None:
+    graph = client.get("/api/versions/dataset/web-demo-capfilt/v1/lineage").json()
+    levels = {node["ref"]: node["level"] for node in graph["nodes"]}
+    assert levels["web-demo-capfilt@v1"] == 0
+    assert levels["blip-tiny-pretrain@v1"] == -1 and levels["web-demo@v1"] == -1
+    assert levels["blip-tiny-bootstrapped@v1"] == 1 and levels["eval-blip-tiny-bootstrapped@v1"] == 2
+    ids = {node["ref"]: node["id"] for node in graph["nodes"]}
+    edges = {(e["source"], e["target"]) for e in graph["edges"]}
+    assert (ids["web-demo@v1"], ids["blip-tiny-pretrain@v1"]) in edges  # the captioner was trained on web v1
+    assert (ids["blip-tiny-bootstrapped@v1"], ids["eval-blip-tiny-bootstrapped@v1"]) in edges
+
+
+def test_histograms_count_every_caption(client: TestClient, registry_dir: Path) -> None:
+    body = client.get("/api/versions/dataset/web-demo-capfilt/v1/histograms").json()
+    texts = _index(registry_dir, "web-demo-capfilt", file="texts.parquet")
+    series = {s["label"]: sum(s["counts"]) for s in body["itm_score"]["series"]}
+    assert sum(series.values()) == len(texts)
+    kept_synthetic = pc.and_(pc.equal(texts["source"], "synthetic"), texts["kept"])
+    assert series["synthetic kept"] == pc.sum(pc.cast(kept_synthetic, pa.int64())).as_py()
+    assert len(body["itm_score"]["edges"]) == 21
+    web = client.get("/api/versions/dataset/web-demo/v1/histograms").json()
+    assert "itm_score" not in web and web["caption_words"]["total"] == len(_index(registry_dir, "web-demo"))
+    assert client.get("/api/versions/model/blip-tiny-pretrain/v1/histograms").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- samples
+def test_samples_pages_cover_the_index_once(client: TestClient, registry_dir: Path) -> None:
+    keys = []
+    for offset in range(0, 30, 7):
+        body = client.get(f"/api/versions/dataset/web-demo-capfilt/v1/samples?limit=7&offset={offset}").json()
+        assert body["total"] == 23
+        keys += [s["key"] for s in body["samples"]]
+    assert keys == _index(registry_dir, "web-demo-capfilt")["key"].to_pylist()
+    first = client.get("/api/versions/dataset/web-demo-capfilt/v1/samples?limit=1").json()["samples"][0]
+    sources = [t["source"] for t in first["texts"]]
+    assert sources == ["web", "synthetic", "synthetic"]  # web text first, then the synthetic captions
+    assert all("itm_score" in t and "kept" in t for t in first["texts"])
+    assert first["thumb"].endswith(f"/thumb/{first['key']}")
+
+
+def _expected_keys(registry_dir: Path, q: str = "", source: str = "", low: float | None = None,
+                   decision: str = "") -> list[str]:
+    """The filter semantics, recomputed in plain Python from the full tables."""
+    index = _index(registry_dir, "web-demo-capfilt").to_pylist()
+    texts = _index(registry_dir, "web-demo-capfilt", file="texts.parquet").to_pylist()
+    text_ok = {t["key"] for t in texts
+               if (not source or t["source"] == source) and (low is None or t["itm_score"] >= low)
+               and (not decision or t["kept"] == (decision == "kept"))}
+    q_keys = {t["key"] for t in texts if q.lower() in t["text"].lower()}
+    return [row["key"] for row in index
+            if (not (source or low is not None or decision) or row["key"] in text_ok)
+            and (not q or q.lower() in row["caption"].lower() or q.lower() in row["raw_caption"].lower()
+                 or row["key"] in q_keys)]
+
+
+@pytest.mark.parametrize("query, expected_args", [
+    ("q=CIRCLE", {"q": "circle"}),
+    ("source=synthetic&min_score=0.9", {"source": "synthetic", "low": 0.9}),
+    ("decision=dropped", {"decision": "dropped"}),
+    ("decision=dropped&source=web&q=stock", {"decision": "dropped", "source": "web", "q": "stock"}),
+    ("min_score=0.95", {"low": 0.95}),
+])
+def test_sample_filters(client: TestClient, registry_dir: Path, query: str, expected_args: dict) -> None:
+    body = client.get(f"/api/versions/dataset/web-demo-capfilt/v1/samples?{query}&limit=200").json()
+    expected = _expected_keys(registry_dir, **expected_args)
+    assert body["total"] == len(expected)
+    assert [s["key"] for s in body["samples"]] == expected
+    assert 0 < len(expected) < 23  # each filter really selects something, and not everything
+
+
+def test_sample_filters_without_texts_and_splits(client: TestClient) -> None:
+    base = "/api/versions/dataset/web-demo/v1/samples"
+    dropped = client.get(f"{base}?decision=dropped").json()
+    assert [s["key"] for s in dropped["samples"]] == ["000000005"]
+    assert dropped["samples"][0]["drop_reason"] == "too_small" and dropped["samples"][0]["texts"] == []
+    assert client.get(f"{base}?split=train").json()["total"] == 24
+    assert client.get(f"{base}?split=val").json()["total"] == 0
+    response = client.get(f"{base}?min_score=0.5")
+    assert response.status_code == 400 and "no ITM scores" in response.json()["error"]
+
+
+@pytest.mark.parametrize("query, message", [
+    ("min_score=abc", "min_score must be a number"),
+    ("decision=maybe", "decision must be"),
+    ("source=llm", "source must be"),
+    ("limit=0", "limit must be"),
+    ("limit=100000", "limit must be"),
+    ("offset=-1", "offset must be"),
+    ("min_score=0.8&max_score=0.2", "above max_score"),
+])
+def test_sample_query_errors(client: TestClient, query: str, message: str) -> None:
+    response = client.get(f"/api/versions/dataset/web-demo-capfilt/v1/samples?{query}")
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_samples_of_a_model_is_a_clear_error(client: TestClient) -> None:
+    response = client.get("/api/versions/model/blip-tiny-pretrain/v1/samples")
+    assert response.status_code == 404 and "no per-sample index" in response.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- thumbnails
+def test_thumbnail_is_cut_from_the_shard_and_cached(client: TestClient, registry_dir: Path) -> None:
+    url = "/api/versions/dataset/web-demo/v1/thumb/000000002?size=64"
+    response = client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "JPEG" and max(image.size) == 64
+    # The thumbnail shows the sample's own picture: compare the mean colour with the shard's JPEG.
+    with tarfile.open(registry_dir / "datasets/web-demo/v1/shards/train-000000.tar") as tar:
+        original = Image.open(io.BytesIO(tar.extractfile("000000002.jpg").read())).convert("RGB")
+    mean = lambda im: np.asarray(im.resize((8, 8)), dtype=float).reshape(-1, 3).mean(axis=0)  # noqa: E731
+    assert all(abs(a - b) < 12 for a, b in zip(mean(image.convert("RGB")), mean(original)))
+    thumbs = client.app.state.thumbs
+    hits = thumbs.hits
+    assert client.get(url).content == response.content
+    assert thumbs.hits == hits + 1
+
+
+def test_thumbnail_of_a_dropped_capfilt_image_comes_from_the_parent(client: TestClient, registry_dir: Path) -> None:
+    index = _index(registry_dir, "web-demo-capfilt").to_pylist()
+    dropped = next(row for row in index if row["status"] == "dropped")
+    assert dropped["shard"] is None  # CapFilt leaves it out of its shards
+    response = client.get(f"/api/versions/dataset/web-demo-capfilt/v1/thumb/{dropped['key']}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    # web v1 dropped 000000005 before sharding and has no parent: a clear error, not a crash.
+    response = client.get("/api/versions/dataset/web-demo/v1/thumb/000000005")
+    assert response.status_code == 404 and "too_small" in response.json()["error"]
+
+
+def test_thumbnail_errors(client: TestClient) -> None:
+    base = "/api/versions/dataset/web-demo/v1"
+    assert client.get(f"{base}/thumb/999999999").status_code == 404
+    assert "size must be one of" in client.get(f"{base}/thumb/000000001?size=100").json()["error"]
+    # (A bare ".." is resolved by the HTTP client itself before the request is sent.)
+    for key in ("..%2f..%2fmanifest.json", "%2e%2e%2fmanifest.json", "%2e%2e", ".%2E"):
+        response = client.get(f"{base}/thumb/{key}")
+        assert response.status_code == 404, key
+        assert response.headers["content-type"].startswith("application/json")
+
+
+def test_referenced_image_file(client: TestClient) -> None:
+    response = client.get("/api/versions/dataset/web-demo/v1/image?path=images/example.jpg")
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).format == "JPEG"
+
+
+@pytest.mark.parametrize("raw_query, status", [
+    ("path=../../../../etc/passwd", 400),
+    ("path=/etc/passwd", 400),
+    ("path=%2Fetc%2Fpasswd", 400),
+    ("path=%2e%2e%2f%2e%2e%2fv2%2fimages%2fexample.jpg", 400),
+    ("path=%252e%252e%252fmanifest.json", 404),
+    ("path=images/../images/example.jpg", 400),
+    ("path=images/./example.jpg", 400),
+    ("path=images%5cexample.jpg", 400),
+    ("path=manifest.json", 404),
+    ("path=images/other.jpg", 404),
+    ("path=index.parquet", 403),
+    ("path=", 400),
+])
+def test_image_paths_are_refused(client: TestClient, raw_query: str, status: int) -> None:
+    response = client.get(f"/api/versions/dataset/web-demo/v1/image?{raw_query}")
+    assert response.status_code == status, response.text
+    assert "refused" in response.json()["error"] or "empty" in response.json()["error"]
+    assert b"root:" not in response.content
+
+
+def test_symlinks_out_of_the_registry_are_refused(hostile) -> None:
+    client, _, _ = hostile
+    for url in ("/api/versions/dataset/symlinked/v1/image?path=images/cover.jpg",
+                "/api/versions/dataset/symlinked/v1/thumb/000000000"):
+        response = client.get(url)
+        assert response.status_code == 403, response.text
+        assert "outside the registry" in response.json()["error"]
+        assert SECRET not in response.content
+
+
+def test_tar_scan_fallback_without_offsets(hostile) -> None:
+    client, _, _ = hostile
+    response = client.get("/api/versions/dataset/ok-no-offsets/v1/thumb/000000001")
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).format == "JPEG"
+
+
+@pytest.mark.parametrize("name, status, words", [
+    ("missing-shard", 404, "missing from the registry"),
+    ("corrupt-shard", 422, "cannot decode image"),
+    ("corrupt-shard-no-offsets", 502, "corrupt"),
+    ("truncated-shard", 502, "truncated"),
+    ("bomb", 422, "pixel limit"),
+    ("huge-bomb", 422, "cannot decode image"),
+    ("garbage", 422, "cannot decode image"),
+])
+def test_broken_images_are_json_errors(hostile, name: str, status: int, words: str) -> None:
+    client, _, _ = hostile
+    response = client.get(f"/api/versions/dataset/{name}/v1/thumb/000000000")
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+    # The rest of the version still works: its sample page and the other thumbnails.
+    assert client.get(f"/api/versions/dataset/{name}/v1/samples").status_code == 200
+    if name in ("bomb", "huge-bomb", "garbage"):
+        assert client.get(f"/api/versions/dataset/{name}/v1/thumb/000000001").status_code == 200
+
+
+def test_bomb_limit_is_below_pillows(hostile) -> None:
+    from PIL import Image as PILImage
+
+    assert 10000 * 8000 > MAX_IMAGE_PIXELS  # the "bomb" fixture trips our own header check
+    assert PILImage.MAX_IMAGE_PIXELS is None or MAX_IMAGE_PIXELS <= PILImage.MAX_IMAGE_PIXELS
+
+
+def test_corrupt_index_is_a_json_error(hostile) -> None:
+    client, _, _ = hostile
+    detail = client.get("/api/versions/dataset/corrupt-index/v1")
+    assert detail.status_code == 200 and "cannot read index.parquet" in detail.json()["parquet"]["index"]["error"]
+    response = client.get("/api/versions/dataset/corrupt-index/v1/samples")
+    assert response.status_code == 502 and "per-sample index" in response.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- diff, models
+def test_diff_between_versions(client: TestClient, registry_dir: Path) -> None:
+    body = client.get("/api/diff?a=web-demo@v1&b=web-demo@v2").json()
+    a, b = (_index(registry_dir, "web-demo", v).to_pylist() for v in ("v1", "v2"))
+    keys_a, keys_b = {r["key"] for r in a}, {r["key"] for r in b}
+    captions_a = {r["key"]: r["caption"] for r in a}
+    recaptioned = {r["key"] for r in b if r["key"] in keys_a and captions_a[r["key"]] != r["caption"]}
+    assert body["counts"]["added"] == len(keys_b - keys_a) == 4
+    assert body["counts"]["removed"] == len(keys_a - keys_b) == 2
+    assert body["counts"]["recaptioned"] == len(recaptioned) == 2
+    assert body["counts"]["restored"] == 1  # 000000005 was dropped in v1 and is back in v2
+    added = client.get("/api/diff?a=web-demo@v1&b=web-demo@v2&category=added").json()
+    assert {row["key"] for row in added["rows"]} == keys_b - keys_a
+    assert all(row["a"] is None and row["b"]["caption"] for row in added["rows"])
+    removed = client.get("/api/diff?a=web-demo@v1&b=web-demo@v2&category=removed").json()
+    assert all(row["b"] is None and "/web-demo/v1/thumb/" in row["thumb"] for row in removed["rows"])
+    assert client.get(removed["rows"][0]["thumb"]).status_code == 200
+    paged = client.get("/api/diff?a=web-demo@v1&b=web-demo@v2&limit=3&offset=3").json()
+    assert paged["total"] == 9 and len(paged["rows"]) == 3
+
+
+def test_diff_of_capfilt_shows_kept_texts(client: TestClient) -> None:
+    body = client.get("/api/diff?a=web-demo@v1&b=web-demo-capfilt@v1&category=newly_dropped").json()
+    assert body["total"] == body["counts"]["newly_dropped"] > 0
+    row = body["rows"][0]
+    assert row["reason"] == "no_caption_kept" and row["b"]["kept_texts"] == []
+    recaptioned = client.get("/api/diff?a=web-demo@v1&b=web-demo-capfilt@v1&category=recaptioned").json()
+    assert all(r["b"]["caption_source"] == "synthetic" for r in recaptioned["rows"])
+
+
+@pytest.mark.parametrize("query, status", [
+    ("a=web-demo@v1", 400), ("a=web-demo@v1&b=web-demo@v7", 404), ("a=nothing&b=web-demo@v1", 404),
+    ("a=web-demo@v1&b=web-demo@v2&category=renamed", 400), ("a=../etc&b=web-demo@v1", 400),
+])
+def test_diff_errors(client: TestClient, query: str, status: int) -> None:
+    response = client.get(f"/api/diff?{query}")
+    assert response.status_code == status and response.json()["error"]
+
+
+def test_models_side_by_side(client: TestClient) -> None:
+    body = client.get("/api/models").json()
+    rows = {row["ref"]: row for row in body["models"]}
+    assert set(rows) == {"blip-tiny-pretrain@v1", "blip-tiny-bootstrapped@v1"}
+    assert rows["blip-tiny-bootstrapped@v1"]["datasets"] == ["web-demo-capfilt@v1"]
+    assert rows["blip-tiny-bootstrapped@v1"]["metrics"]["retrieval+caption/tr_r1"] == pytest.approx(14.9)
+    assert rows["blip-tiny-pretrain@v1"]["metrics"]["train/loss_itc"] == pytest.approx(2.91)
+    assert set(body["columns"]) == set().union(*(row["metrics"] for row in rows.values()))
+
+
+def test_unknown_api_path_is_json_and_serve_binds_loopback(client: TestClient) -> None:
+    response = client.get("/api/nope")
+    assert response.status_code == 404 and response.json()["error"]
+    assert inspect.signature(browser_app.serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_new_versions_appear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(browser_app, "CATALOG_TTL_S", 0.0)
+    root = tmp_path / "registry"
+    client = TestClient(create_app(str(root), thumb_cache_dir=tmp_path / "thumbs"))
+    assert client.get("/api/versions").json()["versions"] == []
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "metrics.json").write_text(json.dumps({"cider": 1.0}))
+    Registry(str(root)).publish(kind="evaluation", name="late-eval", staging_dir=staging,
+                                files=[{"path": "metrics.json", "role": "metrics"}],
+                                producer=Producer(stage="evaluate"), stats={"metrics": {"cider": 1.0}})
+    assert [row["ref"] for row in client.get("/api/versions").json()["versions"]] == ["late-eval@v1"]
+    assert client.get("/api/versions/evaluation/late-eval/v1").status_code == 200
+
+
+def test_remote_registry_over_fsspec(tmp_path: Path) -> None:
+    """An fsspec registry (memory://, as s3:// or gs:// would be): Parquet and shards read through fsspec."""
+    import uuid
+
+    url = f"memory://browser-{uuid.uuid4().hex[:8]}"
+    build_sample_registry(url)
+    client = TestClient(create_app(url, thumb_cache_dir=tmp_path / "thumbs"))
+    body = client.get("/api/versions/dataset/web-demo-capfilt/v1/samples?source=synthetic&min_score=0.9").json()
+    assert body["total"] > 0 and all(
+        any(t["source"] == "synthetic" and t["itm_score"] >= 0.9 for t in s["texts"]) for s in body["samples"])
+    thumb = client.get(body["samples"][0]["thumb"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert client.get("/api/diff?a=web-demo@v1&b=web-demo@v2").json()["counts"]["added"] == 4
+    refused = client.get("/api/versions/dataset/web-demo/v1/image?path=../v2/index.parquet")
+    assert refused.status_code == 400

@@ -1,0 +1,158 @@
+"""Unit tests of the CapFilt pure functions (no Ray): config, seeds, keep_mask, decisions, stats, tar I/O."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.tasks import capfilt
+from pipelines.tasks.capfilt import CapFiltConfig, FilterConfig
+
+
+def test_presets_load_and_typos_fail(tmp_path):
+    for name in ("tiny", "default", "129m"):
+        config = load_config(CapFiltConfig, capfilt_config_path(name))
+        assert config.captioner.top_p == 0.9 and config.filter.threshold == 0.5
+    big = load_config(CapFiltConfig, capfilt_config_path("129m"))
+    assert big.compute.num_gpus_per_actor == 0.5 and big.compute.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="captioner.top_pp"):
+        load_config(CapFiltConfig, {"captioner": {"top_pp": 0.8}})
+    with pytest.raises(ConfigError, match="thresholds.webb"):
+        load_config(CapFiltConfig, {"filter": {"thresholds": {"webb": 0.3}}})
+    with pytest.raises(ConfigError, match="threshold"):
+        load_config(CapFiltConfig, {"filter": {"threshold": 1.5}})
+    overridden = load_config(CapFiltConfig, capfilt_config_path("tiny"), ["filter.thresholds.web=0.7"])
+    assert overridden.filter.threshold_for("web") == 0.7 and overridden.filter.threshold_for("synthetic") == 0.5
+
+
+def capfilt_config_path(name):
+    from pipelines.commands.capfilt import resolve_config_path
+
+    return resolve_config_path(name)
+
+
+def test_cache_key_ignores_actor_layout_but_not_sampling():
+    from pipelines.config import config_hash
+
+    base = load_config(CapFiltConfig, {})
+    more_actors = load_config(CapFiltConfig, {"compute": {"num_actors": 8, "colocate": False}})
+    other_seed = load_config(CapFiltConfig, {"captioner": {"seed": 1}})
+    other_batch = load_config(CapFiltConfig, {"compute": {"batch_size": 3}})
+    assert config_hash(base.cache_relevant()) == config_hash(more_actors.cache_relevant())
+    assert config_hash(base.cache_relevant()) != config_hash(other_seed.cache_relevant())
+    assert config_hash(base.cache_relevant()) != config_hash(other_batch.cache_relevant())
+
+
+def test_sample_seed_is_stable_and_distinct():
+    seed = capfilt.sample_seed(0, "000012", 0)
+    assert seed == capfilt.sample_seed(0, "000012", 0)
+    assert 0 <= seed < 2**63
+    others = {capfilt.sample_seed(0, "000012", 1), capfilt.sample_seed(1, "000012", 0), capfilt.sample_seed(0, "000013", 0)}
+    assert seed not in others and len(others) == 3
+    # Pinned value: a change of the hash would silently change every published caption.
+    assert seed == int.from_bytes(__import__("hashlib").sha256(b"0\x00000012\x000").digest()[:8], "big") & (2**63 - 1)
+
+
+def test_keep_mask_uses_per_source_thresholds():
+    config = FilterConfig(threshold=0.5, thresholds={"web": 0.7})
+    assert capfilt.keep_mask([0.6, 0.6, 0.5, 0.49], ["web", "synthetic", "synthetic", "synthetic"], config) == [
+        False, True, True, False,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="2 scores for 1 sources"):
+        capfilt.keep_mask([0.1, 0.2], ["web"], config)
+
+
+def test_decide_texts_records_every_decision():
+    config = load_config(CapFiltConfig, {"captioner": {"num_captions": 2}})
+    seeds = [capfilt.sample_seed(0, "k", i) for i in range(2)]
+    records = capfilt.decide_texts("k", "a red circle", ["a blue square", "a red circle"], [0.2, 0.9, 0.70000004],
+                                   seeds, config, captioner="cap@v1", filter_ref="itm@v1")  # fmt: skip
+    assert [r["source"] for r in records] == ["web", "synthetic", "synthetic"]
+    assert [r["kept"] for r in records] == [False, True, True]
+    assert records[0]["drop_reason"] == "itm_below_threshold" and records[0]["captioner"] is None
+    assert records[1]["seed"] == seeds[0] and records[2]["sample_index"] == 1 and records[2]["captioner"] == "cap@v1"
+    assert records[2]["itm_score"] == 0.7 and all(r["filter"] == "itm@v1" for r in records)
+    assert capfilt.choose_caption(records)["text"] == "a blue square"
+
+    missing = capfilt.decide_texts("m", None, ["x y"], [0.99, 0.1], seeds[:1], config, captioner="c", filter_ref="f")
+    assert missing[0]["drop_reason"] == "missing_web_text" and not missing[0]["kept"]
+    broken = capfilt.decide_texts("b", "web text", [], None, [], config, captioner="c", filter_ref="f",
+                                  image_error="decode_error")  # fmt: skip
+    assert broken == [dict(broken[0], kept=False, drop_reason="decode_error", itm_score=None)]
+    assert capfilt.choose_caption(broken) is None
+    with pytest.raises(ValueError, match="1 scores for 2 texts"):
+        capfilt.decide_texts("k", "a", ["b"], [0.5], seeds[:1], config, captioner="c", filter_ref="f")
+
+
+def test_histogram_and_stats_merge():
+    assert capfilt.histogram([0.0, 0.04, 0.05, 0.5, 0.999, 1.0], bins=20) == [2, 1] + [0] * 8 + [1] + [0] * 8 + [2]
+    config = load_config(CapFiltConfig, {})
+    shard_a = capfilt.decide_texts("a", "good", ["syn"], [0.8, 0.3], [1], config, captioner="c", filter_ref="f")
+    shard_b = capfilt.decide_texts("b", "bad", ["syn2"], [0.1, 0.6], [2], config, captioner="c", filter_ref="f")
+    samples_a = [{"status": "ok", "drop_reason": None}]
+    samples_b = [{"status": "ok", "drop_reason": None}, {"status": "dropped", "drop_reason": "decode_error"}]
+    merged = capfilt.merge_stats([capfilt.shard_stats(shard_a, samples_a), capfilt.shard_stats(shard_b, samples_b)])
+    assert merged["samples"] == 3 and merged["samples_kept"] == 2
+    assert merged["texts"] == {"web": 2, "synthetic": 2} and merged["texts_kept"] == {"web": 1, "synthetic": 1}
+    assert merged["kept_fraction"] == {"web": 0.5, "synthetic": 0.5}
+    assert merged["sample_drop_reasons"] == {"decode_error": 1}
+    assert merged["text_drop_reasons"] == {"itm_below_threshold": 2}
+    assert sum(merged["histograms"]["web"]) == 2 and merged["histograms"]["web"][16] == 1
+    assert {r["text"] for r in merged["rejects"]} == {"syn", "bad"}
+    assert len(merged["histogram_edges"]) == 21
+
+
+def _tar_bytes(members):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
+
+
+def test_iter_tar_samples_slices_and_rejects_split_keys():
+    members = [(f"{k:03d}.{ext}", f"{k}{ext}".encode()) for k in range(5) for ext in ("jpg", "json", "txt")]
+    assert capfilt.count_tar_samples(_tar_bytes(members)) == 5
+    samples = list(capfilt.iter_tar_samples(_tar_bytes(members), 1, 3))
+    assert [(o, k) for o, k, _ in samples] == [(1, "001"), (2, "002")]
+    assert samples[0][2] == {"jpg": b"1jpg", "json": b"1json", "txt": b"1txt"}
+    assert [k for _, k, _ in capfilt.iter_tar_samples(_tar_bytes(members), 3)] == ["003", "004"]
+    split = members[:2] + members[3:6] + members[2:3]  # 000.txt after 001.*: not contiguous
+    with pytest.raises(ValueError, match="not contiguous"):
+        list(capfilt.iter_tar_samples(_tar_bytes(split)))
+
+
+def test_write_tar_is_deterministic(tmp_path):
+    members = [("a.jpg", b"\xff\xd8x"), ("a.json", capfilt.dumps({"b": 1, "a": [0.5]})), ("a.txt", b"hi")]
+    capfilt.write_tar(tmp_path / "one.tar", members)
+    capfilt.write_tar(tmp_path / "two.tar", members)
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    with tarfile.open(tmp_path / "one.tar") as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == ["a.jpg", "a.json", "a.txt"]
+        assert all(i.mtime == 0 and i.uid == 0 and i.uname == "" for i in infos)
+        assert json.loads(tar.extractfile("a.json").read()) == {"a": [0.5], "b": 1}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_decode_items_align_on_batches():
+    shard = capfilt.ShardPlan(0, "shards/train-000000.tar", "/x.tar", "train", 11)
+    empty = capfilt.ShardPlan(1, "shards/train-000001.tar", "/y.tar", "train", 0)
+    compute = capfilt.ComputeConfig(batch_size=2, batches_per_decode_task=2)
+    items = capfilt.decode_items([shard, empty], compute)
+    assert [(i["start"], i["stop"]) for i in items] == [(0, 4), (4, 8), (8, 11)]
+    assert all(i["expected"] == 11 for i in items)
+
+
+def test_quality_names_scene():
+    from pipelines.tasks.capfilt_quality import names_scene
+
+    assert names_scene("two red circles on a grey background", "circle", "red") == (True, True)
+    assert names_scene("a blue square", "circle", "red") == (False, False)

@@ -1,0 +1,231 @@
+"""`blip data ...` through the real entry point (`pipelines.cli.main`) on a local and a memory:// registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datasets_manifests.registry import Registry
+from pipelines.cli import main
+
+from datasets_fixtures import memory_url, publish_dataset, sample_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["local", "memory"])
+def populated(request, tmp_path) -> Registry:
+    """raw@v1 (web, 2 dropped) -> capfilt@v1 (one caption changed, one more dropped, one sample gone)."""
+    registry = Registry(tmp_path / "registry" if request.param == "local" else memory_url())
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(
+        8, dropped={2: "failed_to_download", 5: "image_too_small"}), stage="download")
+    rows = sample_rows(8, dropped={2: "failed_to_download", 5: "image_too_small", 6: "itm_below_threshold"},
+                       captions={1: "a synthetic caption"})
+    rows = [row for row in rows if row["key"] != "s000007"]
+    publish_dataset(registry, tmp_path / "cf", "capfilt", rows, parents=(raw,), stage="capfilt")
+    return registry
+
+
+def run(capsys, registry: Registry | str, *args: str) -> tuple[int, str, str]:
+    url = registry.url if isinstance(registry, Registry) else registry
+    code = main(["data", "--registry", url, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ls_lists_versions_and_empty_registry(populated, capsys, tmp_path):
+    code, out, _ = run(capsys, populated, "ls")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["VERSION", "KIND", "ID"]
+    assert any(line.startswith("capfilt@v1") and "raw@v1" in line for line in lines)
+    assert any(line.startswith("raw@v1") and " 6 " in line for line in lines)  # 6 kept samples
+    code, out, _ = run(capsys, populated, "ls", "--json", "--kind", "dataset")
+    assert {item["ref"] for item in json.loads(out)} == {"raw@v1", "capfilt@v1"}
+    code, out, _ = run(capsys, str(tmp_path / "empty"), "ls")
+    assert code == 0 and "no versions" in out
+
+
+def test_show_prints_counts_drop_reasons_lineage_and_browse_hint(populated, capsys):
+    code, out, _ = run(capsys, populated, "show", "capfilt@latest")
+    assert code == 0
+    assert "counts: dropped=3, ok=4, total=7" in out
+    assert "drop reasons (3 dropped):" in out and "itm_below_threshold" in out
+    assert "stats capfilt:" in out and "made from:" in out and "raw@v1" in out
+    assert f"browse: blip data serve --registry {populated.url}" in out
+    code, out, _ = run(capsys, populated, "show", "raw", "--json")
+    data = json.loads(out)
+    assert data["drop_reasons"] == {"failed_to_download": 1, "image_too_small": 1}
+    assert data["lineage"]["children"][0]["ref"] == "capfilt@v1"
+
+
+def test_lineage_up_and_down(populated, capsys):
+    code, out, _ = run(capsys, populated, "lineage", "raw@v1")
+    assert code == 0 and "used by:" in out and "capfilt@v1" in out
+    code, out, _ = run(capsys, populated, "lineage", "capfilt", "--json")
+    tree = json.loads(out)
+    assert [node["ref"] for node in tree["parents"]] == ["raw@v1"] and tree["children"] == []
+
+
+def test_diff_by_key(populated, capsys):
+    code, out, _ = run(capsys, populated, "diff", "raw@v1", "capfilt@v1", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["counts"] == {"a": 8, "b": 7, "common": 7, "added": 0, "removed": 1, "recaptioned": 1,
+                                "newly_dropped": 1, "restored": 0}
+    assert result["removed"] == ["s000007"]
+    assert result["recaptioned"] == [{"key": "s000001", "a": "a photo of thing 1", "b": "a synthetic caption"}]
+    assert result["newly_dropped"] == [{"key": "s000006", "reason": "itm_below_threshold"}]
+    code, out, _ = run(capsys, populated, "diff", "raw@v1", "capfilt@v1")
+    assert "~ s000001" in out and "x s000006: itm_below_threshold" in out and "- s000007" in out
+
+
+def test_verify_passes_then_names_the_corrupted_file(populated, capsys):
+    code, out, _ = run(capsys, populated, "verify", "capfilt@v1")
+    assert code == 0 and "ok (2 files" in out
+    manifest = populated.resolve("capfilt@v1")
+    path = populated.path_of(manifest, "shards/train-000000.tar")
+    with populated.fs.open(path, "rb") as handle:
+        payload = bytearray(handle.read())
+    payload[600] ^= 0xFF  # flip one byte in place: same size, different sha256
+    with populated.fs.open(path, "wb") as handle:
+        handle.write(bytes(payload))
+    code, _, err = run(capsys, populated, "verify", "capfilt@v1")
+    assert code == 1 and "shards/train-000000.tar: sha256" in err
+    populated.fs.rm(populated.path_of(manifest, "index.parquet"))
+    code, out, _ = run(capsys, populated, "verify", "capfilt@v1", "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and "index.parquet: missing" in problems and len(problems) == 2
+
+
+def test_samples_with_where_text_and_json(populated, capsys):
+    code, out, _ = run(capsys, populated, "samples", "capfilt@v1", "--where", "status=dropped")
+    assert code == 0 and "3 matching samples" in out
+    assert "[dropped:itm_below_threshold]" in out
+    code, out, _ = run(capsys, populated, "samples", "capfilt@v1", "--where", "drop_reason=failed_to_download",
+                       "--where", "drop_reason=image_too_small", "--json")
+    assert [row["key"] for row in json.loads(out)["rows"]] == ["s000002", "s000005"]
+    code, out, _ = run(capsys, populated, "samples", "capfilt@v1", "--text", "synthetic", "--columns", "key,caption")
+    assert "key='s000001'" in out and "1 matching" in out
+    code, out, _ = run(capsys, populated, "samples", "capfilt@v1", "--n", "2", "--offset", "5", "--json")
+    assert json.loads(out)["total"] == 7 and [r["key"] for r in json.loads(out)["rows"]] == ["s000005", "s000006"]
+
+
+def test_catalog_lists_and_shows(capsys, tmp_path):
+    code, out, _ = run(capsys, str(tmp_path), "catalog")
+    assert code == 0
+    for name in ("coco_karpathy", "flickr30k", "cc3m", "cc12m", "sbu", "visual_genome", "laion115m",
+                 "blip-14m", "blip-129m"):
+        assert name in out
+    code, out, _ = run(capsys, str(tmp_path), "catalog", "blip-129m")
+    assert "laion_synthetic_filtered_large.json" in out and "~129,000,000 [P]" in out
+    code, out, _ = run(capsys, str(tmp_path), "catalog", "sbu", "--json")
+    assert json.loads(out)["counts"][0]["evidence"] == "U"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["show", "nope@v1"], "no version of 'nope'"),
+    (["show", "raw@v9"], "'raw@v9' not found (versions of raw: v1)"),
+    (["samples", "raw", "--where", "colour=red"], "unknown column 'colour'"),
+    (["samples", "raw", "--where", "nonsense"], "expected COL=VAL"),
+    (["catalog", "imagenet"], "unknown composition 'imagenet'"),
+])
+def test_errors_are_one_line(populated, capsys, args, message):
+    code, out, err = run(capsys, populated, *args)
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_registry_option_after_subcommand_and_from_environment(populated, capsys, monkeypatch):
+    assert main(["data", "ls", "--registry", populated.url]) == 0
+    assert "raw@v1" in capsys.readouterr().out
+    monkeypatch.setenv("BLIP_REGISTRY", populated.url)
+    assert main(["data", "show", "raw@v1"]) == 0
+    assert "raw@v1" in capsys.readouterr().out
+
+
+def test_data_ls_starts_without_heavy_imports(tmp_path):
+    code = (
+        "import sys; from pipelines.cli import main; rc = main(['data', '--registry', sys.argv[1], 'ls']);"
+        "heavy = sorted(m for m in ('torch', 'ray', 'prefect', 'pyarrow', 'webdataset') if m in sys.modules);"
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_path):
+    """An index that points at a shard the version does not list is a problem; an edited manifest is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import INDEX_FILE
+    from datasets_manifests.manifest import Producer
+
+    registry = Registry(tmp_path / "registry")
+    staging = tmp_path / "staging"
+    publish_dataset(registry, staging, "raw", sample_rows(3))
+    index = pq.read_table(registry.local_path(registry.resolve("raw"), INDEX_FILE))
+    rows = index.to_pylist()
+    rows[0]["shard"] = "shards/elsewhere.tar"
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), staging / INDEX_FILE)  # bypasses write_index
+    registry.publish(kind="dataset", name="bad", staging_dir=staging, files=[{"path": INDEX_FILE, "role": "index"}],
+                     producer=Producer(stage="t"))
+    code, _, err = run(capsys, registry, "verify", "bad@v1")
+    assert code == 1 and "samples point at shards/elsewhere.tar" in err
+
+    manifest_path = tmp_path / "registry" / "datasets" / "raw" / "v1" / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["counts"]["ok"] = 1000
+    manifest_path.write_text(json.dumps(data))
+    code, _, err = run(capsys, registry, "verify", "raw@v1")
+    assert code == 2 and "corrupt manifest" in err and "content id" in err
+
+
+def test_lineage_diamond_models_and_missing_parents(capsys, tmp_path):
+    """web -> (a, b) -> merged -> model; a parent published in another registry shows as missing."""
+    from datasets_manifests.ops import lineage
+
+    registry = Registry(tmp_path / "registry")
+    web = publish_dataset(registry, tmp_path / "w", "web", sample_rows(3))
+    left = publish_dataset(registry, tmp_path / "a", "left", sample_rows(3), parents=(web,))
+    right = publish_dataset(registry, tmp_path / "b", "right", sample_rows(2), parents=(web,))
+    merged = publish_dataset(registry, tmp_path / "m", "merged", sample_rows(3), parents=(left, right))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    from datasets_manifests.manifest import Producer
+
+    registry.publish(kind="model", name="blip-tiny", staging_dir=tmp_path / "ckpt", parents=[merged],
+                     files=[{"path": "model.safetensors", "role": "weights"}], producer=Producer(stage="pretrain"))
+
+    tree = lineage(registry, "merged")
+    assert [node.ref for node in tree.parents] == ["left@v1", "right@v1"]
+    assert [node.repeated for node in (tree.parents[0].links[0], tree.parents[1].links[0])] == [False, True]
+    assert [node.ref for node in tree.children] == ["blip-tiny@v1"]
+    down = lineage(registry, "web")
+    assert [n.ref for n in down.children] == ["left@v1", "right@v1"]
+    assert down.children[0].links[0].links[0].ref == "blip-tiny@v1"
+
+    elsewhere = Registry(tmp_path / "other")
+    publish_dataset(elsewhere, tmp_path / "o", "derived", sample_rows(2), parents=(web,))
+    code, out, _ = run(capsys, elsewhere, "lineage", "derived")
+    assert code == 0 and "web@v1  [missing from this registry" in out
+    code, out, _ = run(capsys, registry, "show", "web")
+    assert "(see above)" in out and "blip-tiny@v1  [model" in out
+
+    (tmp_path / "ckpt2").mkdir()
+    (tmp_path / "ckpt2" / "model.safetensors").write_bytes(b"better weights")
+    registry.publish(kind="model", name="blip-tiny", staging_dir=tmp_path / "ckpt2", parents=[merged],
+                     files=[{"path": "model.safetensors", "role": "weights"}], producer=Producer(stage="pretrain"))
+    code, out, _ = run(capsys, registry, "diff", "blip-tiny@v1", "blip-tiny@v2")
+    assert code == 0 and "manifest differences only" in out and '"changed": ["model.safetensors"]' in out
+    code, _, err = run(capsys, registry, "diff", "web@v1", "blip-tiny@v2")
+    assert code == 2 and "blip-tiny@v2 has no index.parquet" in err

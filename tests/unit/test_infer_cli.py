@@ -1,0 +1,156 @@
+"""`blip infer caption | itm | vqa | features` on tiny checkpoints in all three formats (ours, official .pth,
+transformers directory), plus the one-line errors for a wrong checkpoint kind, an unreadable image, an empty text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from blip_models import checkpoints as ck
+from blip_models.configuration_blip import preset
+from pipelines.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: contended threads make tiny models slow
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def config64():
+    """Tiny, but with 64-dim heads so official-layout files need no head-count hint (as the released ones)."""
+    return preset("tiny").replace(vision={"width": 64, "heads": 1},
+                                  text={"hidden_size": 64, "num_attention_heads": 1, "encoder_width": 64})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for index, color in enumerate([(255, 0, 0), (0, 128, 255), (40, 200, 40)]):
+        Image.new("RGB", (40 + 8 * index, 30), color).save(folder / f"img{index}.png")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    return folder
+
+
+def _build(kind, config):
+    torch.manual_seed(0)
+    return ck.build_model(kind, config).eval()
+
+
+@pytest.fixture(scope="module")
+def caption_dir(tmp_path_factory, config64):
+    return ck.save_pretrained(_build("caption", config64), tmp_path_factory.mktemp("ckpt") / "caption")
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_caption_folder_batched_from_our_directory(caption_dir, images, capsys):
+    code = main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(images), "--batch-size", "2",
+                 "--json", "--max-length", "10"])  # fmt: skip
+    assert code == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [row["image"].rsplit("/", 1)[-1] for row in rows] == ["img0.png", "img1.png", "img2.png"]
+    assert all(isinstance(row["caption"], str) for row in rows)
+
+
+def test_caption_is_reproducible_and_matches_the_model(caption_dir, images, capsys):
+    from blip_models.inference import CaptionSettings, caption, load_images
+    from blip_models.tokenizer import load_tokenizer
+
+    main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(images / "img1.png"),
+          "--max-length", "10"])  # fmt: skip
+    out = capsys.readouterr().out.strip()
+    model = ck.from_pretrained(caption_dir)
+    expected = caption(model, load_tokenizer(), load_images([images / "img1.png"], 32),
+                       CaptionSettings(max_length=10))[0]  # fmt: skip
+    assert out == f"{images / 'img1.png'}\t{expected}"
+
+
+def test_itm_from_an_official_pth(tmp_path, config64, images, capsys):
+    path = tmp_path / "model_base_retrieval_tiny.pth"
+    torch.save({"model": _build("retrieval", config64).state_dict(), "epoch": 1}, path)
+    code = main(["infer", "itm", "--checkpoint", str(path), "--image", str(images / "img0.png"),
+                 "--text", "a red square", "--text", "a blue sky", "--json"])  # fmt: skip
+    assert code == 0
+    (row,) = _json_lines(capsys.readouterr().out)
+    assert [result["text"] for result in row["results"]] == ["a red square", "a blue sky"]
+    for result in row["results"]:
+        assert 0.0 <= result["itm_probability"] <= 1.0 and -1.0 <= result["itc_cosine"] <= 1.0
+
+
+def test_vqa_rank_and_generate(tmp_path, config64, images, capsys):
+    directory = ck.save_pretrained(_build("vqa", config64), tmp_path / "vqa")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "two"]))
+    code = main(["infer", "vqa", "--checkpoint", str(directory), "--image", str(images), "--question",
+                 "what color is it?", "--answers", str(answers), "--json"])  # fmt: skip
+    assert code == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert len(rows) == 3 and all(row["answers"][0]["answer"] in {"red", "blue", "two"} for row in rows)
+    assert main(["infer", "vqa", "--checkpoint", str(directory), "--image", str(images / "img0.png"),
+                 "--question", "what is it?"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.count("\t") == 2
+
+
+def test_features_to_file(tmp_path, config64, images, capsys):
+    directory = ck.save_pretrained(_build("features", config64), tmp_path / "features")
+    output = tmp_path / "feats.pt"
+    code = main(["infer", "features", "--checkpoint", str(directory), "--image", str(images), "--text", "a square",
+                 "--output", str(output), "--precision", "bf16"])  # fmt: skip
+    assert code == 0
+    saved = torch.load(output)
+    assert saved["image_feature"].shape == (3, config64.embed_dim)
+    assert saved["multimodal_feature"].shape == (3, 64)
+    torch.testing.assert_close(saved["image_feature"].norm(dim=-1), torch.ones(3), atol=2e-2, rtol=0)
+
+
+def test_caption_from_a_transformers_directory(tmp_path, images, capsys):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BlipConfig(
+        text_config={"vocab_size": 30524, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 1, "max_position_embeddings": 64},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
+                       "image_size": 32, "patch_size": 8},
+    )  # fmt: skip
+    transformers.BlipForConditionalGeneration(config).save_pretrained(tmp_path / "hf")
+    assert main(["infer", "caption", "--checkpoint", str(tmp_path / "hf"), "--image", str(images / "img2.png"),
+                 "--json", "--max-length", "8"]) == 0  # fmt: skip
+    assert "caption" in _json_lines(capsys.readouterr().out)[0]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_wrong_checkpoint_kind_is_one_line(caption_dir, images, capsys):
+    assert main(["infer", "itm", "--checkpoint", str(caption_dir), "--image", str(images), "--text", "x"]) == 2
+    line = _error_line(capsys)
+    assert "cannot serve `infer itm`" in line and "'caption'" in line
+
+
+def test_unreadable_image_is_one_line(caption_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    assert main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(bad)]) == 2
+    assert "cannot read image" in _error_line(capsys)
+
+
+def test_empty_text_and_missing_paths_are_one_line(caption_dir, images, tmp_path, capsys):
+    assert main(["infer", "itm", "--checkpoint", str(caption_dir), "--image", str(images), "--text", "  "]) == 2
+    assert "empty text" in _error_line(capsys)
+    assert main(["infer", "caption", "--checkpoint", str(tmp_path / "nope"), "--image", str(images)]) == 2
+    assert "not found" in _error_line(capsys)
+    assert main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(tmp_path / "none.png")]) == 2
+    assert "image not found" in _error_line(capsys)

@@ -1,0 +1,199 @@
+"""Registry: publish / resolve / immutability / crash safety, on a local directory and on fsspec memory://."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from datasets_manifests.manifest import Manifest, Producer, cache_key
+from datasets_manifests.registry import NotFoundError, Registry, RegistryError, VersionExistsError
+
+from datasets_fixtures import memory_url, publish_dataset, sample_rows
+
+
+@pytest.fixture(params=["local", "memory"])
+def registry(request, tmp_path) -> Registry:
+    return Registry(tmp_path / "registry" if request.param == "local" else memory_url())
+
+
+def stage_files(directory: Path, contents: dict[str, bytes]) -> list[dict]:
+    for relpath, payload in contents.items():
+        (directory / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (directory / relpath).write_bytes(payload)
+    return [{"path": relpath, "role": "other"} for relpath in contents]
+
+
+def publish_files(registry: Registry, directory: Path, contents: dict[str, bytes], **kwargs) -> Manifest:
+    files = stage_files(directory, contents)
+    kwargs.setdefault("producer", Producer(stage="test"))
+    return registry.publish(kind="dataset", name=kwargs.pop("name", "toy"), staging_dir=directory, files=files,
+                            **kwargs)
+
+
+def test_publish_and_resolve_every_ref_form(registry, tmp_path):
+    first = publish_files(registry, tmp_path / "a", {"x.bin": b"one"})
+    second = publish_files(registry, tmp_path / "b", {"x.bin": b"two", "sub/y.bin": b"why"})
+    assert (first.version, second.version) == ("v1", "v2")
+    assert registry.resolve("toy@v1") == first
+    assert registry.resolve("toy@latest") == second
+    assert registry.resolve("toy") == second
+    assert registry.resolve(f"toy@{first.id[:8]}") == first
+    assert [m.version for m in registry.versions("dataset", "toy")] == ["v1", "v2"]
+    with registry.open(second, "sub/y.bin") as handle:
+        assert handle.read() == b"why"
+    assert second.producer.code_version and second.producer.finished_at
+
+
+def test_resolve_errors_name_the_problem(registry, tmp_path):
+    publish_files(registry, tmp_path / "a", {"x.bin": b"one"})
+    with pytest.raises(NotFoundError, match="known names: toy"):
+        registry.resolve("nope@v1")
+    with pytest.raises(NotFoundError, match="versions of toy: v1"):
+        registry.resolve("toy@v9")
+    with pytest.raises(RegistryError, match="invalid name"):
+        registry.resolve("../etc@v1")
+
+
+def test_manifest_round_trip_and_content_id(registry, tmp_path):
+    manifest = publish_files(registry, tmp_path / "a", {"x.bin": b"one"}, counts={"total": 1})
+    loaded = Manifest.from_json(manifest.to_json())
+    assert loaded == manifest and loaded.id == manifest.id
+    # The id ignores when/where it was produced, not what was produced.
+    moved = Manifest.from_dict({**manifest.to_dict(), "producer": {**manifest.to_dict()["producer"], "host": "x"}})
+    assert moved.id == manifest.id
+    tampered = json.loads(manifest.to_json())
+    tampered["counts"]["total"] = 2
+    with pytest.raises(ValueError, match="stored id"):
+        Manifest.from_dict(tampered)
+    newer = {**manifest.to_dict(), "schema_version": 99}
+    with pytest.raises(ValueError, match="newer"):
+        Manifest.from_dict(newer)
+
+
+def test_versions_are_immutable(registry, tmp_path):
+    first = publish_files(registry, tmp_path / "a", {"x.bin": b"one"}, version="v1")
+    again = publish_files(registry, tmp_path / "b", {"x.bin": b"one"}, version="v1")
+    assert again.id == first.id  # same content under the same version: a no-op
+    with pytest.raises(VersionExistsError, match="toy@v1 already exists"):
+        publish_files(registry, tmp_path / "c", {"x.bin": b"different"}, version="v1")
+    with registry.open(first, "x.bin") as handle:
+        assert handle.read() == b"one"
+    with pytest.raises(RegistryError, match="read-only"):
+        registry.open(first, "x.bin", "wb")
+    with pytest.raises(NotFoundError, match="does not reference"):
+        registry.path_of(first, "other.bin")
+
+
+def test_publish_rejects_bad_input(registry, tmp_path):
+    with pytest.raises(RegistryError, match="invalid name"):
+        publish_files(registry, tmp_path / "a", {"x.bin": b"1"}, name="Bad Name")
+    with pytest.raises(RegistryError, match="staged file missing"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path, files=[{"path": "nothing.bin"}],
+                         producer=Producer(stage="t"))
+    stage_files(tmp_path / "b", {"x.bin": b"1"})
+    with pytest.raises(RegistryError, match="changed"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path / "b", producer=Producer(stage="t"),
+                         files=[{"path": "x.bin", "sha256": "0" * 64, "bytes": 1}])
+    with pytest.raises(RegistryError, match="invalid file path"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path / "b", producer=Producer(stage="t"),
+                         files=[{"path": "../x.bin"}])
+    with pytest.raises(RegistryError, match="invalid version"):
+        publish_files(registry, tmp_path / "c", {"x.bin": b"1"}, version="../v1")
+    with pytest.raises(RegistryError, match="unexpected keyword argument 'colour'"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path / "b", producer=Producer(stage="t"),
+                         files=[{"path": "x.bin", "colour": "red"}])
+    assert registry.versions("dataset", "toy") == []
+
+
+def test_crash_mid_publish_leaves_no_version_and_retry_works(registry, tmp_path, monkeypatch):
+    """Fault injection: placing/uploading the second file raises, as a killed process or a full disk would."""
+    staging = tmp_path / "staging"
+    files = stage_files(staging, {"a.bin": b"a" * 100, "b.bin": b"b" * 100, "c.bin": b"c" * 100})
+    calls = {"n": 0}
+
+    def fail_after_first(original):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError("injected crash while publishing")
+            return original(*args, **kwargs)
+        return wrapper
+
+    if registry.is_local:
+        import datasets_manifests.registry as registry_module
+
+        monkeypatch.setattr(registry_module, "_place_file", fail_after_first(registry_module._place_file))
+    else:
+        monkeypatch.setattr(registry.fs, "put_file", fail_after_first(registry.fs.put_file))
+    with pytest.raises(OSError, match="injected"):
+        registry.publish(kind="dataset", name="toy", staging_dir=staging, files=files, producer=Producer(stage="t"))
+    assert calls["n"] == 2
+    assert registry.versions("dataset", "toy") == []
+    assert registry.list() == []
+    with pytest.raises(NotFoundError):
+        registry.resolve("toy@latest")
+    if registry.is_local:
+        assert not list((Path(registry.root) / ".staging").iterdir())  # nothing half-staged left behind
+    assert sorted(p.name for p in staging.iterdir()) == ["a.bin", "b.bin", "c.bin"]  # staged files untouched
+
+    monkeypatch.undo()
+    manifest = registry.publish(kind="dataset", name="toy", staging_dir=staging, files=files,
+                                producer=Producer(stage="t"))
+    assert manifest.version == "v1"
+    if registry.is_local:
+        assert not list(staging.iterdir())  # moved: staged originals removed after the commit
+    assert [m.id for m in registry.versions("dataset", "toy")] == [manifest.id]
+    with registry.open(manifest, "c.bin") as handle:
+        assert handle.read() == b"c" * 100
+
+
+def test_crash_while_writing_manifest_is_invisible(tmp_path, monkeypatch):
+    """On an object store the manifest is the commit: fail writing it and the uploaded files stay invisible."""
+    registry = Registry(memory_url())
+    files = stage_files(tmp_path, {"a.bin": b"a"})
+    original_open = registry.fs.open
+
+    def open_failing_on_manifest(path, mode="rb", **kwargs):
+        if str(path).endswith("manifest.json") and "w" in mode:
+            raise OSError("injected crash before commit")
+        return original_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(registry.fs, "open", open_failing_on_manifest)
+    with pytest.raises(OSError, match="injected"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path, files=files, producer=Producer(stage="t"))
+    monkeypatch.undo()
+    assert registry.versions("dataset", "toy") == []
+    assert registry.publish(kind="dataset", name="toy", staging_dir=tmp_path, files=files,
+                            producer=Producer(stage="t")).version == "v1"
+
+
+def test_lineage_helpers_cache_and_children(registry, tmp_path):
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(4))
+    key = cache_key("capfilt", [raw.id], "cfg1")
+    derived = publish_files(registry, tmp_path / "d", {"x.bin": b"d"}, name="derived", parents=[raw],
+                            producer=Producer(stage="capfilt", cache_key=key))
+    assert derived.parents == ("raw@v1",) and derived.parent_ids == (raw.id,)
+    assert registry.children(raw) == [derived]
+    assert registry.find_cached("dataset", "derived", key) == derived
+    assert registry.find_cached("dataset", "derived", "other") is None
+    assert registry.by_id(raw.id) == raw
+    assert registry.next_version("dataset", "derived") == "v2"
+
+
+def test_default_registry_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP_REGISTRY", str(tmp_path / "env-registry"))
+    registry = Registry()
+    assert registry.is_local and registry.root == str((tmp_path / "env-registry").resolve())
+
+
+def test_local_registry_is_on_disk_and_work_dir_is_stable(tmp_path):
+    registry = Registry(tmp_path / "r")
+    manifest = publish_files(registry, tmp_path / "a", {"x.bin": b"one"}, move=False)
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"one"  # move=False copies and leaves staging alone
+    assert registry.local_path(manifest, "x.bin").read_bytes() == b"one"
+    assert (tmp_path / "r" / "datasets" / "toy" / "v1" / "manifest.json").is_file()
+    assert registry.work_dir("k1") == registry.work_dir("k1")
+    with pytest.raises(RegistryError, match="not a local registry"):
+        Registry(memory_url()).local_path(manifest, "x.bin")

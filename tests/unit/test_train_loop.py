@@ -1,0 +1,177 @@
+"""The training engine without Ray: schedule, exact data split and resume, tiny BLIP steps, exact checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipelines.tasks.train_data import (
+    DataPlan,
+    RankStream,
+    ShardRef,
+    decode_batch,
+    epoch_loader,
+    iter_positions,
+    write_scene_shards,
+)
+from pipelines.tasks.train_loop import LoopConfig, OptimConfig, TrainLoop, learning_rate, seed_everything
+
+
+class KeyTask:
+    """A task whose samples are their keys: makes the data order visible."""
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        return {"key": raw["__key__"]}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"keys": [s["key"] for s in samples]}
+
+
+def keys_of(stream: Any) -> list[str]:
+    return [key for micro in stream for key in micro.batch["keys"]]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train-shards")
+    write_scene_shards(root, num_shards=3, per_shard=16, image_size=32, seed=1, corrupt=(5,))
+    return root
+
+
+def refs(root: Path) -> tuple[ShardRef, ...]:
+    return tuple(ShardRef(str(path), 16) for path in sorted((root / "shards").glob("train-*.tar")))
+
+
+def pretrain_task(augment: bool = True) -> Any:
+    from blip_models.configuration_blip import preset, to_dict
+
+    from pipelines.tasks.pretrain import DataConfig, PretrainTask
+
+    data = dataclasses.asdict(DataConfig(batch_size=8, loader_workers=0, augment=augment))
+    return PretrainTask(to_dict(preset("tiny")), data, {})
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_learning_rate_follows_blip_schedule() -> None:
+    cfg = OptimConfig(lr=3e-4, warmup_lr=1e-6, warmup_steps=100, min_lr=1e-6, lr_decay_rate=0.9)
+    assert learning_rate(cfg, 0, 0, 20) == pytest.approx(1e-6)
+    assert learning_rate(cfg, 50, 0, 20) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
+    assert learning_rate(cfg, 100, 0, 20) == pytest.approx(3e-4)
+    assert learning_rate(cfg, 5000, 3, 20) == pytest.approx(3e-4 * 0.9**3)
+    assert learning_rate(cfg, 10**6, 200, 300) == pytest.approx(1e-6)  # floor
+    cosine = dataclasses.replace(cfg, schedule="cosine", warmup_steps=0)
+    assert learning_rate(cosine, 0, 5, 10) == pytest.approx((3e-4 - 1e-6) * 0.5 + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- data plan
+
+
+@pytest.mark.parametrize(
+    ("sizes", "world", "batch", "accum"),
+    [((16, 16, 16), 2, 4, 1), ((20,), 4, 2, 1), ((7, 13, 5), 2, 3, 2), ((16, 16, 16), 3, 5, 1)],
+)
+def test_plan_gives_each_kept_sample_to_exactly_one_rank(sizes: tuple[int, ...], world: int, batch: int, accum: int) -> None:
+    shards = tuple(ShardRef(f"shard{i}", n) for i, n in enumerate(sizes))
+    plan = DataPlan(shards=shards, world_size=world, batch_size=batch, grad_accum=accum, seed=3)
+    for epoch in range(3):
+        taken = []
+        for rank in range(world):
+            pieces = plan.segments(epoch, rank)
+            assert sum(stop - start for _, start, stop in pieces) == plan.samples_per_rank
+            taken += [(shard.url, i) for shard, start, stop in pieces for i in range(start, stop)]
+        assert len(taken) == len(set(taken)) == plan.steps_per_epoch * plan.global_batch
+        assert plan.num_samples - len(taken) == plan.dropped_per_epoch < plan.global_batch
+
+
+def test_resampled_plan_draws_full_epochs() -> None:
+    shards = tuple(ShardRef(f"shard{i}", 10) for i in range(4))
+    plan = DataPlan(shards=shards, world_size=2, batch_size=5, resampled=True)
+    for rank in range(2):
+        assert sum(stop - start for _, start, stop in plan.segments(0, rank)) == plan.samples_per_rank == 20
+    assert plan.segments(0, 0) != plan.segments(1, 0) or plan.segments(0, 1) != plan.segments(1, 1)
+
+
+def test_stream_resume_continues_exactly_where_it_stopped(shard_dir: Path) -> None:
+    plan = DataPlan(shards=refs(shard_dir), world_size=2, batch_size=4, seed=7, shuffle_buffer=10)
+    for rank in range(2):
+        full = keys_of(RankStream(plan, KeyTask(), rank, epoch=1))
+        assert len(full) == plan.samples_per_rank
+        tail = keys_of(RankStream(plan, KeyTask(), rank, epoch=1, skip=3))
+        assert tail == full[3 * 4:]
+    both = keys_of(RankStream(plan, KeyTask(), 0, 1)) + keys_of(RankStream(plan, KeyTask(), 1, 1))
+    assert len(set(both)) == len(both) == 48  # the epoch covers every sample once
+    assert keys_of(RankStream(plan, KeyTask(), 0, 0)) != keys_of(RankStream(plan, KeyTask(), 0, 1))
+
+
+def test_loader_workers_do_not_change_the_order(shard_dir: Path) -> None:
+    plan = DataPlan(shards=refs(shard_dir), world_size=1, batch_size=4, seed=7, shuffle_buffer=10)
+    inline = keys_of(epoch_loader(plan, KeyTask(), 0, epoch=0, skip=2, num_workers=0))
+    parallel = keys_of(epoch_loader(plan, KeyTask(), 0, epoch=0, skip=2, num_workers=2))
+    assert parallel == inline and len(inline) == 48 - 8
+
+
+def test_corrupt_and_missing_samples_are_dropped_and_counted(shard_dir: Path, tmp_path: Path) -> None:
+    task = pretrain_task()
+    first = refs(shard_dir)[0]
+    raws = list(iter_positions([(first, 0, 8)]))
+    micro = decode_batch(task, raws, list(range(8)))
+    assert micro.dropped == {"undecodable_image": 1, "refilled": 1}  # sample 5 is corrupt; the batch is refilled
+    assert micro.num_samples == 7 and micro.batch["image"].shape == (8, 3, 32, 32)
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(Path(first.url).read_bytes()[:3000])  # truncated mid-shard
+    positions = list(iter_positions([(ShardRef(str(broken), 16), 0, 16)]))
+    assert len(positions) == 16 and "unreadable_shard" in positions  # positions never shift
+    empty = decode_batch(task, ["missing_from_shard"] * 4, [0] * 4)
+    assert empty.batch is None and empty.dropped == {"missing_from_shard": 4}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def make_loop(shard_dir: Path, steps: int, augment: bool = True) -> tuple[TrainLoop, Any]:
+    torch.manual_seed(0)
+    seed_everything(0)
+    task = pretrain_task(augment)
+    plan = DataPlan(shards=refs(shard_dir)[:2], world_size=1, batch_size=8, seed=0, shuffle_buffer=8)
+    loop = TrainLoop(task, task.build_model(), OptimConfig(lr=1e-3, warmup_lr=1e-4, warmup_steps=2),
+                     LoopConfig(epochs=10, max_steps=steps, log_every=1, checkpoint_every=1000), plan.steps_per_epoch)
+    return loop, lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip)
+
+
+def test_tiny_blip_loss_falls(shard_dir: Path) -> None:
+    loop, batches = make_loop(shard_dir, steps=16)
+    logged: list[dict[str, float]] = []
+    loop.run(batches, on_log=lambda step, metrics: logged.append(metrics))
+    assert len(logged) == 16 and loop.state.step == 16 and loop.state.epoch == 4
+    assert {"loss_itc", "loss_itm", "loss_lm", "lr", "samples_per_s", "data_wait_fraction"} <= set(logged[0])
+    first, last = sum(m["loss"] for m in logged[:3]) / 3, sum(m["loss"] for m in logged[-3:]) / 3
+    assert math.isfinite(last) and last < first - 0.5
+    assert loop.state.dropped.get("undecodable_image", 0) >= 1
+
+
+def test_checkpoint_restore_is_exact(shard_dir: Path, tmp_path: Path) -> None:
+    straight, batches = make_loop(shard_dir, steps=6)  # 4 steps per epoch: the restore crosses an epoch
+    straight.run(batches)
+
+    first, batches_a = make_loop(shard_dir, steps=6)
+    first.total_steps = 3  # stop mid-epoch, as a crash would
+    first.run(batches_a)
+    first.save(str(tmp_path / "state.pt"))
+    torch.manual_seed(123)  # a restarted process has other RNG state until the checkpoint restores it
+    resumed, batches_b = make_loop(shard_dir, steps=6)
+    resumed.load(str(tmp_path / "state.pt"))
+    assert (resumed.state.step, resumed.state.batches_in_epoch, resumed.state.restarts) == (3, 3, 1)
+    resumed.run(batches_b)
+
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed.state.samples_seen == straight.state.samples_seen
