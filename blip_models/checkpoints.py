@@ -65,7 +65,8 @@ CONFIG_NAME = "config.json"
 
 # Keys that exist only for training (momentum encoders, feature queues); loaded when the target has them.
 _MOMENTUM_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
-_QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "ptr_queue", "idx_queue")
+# `temp` (the learnable ITC temperature) only matters for training: ITM/feature models have none.
+_QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "ptr_queue", "idx_queue", "temp")
 # Non-learned buffers that some layouts store and others do not (transformers 4.15 persisted position_ids).
 _OPTIONAL_BUFFER_SUFFIXES = ("embeddings.position_ids",)
 
@@ -404,7 +405,7 @@ def load_official(path_or_url: str | Path, kind: str | None = None, image_size: 
     model = build_model(kind, config)
     report = accept_fresh(model, load_into(model, state_dict, source=str(path_or_url), kind=kind), file_kind)
     if report.missing:
-        raise CheckpointError(f"{path_or_url}: a '{file_kind}' checkpoint lacks {len(report.missing)} tensor(s) a "
+        raise CheckpointError(f"{path_or_url}: a '{file_kind}' checkpoint lacks {len(report.missing)} tensor(s) that the "
                               f"'{kind}' model needs, e.g. {', '.join(report.missing[:3])}")  # fmt: skip
     return model.eval(), report
 

@@ -281,6 +281,6 @@ def load_hf(path_or_name: str | Path, kind: str | None = None, *, keep_hf_eps: b
     # transformers' safetensors omit the tied LM-head weight; our constructor ties it to the word embeddings.
     report.missing = [k for k in report.missing if not k.endswith("cls.predictions.decoder.weight")]
     if report.missing:
-        raise CheckpointError(f"{directory}: a '{file_kind}' checkpoint lacks {len(report.missing)} tensor(s) a '{kind}' "
+        raise CheckpointError(f"{directory}: a '{file_kind}' checkpoint lacks {len(report.missing)} tensor(s) that the '{kind}' "
                               f"model needs, e.g. {', '.join(report.missing[:3])}")  # fmt: skip
     return model.eval(), report

@@ -100,7 +100,7 @@ def _convert_pretrained(path: str | Path, data: dict[str, Any], kind: str, image
     model = build_model(kind, config)
     report = accept_fresh(model, load_into(model, tensors, source=str(path), kind=kind), data["kind"])
     if report.missing:
-        raise CheckpointError(f"{path}: a '{data['kind']}' model lacks {len(report.missing)} tensor(s) a '{kind}' model "
+        raise CheckpointError(f"{path}: a '{data['kind']}' model lacks {len(report.missing)} tensor(s) that the '{kind}' model "
                               f"needs, e.g. {', '.join(report.missing[:3])}")  # fmt: skip
     return model.eval(), report
 

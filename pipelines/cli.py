@@ -16,6 +16,7 @@ from pipelines.runtime import apply_environment
 COMMAND_MODULES: tuple[str, ...] = (
     "datasets_manifests.cli",  # blip data ls|show|lineage|diff|verify|samples|serve
     "pipelines.commands.stages",  # blip demo-corpus, download, shard
+    "pipelines.commands.flow",  # blip flow run|validate (the bootstrap flow in this process)
     "pipelines.commands.orchestrate",  # blip run (Prefect deployment), blip submit (Ray job)
     "pipelines.commands.capfilt",  # blip capfilt
     "pipelines.commands.train",  # blip train (pretraining on Ray Train)

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
-import time
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,15 +36,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from datasets_manifests.browser.query import LRU, QueryError, SampleFilter
-from datasets_manifests.browser.views import (
-    CATALOG_TTL_S, Catalog, diff_changes, image_source, lineage_graph, metrics_of, model_table, side_rows, summary_row,
-)
 from datasets_manifests.browser.thumbnails import (
     DEFAULT_THUMB_SIZE, THUMB_SIZES, ThumbnailCache, ThumbnailError, make_thumbnail, read_referenced_image,
     read_sample_image,
 )
-from datasets_manifests.manifest import KINDS, Manifest
-from datasets_manifests.registry import NotFoundError, Registry, RegistryError, check_name
+from datasets_manifests.browser.views import (
+    CATALOG_TTL_S, Catalog, diff_changes, image_source, lineage_graph, metrics_of, model_table, side_rows, summary_row,
+)
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import NotFoundError, Registry, RegistryError
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"

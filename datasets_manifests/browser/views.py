@@ -75,13 +75,21 @@ def summary_row(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def metrics_of(manifest: Manifest) -> dict[str, float]:
-    """Numeric metrics of a model (metadata.metrics) or evaluation (stats.metrics / metadata.metrics), flattened."""
+def metrics_of(manifest: Manifest, limit: int = 40) -> dict[str, float]:
+    """Numeric metrics of a model or evaluation, flattened ("a.b": 1.0).
+
+    Explicit `metadata.metrics` / `stats.metrics` win; otherwise a model's last logged training values
+    (`stats.last`, as the pretrain stage records them) or an evaluation's numeric stats.
+    """
     found: dict[str, Any] = {}
     for source in (manifest.metadata.get("metrics"), manifest.stats.get("metrics")):
         if isinstance(source, dict):
             found.update(source)
-    return _flatten_numbers(found)
+    if not found and manifest.kind == "model" and isinstance(manifest.stats.get("last"), dict):
+        found = manifest.stats["last"]
+    elif not found and manifest.kind == "evaluation":
+        found = manifest.stats
+    return dict(list(_flatten_numbers(found).items())[:limit])
 
 
 def _flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:

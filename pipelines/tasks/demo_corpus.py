@@ -21,6 +21,7 @@ import io
 import json
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -301,7 +302,7 @@ def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Pat
 # ---------------------------------------------------------------------------------------------- serving
 
 
-def _handler(corpus_dir: Path, transient: set[str]) -> type[SimpleHTTPRequestHandler]:
+def _handler(corpus_dir: Path, transient: set[str], delay: float) -> type[SimpleHTTPRequestHandler]:
     seen: set[str] = set()
     lock = threading.Lock()
 
@@ -311,6 +312,8 @@ def _handler(corpus_dir: Path, transient: set[str]) -> type[SimpleHTTPRequestHan
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.lstrip("/").split("?", 1)[0]
+            if delay:
+                time.sleep(delay)  # web latency: makes a download slow enough to interrupt in tests
             with lock:
                 first = path in transient and path not in seen
                 seen.add(path)
@@ -330,11 +333,14 @@ def _handler(corpus_dir: Path, transient: set[str]) -> type[SimpleHTTPRequestHan
 
 
 @contextlib.contextmanager
-def serve_corpus(corpus_dir: str | Path, port: int = 0) -> Iterator[str]:
-    """Serve a corpus directory on 127.0.0.1 (ephemeral port by default); yields the base URL."""
+def serve_corpus(corpus_dir: str | Path, port: int = 0, delay: float = 0.0) -> Iterator[str]:
+    """Serve a corpus directory on 127.0.0.1 (ephemeral port by default); yields the base URL.
+
+    `delay` seconds are added to every request (simulated latency).
+    """
     corpus = Path(corpus_dir).resolve()
     summary = json.loads((corpus / "corpus.json").read_text()) if (corpus / "corpus.json").exists() else {}
-    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(corpus, set(summary.get("transient", ()))))
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(corpus, set(summary.get("transient", ())), delay))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="demo-corpus-http", daemon=True)
     thread.start()

@@ -179,6 +179,8 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
 
 def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_dir: Path) -> None:
     """img2dataset into `output_dir`; finished shards (with _stats.json) are skipped on a relaunch."""
+    # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
 
     if cfg.distributor == "ray":

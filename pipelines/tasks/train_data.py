@@ -254,9 +254,13 @@ def _identity(item: Any) -> Any:
 def epoch_loader(plan: DataPlan, task: TrainTask, rank: int, epoch: int, skip: int, num_workers: int = 0,
                  pin_memory: bool = False) -> Any:
     """A DataLoader over `RankStream`: `num_workers` processes decode and augment in parallel, in order."""
+    # A private generator: creating a DataLoader iterator otherwise draws its base seed from the global torch
+    # RNG, so a resumed run (one extra iterator) would sample different ITM negatives than an uninterrupted one.
+    generator = torch.Generator().manual_seed(sample_seed(plan.seed, epoch, rank, -1))
     return torch.utils.data.DataLoader(
-        RankStream(plan, task, rank, epoch, skip), batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        RankStream(plan, task, rank, epoch, skip), batch_size=None, num_workers=num_workers, collate_fn=_identity,
+        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        generator=generator,
     )
 
 

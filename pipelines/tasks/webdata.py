@@ -57,13 +57,13 @@ def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") 
                 if not member.isfile():
                     continue
                 key, ext = split_key(member.name)
+                if current is not None and current.key != key:
+                    yield current  # complete before the next member is read (which may be the truncated one)
+                    current = None
                 handle = archive.extractfile(member)
                 data = handle.read() if handle else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} truncated")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = TarSample(key, {}, {})
                 current.members[ext] = data

@@ -161,12 +161,16 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
     diff = _api(server, f"/api/diff?a={older['ref']}&b={newer['ref']}")
     for category, count in diff["counts"].items():
         assert f"{category}: {count:,}" in page.inner_text(f"[data-testid=diff-{category}]")
-    changed = next((c for c, n in diff["counts"].items() if n), None)
+    preference = ("recaptioned", "added", "newly_dropped", "restored", "removed")
+    changed = next((c for c in preference if diff["counts"].get(c)), None)
     if changed:
         page.click(f"[data-testid=diff-{changed}]")
         page.wait_for_function("c => location.hash.includes('category=' + c)", arg=changed)
         page.wait_for_selector("tr.diffrow")
         assert page.locator("tr.diffrow").count() == min(50, diff["counts"][changed])
+        page.wait_for_function("() => [...document.querySelectorAll('tr.diffrow img')].every(i => i.complete)")
+        widths = page.eval_on_selector_all("tr.diffrow img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert widths and max(widths) > 0
     page.screenshot(path=str(shots / "diff.png"), full_page=True)
 
     page.goto(f"{server}/#/models")

@@ -238,6 +238,7 @@ def _expected_keys(registry_dir: Path, q: str = "", source: str = "", low: float
     ("decision=dropped", {"decision": "dropped"}),
     ("decision=dropped&source=web&q=stock", {"decision": "dropped", "source": "web", "q": "stock"}),
     ("min_score=0.95", {"low": 0.95}),
+    ("split=train&source=synthetic&min_score=0.9", {"source": "synthetic", "low": 0.9}),
 ])
 def test_sample_filters(client: TestClient, registry_dir: Path, query: str, expected_args: dict) -> None:
     body = client.get(f"/api/versions/dataset/web-demo-capfilt/v1/samples?{query}&limit=200").json()
@@ -480,3 +481,18 @@ def test_remote_registry_over_fsspec(tmp_path: Path) -> None:
     assert client.get("/api/diff?a=web-demo@v1&b=web-demo@v2").json()["counts"]["added"] == 4
     refused = client.get("/api/versions/dataset/web-demo/v1/image?path=../v2/index.parquet")
     assert refused.status_code == 400
+
+
+def test_metrics_fall_back_to_what_stages_record() -> None:
+    from datasets_manifests.browser.views import metrics_of
+    from datasets_manifests.manifest import Manifest
+
+    model = Manifest(kind="model", name="m", version="v1", producer=Producer(stage="pretrain"),
+                     stats={"last": {"loss_itc": 2.5, "step": 10, "lr": {"vit": 1e-4}}, "wall_time_s": 3.0})
+    assert metrics_of(model) == {"loss_itc": 2.5, "step": 10, "lr.vit": 1e-4}
+    evaluation = Manifest(kind="evaluation", name="e", version="v1", producer=Producer(stage="evaluate"),
+                          stats={"coco": {"tr_r1": 12.0, "note": "text"}, "flag": True})
+    assert metrics_of(evaluation) == {"coco.tr_r1": 12.0}
+    explicit = Manifest(kind="model", name="m", version="v2", producer=Producer(stage="pretrain"),
+                        metadata={"metrics": {"cider": 1.5}}, stats={"last": {"loss": 1.0}})
+    assert metrics_of(explicit) == {"cider": 1.5}

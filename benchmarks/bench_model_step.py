@@ -1,0 +1,141 @@
+"""Benchmark: one BLIP pretraining step (forward + backward of ITC + ITM + LM) of our model vs transformers.
+
+Ours: `BlipPretrain` (ITC with momentum encoders and queues, ITM with hard negatives, LM on the shared decoder).
+Baseline: the closest computation transformers offers, on the same sizes and weights layout:
+`BlipForImageTextRetrieval` (vision, unimodal text + projections for an in-batch ITC loss, the image-grounded
+encoder on B positives + 2B negatives for the ITM loss) plus `BlipForConditionalGeneration.text_decoder` (LM loss on
+the same image embeddings). transformers has no momentum encoders, so ours does two extra no-grad passes.
+
+Prints one JSON object: steps/s and samples/s for `tiny` and `base` (batch 2 at 224 px, few steps), and ratios.
+Usage: python benchmarks/bench_model_step.py [--steps-tiny 10] [--steps-base 2] [--threads N] [--skip-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+
+def _batch(config, batch_size, image_size):
+    import torch
+
+    pixels = torch.randn(batch_size, 3, image_size, image_size)
+    input_ids = torch.randint(1000, 20000, (batch_size, 30))
+    input_ids[:, 0], input_ids[:, -1] = 101, 102
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 20:] = 0  # some padding, as real captions
+    input_ids[0, 20:] = 0
+    return pixels, input_ids, attention_mask
+
+
+def _ours_step(model, optimizer, batch):
+    output = model(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    optimizer.step()
+
+
+def _hf_models(config):
+    import transformers
+
+    from blip_models.hf_convert import hf_config_from_ours
+
+    hf_config = hf_config_from_ours(config)
+    retrieval = transformers.BlipForImageTextRetrieval(hf_config).train()
+    caption = transformers.BlipForConditionalGeneration(hf_config).train()
+    del caption.vision_model  # the LM reuses the retrieval model's image embeddings, as BLIP does
+    return retrieval, caption
+
+
+def _hf_step(models, optimizer, batch, enc_token_id, bos_token_id, temp=0.07):
+    import torch
+    import torch.nn.functional as F
+
+    retrieval, caption = models
+    pixels, input_ids, mask = batch
+    size = pixels.shape[0]
+    image_embeds = retrieval.vision_model(pixel_values=pixels).last_hidden_state  # (B, 1+N, D)
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+    text = retrieval.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    image_feat = F.normalize(retrieval.vision_proj(image_embeds[:, 0]), dim=-1)
+    text_feat = F.normalize(retrieval.text_proj(text[:, 0]), dim=-1)
+    sim = image_feat @ text_feat.T / temp
+    targets = torch.arange(size)
+    loss_itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
+    enc_ids = input_ids.clone()
+    enc_ids[:, 0] = enc_token_id
+    negative = torch.roll(torch.arange(size), 1)  # one negative image per text and one negative text per image
+    ids_all = torch.cat([enc_ids, enc_ids, enc_ids[negative]])  # (3B, L)
+    mask_all = torch.cat([mask, mask, mask[negative]])
+    images_all = torch.cat([image_embeds, image_embeds[negative], image_embeds])  # (3B, 1+N, D)
+    fused = retrieval.text_encoder(input_ids=ids_all, attention_mask=mask_all, encoder_hidden_states=images_all,
+                                   encoder_attention_mask=torch.cat([image_atts] * 3)).last_hidden_state  # fmt: skip
+    itm_labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long()
+    loss_itm = F.cross_entropy(retrieval.itm_head(fused[:, 0]), itm_labels)
+    dec_ids = input_ids.clone()
+    dec_ids[:, 0] = bos_token_id
+    labels = dec_ids.masked_fill(mask == 0, -100)
+    loss_lm = caption.text_decoder(input_ids=dec_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                   encoder_attention_mask=image_atts, labels=labels).loss  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    (loss_itc + loss_itm + loss_lm).backward()
+    optimizer.step()
+
+
+def _time(fn, steps):
+    fn()  # warm-up (allocator, first-call overheads)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def run(name, config, batch_size, image_size, steps):
+    import torch
+
+    from blip_models.modeling_pretrain import BlipPretrain
+
+    torch.manual_seed(0)
+    batch = _batch(config, batch_size, image_size)
+    ours = BlipPretrain(config).train()
+    ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
+    ours_s = _time(lambda: _ours_step(ours, ours_opt, batch), steps)
+    del ours, ours_opt
+    hf = _hf_models(config)
+    hf_opt = torch.optim.AdamW([p for m in hf for p in m.parameters()], lr=1e-5)
+    hf_s = _time(lambda: _hf_step(hf, hf_opt, batch, config.text.enc_token_id, config.text.bos_token_id), steps)
+    return {"config": name, "batch_size": batch_size, "image_size": image_size, "steps": steps,
+            "ours_s_per_step": round(ours_s, 4), "transformers_s_per_step": round(hf_s, 4),
+            "ours_samples_per_s": round(batch_size / ours_s, 3), "transformers_samples_per_s": round(batch_size / hf_s, 3),
+            "speed_ratio_ours_over_transformers": round(hf_s / ours_s, 3)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-tiny", type=int, default=10)
+    parser.add_argument("--steps-base", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip-base", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from blip_models.configuration_blip import preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [run("tiny", preset("tiny"), 8, 32, args.steps_tiny)]
+    if not args.skip_base:
+        base = preset("base").replace(text={"hidden_dropout": 0.0, "attention_dropout": 0.0}, queue_size=57600)
+        results.append(run("base", base, 2, 224, args.steps_base))
+    print(json.dumps({"benchmark": "model_step", "device": "cpu", "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "machine": platform.machine(),
+                      "note": "ours includes momentum-encoder passes and queues that transformers has no equivalent for; "
+                              "dropout off in base for both",
+                      "results": results}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

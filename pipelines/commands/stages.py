@@ -1,0 +1,146 @@
+"""`blip demo-corpus write|serve`, `blip download`, `blip shard`: the data stages from the command line.
+
+Thin: parse arguments, load the typed config (`--config FILE`, `--set key=value`), call the stage function,
+print the published version. Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.cli import CommandError
+from pipelines.config import CONFIG_DIR
+
+DEFAULT_DOWNLOAD_CONFIG = CONFIG_DIR / "download" / "default.yaml"
+DEFAULT_SHARD_CONFIG = CONFIG_DIR / "shard" / "default.yaml"
+
+
+def register(subparsers: Any) -> None:
+    corpus = subparsers.add_parser(
+        "demo-corpus", help="write or serve the synthetic noisy web corpus (with ground truth)",
+        description="A seeded corpus of rendered shape scenes with true captions, a controlled fraction of noisy "
+        "web texts and broken records (404, corrupt, empty, HTML, oversized, CMYK, greyscale, PNG alpha), "
+        "served over HTTP on 127.0.0.1 for the download stage.")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", metavar="ACTION", required=True)
+    write = corpus_sub.add_parser("write", help="generate a corpus directory",
+                                  description="Generate images/, ground_truth.parquet and corpus.json in DIR.")
+    write.add_argument("directory", type=Path)
+    write.add_argument("--n", type=int, default=5000, help="number of records (default 5000)")
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--noise-fraction", type=float, default=0.4, help="share of web texts replaced by noise")
+    write.add_argument("--bad-fraction", type=float, default=0.06, help="share of broken records")
+    write.add_argument("--config", type=Path, default=None, help="a demo corpus YAML (configs/demo_corpus.yaml)")
+    write.set_defaults(func=cmd_corpus_write)
+    serve = corpus_sub.add_parser("serve", help="serve a corpus on 127.0.0.1 until Ctrl-C",
+                                  description="Serve DIR over HTTP and write DIR/source.parquet (url, caption) "
+                                  "pointing at the server, ready for `blip download`.")
+    serve.add_argument("directory", type=Path)
+    serve.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    serve.set_defaults(func=cmd_corpus_serve)
+
+    download = subparsers.add_parser(
+        "download", help="download a source list with img2dataset into a raw dataset version",
+        description="Read SOURCE (BLIP json list, or img2dataset csv/tsv/parquet), download it with img2dataset "
+        "and publish the raw shards, their stats and index.parquet as NAME@vN. Re-running the same command "
+        "resumes a crashed download (finished shards are kept) or returns the existing version. With "
+        "--retry-failed REF, only the URLs that failed in REF are downloaded again.")
+    download.add_argument("source", nargs="?", type=Path, help="source list (omit with --retry-failed)")
+    download.add_argument("--name", required=True, help="dataset name in the registry, e.g. raw-demo")
+    _common(download, DEFAULT_DOWNLOAD_CONFIG)
+    download.add_argument("--retry-failed", metavar="REF", default=None, help="re-download the failures of REF")
+    download.set_defaults(func=cmd_download)
+
+    shard = subparsers.add_parser(
+        "shard", help="turn a raw version into training shards (dedup, caption cleaning, splits)",
+        description="Decode-check, normalise captions (BLIP pre_caption), dedup by URL and image hash, split "
+        "train/val by key hash, shuffle by seed and write gap-free shards/{split}-{i:06d}.tar with index.parquet. "
+        "Every dropped sample is recorded with its reason.")
+    shard.add_argument("ref", help="raw dataset version, e.g. raw-demo@v1")
+    shard.add_argument("--name", required=True, help="name of the training dataset, e.g. demo")
+    _common(shard, DEFAULT_SHARD_CONFIG)
+    shard.set_defaults(func=cmd_shard)
+
+
+def _common(parser: argparse.ArgumentParser, default_config: Path) -> None:
+    parser.add_argument("--config", type=Path, default=default_config, help=f"stage config (default {default_config.name})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set processes=4; repeatable")
+    parser.add_argument("--registry", default=None, help="registry URL (default $BLIP_REGISTRY or ./artifacts/registry)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_corpus_write(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+    from pipelines.tasks.demo_corpus import DemoCorpusConfig, write_corpus
+
+    values = {"n": args.n, "seed": args.seed, "noise_fraction": args.noise_fraction, "bad_fraction": args.bad_fraction}
+    if args.config:
+        cfg = load_config(DemoCorpusConfig, args.config, [f"{k}={v}" for k, v in values.items()])
+    else:
+        cfg = load_config(DemoCorpusConfig, values)
+    started = time.perf_counter()
+    summary = write_corpus(cfg, args.directory)
+    print(f"wrote {cfg.n} records to {args.directory} in {time.perf_counter() - started:.1f}s: "
+          f"{summary['noisy']} noisy texts, bad records {summary['bad_kinds']}")
+    return 0
+
+
+def cmd_corpus_serve(args: argparse.Namespace) -> int:
+    from pipelines.tasks.demo_corpus import serve_corpus, write_source_list
+
+    if not (args.directory / "ground_truth.parquet").exists():
+        raise CommandError(f"{args.directory}: not a demo corpus (run `blip demo-corpus write {args.directory}`)")
+    with serve_corpus(args.directory, port=args.port) as base_url:
+        source = write_source_list(args.directory, base_url, args.directory / "source.parquet")
+        print(f"serving {args.directory} at {base_url}  (source list: {source}); Ctrl-C to stop", flush=True)
+        print(f"  next: blip download {source} --name raw-demo", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopped")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from datasets_manifests.registry import Registry
+    from pipelines.config import load_config
+    from pipelines.tasks.download import DownloadConfig, run_download, run_retry_failed, summary
+
+    cfg = load_config(DownloadConfig, args.config, args.overrides)
+    registry = Registry(args.registry)
+    if args.retry_failed:
+        manifest = run_retry_failed(cfg, args.retry_failed, name=args.name, registry=registry)
+    elif args.source is None:
+        raise CommandError("give a SOURCE list, or --retry-failed REF")
+    else:
+        manifest = run_download(cfg, args.source, name=args.name, registry=registry)
+    _report(summary(manifest), args.json, registry)
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from datasets_manifests.registry import Registry
+    from pipelines.config import load_config
+    from pipelines.tasks.shard import ShardConfig, run_shard, summary
+
+    cfg = load_config(ShardConfig, args.config, args.overrides)
+    registry = Registry(args.registry)
+    manifest = run_shard(cfg, args.ref, name=args.name, registry=registry)
+    _report(summary(manifest), args.json, registry)
+    return 0
+
+
+def _report(result: dict[str, Any], as_json: bool, registry: Any) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    print(f"published {result['ref']} (id {result['id']}) in {registry.url}")
+    for key, value in result.items():
+        if key not in ("ref", "id"):
+            print(f"  {key}: {value}")
+    print(f"  inspect: blip data show {result['ref']}")

@@ -1,0 +1,101 @@
+"""The `bootstrap` flow: BLIP's data bootstrapping recipe, one Prefect task per stage.
+
+    download -> shard -> pretrain (web) -> finetune captioner (captioning) + filter (retrieval) on the clean
+    downstream set -> CapFilt -> pretrain (bootstrapped) -> finetune + evaluate both models -> report
+
+Deployments (infra/prefect.yaml): bootstrap-tiny, bootstrap-14m, bootstrap-129m. Re-running after a crash
+reuses every published version (stage cache keys) and resumes inside the interrupted stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from prefect import flow
+
+from datasets_manifests.manifest import Manifest
+from datasets_manifests.registry import Registry
+from pipelines.flows.stages import run_stage
+from pipelines.pipeline_config import PipelineConfig, load_pipeline
+from pipelines.runtime import apply_environment
+from pipelines.tasks import capfilt, demo_corpus, download, downstream, evaluate, finetune, pretrain, report, shard
+
+
+@flow(name="bootstrap", log_prints=True)
+def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
+    """Run the whole recipe for a preset (tiny | 14m | 129m | a config path); returns the report's ref."""
+    apply_environment()
+    cfg = load_pipeline(preset, overrides or [])  # every key/type/range checked before any work starts
+    registry = Registry(cfg.registry) if cfg.registry else Registry()
+    if cfg.ray_address:
+        import os
+
+        os.environ.setdefault("RAY_ADDRESS", cfg.ray_address)
+
+    raw = web_data(cfg, registry)
+    clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
+                      output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
+    model_web = pretrain_on(cfg, raw, "web", registry)
+    captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
+    boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,
+                     name=cfg.version_name("capfilt"), registry=registry, output_kind="dataset",
+                     output_name=cfg.version_name("capfilt"), upstream=[raw, captioner, filter_])
+    model_boot = pretrain_on(cfg, boot, "capfilt", registry)
+    captioner_b, filter_b = finetune_pair(cfg, model_boot, clean, "capfilt", registry)
+    evaluations = {
+        "web": evaluate_pair(cfg, captioner, filter_, clean, "web", registry),
+        "capfilt": evaluate_pair(cfg, captioner_b, filter_b, clean, "capfilt", registry),
+    }
+    final = run_stage("report", report.publish_report, evaluations, boot, name=cfg.version_name("report"),
+                      registry=registry, output_kind="evaluation", output_name=cfg.version_name("report"),
+                      upstream=[boot, *evaluations["web"], *evaluations["capfilt"]])
+    print(report.render_table(final))
+    return final.ref
+
+
+def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
+    """download (img2dataset) -> shard: the noisy web dataset version."""
+    name = cfg.version_name("raw")
+    if cfg.source.kind == "demo":
+        raw = run_stage("download", demo_corpus.download_demo_corpus, cfg.source.demo, cfg.download, name=name,
+                        registry=registry, output_kind="dataset", output_name=name)
+    else:
+        raw = run_stage("download", download.run_download, cfg.download, cfg.source.path, name=name,
+                        registry=registry, output_kind="dataset", output_name=name)
+    return run_stage("shard", shard.run_shard, cfg.shard, raw, name=cfg.version_name("web"), registry=registry,
+                     output_kind="dataset", output_name=cfg.version_name("web"), upstream=[raw])
+
+
+def pretrain_on(cfg: PipelineConfig, dataset: Manifest, tag: str, registry: Registry) -> Manifest:
+    name = cfg.version_name(f"pretrain-{tag}")
+    return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
+                     registry=registry, output_kind="model", output_name=name, upstream=[dataset])
+
+
+def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: str, registry: Registry) -> tuple[Manifest, Manifest]:
+    """The captioner (captioning finetune) and the filter (retrieval finetune) of a pretrained model."""
+    pair = []
+    for role, ft_cfg in (("captioner", cfg.finetune_captioner), ("filter", cfg.finetune_filter)):
+        name = cfg.version_name(f"{role}-{tag}")
+        pair.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model, dataset=clean,
+                              name=name, registry=registry, output_kind="model", output_name=name,
+                              upstream=[model, clean]))
+    return pair[0], pair[1]
+
+
+def evaluate_pair(cfg: PipelineConfig, captioner: Manifest, filter_: Manifest, clean: Manifest, tag: str,
+                  registry: Registry) -> list[Manifest]:
+    results = []
+    for task_name, ev_cfg, model in (("caption", cfg.evaluate_caption, captioner),
+                                     ("retrieval", cfg.evaluate_retrieval, filter_)):
+        name = cfg.version_name(f"eval-{task_name}-{tag}")
+        results.append(run_stage(f"evaluate-{task_name}-{tag}", evaluate.run_evaluate, ev_cfg, model=model,
+                                 dataset=clean, name=name, registry=registry, output_kind="evaluation",
+                                 output_name=name, upstream=[model, clean]))
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    bootstrap(sys.argv[1] if len(sys.argv) > 1 else "tiny")

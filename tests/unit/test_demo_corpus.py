@@ -1,0 +1,70 @@
+"""Demo corpus: seeded, labelled, served over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.tasks.demo_corpus import (
+    BAD_KINDS, GROUND_TRUTH_COLUMNS, DemoCorpusConfig, read_ground_truth, serve_corpus, write_corpus, write_source_list,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    write_corpus(DemoCorpusConfig(n=60, seed=3, bad_fraction=0.25, oversized_side=1100), directory)
+    return directory
+
+
+def test_ground_truth_labels(corpus):
+    truth = read_ground_truth(corpus).to_pylist()
+    assert len(truth) == 60 and set(GROUND_TRUTH_COLUMNS) <= set(truth[0])
+    bad = {row["bad_kind"] for row in truth if row["bad_kind"]}
+    assert bad == set(BAD_KINDS)  # 15 bad rows: every kind at least once
+    good = [row for row in truth if not row["bad_kind"]]
+    noisy = [row for row in good if row["is_noisy"]]
+    assert 0.15 < len(noisy) / len(good) < 0.7  # noise_fraction 0.4 on ~45 rows
+    assert all(row["noise_kind"] for row in noisy) and not any(row["noise_kind"] for row in good if not row["is_noisy"])
+    clean = [row for row in good if not row["is_noisy"]]
+    assert all(row["colour"] in row["caption"].lower() for row in clean)  # a true text names the colour
+
+
+def test_seeded_and_deterministic(tmp_path):
+    a = write_corpus(DemoCorpusConfig(n=20, seed=7), tmp_path / "a")
+    b = write_corpus(DemoCorpusConfig(n=20, seed=7), tmp_path / "b")
+    assert a == b
+    assert pq.read_table(tmp_path / "a/ground_truth.parquet").equals(pq.read_table(tmp_path / "b/ground_truth.parquet"))
+    assert (tmp_path / "a/images/000005.jpg").read_bytes() == (tmp_path / "b/images/000005.jpg").read_bytes()
+    c = write_corpus(DemoCorpusConfig(n=20, seed=8), tmp_path / "c")
+    assert c != a
+
+
+def test_server_serves_images_404_and_transient_503(corpus, tmp_path):
+    truth = read_ground_truth(corpus).to_pylist()
+    with serve_corpus(corpus) as base:
+        assert base.startswith("http://127.0.0.1:")
+        source = pq.read_table(write_source_list(corpus, base, tmp_path / "src.parquet")).to_pylist()
+        assert [s["url"] for s in source] == [f"{base}/{row['path']}" for row in truth]
+        good = next(row for row in truth if row["bad_kind"] is None)
+        with urllib.request.urlopen(f"{base}/{good['path']}") as response:
+            assert response.read()[:2] == b"\xff\xd8"
+        missing = next(row for row in truth if row["bad_kind"] == "http_404")
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"{base}/{missing['path']}")
+        flaky = next(row for row in truth if row["bad_kind"] == "transient_503")
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(f"{base}/{flaky['path']}")
+        with urllib.request.urlopen(f"{base}/{flaky['path']}") as response:  # second try succeeds
+            assert response.status == 200
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="noise_fraction"):
+        load_config(DemoCorpusConfig, {"noise_fraction": 1.5})
+    with pytest.raises(ConfigError, match="noise_fractoin"):
+        load_config(DemoCorpusConfig, {"noise_fractoin": 0.1})

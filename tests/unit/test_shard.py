@@ -1,0 +1,152 @@
+"""Shard stage on a hand-built raw version: drop reasons, RGB conversion, dedup, offsets, truncation, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datasets_manifests.manifest import Producer
+from datasets_manifests.registry import Registry
+from pipelines.tasks.shard import ShardConfig, run_shard, split_of
+from pipelines.tasks.webdata import TarShardWriter, iter_samples, iter_tar, shard_urls
+
+
+def _image(colour, mode="RGB", fmt="JPEG", size=(24, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _raw_samples():
+    """(source_key, url, caption, jpg bytes) with the expected outcome."""
+    samples = [(f"k{i:03d}", f"http://h/{i}.jpg", f"A Red square, number {i}!", _image((i * 9, 20, 30)), "ok")
+               for i in range(20)]
+    samples += [
+        ("g000", "http://h/g.jpg", "greyscale cat", _image(128, mode="L"), "ok"),
+        ("p000", "http://h/p.png", "alpha png", _image((1, 2, 3, 100), mode="RGBA", fmt="PNG"), "ok"),
+        ("c000", "http://h/c.jpg", "corrupt", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt_image"),
+        ("zu00", "http://h/0.jpg", "same url as k000", _image((9, 9, 9)), "duplicate_url"),
+        ("zi00", "http://h/other.jpg", "same image as k001", _image((9, 20, 30)), "duplicate_image"),
+        ("e000", "http://h/e.jpg", " ... !! ", _image((50, 60, 70)), "empty_caption"),
+        ("a000", "http://h/a.jpg", "1234 5678", _image((50, 60, 71)), "absurd_caption"),
+        ("a001", "http://h/a1.jpg", "word " * 400, _image((50, 61, 71)), "absurd_caption"),
+    ]
+    return samples
+
+
+def _write_raw_tar(path: Path, samples) -> dict[str, int]:
+    offsets = {}
+    with tarfile.open(path, "w") as archive:
+        for index, (key, url, caption, data, _) in enumerate(samples):
+            raw_key = f"{index:09d}"
+            meta = json.dumps({"source_key": key, "url": url, "caption": caption}).encode()
+            for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{raw_key}.{ext}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+                if ext == "jpg":
+                    offsets[key] = archive.offset - (len(payload) + 511) // 512 * 512
+    return offsets
+
+
+@pytest.fixture
+def raw_version(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    stage = tmp_path / "stage"
+    (stage / "raw").mkdir(parents=True)
+    samples = _raw_samples()
+    first, second = samples[:18], samples[18:]
+    _write_raw_tar(stage / "raw/00000.tar", first)
+    _write_raw_tar(stage / "raw/00001.tar", second)
+    # A third shard cut short in the middle of its 3rd sample: 2 samples survive, 2 are lost.
+    lost = [(f"t{i:03d}", f"http://h/t{i}.jpg", f"blue circle {i}", _image((200, i, 9)), "ok") for i in range(4)]
+    offsets = _write_raw_tar(stage / "raw/00002.tar", lost)
+    data = (stage / "raw/00002.tar").read_bytes()
+    (stage / "raw/00002.tar").write_bytes(data[: offsets["t002"] + 100])
+    rows = []
+    for shard, group in (("raw/00000.tar", first), ("raw/00001.tar", second), ("raw/00002.tar", lost)):
+        for key, url, caption, _, _ in group:
+            rows.append({"key": key, "url": url, "raw_caption": caption, "caption": caption, "caption_source": "web",
+                         "shard": shard, "status": "ok", "drop_reason": None, "split": None, "image_sha256": None,
+                         "width": None, "height": None, "jpg_offset": None, "jpg_bytes": None})
+    from datasets_manifests.index import write_index
+
+    write_index(rows, stage / "index.parquet")
+    files = [{"path": f"raw/0000{i}.tar", "role": "shard"} for i in range(3)] + [{"path": "index.parquet", "role": "index"}]
+    manifest = registry.publish(kind="dataset", name="raw-test", staging_dir=stage, files=files,
+                                producer=Producer(stage="handmade"))
+    return registry, manifest, samples, lost
+
+
+def test_drop_reasons_dedup_and_truncation(raw_version):
+    registry, raw, samples, lost = raw_version
+    cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
+    out = run_shard(cfg, raw.ref, name="train-test", registry=registry)
+    expected = Counter(outcome for *_, outcome in samples if outcome != "ok")
+    truncated_lost = 2
+    assert out.drop_reasons == {**expected, "truncated_shard": truncated_lost}
+    kept = sum(1 for *_, outcome in samples if outcome == "ok") + len(lost) - truncated_lost
+    assert out.num_samples == kept == sum(out.splits.values())
+    assert out.counts["truncated_shards"] == 1
+    # Gap-free numbering per split, and every kept sample exactly once.
+    for split in out.splits:
+        names = [e.path for e in out.shards(split)]
+        assert names == [f"shards/{split}-{i:06d}.tar" for i in range(len(names))]
+    counts = Counter()
+    seen = [(key, image, caption, meta) for key, image, caption, meta in iter_samples(registry, out, counts=counts)]
+    assert counts == {"ok": kept}
+    assert len({key for key, *_ in seen}) == kept
+    for key, image, caption, meta in seen:
+        assert image.mode == "RGB" and caption == caption.lower() and "!" not in caption
+        assert meta["key"] == key and split_of(key, 0.2) in out.splits
+    assert shard_urls(registry, out, "train")[0].endswith("shards/train-000000.tar")
+
+
+def test_index_points_into_tars(raw_version):
+    registry, raw, *_ = raw_version
+    out = run_shard(ShardConfig(samples_per_shard=5, val_fraction=0.0), raw, name="train-test", registry=registry)
+    index = pq.read_table(registry.local_path(out, "index.parquet")).to_pylist()
+    ok = [row for row in index if row["status"] == "ok"]
+    assert len(ok) == out.num_samples and all(row["drop_reason"] for row in index if row["status"] == "dropped")
+    for row in ok:
+        with open(registry.local_path(out, row["shard"]), "rb") as handle:
+            handle.seek(row["jpg_offset"])
+            data = handle.read(row["jpg_bytes"])
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+        assert Image.open(io.BytesIO(data)).mode == "RGB"
+    assert {row["caption_source"] for row in index} == {"web"}
+
+
+def test_rerun_is_noop_and_output_deterministic(raw_version, tmp_path):
+    registry, raw, *_ = raw_version
+    cfg = ShardConfig(samples_per_shard=6, seed=5)
+    first = run_shard(cfg, raw, name="train-test", registry=registry)
+    again = run_shard(cfg, raw, name="train-test", registry=registry)
+    assert again.ref == first.ref and again.id == first.id
+    other = run_shard(ShardConfig(samples_per_shard=6, seed=6), raw, name="train-test", registry=registry)
+    assert other.version != first.version and other.parents == (raw.ref,)
+    order = lambda m: [s.key for s in iter_tar(open(registry.local_path(m, m.shards("train")[0].path), "rb"))]
+    assert order(first) != order(other)  # the seed changes the order, not the content
+    assert first.splits == other.splits
+
+
+def test_writer_offsets_and_atomic_names(tmp_path):
+    with TarShardWriter(tmp_path, "train", 2) as writer:
+        places = [writer.write(f"s{i}", {"jpg": bytes([i]) * (100 + i), "txt": b"x"}) for i in range(5)]
+        assert list(tmp_path.glob("shards/.train-000002.tar.tmp"))  # the open shard is not visible yet
+    assert [p for p, _ in writer.shards] == [f"shards/train-{i:06d}.tar" for i in range(3)]
+    assert not list(tmp_path.glob("shards/.*"))
+    for i, (path, offset, size) in enumerate(places):
+        with open(tmp_path / path, "rb") as handle:
+            handle.seek(offset)
+            assert handle.read(size) == bytes([i]) * (100 + i)
+    with pytest.raises(ValueError, match="must not contain"):
+        TarShardWriter(tmp_path, "val", 2).write("a.b", {"jpg": b""})
