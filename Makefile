@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 # The stamp depends on pyproject.toml: editing the dependencies reinstalls, a second `make` does not.
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Commands run with the venv first on PATH, like an activated venv (Ray jobs and Prefect workers spawn `python`).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test unit integration bench clean-artifacts
 

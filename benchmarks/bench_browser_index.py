@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -91,9 +92,14 @@ def build(root: Path, rows: int) -> str:
     return "big"
 
 
-def timed(function: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
+CPU: dict[str, float] = {}  # process CPU seconds (all threads) of the last call of each label: load-independent
+
+
+def timed(function: Callable[[], Any], label: str = "") -> tuple[float, Any]:
+    start, cpu = time.perf_counter(), time.process_time()
     result = function()
+    if label:
+        CPU[label] = round(time.process_time() - cpu, 4)
     return time.perf_counter() - start, result
 
 
@@ -112,10 +118,12 @@ def ours(root: Path, thumbs: Path) -> dict[str, float]:
 
     out: dict[str, float] = {}
     cold = client()
-    out["open_version_cold_s"], _ = timed(lambda: (get(cold, base), get(cold, f"{base}/samples?limit={PAGE}")))
+    out["open_version_cold_s"], _ = timed(lambda: (get(cold, base), get(cold, f"{base}/samples?limit={PAGE}")),
+                                          "ours_open_version")
     out["open_version_warm_s"], _ = timed(lambda: (get(cold, base), get(cold, f"{base}/samples?limit={PAGE}")))
     out["deep_page_s"], _ = timed(lambda: get(cold, f"{base}/samples?limit={PAGE}&offset=900000"))
-    out["search_text_s"], page = timed(lambda: get(cold, f"{base}/samples?limit={PAGE}&q=mountain%20river"))
+    out["search_text_s"], page = timed(lambda: get(cold, f"{base}/samples?limit={PAGE}&q=mountain%20river"),
+                                       "ours_search")
     out["filter_synthetic_score_s"], _ = timed(
         lambda: get(cold, f"{base}/samples?limit={PAGE}&source=synthetic&min_score=0.95&decision=kept"))
     out["filter_split_dropped_s"], _ = timed(lambda: get(cold, f"{base}/samples?limit={PAGE}&split=val&decision=dropped"))
@@ -148,8 +156,8 @@ def naive(root: Path) -> dict[str, float]:
         return matches.num_rows
 
     out: dict[str, float] = {}
-    out["open_version_s"], _ = timed(open_version)
-    out["search_text_s"], matches = timed(search)
+    out["open_version_s"], _ = timed(open_version, "naive_open_version")
+    out["search_text_s"], matches = timed(search, "naive_search")
     out["search_matches"] = matches
     return out
 
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             "build_s": round(build_s, 2),
             "ours": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours_times.items()},
             "naive_full_read": {k: round(v, 4) if isinstance(v, float) else v for k, v in naive_times.items()},
+            "cpu_s": CPU, "load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
             "open_version_under_1s": ours_times["open_version_cold_s"] < 1.0,
             "speedup_open_version": round(naive_times["open_version_s"] / ours_times["open_version_cold_s"], 1),
             "speedup_search": round(naive_times["search_text_s"] / ours_times["search_text_s"], 2),

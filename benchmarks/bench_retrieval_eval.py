@@ -112,7 +112,8 @@ def run_model(name: str, root: Path, annotation: Path, k: int, pairs_per_batch: 
         "speedup_batched": round(results["batched"]["ranked_pairs_per_s"] / loop_rate, 2),
         "speedup_batched_shared_pairs": round(results["batched_shared_pairs"]["ranked_pairs_per_s"] / loop_rate, 2),
         "same_metrics_as_loop": all(m == metrics["per_query_loop"] for m in metrics.values()),
-        "max_abs_score_diff": max(float((o.score_i2t - reference.score_i2t).abs().max().item()) for o in outputs.values()),
+        "max_abs_score_diff": max(max(float((o.score_i2t - reference.score_i2t).abs().max()),
+                                      float((o.score_t2i - reference.score_t2i).abs().max())) for o in outputs.values()),
     }
 
 

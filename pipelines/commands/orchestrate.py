@@ -152,6 +152,18 @@ def job_runtime_env(extra_env: list[str]) -> dict[str, Any]:
     return {"working_dir": str(PROJECT_ROOT), "excludes": JOB_EXCLUDES, "env_vars": env_vars}
 
 
+def submit_with_retry(client: Any, entrypoint: str, runtime_env: dict[str, Any], wait_seconds: float = 120.0) -> str:
+    """Submit; right after `ray start` the job agent may not be up yet ("No available agent"): wait for it."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise CommandError(f"Ray job submission failed: {error}") from error
+            time.sleep(2.0)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     import os
 
@@ -165,7 +177,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as error:
         raise CommandError(f"cannot reach the Ray job server at {address}: {error}") from error
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(args.env))
+    job_id = submit_with_retry(client, entrypoint, job_runtime_env(args.env))
     print(f"submitted Ray job {job_id} to {address}: {entrypoint}", flush=True)
     if args.no_wait:
         return 0

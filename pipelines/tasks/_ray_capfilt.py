@@ -70,6 +70,18 @@ def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int)
     return rows
 
 
+def _tokenizer() -> Any:
+    # BlipCaption's constructor already built the (slow to build, ~2-6 s) tokenizer in this process: reuse it.
+    try:
+        from blip_models.modeling_caption import _default_tokenizer
+
+        return _default_tokenizer()
+    except ImportError:
+        from blip_models.tokenizer import load_tokenizer
+
+        return load_tokenizer()
+
+
 class _ModelActor:
     """Shared actor plumbing: device placement, model loading, busy/idle clocks."""
 
@@ -86,9 +98,7 @@ class _ModelActor:
             torch.set_num_threads(compute.torch_threads)
         self.models = {role: capfilt.load_model(models[role], self.device, compute.dtype) for role in roles}
         self.refs = {role: models[role]["ref"] for role in models}
-        from blip_models.tokenizer import load_tokenizer
-
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = _tokenizer()
         self.last_end = time.perf_counter()
         self.calls = 0
 

@@ -147,6 +147,12 @@ def consecutive_image_ids(pairs: Sequence[CaptionPair]) -> list[int]:
     return [mapping.setdefault(pair.image_id, len(mapping)) for pair in pairs]
 
 
+def caption_train_text(pair: CaptionPair, prompt: str = "a picture of ", max_words: int = RETRIEVAL_MAX_WORDS) -> str:
+    """The captioning train target: `prompt + pre_caption(caption, 30)` (BLIP coco_karpathy_train with a prompt;
+    retrieval training uses `prompt=""`)."""
+    return prompt + pre_caption(pair.caption, max_words)
+
+
 def build_retrieval_eval(items: Sequence[CaptionedImage], max_words: int = RETRIEVAL_MAX_WORDS) -> RetrievalEvalSet:
     """Flatten captions in file order (pre_caption'd) and build img2txt / txt2img as BLIP's eval dataset does."""
     texts: list[str] = []
@@ -182,7 +188,7 @@ def load_coco_caption_gt(path: str | Path) -> CocoCaptionGT:
     """`coco_karpathy_{val,test}_gt.json`: `{"images": [{"id"}], "annotations": [{"image_id","caption","id"}]}`."""
     data = _read_json(path)
     if not isinstance(data, dict):
-        raise AnnotationError(path, f"expected a JSON object with 'images' and 'annotations', got {type(data).__name__}")
+        raise AnnotationError(path, f"expected an object with 'images' and 'annotations', got {type(data).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(data.get(key), list):
             raise AnnotationError(path, "missing or not a list", None, key)

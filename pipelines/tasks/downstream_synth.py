@@ -6,8 +6,10 @@ benchmark, with the real file names and record layouts: Karpathy COCO / Flickr30
 with COCO-caption GT files), VQAv2 as BLIP/LAVIS ship it (+ VG QA, answer_list.json, the official val questions
 and annotations), NLVR2, MSRVTT (`msrvtt_test.jsonl` + mp4 clips) and NoCaps. Everything is seeded.
 
-The scene renderer here is this module's own small one (circles, squares, triangles in five colours); it is
-deliberately independent of the pretraining demo corpus.
+Scenes use the vocabulary of the pretraining demo corpus (`demo_corpus.SHAPES`, `COLOURS`, `BACKGROUNDS`), so a
+model pretrained there meets the same words downstream; the renderer is this module's own, because downstream
+tasks need several different shapes per image (colour/shape questions, NLVR2 comparisons) while a demo-corpus
+scene holds one kind of shape.
 """
 
 from __future__ import annotations
@@ -19,16 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (215, 48, 39), "green": (26, 152, 80), "blue": (49, 54, 149), "yellow": (254, 224, 50),
-           "purple": (118, 42, 131)}
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
+from pipelines.tasks.demo_corpus import BACKGROUNDS, COLOURS, SHAPES
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    kind: str  # one of SHAPES
+    kind: str  # one of SHAPES (circle, square, triangle, star, diamond)
     colour: str  # a key of COLOURS
     centre: tuple[float, float]  # fractions of the image side, (x, y)
     radius: float  # fraction of the image side
@@ -41,14 +41,16 @@ class Scene:
 
 
 def random_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
-    """1..max_shapes non-overlapping shapes, one per cell of a 3×3 grid."""
+    """1..max_shapes non-overlapping shapes, one per cell of a 3×3 grid, none coloured like the background."""
+    background = rng.choice(list(BACKGROUNDS))
+    colours = [colour for colour in COLOURS if colour != background]
     cells = rng.sample(range(9), rng.randint(1, min(max_shapes, 9)))
     shapes = tuple(
-        Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)),
+        Shape(rng.choice(SHAPES), rng.choice(colours),
               ((cell % 3 + 0.5 + rng.uniform(-0.1, 0.1)) / 3, (cell // 3 + 0.5 + rng.uniform(-0.1, 0.1)) / 3),
               rng.uniform(0.09, 0.13))
         for cell in cells)
-    return Scene(shapes, rng.choice(list(BACKGROUNDS)))
+    return Scene(shapes, background)
 
 
 def _draw_shape(draw: Any, shape: Shape, size: int) -> None:
@@ -58,8 +60,15 @@ def _draw_shape(draw: Any, shape: Shape, size: int) -> None:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif shape.kind == "square":
         draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    else:
+    elif shape.kind == "triangle":
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    elif shape.kind == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    elif shape.kind == "star":  # a six-pointed star: two opposed triangles
+        draw.polygon([(x, y - r), (x - r, y + r / 2), (x + r, y + r / 2)], fill=fill)
+        draw.polygon([(x, y + r), (x - r, y - r / 2), (x + r, y - r / 2)], fill=fill)
+    else:
+        raise ValueError(f"cannot draw shape kind {shape.kind!r}")
 
 
 def render_scene(scene: Scene, size: int = 64) -> Any:
@@ -323,8 +332,8 @@ def write_msrvtt(root: str | Path, num_videos: int = 8, num_frames: int = 16, fr
     lines = []
     for number in range(num_videos):
         clip_name = f"video{7000 + number}"
-        kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         background = rng.choice(list(BACKGROUNDS))
+        kind, colour = rng.choice(SHAPES), rng.choice([c for c in COLOURS if c != background])
         motion, (start, end) = rng.choice(list(_MOTIONS.items()))
         writer = cv2.VideoWriter(str(root / "videos" / f"{clip_name}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                  (frame_size, frame_size))

@@ -52,7 +52,8 @@ def _recalls(ranks: Any, prefix: str) -> dict[str, float]:
     return result
 
 
-def itm_eval(score_i2t: Any, score_t2i: Any, txt2img: Sequence[int], img2txt: Sequence[Sequence[int]]) -> dict[str, float]:
+def itm_eval(score_i2t: Any, score_t2i: Any, txt2img: Sequence[int],
+             img2txt: Sequence[Sequence[int]]) -> dict[str, float]:
     """BLIP's retrieval metrics. score_i2t: (N_img, N_txt); score_t2i: (N_txt, N_img) (numpy or torch).
 
     Image→text rank = best (lowest) rank among the image's ground-truth captions; text→image rank = rank of its
@@ -110,7 +111,8 @@ _CONTRACTIONS = {
     "youre": "you're", "youve": "you've",
 }
 # Punctuation removed (or turned into a space when it glues two words together, e.g. "black/white").
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)", whose first group is a (no-op) lookahead, so in effect every
 # period not followed by a digit goes ("2.5" stays, "5." and "st." lose it); we keep that behaviour.

@@ -109,6 +109,7 @@ class PretrainConfig:
 
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MOMENTUM_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
 
 
 class PretrainTask:
@@ -199,7 +200,11 @@ def load_checkpoint_into(model: Any, source: str) -> dict[str, Any]:
     else:
         state, kind = read_official(source), "official"
     report = load_into(model, state, source=str(source), kind="pretrain")
-    return {"from": kind, "source": str(source), **report.to_dict()}
+    result = {"from": kind, "source": str(source), **report.to_dict()}
+    if any(key.startswith(MOMENTUM_PREFIXES) for key in report.missing):  # e.g. a captioning model as the start
+        model.copy_params()
+        result["adapted"] = [*result["adapted"], "momentum encoders copied from the loaded online weights"]
+    return result
 
 
 def load_vit_weights(model: Any, path: str) -> dict[str, Any]:
@@ -218,6 +223,9 @@ def load_vit_weights(model: Any, path: str) -> dict[str, Any]:
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
     report = load_into(model.visual_encoder, state, source=str(path), kind="vit")
+    if not report.loaded:
+        raise ValueError(f"{path}: no tensor matches the ViT's timm key names (found e.g. {sorted(state)[:3]})")
+    model.copy_params()  # BLIP: the momentum ViT starts as a copy of the initialised one
     return {"from": "imagenet_vit", "source": str(path), **report.to_dict()}
 
 
@@ -291,7 +299,8 @@ def run_pretrain(
     metadata = {
         "architecture": cfg.model, "kind": "pretrain", "final_step": stats["final_step"],
         "planned_steps": stats["planned_steps"], "restarts": stats["restarts"],
-        "restored_from_checkpoint": stats["restores"], "init": stats["init"], "ray_run": {"name": name, "storage_path": storage},
+        "restored_from_checkpoint": stats["restores"], "init": {**stats["init"], "sha256": _init_digest(init_source)},
+        "ray_run": {"name": name, "storage_path": storage},
         "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
     }  # fmt: skip
     dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
@@ -338,6 +347,16 @@ def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     if not configs:
         raise FileNotFoundError(f"model version {manifest.ref} has no config.json (not a save_pretrained model)")
     return manifest, str(registry.local_path(manifest, configs[0]).parent)
+
+
+def _init_digest(source: str | None) -> str | None:
+    """sha256 of the initial weights file (of model.safetensors for a directory): lineage outside the registry."""
+    from datasets_manifests.registry import sha256_file
+
+    if not source or not Path(source).exists():
+        return None
+    path = Path(source) / "model.safetensors" if Path(source).is_dir() else Path(source)
+    return sha256_file(path)[0] if path.is_file() else None
 
 
 def _check_plan(plan: Any, blip_config: Any) -> None:

@@ -47,7 +47,8 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
     from blip_models.checkpoints import from_pretrained
 
     registry, dataset = scenes
-    cfg = load_config(PretrainConfig, CONFIG, ["loop.max_steps=240", "loop.checkpoint_every=40", "loop.log_every=20"])
+    cfg = load_config(PretrainConfig, CONFIG, ["loop.epochs=100", "loop.max_steps=240", "loop.checkpoint_every=40",
+                                              "loop.log_every=20"])  # fmt: skip
     pid_dir, name = tmp_path / "pids", "kill-test"
     run_dir = registry.work_dir("train-runs") / name
     outcome: dict[str, Any] = {}
@@ -95,7 +96,7 @@ def test_resume_equals_uninterrupted(ray_session: Any, scenes: tuple[Registry, A
     from pipelines.tasks._ray_train import UserError, run_local
 
     registry, dataset = scenes
-    base = ["scaling.num_workers=1", "loop.checkpoint_every=5", "data.shuffle_buffer=16"]
+    base = ["scaling.num_workers=1", "loop.epochs=100", "loop.checkpoint_every=5", "data.shuffle_buffer=16"]
     half = load_config(PretrainConfig, CONFIG, [*base, "loop.max_steps=10"])
     full = load_config(PretrainConfig, CONFIG, [*base, "loop.max_steps=20"])
 

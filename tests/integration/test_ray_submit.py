@@ -29,7 +29,8 @@ def ray_head():
     ray_bin = Path(sys.executable).parent / "ray"
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: AF_UNIX socket paths are limited to 107 bytes
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = dict(os.environ)
+    # The job's `python` is the one on the head's PATH (an activated venv here, the image's on a cluster).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = subprocess.run(
         [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
          "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
@@ -56,7 +57,7 @@ def test_submit_runs_a_stage_and_streams_its_logs(ray_head, tmp_path, capsys):
 
 
 def test_submit_reports_a_failing_job(ray_head, capsys):
-    code = main(["submit", "--address", ray_head, "--command", "blip data show no-such-dataset@v1 --registry /nonexistent-registry"])
+    code = main(["submit", "--address", ray_head, "--command", "blip data --registry /tmp/blip-empty-registry show no-such-dataset@v1"])
     captured = capsys.readouterr().out
     assert code == 1
     assert "FAILED" in captured

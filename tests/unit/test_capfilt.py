@@ -156,3 +156,80 @@ def test_quality_names_scene():
 
     assert names_scene("two red circles on a grey background", "circle", "red") == (True, True)
     assert names_scene("a blue square", "circle", "red") == (False, False)
+
+
+def test_cli_reports_unknown_inputs_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    code = main(["capfilt", "tiny", "--dataset", "web-nothing", "--captioner", "c", "--filter", "f",
+                 "--registry", str(tmp_path)])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "blip capfilt: error:" in error and "web-nothing" in error
+    code = main(["capfilt", "tiny", "--dataset", "x", "--captioner", "c", "--filter", "f", "--registry", str(tmp_path),
+                 "--set", "captioner.topp=0.5"])  # fmt: skip
+    assert code == 2 and "captioner.topp" in capsys.readouterr().err
+
+
+def test_model_kind_is_checked(tmp_path):
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_itm import BlipITM
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    directory = save_pretrained(BlipITM(preset("tiny")), tmp_path / "itm")
+    model = registry.publish(kind="model", name="itm", staging_dir=directory, producer=Producer(stage="test"),
+                             files=[{"path": "model.safetensors"}, {"path": "config.json"}])  # fmt: skip
+    assert capfilt._model_source(registry, model, ("itm",))["image_size"] == 32
+    with pytest.raises(capfilt.CapFiltError, match="is a 'itm' model; expected caption"):
+        capfilt._model_source(registry, model, ("caption",))
+
+
+def test_nucleus_sampling_is_per_row_and_matches_the_reference_nucleus():
+    import torch
+
+    from blip_models.generation import top_k_top_p_filter
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.5, 8.0):  # flat (sorted fallback) and peaked (top-k probe) distributions
+        scores = torch.randn(6, 3000, generator=generator) * scale
+        reference = torch.isfinite(top_k_top_p_filter(scores, 0, 0.9))
+        assert torch.equal(capfilt.nucleus_mask(scores.softmax(-1), 0.9), reference)
+    uniforms = capfilt.row_uniforms([11, 12, 13], 4, "cpu")
+    assert uniforms.shape == (3, 4) and bool((uniforms > 0).all()) and bool((uniforms <= 1).all())
+    again = capfilt.row_uniforms([13], 4, "cpu")
+    assert torch.equal(again[0], uniforms[2])  # a row's draws depend only on its own seed
+    tokens = capfilt.nucleus_draw(scores[:3], 0.9, uniforms[:, 0])
+    alone = capfilt.nucleus_draw(scores[2:3], 0.9, uniforms[2:3, 0])
+    assert tokens[2] == alone[0] and bool(reference[torch.arange(3), tokens].all())
+
+
+def test_captions_do_not_depend_on_batch_company():
+    import torch
+
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_caption import BlipCaption
+    from blip_models.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = BlipCaption(preset("tiny")).eval(), load_tokenizer()
+    config = capfilt.CaptionerConfig(num_captions=2, min_length=5, max_length=9)
+    pixels = torch.randn(3, 3, 32, 32)
+    together = capfilt.caption_images(model, tokenizer, pixels, ["a", "b", "c"], config)
+    alone = capfilt.caption_images(model, tokenizer, pixels[1:2], ["b"], config)
+    assert together[1] == alone[0] and len(together) == 3 and all(len(c) == 2 for c in together)
+    assert together[1][0] != together[1][1]
+    reseeded = capfilt.caption_images(model, tokenizer, pixels[1:2], ["b"], capfilt.CaptionerConfig(
+        num_captions=2, min_length=5, max_length=9, seed=1))  # fmt: skip
+    assert reseeded[0] != alone[0]
+    beams = capfilt.caption_images(model, tokenizer, pixels[:2], ["a", "b"], capfilt.CaptionerConfig(
+        method="beam", num_beams=2, num_captions=1, min_length=5, max_length=9))  # fmt: skip
+    reference = model.generate(pixels[:2], tokenizer, num_beams=2, max_length=9, min_length=5)
+    assert [c[0] for c in beams] == [capfilt_pre(r) for r in reference]
+
+
+def capfilt_pre(text):
+    from blip_models.processing import pre_caption
+
+    return pre_caption(text, 30)

@@ -11,9 +11,11 @@ from PIL import Image
 
 from pipelines.tasks.downstream_data import (
     AnnotationError,
+    CaptionPair,
     NLVRPair,
     VQAQuestion,
     build_retrieval_eval,
+    caption_train_text,
     coco_image_id,
     consecutive_image_ids,
     load_answer_list,
@@ -49,6 +51,9 @@ def test_coco_karpathy_files_round_trip(tmp_path: Path):
     assert len(train) == 15
     assert consecutive_image_ids(train) == [0] * 5 + [1] * 5 + [2] * 5
     assert Image.open(tmp_path / train[0].image).size == (64, 64)
+    pair = CaptionPair("a.jpg", "Two RED circles!  On grey.", "coco_1")
+    assert caption_train_text(pair) == "a picture of two red circles on grey"
+    assert caption_train_text(pair, prompt="") == "two red circles on grey"
 
     val = load_caption_eval(files["coco_karpathy_val"])
     assert [len(item.captions) for item in val] == [5, 5]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.tasks.downstream_data import NoCapsImage
+from pipelines.tasks.downstream_data import NoCapsImage, load_vqa_official
+from pipelines.tasks.downstream_synth import write_vqa
 from pipelines.tasks.metrics import (
     caption_scores,
     itm_eval,
@@ -85,16 +87,31 @@ def test_vqa_normalisation(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 
 
-@pytest.mark.parametrize("matching, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize("matching, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (9, 1.0)])
 def test_vqa_question_accuracy_leave_one_out(matching, expected):
-    # k matching humans: k subsets see k-1 matches, 10-k subsets see k -> mean of min(1, m/3).
+    # k matching humans: k subsets see k-1 matches, 10-k subsets see k -> mean of min(1, matches/3);
+    # e.g. k=2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6. The humans disagree, so "two" is normalised to "2".
     humans = ["2"] * matching + ["3"] * (10 - matching)
-    if matching in (0, 10):
-        humans[-1] = "4"  # keep the answers in disagreement so normalisation applies
-        if matching == 10:
-            humans = ["2"] * 10
-    assert vqa_question_accuracy("two", humans) == pytest.approx(expected if matching != 10 else 0.0)
     assert vqa_question_accuracy("2", humans) == pytest.approx(expected)
+    assert vqa_question_accuracy("Two", humans) == pytest.approx(expected)
+
+
+def test_vqa_normalises_only_when_humans_disagree():
+    # The official tool leaves answers as they are when all ten humans agree.
+    assert vqa_question_accuracy("2", ["2"] * 10) == 1.0
+    assert vqa_question_accuracy("two", ["2"] * 10) == 0.0
+    assert vqa_question_accuracy("two", ["2"] * 9 + ["3"]) == 1.0
+
+
+def test_vqa_accuracy_on_generated_official_files(tmp_path: Path):
+    files = write_vqa(tmp_path, num_train_images=1, num_val_images=4, num_test_images=0, num_vg_images=0)
+    truths = load_vqa_official(files["val_questions"], files["val_annotations"])
+    majority = {t.question_id: Counter(t.answers).most_common(1)[0][0] for t in truths}
+    expected = [vqa_question_accuracy(majority[t.question_id], t.answers) for t in truths]
+    result = vqa_accuracy(majority, truths)
+    assert result["overall"] == round(100 * sum(expected) / len(expected), 2) and result["overall"] > 80
+    assert result["num_questions"] == len(truths) and set(result["per_answer_type"]) <= {"yes/no", "number", "other"}
+    assert vqa_accuracy({q: "banana" for q in majority}, truths)["overall"] == 0.0
 
 
 def test_vqa_accuracy_overall_and_per_type():

@@ -116,7 +116,7 @@ def test_temperature_is_clamped():
         model.temp.fill_(5.0)
     pixel_values, input_ids, attention_mask = micro_batch(2)
     model(pixel_values, input_ids, attention_mask)
-    assert float(model.temp) == pytest.approx(0.5)
+    assert model.temp.item() == pytest.approx(0.5)
 
 
 def test_hard_negatives_never_pick_positive_or_same_image(monkeypatch):

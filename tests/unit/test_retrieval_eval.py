@@ -89,15 +89,16 @@ def test_shared_pairs_are_scored_once_in_batches(setup):
     assert max(calls) == 10
 
 
-def test_row_slices_sum_to_the_full_matrices(setup):
+@pytest.mark.parametrize("workers", [3, 8])  # 8 > NUM_IMAGES: some workers get an empty image slice
+def test_row_slices_sum_to_the_full_matrices(setup, workers):
     image_embeds, text_embeds, _, itm_score_fn, _ = setup
     full = retrieval_scores(image_embeds, text_embeds, itm_score_fn, 6)
     parts = [retrieval_scores(image_embeds, text_embeds, itm_score_fn, 6, image_rows=image_rows, text_rows=text_rows)
-             for image_rows, text_rows in zip(split_rows(NUM_IMAGES, 3), split_rows(NUM_TEXTS, 3))]
+             for image_rows, text_rows in zip(split_rows(NUM_IMAGES, workers), split_rows(NUM_TEXTS, workers))]
     assert torch.equal(sum(p.score_i2t for p in parts), full.score_i2t)
     assert torch.equal(sum(p.score_t2i for p in parts), full.score_t2i)
     # Outside its slice a part is exactly zero, so an all_reduce(SUM) of parts is the full result.
-    assert (parts[0].score_i2t[split_rows(NUM_IMAGES, 3)[1].start:] == 0).all()
+    assert (parts[0].score_i2t[split_rows(NUM_IMAGES, workers)[1].start:] == 0).all()
 
 
 def test_split_rows_covers_every_row_once():

@@ -146,10 +146,10 @@ def make_loop(shard_dir: Path, steps: int, augment: bool = True) -> tuple[TrainL
 
 
 def test_tiny_blip_loss_falls(shard_dir: Path) -> None:
-    loop, batches = make_loop(shard_dir, steps=16)
+    loop, batches = make_loop(shard_dir, steps=12)
     logged: list[dict[str, float]] = []
     loop.run(batches, on_log=lambda step, metrics: logged.append(metrics))
-    assert len(logged) == 16 and loop.state.step == 16 and loop.state.epoch == 4
+    assert len(logged) == 12 and loop.state.step == 12 and loop.state.epoch == 3
     assert {"loss_itc", "loss_itm", "loss_lm", "lr", "samples_per_s", "data_wait_fraction"} <= set(logged[0])
     first, last = sum(m["loss"] for m in logged[:3]) / 3, sum(m["loss"] for m in logged[-3:]) / 3
     assert math.isfinite(last) and last < first - 0.5
@@ -175,3 +175,35 @@ def test_checkpoint_restore_is_exact(shard_dir: Path, tmp_path: Path) -> None:
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert resumed.state.samples_seen == straight.state.samples_seen
+
+
+# ---------------------------------------------------------------------------------------------- initialisation
+
+
+def test_init_from_imagenet_vit_weights_reports_what_did_not_fit(tmp_path: Path) -> None:
+    from blip_models.configuration_blip import preset
+    from blip_models.vit import VisionTransformer
+
+    torch.manual_seed(5)
+    vit = VisionTransformer(preset("tiny").vision)
+    state = {**vit.state_dict(), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}  # timm ImageNet head
+    torch.save(state, tmp_path / "vit_in1k.pth")
+    task = pretrain_task()
+    task.init = dataclasses.replace(task.init, vit_weights=str(tmp_path / "vit_in1k.pth"))
+    model = task.build_model()
+    assert task.init_report["from"] == "imagenet_vit"
+    assert sorted(task.init_report["unexpected"]) == ["head.bias", "head.weight"] and not task.init_report["missing"]
+    assert torch.equal(model.visual_encoder.pos_embed, vit.pos_embed)
+    assert torch.equal(model.visual_encoder_m.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
+def test_init_from_a_saved_model(tmp_path: Path) -> None:
+    from blip_models.checkpoints import save_pretrained
+
+    source = pretrain_task().build_model()
+    save_pretrained(source, tmp_path / "model")
+    task = pretrain_task()
+    task.init = dataclasses.replace(task.init, checkpoint=str(tmp_path / "model"))
+    model = task.build_model()
+    assert task.init_report["from"] == "version" and not task.init_report["missing"]
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))

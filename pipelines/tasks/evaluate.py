@@ -1,0 +1,347 @@
+"""The evaluation stage: a task model version + a downstream dataset version -> an evaluation version.
+
+Follows BLIP's `train_retrieval.py:evaluation()` / `itm_eval`, `train_caption.py:evaluate()` + `coco_caption_eval`
+(Li et al. 2022, salesforce/BLIP; shared/docs/blip_spec.md §4.1, §4.2):
+
+- retrieval: every image and text is encoded once (normalised ITC features; ViT token sequences kept for ITM),
+  cosine similarities rank the candidates, and the top-`k_test` of every query are re-ranked with
+  score = ITM positive logit + ITC cosine (`retrieval_eval`, batched across queries and candidates). The
+  re-ranking is split by row ranges over Ray tasks (BLIP splits rows over GPUs and all-reduces), each task
+  returns its rows, and the driver assembles both matrices and computes recall@1/5/10 and r_mean.
+- captioning: beam search 3, max 20, min 5 (prompt 'a picture of ' counted in the lengths), the images split over
+  Ray tasks; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
+  CoreNLP models are absent) against the COCO-caption GT file; the result file is published.
+
+VQA, NLVR2 and zero-shot video retrieval are not implemented in this stage yet (`run_evaluate` says so).
+`num_workers: 0` runs everything in this process (tests, benchmarks). Idempotent via the cache key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pipelines.config import check_range, config_hash, to_dict
+
+EvalTask = Literal["retrieval", "caption", "vqa", "nlvr", "video"]
+MODEL_KIND = {"retrieval": "retrieval", "caption": "caption", "vqa": "vqa", "nlvr": "nlvr", "video": "retrieval"}
+K_TEST = {"coco": 256, "flickr": 128}  # BLIP retrieval_coco.yaml / retrieval_flickr.yaml (MSRVTT: 128)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """One evaluation (configs/evaluate/*.yaml)."""
+
+    task: EvalTask  # retrieval | caption | vqa | nlvr | video
+    split: str = "test"  # val | test
+    k_test: int | None = None  # retrieval re-rank candidates; None: 256 COCO, 128 Flickr30k / MSRVTT
+    image_batch_size: int = 64  # images per ViT forward (BLIP batch_size_test 64)
+    text_batch_size: int = 256  # texts per text-encoder forward (BLIP: 256)
+    itm_pairs_per_batch: int = 256  # (query, candidate) pairs per ITM forward in the re-ranking
+    num_beams: int = 3  # captioning (BLIP caption_coco.yaml)
+    max_length: int = 20  # includes the 4 prompt tokens
+    min_length: int = 5
+    repetition_penalty: float = 1.0  # BLIP COCO 1.0 (NoCaps 1.1)
+    caption_batch_size: int = 16  # images per generate call
+    caption_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+    num_workers: int = 2  # Ray tasks sharing the rows (0 = everything in this process)
+    cpus_per_worker: float = 1.0  # fractional values let tasks share CPUs with other work
+    max_images: int | None = None  # evaluate only the first N images of the split (smoke runs); None = all
+
+    def __post_init__(self) -> None:
+        if self.task not in MODEL_KIND:
+            raise ValueError(f"'task' = {self.task!r}: choose one of {', '.join(MODEL_KIND)}")
+        if self.split not in ("val", "test"):
+            raise ValueError(f"'split' = {self.split!r}: choose val or test")
+        if self.k_test is not None:
+            check_range("evaluate", "k_test", self.k_test, 1)
+        for name in ("image_batch_size", "text_batch_size", "itm_pairs_per_batch", "num_beams", "caption_batch_size"):
+            check_range("evaluate", name, getattr(self, name), 1)
+        check_range("evaluate", "min_length", self.min_length, 1)
+        check_range("evaluate", "max_length", self.max_length, self.min_length)
+        check_range("evaluate", "num_workers", self.num_workers, 0)
+        check_range("evaluate", "cpus_per_worker", self.cpus_per_worker, 0.01)
+        if self.max_images is not None:
+            check_range("evaluate", "max_images", self.max_images, 1)
+        from pipelines.tasks.metrics import CAPTION_METRICS
+
+        unknown = sorted(set(self.caption_metrics) - set(CAPTION_METRICS))
+        if unknown:
+            raise ValueError(f"'caption_metrics' has unknown {unknown}; choose from {list(CAPTION_METRICS)}")
+
+
+# ---------------------------------------------------------------------------------------------- model + data
+
+
+def load_task_model(directory: str, kind: str) -> Any:
+    """A save_pretrained model as the task model `kind` (eval mode); another kind's weights load by key name
+    (e.g. a pretrained model evaluated zero-shot for retrieval)."""
+    from blip_models.checkpoints import build_model, config_from_dict, from_pretrained, read_pretrained_config
+    from pipelines.tasks.finetune import load_weights
+
+    saved = read_pretrained_config(directory)
+    if saved["kind"] == kind:
+        return from_pretrained(directory).eval()
+    model = build_model(kind, config_from_dict(saved["config"]))
+    load_weights(model, directory, kind)
+    return model.eval()
+
+
+def load_images(urls: list[str], image_size: int) -> Any:
+    """Eval-transformed images (N, 3, S, S) from local paths or fsspec URLs."""
+    import fsspec
+    import torch
+    from PIL import Image
+
+    from blip_models.processing import eval_transform
+
+    transform = eval_transform(image_size)
+    tensors = []
+    for url in urls:
+        with fsspec.open(url, "rb") as handle:
+            tensors.append(transform(Image.open(handle).convert("RGB")))
+    return torch.stack(tensors)
+
+
+def map_rows(fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[range], cfg: EvaluateConfig) -> list[Any]:
+    """`fn(*shared, rows)` for every row range: in Ray tasks (`cfg.num_workers` > 0) or in this process."""
+    if cfg.num_workers == 0:
+        return [fn(*shared, rows) for rows in parts]
+    from pipelines.runtime import ensure_ray
+
+    ray = ensure_ray()
+    refs = [ray.put(value) for value in shared]  # stored once, read by every task without a copy per task
+    remote = ray.remote(num_cpus=cfg.cpus_per_worker, max_retries=2)(fn)
+    return ray.get([remote.remote(*refs, rows) for rows in parts])
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+
+def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
+    """ITC features of all images and texts, ViT token sequences and token ids for the ITM re-ranking."""
+    import torch
+
+    from blip_models.tokenizer import load_tokenizer, tokenize
+
+    tokenizer = load_tokenizer()
+    size = model.config.vision.image_size
+    text_ids, text_mask, text_feats = [], [], []
+    image_embeds, image_feats = [], []
+    with torch.no_grad():
+        for start in range(0, len(texts), cfg.text_batch_size):
+            ids, mask = tokenize(tokenizer, texts[start:start + cfg.text_batch_size], 35, "max_length")
+            text_feats.append(model.text_features(ids, mask))  # (b, E)
+            text_ids.append(ids)
+            text_mask.append(mask)
+        for start in range(0, len(image_urls), cfg.image_batch_size):
+            embeds, feats = model.image_features(load_images(image_urls[start:start + cfg.image_batch_size], size))
+            image_embeds.append(embeds)  # (b, 1+N, Dv)
+            image_feats.append(feats)
+    return {"image_embeds": torch.cat(image_embeds), "image_feats": torch.cat(image_feats),
+            "text_ids": torch.cat(text_ids), "text_mask": torch.cat(text_mask), "text_feats": torch.cat(text_feats)}
+
+
+def rerank_rows(model_dir: str, features: dict[str, Any], sims: Any, k_test: int, pairs_per_batch: int,
+                rows: tuple[range, range]) -> tuple[Any, Any, int]:
+    """One worker's share: its image rows of score_i2t and text rows of score_t2i (ITM logit + cosine)."""
+    import torch
+
+    from pipelines.tasks.retrieval_eval import retrieval_scores_from_sims
+
+    model = load_task_model(model_dir, "retrieval")
+    image_rows, text_rows = rows
+
+    def itm(image_index: Any, text_index: Any) -> Any:
+        with torch.no_grad():
+            logits = model.itm_logits(features["image_embeds"][image_index], features["text_ids"][text_index],
+                                      features["text_mask"][text_index])  # fmt: skip
+        return logits[:, 1]
+
+    scores = retrieval_scores_from_sims(sims, itm, k_test, pairs_per_batch=pairs_per_batch, image_rows=image_rows,
+                                        text_rows=text_rows)  # fmt: skip
+    return (scores.score_i2t[image_rows.start:image_rows.stop], scores.score_t2i[text_rows.start:text_rows.stop],
+            scores.itm_pairs)  # fmt: skip
+
+
+def evaluate_retrieval(model_dir: str, image_urls: list[str], eval_set: Any, k_test: int,
+                       cfg: EvaluateConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """BLIP's retrieval evaluation -> (metrics, details)."""
+    import time
+
+    import torch
+
+    from pipelines.tasks.metrics import itm_eval
+    from pipelines.tasks.retrieval_eval import similarity_matrix, split_rows
+
+    started = time.perf_counter()
+    model = load_task_model(model_dir, "retrieval")
+    features = encode_retrieval(model, image_urls, list(eval_set.texts), cfg)
+    sims = similarity_matrix(features["image_feats"], features["text_feats"])  # (N_img, N_txt)
+    encoded = time.perf_counter()
+    parts = max(1, cfg.num_workers)
+    image_parts = split_rows(len(image_urls), parts)
+    text_parts = split_rows(len(eval_set.texts), parts)
+    shared = {k: features[k] for k in ("image_embeds", "text_ids", "text_mask")}
+    results = map_rows(rerank_rows, (model_dir, shared, sims, k_test, cfg.itm_pairs_per_batch),
+                       list(zip(image_parts, text_parts)), cfg)  # type: ignore[arg-type]
+    score_i2t = torch.cat([r[0] for r in results])
+    score_t2i = torch.cat([r[1] for r in results])
+    metrics = itm_eval(score_i2t, score_t2i, eval_set.txt2img, eval_set.img2txt)
+    details = {"num_images": len(image_urls), "num_texts": len(eval_set.texts), "k_test": k_test,
+               "itm_pairs": sum(r[2] for r in results), "workers": cfg.num_workers,
+               "seconds_encode": round(encoded - started, 3),
+               "seconds_rerank": round(time.perf_counter() - encoded, 3)}  # fmt: skip
+    return metrics, details
+
+
+# ---------------------------------------------------------------------------------------------- captioning
+
+
+def caption_rows(model_dir: str, image_urls: list[str], options: dict[str, Any], rows: range) -> list[str]:
+    """Captions of the images in `rows` (batched beam search)."""
+    from blip_models.tokenizer import load_tokenizer
+
+    model = load_task_model(model_dir, "caption")
+    tokenizer = load_tokenizer()
+    options = dict(options)
+    batch = options.pop("batch_size")
+    captions: list[str] = []
+    for start in range(rows.start, rows.stop, batch):
+        pixels = load_images(image_urls[start:min(start + batch, rows.stop)], model.config.vision.image_size)
+        captions += [c.strip() for c in model.generate(pixels, tokenizer, **options)]
+    return captions
+
+
+def caption_gt(registry: Any, dataset: Any, layout: Any, split: str, items: list[Any]) -> tuple[list[int], dict[int, tuple[str, ...]]]:
+    """(image id per eval item, id -> reference captions): the COCO GT file, or the eval annotation (Flickr)."""
+    from pipelines.tasks.downstream_data import coco_image_id, load_coco_caption_gt
+
+    gt_path = layout.caption_gt(split)
+    if gt_path is None:  # Flickr30k ships no COCO-format GT: the eval annotation's captions are the references
+        ids = [int(Path(item.image).stem) if Path(item.image).stem.isdigit() else i for i, item in enumerate(items)]
+        return ids, {i: item.captions for i, item in zip(ids, items)}
+    gt = load_coco_caption_gt(registry.local_path(dataset, gt_path) if registry.is_local else _fetch(registry, dataset, gt_path))
+    ids = [coco_image_id(item.image) for item in items]
+    missing = [i for i in ids if i not in gt.captions]
+    if missing:
+        raise ValueError(f"{dataset.ref}: {len(missing)} {split} images have no GT captions (first id {missing[0]})")
+    return ids, gt.captions
+
+
+def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int], gt: dict[int, tuple[str, ...]],
+                     cfg: EvaluateConfig, staging: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import time
+
+    from pipelines.tasks.metrics import caption_scores, write_caption_results
+    from pipelines.tasks.retrieval_eval import split_rows
+
+    started = time.perf_counter()
+    options = {"num_beams": cfg.num_beams, "max_length": cfg.max_length, "min_length": cfg.min_length,
+               "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.caption_batch_size}  # fmt: skip
+    parts = [rows for rows in split_rows(len(image_urls), max(1, cfg.num_workers)) if len(rows)]
+    captions = [c for part in map_rows(caption_rows, (model_dir, image_urls, options), parts, cfg) for c in part]
+    generated = time.perf_counter()
+    results = list(zip(image_ids, captions))
+    write_caption_results(staging / f"caption_{cfg.split}_results.json", results)
+    scores = caption_scores(gt, [{"image_id": i, "caption": c} for i, c in results], cfg.caption_metrics)
+    details = {"num_images": len(results), "seconds_generate": round(generated - started, 3),
+               "images_per_s": round(len(results) / max(generated - started, 1e-9), 3),
+               "seconds_score": round(time.perf_counter() - generated, 3), "workers": cfg.num_workers,
+               "examples": [{"image_id": i, "caption": c} for i, c in results[:5]]}  # fmt: skip
+    return scores, details
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _fetch(registry: Any, manifest: Any, relpath: str) -> Path:
+    target = registry.work_dir(f"fetch-{manifest.id[:24]}") / relpath
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with registry.open(manifest, relpath) as remote, open(target, "wb") as local:
+            shutil.copyfileobj(remote, local)
+    return target
+
+
+def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, registry: Any = None,
+                 out: str | Path | None = None) -> Any:
+    """Evaluate a model version on a dataset version; publish and return the evaluation version `name`."""
+    from datasets_manifests.manifest import Producer, cache_key
+    from datasets_manifests.registry import Registry, check_name, now_utc
+    from pipelines.tasks.downstream import layout_of
+    from pipelines.tasks.downstream_data import build_retrieval_eval, load_caption_eval
+    from pipelines.tasks.finetune import resolve_model_source
+
+    check_name(name)
+    registry = registry if registry is not None else Registry()
+    dataset = registry.resolve(dataset, kind="dataset")
+    model_manifest, model_dir = resolve_model_source(registry, model)
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"evaluation needs a save_pretrained model (a model version or directory), got {model_dir}")
+    if cfg.task not in ("retrieval", "caption"):
+        raise NotImplementedError(f"'{cfg.task}' evaluation is not implemented yet (retrieval and caption are)")
+    stage = f"evaluate-{cfg.task}"
+    parents = [m for m in (model_manifest, dataset) if m is not None]
+    key = cache_key(stage, [p.id for p in parents] + ([] if model_manifest else [str(model_dir)]), config_hash(cfg))
+    cached = registry.find_cached("evaluation", name, key)
+    if cached is not None:
+        _write_out(out, cached.metadata)
+        return cached
+    started = now_utc()
+    layout = layout_of(dataset)
+    items = load_caption_eval(_annotation(registry, dataset, layout.annotation(cfg.split)))
+    items = items[: cfg.max_images] if cfg.max_images else items
+    image_urls = [registry.url_of(dataset, f"images/{item.image}") for item in items]
+    staging = registry.work_dir(key) / "publish"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    notes: dict[str, str] = {}
+    if cfg.task == "retrieval":
+        k_test = cfg.k_test or K_TEST[layout.benchmark]
+        metrics, details = evaluate_retrieval(model_dir, image_urls, build_retrieval_eval(items), k_test, cfg)
+    else:
+        image_ids, gt = caption_gt(registry, dataset, layout, cfg.split, items)
+        scores, details = evaluate_caption(model_dir, image_urls, image_ids, gt, cfg, staging)
+        if "SPICE_unavailable" in scores:
+            notes["SPICE"] = scores.pop("SPICE_unavailable")
+        scores.pop("num_images", None)
+        metrics = scores
+    metadata = {"task": cfg.task, "split": cfg.split, "benchmark": layout.benchmark,
+                "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items()},
+                "details": details, "notes": notes}  # fmt: skip
+    (staging / "metrics.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    files = [{"path": p.name, "role": "metrics" if p.name == "metrics.json" else "other"} for p in sorted(staging.iterdir())]
+    producer = Producer(stage=stage, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key, started_at=started)
+    manifest = registry.publish(kind="evaluation", name=name, staging_dir=staging, files=files, producer=producer,
+                                parents=parents, metadata=metadata,
+                                counts={"images": int(details["num_images"])})  # fmt: skip
+    print(render_table(manifest))
+    _write_out(out, metadata)
+    return manifest
+
+
+def _annotation(registry: Any, dataset: Any, relpath: str) -> Path:
+    return registry.local_path(dataset, relpath) if registry.is_local else _fetch(registry, dataset, relpath)
+
+
+def _write_out(out: str | Path | None, metadata: dict[str, Any]) -> None:
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def render_table(manifest: Any) -> str:
+    """The metrics of an evaluation version as a small text table."""
+    meta = manifest.metadata
+    lines = [f"{manifest.ref}: {meta['task']} on {meta.get('benchmark')} {meta.get('split')} "
+             f"(parents {', '.join(manifest.parents)})"]  # fmt: skip
+    width = max((len(k) for k in meta["metrics"]), default=8)
+    for key, value in meta["metrics"].items():
+        shown = "n/a" if value is None else f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+        lines.append(f"  {key:<{width}}  {shown}" + (f"   ({meta['notes'][key]})" if key in meta.get("notes", {}) else ""))
+    return "\n".join(lines)

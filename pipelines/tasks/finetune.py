@@ -1,0 +1,532 @@
+"""The finetuning stage: a pretrained model version + a downstream dataset version -> a task model version.
+
+Follows BLIP's `train_retrieval.py`, `train_caption.py`, `train_vqa.py`, `train_nlvr.py` (Li et al. 2022,
+salesforce/BLIP; shared/docs/blip_spec.md §4): AdamW wd 0.05, per-epoch cosine learning rate from `init_lr` to 0
+without warm-up, RandomResizedCrop(0.5-1) + flip + RandAugment(2, 5), captions through `pre_caption(30)`.
+The loop is `train_loop.TrainLoop` on Ray Train (`_ray_train`), exactly as pretraining runs; each task below is
+one `TrainTask`:
+
+- `RetrievalTask`: ITC (image-id positives over batch + queue, momentum distillation) + ITM (hard negatives
+  with same-image entries masked), alpha = 0.4 * min(1, i / len(loader)) in epoch 0 and 0.4 after.
+- `CaptionTask`: LM loss of the image-grounded decoder on 'a picture of ' + caption, prompt masked from the loss.
+- `VQATask`: weighted answer loss (VQA: count/len; VG: 0.2), `NLVRTask`: 2-way CE with BLIP's left/right swap.
+
+The task model is built from the init model's architecture (the image size becomes the task's: 384, VQA 480,
+for ViT-B/L inits; a small test model keeps its own) and the init weights are loaded by key name with a report
+of what was loaded, missing, unexpected and freshly initialised (e.g. NLVR2's head). The published version holds
+`model.safetensors` + `config.json` (save_pretrained) at its top level, the metric history and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pipelines.config import check_range, config_hash, to_dict
+from pipelines.tasks.pretrain import ScalingConfig
+from pipelines.tasks.train_loop import LoopConfig, OptimConfig, StepInfo
+
+TaskName = Literal["retrieval", "caption", "vqa", "nlvr"]
+TASKS: tuple[str, ...] = ("retrieval", "caption", "vqa", "nlvr")
+# BLIP configs (retrieval_coco, caption_coco, vqa, nlvr .yaml): init_lr, epochs, batch per GPU, image size.
+TASK_LR = {"retrieval": 1e-5, "caption": 1e-5, "vqa": 2e-5, "nlvr": 3e-5}
+TASK_EPOCHS = {"retrieval": 6, "caption": 5, "vqa": 10, "nlvr": 15}
+TASK_BATCH = {"retrieval": 32, "caption": 32, "vqa": 16, "nlvr": 16}
+TASK_IMAGE_SIZE = {"retrieval": 384, "caption": 384, "vqa": 480, "nlvr": 384}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptim:
+    """AdamW + BLIP's finetuning schedule (cosine per epoch, no warm-up); `lr: null` = the task's init_lr."""
+
+    lr: float | None = None  # retrieval/caption 1e-5, VQA 2e-5, NLVR2 3e-5 (ViT-L configs use lower values)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_steps: int = 0  # BLIP finetunes without warm-up
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            check_range("optim", "lr", self.lr, 0.0)
+        check_range("optim", "min_lr", self.min_lr, 0.0)
+        check_range("optim", "weight_decay", self.weight_decay, 0.0)
+        check_range("optim", "warmup_steps", self.warmup_steps, 0)
+        check_range("optim", "grad_accum", self.grad_accum, 1)
+
+    def resolve(self, task: str) -> OptimConfig:
+        lr = TASK_LR[task] if self.lr is None else self.lr
+        return OptimConfig(lr=lr, warmup_lr=min(lr, 1e-6), warmup_steps=self.warmup_steps, min_lr=self.min_lr,
+                           schedule="cosine", weight_decay=self.weight_decay, grad_accum=self.grad_accum,
+                           max_grad_norm=self.max_grad_norm)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneLoop:
+    """Length, logging, checkpoints; `epochs: null` = the task's BLIP value (6 / 5 / 10 / 15)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None  # stop after this many optimiser steps (None = all epochs)
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None:
+            check_range("loop", "epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            check_range("loop", "max_steps", self.max_steps, 1)
+        check_range("loop", "checkpoint_every", self.checkpoint_every, 1)
+        check_range("loop", "log_every", self.log_every, 1)
+
+    def resolve(self, task: str) -> LoopConfig:
+        return LoopConfig(epochs=self.epochs or TASK_EPOCHS[task], max_steps=self.max_steps,
+                          checkpoint_every=self.checkpoint_every, log_every=self.log_every, seed=self.seed,
+                          precision=self.precision, grad_checkpointing=self.grad_checkpointing)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneData:
+    """Training input (per worker); `batch_size: null` = the task's BLIP value (32 / 32 / 16 / 16)."""
+
+    batch_size: int | None = None
+    loader_workers: int = 2  # DataLoader processes per training worker
+    shuffle_buffer: int = 1000
+    max_words: int = 30  # pre_caption truncation (NLVR2 sentences: 40, fixed)
+    min_scale: float = 0.5  # RandomResizedCrop lower scale for finetuning
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None:
+            check_range("data", "batch_size", self.batch_size, 1)
+        check_range("data", "loader_workers", self.loader_workers, 0)
+        check_range("data", "shuffle_buffer", self.shuffle_buffer, 0)
+        check_range("data", "max_words", self.max_words, 1)
+        check_range("data", "min_scale", self.min_scale, 0.01, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """One finetuning run (configs/finetune/*.yaml)."""
+
+    task: TaskName  # retrieval | caption | vqa | nlvr
+    image_size: int | None = None  # None: 384 (VQA 480) for ViT-B/L inits, the init's own size for smaller ones
+    data: FinetuneData = field(default_factory=FinetuneData)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    loop: FinetuneLoop = field(default_factory=FinetuneLoop)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"'task' = {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.image_size is not None:
+            check_range("finetune", "image_size", self.image_size, 16)
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.batch_size or TASK_BATCH[self.task]
+
+
+def task_model_config(init_config: dict[str, Any], cfg: FinetuneConfig) -> dict[str, Any]:
+    """The task model's BlipConfig (as a dict): the init's architecture at the task's image size."""
+    from blip_models.checkpoints import config_from_dict, config_to_dict
+
+    config = config_from_dict(init_config)
+    size = cfg.image_size or (TASK_IMAGE_SIZE[cfg.task] if config.vision.width >= 768 else config.vision.image_size)
+    if size % config.vision.patch_size:
+        raise ValueError(f"image_size {size} is not a multiple of the patch size {config.vision.patch_size}")
+    vision: dict[str, Any] = {"image_size": size}
+    if cfg.loop.grad_checkpointing:
+        vision["grad_ckpt_layers"] = config.vision.depth
+    return config_to_dict(config.replace(vision=vision))
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def load_weights(model: Any, source: str, kind: str) -> dict[str, Any]:
+    """Load a save_pretrained dir or an official .pth into a task model by key name; returns the report.
+
+    Keys the target lacks are reported as unexpected (a pretrain checkpoint's decoder in a retrieval model),
+    training state and new task heads as freshly initialised; anything else missing is an error.
+    """
+    from blip_models.checkpoints import (CheckpointError, accept_fresh, from_pretrained, infer_kind, is_pretrained_dir,
+                                         load_into, read_official, read_pretrained_config)
+
+    if is_pretrained_dir(source):
+        source_kind, state = read_pretrained_config(source)["kind"], from_pretrained(source).state_dict()
+    else:
+        state = read_official(source)
+        source_kind = infer_kind(state)
+    report = accept_fresh(model, load_into(model, state, source=str(source), kind=kind), source_kind)
+    if report.missing:
+        raise CheckpointError(f"{source}: a '{source_kind}' model lacks {len(report.missing)} tensor(s) the '{kind}' "
+                              f"model needs, e.g. {', '.join(report.missing[:3])}")  # fmt: skip
+    return {"from": source_kind, "source": str(source), **report.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+
+
+class _ImageTask:
+    """Shared parts: model construction + init weights, image decoding with seeded augmentation, tokenizer."""
+
+    kind = ""  # blip_models.checkpoints.MODEL_CLASSES key
+    fixed_batch_size = False
+
+    def __init__(self, model_config: dict[str, Any], data: dict[str, Any], init: str | None = None) -> None:
+        self.model_config, self.data, self.init = model_config, FinetuneData(**data), init
+        self.image_size = int(model_config["vision"]["image_size"])
+        self.init_report: dict[str, Any] = {"from": "scratch"}
+        self._tokenizer: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without the tokenizer
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from blip_models.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    def build_model(self) -> Any:
+        from blip_models.checkpoints import build_model, config_from_dict
+
+        model = build_model(self.kind, config_from_dict(self.model_config))
+        if self.init:
+            self.init_report = load_weights(model, self.init, self.kind)
+        return model
+
+    def image(self, data: bytes, rng_seed: int) -> Any:
+        from PIL import Image
+
+        from blip_models.processing import eval_transform, train_transform
+        from pipelines.tasks.train_data import DropSample
+        from pipelines.tasks.train_loop import seeded
+
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files
+            raise DropSample("undecodable_image", str(error)) from error
+        if not self.data.augment:
+            return eval_transform(self.image_size)(image)
+        with seeded(rng_seed):  # crop/flip use torch's global RNG, RandAugment its own seeded one
+            return train_transform(self.image_size, self.data.min_scale, augment_seed=rng_seed)(image)
+
+    @staticmethod
+    def meta(raw: dict[str, bytes]) -> dict[str, Any]:
+        from pipelines.tasks.train_data import DropSample
+
+        if "json" not in raw:
+            raise DropSample("no_json")
+        try:
+            return json.loads(raw["json"])
+        except ValueError as error:
+            raise DropSample("bad_json", str(error)) from error
+
+    @staticmethod
+    def image_bytes(raw: dict[str, bytes], prefix: str = "") -> bytes:
+        from pipelines.tasks.train_data import DropSample
+
+        found = next((raw[prefix + ext] for ext in IMAGE_EXTENSIONS if prefix + ext in raw), None)
+        if found is None:
+            raise DropSample("no_image")
+        return found
+
+
+class RetrievalTask(_ImageTask):
+    """ITC + ITM finetuning with image-id positives (BLIP `blip_retrieval.py`)."""
+
+    kind = "retrieval"
+    fixed_batch_size = True  # momentum features and image ids are all-gathered into the queues every step
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        from blip_models.processing import pre_caption
+        from pipelines.tasks.train_data import DropSample
+
+        meta = self.meta(raw)
+        caption = pre_caption(str(meta.get("caption", "")), self.data.max_words)
+        if not caption:
+            raise DropSample("empty_caption")
+        if not isinstance(meta.get("idx"), int):
+            raise DropSample("no_image_idx")
+        return {"image": self.image(self.image_bytes(raw), rng_seed), "caption": caption, "idx": meta["idx"]}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from blip_models.tokenizer import tokenize
+
+        input_ids, attention_mask = tokenize(self.tokenizer, [s["caption"] for s in samples], 35, "max_length")
+        return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
+                "attention_mask": attention_mask, "idx": torch.tensor([s["idx"] for s in samples])}  # fmt: skip
+
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+        # BLIP train_retrieval: epoch 0 ramps alpha = 0.4 * min(1, i / len(loader)); later epochs use 0.4.
+        alpha = self.model_config["alpha"] * min(1.0, info.step / info.steps_per_epoch)
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha=alpha)
+        return output.loss, {"loss": float(output.loss.detach()), "loss_itc": float(output.loss_itc.detach()),
+                             "loss_itm": float(output.loss_itm.detach()), "alpha": alpha}  # fmt: skip
+
+
+class CaptionTask(_ImageTask):
+    """Decoder LM loss on prompt + caption, prompt tokens masked (BLIP `BLIP_Decoder`)."""
+
+    kind = "caption"
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        from blip_models.processing import pre_caption
+        from pipelines.tasks.train_data import DropSample
+
+        caption = pre_caption(str(self.meta(raw).get("caption", "")), self.data.max_words)
+        if not caption:
+            raise DropSample("empty_caption")
+        return {"image": self.image(self.image_bytes(raw), rng_seed), "caption": caption}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from blip_models.tokenizer import tokenize
+
+        prompt = self.model_config["prompt"]  # the dataset prepends it (BLIP coco_karpathy_train)
+        texts = [prompt + s["caption"] for s in samples]
+        input_ids, attention_mask = tokenize(self.tokenizer, texts, 40, "longest")
+        return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
+                "attention_mask": attention_mask}  # fmt: skip
+
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        return output.loss, {"loss": float(output.loss.detach()), "loss_lm": float(output.loss.detach())}
+
+
+class VQATask(_ImageTask):
+    """Weighted answer-decoder loss (BLIP `blip_vqa.py`); shard json: question, answers, weights."""
+
+    kind = "vqa"
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        from blip_models.processing import pre_question
+        from pipelines.tasks.train_data import DropSample
+
+        meta = self.meta(raw)
+        answers, weights = meta.get("answers") or [], meta.get("weights") or []
+        if not answers or len(answers) != len(weights):
+            raise DropSample("no_answers")
+        return {"image": self.image(self.image_bytes(raw), rng_seed), "question": pre_question(meta["question"]),
+                "answers": [str(a) for a in answers], "weights": [float(w) for w in weights]}  # fmt: skip
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from blip_models.tokenizer import tokenize
+
+        question_ids, question_mask = tokenize(self.tokenizer, [s["question"] for s in samples], 35, "longest")
+        answers = [a for s in samples for a in s["answers"]]
+        answer_ids, answer_mask = tokenize(self.tokenizer, answers, None, "longest")
+        answer_ids[:, 0] = self.model_config["text"]["bos_token_id"]
+        return {"image": torch.stack([s["image"] for s in samples]), "question_ids": question_ids,
+                "question_mask": question_mask, "answer_ids": answer_ids, "answer_mask": answer_mask,
+                "weights": torch.tensor([w for s in samples for w in s["weights"]]),
+                "n_answers": torch.tensor([len(s["answers"]) for s in samples])}  # fmt: skip
+
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+        output = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
+                       batch["answer_mask"], batch["weights"], batch["n_answers"])  # fmt: skip
+        return output.loss, {"loss": float(output.loss.detach())}
+
+
+class NLVRTask(_ImageTask):
+    """2-way classification of (left, right, sentence) (BLIP `blip_nlvr.py`); shard: left.*, right.*, json."""
+
+    kind = "nlvr"
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        from pipelines.tasks.downstream_data import NLVRPair, nlvr_train_swap
+        from pipelines.tasks.train_data import DropSample
+
+        meta = self.meta(raw)
+        if meta.get("label") not in (0, 1) or not meta.get("sentence"):
+            raise DropSample("no_label")
+        left, right = self.image_bytes(raw, "left."), self.image_bytes(raw, "right.")
+        sentence = str(meta["sentence"])
+        if self.data.augment:  # BLIP: p=0.5 swap the images, and left<->right in the sentence with them
+            pair = NLVRPair(("left", "right"), sentence, int(meta["label"]))
+            first, _, sentence = nlvr_train_swap(pair, random.Random(rng_seed))
+            left, right = (left, right) if first == "left" else (right, left)
+        else:
+            from blip_models.processing import pre_caption
+
+            sentence = pre_caption(sentence, 40)
+        return {"left": self.image(left, rng_seed), "right": self.image(right, rng_seed + 1),
+                "sentence": sentence, "label": int(meta["label"])}  # fmt: skip
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from blip_models.tokenizer import tokenize
+
+        input_ids, attention_mask = tokenize(self.tokenizer, [s["sentence"] for s in samples], None, "longest")
+        return {"left": torch.stack([s["left"] for s in samples]), "right": torch.stack([s["right"] for s in samples]),
+                "input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": torch.tensor([s["label"] for s in samples])}  # fmt: skip
+
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+        output = model(batch["left"], batch["right"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        accuracy = float((output.logits.argmax(-1) == batch["labels"]).float().mean())
+        return output.loss, {"loss": float(output.loss.detach()), "accuracy": accuracy}
+
+
+TASK_CLASSES = {"retrieval": RetrievalTask, "caption": CaptionTask, "vqa": VQATask, "nlvr": NLVRTask}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def resolve_model_source(registry: Any, ref: Any) -> tuple[Any, str]:
+    """(model manifest or None, local directory / .pth path / URL) for a model reference."""
+    from datasets_manifests.manifest import Manifest
+    from datasets_manifests.registry import NotFoundError
+
+    if not isinstance(ref, Manifest):
+        text = str(ref)
+        if Path(text).exists() or text.startswith(("http://", "https://")):
+            return None, text
+        try:
+            ref = registry.resolve(text, kind="model")
+        except NotFoundError as error:
+            raise FileNotFoundError(f"model {text!r} is neither a file, a directory nor a model version ({error})") from None
+    configs = sorted((e.path for e in ref.files if Path(e.path).name == "config.json"), key=len)
+    if not configs:
+        raise FileNotFoundError(f"model version {ref.ref} has no config.json (not a save_pretrained model)")
+    return ref, str(materialize_model_dir(registry, ref, configs[0]))
+
+
+def materialize_model_dir(registry: Any, manifest: Any, config_path: str) -> Path:
+    """The local directory holding config.json + model.safetensors of a model version (downloaded if remote)."""
+    if registry.is_local:
+        return registry.local_path(manifest, config_path).parent
+    target = registry.work_dir(f"model-{manifest.id[:24]}")
+    weights = str(Path(config_path).with_name("model.safetensors"))
+    for relative in (config_path, weights):
+        if not (target / Path(relative).name).exists():
+            with registry.open(manifest, relative) as remote, open(target / Path(relative).name, "wb") as local:
+                shutil.copyfileobj(remote, local)
+    return target
+
+
+def init_config_of(source: str) -> dict[str, Any]:
+    """The architecture (BlipConfig dict) of an init model: its config.json, or inferred from an official .pth."""
+    from blip_models.checkpoints import (config_from_architecture, config_to_dict, infer_architecture, infer_kind,
+                                         is_pretrained_dir, read_official, read_pretrained_config)
+
+    if is_pretrained_dir(source):
+        return read_pretrained_config(source)["config"]
+    state = read_official(source)
+    return config_to_dict(config_from_architecture(infer_architecture(state), infer_kind(state)))
+
+
+def check_dataset(task: str, dataset: Any) -> None:
+    """The dataset version must be in the format the task trains on."""
+    fmt = dataset.metadata.get("format")
+    wanted = {"retrieval": "karpathy", "caption": "karpathy", "vqa": "vqa", "nlvr": "nlvr"}[task]
+    if fmt != wanted:
+        raise ValueError(f"{dataset.ref} is a {fmt or 'non-downstream'} dataset; '{task}' finetuning needs a "
+                         f"{wanted} set (pipelines.tasks.downstream)")  # fmt: skip
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    *,
+    init: Any,
+    dataset: Any,
+    name: str,
+    registry: Any = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """Finetune `init` (model ref/Manifest, save_pretrained dir or official .pth) on `dataset`; publish `name`."""
+    from datasets_manifests.manifest import Producer, cache_key
+    from datasets_manifests.registry import Registry, check_name, now_utc
+    from pipelines.config import ConfigError
+    from pipelines.tasks import _ray_train
+    from pipelines.tasks.pretrain import _role
+    from pipelines.tasks.train_data import DataPlan, shards_of
+
+    check_name(name)
+    registry = registry if registry is not None else Registry()
+    dataset = registry.resolve(dataset, kind="dataset")
+    check_dataset(cfg.task, dataset)
+    init_manifest, init_source = resolve_model_source(registry, init)
+    parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
+    stage = f"finetune-{cfg.task}"
+    key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else [init_source]), config_hash(cfg))
+    cached = registry.find_cached("model", name, key)
+    if cached is not None:
+        return cached
+
+    model_config = task_model_config(init_config_of(init_source), cfg)
+    shards = shards_of(registry, dataset, "train")
+    optim, loop = cfg.optim.resolve(cfg.task), cfg.loop.resolve(cfg.task)
+    plan = DataPlan(shards=shards, world_size=cfg.scaling.num_workers, batch_size=cfg.batch_size,
+                    grad_accum=optim.grad_accum, seed=loop.seed, shuffle_buffer=cfg.data.shuffle_buffer)  # fmt: skip
+    if plan.steps_per_epoch < 1:
+        raise ConfigError(f"{dataset.ref} has {plan.num_samples} training samples, fewer than one global batch of "
+                          f"{plan.global_batch} (scaling.num_workers x batch_size x grad_accum)")  # fmt: skip
+    if cfg.task == "retrieval" and plan.world_size * plan.batch_size > model_config["queue_size"]:
+        raise ConfigError(f"the model's queue_size {model_config['queue_size']} is smaller than the features enqueued "
+                          f"per step ({plan.world_size} workers x batch {plan.batch_size})")  # fmt: skip
+    data = dict(to_dict(cfg.data), batch_size=cfg.batch_size)
+    worker_config = {
+        "task": {"factory": f"pipelines.tasks.finetune:{TASK_CLASSES[cfg.task].__name__}",
+                 "kwargs": {"model_config": model_config, "data": data, "init": init_source}},
+        "shards": [(s.url, s.num_samples) for s in shards],
+        "data": {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer, "resampled": False,
+                 "loader_workers": cfg.data.loader_workers},
+        "optim": to_dict(optim), "loop": to_dict(loop), "pid_dir": None,
+        "find_unused_parameters": cfg.scaling.find_unused_parameters,
+    }  # fmt: skip
+    work = registry.work_dir(key)
+    storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
+    run_name = f"{stage}-{key[:12]}"
+    started = now_utc()
+    # resume=True: a run of this key interrupted by a crash continues from its last checkpoint.
+    outcome = _ray_train.launch(worker_config, scaling=cfg.scaling, run_name=run_name, storage_path=storage,
+                                resume=True, progress_file=work / f"{run_name}.progress.json", on_progress=on_progress)
+    staging = work / "publish"
+    if staging.exists():
+        shutil.rmtree(staging)
+    stats = outcome.collect(staging)
+    for item in (staging / "model").iterdir():  # model.safetensors + config.json at the version's top level
+        item.rename(staging / item.name)
+    (staging / "model").rmdir()
+    files = [{"path": str(p.relative_to(staging)), "role": _role(p)} for p in sorted(staging.rglob("*")) if p.is_file()]
+    producer = Producer(stage=stage, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
+                        started_at=started)  # fmt: skip
+    metadata = {
+        "kind": TASK_CLASSES[cfg.task].kind, "task": cfg.task, "image_size": model_config["vision"]["image_size"],
+        "architecture": {"vision_width": model_config["vision"]["width"], "vision_depth": model_config["vision"]["depth"],
+                         "text_layers": model_config["text"]["num_hidden_layers"]},
+        "init": stats["init"], "final_step": stats["final_step"], "planned_steps": stats["planned_steps"],
+        "restarts": stats["restarts"], "world_size": plan.world_size, "global_batch": plan.global_batch,
+        "steps_per_epoch": plan.steps_per_epoch, "lr": optim.lr, "epochs": loop.epochs,
+        "ray_run": {"name": run_name, "storage_path": storage},
+    }  # fmt: skip
+    dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
+    return registry.publish(
+        kind="model", name=name, staging_dir=staging, files=files, producer=producer, parents=parents,
+        metadata=metadata, stats=stats["summary"], drop_reasons=dropped,
+        counts={"samples_trained": stats["samples_seen"], "dropped": sum(dropped.values()),
+                "refilled": stats["dropped"].get("refilled", 0), "dataset_samples": plan.num_samples},
+    )  # fmt: skip

@@ -1,0 +1,232 @@
+"""Task models on tiny configs: retrieval, ITM, captioning, VQA, NLVR2, features; official top-level names."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from blip_models import MODEL_CLASSES, build_model, model_class
+from blip_models.configuration_blip import preset
+from tests.unit._blip_tiny import MICRO_BOS, MICRO_ENC, MICRO_SEP, micro_batch, micro_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    from blip_models.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def top_level(model: torch.nn.Module) -> set[str]:
+    return {key.split(".")[0] for key in model.state_dict()}
+
+
+def test_model_classes_and_official_top_level_names():
+    assert set(MODEL_CLASSES) == {"pretrain", "retrieval", "itm", "caption", "vqa", "nlvr", "features"}
+    with pytest.raises(ValueError, match="unknown BLIP task"):
+        model_class("segmentation")
+    config = micro_config()
+    expected = {
+        "pretrain": {"visual_encoder", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head", "temp",
+                     "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m", "image_queue", "text_queue",
+                     "queue_ptr"},
+        "retrieval": {"visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head", "temp",
+                      "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m", "image_queue", "text_queue",
+                      "idx_queue", "ptr_queue"},
+        "itm": {"visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head"},
+        "vqa": {"visual_encoder", "text_encoder", "text_decoder"},
+        "nlvr": {"visual_encoder", "text_encoder", "cls_head"},
+        "features": {"visual_encoder", "text_encoder", "vision_proj", "text_proj"},
+    }  # fmt: skip
+    for task, names in expected.items():
+        assert top_level(build_model(task, config)) == names, task
+    assert top_level(model_class("caption")(config, tokenizer())) == {"visual_encoder", "text_decoder"}
+
+
+def test_retrieval_trains_with_image_id_positives_and_idx_queue():
+    torch.manual_seed(0)
+    model = build_model("retrieval", micro_config(queue_size=8))
+    pixel_values, input_ids, attention_mask = micro_batch(4)
+    image_ids = torch.tensor([5, 5, 6, 7])
+    output = model(pixel_values, input_ids, attention_mask, image_ids)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.visual_encoder.cls_token.grad is not None
+    assert int(model.ptr_queue) == 4
+    assert model.idx_queue[0, :4].tolist() == [5, 5, 6, 7] and model.idx_queue[0, 4:].tolist() == [-100] * 4
+    scores = model.score(pixel_values, input_ids, attention_mask)
+    assert scores.shape == (4,)
+    with pytest.raises(ValueError, match="distinct image ids"):
+        model(pixel_values[:2], input_ids[:2], attention_mask[:2], torch.tensor([1, 1]))
+
+
+def test_itm_heads_use_enc_token():
+    torch.manual_seed(0)
+    model = build_model("itm", micro_config()).eval()
+    pixel_values, input_ids, attention_mask = micro_batch(3)
+    output = model(pixel_values, input_ids, attention_mask, match_head="both", labels=torch.tensor([1, 0, 1]))
+    assert output.itm_logits.shape == (3, 2) and output.itc_similarity.shape == (3,) and output.loss > 0
+    assert torch.all(output.itc_similarity.abs() <= 1 + 1e-5)
+    probability = model.itm_probability(pixel_values, input_ids, attention_mask)
+    assert torch.allclose(probability, output.itm_logits.softmax(-1)[:, 1])
+    # the ITM head reads [ENC]-first ids: feeding [ENC] already in place gives the same logits
+    enc_ids = input_ids.clone()
+    enc_ids[:, 0] = MICRO_ENC
+    image_embeds = model.visual_encoder(pixel_values)
+    assert torch.allclose(model.itm_logits(image_embeds, enc_ids, attention_mask), output.itm_logits, atol=1e-5)
+
+
+def test_caption_loss_masks_prompt_and_overfits():
+    torch.manual_seed(0)
+    model = model_class("caption")(micro_config(vision={"image_size": 16}), tokenizer())
+    assert model.prompt_length == 4  # [DEC] a picture of
+    pixel_values, input_ids, attention_mask = micro_batch(4, length=9, image_size=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(pixel_values, input_ids, attention_mask).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.5 * losses[0]
+    # the loss ignores pads and the first prompt_length positions
+    from blip_models.med import lm_loss
+
+    with torch.no_grad():
+        output = model(pixel_values, input_ids, attention_mask)
+        targets = input_ids.clone()
+        targets[:, 0] = MICRO_BOS
+        targets = targets.masked_fill(targets == 0, -100)
+        targets[:, :4] = -100
+        assert torch.allclose(output.loss, lm_loss(output.logits, targets, 0.1), atol=1e-6)
+
+
+def test_caption_generation_strings_and_lengths():
+    torch.manual_seed(0)
+    tok = tokenizer()
+    model = model_class("caption")(preset("tiny"), tok).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    beam = model.generate(pixel_values, tok, num_beams=3, max_length=12, min_length=8)
+    assert len(beam) == 2 and all(isinstance(caption, str) and caption for caption in beam)
+    sampled_a = model.generate(pixel_values, tok, do_sample=True, max_length=12, min_length=8,
+                               num_return_sequences=2, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    sampled_b = model.generate(pixel_values, tok, do_sample=True, max_length=12, min_length=8,
+                               num_return_sequences=2, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert sampled_a == sampled_b and len(sampled_a) == 4
+    prompt_ids = tok(["a picture of "], return_tensors="pt").input_ids[:, :-1]
+    prompt_ids[:, 0] = 30522
+    for kwargs in ({"num_beams": 3}, {"do_sample": True, "generator": torch.Generator().manual_seed(0)}):
+        ids = model.generate_ids(pixel_values, prompt_ids, max_length=10, min_length=7, **kwargs)
+        assert ids.shape[1] <= 10 and torch.all(ids[:, :4] == prompt_ids)
+        for row in ids.tolist():
+            end = row.index(102) if 102 in row else len(row)
+            assert end >= 7  # min_length counts the 4 prompt tokens
+
+
+def test_caption_generation_micro_vocab_respects_min_length():
+    torch.manual_seed(0)
+    model = model_class("caption")(micro_config(), tokenizer()).eval()
+    prompt_ids = torch.tensor([[MICRO_BOS, 7, 8]])
+    ids = model.generate_ids(torch.randn(3, 3, 32, 32), prompt_ids, num_beams=2, max_length=9, min_length=6,
+                             num_return_sequences=2)  # fmt: skip
+    assert ids.shape[0] == 6 and ids.shape[1] <= 9
+    for row in ids.tolist():
+        if MICRO_SEP in row:
+            assert row.index(MICRO_SEP) >= 6
+
+
+def test_vqa_training_rank_and_generate():
+    torch.manual_seed(0)
+    tok = tokenizer()
+    model = build_model("vqa", preset("tiny"))
+    assert model.visual_encoder.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.text_decoder.bert.encoder.layer[0].crossattention.self.key.in_features == 32
+    pixel_values = torch.randn(2, 3, 32, 32)
+    question_ids, question_mask = model.prepare_question(tok, ["what is it?", "how many dogs"])
+    answer_ids, answer_mask = model.prepare_answers(tok, ["yes", "no", "two dogs"])
+    assert torch.all(answer_ids[:, 0] == 30522)
+    output = model(pixel_values, question_ids, question_mask, answer_ids, answer_mask,
+                   torch.tensor([1.0, 0.5, 0.5]), [1, 2])  # fmt: skip
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and output.loss > 0
+    model.eval()
+    answers = ["yes", "no", "two dogs", "red"]
+    ranked = model.answer(pixel_values, question_ids, question_mask, tok, mode="rank", answer_list=answers, k_test=3)
+    assert len(ranked) == 2 and all(answer in answers for answer in ranked)
+    generated = model.answer(pixel_values, question_ids, question_mask, tok, mode="generate", max_length=5)
+    assert len(generated) == 2 and all(isinstance(answer, str) for answer in generated)
+    with pytest.raises(ValueError, match="answer_list"):
+        model.answer(pixel_values, question_ids, question_mask, tok, mode="rank")
+
+
+def test_vqa_rank_picks_the_lowest_loss_candidate():
+    torch.manual_seed(0)
+    model = build_model("vqa", micro_config()).eval()
+    states = torch.randn(1, 4, 32)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    answer_ids = torch.tensor([[MICRO_BOS, 10, MICRO_SEP], [MICRO_BOS, 11, MICRO_SEP], [MICRO_BOS, 12, MICRO_SEP]])
+    answer_mask = torch.ones_like(answer_ids)
+    best = model.rank_answers(states, mask, answer_ids, answer_mask, k=3)
+    losses = model.text_decoder(answer_ids, answer_mask, states.expand(3, -1, -1), mask.expand(3, -1),
+                                labels=answer_ids, reduction="none").loss  # fmt: skip
+    assert int(best) == int(losses.argmin())
+
+
+def test_nlvr_forward_backward_and_names():
+    torch.manual_seed(0)
+    config = micro_config()
+    model = build_model("nlvr", config)
+    names = set(model.state_dict())
+    assert "text_encoder.encoder.layer.0.crossattention.self0.query.weight" in names
+    assert "text_encoder.encoder.layer.0.crossattention.self1.key.weight" in names
+    assert "text_encoder.encoder.layer.0.crossattention.output.dense0.weight" in names
+    assert "text_encoder.encoder.layer.0.crossattention.output.merge_layer.weight" not in names
+    assert "text_encoder.encoder.layer.1.crossattention.output.merge_layer.weight" in names
+    assert {"cls_head.0.weight", "cls_head.2.bias"} <= names
+    left, input_ids, attention_mask = micro_batch(3)
+    right = torch.randn_like(left)
+    output = model(left, right, input_ids, attention_mask, labels=torch.tensor([0, 1, 1]))
+    output.loss.backward()
+    assert output.logits.shape == (3, 2)
+    layer1 = model.text_encoder.encoder.layer[1].crossattention
+    assert layer1.self1.query.weight.grad is not None and layer1.output.merge_layer.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        swapped = model(right, left, input_ids, attention_mask).logits
+        same = model(left, right, input_ids, attention_mask).logits
+    assert not torch.allclose(swapped, same)  # the two branches are distinct
+
+
+def test_feature_extractor_modes():
+    torch.manual_seed(0)
+    model = build_model("features", micro_config()).eval()
+    pixel_values, input_ids, attention_mask = micro_batch(2)
+    image = model(pixel_values, mode="image")
+    text = model(input_ids=input_ids, attention_mask=attention_mask, mode="text")
+    multimodal = model.extract_features(pixel_values, input_ids, attention_mask, mode="multimodal")
+    assert image.image_embeds.shape == (2, 17, 32) and image.image_embeds_proj.shape == (2, 16)
+    assert torch.allclose(text.text_embeds_proj.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert multimodal.multimodal_embeds.shape == (2, 10, 32)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(pixel_values, mode="multimodal")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward(dtype):
+    torch.manual_seed(0)
+    model = build_model("pretrain", micro_config())
+    pixel_values, input_ids, attention_mask = micro_batch(4)
+    with torch.autocast("cpu", dtype=dtype):
+        output = model(pixel_values, input_ids, attention_mask)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and output.loss_itc.dtype == torch.float32
