@@ -156,7 +156,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("lineage:")
     for line in tree.render():
         print(f"  {line}")
-    print(f"browse: blip data serve --registry {registry.url}")
+    from datasets_manifests.browser import version_url
+
+    print(f"browse: blip data serve --registry {registry.url}  then open {version_url(manifest)}")
     if manifest.kind == "dataset" and any(e.role == "index" for e in manifest.files):
         print(f"samples: blip data --registry {registry.url} samples {manifest.ref} --where status=dropped")
     return 0

@@ -289,3 +289,4 @@ def serve(registry_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
               "registry's samples", file=sys.stderr)
     Registry(registry_url)  # fail early, with the registry's own message, on a bad URL
     uvicorn.run(create_app(registry_url), host=host, port=port, log_level="info")
+

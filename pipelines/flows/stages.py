@@ -53,7 +53,7 @@ def asset_key(registry: Registry, kind: str, name: str) -> str:
 
 
 def browser_url(manifest: Manifest, registry: Registry) -> str:
-    from datasets_manifests.browser.app import version_url
+    from datasets_manifests.browser import version_url
 
     return version_url(manifest, registry_url=registry.url)
 

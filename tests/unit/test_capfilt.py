@@ -171,19 +171,24 @@ def test_cli_reports_unknown_inputs_in_one_line(tmp_path, capsys):
 
 
 def test_model_kind_is_checked(tmp_path):
-    from blip_models.checkpoints import save_pretrained
-    from blip_models.configuration_blip import preset
-    from blip_models.modeling_itm import BlipITM
     from datasets_manifests.manifest import Producer
     from datasets_manifests.registry import Registry
 
     registry = Registry(tmp_path / "registry")
-    directory = save_pretrained(BlipITM(preset("tiny")), tmp_path / "itm")
+    directory = tmp_path / "itm"
+    directory.mkdir()
+    # Only config.json is read before the actors start; the weights are not touched here.
+    (directory / "config.json").write_text(json.dumps({"kind": "itm", "config": {"vision": {"image_size": 32}}}))
+    (directory / "model.safetensors").write_bytes(b"")
     model = registry.publish(kind="model", name="itm", staging_dir=directory, producer=Producer(stage="test"),
-                             files=[{"path": "model.safetensors"}, {"path": "config.json"}])  # fmt: skip
+                             files=[{"path": "model.safetensors"}, {"path": "config.json"}], move=False)  # fmt: skip
     assert capfilt._model_source(registry, model, ("itm",))["image_size"] == 32
     with pytest.raises(capfilt.CapFiltError, match="is a 'itm' model; expected caption"):
         capfilt._model_source(registry, model, ("caption",))
+    with pytest.raises(capfilt.CapFiltError, match="not a model version"):
+        capfilt._model_source(registry, registry.publish(
+            kind="model", name="empty", staging_dir=directory, producer=Producer(stage="test"),
+            files=[{"path": "config.json"}]), ("itm",))  # fmt: skip
 
 
 def test_nucleus_sampling_is_per_row_and_matches_the_reference_nucleus():
