@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ def main() -> None:
             manifest = run_download(cfg, source, name="bench", registry=Registry(root / "registry"))
             ours_s = time.perf_counter() - started
             command = [
-                sys.executable, "-m", "img2dataset", f"--url_list={source}", "--input_format=parquet",
+                str(Path(sys.executable).parent / "img2dataset"), f"--url_list={source}", "--input_format=parquet",
                 "--url_col=url", "--caption_col=caption", "--output_format=webdataset",
                 f"--output_folder={root / 'plain'}", f"--processes_count={args.processes}",
                 f"--thread_count={args.threads}", "--number_sample_per_shard=200", "--image_size=96",
@@ -48,8 +49,7 @@ def main() -> None:
                 "--extract_exif=False", "--max_aspect_ratio=10",
             ]
             started = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True, env={"NO_ALBUMENTATIONS_UPDATE": "1",
-                                                                          **__import__("os").environ})
+            subprocess.run(command, check=True, capture_output=True, env={"NO_ALBUMENTATIONS_UPDATE": "1", **os.environ})
             plain_s = time.perf_counter() - started
         plain_ok = sum(json.loads(p.read_text())["successes"] for p in (root / "plain").glob("*_stats.json"))
     ours_rate = manifest.counts["ok"] / ours_s

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16, help="test images (5 captions each)")
     parser.add_argument("--k", type=int, default=16, help="k_test (BLIP: 256 COCO, 128 Flickr)")
-    parser.add_argument("--pairs-per-batch", type=int, default=512)
+    parser.add_argument("--pairs-per-batch", type=int, default=256)
     parser.add_argument("--models", default="tiny,small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "retrieval_itm_rerank",
         "scorer": "blip_models.BlipRetrieval.itm_logits (random init), real ITM head on real image/text encodings",
         "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # the machine is shared: read timings with this in mind
         "images": args.images, "texts": args.images * 5, "k_test": args.k, "pairs_per_batch": args.pairs_per_batch,
         "repeats": args.repeats,
         "runs": runs,

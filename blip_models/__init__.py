@@ -7,7 +7,8 @@ Public contract (stable; see each module's docstring):
   `to_dict(config)`, `from_dict(raw)`; YAML twins in configs/model/{tiny,base,large}.yaml.
 - tokenizer: `load_tokenizer(source=None)` ([DEC]=30522, [ENC]=30523, len 30524), `tokenize(tok, texts, max_length,
   padding)` → (input_ids, attention_mask).
-- processing: `pre_caption`, `pre_question`, `RandomAugment`, `train_transform(size, min_scale)`, `eval_transform(size)`.
+- processing: `pre_caption`, `pre_question`, `RandomAugment`, `train_transform(size, min_scale)`,
+  `eval_transform(size)`.
 - vit: `VisionTransformer(VisionConfig)`, `interpolate_pos_embed(pos_embed, num_patches_new)`.
 - med: `BertModel`, `BertLMHeadModel`, `tie_encoder_decoder_weights`, `lm_loss`, `reorder_cache`.
 - generation: `GenerationConfig`, `generate`, `beam_search`, `sample`.

@@ -70,8 +70,9 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         name = "TextConfig"
-        _check(name, "hidden_size", self.hidden_size > 0 and self.hidden_size % self.num_attention_heads == 0,
-               self.hidden_size, f"must be a positive multiple of num_attention_heads={self.num_attention_heads}")  # fmt: skip
+        heads = self.num_attention_heads
+        _check(name, "hidden_size", self.hidden_size > 0 and self.hidden_size % heads == 0, self.hidden_size,
+               f"must be a positive multiple of num_attention_heads={heads}")  # fmt: skip
         _check(name, "vocab_size", self.vocab_size > 0, self.vocab_size, "must be positive")
         _check(name, "num_hidden_layers", self.num_hidden_layers > 0, self.num_hidden_layers, "must be positive")
         for key in ("hidden_dropout", "attention_dropout", "label_smoothing"):

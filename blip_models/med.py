@@ -303,14 +303,17 @@ class LMOutput:
     past_key_values: Cache | None = None
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, reduction: str = "mean"
+) -> torch.Tensor:
     """Next-token CE on shifted logits, ignore −100; reduction "none" returns the per-sequence SUM (B,)."""
     shifted = logits[:, :-1, :].float()  # (B, L-1, V)
     targets = labels[:, 1:]  # (B, L-1)
     if reduction == "mean":
         return F.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
-        )
+            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
     if reduction == "none":
         per_token = F.cross_entropy(
             shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,

@@ -52,7 +52,9 @@ class BlipCaption(nn.Module):
         tokenizer = tokenizer or _default_tokenizer()
         self.prompt_length = len(tokenizer(self.prompt).input_ids) - 1 if self.prompt else 1
 
-    def prepare_text(self, tokenizer: Any, captions: list[str], max_length: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_text(
+        self, tokenizer: Any, captions: list[str], max_length: int = 40
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepend the prompt to pre_caption'd captions and tokenize (pad longest, truncate to `max_length`)."""
         from blip_models.tokenizer import tokenize
 
@@ -111,7 +113,8 @@ class BlipCaption(nn.Module):
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
         copies = num_return_sequences if do_sample else beams
         image_embeds = image_embeds.repeat_interleave(copies, dim=0)  # (B * copies, 1+N, Dv)
-        prompt_ids = prompt_ids.to(pixel_values.device).expand(batch, -1) if prompt_ids.shape[0] == 1 else prompt_ids
+        prompt_ids = prompt_ids.to(pixel_values.device)
+        prompt_ids = prompt_ids.expand(batch, -1) if prompt_ids.shape[0] == 1 else prompt_ids  # (B, P)
         input_ids = prompt_ids.repeat_interleave(copies, dim=0)  # (B * copies, P)
 
         def step(new_tokens: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
@@ -128,7 +131,9 @@ class BlipCaption(nn.Module):
         return generate(step, reorder, input_ids, config, generator)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, tokenizer: Any, prompt: str | None = None, **kwargs: Any) -> list[str]:
+    def generate(
+        self, pixel_values: torch.Tensor, tokenizer: Any, prompt: str | None = None, **kwargs: Any
+    ) -> list[str]:
         """Captions (B * num_return_sequences strings, grouped per image) with the prompt removed.
 
         kwargs: do_sample, num_beams, max_length, min_length, top_p, top_k, temperature, repetition_penalty,

@@ -49,7 +49,9 @@ class BlipITM(nn.Module):
 
         return tokenize(tokenizer, captions, max_length, padding="max_length")
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, 2) ITM logits of aligned pairs; `image_embeds` = visual_encoder output (B, 1+N, Dv)."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         encoder_input_ids = input_ids.clone()
@@ -57,7 +59,9 @@ class BlipITM(nn.Module):
         output = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
         return self.itm_head(output.last_hidden_state[:, 0, :])  # (B, 2)
 
-    def itc_similarity(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itc_similarity(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) cosine between normalised projected image CLS and `[CLS]` text features (aligned pairs)."""
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
         text_output = self.text_encoder(input_ids, attention_mask, mode="text")
@@ -85,7 +89,9 @@ class BlipITM(nn.Module):
         return output
 
     @torch.no_grad()
-    def itm_probability(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_probability(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) probability that text i matches image i (softmax of the ITM logits, class 1)."""
         logits = self.forward(pixel_values, input_ids, attention_mask, match_head="itm").itm_logits
         return logits.float().softmax(dim=-1)[:, 1]

@@ -24,7 +24,7 @@ from blip_models.vit import VisionTransformer
 
 
 class TwinSelfOutput(nn.Module):
-    """dense0/dense1 per branch → average (or merge_layer on the concatenation) → dropout → LayerNorm(+residual)."""
+    """dense0/dense1 per branch → average (or merge_layer on the concatenation) → dropout → LayerNorm(+ input)."""
 
     def __init__(self, config: TextConfig, merge: bool) -> None:
         super().__init__()
@@ -81,7 +81,8 @@ class BlipNLVR(nn.Module):
         super().__init__()
         if config.text.encoder_width != config.vision.width:
             raise ValueError(
-                f"BlipNLVR: text.encoder_width={config.text.encoder_width} must equal vision.width={config.vision.width}"
+                f"BlipNLVR: text.encoder_width={config.text.encoder_width} must equal "
+                f"vision.width={config.vision.width}"
             )
         self.config = config
         text = config.text
@@ -98,7 +99,9 @@ class BlipNLVR(nn.Module):
         )
 
     @staticmethod
-    def prepare_text(tokenizer: Any, sentences: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_text(
+        tokenizer: Any, sentences: list[str], max_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize pre_caption(…, 40)'d sentences (pad longest, no truncation by default)."""
         from blip_models.tokenizer import tokenize
 

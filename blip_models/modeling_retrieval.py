@@ -221,7 +221,9 @@ class BlipRetrieval(nn.Module):
         return F.normalize(self.text_proj(output.last_hidden_state[:, 0, :]), dim=-1)
 
     @torch.no_grad()
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """2-way ITM logits (B, 2) for aligned (image_embeds[i], text[i]) pairs; position 0 becomes `[ENC]`."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)

@@ -44,7 +44,9 @@ class BlipVQA(nn.Module):
         self.text_decoder = BertLMHeadModel(dataclasses.replace(config.text, encoder_width=config.text.hidden_size))
 
     @staticmethod
-    def prepare_question(tokenizer: Any, questions: list[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_question(
+        tokenizer: Any, questions: list[str], max_length: int = 35
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize pre_question'd questions (pad longest, truncate to 35)."""
         from blip_models.tokenizer import tokenize
 

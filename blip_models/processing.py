@@ -89,7 +89,9 @@ def _affine(img: Any, coefficients: tuple[float, ...]) -> Any:
     from PIL import Image
 
     fill = _FILL if img.mode == "RGB" else 128
-    return img.transform(img.size, Image.Transform.AFFINE, coefficients, resample=Image.Resampling.NEAREST, fillcolor=fill)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, coefficients, resample=Image.Resampling.NEAREST, fillcolor=fill
+    )
 
 
 def _shear_x(img: Any, level: float, rng: random.Random) -> Any:
@@ -167,7 +169,7 @@ class RandomAugment:
 
 
 def train_transform(image_size: int, min_scale: float = 0.5, augment_seed: int | None = None) -> Callable[[Any], Any]:
-    """BLIP training transform: RandomResizedCrop(bicubic) → flip → RandomAugment(2, 5) → tensor → CLIP normalize.
+    """BLIP training transform: RandomResizedCrop(bicubic) → flip → RandomAugment(2, 5) → tensor → normalize.
 
     `min_scale` is 0.2 for pretraining and 0.5 for finetuning (spec §2.3). The crop and flip use torch's global RNG
     (seed it with torch.manual_seed); RandomAugment uses its own `augment_seed`.

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.capfilt",  # blip capfilt
     "pipelines.commands.train",  # blip train (pretraining on Ray Train)
     "pipelines.commands.infer",  # blip infer caption|itm|vqa|features
+    "pipelines.commands.evaluate",  # blip finetune, blip eval (downstream tasks)
 )
 
 

@@ -95,6 +95,7 @@ class Scene:
     position: str
     count: int
     background: str
+    jitter: tuple[float, float, float] = (0.0, 0.0, 1.0)  # dx, dy (fraction of the side), radius scale
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -103,8 +104,11 @@ class Scene:
 def random_scene(rng: random.Random) -> Scene:
     colour = rng.choice(list(COLOURS))
     background = rng.choice([b for b in BACKGROUNDS if b != colour])
+    # The jitter keeps two scenes with the same labels from being byte-identical images (which would be
+    # real exact duplicates, confusing the ground truth of the duplicate_image records).
+    jitter = (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06), rng.uniform(0.85, 1.15))
     return Scene(rng.choice(SHAPES), colour, rng.choice(("small", "large")), rng.choice(POSITIONS),
-                 rng.choice((1, 1, 2, 3)), background)
+                 rng.choice((1, 1, 2, 3)), background, jitter)
 
 
 def true_caption(scene: Scene) -> str:
@@ -148,8 +152,9 @@ def render(scene: Scene, size: int) -> Any:
 
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
-    radius = size * (0.12 if scene.size == "small" else 0.22)
-    centres = _centres(scene, size)
+    dx, dy, scale = scene.jitter
+    radius = size * (0.12 if scene.size == "small" else 0.22) * scale
+    centres = [(cx + dx * size, cy + dy * size) for cx, cy in _centres(scene, size)]
     for cx, cy in centres:
         r = radius / (1.4 if scene.count > 1 else 1.0)
         fill = COLOURS[scene.colour]

@@ -59,8 +59,10 @@ def test_med_names_match_official_layout():
     names = set(BertLMHeadModel(text).state_dict())
     for key in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
                 "bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.self.query.weight",
-                "bert.encoder.layer.0.attention.output.dense.weight", "bert.encoder.layer.0.attention.output.LayerNorm.bias",
-                "bert.encoder.layer.1.crossattention.self.value.bias", "bert.encoder.layer.1.crossattention.output.dense.weight",
+                "bert.encoder.layer.0.attention.output.dense.weight",
+                "bert.encoder.layer.0.attention.output.LayerNorm.bias",
+                "bert.encoder.layer.1.crossattention.self.value.bias",
+                "bert.encoder.layer.1.crossattention.output.dense.weight",
                 "bert.encoder.layer.1.intermediate.dense.weight", "bert.encoder.layer.1.output.LayerNorm.weight",
                 "cls.predictions.bias", "cls.predictions.transform.dense.weight",
                 "cls.predictions.transform.LayerNorm.bias", "cls.predictions.decoder.weight"):  # fmt: skip

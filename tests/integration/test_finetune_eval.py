@@ -1,0 +1,96 @@
+"""Downstream end to end on real Ray: publish a generated COCO-Karpathy set, finetune a tiny pretrained model for
+captioning and retrieval on 2 Ray Train workers, evaluate both (re-ranking / generation split over Ray tasks),
+and check versions, lineage, metrics, idempotence and that CapFilt accepts the finetuned pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.integration
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_session):
+    import torch
+
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_pretrain import BlipPretrain
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+
+    root = tmp_path_factory.mktemp("finetune-eval")
+    registry = Registry(root / "registry")
+    dataset = publish_downstream(DownstreamConfig(num_train=8, num_val=3, num_test=4, image_size=32), name="coco-demo",
+                                 registry=registry)
+    torch.manual_seed(0)
+    init = save_pretrained(BlipPretrain(preset("tiny")), root / "pretrained")
+    return registry, dataset, str(init)
+
+
+def test_finetune_and_evaluate_caption_and_retrieval(setup, tmp_path):
+    from pipelines.tasks.capfilt import _model_source
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+    from pipelines.tasks.finetune import FinetuneConfig, run_finetune
+
+    registry, dataset, init = setup
+    models = {}
+    for task in ("caption", "retrieval"):
+        cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / f"{task}_tiny.yaml")
+        model = run_finetune(cfg, init=init, dataset=dataset, name=f"tiny-{task}", registry=registry)
+        assert model.kind == "model" and model.parents == (dataset.ref,)
+        assert model.metadata["kind"] == task and model.metadata["final_step"] == 3
+        assert model.metadata["init"]["from"] == "pretrain" and model.metadata["init"]["missing"] == []
+        assert model.counts["samples_trained"] == 3 * 2 * 4
+        assert {"model.safetensors", "config.json", "metrics.json"} <= {f.path for f in model.files}
+        assert run_finetune(cfg, init=init, dataset=dataset, name=f"tiny-{task}", registry=registry).ref == model.ref
+        models[task] = model
+    # The finetuned pair is exactly what CapFilt loads as captioner and filter.
+    assert _model_source(registry, models["caption"], ("caption",))["kind"] == "caption"
+    assert _model_source(registry, models["retrieval"], ("itm", "retrieval"))["kind"] == "retrieval"
+
+    retrieval_cfg = load_config(EvaluateConfig, CONFIGS / "evaluate" / "retrieval_tiny.yaml")
+    evaluation = run_evaluate(retrieval_cfg, model=models["retrieval"], dataset=dataset, name="tiny-eval-retrieval",
+                              registry=registry, out=tmp_path / "retrieval.json")
+    metrics = evaluation.metadata["metrics"]
+    assert evaluation.kind == "evaluation" and set(evaluation.parents) == {models["retrieval"].ref, dataset.ref}
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["img_r10"] == 100.0  # 4 test images: every text finds its image within 10
+    assert metrics["r_mean"] == pytest.approx((metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2)
+    assert evaluation.metadata["details"]["num_texts"] == 20
+    assert json.loads((tmp_path / "retrieval.json").read_text())["metrics"] == metrics
+
+    caption_cfg = load_config(EvaluateConfig, CONFIGS / "evaluate" / "caption_tiny.yaml",
+                              ["caption_metrics=[Bleu, ROUGE_L, CIDEr, SPICE]"])
+    evaluation = run_evaluate(caption_cfg, model=models["caption"].ref, dataset=dataset.ref,
+                              name="tiny-eval-caption", registry=registry)
+    metrics = evaluation.metadata["metrics"]
+    assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(metrics) and metrics["CIDEr"] >= 0.0
+    assert metrics["SPICE"] is None and "SPICE" in evaluation.metadata["notes"]
+    results_path = registry.local_path(evaluation, "caption_test_results.json")
+    results = json.loads(results_path.read_text())
+    assert sorted(r["image_id"] for r in results) == [1012, 1013, 1014, 1015]  # ids from COCO file names
+    assert all(isinstance(r["caption"], str) for r in results)
+
+
+def test_cli_eval_reuses_the_published_evaluation(setup, tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    registry, dataset, _ = setup
+    model = registry.versions("model", "tiny-retrieval")[-1]
+    cfg = load_config(EvaluateConfig, CONFIGS / "evaluate" / "retrieval_tiny.yaml")
+    first = run_evaluate(cfg, model=model, dataset=dataset, name="tiny-eval-retrieval", registry=registry)
+    code = main(["eval", "retrieval", "retrieval_tiny", "--model", model.ref, "--dataset", dataset.ref, "--name",
+                 "tiny-eval-retrieval", "--registry", registry.url, "--out", str(tmp_path / "m.json")])
+    assert code == 0
+    assert f"{first.ref}  id {first.short_id}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["r_mean"] == first.metadata["metrics"]["r_mean"]
