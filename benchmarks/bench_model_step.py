@@ -7,7 +7,8 @@ encoder on B positives + 2B negatives for the ITM loss) plus `BlipForConditional
 the same image embeddings). transformers has no momentum encoders, so ours does two extra no-grad passes.
 
 Prints one JSON object: steps/s and samples/s for `tiny` and `base` (batch 2 at 224 px, few steps), and ratios.
-Usage: python benchmarks/bench_model_step.py [--steps-tiny 10] [--steps-base 2] [--threads N] [--skip-base]
+Usage: python benchmarks/bench_model_step.py [--steps-tiny 10] [--steps-base 1] [--threads N] [--skip-base]
+(base builds two ~220M-parameter models: about 2 minutes on two idle cores, much longer on a busy machine)
 """
 
 from __future__ import annotations
@@ -84,15 +85,16 @@ def _hf_step(models, optimizer, batch, enc_token_id, bos_token_id, temp=0.07):
     optimizer.step()
 
 
-def _time(fn, steps):
-    fn()  # warm-up (allocator, first-call overheads)
+def _time(fn, steps, warmup):
+    for _ in range(warmup):  # allocator and first-call overheads
+        fn()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps
 
 
-def run(name, config, batch_size, image_size, steps):
+def run(name, config, batch_size, image_size, steps, warmup):
     import torch
 
     from blip_models.modeling_pretrain import BlipPretrain
@@ -101,12 +103,12 @@ def run(name, config, batch_size, image_size, steps):
     batch = _batch(config, batch_size, image_size)
     ours = BlipPretrain(config).train()
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
-    ours_s = _time(lambda: _ours_step(ours, ours_opt, batch), steps)
+    ours_s = _time(lambda: _ours_step(ours, ours_opt, batch), steps, warmup)
     del ours, ours_opt
     hf = _hf_models(config)
     hf_opt = torch.optim.AdamW([p for m in hf for p in m.parameters()], lr=1e-5)
-    hf_s = _time(lambda: _hf_step(hf, hf_opt, batch, config.text.enc_token_id, config.text.bos_token_id), steps)
-    return {"config": name, "batch_size": batch_size, "image_size": image_size, "steps": steps,
+    hf_s = _time(lambda: _hf_step(hf, hf_opt, batch, config.text.enc_token_id, config.text.bos_token_id), steps, warmup)
+    return {"config": name, "batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup,
             "ours_s_per_step": round(ours_s, 4), "transformers_s_per_step": round(hf_s, 4),
             "ours_samples_per_s": round(batch_size / ours_s, 3), "transformers_samples_per_s": round(batch_size / hf_s, 3),
             "speed_ratio_ours_over_transformers": round(hf_s / ours_s, 3)}  # fmt: skip
@@ -115,7 +117,7 @@ def run(name, config, batch_size, image_size, steps):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-tiny", type=int, default=10)
-    parser.add_argument("--steps-base", type=int, default=2)
+    parser.add_argument("--steps-base", type=int, default=1, help="base steps are seconds each on CPU; no warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-base", action="store_true")
     args = parser.parse_args()
@@ -126,10 +128,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [run("tiny", preset("tiny"), 8, 32, args.steps_tiny)]
+    results = [run("tiny", preset("tiny"), 8, 32, args.steps_tiny, warmup=1)]
     if not args.skip_base:
         base = preset("base").replace(text={"hidden_dropout": 0.0, "attention_dropout": 0.0}, queue_size=57600)
-        results.append(run("base", base, 2, 224, args.steps_base))
+        results.append(run("base", base, 2, 224, args.steps_base, warmup=0))
     print(json.dumps({"benchmark": "model_step", "device": "cpu", "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "machine": platform.machine(),
                       "note": "ours includes momentum-encoder passes and queues that transformers has no equivalent for; "

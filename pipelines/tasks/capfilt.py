@@ -453,7 +453,8 @@ def run_capfilt(
     started = now_utc()
     work = registry.work_dir(key)
     shards = plan_shards(registry, dataset, config)
-    pending = [shard for shard in shards if not marker_path(work, shard).exists()]
+    # A marker without its tar: a publish killed mid-move took the file; redo that shard.
+    pending = [s for s in shards if not (marker_path(work, s).exists() and (work / s.path).exists())]
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
     perf = process_shards(config, pending, models, int(image_size), work, refs)
     perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)

@@ -187,7 +187,8 @@ def _decide_duplicates(records: list[dict[str, Any]], cfg: ShardConfig) -> None:
     for record in records:
         if record["status"] != "ok":
             continue
-        if record["key"] in seen_keys:  # the same source row twice (should not happen after download checks)
+        if record["key"] in seen_keys:
+            # The same source row twice (the download stage refuses this; a hand-made raw version may not).
             record.update(status="dropped", drop_reason="duplicate_key")
         elif cfg.dedup_url and record["url"] in seen_urls:
             record.update(status="dropped", drop_reason="duplicate_url")
@@ -261,9 +262,13 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
 
     columns = ("key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "split", "shard",
                "jpg_offset", "jpg_bytes", "status", "drop_reason")
+    # One index row per key: a repeated key (drop reason duplicate_key) is counted, not given a second row.
+    repeated = sum(1 for r in records if r["drop_reason"] == "duplicate_key")
     rows = [{**{c: r.get(c) for c in columns}, "caption_source": "web",
              **({"split": None, "shard": None, "jpg_offset": None, "jpg_bytes": None} if r["status"] != "ok" else {})}
-            for r in sorted(records, key=lambda r: r["key"])]
+            for r in sorted(records, key=lambda r: r["key"]) if r["drop_reason"] != "duplicate_key"]
+    if repeated:
+        input_counts = {**input_counts, "duplicate_key": repeated}
     table = validate_index(rows)
     write_index(table, stage / INDEX_FILE)
     summary = summarize_index(table)

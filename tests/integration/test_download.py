@@ -21,11 +21,14 @@ from datasets_manifests.registry import Registry
 from pipelines.config import load_config
 from pipelines.tasks.demo_corpus import DemoCorpusConfig, read_ground_truth, serve_corpus, write_corpus, write_source_list
 from pipelines.tasks.download import DownloadConfig, run_download, run_retry_failed
+from pipelines.tasks.shard import ShardConfig, run_shard
+from pipelines.tasks.webdata import iter_samples
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ["processes=1", "threads=2", "samples_per_shard=10", "image_size=64", "max_image_area=1000000",
              "timeout=5"]
+SHARD_LEVEL = {"duplicate_url", "duplicate_image", "empty_caption", "absurd_caption"}
 DOWNLOAD_LEVEL = {"http_404", "decode_error", "empty_body", "too_large", "http_503"}
 
 
@@ -73,6 +76,13 @@ def test_download_matches_ground_truth_and_retry(corpus, tmp_path):
     assert retried.counts["ok"] == raw.counts["ok"] + retried.counts["recovered"]
     index = pq.read_table(registry.local_path(retried, "index.parquet"))
     assert len(index) == len(truth) and len(set(index.column("key").to_pylist())) == len(truth)
+    # The shard stage on the retried version: its drops are exactly the caption/duplicate kinds of the truth.
+    dataset = run_shard(ShardConfig(samples_per_shard=16, val_fraction=0.1), retried, name="demo", registry=registry)
+    shard_level = Counter(row["expected"] for row in truth if row["expected"] in SHARD_LEVEL)
+    assert dataset.drop_reasons == dict(shard_level)
+    assert dataset.num_samples == retried.counts["ok"] - sum(shard_level.values())
+    counts = Counter()
+    assert sum(1 for _ in iter_samples(registry, dataset, decode=True, counts=counts)) == dataset.num_samples
 
 
 def test_resume_after_kill(corpus, tmp_path):

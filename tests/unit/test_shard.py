@@ -150,3 +150,14 @@ def test_writer_offsets_and_atomic_names(tmp_path):
             assert handle.read(size) == bytes([i]) * (100 + i)
     with pytest.raises(ValueError, match="must not contain"):
         TarShardWriter(tmp_path, "val", 2).write("a.b", {"jpg": b""})
+
+
+def test_shard_configs_load():
+    from pipelines.config import CONFIG_DIR, ConfigError, load_config
+    from pipelines.tasks.demo_corpus import DemoCorpusConfig
+
+    for name in ("default", "demo"):
+        load_config(ShardConfig, CONFIG_DIR / "shard" / f"{name}.yaml")
+    load_config(DemoCorpusConfig, CONFIG_DIR / "demo_corpus.yaml")
+    with pytest.raises(ConfigError, match="val_fraction"):
+        load_config(ShardConfig, {"val_fraction": 0.9})
