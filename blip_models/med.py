@@ -25,6 +25,9 @@ from blip_models.configuration_blip import TextConfig
 # One (self_key, self_value, cross_key, cross_value) tuple per layer; cross entries are computed once.
 LayerCache = tuple[torch.Tensor, ...]
 Cache = tuple[LayerCache, ...]
+# One (key, value) pair per layer of the cross-attention to an image, each (N_img, h, S, d): depends only on the
+# image, so retrieval re-ranking computes it once per image instead of once per (image, text) pair.
+CrossKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 Mode = Literal["text", "multimodal"]
 
 MASK_VALUE = -10000.0  # the reference's additive mask value (not -inf), kept for parity
@@ -80,6 +83,26 @@ class BertSelfAttention(nn.Module):
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
 
+    def project_kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `source` (B, S, W) → 2 × (B, h, S, d)."""
+        return self._heads(self.key(source)), self._heads(self.value(source))
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, H) queries
+        key: torch.Tensor,  # (B, h, S, d)
+        value: torch.Tensor,  # (B, h, S, d)
+        attention_mask: torch.Tensor | None,  # additive, broadcastable to (B, h, L, S)
+    ) -> torch.Tensor:
+        """Multi-head attention of the queries of `hidden_states` over given keys/values → context (B, L, H)."""
+        query = self._heads(self.query(hidden_states))  # (B, h, L, d)
+        mask = None if attention_mask is None else attention_mask.to(query.dtype)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )  # (B, h, L, d)
+        batch, _, length, _ = context.shape
+        return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, L, H)
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, L, H)
@@ -88,23 +111,14 @@ class BertSelfAttention(nn.Module):
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         is_cross_attention: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        query = self._heads(self.query(hidden_states))  # (B, h, L, d)
         if is_cross_attention and past_key_value is not None:
             key, value = past_key_value  # image/question keys do not change between decoding steps
         else:
-            source = key_value_states if is_cross_attention else hidden_states
-            key = self._heads(self.key(source))  # (B, h, S, d)
-            value = self._heads(self.value(source))
+            key, value = self.project_kv(key_value_states if is_cross_attention else hidden_states)  # (B, h, S, d)
             if past_key_value is not None:  # self-attention cache: append the new positions
                 key = torch.cat([past_key_value[0], key], dim=2)
                 value = torch.cat([past_key_value[1], value], dim=2)
-        mask = None if attention_mask is None else attention_mask.to(query.dtype)
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, h, L, d)
-        batch, _, length, _ = context.shape
-        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, L, H)
-        return context, (key, value)
+        return self.attend(hidden_states, key, value, attention_mask), (key, value)
 
 
 class BertSelfOutput(nn.Module):
@@ -194,6 +208,33 @@ class BertLayer(nn.Module):
         hidden_states = self.output(self.intermediate(hidden_states), hidden_states)
         return hidden_states, present
 
+    def forward_with_cross_kv(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, H), B = R·G: G consecutive texts per image row
+        attention_mask: torch.Tensor,  # additive self-attention mask (B, 1, 1, L)
+        cross_key: torch.Tensor,  # (R, h, S, d), precomputed from the images
+        cross_value: torch.Tensor,  # (R, h, S, d)
+        first_token_only: bool = False,
+    ) -> torch.Tensor:
+        """Bidirectional multimodal layer with given cross-attention keys/values (no image mask: all tokens seen).
+
+        Cross-attention treats every query token on its own, so the G texts of an image row attend as one
+        sequence of G·L queries to that row's keys/values: image keys are never copied per text.
+        `first_token_only` computes outputs for position 0 alone (B, 1, H), still attending to all L positions:
+        in the last layer only `[ENC]` feeds the ITM head, and every position is independent after its attention.
+        """
+        queries = hidden_states[:, :1] if first_token_only else hidden_states  # (B, Lq, H)
+        self_attention = self.attention.self
+        key, value = self_attention.project_kv(hidden_states)  # (B, h, L, d)
+        context = self_attention.attend(queries, key, value, attention_mask)  # (B, Lq, H)
+        queries = self.attention.output(context, queries)
+        batch, length, width = queries.shape
+        rows = cross_key.shape[0]
+        grouped = queries.reshape(rows, (batch // rows) * length, width)  # (R, G·Lq, H)
+        context = self.crossattention.self.attend(grouped, cross_key, cross_value, None)  # (R, G·Lq, H)
+        queries = self.crossattention.output(context.reshape(batch, length, width), queries)  # (B, Lq, H)
+        return self.output(self.intermediate(queries), queries)  # (B, Lq, H)
+
 
 class BertEncoder(nn.Module):
     def __init__(self, config: TextConfig) -> None:
@@ -255,6 +296,34 @@ class BertModel(nn.Module):
             if use_cache:
                 presents.append(present)
         return TextModelOutput(hidden, tuple(presents) if use_cache else None)
+
+    def precompute_cross_kv(self, encoder_hidden_states: torch.Tensor) -> CrossKV:
+        """Every layer's cross-attention (key, value), each (N, h, S, d), of `encoder_hidden_states` (N, S, W)."""
+        return tuple(layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer)
+
+    def forward_with_cross_kv(
+        self,
+        input_ids: torch.Tensor,  # (B, L), B = R·G
+        attention_mask: torch.Tensor,  # (B, L)
+        cross_kv: CrossKV,  # per layer (key, value), each (R, h, S, d)
+        first_token_only: bool = False,
+    ) -> torch.Tensor:
+        """Bidirectional multimodal encoding (`mode="multimodal"`, all image tokens visible) from cached
+        cross-attention keys/values: texts come grouped, G = B // R consecutive texts per row of `cross_kv`.
+        The same result as `forward(input_ids, attention_mask, images.repeat_interleave(G, 0), ones)` for the
+        images whose keys/values the R rows hold. Returns (B, L, H), or (B, 1, H) with `first_token_only` (the
+        last layer then computes position 0 only)."""
+        rows = cross_kv[0][0].shape[0]
+        if len(cross_kv) != len(self.encoder.layer):
+            raise ValueError(f"BertModel: cross_kv has {len(cross_kv)} layers, the model {len(self.encoder.layer)}")
+        if input_ids.shape[0] % rows:
+            raise ValueError(f"BertModel: {input_ids.shape[0]} texts do not split into {rows} equal image groups")
+        hidden = self.embeddings(input_ids)  # (B, L, H)
+        self_mask = additive_padding_mask(attention_mask, hidden.dtype)  # (B, 1, 1, L)
+        last = len(self.encoder.layer) - 1
+        for index, (layer, (key, value)) in enumerate(zip(self.encoder.layer, cross_kv)):
+            hidden = layer.forward_with_cross_kv(hidden, self_mask, key, value, first_token_only and index == last)
+        return hidden  # (B, L, H); (B, 1, H) with first_token_only
 
 
 def encode_cross_mask(encoder_attention_mask: torch.Tensor | tuple, dtype: torch.dtype) -> torch.Tensor | tuple:

@@ -3,7 +3,8 @@
 Follows BLIP `models/blip_retrieval.py`. Differences from pretraining: positives are every pair sharing an image
 id (in the batch and in the queue, via `idx_queue`), hard negatives come from online-vs-online similarities with
 same-image entries masked out, and there is no decoder. Inference: `image_features`, `text_features`,
-`itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation). Hard negatives are taken
+`itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation); for re-ranking many
+(image, text) pairs, `precompute_cross_kv` once per image and `itm_logits_cached` per batch of pairs. Hard negatives are taken
 from the local batch (the reference's `negative_all_rank=False`).
 """
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertModel
+from blip_models.med import BertModel, CrossKV
 from blip_models.vit import VisionTransformer
 
 
@@ -229,6 +230,32 @@ class BlipRetrieval(nn.Module):
         encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
         output = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
         return self.itm_head(output.last_hidden_state[:, 0, :])
+
+    @torch.no_grad()
+    def precompute_cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
+        """Per text layer, the ITM cross-attention (key, value), each (N_img, h, 1+N, d), of `image_embeds`."""
+        return self.text_encoder.precompute_cross_kv(image_embeds)
+
+    @torch.no_grad()
+    def itm_logits_cached(
+        self, cross_kv: CrossKV, image_index: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """2-way ITM logits (B, 2) of the pairs (image image_index[b], text b), with image keys/values from
+        `precompute_cross_kv`: equal to `itm_logits(image_embeds[image_index], input_ids, attention_mask)`."""
+        rows = tuple((key[image_index], value[image_index]) for key, value in cross_kv)  # (B, h, S, d) each
+        return self.itm_logits_grouped(rows, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def itm_logits_grouped(
+        self, cross_kv: CrossKV, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logits (B, 2) of texts grouped G = B // R per row of `cross_kv` (R rows): text b is paired with
+        row b // G. No per-text copy of image keys/values (the fast path of retrieval re-ranking)."""
+        encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
+        hidden = self.text_encoder.forward_with_cross_kv(
+            encoder_input_ids, attention_mask, cross_kv, first_token_only=True
+        )  # (B, 1, H)
+        return self.itm_head(hidden[:, 0, :])  # (B, 2)
 
     @torch.no_grad()
     def score(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

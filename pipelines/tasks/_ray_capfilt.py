@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.tasks import capfilt
+from pipelines.tasks import capfilt, capfilt_models
 
 
 def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> dict[str, list[Any]]:
@@ -96,7 +96,7 @@ class _ModelActor:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         if not use_cuda:
             torch.set_num_threads(compute.torch_threads)
-        self.models = {role: capfilt.load_model(models[role], self.device, compute.dtype) for role in roles}
+        self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype) for role in roles}
         self.refs = {role: models[role]["ref"] for role in models}
         self.tokenizer = _tokenizer()
         self.last_end = time.perf_counter()
@@ -105,7 +105,7 @@ class _ModelActor:
     def _pixels(self, row: dict[str, Any], count: int) -> Any:
         size = self.config_image_size
         array = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(count, size, size, 3)
-        return capfilt.normalize_pixels(array, self.device, self.config.compute.dtype)  # (n, 3, S, S)
+        return capfilt_models.normalize_pixels(array, self.device, self.config.compute.dtype)  # (n, 3, S, S)
 
     def _timed(self, batch: dict[str, np.ndarray], work: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, list[Any]]:
         began = time.perf_counter()
@@ -115,7 +115,7 @@ class _ModelActor:
             row = work({name: batch[name][index] for name in batch})
             for name, value in row.items():
                 rows.setdefault(name, []).append(value)
-        capfilt.synchronize(self.device)
+        capfilt_models.synchronize(self.device)
         self.last_end = time.perf_counter()
         compute_s = self.last_end - began
         # The wait before an actor's first batch is pipeline start-up, not starvation: reported apart.
@@ -142,9 +142,9 @@ class CapFiltActor(_ModelActor):
         meta = json.loads(row["meta"])
         valid = [i for i, error in enumerate(meta["errors"]) if error is None]
         pixel_values = self._pixels(row, len(valid))
-        captions = capfilt.caption_images(self.models["captioner"], self.tokenizer, pixel_values,
+        captions = capfilt_models.caption_images(self.models["captioner"], self.tokenizer, pixel_values,
                                           [meta["keys"][i] for i in valid], self.config.captioner)  # fmt: skip
-        scores = capfilt.score_texts(self.models["filter"], self.tokenizer, pixel_values,
+        scores = capfilt_models.score_texts(self.models["filter"], self.tokenizer, pixel_values,
                                      [meta["web_texts"][i] for i in valid], captions, self.config.filter)  # fmt: skip
         return _result_row(row, meta, valid, captions, scores, self.config.captioner)
 
@@ -162,7 +162,7 @@ class CaptionActor(_ModelActor):
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(row["meta"])
         valid = [i for i, error in enumerate(meta["errors"]) if error is None]
-        captions = capfilt.caption_images(self.models["captioner"], self.tokenizer, self._pixels(row, len(valid)),
+        captions = capfilt_models.caption_images(self.models["captioner"], self.tokenizer, self._pixels(row, len(valid)),
                                           [meta["keys"][i] for i in valid], self.config.captioner)  # fmt: skip
         meta["captions"] = captions
         return {"shard_index": row["shard_index"], "start": row["start"], "meta": json.dumps(meta),
@@ -186,7 +186,7 @@ class FilterActor(_ModelActor):
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(row["meta"])
         valid = [i for i, error in enumerate(meta["errors"]) if error is None]
-        scores = capfilt.score_texts(self.models["filter"], self.tokenizer, self._pixels(row, len(valid)),
+        scores = capfilt_models.score_texts(self.models["filter"], self.tokenizer, self._pixels(row, len(valid)),
                                      [meta["web_texts"][i] for i in valid], meta["captions"], self.config.filter)  # fmt: skip
         return _result_row(row, meta, valid, meta["captions"], scores, self.config.captioner)
 

@@ -17,6 +17,8 @@ Layout of a corpus directory:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
 import json
 import random
@@ -106,9 +108,17 @@ def random_scene(rng: random.Random) -> Scene:
     background = rng.choice([b for b in BACKGROUNDS if b != colour])
     # The jitter keeps two scenes with the same labels from being byte-identical images (which would be
     # real exact duplicates, confusing the ground truth of the duplicate_image records).
-    jitter = (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06), rng.uniform(0.85, 1.15))
     return Scene(rng.choice(SHAPES), colour, rng.choice(("small", "large")), rng.choice(POSITIONS),
-                 rng.choice((1, 1, 2, 3)), background, jitter)
+                 rng.choice((1, 1, 2, 3)), background, _jitter(rng))
+
+
+def _jitter(rng: random.Random) -> tuple[float, float, float]:
+    return (rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06), rng.uniform(0.85, 1.15))
+
+
+def _pixels_digest(image: Any, bad_kind: str | None) -> bytes:
+    shown = image.convert("L") if bad_kind == "greyscale" else image
+    return hashlib.sha256(shown.tobytes()).digest()
 
 
 def true_caption(scene: Scene) -> str:
@@ -215,6 +225,7 @@ def write_corpus(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
     bad = _bad_assignment(cfg, rng)
     rows: list[dict[str, Any]] = []
     first_jpeg: bytes | None = None
+    seen_pixels: set[bytes] = set()
     for row in range(cfg.n):
         scene = random_scene(rng)
         bad_kind = bad.get(row)
@@ -229,6 +240,12 @@ def write_corpus(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
             caption = f"{caption} (mirror {row})"  # distinct text: exact (url, caption) duplicates are another matter
         ext, body = "jpg", None
         image = render(scene, cfg.image_size)
+        if bad_kind not in ("duplicate_image", "duplicate_url"):
+            # Same labels + jitter that rounds to the same pixels would be a real exact duplicate: redraw.
+            while (digest := _pixels_digest(image, bad_kind)) in seen_pixels:
+                scene = dataclasses.replace(scene, jitter=_jitter(rng))
+                image = render(scene, cfg.image_size)
+            seen_pixels.add(digest)
         if bad_kind in (None, "transient_503", "duplicate_url", "empty_caption", "absurd_caption"):
             body = _encode(image, "JPEG", cfg.jpeg_quality)
         elif bad_kind == "corrupt_jpeg":
@@ -355,3 +372,17 @@ def serve_corpus(corpus_dir: str | Path, port: int = 0, delay: float = 0.0) -> I
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def match_ground_truth(corpus_dir: str | Path, urls: list[str], raw_captions: list[str]) -> list[dict[str, Any] | None]:
+    """The ground-truth row of each (url, raw web caption), whatever host/port served it (None if unknown).
+
+    Keys of downloaded samples hash the full URL, which holds the server's ephemeral port, so later stages
+    join on (path, caption) instead: e.g. with index.parquet's `url` and `raw_caption` columns.
+    """
+    truth = {(row["path"], row["caption"]): row for row in read_ground_truth(corpus_dir).to_pylist()}
+    matched = []
+    for url, caption in zip(urls, raw_captions):
+        path = url.split("://", 1)[-1].split("/", 1)[-1] if url else ""
+        matched.append(truth.get((path, caption)))
+    return matched

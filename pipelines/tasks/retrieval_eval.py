@@ -13,13 +13,23 @@ Differences from the reference script, none of which changes a score:
 - a slice of rows (`image_rows`, `text_rows`) gives a partial result that is zero outside the slice, so the
   slices of several workers add up to the full matrices (BLIP splits rows across ranks and `all_reduce`s).
 `retrieval_scores_loop` is the reference per-query loop, kept for tests and benchmarks.
+
+Scorers for a BLIP model (`BlipRetrieval` or `BlipITM`):
+- `itm_score_fn_for`: the fast one. Cross-attention keys/values of an image depend only on the image, and with
+  1+N image tokens ≫ 35 text tokens projecting them is the dominant cost of a pair; they are computed once per
+  image (lazily, kept in a bounded LRU) and gathered per pair (`itm_logits_cached`). It also drops the padding
+  columns that no text of the batch uses (masked keys get weight exp(-10000) = 0, so logits are unchanged) and
+  computes only `[ENC]` in the last layer.
+- `uncached_itm_score_fn_for`: `itm_logits` on the gathered image embeddings, as the reference script (with
+  `retrieval_scores_loop`: one uncached forward of k candidates per query).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +46,18 @@ class RetrievalScores:
     score_t2i: torch.Tensor  # (N_txt, N_img)
     itm_pairs: int  # pairs sent to the ITM scorer
     itm_calls: int  # scorer calls
+
+
+class CachedItmModel(Protocol):
+    """What `itm_score_fn_for` needs: `blip_models.BlipRetrieval` and `BlipITM` have both."""
+
+    def precompute_cross_kv(self, image_embeds: torch.Tensor) -> Any: ...
+
+    def itm_logits_cached(self, cross_kv: Any, image_index: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor: ...
 
 
 def split_rows(num_rows: int, num_parts: int) -> list[range]:
@@ -152,3 +174,107 @@ def retrieval_scores_loop(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_test: 
             score_t2i[text, topk_images] = logits.detach().float().cpu() + topk_sims
     pairs = num_images * k_i2t + num_texts * k_t2i
     return RetrievalScores(score_i2t, score_t2i, pairs, num_images + num_texts)
+
+
+def _check_features(image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> None:
+    if image_embeds.dim() != 3:
+        raise ValueError(f"image_embeds must be (N_img, 1+N, Dv) visual-encoder outputs, got {tuple(image_embeds.shape)}")
+    if text_ids.dim() != 2 or text_ids.shape != text_mask.shape:
+        raise ValueError(f"text_ids and text_mask must both be (N_txt, L), got {tuple(text_ids.shape)} and "
+                         f"{tuple(text_mask.shape)}")
+
+
+def uncached_itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids: torch.Tensor,
+                              text_mask: torch.Tensor) -> ItmScoreFn:
+    """Scorer of the reference script: `itm_logits` of each pair, image tokens re-projected in every layer."""
+    import torch
+
+    _check_features(image_embeds, text_ids, text_mask)
+    device = image_embeds.device
+
+    def itm_score_fn(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        image_index, text_index = image_index.to(device), text_index.to(device)
+        with torch.no_grad():
+            logits = model.itm_logits(image_embeds[image_index], text_ids[text_index], text_mask[text_index])
+        return logits[:, 1]  # (n,)
+
+    return itm_score_fn
+
+
+def group_pairs(image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Lay pairs out as rows of G slots that share one image, for `itm_logits_grouped`.
+
+    Returns (images (U,) the distinct images, row_image (R,) index into `images` of each row, slot (n,) the slot
+    of every pair in the flattened (R·G) layout, G). G = ceil(n / U); an image with more than G pairs takes
+    several rows, so at most U·G - n < n + U slots are padding (often none: pairs come in runs per image)."""
+    import torch
+
+    images, local = torch.unique(image_index, return_inverse=True)  # (U,), (n,)
+    count = len(image_index)
+    group = -(-count // len(images))
+    per_image = torch.bincount(local, minlength=len(images))  # (U,)
+    rows_per_image = (per_image + group - 1) // group  # (U,)
+    row_image = torch.repeat_interleave(torch.arange(len(images)), rows_per_image)  # (R,)
+    order = torch.argsort(local, stable=True)  # pairs grouped by image
+    first_pair = torch.cumsum(per_image, 0) - per_image  # (U,) position of an image's first pair in `order`
+    first_row = torch.cumsum(rows_per_image, 0) - rows_per_image  # (U,)
+    position = torch.arange(count) - first_pair[local[order]]  # rank of each sorted pair within its image
+    slot = torch.empty(count, dtype=torch.long)
+    slot[order] = (first_row[local[order]] + position // group) * group + position % group
+    return images, row_image, slot, group
+
+
+def itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor, *, max_cached_images: int | None = 64,
+                     trim_padding: bool = True) -> ItmScoreFn:
+    """Scorer with per-image cross-attention keys/values, for `retrieval_scores(_from_sims)`.
+
+    `image_embeds` (N_img, 1+N, Dv) are the visual-encoder outputs, `text_ids`/`text_mask` (N_txt, L) the
+    `[CLS]`-first tokens (as for `itm_logits`; the model puts `[ENC]` first). Keys/values of an image are computed the
+    first time a call needs it, then kept for the last `max_cached_images` images used (None: all; a base-size image
+    holds 12 layers × 2 × 577 × 768 floats ≈ 42 MB in fp32). `retrieval_scores_from_sims` with `share_pairs` sends
+    pairs sorted by image, so each image is projected about once even with a small cache. Within a call, the texts
+    of one image attend to its keys/values together (`group_pairs`, `itm_logits_grouped`), never copied per pair.
+    """
+    import torch
+
+    _check_features(image_embeds, text_ids, text_mask)
+    if max_cached_images is not None and max_cached_images < 0:
+        raise ValueError(f"max_cached_images must be >= 0 or None, got {max_cached_images}")
+    device = image_embeds.device
+    cache: OrderedDict[int, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()  # image -> per layer (K, V)
+
+    def image_kv(images: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per image, per layer (K, V) each (h, 1+N, d): cached, or projected now for the missing ones."""
+        missing = [image for image in images if image not in cache]
+        fresh: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        if missing:
+            layers = model.precompute_cross_kv(image_embeds[torch.tensor(missing, device=device)])
+            fresh = {image: [(key[row], value[row]) for key, value in layers] for row, image in enumerate(missing)}
+        per_image = [cache[image] if image in cache else fresh[image] for image in images]
+        for image, kv in zip(images, per_image):  # most recently used last; evict the oldest
+            cache[image] = kv
+            cache.move_to_end(image)
+        while max_cached_images is not None and len(cache) > max_cached_images:
+            cache.popitem(last=False)
+        return per_image
+
+    def itm_score_fn(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        images, row_image, slot, group = group_pairs(image_index.cpu())
+        slot_text = torch.full((len(row_image) * group,), int(text_index[0]), dtype=torch.long)  # padding: any text
+        slot_text[slot] = text_index.cpu()
+        slot_text = slot_text.to(device)
+        input_ids, attention_mask = text_ids[slot_text], text_mask[slot_text]  # (R·G, L)
+        if trim_padding:  # columns that are padding in every text of the call change no logit
+            used = attention_mask.bool().any(dim=0).nonzero()
+            length = int(used.max()) + 1 if len(used) else 1
+            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+        with torch.no_grad():
+            per_image = image_kv(images.tolist())
+            rows = [per_image[int(image)] for image in row_image]
+            cross_kv = tuple((torch.stack([kv[layer][0] for kv in rows]), torch.stack([kv[layer][1] for kv in rows]))
+                             for layer in range(len(rows[0])))  # per layer (K, V), each (R, h, 1+N, d)
+            logits = model.itm_logits_grouped(cross_kv, input_ids, attention_mask)  # (R·G, 2)
+        return logits[slot.to(device), 1]  # (n,)
+
+    return itm_score_fn

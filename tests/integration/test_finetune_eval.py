@@ -77,7 +77,9 @@ def test_finetune_and_evaluate_caption_and_retrieval(setup, tmp_path):
     assert metrics["SPICE"] is None and "SPICE" in evaluation.metadata["notes"]
     results_path = registry.local_path(evaluation, "caption_test_results.json")
     results = json.loads(results_path.read_text())
-    assert sorted(r["image_id"] for r in results) == [1012, 1013, 1014, 1015]  # ids from COCO file names
+    annotation = json.loads(registry.local_path(dataset, "annotation/coco_karpathy_test.json").read_text())
+    expected = sorted(int(item["image"].rsplit("_", 1)[1].split(".")[0]) for item in annotation)
+    assert sorted(r["image_id"] for r in results) == expected  # COCO ids parsed from the file names
     assert all(isinstance(r["caption"], str) for r in results)
 
 

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.tasks import capfilt
+from pipelines.tasks import capfilt, capfilt_models
 from pipelines.tasks.capfilt import CapFiltConfig, FilterConfig
 
 
@@ -200,13 +200,13 @@ def test_nucleus_sampling_is_per_row_and_matches_the_reference_nucleus():
     for scale in (0.5, 8.0):  # flat (sorted fallback) and peaked (top-k probe) distributions
         scores = torch.randn(6, 3000, generator=generator) * scale
         reference = torch.isfinite(top_k_top_p_filter(scores, 0, 0.9))
-        assert torch.equal(capfilt.nucleus_mask(scores.softmax(-1), 0.9), reference)
-    uniforms = capfilt.row_uniforms([11, 12, 13], 4, "cpu")
+        assert torch.equal(capfilt_models.nucleus_mask(scores.softmax(-1), 0.9), reference)
+    uniforms = capfilt_models.row_uniforms([11, 12, 13], 4, "cpu")
     assert uniforms.shape == (3, 4) and bool((uniforms > 0).all()) and bool((uniforms <= 1).all())
-    again = capfilt.row_uniforms([13], 4, "cpu")
+    again = capfilt_models.row_uniforms([13], 4, "cpu")
     assert torch.equal(again[0], uniforms[2])  # a row's draws depend only on its own seed
-    tokens = capfilt.nucleus_draw(scores[:3], 0.9, uniforms[:, 0])
-    alone = capfilt.nucleus_draw(scores[2:3], 0.9, uniforms[2:3, 0])
+    tokens = capfilt_models.nucleus_draw(scores[:3], 0.9, uniforms[:, 0])
+    alone = capfilt_models.nucleus_draw(scores[2:3], 0.9, uniforms[2:3, 0])
     assert tokens[2] == alone[0] and bool(reference[torch.arange(3), tokens].all())
 
 
@@ -221,14 +221,14 @@ def test_captions_do_not_depend_on_batch_company():
     model, tokenizer = BlipCaption(preset("tiny")).eval(), load_tokenizer()
     config = capfilt.CaptionerConfig(num_captions=2, min_length=5, max_length=9)
     pixels = torch.randn(3, 3, 32, 32)
-    together = capfilt.caption_images(model, tokenizer, pixels, ["a", "b", "c"], config)
-    alone = capfilt.caption_images(model, tokenizer, pixels[1:2], ["b"], config)
+    together = capfilt_models.caption_images(model, tokenizer, pixels, ["a", "b", "c"], config)
+    alone = capfilt_models.caption_images(model, tokenizer, pixels[1:2], ["b"], config)
     assert together[1] == alone[0] and len(together) == 3 and all(len(c) == 2 for c in together)
     assert together[1][0] != together[1][1]
-    reseeded = capfilt.caption_images(model, tokenizer, pixels[1:2], ["b"], capfilt.CaptionerConfig(
+    reseeded = capfilt_models.caption_images(model, tokenizer, pixels[1:2], ["b"], capfilt.CaptionerConfig(
         num_captions=2, min_length=5, max_length=9, seed=1))  # fmt: skip
     assert reseeded[0] != alone[0]
-    beams = capfilt.caption_images(model, tokenizer, pixels[:2], ["a", "b"], capfilt.CaptionerConfig(
+    beams = capfilt_models.caption_images(model, tokenizer, pixels[:2], ["a", "b"], capfilt.CaptionerConfig(
         method="beam", num_beams=2, num_captions=1, min_length=5, max_length=9))  # fmt: skip
     reference = model.generate(pixels[:2], tokenizer, num_beams=2, max_length=9, min_length=5)
     assert [c[0] for c in beams] == [capfilt_pre(r) for r in reference]

@@ -68,3 +68,13 @@ def test_config_rejects_bad_values(tmp_path):
         load_config(DemoCorpusConfig, {"noise_fraction": 1.5})
     with pytest.raises(ConfigError, match="noise_fractoin"):
         load_config(DemoCorpusConfig, {"noise_fractoin": 0.1})
+
+
+def test_match_ground_truth_ignores_host(corpus):
+    from pipelines.tasks.demo_corpus import match_ground_truth
+
+    truth = read_ground_truth(corpus).to_pylist()
+    urls = [f"http://127.0.0.1:1234/{row['path']}" for row in truth]
+    matched = match_ground_truth(corpus, urls, [row["caption"] for row in truth])
+    assert [m["row"] for m in matched] == [row["row"] for row in truth]
+    assert match_ground_truth(corpus, ["http://x/images/none.jpg"], ["?"]) == [None]

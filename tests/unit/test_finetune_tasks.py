@@ -1,0 +1,268 @@
+"""Finetuning TrainTasks (decode, collate, loss) without Ray, the downstream dataset version, typed configs, and
+the evaluation stage in-process (num_workers=0) on tiny random models."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import ConfigError, load_config
+from pipelines.tasks.train_loop import StepInfo
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _info(step: int = 1, steps_per_epoch: int = 4) -> StepInfo:
+    return StepInfo(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
+                    steps_per_epoch=steps_per_epoch, total_steps=8)
+
+
+def _jpeg(colour: tuple[int, int, int], size: int = 40) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def downstream(tmp_path_factory):
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    manifest = publish_downstream(DownstreamConfig(num_train=6, num_val=2, num_test=3, image_size=32, samples_per_shard=16),
+                                  name="coco-demo", registry=registry)
+    return registry, manifest
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_pretrain import BlipPretrain
+
+    torch.manual_seed(0)
+    return str(save_pretrained(BlipPretrain(preset("tiny")), tmp_path_factory.mktemp("pretrained")))
+
+
+def _task(name: str, init: str | None, **data):
+    from pipelines.config import to_dict
+    from pipelines.tasks.finetune import TASK_CLASSES, FinetuneConfig, FinetuneData, init_config_of, task_model_config
+
+    cfg = FinetuneConfig(task=name, data=FinetuneData(**data))
+    model_config = task_model_config(init_config_of(init), cfg)
+    return TASK_CLASSES[name](model_config, to_dict(cfg.data), init)
+
+
+# ------------------------------------------------------------------------------------------------ downstream
+
+
+def test_downstream_version_is_karpathy_schema_and_idempotent(downstream):
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, layout_of, publish_downstream
+    from pipelines.tasks.downstream_data import load_caption_eval, load_caption_train, load_coco_caption_gt
+    from pipelines.tasks.train_data import iter_tar_samples
+
+    registry, manifest = downstream
+    layout = layout_of(manifest)
+    assert manifest.splits == {"train": 30, "val": 2, "test": 3} and manifest.counts["train_images"] == 6
+    pairs = load_caption_train(registry.local_path(manifest, layout.annotation("train")))
+    assert len(pairs) == 30
+    test = load_caption_eval(registry.local_path(manifest, layout.annotation("test")))
+    assert len(load_coco_caption_gt(registry.local_path(manifest, layout.caption_gt("test"))).image_ids) == len(test)
+    for item in test:
+        assert registry.local_path(manifest, f"images/{item.image}").is_file()
+    shards = manifest.shards("train")
+    assert [s.num_samples for s in shards] == [16, 14]
+    samples = [s for shard in shards for s in iter_tar_samples(registry.url_of(manifest, shard.path))]
+    metas = [json.loads(s["json"]) for s in samples]
+    assert sorted(m["caption"] for m in metas) == sorted(p.caption for p in pairs)
+    # idx: one consecutive int per image_id, the same for all captions of an image
+    by_image = {}
+    for meta in metas:
+        by_image.setdefault(meta["image_id"], set()).add(meta["idx"])
+    assert all(len(v) == 1 for v in by_image.values()) and {v.pop() for v in by_image.values()} == set(range(6))
+    assert metas[0]["idx"] != metas[1]["idx"] or metas[1]["idx"] != metas[2]["idx"]  # shuffled, not grouped
+    again = publish_downstream(DownstreamConfig(num_train=6, num_val=2, num_test=3, image_size=32, samples_per_shard=16),
+                               name="coco-demo", registry=Registry(registry.url))
+    assert again.ref == manifest.ref
+
+
+def test_downstream_files_kind_reads_real_layout_and_counts_missing_images(tmp_path):
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+    from pipelines.tasks.downstream_data import AnnotationError
+    from pipelines.tasks.downstream_synth import write_karpathy
+
+    written = write_karpathy(tmp_path / "flickr", style="flickr", num_train=3, num_val=2, num_test=2, image_size=16)
+    train = json.loads(written["flickr30k_train"].read_text())
+    (tmp_path / "flickr" / train[0]["image"]).unlink()  # its 5 captions must be dropped and counted
+    cfg = DownstreamConfig(kind="files", benchmark="flickr", annotation_dir=str(tmp_path / "flickr" / "annotation"),
+                           image_root=str(tmp_path / "flickr"))
+    manifest = publish_downstream(cfg, name="flickr", registry=Registry(tmp_path / "registry"))
+    assert manifest.drop_reasons == {"missing_image": 5} and manifest.splits["train"] == 10
+    assert manifest.metadata["benchmark"] == "flickr" and manifest.metadata["caption_gt"] == {}
+    test = json.loads(written["flickr30k_test"].read_text())
+    (tmp_path / "flickr" / test[0]["image"]).unlink()
+    with pytest.raises(AnnotationError, match="images missing"):
+        publish_downstream(DownstreamConfig(kind="files", benchmark="flickr", seed=1,
+                                            annotation_dir=cfg.annotation_dir, image_root=cfg.image_root),
+                           name="flickr2", registry=Registry(tmp_path / "registry"))
+    with pytest.raises(ValueError, match="annotation_dir"):
+        DownstreamConfig(kind="files")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def test_finetune_configs_resolve_blip_defaults_and_reject_typos():
+    from pipelines.tasks.finetune import FinetuneConfig
+
+    for task, lr, epochs, batch in (("retrieval", 1e-5, 6, 32), ("caption", 1e-5, 5, 32), ("vqa", 2e-5, 10, 16),
+                                    ("nlvr", 3e-5, 15, 16)):  # fmt: skip
+        cfg = FinetuneConfig(task=task)
+        optim, loop = cfg.optim.resolve(task), cfg.loop.resolve(task)
+        assert (optim.lr, optim.schedule, optim.weight_decay, optim.warmup_steps, optim.min_lr) == (lr, "cosine", 0.05, 0, 0.0)
+        assert loop.epochs == epochs and cfg.batch_size == batch and cfg.data.min_scale == 0.5
+    for path in sorted((CONFIGS / "finetune").glob("*.yaml")):
+        assert load_config(FinetuneConfig, path).task in path.stem
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(FinetuneConfig, {"task": "caption", "optim": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match="task"):
+        load_config(FinetuneConfig, {"task": "segmentation"})
+
+
+def test_task_model_config_uses_task_image_size_for_base_and_keeps_tiny():
+    from blip_models.checkpoints import config_to_dict
+    from blip_models.configuration_blip import preset
+    from pipelines.tasks.finetune import FinetuneConfig, task_model_config
+
+    base, tiny = config_to_dict(preset("base")), config_to_dict(preset("tiny"))
+    assert task_model_config(base, FinetuneConfig(task="vqa"))["vision"]["image_size"] == 480
+    assert task_model_config(base, FinetuneConfig(task="caption"))["vision"]["image_size"] == 384
+    assert task_model_config(tiny, FinetuneConfig(task="caption"))["vision"]["image_size"] == 32
+    assert task_model_config(tiny, FinetuneConfig(task="caption", image_size=48))["vision"]["image_size"] == 48
+    with pytest.raises(ValueError, match="patch size"):
+        task_model_config(tiny, FinetuneConfig(task="caption", image_size=36))
+
+
+# ------------------------------------------------------------------------------------------------ the tasks
+
+
+def test_retrieval_task_loads_pretrain_weights_and_trains(downstream, pretrained):
+    from pipelines.tasks.train_data import iter_tar_samples
+
+    registry, manifest = downstream
+    raws = list(iter_tar_samples(registry.url_of(manifest, manifest.shards("train")[0].path)))[:6]
+    task = _task("retrieval", pretrained)
+    model = task.build_model()
+    report = task.init_report
+    assert report["from"] == "pretrain" and report["missing"] == []
+    assert any(k.startswith("text_decoder.") for k in report["unexpected"])  # the decoder has no place here
+    assert {"idx_queue", "ptr_queue"} <= set(report["initialized"])
+    batch = task.collate([task.decode(raw, seed) for seed, raw in enumerate(raws)])
+    assert batch["input_ids"].shape == (6, 35) and batch["idx"].dtype == torch.long
+    # alpha ramps over epoch 0 (BLIP: 0.4 * min(1, i / len(loader))), then stays 0.4
+    assert task.loss(model, batch, _info(step=1))[1]["alpha"] == pytest.approx(0.1)
+    loss, metrics = task.loss(model, batch, _info(step=6))
+    assert metrics["alpha"] == pytest.approx(0.4) and metrics["loss"] == pytest.approx(metrics["loss_itc"] + metrics["loss_itm"])
+    loss.backward()
+    assert model.visual_encoder.patch_embed.proj.weight.grad is not None
+
+
+def test_caption_task_masks_the_prompt(downstream, pretrained):
+    from pipelines.tasks.train_data import DropSample, iter_tar_samples
+
+    registry, manifest = downstream
+    raws = list(iter_tar_samples(registry.url_of(manifest, manifest.shards("train")[0].path)))[:4]
+    task = _task("caption", pretrained, augment=False)
+    model = task.build_model()
+    assert task.init_report["missing"] == []
+    batch = task.collate([task.decode(raw, seed) for seed, raw in enumerate(raws)])
+    tokens = task.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens[:4] == ["[CLS]", "a", "picture", "of"] and model.prompt_length == 4
+    loss, metrics = task.loss(model, batch, _info())
+    assert torch.isfinite(loss) and metrics["loss_lm"] > 0
+    # Loss over caption tokens only: changing the prompt tokens' labels cannot matter, the caption's does.
+    same = model(batch["image"], batch["input_ids"], batch["attention_mask"], prompt_length=4).loss
+    more = model(batch["image"], batch["input_ids"], batch["attention_mask"], prompt_length=1).loss
+    assert float(same.detach()) == pytest.approx(float(loss.detach()))
+    assert float(more.detach()) != pytest.approx(float(loss.detach()))
+    with pytest.raises(DropSample, match="no_image"):
+        task.decode({"json": raws[0]["json"]}, 0)
+
+
+def test_vqa_task_collates_weighted_answers():
+    from blip_models.checkpoints import config_to_dict
+    from blip_models.configuration_blip import preset
+    from pipelines.tasks.finetune import FinetuneData, VQATask
+    from pipelines.config import to_dict
+
+    task = VQATask(config_to_dict(preset("tiny")), to_dict(FinetuneData(augment=False)))
+    model = task.build_model()
+    raws = [{"jpg": _jpeg((200, 0, 0)), "json": json.dumps({"question": "What color is it?", "answers": ["red", "pink"],
+                                                            "weights": [0.8, 0.2]}).encode()},
+            {"jpg": _jpeg((0, 0, 200)), "json": json.dumps({"question": "Is it blue?", "answers": ["yes"],
+                                                            "weights": [0.2]}).encode()}]  # fmt: skip
+    batch = task.collate([task.decode(raw, 0) for raw in raws])
+    assert batch["n_answers"].tolist() == [2, 1] and batch["weights"].tolist() == pytest.approx([0.8, 0.2, 0.2])
+    assert (batch["answer_ids"][:, 0] == model.config.text.bos_token_id).all()
+    loss, _ = task.loss(model, batch, _info())
+    assert torch.isfinite(loss)
+
+
+def test_nlvr_task_swaps_sides_with_the_words(pretrained):
+    from pipelines.tasks.finetune import NLVRTask
+
+    task = _task("nlvr", pretrained)
+    model = task.build_model()
+    assert any(k.startswith("cls_head.") for k in task.init_report["initialized"])
+    assert any("crossattention" in line for line in task.init_report["adapted"])
+    red, blue = _jpeg((200, 0, 0)), _jpeg((0, 0, 200))
+    raw = {"left.jpg": red, "right.jpg": blue,
+           "json": json.dumps({"sentence": "The left image is red.", "label": 1}).encode()}
+    samples = [task.decode(raw, seed) for seed in range(12)]
+    swapped = [s for s in samples if "right image is red" in s["sentence"]]
+    kept = [s for s in samples if "left image is red" in s["sentence"]]
+    assert swapped and kept and len(swapped) + len(kept) == 12
+    # a swapped sentence comes with swapped images: the red image is then on the right
+    assert all(s["right"][0].mean() > s["left"][0].mean() for s in swapped)
+    batch = task.collate(samples[:4])
+    loss, metrics = task.loss(model, batch, _info())
+    assert torch.isfinite(loss) and 0.0 <= metrics["accuracy"] <= 1.0
+    assert isinstance(task, NLVRTask)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_caption import BlipCaption
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    registry, manifest = downstream
+    torch.manual_seed(0)
+    retrieval = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
+    caption = save_pretrained(BlipCaption(preset("tiny")), tmp_path / "caption")
+    evaluation = run_evaluate(EvaluateConfig(task="retrieval", num_workers=0, k_test=4), model=str(retrieval),
+                              dataset=manifest, name="eval-r", registry=registry)
+    metrics = evaluation.metadata["metrics"]
+    assert evaluation.metadata["details"]["num_texts"] == 15 and metrics["img_r5"] == 100.0  # 3 images < 5
+    assert evaluation.parents == (manifest.ref,)
+    cfg = EvaluateConfig(task="caption", num_workers=0, max_length=8, caption_metrics=("Bleu", "CIDEr"), max_images=2)
+    evaluation = run_evaluate(cfg, model=str(caption), dataset=manifest, name="eval-c", registry=registry)
+    assert {"Bleu_4", "CIDEr"} <= set(evaluation.metadata["metrics"])
+    results = json.loads(registry.local_path(evaluation, "caption_test_results.json").read_text())
+    assert len(results) == 2
+    with pytest.raises(ValueError, match="Karpathy"):
+        from pipelines.tasks.downstream import layout_of
+
+        layout_of(type("M", (), {"metadata": {}, "ref": "x@v1"})())
