@@ -18,7 +18,7 @@ from datasets_manifests.registry import Registry
 from pipelines.flows.stages import run_stage
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.runtime import apply_environment
-from pipelines.tasks import capfilt, demo_corpus, download, downstream, evaluate, finetune, pretrain, report, shard
+from pipelines.tasks import capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, report, shard
 
 
 @flow(name="bootstrap", log_prints=True)
@@ -57,7 +57,7 @@ def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
     """download (img2dataset) -> shard: the noisy web dataset version."""
     name = cfg.version_name("raw")
     if cfg.source.kind == "demo":
-        raw = run_stage("download", demo_corpus.download_demo_corpus, cfg.source.demo, cfg.download, name=name,
+        raw = run_stage("download", demo_source.download_demo_corpus, cfg.source.demo, cfg.download, name=name,
                         registry=registry, output_kind="dataset", output_name=name)
     else:
         raw = run_stage("download", download.run_download, cfg.download, cfg.source.path, name=name,

@@ -101,14 +101,22 @@ def file_sha256(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry: Registry) -> Manifest:
-    """Download the source list and publish the raw shards as a new version of `name` (no-op if done)."""
+def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry: Registry,
+                 source_id: str | None = None, extra_files: dict[str, Path] | None = None) -> Manifest:
+    """Download the source list and publish the raw shards as a new version of `name` (no-op if done).
+
+    `source_id` names the source for the cache key when its bytes are not a stable identity (the demo
+    corpus's URLs carry the ephemeral port of its server); default: the sha256 of the list.
+    `extra_files` ({path in version: local file}) are published with the shards (e.g. ground truth).
+    """
+    import shutil
+
     from datasets_manifests.sources import normalise_source_list
 
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: source list not found")
-    key = cache_key(STAGE, [f"source:{file_sha256(source)}"], config_hash(cfg))
+    key = cache_key(STAGE, [source_id or f"source:{file_sha256(source)}"], config_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         return cached
@@ -125,6 +133,10 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
                         started_at=started)
     extra_counts = {"source_records": report.records, "source_duplicates": report.duplicates}
     stats = {"source": report.to_dict()}
+    for relpath, local in (extra_files or {}).items():
+        (stage / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, stage / relpath)
+        files.append({"path": relpath, "role": "other"})
     return _publish(registry, name, stage, rows, files + [{"path": "source.parquet", "role": "other"}],
                     producer, parents=[], extra_counts=extra_counts, stats=stats)
 
