@@ -97,6 +97,8 @@ def run_ours(registry, dataset, captioner, filter_model, args, batch_size: int) 
         "images_per_s_pipeline": perf["images_per_s"], "steady_images_per_s": perf.get("steady_images_per_s"),
         "first_batch_s": perf.get("first_batch_s"), "actor_busy_fraction": perf.get("actor_busy_fraction"),
         "actor_compute_s": perf.get("compute_s"), "actor_wait_s": perf.get("wait_s"),
+        # What one fully fed actor does per second of its own compute time (start-up and queueing excluded).
+        "images_per_actor_compute_s": round(images / perf["compute_s"], 3) if perf.get("compute_s") else None,
         "actor_startup_wait_s": perf.get("startup_wait_s"), "decode_s_per_image": perf.get("decode_s_per_image"),
         "kept_fraction": manifest.stats["capfilt"]["kept_fraction"],
     }  # fmt: skip

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     finetune.add_argument("task", choices=FINETUNE_TASKS)
     finetune.add_argument("config", nargs="?", default=None,
-                          help="config file or preset in configs/finetune/ (default: <task>_tiny)")
+                          help="config file or preset in configs/finetune/ (default: the task's BLIP defaults)")
     finetune.add_argument("--init", required=True, help="model version, save_pretrained directory or official .pth")
     finetune.add_argument("--dataset", required=True, help="downstream dataset version")
     finetune.add_argument("--name", default=None, help="output model name (default: <init name>-<task>)")
@@ -39,7 +39,8 @@ def register(subparsers: Any) -> None:
         "pycocoevalcap); publishes an evaluation version with the metrics and result files.",
     )  # fmt: skip
     evaluate.add_argument("task", choices=EVAL_TASKS)
-    evaluate.add_argument("config", nargs="?", default=None, help="config file or preset in configs/evaluate/")
+    evaluate.add_argument("config", nargs="?", default=None,
+                          help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults)")
     evaluate.add_argument("--model", required=True, help="model version or save_pretrained directory")
     evaluate.add_argument("--dataset", required=True, help="downstream dataset version")
     evaluate.add_argument("--name", default=None, help="evaluation name (default: <model name>-eval-<task>)")

@@ -38,7 +38,9 @@ class DownstreamConfig:
     """Which downstream set to publish (configs/pipeline/*.yaml `downstream:` section)."""
 
     kind: Literal["demo", "files"] = "demo"  # demo: generated shape scenes; files: real Karpathy annotations
-    benchmark: Literal["coco", "flickr"] = "coco"  # annotation schema / file names (Karpathy COCO or Flickr30k)
+    # coco / flickr: Karpathy retrieval + captioning; vqa: VQAv2 (+ VG QA) as BLIP ships it; nlvr: NLVR2;
+    # msrvtt: the MSRVTT test split for zero-shot video retrieval (no training data)
+    benchmark: Literal["coco", "flickr", "vqa", "nlvr", "msrvtt"] = "coco"
     # kind=demo: sizes of the generated set (images per split; every image gets captions_per_image captions)
     num_train: int = 64
     num_val: int = 16
@@ -97,8 +99,7 @@ def publish_downstream(cfg: DownstreamConfig, *, name: str, registry: Any = None
 
     check_name(name)
     registry = registry if registry is not None else Registry()
-    layout = KarpathyLayout(cfg.benchmark)
-    source_digests = _source_digests(cfg, layout) if cfg.kind == "files" else []
+    source_digests = _source_digests(cfg) if cfg.kind == "files" else []
     key = cache_key(STAGE, source_digests, config_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
@@ -109,36 +110,67 @@ def publish_downstream(cfg: DownstreamConfig, *, name: str, registry: Any = None
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     if cfg.kind == "demo":
-        from pipelines.tasks.downstream_synth import write_karpathy
-
-        generated = staging / "generated"
-        write_karpathy(generated, style=cfg.benchmark, num_train=cfg.num_train, num_val=cfg.num_val,
-                       num_test=cfg.num_test, captions_per_image=cfg.captions_per_image, image_size=cfg.image_size,
-                       seed=cfg.seed)  # fmt: skip
-        annotation_dir, image_root = generated / "annotation", generated
+        annotation_dir, image_root = generate_demo(cfg, staging / "generated")
     else:
         annotation_dir, image_root = Path(str(cfg.annotation_dir)), Path(str(cfg.image_root))
-    files, counts, drops = stage_karpathy(staging, layout, annotation_dir, image_root, cfg)
+    if cfg.benchmark in PREFIXES:
+        layout = KarpathyLayout(cfg.benchmark)
+        files, counts, drops = stage_karpathy(staging, layout, annotation_dir, image_root, cfg)
+        metadata, splits = layout.to_metadata(), {"train": counts["train_pairs"], "val": counts["val_images"],
+                                                  "test": counts["test_images"]}
+    else:
+        from pipelines.tasks import downstream_sets
+
+        files, counts, drops, metadata = downstream_sets.STAGERS[cfg.benchmark](staging, annotation_dir, image_root, cfg)
+        splits = {k[:-len("_items")]: v for k, v in counts.items() if k.endswith("_items")}
     if cfg.kind == "demo":
         shutil.rmtree(staging / "generated")
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)  # fmt: skip
     return registry.publish(
         kind="dataset", name=name, staging_dir=staging, files=files, producer=producer,
-        splits={"train": counts["train_pairs"], "val": counts["val_images"], "test": counts["test_images"]},
-        counts=counts, drop_reasons=drops, metadata=layout.to_metadata(),
-        sample_schema={"jpg": "image bytes (as in the source file)",
-                       "json": "caption (raw), image_id (annotation's), idx (consecutive int per image_id), image"},
+        splits=splits, counts=counts, drop_reasons=drops, metadata=metadata,
+        sample_schema=SAMPLE_SCHEMAS.get(cfg.benchmark, SAMPLE_SCHEMAS["coco"]),
     )  # fmt: skip
 
 
-def _source_digests(cfg: DownstreamConfig, layout: KarpathyLayout) -> list[str]:
+SAMPLE_SCHEMAS = {
+    "coco": {"jpg": "image bytes (as in the source file)",
+             "json": "caption (raw), image_id (annotation's), idx (consecutive int per image_id), image"},
+    "vqa": {"jpg": "image bytes", "json": "question (raw), answers, weights (BLIP: VQA count/n, VG 0.2), dataset"},
+    "nlvr": {"left.jpg": "left image bytes", "right.jpg": "right image bytes", "json": "sentence (raw), label 0/1"},
+    "msrvtt": {},
+}
+
+
+def generate_demo(cfg: DownstreamConfig, root: Path) -> tuple[Path, Path]:
+    """Write the demo set in the benchmark's public layout; returns (annotation dir, image/video root)."""
+    from pipelines.tasks import downstream_synth as synth
+
+    size, seed = cfg.image_size, cfg.seed
+    if cfg.benchmark in PREFIXES:
+        synth.write_karpathy(root, style=cfg.benchmark, num_train=cfg.num_train, num_val=cfg.num_val,
+                             num_test=cfg.num_test, captions_per_image=cfg.captions_per_image, image_size=size,
+                             seed=seed)  # fmt: skip
+    elif cfg.benchmark == "vqa":
+        synth.write_vqa(root, num_train_images=cfg.num_train, num_val_images=cfg.num_val, num_test_images=cfg.num_test,
+                        num_vg_images=max(1, cfg.num_train // 4), image_size=size, seed=seed)  # fmt: skip
+    elif cfg.benchmark == "nlvr":
+        synth.write_nlvr(root, num_train=cfg.num_train, num_dev=cfg.num_val, num_test=cfg.num_test, image_size=size,
+                         seed=seed)  # fmt: skip
+    else:
+        synth.write_msrvtt(root, num_videos=cfg.num_test, frame_size=size, seed=seed)
+        return root / "annotation", root / "videos"
+    return root / "annotation", root
+
+
+def _source_digests(cfg: DownstreamConfig) -> list[str]:
     """sha256 of the annotation files, so a changed file is a new version even under the same config."""
-    digests = []
-    for split in ("train", *EVAL_SPLITS):
-        path = Path(str(cfg.annotation_dir)) / Path(layout.annotation(split)).name
-        digests.append(hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"missing:{path}")
-    return digests
+    directory = Path(str(cfg.annotation_dir))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"downstream.annotation_dir {directory} is not a directory")
+    return [f"{p.relative_to(directory)}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
+            for p in sorted(directory.rglob("*.json*")) if p.is_file()]
 
 
 def stage_karpathy(staging: Path, layout: KarpathyLayout, annotation_dir: Path, image_root: Path,
@@ -160,7 +192,7 @@ def stage_karpathy(staging: Path, layout: KarpathyLayout, annotation_dir: Path, 
     if not pairs:
         raise AnnotationError(train_path, f"no train pair has its image under {image_root}")
     counts = {"train_pairs": len(pairs), "train_images": len({p.image_id for p in pairs})}
-    _copy(train_path, staging, layout.annotation("train"), files, "annotation")
+    copy_file(train_path, staging, layout.annotation("train"), files, "annotation")
     for split in EVAL_SPLITS:
         path = annotation_dir / Path(layout.annotation(split)).name
         items = load_caption_eval(path)
@@ -169,15 +201,15 @@ def stage_karpathy(staging: Path, layout: KarpathyLayout, annotation_dir: Path, 
             raise AnnotationError(path, f"{len(missing)} images missing under {image_root} (first: {missing[0]})")
         counts[f"{split}_images"], counts[f"{split}_texts"] = len(items), sum(len(i.captions) for i in items)
         images.update(item.image for item in items)
-        _copy(path, staging, layout.annotation(split), files, "annotation")
+        copy_file(path, staging, layout.annotation(split), files, "annotation")
         gt = layout.caption_gt(split)
         if gt is not None:
             gt_source = annotation_dir / "coco_gt" / Path(gt).name
             load_coco_caption_gt(gt_source)  # validate the schema
-            _copy(gt_source, staging, gt, files, "annotation")
+            copy_file(gt_source, staging, gt, files, "annotation")
     images.update(p.image for p in pairs)
     for relative in sorted(images):
-        _copy(image_root / relative, staging, f"images/{relative}", files, "image")
+        copy_file(image_root / relative, staging, f"images/{relative}", files, "image")
     files += write_train_shards(staging, pairs, consecutive_image_ids(pairs), image_root, cfg)
     return files, counts, {k: v for k, v in drops.items() if v}
 
@@ -200,7 +232,7 @@ def write_train_shards(staging: Path, pairs: list[Any], idxs: list[int], image_r
     return [{"path": path, "role": "shard", "split": "train", "num_samples": count} for path, count in writer.shards]
 
 
-def _copy(source: Path, staging: Path, relative: str, files: list[dict[str, Any]], role: str) -> None:
+def copy_file(source: Path, staging: Path, relative: str, files: list[dict[str, Any]], role: str) -> None:
     """Hard-link (or copy) `source` to `staging/relative` and record its file entry."""
     target = staging / relative
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,12 @@ Follows BLIP's `train_retrieval.py:evaluation()` / `itm_eval`, `train_caption.py
   Ray tasks; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
   CoreNLP models are absent) against the COCO-caption GT file; the result file is published.
 
-VQA, NLVR2 and zero-shot video retrieval are not implemented in this stage yet (`run_evaluate` says so).
+- VQA: 'rank' over answer_list.json (k_test 128) or 'generate' (beam 3, max 10, min 1); split val is scored with
+  the VQA accuracy against the official val questions/annotations, and every split writes `vqa_result.json`
+  (`[{"question_id", "answer"}]`, the test-dev/test-std server file).
+- NLVR2: accuracy on dev (val) or test.
+- video (MSRVTT, zero-shot): 8 uniform frames per clip, the normalised mean of the frames' projected CLS features
+  as the ITC embedding, all frames' tokens as ITM memory; the retrieval metrics plus median rank.
 `num_workers: 0` runs everything in this process (tests, benchmarks). Idempotent via the cache key.
 """
 
@@ -28,7 +33,7 @@ from pipelines.config import check_range, config_hash, to_dict
 
 EvalTask = Literal["retrieval", "caption", "vqa", "nlvr", "video"]
 MODEL_KIND = {"retrieval": "retrieval", "caption": "caption", "vqa": "vqa", "nlvr": "nlvr", "video": "retrieval"}
-K_TEST = {"coco": 256, "flickr": 128}  # BLIP retrieval_coco.yaml / retrieval_flickr.yaml (MSRVTT: 128)
+K_TEST = {"coco": 256, "flickr": 128, "msrvtt": 128}  # BLIP retrieval_coco.yaml / retrieval_flickr.yaml (MSRVTT: 128)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +52,10 @@ class EvaluateConfig:
     repetition_penalty: float = 1.0  # BLIP COCO 1.0 (NoCaps 1.1)
     caption_batch_size: int = 16  # images per generate call
     caption_metrics: tuple[str, ...] = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+    vqa_inference: Literal["rank", "generate"] = "rank"  # BLIP vqa.yaml: rank over answer_list.json
+    vqa_k_test: int = 128  # rank: candidates kept after the first-token step
+    vqa_batch_size: int = 32  # BLIP batch_size_test 32
+    num_frames: int = 8  # video: uniformly sampled frames per clip (BLIP num_frm_test 8)
     num_workers: int = 2  # Ray tasks sharing the rows (0 = everything in this process)
     cpus_per_worker: float = 1.0  # fractional values let tasks share CPUs with other work
     max_images: int | None = None  # evaluate only the first N images of the split (smoke runs); None = all
@@ -121,8 +130,29 @@ def map_rows(fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[range]
 # ---------------------------------------------------------------------------------------------- retrieval
 
 
+def encode_videos(model: Any, video_paths: list[str], num_frames: int) -> tuple[Any, Any]:
+    """BLIP eval_retrieval_video: `num_frames` uniform frames per video; ITC feature = normalised mean of the
+    frames' projected CLS features; ITM memory = all frames' token sequences concatenated (F*(1+N), D)."""
+    import torch
+    import torch.nn.functional as F
+
+    from blip_models.processing import eval_transform
+    from pipelines.tasks.downstream_data import read_video_frames
+
+    size = model.config.vision.image_size
+    transform = eval_transform(size)
+    embeds, feats = [], []
+    with torch.no_grad():
+        for path in video_paths:
+            frames = torch.stack([transform(frame) for frame in read_video_frames(path, num_frames, size)])  # (F,3,S,S)
+            tokens = model.visual_encoder(frames)  # (F, 1+N, D)
+            feats.append(F.normalize(model.vision_proj(tokens[:, 0, :]).mean(dim=0), dim=-1))  # (E,)
+            embeds.append(tokens.reshape(1, -1, tokens.shape[-1]))  # (1, F*(1+N), D)
+    return torch.cat(embeds), torch.stack(feats)
+
+
 def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
-    """ITC features of all images and texts, ViT token sequences and token ids for the ITM re-ranking."""
+    """ITC features of all images (videos) and texts, ViT token sequences and token ids for the ITM re-ranking."""
     import torch
 
     from blip_models.tokenizer import load_tokenizer, tokenize
@@ -137,10 +167,13 @@ def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: E
             text_feats.append(model.text_features(ids, mask))  # (b, E)
             text_ids.append(ids)
             text_mask.append(mask)
-        for start in range(0, len(image_urls), cfg.image_batch_size):
+        for start in range(0, len(image_urls) if cfg.task != "video" else 0, cfg.image_batch_size):
             embeds, feats = model.image_features(load_images(image_urls[start:start + cfg.image_batch_size], size))
             image_embeds.append(embeds)  # (b, 1+N, Dv)
             image_feats.append(feats)
+    if cfg.task == "video":
+        embeds, feats = encode_videos(model, image_urls, cfg.num_frames)
+        image_embeds, image_feats = [embeds], [feats]
     return {"image_embeds": torch.cat(image_embeds), "image_feats": torch.cat(image_feats),
             "text_ids": torch.cat(text_ids), "text_mask": torch.cat(text_mask), "text_feats": torch.cat(text_feats)}
 
@@ -255,6 +288,107 @@ def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int]
     return scores, details
 
 
+# ---------------------------------------------------------------------------------------------- VQA, NLVR2
+
+
+def vqa_rows(model_dir: str, image_urls: list[str], questions: list[str], answer_list: list[str],
+             options: dict[str, Any], rows: range) -> list[str]:
+    """Answers of the questions in `rows` (batched rank or generate inference)."""
+    from blip_models.tokenizer import load_tokenizer, tokenize
+
+    model = load_task_model(model_dir, "vqa")
+    tokenizer = load_tokenizer()
+    options = dict(options)
+    batch = options.pop("batch_size")
+    answers: list[str] = []
+    for start in range(rows.start, rows.stop, batch):
+        stop = min(start + batch, rows.stop)
+        ids, mask = tokenize(tokenizer, questions[start:stop], 35, "longest")
+        pixels = load_images(image_urls[start:stop], model.config.vision.image_size)
+        answers += model.answer(pixels, ids, mask, tokenizer, answer_list=answer_list, **options)
+    return answers
+
+
+def nlvr_rows(model_dir: str, left_urls: list[str], right_urls: list[str], sentences: list[str], batch: int,
+              rows: range) -> list[int]:
+    """Predicted labels (1 = True) of the pairs in `rows`."""
+    import torch
+
+    from blip_models.tokenizer import load_tokenizer, tokenize
+
+    model = load_task_model(model_dir, "nlvr")
+    tokenizer = load_tokenizer()
+    size = model.config.vision.image_size
+    predictions: list[int] = []
+    with torch.no_grad():
+        for start in range(rows.start, rows.stop, batch):
+            stop = min(start + batch, rows.stop)
+            ids, mask = tokenize(tokenizer, sentences[start:stop], None, "longest")
+            output = model(load_images(left_urls[start:stop], size), load_images(right_urls[start:stop], size), ids, mask)
+            predictions += output.logits.argmax(-1).tolist()
+    return predictions
+
+
+def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,
+                 staging: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    from blip_models.processing import pre_question
+    from pipelines.tasks.downstream_data import load_answer_list, load_vqa, load_vqa_official
+    from pipelines.tasks.metrics import vqa_accuracy, write_vqa_results
+    from pipelines.tasks.retrieval_eval import split_rows
+
+    annotations = dataset.metadata["annotations"]
+    path = _annotation(registry, dataset, annotations[cfg.split])
+    questions = load_vqa(path, "test" if cfg.split == "test" else "train")
+    questions = [q for q in questions if q.dataset in ("vqa", "test")][: cfg.max_images or None]
+    answer_list = load_answer_list(_annotation(registry, dataset, annotations["answer_list"]))
+    options = {"mode": cfg.vqa_inference, "k_test": cfg.vqa_k_test, "num_beams": cfg.num_beams, "max_length": 10,
+               "min_length": 1, "batch_size": cfg.vqa_batch_size}  # fmt: skip
+    urls = [registry.url_of(dataset, f"images/{q.image}") for q in questions]
+    parts = [rows for rows in split_rows(len(questions), max(1, cfg.num_workers)) if len(rows)]
+    shared = (model_dir, urls, [pre_question(q.question) for q in questions], answer_list, options)
+    answers = [a for part in map_rows(vqa_rows, shared, parts, cfg) for a in part]
+    predictions = {int(q.question_id): a for q, a in zip(questions, answers)}  # type: ignore[arg-type]
+    write_vqa_results(staging / "vqa_result.json", predictions)
+    details = {"num_images": len(questions), "inference": cfg.vqa_inference, "workers": cfg.num_workers}
+    if cfg.split == "test":
+        return {}, details, {"vqa": "test split: submit vqa_result.json to the VQA evaluation server"}
+    truth = [t for t in load_vqa_official(_annotation(registry, dataset, annotations["val_questions"]),
+                                          _annotation(registry, dataset, annotations["val_annotations"]))
+             if t.question_id in predictions]  # fmt: skip
+    scores = vqa_accuracy(predictions, truth)
+    metrics = {"vqa_accuracy": scores["overall"]}
+    metrics.update({f"vqa_accuracy_{kind.replace('/', '_')}": value for kind, value in scores["per_answer_type"].items()})
+    return metrics, details, {}
+
+
+def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    from blip_models.processing import pre_caption
+    from pipelines.tasks.downstream_data import NLVR_MAX_WORDS, load_nlvr
+    from pipelines.tasks.metrics import nlvr_accuracy
+    from pipelines.tasks.retrieval_eval import split_rows
+
+    pairs = load_nlvr(_annotation(registry, dataset, dataset.metadata["annotations"][cfg.split]))[: cfg.max_images or None]
+    lefts = [registry.url_of(dataset, f"images/{p.images[0]}") for p in pairs]
+    rights = [registry.url_of(dataset, f"images/{p.images[1]}") for p in pairs]
+    sentences = [pre_caption(p.sentence, NLVR_MAX_WORDS) for p in pairs]
+    parts = [rows for rows in split_rows(len(pairs), max(1, cfg.num_workers)) if len(rows)]
+    shared = (model_dir, lefts, rights, sentences, cfg.image_batch_size)
+    predictions = [p for part in map_rows(nlvr_rows, shared, parts, cfg) for p in part]
+    return ({"accuracy": nlvr_accuracy(predictions, [p.label for p in pairs])},
+            {"num_images": len(pairs), "workers": cfg.num_workers})
+
+
+def evaluate_video(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    from blip_models.processing import pre_caption
+    from pipelines.tasks.downstream_data import RetrievalEvalSet, load_msrvtt
+
+    clips = load_msrvtt(_annotation(registry, dataset, dataset.metadata["annotations"]["test"]))[: cfg.max_images or None]
+    paths = [str(_annotation(registry, dataset, f"videos/{c.clip_name}.mp4")) for c in clips]
+    eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), tuple(pre_caption(c.caption, 30) for c in clips),
+                                tuple((i,) for i in range(len(clips))), tuple(range(len(clips))))  # fmt: skip
+    return evaluate_retrieval(model_dir, paths, eval_set, cfg.k_test or K_TEST["msrvtt"], cfg)
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -272,8 +406,6 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     """Evaluate a model version on a dataset version; publish and return the evaluation version `name`."""
     from datasets_manifests.manifest import Producer, cache_key
     from datasets_manifests.registry import Registry, check_name, now_utc
-    from pipelines.tasks.downstream import layout_of
-    from pipelines.tasks.downstream_data import build_retrieval_eval, load_caption_eval
     from pipelines.tasks.finetune import resolve_model_source
 
     check_name(name)
@@ -282,8 +414,6 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     model_manifest, model_dir = resolve_model_source(registry, model)
     if not Path(model_dir).is_dir():
         raise ValueError(f"evaluation needs a save_pretrained model (a model version or directory), got {model_dir}")
-    if cfg.task not in ("retrieval", "caption"):
-        raise NotImplementedError(f"'{cfg.task}' evaluation is not implemented yet (retrieval and caption are)")
     stage = f"evaluate-{cfg.task}"
     parents = [m for m in (model_manifest, dataset) if m is not None]
     key = cache_key(stage, [p.id for p in parents] + ([] if model_manifest else [str(model_dir)]), config_hash(cfg))
@@ -292,26 +422,25 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
         _write_out(out, cached.metadata)
         return cached
     started = now_utc()
-    layout = layout_of(dataset)
-    items = load_caption_eval(_annotation(registry, dataset, layout.annotation(cfg.split)))
-    items = items[: cfg.max_images] if cfg.max_images else items
-    image_urls = [registry.url_of(dataset, f"images/{item.image}") for item in items]
+    wanted = {"vqa": "vqa", "nlvr": "nlvr", "video": "msrvtt"}.get(cfg.task, "karpathy")
+    if dataset.metadata.get("format") != wanted:
+        raise ValueError(f"{dataset.ref} is a {dataset.metadata.get('format') or 'non-downstream'} dataset; "
+                         f"'{cfg.task}' evaluation needs a {wanted} set (pipelines.tasks.downstream)")  # fmt: skip
     staging = registry.work_dir(key) / "publish"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     notes: dict[str, str] = {}
-    if cfg.task == "retrieval":
-        k_test = cfg.k_test or K_TEST[layout.benchmark]
-        metrics, details = evaluate_retrieval(model_dir, image_urls, build_retrieval_eval(items), k_test, cfg)
+    benchmark = dataset.metadata.get("benchmark")
+    if cfg.task == "vqa":
+        metrics, details, notes = evaluate_vqa(registry, dataset, model_dir, cfg, staging)
+    elif cfg.task == "nlvr":
+        metrics, details = evaluate_nlvr(registry, dataset, model_dir, cfg)
+    elif cfg.task == "video":
+        metrics, details = evaluate_video(registry, dataset, model_dir, cfg)
     else:
-        image_ids, gt = caption_gt(registry, dataset, layout, cfg.split, items)
-        scores, details = evaluate_caption(model_dir, image_urls, image_ids, gt, cfg, staging)
-        if "SPICE_unavailable" in scores:
-            notes["SPICE"] = scores.pop("SPICE_unavailable")
-        scores.pop("num_images", None)
-        metrics = scores
-    metadata = {"task": cfg.task, "split": cfg.split, "benchmark": layout.benchmark,
+        metrics, details, notes = evaluate_karpathy(registry, dataset, model_dir, cfg, staging)
+    metadata = {"task": cfg.task, "split": cfg.split, "benchmark": benchmark,
                 "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items()},
                 "details": details, "notes": notes}  # fmt: skip
     (staging / "metrics.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
@@ -323,6 +452,30 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     print(render_table(manifest))
     _write_out(out, metadata)
     return manifest
+
+
+def evaluate_karpathy(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,
+                      staging: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """Retrieval or captioning on a Karpathy-format set."""
+    from pipelines.tasks.downstream import layout_of
+    from pipelines.tasks.downstream_data import build_retrieval_eval, load_caption_eval
+
+    layout = layout_of(dataset)
+    items = load_caption_eval(_annotation(registry, dataset, layout.annotation(cfg.split)))
+    items = items[: cfg.max_images] if cfg.max_images else items
+    image_urls = [registry.url_of(dataset, f"images/{item.image}") for item in items]
+    notes: dict[str, str] = {}
+    if cfg.task == "retrieval":
+        k_test = cfg.k_test or K_TEST[layout.benchmark]
+        metrics, details = evaluate_retrieval(model_dir, image_urls, build_retrieval_eval(items), k_test, cfg)
+    else:
+        image_ids, gt = caption_gt(registry, dataset, layout, cfg.split, items)
+        scores, details = evaluate_caption(model_dir, image_urls, image_ids, gt, cfg, staging)
+        if "SPICE_unavailable" in scores:
+            notes["SPICE"] = scores.pop("SPICE_unavailable")
+        scores.pop("num_images", None)
+        metrics = scores
+    return metrics, details, notes
 
 
 def _annotation(registry: Any, dataset: Any, relpath: str) -> Path:

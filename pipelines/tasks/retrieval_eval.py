@@ -17,9 +17,10 @@ Differences from the reference script, none of which changes a score:
 Scorers for a BLIP model (`BlipRetrieval` or `BlipITM`):
 - `itm_score_fn_for`: the fast one. Cross-attention keys/values of an image depend only on the image, and with
   1+N image tokens ≫ 35 text tokens projecting them is the dominant cost of a pair; they are computed once per
-  image (lazily, kept in a bounded LRU) and gathered per pair (`itm_logits_cached`). It also drops the padding
-  columns that no text of the batch uses (masked keys get weight exp(-10000) = 0, so logits are unchanged) and
-  computes only `[ENC]` in the last layer.
+  image (lazily, kept in a bounded LRU); the texts of one image attend to them together as one long query
+  sequence (`group_pairs`, `itm_logits_grouped`), so they are not even copied per pair. It also drops the
+  padding columns that no text of the call uses (masked keys get weight exp(-10000) = 0, so logits are
+  unchanged) and computes only `[ENC]` in the last layer.
 - `uncached_itm_score_fn_for`: `itm_logits` on the gathered image embeddings, as the reference script (with
   `retrieval_scores_loop`: one uncached forward of k candidates per query).
 """
@@ -205,21 +206,22 @@ def group_pairs(image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """Lay pairs out as rows of G slots that share one image, for `itm_logits_grouped`.
 
     Returns (images (U,) the distinct images, row_image (R,) index into `images` of each row, slot (n,) the slot
-    of every pair in the flattened (R·G) layout, G). G = ceil(n / U); an image with more than G pairs takes
-    several rows, so at most U·G - n < n + U slots are padding (often none: pairs come in runs per image)."""
+    of every pair in the flattened (R·G) layout, G). An image with c pairs takes ceil(c / G) rows; G minimises
+    padded slots + rows (a row costs a copy of its image's keys/values), so R·G + R <= 2n (G = 1 costs 2n)."""
     import torch
 
     images, local = torch.unique(image_index, return_inverse=True)  # (U,), (n,)
-    count = len(image_index)
-    group = -(-count // len(images))
     per_image = torch.bincount(local, minlength=len(images))  # (U,)
-    rows_per_image = (per_image + group - 1) // group  # (U,)
+    candidates = torch.arange(1, int(per_image.max()) + 1)  # (C,) possible G
+    rows = (-(-per_image[None, :] // candidates[:, None])).sum(dim=1)  # (C,) R for each G
+    group = int(candidates[torch.argmin(rows * candidates + rows)])
+    rows_per_image = -(-per_image // group)  # (U,)
     row_image = torch.repeat_interleave(torch.arange(len(images)), rows_per_image)  # (R,)
     order = torch.argsort(local, stable=True)  # pairs grouped by image
     first_pair = torch.cumsum(per_image, 0) - per_image  # (U,) position of an image's first pair in `order`
     first_row = torch.cumsum(rows_per_image, 0) - rows_per_image  # (U,)
-    position = torch.arange(count) - first_pair[local[order]]  # rank of each sorted pair within its image
-    slot = torch.empty(count, dtype=torch.long)
+    position = torch.arange(len(image_index)) - first_pair[local[order]]  # rank of each sorted pair in its image
+    slot = torch.empty(len(image_index), dtype=torch.long)
     slot[order] = (first_row[local[order]] + position // group) * group + position % group
     return images, row_image, slot, group
 

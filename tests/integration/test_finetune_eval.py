@@ -96,3 +96,25 @@ def test_cli_eval_reuses_the_published_evaluation(setup, tmp_path, capsys):
     assert code == 0
     assert f"{first.ref}  id {first.short_id}" in capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["r_mean"] == first.metadata["metrics"]["r_mean"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr"])
+def test_finetune_and_evaluate_vqa_nlvr(setup, task):
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+    from pipelines.tasks.finetune import FinetuneConfig, run_finetune
+
+    registry, _, init = setup
+    dataset = publish_downstream(DownstreamConfig(benchmark=task, num_train=10, num_val=2, num_test=2, image_size=32),
+                                 name=f"{task}-demo", registry=registry)
+    cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / f"{task}_tiny.yaml", ["loop.max_steps=2"])
+    model = run_finetune(cfg, init=init, dataset=dataset, name=f"tiny-{task}", registry=registry)
+    assert model.metadata["kind"] == task and model.metadata["final_step"] == 2
+    if task == "nlvr":  # the classifier head is new: initialised fresh, reported
+        assert any(k.startswith("cls_head.") for k in model.metadata["init"]["initialized"])
+    evaluation = run_evaluate(EvaluateConfig(task=task, split="val", num_workers=2, cpus_per_worker=0.5,
+                                             vqa_k_test=16), model=model, dataset=dataset, name=f"tiny-eval-{task}",
+                              registry=registry)  # fmt: skip
+    metric = "vqa_accuracy" if task == "vqa" else "accuracy"
+    assert 0.0 <= evaluation.metadata["metrics"][metric] <= 100.0
+    assert set(evaluation.parents) == {model.ref, dataset.ref}

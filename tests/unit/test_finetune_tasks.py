@@ -266,3 +266,38 @@ def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
         from pipelines.tasks.downstream import layout_of
 
         layout_of(type("M", (), {"metadata": {}, "ref": "x@v1"})())
+
+
+@pytest.mark.parametrize("benchmark,task,kind,split", [("vqa", "vqa", "vqa", "val"), ("vqa", "vqa", "vqa", "test"),
+                                                       ("nlvr", "nlvr", "nlvr", "test"),
+                                                       ("msrvtt", "video", "retrieval", "test")])
+def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task, kind, split):
+    from blip_models.checkpoints import build_model, save_pretrained
+    from blip_models.configuration_blip import preset
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    registry = Registry(tmp_path / "registry")
+    dataset = publish_downstream(DownstreamConfig(benchmark=benchmark, num_train=3, num_val=2, num_test=3, image_size=32),
+                                 name=f"demo-{benchmark}", registry=registry)
+    assert dataset.metadata["format"] == benchmark and (benchmark == "msrvtt") == (not dataset.shards())
+    torch.manual_seed(0)
+    model = save_pretrained(build_model(kind, preset("tiny")), tmp_path / "model")
+    cfg = EvaluateConfig(task=task, split=split, num_workers=0, k_test=2, vqa_k_test=8)
+    evaluation = run_evaluate(cfg, model=str(model), dataset=dataset, name=f"eval-{task}", registry=registry)
+    metrics = evaluation.metadata["metrics"]
+    if task == "vqa":
+        results = json.loads(registry.local_path(evaluation, "vqa_result.json").read_text())
+        assert results and all(set(r) == {"question_id", "answer"} for r in results)
+        if split == "val":
+            assert 0.0 <= metrics["vqa_accuracy"] <= 100.0 and "vqa_accuracy_yes_no" in metrics
+        else:
+            assert metrics == {} and "server" in evaluation.metadata["notes"]["vqa"]
+    elif task == "nlvr":
+        assert metrics["accuracy"] in (0.0, 100 / 3, 200 / 3, 100.0)
+    else:
+        assert metrics["txt_r5"] == 100.0 and metrics["img_r_median"] >= 1.0  # 3 clips, one caption each
+    with pytest.raises(ValueError, match="needs a"):
+        run_evaluate(EvaluateConfig(task="caption", num_workers=0), model=str(model), dataset=dataset, name="bad",
+                     registry=registry)

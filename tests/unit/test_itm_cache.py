@@ -81,14 +81,14 @@ def test_grouped_logits_equal_uncached(encoded):
 def test_group_pairs_layout():
     image_index = torch.tensor([4, 1, 4, 4, 9, 1, 4, 4, 4, 4, 2])
     images, row_image, slot, group = group_pairs(image_index)
-    assert images.tolist() == [1, 2, 4, 9] and group == 3  # ceil(11 / 4)
+    assert images.tolist() == [1, 2, 4, 9] and group == 2  # 7 rows, 14 slots: the least slots + rows
     assert len(set(slot.tolist())) == len(image_index)  # one slot per pair
     assert torch.equal(images[row_image[slot // group]], image_index)  # the slot's row holds the pair's image
-    assert len(row_image) * group < 2 * len(image_index) + len(images)
+    images, row_image, slot, group = group_pairs(torch.tensor([3, 3, 3, 0, 0, 0]))
+    assert group == 3 and row_image.tolist() == [0, 1] and slot.tolist() == [3, 4, 5, 0, 1, 2]  # no padding
 
 
-@pytest.mark.parametrize("max_cached_images", [None, 0, 2])
-@pytest.mark.parametrize("share_pairs", [True, False])
+@pytest.mark.parametrize("max_cached_images, share_pairs", [(None, True), (0, False), (2, True)])
 def test_retrieval_scores_with_cached_scorer_equal_reference_loop(encoded, max_cached_images, share_pairs):
     model, image_embeds, input_ids, attention_mask, image_feats, text_feats = encoded
     sims = similarity_matrix(image_feats, text_feats)

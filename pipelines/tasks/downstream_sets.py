@@ -1,0 +1,141 @@
+"""VQAv2, NLVR2 and MSRVTT downstream sets as dataset versions (the non-Karpathy half of `downstream.py`).
+
+Follows BLIP's `vqa_dataset.py`, `nlvr_dataset.py`, `video_dataset.py` (Li et al. 2022; shared/docs/blip_spec.md
+§4.3-§4.5, §8.2). Each version holds the public annotation files unchanged under `annotation/`, the media under
+`images/` (`videos/` for MSRVTT), and the training split again as webdataset shards for the training engine:
+
+- vqa: `{key}.jpg` + `{key}.json` (`question`, `answers`, `weights`, `dataset`, `question_id`) from
+  vqa_train + vqa_val + vg_qa (BLIP `train_files`), weights as BLIP computes them;
+- nlvr: `{key}.left.<ext>` + `{key}.right.<ext>` + `{key}.json` (`sentence`, `label`) from nlvr_train;
+- msrvtt: no training shards (zero-shot evaluation only).
+Each stager returns (files, counts, drop_reasons, metadata) for `downstream.publish_downstream`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from pipelines.tasks.downstream import copy_file
+
+VQA_FILES = {"train": ("vqa_train.json", "vqa_val.json", "vg_qa.json"), "test": "vqa_test.json",
+             "answer_list": "answer_list.json", "val_questions": "v2_OpenEnded_mscoco_val2014_questions.json",
+             "val_annotations": "v2_mscoco_val2014_annotations.json", "val": "vqa_val.json"}  # fmt: skip
+NLVR_SPLITS = {"train": "nlvr_train.json", "val": "nlvr_dev.json", "test": "nlvr_test.json"}  # LAVIS: test = dev
+
+
+def _shard_writer(staging: Path, cfg: Any) -> Any:
+    from pipelines.tasks.webdata import TarShardWriter
+
+    return TarShardWriter(staging, "train", cfg.samples_per_shard)
+
+
+def _suffix(path: str) -> str:
+    extension = Path(path).suffix.lower().lstrip(".") or "jpg"
+    return "jpg" if extension == "jpeg" else extension
+
+
+def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
+    from pipelines.tasks.downstream_data import (AnnotationError, load_answer_list, load_vqa, load_vqa_official,
+                                                 vqa_answer_weights)
+
+    files: list[dict[str, Any]] = []
+    drops: dict[str, int] = {}
+    train = []
+    for name in VQA_FILES["train"]:
+        path = annotation_dir / name
+        if path.is_file():  # vg_qa.json is optional (BLIP trains with it, LAVIS's coco_vqa does not)
+            train += load_vqa(path, "train")
+            copy_file(path, staging, f"annotation/{name}", files, "annotation")
+    test = load_vqa(annotation_dir / VQA_FILES["test"], "test")
+    load_answer_list(annotation_dir / VQA_FILES["answer_list"])
+    val_truth = load_vqa_official(annotation_dir / VQA_FILES["val_questions"], annotation_dir / VQA_FILES["val_annotations"])
+    for key in ("test", "answer_list", "val_questions", "val_annotations"):
+        copy_file(annotation_dir / VQA_FILES[key], staging, f"annotation/{VQA_FILES[key]}", files, "annotation")
+    val = load_vqa(annotation_dir / VQA_FILES["val"], "train")
+    val_ids = {truth.question_id for truth in val_truth}
+    if not {q.question_id for q in val} <= val_ids:
+        raise AnnotationError(annotation_dir / VQA_FILES["val"], "questions missing from the official val annotations")
+    images = {q.image for q in test} | {q.image for q in val}
+    missing = sorted(i for i in images if not (image_root / i).is_file())
+    if missing:
+        raise AnnotationError(annotation_dir, f"{len(missing)} val/test images missing under {image_root} (first: {missing[0]})")
+    kept = [q for q in train if (image_root / q.image).is_file()]
+    if len(kept) < len(train):
+        drops["missing_image"] = len(train) - len(kept)
+    order = list(range(len(kept)))
+    random.Random(cfg.shuffle_seed).shuffle(order)
+    with _shard_writer(staging, cfg) as writer:
+        for number, index in enumerate(order):
+            question = kept[index]
+            weights = vqa_answer_weights(question)
+            meta = {"question": question.question, "answers": list(weights), "weights": list(weights.values()),
+                    "dataset": question.dataset, "question_id": question.question_id, "image": question.image}
+            writer.write(f"{number:08d}", {_suffix(question.image): (image_root / question.image).read_bytes(),
+                                           "json": json.dumps(meta).encode()})  # fmt: skip
+    files += [{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in writer.shards]
+    for image in sorted(images | {q.image for q in kept}):
+        copy_file(image_root / image, staging, f"images/{image}", files, "image")
+    counts = {"train_items": len(kept), "val_items": len(val), "test_items": len(test)}
+    metadata = {"benchmark": "vqa", "format": "vqa", "image_root": "images",
+                "annotations": {"val": f"annotation/{VQA_FILES['val']}", "test": f"annotation/{VQA_FILES['test']}",
+                                "answer_list": f"annotation/{VQA_FILES['answer_list']}",
+                                "val_questions": f"annotation/{VQA_FILES['val_questions']}",
+                                "val_annotations": f"annotation/{VQA_FILES['val_annotations']}"}}  # fmt: skip
+    return files, counts, drops, metadata
+
+
+def stage_nlvr(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
+    from pipelines.tasks.downstream_data import AnnotationError, load_nlvr
+
+    files: list[dict[str, Any]] = []
+    splits = {split: load_nlvr(annotation_dir / name) for split, name in NLVR_SPLITS.items()}
+    for split, name in NLVR_SPLITS.items():
+        copy_file(annotation_dir / name, staging, f"annotation/{name}", files, "annotation")
+    for split in ("val", "test"):
+        missing = [i for pair in splits[split] for i in pair.images if not (image_root / i).is_file()]
+        if missing:
+            raise AnnotationError(annotation_dir / NLVR_SPLITS[split], f"{len(missing)} images missing (first: {missing[0]})")
+    train = [p for p in splits["train"] if all((image_root / i).is_file() for i in p.images)]
+    drops = {"missing_image": len(splits["train"]) - len(train)} if len(train) < len(splits["train"]) else {}
+    order = list(range(len(train)))
+    random.Random(cfg.shuffle_seed).shuffle(order)
+    with _shard_writer(staging, cfg) as writer:
+        for number, index in enumerate(order):
+            pair = train[index]
+            left, right = pair.images
+            writer.write(f"{number:08d}", {f"left.{_suffix(left)}": (image_root / left).read_bytes(),
+                                           f"right.{_suffix(right)}": (image_root / right).read_bytes(),
+                                           "json": json.dumps({"sentence": pair.sentence, "label": pair.label,
+                                                               "images": list(pair.images)}).encode()})  # fmt: skip
+    files += [{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in writer.shards]
+    images = sorted({i for split in ("val", "test") for p in splits[split] for i in p.images} |
+                    {i for p in train for i in p.images})  # fmt: skip
+    for image in images:
+        copy_file(image_root / image, staging, f"images/{image}", files, "image")
+    counts = {"train_items": len(train), "val_items": len(splits["val"]), "test_items": len(splits["test"])}
+    metadata = {"benchmark": "nlvr", "format": "nlvr", "image_root": "images",
+                "annotations": {split: f"annotation/{name}" for split, name in NLVR_SPLITS.items()}}  # fmt: skip
+    return files, counts, drops, metadata
+
+
+def stage_msrvtt(staging: Path, annotation_dir: Path, video_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
+    from pipelines.tasks.downstream_data import AnnotationError, load_msrvtt
+
+    files: list[dict[str, Any]] = []
+    path = annotation_dir / "msrvtt_test.jsonl"
+    clips = load_msrvtt(path)
+    missing = [c.clip_name for c in clips if not (video_root / f"{c.clip_name}.mp4").is_file()]
+    if missing:
+        raise AnnotationError(path, f"{len(missing)} videos missing under {video_root} (first: {missing[0]}.mp4)")
+    copy_file(path, staging, "annotation/msrvtt_test.jsonl", files, "annotation")
+    for name in sorted({c.clip_name for c in clips}):
+        copy_file(video_root / f"{name}.mp4", staging, f"videos/{name}.mp4", files, "image")
+    metadata = {"benchmark": "msrvtt", "format": "msrvtt", "video_root": "videos",
+                "annotations": {"test": "annotation/msrvtt_test.jsonl"}}
+    return files, {"test_items": len(clips)}, {}, metadata
+
+
+STAGERS = {"vqa": stage_vqa, "nlvr": stage_nlvr, "msrvtt": stage_msrvtt}
