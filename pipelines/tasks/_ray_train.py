@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -193,9 +194,9 @@ def train_worker(config: dict[str, Any]) -> None:
             loop.load(str(Path(directory) / STATE_FILE))
             run.restore(Path(directory))
     run.start_attempt(loop.state.step)
-    if rank == 0:
+    if rank == 0:  # stderr: a driver's stdout may be machine-read (benchmarks print one JSON object)
         print(f"[train] rank 0/{world}: step {loop.state.step}/{loop.total_steps}, {plan.steps_per_epoch} steps per "
-              f"epoch, {plan.num_samples} samples ({plan.dropped_per_epoch} left out per epoch by drop_last)")  # fmt: skip
+              f"epoch, {plan.num_samples} samples ({plan.dropped_per_epoch} left out per epoch by drop_last)", file=sys.stderr)  # fmt: skip
 
     def batches(epoch: int, skip: int) -> Any:
         return epoch_loader(plan, task, rank, epoch, skip, num_workers=data["loader_workers"],

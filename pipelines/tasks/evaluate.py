@@ -12,6 +12,7 @@ Follows BLIP's `train_retrieval.py:evaluation()` / `itm_eval`, `train_caption.py
   Ray tasks; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
   CoreNLP models are absent) against the COCO-caption GT file; the result file is published.
 
+Implemented in `evaluate_tasks.py`:
 - VQA: 'rank' over answer_list.json (k_test 128) or 'generate' (beam 3, max 10, min 1); split val is scored with
   the VQA accuracy against the official val questions/annotations, and every split writes `vqa_result.json`
   (`[{"question_id", "answer"}]`, the test-dev/test-std server file).
@@ -130,27 +131,6 @@ def map_rows(fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[range]
 # ---------------------------------------------------------------------------------------------- retrieval
 
 
-def encode_videos(model: Any, video_paths: list[str], num_frames: int) -> tuple[Any, Any]:
-    """BLIP eval_retrieval_video: `num_frames` uniform frames per video; ITC feature = normalised mean of the
-    frames' projected CLS features; ITM memory = all frames' token sequences concatenated (F*(1+N), D)."""
-    import torch
-    import torch.nn.functional as F
-
-    from blip_models.processing import eval_transform
-    from pipelines.tasks.downstream_data import read_video_frames
-
-    size = model.config.vision.image_size
-    transform = eval_transform(size)
-    embeds, feats = [], []
-    with torch.no_grad():
-        for path in video_paths:
-            frames = torch.stack([transform(frame) for frame in read_video_frames(path, num_frames, size)])  # (F,3,S,S)
-            tokens = model.visual_encoder(frames)  # (F, 1+N, D)
-            feats.append(F.normalize(model.vision_proj(tokens[:, 0, :]).mean(dim=0), dim=-1))  # (E,)
-            embeds.append(tokens.reshape(1, -1, tokens.shape[-1]))  # (1, F*(1+N), D)
-    return torch.cat(embeds), torch.stack(feats)
-
-
 def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
     """ITC features of all images (videos) and texts, ViT token sequences and token ids for the ITM re-ranking."""
     import torch
@@ -172,6 +152,8 @@ def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: E
             image_embeds.append(embeds)  # (b, 1+N, Dv)
             image_feats.append(feats)
     if cfg.task == "video":
+        from pipelines.tasks.evaluate_tasks import encode_videos
+
         embeds, feats = encode_videos(model, image_urls, cfg.num_frames)
         image_embeds, image_feats = [embeds], [feats]
     return {"image_embeds": torch.cat(image_embeds), "image_feats": torch.cat(image_feats),
@@ -181,19 +163,14 @@ def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: E
 def rerank_rows(model_dir: str, features: dict[str, Any], sims: Any, k_test: int, pairs_per_batch: int,
                 rows: tuple[range, range]) -> tuple[Any, Any, int]:
     """One worker's share: its image rows of score_i2t and text rows of score_t2i (ITM logit + cosine)."""
-    import torch
-
-    from pipelines.tasks.retrieval_eval import retrieval_scores_from_sims
+    from pipelines.tasks.retrieval_eval import (itm_score_fn_for, retrieval_scores_from_sims,
+                                                uncached_itm_score_fn_for)
 
     model = load_task_model(model_dir, "retrieval")
     image_rows, text_rows = rows
-
-    def itm(image_index: Any, text_index: Any) -> Any:
-        with torch.no_grad():
-            logits = model.itm_logits(features["image_embeds"][image_index], features["text_ids"][text_index],
-                                      features["text_mask"][text_index])  # fmt: skip
-        return logits[:, 1]
-
+    # H5's scorer projects each image's cross-attention keys/values once and scores its texts together.
+    make = itm_score_fn_for if hasattr(model, "precompute_cross_kv") else uncached_itm_score_fn_for
+    itm = make(model, features["image_embeds"], features["text_ids"], features["text_mask"])
     scores = retrieval_scores_from_sims(sims, itm, k_test, pairs_per_batch=pairs_per_batch, image_rows=image_rows,
                                         text_rows=text_rows)  # fmt: skip
     return (scores.score_i2t[image_rows.start:image_rows.stop], scores.score_t2i[text_rows.start:text_rows.stop],
@@ -288,107 +265,6 @@ def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int]
     return scores, details
 
 
-# ---------------------------------------------------------------------------------------------- VQA, NLVR2
-
-
-def vqa_rows(model_dir: str, image_urls: list[str], questions: list[str], answer_list: list[str],
-             options: dict[str, Any], rows: range) -> list[str]:
-    """Answers of the questions in `rows` (batched rank or generate inference)."""
-    from blip_models.tokenizer import load_tokenizer, tokenize
-
-    model = load_task_model(model_dir, "vqa")
-    tokenizer = load_tokenizer()
-    options = dict(options)
-    batch = options.pop("batch_size")
-    answers: list[str] = []
-    for start in range(rows.start, rows.stop, batch):
-        stop = min(start + batch, rows.stop)
-        ids, mask = tokenize(tokenizer, questions[start:stop], 35, "longest")
-        pixels = load_images(image_urls[start:stop], model.config.vision.image_size)
-        answers += model.answer(pixels, ids, mask, tokenizer, answer_list=answer_list, **options)
-    return answers
-
-
-def nlvr_rows(model_dir: str, left_urls: list[str], right_urls: list[str], sentences: list[str], batch: int,
-              rows: range) -> list[int]:
-    """Predicted labels (1 = True) of the pairs in `rows`."""
-    import torch
-
-    from blip_models.tokenizer import load_tokenizer, tokenize
-
-    model = load_task_model(model_dir, "nlvr")
-    tokenizer = load_tokenizer()
-    size = model.config.vision.image_size
-    predictions: list[int] = []
-    with torch.no_grad():
-        for start in range(rows.start, rows.stop, batch):
-            stop = min(start + batch, rows.stop)
-            ids, mask = tokenize(tokenizer, sentences[start:stop], None, "longest")
-            output = model(load_images(left_urls[start:stop], size), load_images(right_urls[start:stop], size), ids, mask)
-            predictions += output.logits.argmax(-1).tolist()
-    return predictions
-
-
-def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,
-                 staging: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    from blip_models.processing import pre_question
-    from pipelines.tasks.downstream_data import load_answer_list, load_vqa, load_vqa_official
-    from pipelines.tasks.metrics import vqa_accuracy, write_vqa_results
-    from pipelines.tasks.retrieval_eval import split_rows
-
-    annotations = dataset.metadata["annotations"]
-    path = _annotation(registry, dataset, annotations[cfg.split])
-    questions = load_vqa(path, "test" if cfg.split == "test" else "train")
-    questions = [q for q in questions if q.dataset in ("vqa", "test")][: cfg.max_images or None]
-    answer_list = load_answer_list(_annotation(registry, dataset, annotations["answer_list"]))
-    options = {"mode": cfg.vqa_inference, "k_test": cfg.vqa_k_test, "num_beams": cfg.num_beams, "max_length": 10,
-               "min_length": 1, "batch_size": cfg.vqa_batch_size}  # fmt: skip
-    urls = [registry.url_of(dataset, f"images/{q.image}") for q in questions]
-    parts = [rows for rows in split_rows(len(questions), max(1, cfg.num_workers)) if len(rows)]
-    shared = (model_dir, urls, [pre_question(q.question) for q in questions], answer_list, options)
-    answers = [a for part in map_rows(vqa_rows, shared, parts, cfg) for a in part]
-    predictions = {int(q.question_id): a for q, a in zip(questions, answers)}  # type: ignore[arg-type]
-    write_vqa_results(staging / "vqa_result.json", predictions)
-    details = {"num_images": len(questions), "inference": cfg.vqa_inference, "workers": cfg.num_workers}
-    if cfg.split == "test":
-        return {}, details, {"vqa": "test split: submit vqa_result.json to the VQA evaluation server"}
-    truth = [t for t in load_vqa_official(_annotation(registry, dataset, annotations["val_questions"]),
-                                          _annotation(registry, dataset, annotations["val_annotations"]))
-             if t.question_id in predictions]  # fmt: skip
-    scores = vqa_accuracy(predictions, truth)
-    metrics = {"vqa_accuracy": scores["overall"]}
-    metrics.update({f"vqa_accuracy_{kind.replace('/', '_')}": value for kind, value in scores["per_answer_type"].items()})
-    return metrics, details, {}
-
-
-def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    from blip_models.processing import pre_caption
-    from pipelines.tasks.downstream_data import NLVR_MAX_WORDS, load_nlvr
-    from pipelines.tasks.metrics import nlvr_accuracy
-    from pipelines.tasks.retrieval_eval import split_rows
-
-    pairs = load_nlvr(_annotation(registry, dataset, dataset.metadata["annotations"][cfg.split]))[: cfg.max_images or None]
-    lefts = [registry.url_of(dataset, f"images/{p.images[0]}") for p in pairs]
-    rights = [registry.url_of(dataset, f"images/{p.images[1]}") for p in pairs]
-    sentences = [pre_caption(p.sentence, NLVR_MAX_WORDS) for p in pairs]
-    parts = [rows for rows in split_rows(len(pairs), max(1, cfg.num_workers)) if len(rows)]
-    shared = (model_dir, lefts, rights, sentences, cfg.image_batch_size)
-    predictions = [p for part in map_rows(nlvr_rows, shared, parts, cfg) for p in part]
-    return ({"accuracy": nlvr_accuracy(predictions, [p.label for p in pairs])},
-            {"num_images": len(pairs), "workers": cfg.num_workers})
-
-
-def evaluate_video(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    from blip_models.processing import pre_caption
-    from pipelines.tasks.downstream_data import RetrievalEvalSet, load_msrvtt
-
-    clips = load_msrvtt(_annotation(registry, dataset, dataset.metadata["annotations"]["test"]))[: cfg.max_images or None]
-    paths = [str(_annotation(registry, dataset, f"videos/{c.clip_name}.mp4")) for c in clips]
-    eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), tuple(pre_caption(c.caption, 30) for c in clips),
-                                tuple((i,) for i in range(len(clips))), tuple(range(len(clips))))  # fmt: skip
-    return evaluate_retrieval(model_dir, paths, eval_set, cfg.k_test or K_TEST["msrvtt"], cfg)
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -432,6 +308,8 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     staging.mkdir(parents=True)
     notes: dict[str, str] = {}
     benchmark = dataset.metadata.get("benchmark")
+    from pipelines.tasks.evaluate_tasks import evaluate_nlvr, evaluate_video, evaluate_vqa
+
     if cfg.task == "vqa":
         metrics, details, notes = evaluate_vqa(registry, dataset, model_dir, cfg, staging)
     elif cfg.task == "nlvr":

@@ -14,7 +14,6 @@ Initialisation: from scratch; ImageNet ViT weights (a local state-dict file with
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,7 +380,3 @@ def _role(path: Path) -> str:
     if path.name in ("metrics.json", "history.jsonl"):
         return "metrics"
     return "other"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -36,6 +36,15 @@ def padded_texts(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return input_ids, attention_mask
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny forwards: on a shared 2-core machine, spinning OpenMP threads cost 10-50x their work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=[BlipRetrieval, BlipITM])
 def encoded(request):
     torch.manual_seed(0)
