@@ -3,9 +3,10 @@
 Follows BLIP `models/blip_retrieval.py`. Differences from pretraining: positives are every pair sharing an image
 id (in the batch and in the queue, via `idx_queue`), hard negatives come from online-vs-online similarities with
 same-image entries masked out, and there is no decoder. Inference: `image_features`, `text_features`,
-`itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation); for re-ranking many
-(image, text) pairs, `precompute_cross_kv` once per image and `itm_logits_cached` per batch of pairs. Hard negatives are taken
-from the local batch (the reference's `negative_all_rank=False`).
+`itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation). Re-ranking many
+(image, text) pairs: `precompute_cross_kv` once per image, then `itm_logits_cached` (any pairs) or
+`itm_logits_grouped` (texts grouped per image). Hard negatives are taken from the local batch (the reference's
+`negative_all_rank=False`).
 """
 
 from __future__ import annotations

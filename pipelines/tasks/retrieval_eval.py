@@ -54,8 +54,8 @@ class CachedItmModel(Protocol):
 
     def precompute_cross_kv(self, image_embeds: torch.Tensor) -> Any: ...
 
-    def itm_logits_cached(self, cross_kv: Any, image_index: torch.Tensor, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor) -> torch.Tensor: ...
+    def itm_logits_grouped(self, cross_kv: Any, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor: ...
 
     def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor: ...
@@ -179,7 +179,8 @@ def retrieval_scores_loop(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_test: 
 
 def _check_features(image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> None:
     if image_embeds.dim() != 3:
-        raise ValueError(f"image_embeds must be (N_img, 1+N, Dv) visual-encoder outputs, got {tuple(image_embeds.shape)}")
+        raise ValueError("image_embeds must be (N_img, 1+N, Dv) visual-encoder outputs, got "
+                         f"{tuple(image_embeds.shape)}")
     if text_ids.dim() != 2 or text_ids.shape != text_mask.shape:
         raise ValueError(f"text_ids and text_mask must both be (N_txt, L), got {tuple(text_ids.shape)} and "
                          f"{tuple(text_mask.shape)}")
@@ -227,7 +228,7 @@ def group_pairs(image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids: torch.Tensor,
-                     text_mask: torch.Tensor, *, max_cached_images: int | None = 64,
+                     text_mask: torch.Tensor, *, max_cached_images: int | None = 16,
                      trim_padding: bool = True) -> ItmScoreFn:
     """Scorer with per-image cross-attention keys/values, for `retrieval_scores(_from_sims)`.
 
@@ -252,7 +253,9 @@ def itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids
         fresh: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if missing:
             layers = model.precompute_cross_kv(image_embeds[torch.tensor(missing, device=device)])
-            fresh = {image: [(key[row], value[row]) for key, value in layers] for row, image in enumerate(missing)}
+            # copies, so that evicting an image frees it (a view would keep the whole batch's tensor alive)
+            fresh = {image: [(key[row].clone(), value[row].clone()) for key, value in layers]
+                     for row, image in enumerate(missing)}
         per_image = [cache[image] if image in cache else fresh[image] for image in images]
         for image, kv in zip(images, per_image):  # most recently used last; evict the oldest
             cache[image] = kv
@@ -262,6 +265,8 @@ def itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids
         return per_image
 
     def itm_score_fn(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        if len(image_index) == 0:
+            return torch.empty(0, device=device)
         images, row_image, slot, group = group_pairs(image_index.cpu())
         slot_text = torch.full((len(row_image) * group,), int(text_index[0]), dtype=torch.long)  # padding: any text
         slot_text[slot] = text_index.cpu()
@@ -274,7 +279,8 @@ def itm_score_fn_for(model: CachedItmModel, image_embeds: torch.Tensor, text_ids
         with torch.no_grad():
             per_image = image_kv(images.tolist())
             rows = [per_image[int(image)] for image in row_image]
-            cross_kv = tuple((torch.stack([kv[layer][0] for kv in rows]), torch.stack([kv[layer][1] for kv in rows]))
+            cross_kv = tuple((torch.stack([kv[layer][0] for kv in rows]),
+                              torch.stack([kv[layer][1] for kv in rows]))
                              for layer in range(len(rows[0])))  # per layer (K, V), each (R, h, 1+N, d)
             logits = model.itm_logits_grouped(cross_kv, input_ids, attention_mask)  # (R·G, 2)
         return logits[slot.to(device), 1]  # (n,)

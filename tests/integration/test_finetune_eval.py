@@ -107,7 +107,7 @@ def test_finetune_and_evaluate_vqa_nlvr(setup, task):
     registry, _, init = setup
     dataset = publish_downstream(DownstreamConfig(benchmark=task, num_train=10, num_val=2, num_test=2, image_size=32),
                                  name=f"{task}-demo", registry=registry)
-    cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / f"{task}_tiny.yaml", ["loop.max_steps=2"])
+    cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / f"{task}_tiny.yaml", ["loop.max_steps=2", "loop.epochs=2"])
     model = run_finetune(cfg, init=init, dataset=dataset, name=f"tiny-{task}", registry=registry)
     assert model.metadata["kind"] == task and model.metadata["final_step"] == 2
     if task == "nlvr":  # the classifier head is new: initialised fresh, reported

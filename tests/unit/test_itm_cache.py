@@ -133,6 +133,8 @@ def test_each_image_is_projected_once_with_image_sorted_pairs(encoded, max_cache
 
 def test_bad_arguments_are_rejected(encoded):
     model, image_embeds, input_ids, attention_mask, *_ = encoded
+    none = torch.empty(0, dtype=torch.long)
+    assert itm_score_fn_for(model, image_embeds, input_ids, attention_mask)(none, none).shape == (0,)
     with pytest.raises(ValueError, match="max_cached_images"):
         itm_score_fn_for(model, image_embeds, input_ids, attention_mask, max_cached_images=-1)
     with pytest.raises(ValueError, match="image_embeds"):
