@@ -1,69 +1,65 @@
-"""`make demo`: the data half of the pipeline end to end on one machine, on the synthetic noisy web corpus.
+"""`make demo`: BLIP's whole bootstrapping recipe on the embedded demo corpus, on one machine, in minutes.
 
-generate corpus (seeded, with ground truth) -> serve it on 127.0.0.1 -> download with img2dataset ->
-retry the failed URLs -> shard (dedup, caption cleaning, splits) -> versions in the registry -> summary.
-Re-running with the same arguments reuses the corpus and the shard version; the download is keyed on the
-source list, whose URLs carry the server's ephemeral port, so it runs again.
+Runs the `bootstrap` Prefect flow with the `tiny` preset in Prefect's ephemeral mode (a temporary local
+server, no setup) and a private local Ray: generate the noisy web corpus (with ground truth) -> serve it on
+127.0.0.1 -> img2dataset download (+ one retry of the failed URLs) -> shard -> pretrain on web data ->
+finetune captioner + filter -> CapFilt -> pretrain on bootstrapped data -> finetune + evaluate both ->
+report. Ends with the comparison table, what every stage dropped and why, where the artifacts are and how
+to browse them. A second run reuses every published version (the registry is the cache).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
-
-from pipelines.config import CONFIG_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=5000, help="records in the demo corpus (default 5000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--registry", default="./artifacts/registry")
-    parser.add_argument("--corpus", type=Path, default=Path("./artifacts/demo-corpus"))
-    parser.add_argument("--name", default="demo", help="dataset name (raw version is raw-<name>)")
+    parser.add_argument("--preset", default="tiny", help="pipeline preset or config file (default tiny)")
+    parser.add_argument("--registry", default="./artifacts/registry", help="registry URL (default ./artifacts/registry)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set source.demo.n=2000; repeatable")
     args = parser.parse_args(argv)
 
     from pipelines.runtime import apply_environment
 
     apply_environment()
     from datasets_manifests.registry import Registry
-    from pipelines.config import load_config
-    from pipelines.tasks import download, shard
-    from pipelines.tasks.demo_corpus import DemoCorpusConfig, serve_corpus, write_corpus, write_source_list
+    from pipelines.pipeline_config import load_pipeline
 
-    started = time.perf_counter()
-    corpus_cfg = load_config(DemoCorpusConfig, CONFIG_DIR / "demo_corpus.yaml", [f"n={args.n}", f"seed={args.seed}"])
-    corpus_dir = args.corpus / f"n{corpus_cfg.n}-seed{corpus_cfg.seed}"
-    if not (corpus_dir / "corpus.json").exists():
-        info = write_corpus(corpus_cfg, corpus_dir)
-        print(f"[1/4] corpus: wrote {info['n']} records to {corpus_dir} ({info['noisy']} noisy texts)")
-    else:
-        print(f"[1/4] corpus: reusing {corpus_dir}")
-    registry = Registry(args.registry)
-    download_cfg = load_config(download.DownloadConfig, CONFIG_DIR / "download" / "demo.yaml")
-    with serve_corpus(corpus_dir) as base_url:
-        source = write_source_list(corpus_dir, base_url, corpus_dir / "source.parquet")
-        print(f"[2/4] serving at {base_url}; downloading with img2dataset")
-        raw = download.run_download(download_cfg, source, name=f"raw-{args.name}", registry=registry)
-        print(f"      {raw.ref}: {raw.counts.get('ok')} ok, failures {raw.drop_reasons}")
-        raw = download.run_retry_failed(download_cfg, raw, name=f"raw-{args.name}", registry=registry)
-        print(f"[3/4] retried failures -> {raw.ref}: recovered {raw.counts.get('recovered')}, still failing "
-              f"{raw.drop_reasons}")
-    shard_cfg = load_config(shard.ShardConfig, CONFIG_DIR / "shard" / "demo.yaml")
-    dataset = shard.run_shard(shard_cfg, raw, name=args.name, registry=registry)
-    print(f"[4/4] sharded -> {dataset.ref}: {dataset.splits}, dropped {dataset.drop_reasons}")
-    summary = {
-        "corpus": str(corpus_dir), "registry": registry.url,
-        "raw": download.summary(raw), "dataset": shard.summary(dataset),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"\nnext: blip data show {dataset.ref} --registry {args.registry}")
-    print(f"      blip data serve --registry {args.registry}   (browse samples and drop reasons)")
+    overrides = [f"registry={args.registry}", *args.overrides]
+    cfg = load_pipeline(args.preset, overrides)  # a bad value fails here, before anything runs
+    from pipelines.flows.bootstrap import bootstrap
+
+    started = time.monotonic()
+    state = bootstrap(preset=args.preset, overrides=overrides, return_state=True)
+    if not state.is_completed():
+        print(f"\nthe demo flow ended {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    print_summary(Registry(args.registry), cfg, time.monotonic() - started)
     return 0
+
+
+def print_summary(registry, cfg, seconds: float) -> None:  # noqa: ANN001 - plain printing
+    from datasets_manifests.browser import version_url
+    from pipelines.tasks import report
+
+    print(f"\n=== demo finished in {seconds / 60:.1f} min ===\n")
+    for what in ("raw", "web", "capfilt"):
+        manifest = registry.resolve(cfg.version_name(what), kind="dataset")
+        dropped = ", ".join(f"{k} {v}" for k, v in manifest.drop_reasons.items()) or "none"
+        print(f"{manifest.ref:<22} {manifest.counts.get('input', manifest.num_samples)} in -> "
+              f"{manifest.num_samples} samples; dropped: {dropped}")
+    final = registry.resolve(cfg.version_name("report"), kind="evaluation")
+    print("\n" + report.render_table(final))
+    print(f"artifacts: registry {registry.url} (manifests, shards, per-sample index, models, evaluations)")
+    print(f"  list:     blip data --registry {registry.url} ls")
+    print(f"  lineage:  blip data --registry {registry.url} lineage {final.ref}")
+    print(f"  drops:    blip data --registry {registry.url} samples {cfg.version_name('capfilt')} --where status=dropped")
+    print(f"  browse:   blip data --registry {registry.url} serve   then open "
+          f"{version_url(registry.resolve(cfg.version_name('capfilt'), kind='dataset'))}")
 
 
 if __name__ == "__main__":

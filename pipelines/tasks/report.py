@@ -18,6 +18,11 @@ STAGE = "report"
 HEADLINE_METRICS = ("txt_r1", "img_r1", "r_mean", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
+CAPFILT_MEASURES = ("samples_in", "samples_kept", "web_texts_kept", "synthetic_texts_kept", "filter_precision_web",
+                    "filter_recall_web", "synthetic_right_shape_and_colour", "clean_fraction_before",
+                    "clean_fraction_after")
+
+
 def _metrics(evaluation: Manifest) -> dict[str, Any]:
     return dict(evaluation.metadata.get("metrics") or {})
 
@@ -55,7 +60,7 @@ def build_report(evaluations: dict[str, list[Manifest]], bootstrapped: Manifest)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    tags = list(report["models"])
+    tags = sorted(report["models"], key=lambda tag: (tag != "web", tag))  # raw web model first
     names = [m for m in HEADLINE_METRICS if any(m in report["models"][t]["metrics"] for t in tags)]
     names += sorted({k for t in tags for k in report["models"][t]["metrics"]} - set(names))
     lines = ["## Downstream metrics: raw web data vs CapFilt-bootstrapped data", "",
@@ -64,7 +69,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [_fmt(report["models"][t]["metrics"].get(name)) for t in tags]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"## CapFilt ({report['capfilt']['dataset']})", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in report["capfilt"].items() if key != "dataset"]
+    lines += [f"| {key} | {_fmt(report['capfilt'].get(key))} |" for key in CAPFILT_MEASURES]
     return "\n".join(lines) + "\n"
 
 
