@@ -15,99 +15,19 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from flow_helpers import BIN, FAST, ROOT, _env, _snapshot
 
 from datasets_manifests.registry import Registry
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-# The tiny preset made smaller still: a few minutes for the whole recipe on 2 cores.
-FAST = [
-    "source.demo.n=160",
-    "download.samples_per_shard=100",
-    "shard.samples_per_shard=40",
-    "pretrain.loop.max_steps=6",
-    "pretrain.loop.checkpoint_every=3",
-    "pretrain.data.batch_size=8",
-    "downstream.num_train=16",
-    "downstream.num_val=4",
-    "downstream.num_test=8",
-    "finetune_captioner.loop.max_steps=3",
-    "finetune_filter.loop.max_steps=3",
-    "finetune_captioner.data.batch_size=8",
-    "finetune_filter.data.batch_size=8",
-    "capfilt.compute.batch_size=8",
-    # A filter finetuned for 3 steps scores everything near its prior (~1/3 match): keep every text so the
-    # bootstrapped pretraining has data. The filter decisions themselves are tested in test_capfilt_ray.py.
-    "capfilt.filter.threshold=0.0",
-    "evaluate_retrieval.k_test=4",
-    "evaluate_caption.caption_metrics=[Bleu,ROUGE_L,CIDEr]",
-]
-STAGES_BEFORE_CAPFILT = ("tiny-raw", "tiny-web", "tiny-downstream", "tiny-pretrain-web", "tiny-captioner-web",
-                         "tiny-filter-web")
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _flow_command(registry: Path) -> list[str]:
-    args = [str(BIN / "python"), "-m", "pipelines.cli", "flow", "run", "tiny", "--set", f"registry={registry}"]
-    for override in FAST:
-        args += ["--set", override]
-    return args
-
-
-def _snapshot(registry: Registry) -> dict[str, list[str]]:
-    return {name: [m.id for m in registry.versions("dataset", name) + registry.versions("model", name)
-                   + registry.versions("evaluation", name)]
-            for kind in ("dataset", "model", "evaluation") for name in registry.names(kind)}
-
-
-@pytest.fixture(scope="module")
-def finished_registry(tmp_path_factory) -> Path:
-    """A registry where the flow was killed during CapFilt and then completed by a second run."""
-    root = tmp_path_factory.mktemp("flow")
-    registry_dir = root / "registry"
-    log = open(root / "first-run.log", "w")
-    first = subprocess.Popen(_flow_command(registry_dir), cwd=ROOT, env=_env(PREFECT_HOME=str(root / "prefect")),
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 1200
-    try:
-        while not list((registry_dir / ".work").glob("*/done/*.json")):
-            assert first.poll() is None, f"flow ended ({first.returncode}) before CapFilt: {(root / 'first-run.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "CapFilt never started"
-            time.sleep(0.5)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    registry = Registry(registry_dir)
-    before = _snapshot(registry)
-    for name in STAGES_BEFORE_CAPFILT:
-        assert before.get(name), f"{name} was not published before CapFilt"
-    assert "tiny-capfilt" not in before
-
-    second = subprocess.run(_flow_command(registry_dir), cwd=ROOT, env=_env(PREFECT_HOME=str(root / "prefect")),
-                            capture_output=True, text=True, timeout=1800)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    after = _snapshot(Registry(registry_dir))
-    for name in STAGES_BEFORE_CAPFILT:  # reused: no new version, same content
-        assert after[name] == before[name], name
-    assert len(after["tiny-capfilt"]) == 1 and len(after["tiny-report"]) == 1
-    assert "Downstream metrics" in second.stdout
-    return registry_dir
-
-
-def test_resumed_capfilt_equals_an_uninterrupted_run(finished_registry):
+def test_resumed_capfilt_equals_an_uninterrupted_run(pipeline_registry):
+    finished_registry = pipeline_registry
     from pipelines.pipeline_config import load_pipeline
     from pipelines.tasks.capfilt import run_capfilt
 
@@ -155,7 +75,8 @@ def prefect_server(tmp_path_factory):
         server.wait(timeout=30)
 
 
-def test_deployment_run_completes(prefect_server, finished_registry, tmp_path):
+def test_deployment_run_completes(prefect_server, pipeline_registry, tmp_path):
+    finished_registry = pipeline_registry
     env = prefect_server
     prefect = str(BIN / "prefect")
 

@@ -25,11 +25,14 @@ CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
-@pytest.fixture(scope="module")
-def registry_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+@pytest.fixture(scope="module", params=["sample", "pipeline"])
+def registry_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The registry API's sample registry, and the one the demo pipeline (the bootstrap flow) produced."""
     given = os.environ.get("BLIP_BROWSER_TEST_REGISTRY")
     if given:
         return given
+    if request.param == "pipeline":
+        return str(request.getfixturevalue("pipeline_registry"))
     root = tmp_path_factory.mktemp("chromium") / "registry"
     build_sample_registry(root)
     return str(root)
@@ -71,8 +74,8 @@ def browser_page(server: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def shots(test_output_dir: Path) -> Path:
-    path = test_output_dir / "browser"
+def shots(test_output_dir: Path, registry_url: str, request: pytest.FixtureRequest) -> Path:
+    path = test_output_dir / "browser" / request.node.callspec.params.get("registry_url", "given")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -179,8 +182,9 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
     assert page.errors == []
 
 
-def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path) -> None:
-    if os.environ.get("BLIP_BROWSER_TEST_REGISTRY"):
+def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path,
+                                            request: pytest.FixtureRequest) -> None:
+    if os.environ.get("BLIP_BROWSER_TEST_REGISTRY") or request.node.callspec.params["registry_url"] != "sample":
         pytest.skip("needs the sample registry's dropped-before-sharding sample")
     page = browser_page
     page.goto(f"{server}/#/v/dataset/web-demo/v1?decision=dropped")

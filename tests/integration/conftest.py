@@ -1,0 +1,51 @@
+"""Shared integration fixtures: the registry produced by the demo pipeline (the bootstrap flow, killed during
+CapFilt and resumed), used by the flow tests and by the browser test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from datasets_manifests.registry import Registry
+from flow_helpers import ROOT, STAGES_BEFORE_CAPFILT, _env, _flow_command, _snapshot
+
+
+@pytest.fixture(scope="session")
+def pipeline_registry(tmp_path_factory) -> Path:
+    """A registry where the flow was killed during CapFilt and then completed by a second run."""
+    root = tmp_path_factory.mktemp("flow")
+    registry_dir = root / "registry"
+    log = open(root / "first-run.log", "w")
+    first = subprocess.Popen(_flow_command(registry_dir), cwd=ROOT, env=_env(PREFECT_HOME=str(root / "prefect")),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 1200
+    try:
+        while not list((registry_dir / ".work").glob("*/done/*.json")):
+            assert first.poll() is None, f"flow ended ({first.returncode}) before CapFilt: {(root / 'first-run.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "CapFilt never started"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    registry = Registry(registry_dir)
+    before = _snapshot(registry)
+    for name in STAGES_BEFORE_CAPFILT:
+        assert before.get(name), f"{name} was not published before CapFilt"
+    assert "tiny-capfilt" not in before
+
+    second = subprocess.run(_flow_command(registry_dir), cwd=ROOT, env=_env(PREFECT_HOME=str(root / "prefect")),
+                            capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    after = _snapshot(Registry(registry_dir))
+    for name in STAGES_BEFORE_CAPFILT:  # reused: no new version, same content
+        assert after[name] == before[name], name
+    assert len(after["tiny-capfilt"]) == 1 and len(after["tiny-report"]) == 1
+    assert "Downstream metrics" in second.stdout
+    return registry_dir
+
+
