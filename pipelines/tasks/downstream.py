@@ -39,8 +39,9 @@ class DownstreamConfig:
 
     kind: Literal["demo", "files"] = "demo"  # demo: generated shape scenes; files: real Karpathy annotations
     # coco / flickr: Karpathy retrieval + captioning; vqa: VQAv2 (+ VG QA) as BLIP ships it; nlvr: NLVR2;
-    # msrvtt: the MSRVTT test split for zero-shot video retrieval (no training data)
-    benchmark: Literal["coco", "flickr", "vqa", "nlvr", "msrvtt"] = "coco"
+    # msrvtt: the MSRVTT test split for zero-shot video retrieval (no training data); nocaps: the NoCaps val/test
+    # images for captioning (no training data, no references: scored by the official server)
+    benchmark: Literal["coco", "flickr", "vqa", "nlvr", "msrvtt", "nocaps"] = "coco"
     # kind=demo: sizes of the generated set (images per split; every image gets captions_per_image captions)
     num_train: int = 64
     num_val: int = 16
@@ -140,6 +141,7 @@ SAMPLE_SCHEMAS = {
     "vqa": {"jpg": "image bytes", "json": "question (raw), answers, weights (BLIP: VQA count/n, VG 0.2), dataset"},
     "nlvr": {"left.jpg": "left image bytes", "right.jpg": "right image bytes", "json": "sentence (raw), label 0/1"},
     "msrvtt": {},
+    "nocaps": {},
 }
 
 
@@ -155,6 +157,8 @@ def generate_demo(cfg: DownstreamConfig, root: Path) -> tuple[Path, Path]:
     elif cfg.benchmark == "vqa":
         synth.write_vqa(root, num_train_images=cfg.num_train, num_val_images=cfg.num_val, num_test_images=cfg.num_test,
                         num_vg_images=max(1, cfg.num_train // 4), image_size=size, seed=seed)  # fmt: skip
+    elif cfg.benchmark == "nocaps":
+        synth.write_nocaps(root, num_val=cfg.num_val, num_test=cfg.num_test, image_size=size, seed=seed)
     elif cfg.benchmark == "nlvr":
         synth.write_nlvr(root, num_train=cfg.num_train, num_dev=cfg.num_val, num_test=cfg.num_test, image_size=size,
                          seed=seed)  # fmt: skip

@@ -1,13 +1,16 @@
-"""VQAv2, NLVR2 and MSRVTT downstream sets as dataset versions (the non-Karpathy half of `downstream.py`).
+"""VQAv2, NLVR2, MSRVTT and NoCaps downstream sets as dataset versions (the non-Karpathy half of `downstream.py`).
 
-Follows BLIP's `vqa_dataset.py`, `nlvr_dataset.py`, `video_dataset.py` (Li et al. 2022; shared/docs/blip_spec.md
-§4.3-§4.5, §8.2). Each version holds the public annotation files unchanged under `annotation/`, the media under
-`images/` (`videos/` for MSRVTT), and the training split again as webdataset shards for the training engine:
+Follows BLIP's `vqa_dataset.py`, `nlvr_dataset.py`, `video_dataset.py`, `nocaps_dataset.py` (Li et al. 2022;
+shared/docs/blip_spec.md §4.2-§4.5, §8.2). Each version holds the public annotation files unchanged under
+`annotation/`, the media under `images/` (`videos/` for MSRVTT), and the training split again as webdataset shards
+for the training engine:
 
 - vqa: `{key}.jpg` + `{key}.json` (`question`, `answers`, `weights`, `dataset`, `question_id`) from
   vqa_train + vqa_val + vg_qa (BLIP `train_files`), weights as BLIP computes them;
 - nlvr: `{key}.left.<ext>` + `{key}.right.<ext>` + `{key}.json` (`sentence`, `label`) from nlvr_train;
-- msrvtt: no training shards (zero-shot evaluation only).
+- msrvtt: no training shards (zero-shot evaluation only);
+- nocaps: `nocaps_{val,test}.json` (`{"image", "img_id"}`) + images, no shards and no references (the
+  captions are scored by the official server from `nocaps_<split>_results.json`).
 Each stager returns (files, counts, drop_reasons, metadata) for `downstream.publish_downstream`.
 """
 
@@ -138,4 +141,29 @@ def stage_msrvtt(staging: Path, annotation_dir: Path, video_root: Path, cfg: Any
     return files, {"test_items": len(clips)}, {}, metadata
 
 
-STAGERS = {"vqa": stage_vqa, "nlvr": stage_nlvr, "msrvtt": stage_msrvtt}
+def stage_nocaps(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
+    from pipelines.tasks.downstream_data import AnnotationError, load_nocaps
+
+    files: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    images: set[str] = set()
+    for split in ("val", "test"):
+        path = annotation_dir / f"nocaps_{split}.json"
+        items = load_nocaps(path)
+        ids = [item.img_id for item in items]
+        if len(set(ids)) != len(ids):  # the server file needs exactly one caption per img_id
+            raise AnnotationError(path, "duplicate img_id")
+        missing = [item.image for item in items if not (image_root / item.image).is_file()]
+        if missing:  # an evaluation split with holes is not the benchmark any more
+            raise AnnotationError(path, f"{len(missing)} images missing under {image_root} (first: {missing[0]})")
+        copy_file(path, staging, f"annotation/nocaps_{split}.json", files, "annotation")
+        images.update(item.image for item in items)
+        counts[f"{split}_items"] = len(items)
+    for image in sorted(images):
+        copy_file(image_root / image, staging, f"images/{image}", files, "image")
+    metadata = {"benchmark": "nocaps", "format": "nocaps", "image_root": "images",
+                "annotations": {split: f"annotation/nocaps_{split}.json" for split in ("val", "test")}}
+    return files, counts, {}, metadata
+
+
+STAGERS = {"vqa": stage_vqa, "nlvr": stage_nlvr, "msrvtt": stage_msrvtt, "nocaps": stage_nocaps}

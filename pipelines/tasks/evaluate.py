@@ -11,6 +11,9 @@ Follows BLIP's `train_retrieval.py:evaluation()` / `itm_eval`, `train_caption.py
 - captioning: beam search 3, max 20, min 5 (prompt 'a picture of ' counted in the lengths), the images split over
   Ray tasks; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
   CoreNLP models are absent) against the COCO-caption GT file; the result file is published.
+- NoCaps (`eval_nocaps.py`, a `format: nocaps` set): the same generation (BLIP nocaps.yaml: repetition penalty
+  1.1, configs/evaluate/caption_nocaps.yaml); `nocaps_<split>_results.json` in the official server format is
+  published and no metric is computed here (the references are held by the EvalAI server).
 
 Implemented in `evaluate_tasks.py`:
 - VQA: 'rank' over answer_list.json (k_test 128) or 'generate' (beam 3, max 10, min 1); split val is scored with
@@ -242,18 +245,24 @@ def caption_gt(registry: Any, dataset: Any, layout: Any, split: str, items: list
     return ids, gt.captions
 
 
+def generate_captions(model_dir: str, image_urls: list[str], cfg: EvaluateConfig) -> list[str]:
+    """One caption per image, in order: the images split into row ranges over Ray tasks (or this process)."""
+    from pipelines.tasks.retrieval_eval import split_rows
+
+    options = {"num_beams": cfg.num_beams, "max_length": cfg.max_length, "min_length": cfg.min_length,
+               "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.caption_batch_size}  # fmt: skip
+    parts = [rows for rows in split_rows(len(image_urls), max(1, cfg.num_workers)) if len(rows)]
+    return [c for part in map_rows(caption_rows, (model_dir, image_urls, options), parts, cfg) for c in part]
+
+
 def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int], gt: dict[int, tuple[str, ...]],
                      cfg: EvaluateConfig, staging: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import time
 
     from pipelines.tasks.metrics import caption_scores, write_caption_results
-    from pipelines.tasks.retrieval_eval import split_rows
 
     started = time.perf_counter()
-    options = {"num_beams": cfg.num_beams, "max_length": cfg.max_length, "min_length": cfg.min_length,
-               "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.caption_batch_size}  # fmt: skip
-    parts = [rows for rows in split_rows(len(image_urls), max(1, cfg.num_workers)) if len(rows)]
-    captions = [c for part in map_rows(caption_rows, (model_dir, image_urls, options), parts, cfg) for c in part]
+    captions = generate_captions(model_dir, image_urls, cfg)
     generated = time.perf_counter()
     results = list(zip(image_ids, captions))
     write_caption_results(staging / f"caption_{cfg.split}_results.json", results)
@@ -263,6 +272,30 @@ def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int]
                "seconds_score": round(time.perf_counter() - generated, 3), "workers": cfg.num_workers,
                "examples": [{"image_id": i, "caption": c} for i, c in results[:5]]}  # fmt: skip
     return scores, details
+
+
+def evaluate_nocaps(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,
+                    staging: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """Captions for a NoCaps split, written as the official server file; no local metric (no public references)."""
+    import time
+
+    from pipelines.tasks.downstream_data import load_nocaps
+    from pipelines.tasks.metrics import write_nocaps_results
+
+    images = load_nocaps(_annotation(registry, dataset, dataset.metadata["annotations"][cfg.split]))
+    images = images[: cfg.max_images] if cfg.max_images else images
+    image_urls = [registry.url_of(dataset, f"images/{image.image}") for image in images]
+    started = time.perf_counter()
+    captions = generate_captions(model_dir, image_urls, cfg)
+    seconds = time.perf_counter() - started
+    results_name = f"nocaps_{cfg.split}_results.json"
+    write_nocaps_results(staging / results_name, [(i.img_id, c) for i, c in zip(images, captions)], images)
+    details = {"num_images": len(images), "seconds_generate": round(seconds, 3),
+               "images_per_s": round(len(images) / max(seconds, 1e-9), 3), "workers": cfg.num_workers,
+               "results_file": results_name,
+               "examples": [{"image_id": i.img_id, "caption": c} for i, c in zip(images[:5], captions)]}  # fmt: skip
+    note = f"NoCaps is scored by the official server (EvalAI); submit {results_name}"
+    return {}, details, {"NoCaps": note}
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -299,9 +332,11 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
         return cached
     started = now_utc()
     wanted = {"vqa": "vqa", "nlvr": "nlvr", "video": "msrvtt"}.get(cfg.task, "karpathy")
-    if dataset.metadata.get("format") != wanted:
+    accepted = (wanted, "nocaps") if cfg.task == "caption" else (wanted,)
+    if dataset.metadata.get("format") not in accepted:
         raise ValueError(f"{dataset.ref} is a {dataset.metadata.get('format') or 'non-downstream'} dataset; "
-                         f"'{cfg.task}' evaluation needs a {wanted} set (pipelines.tasks.downstream)")  # fmt: skip
+                         f"'{cfg.task}' evaluation needs a {' or '.join(accepted)} set "
+                         "(pipelines.tasks.downstream)")  # fmt: skip
     staging = registry.work_dir(key) / "publish"
     if staging.exists():
         shutil.rmtree(staging)
@@ -316,6 +351,8 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
         metrics, details = evaluate_nlvr(registry, dataset, model_dir, cfg)
     elif cfg.task == "video":
         metrics, details = evaluate_video(registry, dataset, model_dir, cfg)
+    elif benchmark == "nocaps":
+        metrics, details, notes = evaluate_nocaps(registry, dataset, model_dir, cfg, staging)
     else:
         metrics, details, notes = evaluate_karpathy(registry, dataset, model_dir, cfg, staging)
     metadata = {"task": cfg.task, "split": cfg.split, "benchmark": benchmark,
@@ -375,4 +412,6 @@ def render_table(manifest: Any) -> str:
     for key, value in meta["metrics"].items():
         shown = "n/a" if value is None else f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
         lines.append(f"  {key:<{width}}  {shown}" + (f"   ({meta['notes'][key]})" if key in meta.get("notes", {}) else ""))
+    if not meta["metrics"]:  # nothing scored here (NoCaps): say where the score comes from
+        lines += [f"  {note}" for note in meta.get("notes", {}).values()]
     return "\n".join(lines)

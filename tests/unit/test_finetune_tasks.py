@@ -117,6 +117,28 @@ def test_downstream_files_kind_reads_real_layout_and_counts_missing_images(tmp_p
         DownstreamConfig(kind="files")
 
 
+def test_nocaps_files_kind_publishes_val_test_images_and_refuses_holes(tmp_path):
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+    from pipelines.tasks.downstream_data import AnnotationError
+    from pipelines.tasks.downstream_synth import write_nocaps
+
+    written = write_nocaps(tmp_path / "nocaps", num_val=2, num_test=3, image_size=16)
+    cfg = DownstreamConfig(kind="files", benchmark="nocaps", annotation_dir=str(tmp_path / "nocaps" / "annotation"),
+                           image_root=str(tmp_path / "nocaps"))
+    manifest = publish_downstream(cfg, name="nocaps", registry=Registry(tmp_path / "registry"))
+    assert manifest.splits == {"val": 2, "test": 3} and manifest.metadata["format"] == "nocaps"
+    assert {f.path for f in manifest.files if f.role == "annotation"} == {"annotation/nocaps_val.json",
+                                                                          "annotation/nocaps_test.json"}
+    assert sum(1 for f in manifest.files if f.role == "image") == 5
+    val = json.loads(written["nocaps_val"].read_text())
+    (tmp_path / "nocaps" / val[0]["image"]).unlink()
+    with pytest.raises(AnnotationError, match="images missing"):
+        publish_downstream(DownstreamConfig(kind="files", benchmark="nocaps", seed=1,
+                                            annotation_dir=cfg.annotation_dir, image_root=cfg.image_root),
+                           name="nocaps2", registry=Registry(tmp_path / "registry"))
+
+
 # ------------------------------------------------------------------------------------------------ configs
 
 
