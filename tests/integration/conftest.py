@@ -23,12 +23,8 @@ def pipeline_registry(tmp_path_factory) -> Path:
     log = open(root / "first-run.log", "w")
     first = subprocess.Popen(_flow_command(registry_dir), cwd=ROOT, env=_env(PREFECT_HOME=str(root / "prefect")),
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 1200
     try:
-        while not list((registry_dir / ".work").glob("*/done/*.json")):
-            assert first.poll() is None, f"flow ended ({first.returncode}) before CapFilt: {(root / 'first-run.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "CapFilt never started"
-            time.sleep(0.5)
+        _wait_until_capfilt_runs(first, registry_dir, root / "first-run.log")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -49,3 +45,24 @@ def pipeline_registry(tmp_path_factory) -> Path:
     return registry_dir
 
 
+
+
+def _wait_until_capfilt_runs(flow: subprocess.Popen, registry_dir: Path, log: Path, timeout: float = 1200) -> None:
+    """Return once CapFilt is running: a shard committed, or 8 s after its work directory appeared."""
+    deadline = time.monotonic() + timeout
+    work_root = registry_dir / ".work"
+    before_capfilt: set[str] | None = None  # work directories when the filter (the stage before) was published
+    capfilt_since: float | None = None
+    while True:
+        assert flow.poll() is None, f"flow ended ({flow.returncode}) before CapFilt ran: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "CapFilt never started"
+        work = {p.name for p in work_root.iterdir()} if work_root.exists() else set()
+        if before_capfilt is None:
+            if Registry(registry_dir).versions("model", "tiny-filter-web"):
+                before_capfilt = work
+        elif capfilt_since is None:
+            if work - before_capfilt - {"train-runs"}:
+                capfilt_since = time.monotonic()
+        elif list(work_root.glob("*/done/*.json")) or time.monotonic() - capfilt_since > 8:
+            return
+        time.sleep(0.2)
