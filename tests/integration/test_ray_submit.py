@@ -29,12 +29,17 @@ def ray_head():
     ray_bin = Path(sys.executable).parent / "ray"
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: AF_UNIX socket paths are limited to 107 bytes
     gcs_port, dashboard_port = _free_port(), _free_port()
+    # Other Ray instances of this test session (local ray.init) hold Ray's default agent ports (52365, ...):
+    # give this head its own, or its job agent never comes up ("No available agent to submit job").
+    agent_ports = ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+                   "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+                   "--ray-client-server-port", str(_free_port())]
     # The job's `python` is the one on the head's PATH (an activated venv here, the image's on a cluster).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = subprocess.run(
         [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
          "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port), "--disable-usage-stats", "--temp-dir", temp_dir],
+         "--dashboard-port", str(dashboard_port), "--disable-usage-stats", "--temp-dir", temp_dir, *agent_ports],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
