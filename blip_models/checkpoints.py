@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blip_models import MODEL_CLASSES, model_class
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -47,16 +49,7 @@ OFFICIAL_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
     "model_base_nlvr": ("model_base_nlvr.pth", "nlvr", "base"),
 }
 
-# Kinds of task model, and the class that implements each (module, class name).
-MODEL_CLASSES: dict[str, tuple[str, str]] = {
-    "pretrain": ("blip_models.modeling_pretrain", "BlipPretrain"),
-    "retrieval": ("blip_models.modeling_retrieval", "BlipRetrieval"),
-    "itm": ("blip_models.modeling_itm", "BlipITM"),
-    "caption": ("blip_models.modeling_caption", "BlipCaption"),
-    "vqa": ("blip_models.modeling_vqa", "BlipVQA"),
-    "nlvr": ("blip_models.modeling_nlvr", "BlipNLVR"),
-    "features": ("blip_models.modeling_features", "BlipFeatureExtractor"),
-}
+# Kinds of task model and their classes: the one table in blip_models/__init__.py.
 
 FORMAT_NAME = "blip-bootstrap"
 FORMAT_VERSION = 1
@@ -371,12 +364,9 @@ def config_from_architecture(arch: dict[str, Any], kind: str, image_size: int | 
 
 def build_model(kind: str, config: Any) -> nn.Module:
     """Instantiate the task model class for `kind` with `config`."""
-    import importlib
-
     if kind not in MODEL_CLASSES:
         raise CheckpointError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_CLASSES)}")
-    module_name, class_name = MODEL_CLASSES[kind]
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    return model_class(kind)(config)
 
 
 def model_kind(model: nn.Module) -> str:
