@@ -40,15 +40,16 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,
                      name=cfg.version_name("capfilt"), registry=registry, output_kind="dataset",
                      output_name=cfg.version_name("capfilt"), upstream=[raw, captioner, filter_])
-    model_boot = pretrain_on(cfg, boot, "capfilt", registry)
-    captioner_b, filter_b = finetune_pair(cfg, model_boot, clean, "capfilt", registry)
-    evaluations = {
-        "web": evaluate_pair(cfg, captioner, filter_, clean, "web", registry),
-        "capfilt": evaluate_pair(cfg, captioner_b, filter_b, clean, "capfilt", registry),
-    }
+    evaluations = {"web": evaluate_pair(cfg, captioner, filter_, clean, "web", registry)}
+    if boot.num_samples:
+        model_boot = pretrain_on(cfg, boot, "capfilt", registry)
+        captioner_b, filter_b = finetune_pair(cfg, model_boot, clean, "capfilt", registry)
+        evaluations["capfilt"] = evaluate_pair(cfg, captioner_b, filter_b, clean, "capfilt", registry)
+    else:  # nothing to pretrain on: say so in the report instead of failing the run
+        print(f"CapFilt kept no text in {boot.ref} (see its drop reasons); the bootstrapped model is not trained")
     final = run_stage("report", report.publish_report, evaluations, boot, name=cfg.version_name("report"),
                       registry=registry, output_kind="evaluation", output_name=cfg.version_name("report"),
-                      upstream=[boot, *evaluations["web"], *evaluations["capfilt"]])
+                      upstream=[boot, *(m for manifests in evaluations.values() for m in manifests)])
     print(report.render_table(final))
     return final.ref
 

@@ -70,6 +70,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"## CapFilt ({report['capfilt']['dataset']})", "", "| measure | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(report['capfilt'].get(key))} |" for key in CAPFILT_MEASURES]
+    if "capfilt" not in report["models"]:
+        lines += ["", "CapFilt kept no text, so no model was pretrained on bootstrapped data (see the dataset's "
+                  "drop reasons and ITM score histograms)."]
     return "\n".join(lines) + "\n"
 
 

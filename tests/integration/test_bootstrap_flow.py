@@ -37,7 +37,11 @@ def test_resumed_capfilt_equals_an_uninterrupted_run(pipeline_registry):
     fresh = run_capfilt(cfg.capfilt, registry.resolve("tiny-web@latest"),
                         captioner_ref=registry.resolve("tiny-captioner-web@latest"),
                         filter_ref=registry.resolve("tiny-filter-web@latest"), name="check-capfilt", registry=registry)
-    assert {e.path: e.sha256 for e in resumed.files} == {e.path: e.sha256 for e in fresh.files}
+    # Shards, the per-sample index and the texts layer are byte-identical; stats.json also holds timings.
+    def content(manifest):
+        return {e.path: e.sha256 for e in manifest.files if e.path != "stats.json"}
+
+    assert content(resumed) == content(fresh)
     assert resumed.counts == fresh.counts
 
 
@@ -97,13 +101,10 @@ def test_deployment_run_completes(prefect_server, pipeline_registry, tmp_path):
     try:
         run("deployment", "run", "bootstrap/bootstrap-tiny", "--param", f"overrides={overrides}", "--watch",
             "--watch-timeout", "1200", timeout=1300)
-        from pipelines.cli import main
-
-        os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-        try:
-            assert main(["run", "bootstrap-tiny", "-p", f"overrides={overrides}", "--timeout", "1200"]) == 0
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+        short = subprocess.run([str(BIN / "blip"), "run", "bootstrap-tiny", "-p", f"overrides={overrides}",
+                                "--timeout", "1200"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1300)
+        assert short.returncode == 0, short.stdout[-3000:] + short.stderr[-3000:]
+        assert "Completed" in short.stdout
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)

@@ -26,12 +26,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module", params=["sample", "pipeline"])
-def registry_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The registry API's sample registry, and the one the demo pipeline (the bootstrap flow) produced."""
-    given = os.environ.get("BLIP_BROWSER_TEST_REGISTRY")
-    if given:
-        return given
-    if request.param == "pipeline":
+def registry_source(request: pytest.FixtureRequest) -> str:
+    """Which registry the browser is tested on: the registry API's sample one, or the demo pipeline's."""
+    return "given" if os.environ.get("BLIP_BROWSER_TEST_REGISTRY") else request.param
+
+
+@pytest.fixture(scope="module")
+def registry_url(registry_source: str, request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> str:
+    if registry_source == "given":
+        return os.environ["BLIP_BROWSER_TEST_REGISTRY"]
+    if registry_source == "pipeline":
         return str(request.getfixturevalue("pipeline_registry"))
     root = tmp_path_factory.mktemp("chromium") / "registry"
     build_sample_registry(root)
@@ -74,8 +79,8 @@ def browser_page(server: str) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def shots(test_output_dir: Path, registry_url: str, request: pytest.FixtureRequest) -> Path:
-    path = test_output_dir / "browser" / request.node.callspec.params.get("registry_url", "given")
+def shots(test_output_dir: Path, registry_source: str) -> Path:
+    path = test_output_dir / "browser" / registry_source
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -183,8 +188,8 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
 
 
 def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path,
-                                            request: pytest.FixtureRequest) -> None:
-    if os.environ.get("BLIP_BROWSER_TEST_REGISTRY") or request.node.callspec.params["registry_url"] != "sample":
+                                            registry_source: str) -> None:
+    if registry_source != "sample":
         pytest.skip("needs the sample registry's dropped-before-sharding sample")
     page = browser_page
     page.goto(f"{server}/#/v/dataset/web-demo/v1?decision=dropped")
