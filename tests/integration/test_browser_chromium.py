@@ -176,8 +176,9 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
         page.wait_for_function("c => location.hash.includes('category=' + c)", arg=changed)
         page.wait_for_selector("tr.diffrow")
         assert page.locator("tr.diffrow").count() == min(50, diff["counts"][changed])
-        page.wait_for_function("() => [...document.querySelectorAll('tr.diffrow img')].every(i => i.complete)")
-        widths = page.eval_on_selector_all("tr.diffrow img", "imgs => imgs.map(i => i.naturalWidth)")
+        # The first rows are in view; further ones load lazily on scroll (a long diff has up to 50 rows a page).
+        page.wait_for_function("() => [...document.querySelectorAll('tr.diffrow img')].slice(0, 4).every(i => i.complete)")
+        widths = page.eval_on_selector_all("tr.diffrow img", "imgs => imgs.slice(0, 4).map(i => i.naturalWidth)")
         assert widths and max(widths) > 0
     page.screenshot(path=str(shots / "diff.png"), full_page=True)
 
