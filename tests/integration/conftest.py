@@ -48,7 +48,8 @@ def pipeline_registry(tmp_path_factory) -> Path:
 
 
 def _wait_until_capfilt_runs(flow: subprocess.Popen, registry_dir: Path, log: Path, timeout: float = 1200) -> None:
-    """Return once CapFilt is running: a shard committed, or 8 s after its work directory appeared."""
+    """Return once CapFilt is running: a shard committed, or 3 s after its work directory appeared (before its
+    Ray actors have loaded the models, so the stage cannot have finished)."""
     deadline = time.monotonic() + timeout
     work_root = registry_dir / ".work"
     before_capfilt: set[str] | None = None  # work directories when the filter (the stage before) was published
@@ -63,6 +64,6 @@ def _wait_until_capfilt_runs(flow: subprocess.Popen, registry_dir: Path, log: Pa
         elif capfilt_since is None:
             if work - before_capfilt - {"train-runs"}:
                 capfilt_since = time.monotonic()
-        elif list(work_root.glob("*/done/*.json")) or time.monotonic() - capfilt_since > 8:
+        elif list(work_root.glob("*/done/*.json")) or time.monotonic() - capfilt_since > 3:
             return
         time.sleep(0.2)
