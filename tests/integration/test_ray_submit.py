@@ -4,10 +4,14 @@ and its logs come back through the job server."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,17 +40,52 @@ def ray_head():
                    "--ray-client-server-port", str(_free_port())]
     # The job's `python` is the one on the head's PATH (an activated venv here, the image's on a cluster).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    start = subprocess.run(
-        [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard_port), "--disable-usage-stats", "--temp-dir", temp_dir, *agent_ports],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout + start.stderr
+    # `--block` + own session, stopped by signalling that group: `ray stop` would kill every Ray process on the
+    # machine, including the session's local instance, whose driver (this pytest process) then exits at once.
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+             "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard_port), "--disable-usage-stats", "--temp-dir", temp_dir, *agent_ports],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_job_server(address, head, log_path)
+        yield address
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_process_group(head)
+
+
+def _wait_for_job_server(address: str, head: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            return  # the dashboard answers (401 without the cluster's auth token): the job server is up
+        except OSError:
+            pass
+        time.sleep(1)
+    _stop_process_group(head)
+    pytest.fail(f"Ray job server at {address} did not answer within {timeout_s:.0f} s:\n{log_path.read_text()}")
+
+
+def _stop_process_group(head: subprocess.Popen) -> None:
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def test_submit_runs_a_stage_and_streams_its_logs(ray_head, tmp_path, capsys):
