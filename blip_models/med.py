@@ -367,7 +367,7 @@ class BertOnlyMLMHead(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None when computed with return_logits=False
     loss: torch.Tensor | None = None  # scalar, or (B,) per-sequence sums with reduction="none"
     past_key_values: Cache | None = None
 
@@ -418,16 +418,38 @@ class BertLMHeadModel(nn.Module):
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         mode: Mode = "multimodal",
+        return_logits: bool = True,  # False (training): the LM head runs on target positions only
     ) -> LMOutput:
         output = self.bert(
             input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
             mode=mode, is_decoder=True, past_key_values=past_key_values, use_cache=use_cache,
         )  # fmt: skip
+        if not return_logits and labels is not None:
+            loss = self._loss_on_targets(output.last_hidden_state, labels, reduction)
+            return LMOutput(logits=None, loss=loss, past_key_values=output.past_key_values)
         logits = self.cls(output.last_hidden_state)  # (B, L, V)
         loss = None
         if labels is not None:
             loss = lm_loss(logits, labels, self.config.label_smoothing, reduction)
         return LMOutput(logits=logits, loss=loss, past_key_values=output.past_key_values)
+
+    def _loss_on_targets(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        """`lm_loss` without the (B, L, V) logits: the vocabulary projection is the largest matmul of a training
+        step and padding positions (−100) are a large share of BLIP's fixed 30-token batches, so only the
+        positions with a target go through the LM head. Same value as `lm_loss` on the full logits."""
+        targets = labels[:, 1:]  # (B, L-1)
+        valid = targets != -100
+        logits = self.cls(hidden[:, :-1][valid]).float()  # (N, V)
+        per_token = F.cross_entropy(logits, targets[valid], label_smoothing=self.config.label_smoothing,
+                                    reduction="none")  # fmt: skip
+        if reduction == "mean":
+            return per_token.mean()
+        if reduction == "none":  # per-sequence SUM (B,), as lm_loss
+            rows = valid.nonzero()[:, 0]
+            return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(
+                0, rows, per_token
+            )
+        raise ValueError(f"lm_loss: reduction must be 'mean' or 'none', got {reduction!r}")
 
 
 def reorder_cache(past_key_values: Cache, index: torch.Tensor) -> Cache:

@@ -24,7 +24,7 @@ from blip_models.vit import VisionTransformer
 @dataclass
 class CaptionOutput:
     loss: torch.Tensor  # label-smoothed LM loss over caption tokens
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None with return_logits=False
 
 
 @lru_cache(maxsize=1)
@@ -66,6 +66,7 @@ class BlipCaption(nn.Module):
         input_ids: torch.Tensor,  # (B, L) prompt + caption, [CLS] first (replaced by [DEC])
         attention_mask: torch.Tensor,  # (B, L)
         prompt_length: int | None = None,  # tokens masked from the loss; default self.prompt_length
+        return_logits: bool = True,  # False in training: no (B, L, V) logits, the loss only
     ) -> CaptionOutput:
         text_cfg = self.config.text
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
@@ -74,7 +75,8 @@ class BlipCaption(nn.Module):
         decoder_input_ids[:, 0] = text_cfg.bos_token_id
         targets = decoder_input_ids.masked_fill(decoder_input_ids == text_cfg.pad_token_id, -100)
         targets[:, : self.prompt_length if prompt_length is None else prompt_length] = -100
-        output = self.text_decoder(decoder_input_ids, attention_mask, image_embeds, image_atts, labels=targets)
+        output = self.text_decoder(decoder_input_ids, attention_mask, image_embeds, image_atts, labels=targets,
+                                   return_logits=return_logits)
         return CaptionOutput(loss=output.loss, logits=output.logits)
 
     @torch.no_grad()

@@ -232,7 +232,7 @@ class BlipPretrain(nn.Module):
         decoder_input_ids = with_first_token(input_ids, text_cfg.bos_token_id)
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == text_cfg.pad_token_id, -100)
         decoder_output = self.text_decoder(
-            decoder_input_ids, attention_mask, image_embeds, image_atts, labels=decoder_targets
+            decoder_input_ids, attention_mask, image_embeds, image_atts, labels=decoder_targets, return_logits=False
         )
         loss_lm = decoder_output.loss
 

@@ -180,7 +180,7 @@ class CaptionTask(_ImageTask):
                 "attention_mask": attention_mask}  # fmt: skip
 
     def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
-        output = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"], return_logits=False)
         return output.loss, {"loss": float(output.loss.detach()), "loss_lm": float(output.loss.detach())}
 
 

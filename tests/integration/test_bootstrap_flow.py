@@ -11,15 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
-from flow_helpers import BIN, FAST, ROOT, _env, _snapshot
+from flow_helpers import BIN, FAST, ROOT, _env, _snapshot, stop_process_group
 
 from datasets_manifests.registry import Registry
 
@@ -75,8 +73,7 @@ def prefect_server(tmp_path_factory):
     try:
         yield env
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 def test_deployment_run_completes(prefect_server, pipeline_registry, tmp_path):
@@ -106,8 +103,7 @@ def test_deployment_run_completes(prefect_server, pipeline_registry, tmp_path):
         assert short.returncode == 0, short.stdout[-3000:] + short.stderr[-3000:]
         assert "Completed" in short.stdout
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop_process_group(worker)
     after = _snapshot(Registry(finished_registry))
     assert after == before  # every stage was reused: the registry is the cache
     report = Registry(finished_registry).resolve("tiny-report@latest")

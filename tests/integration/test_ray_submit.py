@@ -4,7 +4,6 @@ and its logs come back through the job server."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from flow_helpers import stop_process_group
 from pipelines.cli import main
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def ray_head():
         _wait_for_job_server(address, head, log_path)
         yield address
     finally:
-        _stop_process_group(head)
+        stop_process_group(head)
 
 
 def _wait_for_job_server(address: str, head: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
@@ -72,36 +72,5 @@ def _wait_for_job_server(address: str, head: subprocess.Popen, log_path: Path, t
         except OSError:
             pass
         time.sleep(1)
-    _stop_process_group(head)
+    stop_process_group(head)
     pytest.fail(f"Ray job server at {address} did not answer within {timeout_s:.0f} s:\n{log_path.read_text()}")
-
-
-def _stop_process_group(head: subprocess.Popen) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def test_submit_runs_a_stage_and_streams_its_logs(ray_head, tmp_path, capsys):
-    out_dir = tmp_path / "corpus"
-    code = main(["submit", "--address", ray_head, "--command",
-                 f"blip demo-corpus write {out_dir} --n 12 --seed 3"])
-    captured = capsys.readouterr().out
-    assert code == 0, captured
-    assert "SUCCEEDED" in captured
-    assert (out_dir / "ground_truth.parquet").exists()
-    # The job's own output (the corpus summary) came back through the job logs.
-    assert str(out_dir) in captured or "12" in captured
-
-
-def test_submit_reports_a_failing_job(ray_head, capsys):
-    code = main(["submit", "--address", ray_head, "--command", "blip data --registry /tmp/blip-empty-registry show no-such-dataset@v1"])
-    captured = capsys.readouterr().out
-    assert code == 1
-    assert "FAILED" in captured

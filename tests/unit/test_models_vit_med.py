@@ -119,6 +119,24 @@ def test_lm_loss_label_smoothing_and_per_sequence_sum():
         lm_loss(logits, labels, 0.1, reduction="sum")
 
 
+def test_loss_on_target_positions_only_equals_full_logits_loss():
+    torch.manual_seed(0)
+    decoder = BertLMHeadModel(micro_config().text)
+    image = torch.randn(3, 5, 32)
+    seq = torch.randint(3, 60, (3, 8))
+    labels = seq.clone()
+    labels[0, 6:], labels[1, 3:], labels[2, :2] = -100, -100, -100  # padding, and a masked prompt
+    for reduction in ("mean", "none"):
+        full = decoder(seq, encoder_hidden_states=image, labels=labels, reduction=reduction)
+        fast = decoder(seq, encoder_hidden_states=image, labels=labels, reduction=reduction, return_logits=False)
+        assert fast.logits is None and torch.allclose(fast.loss, full.loss, atol=1e-6)
+    full_grad = torch.autograd.grad(decoder(seq, encoder_hidden_states=image, labels=labels).loss,
+                                    decoder.cls.predictions.decoder.weight)[0]  # fmt: skip
+    fast_grad = torch.autograd.grad(decoder(seq, encoder_hidden_states=image, labels=labels, return_logits=False).loss,
+                                    decoder.cls.predictions.decoder.weight)[0]  # fmt: skip
+    assert torch.allclose(fast_grad, full_grad, atol=1e-6)
+
+
 def test_tie_rule_skips_only_self_attention():
     text = micro_config().text
     encoder, decoder = BertModel(text), BertLMHeadModel(text)
