@@ -87,7 +87,7 @@ class PretrainConfig:
     """One pretraining run (configs/train/pretrain_*.yaml)."""
 
     output_name: str = "blip-pretrain"  # model name in the registry
-    model: str = "base"  # BlipConfig preset: tiny | base | large
+    model: str = "base"  # BlipConfig preset: tiny | small | base | large
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision: {image_size: 384}}
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

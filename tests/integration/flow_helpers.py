@@ -15,6 +15,7 @@ BIN = Path(sys.executable).parent
 
 # The tiny preset made smaller still: a few minutes for the whole recipe on 2 cores.
 FAST = [
+    "pretrain.model=tiny",  # the orchestration is under test here, not learning: the fastest model
     "source.demo.n=160",
     "download.samples_per_shard=100",
     "shard.samples_per_shard=20",  # ~8 shards: the crash test kills CapFilt after its first

@@ -92,7 +92,7 @@ def test_tokenizer_special_ids():
 
 
 def test_presets_round_trip_and_reject_unknown_keys():
-    for name in ("tiny", "base", "large"):
+    for name in ("tiny", "small", "base", "large"):
         config = preset(name)
         assert from_dict(to_dict(config)) == config
     assert preset("large").vision.drop_path_rate == 0.1 and preset("large").text.encoder_width == 1024
@@ -110,7 +110,7 @@ def test_presets_round_trip_and_reject_unknown_keys():
 def test_yaml_presets_load_with_pipelines_config():
     from pipelines.config import CONFIG_DIR, ConfigError, load_config
 
-    for name in ("tiny", "base", "large"):
+    for name in ("tiny", "small", "base", "large"):
         assert load_config(BlipConfig, CONFIG_DIR / "model" / f"{name}.yaml") == preset(name)
     with pytest.raises(ConfigError, match="vision.depht"):
         load_config(BlipConfig, {"vision": {"depht": 2}})
