@@ -1,0 +1,276 @@
+"""GPU benchmarks of the two heavy stages' model work, Ray-free (prints JSON).
+
+What a lent GPU machine can run without Ray or webdataset installed (it has torch, timm and transformers):
+
+* `pretrain`: one BLIP pretraining step (ITC + ITM + LM) of the `base` model at 224 px, bf16 autocast, fused AdamW,
+  synthetic batch already on the GPU: samples/s, model FLOPs per sample (counted by torch's FlopCounterMode on
+  the real step), MFU against the chip's dense bf16 peak, and where the step's time goes (forward, backward,
+  optimiser, timed with synchronisation between them in separate steps).
+* `capfilt`: what one CapFilt actor does per batch (`pipelines.tasks.capfilt_models`: nucleus caption with
+  per-row seeds + ITM scores of web text and caption, models cast to bf16) for BLIP-base at 384 px, vs the naive
+  baseline side by side: transformers' `BlipForConditionalGeneration.generate` then `BlipForImageTextRetrieval`
+  on the same (converted) weights. Random weights never emit [SEP], so both decode to `max_length`: the worst case.
+* `decode`: JPEG decode + transform images/s on one CPU core (what feeding the GPU costs: cores needed =
+  GPU images/s / this).
+
+    python benchmarks/bench_gpu.py --device cuda               # on a GPU machine
+    python benchmarks/bench_gpu.py --device cpu --preset tiny  # the same code paths, tiny, on a CPU (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM): MFU is relative to these.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--preset", choices=("tiny", "small", "base"), default="base")
+    parser.add_argument("--parts", default="pretrain,capfilt,decode", help="comma list of pretrain,capfilt,decode")
+    parser.add_argument("--pretrain-batch", type=int, default=64, help="per-GPU batch (BLIP: 75)")
+    parser.add_argument("--pretrain-steps", type=int, default=10)
+    parser.add_argument("--capfilt-batches", default="64,256", help="batch sizes to time")
+    parser.add_argument("--capfilt-images", type=int, default=512, help="images per timed batch size")
+    parser.add_argument("--baseline-images", type=int, default=128, help="images for the transformers baseline")
+    parser.add_argument("--vocab", default=None, help="BERT vocab.txt (default: the offline one)")
+    return parser.parse_args(argv)
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: Any, fn: Callable[[], Any]) -> float:
+    sync(device)
+    began = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - began
+
+
+def peak_tflops(device: Any) -> tuple[str, float | None]:
+    import torch
+
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+# ------------------------------------------------------------------------------------------------- pretrain
+
+
+def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_pretrain import BlipPretrain
+
+    config = preset(args.preset)
+    if args.preset == "base":
+        config = config.replace(queue_size=57600)  # BLIP's queue; the image size stays 224 (pretraining)
+    batch = args.pretrain_batch
+    model = BlipPretrain(config).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    size = config.vision.image_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    input_ids = torch.randint(1000, 20000, (batch, 30), device=device)
+    input_ids[:, 0] = 101
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:, 20:] = 0  # captions shorter than the 30-token pad, as in BLIP's batches
+    input_ids[:, 20:] = 0
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def forward() -> Any:
+        with autocast:
+            return model(images, input_ids, attention_mask, alpha=0.4).loss
+
+    def step() -> None:
+        loss = forward()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm-up: allocator, kernels, fused optimiser state
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    wall = timed(device, lambda: [step() for _ in range(args.pretrain_steps)])
+    samples_per_s = batch * args.pretrain_steps / wall
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for _ in range(3):
+        holder: dict[str, Any] = {}
+        phases["forward"] += timed(device, lambda: holder.update(loss=forward()))
+        optimizer.zero_grad(set_to_none=True)
+        phases["backward"] += timed(device, lambda: holder["loss"].backward())
+        phases["optimizer"] += timed(device, optimizer.step)
+    total = sum(phases.values())
+    name, peak = peak_tflops(device)
+    achieved = flops_per_step * args.pretrain_steps / wall / 1e12
+    result = {
+        "model": args.preset, "image_size": size, "batch_per_gpu": batch, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "samples_per_s": round(samples_per_s, 1), "step_s": round(wall / args.pretrain_steps, 4),
+        "model_tflop_per_step": round(flops_per_step / 1e12, 3), "achieved_tflops": round(achieved, 1),
+        "mfu": round(achieved / peak, 3) if peak else None, "peak_bf16_tflops_assumed": peak, "device_name": name,
+        "time_split": {k: round(v / total, 3) for k, v in phases.items()},
+        "note": "synthetic batch already on the GPU: data wait is 0 here; see `decode` for the CPU side",
+    }  # fmt: skip
+    if device.type == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# -------------------------------------------------------------------------------------------------- capfilt
+
+
+def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    import torch
+
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_caption import BlipCaption
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from blip_models.tokenizer import load_tokenizer
+    from pipelines.tasks.capfilt import CaptionerConfig, FilterConfig
+    from pipelines.tasks.capfilt_models import caption_images, score_texts
+
+    config = preset(args.preset)
+    if args.preset == "base":
+        config = config.replace(vision={"image_size": 384})  # CapFilt runs the finetuned 384 px models
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(args.vocab)
+    captioner = BlipCaption(config, tokenizer).eval().to(device=device, dtype=dtype)
+    filter_model = BlipRetrieval(config).eval().to(device=device, dtype=dtype)
+    captioner_cfg, filter_cfg = CaptionerConfig(), FilterConfig()
+    size = config.vision.image_size
+    web = "a photo of a dog running on the beach with a ball"
+    result: dict[str, Any] = {"model": args.preset, "image_size": size, "dtype": str(dtype).replace("torch.", ""),
+                              "max_length": captioner_cfg.max_length, "ours": {}}  # fmt: skip
+
+    def run_batch(pixels: Any, offset: int) -> None:
+        keys = [f"k{offset + i}" for i in range(pixels.shape[0])]
+        captions = caption_images(captioner, tokenizer, pixels, keys, captioner_cfg)
+        score_texts(filter_model, tokenizer, pixels, [web] * len(keys), captions, filter_cfg)
+
+    for batch in [int(b) for b in args.capfilt_batches.split(",")]:
+        pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        run_batch(pixels, 0)  # warm-up
+        rounds = max(1, args.capfilt_images // batch)
+        wall = timed(device, lambda: [run_batch(pixels, r * batch) for r in range(rounds)])
+        result["ours"][str(batch)] = {"images_per_s": round(rounds * batch / wall, 1), "images": rounds * batch}
+    best = max(v["images_per_s"] for v in result["ours"].values())
+    result["images_per_s_per_gpu"] = best
+    try:
+        result["baseline"] = _capfilt_baseline(args, device, dtype, captioner, filter_model, tokenizer, size, web)
+        base_batch = str(result["baseline"]["batch"])
+        if base_batch in result["ours"]:
+            result["ratio_vs_baseline_same_batch"] = round(
+                result["ours"][base_batch]["images_per_s"] / result["baseline"]["images_per_s"], 2)
+    except Exception as error:  # noqa: BLE001 - the baseline depends on the machine's transformers version
+        result["baseline"] = {"error": f"{type(error).__name__}: {error}"}
+    return result
+
+
+def _capfilt_baseline(args, device, dtype, captioner, filter_model, tokenizer, size: int, web: str) -> dict[str, Any]:
+    import torch
+
+    from blip_models.hf_convert import to_hf
+
+    hf_caption = to_hf(captioner.float().cpu()).to(device=device, dtype=dtype).eval()
+    hf_itm = to_hf(filter_model.float().cpu()).to(device=device, dtype=dtype).eval()
+    batch = min(64, args.baseline_images)
+    prompt_ids = tokenizer(["a picture of "], return_tensors="pt").input_ids[:, :-1].to(device)
+
+    def run_batch(pixels: Any) -> None:
+        with torch.no_grad():
+            ids = hf_caption.generate(pixel_values=pixels, input_ids=prompt_ids.repeat(pixels.shape[0], 1),
+                                      do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=30,
+                                      min_length=10)  # fmt: skip
+            captions = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            texts = [t for c in captions for t in (web, c)]
+            owners = torch.arange(pixels.shape[0], device=device).repeat_interleave(2)
+            encoded = tokenizer(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+            hf_itm(input_ids=encoded.input_ids.to(device), attention_mask=encoded.attention_mask.to(device),
+                   pixel_values=pixels[owners], use_itm_head=True)  # fmt: skip
+
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    run_batch(pixels)
+    rounds = max(1, args.baseline_images // batch)
+    wall = timed(device, lambda: [run_batch(pixels) for _ in range(rounds)])
+    return {"what": "transformers BlipForConditionalGeneration.generate + BlipForImageTextRetrieval, per batch",
+            "batch": batch, "images_per_s": round(rounds * batch / wall, 1)}
+
+
+# --------------------------------------------------------------------------------------------------- decode
+
+
+def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from blip_models.processing import eval_transform, train_transform
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    # Web-like JPEGs: 512x384, smooth noise (compresses like a photo, not like white noise).
+    base = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    jpegs = []
+    for i in range(32):
+        image = Image.fromarray(np.roll(base, i, axis=1)).resize((512, 384), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    result = {}
+    for name, transform in (("train_224", train_transform(224, 0.2, augment_seed=0)), ("eval_384", eval_transform(384))):
+        began = time.perf_counter()
+        for _ in range(3):
+            for data in jpegs:
+                transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        result[f"{name}_images_per_s_per_core"] = round(3 * len(jpegs) / (time.perf_counter() - began), 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"error": "--device cuda asked for, but torch sees no GPU on this machine"}))
+        return 1
+    device = torch.device(args.device)
+    parts = set(args.parts.split(","))
+    out: dict[str, Any] = {"benchmark": "bench_gpu", "device": peak_tflops(device)[0], "torch": torch.__version__}
+    if "pretrain" in parts:
+        out["pretrain"] = bench_pretrain(args, device)
+        print(json.dumps(out), flush=True)
+    if "capfilt" in parts:
+        out["capfilt"] = bench_capfilt(args, device)
+        print(json.dumps(out), flush=True)
+    if "decode" in parts:
+        out["decode"] = bench_decode(args)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
