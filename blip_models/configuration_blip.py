@@ -1,7 +1,8 @@
 """Typed, frozen model-architecture configs for BLIP (ViT + MED text transformer), spec §1.2, §1.3, §1.6.
 
-Presets: `tiny` (unit tests, seconds on CPU), `small` (the CPU demo: learns the demo corpus in minutes), `base` (ViT-B/16 + BERT-base), `large` (ViT-L/16 + BERT-base with
-encoder_width 1024 and the reference's always-0.1 drop-path quirk). The same shapes live in configs/model/*.yaml and
+Presets: `tiny` (unit tests, seconds on CPU), `small` (the CPU demo: learns the demo corpus in minutes), `base`
+(ViT-B/16 + BERT-base), `large` (ViT-L/16 + BERT-base with encoder_width 1024 and the reference's always-0.1
+drop-path quirk). The same shapes live in configs/model/*.yaml and
 load with `pipelines.config.load_config(BlipConfig, path)`; `from_dict` here does the same checking without pipelines/.
 """
 
