@@ -144,3 +144,22 @@ def test_tie_rule_skips_only_self_attention():
     assert "encoder.layer.0.crossattention.self.query" in tied
     assert "embeddings.word_embeddings" in tied
     assert not any(".attention." in name for name in tied)
+
+
+def test_width_scaled_init_keeps_image_features_apart_at_step_0():
+    """At width 64 timm's std 0.02 makes every image's [CLS] output nearly the same vector (what kept the demo's
+    models from learning); the `small` preset's initializer_range keeps them apart."""
+    import dataclasses
+
+    from blip_models.configuration_blip import preset
+
+    def mean_cosine(initializer_range: float) -> float:
+        torch.manual_seed(0)
+        vit = VisionTransformer(dataclasses.replace(preset("small").vision, initializer_range=initializer_range))
+        with torch.no_grad():
+            cls = torch.nn.functional.normalize(vit(torch.randn(16, 3, 64, 64))[:, 0], dim=-1)
+        return float((cls @ cls.T)[~torch.eye(16, dtype=torch.bool)].mean())
+
+    assert preset("small").vision.initializer_range == 0.08 and preset("base").vision.initializer_range == 0.02
+    assert mean_cosine(0.02) > 0.95
+    assert mean_cosine(0.08) < mean_cosine(0.02) - 0.1
