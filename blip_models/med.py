@@ -376,20 +376,22 @@ def lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, reduction: str = "mean"
 ) -> torch.Tensor:
     """Next-token CE on shifted logits, ignore −100; reduction "none" returns the per-sequence SUM (B,)."""
-    shifted = logits[:, :-1, :].float()  # (B, L-1, V)
-    targets = labels[:, 1:]  # (B, L-1)
+    valid = labels[:, 1:] != -100  # (B, L-1)
+    return _target_loss(logits[:, :-1][valid], labels, valid, label_smoothing, reduction)
+
+
+def _target_loss(
+    target_logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, label_smoothing: float, reduction: str
+) -> torch.Tensor:
+    """CE of the (N, V) logits at the `valid` (B, L-1) positions against their next tokens, reduced."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"lm_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+    per_token = F.cross_entropy(target_logits.float(), labels[:, 1:][valid], label_smoothing=label_smoothing,
+                                reduction="none")  # fmt: skip
     if reduction == "mean":
-        return F.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,
-            label_smoothing=label_smoothing,
-        )  # fmt: skip
-    if reduction == "none":
-        per_token = F.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,
-            label_smoothing=label_smoothing, reduction="none",
-        )  # fmt: skip
-        return per_token.view(targets.shape).sum(dim=1)  # (B,)
-    raise ValueError(f"lm_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+        return per_token.mean()
+    rows = valid.nonzero()[:, 0]  # per-sequence SUM (B,)
+    return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
 
 
 class BertLMHeadModel(nn.Module):
@@ -437,19 +439,8 @@ class BertLMHeadModel(nn.Module):
         """`lm_loss` without the (B, L, V) logits: the vocabulary projection is the largest matmul of a training
         step and padding positions (−100) are a large share of BLIP's fixed 30-token batches, so only the
         positions with a target go through the LM head. Same value as `lm_loss` on the full logits."""
-        targets = labels[:, 1:]  # (B, L-1)
-        valid = targets != -100
-        logits = self.cls(hidden[:, :-1][valid]).float()  # (N, V)
-        per_token = F.cross_entropy(logits, targets[valid], label_smoothing=self.config.label_smoothing,
-                                    reduction="none")  # fmt: skip
-        if reduction == "mean":
-            return per_token.mean()
-        if reduction == "none":  # per-sequence SUM (B,), as lm_loss
-            rows = valid.nonzero()[:, 0]
-            return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(
-                0, rows, per_token
-            )
-        raise ValueError(f"lm_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+        valid = labels[:, 1:] != -100  # (B, L-1)
+        return _target_loss(self.cls(hidden[:, :-1][valid]), labels, valid, self.config.label_smoothing, reduction)
 
 
 def reorder_cache(past_key_values: Cache, index: torch.Tensor) -> Cache:
