@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="give the random captioner a trained model's peaked next-token distribution (LM-head bias "
                              "~N(0, 8^2)): its top-p nucleus then fits the top-64 probe instead of forcing a full sort")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the encoders (nn.Module.compile: same weights and names); warm-up includes it")
+                        help="regional torch.compile (blip_models.compilation.compile_blocks: every transformer block; "
+                             "CapFilt: the ViT blocks only); warm-up includes the compilation")
     return parser.parse_args(argv)
 
 
@@ -83,6 +84,7 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from blip_models.compilation import compile_blocks
     from blip_models.configuration_blip import preset
     from blip_models.modeling_pretrain import BlipPretrain
 
@@ -91,10 +93,6 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         config = config.replace(queue_size=57600)  # BLIP's queue; the image size stays 224 (pretraining)
     batch = args.pretrain_batch
     model = BlipPretrain(config).to(device)
-    if args.compile:
-        for module in (model.visual_encoder, model.visual_encoder_m, model.text_encoder, model.text_encoder_m,
-                       model.text_decoder):
-            module.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
     size = config.vision.image_size
@@ -116,13 +114,17 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
 
-    warmup_began = time.perf_counter()
-    for _ in range(3):  # warm-up: allocator, kernels, fused optimiser state (and compilation)
-        step()
-    warmup_s = time.perf_counter() - warmup_began
+    # FLOPs counted on the eager step: compiled regions run Inductor kernels that the counter does not see.
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_step = counter.get_total_flops()
+    if args.compile:
+        compile_blocks(model)
+    warmup_began = time.perf_counter()
+    for _ in range(3):  # warm-up: allocator, kernels, fused optimiser state (and compilation)
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - warmup_began
     wall = timed(device, lambda: [step() for _ in range(args.pretrain_steps)])
     samples_per_s = batch * args.pretrain_steps / wall
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -141,7 +143,7 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "model_tflop_per_step": round(flops_per_step / 1e12, 3), "achieved_tflops": round(achieved, 1),
         "mfu": round(achieved / peak, 3) if peak else None, "peak_bf16_tflops_assumed": peak, "device_name": name,
         "time_split": {k: round(v / total, 3) for k, v in phases.items()}, "compiled": args.compile,
-        "warmup_s": round(warmup_s, 1),
+        "warmup_s": round(warmup_s, 1), "gpu_busy_fraction": gpu_busy_fraction(device, step),
         "note": "synthetic batch already on the GPU: data wait is 0 here; see `decode` for the CPU side",
     }  # fmt: skip
     if device.type == "cuda":
@@ -177,8 +179,10 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
             bias = captioner.text_decoder.cls.predictions.bias
             bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)).mul_(8.0).to(bias))
     if args.compile:  # the two ViTs are most of the FLOPs; the decoder's growing KV cache would recompile
-        captioner.visual_encoder.compile()
-        filter_model.visual_encoder.compile()
+        from blip_models.compilation import compile_blocks
+
+        compile_blocks(captioner, vision_only=True)
+        compile_blocks(filter_model, vision_only=True)
     captioner_cfg, filter_cfg = CaptionerConfig(), FilterConfig()
     size = config.vision.image_size
     web = "a photo of a dog running on the beach with a ball"
@@ -199,6 +203,11 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         result["ours"][str(batch)] = {"images_per_s": round(rounds * batch / wall, 1), "images": rounds * batch}
     best = max(v["images_per_s"] for v in result["ours"].values())
     result["images_per_s_per_gpu"] = best
+    best_batch = max(result["ours"], key=lambda b: result["ours"][b]["images_per_s"])
+    pixels = torch.randn(int(best_batch), 3, size, size, device=device, dtype=dtype)
+    result["where_time_goes"] = _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web,
+                                               captioner_cfg, filter_cfg)  # fmt: skip
+    result["gpu_busy_fraction"] = gpu_busy_fraction(device, lambda: run_batch(pixels, 0))
     if args.compile:
         return result  # the baseline does not change with our compilation: run it without --compile
     try:
@@ -210,6 +219,51 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - the baseline depends on the machine's transformers version
         result["baseline"] = {"error": f"{type(error).__name__}: {error}"}
     return result
+
+
+def _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web, captioner_cfg, filter_cfg) -> dict[str, Any]:
+    """Seconds per batch of the captioner's ViT, its decoding loop, the filter's ViT and its ITM text pass."""
+    import torch
+
+    from pipelines.tasks.capfilt_models import caption_images, score_texts
+
+    keys = [f"k{i}" for i in range(pixels.shape[0])]
+    holder: dict[str, Any] = {}
+    with torch.no_grad():
+        caption_vit = timed(device, lambda: captioner.visual_encoder(pixels))
+        caption_all = timed(device, lambda: holder.update(c=caption_images(captioner, tokenizer, pixels, keys, captioner_cfg)))
+        filter_vit = timed(device, lambda: filter_model.visual_encoder(pixels))
+        filter_all = timed(device, lambda: score_texts(filter_model, tokenizer, pixels, [web] * len(keys), holder["c"], filter_cfg))
+    parts = {"captioner_vit": caption_vit, "decoding": caption_all - caption_vit, "filter_vit": filter_vit,
+             "filter_itm": filter_all - filter_vit}  # fmt: skip
+    total = sum(parts.values())
+    return {"batch": pixels.shape[0], "seconds": round(total, 4), **{k: round(v / total, 3) for k, v in parts.items()}}
+
+
+def gpu_busy_fraction(device: Any, fn: Callable[[], Any]) -> float | None:
+    """Share of `fn`'s wall time during which a GPU kernel runs (union of kernel intervals, torch.profiler)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        began = time.perf_counter()
+        fn()
+        sync(device)
+        wall_us = (time.perf_counter() - began) * 1e6
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)  # fmt: skip
+    busy, current_start, current_end = 0.0, None, None
+    for start, end in intervals:
+        if current_end is None or start > current_end:
+            busy += 0.0 if current_end is None else current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        busy += current_end - current_start
+    return round(min(1.0, busy / wall_us), 3)
 
 
 def _capfilt_baseline(args, device, dtype, captioner, filter_model, tokenizer, size: int, web: str) -> dict[str, Any]:

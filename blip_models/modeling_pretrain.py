@@ -167,7 +167,9 @@ class BlipPretrain(nn.Module):
 
         # ---- ITC: online features
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)  # (B, 1+N)
+        # Every image token is visible to cross-attention (BLIP's all-ones image_atts): no mask at all, which is the
+        # same attention and lets SDPA pick its flash kernel (an additive mask rules it out).
+        image_atts = None
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
         text_output = self.text_encoder(input_ids, attention_mask, mode="text")
         text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # (B, E)
@@ -216,8 +218,7 @@ class BlipPretrain(nn.Module):
         text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
         text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
         image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, 1+N, Dv)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts_all, mode="multimodal")
+        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts, mode="multimodal")
 
         vl_embeddings = torch.cat(
             [output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0

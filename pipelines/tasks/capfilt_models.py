@@ -196,28 +196,29 @@ def caption_images(model: Any, tokenizer: Any, pixel_values: Any, keys: list[str
 
 def score_texts(model: Any, tokenizer: Any, pixel_values: Any, web_texts: list[str | None],
                 captions: list[list[str]], config: FilterConfig) -> list[list[float]]:  # fmt: skip
-    """ITM match probabilities (softmax(itm_logits)[:, 1]) of [web text] + captions for each image."""
+    """ITM match probabilities (softmax(itm_logits)[:, 1]) of [web text] + captions for each image.
+
+    Every image has the same number of texts (1 + its captions; a missing web text is scored as ""), so the texts
+    go through the ITM encoder grouped by image: each image's cross-attention keys/values are computed once and
+    shared by its texts instead of being recomputed per (image, text) pair (~1/8 of the stage's FLOPs at 384 px).
+    """
     import torch
 
     from blip_models.processing import pre_caption
     from blip_models.tokenizer import tokenize
 
-    texts, owners = [], []
-    for image, (web, synthetic) in enumerate(zip(web_texts, captions)):
-        for text in [web or "", *synthetic]:
-            texts.append(pre_caption(text, 30))
-            owners.append(image)
-    if not texts:
-        return [[] for _ in web_texts]
+    if not web_texts:
+        return []
+    per_image = {1 + len(synthetic) for synthetic in captions}
+    if len(per_image) != 1:
+        raise ValueError(f"score_texts: images have different caption counts {sorted(per_image)}")
+    texts = [pre_caption(text, 30) for web, synthetic in zip(web_texts, captions) for text in [web or "", *synthetic]]
+    group = per_image.pop()
     with torch.no_grad():
         image_embeds = model.visual_encoder(pixel_values)  # (B, S, D): once per image, shared by its texts
+        cross_kv = model.precompute_cross_kv(image_embeds)  # per layer (B, h, S, d) keys and values
         input_ids, attention_mask = tokenize(tokenizer, texts, config.max_text_tokens, padding="longest")
         device = pixel_values.device
-        owner_index = torch.tensor(owners, device=device)
-        logits = model.itm_logits(image_embeds.index_select(0, owner_index), input_ids.to(device),
-                                  attention_mask.to(device))  # (T, 2)  # fmt: skip
-        probs = logits.float().softmax(dim=-1)[:, 1].tolist()
-    scores: list[list[float]] = [[] for _ in web_texts]
-    for owner, prob in zip(owners, probs):
-        scores[owner].append(prob)
-    return scores
+        logits = model.itm_logits_grouped(cross_kv, input_ids.to(device), attention_mask.to(device))  # (B*G, 2)
+        probs = logits.float().softmax(dim=-1)[:, 1].view(len(web_texts), group).tolist()
+    return probs

@@ -238,3 +238,33 @@ def capfilt_pre(text):
     from blip_models.processing import pre_caption
 
     return pre_caption(text, 30)
+
+
+def test_filter_scores_equal_per_pair_itm():
+    """Grouped scoring (image keys/values shared by its texts) gives each pair's own ITM probability."""
+    import torch
+
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_itm import BlipITM
+    from blip_models.processing import pre_caption
+    from blip_models.tokenizer import load_tokenizer, tokenize
+
+    torch.manual_seed(0)
+    model, tokenizer = BlipITM(preset("tiny")).eval(), load_tokenizer()
+    pixels = torch.randn(3, 3, 32, 32)
+    web = ["a red square on the left", None, "two blue circles and a very long caption " * 4]
+    captions = [["a square", "red"], ["a circle", "blue thing"], ["x", ""]]
+    config = FilterConfig()
+    scores = capfilt_models.score_texts(model, tokenizer, pixels, web, captions, config)
+    assert [len(row) for row in scores] == [3, 3, 3]
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(pixels)
+        for image in range(3):
+            texts = [pre_caption(t, 30) for t in [web[image] or "", *captions[image]]]
+            ids, mask = tokenize(tokenizer, texts, config.max_text_tokens, padding="longest")
+            logits = model.itm_logits(image_embeds[image : image + 1].expand(len(texts), -1, -1), ids, mask)
+            expected = logits.softmax(-1)[:, 1].tolist()
+            assert scores[image] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="caption counts"):
+        capfilt_models.score_texts(model, tokenizer, pixels[:2], web[:2], [["a"], []], config)
+    assert capfilt_models.score_texts(model, tokenizer, pixels[:0], [], [], config) == []
