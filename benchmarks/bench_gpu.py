@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="regional torch.compile (blip_models.compilation.compile_blocks: every transformer block; "
                              "CapFilt: the ViT blocks only); warm-up includes the compilation")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile (default: torch's)")
     return parser.parse_args(argv)
 
 
@@ -119,7 +120,7 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         step()
     flops_per_step = counter.get_total_flops()
     if args.compile:
-        compile_blocks(model)
+        compile_blocks(model, mode=args.compile_mode)
     warmup_began = time.perf_counter()
     for _ in range(3):  # warm-up: allocator, kernels, fused optimiser state (and compilation)
         step()
@@ -142,7 +143,7 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "samples_per_s": round(samples_per_s, 1), "step_s": round(wall / args.pretrain_steps, 4),
         "model_tflop_per_step": round(flops_per_step / 1e12, 3), "achieved_tflops": round(achieved, 1),
         "mfu": round(achieved / peak, 3) if peak else None, "peak_bf16_tflops_assumed": peak, "device_name": name,
-        "time_split": {k: round(v / total, 3) for k, v in phases.items()}, "compiled": args.compile,
+        "time_split": {k: round(v / total, 3) for k, v in phases.items()}, "compiled": args.compile and (args.compile_mode or "default"),
         "warmup_s": round(warmup_s, 1), "gpu_busy_fraction": gpu_busy_fraction(device, step),
         "note": "synthetic batch already on the GPU: data wait is 0 here; see `decode` for the CPU side",
     }  # fmt: skip
@@ -181,8 +182,8 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     if args.compile:  # the two ViTs are most of the FLOPs; the decoder's growing KV cache would recompile
         from blip_models.compilation import compile_blocks
 
-        compile_blocks(captioner, vision_only=True)
-        compile_blocks(filter_model, vision_only=True)
+        compile_blocks(captioner, vision_only=True, mode=args.compile_mode)
+        compile_blocks(filter_model, vision_only=True, mode=args.compile_mode)
     captioner_cfg, filter_cfg = CaptionerConfig(), FilterConfig()
     size = config.vision.image_size
     web = "a photo of a dog running on the beach with a ball"

@@ -21,11 +21,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, (Block, BertLayer))]
 
 
-def compile_blocks(model: nn.Module, *, vision_only: bool = False) -> int:
+def compile_blocks(model: nn.Module, *, vision_only: bool = False, mode: str | None = None) -> int:
     """`torch.compile` every transformer block of `model` in place; returns how many were compiled.
 
     `vision_only` leaves the text layers eager: for decoding loops, whose key/value cache grows by one position
-    per step and would make the text layers recompile for dynamic shapes.
+    per step and would make the text layers recompile for dynamic shapes. `mode` is torch.compile's (None =
+    default; "max-autotune-no-cudagraphs" also benchmarks Triton matmuls against cuBLAS, at a longer compile).
     """
     import torch._dynamo
 
@@ -36,5 +37,5 @@ def compile_blocks(model: nn.Module, *, vision_only: bool = False) -> int:
     # graph per (mode, shape) call signature; the default limit of 8 would fall back to eager mid-training.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
     return len(blocks)

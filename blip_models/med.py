@@ -194,13 +194,14 @@ class BertLayer(nn.Module):
         encoder_attention_mask: torch.Tensor | None,
         mode: Mode,
         past: LayerCache | None = None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # this layer's precomputed image keys/values
     ) -> tuple[torch.Tensor, LayerCache]:
         hidden_states, self_kv = self.attention(
             hidden_states, attention_mask, past_key_value=None if past is None else (past[0], past[1])
         )
         present: LayerCache = self_kv
         if mode == "multimodal":
-            cross_past = None if past is None or len(past) < 4 else (past[2], past[3])
+            cross_past = cross_kv if cross_kv is not None else None if past is None or len(past) < 4 else (past[2], past[3])
             hidden_states, cross_kv = self.crossattention(
                 hidden_states, encoder_attention_mask, encoder_hidden_states, cross_past
             )
@@ -268,10 +269,11 @@ class BertModel(nn.Module):
         is_decoder: bool = False,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        cross_kv: CrossKV | None = None,  # per layer (key, value) of the images (B rows): instead of encoder_hidden_states
     ) -> TextModelOutput:
         if mode not in ("text", "multimodal"):
             raise ValueError(f"BertModel: mode must be 'text' or 'multimodal', got {mode!r}")
-        if mode == "multimodal" and encoder_hidden_states is None and past_key_values is None:
+        if mode == "multimodal" and encoder_hidden_states is None and past_key_values is None and cross_kv is None:
             raise ValueError("BertModel: mode='multimodal' needs encoder_hidden_states")
         batch, length = input_ids.shape
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -292,7 +294,8 @@ class BertModel(nn.Module):
         presents: list[LayerCache] = []
         for index, layer in enumerate(self.encoder.layer):
             past = None if past_key_values is None else past_key_values[index]
-            hidden, present = layer(hidden, self_mask, encoder_hidden_states, cross_mask, mode, past)
+            layer_kv = None if cross_kv is None else cross_kv[index]
+            hidden, present = layer(hidden, self_mask, encoder_hidden_states, cross_mask, mode, past, layer_kv)
             if use_cache:
                 presents.append(present)
         return TextModelOutput(hidden, tuple(presents) if use_cache else None)
@@ -421,10 +424,11 @@ class BertLMHeadModel(nn.Module):
         use_cache: bool = False,
         mode: Mode = "multimodal",
         return_logits: bool = True,  # False (training): the LM head runs on target positions only
+        cross_kv: CrossKV | None = None,  # precomputed image keys/values, instead of encoder_hidden_states
     ) -> LMOutput:
         output = self.bert(
             input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-            mode=mode, is_decoder=True, past_key_values=past_key_values, use_cache=use_cache,
+            mode=mode, is_decoder=True, past_key_values=past_key_values, use_cache=use_cache, cross_kv=cross_kv,
         )  # fmt: skip
         if not return_logits and labels is not None:
             loss = self._loss_on_targets(output.last_hidden_state, labels, reduction)

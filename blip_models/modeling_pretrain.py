@@ -51,6 +51,10 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 class BlipPretrain(nn.Module):
     """Pretraining model. Momentum copies and queues follow the official names (`*_m`, `image_queue`, `queue_ptr`)."""
 
+    # Project the images' cross-attention keys/values once per step and share them between the ITM pairs and the
+    # decoder (False: once per pass, as BLIP's code; the same losses and gradients, kept as the test reference).
+    share_cross_kv = True
+
     def __init__(self, config: BlipConfig) -> None:
         super().__init__()
         if config.text.encoder_width != config.vision.width:
@@ -144,6 +148,29 @@ class BlipPretrain(nn.Module):
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
 
+    def _cross_attention_tied(self) -> bool:
+        encoder, decoder = self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer
+        return all(e.crossattention.self.key.weight is d.crossattention.self.key.weight
+                   and e.crossattention.self.value.weight is d.crossattention.self.value.weight
+                   for e, d in zip(encoder, decoder))  # fmt: skip
+
+    @torch.no_grad()
+    def _hard_negatives(self, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+                        image_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(negative image per text, negative text per image), each (B,), drawn from the in-batch similarity
+        softmax, never the positive nor another pair of the same image."""
+        batch = sim_i2t.shape[0]
+        weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4  # (B, B)
+        weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
+        same = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
+        if image_ids is not None:
+            same = same | (image_ids.view(-1, 1) == image_ids.view(1, -1))
+        weights_t2i = weights_t2i.masked_fill(same, 0)
+        weights_i2t = weights_i2t.masked_fill(same, 0)
+        if bool((weights_t2i.sum(dim=1) == 0).any()):
+            raise ValueError("BlipPretrain: ITM needs at least two distinct images per batch for hard negatives")
+        return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
+
     @staticmethod
     def prepare_text(tokenizer, captions: list[str], max_length: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize pre_caption'd captions, padded to `max_length` (reference pretraining setting)."""
@@ -194,47 +221,33 @@ class BlipPretrain(nn.Module):
             )
         self.dequeue_and_enqueue(image_feat_m, text_feat_m)
 
-        # ---- ITM: positives
-        encoder_input_ids = with_first_token(input_ids, text_cfg.enc_token_id)  # (B, L)
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
-
         # ---- ITM: one hard negative image per text and one hard negative text per image (local batch)
-        with torch.no_grad():
-            weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4  # (B, B)
-            weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
-            same = torch.eye(batch, dtype=torch.bool, device=pixel_values.device)
-            if image_ids is not None:
-                same = same | (image_ids.view(-1, 1) == image_ids.view(1, -1))
-            weights_t2i = weights_t2i.masked_fill(same, 0)
-            weights_i2t = weights_i2t.masked_fill(same, 0)
-            if bool((weights_t2i.sum(dim=1) == 0).any()):
-                raise ValueError("BlipPretrain: ITM needs at least two distinct images per batch for hard negatives")
-            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,)
-            negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)  # (B,)
-        image_embeds_neg = image_embeds[negative_image_index]  # (B, 1+N, Dv)
-        text_ids_neg = encoder_input_ids[negative_text_index]  # (B, L)
-        text_atts_neg = attention_mask[negative_text_index]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
-        text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, 1+N, Dv)
-        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts, mode="multimodal")
-
-        vl_embeddings = torch.cat(
-            [output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0
-        )  # (3B, H)
-        itm_logits = self.itm_head(vl_embeddings)  # (3B, 2)
-        itm_labels = torch.cat(
-            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-        ).to(pixel_values.device)
-        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
-
-        # ---- LM: [DEC] first, pads ignored (no prompt masking in pretraining)
-        decoder_input_ids = with_first_token(input_ids, text_cfg.bos_token_id)
+        negative_image_index, negative_text_index = self._hard_negatives(sim_i2t, sim_t2i, image_ids)  # (B,) each
+        positives = torch.arange(batch, device=pixel_values.device)
+        # Pair rows: [0, B) positives, [B, 2B) text i with a hard negative image, [2B, 3B) a hard negative text with
+        # image i. One pass over all 3B pairs (BLIP runs positives and negatives as two passes: the same math).
+        pair_image = torch.cat([positives, negative_image_index, positives])  # (3B,)
+        pair_text = torch.cat([positives, positives, negative_text_index])
+        encoder_input_ids = with_first_token(input_ids, text_cfg.enc_token_id)  # (B, L)
+        pair_ids, pair_mask = encoder_input_ids[pair_text], attention_mask[pair_text]  # (3B, L)
+        decoder_input_ids = with_first_token(input_ids, text_cfg.bos_token_id)  # LM: [DEC] first, pads ignored
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == text_cfg.pad_token_id, -100)
-        decoder_output = self.text_decoder(
-            decoder_input_ids, attention_mask, image_embeds, image_atts, labels=decoder_targets, return_logits=False
-        )
+        if self.share_cross_kv and self._cross_attention_tied():
+            # Each cross-attention layer's image keys/values, projected once per image: the ITM pairs pick rows of
+            # them, and the decoder's cross-attention is the encoder's (tied weights, §1.5). BLIP's code projects
+            # them in every pass, 4 x B images per step: ~1/6 of a BLIP-base step's FLOPs.
+            cross_kv = self.text_encoder.precompute_cross_kv(image_embeds)  # per layer (B, h, 1+N, d) x 2
+            pair_kv = tuple((key[pair_image], value[pair_image]) for key, value in cross_kv)
+            output_itm = self.text_encoder(pair_ids, pair_mask, mode="multimodal", cross_kv=pair_kv)
+            decoder_output = self.text_decoder(decoder_input_ids, attention_mask, labels=decoder_targets,
+                                               return_logits=False, cross_kv=cross_kv)  # fmt: skip
+        else:
+            output_itm = self.text_encoder(pair_ids, pair_mask, image_embeds[pair_image], image_atts, mode="multimodal")
+            decoder_output = self.text_decoder(decoder_input_ids, attention_mask, image_embeds, image_atts,
+                                               labels=decoder_targets, return_logits=False)  # fmt: skip
+        itm_logits = self.itm_head(output_itm.last_hidden_state[:, 0, :])  # (3B, 2)
+        itm_labels = (torch.arange(3 * batch, device=pixel_values.device) < batch).long()  # positives first
+        loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
         loss_lm = decoder_output.loss
 
         return PretrainOutput(loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm)

@@ -97,6 +97,11 @@ class _ModelActor:
         if not use_cuda:
             torch.set_num_threads(compute.torch_threads)
         self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype) for role in roles}
+        if compute.compile_vision:  # the decoder's growing cache would recompile every step: ViT blocks only
+            from blip_models.compilation import compile_blocks
+
+            for model in self.models.values():
+                compile_blocks(model, vision_only=True)
         self.refs = {role: models[role]["ref"] for role in models}
         self.tokenizer = _tokenizer()
         self.last_end = time.perf_counter()

@@ -149,6 +149,10 @@ def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Call
     seed_everything(loop_cfg.seed + rank)  # BLIP: seed + rank
     task = make_task(config["task"])
     model = task.build_model()
+    if loop_cfg.compile:  # before DDP wraps it; parameter names and checkpoints stay those of the eager model
+        from blip_models.compilation import compile_blocks
+
+        compile_blocks(model)
     model = wrap(model) if wrap else model.to(device)
     data = config["data"]
     plan = DataPlan(shards=tuple(ShardRef(url, int(n)) for url, n in config["shards"]), world_size=world,

@@ -113,6 +113,7 @@ class ComputeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when the actor has a GPU
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model dtype on the device (bf16 on GPUs)
     torch_threads: int = 1  # intra-op threads per actor on CPU
+    compile_vision: bool = False  # torch.compile the ViT blocks (regional): GPU actors; a little compile time each
     writer_threads: int = 2  # driver threads writing finished shards
     progress_bars: bool = False
 
