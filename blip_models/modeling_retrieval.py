@@ -5,14 +5,15 @@ id (in the batch and in the queue, via `idx_queue`), hard negatives come from on
 same-image entries masked out, and there is no decoder. Inference: `image_features`, `text_features`,
 `itm_logits` and `score` (ITM positive logit + ITC cosine, as the reference's evaluation). Re-ranking many
 (image, text) pairs: `precompute_cross_kv` once per image, then `itm_logits_cached` (any pairs) or
-`itm_logits_grouped` (texts grouped per image). Hard negatives are taken from the local batch (the reference's
-`negative_all_rank=False`).
+`itm_logits_grouped` (texts grouped per image). Hard negatives come from the local batch, or from every rank's
+batch with `negative_all_rank=True` (the reference's COCO setting).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,37 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 that keeps the gradient: backward sums every rank's gradient of the gathered
+    tensor and returns this rank's slice (BLIP `GatherLayer`, used for ITM negatives from all ranks)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 with gradient (every rank must pass the same shape); identity in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
 def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
     output = input_ids.clone()
     output[:, 0] = token_id
@@ -50,8 +82,9 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 class BlipRetrieval(nn.Module):
     """Retrieval model with momentum encoders, feature queues, `idx_queue` and `ptr_queue` (official names)."""
 
-    def __init__(self, config: BlipConfig) -> None:
+    def __init__(self, config: BlipConfig, negative_all_rank: bool = False) -> None:
         super().__init__()
+        self.negative_all_rank = negative_all_rank  # ITM hard negatives from every rank's batch (BLIP COCO: True)
         if config.text.encoder_width != config.vision.width:
             raise ValueError(
                 f"BlipRetrieval: text.encoder_width={config.text.encoder_width} must equal vision.width="
@@ -179,18 +212,28 @@ class BlipRetrieval(nn.Module):
         encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
         output_pos = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
 
-        # ---- ITM hard negatives: online-vs-online similarity, same-image entries masked to 0
+        # ---- ITM hard negatives: online-vs-online similarity, same-image entries masked to 0; candidates from the
+        # local batch, or with `negative_all_rank` from every rank's batch (image embeddings gathered with their
+        # gradient, ids and masks without): BLIP's COCO setting. Same-shaped batches on every rank are required
+        # (the retrieval task refills short batches; captions are padded to a fixed length).
+        if self.negative_all_rank:
+            idx_pool, image_feat_pool, text_feat_pool = concat_all_gather(idx), concat_all_gather(image_feat), concat_all_gather(text_feat)
+            image_embeds_pool = all_gather_with_grad(image_embeds)
+            text_ids_pool, text_atts_pool = concat_all_gather(encoder_input_ids), concat_all_gather(attention_mask)
+        else:
+            idx_pool, image_feat_pool, text_feat_pool = idx, image_feat, text_feat
+            image_embeds_pool, text_ids_pool, text_atts_pool = image_embeds, encoder_input_ids, attention_mask
         with torch.no_grad():
-            same = idx == idx.T  # (B, B)
-            weights_i2t = F.softmax((image_feat @ text_feat.T / self.temp).float(), dim=1).masked_fill(same, 0)
-            weights_t2i = F.softmax((text_feat @ image_feat.T / self.temp).float(), dim=1).masked_fill(same, 0)
+            same = idx == idx_pool.T  # (B, P)
+            weights_i2t = F.softmax((image_feat @ text_feat_pool.T / self.temp).float(), dim=1).masked_fill(same, 0)
+            weights_t2i = F.softmax((text_feat @ image_feat_pool.T / self.temp).float(), dim=1).masked_fill(same, 0)
             if bool((weights_t2i.sum(dim=1) == 0).any()):
                 raise ValueError("BlipRetrieval: ITM needs at least two distinct image ids per batch for negatives")
-            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,)
+            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,) into the pool
             negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)
-        image_embeds_neg = image_embeds[negative_image_index]
-        text_ids_neg = encoder_input_ids[negative_text_index]
-        text_atts_neg = attention_mask[negative_text_index]
+        image_embeds_neg = image_embeds_pool[negative_image_index]
+        text_ids_neg = text_ids_pool[negative_text_index]
+        text_atts_neg = text_atts_pool[negative_text_index]
 
         text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
         text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)

@@ -74,6 +74,7 @@ class FinetuneLoop:
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile every transformer block (GPU runs)
 
     def __post_init__(self) -> None:
         if self.epochs is not None:
@@ -86,7 +87,8 @@ class FinetuneLoop:
     def resolve(self, task: str) -> LoopConfig:
         return LoopConfig(epochs=self.epochs or TASK_EPOCHS[task], max_steps=self.max_steps,
                           checkpoint_every=self.checkpoint_every, log_every=self.log_every, seed=self.seed,
-                          precision=self.precision, grad_checkpointing=self.grad_checkpointing)  # fmt: skip
+                          precision=self.precision, grad_checkpointing=self.grad_checkpointing,
+                          compile=self.compile)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +100,7 @@ class FinetuneData:
     shuffle_buffer: int = 1000
     max_words: int = 30  # pre_caption truncation (NLVR2 sentences: 40, fixed)
     min_scale: float = 0.5  # RandomResizedCrop lower scale for finetuning
+    negative_all_rank: bool = False  # retrieval: ITM hard negatives from every worker's batch (BLIP COCO: true)
     augment: bool = True
 
     def __post_init__(self) -> None:

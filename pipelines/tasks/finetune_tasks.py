@@ -125,6 +125,11 @@ class RetrievalTask(_ImageTask):
     kind = "retrieval"
     fixed_batch_size = True  # momentum features and image ids are all-gathered into the queues every step
 
+    def build_model(self) -> Any:
+        model = super().build_model()
+        model.negative_all_rank = self.data.negative_all_rank
+        return model
+
     def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
         from blip_models.processing import pre_caption
         from pipelines.tasks.train_data import DropSample

@@ -1,0 +1,63 @@
+"""ITM hard negatives from every rank (`negative_all_rank`), on a real 2-process gloo group on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from blip_models.modeling_retrieval import BlipRetrieval, all_gather_with_grad
+    from tests.unit._blip_tiny import micro_batch, micro_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    result: dict = {}
+    try:
+        # Gather with gradient: rank r weighs the gathered tensor by r + 1; every rank's slice gets the sum (1 + 2).
+        local = torch.full((2, 3), float(rank), requires_grad=True)
+        gathered = all_gather_with_grad(local)
+        (gathered * (rank + 1)).sum().backward()
+        result["gathered"] = gathered.detach().tolist()
+        result["grad"] = local.grad.tolist()
+
+        # Each rank's batch holds one image id: no local negative exists, only the other rank's.
+        torch.manual_seed(0)  # same weights on both ranks, as DDP would have
+        model = BlipRetrieval(micro_config(queue_size=8))
+        pixel_values, input_ids, attention_mask = micro_batch(4, seed=10 + rank)
+        image_ids = torch.full((4,), rank)
+        try:
+            model(pixel_values, input_ids, attention_mask, image_ids)
+            result["local"] = "ran"
+        except ValueError as error:
+            result["local"] = str(error)
+        model.negative_all_rank = True
+        output = model(pixel_values, input_ids, attention_mask, image_ids)
+        output.loss.backward()
+        grad = model.visual_encoder.patch_embed.proj.weight.grad
+        result["all_rank_loss"] = float(output.loss)
+        result["vision_grad_finite"] = bool(grad is not None and torch.isfinite(grad).all())
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def test_negatives_from_all_ranks_on_two_processes(tmp_path: Path) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for rank, result in enumerate(results):
+        assert result["gathered"] == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
+        assert result["grad"] == [[3.0] * 3] * 2  # summed over ranks, this rank's rows
+        assert "at least two distinct image ids" in result["local"]
+        assert result["all_rank_loss"] > 0 and result["vision_grad_finite"], rank
