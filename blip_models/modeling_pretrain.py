@@ -2,7 +2,9 @@
 
 Follows BLIP `models/blip_pretrain.py` (Li et al. 2022, "BLIP: Bootstrapping Language-Image Pre-training").
 The unimodal text encoder (`text_encoder`) and the image-grounded decoder (`text_decoder.bert`) share every
-parameter except self-attention (spec §1.5). Total loss = ITC + ITM + LM with equal weights.
+parameter except self-attention (spec §1.5). Total loss = ITC + ITM + LM with equal weights. One difference in
+how (not what) it computes: the images' cross-attention keys/values are projected once per step and shared by
+the ITM pairs and the decoder, where the reference projects them in each of its three text passes.
 
 Distribution: when torch.distributed is initialised, momentum features are all-gathered before they enter the
 queues (as the reference); nothing else in the model knows about ranks.
