@@ -217,7 +217,8 @@ class BlipRetrieval(nn.Module):
         # gradient, ids and masks without): BLIP's COCO setting. Same-shaped batches on every rank are required
         # (the retrieval task refills short batches; captions are padded to a fixed length).
         if self.negative_all_rank:
-            idx_pool, image_feat_pool, text_feat_pool = concat_all_gather(idx), concat_all_gather(image_feat), concat_all_gather(text_feat)
+            idx_pool, image_feat_pool = concat_all_gather(idx), concat_all_gather(image_feat)
+            text_feat_pool = concat_all_gather(text_feat)
             image_embeds_pool = all_gather_with_grad(image_embeds)
             text_ids_pool, text_atts_pool = concat_all_gather(encoder_input_ids), concat_all_gather(attention_mask)
         else:
