@@ -304,6 +304,19 @@ class BertModel(nn.Module):
         """Every layer's cross-attention (key, value), each (N, h, S, d), of `encoder_hidden_states` (N, S, W)."""
         return tuple(layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer)
 
+    def forward_pairs(
+        self,
+        input_ids: torch.Tensor,  # (P, L): text of pair p
+        attention_mask: torch.Tensor,  # (P, L)
+        cross_kv: CrossKV,  # per layer (key, value), each (N_img, h, S, d), from `precompute_cross_kv`
+        image_index: torch.Tensor,  # (P,): image of pair p, a row of `cross_kv`
+    ) -> TextModelOutput:
+        """Multimodal encoding of (text p, image image_index[p]) pairs with the images' cross-attention keys/values
+        picked by row instead of projected again for every pair: the same as `forward(input_ids, attention_mask,
+        images[image_index], mode="multimodal")`, with each image projected once however many pairs use it."""
+        rows = tuple((key[image_index], value[image_index]) for key, value in cross_kv)
+        return self.forward(input_ids, attention_mask, mode="multimodal", cross_kv=rows)
+
     def forward_with_cross_kv(
         self,
         input_ids: torch.Tensor,  # (B, L), B = R·G

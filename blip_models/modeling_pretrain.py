@@ -239,8 +239,7 @@ class BlipPretrain(nn.Module):
             # them, and the decoder's cross-attention is the encoder's (tied weights, §1.5). BLIP's code projects
             # them in every pass, 4 x B images per step: ~1/6 of a BLIP-base step's FLOPs.
             cross_kv = self.text_encoder.precompute_cross_kv(image_embeds)  # per layer (B, h, 1+N, d) x 2
-            pair_kv = tuple((key[pair_image], value[pair_image]) for key, value in cross_kv)
-            output_itm = self.text_encoder(pair_ids, pair_mask, mode="multimodal", cross_kv=pair_kv)
+            output_itm = self.text_encoder.forward_pairs(pair_ids, pair_mask, cross_kv, pair_image)
             decoder_output = self.text_decoder(decoder_input_ids, attention_mask, labels=decoder_targets,
                                                return_logits=False, cross_kv=cross_kv)  # fmt: skip
         else:

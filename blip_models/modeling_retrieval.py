@@ -82,6 +82,10 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 class BlipRetrieval(nn.Module):
     """Retrieval model with momentum encoders, feature queues, `idx_queue` and `ptr_queue` (official names)."""
 
+    # Project each image's cross-attention keys/values once per step for all its ITM pairs (False: once per pair,
+    # as BLIP's code; the same losses and gradients, kept as the test reference).
+    share_cross_kv = True
+
     def __init__(self, config: BlipConfig, negative_all_rank: bool = False) -> None:
         super().__init__()
         self.negative_all_rank = negative_all_rank  # ITM hard negatives from every rank's batch (BLIP COCO: True)
@@ -175,7 +179,6 @@ class BlipRetrieval(nn.Module):
         idx = image_ids.view(-1, 1)  # (B, 1)
 
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
         text_output = self.text_encoder(input_ids, attention_mask, mode="text")
         text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # (B, E)
@@ -208,9 +211,7 @@ class BlipRetrieval(nn.Module):
             loss_itc = (loss_i2t + loss_t2i) / 2
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
-        # ---- ITM positives
         encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
 
         # ---- ITM hard negatives: online-vs-online similarity, same-image entries masked to 0; candidates from the
         # local batch, or with `negative_all_rank` from every rank's batch (image embeddings gathered with their
@@ -232,23 +233,28 @@ class BlipRetrieval(nn.Module):
                 raise ValueError("BlipRetrieval: ITM needs at least two distinct image ids per batch for negatives")
             negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,) into the pool
             negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)
-        image_embeds_neg = image_embeds_pool[negative_image_index]
-        text_ids_neg = text_ids_pool[negative_text_index]
-        text_atts_neg = text_atts_pool[negative_text_index]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)  # (2B, L)
-        text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)  # (2B, 1+N, Dv)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-        output_neg = self.text_encoder(text_ids_all, text_atts_all, image_embeds_all, image_atts_all, mode="multimodal")
-
-        vl_embeddings = torch.cat(
-            [output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0
-        )  # (3B, H)
-        itm_logits = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat(
-            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-        ).to(pixel_values.device)
+        positives = torch.arange(batch, device=pixel_values.device)
+        # Pair rows: [0, B) positives, [B, 2B) text i with a hard negative image, [2B, 3B) a hard negative text with
+        # image i, in one pass (BLIP runs positives and negatives as two passes: the same math).
+        pair_ids = torch.cat([encoder_input_ids, encoder_input_ids, text_ids_pool[negative_text_index]])  # (3B, L)
+        pair_mask = torch.cat([attention_mask, attention_mask, text_atts_pool[negative_text_index]])
+        if self.share_cross_kv:
+            # Each image's cross-attention keys/values projected once, not once per pair (BLIP: 3 x B images).
+            cross_kv = self.text_encoder.precompute_cross_kv(image_embeds)  # per layer (B, h, 1+N, d) x 2
+            if self.negative_all_rank:  # the drawn negatives may be other ranks' images: project those B
+                negative_kv = self.text_encoder.precompute_cross_kv(image_embeds_pool[negative_image_index])
+                cross_kv = tuple((torch.cat([key, key_n]), torch.cat([value, value_n]))
+                                 for (key, value), (key_n, value_n) in zip(cross_kv, negative_kv))  # fmt: skip
+                negative_rows = batch + positives
+            else:
+                negative_rows = negative_image_index
+            pair_image = torch.cat([positives, negative_rows, positives])  # (3B,) rows of cross_kv
+            output_itm = self.text_encoder.forward_pairs(pair_ids, pair_mask, cross_kv, pair_image)
+        else:
+            pair_embeds = torch.cat([image_embeds, image_embeds_pool[negative_image_index], image_embeds])
+            output_itm = self.text_encoder(pair_ids, pair_mask, pair_embeds, None, mode="multimodal")
+        itm_logits = self.itm_head(output_itm.last_hidden_state[:, 0, :])  # (3B, 2)
+        itm_labels = (torch.arange(3 * batch, device=pixel_values.device) < batch).long()  # positives first
         loss_itm = F.cross_entropy(itm_logits.float(), itm_labels)
         return RetrievalOutput(loss=loss_itc + loss_itm, loss_itc=loss_itc, loss_itm=loss_itm)
 

@@ -29,3 +29,24 @@ def micro_batch(batch: int = 8, length: int = 10, seed: int = 1, image_size: int
         input_ids[-1, length - 4] = MICRO_SEP
         attention_mask[-1, length - 3 :] = 0
     return pixel_values, input_ids, attention_mask
+
+
+def assert_shared_cross_kv_matches_reference(model, forward, loss_names) -> None:
+    """`model` (in eval mode: no dropout draws) with `share_cross_kv` on vs a copy with it off: equal losses and
+    gradients. `forward(m)` runs a seeded forward pass of `m` and returns its output."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.share_cross_kv = False
+    results = []
+    for candidate in (model, reference):
+        torch.manual_seed(1)  # same hard negatives
+        output = forward(candidate)
+        output.loss.backward()
+        results.append((output, {n: p.grad for n, p in candidate.named_parameters() if p.grad is not None}))
+    (shared, shared_grads), (plain, plain_grads) = results
+    for name in loss_names:
+        torch.testing.assert_close(getattr(shared, name), getattr(plain, name), rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(shared_grads) > 50
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)

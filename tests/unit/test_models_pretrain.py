@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip_models.modeling_pretrain import BlipPretrain
-from tests.unit._blip_tiny import micro_batch, micro_config
+from tests.unit._blip_tiny import assert_shared_cross_kv_matches_reference, micro_batch, micro_config
 
 
 @pytest.fixture(autouse=True)
@@ -162,21 +162,9 @@ def test_shared_image_keys_give_blip_losses_and_gradients():
 
     torch.manual_seed(0)
     model = BlipPretrain(micro_config(queue_size=8)).eval()  # eval: no dropout, so both paths draw the same
-    reference = copy.deepcopy(model)
-    reference.share_cross_kv = False
     pixel_values, input_ids, attention_mask = micro_batch(4)
-    results = []
-    for candidate in (model, reference):
-        torch.manual_seed(1)  # same hard negatives
-        output = candidate(pixel_values, input_ids, attention_mask, alpha=0.4)
-        output.loss.backward()
-        results.append((output, {n: p.grad for n, p in candidate.named_parameters() if p.grad is not None}))
-    (shared, shared_grads), (plain, plain_grads) = results
-    for name in ("loss_itc", "loss_itm", "loss_lm"):
-        torch.testing.assert_close(getattr(shared, name), getattr(plain, name), rtol=1e-5, atol=1e-6)
-    assert shared_grads.keys() == plain_grads.keys() and len(shared_grads) > 50
-    for name, grad in shared_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_shared_cross_kv_matches_reference(model, lambda m: m(pixel_values, input_ids, attention_mask, alpha=0.4),
+                                             ("loss_itc", "loss_itm", "loss_lm"))  # fmt: skip
     untied = copy.deepcopy(model)  # a decoder whose cross-attention is not the encoder's takes the plain path
     untied.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight = torch.nn.Parameter(
         untied.text_decoder.bert.encoder.layer[0].crossattention.self.key.weight.detach().clone() * 2)

@@ -9,7 +9,14 @@ import torch
 
 from blip_models import MODEL_CLASSES, build_model, model_class
 from blip_models.configuration_blip import preset
-from tests.unit._blip_tiny import MICRO_BOS, MICRO_ENC, MICRO_SEP, micro_batch, micro_config
+from tests.unit._blip_tiny import (
+    MICRO_BOS,
+    MICRO_ENC,
+    MICRO_SEP,
+    assert_shared_cross_kv_matches_reference,
+    micro_batch,
+    micro_config,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +74,16 @@ def test_retrieval_trains_with_image_id_positives_and_idx_queue():
     assert scores.shape == (4,)
     with pytest.raises(ValueError, match="distinct image ids"):
         model(pixel_values[:2], input_ids[:2], attention_mask[:2], torch.tensor([1, 1]))
+
+
+def test_retrieval_shared_image_keys_give_blip_losses_and_gradients():
+    """ITM pairs with each image's cross-attention keys/values projected once == BLIP's per-pair projection."""
+    torch.manual_seed(0)
+    model = build_model("retrieval", micro_config(queue_size=8)).eval()  # eval: no dropout draws
+    pixel_values, input_ids, attention_mask = micro_batch(6)
+    image_ids = torch.tensor([5, 5, 6, 7, 8, 8])
+    assert_shared_cross_kv_matches_reference(model, lambda m: m(pixel_values, input_ids, attention_mask, image_ids),
+                                             ("loss_itc", "loss_itm"))  # fmt: skip
 
 
 def test_itm_heads_use_enc_token():
