@@ -10,6 +10,8 @@ What a lent GPU machine can run without Ray or webdataset installed (it has torc
   per-row seeds + ITM scores of web text and caption, models cast to bf16) for BLIP-base at 384 px, vs the naive
   baseline side by side: transformers' `BlipForConditionalGeneration.generate` then `BlipForImageTextRetrieval`
   on the same (converted) weights. Random weights never emit [SEP], so both decode to `max_length`: the worst case.
+* `retrieval`: one retrieval finetuning step (base 384 px, bf16) with image keys/values shared by the ITM pairs vs
+  projected per pair as BLIP's code, side by side.
 * `decode`: JPEG decode + transform images/s on one CPU core (what feeding the GPU costs: cores needed =
   GPU images/s / this).
 
@@ -37,9 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--preset", choices=("tiny", "small", "base"), default="base")
-    parser.add_argument("--parts", default="pretrain,capfilt,decode", help="comma list of pretrain,capfilt,decode")
+    parser.add_argument("--parts", default="pretrain,capfilt,decode",
+                        help="comma list of pretrain,capfilt,decode,retrieval")
     parser.add_argument("--pretrain-batch", type=int, default=64, help="per-GPU batch (BLIP: 75)")
     parser.add_argument("--pretrain-steps", type=int, default=10)
+    parser.add_argument("--retrieval-batch", type=int, default=32, help="per-GPU batch of the retrieval step (BLIP: 32)")
     parser.add_argument("--capfilt-batches", default="64,256", help="batch sizes to time")
     parser.add_argument("--capfilt-images", type=int, default=512, help="images per timed batch size")
     parser.add_argument("--baseline-images", type=int, default=128, help="images for the transformers baseline")
@@ -152,6 +156,50 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def bench_retrieval(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """One retrieval finetuning step (BLIP-base 384 px, bf16, ITC + ITM): image keys/values shared by the ITM
+    pairs (ours) vs projected per pair as BLIP's code (`share_cross_kv = False`), same model, side by side."""
+    import torch
+
+    from blip_models import build_model
+    from blip_models.configuration_blip import preset
+
+    config = preset(args.preset)
+    if args.preset == "base":
+        config = config.replace(vision={"image_size": 384})
+    model = build_model("retrieval", config).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")  # fmt: skip
+    batch, size = args.retrieval_batch, config.vision.image_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    input_ids = torch.randint(1000, 20000, (batch, 35), device=device)
+    input_ids[:, 0] = 101
+    attention_mask = torch.ones_like(input_ids)
+    image_ids = torch.arange(batch, device=device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            loss = model(images, input_ids, attention_mask, image_ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    result: dict[str, Any] = {"model": args.preset, "image_size": size, "batch_per_gpu": batch}
+    for name, shared in (("ours_shared_image_keys", True), ("blip_per_pair_keys", False)):
+        model.share_cross_kv = shared
+        for _ in range(2):
+            step()
+        wall = timed(device, lambda: [step() for _ in range(args.pretrain_steps)])
+        result[name] = {"samples_per_s": round(batch * args.pretrain_steps / wall, 1)}
+    result["ratio"] = round(result["ours_shared_image_keys"]["samples_per_s"] / result["blip_per_pair_keys"]["samples_per_s"], 2)
+    del model, optimizer
     return result
 
 
@@ -342,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out), flush=True)
     if "capfilt" in parts:
         out["capfilt"] = bench_capfilt(args, device)
+        print(json.dumps(out), flush=True)
+    if "retrieval" in parts:
+        out["retrieval"] = bench_retrieval(args, device)
         print(json.dumps(out), flush=True)
     if "decode" in parts:
         out["decode"] = bench_decode(args)

@@ -19,6 +19,7 @@ bench() {  # name, timeout seconds, bench_gpu.py arguments...
 bench capfilt_eager 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024
 bench pretrain_eager 100 --parts pretrain --pretrain-batch 256
 bench pretrain_compiled 280 --parts pretrain --pretrain-batch 256 --compile
+bench retrieval_eager 120 --parts retrieval
 # The last line of each file is the end of its indented JSON; print the compact figures.
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -29,10 +30,10 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         data = json.loads(text[start + 1:] if start >= 0 else text)
     except ValueError:
         print(path.name, "no JSON;", (path.with_suffix(".err").read_text()[-1500:])); continue
-    for part in ("capfilt", "pretrain"):
+    for part in ("capfilt", "pretrain", "retrieval"):
         if part in data:
             d = data[part]
-            keep = {k: d.get(k) for k in ("images_per_s_per_gpu", "ours", "where_time_goes", "gpu_busy_fraction",
+            keep = d if part == "retrieval" else {k: d.get(k) for k in ("images_per_s_per_gpu", "ours", "where_time_goes", "gpu_busy_fraction",
                     "baseline", "ratio_vs_baseline_same_batch", "samples_per_s", "mfu", "achieved_tflops",
                     "model_tflop_per_step", "time_split", "warmup_s", "max_memory_gib", "compiled") if k in d}
             print(path.name, json.dumps(keep))
