@@ -201,7 +201,9 @@ class BertLayer(nn.Module):
         )
         present: LayerCache = self_kv
         if mode == "multimodal":
-            cross_past = cross_kv if cross_kv is not None else None if past is None or len(past) < 4 else (past[2], past[3])
+            cross_past = cross_kv  # precomputed image keys/values, else the decoding cache's cross entries
+            if cross_past is None and past is not None and len(past) >= 4:
+                cross_past = (past[2], past[3])
             hidden_states, cross_kv = self.crossattention(
                 hidden_states, encoder_attention_mask, encoder_hidden_states, cross_past
             )
@@ -269,7 +271,7 @@ class BertModel(nn.Module):
         is_decoder: bool = False,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
-        cross_kv: CrossKV | None = None,  # per layer (key, value) of the images (B rows): instead of encoder_hidden_states
+        cross_kv: CrossKV | None = None,  # per layer image (key, value), B rows: instead of encoder_hidden_states
     ) -> TextModelOutput:
         if mode not in ("text", "multimodal"):
             raise ValueError(f"BertModel: mode must be 'text' or 'multimodal', got {mode!r}")
@@ -314,8 +316,7 @@ class BertModel(nn.Module):
         """Multimodal encoding of (text p, image image_index[p]) pairs with the images' cross-attention keys/values
         picked by row instead of projected again for every pair: the same as `forward(input_ids, attention_mask,
         images[image_index], mode="multimodal")`, with each image projected once however many pairs use it."""
-        rows = tuple((key[image_index], value[image_index]) for key, value in cross_kv)
-        return self.forward(input_ids, attention_mask, mode="multimodal", cross_kv=rows)
+        return self.forward(input_ids, attention_mask, mode="multimodal", cross_kv=reorder_cache(cross_kv, image_index))
 
     def forward_with_cross_kv(
         self,
@@ -461,7 +462,7 @@ class BertLMHeadModel(nn.Module):
 
 
 def reorder_cache(past_key_values: Cache, index: torch.Tensor) -> Cache:
-    """Select rows of every cached tensor (beam search bookkeeping)."""
+    """Select rows of every cached tensor: beam search bookkeeping, and image keys/values picked per pair."""
     return tuple(tuple(tensor.index_select(0, index) for tensor in layer) for layer in past_key_values)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertModel, CrossKV
+from blip_models.med import BertModel, CrossKV, reorder_cache
 from blip_models.vit import VisionTransformer
 
 
@@ -293,7 +293,7 @@ class BlipRetrieval(nn.Module):
     ) -> torch.Tensor:
         """2-way ITM logits (B, 2) of the pairs (image image_index[b], text b), with image keys/values from
         `precompute_cross_kv`: equal to `itm_logits(image_embeds[image_index], input_ids, attention_mask)`."""
-        rows = tuple((key[image_index], value[image_index]) for key, value in cross_kv)  # (B, h, S, d) each
+        rows = reorder_cache(cross_kv, image_index)  # (B, h, S, d) each
         return self.itm_logits_grouped(rows, input_ids, attention_mask)
 
     @torch.no_grad()
