@@ -139,7 +139,7 @@ def run_baseline(registry, dataset, captioner, filter_model, args, batch_size: i
             pixel_values = torch.stack([transform(Image.open(io.BytesIO(jpg)).convert("RGB")) for jpg, _ in batch])
             pixel_values = pixel_values.to(device, dtype)
             ids = caption_model.generate(pixel_values, input_ids=prompt_ids.repeat(len(batch), 1).to(device),
-                                         do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=30,
+                                         do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.1, max_length=30,
                                          min_length=10, num_return_sequences=args.num_captions)  # fmt: skip
             captions = [pre_caption(t[len(prompt) :], 30) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
             texts, owners = [], []

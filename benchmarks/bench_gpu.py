@@ -328,7 +328,7 @@ def _capfilt_baseline(args, device, dtype, captioner, filter_model, tokenizer, s
     def run_batch(pixels: Any) -> None:
         with torch.no_grad():
             ids = hf_caption.generate(pixel_values=pixels, input_ids=prompt_ids.repeat(pixels.shape[0], 1),
-                                      do_sample=True, top_p=0.9, repetition_penalty=1.1, max_length=30,
+                                      do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.1, max_length=30,
                                       min_length=10)  # fmt: skip
             captions = tokenizer.batch_decode(ids, skip_special_tokens=True)
             texts = [t for c in captions for t in (web, c)]

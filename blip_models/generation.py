@@ -29,7 +29,9 @@ class GenerationConfig:
     num_beams: int = 1
     do_sample: bool = False  # nucleus sampling instead of beam/greedy search
     top_p: float = 0.9
-    top_k: int = 0  # 0 = off
+    # 0 = off. BLIP sampled with transformers 4.15 `generate`, whose top_k falls back to the config default 50
+    # (its med_config sets none): its captions come from the top-p nucleus of the 50 best tokens. Task models pass 50.
+    top_k: int = 0
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
@@ -67,19 +69,31 @@ def apply_min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos_to
 
 
 def top_k_top_p_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to −inf every token outside the top-k and outside the nucleus (always keeps the best token)."""
-    if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+    """Set to −inf every token outside the top-k and outside the nucleus (always keeps the best token).
+
+    Order and semantics of transformers' TopK then TopP warpers: the nucleus is taken in the distribution
+    renormalised over the top-k. With top-k on, only the k best are sorted (a (N, k) top-k instead of a full
+    (N, V) sort); of tokens tied with the k-th score, only those `torch.topk` returns are kept.
+    """
+    vocabulary = scores.shape[-1]
+    if 0 < top_k < vocabulary:
+        values, index = torch.topk(scores, top_k, dim=-1)  # (N, k), best first
+        if top_p < 1.0:
+            values = values.masked_fill(_outside_nucleus(values.softmax(dim=-1), top_p), -float("inf"))
+        return torch.full_like(scores, -float("inf")).scatter(1, index, values)
     if top_p < 1.0:
         sorted_scores, sorted_index = torch.sort(scores, descending=True, dim=-1)
-        probs = sorted_scores.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        remove_sorted = before > top_p
-        remove_sorted[:, 0] = False
+        remove_sorted = _outside_nucleus(sorted_scores.softmax(dim=-1), top_p)
         remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
         scores = scores.masked_fill(remove, -float("inf"))
     return scores
+
+
+def _outside_nucleus(ranked_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(N, K) bool over probabilities ranked best first: the mass strictly above the token exceeds top_p."""
+    remove = (ranked_probs.cumsum(dim=-1) - ranked_probs) > top_p
+    remove[:, 0] = False
+    return remove
 
 
 def sample(step: StepFn, input_ids: torch.Tensor, config: GenerationConfig,

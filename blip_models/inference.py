@@ -138,13 +138,14 @@ class CaptionSettings:
     prompt: str | None = None  # None = the model's prompt ('a picture of ')
     do_sample: bool = False
     top_p: float = 0.9
+    top_k: int = 50  # with do_sample: the nucleus is taken among the 50 best tokens, as BLIP's sampling did
     repetition_penalty: float | None = None
 
 
 def caption(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, settings: CaptionSettings) -> list[str]:
     return model.generate(pixel_values, tokenizer, prompt=settings.prompt, num_beams=settings.num_beams,
                           max_length=settings.max_length, min_length=settings.min_length,
-                          do_sample=settings.do_sample, top_p=settings.top_p,
+                          do_sample=settings.do_sample, top_p=settings.top_p, top_k=settings.top_k,
                           repetition_penalty=settings.repetition_penalty)  # fmt: skip
 
 

@@ -90,7 +90,7 @@ class BlipCaption(nn.Module):
         max_length: int = 30,
         min_length: int = 10,
         top_p: float = 0.9,
-        top_k: int = 0,
+        top_k: int = 50,  # BLIP's effective sampling: transformers 4.15 filled top_k from its config default (50)
         temperature: float = 1.0,
         repetition_penalty: float | None = None,
         length_penalty: float = 1.0,

@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--max-length", type=int, default=20, help="tokens, prompt included")
             parser.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
             parser.add_argument("--prompt", default=None, help="caption prefix (default: the model's, 'a picture of ')")
-            parser.add_argument("--sample", action="store_true", help="nucleus sampling (top-p 0.9) instead of beams")
+            parser.add_argument("--sample", action="store_true", help="nucleus sampling (top-k 50, then top-p 0.9, as BLIP) instead of beams")
         elif task == "itm":
             parser.add_argument("--text", action="append", required=True, help="text to match; repeatable")
         elif task == "vqa":

@@ -59,6 +59,9 @@ class CaptionerConfig:
     num_captions: int = 1  # synthetic captions per image (the paper: 1)
     prompt: str = "a picture of "  # prefix fed to the decoder and cut from the output
     top_p: float = 0.9  # nucleus mass
+    # BLIP sampled through transformers 4.15 `generate`, which filled top_k from the config default 50 (BLIP's
+    # med_config sets none): the nucleus is taken among the 50 best tokens. 0 = the whole vocabulary.
+    top_k: int = 50
     repetition_penalty: float = 1.1  # BLIP hard-codes 1.1 when sampling (1.0 in its beam search)
     num_beams: int = 3  # beam search only
     min_length: int = 10  # in tokens, INCLUDING the prompt tokens (BLIP's convention)
@@ -69,6 +72,7 @@ class CaptionerConfig:
     def __post_init__(self) -> None:
         check_range("captioner", "num_captions", self.num_captions, 0, 64)
         check_range("captioner", "top_p", self.top_p, 0.0, 1.0)
+        check_range("captioner", "top_k", self.top_k, 0)
         check_range("captioner", "repetition_penalty", self.repetition_penalty, 1.0)
         check_range("captioner", "num_beams", self.num_beams, 1, 64)
         check_range("captioner", "min_length", self.min_length, 0)
@@ -606,7 +610,7 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
 
 def _sampling(captioner: CaptionerConfig) -> dict[str, Any]:
     fields = ["method", "prompt", "min_length", "max_length", "num_captions", "max_words"]
-    fields += ["top_p", "repetition_penalty"] if captioner.method == "nucleus" else ["num_beams", "repetition_penalty"]
+    fields += ["top_p", "top_k", "repetition_penalty"] if captioner.method == "nucleus" else ["num_beams", "repetition_penalty"]
     return {name: getattr(captioner, name) for name in fields}
 
 

@@ -3,7 +3,7 @@
 Pure tensor functions called by the Ray actors of `_ray_capfilt.py` (and by the unit tests without Ray):
 `caption_images` (nucleus sampling with one seed per caption, or beam search), `score_texts` (ITM match
 probability of the web text and every caption, the image encoded once), and the helpers they use. Decoding
-follows blip_models.generation (lengths include the prompt, repetition penalty, top-p nucleus); the only
+follows blip_models.generation (lengths include the prompt, repetition penalty, top-k then top-p); the only
 change is the random draw: each row draws with its own seeded uniforms, so a caption does not depend on which
 other images shared its batch (see `sample_rows`).
 """
@@ -69,7 +69,8 @@ def _decoder_step(model: Any, image_embeds: Any) -> Any:
 def sample_rows(step: Any, input_ids: Any, generation: Any, uniforms: Any) -> Any:
     """Nucleus sampling where row i draws its t-th token with `uniforms[i, t]` (inverse CDF over the nucleus).
 
-    Same logits processing as blip_models.generation.sample (repetition penalty, then min length, then top-p);
+    Same logits processing as blip_models.generation.sample (repetition penalty, then min length, then top-k and
+    top-p);
     only the random draw differs: each row's uniforms come from that row's own seed, so a caption does not
     depend on what else was in the batch. Returns (N, T) ids, pad after eos.
     """
@@ -84,7 +85,7 @@ def sample_rows(step: Any, input_ids: Any, generation: Any, uniforms: Any) -> An
         logits, past = step(new_tokens, past)  # (N, V)
         scores = apply_repetition_penalty(logits.float(), sequences, generation.repetition_penalty)
         scores = apply_min_length(scores, sequences.shape[1], generation.min_length, generation.eos_token_id)
-        next_token = nucleus_draw(scores, generation.top_p, uniforms[:, step_index])  # (N,)
+        next_token = nucleus_draw(scores, generation.top_p, uniforms[:, step_index], generation.top_k)  # (N,)
         next_token = torch.where(finished, torch.full_like(next_token, generation.pad_token_id), next_token)
         sequences = torch.cat([sequences, next_token[:, None]], dim=1)
         finished = finished | (next_token == generation.eos_token_id)
@@ -134,14 +135,27 @@ def _sorted_descending(values: Any) -> Any:
     return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=-1)[:, ::-1]))
 
 
-def nucleus_draw(scores: Any, top_p: float, uniforms: Any) -> Any:
-    """One token per row from the nucleus of softmax(scores), by inverse CDF (vocabulary order) with `uniforms`."""
+def nucleus_draw(scores: Any, top_p: float, uniforms: Any, top_k: int = 0) -> Any:
+    """One token per row from the top-k/top-p nucleus of softmax(scores), by inverse CDF with `uniforms`.
+
+    The candidates are walked in vocabulary order, so a draw does not depend on how a device ranked equal scores.
+    With top-k on (BLIP's 50) everything happens on (N, k): no (N, V) pass and no host sync.
+    """
     import torch
 
-    probs = scores.softmax(dim=-1)  # (N, V)
-    cdf = (probs * nucleus_mask(probs, top_p)).cumsum(dim=-1)  # (N, V)
+    if 0 < top_k < scores.shape[-1]:
+        values, index = scores.topk(top_k, dim=-1)  # (N, k), best first
+        probs = values.softmax(dim=-1)  # renormalised over the top-k, as transformers' TopK then TopP warpers
+        probs = probs * ((probs.cumsum(dim=-1) - probs) <= top_p)  # the nucleus (the best token always)
+        index, order = index.sort(dim=-1)  # vocabulary order
+        probs = probs.gather(1, order)
+    else:
+        probs = scores.softmax(dim=-1)  # (N, V)
+        probs, index = probs * nucleus_mask(probs, top_p), None
+    cdf = probs.cumsum(dim=-1)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]  # (N, 1) in (0, nucleus mass]
-    return torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+    position = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)  # (N, 1)
+    return (position if index is None else index.gather(1, position)).squeeze(1)
 
 
 def row_uniforms(seeds: list[int], steps: int, device: Any) -> Any:
@@ -174,7 +188,8 @@ def caption_images(model: Any, tokenizer: Any, pixel_values: Any, keys: list[str
         if config.method == "nucleus":
             rows = count * config.num_captions  # row b * N + i = caption i of image b
             generation = GenerationConfig(max_length=config.max_length, min_length=config.min_length, do_sample=True,
-                                          top_p=config.top_p, repetition_penalty=config.repetition_penalty,
+                                          top_p=config.top_p, top_k=config.top_k,
+                                          repetition_penalty=config.repetition_penalty,
                                           eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             embeds = image_embeds.repeat_interleave(config.num_captions, dim=0)  # (B*N, S, D)
             seeds = [sample_seed(config.seed, key, i) for key in keys for i in range(config.num_captions)]

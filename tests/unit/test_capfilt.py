@@ -210,6 +210,26 @@ def test_nucleus_sampling_is_per_row_and_matches_the_reference_nucleus():
     assert tokens[2] == alone[0] and bool(reference[torch.arange(3), tokens].all())
 
 
+def test_top_k_nucleus_draw_walks_the_reference_nucleus_in_vocabulary_order():
+    import torch
+
+    from blip_models.generation import top_k_top_p_filter
+
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(4, 3000, generator=generator) * 2.0
+    filtered = top_k_top_p_filter(scores, 50, 0.9)  # BLIP's sampling: top-k 50, then the 0.9 nucleus
+    probs = filtered.softmax(dim=-1)  # (4, V), zero outside
+    cdf = probs.cumsum(dim=-1)
+    for u in (1e-6, 0.1, 0.37, 0.5, 0.81, 1.0):
+        uniforms = torch.full((4,), u)
+        tokens = capfilt_models.nucleus_draw(scores, 0.9, uniforms, top_k=50)
+        # inverse CDF in vocabulary order over the same renormalised nucleus
+        expected = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous()).squeeze(1)
+        assert torch.equal(tokens, expected) and bool(torch.isfinite(filtered[torch.arange(4), tokens]).all())
+    alone = capfilt_models.nucleus_draw(scores[1:2], 0.9, torch.tensor([0.37]), top_k=50)
+    assert alone[0] == capfilt_models.nucleus_draw(scores, 0.9, torch.full((4,), 0.37), top_k=50)[1]
+
+
 def test_captions_do_not_depend_on_batch_company():
     import torch
 

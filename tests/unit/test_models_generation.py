@@ -112,6 +112,23 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(top_k_top_p_filter(scores, 1, 1.0))
     assert kept.tolist() == [[True, False, False, False]]
+    # top-k first, then the nucleus of the distribution renormalised over the k: above the 2nd token lies 0.5 of
+    # the full row but 0.5 / 0.95 = 0.526 of the top 3, so top-p 0.5 keeps it only without top-k
+    assert torch.isfinite(top_k_top_p_filter(scores, 0, 0.5)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_k_top_p_filter(scores, 3, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_k_top_p_filter(scores, 3, 0.53)).tolist() == [[True, True, False, False]]
+
+
+def test_top_k_then_top_p_matches_the_warpers_on_the_full_vocabulary():
+    """The (N, k) path equals transformers' TopK warper (mask below the k-th score) then TopP over the full row."""
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.3, 3.0, 12.0):
+        scores = torch.randn(8, 500, generator=generator) * scale
+        masked = scores.masked_fill(scores < scores.topk(50, dim=-1).values[:, -1:], -float("inf"))
+        reference = top_k_top_p_filter(masked, 0, 0.9)  # full sort of the masked row
+        fast = top_k_top_p_filter(scores, 50, 0.9)
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(reference))
+        assert torch.equal(fast[torch.isfinite(fast)], scores[torch.isfinite(reference)])
 
 
 def test_repetition_penalty():
