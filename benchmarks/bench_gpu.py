@@ -10,6 +10,8 @@ What a lent GPU machine can run without Ray or webdataset installed (it has torc
   per-row seeds + ITM scores of web text and caption, models cast to bf16) for BLIP-base at 384 px, vs the naive
   baseline side by side: transformers' `BlipForConditionalGeneration.generate` then `BlipForImageTextRetrieval`
   on the same (converted) weights. Random weights never emit [SEP], so both decode to `max_length`: the worst case.
+  `--compile` compiles the ViT blocks; `--fp8-vision` runs both ViTs' linears in FP8 (blip_models.float8). Also
+  prints the decoding loop's top GPU kernels.
 * `retrieval`: one retrieval finetuning step (base 384 px, bf16) with image keys/values shared by the ITM pairs vs
   projected per pair as BLIP's code, side by side.
 * `decode`: JPEG decode + transform images/s on one CPU core (what feeding the GPU costs: cores needed =
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="regional torch.compile (blip_models.compilation.compile_blocks: every transformer block; "
                              "CapFilt: the ViT blocks only); warm-up includes the compilation")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile (default: torch's)")
+    parser.add_argument("--fp8-vision", action="store_true",
+                        help="capfilt: both ViTs' linear layers in FP8 (blip_models.float8; needs an sm89+ GPU)")
     return parser.parse_args(argv)
 
 
@@ -227,6 +231,15 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         with torch.no_grad():
             bias = captioner.text_decoder.cls.predictions.bias
             bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)).mul_(8.0).to(bias))
+    if args.fp8_vision:
+        from blip_models.float8 import quantize_vision_linears
+
+        reference = _itm_probabilities(captioner, filter_model, tokenizer, config, device, dtype)
+        quantize_vision_linears(captioner)
+        quantize_vision_linears(filter_model)
+        fp8 = _itm_probabilities(captioner, filter_model, tokenizer, config, device, dtype)
+        fp8_change = {"itm_probability_max_abs_change": round(float((fp8 - reference).abs().max()), 4),
+                      "note": "random weights: the agreement that matters is bench_fp8_vision.py's, on trained models"}
     if args.compile:  # the two ViTs are most of the FLOPs; the decoder's growing KV cache would recompile
         from blip_models.compilation import compile_blocks
 
@@ -237,7 +250,9 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     web = "a photo of a dog running on the beach with a ball"
     result: dict[str, Any] = {"model": args.preset, "image_size": size, "dtype": str(dtype).replace("torch.", ""),
                               "max_length": captioner_cfg.max_length, "compiled": args.compile,
-                              "peaked_logits": args.peaked_logits, "ours": {}}  # fmt: skip
+                              "peaked_logits": args.peaked_logits, "fp8_vision": args.fp8_vision, "ours": {}}  # fmt: skip
+    if args.fp8_vision:
+        result["fp8_vision_change"] = fp8_change
 
     def run_batch(pixels: Any, offset: int) -> None:
         keys = [f"k{offset + i}" for i in range(pixels.shape[0])]
@@ -257,8 +272,11 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     result["where_time_goes"] = _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web,
                                                captioner_cfg, filter_cfg)  # fmt: skip
     result["gpu_busy_fraction"] = gpu_busy_fraction(device, lambda: run_batch(pixels, 0))
-    if args.compile:
-        return result  # the baseline does not change with our compilation: run it without --compile
+    keys = [f"k{i}" for i in range(pixels.shape[0])]
+    result["decoding_top_kernels"] = top_kernels(device, lambda: caption_images(captioner, tokenizer, pixels, keys,
+                                                                                captioner_cfg))  # fmt: skip
+    if args.compile or args.fp8_vision:
+        return result  # the baseline does not change with our options: run it without them
     try:
         result["baseline"] = _capfilt_baseline(args, device, dtype, captioner, filter_model, tokenizer, size, web)
         base_batch = str(result["baseline"]["batch"])
@@ -287,6 +305,40 @@ def _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web, capt
              "filter_itm": filter_all - filter_vit}  # fmt: skip
     total = sum(parts.values())
     return {"batch": pixels.shape[0], "seconds": round(total, 4), **{k: round(v / total, 3) for k, v in parts.items()}}
+
+
+def _itm_probabilities(captioner, filter_model, tokenizer, config, device, dtype) -> Any:
+    """ITM match probabilities of 8 fixed images x their greedy captions (fp8 vs bf16 comparison)."""
+    import torch
+
+    from pipelines.tasks.capfilt import CaptionerConfig, FilterConfig
+    from pipelines.tasks.capfilt_models import caption_images, score_texts
+
+    size = config.vision.image_size
+    pixels = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    captions = caption_images(captioner, tokenizer, pixels, [f"k{i}" for i in range(8)], CaptionerConfig())
+    return torch.tensor(score_texts(filter_model, tokenizer, pixels, ["a dog on the beach"] * 8, captions, FilterConfig()))
+
+
+def top_kernels(device: Any, fn: Callable[[], Any], count: int = 8) -> list[dict[str, Any]] | None:
+    """The `count` GPU kernels with the most total time during `fn` (name, share of kernel time, calls)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA" and event.time_range.end > event.time_range.start:
+            entry = totals.setdefault(event.name[:90], [0.0, 0])
+            entry[0] += event.time_range.end - event.time_range.start
+            entry[1] += 1
+    everything = sum(total for total, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"kernel": name, "share": round(total / everything, 3), "calls": calls} for name, (total, calls) in ranked]
 
 
 def gpu_busy_fraction(device: Any, fn: Callable[[], Any]) -> float | None:

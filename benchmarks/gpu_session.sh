@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session of the GPU benchmarks (bench_gpu.py), sized for a 15-minute lease:
-#   device run, carry [".devcarry"] (holds vocab.txt), command: bash benchmarks/gpu_session.sh
-# Each part has its own timeout and writes its JSON under $OUT as soon as it ends.
+#   device run, carry [".devcarry"] (holds vocab.txt), command: bash benchmarks/gpu_session.sh [PART ...]
+# Each part has its own timeout and writes its JSON under $OUT as soon as it ends. Without arguments it runs the
+# parts not yet measured on a GPU (about 7 minutes, under the 10-minute limit of one device call); name parts
+# to choose: capfilt_eager capfilt_compiled capfilt_fp8_compiled pretrain_eager pretrain_compiled retrieval_eager.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -16,10 +18,20 @@ bench() {  # name, timeout seconds, bench_gpu.py arguments...
   timeout "$limit" python3 benchmarks/bench_gpu.py "${VOCAB[@]}" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
   echo "== $name: exit $? after $((SECONDS - began)) s"
 }
-bench capfilt_eager 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024
-bench pretrain_eager 100 --parts pretrain --pretrain-batch 256
-bench pretrain_compiled 280 --parts pretrain --pretrain-batch 256 --compile
-bench retrieval_eager 120 --parts retrieval
+run_part() {
+  case $1 in
+    capfilt_eager) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024 ;;
+    capfilt_compiled) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile ;;
+    capfilt_fp8_compiled) bench "$1" 170 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile --fp8-vision ;;
+    pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
+    pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch 512 --compile ;;
+    retrieval_eager) bench "$1" 120 --parts retrieval ;;
+    *) echo "unknown part $1" ;;
+  esac
+}
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(capfilt_compiled capfilt_fp8_compiled retrieval_eager)
+for part in "${PARTS[@]}"; do run_part "$part"; done
 # The last line of each file is the end of its indented JSON; print the compact figures.
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -35,6 +47,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             d = data[part]
             keep = d if part == "retrieval" else {k: d.get(k) for k in ("images_per_s_per_gpu", "ours", "where_time_goes", "gpu_busy_fraction",
                     "baseline", "ratio_vs_baseline_same_batch", "samples_per_s", "mfu", "achieved_tflops",
-                    "model_tflop_per_step", "time_split", "warmup_s", "max_memory_gib", "compiled") if k in d}
+                    "model_tflop_per_step", "time_split", "warmup_s", "max_memory_gib", "compiled", "fp8_vision",
+                    "fp8_vision_change", "decoding_top_kernels") if k in d}
             print(path.name, json.dumps(keep))
 PY

@@ -11,6 +11,7 @@ Values already set by the user win (setdefault). On a real multi-node cluster se
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -49,5 +50,19 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
         ray.init(address=address, log_to_driver=init_kwargs.pop("log_to_driver", True), **init_kwargs)
     else:
         init_kwargs.setdefault("include_dashboard", False)
+        if not init_kwargs["include_dashboard"]:
+            runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+            runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
+            init_kwargs["runtime_env"] = runtime_env
         ray.init(num_cpus=num_cpus, **init_kwargs)
     return ray
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker setup hook of a private local Ray (no dashboard, so no state API).
+
+    Ray Train's placement-group cleaner asks the state API every second whether the train controller is alive and
+    logs a warning each time it cannot (dozens per minute in every training log). Its job, removing a dead run's
+    placement group, does not arise here: a private Ray ends with the process that started it.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

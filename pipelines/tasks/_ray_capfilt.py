@@ -97,6 +97,11 @@ class _ModelActor:
         if not use_cuda:
             torch.set_num_threads(compute.torch_threads)
         self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype) for role in roles}
+        if compute.fp8_vision:
+            from blip_models.float8 import quantize_vision_linears
+
+            for model in self.models.values():
+                quantize_vision_linears(model)
         if compute.compile_vision:  # the decoder's growing cache would recompile every step: ViT blocks only
             from blip_models.compilation import compile_blocks
 

@@ -118,6 +118,9 @@ class ComputeConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model dtype on the device (bf16 on GPUs)
     torch_threads: int = 1  # intra-op threads per actor on CPU
     compile_vision: bool = False  # torch.compile the ViT blocks (regional): GPU actors; a little compile time each
+    # Both ViTs' linear layers in FP8 (blip_models.float8; FP8 GPUs: L4/L40/H100/H200). Changes ITM scores a
+    # little: measure the keep-decision agreement with benchmarks/bench_fp8_vision.py on your models first.
+    fp8_vision: bool = False
     writer_threads: int = 2  # driver threads writing finished shards
     progress_bars: bool = False
 
