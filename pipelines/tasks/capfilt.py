@@ -13,7 +13,8 @@ only module importing `ray.data`); measurements against a corpus's ground truth 
 How several kept texts reach pretraining: ONE training sample per image. `{key}.json` lists every text with its
 source, score and decision (`texts`) plus the kept ones (`captions`); `{key}.txt` is the kept text with the highest
 ITM score, so a reader that only knows `.txt` still trains on a filtered pair, and a reader that samples from
-`captions` each step gets BLIP's union of filtered web + filtered synthetic pairs without storing an image twice.
+`captions` (pretraining does: `pretrain.kept_text`) gets BLIP's union of filtered web + filtered synthetic pairs
+without storing an image twice.
 An image none of whose texts is kept is left out of the shards but stays in index.parquet/texts.parquet with
 its reason.
 

@@ -148,9 +148,10 @@ class PretrainTask:
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_bytes is None:
             raise DropSample("no_image")
-        if "txt" not in raw:
+        text = kept_text(raw, rng_seed)
+        if text is None:
             raise DropSample("no_caption")
-        caption = pre_caption(raw["txt"].decode("utf-8", errors="replace"), self.data.max_words)
+        caption = pre_caption(text, self.data.max_words)
         if not caption:
             raise DropSample("empty_caption")
         try:
@@ -188,6 +189,27 @@ class PretrainTask:
 
 
 # ---------------------------------------------------------------------------------------------- initialisation
+
+
+def kept_text(raw: dict[str, bytes], rng_seed: int) -> str | None:
+    """The caption this sample trains with: one of its kept texts (CapFilt's `captions`), else its `.txt`.
+
+    A CapFilt version stores each image once with every text the filter kept (web and synthetic, BLIP's union of
+    filtered pairs); each time the image comes up, one of them is drawn with the sample's seed (reproducible,
+    identical after a restart), so over the epochs every kept pair is trained on without storing the image twice.
+    Plain web shards (and unreadable JSON) fall back to `.txt`.
+    """
+    import json
+    import random
+
+    if "json" in raw:
+        try:
+            kept = json.loads(raw["json"]).get("captions")
+        except (ValueError, AttributeError):
+            kept = None
+        if isinstance(kept, list) and kept and all(isinstance(text, str) for text in kept):
+            return kept[random.Random(rng_seed).randrange(len(kept))]
+    return raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None
 
 
 def load_checkpoint_into(model: Any, source: str) -> dict[str, Any]:

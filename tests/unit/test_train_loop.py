@@ -132,6 +132,29 @@ def test_corrupt_and_missing_samples_are_dropped_and_counted(shard_dir: Path, tm
     assert empty.batch is None and empty.dropped == {"missing_from_shard": 4}
 
 
+def test_capfilt_samples_train_on_each_kept_text() -> None:
+    """A CapFilt sample's kept texts (web and synthetic) are drawn per sample seed; plain shards use `.txt`."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from pipelines.tasks.pretrain import kept_text
+
+    kept = ["a red circle on the left", "a picture of a red circle"]
+    document = json.dumps({"caption": kept[0], "captions": kept, "texts": []}).encode()
+    raw = {"txt": kept[0].encode(), "json": document}
+    draws = [kept_text(raw, seed) for seed in range(40)]
+    assert set(draws) == set(kept) and draws == [kept_text(raw, seed) for seed in range(40)]
+    assert kept_text({"txt": b"web text", "json": b'{"url": "x"}'}, 0) == "web text"  # web shard: no `captions`
+    assert kept_text({"txt": b"web text", "json": b"{broken"}, 0) == "web text"
+    assert kept_text({"json": b'{"captions": []}'}, 0) is None
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, format="JPEG")
+    captions = {pretrain_task(augment=False).decode({**raw, "jpg": buffer.getvalue()}, seed)["caption"] for seed in range(20)}
+    assert captions == set(kept)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
