@@ -55,6 +55,10 @@ class PipelineConfig:
     capfilt: CapFiltConfig = field(default_factory=CapFiltConfig)
     evaluate_caption: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="caption"))
     evaluate_retrieval: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="retrieval"))
+    # BLIP pretrains both models on the web pairs + human-annotated pairs (COCO, VG; spec §3): the downstream
+    # set's train split joins both pretrainings, and so does every dataset version listed (e.g. VG captions).
+    pretrain_with_downstream: bool = True
+    pretrain_extra_datasets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.finetune_captioner.task != "caption":

@@ -1,4 +1,4 @@
-"""`blip train CONFIG --dataset REF [--init REF] [--resume] [--name NAME] [--set k=v]`: pretrain on Ray Train.
+"""`blip train CONFIG --dataset REF [--dataset REF ...] [--init REF] [--resume] [--name NAME] [--set k=v]`: pretrain on Ray Train.
 
 A thin face over `pipelines.tasks.pretrain.run_pretrain`: loads the typed config (a path, or a preset name from
 configs/train/), connects to Ray (RAY_ADDRESS or a local instance), shows a progress bar fed by rank 0, and
@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
         "failure) and publish the result as a model version with lineage to the dataset and initial weights.",
     )
     parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, ...)")
-    parser.add_argument("--dataset", required=True, help="dataset version: name, name@vN or name@<id prefix>")
+    parser.add_argument("--dataset", required=True, action="append",
+                        help="dataset version: name, name@vN or name@<id prefix>; repeatable: the train shards of "
+                        "every version given are trained on together (BLIP: web pairs + COCO/VG human pairs)")
     parser.add_argument("--init", default=None,
                         help="initial weights: a model version, a save_pretrained directory or an official .pth")
     parser.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
@@ -69,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        manifest = run_pretrain(cfg, args.dataset, registry=registry, init=args.init, resume=args.resume,
-                                run_name=args.name, on_progress=on_progress)  # fmt: skip
+        manifest = run_pretrain(cfg, args.dataset[0], extra_datasets=args.dataset[1:], registry=registry,
+                                init=args.init, resume=args.resume, run_name=args.name, on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()

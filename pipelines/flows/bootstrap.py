@@ -1,7 +1,8 @@
 """The `bootstrap` flow: BLIP's data bootstrapping recipe, one Prefect task per stage.
 
-    download -> shard -> pretrain (web) -> finetune captioner (captioning) + filter (retrieval) on the clean
-    downstream set -> CapFilt -> pretrain (bootstrapped) -> finetune + evaluate both models -> report
+    download -> shard -> pretrain (web + human pairs) -> finetune captioner (captioning) + filter (retrieval) on
+    the clean downstream set -> CapFilt -> pretrain (bootstrapped + human pairs) -> finetune + evaluate both
+    models -> report
 
 Deployments (infra/prefect.yaml): bootstrap-tiny, bootstrap-14m, bootstrap-129m. Re-running after a crash
 reuses every published version (stage cache keys) and resumes inside the interrupted stage.
@@ -35,14 +36,16 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     raw = web_data(cfg, registry)
     clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
                       output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
-    model_web = pretrain_on(cfg, raw, "web", registry)
+    human = [*([clean] if cfg.pretrain_with_downstream else []),
+             *(registry.resolve(ref, kind="dataset") for ref in cfg.pretrain_extra_datasets)]
+    model_web = pretrain_on(cfg, raw, human, "web", registry)
     captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
     boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,
                      name=cfg.version_name("capfilt"), registry=registry, output_kind="dataset",
                      output_name=cfg.version_name("capfilt"), upstream=[raw, captioner, filter_])
     evaluations = {"web": evaluate_pair(cfg, captioner, filter_, clean, "web", registry)}
     if boot.num_samples:
-        model_boot = pretrain_on(cfg, boot, "capfilt", registry)
+        model_boot = pretrain_on(cfg, boot, human, "capfilt", registry)
         captioner_b, filter_b = finetune_pair(cfg, model_boot, clean, "capfilt", registry)
         evaluations["capfilt"] = evaluate_pair(cfg, captioner_b, filter_b, clean, "capfilt", registry)
     else:  # nothing to pretrain on: say so in the report instead of failing the run
@@ -67,10 +70,12 @@ def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
                      output_kind="dataset", output_name=cfg.version_name("web"), upstream=[raw])
 
 
-def pretrain_on(cfg: PipelineConfig, dataset: Manifest, tag: str, registry: Registry) -> Manifest:
+def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], tag: str, registry: Registry) -> Manifest:
+    """Pretraining on `dataset` (web or bootstrapped) + the human-annotated pairs, as both of BLIP's pretrainings."""
     name = cfg.version_name(f"pretrain-{tag}")
     return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
-                     registry=registry, output_kind="model", output_name=name, upstream=[dataset])
+                     extra_datasets=human, registry=registry, output_kind="model", output_name=name,
+                     upstream=[dataset, *human])
 
 
 def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: str, registry: Registry) -> tuple[Manifest, Manifest]:

@@ -17,7 +17,7 @@ import io
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipelines.config import check_range, config_hash, to_dict
 from pipelines.tasks.train_loop import LoopConfig, OptimConfig, StepInfo
@@ -197,18 +197,22 @@ def kept_text(raw: dict[str, bytes], rng_seed: int) -> str | None:
     A CapFilt version stores each image once with every text the filter kept (web and synthetic, BLIP's union of
     filtered pairs); each time the image comes up, one of them is drawn with the sample's seed (reproducible,
     identical after a restart), so over the epochs every kept pair is trained on without storing the image twice.
-    Plain web shards (and unreadable JSON) fall back to `.txt`.
+    Plain web shards (and unreadable JSON) fall back to `.txt`; a downstream set's train pairs (`.json` only, one
+    `caption` each, as BLIP's coco_karpathy_train.json) train on that caption.
     """
     import json
     import random
 
     if "json" in raw:
         try:
-            kept = json.loads(raw["json"]).get("captions")
+            document = json.loads(raw["json"])
+            kept = document.get("captions")
         except (ValueError, AttributeError):
-            kept = None
+            document, kept = {}, None
         if isinstance(kept, list) and kept and all(isinstance(text, str) for text in kept):
             return kept[random.Random(rng_seed).randrange(len(kept))]
+        if "txt" not in raw and isinstance(document.get("caption"), str):
+            return document["caption"]  # a downstream set's train pair (COCO Karpathy: one caption per sample)
     return raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None
 
 
@@ -257,6 +261,7 @@ def run_pretrain(
     cfg: PretrainConfig,
     dataset: Any,
     *,
+    extra_datasets: Sequence[Any] = (),
     registry: Any = None,
     init: str | None = None,
     resume: bool = False,
@@ -266,6 +271,8 @@ def run_pretrain(
 ) -> Any:
     """Pretrain on a dataset version and publish the model version; returns its Manifest.
 
+    `extra_datasets`: more dataset versions whose train shards join the same epochs, e.g. the human-annotated
+    COCO (+ VG) pairs BLIP adds to the web data in both of its pretrainings (spec §3); each is a parent.
     `init` (a model ref, directory or .pth) overrides `cfg.init.checkpoint`. `resume=True` continues the Ray
     Train run of the same name from its last checkpoint; without it an existing run directory is an error.
     `pid_dir`: each training worker writes `rank{r}.pid` there (operations and the fault test).
@@ -278,10 +285,12 @@ def run_pretrain(
     from pipelines.tasks.train_data import DataPlan, shards_of
 
     registry = registry if registry is not None else Registry()
-    dataset = registry.resolve(dataset, kind="dataset")
+    datasets = [registry.resolve(ref, kind="dataset") for ref in (dataset, *extra_datasets)]
+    if len({d.id for d in datasets}) != len(datasets):
+        raise ValueError(f"pretrain: a dataset version is given twice ({', '.join(d.ref for d in datasets)})")
     if init is not None:
         cfg = replace(cfg, init=InitConfig(checkpoint=init))
-    parents, init_source = [dataset], None
+    parents, init_source = list(datasets), None
     if cfg.init.checkpoint:
         init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
         if init_manifest is not None:
@@ -295,7 +304,7 @@ def run_pretrain(
         return cached
 
     blip_config = cfg.blip_config()
-    shards = shards_of(registry, dataset, cfg.data.split)
+    shards = tuple(shard for d in datasets for shard in shards_of(registry, d, cfg.data.split))
     plan = DataPlan(shards=shards, world_size=cfg.scaling.num_workers, batch_size=cfg.data.batch_size,
                     grad_accum=cfg.optim.grad_accum, seed=cfg.loop.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                     resampled=cfg.data.resampled)  # fmt: skip
@@ -322,6 +331,7 @@ def run_pretrain(
         "planned_steps": stats["planned_steps"], "restarts": stats["restarts"],
         "restored_from_checkpoint": stats["restores"], "init": {**stats["init"], "sha256": _init_digest(init_source)},
         "ray_run": {"name": name, "storage_path": storage},
+        "datasets": {d.ref: sum(int(e.num_samples or 0) for e in d.shards(cfg.data.split)) for d in datasets},
         "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
     }  # fmt: skip
     dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}

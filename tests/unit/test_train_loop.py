@@ -149,6 +149,8 @@ def test_capfilt_samples_train_on_each_kept_text() -> None:
     assert kept_text({"txt": b"web text", "json": b'{"url": "x"}'}, 0) == "web text"  # web shard: no `captions`
     assert kept_text({"txt": b"web text", "json": b"{broken"}, 0) == "web text"
     assert kept_text({"json": b'{"captions": []}'}, 0) is None
+    pair = b'{"caption": "a man riding a horse", "image_id": "coco_1", "idx": 0}'  # a downstream train pair
+    assert kept_text({"json": pair}, 3) == "a man riding a horse"
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(buffer, format="JPEG")
     captions = {pretrain_task(augment=False).decode({**raw, "jpg": buffer.getvalue()}, seed)["caption"] for seed in range(20)}
