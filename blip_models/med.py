@@ -461,6 +461,13 @@ class BertLMHeadModel(nn.Module):
         return _target_loss(self.cls(hidden[:, :-1][valid]), labels, valid, self.config.label_smoothing, reduction)
 
 
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Copy of `input_ids` whose position 0 is `token_id` ([ENC] for grounded encoding, [DEC] for decoding)."""
+    output = input_ids.clone()
+    output[:, 0] = token_id
+    return output
+
+
 def reorder_cache(past_key_values: Cache, index: torch.Tensor) -> Cache:
     """Select rows of every cached tensor: beam search bookkeeping, and image keys/values picked per pair."""
     return tuple(tuple(tensor.index_select(0, index) for tensor in layer) for layer in past_key_values)

@@ -17,7 +17,7 @@ from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
 from blip_models.generation import GenerationConfig, generate
-from blip_models.med import BertLMHeadModel, reorder_cache
+from blip_models.med import BertLMHeadModel, reorder_cache, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -71,8 +71,7 @@ class BlipCaption(nn.Module):
         text_cfg = self.config.text
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = text_cfg.bos_token_id
+        decoder_input_ids = with_first_token(input_ids, text_cfg.bos_token_id)
         targets = decoder_input_ids.masked_fill(decoder_input_ids == text_cfg.pad_token_id, -100)
         targets[:, : self.prompt_length if prompt_length is None else prompt_length] = -100
         output = self.text_decoder(decoder_input_ids, attention_mask, image_embeds, image_atts, labels=targets,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertModel
+from blip_models.med import BertModel, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -73,8 +73,7 @@ class BlipFeatureExtractor(nn.Module):
         output.image_embeds_proj = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
         if mode == "multimodal":
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            encoder_ids = input_ids.clone()
-            encoder_ids[:, 0] = self.config.text.enc_token_id
+            encoder_ids = with_first_token(input_ids, self.config.text.enc_token_id)
             output.multimodal_embeds = self.text_encoder(
                 encoder_ids, attention_mask, image_embeds, image_atts, mode="multimodal"
             ).last_hidden_state

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertModel, CrossKV, reorder_cache
+from blip_models.med import BertModel, CrossKV, reorder_cache, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -54,8 +54,7 @@ class BlipITM(nn.Module):
     ) -> torch.Tensor:
         """(B, 2) ITM logits of aligned pairs; `image_embeds` = visual_encoder output (B, 1+N, Dv)."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        encoder_input_ids = input_ids.clone()
-        encoder_input_ids[:, 0] = self.config.text.enc_token_id
+        encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
         output = self.text_encoder(encoder_input_ids, attention_mask, image_embeds, image_atts, mode="multimodal")
         return self.itm_head(output.last_hidden_state[:, 0, :])  # (B, 2)
 
@@ -79,8 +78,7 @@ class BlipITM(nn.Module):
     ) -> torch.Tensor:
         """ITM logits (B, 2) of texts grouped G = B // R per row of `cross_kv` (R rows): text b is paired with
         row b // G. No per-text copy of image keys/values (the fast path of retrieval re-ranking)."""
-        encoder_input_ids = input_ids.clone()
-        encoder_input_ids[:, 0] = self.config.text.enc_token_id
+        encoder_input_ids = with_first_token(input_ids, self.config.text.enc_token_id)
         hidden = self.text_encoder.forward_with_cross_kv(
             encoder_input_ids, attention_mask, cross_kv, first_token_only=True
         )  # (B, 1, H)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig, TextConfig
-from blip_models.med import BertModel, BertSelfAttention, init_bert_weights
+from blip_models.med import BertModel, BertSelfAttention, init_bert_weights, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -120,8 +120,7 @@ class BlipNLVR(nn.Module):
         image_embeds = self.visual_encoder(images)  # (2B, 1+N, Dv)
         left_embeds, right_embeds = image_embeds[:batch], image_embeds[batch:]
         image_atts = torch.ones(left_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        encoder_ids = input_ids.clone()
-        encoder_ids[:, 0] = self.config.text.enc_token_id
+        encoder_ids = with_first_token(input_ids, self.config.text.enc_token_id)
         output = self.text_encoder(
             encoder_ids, attention_mask, (left_embeds, right_embeds), (image_atts, image_atts), mode="multimodal"
         )

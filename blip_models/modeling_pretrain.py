@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertLMHeadModel, BertModel, tie_encoder_decoder_weights
+from blip_models.gather import concat_all_gather
+from blip_models.med import BertLMHeadModel, BertModel, tie_encoder_decoder_weights, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -30,24 +31,6 @@ class PretrainOutput:
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
     loss_lm: torch.Tensor
-
-
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient; identity in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
-def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """Copy of `input_ids` whose position 0 is `token_id` ([ENC] for grounded encoding, [DEC] for decoding)."""
-    output = input_ids.clone()
-    output[:, 0] = token_id
-    return output
 
 
 class BlipPretrain(nn.Module):

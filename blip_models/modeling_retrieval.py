@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
-from blip_models.med import BertModel, CrossKV, reorder_cache
+from blip_models.gather import all_gather_with_grad, concat_all_gather
+from blip_models.med import BertModel, CrossKV, reorder_cache, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -29,54 +29,6 @@ class RetrievalOutput:
     loss: torch.Tensor  # loss_itc + loss_itm
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
-
-
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient; identity in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 that keeps the gradient: backward sums every rank's gradient of the gathered
-    tensor and returns this rank's slice (BLIP `GatherLayer`, used for ITM negatives from all ranks)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 with gradient (every rank must pass the same shape); identity in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return _GatherWithGrad.apply(tensor)
-
-
-def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    output = input_ids.clone()
-    output[:, 0] = token_id
-    return output
 
 
 class BlipRetrieval(nn.Module):

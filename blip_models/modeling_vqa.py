@@ -19,7 +19,7 @@ from torch import nn
 
 from blip_models.configuration_blip import BlipConfig
 from blip_models.generation import GenerationConfig, generate
-from blip_models.med import BertLMHeadModel, BertModel, reorder_cache
+from blip_models.med import BertLMHeadModel, BertModel, reorder_cache, with_first_token
 from blip_models.vit import VisionTransformer
 
 
@@ -66,8 +66,7 @@ class BlipVQA(nn.Module):
         """Image-grounded question states (B, Lq, H); position 0 becomes `[ENC]`."""
         image_embeds = self.visual_encoder(pixel_values)  # (B, 1+N, Dv)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        encoder_ids = question_ids.clone()
-        encoder_ids[:, 0] = self.config.text.enc_token_id
+        encoder_ids = with_first_token(question_ids, self.config.text.enc_token_id)
         output = self.text_encoder(encoder_ids, question_mask, image_embeds, image_atts, mode="multimodal")
         return output.last_hidden_state
 
@@ -86,8 +85,7 @@ class BlipVQA(nn.Module):
         counts = torch.as_tensor(n_answers, device=question_states.device)
         question_states = question_states.repeat_interleave(counts, dim=0)  # (A, Lq, H)
         question_atts = question_mask.repeat_interleave(counts, dim=0)
-        decoder_ids = answer_ids.clone()
-        decoder_ids[:, 0] = text_cfg.bos_token_id
+        decoder_ids = with_first_token(answer_ids, text_cfg.bos_token_id)
         targets = decoder_ids.masked_fill(decoder_ids == text_cfg.pad_token_id, -100)
         output = self.text_decoder(
             decoder_ids, answer_mask, question_states, question_atts, labels=targets, reduction="none"

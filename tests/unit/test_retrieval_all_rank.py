@@ -18,7 +18,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from blip_models.modeling_retrieval import BlipRetrieval, all_gather_with_grad
+    from blip_models.gather import all_gather_with_grad
+    from blip_models.modeling_retrieval import BlipRetrieval
     from tests.unit._blip_tiny import micro_batch, micro_config
 
     torch.set_num_threads(1)
