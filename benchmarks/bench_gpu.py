@@ -5,7 +5,8 @@ What a lent GPU machine can run without Ray or webdataset installed (it has torc
 * `pretrain`: one BLIP pretraining step (ITC + ITM + LM) of the `base` model at 224 px, bf16 autocast, fused AdamW,
   synthetic batch already on the GPU: samples/s, model FLOPs per sample (counted by torch's FlopCounterMode on
   the real step), MFU against the chip's dense bf16 peak, and where the step's time goes (forward, backward,
-  optimiser, timed with synchronisation between them in separate steps).
+  optimiser, timed with synchronisation between them in separate steps; and per kernel class: matmul,
+  attention, fused Triton, eager elementwise, from torch.profiler).
 * `capfilt`: what one CapFilt actor does per batch (`pipelines.tasks.capfilt_models`: nucleus caption with
   per-row seeds + ITM scores of web text and caption, models cast to bf16) for BLIP-base at 384 px, vs the naive
   baseline side by side: transformers' `BlipForConditionalGeneration.generate` then `BlipForImageTextRetrieval`
@@ -153,6 +154,7 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         "mfu": round(achieved / peak, 3) if peak else None, "peak_bf16_tflops_assumed": peak, "device_name": name,
         "time_split": {k: round(v / total, 3) for k, v in phases.items()}, "compiled": args.compile and (args.compile_mode or "default"),
         "warmup_s": round(warmup_s, 1), "gpu_busy_fraction": gpu_busy_fraction(device, step),
+        "kernels": top_kernels(device, step, 10),
         "note": "synthetic batch already on the GPU: data wait is 0 here; see `decode` for the CPU side",
     }  # fmt: skip
     if device.type == "cuda":
@@ -320,8 +322,16 @@ def _itm_probabilities(captioner, filter_model, tokenizer, config, device, dtype
     return torch.tensor(score_texts(filter_model, tokenizer, pixels, ["a dog on the beach"] * 8, captions, FilterConfig()))
 
 
-def top_kernels(device: Any, fn: Callable[[], Any], count: int = 8) -> list[dict[str, Any]] | None:
-    """The `count` GPU kernels with the most total time during `fn` (name, share of kernel time, calls)."""
+KERNEL_CLASSES = (  # substrings of CUDA kernel names, first match wins
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "scaled_mm")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("triton (fused elementwise/reductions)", ("triton",)),
+    ("softmax/norm/elementwise (eager)", ("elementwise", "reduce", "softmax", "norm", "vectorized", "unrolled")),
+)
+
+
+def top_kernels(device: Any, fn: Callable[[], Any], count: int = 8) -> dict[str, Any] | None:
+    """Where `fn`'s GPU time goes: share of kernel time per kernel class, and the `count` costliest kernels."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -337,8 +347,15 @@ def top_kernels(device: Any, fn: Callable[[], Any], count: int = 8) -> list[dict
             entry[0] += event.time_range.end - event.time_range.start
             entry[1] += 1
     everything = sum(total for total, _ in totals.values()) or 1.0
+    classes: dict[str, float] = {}
+    for name, (total, _) in totals.items():
+        lowered = name.lower()
+        label = next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other")
+        classes[label] = classes.get(label, 0.0) + total / everything
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
-    return [{"kernel": name, "share": round(total / everything, 3), "calls": calls} for name, (total, calls) in ranked]
+    return {"classes": {k: round(v, 3) for k, v in sorted(classes.items(), key=lambda item: -item[1])},
+            "top": [{"kernel": name, "share": round(total / everything, 3), "calls": calls}
+                    for name, (total, calls) in ranked]}  # fmt: skip
 
 
 def gpu_busy_fraction(device: Any, fn: Callable[[], Any]) -> float | None:

@@ -48,6 +48,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             keep = d if part == "retrieval" else {k: d.get(k) for k in ("images_per_s_per_gpu", "ours", "where_time_goes", "gpu_busy_fraction",
                     "baseline", "ratio_vs_baseline_same_batch", "samples_per_s", "mfu", "achieved_tflops",
                     "model_tflop_per_step", "time_split", "warmup_s", "max_memory_gib", "compiled", "fp8_vision",
-                    "fp8_vision_change", "decoding_top_kernels") if k in d}
+                    "fp8_vision_change", "decoding_top_kernels", "kernels") if k in d}
             print(path.name, json.dumps(keep))
 PY
