@@ -8,7 +8,7 @@ BLIP settings), then HF ITM on the web text and each caption. Ours is `run_capfi
 decode, caption, filter, write shards + index + stats, publish), timed twice: the whole stage including actor
 start-up, and the pipeline's own clock.
 
-CPU (default, ~2-3 min here): `python benchmarks/bench_capfilt.py`
+CPU (default: 1,024 images, ~2-3 min here): `python benchmarks/bench_capfilt.py`
 GPU (not run here: no GPU on this machine): `python benchmarks/bench_capfilt.py --device cuda --preset base`
 runs BLIP-base shapes at 384 px in bf16, two colocated actors sharing one GPU (0.5 each), batch 64, and reports
 images/s per GPU and the actors' busy fraction (time computing / (computing + waiting for decoded batches)).
@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64, help="number of images (split into 4 shards)")
+    parser.add_argument("--images", type=int, default=1024,
+                        help="number of images (split into 4 shards); enough that actor start-up (~20 s on 2 cores) is not all")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 64 on GPU")
     parser.add_argument("--num-captions", type=int, default=1)
     parser.add_argument("--actors", type=int, default=2, help="model actors (they share the GPU with --device cuda)")

@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.tasks.capfilt_models import load_model, score_texts
 
     registry = Registry(args.registry) if args.registry else Registry()
+    defaults = parse_args([])
+    if (args.captioner, args.filter) == (defaults.captioner, defaults.filter) and not registry.versions("model", args.filter):
+        print(json.dumps({"benchmark": "fp8_vision", "skipped": f"no {args.filter} model in {registry.root}: run "
+                          "`make demo` first, or name trained models with --captioner/--filter/--dataset"}))  # fmt: skip
+        return 0
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     synthetic_same = torch.tensor([q for p in same_texts for q in p[1:]])
     threshold = args.threshold
     result = {
-        "captioner": refs["captioner"].ref, "filter": refs["filter"].ref, "dataset": dataset.ref,
+        "benchmark": "fp8_vision", "captioner": refs["captioner"].ref, "filter": refs["filter"].ref, "dataset": dataset.ref,
         "images": len(samples), "device": str(device), "dtype": dtype, "fp8_linears": swapped,
         "web_keep_agreement": round(float(((web_exact >= threshold) == (web_fp8 >= threshold)).float().mean()), 4),
         "web_probability_max_abs_change": round(float((web_exact - web_fp8).abs().max()), 4),
