@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1024,
-                        help="number of images (split into 4 shards); enough that actor start-up (~20 s on 2 cores) is not all")
+                        help="images, split into 4 shards (enough that actor start-up, ~20 s on 2 cores, is not all)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 64 on GPU")
     parser.add_argument("--num-captions", type=int, default=1)
     parser.add_argument("--actors", type=int, default=2, help="model actors (they share the GPU with --device cuda)")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", default=None, help="registry URL (default: BLIP_REGISTRY or ./artifacts/registry)")
+    parser.add_argument("--registry", default=None, help="registry URL (default BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--captioner", default="tiny-captioner-web", help="captioner model version")
     parser.add_argument("--filter", default="tiny-filter-web", help="filter model version")
     parser.add_argument("--dataset", default="tiny-web", help="web dataset version (its shards' jpg + txt)")
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = Registry(args.registry) if args.registry else Registry()
     defaults = parse_args([])
-    if (args.captioner, args.filter) == (defaults.captioner, defaults.filter) and not registry.versions("model", args.filter):
+    asked_for_defaults = (args.captioner, args.filter) == (defaults.captioner, defaults.filter)
+    if asked_for_defaults and not registry.versions("model", args.filter):
         print(json.dumps({"benchmark": "fp8_vision", "skipped": f"no {args.filter} model in {registry.root}: run "
-                          "`make demo` first, or name trained models with --captioner/--filter/--dataset"}))  # fmt: skip
+                          "`make demo` first, or name trained models with --captioner/--filter/--dataset"}))
         return 0
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -117,14 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         # the filter alone on the exact side's captions: FP8's effect on scores, without its effect on captions
         same_texts = []
         for pixels, web, start in zip(pixel_batches, web_batches, range(0, len(samples), args.batch_size)):
-            same_texts += score_texts(fp8["filter"], tokenizer, pixels, web, captions[start : start + len(web)], config.filter)
+            batch_captions = captions[start : start + len(web)]
+            same_texts += score_texts(fp8["filter"], tokenizer, pixels, web, batch_captions, config.filter)
     web_exact = torch.tensor([p[0] for p in probabilities])
     web_fp8 = torch.tensor([p[0] for p in fp8_probabilities])
     synthetic_exact = torch.tensor([q for p in probabilities for q in p[1:]])
     synthetic_same = torch.tensor([q for p in same_texts for q in p[1:]])
     threshold = args.threshold
     result = {
-        "benchmark": "fp8_vision", "captioner": refs["captioner"].ref, "filter": refs["filter"].ref, "dataset": dataset.ref,
+        "benchmark": "fp8_vision", "captioner": refs["captioner"].ref, "filter": refs["filter"].ref,
+        "dataset": dataset.ref,
         "images": len(samples), "device": str(device), "dtype": dtype, "fp8_linears": swapped,
         "web_keep_agreement": round(float(((web_exact >= threshold) == (web_fp8 >= threshold)).float().mean()), 4),
         "web_probability_max_abs_change": round(float((web_exact - web_fp8).abs().max()), 4),
