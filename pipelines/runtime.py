@@ -4,7 +4,7 @@ Each setting was reproduced on our machines (shared/docs/orchestration.md):
 - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray listener on 127.0.0.1; without it a client rewrites
   127.0.0.1 into the network card's address and hangs. It must be set in *every* process that uses Ray.
 - RAY_AUTH_MODE=token: Ray 2.60 turns token auth on; the jobs CLI/SDK only send the token with this set.
-- Telemetry off (Ray usage stats, Prefect analytics, DO_NOT_TRACK).
+- Telemetry off (Ray usage stats, Prefect analytics, DO_NOT_TRACK); Ray Train's print patch off (see below).
 Values already set by the user win (setdefault). On a real multi-node cluster set BLIP_RAY_MULTINODE=1
 (the infra/ images do): the loopback switch would stop extra nodes from joining.
 """
@@ -24,6 +24,9 @@ ENVIRONMENT = {
     # The ephemeral Prefect server's 20 s default start-up timeout is too tight on 2 cores (15-17 s seen).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train 2.60 routes a worker's print() to its logger and, when sys.stdout is wrapped (img2dataset pulls in
+    # wandb, whose console capture wraps it), also to the stream: every training log line reached us twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
