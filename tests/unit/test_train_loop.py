@@ -232,3 +232,18 @@ def test_init_from_a_saved_model(tmp_path: Path) -> None:
     model = task.build_model()
     assert task.init_report["from"] == "version" and not task.init_report["missing"]
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))
+
+
+def test_train_cli_resolves_every_dataset_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`blip train --dataset A --dataset B`: B joins A; an unknown one is a one-line error, before Ray starts."""
+    from datasets_fixtures import publish_dataset, sample_rows
+
+    from datasets_manifests.registry import Registry
+    from pipelines.cli import main
+
+    registry = Registry(tmp_path / "registry")
+    publish_dataset(registry, tmp_path / "web", "web", sample_rows(4))
+    code = main(["train", "pretrain_tiny", "--dataset", "web", "--dataset", "coco-pairs-nowhere",
+                 "--registry", registry.url, "--no-progress"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "blip train: error:" in error and "coco-pairs-nowhere" in error
