@@ -288,3 +288,31 @@ def test_filter_scores_equal_per_pair_itm():
     with pytest.raises(ValueError, match="caption counts"):
         capfilt_models.score_texts(model, tokenizer, pixels[:2], web[:2], [["a"], []], config)
     assert capfilt_models.score_texts(model, tokenizer, pixels[:0], [], [], config) == []
+
+
+def test_sampling_checks_for_the_end_every_few_steps_with_the_same_output(monkeypatch):
+    import torch
+
+    from blip_models.generation import GenerationConfig
+
+    eos, pad, vocab = 2, 0, 60
+    ends = torch.tensor([3, 6, 1])  # row i emits eos at its ends[i]-th decoding step
+
+    def step(new_tokens, past):
+        count = 0 if past is None else past
+        logits = torch.full((3, vocab), -20.0)
+        logits[:, 10 + count] = 20.0  # a different token each step: the repetition penalty never matters
+        logits[ends == count + 1, eos] = 40.0
+        return logits, count + 1
+
+    generation = GenerationConfig(max_length=20, min_length=0, do_sample=True, top_p=0.9, top_k=50,
+                                  eos_token_id=eos, pad_token_id=pad, repetition_penalty=1.1)  # fmt: skip
+    prompt = torch.tensor([[30, 31]]).repeat(3, 1)
+    uniforms = torch.full((3, 20), 0.5)
+    outputs = {}
+    for every in (1, 4, 5):
+        monkeypatch.setattr(capfilt_models, "CHECK_DONE_EVERY", every)
+        outputs[every] = capfilt_models.sample_rows(step, prompt, generation, uniforms)
+    assert outputs[1].shape == (3, 2 + 6)  # stops right after the last row's eos
+    assert torch.equal(outputs[4], outputs[1]) and torch.equal(outputs[5], outputs[1])
+    assert outputs[1][2].tolist() == [30, 31, eos, pad, pad, pad, pad, pad]
