@@ -110,11 +110,11 @@ class BlipPretrain(nn.Module):
         queue_size = self.image_queue.shape[1]
         if batch > queue_size:
             raise ValueError(f"BlipPretrain: global batch {batch} exceeds queue_size {queue_size}")
-        ptr = int(self.queue_ptr)
-        index = (torch.arange(batch, device=image_feats.device) + ptr) % queue_size
+        # The pointer stays on the device (reading it would stall the step on a host sync).
+        index = (torch.arange(batch, device=image_feats.device) + self.queue_ptr) % queue_size
         self.image_queue[:, index] = image_feats.T.to(self.image_queue.dtype)
         self.text_queue[:, index] = text_feats.T.to(self.text_queue.dtype)
-        self.queue_ptr[0] = (ptr + batch) % queue_size
+        self.queue_ptr.add_(batch).remainder_(queue_size)
 
     # ------------------------------------------------------------------------------------------------- forward
 
@@ -143,18 +143,24 @@ class BlipPretrain(nn.Module):
     def _hard_negatives(self, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                         image_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(negative image per text, negative text per image), each (B,), drawn from the in-batch similarity
-        softmax, never the positive nor another pair of the same image."""
+        softmax, never the positive nor another pair of the same image.
+
+        A row whose every other pair shows its own image (a degenerate batch) falls back to BLIP's own rule, any
+        other pair; deciding that on the device keeps the step free of host syncs."""
         batch = sim_i2t.shape[0]
+        if batch < 2:
+            raise ValueError("BlipPretrain: ITM needs at least two pairs per batch for hard negatives")
         weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1) + 1e-4  # (B, B)
         weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1) + 1e-4
-        same = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
-        if image_ids is not None:
-            same = same | (image_ids.view(-1, 1) == image_ids.view(1, -1))
-        weights_t2i = weights_t2i.masked_fill(same, 0)
-        weights_i2t = weights_i2t.masked_fill(same, 0)
-        if bool((weights_t2i.sum(dim=1) == 0).any()):
-            raise ValueError("BlipPretrain: ITM needs at least two distinct images per batch for hard negatives")
-        return torch.multinomial(weights_t2i, 1).squeeze(1), torch.multinomial(weights_i2t, 1).squeeze(1)
+        diagonal = torch.eye(batch, dtype=torch.bool, device=sim_i2t.device)
+        same = diagonal if image_ids is None else diagonal | (image_ids.view(-1, 1) == image_ids.view(1, -1))
+
+        def allowed(weights: torch.Tensor) -> torch.Tensor:
+            strict = weights.masked_fill(same, 0)
+            return torch.where(strict.sum(dim=1, keepdim=True) > 0, strict, weights.masked_fill(diagonal, 0))
+
+        negative_image = torch.multinomial(allowed(weights_t2i), 1).squeeze(1)
+        return negative_image, torch.multinomial(allowed(weights_i2t), 1).squeeze(1)
 
     @staticmethod
     def prepare_text(tokenizer, captions: list[str], max_length: int = 30) -> tuple[torch.Tensor, torch.Tensor]:

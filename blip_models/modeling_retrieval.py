@@ -102,12 +102,12 @@ class BlipRetrieval(nn.Module):
         queue_size = self.image_queue.shape[1]
         if batch > queue_size:
             raise ValueError(f"BlipRetrieval: global batch {batch} exceeds queue_size {queue_size}")
-        ptr = int(self.ptr_queue)
-        index = (torch.arange(batch, device=image_feats.device) + ptr) % queue_size
+        # The pointer stays on the device (reading it would stall the step on a host sync).
+        index = (torch.arange(batch, device=image_feats.device) + self.ptr_queue) % queue_size
         self.image_queue[:, index] = image_feats.T.to(self.image_queue.dtype)
         self.text_queue[:, index] = text_feats.T.to(self.text_queue.dtype)
         self.idx_queue[:, index] = all_idxs.view(1, -1).to(self.idx_queue.dtype)
-        self.ptr_queue[0] = (ptr + batch) % queue_size
+        self.ptr_queue.add_(batch).remainder_(queue_size)
 
     @staticmethod
     def prepare_text(tokenizer, captions: list[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:

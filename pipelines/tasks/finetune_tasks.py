@@ -151,12 +151,12 @@ class RetrievalTask(_ImageTask):
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
                 "attention_mask": attention_mask, "idx": torch.tensor([s["idx"] for s in samples])}  # fmt: skip
 
-    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         # BLIP train_retrieval: epoch 0 ramps alpha = 0.4 * min(1, i / len(loader)); later epochs use 0.4.
         alpha = self.model_config["alpha"] * min(1.0, info.step / info.steps_per_epoch)
         output = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha=alpha)
-        return output.loss, {"loss": float(output.loss.detach()), "loss_itc": float(output.loss_itc.detach()),
-                             "loss_itm": float(output.loss_itm.detach()), "alpha": alpha}  # fmt: skip
+        return output.loss, {"loss": output.loss.detach(), "loss_itc": output.loss_itc.detach(),
+                             "loss_itm": output.loss_itm.detach(), "alpha": alpha}  # fmt: skip
 
 
 class CaptionTask(_ImageTask):
@@ -184,9 +184,9 @@ class CaptionTask(_ImageTask):
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
                 "attention_mask": attention_mask}  # fmt: skip
 
-    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         output = model(batch["image"], batch["input_ids"], batch["attention_mask"], return_logits=False)
-        return output.loss, {"loss": float(output.loss.detach()), "loss_lm": float(output.loss.detach())}
+        return output.loss, {"loss": output.loss.detach(), "loss_lm": output.loss.detach()}
 
 
 class VQATask(_ImageTask):
@@ -219,10 +219,10 @@ class VQATask(_ImageTask):
                 "weights": torch.tensor([w for s in samples for w in s["weights"]]),
                 "n_answers": torch.tensor([len(s["answers"]) for s in samples])}  # fmt: skip
 
-    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         output = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
                        batch["answer_mask"], batch["weights"], batch["n_answers"])  # fmt: skip
-        return output.loss, {"loss": float(output.loss.detach())}
+        return output.loss, {"loss": output.loss.detach()}
 
 
 class NLVRTask(_ImageTask):
@@ -260,10 +260,10 @@ class NLVRTask(_ImageTask):
                 "input_ids": input_ids, "attention_mask": attention_mask,
                 "labels": torch.tensor([s["label"] for s in samples])}  # fmt: skip
 
-    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         output = model(batch["left"], batch["right"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-        accuracy = float((output.logits.argmax(-1) == batch["labels"]).float().mean())
-        return output.loss, {"loss": float(output.loss.detach()), "accuracy": accuracy}
+        accuracy = (output.logits.argmax(-1) == batch["labels"]).float().mean()
+        return output.loss, {"loss": output.loss.detach(), "accuracy": accuracy}
 
 
 TASK_CLASSES = {"retrieval": RetrievalTask, "caption": CaptionTask, "vqa": VQATask, "nlvr": NLVRTask}

@@ -164,7 +164,7 @@ class PretrainTask:
                 pixels = train_transform(self.image_size, self.data.min_scale, augment_seed=rng_seed)(image)
         else:
             pixels = eval_transform(self.image_size)(image)
-        return {"image": pixels, "caption": caption}
+        return {"image": pixels, "caption": caption, "image_id": image_identity(raw)}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -176,14 +176,17 @@ class PretrainTask:
         # BLIP pretraining pads every caption to 30 tokens.
         input_ids, attention_mask = tokenize(self._tokenizer, [s["caption"] for s in samples], 30, "max_length")
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
-                "attention_mask": attention_mask}  # fmt: skip
+                "attention_mask": attention_mask, "image_ids": torch.tensor([s["image_id"] for s in samples])}
 
-    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         # BLIP: alpha = 0.4 * min(1, (epoch * iters + i) / (2 * iters)), i.e. a linear ramp over two epochs.
         alpha = self.model_config["alpha"] * min(1.0, info.step / (2 * info.steps_per_epoch))
-        output = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
-        metrics = {f"loss_{name}": float(getattr(output, f"loss_{name}").detach()) for name in ("itc", "itm", "lm")}
-        metrics["loss"] = float(output.loss.detach())
+        output = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
+                       image_ids=batch["image_ids"])  # a caption's hard negative is never a pair of its own image
+        # Detached device scalars: the loop brings them to the host once per step.
+        metrics: dict[str, Any] = {f"loss_{name}": getattr(output, f"loss_{name}").detach()
+                                   for name in ("itc", "itm", "lm")}
+        metrics["loss"] = output.loss.detach()
         metrics["alpha"] = alpha
         return output.loss, metrics
 
@@ -214,6 +217,21 @@ def kept_text(raw: dict[str, bytes], rng_seed: int) -> str | None:
         if "txt" not in raw and isinstance(document.get("caption"), str):
             return document["caption"]  # a downstream set's train pair (COCO Karpathy: one caption per sample)
     return raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None
+
+
+def image_identity(raw: dict[str, Any]) -> int:
+    """Which image a sample shows, as an int64: a downstream pair's `image_id` (COCO: 5 pairs per image), else
+    the sample's key (a web or bootstrapped sample is one image)."""
+    import hashlib
+    import json
+
+    name = str(raw.get("__key__", ""))
+    if "json" in raw and "txt" not in raw:
+        try:
+            name = f"image:{json.loads(raw['json'])['image_id']}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def load_checkpoint_into(model: Any, source: str) -> dict[str, Any]:

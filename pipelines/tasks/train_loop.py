@@ -108,8 +108,9 @@ class TrainTask(Protocol):
     def collate(self, samples: list[dict[str, Any]]) -> Batch:
         """Samples to a batch dict (tensors and lists)."""
 
-    def loss(self, model: nn.Module, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward one micro-batch: (scalar loss to minimise, per-objective metrics as floats)."""
+    def loss(self, model: nn.Module, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward one micro-batch: (scalar loss to minimise, per-objective metrics as floats or detached 0-d
+        tensors; the loop brings tensors to the host once per step, not once per metric)."""
 
 
 @dataclass(slots=True)
@@ -285,7 +286,8 @@ class TrainLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         info = self.step_info()
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # floats or device scalars until the one host transfer below
+        losses = []
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DDP: all-reduce gradients only on the last micro-batch of the step.
@@ -293,20 +295,26 @@ class TrainLoop:
             with sync:
                 loss, metrics = self._forward(micro, info)
                 (loss / len(micro_batches)).backward()
+            losses.append(loss.detach())
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / len(micro_batches)
+                sums[key] = sums.get(key, 0.0) + value / len(micro_batches)
             self.state.samples_seen += micro.num_samples
             for reason, count in micro.dropped.items():
                 self.state.dropped[reason] = self.state.dropped.get(reason, 0) + count
         if self.optim_cfg.max_grad_norm is not None:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.max_grad_norm))
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.max_grad_norm)
+        # One device->host transfer per step (each float() of a GPU scalar waits for the queue to drain), and the
+        # finiteness check before the update, so a NaN step never reaches the weights.
+        sums, finite = to_host(sums, torch.isfinite(torch.stack(losses).float()).all())
+        if not finite:
+            raise FloatingPointError(f"loss is not finite at step {info.step} (metrics {sums})")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.batches_in_epoch += len(micro_batches)
         return sums
 
-    def _forward(self, micro: MicroBatch, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward(self, micro: MicroBatch, info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]:
         if micro.batch is None:
             # Every sample was dropped: still take part in the gradient all-reduce, with zero gradients, so
             # that the other ranks do not wait forever (a corrupt sample is never fatal).
@@ -314,10 +322,7 @@ class TrainLoop:
             return zero * 0.0, {}
         batch = _to_device(micro.batch, self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss, metrics = self.task.loss(self.model, batch, info)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {info.step} (metrics {metrics})")
-        return loss, metrics
+            return self.task.loss(self.model, batch, info)
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -440,6 +445,16 @@ def gpu_utilisation() -> float | None:
         return float(torch.cuda.utilization())
     except Exception:  # noqa: BLE001 - pynvml missing or no permission: leave the metric out
         return None
+
+
+def to_host(metrics: dict[str, Any], flag: torch.Tensor) -> tuple[dict[str, float], bool]:
+    """`metrics` as floats and `flag` as a bool, with one transfer for every tensor among them."""
+    names = [name for name, value in metrics.items() if isinstance(value, torch.Tensor)]
+    stacked = torch.stack([flag.float().reshape(()),
+                           *(metrics[n].detach().float().reshape(()).to(flag.device) for n in names)])
+    flag_value, *values = stacked.tolist()
+    on_device = dict(zip(names, values))
+    return {name: float(on_device.get(name, value)) for name, value in metrics.items()}, bool(flag_value)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

@@ -144,11 +144,18 @@ def test_hard_negatives_never_pick_positive_or_same_image(monkeypatch):
         assert not torch.any(same[rows, draw.squeeze(1)])
 
 
-def test_batch_without_negatives_is_a_clear_error():
+def test_batch_without_negatives_is_a_clear_error_or_falls_back_to_any_other_pair():
     model = BlipPretrain(micro_config())
     pixel_values, input_ids, attention_mask = micro_batch(2)
-    with pytest.raises(ValueError, match="distinct images"):
-        model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="two pairs per batch"):
+        model(pixel_values[:1], input_ids[:1], attention_mask[:1])
+    torch.manual_seed(0)
+    sims = torch.randn(3, 3)
+    for _ in range(5):  # every pair shows the same image: BLIP's rule, any other pair, never the positive
+        negative_image, negative_text = model._hard_negatives(sims, sims.T, torch.tensor([7, 7, 7]))
+        assert not torch.any(negative_image == torch.arange(3)) and not torch.any(negative_text == torch.arange(3))
+    output = model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([3, 3]))
+    assert torch.isfinite(output.loss)
 
 
 def test_mismatched_encoder_width_is_rejected():

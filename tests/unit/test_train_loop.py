@@ -153,8 +153,21 @@ def test_capfilt_samples_train_on_each_kept_text() -> None:
     assert kept_text({"json": pair}, 3) == "a man riding a horse"
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(buffer, format="JPEG")
-    captions = {pretrain_task(augment=False).decode({**raw, "jpg": buffer.getvalue()}, seed)["caption"] for seed in range(20)}
+    task = pretrain_task(augment=False)
+    captions = {task.decode({**raw, "jpg": buffer.getvalue()}, seed)["caption"] for seed in range(20)}
     assert captions == set(kept)
+
+
+def test_pairs_of_one_image_share_an_image_id() -> None:
+    from pipelines.tasks.pretrain import image_identity
+
+    first = {"__key__": "000001", "json": b'{"caption": "a horse", "image_id": "coco_1"}'}
+    second = {"__key__": "000002", "json": b'{"caption": "a brown horse", "image_id": "coco_1"}'}
+    other = {"__key__": "000003", "json": b'{"caption": "a dog", "image_id": "coco_2"}'}
+    assert image_identity(first) == image_identity(second) != image_identity(other)
+    web = [{"__key__": key, "txt": b"a photo", "json": b'{"image_id": "same"}'} for key in ("a1", "a2")]
+    assert image_identity(web[0]) != image_identity(web[1])  # a web sample is its own image
+    assert 0 <= image_identity(first) < 2**63
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -179,6 +192,21 @@ def test_tiny_blip_loss_falls(shard_dir: Path) -> None:
     first, last = sum(m["loss"] for m in logged[:3]) / 3, sum(m["loss"] for m in logged[-3:]) / 3
     assert math.isfinite(last) and last < first - 0.5
     assert loop.state.dropped.get("undecodable_image", 0) >= 1
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_update(shard_dir: Path) -> None:
+    loop, batches = make_loop(shard_dir, steps=2)
+    micro = next(iter(batches(0, 0)))
+    assert math.isfinite(loop.train_step([micro])["loss"])  # metrics reach the host as floats
+    with torch.no_grad():
+        loop.model.text_decoder.cls.predictions.bias[0] = float("nan")  # the LM loss, hence the total, is NaN
+    # trained weights only: the forward pass itself moves the momentum encoders, as in BLIP
+    before = {name: p.detach().clone() for name, p in loop.model.named_parameters() if p.requires_grad}
+    with pytest.raises(FloatingPointError, match="loss is not finite at step 1"):
+        loop.train_step([micro])
+    for name, parameter in loop.model.named_parameters():
+        if name in before:
+            torch.testing.assert_close(parameter, before[name], rtol=0, atol=0, equal_nan=True)
 
 
 def test_checkpoint_restore_is_exact(shard_dir: Path, tmp_path: Path) -> None:
