@@ -56,11 +56,16 @@ class PipelineConfig:
     evaluate_caption: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="caption"))
     evaluate_retrieval: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="retrieval"))
     # BLIP pretrains both models on the web pairs + human-annotated pairs (COCO, VG; spec §3): the downstream
-    # set's train split joins both pretrainings, and so does every dataset version listed (e.g. VG captions).
+    # set's train split joins both pretrainings, and so does every set listed in `human_pairs` (published by the
+    # flow like the downstream set, e.g. `{kind: files, benchmark: vg_caption, ...}` for Visual Genome captions).
     pretrain_with_downstream: bool = True
-    pretrain_extra_datasets: list[str] = field(default_factory=list)
+    human_pairs: list[DownstreamConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for index, pairs in enumerate(self.human_pairs):
+            if pairs.benchmark not in ("coco", "flickr", "vg_caption"):
+                raise ValueError(f"'human_pairs[{index}].benchmark': {pairs.benchmark!r} has no caption pairs "
+                                 "(expected coco, flickr or vg_caption)")  # fmt: skip
         if self.finetune_captioner.task != "caption":
             raise ValueError("'finetune_captioner.task' must be 'caption'")
         if self.finetune_filter.task != "retrieval":

@@ -36,8 +36,11 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     raw = web_data(cfg, registry)
     clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
                       output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
-    human = [*([clean] if cfg.pretrain_with_downstream else []),
-             *(registry.resolve(ref, kind="dataset") for ref in cfg.pretrain_extra_datasets)]
+    human = [clean] if cfg.pretrain_with_downstream else []
+    for pairs_cfg in cfg.human_pairs:  # e.g. Visual Genome captions: more human-annotated pretraining pairs
+        name = cfg.version_name(f"human-{pairs_cfg.benchmark.replace('_', '-')}")
+        human.append(run_stage(f"human-pairs-{pairs_cfg.benchmark}", downstream.publish_downstream, pairs_cfg,
+                               registry=registry, output_kind="dataset", output_name=name, name=name))
     model_web = pretrain_on(cfg, raw, human, "web", registry)
     captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
     boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,

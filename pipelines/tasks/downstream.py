@@ -41,7 +41,8 @@ class DownstreamConfig:
     # coco / flickr: Karpathy retrieval + captioning; vqa: VQAv2 (+ VG QA) as BLIP ships it; nlvr: NLVR2;
     # msrvtt: the MSRVTT test split for zero-shot video retrieval (no training data); nocaps: the NoCaps val/test
     # images for captioning (no training data, no references: scored by the official server)
-    benchmark: Literal["coco", "flickr", "vqa", "nlvr", "msrvtt", "nocaps"] = "coco"
+    # vg_caption: Visual Genome captions (train pairs only), human-annotated pairs for pretraining, as BLIP's 14M
+    benchmark: Literal["coco", "flickr", "vqa", "nlvr", "msrvtt", "nocaps", "vg_caption"] = "coco"
     # kind=demo: sizes of the generated set (images per split; every image gets captions_per_image captions)
     num_train: int = 64
     num_val: int = 16
@@ -142,6 +143,8 @@ SAMPLE_SCHEMAS = {
     "nlvr": {"left.jpg": "left image bytes", "right.jpg": "right image bytes", "json": "sentence (raw), label 0/1"},
     "msrvtt": {},
     "nocaps": {},
+    "vg_caption": {"jpg": "image bytes (as in the source file)",
+                   "json": "caption (raw), image_id (annotation's, else the image path), idx, image"},
 }
 
 
@@ -157,6 +160,9 @@ def generate_demo(cfg: DownstreamConfig, root: Path) -> tuple[Path, Path]:
     elif cfg.benchmark == "vqa":
         synth.write_vqa(root, num_train_images=cfg.num_train, num_val_images=cfg.num_val, num_test_images=cfg.num_test,
                         num_vg_images=max(1, cfg.num_train // 4), image_size=size, seed=seed)  # fmt: skip
+    elif cfg.benchmark == "vg_caption":
+        synth.write_vg_caption(root, num_images=cfg.num_train, captions_per_image=cfg.captions_per_image,
+                               image_size=size, seed=seed)  # fmt: skip
     elif cfg.benchmark == "nocaps":
         synth.write_nocaps(root, num_val=cfg.num_val, num_test=cfg.num_test, image_size=size, seed=seed)
     elif cfg.benchmark == "nlvr":

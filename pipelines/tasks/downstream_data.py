@@ -133,6 +133,18 @@ def load_caption_train(path: str | Path) -> list[CaptionPair]:
     return pairs
 
 
+def load_caption_pairs(path: str | Path) -> list[CaptionPair]:
+    """BLIP's pretraining pair files (`vg_caption.json`, or any `{"image", "caption"}` list; spec §2.3): one
+    caption per item; `image_id` is optional and defaults to the image path (an image's captions share it)."""
+    pairs = []
+    for index, record in enumerate(_read_list(path)):
+        image = _field(path, index, record, "image", str)
+        has_id = isinstance(record, dict) and "image_id" in record
+        image_id = _field(path, index, record, "image_id", (str, int)) if has_id else image
+        pairs.append(CaptionPair(image, _field(path, index, record, "caption", str), str(image_id)))
+    return pairs
+
+
 def load_caption_eval(path: str | Path) -> list[CaptionedImage]:
     """`coco_karpathy_{val,test}.json` / `flickr30k_{val,test}.json`: list of per-image items with caption lists."""
     records = _read_list(path)

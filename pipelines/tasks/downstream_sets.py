@@ -1,4 +1,4 @@
-"""VQAv2, NLVR2, MSRVTT and NoCaps downstream sets as dataset versions (the non-Karpathy half of `downstream.py`).
+"""VQAv2, NLVR2, MSRVTT, NoCaps and VG-caption sets as dataset versions (the non-Karpathy half of `downstream.py`).
 
 Follows BLIP's `vqa_dataset.py`, `nlvr_dataset.py`, `video_dataset.py`, `nocaps_dataset.py` (Li et al. 2022;
 shared/docs/blip_spec.md §4.2-§4.5, §8.2). Each version holds the public annotation files unchanged under
@@ -10,7 +10,9 @@ for the training engine:
 - nlvr: `{key}.left.<ext>` + `{key}.right.<ext>` + `{key}.json` (`sentence`, `label`) from nlvr_train;
 - msrvtt: no training shards (zero-shot evaluation only);
 - nocaps: `nocaps_{val,test}.json` (`{"image", "img_id"}`) + images, no shards and no references (the
-  captions are scored by the official server from `nocaps_<split>_results.json`).
+  captions are scored by the official server from `nocaps_<split>_results.json`);
+- vg_caption: BLIP's human-annotated pretraining pairs (`vg_caption.json`, `{"image", "caption"}`): train shards
+  only (`{key}.jpg` + `{key}.json` as the Karpathy train pairs), for pretraining beside the web data.
 Each stager returns (files, counts, drop_reasons, metadata) for `downstream.publish_downstream`.
 """
 
@@ -166,4 +168,24 @@ def stage_nocaps(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any
     return files, counts, {}, metadata
 
 
-STAGERS = {"vqa": stage_vqa, "nlvr": stage_nlvr, "msrvtt": stage_msrvtt, "nocaps": stage_nocaps}
+def stage_vg_caption(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
+    """Human-annotated pretraining pairs (`vg_caption.json`): train shards only, images inside the shards."""
+    from pipelines.tasks.downstream import write_train_shards
+    from pipelines.tasks.downstream_data import AnnotationError, consecutive_image_ids, load_caption_pairs
+
+    path = annotation_dir / "vg_caption.json"
+    pairs = load_caption_pairs(path)
+    present = [pair for pair in pairs if (image_root / pair.image).is_file()]
+    if not present:
+        raise AnnotationError(path, f"no pair has its image under {image_root}")
+    files: list[dict[str, Any]] = []
+    copy_file(path, staging, "annotation/vg_caption.json", files, "annotation")
+    files += write_train_shards(staging, present, consecutive_image_ids(present), image_root, cfg)
+    counts = {"train_items": len(present), "train_images": len({pair.image_id for pair in present})}
+    drops = {"missing_image": len(pairs) - len(present)} if len(present) < len(pairs) else {}
+    metadata = {"benchmark": "vg_caption", "format": "pairs", "annotations": {"train": "annotation/vg_caption.json"}}
+    return files, counts, drops, metadata
+
+
+STAGERS = {"vqa": stage_vqa, "nlvr": stage_nlvr, "msrvtt": stage_msrvtt, "nocaps": stage_nocaps,
+           "vg_caption": stage_vg_caption}

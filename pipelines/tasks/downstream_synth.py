@@ -159,6 +159,20 @@ def write_karpathy(root: str | Path, style: str = "coco", num_train: int = 16, n
     return written
 
 
+def write_vg_caption(root: str | Path, num_images: int = 16, captions_per_image: int = 3, image_size: int = 64,
+                     seed: int = 0) -> dict[str, Path]:
+    """BLIP's Visual Genome caption file: `annotation/vg_caption.json`, items `{"image", "caption"}` (no image id)
+    with images `VG_100K/<id>.jpg`, several captions per image."""
+    root, rng = Path(root), random.Random(seed)
+    items = []
+    for image_number in range(1, num_images + 1):
+        image = f"VG_100K/{image_number}.jpg"
+        scene = random_scene(rng)
+        _save_image(root, image, scene, image_size)
+        items.extend({"image": image, "caption": caption} for caption in scene_captions(scene, rng, captions_per_image))
+    return {"vg_caption": _write_json(root / "annotation" / "vg_caption.json", items)}
+
+
 def write_nocaps(root: str | Path, num_val: int = 8, num_test: int = 8, image_size: int = 64,
                  seed: int = 0) -> dict[str, Path]:
     """`nocaps_{val,test}.json` items `{"image", "img_id"}` with images `nocaps/<split>/<name>.jpg`."""

@@ -46,16 +46,17 @@ def test_resumed_capfilt_equals_an_uninterrupted_run(pipeline_registry):
 def test_both_pretrainings_add_the_human_pairs(pipeline_registry):
     """BLIP pretrains on web (or bootstrapped) pairs + the human-annotated train pairs of the downstream set."""
     registry = Registry(pipeline_registry)
-    clean = registry.resolve("tiny-downstream@latest")
+    clean, vg = registry.resolve("tiny-downstream@latest"), registry.resolve("tiny-human-vg-caption@latest")
     pairs = sum(int(entry.num_samples) for entry in clean.shards("train"))
     assert pairs == 16 * 5  # FAST: 16 train images x 5 captions, one training pair per caption
+    assert vg.splits == {"train": 200 * 3}  # the tiny preset's demo Visual Genome captions
     trained = 0
     for tag, data_name in (("web", "tiny-web"), ("capfilt", "tiny-capfilt")):
         if not registry.versions("model", f"tiny-pretrain-{tag}"):
             continue  # CapFilt kept nothing with the tiny random models: no bootstrapped pretraining
         model, data = registry.resolve(f"tiny-pretrain-{tag}@latest"), registry.resolve(f"{data_name}@latest")
-        assert model.parent_ids[:2] == (data.id, clean.id)
-        assert model.metadata["datasets"][clean.ref] == pairs
+        assert model.parent_ids[:3] == (data.id, clean.id, vg.id)
+        assert model.metadata["datasets"][clean.ref] == pairs and model.metadata["datasets"][vg.ref] == 600
         assert model.counts["dataset_samples"] == sum(model.metadata["datasets"].values())
         trained += 1
     assert trained >= 1

@@ -20,6 +20,7 @@ from pipelines.tasks.downstream_data import (
     consecutive_image_ids,
     load_answer_list,
     load_caption_eval,
+    load_caption_pairs,
     load_caption_train,
     load_coco_caption_gt,
     load_msrvtt,
@@ -102,6 +103,20 @@ def test_malformed_files_name_file_record_and_field(tmp_path: Path):
         load_caption_train(tmp_path / "broken.json")
     with pytest.raises(AnnotationError, match="field 'img_id': expected int"):
         load_nocaps(_write(tmp_path / "nocaps_val.json", [{"image": "a.jpg", "img_id": "7"}]))
+
+
+def test_vg_caption_pairs_share_an_image_id_per_image(tmp_path: Path):
+    from pipelines.tasks.downstream_synth import write_vg_caption
+
+    path = write_vg_caption(tmp_path, num_images=4, captions_per_image=3, image_size=32)["vg_caption"]
+    pairs = load_caption_pairs(path)
+    assert len(pairs) == 12 and all((tmp_path / pair.image).is_file() for pair in pairs)
+    assert [pair.image_id for pair in pairs[:3]] == ["VG_100K/1.jpg"] * 3  # no image_id in the file: the path
+    assert consecutive_image_ids(pairs) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    with_ids = load_caption_pairs(_write(tmp_path / "ids.json", [{"image": "a.jpg", "caption": "x", "image_id": 7}]))
+    assert with_ids[0].image_id == "7"
+    with pytest.raises(AnnotationError, match=r"vg\.json: record 1: field 'caption': missing"):
+        load_caption_pairs(_write(tmp_path / "vg.json", [{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}]))
 
 
 def test_nocaps(tmp_path: Path):

@@ -62,6 +62,27 @@ def _task(name: str, init: str | None, **data):
 # ------------------------------------------------------------------------------------------------ downstream
 
 
+def test_vg_caption_version_trains_the_pretraining_task(tmp_path):
+    """Human-annotated pretraining pairs: train shards only; the pretraining reader takes their caption and groups
+    an image's captions under one image id (never each other's hard negatives)."""
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+    from pipelines.tasks.pretrain import image_identity, kept_text
+    from pipelines.tasks.train_data import iter_tar_samples, shards_of
+
+    registry = Registry(tmp_path / "registry")
+    config = DownstreamConfig(benchmark="vg_caption", num_train=5, captions_per_image=2, image_size=32)
+    manifest = publish_downstream(config, name="vg-demo", registry=registry)
+    assert manifest.splits == {"train": 10} and manifest.counts["train_images"] == 5
+    assert manifest.metadata["benchmark"] == "vg_caption"
+    assert not any(entry.path.startswith("images/") for entry in manifest.files)  # the images live in the shards
+    samples = [s for shard in shards_of(registry, manifest) for s in iter_tar_samples(shard.url)]
+    assert len(samples) == 10 and all("jpg" in s and "txt" not in s for s in samples)
+    assert all(kept_text(s, 0) == json.loads(s["json"])["caption"] for s in samples)
+    assert len({image_identity(s) for s in samples}) == 5
+    assert publish_downstream(config, name="vg-demo", registry=registry).id == manifest.id  # idempotent
+
+
 def test_downstream_version_is_karpathy_schema_and_idempotent(downstream):
     from datasets_manifests.registry import Registry
     from pipelines.tasks.downstream import DownstreamConfig, layout_of, publish_downstream
