@@ -36,11 +36,7 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     raw = web_data(cfg, registry)
     clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
                       output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
-    human = [clean] if cfg.pretrain_with_downstream else []
-    for pairs_cfg in cfg.human_pairs:  # e.g. Visual Genome captions: more human-annotated pretraining pairs
-        name = cfg.version_name(f"human-{pairs_cfg.benchmark.replace('_', '-')}")
-        human.append(run_stage(f"human-pairs-{pairs_cfg.benchmark}", downstream.publish_downstream, pairs_cfg,
-                               registry=registry, output_kind="dataset", output_name=name, name=name))
+    human = human_pairs(cfg, clean, registry)
     model_web = pretrain_on(cfg, raw, human, "web", registry)
     captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
     boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,
@@ -73,7 +69,19 @@ def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
                      output_kind="dataset", output_name=cfg.version_name("web"), upstream=[raw])
 
 
-def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], tag: str, registry: Registry) -> Manifest:
+def human_pairs(cfg: PipelineConfig, clean: Manifest, registry: Registry) -> list[Manifest]:
+    """The human-annotated pairs both pretrainings add (BLIP: COCO + VG): the clean set's train split and every
+    `human_pairs` set (e.g. Visual Genome captions), published here like the clean set."""
+    human = [clean] if cfg.pretrain_with_downstream else []
+    for pairs_cfg in cfg.human_pairs:
+        name = cfg.version_name(f"human-{pairs_cfg.benchmark.replace('_', '-')}")
+        human.append(run_stage(f"human-pairs-{pairs_cfg.benchmark}", downstream.publish_downstream, pairs_cfg,
+                               registry=registry, output_kind="dataset", output_name=name, name=name))
+    return human
+
+
+def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], tag: str,
+                registry: Registry) -> Manifest:
     """Pretraining on `dataset` (web or bootstrapped) + the human-annotated pairs, as both of BLIP's pretrainings."""
     name = cfg.version_name(f"pretrain-{tag}")
     return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
