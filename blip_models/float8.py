@@ -76,9 +76,8 @@ def quantize_vision_linears(model: nn.Module) -> int:
     for block in [module for module in model.modules() if isinstance(module, Block)]:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
-                sizes_ok = child.in_features % _CUDA_ALIGNMENT == 0 and child.out_features % _CUDA_ALIGNMENT == 0 \
-                    if isinstance(child, nn.Linear) else False  # fmt: skip
-                if sizes_ok:
+                if isinstance(child, nn.Linear) and child.in_features % _CUDA_ALIGNMENT == 0 \
+                        and child.out_features % _CUDA_ALIGNMENT == 0:  # fmt: skip
                     setattr(parent, name, Float8Linear(child))
                     swapped += 1
     return swapped

@@ -79,17 +79,17 @@ def top_k_top_p_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
     if 0 < top_k < vocabulary:
         values, index = torch.topk(scores, top_k, dim=-1)  # (N, k), best first
         if top_p < 1.0:
-            values = values.masked_fill(_outside_nucleus(values.softmax(dim=-1), top_p), -float("inf"))
+            values = values.masked_fill(outside_nucleus(values.softmax(dim=-1), top_p), -float("inf"))
         return torch.full_like(scores, -float("inf")).scatter(1, index, values)
     if top_p < 1.0:
         sorted_scores, sorted_index = torch.sort(scores, descending=True, dim=-1)
-        remove_sorted = _outside_nucleus(sorted_scores.softmax(dim=-1), top_p)
+        remove_sorted = outside_nucleus(sorted_scores.softmax(dim=-1), top_p)
         remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
         scores = scores.masked_fill(remove, -float("inf"))
     return scores
 
 
-def _outside_nucleus(ranked_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def outside_nucleus(ranked_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """(N, K) bool over probabilities ranked best first: the mass strictly above the token exceeds top_p."""
     remove = (ranked_probs.cumsum(dim=-1) - ranked_probs) > top_p
     remove[:, 0] = False

@@ -151,10 +151,12 @@ def nucleus_draw(scores: Any, top_p: float, uniforms: Any, top_k: int = 0) -> An
     """
     import torch
 
+    from blip_models.generation import outside_nucleus
+
     if 0 < top_k < scores.shape[-1]:
         values, index = scores.topk(top_k, dim=-1)  # (N, k), best first
         probs = values.softmax(dim=-1)  # renormalised over the top-k, as transformers' TopK then TopP warpers
-        probs = probs * ((probs.cumsum(dim=-1) - probs) <= top_p)  # the nucleus (the best token always)
+        probs = probs.masked_fill(outside_nucleus(probs, top_p), 0.0)
         index, order = index.sort(dim=-1)  # vocabulary order
         probs = probs.gather(1, order)
     else:

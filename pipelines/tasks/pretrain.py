@@ -148,7 +148,8 @@ class PretrainTask:
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_bytes is None:
             raise DropSample("no_image")
-        text = kept_text(raw, rng_seed)
+        document = sample_document(raw)
+        text = kept_text(raw, rng_seed, document)
         if text is None:
             raise DropSample("no_caption")
         caption = pre_caption(text, self.data.max_words)
@@ -164,7 +165,7 @@ class PretrainTask:
                 pixels = train_transform(self.image_size, self.data.min_scale, augment_seed=rng_seed)(image)
         else:
             pixels = eval_transform(self.image_size)(image)
-        return {"image": pixels, "caption": caption, "image_id": image_identity(raw)}
+        return {"image": pixels, "caption": caption, "image_id": image_identity(raw, document)}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -194,7 +195,18 @@ class PretrainTask:
 # ---------------------------------------------------------------------------------------------- initialisation
 
 
-def kept_text(raw: dict[str, bytes], rng_seed: int) -> str | None:
+def sample_document(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's `.json` as a dict ({} when absent, unreadable or not an object)."""
+    import json
+
+    try:
+        document = json.loads(raw["json"]) if "json" in raw else {}
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def kept_text(raw: dict[str, Any], rng_seed: int, document: dict[str, Any] | None = None) -> str | None:
     """The caption this sample trains with: one of its kept texts (CapFilt's `captions`), else its `.txt`.
 
     A CapFilt version stores each image once with every text the filter kept (web and synthetic, BLIP's union of
@@ -203,34 +215,27 @@ def kept_text(raw: dict[str, bytes], rng_seed: int) -> str | None:
     Plain web shards (and unreadable JSON) fall back to `.txt`; a downstream set's train pairs (`.json` only, one
     `caption` each, as BLIP's coco_karpathy_train.json) train on that caption.
     """
-    import json
     import random
 
-    if "json" in raw:
-        try:
-            document = json.loads(raw["json"])
-            kept = document.get("captions")
-        except (ValueError, AttributeError):
-            document, kept = {}, None
-        if isinstance(kept, list) and kept and all(isinstance(text, str) for text in kept):
-            return kept[random.Random(rng_seed).randrange(len(kept))]
-        if "txt" not in raw and isinstance(document.get("caption"), str):
-            return document["caption"]  # a downstream set's train pair (COCO Karpathy: one caption per sample)
+    document = sample_document(raw) if document is None else document
+    kept = document.get("captions")
+    if isinstance(kept, list) and kept and all(isinstance(text, str) for text in kept):
+        return kept[random.Random(rng_seed).randrange(len(kept))]
+    if "txt" not in raw and isinstance(document.get("caption"), str):
+        return document["caption"]  # a downstream set's train pair (COCO Karpathy: one caption per sample)
     return raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None
 
 
-def image_identity(raw: dict[str, Any]) -> int:
+def image_identity(raw: dict[str, Any], document: dict[str, Any] | None = None) -> int:
     """Which image a sample shows, as an int64: a downstream pair's `image_id` (COCO: 5 pairs per image), else
     the sample's key (a web or bootstrapped sample is one image)."""
     import hashlib
-    import json
 
     name = str(raw.get("__key__", ""))
-    if "json" in raw and "txt" not in raw:
-        try:
-            name = f"image:{json.loads(raw['json'])['image_id']}"
-        except (ValueError, KeyError, TypeError):
-            pass
+    if "txt" not in raw:
+        document = sample_document(raw) if document is None else document
+        if isinstance(document.get("image_id"), (str, int)):
+            name = f"image:{document['image_id']}"
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
@@ -322,7 +327,8 @@ def run_pretrain(
         return cached
 
     blip_config = cfg.blip_config()
-    shards = tuple(shard for d in datasets for shard in shards_of(registry, d, cfg.data.split))
+    shards_by_dataset = {d.ref: shards_of(registry, d, cfg.data.split) for d in datasets}
+    shards = tuple(shard for group in shards_by_dataset.values() for shard in group)
     plan = DataPlan(shards=shards, world_size=cfg.scaling.num_workers, batch_size=cfg.data.batch_size,
                     grad_accum=cfg.optim.grad_accum, seed=cfg.loop.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                     resampled=cfg.data.resampled)  # fmt: skip
@@ -349,7 +355,7 @@ def run_pretrain(
         "planned_steps": stats["planned_steps"], "restarts": stats["restarts"],
         "restored_from_checkpoint": stats["restores"], "init": {**stats["init"], "sha256": _init_digest(init_source)},
         "ray_run": {"name": name, "storage_path": storage},
-        "datasets": {d.ref: sum(int(e.num_samples or 0) for e in d.shards(cfg.data.split)) for d in datasets},
+        "datasets": {ref: sum(shard.num_samples for shard in group) for ref, group in shards_by_dataset.items()},
         "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
     }  # fmt: skip
     dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
