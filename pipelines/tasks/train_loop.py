@@ -305,7 +305,7 @@ class TrainLoop:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.max_grad_norm)
         # One device->host transfer per step (each float() of a GPU scalar waits for the queue to drain), and the
         # finiteness check before the update, so a NaN step never reaches the weights.
-        sums, finite = to_host(sums, torch.isfinite(torch.stack(losses).float()).all())
+        sums, finite = to_host(sums, finite_on_every_rank(losses))
         if not finite:
             raise FloatingPointError(f"loss is not finite at step {info.step} (metrics {sums})")
         self.optimizer.step()
@@ -445,6 +445,15 @@ def gpu_utilisation() -> float | None:
         return float(torch.cuda.utilization())
     except Exception:  # noqa: BLE001 - pynvml missing or no permission: leave the metric out
         return None
+
+
+def finite_on_every_rank(losses: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 when every loss of every rank is finite, else 0.0 (a device scalar). The gradients were averaged
+    across ranks, so all ranks must stop together when any one of them saw a NaN."""
+    finite = torch.isfinite(torch.stack(losses).float()).all().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return finite
 
 
 def to_host(metrics: dict[str, Any], flag: torch.Tensor) -> tuple[dict[str, float], bool]:

@@ -1,4 +1,5 @@
-"""ITM hard negatives from every rank (`negative_all_rank`), on a real 2-process gloo group on 127.0.0.1."""
+"""Cross-rank parts on a real 2-process gloo group on 127.0.0.1: ITM hard negatives from every rank
+(`negative_all_rank`) and the training step's agreed finiteness check."""
 
 from __future__ import annotations
 
@@ -62,3 +63,21 @@ def test_negatives_from_all_ranks_on_two_processes(tmp_path: Path) -> None:
         assert result["grad"] == [[3.0] * 3] * 2  # summed over ranks, this rank's rows
         assert "at least two distinct image ids" in result["local"]
         assert result["all_rank_loss"] > 0 and result["vision_grad_finite"], rank
+
+
+def _finite_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from pipelines.tasks.train_loop import finite_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mine = [torch.tensor(1.0), torch.tensor(float("nan") if rank == 1 else 2.0)]
+        verdicts = [float(finite_on_every_rank(mine)), float(finite_on_every_rank([torch.tensor(1.0)]))]
+        (Path(out_dir) / f"finite{rank}.json").write_text(json.dumps(verdicts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """The training step's finiteness verdict is agreed across ranks (their gradients were averaged together)."""
+    mp.start_processes(_finite_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [json.loads((tmp_path / f"finite{rank}.json").read_text()) for rank in range(2)] == [[0.0, 1.0]] * 2
