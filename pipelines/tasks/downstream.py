@@ -196,11 +196,7 @@ def stage_karpathy(staging: Path, layout: KarpathyLayout, annotation_dir: Path, 
     files: list[dict[str, Any]] = []
     images: set[str] = set()
     train_path = annotation_dir / Path(layout.annotation("train")).name
-    pairs = load_caption_train(train_path)
-    drops = {"missing_image": sum(1 for p in pairs if not (image_root / p.image).is_file())}
-    pairs = [p for p in pairs if (image_root / p.image).is_file()]
-    if not pairs:
-        raise AnnotationError(train_path, f"no train pair has its image under {image_root}")
+    pairs, drops = pairs_with_images(train_path, load_caption_train(train_path), image_root)
     counts = {"train_pairs": len(pairs), "train_images": len({p.image_id for p in pairs})}
     copy_file(train_path, staging, layout.annotation("train"), files, "annotation")
     for split in EVAL_SPLITS:
@@ -222,6 +218,18 @@ def stage_karpathy(staging: Path, layout: KarpathyLayout, annotation_dir: Path, 
         copy_file(image_root / relative, staging, f"images/{relative}", files, "image")
     files += write_train_shards(staging, pairs, consecutive_image_ids(pairs), image_root, cfg)
     return files, counts, {k: v for k, v in drops.items() if v}
+
+
+def pairs_with_images(path: Path, pairs: list[Any], image_root: Path) -> tuple[list[Any], dict[str, int]]:
+    """The train pairs whose image exists under `image_root`, and the drop count of the others (`missing_image`);
+    an error naming the annotation file when none is left."""
+    from pipelines.tasks.downstream_data import AnnotationError
+
+    present = [pair for pair in pairs if (image_root / pair.image).is_file()]
+    if not present:
+        raise AnnotationError(path, f"no train pair has its image under {image_root}")
+    missing = len(pairs) - len(present)
+    return present, {"missing_image": missing} if missing else {}
 
 
 def write_train_shards(staging: Path, pairs: list[Any], idxs: list[int], image_root: Path,

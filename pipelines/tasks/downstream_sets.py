@@ -170,19 +170,15 @@ def stage_nocaps(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any
 
 def stage_vg_caption(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -> tuple[list, dict, dict, dict]:
     """Human-annotated pretraining pairs (`vg_caption.json`): train shards only, images inside the shards."""
-    from pipelines.tasks.downstream import write_train_shards
-    from pipelines.tasks.downstream_data import AnnotationError, consecutive_image_ids, load_caption_pairs
+    from pipelines.tasks.downstream import pairs_with_images, write_train_shards
+    from pipelines.tasks.downstream_data import consecutive_image_ids, load_caption_pairs
 
     path = annotation_dir / "vg_caption.json"
-    pairs = load_caption_pairs(path)
-    present = [pair for pair in pairs if (image_root / pair.image).is_file()]
-    if not present:
-        raise AnnotationError(path, f"no pair has its image under {image_root}")
+    present, drops = pairs_with_images(path, load_caption_pairs(path), image_root)
     files: list[dict[str, Any]] = []
     copy_file(path, staging, "annotation/vg_caption.json", files, "annotation")
     files += write_train_shards(staging, present, consecutive_image_ids(present), image_root, cfg)
     counts = {"train_items": len(present), "train_images": len({pair.image_id for pair in present})}
-    drops = {"missing_image": len(pairs) - len(present)} if len(present) < len(pairs) else {}
     metadata = {"benchmark": "vg_caption", "format": "pairs", "annotations": {"train": "annotation/vg_caption.json"}}
     return files, counts, drops, metadata
 
