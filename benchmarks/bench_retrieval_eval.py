@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6, help="test images (5 captions each)")
     parser.add_argument("--k", type=int, default=8, help="k_test (BLIP: 256 COCO, 128 Flickr)")
-    parser.add_argument("--pairs-per-batch", type=int, default=128)
+    parser.add_argument("--pairs-per-batch", type=int, default=1024, help="as evaluate.itm_pairs_per_batch")
     parser.add_argument("--models", default="tiny,small384")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,

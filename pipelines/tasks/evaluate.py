@@ -49,7 +49,7 @@ class EvaluateConfig:
     k_test: int | None = None  # retrieval re-rank candidates; None: 256 COCO, 128 Flickr30k / MSRVTT
     image_batch_size: int = 64  # images per ViT forward (BLIP batch_size_test 64)
     text_batch_size: int = 256  # texts per text-encoder forward (BLIP: 256)
-    itm_pairs_per_batch: int = 256  # (query, candidate) pairs per ITM forward in the re-ranking
+    itm_pairs_per_batch: int = 1024  # (query, candidate) pairs per ITM forward in the re-ranking (small forwards are overhead-bound)
     num_beams: int = 3  # captioning (BLIP caption_coco.yaml)
     max_length: int = 20  # includes the 4 prompt tokens
     min_length: int = 5
