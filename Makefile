@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml third_party/no-dataclasses/pyproject.toml
 demo: install
 	$(PY) -m pipelines.demo $(DEMO_ARGS)
 
+test integration: export BLIP_REQUIRE_BROWSER = 1
 test: install
 	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 

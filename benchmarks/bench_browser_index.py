@@ -3,8 +3,11 @@
 Publishes (to a temporary registry, through `Registry.publish`) a dataset version whose `index.parquet` has
 `--rows` rows and whose CapFilt `texts.parquet` has 3 texts per row (web + 2 synthetic, ITM scores, decisions),
 written by `datasets_manifests.index.write_index/write_texts` (the pipeline's writers, same row groups), plus
-one real shard for thumbnails. Then times the browser's JSON API in-process (Starlette TestClient, a fresh app
-per cold measurement) against the obvious baseline: read both Parquet files whole and filter/join in memory.
+one real shard for thumbnails, and a second version of about the same size made from it (keys removed, added,
+re-captioned, dropped) to diff. Then times the browser's JSON API in-process (Starlette TestClient, a fresh app
+per cold measurement): opening a version, its lineage and histograms, sample filters, thumbnails, and the diff
+page, against the obvious baselines: read the Parquet files whole and filter/join in memory, or (diff) compare
+the two indexes key by key in Python.
 
     .venv/bin/python benchmarks/bench_browser_index.py [--rows 1000000]
 
@@ -83,12 +86,30 @@ def build(root: Path, rows: int) -> str:
     })
     write_texts(texts, staging / "texts.parquet")
     registry = Registry(str(root))
-    registry.publish(
-        kind="dataset", name="big", staging_dir=staging, producer=Producer(stage="bench"),
-        files=[{"path": shard, "role": "shard", "num_samples": PAGE, "split": "train"},
-               {"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}],
-        counts={"images": rows, "texts": rows * 3}, splits={"train": rows},
-    )
+    files = [{"path": shard, "role": "shard", "num_samples": PAGE, "split": "train"},
+             {"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}]
+    v1 = registry.publish(kind="dataset", name="big", staging_dir=staging, producer=Producer(stage="bench"),
+                          files=files, counts={"images": rows, "texts": rows * 3}, splits={"train": rows},
+                          move=False)
+    # v2, made from v1 as a CapFilt-like stage would: 5% of the keys removed, 5% new ones added, 10% re-captioned,
+    # 2% newly dropped (same shard and texts files: the diff reads only the indexes).
+    keep = rng.random(rows) >= 0.05
+    changed = index.filter(pa.array(keep))
+    recaption = rng.random(len(changed)) < 0.10
+    new_caption = pc.binary_join_element_wise(changed["caption"], pa.array(["(synthetic)"] * len(changed)), " ")
+    changed = changed.set_column(changed.schema.get_field_index("caption"), "caption",
+                                 pc.if_else(pa.array(recaption), new_caption, changed["caption"]))
+    drop = (rng.random(len(changed)) < 0.02) & (changed["status"].to_numpy(zero_copy_only=False) == "ok")
+    changed = changed.set_column(changed.schema.get_field_index("status"), "status",
+                                 pc.if_else(pa.array(drop), "dropped", changed["status"]))
+    changed = changed.set_column(changed.schema.get_field_index("drop_reason"), "drop_reason",
+                                 pc.if_else(pa.array(drop), "no_caption_kept", changed["drop_reason"]))
+    added = index.slice(0, rows // 20)
+    added_keys = pa.array(np.char.zfill(np.arange(rows, rows + len(added)).astype(str), 9))
+    added = added.set_column(0, "key", added_keys)
+    write_index(pa.concat_tables([changed, added]), staging / "index.parquet")
+    registry.publish(kind="dataset", name="big", staging_dir=staging, producer=Producer(stage="bench-capfilt"),
+                     files=files, parents=[v1], counts={"images": len(changed) + len(added)})
     return "big"
 
 
@@ -128,6 +149,17 @@ def ours(root: Path, thumbs: Path) -> dict[str, float]:
         lambda: get(cold, f"{base}/samples?limit={PAGE}&source=synthetic&min_score=0.95&decision=kept"))
     out["filter_split_dropped_s"], _ = timed(lambda: get(cold, f"{base}/samples?limit={PAGE}&split=val&decision=dropped"))
     out["histograms_s"], _ = timed(lambda: get(cold, f"{base}/histograms"))
+    # What else the version page asks for, each on a fresh app: the lineage graph and the histograms card.
+    out["lineage_cold_s"], _ = timed(lambda: get(client(), f"{base}/lineage"), "ours_lineage")
+    out["histograms_cold_s"], _ = timed(lambda: get(client(), f"{base}/histograms"), "ours_histograms")
+    # The diff page between two 1M-row versions: the first page (computes and caches the diff), then another
+    # category and a deep page of the same diff (cached).
+    diff = "/api/diff?a=big@v1&b=big@v2"
+    diff_client = client()
+    out["diff_first_page_cold_s"], first = timed(lambda: get(diff_client, f"{diff}&limit=50"), "ours_diff")
+    out["diff_category_page_warm_s"], _ = timed(lambda: get(diff_client, f"{diff}&category=recaptioned&limit=50"))
+    out["diff_deep_page_warm_s"], _ = timed(lambda: get(diff_client, f"{diff}&limit=50&offset=100000"))
+    out["diff_counts"] = first["counts"]
     keys = [f"{n:09d}" for n in range(PAGE)]
     out["first_page_thumbs_cold_s"], _ = timed(lambda: [get(cold, f"{base}/thumb/{k}?size=256") for k in keys])
     out["first_page_thumbs_cached_s"], _ = timed(lambda: [get(cold, f"{base}/thumb/{k}?size=256") for k in keys])
@@ -155,10 +187,22 @@ def naive(root: Path) -> dict[str, float]:
         matches = index.filter(pc.or_(hit, pc.is_in(index["key"], value_set=pc.unique(text_keys))))
         return matches.num_rows
 
-    out: dict[str, float] = {}
+    def diff() -> dict[str, int]:
+        """Both indexes read whole into Python, compared key by key (what a script would do)."""
+        columns = ["key", "caption", "status"]
+        a = {r["key"]: r for r in pq.read_table(version / "index.parquet", columns=columns).to_pylist()}
+        b_path = root / "datasets" / "big" / "v2" / "index.parquet"
+        b = {r["key"]: r for r in pq.read_table(b_path, columns=columns).to_pylist()}
+        common = a.keys() & b.keys()
+        return {"added": len(b.keys() - a.keys()), "removed": len(a.keys() - b.keys()),
+                "recaptioned": sum(a[k]["caption"] != b[k]["caption"] for k in common),
+                "newly_dropped": sum(a[k]["status"] == "ok" and b[k]["status"] == "dropped" for k in common)}
+
+    out: dict[str, Any] = {}
     out["open_version_s"], _ = timed(open_version, "naive_open_version")
     out["search_text_s"], matches = timed(search, "naive_search")
     out["search_matches"] = matches
+    out["diff_s"], out["diff_counts"] = timed(diff, "naive_diff")
     return out
 
 
@@ -173,17 +217,21 @@ def main(argv: list[str] | None = None) -> int:
         ours_times = ours(root, Path(tmp))
         naive_times = naive(root)
         assert ours_times["search_matches"] == naive_times["search_matches"], "browser and baseline disagree"
+        for category, count in naive_times["diff_counts"].items():
+            assert ours_times["diff_counts"][category] == count, f"diff {category}: browser and baseline disagree"
         result = {
             "benchmark": "browser_index", "rows": args.rows, "texts_rows": args.rows * 3,
             "index_mib": round((version / "index.parquet").stat().st_size / 2**20, 1),
             "texts_mib": round((version / "texts.parquet").stat().st_size / 2**20, 1),
             "build_s": round(build_s, 2),
             "ours": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours_times.items()},
+            # lineage and histograms have no whole-table baseline to speak of; the diff's is a Python key compare
             "naive_full_read": {k: round(v, 4) if isinstance(v, float) else v for k, v in naive_times.items()},
             "cpu_s": CPU, "load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
             "open_version_under_1s": ours_times["open_version_cold_s"] < 1.0,
             "speedup_open_version": round(naive_times["open_version_s"] / ours_times["open_version_cold_s"], 1),
             "speedup_search": round(naive_times["search_text_s"] / ours_times["search_text_s"], 2),
+            "speedup_diff_first_page": round(naive_times["diff_s"] / ours_times["diff_first_page_cold_s"], 2),
         }
     print(json.dumps(result))
     return 0

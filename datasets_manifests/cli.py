@@ -2,6 +2,7 @@
 
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
+                               | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
 
 The registry is `--registry`, else $BLIP_REGISTRY, else ./artifacts/registry (any fsspec URL). Module
 imports stay light (argparse, fsspec via the registry): pyarrow is imported by the handlers that need it,
@@ -28,7 +29,8 @@ class UserError(Exception):
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, catalog, serve",
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, catalog, serve, "
+        "publish-downstream",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -79,7 +81,62 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
 
+    publish = command("publish-downstream", "publish a downstream benchmark (annotation files + images) as a "
+                      "dataset version for `blip finetune` / `blip eval`", cmd_publish_downstream)  # fmt: skip
+    publish.formatter_class = argparse.RawDescriptionHelpFormatter
+    publish.epilog = DOWNSTREAM_FILES_HELP
+    publish.add_argument("benchmark", choices=DOWNSTREAM_BENCHMARKS)
+    publish.add_argument("--annotations", required=True, metavar="DIR", help="directory of the annotation files")
+    publish.add_argument("--images", required=True, metavar="DIR",
+                         help="root the annotations' image paths are relative to (msrvtt: the directory of the .mp4s)")
+    publish.add_argument("--name", required=True, help="dataset name; the version is NAME@vN")
+    publish.add_argument("--samples-per-shard", type=int, default=1000, help="train samples per webdataset tar")
+    publish.add_argument("--vqa-hold-out-val", action="store_true",
+                         help="vqa: keep vqa_val.json out of the train shards (BLIP trains on it, which makes val "
+                         "accuracy optimistic)")  # fmt: skip
+
     data.set_defaults(func=lambda args: _help(data))
+
+
+DOWNSTREAM_BENCHMARKS = ("coco", "flickr", "vqa", "nlvr", "msrvtt", "nocaps", "vg_caption")
+DOWNSTREAM_FILES_HELP = """\
+files expected in --annotations (the public files BLIP / LAVIS download, unchanged):
+  coco        coco_karpathy_{train,val,test}.json, coco_gt/coco_karpathy_{val,test}_gt.json
+              (--images: the COCO root holding train2014/ and val2014/)
+  flickr      flickr30k_{train,val,test}.json  (--images: the root holding flickr30k-images/)
+  vqa         vqa_train.json, vqa_val.json, vqa_test.json, answer_list.json, [vg_qa.json],
+              v2_OpenEnded_mscoco_val2014_questions.json, v2_mscoco_val2014_annotations.json
+              (--images: the root the "image" fields are relative to: train2014/, val2014/, test2015/, VG image/)
+  nlvr        nlvr_train.json, nlvr_dev.json, nlvr_test.json  (--images: the root holding images/ and dev/)
+  msrvtt      msrvtt_test.jsonl  (--images: the directory of <clip_name>.mp4)
+  nocaps      nocaps_val.json, nocaps_test.json  (--images: the root of their "image" paths)
+  vg_caption  vg_caption.json  (--images: the Visual Genome image root)
+A malformed file fails naming the file, the record and the field; a missing val/test image is an error, a
+missing train image a counted drop. Publishing the same files again returns the existing version."""
+
+
+def cmd_publish_downstream(args: argparse.Namespace) -> int:
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+
+    registry = _registry(args)
+    try:
+        cfg = DownstreamConfig(kind="files", benchmark=args.benchmark, annotation_dir=args.annotations,
+                               image_root=args.images, samples_per_shard=args.samples_per_shard,
+                               vqa_train_on_val=not args.vqa_hold_out_val)  # fmt: skip
+        manifest = publish_downstream(cfg, name=args.name, registry=registry)
+    except (OSError, ValueError) as error:  # AnnotationError is a ValueError naming file, record and field
+        raise UserError(f"publish-downstream {args.benchmark}: {error}") from None
+    if args.json:
+        _print_json(_summary(manifest))
+        return 0
+    splits = ", ".join(f"{split} {count}" for split, count in manifest.splits.items())
+    print(f"{manifest.ref}  id {manifest.short_id}  {args.benchmark} ({manifest.metadata.get('format')})  {splits}")
+    if manifest.drop_reasons:
+        print(f"  dropped: {', '.join(f'{k} {v}' for k, v in manifest.drop_reasons.items())}")
+    uses = {"msrvtt": "blip eval video", "nocaps": "blip eval caption"}.get(args.benchmark, "blip finetune/eval TASK")
+    if args.benchmark != "vg_caption":  # VG captions are pretraining pairs, not an evaluation set
+        print(f"  use: {uses} ... --dataset {manifest.ref} --registry {registry.url}")
+    return 0
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -337,7 +394,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     registry_url = args.registry or default_registry_url()
-    Registry(registry_url)  # fail fast, in one line, on a bad URL
+    Registry(registry_url, create=False)  # fail fast, in one line, on a bad URL or a missing directory (never create it)
     try:
         from datasets_manifests.browser.app import serve
     except ModuleNotFoundError as error:

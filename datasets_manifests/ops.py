@@ -2,7 +2,8 @@
 
 `verify` recomputes the sha256 and size of every file a manifest lists (the check `git fsck` or DVC's
 `status` does for their stores). `diff` joins the per-sample indexes of two versions on the stable sample
-key: what was added, removed, re-captioned or newly dropped by a stage. `lineage` walks parents (up to
+key: what was added, removed, re-captioned or newly dropped by a stage (`diff_tables` keeps the result in Arrow,
+for the browser's pages). `lineage` walks parents (up to
 the sources) and children (down to models and evaluations) by content id.
 pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 """
@@ -81,46 +82,78 @@ class SampleDiff:
         }
 
 
+DIFF_CATEGORIES = ("added", "removed", "recaptioned", "newly_dropped", "restored")
+
+
+@dataclass(frozen=True)
+class DiffTables:
+    """A sample diff kept in Arrow: one table per category (`key`, plus `caption_a`/`caption_b` for recaptioned
+    and `reason` for newly_dropped), in version b's order (removed: a's). Pages are slices; nothing is
+    converted to Python until a page is shown, so a diff of two 1M-row versions stays cheap to page through."""
+
+    categories: dict[str, Any]  # category -> pa.Table
+    counts: dict[str, int]
+
+
+def diff_tables(registry: Registry, a: Manifest, b: Manifest) -> DiffTables:
+    """Join two per-sample indexes by key: each index's keys are hashed once (no join, no Python objects)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from datasets_manifests.index import read_index
+
+    columns = ["key", "caption", "status", "drop_reason"]
+    table_a, table_b = read_index(registry, a, columns), read_index(registry, b, columns)
+    position = pc.index_in(table_b["key"], value_set=table_a["key"])  # row of each b key in a (keys are unique)
+    in_a = pc.is_valid(position)
+    in_b = pc.is_in(table_a["key"], value_set=table_b["key"])
+    common_b = table_b.filter(in_a)
+    common_a = table_a.take(pc.filter(position, in_a))
+    caption_a, caption_b = common_a["caption"], common_b["caption"]
+    # A caption that appears or disappears counts as re-captioned; null on both sides does not.
+    recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
+                         pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
+    status_a, status_b = common_a["status"], common_b["status"]
+    newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
+    restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
+    keys = common_b["key"]
+    categories = {
+        "added": table_b.filter(pc.invert(in_a)).select(["key"]),
+        "removed": table_a.filter(pc.invert(in_b)).select(["key"]),
+        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b}).filter(recaptioned),
+        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"]}).filter(newly_dropped),
+        "restored": pa.table({"key": keys}).filter(restored),
+    }
+    counts = {"a": len(table_a), "b": len(table_b), "common": len(common_b)}
+    counts.update({name: table.num_rows for name, table in categories.items()})
+    return DiffTables(categories=categories, counts=counts)
+
+
 def diff(registry: Registry, ref_a: str | Manifest, ref_b: str | Manifest, limit: int | None = 20) -> SampleDiff:
     """Samples added / removed / re-captioned / newly dropped from version a to version b (joined by key).
 
     `counts` are exact; each list keeps at most `limit` examples (all of them with `limit=None`).
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from datasets_manifests.index import INDEX_FILE, has_layer, read_index
+    from datasets_manifests.index import INDEX_FILE, has_layer
 
     a, b = registry.resolve(ref_a), registry.resolve(ref_b)
     if not has_layer(a, INDEX_FILE) and not has_layer(b, INDEX_FILE):  # e.g. two models: manifests only
         return SampleDiff(a=a.ref, b=b.ref, added=[], removed=[], recaptioned=[], newly_dropped=[], restored=[],
                           counts={}, manifest_changes=manifest_changes(a, b))
-    columns = ["key", "caption", "status", "drop_reason"]
-    table_a, table_b = read_index(registry, a, columns), read_index(registry, b, columns)
-    added = table_b.filter(pc.invert(pc.is_in(table_b["key"], value_set=table_a["key"])))
-    removed = table_a.filter(pc.invert(pc.is_in(table_a["key"], value_set=table_b["key"])))
-    joined = table_a.join(table_b, keys="key", join_type="inner", left_suffix="_a", right_suffix="_b")
-    # A caption that appears or disappears counts as re-captioned; null on both sides does not.
-    changed = pc.fill_null(pc.not_equal(joined["caption_a"], joined["caption_b"]), False)
-    one_null = pc.xor(pc.is_null(joined["caption_a"]), pc.is_null(joined["caption_b"]))
-    recaptioned = joined.filter(pc.or_(changed, one_null))
-    newly_dropped = joined.filter(pc.and_(pc.equal(joined["status_a"], "ok"), pc.equal(joined["status_b"], "dropped")))
-    restored = joined.filter(pc.and_(pc.equal(joined["status_a"], "dropped"), pc.equal(joined["status_b"], "ok")))
+    tables = diff_tables(registry, a, b)
 
-    def head(table: pa.Table) -> pa.Table:
-        return table if limit is None else table.slice(0, limit)
+    def head(category: str) -> list[dict[str, Any]]:
+        table = tables.categories[category]
+        return (table if limit is None else table.slice(0, limit)).to_pylist()
 
     return SampleDiff(
         a=a.ref, b=b.ref,
-        added=head(added)["key"].to_pylist(),
-        removed=head(removed)["key"].to_pylist(),
-        recaptioned=[{"key": r["key"], "a": r["caption_a"], "b": r["caption_b"]} for r in head(recaptioned).to_pylist()],
-        newly_dropped=[{"key": r["key"], "reason": r["drop_reason_b"]} for r in head(newly_dropped).to_pylist()],
-        restored=head(restored)["key"].to_pylist(),
-        counts={
-            "a": len(table_a), "b": len(table_b), "common": len(joined), "added": len(added), "removed": len(removed),
-            "recaptioned": len(recaptioned), "newly_dropped": len(newly_dropped), "restored": len(restored),
-        },
+        added=[r["key"] for r in head("added")],
+        removed=[r["key"] for r in head("removed")],
+        recaptioned=[{"key": r["key"], "a": r["caption_a"], "b": r["caption_b"]} for r in head("recaptioned")],
+        newly_dropped=[{"key": r["key"], "reason": r["reason"]} for r in head("newly_dropped")],
+        restored=[r["key"] for r in head("restored")],
+        counts=tables.counts,
         manifest_changes=manifest_changes(a, b),
     )
 

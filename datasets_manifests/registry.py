@@ -15,6 +15,7 @@ References: `name@v3`, `name@latest`, `name` (= latest), `name@<content-id prefi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import fsspec
 
 from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
 
+log = logging.getLogger(__name__)
 DEFAULT_REGISTRY = "./artifacts/registry"
 MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
@@ -48,6 +50,10 @@ class VersionExistsError(RegistryError):
 
 class NotFoundError(RegistryError):
     pass
+
+
+class OutsideRegistryError(RegistryError):
+    """A local path that resolves (through symlinks) outside the registry root: never read."""
 
 
 def default_registry_url() -> str:
@@ -100,9 +106,13 @@ def check_name(name: str) -> str:
 
 
 class Registry:
-    """Versions on an fsspec URL. Cheap to construct; reads manifests lazily."""
+    """Versions on an fsspec URL. Cheap to construct; reads manifests lazily.
 
-    def __init__(self, url: str | os.PathLike[str] | None = None) -> None:
+    `create=False` is for readers (the browser): a local root that does not exist is an error, not a new
+    empty directory made by a typo.
+    """
+
+    def __init__(self, url: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
         self.url = str(url) if url is not None else default_registry_url()
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
@@ -110,7 +120,10 @@ class Registry:
         self.root = self.root.rstrip("/") or "/"
         if self.is_local:
             self.root = str(Path(self.root).resolve())
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            if create:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            elif not Path(self.root).is_dir():
+                raise NotFoundError(f"no registry at {self.root}: the directory does not exist")
 
     def __repr__(self) -> str:
         return f"Registry({self.url!r})"
@@ -123,11 +136,22 @@ class Registry:
         return f"{self.root}/{kind}s/{name}/{version}"
 
     def path_of(self, manifest: Manifest, relpath: str) -> str:
-        """Path (in `self.fs`) of a file the manifest references; refuses anything else."""
+        """Path (in `self.fs`) of a file the manifest references; refuses anything else, and (locally) any
+        file that a symlink in the version takes outside the registry."""
         entry_paths = {entry.path for entry in manifest.files}
         if relpath not in entry_paths and relpath != MANIFEST_NAME:
             raise NotFoundError(f"{manifest.ref} does not reference {relpath!r}")
-        return f"{self.version_path(manifest.kind, manifest.name, manifest.version)}/{relpath}"
+        path = f"{self.version_path(manifest.kind, manifest.name, manifest.version)}/{relpath}"
+        self.check_inside(path, f"{manifest.ref}/{relpath}")
+        return path
+
+    def check_inside(self, path: str, what: str) -> None:
+        """Refuse a local path that resolves (symlinked file, version or name directory) outside the root."""
+        if not self.is_local:
+            return  # object stores have no symlinks
+        real = os.path.realpath(path)
+        if os.path.commonpath([self.root, real]) != self.root:
+            raise OutsideRegistryError(f"refused: {what} resolves outside the registry ({self.root})")
 
     def url_of(self, manifest: Manifest, relpath: str) -> str:
         """Full URL of a referenced file (local path for a local registry), usable by webdataset/pyarrow."""
@@ -172,6 +196,11 @@ class Registry:
         found = []
         for path in self.fs.ls(base, detail=False):
             manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
+            try:
+                self.check_inside(manifest_path, manifest_path)
+            except OutsideRegistryError as error:  # one bad symlink must not hide the other versions
+                log.warning("%s; skipped", error)
+                continue
             if self.fs.exists(manifest_path):
                 found.append(self._read_manifest(manifest_path))
         return sorted(found, key=_version_sort_key)
@@ -336,16 +365,19 @@ class Registry:
                 (staging / entry.path).unlink(missing_ok=True)
 
     def _publish_remote(self, manifest: Manifest, staging: Path, target: str) -> None:
-        # Object stores have no rename: upload everything, verify sizes, then write the manifest last.
-        # Until the manifest exists the version is invisible (versions() lists only committed ones).
+        # Object stores have no rename: upload everything, read each file back and check its sha256, then
+        # write the manifest last. Until the manifest exists the version is invisible (versions() lists only
+        # committed ones). The read-back doubles the traffic; a size check alone misses corrupted bytes.
         try:
             for entry in manifest.files:
-                self.fs.makedirs(f"{target}/{entry.path}".rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(staging / entry.path), f"{target}/{entry.path}")
-                remote_size = self.fs.size(f"{target}/{entry.path}")
-                if remote_size != entry.bytes:
+                remote = f"{target}/{entry.path}"
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(staging / entry.path), remote)
+                digest, size = self._remote_sha256(remote)
+                if size != entry.bytes or digest != entry.sha256:
                     raise RegistryError(
-                        f"{manifest.ref}: upload of {entry.path} is {remote_size} bytes, expected {entry.bytes}"
+                        f"{manifest.ref}: upload of {entry.path} reads back as {size} bytes, sha256 {digest[:12]}; "
+                        f"expected {entry.bytes} bytes, sha256 {entry.sha256[:12]}"
                     )
             with self.fs.open(f"{target}/{MANIFEST_NAME}", "w") as handle:
                 handle.write(manifest.to_json())
@@ -357,6 +389,14 @@ class Registry:
                 except (OSError, FileNotFoundError):
                     pass
             raise
+
+    def _remote_sha256(self, path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+                size += len(block)
+        return digest.hexdigest(), size
 
     def _read_manifest(self, path: str) -> Manifest:
         with self.fs.open(path, "r") as handle:

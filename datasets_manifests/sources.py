@@ -8,7 +8,8 @@ Accepted forms:
 The output has `url`, `caption`, `source_key` (sha256 of url + caption, 16 hex digits: stable whatever the file
 order, and a valid webdataset key). Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
 a single URL with ~9M captions in the released LAION-115M list.
-Stdlib + pyarrow only.
+A list is read through fsspec, so `s3://...` and `gs://...` work once the `s3`/`gcs` extra is installed.
+Stdlib + pyarrow + fsspec only.
 """
 
 from __future__ import annotations
@@ -17,18 +18,55 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 URL_ALIASES = ("url", "URL", "image_url", "image", "img_url")
 CAPTION_ALIASES = ("caption", "TEXT", "text", "alt", "alt_text")
 SOURCE_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
+DISTRIBUTION = "blip-bootstrap"  # pyproject.toml [project] name, for install hints
+# fsspec backends that are optional extras of this package (pyproject.toml), so that CI and laptops skip them:
+# URL protocol -> extra.
+FILESYSTEM_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
 class SourceListError(ValueError):
     """A malformed source list; the message names the file and the record."""
+
+
+class MissingFilesystemError(ImportError):
+    """A URL whose fsspec backend (s3fs, gcsfs) is not installed; the message names the extra to install."""
+
+
+def missing_filesystem_message(url: str, error: ImportError) -> str:
+    """One line for fsspec's "Install s3fs to access S3": which extra of this package brings the backend."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    extra = FILESYSTEM_EXTRAS.get(protocol)
+    hint = f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
+    return f"{url}: cannot open {protocol}:// URLs ({error}); {hint}"
+
+
+def url_to_fs(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's url_to_fs, with a missing backend reported as MissingFilesystemError (install hint included)."""
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as error:
+        raise MissingFilesystemError(missing_filesystem_message(str(url), error)) from error
+
+
+def source_list_sha256(path: str | Path) -> str:
+    """sha256 of a source list's bytes (local or URL): the download stage's default source identity."""
+    fs, fs_path = url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"{path}: source list not found")
+    digest = hashlib.sha256()
+    with fs.open(fs_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -58,15 +96,17 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None) -> tuple[pa.Table, SourceReport]:
-    """Read any accepted form into a (url, caption, source_key) table with exact duplicates removed."""
-    path = Path(path)
-    if not path.exists():
+    """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key) table with exact
+    duplicates removed."""
+    fs, fs_path = url_to_fs(path)
+    if not fs.exists(fs_path):
         raise FileNotFoundError(f"{path}: source list not found")
-    fmt = detect_format(path)
-    if fmt in ("json", "jsonl"):
-        urls, captions, records = _read_blip_json(path, fmt)
-    else:
-        urls, captions, records = _read_table(path, fmt, url_col, caption_col)
+    fmt = detect_format(str(path))
+    with fs.open(fs_path, "rb") as handle:
+        if fmt in ("json", "jsonl"):
+            urls, captions, records = _read_blip_json(handle, str(path), fmt)
+        else:
+            urls, captions, records = _read_table(handle, str(path), fmt, url_col, caption_col)
     report = SourceReport(path=str(path), format=fmt, records=records)
     seen: set[tuple[str, str]] = set()
     per_url: dict[str, int] = {}
@@ -98,8 +138,8 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     return report
 
 
-def _read_blip_json(path: Path, fmt: str) -> tuple[list[str], list[str], int]:
-    text = path.read_text(encoding="utf-8")
+def _read_blip_json(handle: IO[bytes], path: str, fmt: str) -> tuple[list[str], list[str], int]:
+    text = handle.read().decode("utf-8")
     try:
         if fmt == "jsonl":
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -127,17 +167,18 @@ def _read_blip_json(path: Path, fmt: str) -> tuple[list[str], list[str], int]:
     return urls, captions, len(data)
 
 
-def _read_table(path: Path, fmt: str, url_col: str | None, caption_col: str | None) -> tuple[list[str], list[str], int]:
+def _read_table(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
+                caption_col: str | None) -> tuple[list[str], list[str], int]:
     if fmt == "parquet":
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(handle)
         except (pa.ArrowInvalid, OSError) as error:
             raise SourceListError(f"{path}: not a readable parquet file ({error})") from error
     else:
         import pyarrow.csv as pacsv
 
         try:
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+            table = pacsv.read_csv(handle, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
         except pa.ArrowInvalid as error:
             raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
@@ -155,7 +196,7 @@ def _read_table(path: Path, fmt: str, url_col: str | None, caption_col: str | No
     return urls, captions, len(urls)
 
 
-def _column(table: pa.Table, path: Path, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:
+def _column(table: pa.Table, path: str, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:
     names = table.column_names
     if wanted:
         if wanted not in names:

@@ -25,7 +25,28 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A config value that cannot be accepted; the message names file, key and expectation."""
+    """A config value that cannot be accepted; the message names file, key and expectation.
+
+    `key` (dotted) and `detail` (the message without its origin) let `load_config` blame a `--set` override
+    instead of the file when the bad value came from the command line.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.detail = detail if detail is not None else message
+
+
+class RangeError(ValueError):
+    """A value out of range in `__post_init__` (`check_range`); `key` lets `build` name the dotted key."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _config_error(origin: str, key: str | None, detail: str) -> ConfigError:
+    return ConfigError(f"{origin}: {detail}", key=key, detail=detail)
 
 
 def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> T:
@@ -48,13 +69,22 @@ def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: li
             raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override, origin)
-    return build(cls, raw, origin=origin)
+    try:
+        return build(cls, raw, origin=origin)
+    except ConfigError as error:
+        override = _override_for(error.key, overrides)
+        if override is None:
+            raise
+        # The bad value was typed on the command line: naming only the file would send the user to the wrong place.
+        raise ConfigError(f"--set {override} (applied to {origin}): {error.detail}", key=error.key,
+                          detail=error.detail) from None
 
 
 def build(cls: type[T], raw: dict[str, Any], *, origin: str = "<dict>", prefix: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking every key and type."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: '{prefix or '<root>'}' expected a mapping for {cls.__name__}, got {raw!r}")
+        raise _config_error(origin, prefix or None,
+                            f"'{prefix or '<root>'}' expected a mapping for {cls.__name__}, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = get_type_hints(cls)
     unknown = [key for key in raw if key not in fields]
@@ -62,22 +92,22 @@ def build(cls: type[T], raw: dict[str, Any], *, origin: str = "<dict>", prefix: 
         key = unknown[0]
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
-        raise ConfigError(
-            f"{origin}: unknown key '{_join(prefix, str(key))}'{hint} (valid keys: {', '.join(sorted(fields))})"
-        )
+        raise _config_error(origin, _join(prefix, str(key)),
+                            f"unknown key '{_join(prefix, str(key))}'{hint} (valid keys: {', '.join(sorted(fields))})")
     values: dict[str, Any] = {}
     for name, field in fields.items():
         dotted = _join(prefix, name)
         if name in raw:
             values[name] = _coerce(hints[name], raw[name], origin, dotted)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-            raise ConfigError(f"{origin}: missing required key '{dotted}' ({_describe(hints[name])})")
+            raise _config_error(origin, dotted, f"missing required key '{dotted}' ({_describe(hints[name])})")
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"{origin}: {prefix or cls.__name__}: {error}") from error
+        key = _join(prefix, error.key) if isinstance(error, RangeError) else None
+        raise _config_error(origin, key, f"{prefix or cls.__name__}: {error}") from error
 
 
 def to_dict(config: Any) -> Any:
@@ -100,10 +130,10 @@ def config_hash(config: Any) -> str:
 
 
 def check_range(owner: str, name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Range check for __post_init__: raises ValueError naming the key."""
+    """Range check for __post_init__: raises ValueError (RangeError) naming the key."""
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise ValueError(f"'{name}' = {value!r} is out of range {bounds}")
+        raise RangeError(f"'{name}' = {value!r} is out of range {bounds}", name)
 
 
 # ---------------------------------------------------------------------------------------------- internals
@@ -134,7 +164,7 @@ def _describe(tp: Any) -> str:
 
 def _coerce(tp: Any, value: Any, origin: str, dotted: str) -> Any:
     def fail() -> typing.NoReturn:
-        raise ConfigError(f"{origin}: key '{dotted}' expected {_describe(tp)}, got {value!r}")
+        raise _config_error(origin, dotted, f"key '{dotted}' expected {_describe(tp)}, got {value!r}")
 
     if tp is Any:
         return value
@@ -197,15 +227,26 @@ def _coerce(tp: Any, value: Any, origin: str, dotted: str) -> Any:
     fail()
 
 
+def _override_for(key: str | None, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The `--set` override that gave `key` its value (the last one wins, as when applied), if any."""
+    if key is None:
+        return None
+    for override in reversed(overrides):
+        dotted = override.split("=", 1)[0].strip()
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
+            return override
+    return None
+
+
 def _apply_override(raw: dict[str, Any], override: str, origin: str) -> None:
     if "=" not in override:
-        raise ConfigError(f"{origin}: override {override!r} must look like key.path=value")
+        raise ConfigError(f"--set {override!r} (applied to {origin}): must look like key.path=value")
     dotted, text = override.split("=", 1)
     node = raw
     parts = dotted.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: override '{dotted}': '{part}' is not a mapping")
+            raise ConfigError(f"--set {override} (applied to {origin}): '{part}' is not a mapping")
         node = child
     node[parts[-1]] = yaml.safe_load(text)

@@ -35,23 +35,24 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from datasets_manifests.browser import DEFAULT_PORT
 from datasets_manifests.browser.query import LRU, QueryError, SampleFilter
 from datasets_manifests.browser.thumbnails import (
     DEFAULT_THUMB_SIZE, THUMB_SIZES, ThumbnailCache, ThumbnailError, make_thumbnail, read_referenced_image,
     read_sample_image,
 )
 from datasets_manifests.browser.views import (
-    CATALOG_TTL_S, Catalog, diff_changes, image_source, lineage_graph, metrics_of, model_table, side_rows, summary_row,
+    CATALOG_TTL_S, Catalog, diff_page, image_source, lineage_graph, metrics_of, model_table, side_rows, summary_row,
 )
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import NotFoundError, Registry, RegistryError
+from datasets_manifests.ops import DIFF_CATEGORIES
+from datasets_manifests.registry import NotFoundError, OutsideRegistryError, Registry, RegistryError
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only static files served: a fixed map, so no request path ever reaches the filesystem.
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 MAX_PAGE = 200
-DIFF_CATEGORIES = ("added", "removed", "recaptioned", "newly_dropped", "restored")
 
 
 def api(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -65,6 +66,8 @@ def api(handler: Callable[[Request], Response]) -> Callable[[Request], Response]
             return _error(str(error), error.status)
         except NotFoundError as error:
             return _error(str(error), 404)
+        except OutsideRegistryError as error:
+            return _error(str(error), 403)
         except RegistryError as error:
             return _error(str(error), 400)
         except pa.ArrowException as error:  # unreadable or corrupt Parquet file
@@ -81,8 +84,11 @@ def _error(message: str, status: int) -> JSONResponse:
 
 
 def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) -> Starlette:
-    """The browser app over one registry (any fsspec URL the `Registry` accepts)."""
-    registry = Registry(registry_url)
+    """The browser app over one registry (any fsspec URL the `Registry` accepts).
+
+    Read-only: a local registry directory that does not exist is an error (`NotFoundError`), never created.
+    """
+    registry = Registry(registry_url, create=False)
     catalog = Catalog(registry, ttl_s=CATALOG_TTL_S)
     thumbs = ThumbnailCache(thumb_cache_dir)
 
@@ -175,11 +181,11 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
             thumbs.put(cache_key, data)
         return Response(data, media_type="image/jpeg")
 
-    diffs = LRU(8)
+    diffs = LRU(8)  # (id a, id b) -> DiffTables: Arrow tables of keys, so a cached 1M-row diff stays small
 
     @api
     def diff(request: Request) -> Response:
-        from datasets_manifests.ops import diff as sample_diff
+        from datasets_manifests.ops import diff_tables, manifest_changes
 
         refs = [request.query_params.get(side, "").strip() for side in ("a", "b")]
         if not all(refs):
@@ -189,20 +195,22 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
         if category and category not in DIFF_CATEGORIES:
             raise QueryError(f"category must be one of {', '.join(DIFF_CATEGORIES)}, not {category!r}")
         limit, offset = _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
-        result = diffs.get_or_make((a.id, b.id), lambda: sample_diff(registry, a, b, limit=None))
-        changes = diff_changes(result)
-        selected = [c for c in changes if not category or c["category"] == category]
-        page_rows = selected[offset:offset + limit]
+        for side in (a, b):  # a version without an index has no samples to diff: one clear message
+            if not catalog.data(side).has_index:
+                raise QueryError(f"{side.ref} has no per-sample index (index.parquet): nothing to diff", 404)
+        tables = diffs.get_or_make((a.id, b.id), lambda: diff_tables(registry, a, b))
+        page_rows = diff_page(tables, category, offset, limit)
         keys = [row["key"] for row in page_rows]
         sides = {label: side_rows(catalog.data(m), keys) for label, m in (("a", a), ("b", b))}
         for row in page_rows:
             row["a"], row["b"] = sides["a"].get(row["key"]), sides["b"].get(row["key"])
             side = b if row["b"] is not None else a  # the thumbnail comes from the side that has the sample
             row["thumb"] = f"/api/versions/dataset/{side.name}/{side.version}/thumb/{row['key']}"
-        counts = {name: result.counts.get(name, 0) for name in DIFF_CATEGORIES}
-        return JSONResponse({"a": summary_row(a), "b": summary_row(b), "counts": counts, "all_counts": result.counts,
-                             "manifest_changes": result.manifest_changes, "category": category,
-                             "total": len(selected), "offset": offset, "limit": limit, "rows": page_rows})
+        counts = {name: tables.counts[name] for name in DIFF_CATEGORIES}
+        total = counts[category] if category else sum(counts.values())
+        return JSONResponse({"a": summary_row(a), "b": summary_row(b), "counts": counts, "all_counts": tables.counts,
+                             "manifest_changes": manifest_changes(a, b), "category": category,
+                             "total": total, "offset": offset, "limit": limit, "rows": page_rows})
 
     @api
     def models(_: Request) -> Response:
@@ -280,13 +288,13 @@ def parse_sample_query(request: Request) -> tuple[SampleFilter, int, int]:
     return where, _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
 
 
-def serve(registry_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(registry_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     """Serve the browser until interrupted (blocks). Binds loopback unless `host` says otherwise."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the manifest browser is listening on {host}; anyone who can reach it can read the "
               "registry's samples", file=sys.stderr)
-    Registry(registry_url)  # fail early, with the registry's own message, on a bad URL
-    uvicorn.run(create_app(registry_url), host=host, port=port, log_level="info")
+    app = create_app(registry_url)  # fails early, in one line, on a bad URL or a missing directory
+    uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import Registry
+from datasets_manifests.registry import OutsideRegistryError, Registry
 
 # Columns a sample card shows; read with projection so caption-heavy pages stay small.
 SAMPLE_COLUMNS = ("key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "caption_source",
@@ -154,8 +154,11 @@ class VersionData:
                 handle.close()
 
     def _location(self, relpath: str) -> str:
+        # Every Parquet read goes through here: `path_of` refuses unlisted files and symlinks out of the registry.
         try:
             return self.registry.path_of(self.manifest, relpath)
+        except OutsideRegistryError as error:
+            raise QueryError(str(error), status=403) from error
         except Exception as error:  # noqa: BLE001 - the message names the version and file
             raise QueryError(str(error), status=404) from error
 

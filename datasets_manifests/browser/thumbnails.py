@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -22,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import NotFoundError, Registry
+from datasets_manifests.registry import NotFoundError, OutsideRegistryError, Registry
 
 MAX_IMAGE_BYTES = 32 << 20  # a web image above this is not worth a thumbnail (and may be hostile)
 MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
@@ -56,22 +55,26 @@ def check_inside_registry(registry: Registry, manifest: Manifest, relpath: str) 
     if relpath not in {entry.path for entry in manifest.files}:
         raise ThumbnailError(f"refused: {manifest.ref} does not reference {relpath!r}", 404)
     try:
-        location = registry.path_of(manifest, relpath)
+        registry.path_of(manifest, relpath)  # the registry's own realpath check refuses symlinks out
+    except OutsideRegistryError as error:
+        raise ThumbnailError(str(error), 403) from error
     except NotFoundError as error:
         raise ThumbnailError(f"refused: {error}", 404) from error
-    if registry.is_local:
-        root = os.path.realpath(registry.root)
-        real = os.path.realpath(location)
-        if os.path.commonpath([root, real]) != root:
-            raise ThumbnailError(f"refused: {manifest.ref}/{relpath} resolves outside the registry", 403)
+
+
+def default_cache_dir() -> Path:
+    """Per-user thumbnail cache: `$XDG_CACHE_HOME/blip/thumbs` (default `~/.cache`). A shared, predictable
+    /tmp directory would let another local user plant thumbnails that this user's browser then serves."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "blip" / "thumbs"
 
 
 class ThumbnailCache:
     """In-memory LRU of thumbnail bytes, backed by a directory (names are hashes, never user strings)."""
 
     def __init__(self, cache_dir: str | Path | None = None, capacity: int = 4096) -> None:
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "blip-browser-thumbs"
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.capacity = capacity
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()

@@ -13,6 +13,7 @@ from typing import Any
 
 from datasets_manifests.browser.query import LRU, QueryError, VersionData
 from datasets_manifests.manifest import KINDS, Manifest
+from datasets_manifests.ops import DIFF_CATEGORIES, DiffTables
 from datasets_manifests.registry import NotFoundError, Registry, check_name
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -49,6 +50,8 @@ class Catalog:
         for manifest in self.registry.versions(kind, name):  # published since the last listing
             if manifest.version == version:
                 return manifest
+        # Not listed: say why when the version directory is a symlink out of the registry (versions() skips it).
+        self.registry.check_inside(self.registry.version_path(kind, name, version), f"{kind} {name}@{version}")
         raise NotFoundError(f"no {kind} version {name}@{version} in {self.registry.url}")
 
     def data(self, manifest: Manifest) -> VersionData:
@@ -103,13 +106,22 @@ def _flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]
     return out
 
 
-def diff_changes(result: Any) -> list[dict[str, Any]]:
-    """The per-key changes of an `ops.diff` result as rows {key, category, reason?}, grouped by category."""
-    rows = [{"key": key, "category": "added"} for key in result.added]
-    rows += [{"key": key, "category": "removed"} for key in result.removed]
-    rows += [{"key": item["key"], "category": "recaptioned"} for item in result.recaptioned]
-    rows += [{"key": item["key"], "category": "newly_dropped", "reason": item["reason"]} for item in result.newly_dropped]
-    rows += [{"key": key, "category": "restored"} for key in result.restored]
+def diff_page(tables: DiffTables, category: str, offset: int, limit: int) -> list[dict[str, Any]]:
+    """Rows {key, category, reason?} of one page of a diff: one category, or all of them one after the other.
+    Only the page's slice of each category table is converted to Python."""
+    rows: list[dict[str, Any]] = []
+    for name in [category] if category else DIFF_CATEGORIES:
+        table = tables.categories[name]
+        if offset >= table.num_rows:  # the page starts after this category
+            offset -= table.num_rows
+            continue
+        part = table.slice(offset, limit - len(rows))
+        offset = 0
+        columns = ["key", "reason"] if name == "newly_dropped" else ["key"]
+        for row in part.select(columns).to_pylist():
+            rows.append({**row, "category": name})
+        if len(rows) >= limit:
+            break
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Thin faces over `pipelines.tasks.finetune.run_finetune` and `pipelines.tasks.evaluate.run_evaluate`: typed configs
 (a path, or a preset in configs/finetune/ or configs/evaluate/), `--set key=value` overrides, the published
-version printed as one line (eval also prints its metric table).
+version printed as a small table (finetune: steps, final losses, init report; eval: the metrics) and its id line.
 """
 
 from __future__ import annotations
@@ -15,13 +15,28 @@ from pipelines.config import CONFIG_DIR
 
 FINETUNE_TASKS = ("retrieval", "caption", "vqa", "nlvr")
 EVAL_TASKS = ("retrieval", "caption", "vqa", "nlvr", "video")
+EVAL_TASKS_HELP = """\
+tasks (BLIP's protocols; dataset format in brackets):
+  retrieval  image-text retrieval [coco / flickr Karpathy]: ITC top-k_test (256 COCO, 128 Flickr30k), re-ranked
+             with ITM logit + ITC cosine; TR/IR recall@1/5/10 (txt_r*, img_r*) and r_mean
+  caption    captioning [coco Karpathy, flickr, nocaps]: beam 3, max 20, min 5; BLEU-1..4, METEOR, ROUGE-L,
+             CIDEr (SPICE when its models are present) with pycocoevalcap; writes caption_<split>_results.json.
+             NoCaps: writes nocaps_<split>_results.json for the EvalAI server, no local score
+  vqa        VQAv2 [vqa]: rank over answer_list.json (default) or generate (--set vqa_inference=generate); val:
+             VQA accuracy (overall and per answer type); test: vqa_result.json for the server
+  nlvr       NLVR2 [nlvr]: two-image classification accuracy on dev (split val) or test
+  video      zero-shot text-video retrieval [msrvtt]: 8 uniform frames per clip, the retrieval metrics plus
+             median rank
+presets: configs/evaluate/ (retrieval_coco, retrieval_flickr, caption_coco, caption_nocaps, *_tiny)"""
 
 
 def register(subparsers: Any) -> None:
     finetune = subparsers.add_parser(
         "finetune", help="finetune a model version on a downstream dataset version (Ray Train)",
         description="Finetune a pretrained model for retrieval, captioning, VQA or NLVR2 (BLIP recipes) and publish "
-        "the task model as a model version with lineage to the init model and the dataset.",
+        "the task model as a model version with lineage to the init model and the dataset (publish a downstream set "
+        "with `blip data publish-downstream`). Presets: configs/finetune/ (retrieval_coco, retrieval_flickr, "
+        "caption_coco, vqa, nlvr, *_tiny).",
     )  # fmt: skip
     finetune.add_argument("task", choices=FINETUNE_TASKS)
     finetune.add_argument("config", nargs="?", default=None,
@@ -35,8 +50,11 @@ def register(subparsers: Any) -> None:
 
     evaluate = subparsers.add_parser(
         "eval", help="evaluate a task model version on a downstream dataset version",
-        description="Retrieval recall@K (ITC top-k + ITM re-rank over Ray workers) or captioning (beam search + "
-        "pycocoevalcap); publishes an evaluation version with the metrics and result files.",
+        description="Evaluate a task model on a downstream dataset version (publish one with `blip data "
+        "publish-downstream`) and publish an evaluation version: metrics.json (metrics + lineage to the model and "
+        "dataset) and the result files. The rows are split over Ray workers that each hold the model on their "
+        "device (--set num_workers=N --set gpus_per_worker=G --set precision=bf16; num_workers=0: this process).",
+        epilog=EVAL_TASKS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("config", nargs="?", default=None,
@@ -87,10 +105,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     name = args.name or _default_name(args.init, args.task)
     manifest = run_finetune(cfg, init=args.init, dataset=args.dataset, name=name, registry=registry)
-    meta = manifest.metadata
-    print(f"{manifest.ref}  id {manifest.short_id}  {meta.get('kind')}  step {meta.get('final_step')}/"
-          f"{meta.get('planned_steps')}  parents {', '.join(manifest.parents)}")  # fmt: skip
+    print(render_finetune_table(manifest))
+    print(f"{manifest.ref}  id {manifest.short_id}")
     return 0
+
+
+def render_finetune_table(manifest: Any) -> str:
+    """A finetuned model version as a small table: task, steps, the last logged losses/metrics (and the first, to
+    see the trend), what the init checkpoint provided, lineage."""
+    meta, stats = manifest.metadata, manifest.stats or {}
+    last, first = stats.get("last", {}), stats.get("first", {})
+    init = meta.get("init") or {}
+    rows = [("task", f"{meta.get('task')} ({meta.get('kind')} model, image {meta.get('image_size')})"),
+            ("steps", f"{meta.get('final_step')}/{meta.get('planned_steps')}  ({meta.get('epochs')} epochs, global "
+                      f"batch {meta.get('global_batch')}, {meta.get('world_size')} workers)")]  # fmt: skip
+    for key in sorted(k for k in last if k != "step"):
+        value = last[key]
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if isinstance(first.get(key), float) and key not in ("lr",):
+            shown += f"  (first {first[key]:.4g})"
+        rows.append((key, shown))
+    counts = {k: len(init.get(k) or ()) for k in ("missing", "unexpected", "initialized")}
+    rows.append(("init", f"from {init.get('from', '?')}: " + ", ".join(f"{n} {k}" for k, n in counts.items())))
+    rows.append(("parents", ", ".join(manifest.parents) or "-"))
+    width = max(len(key) for key, _ in rows)
+    return "\n".join([f"{manifest.ref}: finetuned {meta.get('task')}"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """`blip demo-corpus write|serve`, `blip download`, `blip shard`: the data stages from the command line.
 
-Thin: parse arguments, load the typed config (`--config FILE`, `--set key=value`), call the stage function,
+Thin: parse arguments, load the typed config (`--config PRESET|FILE`, `--set key=value`), call the stage function,
 print the published version. Heavy imports happen inside the handlers.
 """
 
@@ -15,9 +15,6 @@ from typing import Any
 from pipelines.cli import CommandError
 from pipelines.config import CONFIG_DIR
 
-DEFAULT_DOWNLOAD_CONFIG = CONFIG_DIR / "download" / "default.yaml"
-DEFAULT_SHARD_CONFIG = CONFIG_DIR / "shard" / "default.yaml"
-
 
 def register(subparsers: Any) -> None:
     corpus = subparsers.add_parser(
@@ -29,11 +26,14 @@ def register(subparsers: Any) -> None:
     write = corpus_sub.add_parser("write", help="generate a corpus directory",
                                   description="Generate images/, ground_truth.parquet and corpus.json in DIR.")
     write.add_argument("directory", type=Path)
-    write.add_argument("--n", type=int, default=5000, help="number of records (default 5000)")
-    write.add_argument("--seed", type=int, default=0)
-    write.add_argument("--noise-fraction", type=float, default=0.4, help="share of web texts replaced by noise")
-    write.add_argument("--bad-fraction", type=float, default=0.06, help="share of broken records")
-    write.add_argument("--config", type=Path, default=None, help="a demo corpus YAML (configs/demo_corpus.yaml)")
+    # None = not given: the --config file's value (or DemoCorpusConfig's default) stays.
+    write.add_argument("--n", type=int, default=None, help="number of records (default 5000)")
+    write.add_argument("--seed", type=int, default=None, help="default 0")
+    write.add_argument("--noise-fraction", type=float, default=None, help="share of web texts replaced by noise "
+                       "(default 0.4)")
+    write.add_argument("--bad-fraction", type=float, default=None, help="share of broken records (default 0.06)")
+    write.add_argument("--config", type=Path, default=None, help="a demo corpus YAML (configs/demo_corpus.yaml); "
+                       "the options above override its values")
     write.set_defaults(func=cmd_corpus_write)
     serve = corpus_sub.add_parser("serve", help="serve a corpus on 127.0.0.1 until Ctrl-C",
                                   description="Serve DIR over HTTP and write DIR/source.parquet (url, caption) "
@@ -48,9 +48,10 @@ def register(subparsers: Any) -> None:
         "and publish the raw shards, their stats and index.parquet as NAME@vN. Re-running the same command "
         "resumes a crashed download (finished shards are kept) or returns the existing version. With "
         "--retry-failed REF, only the URLs that failed in REF are downloaded again.")
-    download.add_argument("source", nargs="?", type=Path, help="source list (omit with --retry-failed)")
+    download.add_argument("source", nargs="?", help="source list, a path or URL such as s3://... "
+                          "(omit with --retry-failed)")
     download.add_argument("--name", required=True, help="dataset name in the registry, e.g. raw-demo")
-    _common(download, DEFAULT_DOWNLOAD_CONFIG)
+    _common(download, "download")
     download.add_argument("--retry-failed", metavar="REF", default=None, help="re-download the failures of REF")
     download.set_defaults(func=cmd_download)
 
@@ -61,27 +62,51 @@ def register(subparsers: Any) -> None:
         "Every dropped sample is recorded with its reason.")
     shard.add_argument("ref", help="raw dataset version, e.g. raw-demo@v1")
     shard.add_argument("--name", required=True, help="name of the training dataset, e.g. demo")
-    _common(shard, DEFAULT_SHARD_CONFIG)
+    _common(shard, "shard")
     shard.set_defaults(func=cmd_shard)
 
 
-def _common(parser: argparse.ArgumentParser, default_config: Path) -> None:
-    parser.add_argument("--config", type=Path, default=default_config, help=f"stage config (default {default_config.name})")
+def _common(parser: argparse.ArgumentParser, stage: str) -> None:
+    presets = ", ".join(sorted(path.stem for path in (CONFIG_DIR / stage).glob("*.yaml")))
+    parser.add_argument("--config", default="default", metavar="PRESET|FILE",
+                        help=f"stage config: a preset in configs/{stage}/ ({presets}) or a YAML file (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set processes=4; repeatable")
     parser.add_argument("--registry", default=None, help="registry URL (default $BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def stage_config_path(stage: str, preset_or_path: str | Path) -> Path:
+    """A preset name under configs/<stage>/ (default, demo, ray ...) or a path to a YAML file."""
+    text = str(preset_or_path)
+    preset = CONFIG_DIR / stage / f"{text}.yaml"
+    if not text.endswith((".yaml", ".yml")) and "/" not in text and preset.exists():
+        return preset
+    path = Path(text)
+    if not path.exists():
+        presets = ", ".join(sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.yaml")))
+        raise CommandError(f"--config {text}: neither a {stage} preset ({presets}) nor an existing file")
+    return path
+
+
+def _registry(url: str | None) -> Any:
+    from datasets_manifests.registry import Registry
+    from datasets_manifests.sources import missing_filesystem_message
+
+    try:
+        return Registry(url)
+    except ImportError as error:  # fsspec: "Install s3fs to access S3"
+        raise CommandError(missing_filesystem_message(str(url), error)) from None
+
+
 def cmd_corpus_write(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
+    from pipelines.config import build, load_config, to_dict
     from pipelines.tasks.demo_corpus import DemoCorpusConfig, write_corpus
 
-    values = {"n": args.n, "seed": args.seed, "noise_fraction": args.noise_fraction, "bad_fraction": args.bad_fraction}
-    if args.config:
-        cfg = load_config(DemoCorpusConfig, args.config, [f"{k}={v}" for k, v in values.items()])
-    else:
-        cfg = load_config(DemoCorpusConfig, values)
+    given = {key: value for key, value in (("n", args.n), ("seed", args.seed), ("noise_fraction", args.noise_fraction),
+                                           ("bad_fraction", args.bad_fraction)) if value is not None}
+    from_file = to_dict(load_config(DemoCorpusConfig, args.config)) if args.config else {}
+    cfg = build(DemoCorpusConfig, {**from_file, **given}, origin="blip demo-corpus write options")
     started = time.perf_counter()
     summary = write_corpus(cfg, args.directory)
     print(f"wrote {cfg.n} records to {args.directory} in {time.perf_counter() - started:.1f}s: "
@@ -107,29 +132,31 @@ def cmd_corpus_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from datasets_manifests.registry import Registry
+    from datasets_manifests.sources import MissingFilesystemError
     from pipelines.config import load_config
     from pipelines.tasks.download import DownloadConfig, run_download, run_retry_failed, summary
 
-    cfg = load_config(DownloadConfig, args.config, args.overrides)
-    registry = Registry(args.registry)
-    if args.retry_failed:
-        manifest = run_retry_failed(cfg, args.retry_failed, name=args.name, registry=registry)
-    elif args.source is None:
-        raise CommandError("give a SOURCE list, or --retry-failed REF")
-    else:
-        manifest = run_download(cfg, args.source, name=args.name, registry=registry)
+    cfg = load_config(DownloadConfig, stage_config_path("download", args.config), args.overrides)
+    registry = _registry(args.registry)
+    try:
+        if args.retry_failed:
+            manifest = run_retry_failed(cfg, args.retry_failed, name=args.name, registry=registry)
+        elif args.source is None:
+            raise CommandError("give a SOURCE list, or --retry-failed REF")
+        else:
+            manifest = run_download(cfg, args.source, name=args.name, registry=registry)
+    except MissingFilesystemError as error:  # an s3:// source list or output_folder without s3fs installed
+        raise CommandError(str(error)) from None
     _report(summary(manifest), args.json, registry)
     return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from datasets_manifests.registry import Registry
     from pipelines.config import load_config
     from pipelines.tasks.shard import ShardConfig, run_shard, summary
 
-    cfg = load_config(ShardConfig, args.config, args.overrides)
-    registry = Registry(args.registry)
+    cfg = load_config(ShardConfig, stage_config_path("shard", args.config), args.overrides)
+    registry = _registry(args.registry)
     manifest = run_shard(cfg, args.ref, name=args.name, registry=registry)
     _report(summary(manifest), args.json, registry)
     return 0

@@ -7,7 +7,8 @@ version — orchestration pitfall 12), only retries with back-off for transient 
 
 Each published version shows up in the Prefect UI as an Asset (one per version *name*, materialised once per
 run, with the version, content id and counts as metadata; upstream assets give the lineage) and as a table
-artifact with counts, drop reasons and the browser URL. Asset events expire (7 days by default); the
+artifact with counts, drop reasons, the registry and the browser URL; the run log prints
+`browse: blip data serve --registry R  ->  URL` for it. Asset events expire (7 days by default); the
 registry's manifests do not.
 """
 
@@ -22,6 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
 
+from datasets_manifests.browser import browse_line, version_url
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
 
@@ -52,12 +54,6 @@ def asset_key(registry: Registry, kind: str, name: str) -> str:
     return f"blip://registry-{registry_id}/{kind}/{name}"
 
 
-def browser_url(manifest: Manifest, registry: Registry) -> str:
-    from datasets_manifests.browser import version_url
-
-    return version_url(manifest, registry_url=registry.url)
-
-
 def stage_table(manifest: Manifest, registry: Registry, seconds: float | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"field": "version", "value": manifest.ref}, {"field": "id", "value": manifest.short_id}]
     rows += [{"field": f"count.{key}", "value": value} for key, value in sorted(manifest.counts.items())]
@@ -69,7 +65,9 @@ def stage_table(manifest: Manifest, registry: Registry, seconds: float | None = 
     throughput = manifest.stats.get("throughput") or {}
     rows += [{"field": f"throughput.{key}", "value": value} for key, value in sorted(throughput.items())
              if isinstance(value, (int, float))]
-    rows.append({"field": "browse", "value": browser_url(manifest, registry)})
+    # The URL is only useful with the command that serves this registry, so the table carries both.
+    rows.append({"field": "registry", "value": registry.url})
+    rows.append({"field": "browse", "value": version_url(manifest)})
     return rows
 
 
@@ -95,13 +93,16 @@ def run_stage(
         manifest = stage_fn(*args, registry=registry, **kwargs)
         seconds = time.monotonic() - started
         add_asset_metadata(key, {"version": manifest.version, "id": manifest.id, "counts": manifest.counts,
-                                 "parents": list(manifest.parents), "browse": browser_url(manifest, registry)})
+                                 "parents": list(manifest.parents), "registry": registry.url,
+                                 "browse": version_url(manifest)})
         create_table_artifact(
             key=re.sub(r"[^a-z0-9-]+", "-", f"{output_kind}-{output_name}".lower()).strip("-"),
             table=stage_table(manifest, registry, seconds),
-            description=f"{label}: {manifest.ref} ({seconds:.1f} s) - browse: {browser_url(manifest, registry)}",
+            description=f"{label}: {manifest.ref} ({seconds:.1f} s) - {browse_line(manifest, registry.url)}",
         )
-        get_run_logger().info("%s -> %s (id %s) in %.1f s", label, manifest.ref, manifest.short_id, seconds)
+        logger = get_run_logger()
+        logger.info("%s -> %s (id %s) in %.1f s", label, manifest.ref, manifest.short_id, seconds)
+        logger.info("%s", browse_line(manifest, registry.url))
         return manifest
 
     task = materialize(

@@ -3,26 +3,32 @@
 Runs img2dataset (rom1504/img2dataset, `img2dataset.download`) with the multiprocessing distributor locally or
 the Ray distributor on a Ray cluster. Resumable: img2dataset's `incremental_mode` skips every shard whose
 `_stats.json` exists (a shard's stats are written after its tar and parquet are closed) and redoes partial ones,
-in a working directory derived from (source checksum, config hash), so a relaunch after a crash finishes the job
-with no gaps and no duplicates. The version holds the raw shards, their parquet + `_stats.json` sidecars and
-`index.parquet` (one row per source row: ok, or dropped with an error class). Failed samples inside finished
-shards are never retried by img2dataset (issues #358, #452); `run_retry_failed` re-downloads exactly those
-URLs and publishes a new version, with the earlier one as its parent.
+in a working directory derived from (source checksum, hash of the settings that change the output), so a relaunch
+after a crash finishes the job with no gaps and no duplicates, even with other processes/threads/distributor.
+img2dataset writes to `output_folder` (any fsspec URL): on a multi-node Ray cluster it must be storage every node
+and the driver see (s3://...), since each shard is written by whichever node ran its task. The version holds the
+raw shards, their parquet + `_stats.json` sidecars and `index.parquet` (one row per source row: ok, or dropped
+with an error class). Failed samples inside finished shards are never retried by img2dataset (issues #358, #452);
+`run_retry_failed` re-downloads exactly those URLs and publishes a new version, with the earlier one as its
+parent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from fsspec.implementations.local import LocalFileSystem
+
 from datasets_manifests.manifest import Manifest, Producer, cache_key
-from datasets_manifests.registry import Registry, RegistryError, now_utc, sha256_file
+from datasets_manifests.registry import Registry, RegistryError, now_utc
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "download"
@@ -36,8 +42,13 @@ class DownloadConfig:
 
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"  # "ray": on the cluster in ray_address
     ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray
-    processes: int = 2  # processes (multiprocessing) or concurrent shard tasks (ray)
-    threads: int = 32  # download threads per process
+    # multiprocessing only: img2dataset 1.47's ray distributor ignores it and runs one 1-CPU Ray task per shard,
+    # so the cluster's CPU slots set the concurrency.
+    processes: int = 2
+    threads: int = 32  # download threads per process (multiprocessing) or per shard task (ray)
+    # Where img2dataset writes raw shards (any fsspec URL); a run writes under <output_folder>/<cache key>/.
+    # None: the registry's work dir (local registry) or $BLIP_WORK_DIR (remote registry) -- one machine only.
+    output_folder: str | None = None
     samples_per_shard: int = 10000
     image_size: int = 384  # BLIP pretrains at 224 and finetunes at 384; keep the larger
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
@@ -50,7 +61,7 @@ class DownloadConfig:
     max_aspect_ratio: float = 10.0
     url_col: str | None = None  # source column names; None: detect url/URL/image, caption/TEXT
     caption_col: str | None = None
-    max_shard_retry: int = 1
+    max_shard_retry: int = 1  # multiprocessing only: img2dataset 1.47's ray distributor never retries a shard
     user_agent_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -64,6 +75,18 @@ class DownloadConfig:
         check_range("DownloadConfig", "max_image_area", self.max_image_area, 1.0)
         check_range("DownloadConfig", "max_aspect_ratio", self.max_aspect_ratio, 1.0)
         check_range("DownloadConfig", "max_shard_retry", self.max_shard_retry, 0, 10)
+
+    def cache_relevant(self) -> DownloadConfig:
+        """The settings that decide the published shards; how and where the work runs is reset to the defaults,
+        so a relaunch with other processes/threads/distributor/output folder resumes the same work."""
+        defaults = DownloadConfig()
+        return replace(self, **{name: getattr(defaults, name) for name in RUN_ONLY_FIELDS})
+
+
+# Settings that change how fast or where the download runs, not what it produces (timeout and retries only
+# change which flaky URLs succeed; `--retry-failed` is the tool for those).
+RUN_ONLY_FIELDS = ("distributor", "ray_address", "processes", "threads", "output_folder", "timeout", "retries",
+                   "max_shard_retry")
 
 
 # img2dataset reports errors as free text (urllib, OpenCV, its own checks); the classes a report can count.
@@ -94,8 +117,9 @@ def classify_error(message: str | None) -> str:
     return "other_error"
 
 
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(path)[0]
+def download_key(cfg: DownloadConfig, source_id: str) -> str:
+    """Cache key (and work directory name) of a download: the source and the output-affecting settings."""
+    return cache_key(STAGE, [source_id], config_hash(cfg.cache_relevant()))
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -109,14 +133,10 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     corpus's URLs carry the ephemeral port of its server); default: the sha256 of the list.
     `extra_files` ({path in version: local file}) are published with the shards (e.g. ground truth).
     """
-    import shutil
+    from datasets_manifests.sources import normalise_source_list, source_list_sha256
 
-    from datasets_manifests.sources import normalise_source_list
-
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: source list not found")
-    key = cache_key(STAGE, [source_id or f"source:{file_sha256(source)}"], config_hash(cfg))
+    source = str(source)  # a local path or an fsspec URL (s3://..., gs://...)
+    key = download_key(cfg, source_id or f"source:{source_list_sha256(source)}")
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         return cached
@@ -125,10 +145,12 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     stage = work / "stage"
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
-    raw_dir = stage / "raw"
-    _run_img2dataset(cfg, source_table, raw_dir)
-    rows, files = collect_shards(raw_dir, "raw")
-    _check_complete(rows, report.rows, raw_dir)
+    raw_output = _raw_output(cfg, key, stage / "raw")
+    _run_img2dataset(cfg, source_table, raw_output)
+    # Shards written elsewhere (shared storage) are copied into the local staging dir that publish reads.
+    copy_to = None if raw_output == str(stage / "raw") else stage / "raw"
+    rows, files = collect_shards(raw_output, "raw", copy_to=copy_to)
+    _check_complete(rows, report.rows, raw_output)
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
     extra_counts = {"source_records": report.records, "source_duplicates": report.duplicates}
@@ -150,7 +172,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     from datasets_manifests.index import read_index
 
     parent = registry.resolve(previous, "dataset")
-    key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg))
+    key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         return cached
@@ -164,17 +186,17 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     source_table = work / "retry_source.parquet"
     pq.write_table(pa.table({"url": failed.column("url"), "caption": failed.column("raw_caption"),
                              "source_key": failed.column("key")}), source_table)
-    retry_dir = work / "retry"
+    retry_output = _raw_output(cfg, key, work / "retry")
     if len(failed):
-        _run_img2dataset(cfg, source_table, retry_dir)
+        _run_img2dataset(cfg, source_table, retry_output)
     # The parent's shards and sidecars come along unchanged; retried shards are numbered after them.
     parent_files = [e for e in parent.files if e.path.startswith("raw/")]
     for entry in parent_files:
         _link_or_copy(registry, parent, entry.path, stage / entry.path)
     first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
                        default=-1)
-    rows, files = collect_shards(retry_dir, "raw", id_offset=first_id, move_to=stage / "raw") if len(failed) else ([], [])
-    _check_complete(rows, len(failed), retry_dir)
+    rows, files = collect_shards(retry_output, "raw", id_offset=first_id, copy_to=stage / "raw") if len(failed) else ([], [])
+    _check_complete(rows, len(failed), retry_output)
     kept_rows = kept.to_pylist()
     retried = len(rows)
     recovered = sum(1 for row in rows if row["status"] == "ok")
@@ -189,8 +211,17 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
 # ---------------------------------------------------------------------------------------------- parts
 
 
-def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_dir: Path) -> None:
-    """img2dataset into `output_dir`; finished shards (with _stats.json) are skipped on a relaunch."""
+def _raw_output(cfg: DownloadConfig, key: str, local_dir: Path) -> str:
+    """Where img2dataset writes a run's shards: `local_dir`, or <output_folder>/<key>/<its name> when set."""
+    if cfg.output_folder is None:
+        return str(local_dir)
+    return f"{cfg.output_folder.rstrip('/')}/{key}/{local_dir.name}"
+
+
+def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str) -> None:
+    """img2dataset into `output_folder` (path or fsspec URL); finished shards (with _stats.json) are skipped on a
+    relaunch. The driver reads `source_table` and writes its input splits under `output_folder`/_tmp, so with
+    the ray distributor only `output_folder` has to be shared between nodes."""
     # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -198,11 +229,15 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_dir: Path) 
     if cfg.distributor == "ray":
         from pipelines.runtime import ensure_ray
 
-        ensure_ray(cfg.ray_address)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Ray workers do not inherit the variable set above once the cluster runs: hand it to this job's workers.
+        ensure_ray(cfg.ray_address, runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    from datasets_manifests.sources import url_to_fs
+
+    fs, path = url_to_fs(output_folder)  # fails early, with an install hint, when s3fs/gcsfs is missing
+    fs.makedirs(posixpath.dirname(path.rstrip("/")), exist_ok=True)
     img2dataset.download(
         url_list=str(source_table), input_format="parquet", url_col="url", caption_col="caption",
-        save_additional_columns=["source_key"], output_folder=str(output_dir), output_format="webdataset",
+        save_additional_columns=["source_key"], output_folder=output_folder, output_format="webdataset",
         processes_count=cfg.processes, thread_count=cfg.threads, number_sample_per_shard=cfg.samples_per_shard,
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
         encode_quality=cfg.encode_quality, encode_format="jpg", timeout=cfg.timeout, retries=cfg.retries,
@@ -213,12 +248,13 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_dir: Path) 
     )
 
 
-def collect_shards(raw_dir: Path, prefix: str, id_offset: int = 0,
-                   move_to: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Index rows and file entries of img2dataset's finished shards in `raw_dir`.
+def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0,
+                   copy_to: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Index rows and file entries of img2dataset's finished shards in `raw_output` (a path or fsspec URL).
 
-    Only shards with a `_stats.json` count (finished). With `move_to`, shard files are renamed to
-    `id + id_offset` there (used to append retried shards after the parent's).
+    Only shards with a `_stats.json` count (finished). With `copy_to` (a local dir), shard files are copied there
+    as `id + id_offset` (to append retried shards after the parent's, or to fetch them from shared storage);
+    without it `raw_output` must be local, and its files are indexed in place.
     """
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -226,18 +262,29 @@ def collect_shards(raw_dir: Path, prefix: str, id_offset: int = 0,
     from blip_models.processing import pre_caption
     from pipelines.tasks.webdata import iter_tar
 
+    from datasets_manifests.sources import url_to_fs
+
+    fs, root = url_to_fs(raw_output)
+    root = root.rstrip("/")
+    is_local = isinstance(fs, LocalFileSystem)
+    if copy_to is None and not is_local:
+        raise ValueError(f"{raw_output}: shards on remote storage need a local copy_to directory")
     rows: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
-    stats_files = sorted(raw_dir.glob(f"{'[0-9]' * SHARD_DIGITS}_stats.json"))
+    stats_files = sorted(fs.glob(f"{root}/{'[0-9]' * SHARD_DIGITS}_stats.json"))
     for stats_path in tqdm(stats_files, desc="indexing raw shards", unit="shard", disable=len(stats_files) < 4):
-        shard_id = int(stats_path.name[:SHARD_DIGITS])
+        shard_id = int(stats_path.rsplit("/", 1)[-1][:SHARD_DIGITS])
         new_id = f"{shard_id + id_offset:0{SHARD_DIGITS}d}"
-        names = {ext: raw_dir / f"{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
-        if move_to is not None:
-            move_to.mkdir(parents=True, exist_ok=True)
-            for ext, path in list(names.items()):
-                target = move_to / f"{new_id}{ext}"
-                shutil.copy2(path, target)
+        sources = {ext: f"{root}/{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
+        names = {ext: Path(path) for ext, path in sources.items()}
+        if copy_to is not None:
+            copy_to.mkdir(parents=True, exist_ok=True)
+            for ext, path in sources.items():
+                target = copy_to / f"{new_id}{ext}"
+                if is_local:
+                    shutil.copy2(path, target)
+                else:
+                    fs.get_file(path, str(target))
                 names[ext] = target
         tar_rel = f"{prefix}/{new_id}.tar"
         located: dict[str, tuple[int, int, str]] = {}  # img2dataset key -> (jpg offset, bytes, sha256)
@@ -274,7 +321,7 @@ def collect_shards(raw_dir: Path, prefix: str, id_offset: int = 0,
     return rows, files
 
 
-def _check_complete(rows: list[dict[str, Any]], expected: int, raw_dir: Path) -> None:
+def _check_complete(rows: list[dict[str, Any]], expected: int, raw_dir: str) -> None:
     keys = Counter(row["key"] for row in rows)
     duplicated = [key for key, n in keys.items() if n > 1]
     if duplicated:

@@ -54,6 +54,10 @@ class DownstreamConfig:
     annotation_dir: str | None = None
     image_root: str | None = None
     samples_per_shard: int = 1000  # train pairs per webdataset tar
+    # vqa: also train on vqa_val.json, as BLIP's recipe does (train_files: vqa_train, vqa_val, vg_qa). Then the val
+    # split's accuracy is measured on trained questions and is optimistic (the evaluation notes it); set false
+    # to keep val held out, or report test-dev from the server.
+    vqa_train_on_val: bool = True
     shuffle_seed: int = 0  # order of the train pairs in the shards
 
     def __post_init__(self) -> None:

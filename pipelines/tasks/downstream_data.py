@@ -395,11 +395,23 @@ def load_msrvtt(path: str | Path) -> list[VideoCaption]:
             for index, record in enumerate(records)]
 
 
+def video_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
+    """Uniform sampling: frame int(i * vlen / num_frm) for i < num_frm.
+
+    BLIP writes `np.arange(0, vlen, vlen / num_frm, dtype=int)`, which is the same when num_frm divides vlen; otherwise
+    numpy's integer arange steps by int(vlen / num_frm) (300 frames: 0, 37, ..., 259, never the last seconds; fewer
+    frames than num_frm: frame 0 every time). We keep the uniform spacing BLIP describes."""
+    return [int(step * num_video_frames / num_frames) for step in range(num_frames)]
+
+
 def read_video_frames(path: str | Path, num_frames: int = 8, size: int | None = None) -> list[Any]:
     """`num_frames` uniformly spaced RGB frames (PIL images) of a video, optionally resized to size×size.
 
-    BLIP decodes with decord (`np.arange(0, vlen, vlen / num_frm, dtype=int)` frame indices); decord is not
-    installed here, so OpenCV decodes the same frame indices."""
+    BLIP decodes with decord; decord is not installed here, so OpenCV reads the frames of `video_frame_indices`.
+    Only the wanted frames are kept: the frames between them are skipped with `grab()` (decoded by the codec but
+    never converted to RGB nor held in memory), which stays frame-exact where seeking (CAP_PROP_POS_FRAMES) can land
+    on the wrong frame with some codecs. A container whose frame
+    count is missing or wrong is read once more to count its decodable frames."""
     import cv2
     from PIL import Image
 
@@ -407,18 +419,44 @@ def read_video_frames(path: str | Path, num_frames: int = 8, size: int | None = 
     if not capture.isOpened():
         raise ValueError(f"{path}: cannot open video")
     try:
-        frames = []
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame)
+        length = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        frames = _grab_frames(capture, video_frame_indices(length, num_frames)) if length > 0 else []
     finally:
         capture.release()
-    if not frames:
-        raise ValueError(f"{path}: video has no decodable frames")
-    positions = [int(step * len(frames) / num_frames) for step in range(num_frames)]
-    images = [Image.fromarray(cv2.cvtColor(frames[p], cv2.COLOR_BGR2RGB)) for p in positions]
+    if len(frames) < num_frames:  # the header's count was wrong: count the frames, then read again
+        capture = cv2.VideoCapture(str(path))
+        try:
+            length = 0
+            while capture.grab():
+                length += 1
+        finally:
+            capture.release()
+        if length == 0:
+            raise ValueError(f"{path}: video has no decodable frames")
+        capture = cv2.VideoCapture(str(path))
+        try:
+            frames = _grab_frames(capture, video_frame_indices(length, num_frames))
+        finally:
+            capture.release()
+    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)) for frame in frames]
     if size is not None:
         images = [image.resize((size, size), Image.BICUBIC) for image in images]
     return images
+
+
+def _grab_frames(capture: Any, indices: list[int]) -> list[Any]:
+    """The frames at `indices` (ascending, repeats allowed) of an open capture; fewer if the video ends first."""
+    frames: list[Any] = []
+    position, frame = -1, None
+    for index in indices:
+        while position < index:
+            if not capture.grab():
+                return frames
+            position += 1
+            frame = None
+        if frame is None:
+            ok, frame = capture.retrieve()
+            if not ok:
+                return frames
+        frames.append(frame)
+    return frames

@@ -6,7 +6,8 @@ shared/docs/blip_spec.md §4.2-§4.5, §8.2). Each version holds the public anno
 for the training engine:
 
 - vqa: `{key}.jpg` + `{key}.json` (`question`, `answers`, `weights`, `dataset`, `question_id`) from
-  vqa_train + vqa_val + vg_qa (BLIP `train_files`), weights as BLIP computes them;
+  vqa_train + vqa_val + vg_qa (BLIP `train_files`; vqa_val only with `vqa_train_on_val`), weights as BLIP
+  computes them;
 - nlvr: `{key}.left.<ext>` + `{key}.right.<ext>` + `{key}.json` (`sentence`, `label`) from nlvr_train;
 - msrvtt: no training shards (zero-shot evaluation only);
 - nocaps: `nocaps_{val,test}.json` (`{"image", "img_id"}`) + images, no shards and no references (the
@@ -51,6 +52,8 @@ def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -
     train = []
     for name in VQA_FILES["train"]:
         path = annotation_dir / name
+        if name == VQA_FILES["val"] and not cfg.vqa_train_on_val:
+            continue  # held out: val accuracy on unseen questions (copied below as the val split)
         if path.is_file():  # vg_qa.json is optional (BLIP trains with it, LAVIS's coco_vqa does not)
             train += load_vqa(path, "train")
             copy_file(path, staging, f"annotation/{name}", files, "annotation")
@@ -60,6 +63,8 @@ def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -
     for key in ("test", "answer_list", "val_questions", "val_annotations"):
         copy_file(annotation_dir / VQA_FILES[key], staging, f"annotation/{VQA_FILES[key]}", files, "annotation")
     val = load_vqa(annotation_dir / VQA_FILES["val"], "train")
+    if not cfg.vqa_train_on_val:
+        copy_file(annotation_dir / VQA_FILES["val"], staging, f"annotation/{VQA_FILES['val']}", files, "annotation")
     val_ids = {truth.question_id for truth in val_truth}
     if not {q.question_id for q in val} <= val_ids:
         raise AnnotationError(annotation_dir / VQA_FILES["val"], "questions missing from the official val annotations")
@@ -84,7 +89,7 @@ def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -
     for image in sorted(images | {q.image for q in kept}):
         copy_file(image_root / image, staging, f"images/{image}", files, "image")
     counts = {"train_items": len(kept), "val_items": len(val), "test_items": len(test)}
-    metadata = {"benchmark": "vqa", "format": "vqa", "image_root": "images",
+    metadata = {"benchmark": "vqa", "format": "vqa", "image_root": "images", "train_on_val": cfg.vqa_train_on_val,
                 "annotations": {"val": f"annotation/{VQA_FILES['val']}", "test": f"annotation/{VQA_FILES['test']}",
                                 "answer_list": f"annotation/{VQA_FILES['answer_list']}",
                                 "val_questions": f"annotation/{VQA_FILES['val_questions']}",

@@ -5,11 +5,11 @@ Follows BLIP's `train_retrieval.py:evaluation()` / `itm_eval`, `train_caption.py
 
 - retrieval: every image and text is encoded once (normalised ITC features; ViT token sequences kept for ITM),
   cosine similarities rank the candidates, and the top-`k_test` of every query are re-ranked with
-  score = ITM positive logit + ITC cosine (`retrieval_eval`, batched across queries and candidates). The
-  re-ranking is split by row ranges over Ray tasks (BLIP splits rows over GPUs and all-reduces), each task
+  score = ITM positive logit + ITC cosine (`retrieval_eval`, batched across queries and candidates). Encoding and
+  re-ranking are split by row ranges over the workers (BLIP splits rows over GPUs and all-reduces), each worker
   returns its rows, and the driver assembles both matrices and computes recall@1/5/10 and r_mean.
 - captioning: beam search 3, max 20, min 5 (prompt 'a picture of ' counted in the lengths), the images split over
-  Ray tasks; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
+  the workers; scored with pycocoevalcap (Bleu_1..4, METEOR, ROUGE_L, CIDEr; SPICE reported unavailable when its
   CoreNLP models are absent) against the COCO-caption GT file; the result file is published.
 - NoCaps (`eval_nocaps.py`, a `format: nocaps` set): the same generation (BLIP nocaps.yaml: repetition penalty
   1.1, configs/evaluate/caption_nocaps.yaml); `nocaps_<split>_results.json` in the official server format is
@@ -22,13 +22,19 @@ Implemented in `evaluate_tasks.py`:
 - NLVR2: accuracy on dev (val) or test.
 - video (MSRVTT, zero-shot): 8 uniform frames per clip, the normalised mean of the frames' projected CLS features
   as the ITC embedding, all frames' tokens as ITM memory; the retrieval metrics plus median rank.
-`num_workers: 0` runs everything in this process (tests, benchmarks). Idempotent via the cache key.
+Workers (`ModelWorkers`) are `num_workers` Ray actors, each holding the model once on its device (`device`,
+`gpus_per_worker`, bf16 autocast with `precision: bf16` on CUDA); the model travels to them as bytes in Ray's
+object store, so no worker needs the driver's filesystem. `num_workers: 0` runs the same worker code in this
+process (tests, benchmarks). Idempotent via the cache key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -60,8 +66,11 @@ class EvaluateConfig:
     vqa_k_test: int = 128  # rank: candidates kept after the first-token step
     vqa_batch_size: int = 32  # BLIP batch_size_test 32
     num_frames: int = 8  # video: uniformly sampled frames per clip (BLIP num_frm_test 8)
-    num_workers: int = 2  # Ray tasks sharing the rows (0 = everything in this process)
-    cpus_per_worker: float = 1.0  # fractional values let tasks share CPUs with other work
+    num_workers: int = 2  # Ray actors sharing the rows, each loads the model once (0 = everything in this process)
+    cpus_per_worker: float = 1.0  # fractional values let workers share CPUs with other work
+    gpus_per_worker: float = 0.0  # GPU share of each Ray worker (0.5: two workers per GPU); 0 = CPU workers
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the worker got a GPU, else cpu
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA (CPU always runs fp32)
     max_images: int | None = None  # evaluate only the first N images of the split (smoke runs); None = all
 
     def __post_init__(self) -> None:
@@ -77,6 +86,14 @@ class EvaluateConfig:
         check_range("evaluate", "max_length", self.max_length, self.min_length)
         check_range("evaluate", "num_workers", self.num_workers, 0)
         check_range("evaluate", "cpus_per_worker", self.cpus_per_worker, 0.01)
+        check_range("evaluate", "gpus_per_worker", self.gpus_per_worker, 0)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"'device' = {self.device!r}: choose auto, cpu or cuda")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"'precision' = {self.precision!r}: choose fp32 or bf16")
+        if self.device == "cuda" and self.num_workers > 0 and self.gpus_per_worker == 0:
+            raise ValueError("'device' = 'cuda' with Ray workers needs 'gpus_per_worker' > 0 (Ray gives a worker "
+                             "a GPU only when it asks for one)")  # fmt: skip
         if self.max_images is not None:
             check_range("evaluate", "max_images", self.max_images, 1)
         from pipelines.tasks.metrics import CAPTION_METRICS
@@ -119,61 +136,198 @@ def load_images(urls: list[str], image_size: int) -> Any:
     return torch.stack(tensors)
 
 
-def map_rows(fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[range], cfg: EvaluateConfig) -> list[Any]:
-    """`fn(*shared, rows)` for every row range: in Ray tasks (`cfg.num_workers` > 0) or in this process."""
-    if cfg.num_workers == 0:
-        return [fn(*shared, rows) for rows in parts]
-    from pipelines.runtime import ensure_ray
+MODEL_FILES = ("config.json", "model.safetensors")  # a save_pretrained directory (blip_models.checkpoints)
 
-    ray = ensure_ray()
-    refs = [ray.put(value) for value in shared]  # stored once, read by every task without a copy per task
-    remote = ray.remote(num_cpus=cfg.cpus_per_worker, max_retries=2)(fn)
-    return ray.get([remote.remote(*refs, rows) for rows in parts])
+
+def read_model_files(directory: str | Path) -> dict[str, bytes]:
+    """The files of a save_pretrained directory as bytes: what Ray workers get instead of a driver-local path."""
+    return {name: (Path(directory) / name).read_bytes() for name in MODEL_FILES}
+
+
+def model_content_id(directory: str | Path) -> str:
+    """sha256 over the files of a save_pretrained directory (the lineage id of a model given as a directory)."""
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        digest.update(name.encode() + b"\0")
+        with open(Path(directory) / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(requested: str, has_gpu: bool) -> str:
+    """cpu or cuda for `device` (auto | cpu | cuda) given whether this worker got a GPU."""
+    if requested == "auto":
+        return "cuda" if has_gpu else "cpu"
+    if requested == "cuda" and not has_gpu:
+        raise RuntimeError("device 'cuda' but this worker has no GPU (no CUDA here, or gpus_per_worker is 0)")
+    return requested
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors of a worker's result on the CPU, floating ones as float32 (bf16 autocast outputs); other values as
+    they are. A float32 CPU tensor is returned as is, so the CPU path stays bit-identical."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    return value
+
+
+class ModelWorker:
+    """One worker: the task model loaded once onto its device; `run(fn, *args)` calls `fn(model, *args)` under
+    no_grad (and bf16 autocast on CUDA when asked). The same class runs in this process and as a Ray actor."""
+
+    def __init__(self, source: str | dict[str, bytes], kind: str, device: str, precision: str,
+                 in_ray: bool = False) -> None:
+        import torch
+
+        if isinstance(source, dict):  # bytes shipped through the object store: materialise, load, delete
+            with tempfile.TemporaryDirectory(prefix="blip-eval-model-") as directory:
+                for name, data in source.items():
+                    (Path(directory) / name).write_bytes(data)
+                model = load_task_model(directory, kind)
+        else:
+            model = load_task_model(source, kind)
+        has_gpu = torch.cuda.is_available()
+        if in_ray:  # a Ray worker may see GPUs it was not given; use one only when Ray assigned it
+            import ray
+
+            has_gpu = has_gpu and bool(ray.get_gpu_ids())
+        self.device = pick_device(device, has_gpu)
+        self.autocast = self.device == "cuda" and precision == "bf16"
+        self.model = model.to(self.device).eval()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import torch
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self.autocast:
+                stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            return _to_cpu(fn(self.model, *args))
+
+
+class ModelWorkers:
+    """The model on `cfg.num_workers` Ray actors (`cpus_per_worker`, `gpus_per_worker` each), or on one
+    in-process worker when `num_workers` is 0. `map(fn, shared, parts)` runs `fn(model, *shared, rows)` for every
+    row range (range i on worker i mod n) and returns the results in order. Use as a context manager."""
+
+    def __init__(self, model_dir: str, kind: str, cfg: EvaluateConfig) -> None:
+        self.local: ModelWorker | None = None
+        self.actors: list[Any] = []
+        if cfg.num_workers == 0:
+            self.local = ModelWorker(model_dir, kind, cfg.device, cfg.precision)
+            return
+        from pipelines.runtime import ensure_ray
+
+        self.ray = ensure_ray()
+        files = self.ray.put(read_model_files(model_dir))  # stored once; every actor reads it, on any node
+        actor = self.ray.remote(ModelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                                                     max_restarts=2, max_task_retries=2)  # fmt: skip
+        self.actors = [actor.remote(files, kind, cfg.device, cfg.precision, True) for _ in range(cfg.num_workers)]
+
+    def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any]) -> list[Any]:
+        if self.local is not None:
+            return [self.local.run(fn, *shared, rows) for rows in parts]
+        refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
+        calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
+        return self.ray.get(calls)
+
+    def close(self) -> None:
+        for actor in self.actors:  # frees their CPUs/GPUs for the next stage at once
+            self.ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> ModelWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def batch_rows(num_rows: int, batch_size: int, num_parts: int) -> list[range]:
+    """Non-empty row ranges, one per part, that start on multiples of `batch_size`: every part forms the same
+    batches as one loop over all rows would, so splitting the work changes no result."""
+    from pipelines.tasks.retrieval_eval import split_rows
+
+    num_batches = -(-num_rows // batch_size)
+    return [range(part.start * batch_size, min(num_rows, part.stop * batch_size))
+            for part in split_rows(num_batches, num_parts) if len(part)]
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
 
 
-def encode_retrieval(model: Any, image_urls: list[str], texts: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
-    """ITC features of all images (videos) and texts, ViT token sequences and token ids for the ITM re-ranking."""
+def encode_text_rows(model: Any, texts: list[str], batch_size: int, rows: range) -> tuple[Any, Any, Any]:
+    """(token ids, attention masks, normalised ITC features) of the texts in `rows`, `batch_size` per forward."""
     import torch
 
     from blip_models.tokenizer import load_tokenizer, tokenize
 
     tokenizer = load_tokenizer()
-    size = model.config.vision.image_size
-    text_ids, text_mask, text_feats = [], [], []
-    image_embeds, image_feats = [], []
-    with torch.no_grad():
-        for start in range(0, len(texts), cfg.text_batch_size):
-            ids, mask = tokenize(tokenizer, texts[start:start + cfg.text_batch_size], 35, "max_length")
-            text_feats.append(model.text_features(ids, mask))  # (b, E)
-            text_ids.append(ids)
-            text_mask.append(mask)
-        for start in range(0, len(image_urls) if cfg.task != "video" else 0, cfg.image_batch_size):
-            embeds, feats = model.image_features(load_images(image_urls[start:start + cfg.image_batch_size], size))
-            image_embeds.append(embeds)  # (b, 1+N, Dv)
-            image_feats.append(feats)
-    if cfg.task == "video":
-        from pipelines.tasks.evaluate_tasks import encode_videos
-
-        embeds, feats = encode_videos(model, image_urls, cfg.num_frames)
-        image_embeds, image_feats = [embeds], [feats]
-    return {"image_embeds": torch.cat(image_embeds), "image_feats": torch.cat(image_feats),
-            "text_ids": torch.cat(text_ids), "text_mask": torch.cat(text_mask), "text_feats": torch.cat(text_feats)}
+    device = next(model.parameters()).device
+    ids, masks, feats = [], [], []
+    for start in range(rows.start, rows.stop, batch_size):
+        batch_ids, batch_mask = tokenize(tokenizer, texts[start:min(start + batch_size, rows.stop)], 35, "max_length")
+        feats.append(model.text_features(batch_ids.to(device), batch_mask.to(device)))  # (b, E)
+        ids.append(batch_ids)
+        masks.append(batch_mask)
+    return torch.cat(ids), torch.cat(masks), torch.cat(feats)
 
 
-def rerank_rows(model_dir: str, features: dict[str, Any], sims: Any, k_test: int, pairs_per_batch: int,
+def encode_image_rows(model: Any, image_urls: list[str], batch_size: int, rows: range) -> tuple[Any, Any]:
+    """(ViT token sequences (b, 1+N, Dv), normalised ITC features (b, E)) of the images in `rows`."""
+    import torch
+
+    device = next(model.parameters()).device
+    embeds, feats = [], []
+    for start in range(rows.start, rows.stop, batch_size):
+        pixels = load_images(image_urls[start:min(start + batch_size, rows.stop)], model.config.vision.image_size)
+        batch_embeds, batch_feats = model.image_features(pixels.to(device))
+        embeds.append(batch_embeds)
+        feats.append(batch_feats)
+    return torch.cat(embeds), torch.cat(feats)
+
+
+def encode_retrieval(workers: ModelWorkers, image_urls: list[str], texts: list[str],
+                     cfg: EvaluateConfig) -> dict[str, Any]:
+    """ITC features of all images (videos) and texts, ViT token sequences and token ids for the ITM re-ranking,
+    the rows split over the workers."""
+    import torch
+
+    from pipelines.tasks.evaluate_tasks import encode_video_rows
+
+    parts = max(1, cfg.num_workers)
+    text_parts = workers.map(encode_text_rows, (texts, cfg.text_batch_size),
+                             batch_rows(len(texts), cfg.text_batch_size, parts))
+    if cfg.task == "video":  # one clip per forward: any split forms the same forwards
+        image_parts = workers.map(encode_video_rows, (image_urls, cfg.num_frames),
+                                  batch_rows(len(image_urls), 1, parts))
+    else:
+        image_parts = workers.map(encode_image_rows, (image_urls, cfg.image_batch_size),
+                                  batch_rows(len(image_urls), cfg.image_batch_size, parts))  # fmt: skip
+    images, texts_out = list(zip(*image_parts)), list(zip(*text_parts))
+    return {"image_embeds": torch.cat(images[0]), "image_feats": torch.cat(images[1]),
+            "text_ids": torch.cat(texts_out[0]), "text_mask": torch.cat(texts_out[1]),
+            "text_feats": torch.cat(texts_out[2])}
+
+
+def rerank_rows(model: Any, features: dict[str, Any], sims: Any, k_test: int, pairs_per_batch: int,
                 rows: tuple[range, range]) -> tuple[Any, Any, int]:
     """One worker's share: its image rows of score_i2t and text rows of score_t2i (ITM logit + cosine)."""
     from pipelines.tasks.retrieval_eval import (itm_score_fn_for, retrieval_scores_from_sims,
                                                 uncached_itm_score_fn_for)
 
-    model = load_task_model(model_dir, "retrieval")
+    device = next(model.parameters()).device
     image_rows, text_rows = rows
     # H5's scorer projects each image's cross-attention keys/values once and scores its texts together.
     make = itm_score_fn_for if hasattr(model, "precompute_cross_kv") else uncached_itm_score_fn_for
-    itm = make(model, features["image_embeds"], features["text_ids"], features["text_mask"])
+    itm = make(model, *(features[k].to(device) for k in ("image_embeds", "text_ids", "text_mask")))
     scores = retrieval_scores_from_sims(sims, itm, k_test, pairs_per_batch=pairs_per_batch, image_rows=image_rows,
                                         text_rows=text_rows)  # fmt: skip
     return (scores.score_i2t[image_rows.start:image_rows.stop], scores.score_t2i[text_rows.start:text_rows.stop],
@@ -191,16 +345,16 @@ def evaluate_retrieval(model_dir: str, image_urls: list[str], eval_set: Any, k_t
     from pipelines.tasks.retrieval_eval import similarity_matrix, split_rows
 
     started = time.perf_counter()
-    model = load_task_model(model_dir, "retrieval")
-    features = encode_retrieval(model, image_urls, list(eval_set.texts), cfg)
-    sims = similarity_matrix(features["image_feats"], features["text_feats"])  # (N_img, N_txt)
-    encoded = time.perf_counter()
-    parts = max(1, cfg.num_workers)
-    image_parts = split_rows(len(image_urls), parts)
-    text_parts = split_rows(len(eval_set.texts), parts)
-    shared = {k: features[k] for k in ("image_embeds", "text_ids", "text_mask")}
-    results = map_rows(rerank_rows, (model_dir, shared, sims, k_test, cfg.itm_pairs_per_batch),
-                       list(zip(image_parts, text_parts)), cfg)  # type: ignore[arg-type]
+    with ModelWorkers(model_dir, "retrieval", cfg) as workers:
+        features = encode_retrieval(workers, image_urls, list(eval_set.texts), cfg)
+        sims = similarity_matrix(features["image_feats"], features["text_feats"])  # (N_img, N_txt)
+        encoded = time.perf_counter()
+        parts = max(1, cfg.num_workers)
+        image_parts = split_rows(len(image_urls), parts)
+        text_parts = split_rows(len(eval_set.texts), parts)
+        shared = {k: features[k] for k in ("image_embeds", "text_ids", "text_mask")}
+        results = workers.map(rerank_rows, (shared, sims, k_test, cfg.itm_pairs_per_batch),
+                              list(zip(image_parts, text_parts)))
     score_i2t = torch.cat([r[0] for r in results])
     score_t2i = torch.cat([r[1] for r in results])
     metrics = itm_eval(score_i2t, score_t2i, eval_set.txt2img, eval_set.img2txt)
@@ -214,18 +368,24 @@ def evaluate_retrieval(model_dir: str, image_urls: list[str], eval_set: Any, k_t
 # ---------------------------------------------------------------------------------------------- captioning
 
 
-def caption_rows(model_dir: str, image_urls: list[str], options: dict[str, Any], rows: range) -> list[str]:
-    """Captions of the images in `rows` (batched beam search)."""
+def caption_rows(model: Any, image_urls: list[str], options: dict[str, Any], rows: range) -> list[str]:
+    """Captions of the images in `rows` (batched beam search). `model` may also be a model directory (loaded
+    here, on the CPU: benchmarks/bench_caption_eval.py calls it so)."""
+    import torch
+
     from blip_models.tokenizer import load_tokenizer
 
-    model = load_task_model(model_dir, "caption")
+    if isinstance(model, (str, Path)):
+        model = load_task_model(str(model), "caption")
+    device = next(model.parameters()).device
     tokenizer = load_tokenizer()
     options = dict(options)
     batch = options.pop("batch_size")
     captions: list[str] = []
     for start in range(rows.start, rows.stop, batch):
         pixels = load_images(image_urls[start:min(start + batch, rows.stop)], model.config.vision.image_size)
-        captions += [c.strip() for c in model.generate(pixels, tokenizer, **options)]
+        with torch.no_grad():
+            captions += [c.strip() for c in model.generate(pixels.to(device), tokenizer, **options)]
     return captions
 
 
@@ -246,13 +406,14 @@ def caption_gt(registry: Any, dataset: Any, layout: Any, split: str, items: list
 
 
 def generate_captions(model_dir: str, image_urls: list[str], cfg: EvaluateConfig) -> list[str]:
-    """One caption per image, in order: the images split into row ranges over Ray tasks (or this process)."""
+    """One caption per image, in order: the images split into row ranges over the workers (or this process)."""
     from pipelines.tasks.retrieval_eval import split_rows
 
     options = {"num_beams": cfg.num_beams, "max_length": cfg.max_length, "min_length": cfg.min_length,
                "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.caption_batch_size}  # fmt: skip
     parts = [rows for rows in split_rows(len(image_urls), max(1, cfg.num_workers)) if len(rows)]
-    return [c for part in map_rows(caption_rows, (model_dir, image_urls, options), parts, cfg) for c in part]
+    with ModelWorkers(model_dir, "caption", cfg) as workers:
+        return [c for part in workers.map(caption_rows, (image_urls, options), parts) for c in part]
 
 
 def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int], gt: dict[int, tuple[str, ...]],
@@ -327,7 +488,8 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     parents = [m for m in (model_manifest, dataset) if m is not None]
     key = cache_key(stage, [p.id for p in parents] + ([] if model_manifest else [str(model_dir)]), config_hash(cfg))
     cached = registry.find_cached("evaluation", name, key)
-    if cached is not None:
+    if cached is not None:  # reused: the same table and --out file as a fresh run
+        print(render_table(cached))
         _write_out(out, cached.metadata)
         return cached
     started = now_utc()
@@ -357,7 +519,8 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
         metrics, details, notes = evaluate_karpathy(registry, dataset, model_dir, cfg, staging)
     metadata = {"task": cfg.task, "split": cfg.split, "benchmark": benchmark,
                 "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items()},
-                "details": details, "notes": notes}  # fmt: skip
+                "details": details, "notes": notes,
+                "lineage": evaluation_lineage(model_manifest, model_dir, dataset)}  # fmt: skip
     (staging / "metrics.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
     files = [{"path": p.name, "role": "metrics" if p.name == "metrics.json" else "other"} for p in sorted(staging.iterdir())]
     producer = Producer(stage=stage, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key, started_at=started)
@@ -367,6 +530,17 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     print(render_table(manifest))
     _write_out(out, metadata)
     return manifest
+
+
+def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any) -> dict[str, Any]:
+    """What was evaluated, for metrics.json and --out: the model and dataset refs and content ids; a model given
+    as a directory has no ref, so its path and the sha256 of its files stand in."""
+    if model_manifest is not None:
+        model = {"ref": model_manifest.ref, "id": model_manifest.id}
+    else:
+        model = {"ref": None, "id": f"sha256:{model_content_id(model_dir)}",
+                 "directory": str(Path(model_dir).resolve())}
+    return {"model": model, "dataset": {"ref": dataset.ref, "id": dataset.id}}
 
 
 def evaluate_karpathy(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,

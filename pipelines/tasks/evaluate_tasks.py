@@ -2,7 +2,8 @@
 
 Follows BLIP's `train_vqa.py` (rank / generate inference, `vqa_result.json`), `train_nlvr.py` (accuracy) and
 `eval_retrieval_video.py` (Li et al. 2022; shared/docs/blip_spec.md §4.3-§4.5). Rows (questions, pairs) are split
-over Ray tasks with `evaluate.map_rows`; video retrieval reuses `evaluate.evaluate_retrieval` with video features.
+over the workers of `evaluate.ModelWorkers`; video retrieval reuses `evaluate.evaluate_retrieval` with video
+features (`encode_video_rows`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.tasks.evaluate import (K_TEST, EvaluateConfig, _annotation, evaluate_retrieval, load_images,
-                                      load_task_model, map_rows)
+from pipelines.tasks.evaluate import (K_TEST, EvaluateConfig, ModelWorkers, _annotation, evaluate_retrieval,
+                                      load_images)
+
+VIDEO_MAX_WORDS = 40  # BLIP video_dataset.py: pre_caption(caption, 40) (blip_spec text-length table)
 
 
 def encode_videos(model: Any, video_paths: list[str], num_frames: int) -> tuple[Any, Any]:
@@ -25,26 +28,31 @@ def encode_videos(model: Any, video_paths: list[str], num_frames: int) -> tuple[
 
     size = model.config.vision.image_size
     transform = eval_transform(size)
+    device = next(model.parameters()).device
     embeds, feats = [], []
     with torch.no_grad():
         for path in video_paths:
             frames = torch.stack([transform(frame) for frame in read_video_frames(path, num_frames, size)])  # (F,3,S,S)
-            tokens = model.visual_encoder(frames)  # (F, 1+N, D)
+            tokens = model.visual_encoder(frames.to(device))  # (F, 1+N, D)
             feats.append(F.normalize(model.vision_proj(tokens[:, 0, :]).mean(dim=0), dim=-1))  # (E,)
             embeds.append(tokens.reshape(1, -1, tokens.shape[-1]))  # (1, F*(1+N), D)
     return torch.cat(embeds), torch.stack(feats)
 
 
+def encode_video_rows(model: Any, video_paths: list[str], num_frames: int, rows: range) -> tuple[Any, Any]:
+    """`encode_videos` of the clips in `rows` (one worker's share)."""
+    return encode_videos(model, video_paths[rows.start:rows.stop], num_frames)
+
 
 # ---------------------------------------------------------------------------------------------- VQA, NLVR2
 
 
-def vqa_rows(model_dir: str, image_urls: list[str], questions: list[str], answer_list: list[str],
+def vqa_rows(model: Any, image_urls: list[str], questions: list[str], answer_list: list[str],
              options: dict[str, Any], rows: range) -> list[str]:
     """Answers of the questions in `rows` (batched rank or generate inference)."""
     from blip_models.tokenizer import load_tokenizer, tokenize
 
-    model = load_task_model(model_dir, "vqa")
+    device = next(model.parameters()).device
     tokenizer = load_tokenizer()
     options = dict(options)
     batch = options.pop("batch_size")
@@ -53,18 +61,19 @@ def vqa_rows(model_dir: str, image_urls: list[str], questions: list[str], answer
         stop = min(start + batch, rows.stop)
         ids, mask = tokenize(tokenizer, questions[start:stop], 35, "longest")
         pixels = load_images(image_urls[start:stop], model.config.vision.image_size)
-        answers += model.answer(pixels, ids, mask, tokenizer, answer_list=answer_list, **options)
+        answers += model.answer(pixels.to(device), ids.to(device), mask.to(device), tokenizer, answer_list=answer_list,
+                                **options)  # fmt: skip
     return answers
 
 
-def nlvr_rows(model_dir: str, left_urls: list[str], right_urls: list[str], sentences: list[str], batch: int,
+def nlvr_rows(model: Any, left_urls: list[str], right_urls: list[str], sentences: list[str], batch: int,
               rows: range) -> list[int]:
     """Predicted labels (1 = True) of the pairs in `rows`."""
     import torch
 
     from blip_models.tokenizer import load_tokenizer, tokenize
 
-    model = load_task_model(model_dir, "nlvr")
+    device = next(model.parameters()).device
     tokenizer = load_tokenizer()
     size = model.config.vision.image_size
     predictions: list[int] = []
@@ -72,7 +81,8 @@ def nlvr_rows(model_dir: str, left_urls: list[str], right_urls: list[str], sente
         for start in range(rows.start, rows.stop, batch):
             stop = min(start + batch, rows.stop)
             ids, mask = tokenize(tokenizer, sentences[start:stop], None, "longest")
-            output = model(load_images(left_urls[start:stop], size), load_images(right_urls[start:stop], size), ids, mask)
+            output = model(load_images(left_urls[start:stop], size).to(device),
+                           load_images(right_urls[start:stop], size).to(device), ids.to(device), mask.to(device))
             predictions += output.logits.argmax(-1).tolist()
     return predictions
 
@@ -93,8 +103,9 @@ def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfi
                "min_length": 1, "batch_size": cfg.vqa_batch_size}  # fmt: skip
     urls = [registry.url_of(dataset, f"images/{q.image}") for q in questions]
     parts = [rows for rows in split_rows(len(questions), max(1, cfg.num_workers)) if len(rows)]
-    shared = (model_dir, urls, [pre_question(q.question) for q in questions], answer_list, options)
-    answers = [a for part in map_rows(vqa_rows, shared, parts, cfg) for a in part]
+    shared = (urls, [pre_question(q.question) for q in questions], answer_list, options)
+    with ModelWorkers(model_dir, "vqa", cfg) as workers:
+        answers = [a for part in workers.map(vqa_rows, shared, parts) for a in part]
     predictions = {int(q.question_id): a for q, a in zip(questions, answers)}  # type: ignore[arg-type]
     write_vqa_results(staging / "vqa_result.json", predictions)
     details = {"num_images": len(questions), "inference": cfg.vqa_inference, "workers": cfg.num_workers}
@@ -106,7 +117,10 @@ def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfi
     scores = vqa_accuracy(predictions, truth)
     metrics = {"vqa_accuracy": scores["overall"]}
     metrics.update({f"vqa_accuracy_{kind.replace('/', '_')}": value for kind, value in scores["per_answer_type"].items()})
-    return metrics, details, {}
+    notes = {}
+    if dataset.metadata.get("train_on_val", True):  # BLIP's recipe; versions from before the switch did too
+        notes["vqa_accuracy"] = "optimistic: this dataset's train shards include vqa_val (BLIP's recipe)"
+    return metrics, details, notes
 
 
 def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,8 +134,9 @@ def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConf
     rights = [registry.url_of(dataset, f"images/{p.images[1]}") for p in pairs]
     sentences = [pre_caption(p.sentence, NLVR_MAX_WORDS) for p in pairs]
     parts = [rows for rows in split_rows(len(pairs), max(1, cfg.num_workers)) if len(rows)]
-    shared = (model_dir, lefts, rights, sentences, cfg.image_batch_size)
-    predictions = [p for part in map_rows(nlvr_rows, shared, parts, cfg) for p in part]
+    shared = (lefts, rights, sentences, cfg.image_batch_size)
+    with ModelWorkers(model_dir, "nlvr", cfg) as workers:
+        predictions = [p for part in workers.map(nlvr_rows, shared, parts) for p in part]
     return ({"accuracy": nlvr_accuracy(predictions, [p.label for p in pairs])},
             {"num_images": len(pairs), "workers": cfg.num_workers})
 
@@ -132,6 +147,7 @@ def evaluate_video(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateCon
 
     clips = load_msrvtt(_annotation(registry, dataset, dataset.metadata["annotations"]["test"]))[: cfg.max_images or None]
     paths = [str(_annotation(registry, dataset, f"videos/{c.clip_name}.mp4")) for c in clips]
-    eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), tuple(pre_caption(c.caption, 30) for c in clips),
+    texts = tuple(pre_caption(c.caption, VIDEO_MAX_WORDS) for c in clips)
+    eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), texts,
                                 tuple((i,) for i in range(len(clips))), tuple(range(len(clips))))  # fmt: skip
     return evaluate_retrieval(model_dir, paths, eval_set, cfg.k_test or K_TEST["msrvtt"], cfg)

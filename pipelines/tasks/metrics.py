@@ -280,6 +280,19 @@ def caption_scores(gt_captions: Mapping[int, Sequence[str]], results: Sequence[M
     return scores
 
 
+def caption_scores_from_files(results_path: str | Path, gt_path: str | Path,
+                              metrics: Sequence[str] = CAPTION_METRICS) -> dict[str, Any]:
+    """`caption_scores` of a result file (`[{"image_id", "caption"}]`, e.g. `caption_test_results.json` of an
+    evaluation) against a COCO-format GT file (`coco_karpathy_test_gt.json`), over the result's image ids only:
+    what BLIP's `coco_caption_eval` computes with pycocotools' COCO + COCOEvalCap, without pycocotools."""
+    from pipelines.tasks.downstream_data import load_coco_caption_gt
+
+    results = json.loads(Path(results_path).read_text(encoding="utf-8"))
+    if not isinstance(results, list):
+        raise ValueError(f"{results_path}: expected a list of {{'image_id', 'caption'}}, got {type(results).__name__}")
+    return caption_scores(load_coco_caption_gt(gt_path).captions, results, metrics)
+
+
 # ---------------------------------------------------------------------------------------------------- NLVR
 
 

@@ -10,6 +10,7 @@ test-output/browser/.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ import httpx
 import pytest
 
 from datasets_manifests.browser.app import create_app
-from datasets_manifests.browser.sample_registry import build_sample_registry
+from datasets_manifests.browser.sample_registry import build_sample_registry, make_samples, write_dataset_files
+from datasets_manifests.manifest import Producer
+from datasets_manifests.registry import Registry
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -40,7 +43,21 @@ def registry_url(registry_source: str, request: pytest.FixtureRequest,
         return str(request.getfixturevalue("pipeline_registry"))
     root = tmp_path_factory.mktemp("chromium") / "registry"
     build_sample_registry(root)
+    _add_broken_shards_version(root)
     return str(root)
+
+
+def _add_broken_shards_version(root: Path) -> None:
+    """`broken-shards@v1`: six samples in two shards, the first deleted and the second overwritten with garbage
+    after publishing (as a half-synced or damaged store would leave them)."""
+    staging = root.parent / "broken-staging"
+    files = write_dataset_files(staging, make_samples(0, 6, random.Random(3)), per_shard=3, split="train")
+    Registry(str(root)).publish(kind="dataset", name="broken-shards", staging_dir=staging, files=files,
+                                producer=Producer(stage="test"))
+    shards = root / "datasets" / "broken-shards" / "v1" / "shards"
+    (shards / "train-000000.tar").unlink()
+    corrupt = shards / "train-000001.tar"
+    corrupt.write_bytes(b"\x00garbage" * (corrupt.stat().st_size // 8))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +83,10 @@ def server(registry_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def browser_page(server: str) -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+        message = f"{CHROMIUM} is not installed (apt-get install chromium, or run infra/install_system_deps.sh as root)"
+        if os.environ.get("BLIP_REQUIRE_BROWSER") == "1":  # `make test` / `make integration`: no silent skip
+            pytest.fail(message)
+        pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -130,6 +150,8 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
     page.wait_for_selector("[data-testid=sample-grid] .sample")
     page.wait_for_selector("[data-testid=histogram] rect")
     assert page.locator("[data-testid=lineage] rect").count() >= 1
+    stats_card = page.locator(".card", has=page.locator("h2", has_text="Stats"))
+    assert stats_card.locator("pre").count() == 0  # nested stats are dotted key/value rows, not raw JSON
     first_page = _api(server, f"/api/versions/dataset/{main['name']}/{main['version']}/samples?limit=24")
     assert page.locator("[data-testid=sample-grid] .sample").count() == len(first_page["samples"])
     widths = _wait_for_thumbnails(page, 4)
@@ -182,10 +204,38 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
         assert widths and max(widths) > 0
     page.screenshot(path=str(shots / "diff.png"), full_page=True)
 
-    page.goto(f"{server}/#/models")
-    page.wait_for_selector("[data-testid=models], .card")
+    _check_models_page(server, page)
     page.screenshot(path=str(shots / "models.png"), full_page=True)
     assert page.errors == []
+
+
+def _check_models_page(server: str, page: Any) -> None:
+    """The models table shows every metric of /api/models in its column, evaluation metrics included."""
+    models = _api(server, "/api/models")
+    versions = _api(server, "/api/versions")["versions"]
+    page.goto(f"{server}/#/models")
+    if not models["models"]:
+        page.wait_for_selector("text=no model versions")
+        return
+    page.wait_for_selector("[data-testid=models] td a")
+    headers = page.eval_on_selector_all("[data-testid=models] th", "cells => cells.map(c => c.textContent.trim())")
+    assert headers == ["model", "trained on", *models["columns"]]
+    model_refs = {m["ref"] for m in models["models"]}
+    if any(v["kind"] == "evaluation" and model_refs & set(v["parents"]) for v in versions):
+        assert any(not c.startswith("train/") for c in models["columns"]), "evaluation metrics are missing"
+    rows = page.eval_on_selector_all(
+        "[data-testid=models] tr", "rows => rows.slice(1).map(r => [...r.cells].map(c => c.textContent.trim()))")
+    assert [row[0] for row in rows] == [m["ref"] for m in models["models"]]
+    shown = 0
+    for row, model in zip(rows, models["models"]):
+        for column, cell in zip(models["columns"], row[2:]):
+            if column not in model["metrics"]:
+                assert cell == "–", (model["ref"], column, cell)
+                continue
+            assert float(cell.replace(",", "")) == pytest.approx(model["metrics"][column], abs=1e-4), (column, cell)
+            shown += not column.startswith("train/")
+    if any(not c.startswith("train/") for c in models["columns"]):
+        assert shown > 0
 
 
 def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path,
@@ -197,4 +247,23 @@ def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shot
     panel = page.wait_for_selector("[data-testid=image-error]", timeout=30_000)
     assert "too_small" in panel.inner_text()
     page.locator("[data-testid=sample-grid]").screenshot(path=str(shots / "error-panel.png"))
+    assert page.errors == []
+
+
+def test_missing_and_corrupt_shards_show_error_panels(server: str, browser_page: Any, shots: Path,
+                                                      registry_source: str) -> None:
+    if registry_source != "sample":
+        pytest.skip("needs the sample registry's broken-shards version")
+    page = browser_page
+    page.set_viewport_size({"width": 1400, "height": 2600})  # the whole grid in view (images load lazily)
+    page.goto(f"{server}/#/v/dataset/broken-shards/v1")
+    page.wait_for_selector("[data-testid=sample-grid] .sample")
+    page.locator("[data-testid=sample-grid]").scroll_into_view_if_needed()
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=image-error]').length === 6",
+                           timeout=30_000)
+    panels = page.locator("[data-testid=image-error]").all_inner_texts()
+    assert sum("missing from the registry" in text for text in panels) == 3, panels
+    assert sum("cannot decode image" in text for text in panels) == 3, panels
+    assert page.locator("[data-testid=caption]").count() == 6  # the rest of each card still renders
+    page.locator("[data-testid=sample-grid]").screenshot(path=str(shots / "broken-shards.png"))
     assert page.errors == []

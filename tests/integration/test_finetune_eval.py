@@ -91,11 +91,26 @@ def test_cli_eval_reuses_the_published_evaluation(setup, tmp_path, capsys):
     model = registry.versions("model", "tiny-retrieval")[-1]
     cfg = load_config(EvaluateConfig, CONFIGS / "evaluate" / "retrieval_tiny.yaml")
     first = run_evaluate(cfg, model=model, dataset=dataset, name="tiny-eval-retrieval", registry=registry)
+    capsys.readouterr()
     code = main(["eval", "retrieval", "retrieval_tiny", "--model", model.ref, "--dataset", dataset.ref, "--name",
                  "tiny-eval-retrieval", "--registry", registry.url, "--out", str(tmp_path / "m.json")])
     assert code == 0
-    assert f"{first.ref}  id {first.short_id}" in capsys.readouterr().out
-    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["r_mean"] == first.metadata["metrics"]["r_mean"]
+    out = capsys.readouterr().out
+    assert f"{first.ref}  id {first.short_id}" in out
+    assert f"{first.ref}: retrieval on coco test" in out and "r_mean" in out  # the table, also when reused
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["metrics"]["r_mean"] == first.metadata["metrics"]["r_mean"]
+    assert written["lineage"] == {"model": {"ref": model.ref, "id": model.id},
+                                  "dataset": {"ref": dataset.ref, "id": dataset.id}}
+
+    # The finetuned model again through `blip finetune` (reused): its table and id line.
+    code = main(["finetune", "retrieval", "retrieval_tiny", "--init", setup[2], "--dataset", dataset.ref, "--name",
+                 "tiny-retrieval", "--registry", registry.url])
+    out = capsys.readouterr().out
+    assert code == 0 and f"{model.ref}  id {model.short_id}" in out
+    table = out.splitlines()
+    assert table[0] == f"{model.ref}: finetuned retrieval" and table[2].split()[:2] == ["steps", "3/3"]
+    assert any(line.split()[0] == "loss_itc" for line in table[3:]) and "from pretrain" in out
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr"])

@@ -10,6 +10,10 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import logging
+import os
+import random
+import stat
 import tarfile
 from pathlib import Path
 
@@ -23,10 +27,14 @@ from starlette.testclient import TestClient
 
 from datasets_manifests.browser import app as browser_app
 from datasets_manifests.browser.app import create_app
-from datasets_manifests.browser.sample_registry import build_sample_registry, make_samples, write_dataset_files
+from datasets_manifests.browser import thumbnails
+from datasets_manifests.browser.sample_registry import (
+    TEXTS_SCHEMA, build_sample_registry, capfilt_texts, make_samples, write_dataset_files,
+)
 from datasets_manifests.browser.thumbnails import MAX_IMAGE_PIXELS
+from datasets_manifests.index import write_texts
 from datasets_manifests.manifest import Producer
-from datasets_manifests.registry import Registry
+from datasets_manifests.registry import NotFoundError, Registry
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-REGISTRY"
 
@@ -52,17 +60,20 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path,
     outside.mkdir()
     (outside / "secret.jpg").write_bytes(SECRET)
     registry = Registry(str(root))
-    import random
 
     samples = make_samples(0, 3, random.Random(1))
 
-    def publish(name: str, mutate=None, offsets: bool = True) -> None:
+    def publish(name: str, mutate=None, offsets: bool = True, texts: bool = False) -> None:
         staging = base / f"staging-{name}"
         staging.mkdir()
         items = [dict(s) for s in samples]
         if mutate:
             mutate(items)
         files = write_dataset_files(staging, items, per_shard=3, split="train")
+        if texts:
+            rows = capfilt_texts(items, random.Random(2), threshold=0.5)
+            write_texts(pa.Table.from_pylist(rows, schema=TEXTS_SCHEMA), staging / "texts.parquet")
+            files.append({"path": "texts.parquet", "role": "index"})
         if not offsets:
             table = pq.read_table(staging / "index.parquet")
             nulls = pa.nulls(len(table), pa.int64())
@@ -93,6 +104,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path,
     publish("symlinked")
     publish("corrupt-index")
     publish("truncated-shard")
+    publish("symlinked-index")
+    publish("symlinked-texts", texts=True)
+    publish("symlinked-version", texts=True)
     version = lambda name: root / "datasets" / name / "v1"  # noqa: E731
     (version("missing-shard") / "shards" / "train-000000.tar").unlink()
     for name in ("corrupt-shard", "corrupt-shard-no-offsets"):
@@ -106,6 +120,17 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path,
         target = version("symlinked") / relpath
         target.unlink()
         target.symlink_to(outside / "secret.jpg")
+    # Valid Parquet files outside, whose captions are the secret: served, they would show it.
+    for name, relpath in (("symlinked-index", "index.parquet"), ("symlinked-texts", "texts.parquet")):
+        target = version(name) / relpath
+        table = pq.read_table(target)
+        column = "caption" if relpath == "index.parquet" else "text"
+        secret = pa.array([SECRET.decode()] * len(table))
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, secret), outside / relpath)
+        target.unlink()
+        target.symlink_to(outside / relpath)
+    (version("symlinked-version")).rename(outside / "version-v1")
+    version("symlinked-version").symlink_to(outside / "version-v1", target_is_directory=True)
     app = create_app(str(root), thumb_cache_dir=base / "thumbs")
     return TestClient(app), root, outside
 
@@ -355,6 +380,59 @@ def test_symlinks_out_of_the_registry_are_refused(hostile) -> None:
         assert SECRET not in response.content
 
 
+def _refused(response, status: int = 403) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert "outside the registry" in response.json()["error"]
+    assert SECRET not in response.content
+
+
+def test_symlinked_index_is_refused(hostile) -> None:
+    client, _, _ = hostile
+    base = "/api/versions/dataset/symlinked-index/v1"
+    for url in (f"{base}/samples", f"{base}/samples?q=secret", f"{base}/histograms", f"{base}/thumb/000000001",
+                "/api/diff?a=ok-no-offsets@v1&b=symlinked-index@v1"):  # the diff reads through index.read_index
+        _refused(client.get(url))
+    detail = client.get(base)  # the page still opens, the index shows as refused
+    assert detail.status_code == 200 and SECRET not in detail.content
+    assert "outside the registry" in detail.json()["parquet"]["index"]["error"]
+
+
+def test_symlinked_texts_are_refused(hostile) -> None:
+    client, _, _ = hostile
+    base = "/api/versions/dataset/symlinked-texts/v1"
+    for url in (f"{base}/samples", f"{base}/samples?source=synthetic", f"{base}/histograms"):
+        _refused(client.get(url))
+    assert "outside the registry" in client.get(base).json()["parquet"]["texts"]["error"]
+
+
+def test_symlinked_version_directory_is_refused(hostile, caplog: pytest.LogCaptureFixture) -> None:
+    client, root, _ = hostile
+    listed = client.get("/api/versions").json()["versions"]
+    assert "symlinked-version@v1" not in {row["ref"] for row in listed}
+    with caplog.at_level(logging.WARNING, logger="datasets_manifests.registry"):
+        assert Registry(str(root)).versions("dataset", "symlinked-version") == []  # its manifest is never read
+    assert "symlinked-version" in caplog.text and "outside the registry" in caplog.text
+    base = "/api/versions/dataset/symlinked-version/v1"
+    for url in (base, f"{base}/samples", f"{base}/histograms", f"{base}/lineage", f"{base}/thumb/000000000"):
+        _refused(client.get(url))
+    response = client.get("/api/diff?a=ok-no-offsets@v1&b=symlinked-version@v1")
+    assert response.status_code == 404 and SECRET not in response.content
+
+
+def test_image_byte_limit_is_413(registry_dir: Path, hostile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thumbnails, "MAX_IMAGE_BYTES", 100)  # every test JPEG is larger
+    fresh = TestClient(create_app(str(registry_dir), thumb_cache_dir=tmp_path / "a"))  # nothing cached
+    _, hostile_root, _ = hostile
+    no_offsets = TestClient(create_app(str(hostile_root), thumb_cache_dir=tmp_path / "b"))
+    for client, url in ((fresh, "/api/versions/dataset/web-demo/v1/thumb/000000001"),  # index byte range
+                        (fresh, "/api/versions/dataset/web-demo/v1/image?path=images/example.jpg"),  # listed file
+                        (no_offsets, "/api/versions/dataset/ok-no-offsets/v1/thumb/000000002")):  # tar member
+        response = client.get(url)
+        assert response.status_code == 413, (url, response.text)
+        assert "100 byte limit" in response.json()["error"] or "image size limit" in response.json()["error"]
+
+
 def test_tar_scan_fallback_without_offsets(hostile) -> None:
     client, _, _ = hostile
     response = client.get("/api/versions/dataset/ok-no-offsets/v1/thumb/000000001")
@@ -415,6 +493,12 @@ def test_diff_between_versions(client: TestClient, registry_dir: Path) -> None:
     assert client.get(removed["rows"][0]["thumb"]).status_code == 200
     paged = client.get("/api/diff?a=web-demo@v1&b=web-demo@v2&limit=3&offset=3").json()
     assert paged["total"] == 9 and len(paged["rows"]) == 3
+    # Pages of "all changes" (slices across category boundaries) are the categories one after the other.
+    walked = [(row["category"], row["key"]) for offset in range(0, 10, 2)
+              for row in client.get(f"/api/diff?a=web-demo@v1&b=web-demo@v2&limit=2&offset={offset}").json()["rows"]]
+    by_category = [(row["category"], row["key"]) for category in body["counts"]
+                   for row in client.get(f"/api/diff?a=web-demo@v1&b=web-demo@v2&category={category}").json()["rows"]]
+    assert walked == by_category and len(walked) == 9
 
 
 def test_diff_of_capfilt_shows_kept_texts(client: TestClient) -> None:
@@ -449,11 +533,78 @@ def test_unknown_api_path_is_json_and_serve_binds_loopback(client: TestClient) -
     response = client.get("/api/nope")
     assert response.status_code == 404 and response.json()["error"]
     assert inspect.signature(browser_app.serve).parameters["host"].default == "127.0.0.1"
+    assert client.get("/favicon.ico").status_code == 204
+
+
+@pytest.mark.parametrize("path", ["/", "/api/versions", "/api/versions/dataset/web-demo/v1",
+                                  "/api/versions/dataset/web-demo/v1/samples", "/api/diff?a=web-demo@v1&b=web-demo@v2",
+                                  "/api/versions/dataset/web-demo/v1/image?path=images/example.jpg"])
+def test_the_app_is_read_only(client: TestClient, registry_dir: Path, path: str) -> None:
+    before = sorted(p.relative_to(registry_dir) for p in registry_dir.rglob("*"))
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        response = client.request(method, path, content=b"{}")
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.json()["error"]
+    assert sorted(p.relative_to(registry_dir) for p in registry_dir.rglob("*")) == before
+
+
+def test_a_missing_local_registry_is_refused_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "registry"
+    with pytest.raises(NotFoundError, match="no registry at .*does not exist"):
+        create_app(str(missing), thumb_cache_dir=tmp_path / "thumbs")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_thumbnail_cache_is_per_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = thumbnails.ThumbnailCache()
+    assert cache.cache_dir == tmp_path / "cache" / "blip" / "thumbs"
+    assert stat.S_IMODE(os.stat(cache.cache_dir).st_mode) == 0o700
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert thumbnails.default_cache_dir() == tmp_path / "home" / ".cache" / "blip" / "thumbs"
+
+
+def test_version_url_and_browse_line() -> None:
+    from datasets_manifests.browser import browse_line, version_url
+    from datasets_manifests.manifest import Manifest
+
+    manifest = Manifest(kind="dataset", name="web-demo", version="v2", producer=Producer(stage="test"))
+    assert version_url(manifest) == "http://127.0.0.1:8765/#/v/dataset/web-demo/v2"
+    assert browse_line(manifest, "/data/my registry") == (
+        "browse: blip data serve --registry '/data/my registry'  ->  http://127.0.0.1:8765/#/v/dataset/web-demo/v2")
+
+
+def test_stage_runs_log_and_record_the_browser_url(registry_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_stage` (Prefect stubbed out: the wiring, not Prefect, is under test) prints the browse line."""
+    from pipelines.flows import stages
+
+    registry = Registry(str(registry_dir))
+    manifest = registry.resolve("web-demo@v2")
+    logged, artifacts, metadata = [], [], {}
+
+    class Logger:
+        def info(self, message: str, *args) -> None:
+            logged.append(message % args)
+
+    monkeypatch.setattr(stages, "get_run_logger", Logger)
+    monkeypatch.setattr(stages, "create_table_artifact", lambda **kwargs: artifacts.append(kwargs))
+    monkeypatch.setattr(stages, "add_asset_metadata", lambda key, data: metadata.update(data))
+    monkeypatch.setattr(stages, "materialize", lambda *args, **kwargs: (lambda function: function))
+    result = stages.run_stage("shard", lambda registry: manifest, registry=registry, output_kind="dataset",
+                              output_name="web-demo")
+    url = "http://127.0.0.1:8765/#/v/dataset/web-demo/v2"
+    assert result == manifest
+    assert f"browse: blip data serve --registry {registry.url}  ->  {url}" in logged
+    table = {row["field"]: row["value"] for row in artifacts[0]["table"]}
+    assert table["browse"] == url and table["registry"] == registry.url
+    assert url in artifacts[0]["description"] and metadata["browse"] == url
 
 
 def test_new_versions_appear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(browser_app, "CATALOG_TTL_S", 0.0)
     root = tmp_path / "registry"
+    root.mkdir()  # the browser never creates a registry
     client = TestClient(create_app(str(root), thumb_cache_dir=tmp_path / "thumbs"))
     assert client.get("/api/versions").json()["versions"] == []
     staging = tmp_path / "staging"

@@ -73,3 +73,13 @@ def test_unknown_names_are_errors():
         get_source("imagenet")
     with pytest.raises(CatalogError, match="known: blip-129m, blip-14m"):
         composition("blip-1b")
+
+
+def test_visual_genome_records_blips_vg_caption_file():
+    # BLIP's configs/pretrain.yaml train_file reads vg_caption.json; the spec gives no URL for it, and says so.
+    (vg,) = get_source("visual_genome").annotations
+    assert (vg.file, vg.split, vg.url, vg.evidence) == ("vg_caption.json", "train", None, "C")
+    assert "no URL" in vg.note
+    for name in ("blip-14m", "blip-129m"):
+        files = {a.file: a for a in composition(name).annotations}
+        assert files["vg_caption.json"].url is None and "coco_karpathy_train.json" in files

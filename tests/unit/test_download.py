@@ -1,13 +1,26 @@
-"""Download stage pieces that need no network: error classes, config checks, the CLI's help."""
+"""Download stage pieces that need no network: error classes, config checks, cache key, shard collection from
+an fsspec URL, the CLI (presets, missing s3fs, demo-corpus write --config)."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import json
+import tarfile
+import uuid
+from dataclasses import replace
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import CommandError, main
+from pipelines.commands.stages import stage_config_path
 from pipelines.config import ConfigError, load_config
 from pipelines.config import CONFIG_DIR
-from pipelines.tasks.download import DownloadConfig, classify_error
+from pipelines.tasks.demo_corpus import read_ground_truth
+from pipelines.tasks.download import DownloadConfig, _raw_output, classify_error, collect_shards, download_key
 
 
 @pytest.mark.parametrize("message, label", [
@@ -44,3 +57,100 @@ def test_cli_user_errors(tmp_path, capsys):
     assert "--retry-failed" in capsys.readouterr().err
     assert main(["demo-corpus", "write", str(tmp_path / "c"), "--n", "12", "--bad-fraction", "0.0"]) == 0
     assert (tmp_path / "c" / "ground_truth.parquet").exists()
+
+
+def test_cache_key_covers_only_output_settings():
+    # A relaunch with other processes/threads/distributor/output folder must find the crashed run's work dir.
+    base = DownloadConfig(samples_per_shard=100)
+    key = download_key(base, "source:x")
+    for changed in ({"processes": 8}, {"threads": 3}, {"distributor": "ray"}, {"ray_address": "auto"},
+                    {"timeout": 30}, {"retries": 2}, {"output_folder": "s3://bucket/work"}):
+        assert download_key(replace(base, **changed), "source:x") == key, changed
+    assert download_key(replace(base, image_size=224), "source:x") != key
+    assert download_key(replace(base, samples_per_shard=50), "source:x") != key
+    assert download_key(base, "source:y") != key
+
+
+def _img2dataset_shard(fs, root: str, shard_id: int, outcomes: list[tuple[str, bool]]) -> None:
+    """One shard as img2dataset writes it: NNNNN.tar (jpg per success), NNNNN.parquet, NNNNN_stats.json."""
+    name = f"{shard_id:05d}"
+    buffer = io.BytesIO()
+    records = []
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for index, (source_key, ok) in enumerate(outcomes):
+            key = f"{name}{index:04d}"
+            if ok:
+                data = f"jpeg bytes {source_key}".encode()
+                member = tarfile.TarInfo(f"{key}.jpg")
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+            records.append({"key": key, "url": f"http://h/{source_key}.jpg", "caption": f"A photo {source_key}",
+                            "source_key": source_key, "status": "success" if ok else "failed_to_download",
+                            "error_message": None if ok else "HTTP Error 404: Not Found", "width": 8, "height": 8})
+    fs.pipe(f"{root}/{name}.tar", buffer.getvalue())
+    parquet = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+    fs.pipe(f"{root}/{name}.parquet", parquet.getvalue())
+    fs.pipe(f"{root}/{name}_stats.json", json.dumps({"successes": sum(ok for _, ok in outcomes)}).encode())
+
+
+def test_collect_shards_from_shared_storage_url(tmp_path):
+    # On a multi-node Ray cluster img2dataset writes to shared storage; the driver indexes it through fsspec.
+    url = f"memory://collect-{uuid.uuid4().hex}/raw"
+    fs, root = fsspec.core.url_to_fs(url)
+    _img2dataset_shard(fs, root, 0, [("a", True), ("b", False)])
+    _img2dataset_shard(fs, root, 1, [("c", True)])
+    fs.pipe(f"{root}/00002.tar", b"unfinished: no stats, not collected")
+    rows, files = collect_shards(url, "raw", copy_to=tmp_path / "raw")
+    assert sorted((row["key"], row["status"], row["drop_reason"]) for row in rows) == [
+        ("a", "ok", None), ("b", "dropped", "http_404"), ("c", "ok", None)]
+    assert [entry["path"] for entry in files if entry["role"] == "shard"] == ["raw/00000.tar", "raw/00001.tar"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
+    ok = next(row for row in rows if row["key"] == "a")
+    with open(tmp_path / "raw" / "00000.tar", "rb") as handle:
+        handle.seek(ok["jpg_offset"])
+        assert handle.read(ok["jpg_bytes"]) == b"jpeg bytes a"
+    with pytest.raises(ValueError, match="local copy_to"):
+        collect_shards(url, "raw")
+
+
+def test_raw_output_goes_under_output_folder(tmp_path):
+    local = tmp_path / "stage" / "raw"
+    assert _raw_output(DownloadConfig(), "k1", local) == str(local)
+    assert _raw_output(DownloadConfig(output_folder="s3://b/work/"), "k1", local) == "s3://b/work/k1/raw"
+
+
+def test_config_presets_by_name(tmp_path, capsys):
+    assert stage_config_path("download", "ray") == CONFIG_DIR / "download" / "ray.yaml"
+    assert stage_config_path("shard", "demo") == CONFIG_DIR / "shard" / "demo.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("threads: 3\n")
+    assert stage_config_path("download", str(own)) == own
+    with pytest.raises(CommandError, match=r"neither a download preset \(default, demo, ray\)"):
+        stage_config_path("download", "fast")
+    # Through the CLI: the preset is loaded (its typo check runs) before the source is looked at.
+    args = ["download", str(tmp_path / "missing.json"), "--name", "raw", "--registry", str(tmp_path / "r")]
+    assert main([*args, "--config", "demo", "--set", "procesess=2"]) == 2
+    assert "demo.yaml" in capsys.readouterr().err
+    assert main([*args, "--config", "demo"]) == 2
+    assert "source list not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
+def test_s3_without_s3fs_names_the_extra(tmp_path, capsys):
+    assert main(["download", "s3://bucket/list.parquet", "--name", "raw", "--registry", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'blip-bootstrap[s3]'" in err and len(err.strip().splitlines()) == 1
+    assert main(["download", str(tmp_path / "x.json"), "--name", "raw", "--registry", "s3://bucket/registry"]) == 2
+    assert "pip install 'blip-bootstrap[s3]'" in capsys.readouterr().err
+
+
+def test_demo_corpus_write_reads_its_config_file(tmp_path):
+    config = tmp_path / "corpus.yaml"
+    config.write_text("n: 7\nseed: 3\nbad_fraction: 0.0\n")
+    assert main(["demo-corpus", "write", str(tmp_path / "a"), "--config", str(config)]) == 0
+    assert read_ground_truth(tmp_path / "a").num_rows == 7  # the file's n, not the option's default
+    assert main(["demo-corpus", "write", str(tmp_path / "b"), "--config", str(config), "--n", "9"]) == 0
+    assert read_ground_truth(tmp_path / "b").num_rows == 9  # an option given on the command line wins
+    assert json.loads((tmp_path / "b" / "corpus.json").read_text())["seed"] == 3

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,6 +31,7 @@ from pipelines.tasks.downstream_data import (
     load_vqa_official,
     nlvr_train_swap,
     read_video_frames,
+    video_frame_indices,
     vqa_answer_weights,
     vqa_train_example,
 )
@@ -213,12 +215,51 @@ def test_msrvtt_videos_and_frames(tmp_path: Path):
     files = write_msrvtt(tmp_path, num_videos=2, num_frames=16, frame_size=64)
     clips = load_msrvtt(files["msrvtt_test"])
     assert [c.clip_name for c in clips] == ["video7000", "video7001"] and "moves" in clips[0].caption
-    frames = read_video_frames(tmp_path / "videos" / f"{clips[0].clip_name}.mp4", num_frames=8, size=32)
+    video = tmp_path / "videos" / f"{clips[0].clip_name}.mp4"
+    frames = read_video_frames(video, num_frames=8, size=32)
     assert len(frames) == 8 and frames[0].size == (32, 32)
     # The shape moves: the first and last sampled frames differ.
     assert frames[0].tobytes() != frames[-1].tobytes()
+    # Uniform indices int(i * vlen / num_frm), and exactly those frames of a full decode.
+    assert video_frame_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert video_frame_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert video_frame_indices(5, 8) == [0, 0, 1, 1, 2, 3, 3, 4]
+    assert video_frame_indices(300, 8) == [0, 37, 75, 112, 150, 187, 225, 262]
+    for length, wanted in ((16, 8), (16, 4), (300, 10)):  # BLIP's np.arange where num_frm divides vlen
+        assert video_frame_indices(length, wanted) == np.arange(0, length, length / wanted, dtype=int).tolist()
+    import cv2
+
+    capture = cv2.VideoCapture(str(video))
+    decoded = []
+    while (frame := capture.read())[0]:
+        decoded.append(cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB))
+    capture.release()
+    assert len(decoded) == 16
+    for wanted in (8, 3, 20):  # 20 > 16 frames: some frames repeat, as in BLIP
+        sampled = read_video_frames(video, num_frames=wanted)
+        expected = [decoded[i].tobytes() for i in video_frame_indices(16, wanted)]
+        assert [np.asarray(f).tobytes() for f in sampled] == expected
     (tmp_path / "bad.jsonl").write_text('{"clip_name": "video1", "caption": "x"}\n{"clip_name": "video2"}\n')
     with pytest.raises(AnnotationError, match="record 1: field 'caption': missing"):
         load_msrvtt(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="cannot open video"):
         read_video_frames(tmp_path / "videos" / "nope.mp4")
+
+
+# ------------------------------------------------------------------------------------------------ VQA val held out
+
+
+def test_vqa_train_on_val_switch(tmp_path: Path):
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+
+    registry = Registry(tmp_path / "registry")
+    sizes = dict(benchmark="vqa", num_train=2, num_val=2, num_test=1, image_size=32)
+    blip = publish_downstream(DownstreamConfig(**sizes), name="vqa-blip", registry=registry)
+    held_out = publish_downstream(DownstreamConfig(**sizes, vqa_train_on_val=False), name="vqa-held-out",
+                                  registry=registry)
+    val = load_vqa(registry.local_path(blip, "annotation/vqa_val.json"), "train")
+    assert blip.metadata["train_on_val"] is True and held_out.metadata["train_on_val"] is False
+    assert blip.counts["train_items"] == held_out.counts["train_items"] + len(val) and len(val) > 0
+    assert held_out.counts["val_items"] == len(val)  # still published as the val split
+    assert registry.local_path(held_out, "annotation/vqa_val.json").is_file()

@@ -300,6 +300,10 @@ def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
     metrics = evaluation.metadata["metrics"]
     assert evaluation.metadata["details"]["num_texts"] == 15 and metrics["img_r5"] == 100.0  # 3 images < 5
     assert evaluation.parents == (manifest.ref,)
+    lineage = json.loads(registry.local_path(evaluation, "metrics.json").read_text())["lineage"]
+    assert lineage["dataset"] == {"ref": manifest.ref, "id": manifest.id}
+    assert lineage["model"]["ref"] is None and lineage["model"]["directory"] == str(Path(retrieval).resolve())
+    assert lineage["model"]["id"].startswith("sha256:") and len(lineage["model"]["id"]) == 7 + 64
     cfg = EvaluateConfig(task="caption", num_workers=0, max_length=8, caption_metrics=("Bleu", "CIDEr"), max_images=2)
     evaluation = run_evaluate(cfg, model=str(caption), dataset=manifest, name="eval-c", registry=registry)
     assert {"Bleu_4", "CIDEr"} <= set(evaluation.metadata["metrics"])
@@ -311,10 +315,88 @@ def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
         layout_of(type("M", (), {"metadata": {}, "ref": "x@v1"})())
 
 
-@pytest.mark.parametrize("benchmark,task,kind,split", [("vqa", "vqa", "vqa", "val"), ("vqa", "vqa", "vqa", "test"),
-                                                       ("nlvr", "nlvr", "nlvr", "test"),
-                                                       ("msrvtt", "video", "retrieval", "test")])
-def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task, kind, split):
+def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
+    """The retrieval encoding split over workers (row ranges on batch boundaries) gives bit-identical features to
+    one serial loop, as the evaluation computed them before it was split; the worker runs from shipped bytes."""
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from blip_models.tokenizer import load_tokenizer, tokenize
+    from pipelines.tasks.evaluate import (EvaluateConfig, ModelWorker, ModelWorkers, batch_rows, encode_image_rows,
+                                          encode_retrieval, encode_text_rows, load_images, read_model_files)
+
+    registry, manifest = downstream
+    torch.manual_seed(0)
+    model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
+    annotation = json.loads(registry.local_path(manifest, "annotation/coco_karpathy_test.json").read_text())
+    urls = [str(registry.local_path(manifest, f"images/{item['image']}")) for item in annotation]
+    texts = [caption for item in annotation for caption in item["caption"]]
+    assert batch_rows(15, 4, 3) == [range(0, 8), range(8, 15)]  # BLIP's split of 4 batches: 2, 2, 0
+    assert batch_rows(30, 4, 3) == [range(0, 12), range(12, 24), range(24, 30)]
+    assert batch_rows(3, 64, 2) == [range(0, 3)]  # one batch: one part, never an empty one
+
+    cfg = EvaluateConfig(task="retrieval", num_workers=0, text_batch_size=4, image_batch_size=2, device="cpu")
+    with ModelWorkers(str(model_dir), "retrieval", cfg) as workers:
+        features = encode_retrieval(workers, urls, texts, cfg)
+        model = workers.local.model
+        assert workers.local.device == "cpu" and not workers.local.autocast
+        with torch.no_grad():  # the reference: one loop over all rows in this process
+            ids, mask = zip(*(tokenize(load_tokenizer(), texts[i:i + 4], 35, "max_length") for i in range(0, 15, 4)))
+            text_feats = torch.cat([model.text_features(i, m) for i, m in zip(ids, mask)])
+            image_embeds, image_feats = zip(*(model.image_features(load_images(urls[i:i + 2], 32)) for i in (0, 2)))
+        assert torch.equal(features["text_ids"], torch.cat(ids)) and torch.equal(features["text_feats"], text_feats)
+        assert torch.equal(features["image_embeds"], torch.cat(image_embeds))
+        assert torch.equal(features["image_feats"], torch.cat(image_feats))
+        split = workers.map(encode_text_rows, (texts, 4), batch_rows(15, 4, 3))
+        assert torch.equal(torch.cat([part[2] for part in split]), text_feats)
+        split = workers.map(encode_image_rows, (urls, 2), batch_rows(3, 2, 2))
+        assert torch.equal(torch.cat([part[0] for part in split]), features["image_embeds"])
+    shipped = ModelWorker(read_model_files(model_dir), "retrieval", "auto", "bf16")  # bytes, no path
+    assert shipped.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    if shipped.device == "cpu":  # bf16 autocast is a CUDA-only setting
+        assert not shipped.autocast
+        assert torch.equal(shipped.run(encode_text_rows, texts, 4, range(15))[2], text_feats)
+
+
+def test_finetune_table_shows_steps_losses_and_init():
+    from types import SimpleNamespace
+
+    from pipelines.commands.evaluate import render_finetune_table
+
+    manifest = SimpleNamespace(
+        ref="tiny-caption@v1", parents=("pretrained@v2", "coco-demo@v1"),
+        metadata={"task": "caption", "kind": "caption", "image_size": 32, "final_step": 3, "planned_steps": 3,
+                  "epochs": 1, "global_batch": 8, "world_size": 2,
+                  "init": {"from": "pretrain", "missing": [], "unexpected": ["itm_head.weight"], "initialized": []}},
+        stats={"last": {"loss_lm": 5.25, "lr": 1e-4}, "first": {"loss_lm": 7.5, "lr": 1e-4}})  # fmt: skip
+    lines = render_finetune_table(manifest).splitlines()
+    assert lines[0] == "tiny-caption@v1: finetuned caption"
+    assert lines[1].split() == ["task", "caption", "(caption", "model,", "image", "32)"]
+    assert "3/3" in lines[2] and "global batch 8" in lines[2]
+    assert lines[3].split() == ["loss_lm", "5.25", "(first", "7.5)"] and lines[4].split() == ["lr", "0.0001"]
+    assert lines[5].split() == ["init", "from", "pretrain:", "0", "missing,", "1", "unexpected,", "0", "initialized"]
+    assert lines[6].split() == ["parents", "pretrained@v2,", "coco-demo@v1"]
+
+
+def test_evaluate_config_device_checks():
+    from pipelines.tasks.evaluate import EvaluateConfig, pick_device
+
+    assert pick_device("auto", False) == "cpu" and pick_device("auto", True) == "cuda"
+    with pytest.raises(RuntimeError, match="no GPU"):
+        pick_device("cuda", False)
+    with pytest.raises(ValueError, match="gpus_per_worker"):
+        EvaluateConfig(task="retrieval", device="cuda", num_workers=2)
+    with pytest.raises(ValueError, match="precision"):
+        EvaluateConfig(task="retrieval", precision="fp16")  # type: ignore[arg-type]
+    assert EvaluateConfig(task="caption", device="cuda", gpus_per_worker=0.5, precision="bf16").gpus_per_worker == 0.5
+
+
+@pytest.mark.parametrize("benchmark,task,kind,split,inference", [("vqa", "vqa", "vqa", "val", "rank"),
+                                                                 ("vqa", "vqa", "vqa", "val", "generate"),
+                                                                 ("vqa", "vqa", "vqa", "test", "rank"),
+                                                                 ("nlvr", "nlvr", "nlvr", "test", "rank"),
+                                                                 ("msrvtt", "video", "retrieval", "test", "rank")])
+def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task, kind, split, inference):
     from blip_models.checkpoints import build_model, save_pretrained
     from blip_models.configuration_blip import preset
     from datasets_manifests.registry import Registry
@@ -327,12 +409,16 @@ def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task
     assert dataset.metadata["format"] == benchmark and (benchmark == "msrvtt") == (not dataset.shards())
     torch.manual_seed(0)
     model = save_pretrained(build_model(kind, preset("tiny")), tmp_path / "model")
-    cfg = EvaluateConfig(task=task, split=split, num_workers=0, k_test=2, vqa_k_test=8)
+    cfg = EvaluateConfig(task=task, split=split, num_workers=0, k_test=2, vqa_k_test=8, vqa_inference=inference)
     evaluation = run_evaluate(cfg, model=str(model), dataset=dataset, name=f"eval-{task}", registry=registry)
     metrics = evaluation.metadata["metrics"]
     if task == "vqa":
         results = json.loads(registry.local_path(evaluation, "vqa_result.json").read_text())
         assert results and all(set(r) == {"question_id", "answer"} for r in results)
+        assert evaluation.metadata["details"]["inference"] == inference
+        if inference == "rank":  # rank answers come from the answer list; generate may say anything
+            answer_list = json.loads(registry.local_path(dataset, "annotation/answer_list.json").read_text())
+            assert {r["answer"] for r in results} <= set(answer_list)
         if split == "val":
             assert 0.0 <= metrics["vqa_accuracy"] <= 100.0 and "vqa_accuracy_yes_no" in metrics
         else:

@@ -154,6 +154,20 @@ def test_caption_scores_hand_computed():
         assert 0 <= scores["SPICE"] <= 1
 
 
+def test_caption_scores_from_files_without_meteor():
+    """The fixed files of tests/data (all metrics, METEOR included, are pinned in
+    tests/integration/test_caption_files.py against the stock COCOEvalCap)."""
+    from pipelines.tasks.metrics import caption_scores_from_files
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    scores = caption_scores_from_files(data / "caption_test_results.json", data / "coco_karpathy_test_gt.json",
+                                       ("Bleu", "ROUGE_L", "CIDEr"))  # fmt: skip
+    assert scores["num_images"] == 3 and "METEOR" not in scores
+    assert scores["Bleu_4"] == pytest.approx(0.7368040321632312, abs=1e-6)
+    assert scores["ROUGE_L"] == pytest.approx(0.6959098910327063, abs=1e-6)
+    assert scores["CIDEr"] == pytest.approx(2.4068030553552417, abs=1e-6)
+
+
 def test_caption_scores_rejects_bad_results():
     gt = {1: ["a cat"]}
     with pytest.raises(ValueError, match="not in the ground truth"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipelines.cli import main
-from pipelines.config import ConfigError
+from pipelines.config import CONFIG_DIR, ConfigError, load_config
 from pipelines.pipeline_config import PRESETS, load_pipeline
+from pipelines.tasks.download import DownloadConfig
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -23,6 +26,8 @@ def test_large_presets_use_gpus_and_shared_storage():
         assert cfg.pretrain.scaling.use_gpu and cfg.pretrain.scaling.storage_path.startswith("s3://")
         assert cfg.capfilt.compute.device == "cuda"
         assert cfg.download.distributor == "ray"
+        # Ray shard tasks run on every node: their output must be storage the driver sees too.
+        assert cfg.download.output_folder.startswith("s3://")
 
 
 @pytest.mark.parametrize(
@@ -58,3 +63,22 @@ def test_flow_validate_cli(capsys):
     assert "ok" in capsys.readouterr().out
     assert main(["flow", "validate", "tiny", "--set", "download.procesess=4"]) == 2
     assert "download.procesess" in capsys.readouterr().err
+
+
+def test_bad_set_value_blames_the_override_not_the_file(tmp_path, capsys):
+    args = ["download", str(tmp_path / "list.json"), "--name", "raw", "--registry", str(tmp_path / "r")]
+    assert main([*args, "--set", "image_size=big"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("blip download: error: --set image_size=big (applied to ")
+    assert "key 'image_size' expected int, got 'big'" in err
+    for override, detail in (("threads=0", "'threads' = 0 is out of range"), ("thread=4", "unknown key 'thread'")):
+        with pytest.raises(ConfigError, match=rf"^--set {override} \(applied to .*default.yaml\): .*{detail}"):
+            load_config(DownloadConfig, CONFIG_DIR / "download" / "default.yaml", [override])
+    # A bad value in the file itself still names the file.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("image_size: big\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: key 'image_size' expected int"):
+        load_config(DownloadConfig, bad, ["threads=4"])
+    # Nested: the override of a whole mapping is blamed for a bad key inside it.
+    with pytest.raises(ConfigError, match=r"^--set pretrain.optim=\{lr: x\} .*pretrain.optim.lr"):
+        load_pipeline("tiny", ["pretrain.optim={lr: x}"])

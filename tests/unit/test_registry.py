@@ -197,3 +197,51 @@ def test_local_registry_is_on_disk_and_work_dir_is_stable(tmp_path):
     assert registry.work_dir("k1") == registry.work_dir("k1")
     with pytest.raises(RegistryError, match="not a local registry"):
         Registry(memory_url()).local_path(manifest, "x.bin")
+
+
+def test_remote_upload_is_checked_by_sha256_read_back(tmp_path, monkeypatch):
+    """An upload with the right size but wrong bytes (a flipped bit in transit) is caught before the commit."""
+    registry = Registry(memory_url())
+    files = stage_files(tmp_path, {"a.bin": b"a" * 64, "b.bin": b"b" * 64})
+    original_put = registry.fs.put_file
+
+    def put_corrupted(local, remote, **kwargs):
+        original_put(local, remote, **kwargs)
+        if str(remote).endswith("b.bin"):
+            with registry.fs.open(remote, "wb") as handle:
+                handle.write(b"x" * 64)  # same size: a size check alone would pass
+
+    monkeypatch.setattr(registry.fs, "put_file", put_corrupted)
+    with pytest.raises(RegistryError, match=r"upload of b\.bin reads back as 64 bytes, sha256"):
+        registry.publish(kind="dataset", name="toy", staging_dir=tmp_path, files=files, producer=Producer(stage="t"))
+    monkeypatch.undo()
+    assert registry.versions("dataset", "toy") == []  # nothing committed
+    manifest = registry.publish(kind="dataset", name="toy", staging_dir=tmp_path, files=files,
+                                producer=Producer(stage="t"))
+    with registry.open(manifest, "b.bin") as handle:
+        assert handle.read() == b"b" * 64
+
+
+def test_readers_can_refuse_a_missing_local_registry(tmp_path):
+    with pytest.raises(NotFoundError, match="no registry at .*does not exist"):
+        Registry(tmp_path / "typo", create=False)
+    assert not (tmp_path / "typo").exists()
+    assert Registry(tmp_path / "typo").root == str((tmp_path / "typo").resolve())  # writers create it
+
+
+def test_local_paths_never_leave_the_registry_through_symlinks(tmp_path):
+    from datasets_manifests.registry import OutsideRegistryError
+
+    registry = Registry(tmp_path / "r")
+    manifest = publish_files(registry, tmp_path / "a", {"x.bin": b"one", "y.bin": b"two"})
+    (tmp_path / "secret").write_bytes(b"secret")
+    version_dir = Path(registry.version_path("dataset", "toy", "v1"))
+    (version_dir / "x.bin").unlink()
+    (version_dir / "x.bin").symlink_to(tmp_path / "secret")
+    (version_dir / "y.bin").unlink()
+    (version_dir / "y.bin").symlink_to(version_dir / "manifest.json")  # a link inside the registry is fine
+    with pytest.raises(OutsideRegistryError, match="toy@v1/x.bin resolves outside the registry"):
+        registry.open(manifest, "x.bin")
+    with pytest.raises(OutsideRegistryError):
+        registry.url_of(manifest, "x.bin")
+    assert registry.local_path(manifest, "y.bin").is_file()

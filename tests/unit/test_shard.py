@@ -161,3 +161,24 @@ def test_shard_configs_load():
     load_config(DemoCorpusConfig, CONFIG_DIR / "demo_corpus.yaml")
     with pytest.raises(ConfigError, match="val_fraction"):
         load_config(ShardConfig, {"val_fraction": 0.9})
+
+
+def test_shard_command_through_the_cli(raw_version, capsys):
+    from pipelines.cli import main
+
+    registry, raw, samples, lost = raw_version
+    # A preset name for --config (configs/shard/demo.yaml), overridden by --set.
+    args = ["shard", raw.ref, "--name", "train-cli", "--registry", registry.url, "--json", "--config", "demo",
+            "--set", "samples_per_shard=4", "--set", "val_fraction=0.0"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = registry.resolve(result["ref"], "dataset")
+    assert result["ref"] == "train-cli@v1" and out.parents == (raw.ref,)
+    assert out.producer.config["samples_per_shard"] == 4 and out.producer.config["max_words"] == 30
+    assert out.num_samples == sum(result["splits"].values()) == sum(1 for *_, o in samples if o == "ok") + len(lost) - 2
+    assert all(entry.num_samples <= 4 for entry in out.shards("train"))
+    assert main(args) == 0  # the same command again: the existing version, nothing new
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["id"] == result["id"]
+    assert [m.version for m in registry.versions("dataset", "train-cli")] == ["v1"]
+    assert main(["shard", "missing@v1", "--name", "x", "--registry", registry.url]) == 2
+    assert "missing" in capsys.readouterr().err

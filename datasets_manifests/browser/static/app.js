@@ -12,6 +12,7 @@ function esc(value) {
 }
 function fmt(n) {
   if (typeof n !== "number") return esc(n);
+  if (n !== 0 && Math.abs(n) < 1e-3) return n.toExponential(2);  // a learning rate of 1e-5 is not "0"
   return Number.isInteger(n) ? n.toLocaleString("en") : n.toFixed(4).replace(/0+$/, "").replace(/\.$/, "");
 }
 function bytes(n) {
@@ -33,11 +34,37 @@ async function getJSON(url) {
 }
 function errorBox(error) { return `<div class="error" data-testid="error">${esc(error.message || error)}</div>`; }
 
+// Nested stats become rows with dotted keys ("throughput.images_per_s"); a nested value with many rows folds
+// into a <details> section, so a pipeline's stats stay a short table instead of a tall block of raw JSON.
+const FOLD_AFTER = 6;
+const MAX_LIST = 12;
+function flatEntries(value, prefix) {
+  if (Array.isArray(value) && value.every(v => v === null || typeof v !== "object")) {
+    const shown = value.slice(0, MAX_LIST).map(v => typeof v === "number" ? fmt(v) : esc(v)).join(", ");
+    return [[prefix, `[${shown}${value.length > MAX_LIST ? `, … ${value.length} items` : ""}]`, false]];
+  }
+  if (value !== null && typeof value === "object") {
+    const entries = Array.isArray(value) ? value.map((v, i) => [String(i), v]) : Object.entries(value);
+    if (!entries.length) return [[prefix, `<span class="muted">empty</span>`, false]];
+    return entries.flatMap(([k, v]) => flatEntries(v, prefix ? `${prefix}.${k}` : k));
+  }
+  return [[prefix, typeof value === "number" ? fmt(value) : esc(value), typeof value === "number"]];
+}
+function kvRows(entries, strip) {
+  return entries.map(([k, html, numeric]) =>
+    `<tr><td class="mono">${esc(k.slice(strip))}</td><td class="${numeric ? "num" : "val"}">${html}</td></tr>`).join("");
+}
 function kvTable(obj) {
-  const rows = Object.entries(obj || {});
-  if (!rows.length) return `<p class="muted">none</p>`;
-  return `<table class="kv">${rows.map(([k, v]) =>
-    `<tr><td>${esc(k)}</td><td class="num">${typeof v === "object" ? `<pre class="mono">${esc(JSON.stringify(v, null, 1))}</pre>` : fmt(v)}</td></tr>`).join("")}</table>`;
+  const top = Object.entries(obj || {});
+  if (!top.length) return `<p class="muted">none</p>`;
+  const body = top.map(([k, v]) => {
+    const entries = flatEntries(v, k);
+    if (entries.length <= FOLD_AFTER) return kvRows(entries, 0);
+    return `<tr><td colspan="2"><details data-testid="kv-section"><summary><span class="mono">${esc(k)}</span>
+      <span class="muted">${entries.length} values</span></summary>
+      <table class="kv">${kvRows(entries, k.length + 1)}</table></details></td></tr>`;
+  }).join("");
+  return `<table class="kv" data-testid="kv">${body}</table>`;
 }
 
 // ---------------------------------------------------------------- router
