@@ -5,6 +5,9 @@ with the same weights (converted by blip_models.hf_convert.to_hf).
 Prints one JSON object: images/s of both for `tiny` (32 px) and `base` (ViT-B/16 at 384 px, a few images), their
 ratio, and whether the generated token ids are identical.
 Usage: python benchmarks/bench_caption_generate.py [--images-tiny 16] [--images-base 2] [--threads N] [--skip-base]
+       [--models tiny,base] [--device cpu|cuda] [--precision fp32|bf16] [--image-size PX] [--vocab vocab.txt]
+Both generators run under the same autocast; on CUDA every timing is bracketed by `torch.cuda.synchronize()`.
+GPU, as the issue asks: --device cuda --precision bf16 --image-size 384 --models base --images-base 64 --repeats 2
 """
 
 from __future__ import annotations
@@ -14,30 +17,45 @@ import json
 import platform
 import time
 
+PRECISIONS = ("fp32", "bf16")
 
-def run(name, config, num_images, batch_size, repeats):
+
+def _autocast(device, precision):
+    """bf16: torch.autocast on the device (CPU autocast too); fp32: no autocast."""
+    import contextlib
+
     import torch
 
-    from blip_models.checkpoints import build_model
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def run(name, config, num_images, batch_size, repeats, device, precision, vocab=None):
+    import torch
+
     from blip_models.hf_convert import to_hf
+    from blip_models.modeling_caption import BlipCaption
     from blip_models.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer()
-    ours = build_model("caption", config).eval()
-    hf = to_hf(ours)
-    pixels = torch.randn(num_images, 3, config.vision.image_size, config.vision.image_size)
-    prompt = tokenizer(["a picture of "], return_tensors="pt").input_ids  # [CLS] a picture of [SEP]
+    tokenizer = load_tokenizer(vocab)
+    ours = BlipCaption(config, tokenizer).eval()  # this tokenizer, not the default one (absent on the device machine)
+    hf = to_hf(ours).to(device)
+    ours = ours.to(device)
+    pixels = torch.randn(num_images, 3, config.vision.image_size, config.vision.image_size).to(device)
+    prompt = tokenizer(["a picture of "], return_tensors="pt").input_ids.to(device)  # [CLS] a picture of [SEP]
     prompt_ids = prompt[:, :-1].clone()
     prompt_ids[:, 0] = config.text.bos_token_id
     settings = {"num_beams": 3, "max_length": 20, "min_length": 5}
 
     def ours_generate():
-        return torch.cat([ours.generate_ids(pixels[i : i + batch_size], prompt_ids, **settings)
-                          for i in range(0, num_images, batch_size)])  # fmt: skip
+        with _autocast(device, precision):
+            return torch.cat([ours.generate_ids(pixels[i : i + batch_size], prompt_ids, **settings)
+                              for i in range(0, num_images, batch_size)])  # fmt: skip
 
     def hf_generate():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, precision):
             chunks = []
             for i in range(0, num_images, batch_size):
                 chunk = pixels[i : i + batch_size]
@@ -48,10 +66,12 @@ def run(name, config, num_images, batch_size, repeats):
     timings = {}
     outputs = {}
     for label, fn in (("ours", ours_generate), ("transformers", hf_generate)):
-        outputs[label] = fn()  # warm-up, and the ids to compare
+        outputs[label] = fn().cpu()  # warm-up, and the ids to compare
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
+        _synchronize(device)
         timings[label] = (time.perf_counter() - start) / repeats
     same = outputs["ours"].shape == outputs["transformers"].shape and bool((outputs["ours"] == outputs["transformers"]).all())
     return {"config": name, "images": num_images, "batch_size": batch_size, "image_size": config.vision.image_size,
@@ -61,27 +81,54 @@ def run(name, config, num_images, batch_size, repeats):
             "identical_tokens": same}  # fmt: skip
 
 
+def _synchronize(device):
+    import torch
+
+    if device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not what Python queued
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-tiny", type=int, default=16)
     parser.add_argument("--images-base", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--skip-base", action="store_true")
+    parser.add_argument("--skip-base", action="store_true", help="the same as --models tiny")
+    parser.add_argument("--models", default="tiny,base", help="comma list of tiny,base (default both)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: both generators under torch.autocast(bfloat16) (CPU autocast on cpu)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels for every model run (default: tiny 32, base 384)")
+    parser.add_argument("--repeats-base", type=int, default=None, help="timed passes of base (default: 1 on CPU, --repeats on CUDA)")
+    parser.add_argument("--vocab", default=None, help="BERT vocab.txt or tokenizer directory (default: the offline one)")
     args = parser.parse_args()
 
     import torch
 
     from blip_models.configuration_blip import preset
 
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    if not models or set(models) - {"tiny", "base"}:
+        parser.error(f"--models: choose from tiny,base, got {args.models!r}")
+    if args.skip_base:
+        models = [name for name in models if name != "base"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [run("tiny", preset("tiny"), args.images_tiny, 8, args.repeats)]
-    if not args.skip_base:
-        base = preset("base").replace(vision={"image_size": 384})
-        results.append(run("base", base, args.images_base, args.images_base, 1))
-    print(json.dumps({"benchmark": "caption_generate", "device": "cpu", "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "machine": platform.machine(),
+    results = []
+    if "tiny" in models:
+        tiny = preset("tiny").replace(vision={"image_size": args.image_size or 32})
+        results.append(run("tiny", tiny, args.images_tiny, 8, args.repeats, device, args.precision, args.vocab))
+    if "base" in models:
+        base = preset("base").replace(vision={"image_size": args.image_size or 384})
+        repeats = args.repeats_base or (args.repeats if device.type == "cuda" else 1)
+        results.append(run("base", base, args.images_base, args.images_base, repeats, device, args.precision, args.vocab))
+    print(json.dumps({"benchmark": "caption_generate", "device": str(device), "precision": args.precision,
+                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
                       "settings": {"num_beams": 3, "max_length": 20, "min_length": 5, "prompt": "a picture of "},
                       "results": results}))  # fmt: skip
 

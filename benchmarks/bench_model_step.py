@@ -8,7 +8,10 @@ the same image embeddings). transformers has no momentum encoders, so ours does 
 
 Prints one JSON object: steps/s and samples/s for `tiny` and `base` (batch 2 at 224 px, few steps), and ratios.
 Usage: python benchmarks/bench_model_step.py [--steps-tiny 10] [--steps-base 1] [--threads N] [--skip-base]
+       [--models tiny,base] [--device cpu|cuda] [--precision fp32|bf16] [--image-size PX] [--batch-base 2]
 (base builds two ~220M-parameter models: about 2 minutes on two idle cores, much longer on a busy machine)
+Both models run under the same autocast; on CUDA every timing is bracketed by `torch.cuda.synchronize()`.
+GPU, as the issue asks: --device cuda --precision bf16 --image-size 384 --models base --batch-base 32 --steps-base 10
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import json
 import platform
 import time
 
+PRECISIONS = ("fp32", "bf16")
 
-def _batch(config, batch_size, image_size):
+
+def _batch(config, batch_size, image_size, device):
     import torch
 
     pixels = torch.randn(batch_size, 3, image_size, image_size)
@@ -28,11 +33,23 @@ def _batch(config, batch_size, image_size):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, 20:] = 0  # some padding, as real captions
     input_ids[0, 20:] = 0
-    return pixels, input_ids, attention_mask
+    return pixels.to(device), input_ids.to(device), attention_mask.to(device)
 
 
-def _ours_step(model, optimizer, batch):
-    output = model(*batch)
+def _autocast(device, precision):
+    """bf16: torch.autocast on the device (CPU autocast too); fp32: no autocast."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _ours_step(model, optimizer, batch, precision):
+    with _autocast(batch[0].device, precision):
+        output = model(*batch)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
     optimizer.step()
@@ -50,64 +67,84 @@ def _hf_models(config):
     return retrieval, caption
 
 
-def _hf_step(models, optimizer, batch, enc_token_id, bos_token_id, temp=0.07):
+def _hf_step(models, optimizer, batch, enc_token_id, bos_token_id, precision, temp=0.07):
+    with _autocast(batch[0].device, precision):
+        loss = _hf_loss(models, batch, enc_token_id, bos_token_id, temp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _hf_loss(models, batch, enc_token_id, bos_token_id, temp):
     import torch
     import torch.nn.functional as F
 
     retrieval, caption = models
     pixels, input_ids, mask = batch
-    size = pixels.shape[0]
+    size, device = pixels.shape[0], pixels.device
     image_embeds = retrieval.vision_model(pixel_values=pixels).last_hidden_state  # (B, 1+N, D)
-    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
     text = retrieval.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     image_feat = F.normalize(retrieval.vision_proj(image_embeds[:, 0]), dim=-1)
     text_feat = F.normalize(retrieval.text_proj(text[:, 0]), dim=-1)
     sim = image_feat @ text_feat.T / temp
-    targets = torch.arange(size)
+    targets = torch.arange(size, device=device)
     loss_itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
     enc_ids = input_ids.clone()
     enc_ids[:, 0] = enc_token_id
-    negative = torch.roll(torch.arange(size), 1)  # one negative image per text and one negative text per image
+    negative = torch.roll(torch.arange(size, device=device), 1)  # one negative image per text and one negative text per image
     ids_all = torch.cat([enc_ids, enc_ids, enc_ids[negative]])  # (3B, L)
     mask_all = torch.cat([mask, mask, mask[negative]])
     images_all = torch.cat([image_embeds, image_embeds[negative], image_embeds])  # (3B, 1+N, D)
     fused = retrieval.text_encoder(input_ids=ids_all, attention_mask=mask_all, encoder_hidden_states=images_all,
                                    encoder_attention_mask=torch.cat([image_atts] * 3)).last_hidden_state  # fmt: skip
-    itm_labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long()
+    itm_labels = torch.cat([torch.ones(size, device=device), torch.zeros(2 * size, device=device)]).long()
     loss_itm = F.cross_entropy(retrieval.itm_head(fused[:, 0]), itm_labels)
     dec_ids = input_ids.clone()
     dec_ids[:, 0] = bos_token_id
     labels = dec_ids.masked_fill(mask == 0, -100)
     loss_lm = caption.text_decoder(input_ids=dec_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
                                    encoder_attention_mask=image_atts, labels=labels).loss  # fmt: skip
-    optimizer.zero_grad(set_to_none=True)
-    (loss_itc + loss_itm + loss_lm).backward()
-    optimizer.step()
+    return loss_itc + loss_itm + loss_lm
 
 
-def _time(fn, steps, warmup):
+def _synchronize(device):
+    import torch
+
+    if device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not what Python queued
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, steps, warmup, device):
     for _ in range(warmup):  # allocator and first-call overheads
         fn()
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    _synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def run(name, config, batch_size, image_size, steps, warmup):
+def run(name, config, batch_size, image_size, steps, warmup, device, precision):
     import torch
 
     from blip_models.modeling_pretrain import BlipPretrain
 
     torch.manual_seed(0)
-    batch = _batch(config, batch_size, image_size)
-    ours = BlipPretrain(config).train()
+    config = config.replace(vision={"image_size": image_size})  # pos_embed for this size: no per-step resizing
+    batch = _batch(config, batch_size, image_size, device)
+    ours = BlipPretrain(config).to(device).train()
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
-    ours_s = _time(lambda: _ours_step(ours, ours_opt, batch), steps, warmup)
+    ours_s = _time(lambda: _ours_step(ours, ours_opt, batch, precision), steps, warmup, device)
     del ours, ours_opt
-    hf = _hf_models(config)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the baseline gets the memory ours held
+    hf = tuple(model.to(device) for model in _hf_models(config))
     hf_opt = torch.optim.AdamW([p for m in hf for p in m.parameters()], lr=1e-5)
-    hf_s = _time(lambda: _hf_step(hf, hf_opt, batch, config.text.enc_token_id, config.text.bos_token_id), steps, warmup)
+    text = config.text
+    hf_s = _time(lambda: _hf_step(hf, hf_opt, batch, text.enc_token_id, text.bos_token_id, precision), steps, warmup,
+                 device)  # fmt: skip
     return {"config": name, "batch_size": batch_size, "image_size": image_size, "steps": steps, "warmup": warmup,
             "ours_s_per_step": round(ours_s, 4), "transformers_s_per_step": round(hf_s, 4),
             "ours_samples_per_s": round(batch_size / ours_s, 3), "transformers_samples_per_s": round(batch_size / hf_s, 3),
@@ -119,21 +156,42 @@ def main() -> None:
     parser.add_argument("--steps-tiny", type=int, default=10)
     parser.add_argument("--steps-base", type=int, default=1, help="base steps are seconds each on CPU; no warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--skip-base", action="store_true")
+    parser.add_argument("--skip-base", action="store_true", help="the same as --models tiny")
+    parser.add_argument("--models", default="tiny,base", help="comma list of tiny,base (default both)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: both models under torch.autocast(bfloat16) (CPU autocast on cpu)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels for every model run (default: tiny 32, base 224)")
+    parser.add_argument("--batch-base", type=int, default=2, help="base batch size (tiny: 8)")
+    parser.add_argument("--warmup-base", type=int, default=None,
+                        help="untimed base steps first (default: 0 on CPU, where a step takes seconds; 2 on CUDA)")
     args = parser.parse_args()
 
     import torch
 
     from blip_models.configuration_blip import preset
 
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    if not models or set(models) - {"tiny", "base"}:
+        parser.error(f"--models: choose from tiny,base, got {args.models!r}")
+    if args.skip_base:
+        models = [name for name in models if name != "base"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [run("tiny", preset("tiny"), 8, 32, args.steps_tiny, warmup=1)]
-    if not args.skip_base:
+    results = []
+    if "tiny" in models:
+        results.append(run("tiny", preset("tiny"), 8, args.image_size or 32, args.steps_tiny, 1, device, args.precision))
+    if "base" in models:
         base = preset("base").replace(text={"hidden_dropout": 0.0, "attention_dropout": 0.0}, queue_size=57600)
-        results.append(run("base", base, 2, 224, args.steps_base, warmup=0))
-    print(json.dumps({"benchmark": "model_step", "device": "cpu", "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "machine": platform.machine(),
+        warmup = args.warmup_base if args.warmup_base is not None else (2 if device.type == "cuda" else 0)
+        results.append(run("base", base, args.batch_base, args.image_size or 224, args.steps_base, warmup, device,
+                           args.precision))  # fmt: skip
+    print(json.dumps({"benchmark": "model_step", "device": str(device), "precision": args.precision,
+                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
                       "note": "ours includes momentum-encoder passes and queues that transformers has no equivalent for; "
                               "dropout off in base for both",
                       "results": results}))  # fmt: skip

@@ -3,7 +3,9 @@
 #   device run, carry [".devcarry"] (holds vocab.txt), command: bash benchmarks/gpu_session.sh [PART ...]
 # Each part has its own timeout and writes its JSON under $OUT as soon as it ends. Without arguments it runs the
 # parts not yet measured on a GPU (about 7 minutes, under the 10-minute limit of one device call); name parts
-# to choose: capfilt_eager capfilt_compiled capfilt_fp8_compiled pretrain_eager pretrain_compiled retrieval_eager.
+# to choose: capfilt_eager capfilt_compiled capfilt_fp8_compiled pretrain_eager pretrain_compiled retrieval_eager
+# model_step_base_bf16 caption_base_bf16 (the last two: ours vs transformers side by side, `base` at 384 px in bf16,
+# from bench_model_step.py / bench_caption_generate.py; together about 3 minutes).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -18,6 +20,14 @@ bench() {  # name, timeout seconds, bench_gpu.py arguments...
   timeout "$limit" python3 benchmarks/bench_gpu.py "${VOCAB[@]}" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
   echo "== $name: exit $? after $((SECONDS - began)) s"
 }
+bench_script() {  # name, timeout seconds, script, its arguments... (the per-model side-by-side benchmarks)
+  local name=$1 limit=$2 script=$3
+  shift 3
+  local began=$SECONDS
+  timeout "$limit" python3 "$script" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
+  echo "== $name: exit $? after $((SECONDS - began)) s"
+}
+GPU_BASE=(--device cuda --precision bf16 --image-size 384 --models base)
 run_part() {
   case $1 in
     capfilt_eager) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024 ;;
@@ -26,6 +36,8 @@ run_part() {
     pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
     pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch 512 --compile ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
+    model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
+    caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" "${VOCAB[@]}" --images-base 64 --repeats 2 ;;
     *) echo "unknown part $1" ;;
   esac
 }
@@ -42,6 +54,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         data = json.loads(text[start + 1:] if start >= 0 else text)
     except ValueError:
         print(path.name, "no JSON;", (path.with_suffix(".err").read_text()[-1500:])); continue
+    if "results" in data:  # bench_model_step.py / bench_caption_generate.py: one compact object
+        print(path.name, json.dumps({k: data.get(k) for k in ("device", "gpu", "precision", "results")})); continue
     for part in ("capfilt", "pretrain", "retrieval"):
         if part in data:
             d = data[part]

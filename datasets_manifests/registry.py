@@ -28,9 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-import fsspec
-
 from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
+from datasets_manifests.sources import url_to_fs
 
 log = logging.getLogger(__name__)
 DEFAULT_REGISTRY = "./artifacts/registry"
@@ -114,7 +113,7 @@ class Registry:
 
     def __init__(self, url: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
         self.url = str(url) if url is not None else default_registry_url()
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = url_to_fs(self.url)  # a missing s3fs/gcsfs is one line with the install hint
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         self.is_local = "file" in protocols or "local" in protocols
         self.root = self.root.rstrip("/") or "/"

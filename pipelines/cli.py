@@ -70,4 +70,8 @@ def _is_user_error(error: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m pipelines.cli` this file runs as `__main__`, while command modules import `pipelines.cli`:
+    # two copies, two `CommandError` classes. Run the imported copy's main, whose class the commands raise.
+    from pipelines.cli import main as imported_main
+
+    sys.exit(imported_main())

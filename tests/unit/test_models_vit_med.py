@@ -54,6 +54,42 @@ def test_vit_gradient_checkpointing_matches_plain():
     assert torch.allclose(grad_ckpt, vit.patch_embed.proj.weight.grad, atol=1e-6)
 
 
+def test_vit_gradient_checkpointing_wraps_only_the_last_k_blocks(monkeypatch):
+    import blip_models.vit as vit_module
+
+    wrapped = []
+
+    def recording_checkpoint(block, *args, **kwargs):
+        wrapped.append(block)
+        return block(*args)
+
+    monkeypatch.setattr(vit_module, "checkpoint", recording_checkpoint)
+    torch.manual_seed(0)
+    vit = VisionTransformer(micro_config(vision={"depth": 4, "grad_ckpt_layers": 2}).vision).train()
+    pixel_values = torch.randn(1, 3, 32, 32)
+    blocks = list(vit.blocks)
+
+    def checkpointed() -> list[int]:
+        wrapped.clear()
+        vit(pixel_values)
+        return [blocks.index(block) for block in wrapped]
+
+    assert checkpointed() == [2, 3]  # from the config: the last 2 of 4
+    vit.set_grad_checkpointing(1)
+    assert checkpointed() == [3]
+    vit.set_grad_checkpointing(4)
+    assert checkpointed() == [0, 1, 2, 3]
+    with torch.no_grad():
+        assert checkpointed() == []  # nothing to recompute without a backward
+    vit.eval()
+    assert checkpointed() == []
+    vit.set_grad_checkpointing(0)
+    vit.train()
+    assert checkpointed() == []
+    with pytest.raises(ValueError, match="last_k_blocks=5"):
+        vit.set_grad_checkpointing(5)
+
+
 def test_med_names_match_official_layout():
     text = micro_config().text
     names = set(BertLMHeadModel(text).state_dict())

@@ -70,6 +70,31 @@ def test_learning_rate_follows_blip_schedule() -> None:
     assert learning_rate(cosine, 0, 5, 10) == pytest.approx((3e-4 - 1e-6) * 0.5 + 1e-6)
 
 
+def test_pretraining_alpha_ramps_linearly_over_two_epochs() -> None:
+    """BLIP: alpha = 0.4 * min(1, (epoch * iters + i) / (2 * iters)) (spec §3), computed from the loop's step count
+    and handed to the model's forward for the ITC distillation targets."""
+    from types import SimpleNamespace
+
+    from pipelines.tasks.train_loop import StepInfo
+
+    seen: list[float] = []
+
+    def model(image: Any, input_ids: Any, attention_mask: Any, alpha: float, image_ids: Any) -> Any:
+        seen.append(alpha)
+        zero = torch.zeros(())
+        return SimpleNamespace(loss=zero, loss_itc=zero, loss_itm=zero, loss_lm=zero)
+
+    task = pretrain_task()
+    batch = {"image": None, "input_ids": None, "attention_mask": None, "image_ids": None}
+    steps_per_epoch = 10
+    for step in (0, 5, 10, 15, 20, 35):
+        info = StepInfo(step=step, epoch=step // steps_per_epoch, step_in_epoch=step % steps_per_epoch,
+                        steps_per_epoch=steps_per_epoch, total_steps=40)  # fmt: skip
+        _, metrics = task.loss(model, batch, info)
+        assert metrics["alpha"] == seen[-1]
+    assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])  # 0 at the first step, full after two epochs
+
+
 # ---------------------------------------------------------------------------------------------- data plan
 
 
