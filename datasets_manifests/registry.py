@@ -28,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterable
 
+from datasets_manifests.filesystems import url_to_fs
 from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
-from datasets_manifests.sources import url_to_fs
 
 log = logging.getLogger(__name__)
 DEFAULT_REGISTRY = "./artifacts/registry"

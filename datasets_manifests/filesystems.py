@@ -1,0 +1,34 @@
+"""Opening registry, source-list and output URLs with fsspec: a missing optional backend (s3fs, gcsfs) becomes one
+line naming the extra of this package that brings it. Kept free of heavy imports: `Registry` uses it, and
+`blip data ls` must start fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+
+DISTRIBUTION = "blip-bootstrap"  # pyproject.toml [project] name, for install hints
+# fsspec backends that are optional extras of this package (pyproject.toml), so that CI and laptops skip them:
+# URL protocol -> extra.
+FILESYSTEM_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class MissingFilesystemError(ImportError):
+    """A URL whose fsspec backend (s3fs, gcsfs) is not installed; the message names the extra to install."""
+
+
+def missing_filesystem_message(url: str, error: ImportError) -> str:
+    """One line for fsspec's "Install s3fs to access S3": which extra of this package brings the backend."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    extra = FILESYSTEM_EXTRAS.get(protocol)
+    hint = f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
+    return f"{url}: cannot open {protocol}:// URLs ({error}); {hint}"
+
+
+def url_to_fs(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's url_to_fs, with a missing backend reported as MissingFilesystemError (install hint included)."""
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except ImportError as error:
+        raise MissingFilesystemError(missing_filesystem_message(str(url), error)) from error
