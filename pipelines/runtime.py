@@ -61,6 +61,23 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
     return ray
 
 
+def check_gpus_available(ray: Any, gpus_per_worker: float, setting: str) -> None:
+    """Fail at once, naming `setting`, when work asks for GPUs that a private local Ray cannot have.
+
+    Ray would otherwise wait forever for the resource ("no available node types can fulfil the request").
+    On a cluster (`RAY_ADDRESS`) GPU nodes may still be added by the autoscaler, so there nothing is checked.
+    """
+    if gpus_per_worker <= 0 or os.environ.get("RAY_ADDRESS"):
+        return
+    available = float(ray.cluster_resources().get("GPU", 0))
+    if available < gpus_per_worker:
+        from pipelines.config import ConfigError  # here: the runtime module stays import-light
+
+        raise ConfigError(f"'{setting}' asks for {gpus_per_worker:g} GPU per worker but this machine's Ray has "
+                         f"{available:g}: use --set {setting}=0 to run on the CPU, or run on a GPU machine or "
+                         "cluster (RAY_ADDRESS)")
+
+
 def quiet_state_api_warnings() -> None:
     """Worker setup hook of a private local Ray (no dashboard, so no state API).
 

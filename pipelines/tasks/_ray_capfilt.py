@@ -223,9 +223,9 @@ def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], mod
                  image_size: int) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Stream the decode -> caption -> filter pipeline over `items` (decode slices); yields one dict per model batch."""
     from pipelines.config import to_dict
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import check_gpus_available, ensure_ray
 
-    ensure_ray()
+    check_gpus_available(ensure_ray(), config.compute.num_gpus_per_actor, "compute.num_gpus_per_actor")
     import ray.data
 
     context = ray.data.DataContext.get_current()

@@ -72,9 +72,11 @@ def launch(
     """Run `train_worker` on a TorchTrainer and wait; raises if the run fails after its retries."""
     import fsspec
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import check_gpus_available, ensure_ray
 
-    ensure_ray()
+    ray = ensure_ray()
+    if scaling.use_gpu:
+        check_gpus_available(ray, scaling.gpus_per_worker, "scaling.gpus_per_worker")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

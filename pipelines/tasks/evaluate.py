@@ -223,9 +223,10 @@ class ModelWorkers:
         if cfg.num_workers == 0:
             self.local = ModelWorker(model_dir, kind, cfg.device, cfg.precision)
             return
-        from pipelines.runtime import ensure_ray
+        from pipelines.runtime import check_gpus_available, ensure_ray
 
         self.ray = ensure_ray()
+        check_gpus_available(self.ray, cfg.gpus_per_worker, "gpus_per_worker")
         files = self.ray.put(read_model_files(model_dir))  # stored once; every actor reads it, on any node
         actor = self.ray.remote(ModelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                                                      max_restarts=2, max_task_retries=2)  # fmt: skip

@@ -133,3 +133,15 @@ def test_finetune_and_evaluate_vqa_nlvr(setup, task):
     metric = "vqa_accuracy" if task == "vqa" else "accuracy"
     assert 0.0 <= evaluation.metadata["metrics"][metric] <= 100.0
     assert set(evaluation.parents) == {model.ref, dataset.ref}
+
+
+def test_gpu_workers_on_a_machine_without_gpus_fail_at_once(setup, tmp_path, monkeypatch):
+    """Ray would wait forever for a GPU this machine lacks; the evaluation names the setting to change instead."""
+    from pipelines.config import ConfigError
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    registry, dataset, init = setup
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a private local Ray: no autoscaler can add GPU nodes
+    cfg = EvaluateConfig(task="retrieval", num_workers=1, gpus_per_worker=1, cpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match=r"'gpus_per_worker' asks for 1 GPU per worker but this machine's Ray has 0"):
+        run_evaluate(cfg, model=init, dataset=dataset, name="gpu-eval", registry=registry)
