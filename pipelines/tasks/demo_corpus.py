@@ -166,20 +166,26 @@ def render(scene: Scene, size: int) -> Any:
     radius = size * (0.12 if scene.size == "small" else 0.22) * scale
     centres = [(cx + dx * size, cy + dy * size) for cx, cy in _centres(scene, size)]
     for cx, cy in centres:
-        r = radius / (1.4 if scene.count > 1 else 1.0)
-        fill = COLOURS[scene.colour]
-        if scene.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif scene.shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif scene.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        elif scene.shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        else:  # star: two overlapping triangles
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.5), (cx + r, cy + r * 0.5)], fill=fill)
-            draw.polygon([(cx, cy + r), (cx - r, cy - r * 0.5), (cx + r, cy - r * 0.5)], fill=fill)
+        draw_shape(draw, scene.shape, cx, cy, radius / (1.4 if scene.count > 1 else 1.0), COLOURS[scene.colour])
     return image
+
+
+def draw_shape(draw: Any, kind: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    """One shape of the corpus vocabulary centred at (cx, cy) with radius r, in pixels. The downstream test sets
+    (downstream_synth) draw their multi-shape scenes with it, so their images come from this generator too."""
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif kind == "star":  # two opposed triangles
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.5), (cx + r, cy + r * 0.5)], fill=fill)
+        draw.polygon([(cx, cy + r), (cx - r, cy - r * 0.5), (cx + r, cy - r * 0.5)], fill=fill)
+    else:
+        raise ValueError(f"cannot draw shape kind {kind!r} (known: {', '.join(SHAPES)})")
 
 
 def _centres(scene: Scene, size: int) -> list[tuple[float, float]]:

@@ -7,9 +7,9 @@ with COCO-caption GT files), VQAv2 as BLIP/LAVIS ship it (+ VG QA, answer_list.j
 and annotations), NLVR2, MSRVTT (`msrvtt_test.jsonl` + mp4 clips) and NoCaps. Everything is seeded.
 
 Scenes use the vocabulary of the pretraining demo corpus (`demo_corpus.SHAPES`, `COLOURS`, `BACKGROUNDS`), so a
-model pretrained there meets the same words downstream; the renderer is this module's own, because downstream
-tasks need several different shapes per image (colour/shape questions, NLVR2 comparisons) while a demo-corpus
-scene holds one kind of shape.
+model pretrained there meets the same words downstream, and every shape is drawn by the demo generator's
+`demo_corpus.draw_shape`. Only the scene layout is this module's own: downstream tasks need several different
+shapes per image (colour/shape questions, NLVR2 comparisons), while a demo-corpus scene holds one kind of shape.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tasks.demo_corpus import BACKGROUNDS, COLOURS, SHAPES
+from pipelines.tasks.demo_corpus import BACKGROUNDS, COLOURS, SHAPES, draw_shape
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
@@ -53,24 +53,6 @@ def random_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     return Scene(shapes, background)
 
 
-def _draw_shape(draw: Any, shape: Shape, size: int) -> None:
-    x, y, r = shape.centre[0] * size, shape.centre[1] * size, shape.radius * size
-    fill = COLOURS[shape.colour]
-    if shape.kind == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-    elif shape.kind == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-    elif shape.kind == "triangle":
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-    elif shape.kind == "diamond":
-        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-    elif shape.kind == "star":  # a six-pointed star: two opposed triangles
-        draw.polygon([(x, y - r), (x - r, y + r / 2), (x + r, y + r / 2)], fill=fill)
-        draw.polygon([(x, y + r), (x - r, y - r / 2), (x + r, y - r / 2)], fill=fill)
-    else:
-        raise ValueError(f"cannot draw shape kind {shape.kind!r}")
-
-
 def render_scene(scene: Scene, size: int = 64) -> Any:
     """The scene as a size×size RGB PIL image."""
     from PIL import Image, ImageDraw
@@ -78,7 +60,8 @@ def render_scene(scene: Scene, size: int = 64) -> Any:
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
-        _draw_shape(draw, shape, size)
+        draw_shape(draw, shape.kind, shape.centre[0] * size, shape.centre[1] * size, shape.radius * size,
+                   COLOURS[shape.colour])
     return image
 
 
