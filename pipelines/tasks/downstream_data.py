@@ -11,9 +11,11 @@ Synthetic datasets written in these same schemas live in `downstream_synth.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,7 +407,8 @@ def video_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
 
 
 def read_video_frames(path: str | Path, num_frames: int = 8, size: int | None = None) -> list[Any]:
-    """`num_frames` uniformly spaced RGB frames (PIL images) of a video, optionally resized to size×size.
+    """`num_frames` uniformly spaced RGB frames (PIL images) of a video (a path or an fsspec URL), optionally
+    resized to size×size.
 
     BLIP decodes with decord; decord is not installed here, so OpenCV reads the frames of `video_frame_indices`.
     Only the wanted frames are kept: the frames between them are skipped with `grab()` (decoded by the codec but
@@ -415,16 +418,45 @@ def read_video_frames(path: str | Path, num_frames: int = 8, size: int | None = 
     import cv2
     from PIL import Image
 
-    capture = cv2.VideoCapture(str(path))
+    with _local_file(path) as local:
+        frames = _read_frames(local, num_frames, str(path))
+    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)) for frame in frames]
+    if size is not None:
+        images = [image.resize((size, size), Image.BICUBIC) for image in images]
+    return images
+
+
+@contextlib.contextmanager
+def _local_file(path: str | Path) -> Iterator[str]:
+    """A local path for `path`: itself when local, else a temporary copy of the fsspec URL (OpenCV reads only
+    local files; evaluation workers on other nodes get registry URLs, not the driver's paths)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from datasets_manifests.filesystems import url_to_fs
+
+    fs, fs_path = url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        yield fs_path
+        return
+    with tempfile.NamedTemporaryFile(suffix=Path(fs_path).suffix) as copy:
+        fs.get_file(fs_path, copy.name)
+        yield copy.name
+
+
+def _read_frames(local: str, num_frames: int, name: str) -> list[Any]:
+    """BGR frames of `video_frame_indices` from a local video file; `name` is what errors call it."""
+    import cv2
+
+    capture = cv2.VideoCapture(local)
     if not capture.isOpened():
-        raise ValueError(f"{path}: cannot open video")
+        raise ValueError(f"{name}: cannot open video")
     try:
         length = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         frames = _grab_frames(capture, video_frame_indices(length, num_frames)) if length > 0 else []
     finally:
         capture.release()
     if len(frames) < num_frames:  # the header's count was wrong: count the frames, then read again
-        capture = cv2.VideoCapture(str(path))
+        capture = cv2.VideoCapture(local)
         try:
             length = 0
             while capture.grab():
@@ -432,16 +464,13 @@ def read_video_frames(path: str | Path, num_frames: int = 8, size: int | None = 
         finally:
             capture.release()
         if length == 0:
-            raise ValueError(f"{path}: video has no decodable frames")
-        capture = cv2.VideoCapture(str(path))
+            raise ValueError(f"{name}: video has no decodable frames")
+        capture = cv2.VideoCapture(local)
         try:
             frames = _grab_frames(capture, video_frame_indices(length, num_frames))
         finally:
             capture.release()
-    images = [Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)) for frame in frames]
-    if size is not None:
-        images = [image.resize((size, size), Image.BICUBIC) for image in images]
-    return images
+    return frames
 
 
 def _grab_frames(capture: Any, indices: list[int]) -> list[Any]:

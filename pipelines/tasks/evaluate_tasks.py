@@ -146,7 +146,7 @@ def evaluate_video(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateCon
     from pipelines.tasks.downstream_data import RetrievalEvalSet, load_msrvtt
 
     clips = load_msrvtt(_annotation(registry, dataset, dataset.metadata["annotations"]["test"]))[: cfg.max_images or None]
-    paths = [str(_annotation(registry, dataset, f"videos/{c.clip_name}.mp4")) for c in clips]
+    paths = [registry.url_of(dataset, f"videos/{c.clip_name}.mp4") for c in clips]  # workers read them on any node
     texts = tuple(pre_caption(c.caption, VIDEO_MAX_WORDS) for c in clips)
     eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), texts,
                                 tuple((i,) for i in range(len(clips))), tuple(range(len(clips))))  # fmt: skip

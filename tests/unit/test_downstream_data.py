@@ -239,6 +239,12 @@ def test_msrvtt_videos_and_frames(tmp_path: Path):
         sampled = read_video_frames(video, num_frames=wanted)
         expected = [decoded[i].tobytes() for i in video_frame_indices(16, wanted)]
         assert [np.asarray(f).tobytes() for f in sampled] == expected
+    import fsspec  # a registry on object storage: the frames come from a URL, through a local temporary copy
+
+    with fsspec.open("memory://videos/clip.mp4", "wb") as remote:
+        remote.write(video.read_bytes())
+    assert [np.asarray(f).tobytes() for f in read_video_frames("memory://videos/clip.mp4", num_frames=8)] == [
+        decoded[i].tobytes() for i in video_frame_indices(16, 8)]
     (tmp_path / "bad.jsonl").write_text('{"clip_name": "video1", "caption": "x"}\n{"clip_name": "video2"}\n')
     with pytest.raises(AnnotationError, match="record 1: field 'caption': missing"):
         load_msrvtt(tmp_path / "bad.jsonl")
