@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.tasks import capfilt, capfilt_models
+from pipelines.tasks import capfilt, capfilt_models, webdata
 
 
 def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> dict[str, list[Any]]:
@@ -36,7 +36,7 @@ def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int)
     samples = []
     with fsspec.open(str(item["url"]), "rb") as handle:
         last_slice = stop >= expected
-        for ordinal, key, members in capfilt.iter_tar_samples(handle, start, None if last_slice else stop):
+        for ordinal, key, members in webdata.iter_tar_samples(handle, start, None if last_slice else stop):
             if ordinal >= expected:
                 raise ValueError(f"{item['path']}: more samples than the {expected} its manifest lists")
             samples.append((ordinal, key, members))

@@ -28,7 +28,6 @@ bytes do not depend on which other shards ran in the same job (byte-identical re
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.config import check_range
+from pipelines.tasks.webdata import count_tar_samples, iter_tar_samples, split_key, write_tar
 
 if TYPE_CHECKING:
     from datasets_manifests.manifest import Manifest
@@ -299,71 +299,6 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _reject_order(reject: dict[str, Any]) -> str:
     # A hash order: a spread-out, reproducible sample rather than the first keys of the first shard.
     return hashlib.sha1(f"{reject['key']}/{reject['source']}/{reject['text']}".encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------- shard I/O
-
-
-def split_key(member_name: str) -> tuple[str, str]:
-    """webdataset's grouping rule: the key is the path up to the first '.' of the basename."""
-    directory, _, base = member_name.rpartition("/")
-    stem, dot, extension = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), extension
-
-
-def iter_tar_samples(fileobj: Any, start: int = 0, stop: int | None = None) -> Any:
-    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar with ordinal in [start, stop).
-
-    Members of one sample must be contiguous (webdataset's rule); a key seen again later is an error rather
-    than the silent duplicate ray#44068 describes. Skipped samples are seeked over, not read.
-    """
-    seen: set[str] = set()
-    ordinal, current, members = -1, None, {}
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, extension = split_key(info.name)
-            if key != current:
-                if current is not None and start <= ordinal and (stop is None or ordinal < stop):
-                    yield ordinal, current, members
-                if key in seen:
-                    raise ValueError(f"tar member {info.name!r}: key {key!r} is not contiguous (duplicate sample)")
-                seen.add(key)
-                ordinal, current, members = ordinal + 1, key, {}
-                if stop is not None and ordinal >= stop:
-                    return
-            if start <= ordinal:
-                handle = tar.extractfile(info)
-                members[extension] = handle.read() if handle else b""
-        if current is not None and start <= ordinal and (stop is None or ordinal < stop):
-            yield ordinal, current, members
-
-
-def count_tar_samples(fileobj: Any) -> int:
-    """Number of samples (contiguous key groups) in a tar, reading headers only."""
-    keys = []
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for info in tar:
-            if info.isfile():
-                key = split_key(info.name)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-    return len(keys)
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names; written to a temp name, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def dumps(data: Any) -> bytes:

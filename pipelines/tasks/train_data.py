@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import torch.utils.data
 
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
+from pipelines.tasks.webdata import split_key
 
 
 class DropSample(ValueError):
@@ -111,13 +112,6 @@ class DataPlan:
 # ---------------------------------------------------------------------------------------------- raw reading
 
 
-def _key_of(name: str) -> tuple[str, str]:
-    """webdataset convention: 'dir/abc.001.jpg' -> key 'dir/abc', extension '001.jpg'."""
-    directory, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), extension
-
-
 def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
     """Samples number `start` .. `stop`-1 of a webdataset tar, streamed; earlier samples are not read out.
 
@@ -130,7 +124,7 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
         for member in tar:
             if not member.isfile():
                 continue
-            key, extension = _key_of(member.name)
+            key, extension = split_key(member.name)
             if key != current:
                 if index >= start and sample:
                     yield sample

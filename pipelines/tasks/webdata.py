@@ -77,6 +77,61 @@ def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") 
         yield current
 
 
+def iter_tar_samples(fileobj: Any, start: int = 0, stop: int | None = None) -> Any:
+    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar with ordinal in [start, stop).
+
+    Members of one sample must be contiguous (webdataset's rule); a key seen again later is an error rather
+    than the silent duplicate ray#44068 describes. Skipped samples are seeked over, not read.
+    """
+    seen: set[str] = set()
+    ordinal, current, members = -1, None, {}
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, extension = split_key(info.name)
+            if key != current:
+                if current is not None and start <= ordinal and (stop is None or ordinal < stop):
+                    yield ordinal, current, members
+                if key in seen:
+                    raise ValueError(f"tar member {info.name!r}: key {key!r} is not contiguous (duplicate sample)")
+                seen.add(key)
+                ordinal, current, members = ordinal + 1, key, {}
+                if stop is not None and ordinal >= stop:
+                    return
+            if start <= ordinal:
+                handle = tar.extractfile(info)
+                members[extension] = handle.read() if handle else b""
+        if current is not None and start <= ordinal and (stop is None or ordinal < stop):
+            yield ordinal, current, members
+
+
+def count_tar_samples(fileobj: Any) -> int:
+    """Number of samples (contiguous key groups) in a tar, reading headers only."""
+    keys = []
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                key = split_key(info.name)[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    return len(keys)
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names; written to a temp name, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
 def shard_urls(registry: Registry, manifest: Manifest, split: str | None = None) -> list[str]:
     """URLs (local paths for a local registry) of a version's shards, in order, optionally one split."""
     return [registry.url_of(manifest, entry.path) for entry in manifest.shards(split)]

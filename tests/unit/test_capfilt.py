@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.tasks import capfilt, capfilt_models
+from pipelines.tasks import capfilt, capfilt_models, webdata
 from pipelines.tasks.capfilt import CapFiltConfig, FilterConfig
 
 
@@ -119,20 +119,20 @@ def _tar_bytes(members):
 
 def test_iter_tar_samples_slices_and_rejects_split_keys():
     members = [(f"{k:03d}.{ext}", f"{k}{ext}".encode()) for k in range(5) for ext in ("jpg", "json", "txt")]
-    assert capfilt.count_tar_samples(_tar_bytes(members)) == 5
-    samples = list(capfilt.iter_tar_samples(_tar_bytes(members), 1, 3))
+    assert webdata.count_tar_samples(_tar_bytes(members)) == 5
+    samples = list(webdata.iter_tar_samples(_tar_bytes(members), 1, 3))
     assert [(o, k) for o, k, _ in samples] == [(1, "001"), (2, "002")]
     assert samples[0][2] == {"jpg": b"1jpg", "json": b"1json", "txt": b"1txt"}
-    assert [k for _, k, _ in capfilt.iter_tar_samples(_tar_bytes(members), 3)] == ["003", "004"]
+    assert [k for _, k, _ in webdata.iter_tar_samples(_tar_bytes(members), 3)] == ["003", "004"]
     split = members[:2] + members[3:6] + members[2:3]  # 000.txt after 001.*: not contiguous
     with pytest.raises(ValueError, match="not contiguous"):
-        list(capfilt.iter_tar_samples(_tar_bytes(split)))
+        list(webdata.iter_tar_samples(_tar_bytes(split)))
 
 
 def test_write_tar_is_deterministic(tmp_path):
     members = [("a.jpg", b"\xff\xd8x"), ("a.json", capfilt.dumps({"b": 1, "a": [0.5]})), ("a.txt", b"hi")]
-    capfilt.write_tar(tmp_path / "one.tar", members)
-    capfilt.write_tar(tmp_path / "two.tar", members)
+    webdata.write_tar(tmp_path / "one.tar", members)
+    webdata.write_tar(tmp_path / "two.tar", members)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     with tarfile.open(tmp_path / "one.tar") as tar:
         infos = tar.getmembers()
