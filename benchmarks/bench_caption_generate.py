@@ -17,18 +17,7 @@ import json
 import platform
 import time
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def _autocast(device, precision):
-    """bf16: torch.autocast on the device (CPU autocast too); fp32: no autocast."""
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+from model_bench_options import add_options, autocast, resolve, synchronize
 
 
 def run(name, config, num_images, batch_size, repeats, device, precision, vocab=None):
@@ -50,12 +39,12 @@ def run(name, config, num_images, batch_size, repeats, device, precision, vocab=
     settings = {"num_beams": 3, "max_length": 20, "min_length": 5}
 
     def ours_generate():
-        with _autocast(device, precision):
+        with autocast(device, precision):
             return torch.cat([ours.generate_ids(pixels[i : i + batch_size], prompt_ids, **settings)
                               for i in range(0, num_images, batch_size)])  # fmt: skip
 
     def hf_generate():
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             chunks = []
             for i in range(0, num_images, batch_size):
                 chunk = pixels[i : i + batch_size]
@@ -67,11 +56,11 @@ def run(name, config, num_images, batch_size, repeats, device, precision, vocab=
     outputs = {}
     for label, fn in (("ours", ours_generate), ("transformers", hf_generate)):
         outputs[label] = fn().cpu()  # warm-up, and the ids to compare
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        _synchronize(device)
+        synchronize(device)
         timings[label] = (time.perf_counter() - start) / repeats
     same = outputs["ours"].shape == outputs["transformers"].shape and bool((outputs["ours"] == outputs["transformers"]).all())
     return {"config": name, "images": num_images, "batch_size": batch_size, "image_size": config.vision.image_size,
@@ -81,25 +70,12 @@ def run(name, config, num_images, batch_size, repeats, device, precision, vocab=
             "identical_tokens": same}  # fmt: skip
 
 
-def _synchronize(device):
-    import torch
-
-    if device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not what Python queued
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-tiny", type=int, default=16)
     parser.add_argument("--images-base", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--skip-base", action="store_true", help="the same as --models tiny")
-    parser.add_argument("--models", default="tiny,base", help="comma list of tiny,base (default both)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="bf16: both generators under torch.autocast(bfloat16) (CPU autocast on cpu)")
-    parser.add_argument("--image-size", type=int, default=None, help="pixels for every model run (default: tiny 32, base 384)")
+    add_options(parser, "tiny 32, base 384")
     parser.add_argument("--repeats-base", type=int, default=None, help="timed passes of base (default: 1 on CPU, --repeats on CUDA)")
     parser.add_argument("--vocab", default=None, help="BERT vocab.txt or tokenizer directory (default: the offline one)")
     args = parser.parse_args()
@@ -108,16 +84,7 @@ def main() -> None:
 
     from blip_models.configuration_blip import preset
 
-    models = [name.strip() for name in args.models.split(",") if name.strip()]
-    if not models or set(models) - {"tiny", "base"}:
-        parser.error(f"--models: choose from tiny,base, got {args.models!r}")
-    if args.skip_base:
-        models = [name for name in models if name != "base"]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    models, device = resolve(parser, args)
     results = []
     if "tiny" in models:
         tiny = preset("tiny").replace(vision={"image_size": args.image_size or 32})

@@ -21,7 +21,7 @@ import json
 import platform
 import time
 
-PRECISIONS = ("fp32", "bf16")
+from model_bench_options import add_options, autocast, resolve, synchronize
 
 
 def _batch(config, batch_size, image_size, device):
@@ -36,19 +36,8 @@ def _batch(config, batch_size, image_size, device):
     return pixels.to(device), input_ids.to(device), attention_mask.to(device)
 
 
-def _autocast(device, precision):
-    """bf16: torch.autocast on the device (CPU autocast too); fp32: no autocast."""
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _ours_step(model, optimizer, batch, precision):
-    with _autocast(batch[0].device, precision):
+    with autocast(batch[0].device, precision):
         output = model(*batch)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
@@ -68,7 +57,7 @@ def _hf_models(config):
 
 
 def _hf_step(models, optimizer, batch, enc_token_id, bos_token_id, precision, temp=0.07):
-    with _autocast(batch[0].device, precision):
+    with autocast(batch[0].device, precision):
         loss = _hf_loss(models, batch, enc_token_id, bos_token_id, temp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -108,21 +97,14 @@ def _hf_loss(models, batch, enc_token_id, bos_token_id, temp):
     return loss_itc + loss_itm + loss_lm
 
 
-def _synchronize(device):
-    import torch
-
-    if device.type == "cuda":  # kernels run asynchronously: time what the GPU did, not what Python queued
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, steps, warmup, device):
     for _ in range(warmup):  # allocator and first-call overheads
         fn()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -155,13 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-tiny", type=int, default=10)
     parser.add_argument("--steps-base", type=int, default=1, help="base steps are seconds each on CPU; no warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--skip-base", action="store_true", help="the same as --models tiny")
-    parser.add_argument("--models", default="tiny,base", help="comma list of tiny,base (default both)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="bf16: both models under torch.autocast(bfloat16) (CPU autocast on cpu)")
-    parser.add_argument("--image-size", type=int, default=None, help="pixels for every model run (default: tiny 32, base 224)")
+    add_options(parser, "tiny 32, base 224")
     parser.add_argument("--batch-base", type=int, default=2, help="base batch size (tiny: 8)")
     parser.add_argument("--warmup-base", type=int, default=None,
                         help="untimed base steps first (default: 0 on CPU, where a step takes seconds; 2 on CUDA)")
@@ -171,16 +147,7 @@ def main() -> None:
 
     from blip_models.configuration_blip import preset
 
-    models = [name.strip() for name in args.models.split(",") if name.strip()]
-    if not models or set(models) - {"tiny", "base"}:
-        parser.error(f"--models: choose from tiny,base, got {args.models!r}")
-    if args.skip_base:
-        models = [name for name in models if name != "base"]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    models, device = resolve(parser, args)
     results = []
     if "tiny" in models:
         results.append(run("tiny", preset("tiny"), 8, args.image_size or 32, args.steps_tiny, 1, device, args.precision))
