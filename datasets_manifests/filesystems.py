@@ -4,6 +4,7 @@ line naming the extra of this package that brings it. Kept free of heavy imports
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import fsspec
@@ -32,3 +33,14 @@ def url_to_fs(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(str(url))
     except ImportError as error:
         raise MissingFilesystemError(missing_filesystem_message(str(url), error)) from error
+
+
+def sha256_file(path: str | Path, fs: fsspec.AbstractFileSystem | None = None, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256 hex, bytes) of a file, read in chunks: a local path, or a path in `fs` (uploads read back,
+    remote source lists, `blip data verify` on any registry)."""
+    digest, size = hashlib.sha256(), 0
+    with (fs.open(str(path), "rb") if fs is not None else open(path, "rb")) as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size

@@ -10,10 +10,10 @@ pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets_manifests.filesystems import sha256_file
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
 
@@ -29,15 +29,11 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20) -> lis
         if not registry.fs.exists(path):
             problems.append(f"{entry.path}: missing")
             continue
-        digest, size = hashlib.sha256(), 0
-        with registry.fs.open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-                size += len(block)
+        digest, size = sha256_file(path, registry.fs, chunk)
         if size != entry.bytes:
             problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
-        elif digest.hexdigest() != entry.sha256:
-            problems.append(f"{entry.path}: sha256 {digest.hexdigest()[:12]} != manifest {entry.sha256[:12]}")
+        elif digest != entry.sha256:
+            problems.append(f"{entry.path}: sha256 {digest[:12]} != manifest {entry.sha256[:12]}")
     if not problems:  # only a verified index is worth reading
         problems += _index_problems(registry, manifest)
     # Parents missing from this registry are not damage to this version; `lineage` shows them as missing.

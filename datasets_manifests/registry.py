@@ -14,7 +14,6 @@ References: `name@v3`, `name@latest`, `name` (= latest), `name@<content-id prefi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-from datasets_manifests.filesystems import url_to_fs
+from datasets_manifests.filesystems import sha256_file, url_to_fs
 from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
 
 log = logging.getLogger(__name__)
@@ -81,15 +80,6 @@ def code_version() -> str:
         return "blip-bootstrap " + version("blip-bootstrap")
     except PackageNotFoundError:
         return "unknown"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -372,7 +362,7 @@ class Registry:
                 remote = f"{target}/{entry.path}"
                 self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.put_file(str(staging / entry.path), remote)
-                digest, size = self._remote_sha256(remote)
+                digest, size = sha256_file(remote, self.fs)
                 if size != entry.bytes or digest != entry.sha256:
                     raise RegistryError(
                         f"{manifest.ref}: upload of {entry.path} reads back as {size} bytes, sha256 {digest[:12]}; "
@@ -388,14 +378,6 @@ class Registry:
                 except (OSError, FileNotFoundError):
                     pass
             raise
-
-    def _remote_sha256(self, path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-        digest, size = hashlib.sha256(), 0
-        with self.fs.open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-                size += len(block)
-        return digest.hexdigest(), size
 
     def _read_manifest(self, path: str) -> Manifest:
         with self.fs.open(path, "r") as handle:

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Re-exported: callers import them from here too.
-from datasets_manifests.filesystems import MissingFilesystemError, missing_filesystem_message, url_to_fs  # noqa: F401
+from datasets_manifests.filesystems import (  # noqa: F401
+    MissingFilesystemError, missing_filesystem_message, sha256_file, url_to_fs)
 
 URL_ALIASES = ("url", "URL", "image_url", "image", "img_url")
 CAPTION_ALIASES = ("caption", "TEXT", "text", "alt", "alt_text")
@@ -40,11 +41,7 @@ def source_list_sha256(path: str | Path) -> str:
     fs, fs_path = url_to_fs(path)
     if not fs.exists(fs_path):
         raise FileNotFoundError(f"{path}: source list not found")
-    digest = hashlib.sha256()
-    with fs.open(fs_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(fs_path, fs)[0]
 
 
 @dataclass

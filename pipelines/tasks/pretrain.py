@@ -406,7 +406,7 @@ def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
 
 def _init_digest(source: str | None) -> str | None:
     """sha256 of the initial weights file (of model.safetensors for a directory): lineage outside the registry."""
-    from datasets_manifests.registry import sha256_file
+    from datasets_manifests.filesystems import sha256_file
 
     if not source or not Path(source).exists():
         return None
