@@ -6,7 +6,9 @@ Accepted forms:
 - img2dataset's inputs: `.csv`, `.tsv`, `.parquet` with a url column and a caption column (names configurable;
   common aliases `URL`/`TEXT` of LAION and `image_url` are recognised).
 The output has `url`, `caption`, `source_key` (sha256 of url + caption, 16 hex digits: stable whatever the file
-order, and a valid webdataset key). Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
+order, and a valid webdataset key). A csv/tsv/parquet list may bring its own `source_key` column instead (ids that
+must not change when the URLs do, e.g. a mirror or the demo corpus's server on an ephemeral port): letters,
+digits, `_` and `-`, at most 64, unique. Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
 a single URL with ~9M captions in the released LAION-115M list.
 A list is read through fsspec, so `s3://...` and `gs://...` work once the `s3`/`gcs` extra is installed.
 Stdlib + pyarrow + fsspec only.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +30,8 @@ import pyarrow.parquet as pq
 from datasets_manifests.filesystems import (  # noqa: F401
     MissingFilesystemError, missing_filesystem_message, sha256_file, url_to_fs)
 
+KEY_COLUMN = "source_key"  # optional in table forms: the list's own stable sample ids
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a webdataset key: no '.' (extension separator) nor '/'
 URL_ALIASES = ("url", "URL", "image_url", "image", "img_url")
 CAPTION_ALIASES = ("caption", "TEXT", "text", "alt", "alt_text")
 SOURCE_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
@@ -78,15 +83,16 @@ def read_source_list(path: str | Path, url_col: str | None = None, caption_col: 
         raise FileNotFoundError(f"{path}: source list not found")
     fmt = detect_format(str(path))
     with fs.open(fs_path, "rb") as handle:
+        given_keys: list[str] | None = None
         if fmt in ("json", "jsonl"):
             urls, captions, records = _read_blip_json(handle, str(path), fmt)
         else:
-            urls, captions, records = _read_table(handle, str(path), fmt, url_col, caption_col)
+            urls, captions, records, given_keys = _read_table(handle, str(path), fmt, url_col, caption_col)
     report = SourceReport(path=str(path), format=fmt, records=records)
     seen: set[tuple[str, str]] = set()
     per_url: dict[str, int] = {}
     out_urls, out_captions, keys = [], [], []
-    for url, caption in zip(urls, captions):
+    for index, (url, caption) in enumerate(zip(urls, captions)):
         if (url, caption) in seen:
             report.duplicates += 1
             continue
@@ -94,7 +100,10 @@ def read_source_list(path: str | Path, url_col: str | None = None, caption_col: 
         per_url[url] = per_url.get(url, 0) + 1
         out_urls.append(url)
         out_captions.append(caption)
-        keys.append(source_key(url, caption))
+        keys.append(given_keys[index] if given_keys is not None else source_key(url, caption))
+    if given_keys is not None and len(set(keys)) != len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise SourceListError(f"{path}: column {KEY_COLUMN!r} repeats {repeated!r} (keys must be unique)")
     report.rows = len(out_urls)
     worst = sorted(per_url.items(), key=lambda item: -item[1])[:5]
     report.top_duplicated_urls = {url: count for url, count in worst if count > 1}
@@ -143,7 +152,7 @@ def _read_blip_json(handle: IO[bytes], path: str, fmt: str) -> tuple[list[str], 
 
 
 def _read_table(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
-                caption_col: str | None) -> tuple[list[str], list[str], int]:
+                caption_col: str | None) -> tuple[list[str], list[str], int, list[str] | None]:
     if fmt == "parquet":
         try:
             table = pq.read_table(handle)
@@ -168,7 +177,14 @@ def _read_table(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
             captions[index] = ""
         elif not isinstance(caption, str):
             captions[index] = str(caption)
-    return urls, captions, len(urls)
+    given_keys = None
+    if KEY_COLUMN in table.column_names:
+        given_keys = table.column(KEY_COLUMN).to_pylist()
+        for index, key in enumerate(given_keys):
+            if not isinstance(key, str) or not _KEY_RE.match(key):
+                raise SourceListError(f"{path}: row {index} has {KEY_COLUMN} {key!r}: expected 1-64 letters, digits, "
+                                      "'_' or '-'")
+    return urls, captions, len(urls), given_keys
 
 
 def _column(table: pa.Table, path: str, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:

@@ -315,15 +315,20 @@ def read_ground_truth(corpus_dir: str | Path) -> Any:
 
 
 def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Path) -> Path:
-    """Write the img2dataset-form source list (parquet: url, caption) with URLs under `base_url`."""
+    """Write the img2dataset-form source list (parquet: url, caption, source_key) with URLs under `base_url`.
+
+    The server's port is ephemeral, so the URLs change from run to run; `source_key` (from the corpus path and
+    caption) does not, so sample keys, the train/val split and every seeded order are the same in every run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     truth = read_ground_truth(corpus_dir)
-    urls = [f"{base_url.rstrip('/')}/{path}" for path in truth.column("path").to_pylist()]
+    paths, captions = truth.column("path").to_pylist(), truth.column("caption").to_pylist()
+    urls = [f"{base_url.rstrip('/')}/{path}" for path in paths]
+    keys = [hashlib.sha256(f"{path}\n{caption}".encode()).hexdigest()[:16] for path, caption in zip(paths, captions)]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"url": urls, "caption": truth.column("caption")}), out)
+    pq.write_table(pa.table({"url": urls, "caption": captions, "source_key": keys}), out)
     return out
 
 

@@ -44,6 +44,16 @@ def test_seeded_and_deterministic(tmp_path):
     assert c != a
 
 
+def test_source_keys_do_not_depend_on_the_servers_port(corpus, tmp_path):
+    """The server's port is ephemeral: sample keys (and so the split and every seeded order) must not follow it."""
+    from datasets_manifests.sources import read_source_list
+
+    tables = [read_source_list(write_source_list(corpus, f"http://127.0.0.1:{port}", tmp_path / f"{port}.parquet"))[0]
+              for port in (40001, 40002)]
+    assert tables[0].column("url") != tables[1].column("url")
+    assert tables[0].column("source_key").to_pylist() == tables[1].column("source_key").to_pylist()
+
+
 def test_server_serves_images_404_and_transient_503(corpus, tmp_path):
     truth = read_ground_truth(corpus).to_pylist()
     with serve_corpus(corpus) as base:

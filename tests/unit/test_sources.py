@@ -50,6 +50,18 @@ def test_img2dataset_forms(tmp_path, fmt):
     assert table.column("caption").to_pylist() == ["one", ""] and report.rows == 2
 
 
+def test_a_source_key_column_is_the_lists_own_stable_ids(tmp_path):
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:1/a.jpg", "http://127.0.0.1:1/b.jpg"], "caption": ["a", "b"],
+                             "source_key": ["row-0", "row_1"]}), path)
+    table, _ = read_source_list(path)
+    assert table.column("source_key").to_pylist() == ["row-0", "row_1"]  # not the hash of the (changing) URL
+    for keys, problem in ((["a.b", "c"], "row 0 has source_key 'a.b'"), (["x", "x"], "repeats 'x'")):
+        pq.write_table(pa.table({"url": ["http://h/1", "http://h/2"], "caption": ["a", "b"], "source_key": keys}), path)
+        with pytest.raises(SourceListError, match=problem):
+            read_source_list(path)
+
+
 def test_malformed_lists_name_file_and_record(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"url": "http://a", "caption": "x"}, {"caption": "no url"}]))
