@@ -491,16 +491,51 @@ def from_pretrained(directory: str | Path, map_location: str = "cpu") -> nn.Modu
     from safetensors.torch import load_file
 
     data = read_pretrained_config(directory)
-    model = build_model(data["kind"], config_from_dict(data["config"]))
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME), device=map_location)
     for alias, canonical in data.get("tied", {}).items():
         tensors.setdefault(alias, tensors[canonical])
+    model = _build_for_weights(data["kind"], config_from_dict(data["config"]), tensors, map_location)
     report = load_into(model, tensors, source=str(directory), kind=data["kind"])
     if report.missing or report.unexpected:
         raise CheckpointError(f"{directory}: weights do not match a '{data['kind']}' model: "
                               f"missing {report.missing[:3]}, unexpected {report.unexpected[:3]}")  # fmt: skip
     _check_ties(model, data.get("tied", {}), directory)
     return model.eval()
+
+
+def _build_for_weights(kind: str, config: Any, tensors: Mapping[str, torch.Tensor], device: str) -> nn.Module:
+    """The model, built without its random initialisation when `tensors` overwrite every one of its tensors.
+
+    Random init is most of the time it takes to load a model (BLIP-base captioner: ~5 s of a CPU core; every
+    CapFilt actor, evaluation worker and `blip infer` pays it); the file replaces all of it. So the model is built
+    on the meta device (shapes only), given uninitialised memory, and its tied parameters are tied again (moving
+    off the meta device makes each module's parameter its own tensor). If the file lacks any tensor, the model is
+    built normally, so that nothing is ever left uninitialised.
+    """
+    import torch
+
+    with torch.device("meta"):
+        empty = build_model(kind, config)
+    if not set(empty.state_dict()) <= set(tensors):
+        return build_model(kind, config)
+    shared = _shared_parameters(empty)
+    empty = empty.to_empty(device=device)
+    for alias, canonical in shared.items():
+        owner_name, _, attribute = alias.rpartition(".")
+        setattr(empty.get_submodule(owner_name), attribute, empty.get_parameter(canonical))
+    return empty
+
+
+def _shared_parameters(model: nn.Module) -> dict[str, str]:
+    """alias -> canonical name for every parameter object reachable under two names (weight tying)."""
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first_name:
+            aliases[name] = first_name[id(parameter)]
+        else:
+            first_name[id(parameter)] = name
+    return aliases
 
 
 def _check_ties(model: nn.Module, tied: Mapping[str, str], directory: str | Path) -> None:

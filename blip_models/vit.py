@@ -65,7 +65,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
         norm_layer = partial(nn.LayerNorm, eps=config.layer_norm_eps)
-        drop_path = torch.linspace(0, config.drop_path_rate, config.depth).tolist()  # stochastic-depth decay rule
+        # stochastic-depth decay rule (on the CPU: a model may be built on the meta device, see checkpoints.from_pretrained)
+        drop_path = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(dim=config.width, num_heads=config.heads, mlp_ratio=config.mlp_ratio, qkv_bias=True,
                   drop_path=drop_path[i], norm_layer=norm_layer)

@@ -188,6 +188,28 @@ def test_save_and_from_pretrained_round_trip_with_tied_weights(tiny, tmp_path, k
         layer_enc, layer_dec = loaded.text_encoder.encoder.layer[0], loaded.text_decoder.bert.encoder.layer[0]
         assert layer_enc.intermediate.dense.weight is layer_dec.intermediate.dense.weight
         assert layer_enc.attention.self.query.weight is not layer_dec.attention.self.query.weight
+    decoder = loaded.text_decoder
+    assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+
+
+def test_from_pretrained_skips_random_init_only_when_the_file_has_every_tensor(tiny, tmp_path, monkeypatch):
+    model = _model("caption", tiny)
+    built_on = []
+    real_build = ck.build_model
+
+    def recording_build(kind, config):
+        built_on.append(torch.empty(0).device.type)  # the default device while the model is constructed
+        return real_build(kind, config)
+
+    monkeypatch.setattr(ck, "build_model", recording_build)
+    tensors = dict(model.state_dict())
+    assert ck._build_for_weights("caption", model.config, tensors, "cpu") is not None
+    assert built_on == ["meta"]  # shapes only: the file's tensors replace every random init
+    built_on.clear()
+    del tensors["visual_encoder.pos_embed"]
+    rebuilt = ck._build_for_weights("caption", model.config, tensors, "cpu")
+    assert built_on == ["meta", "cpu"]  # a tensor the file lacks: built normally, nothing left uninitialised
+    assert rebuilt.visual_encoder.pos_embed.device.type == "cpu"
 
 
 def test_from_pretrained_rejects_unknown_config_keys(tiny, tmp_path):
