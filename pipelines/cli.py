@@ -65,7 +65,8 @@ def _is_user_error(error: Exception) -> bool:
 
     names = {cls.__name__ for cls in type(error).__mro__}
     return isinstance(error, (CommandError, ConfigError, FileNotFoundError)) or bool(
-        names & {"RegistryError", "UserError", "MissingFilesystemError"}  # the last: an s3:// URL without s3fs
+        # MissingFilesystemError: an s3:// URL without s3fs; CapFiltError: a wrong model kind or an empty dataset
+        names & {"RegistryError", "UserError", "MissingFilesystemError", "CapFiltError"}
     )
 
 

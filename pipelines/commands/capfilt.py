@@ -23,7 +23,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("config", help="capfilt config YAML or preset name (tiny, default, 129m)")
     parser.add_argument("--dataset", required=True, help="input dataset version, e.g. web-demo@v1")
     parser.add_argument("--captioner", required=True, help="captioner model version (kind caption)")
-    parser.add_argument("--filter", required=True, help="filter model version (kind itm)")
+    parser.add_argument("--filter", required=True,
+                        help="filter model version (kind itm or retrieval; its ITM head scores the texts)")
     parser.add_argument("--name", default=None, help="output dataset name (default: <dataset name>-capfilt)")
     parser.add_argument("--registry", default=None, help="registry URL (default: $BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

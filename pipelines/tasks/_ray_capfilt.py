@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,7 +60,7 @@ def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int)
                 arrays.append(np.asarray(rgb, dtype=np.uint8))
                 errors.append(None)
             except Exception as error:  # noqa: BLE001 - any undecodable image is a per-sample drop, with reason
-                errors.append(f"decode_error: {type(error).__name__}: {str(error)[:120]}")
+                errors.append(decode_error_detail(error))
         pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)  # (n, S, S, 3)
         rows["shard_index"].append(int(item["shard_index"]))
         rows["start"].append(start + offset)
@@ -68,6 +70,16 @@ def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int)
     if rows["decode_s"]:
         rows["decode_s"][0] = time.perf_counter() - began  # the whole slice's decode time, counted once
     return rows
+
+
+def decode_error_detail(error: Exception) -> str:
+    """'decode_error: <type>: <message>', with memory addresses masked so that index.parquet is reproducible.
+
+    PIL's UnidentifiedImageError names the stream object: "cannot identify image file <_io.BytesIO object at
+    0x7f...>", an address that changes from run to run.
+    """
+    message = re.sub(r"0x[0-9a-fA-F]+", "0x..", str(error))
+    return f"decode_error: {type(error).__name__}: {' '.join(message.split())[:120]}"
 
 
 def _tokenizer() -> Any:
@@ -92,9 +104,9 @@ class _ModelActor:
 
         self.config = build(capfilt.CapFiltConfig, config)
         compute = self.config.compute
-        use_cuda = compute.device == "cuda" or (compute.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        if not use_cuda:
+        # The resolved device, not torch.cuda.is_available(): the cache key records this one (capfilt.cache_relevant).
+        self.device = torch.device(compute.resolved_device())
+        if self.device.type == "cpu":
             torch.set_num_threads(compute.torch_threads)
         self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype) for role in roles}
         if compute.fp8_vision:
@@ -212,8 +224,7 @@ def _result_row(row: dict[str, Any], meta: dict[str, Any], valid: list[int], cap
             "key": key, "web_text": meta["web_texts"][position], "error": meta["errors"][position],
             "synthetic": captions[slot] if slot is not None else [],
             "scores": scores[slot] if slot is not None else None,
-            "seeds": [capfilt.sample_seed(captioner.seed, key, i) for i in range(len(captions[slot]))]
-            if slot is not None else [],
+            "seeds": captioner.caption_seeds(key)[: len(captions[slot])] if slot is not None else [],
         })  # fmt: skip
     return {"shard_index": int(row["shard_index"]), "start": int(row["start"]), "results": json.dumps(results),
             "decode_s": float(row["decode_s"])}  # fmt: skip
@@ -225,7 +236,11 @@ def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], mod
     from pipelines.config import to_dict
     from pipelines.runtime import check_gpus_available, ensure_ray
 
-    check_gpus_available(ensure_ray(), config.compute.num_gpus_per_actor, "compute.num_gpus_per_actor")
+    ray = ensure_ray()
+    check_gpus_available(ray, config.compute.num_gpus_per_actor, "compute.num_gpus_per_actor")
+    opened = sorted({str(item["url"]) for item in items} | {m["dir"] for m in models.values() if m.get("dir")})
+    capfilt.check_storage_reachable(ray.nodes(), opened,
+                                    shared_filesystem=os.environ.get(capfilt.SHARED_FILESYSTEM_ENV) == "1")  # fmt: skip
     import ray.data
 
     context = ray.data.DataContext.get_current()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
 import time
@@ -36,15 +37,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.config import check_range
+from pipelines.config import RangeError, check_range
 from pipelines.tasks.webdata import count_tar_samples, iter_tar_samples, split_key, write_tar
 
 if TYPE_CHECKING:
     from datasets_manifests.manifest import Manifest
     from datasets_manifests.registry import Registry
 
+log = logging.getLogger(__name__)
+
 STAGE = "capfilt"
 SOURCES = ("web", "synthetic")
+BEAM_REPETITION_PENALTY = 1.0  # BLIP's beam search: no repetition penalty (the config's 1.1 is for sampling)
+# Set to 1 when the local registry lives on a filesystem mounted at the same path on every Ray node (NFS, ...).
+SHARED_FILESYSTEM_ENV = "BLIP_SHARED_FILESYSTEM"
 HISTOGRAM_BINS = 20  # ITM-score histogram: 20 bins of width 0.05 over [0, 1]
 MAX_REJECT_EXAMPLES = 25
 
@@ -63,8 +69,8 @@ class CaptionerConfig:
     # BLIP sampled through transformers 4.15 `generate`, which filled top_k from the config default 50 (BLIP's
     # med_config sets none): the nucleus is taken among the 50 best tokens. 0 = the whole vocabulary.
     top_k: int = 50
-    repetition_penalty: float = 1.1  # BLIP hard-codes 1.1 when sampling (1.0 in its beam search)
-    num_beams: int = 3  # beam search only
+    repetition_penalty: float = 1.1  # nucleus only: BLIP hard-codes 1.1 when sampling (beam search always uses 1.0)
+    num_beams: int = 3  # beam search only; num_captions of the beams are kept, so num_captions <= num_beams
     min_length: int = 10  # in tokens, INCLUDING the prompt tokens (BLIP's convention)
     max_length: int = 30  # in tokens, including the prompt
     seed: int = 0  # base seed; caption i of sample `key` uses sample_seed(seed, key, i)
@@ -81,6 +87,16 @@ class CaptionerConfig:
         check_range("captioner", "max_words", self.max_words, 1)
         if self.top_p <= 0.0:
             raise ValueError("'top_p' must be > 0")
+        if self.method == "beam" and self.num_captions > self.num_beams:
+            # Otherwise it fails only inside the actors, after Ray has started and the models have loaded.
+            raise RangeError(f"'num_captions' = {self.num_captions} is more than 'num_beams' = {self.num_beams}: "
+                             "beam search returns at most num_beams captions per image", "num_captions")  # fmt: skip
+
+    def caption_seeds(self, key: str) -> list[int | None]:
+        """The seed of each synthetic caption of sample `key` (None with beam search, which draws nothing)."""
+        if self.method != "nucleus":
+            return [None] * self.num_captions
+        return [sample_seed(self.seed, key, index) for index in range(self.num_captions)]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,7 +131,7 @@ class ComputeConfig:
     num_cpus_per_actor: float = 0.5  # fractional on small machines, or the pool starves the decode tasks
     decode_cpus: float = 0.5  # CPUs per decode task (JPEG decode + resize)
     batches_per_decode_task: int = 4  # model batches one decode task produces (amortises tar seeking)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when the actor has a GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when num_gpus_per_actor > 0, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model dtype on the device (bf16 on GPUs)
     torch_threads: int = 1  # intra-op threads per actor on CPU
     compile_vision: bool = False  # torch.compile the ViT blocks (regional): GPU actors; a little compile time each
@@ -136,6 +152,12 @@ class ComputeConfig:
         check_range("compute", "torch_threads", self.torch_threads, 1)
         check_range("compute", "writer_threads", self.writer_threads, 1)
 
+    def resolved_device(self) -> str:
+        """The device the actors compute on: 'auto' is cuda exactly when each actor is given a GPU."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus_per_actor > 0 else "cpu"
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CapFiltConfig:
@@ -153,9 +175,15 @@ class CapFiltConfig:
         check_range("capfilt", "max_shards", self.max_shards, 0)
 
     def cache_relevant(self) -> CapFiltConfig:
-        """The part of the config that changes the output (compute layout does not: see module docstring)."""
-        return replace(self, compute=ComputeConfig(batch_size=self.compute.batch_size, dtype=self.compute.dtype,
-                                                   device=self.compute.device))  # fmt: skip
+        """The part of the config that changes the output (compute layout does not: see module docstring).
+
+        Batch composition, device, dtype, FP8 linears and compiled kernels all change floating-point results
+        (FP8 flips ~1 % of keep decisions); the device is the resolved one, as 'auto' depends on the GPUs.
+        """
+        compute = self.compute
+        relevant = ComputeConfig(batch_size=compute.batch_size, dtype=compute.dtype, device=compute.resolved_device(),
+                                 fp8_vision=compute.fp8_vision, compile_vision=compute.compile_vision)  # fmt: skip
+        return replace(self, compute=relevant)
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -311,6 +339,25 @@ def dumps(data: Any) -> bytes:
 class CapFiltError(ValueError):
     """Inputs the stage cannot use (wrong model kind, shard/manifest mismatch); the message names them."""
 
+    def __init__(self, message: str) -> None:
+        # The CLI prints this as its one error line (no traceback): a newline in a key or path must not split it.
+        super().__init__(" ".join(message.split()))
+
+
+def check_storage_reachable(nodes: list[dict[str, Any]], urls: list[str], *, shared_filesystem: bool = False) -> None:
+    """Fail when a multi-node Ray cluster would give its workers paths that may exist only on this machine.
+
+    `nodes` is `ray.nodes()`; `urls` are what decode tasks and actors open (shard URLs, model directories).
+    """
+    alive = [node for node in nodes if node.get("Alive")]
+    local = [url for url in urls if "://" not in url or url.startswith(("file://", "local://"))]
+    if len(alive) > 1 and local and not shared_filesystem:
+        raise CapFiltError(
+            f"the Ray cluster has {len(alive)} nodes but the inputs are local paths ({local[0]}), which the other "
+            f"nodes cannot read: use a registry on s3:// or gs://, or one on a filesystem mounted at the same path "
+            f"on every node and set {SHARED_FILESYSTEM_ENV}=1"
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
@@ -349,6 +396,10 @@ def run_capfilt(
         "filter": _model_source(registry, filter_model, ("itm", "retrieval")),
     }
     image_size = config.image_size or models["captioner"]["image_size"]
+    for role, source in models.items():
+        if source["image_size"] != image_size:
+            log.warning("capfilt: the %s %s was trained at %d px and runs at %d px: its position embeddings are "
+                        "interpolated", role, source["ref"], source["image_size"], image_size)  # fmt: skip
     key = cache_key(STAGE, [dataset.id, captioner.id, filter_model.id], config_hash(config.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
@@ -501,8 +552,8 @@ def finish_shard(work: Path, shard: ShardPlan, results: list[dict[str, Any]], co
         if row["status"] == "ok":
             row["jpg_offset"], row["jpg_bytes"] = offsets[row["key"]]
     stem = shard.path.replace("/", "__")
-    write_index(index_rows, work / "parts" / f"{stem}.index.parquet")
-    write_texts(text_rows, work / "parts" / f"{stem}.texts.parquet")
+    write_index(typed_table(index_rows, "index"), work / "parts" / f"{stem}.index.parquet")
+    write_texts(typed_table(text_rows, "texts"), work / "parts" / f"{stem}.texts.parquet")
     marker = {"path": shard.path, "split": shard.split, "num_samples": len(offsets),
               "stats": shard_stats(text_rows, index_rows)}  # fmt: skip
     path = marker_path(work, shard)
@@ -510,6 +561,29 @@ def finish_shard(work: Path, shard: ShardPlan, results: list[dict[str, Any]], co
     path.with_suffix(".tmp").write_text(json.dumps(marker, sort_keys=True))
     os.replace(path.with_suffix(".tmp"), path)  # the commit of this shard
     return marker
+
+
+# The columns this stage adds to index.parquet and texts.parquet, typed here: a part whose values are all null
+# (beam search has no seeds; most shards have no error_detail) would otherwise get Arrow's null type.
+EXTRA_COLUMNS = {
+    "index": {"error_detail": "string", "texts_kept": "int64"},
+    "texts": {"captioner": "string", "filter": "string", "sample_index": "int64", "seed": "int64"},
+}
+
+
+def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"]) -> Any:
+    """Rows -> an Arrow table with the contract columns (datasets_manifests.index) and this stage's extras typed."""
+    import pyarrow as pa
+
+    from datasets_manifests.index import INDEX_SCHEMA, TEXTS_SCHEMA
+
+    contract = INDEX_SCHEMA if kind == "index" else TEXTS_SCHEMA
+    extras = [pa.field(name, pa.type_for_alias(alias)) for name, alias in sorted(EXTRA_COLUMNS[kind].items())]
+    schema = pa.schema([*contract, *extras])
+    unknown = sorted({name for row in rows for name in row} - set(schema.names))
+    if unknown:  # from_pylist would drop them silently
+        raise ValueError(f"typed_table({kind}): columns without a declared type: {', '.join(unknown)}")
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], shard: ShardPlan,
@@ -540,7 +614,7 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
         "captions": [r["text"] for r in records if r["kept"]],
         "texts": [{k: r[k] for k in ("text", "source", "itm_score", "kept", "drop_reason", "seed", "sample_index")}
                   for r in records],
-        "capfilt": {"captioner": refs["captioner"], "filter": refs["filter"], "seed": config.captioner.seed,
+        "capfilt": {"captioner": refs["captioner"], "filter": refs["filter"], "seed": _base_seed(config.captioner),
                     "sampling": _sampling(config.captioner), "thresholds": _thresholds(config.filter)},
     }  # fmt: skip
     files = [(f"{key}.jpg", sample["jpg"]), (f"{key}.json", dumps(document)), (f"{key}.txt", best["text"].encode())]
@@ -548,9 +622,16 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
 
 
 def _sampling(captioner: CaptionerConfig) -> dict[str, Any]:
+    """The generation settings the captions were really made with (enough to regenerate one from its seed)."""
     fields = ["method", "prompt", "min_length", "max_length", "num_captions", "max_words"]
-    fields += ["top_p", "top_k", "repetition_penalty"] if captioner.method == "nucleus" else ["num_beams", "repetition_penalty"]
-    return {name: getattr(captioner, name) for name in fields}
+    if captioner.method == "nucleus":
+        return {name: getattr(captioner, name) for name in [*fields, "top_p", "top_k", "repetition_penalty"]}
+    return {**{name: getattr(captioner, name) for name in [*fields, "num_beams"]},
+            "repetition_penalty": BEAM_REPETITION_PENALTY}  # fmt: skip
+
+
+def _base_seed(captioner: CaptionerConfig) -> int | None:
+    return captioner.seed if captioner.method == "nucleus" else None  # beam search draws nothing
 
 
 def _thresholds(filter_config: FilterConfig) -> dict[str, float]:
@@ -578,7 +659,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
     stats = merge_stats([marker["stats"] for marker in markers])
     from pipelines.tasks import capfilt_quality
 
-    quality = capfilt_quality.evaluate(registry, parents[0], config, texts, index)
+    quality = capfilt_quality.evaluate(registry, parents[0], config.ground_truth, texts, index)
     if quality is not None:
         stats["quality"] = quality
     stats["throughput"] = perf
@@ -604,7 +685,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
                        "json": "input metadata + captions (kept texts) + texts (all, with source, itm_score, kept, "
                                "drop_reason, seed, sample_index) + capfilt (model versions, sampling, thresholds)"},
         metadata={"captioner": parents[1].ref, "filter": parents[2].ref, "sampling": _sampling(config.captioner),
-                  "seed": config.captioner.seed, "thresholds": _thresholds(config.filter),
+                  "seed": _base_seed(config.captioner), "thresholds": _thresholds(config.filter),
                   "training_texts": "one sample per image: json.captions lists every kept text (web + synthetic, "
                                     "the BLIP union); a reader may sample one per step; txt = best kept text"},
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """CapFilt model side: captioner sampling and ITM filter scoring on one device (BLIP, Li et al. 2022, §3.3).
 
 Pure tensor functions called by the Ray actors of `_ray_capfilt.py` (and by the unit tests without Ray):
-`caption_images` (nucleus sampling with one seed per caption, or beam search), `score_texts` (ITM match
-probability of the web text and every caption, the image encoded once), and the helpers they use. Decoding
+`caption_images` (nucleus sampling with one seed per caption, or beam search), `regenerate_caption` (one
+published caption back from its recorded seed), `score_texts` (ITM match probability of the web text and every
+caption, the image encoded once), and the helpers they use. Decoding
 follows blip_models.generation (lengths include the prompt, repetition penalty, top-k then top-p); the only
 change is the random draw: each row draws with its own seeded uniforms, so a caption does not depend on which
 other images shared its batch (see `sample_rows`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.tasks.capfilt import CaptionerConfig, FilterConfig, sample_seed
+from pipelines.tasks.capfilt import BEAM_REPETITION_PENALTY, CaptionerConfig, FilterConfig
 
 
 def load_model(source: dict[str, str], device: Any, dtype: str) -> Any:
@@ -185,38 +186,69 @@ def caption_images(model: Any, tokenizer: Any, pixel_values: Any, keys: list[str
 
     from blip_models.generation import GenerationConfig, beam_search
     from blip_models.med import reorder_cache
-    from blip_models.processing import pre_caption
 
     count = len(keys)
     if count == 0 or config.num_captions == 0:
         return [[] for _ in keys]
     device = pixel_values.device
-    prompt_ids = tokenizer([config.prompt], return_tensors="pt")["input_ids"][:, :-1]  # drop [SEP]: (1, P)
-    prompt_ids[:, 0] = tokenizer.bos_token_id  # [DEC] a picture of
+    prompt_ids = _prompt_ids(tokenizer, config.prompt).to(device)  # (1, P)
     with torch.no_grad():
         image_embeds = model.visual_encoder(pixel_values)  # (B, S, D)
         if config.method == "nucleus":
-            rows = count * config.num_captions  # row b * N + i = caption i of image b
-            generation = GenerationConfig(max_length=config.max_length, min_length=config.min_length, do_sample=True,
-                                          top_p=config.top_p, top_k=config.top_k,
-                                          repetition_penalty=config.repetition_penalty,
-                                          eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            # Row b * N + i = caption i of image b, drawn with its own seed.
+            seeds = [seed for key in keys for seed in config.caption_seeds(key)]
             embeds = image_embeds.repeat_interleave(config.num_captions, dim=0)  # (B*N, S, D)
-            seeds = [sample_seed(config.seed, key, i) for key in keys for i in range(config.num_captions)]
-            uniforms = row_uniforms(seeds, config.max_length, device)
-            ids = sample_rows(_decoder_step(model, embeds), prompt_ids.to(device).repeat(rows, 1), generation, uniforms)
+            ids = _sample_ids(model, tokenizer, embeds, prompt_ids, seeds, config)
         else:
             generation = GenerationConfig(max_length=config.max_length, min_length=config.min_length,
                                           num_beams=config.num_beams, num_return_sequences=config.num_captions,
-                                          repetition_penalty=1.0, eos_token_id=tokenizer.sep_token_id,
-                                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                                          repetition_penalty=BEAM_REPETITION_PENALTY,
+                                          eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             embeds = image_embeds.repeat_interleave(config.num_beams, dim=0)  # (B*K, S, D)
-            input_ids = prompt_ids.to(device).repeat(count * config.num_beams, 1)
+            input_ids = prompt_ids.repeat(count * config.num_beams, 1)
             ids = beam_search(_decoder_step(model, embeds), reorder_cache, input_ids, generation)
+    captions = _decode(tokenizer, ids, config)
+    return [captions[b * config.num_captions : (b + 1) * config.num_captions] for b in range(count)]
+
+
+def regenerate_caption(model: Any, tokenizer: Any, pixel_values: Any, seed: int, config: CaptionerConfig) -> str:
+    """The nucleus caption of one image (1, 3, S, S) drawn with `seed`: texts.parquet's `seed` column + the
+    version's recorded sampling settings give back the published caption (its row's key is not needed)."""
+    import torch
+
+    if config.method != "nucleus":
+        raise ValueError("regenerate_caption: beam search captions have no seed (rerun caption_images)")
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(pixel_values)  # (1, S, D)
+        prompt_ids = _prompt_ids(tokenizer, config.prompt).to(pixel_values.device)
+        ids = _sample_ids(model, tokenizer, image_embeds, prompt_ids, [seed], config)
+    return _decode(tokenizer, ids, config)[0]
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> Any:
+    prompt_ids = tokenizer([prompt], return_tensors="pt")["input_ids"][:, :-1]  # drop [SEP]: (1, P)
+    prompt_ids[:, 0] = tokenizer.bos_token_id  # [DEC] a picture of
+    return prompt_ids
+
+
+def _sample_ids(model: Any, tokenizer: Any, embeds: Any, prompt_ids: Any, seeds: list[int],
+                config: CaptionerConfig) -> Any:  # fmt: skip
+    """Nucleus-sampled ids (rows, T), row r conditioned on embeds[r] and drawing with seeds[r]."""
+    from blip_models.generation import GenerationConfig
+
+    generation = GenerationConfig(max_length=config.max_length, min_length=config.min_length, do_sample=True,
+                                  top_p=config.top_p, top_k=config.top_k, repetition_penalty=config.repetition_penalty,
+                                  eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    uniforms = row_uniforms(seeds, config.max_length, embeds.device)
+    return sample_rows(_decoder_step(model, embeds), prompt_ids.repeat(len(seeds), 1), generation, uniforms)
+
+
+def _decode(tokenizer: Any, ids: Any, config: CaptionerConfig) -> list[str]:
+    from blip_models.processing import pre_caption
+
     texts = tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
     # BLIP strips the prompt by characters (caption[len(prompt):]), after decoding.
-    captions = [pre_caption(text[len(config.prompt) :], config.max_words) for text in texts]
-    return [captions[b * config.num_captions : (b + 1) * config.num_captions] for b in range(count)]
+    return [pre_caption(text[len(config.prompt) :], config.max_words) for text in texts]
 
 
 def score_texts(model: Any, tokenizer: Any, pixel_values: Any, web_texts: list[str | None],

@@ -30,10 +30,12 @@ def _jpeg(image, quality=90) -> bytes:
     return buffer.getvalue()
 
 
-def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), seed=0, name="web-tiny"):
+def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), no_text=(), seed=0,
+                 name="web-tiny"):  # fmt: skip
     """Publish a web dataset version (+ ground_truth.parquet) and tiny captioner/filter model versions.
 
-    `corrupt`: keys whose .jpg is replaced by garbage bytes. Returns (dataset, captioner, filter) manifests.
+    `corrupt`: keys whose .jpg is replaced by garbage bytes; `no_text`: keys without a .txt member.
+    Returns (dataset, captioner, filter) manifests.
     """
     import tempfile
 
@@ -68,6 +70,8 @@ def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), 
                 meta = {"key": key, "url": url, "raw_caption": raw, "caption": pre_caption(raw, 30),
                         "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": image_size, "height": image_size}
                 for ext, data in (("jpg", jpg), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
+                    if ext == "txt" and key in no_text:
+                        continue
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -103,61 +107,143 @@ def inputs(tmp_path_factory):
     from datasets_manifests.registry import Registry
 
     registry = Registry(tmp_path_factory.mktemp("registry"))
-    dataset, captioner, filter_model = build_inputs(registry, shards=3, per_shard=6, corrupt=("000000007",))
+    dataset, captioner, filter_model = build_inputs(registry, shards=3, per_shard=6, corrupt=("000000007",),
+                                                    no_text=("000000012",))  # fmt: skip
     return registry, dataset, captioner, filter_model
+
+
+def _splitting_thresholds(texts):
+    """(threshold, thresholds.web) between observed ITM scores, so that a run with them drops texts of both
+    sources, keeps some, drops every text of some sample, and decides some web text differently than the
+    default threshold would (the tiny random filter scores everything ~0.53: the fixed 0.5 drops nothing).
+
+    Cuts lie halfway in gaps >= 1e-5 between stored scores: far from any score, whatever its rounding.
+    """
+    scored = [t for t in texts if t["itm_score"] is not None and t["drop_reason"] != "missing_web_text"]
+
+    def cuts(source):
+        values = sorted({t["itm_score"] for t in scored if t["source"] == source})
+        middle = [(a + b) / 2 for a, b in zip(values, values[1:]) if b - a >= 1e-5]
+        return sorted(middle, key=lambda cut: abs(middle.index(cut) - len(middle) / 2))  # balanced cuts first
+
+    by_key = {}
+    for text in scored:
+        by_key.setdefault(text["key"], []).append(text)
+    for default in cuts("synthetic"):
+        for web in cuts("web"):
+            limit = {"web": web, "synthetic": default}
+            nothing_kept = any(all(t["itm_score"] < limit[t["source"]] for t in group) for group in by_key.values())
+            per_source = any(min(web, default) <= t["itm_score"] < max(web, default)
+                             for t in scored if t["source"] == "web")  # fmt: skip
+            if nothing_kept and per_source:
+                return default, web
+    raise AssertionError("no thresholds split the observed scores")
+
+
+def _check_provenance(registry, manifest, config, captioner, filter_model):
+    """Index, texts.parquet, shard members and manifest metadata tell one consistent story."""
+    from datasets_manifests.index import read_index, read_texts
+    from pipelines.tasks.capfilt import sample_seed
+
+    texts = read_texts(registry, manifest).to_pylist()
+    index = {row["key"]: row for row in read_index(registry, manifest).to_pylist()}
+    metadata = manifest.metadata
+    thresholds = {source: config.filter.threshold_for(source) for source in ("web", "synthetic")}
+    assert metadata["thresholds"] == thresholds and metadata["seed"] == config.captioner.seed
+    assert metadata["sampling"]["repetition_penalty"] == config.captioner.repetition_penalty
+    by_key = {}
+    for text in texts:
+        by_key.setdefault(text["key"], []).append(text)
+        assert text["kept"] == (text["drop_reason"] is None)
+        if text["itm_score"] is None:
+            continue
+        assert text["filter"] == filter_model.ref
+        if text["source"] == "synthetic":
+            assert text["seed"] == sample_seed(config.captioner.seed, text["key"], text["sample_index"])
+            assert text["captioner"] == captioner.ref
+        nonblank = bool(text["text"].strip())
+        # Every decision, web texts included, follows its source's threshold.
+        assert text["kept"] == (nonblank and text["itm_score"] >= thresholds[text["source"]]), text
+    seen = set()
+    for entry in manifest.shards():
+        with tarfile.open(registry.local_path(manifest, entry.path)) as tar:
+            for name in tar.getnames():
+                if not name.endswith(".json"):
+                    continue
+                document = json.loads(tar.extractfile(name).read())
+                key = document["key"]
+                seen.add(key)
+                row = index[key]
+                assert row["shard"] == entry.path and row["jpg_offset"] is not None and row["status"] == "ok"
+                assert document["capfilt"] == {"captioner": captioner.ref, "filter": filter_model.ref,
+                                               "seed": metadata["seed"], "sampling": metadata["sampling"],
+                                               "thresholds": metadata["thresholds"]}  # fmt: skip
+                # The json's texts are the texts.parquet rows of its key, in order.
+                fields = ("text", "source", "kept", "drop_reason", "seed", "sample_index")
+                assert [{f: t[f] for f in fields} for t in document["texts"]] == \
+                    [{f: t[f] for f in fields} for t in by_key[key]]  # fmt: skip
+                assert [t["itm_score"] for t in document["texts"]] == \
+                    pytest.approx([t["itm_score"] for t in by_key[key]], abs=1e-6)  # fmt: skip
+                assert document["captions"] == [t["text"] for t in by_key[key] if t["kept"]]
+                assert tar.extractfile(f"{key}.txt").read().decode() == document["caption"] == row["caption"]
+                assert row["texts_kept"] == len(document["captions"])
+    assert seen == {key for key, row in index.items() if row["status"] == "ok"}
+    return texts, index
+
+
+def _regenerate(registry, manifest, captioner):
+    """One published caption, regenerated on the CPU from its shard's json (recorded seed + sampling) alone."""
+    import numpy as np
+    from PIL import Image
+
+    from blip_models.tokenizer import load_tokenizer
+    from pipelines.tasks import capfilt_models
+    from pipelines.tasks.capfilt import CaptionerConfig
+
+    directory = registry.local_path(captioner, "config.json").parent
+    size = json.loads((directory / "config.json").read_text())["config"]["vision"]["image_size"]
+    model = capfilt_models.load_model({"dir": str(directory)}, "cpu", "float32")
+    entry = manifest.shards()[0]
+    with tarfile.open(registry.local_path(manifest, entry.path)) as tar:
+        name = next(n for n in tar.getnames() if n.endswith(".json"))
+        document = json.loads(tar.extractfile(name).read())
+        jpg = tar.extractfile(name.replace(".json", ".jpg")).read()
+    with Image.open(io.BytesIO(jpg)) as image:  # eval_transform's bicubic resize, as the decode tasks do it
+        pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    pixel_values = capfilt_models.normalize_pixels(pixels[None], "cpu", "float32")
+    sampling = CaptionerConfig(**document["capfilt"]["sampling"])
+    tokenizer = load_tokenizer()
+    for text in document["texts"]:
+        if text["source"] == "synthetic":
+            regenerated = capfilt_models.regenerate_caption(model, tokenizer, pixel_values, text["seed"], sampling)
+            assert regenerated == text["text"]
 
 
 @pytest.mark.integration
 def test_capfilt_full_run_provenance(ray_session, inputs):
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import read_index, read_texts
     from pipelines.config import load_config
     from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
 
     registry, dataset, captioner, filter_model = inputs
-    # Thresholds chosen so the tiny random filter keeps some texts and drops others.
     config = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml")
     manifest = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
                            name="web-tiny-capfilt", registry=registry)
     assert manifest.parents == (dataset.ref, captioner.ref, filter_model.ref)
     assert manifest.producer.stage == "capfilt" and manifest.metadata["sampling"]["top_p"] == 0.9
-    texts = read_texts(registry, manifest).to_pylist()
-    index = read_index(registry, manifest).to_pylist()
+    texts, index = _check_provenance(registry, manifest, config, captioner, filter_model)
     assert len(index) == 18 and len(texts) == 17 * 3 + 1  # web + 2 synthetic per decoded sample
-    broken = [row for row in index if row["key"] == "000000007"][0]
+    broken = index["000000007"]
     assert broken["status"] == "dropped" and broken["drop_reason"] == "decode_error"
-    assert "decode_error" in broken["error_detail"]
+    assert broken["error_detail"].startswith("decode_error: ") and " at 0x" not in broken["error_detail"]
     assert manifest.drop_reasons.get("decode_error") == 1
     assert all(t["drop_reason"] == "decode_error" for t in texts if t["key"] == "000000007")
     # Every other sample of the broken sample's shard was captioned and scored.
     same_shard = [t for t in texts if "000000006" <= t["key"] <= "000000011" and t["key"] != "000000007"]
     assert len(same_shard) == 15 and all(t["itm_score"] is not None for t in same_shard)
-    for text in texts:
-        assert text["kept"] == (text["drop_reason"] is None)
-        if text["source"] == "synthetic" and text["itm_score"] is not None:
-            from pipelines.tasks.capfilt import sample_seed
-
-            assert text["seed"] == sample_seed(0, text["key"], text["sample_index"])
-            assert text["captioner"] == captioner.ref and text["filter"] == filter_model.ref
-            assert text["kept"] == (text["itm_score"] >= 0.5)
-    # Shards: exactly the kept samples, each json carrying every text and the provenance.
-    kept_keys = {row["key"] for row in index if row["status"] == "ok"}
-    seen = set()
-    for entry in manifest.shards():
-        with tarfile.open(registry.local_path(manifest, entry.path)) as tar:
-            names = tar.getnames()
-            for name in names:
-                if name.endswith(".json"):
-                    document = json.loads(tar.extractfile(name).read())
-                    key = document["key"]
-                    seen.add(key)
-                    assert document["capfilt"]["captioner"] == captioner.ref
-                    assert len(document["texts"]) == 3 and document["captions"]
-                    assert tar.extractfile(f"{key}.txt").read().decode() in document["captions"]
-                    row = [r for r in index if r["key"] == key][0]
-                    assert row["shard"] == entry.path and row["jpg_offset"] is not None
-    assert seen == kept_keys
+    no_text = [t for t in texts if t["key"] == "000000012"]
+    assert no_text[0]["source"] == "web" and no_text[0]["drop_reason"] == "missing_web_text"
     stats = manifest.stats["capfilt"]
     assert stats["texts"] == {"web": 18, "synthetic": 34}
     assert set(stats["kept_fraction"]) == {"web", "synthetic"}
@@ -165,13 +251,33 @@ def test_capfilt_full_run_provenance(ray_session, inputs):
     assert quality["samples_matched"] == 17 and quality["synthetic"]["total"] == 34
     assert 0 <= stats["throughput"]["actor_busy_fraction"] <= 1
     assert pq.read_table(registry.local_path(manifest, "texts.parquet")).num_rows == len(texts)
-    # Separate caption and filter pools compute exactly what the colocated actor computes.
-    separate = run_capfilt(load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml",
-                                       ["compute.colocate=false", "compute.num_actors=1", "compute.filter_actors=1"]),
-                           dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
+    _regenerate(registry, manifest, captioner)
+
+    # Separate caption and filter pools, with thresholds cut between this run's scores (a default and a
+    # different web one): the same captions and scores, and now the filter drops texts and whole samples.
+    default, web = _splitting_thresholds(texts)
+    split = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml",
+                        ["compute.colocate=false", "compute.num_actors=1", "compute.filter_actors=1",
+                         f"filter.threshold={default!r}", f"filter.thresholds.web={web!r}"])  # fmt: skip
+    separate = run_capfilt(split, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
                            name="web-tiny-capfilt-pools", registry=registry)
-    assert _shard_bytes(registry, separate) == _shard_bytes(registry, manifest)
     assert 0 <= separate.stats["capfilt"]["throughput"]["caption_actor_busy_fraction"] <= 1
+    split_texts, split_index = _check_provenance(registry, separate, split, captioner, filter_model)
+    computed = ("key", "text", "source", "itm_score", "seed", "sample_index", "captioner", "filter")
+    assert [{c: t[c] for c in computed} for t in split_texts] == [{c: t[c] for c in computed} for t in texts]
+    assert separate.metadata["thresholds"] == {"web": web, "synthetic": default} and web != default
+    reasons = {(t["source"], t["drop_reason"]) for t in split_texts}
+    assert {("web", "itm_below_threshold"), ("synthetic", "itm_below_threshold")} <= reasons
+    assert any(t["kept"] for t in split_texts if t["source"] == "web")
+    assert any(t["kept"] for t in split_texts if t["source"] == "synthetic")
+    # The per-source threshold decided some web text that the default threshold would have decided otherwise.
+    assert any((t["itm_score"] >= web) != (t["itm_score"] >= default) for t in split_texts
+               if t["source"] == "web" and t["itm_score"] is not None and t["drop_reason"] != "missing_web_text")
+    # A sample none of whose texts is kept: in the index with its reason, not in the shards.
+    nothing_kept = [row for row in split_index.values() if row["drop_reason"] == "no_text_kept"]
+    assert nothing_kept and all(row["status"] == "dropped" and row["shard"] is None for row in nothing_kept)
+    assert separate.drop_reasons["no_text_kept"] == len(nothing_kept) and separate.drop_reasons["decode_error"] == 1
+    assert separate.counts["kept"] == sum(row["status"] == "ok" for row in split_index.values())
     # Same inputs + config: the published version comes back, no work.
     again = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
                         name="web-tiny-capfilt", registry=registry)

@@ -27,6 +27,12 @@ def test_presets_load_and_typos_fail(tmp_path):
         load_config(CapFiltConfig, {"filter": {"threshold": 1.5}})
     overridden = load_config(CapFiltConfig, capfilt_config_path("tiny"), ["filter.thresholds.web=0.7"])
     assert overridden.filter.threshold_for("web") == 0.7 and overridden.filter.threshold_for("synthetic") == 0.5
+    # Beam search returns at most num_beams sequences: refused here, not inside the actors after Ray started.
+    with pytest.raises(ConfigError, match="'num_captions' = 5 is more than 'num_beams' = 3"):
+        load_config(CapFiltConfig, {"captioner": {"method": "beam", "num_captions": 5, "num_beams": 3}})
+    with pytest.raises(ConfigError, match=r"--set captioner.num_captions=3 .*'num_beams' = 2"):
+        load_config(CapFiltConfig, {"captioner": {"method": "beam", "num_beams": 2}}, ["captioner.num_captions=3"])
+    assert load_config(CapFiltConfig, {"captioner": {"num_captions": 5, "num_beams": 3}}).captioner.num_captions == 5
 
 
 def capfilt_config_path(name):
@@ -45,6 +51,15 @@ def test_cache_key_ignores_actor_layout_but_not_sampling():
     assert config_hash(base.cache_relevant()) == config_hash(more_actors.cache_relevant())
     assert config_hash(base.cache_relevant()) != config_hash(other_seed.cache_relevant())
     assert config_hash(base.cache_relevant()) != config_hash(other_batch.cache_relevant())
+
+    def key(compute):
+        return config_hash(load_config(CapFiltConfig, {"compute": compute}).cache_relevant())
+
+    # FP8 linears and compiled kernels change scores; "auto" is the device it resolves to.
+    assert key({"fp8_vision": True}) != key({}) and key({"compile_vision": True}) != key({})
+    assert key({"device": "auto"}) == key({"device": "cpu"}) != key({"device": "cuda"})
+    assert key({"device": "auto", "num_gpus_per_actor": 0.5}) == key({"device": "cuda", "num_gpus_per_actor": 1.0})
+    assert key({"device": "cpu", "num_gpus_per_actor": 1.0}) == key({"device": "cpu"})
 
 
 def test_sample_seed_is_stable_and_distinct():
@@ -86,6 +101,26 @@ def test_decide_texts_records_every_decision():
     assert capfilt.choose_caption(broken) is None
     with pytest.raises(ValueError, match="1 scores for 2 texts"):
         capfilt.decide_texts("k", "a", ["b"], [0.5], seeds[:1], config, captioner="c", filter_ref="f")
+
+
+def test_beam_search_provenance_records_what_beam_search_uses(tmp_path):
+    from datasets_manifests.index import write_texts
+
+    config = load_config(CapFiltConfig, {"captioner": {"method": "beam", "num_beams": 3, "num_captions": 2}})
+    beam = config.captioner
+    assert capfilt._sampling(beam) == {"method": "beam", "prompt": "a picture of ", "min_length": 10, "max_length": 30,
+                                       "num_captions": 2, "max_words": 30, "num_beams": 3, "repetition_penalty": 1.0}
+    assert capfilt._base_seed(beam) is None and beam.caption_seeds("k") == [None, None]
+    records = capfilt.decide_texts("k", "web", ["a b", "c d"], [0.9, 0.9, 0.1], beam.caption_seeds("k"), config,
+                                   captioner="c", filter_ref="f")  # fmt: skip
+    # All seeds null: the column keeps its int64 type (a null-typed part would differ from nucleus runs' parts).
+    write_texts(capfilt.typed_table(records, "texts"), tmp_path / "texts.parquet")
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(tmp_path / "texts.parquet")
+    assert str(schema.field("seed").type) == "int64" and str(schema.field("sample_index").type) == "int64"
+    with pytest.raises(ValueError, match="without a declared type: extra"):
+        capfilt.typed_table([dict(records[0], extra=1)], "texts")
 
 
 def test_histogram_and_stats_merge():
@@ -151,13 +186,6 @@ def test_decode_items_align_on_batches():
     assert all(i["expected"] == 11 for i in items)
 
 
-def test_quality_names_scene():
-    from pipelines.tasks.capfilt_quality import names_scene
-
-    assert names_scene("two red circles on a grey background", "circle", "red") == (True, True)
-    assert names_scene("a blue square", "circle", "red") == (False, False)
-
-
 def test_cli_reports_unknown_inputs_in_one_line(tmp_path, capsys):
     from pipelines.cli import main
 
@@ -168,6 +196,95 @@ def test_cli_reports_unknown_inputs_in_one_line(tmp_path, capsys):
     code = main(["capfilt", "tiny", "--dataset", "x", "--captioner", "c", "--filter", "f", "--registry", str(tmp_path),
                  "--set", "captioner.topp=0.5"])  # fmt: skip
     assert code == 2 and "captioner.topp" in capsys.readouterr().err
+
+
+def _fake_model(registry, tmp_path, name, kind, image_size=32):
+    from datasets_manifests.manifest import Producer
+
+    directory = tmp_path / name
+    directory.mkdir()
+    # Only config.json is read before the actors start; the weights are not touched here.
+    (directory / "config.json").write_text(json.dumps({"kind": kind, "config": {"vision": {"image_size": image_size}}}))
+    (directory / "model.safetensors").write_bytes(b"")
+    return registry.publish(kind="model", name=name, staging_dir=directory, producer=Producer(stage="test"),
+                            files=[{"path": "model.safetensors"}, {"path": "config.json"}], move=False)  # fmt: skip
+
+
+def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(tmp_path, capsys, monkeypatch):
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+    from pipelines.cli import main
+    from pipelines.tasks import _ray_capfilt
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for inputs that cannot be used")
+
+    monkeypatch.setattr(_ray_capfilt, "run_pipeline", no_ray)
+    registry = Registry(tmp_path / "registry")
+    _fake_model(registry, tmp_path, "itm", "itm")
+    _fake_model(registry, tmp_path, "cap", "caption")
+    (tmp_path / "empty").mkdir()
+    registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "empty", files=[], producer=Producer(stage="t"))
+    base = ["capfilt", "tiny", "--dataset", "web", "--registry", str(registry.url)]
+    for refs, expected in ((["--captioner", "itm", "--filter", "itm"], "is a 'itm' model; expected caption"),
+                           (["--captioner", "cap", "--filter", "cap"], "expected itm or retrieval"),
+                           (["--captioner", "cap", "--filter", "itm"], "has no shards to caption")):  # fmt: skip
+        assert main([*base, *refs]) == 2
+        error = capsys.readouterr().err
+        assert expected in error and error.startswith("blip capfilt: error:") and error.count("\n") == 1
+    assert str(capfilt.CapFiltError("shard a\nb:  c")) == "shard a b: c"
+
+
+def test_filter_at_another_image_size_is_reported(tmp_path, caplog):
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    _fake_model(registry, tmp_path, "cap", "caption", image_size=32)
+    _fake_model(registry, tmp_path, "itm", "itm", image_size=64)
+    (tmp_path / "empty").mkdir()
+    registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "empty", files=[], producer=Producer(stage="t"))
+    with pytest.raises(capfilt.CapFiltError, match="no shards"):  # stops before Ray, after the check
+        capfilt.run_capfilt(CapFiltConfig(), "web", captioner_ref="cap", filter_ref="itm", name="out",
+                            registry=registry)  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.name == capfilt.__name__]
+    assert warnings == ["capfilt: the filter itm@v1 was trained at 64 px and runs at 32 px: its position embeddings "
+                        "are interpolated"]  # fmt: skip
+
+
+def test_multi_node_cluster_refuses_local_paths():
+    two = [{"Alive": True, "NodeID": "a"}, {"Alive": True, "NodeID": "b"}]
+    with pytest.raises(capfilt.CapFiltError, match="2 nodes .*/reg/shards/a.tar.*s3:// or gs://") as raised:
+        capfilt.check_storage_reachable(two, ["s3://bucket/x.tar", "/reg/shards/a.tar"])
+    assert "\n" not in str(raised.value)
+    with pytest.raises(capfilt.CapFiltError):
+        capfilt.check_storage_reachable(two, ["file:///reg/a.tar"])
+    capfilt.check_storage_reachable(two, ["s3://bucket/x.tar", "gs://bucket/model"])
+    capfilt.check_storage_reachable(two, ["/nfs/reg/a.tar"], shared_filesystem=True)
+    capfilt.check_storage_reachable([two[0], {"Alive": False, "NodeID": "c"}], ["/reg/a.tar"])  # one node alive
+
+
+def test_undecodable_image_detail_is_reproducible(tmp_path):
+    """PIL's message names the BytesIO object's address; index.parquet must not change from run to run."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.tasks import _ray_capfilt
+
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(good, "JPEG")
+    members = [("a.jpg", b"<html>not an image</html>"), ("a.txt", b"web a"), ("b.jpg", good.getvalue()),
+               ("c.jpg", good.getvalue()[:40])]  # fmt: skip
+    webdata.write_tar(tmp_path / "s.tar", members)
+    item = {"shard_index": 0, "path": "s.tar", "url": str(tmp_path / "s.tar"), "start": 0, "stop": 3, "expected": 3}
+    batch = {name: np.array([value]) for name, value in item.items()}
+    runs = [_ray_capfilt.decode_slice(batch, image_size=4, batch_size=4) for _ in range(2)]
+    errors = [json.loads(rows["meta"][0])["errors"] for rows in runs]
+    assert errors[0] == errors[1] and errors[0][1] is None
+    unidentified = "decode_error: UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x..>"
+    assert errors[0][0] == unidentified
+    assert errors[0][2].startswith("decode_error: OSError: ")  # a truncated JPEG
+    assert len(runs[0]["pixels"][0]) == 4 * 4 * 3  # the decodable image only
 
 
 def test_model_kind_is_checked(tmp_path):
@@ -252,6 +369,19 @@ def test_captions_do_not_depend_on_batch_company():
         method="beam", num_beams=2, num_captions=1, min_length=5, max_length=9))  # fmt: skip
     reference = model.generate(pixels[:2], tokenizer, num_beams=2, max_length=9, min_length=5)
     assert [c[0] for c in beams] == [capfilt_pre(r) for r in reference]
+    # Several beams per image: the best num_captions hypotheses, as the reference returns them; no seeds.
+    beam = capfilt.CaptionerConfig(method="beam", num_beams=3, num_captions=2, min_length=5, max_length=9)
+    beams = capfilt_models.caption_images(model, tokenizer, pixels[:2], ["a", "b"], beam)
+    reference = model.generate(pixels[:2], tokenizer, num_beams=3, num_return_sequences=2, max_length=9, min_length=5)
+    assert beams == [[capfilt_pre(r) for r in reference[i : i + 2]] for i in (0, 2)]
+    assert beam.caption_seeds("a") == [None, None]
+    assert capfilt._sampling(beam)["repetition_penalty"] == 1.0 and "top_p" not in capfilt._sampling(beam)
+    # A caption comes back from its recorded seed and the version's recorded sampling settings alone.
+    records = capfilt.decide_texts("b", "web", together[1], [0.9, 0.9, 0.9], config.caption_seeds("b"), load_config(
+        CapFiltConfig, {}), captioner="c", filter_ref="f")  # fmt: skip
+    recorded = capfilt.CaptionerConfig(**capfilt._sampling(config))
+    regenerated = capfilt_models.regenerate_caption(model, tokenizer, pixels[1:2], records[2]["seed"], recorded)
+    assert regenerated == together[1][1]
 
 
 def capfilt_pre(text):
