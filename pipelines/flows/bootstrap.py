@@ -84,9 +84,10 @@ def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], t
                 registry: Registry) -> Manifest:
     """Pretraining on `dataset` (web or bootstrapped) + the human-annotated pairs, as both of BLIP's pretrainings."""
     name = cfg.version_name(f"pretrain-{tag}")
+    # resume_if_present: a flow rerun after a crash mid-pretraining continues that Ray Train run (same cache key).
     return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
                      extra_datasets=human, registry=registry, output_kind="model", output_name=name,
-                     upstream=[dataset, *human])
+                     upstream=[dataset, *human], resume_if_present=True)
 
 
 def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: str, registry: Registry) -> tuple[Manifest, Manifest]:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.json"
 ATTEMPTS_DIR = "blip_attempts"
 
 
@@ -59,6 +60,30 @@ class Outcome:
         return json.loads((staging / METRICS_FILE).read_text())
 
 
+def plan_run(storage_path: str, run_name: str, resume: bool, start_if_missing: bool = False) -> tuple[str, str]:
+    """(storage path as Ray Train gets it, the run's directory as a path or URL); checks the run's existence.
+
+    `resume=False`: the run must be new. `resume=True`: it must exist, since an explicit `--resume` of a run that
+    is not there is a mistake (a wrong name, another storage path), not a wish to start over; `start_if_missing`
+    is finetuning's resume-if-present (a crashed run of the same key continues, else a new one starts).
+    Plain paths are made absolute; URLs (file://, s3://, memory://) keep their protocol.
+    """
+    import fsspec
+
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    exists = fs.exists(run_dir)
+    if exists and not resume:
+        raise UserError(f"a training run named {run_name!r} already exists in {storage_path}: pass --resume to "
+                        "continue it, or --name NAME for a new run")  # fmt: skip
+    if not exists and resume and not start_if_missing:
+        raise UserError(f"there is no training run named {run_name!r} in {storage_path} to resume: leave out "
+                        "--resume to start it fresh, or pass the --name and config of the run to continue")  # fmt: skip
+    return storage_path, fs.unstrip_protocol(run_dir) if "://" in storage_path else run_dir
+
+
 def launch(
     worker_config: dict[str, Any],
     *,
@@ -66,11 +91,15 @@ def launch(
     run_name: str,
     storage_path: str,
     resume: bool,
-    progress_file: Path | None = None,
+    start_if_missing: bool = False,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Outcome:
-    """Run `train_worker` on a TorchTrainer and wait; raises if the run fails after its retries."""
-    import fsspec
+    """Run `train_worker` on a TorchTrainer and wait; raises if the run fails after its retries.
+
+    Rank 0 writes `progress.json` into the run's directory under `storage_path`, which every node of a cluster
+    shares (Ray Train needs that for checkpoints too), and `on_progress` is fed from it here on the driver.
+    """
+    storage_path, run_dir = plan_run(storage_path, run_name, resume, start_if_missing)  # before Ray starts
 
     from pipelines.runtime import check_gpus_available, ensure_ray
 
@@ -80,15 +109,8 @@ def launch(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).resolve())
-    fs, root = fsspec.core.url_to_fs(storage_path)
-    run_dir = f"{root.rstrip('/')}/{run_name}"
-    if fs.exists(run_dir) and not resume:
-        raise UserError(f"a training run named {run_name!r} already exists in {storage_path}: pass --resume to "
-                        "continue it, or --name NAME for a new run")  # fmt: skip
-    config = dict(worker_config, run_dir=fs.unstrip_protocol(run_dir) if "://" in storage_path else run_dir,
-                  progress_file=str(progress_file) if progress_file else None)  # fmt: skip
+    progress_url = f"{run_dir}/{PROGRESS_FILE}"
+    config = dict(worker_config, run_dir=run_dir, progress_url=progress_url)
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
@@ -103,8 +125,8 @@ def launch(
     )  # fmt: skip
     stop = threading.Event()
     watcher = None
-    if progress_file and on_progress:
-        watcher = threading.Thread(target=_watch, args=(Path(progress_file), on_progress, stop), daemon=True)
+    if on_progress:
+        watcher = threading.Thread(target=_watch, args=(progress_url, on_progress, stop), daemon=True)
         watcher.start()
     try:
         result = trainer.fit()
@@ -112,8 +134,9 @@ def launch(
         stop.set()
         if watcher:
             watcher.join(timeout=5)
-    if progress_file and on_progress and Path(progress_file).exists():
-        on_progress(json.loads(Path(progress_file).read_text()))
+    final = read_progress(progress_url) if on_progress else None
+    if on_progress and final is not None:
+        on_progress(final)
     if getattr(result, "error", None):
         raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
     if result.checkpoint is None:
@@ -121,16 +144,35 @@ def launch(
     return Outcome(result.checkpoint, dict(result.metrics or {}))
 
 
-def _watch(path: Path, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
+def read_progress(url: str) -> dict[str, Any] | None:
+    """Rank 0's last progress record, or None while there is none (or it is being rewritten)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "r") as handle:
+            return json.loads(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _watch(url: str, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
     seen = None
     while not stop.wait(1.0):
-        try:
-            stamp = path.stat().st_mtime_ns
-            if stamp != seen:
-                seen = stamp
-                on_progress(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+        progress = read_progress(url)
+        if progress is not None and progress != seen:
+            seen = progress
+            on_progress(progress)
+
+
+def write_text(url: str, text: str) -> None:
+    """A small file on any fsspec path or URL, its folder created first (a no-op on object stores)."""
+    import posixpath
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, text.encode())
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -234,13 +276,30 @@ def train_worker(config: dict[str, Any]) -> None:
     run.close()
 
 
-def _save_final(directory: Path, loop: Any, task: Any, state: dict[str, Any], run: _RankZeroFiles, plan: Any) -> None:
-    from pipelines.tasks.train_loop import unwrap
+def save_model(task: Any, model: Any, directory: Path) -> None:
+    """Write the trained model with the task's saver (default: save_pretrained), gradient checkpointing off.
 
+    `grad_ckpt_layers` is a switch of the run that trained the model (memory for time), not part of its
+    architecture: a published config that kept it would turn it on in every later run built from it.
+    """
     save = getattr(task, "save_model", None)
     if save is None:
         from blip_models.checkpoints import save_pretrained as save
-    save(unwrap(loop.model), directory / "model")
+    config = getattr(model, "config", None)
+    if not getattr(getattr(config, "vision", None), "grad_ckpt_layers", 0):
+        save(model, directory)
+        return
+    model.config = config.replace(vision={"grad_ckpt_layers": 0})  # the config save_pretrained writes
+    try:
+        save(model, directory)
+    finally:
+        model.config = config
+
+
+def _save_final(directory: Path, loop: Any, task: Any, state: dict[str, Any], run: _RankZeroFiles, plan: Any) -> None:
+    from pipelines.tasks.train_loop import unwrap
+
+    save_model(task, unwrap(loop.model), directory / "model")
     dropped: dict[str, int] = {}
     for item in state["per_rank"]:
         for reason, count in item["dropped"].items():
@@ -268,6 +327,7 @@ class _RankZeroFiles:
         self.elapsed_before = 0.0
         self.tb_dir = Path(tempfile.mkdtemp(prefix="blip-tb-")) if rank == 0 else None
         self.writer = None
+        self.progress_failed = False
 
     def restore(self, directory: Path) -> None:
         if self.rank != 0:
@@ -283,11 +343,8 @@ class _RankZeroFiles:
     def start_attempt(self, step: int) -> None:
         if self.rank != 0:
             return
-        import fsspec
-
         marker = f"{self.config['run_dir']}/{ATTEMPTS_DIR}/{time.time_ns()}-{uuid.uuid4().hex[:6]}.json"
-        with fsspec.open(marker, "w", auto_mkdir=True) as handle:
-            handle.write(json.dumps({"start_step": step, "pid": os.getpid(), "time": time.time()}))
+        write_text(marker, json.dumps({"start_step": step, "pid": os.getpid(), "time": time.time()}))
 
     def attempts(self) -> int:
         import fsspec
@@ -309,11 +366,18 @@ class _RankZeroFiles:
             self.writer.add_scalar(f"train/{key}", value, step)
         self.last = dict(metrics)
         self.history.append({"step": step, **metrics, "_wall_s": round(self.wall_time(), 3)})
-        if self.config.get("progress_file"):
-            path = Path(self.config["progress_file"])
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps({"step": step, "total": total, **metrics}))
-            temporary.replace(path)
+        if self.config.get("progress_url"):
+            self.write_progress({"step": step, "total": total, **metrics})
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        """Best effort: the driver's progress bar is not worth a training run, so a failure is reported once."""
+        try:
+            write_text(self.config["progress_url"], json.dumps(progress))
+        except Exception as error:  # noqa: BLE001 - any storage error (OSError, a backend's own types)
+            if not self.progress_failed:
+                print(f"[train] cannot write progress to {self.config['progress_url']} ({error}); training goes on "
+                      "without it", file=sys.stderr)  # fmt: skip
+            self.progress_failed = True
 
     def save(self, directory: Path) -> None:
         if self.writer is not None:

@@ -142,10 +142,9 @@ def task_model_config(init_config: dict[str, Any], cfg: FinetuneConfig) -> dict[
     size = cfg.image_size or (TASK_IMAGE_SIZE[cfg.task] if config.vision.width >= 768 else config.vision.image_size)
     if size % config.vision.patch_size:
         raise ValueError(f"image_size {size} is not a multiple of the patch size {config.vision.patch_size}")
-    vision: dict[str, Any] = {"image_size": size}
-    if cfg.loop.grad_checkpointing:
-        vision["grad_ckpt_layers"] = config.vision.depth
-    return config_to_dict(config.replace(vision=vision))
+    # Gradient checkpointing from this run's switch alone, never inherited from the init model's config.
+    grad_ckpt_layers = config.vision.depth if cfg.loop.grad_checkpointing else 0
+    return config_to_dict(config.replace(vision={"image_size": size, "grad_ckpt_layers": grad_ckpt_layers}))
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -257,9 +256,9 @@ def run_finetune(
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     run_name = f"{stage}-{key[:12]}"
     started = now_utc()
-    # resume=True: a run of this key interrupted by a crash continues from its last checkpoint.
+    # A run of this key interrupted by a crash continues from its last checkpoint; otherwise a new run starts.
     outcome = _ray_train.launch(worker_config, scaling=cfg.scaling, run_name=run_name, storage_path=storage,
-                                resume=True, progress_file=work / f"{run_name}.progress.json", on_progress=on_progress)
+                                resume=True, start_if_missing=True, on_progress=on_progress)
     staging = work / "publish"
     if staging.exists():
         shutil.rmtree(staging)

@@ -288,6 +288,7 @@ def run_pretrain(
     registry: Any = None,
     init: str | None = None,
     resume: bool = False,
+    resume_if_present: bool = False,
     run_name: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     pid_dir: str | Path | None = None,
@@ -298,11 +299,13 @@ def run_pretrain(
     COCO (+ VG) pairs BLIP adds to the web data in both of its pretrainings (spec §3); each is a parent.
     `init` (a model ref, directory or .pth) overrides `cfg.init.checkpoint`. `resume=True` continues the Ray
     Train run of the same name from its last checkpoint; without it an existing run directory is an error.
+    `resume_if_present=True` (the flow's choice) continues a run of the same name when one exists and starts it
+    otherwise: the default name carries the cache key, so a found run was started from the same config and data.
     `pid_dir`: each training worker writes `rank{r}.pid` there (operations and the fault test).
     """
     from dataclasses import replace
 
-    from datasets_manifests.manifest import Producer, cache_key
+    from datasets_manifests.manifest import Producer
     from datasets_manifests.registry import Registry, now_utc
     from pipelines.tasks import _ray_train
     from pipelines.tasks.train_data import DataPlan, shards_of
@@ -313,15 +316,7 @@ def run_pretrain(
         raise ValueError(f"pretrain: a dataset version is given twice ({', '.join(d.ref for d in datasets)})")
     if init is not None:
         cfg = replace(cfg, init=InitConfig(checkpoint=init))
-    parents, init_source = list(datasets), None
-    if cfg.init.checkpoint:
-        init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
-        if init_manifest is not None:
-            parents.append(init_manifest)
-    elif cfg.init.vit_weights:
-        init_source = cfg.init.vit_weights
-
-    key = cache_key(STAGE, [p.id for p in parents], config_hash(cfg))
+    parents, init_source, key = lineage(registry, cfg, datasets)
     cached = registry.find_cached("model", cfg.output_name, key)
     if cached is not None:
         return cached
@@ -339,10 +334,9 @@ def run_pretrain(
     name = run_name or f"{STAGE}-{key[:12]}"
     config = worker_config(cfg, shards, init_source, pid_dir)
     started = now_utc()
-    outcome = _ray_train.launch(
-        config, scaling=cfg.scaling, run_name=name, storage_path=storage, resume=resume,
-        progress_file=work / f"{name}.progress.json", on_progress=on_progress,
-    )
+    outcome = _ray_train.launch(config, scaling=cfg.scaling, run_name=name, storage_path=storage,
+                                resume=resume or resume_if_present, start_if_missing=resume_if_present,
+                                on_progress=on_progress)  # fmt: skip
     staging = work / "publish"
     if staging.exists():
         shutil.rmtree(staging)
@@ -386,6 +380,25 @@ def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = No
         "pid_dir": str(pid_dir) if pid_dir else None,
         "find_unused_parameters": cfg.scaling.find_unused_parameters,
     }  # fmt: skip
+
+
+def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tuple[list[Any], str | None, str]:
+    """(parents, local path or URL of the initial weights, cache key) of a pretraining run.
+
+    An init that is a model version becomes a parent after the dataset versions, so the key (and with it the
+    published version) changes whenever the initial weights do; a file or directory is recorded by its path
+    in the config and by its sha256 in the metadata.
+    """
+    from datasets_manifests.manifest import cache_key
+
+    parents, init_source = list(datasets), None
+    if cfg.init.checkpoint:
+        init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
+        if init_manifest is not None:
+            parents.append(init_manifest)
+    elif cfg.init.vit_weights:
+        init_source = cfg.init.vit_weights
+    return parents, init_source, cache_key(STAGE, [p.id for p in parents], config_hash(cfg))
 
 
 def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:

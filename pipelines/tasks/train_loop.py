@@ -121,6 +121,18 @@ class MicroBatch:
     num_samples: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
+    def pin_memory(self) -> MicroBatch:
+        """A copy whose tensors are in page-locked memory, so that `.to(device, non_blocking=True)` overlaps.
+
+        torch's DataLoader (`pin_memory=True`) calls this on every object it yields that has the method; an
+        object without it would pass through unpinned and every host-to-device copy would be synchronous.
+        """
+        if self.batch is None:
+            return self
+        pinned = {key: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                  for key, value in self.batch.items()}  # fmt: skip
+        return MicroBatch(batch=pinned, num_samples=self.num_samples, dropped=self.dropped)
+
 
 # ---------------------------------------------------------------------------------------------- schedule
 
@@ -339,6 +351,7 @@ class TrainLoop:
         accum = self.optim_cfg.grad_accum
         last: dict[str, float] = {}
         window = _Window()
+        sample_gpu = self.device.type == "cuda"  # off for good after the first failed reading
         while self.state.step < self.total_steps:
             source = iter(batches(self.state.epoch, self.state.batches_in_epoch))
             while self.state.step < self.total_steps and self.state.batches_in_epoch < self.steps_per_epoch * accum:
@@ -346,7 +359,10 @@ class TrainLoop:
                 group = [next(source) for _ in range(accum)]
                 started = time.perf_counter()
                 metrics = self.train_step(group)
-                window.add(metrics, sum(m.num_samples for m in group), started - waited, time.perf_counter() - waited)
+                busy = gpu_utilisation(self.device) if sample_gpu else None
+                sample_gpu = busy is not None
+                window.add(metrics, sum(m.num_samples for m in group), started - waited, time.perf_counter() - waited,
+                           busy)  # fmt: skip
                 final = self.state.step >= self.total_steps
                 epoch_done = self.state.batches_in_epoch >= self.steps_per_epoch * accum
                 if epoch_done:  # move the data position before a checkpoint so a restore starts the next epoch
@@ -409,7 +425,7 @@ class TrainLoop:
 
 
 class _Window:
-    """Metrics averaged over the steps between two logs, plus throughput and data-wait fraction."""
+    """Metrics averaged over the steps between two logs, plus throughput, data-wait fraction and GPU busy."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -417,33 +433,45 @@ class _Window:
         self.samples = 0
         self.wait = 0.0
         self.total = 0.0
+        self.gpu_readings: list[float] = []
 
-    def add(self, metrics: dict[str, float], samples: int, wait: float, total: float) -> None:
+    def add(
+        self, metrics: dict[str, float], samples: int, wait: float, total: float, gpu_busy: float | None = None
+    ) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
         self.samples += samples
         self.wait += wait
         self.total += total
+        if gpu_busy is not None:
+            self.gpu_readings.append(gpu_busy)
 
     def summary(self, lr: float) -> dict[str, float]:
         out = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
         out["lr"] = lr
         out["samples_per_s"] = self.samples / self.total if self.total > 0 else 0.0
         out["data_wait_fraction"] = self.wait / self.total if self.total > 0 else 0.0
-        utilisation = gpu_utilisation()
-        if utilisation is not None:
-            out["gpu_utilisation"] = utilisation
+        if self.gpu_readings:  # absent (not 0) on CPU and where NVML cannot be read
+            out["gpu_utilisation"] = sum(self.gpu_readings) / len(self.gpu_readings)
         return out
 
 
-def gpu_utilisation() -> float | None:
-    """Percent busy of this process's GPU (needs pynvml); None on CPU or without it."""
-    if not torch.cuda.is_available():
+def gpu_utilisation(device: torch.device) -> float | None:
+    """NVML's percent busy of `device` (time with a kernel running) over the driver's last sample period.
+
+    The loop reads it once per optimiser step and averages the readings over the logging window: one reading at
+    log time would describe only the last 1/6 s to 1 s (the period depends on the GPU), not the window. A
+    step longer than that period is seen only through its tail, so data waits at a step's start may be
+    under-counted (`data_wait_fraction` measures them directly). A reading is a few NVML calls, small beside a
+    GPU step; readings stop for the run after the first failure.
+    None on CPU, without nvidia-ml-py (pynvml), or where NVML refuses (e.g. a container without access).
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
     try:
-        return float(torch.cuda.utilization())
-    except Exception:  # noqa: BLE001 - pynvml missing or no permission: leave the metric out
+        return float(torch.cuda.utilization(device))  # maps CUDA_VISIBLE_DEVICES (set by Ray) to NVML's index
+    except Exception:  # noqa: BLE001 - pynvml missing, no driver access, ...: leave the metric out
         return None
 
 

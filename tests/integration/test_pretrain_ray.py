@@ -58,7 +58,7 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
     from blip_models.checkpoints import from_pretrained
 
     registry, dataset = scenes
-    cfg = load_config(PretrainConfig, CONFIG, ["loop.epochs=100", "loop.max_steps=160", "loop.checkpoint_every=40",
+    cfg = load_config(PretrainConfig, CONFIG, ["loop.epochs=100", "loop.max_steps=200", "loop.checkpoint_every=40",
                                               "loop.log_every=20"])  # fmt: skip
     pid_dir, name = tmp_path / "pids", "kill-test"
     run_dir = registry.work_dir("train-runs") / name
@@ -85,7 +85,7 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
     manifest = outcome["manifest"]
 
     meta = manifest.metadata
-    assert meta["final_step"] == meta["planned_steps"] == 160
+    assert meta["final_step"] == meta["planned_steps"] == 200
     assert meta["restarts"] >= 1 and meta["restored_from_checkpoint"] >= 1
     assert manifest.parents == (dataset.ref,) and manifest.parent_ids == (dataset.id,)
     assert registry.children(dataset) == [manifest]
@@ -93,13 +93,26 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
     assert {"model/model.safetensors", "model/config.json", "metrics.json", "history.jsonl"} <= paths
     assert any(p.startswith("tensorboard/events.out.tfevents") for p in paths)
     assert manifest.drop_reasons.get("undecodable_image", 0) >= 1  # the corrupt sample, counted every epoch
+    # Every planned position was trained on or dropped exactly once: the restart replayed nothing and lost
+    # nothing (each rank's counts come back from the checkpoint; a refilled repeat counts as neither).
+    counts = manifest.counts
+    assert counts["samples_trained"] + counts["dropped"] == meta["final_step"] * meta["global_batch"]
 
     history = [json.loads(line) for line in registry.local_path(manifest, "history.jsonl").read_text().splitlines()]
-    assert [item["step"] for item in history] == list(range(20, 161, 20))  # no gap, no repeat across the restart
+    assert [item["step"] for item in history] == list(range(20, 201, 20))  # no gap, no repeat across the restart
     for loss in ("loss_itc", "loss_itm", "loss_lm"):
         assert window_mean(history[-3:], loss) < window_mean(history[:2], loss), loss
     model = from_pretrained(registry.local_path(manifest, "model/config.json").parent)
     assert type(model).__name__ == "BlipPretrain"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(registry.local_path(manifest, "metrics.json").parent / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"train/{name}" for name in ("loss", "loss_itc", "loss_itm", "loss_lm", "lr", "samples_per_s",
+                                         "data_wait_fraction")} <= tags, tags  # fmt: skip
+    assert "train/gpu_utilisation" not in tags  # CPU workers
+    assert sorted({event.step for event in events.Scalars("train/loss_itc")}) == list(range(20, 201, 20))
 
 
 def test_resume_equals_uninterrupted(ray_session: Any, scenes: tuple[Registry, Any]) -> None:
@@ -114,8 +127,10 @@ def test_resume_equals_uninterrupted(ray_session: Any, scenes: tuple[Registry, A
     torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1), for the same float reductions
     straight = run_local(worker_config(full, shards_of(registry, dataset)))
 
-    first = run_pretrain(half, dataset.ref, registry=registry, run_name="resume-test")
+    progress: list[dict[str, Any]] = []
+    first = run_pretrain(half, dataset.ref, registry=registry, run_name="resume-test", on_progress=progress.append)
     assert first.metadata["final_step"] == 10
+    assert progress[-1]["step"] == progress[-1]["total"] == 10  # rank 0's progress.json in the run's folder
     with pytest.raises(UserError, match="--resume"):
         run_pretrain(full, dataset.ref, registry=registry, run_name="resume-test")
     resumed = run_pretrain(full, dataset.ref, registry=registry, run_name="resume-test", resume=True)

@@ -194,6 +194,18 @@ def test_task_model_config_uses_task_image_size_for_base_and_keeps_tiny():
         task_model_config(tiny, FinetuneConfig(task="caption", image_size=36))
 
 
+def test_task_model_gradient_checkpointing_follows_the_finetune_switch_only():
+    """An init model whose config still says grad_ckpt_layers (an older version) does not switch it on here."""
+    from blip_models.checkpoints import config_to_dict
+    from blip_models.configuration_blip import preset
+    from pipelines.tasks.finetune import FinetuneConfig, FinetuneLoop, task_model_config
+
+    checkpointed = config_to_dict(preset("tiny").replace(vision={"grad_ckpt_layers": 2}))
+    assert task_model_config(checkpointed, FinetuneConfig(task="caption"))["vision"]["grad_ckpt_layers"] == 0
+    switched = FinetuneConfig(task="caption", loop=FinetuneLoop(grad_checkpointing=True))
+    assert task_model_config(config_to_dict(preset("tiny")), switched)["vision"]["grad_ckpt_layers"] == 2
+
+
 # ------------------------------------------------------------------------------------------------ the tasks
 
 

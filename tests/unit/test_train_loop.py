@@ -123,6 +123,16 @@ def test_resampled_plan_draws_full_epochs() -> None:
     assert plan.segments(0, 0) != plan.segments(1, 0) or plan.segments(0, 1) != plan.segments(1, 1)
 
 
+def test_resampled_stream_is_reproducible_and_resumes_exactly(shard_dir: Path) -> None:
+    plan = DataPlan(shards=refs(shard_dir), world_size=2, batch_size=4, seed=7, shuffle_buffer=10, resampled=True)
+    for rank in range(2):
+        full = keys_of(RankStream(plan, KeyTask(), rank, epoch=0))
+        assert len(full) == plan.samples_per_rank == 24
+        assert keys_of(RankStream(plan, KeyTask(), rank, epoch=0)) == full  # same draws after a restart
+        assert keys_of(RankStream(plan, KeyTask(), rank, epoch=0, skip=2)) == full[2 * 4:]
+    assert keys_of(RankStream(plan, KeyTask(), 0, 0)) != keys_of(RankStream(plan, KeyTask(), 0, 1))
+
+
 def test_stream_resume_continues_exactly_where_it_stopped(shard_dir: Path) -> None:
     plan = DataPlan(shards=refs(shard_dir), world_size=2, batch_size=4, seed=7, shuffle_buffer=10)
     for rank in range(2):
@@ -214,6 +224,7 @@ def test_tiny_blip_loss_falls(shard_dir: Path) -> None:
     loop.run(batches, on_log=lambda step, metrics: logged.append(metrics))
     assert len(logged) == 12 and loop.state.step == 12 and loop.state.epoch == 3
     assert {"loss_itc", "loss_itm", "loss_lm", "lr", "samples_per_s", "data_wait_fraction"} <= set(logged[0])
+    assert "gpu_utilisation" not in logged[0]  # absent on CPU, not 0
     first, last = sum(m["loss"] for m in logged[:3]) / 3, sum(m["loss"] for m in logged[-3:]) / 3
     assert math.isfinite(last) and last < first - 0.5
     assert loop.state.dropped.get("undecodable_image", 0) >= 1
@@ -255,24 +266,141 @@ def test_checkpoint_restore_is_exact(shard_dir: Path, tmp_path: Path) -> None:
     assert resumed.state.samples_seen == straight.state.samples_seen
 
 
+class LinearTask(KeyTask):
+    """y = w * x + b fitted to 1 on the sample numbers: a model small enough to compare exactly."""
+
+    def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
+        return {"x": int(raw["__key__"]) / 48}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"x": torch.tensor([[s["x"]] for s in samples])}
+
+    def loss(self, model: Any, batch: dict[str, Any], info: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = ((model(batch["x"]) - 1.0) ** 2).mean()
+        return loss, {"loss": loss.detach()}
+
+
+def linear_loop(shard_dir: Path, batch_size: int, grad_accum: int, **loop: Any) -> tuple[TrainLoop, Any]:
+    torch.manual_seed(0)
+    plan = DataPlan(shards=refs(shard_dir), world_size=1, batch_size=batch_size, grad_accum=grad_accum, seed=0,
+                    shuffle_buffer=8)  # fmt: skip
+    train = TrainLoop(LinearTask(), torch.nn.Linear(1, 1), OptimConfig(lr=1e-2, warmup_steps=0, grad_accum=grad_accum),
+                      LoopConfig(**{"epochs": 3, "log_every": 1, **loop}), plan.steps_per_epoch)  # fmt: skip
+    return train, lambda epoch, skip: epoch_loader(plan, LinearTask(), 0, epoch, skip)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(shard_dir: Path) -> None:
+    """Micro-batch 4 x 2 accumulated == batch 8: the same samples per step, the same mean gradient."""
+    runs = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        train, batches = linear_loop(shard_dir, batch_size, accum)
+        train.run(batches)
+        runs.append(train)
+    single, accumulated = runs
+    assert single.state.step == accumulated.state.step == 3 * 48 // 8
+    assert single.state.samples_seen == accumulated.state.samples_seen == 3 * 48
+    assert accumulated.state.epoch == 3 and accumulated.state.batches_in_epoch == 0
+    for expected, actual in zip(single.model.parameters(), accumulated.model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7)
+
+
+def test_gpu_utilisation_is_read_every_step_and_averaged_per_log_window(
+    shard_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.tasks import train_loop
+
+    readings = iter([10.0, 30.0, 50.0, 90.0])
+    monkeypatch.setattr(train_loop, "gpu_utilisation", lambda device: next(readings))
+    monkeypatch.setattr(train_loop, "_to_device", lambda batch, device: batch)  # the "GPU" is the CPU here
+    train, batches = linear_loop(shard_dir, 8, 1, log_every=2, max_steps=4, precision="fp32")
+    train.device = torch.device("cuda")
+    logged: list[dict[str, float]] = []
+    train.run(batches, on_log=lambda step, metrics: logged.append(metrics))
+    assert [m["gpu_utilisation"] for m in logged] == [20.0, 70.0]
+
+    train, batches = linear_loop(shard_dir, 8, 1, log_every=2, max_steps=4, precision="fp32")
+    train.device = torch.device("cuda")
+    monkeypatch.setattr(train_loop, "gpu_utilisation", lambda device: None)  # e.g. NVML not readable
+    logged.clear()
+    train.run(batches, on_log=lambda step, metrics: logged.append(metrics))
+    assert len(logged) == 2 and not any("gpu_utilisation" in m for m in logged)
+
+
+def test_gpu_utilisation_reads_nvml_only_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynvml
+
+    from pipelines.tasks.train_loop import gpu_utilisation
+
+    assert gpu_utilisation(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_utilisation(torch.device("cpu")) is None  # a CPU worker on a GPU node reports no GPU's load
+    # NVML as torch.cuda.utilization calls it (pynvml = nvidia-ml-py), faked: device 0 is 63 % busy.
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: f"handle{index}")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates",
+                        lambda handle: type("Rates", (), {"gpu": 63 if handle == "handle0" else 0})())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_utilisation(torch.device("cuda:0")) == 63.0
+
+    def no_driver() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert gpu_utilisation(torch.device("cuda:0")) is None
+
+
+def test_micro_batches_pin_their_tensors_for_the_data_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader(pin_memory=True) pins what it yields through the object's own `pin_memory()`; a MicroBatch
+    without one would reach `.to(device, non_blocking=True)` unpinned, i.e. as a synchronous copy."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pin_memory  # what DataLoader calls
+
+    from pipelines.tasks.train_loop import MicroBatch
+
+    micro = MicroBatch(batch={"image": torch.zeros(2, 3), "captions": ["a", "b"]}, num_samples=2, dropped={"x": 1})
+    if torch.cuda.is_available():
+        assert loader_pin_memory(micro).batch["image"].is_pinned()
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args: pinned.append(tensor) or tensor.clone())
+    result = loader_pin_memory(micro)
+    assert isinstance(result, MicroBatch) and len(pinned) == 1 and pinned[0] is micro.batch["image"]
+    assert result.batch["image"] is not micro.batch["image"] and result.batch["captions"] == ["a", "b"]
+    assert (result.num_samples, result.dropped) == (2, {"x": 1})
+    empty = MicroBatch(batch=None, num_samples=0)
+    assert loader_pin_memory(empty) is empty
+
+
 # ---------------------------------------------------------------------------------------------- initialisation
 
 
 def test_init_from_imagenet_vit_weights_reports_what_did_not_fit(tmp_path: Path) -> None:
-    from blip_models.configuration_blip import preset
-    from blip_models.vit import VisionTransformer
+    """A timm ImageNet ViT's own state dict (here a small one with the tiny preset's dims) loads by key name."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     torch.manual_seed(5)
-    vit = VisionTransformer(preset("tiny").vision)
-    state = {**vit.state_dict(), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}  # timm ImageNet head
-    torch.save(state, tmp_path / "vit_in1k.pth")
+    vit = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)  # the tiny preset
+    torch.save(vit.state_dict(), tmp_path / "vit_in1k.pth")
     task = pretrain_task()
     task.init = dataclasses.replace(task.init, vit_weights=str(tmp_path / "vit_in1k.pth"))
     model = task.build_model()
     assert task.init_report["from"] == "imagenet_vit"
     assert sorted(task.init_report["unexpected"]) == ["head.bias", "head.weight"] and not task.init_report["missing"]
     assert torch.equal(model.visual_encoder.pos_embed, vit.pos_embed)
+    assert torch.equal(model.visual_encoder.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
     assert torch.equal(model.visual_encoder_m.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+
+def test_base_vit_has_the_key_names_and_shapes_of_timm_vit_base_patch16_224() -> None:
+    """What `init.vit_weights` expects of a real ImageNet checkpoint, on the meta device (no memory, no init)."""
+    import timm
+
+    from blip_models.configuration_blip import preset
+    from blip_models.vit import VisionTransformer
+
+    with torch.device("meta"):
+        theirs = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()
+        ours = VisionTransformer(preset("base").vision).state_dict()
+    assert set(theirs) - set(ours) == {"head.weight", "head.bias"} and set(ours) <= set(theirs)
+    assert all(theirs[key].shape == ours[key].shape for key in ours)
 
 
 def test_init_from_a_saved_model(tmp_path: Path) -> None:

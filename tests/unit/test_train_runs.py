@@ -1,0 +1,162 @@
+"""The driver side of a training run without Ray: where a run lives (paths and URLs), resume checks, rank 0's
+progress file, the lineage of `--init`, and what a published model's config says."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipelines.tasks._ray_train import UserError, _RankZeroFiles, plan_run, read_progress
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def rank_zero(run_dir: str) -> _RankZeroFiles:
+    return _RankZeroFiles({"run_dir": run_dir, "progress_url": f"{run_dir}/progress.json"}, rank=0)
+
+
+@pytest.fixture
+def scenes(tmp_path: Path) -> tuple[Any, Any]:
+    """A registry holding one dataset version of 16 scene samples (one global batch of pretrain_tiny)."""
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.train_data import write_scene_shards
+
+    registry = Registry(tmp_path / "registry")
+    shards = write_scene_shards(tmp_path / "staging", num_shards=1, per_shard=16, image_size=32, seed=0)
+    files = [{"path": path, "role": "shard", "split": "train", "num_samples": n} for path, n in shards]
+    dataset = registry.publish(kind="dataset", name="scenes", staging_dir=tmp_path / "staging",
+                               producer=Producer(stage="test"), files=files)  # fmt: skip
+    return registry, dataset
+
+
+# ---------------------------------------------------------------------------------------------- where a run lives
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_url_storage_paths_keep_their_protocol_through_the_run_files(scheme: str, tmp_path: Path) -> None:
+    storage = f"memory://runs-{uuid.uuid4().hex[:8]}" if scheme == "memory" else f"file://{tmp_path}/runs"
+    storage_path, run_dir = plan_run(storage, "run-a", resume=False)
+    assert storage_path == storage and run_dir.startswith(f"{scheme}://") and run_dir.endswith("/run-a")
+    files = rank_zero(run_dir)
+    files.start_attempt(0)
+    assert files.attempts() == 1
+    files.write_progress({"step": 3, "total": 10})
+    assert read_progress(f"{run_dir}/progress.json") == {"step": 3, "total": 10}
+    if scheme == "file":
+        assert len(list((tmp_path / "runs" / "run-a" / "blip_attempts").glob("*.json"))) == 1
+    with pytest.raises(UserError, match="already exists"):
+        plan_run(storage, "run-a", resume=False)
+    assert plan_run(storage, "run-a", resume=True)[1] == run_dir
+
+
+def test_a_relative_storage_path_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert plan_run("runs", "x", resume=False) == (str(tmp_path / "runs"), str(tmp_path / "runs" / "x"))
+
+
+def test_resuming_a_run_that_does_not_exist_is_an_error_unless_asked_to_start_it(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no training run named 'gone' .* leave out --resume to start it fresh"):
+        plan_run(str(tmp_path), "gone", resume=True)
+    # finetuning's resume-if-present: a crashed run of the same key continues, a missing one starts
+    assert plan_run(str(tmp_path), "gone", resume=True, start_if_missing=True)[1] == str(tmp_path / "gone")
+
+
+def test_blip_train_resume_of_an_unknown_run_is_one_line_before_ray_starts(
+    scenes: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pipelines.runtime
+    from pipelines.cli import main
+
+    def no_ray(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipelines.runtime, "ensure_ray", no_ray)
+    registry, dataset = scenes
+    code = main(["train", "pretrain_tiny", "--dataset", dataset.ref, "--resume", "--name", "never-ran",
+                 "--registry", registry.url, "--no-progress"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.startswith("blip train: error: there is no training run named 'never-ran'") and "--resume" in error
+
+
+# ---------------------------------------------------------------------------------------------- rank 0's progress
+
+
+def test_progress_goes_to_a_missing_folder_and_a_failure_never_stops_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = rank_zero(str(tmp_path / "not" / "yet" / "there"))
+    files.log(1, {"loss": 2.0}, total=10)  # the folder is created
+    assert read_progress(str(tmp_path / "not/yet/there/progress.json")) == {"step": 1, "total": 10, "loss": 2.0}
+    files.close()
+
+    (tmp_path / "a-file").write_text("")
+    files = rank_zero(str(tmp_path / "a-file" / "run"))  # a folder that cannot be made
+    for step in (1, 2):
+        files.log(step, {"loss": 1.0}, total=10)
+    files.close()
+    assert [item["step"] for item in files.history] == [1, 2]  # training bookkeeping went on
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot write progress" in line]
+    assert len(warnings) == 1
+
+
+# ---------------------------------------------------------------------------------------------- lineage and config
+
+
+def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
+    scenes: tuple[Any, Any], tmp_path: Path
+) -> None:
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_pretrain import BlipPretrain
+    from datasets_manifests.manifest import Producer
+    from pipelines.config import load_config
+    from pipelines.tasks.pretrain import InitConfig, PretrainConfig, lineage
+
+    registry, dataset = scenes
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_pretrained(BlipPretrain(preset("tiny")), tmp_path / f"init{seed}" / "model")
+        versions.append(registry.publish(kind="model", name="tiny-init", staging_dir=tmp_path / f"init{seed}",
+                                         producer=Producer(stage="test"),
+                                         files=[{"path": "model/model.safetensors", "role": "weights"},
+                                                {"path": "model/config.json", "role": "config"}]))  # fmt: skip
+    cfg = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml")
+    parents, source, scratch_key = lineage(registry, cfg, [dataset])
+    assert parents == [dataset] and source is None
+
+    first = dataclasses.replace(cfg, init=InitConfig(checkpoint=versions[0].ref))
+    parents, source, first_key = lineage(registry, first, [dataset])
+    assert [p.id for p in parents] == [dataset.id, versions[0].id]
+    assert source is not None and (Path(source) / "config.json").is_file()
+    latest = dataclasses.replace(cfg, init=InitConfig(checkpoint="tiny-init"))  # resolves to the second version
+    parents, _, latest_key = lineage(registry, latest, [dataset])
+    assert parents[-1].id == versions[1].id
+    assert len({scratch_key, first_key, latest_key}) == 3
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="no-such-model")), [dataset])
+
+
+def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) -> None:
+    """A training-time switch: the run trains with it, the model version it publishes is built without it."""
+    from blip_models.checkpoints import config_from_dict, from_pretrained, read_pretrained_config
+    from blip_models.modeling_pretrain import BlipPretrain
+    from pipelines.config import load_config
+    from pipelines.tasks._ray_train import save_model
+    from pipelines.tasks.pretrain import PretrainConfig, PretrainTask, worker_config
+
+    cfg = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml", ["loop.grad_checkpointing=true"])
+    model_config = worker_config(cfg, ())["task"]["kwargs"]["model_config"]
+    assert model_config["vision"]["grad_ckpt_layers"] == 2  # training checkpoints every block of the tiny ViT
+    model = BlipPretrain(config_from_dict(model_config))
+    save_model(PretrainTask(model_config, {}, {}), model, tmp_path / "model")
+    assert read_pretrained_config(tmp_path / "model")["config"]["vision"]["grad_ckpt_layers"] == 0
+    assert model.config.vision.grad_ckpt_layers == 2  # the trained model itself is left as it was
+    assert from_pretrained(tmp_path / "model").visual_encoder.grad_ckpt_from == 2  # no block checkpointed
