@@ -68,11 +68,11 @@ def plan_run(storage_path: str, run_name: str, resume: bool, start_if_missing: b
     is finetuning's resume-if-present (a crashed run of the same key continues, else a new one starts).
     Plain paths are made absolute; URLs (file://, s3://, memory://) keep their protocol.
     """
-    import fsspec
+    from datasets_manifests.filesystems import url_to_fs
 
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
-    fs, root = fsspec.core.url_to_fs(storage_path)
+    fs, root = url_to_fs(storage_path)  # an s3:// path without s3fs: one line with the install hint
     run_dir = f"{root.rstrip('/')}/{run_name}"
     exists = fs.exists(run_dir)
     if exists and not resume:
@@ -168,9 +168,9 @@ def write_text(url: str, text: str) -> None:
     """A small file on any fsspec path or URL, its folder created first (a no-op on object stores)."""
     import posixpath
 
-    import fsspec
+    from datasets_manifests.filesystems import url_to_fs
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, text.encode())
 
@@ -347,9 +347,9 @@ class _RankZeroFiles:
         write_text(marker, json.dumps({"start_step": step, "pid": os.getpid(), "time": time.time()}))
 
     def attempts(self) -> int:
-        import fsspec
+        from datasets_manifests.filesystems import url_to_fs
 
-        fs, root = fsspec.core.url_to_fs(f"{self.config['run_dir']}/{ATTEMPTS_DIR}")
+        fs, root = url_to_fs(f"{self.config['run_dir']}/{ATTEMPTS_DIR}")
         return len(fs.ls(root, detail=False)) if fs.exists(root) else 1
 
     def wall_time(self) -> float:
