@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip_models.med import BertLMHeadModel, BertModel, lm_loss, tie_encoder_decoder_weights
+from blip_models.med import BertLMHeadModel, BertModel, lm_loss, select_rows, tie_encoder_decoder_weights
 from blip_models.vit import VisionTransformer, interpolate_pos_embed
 from tests.unit._blip_tiny import micro_config
 
@@ -199,3 +199,19 @@ def test_width_scaled_init_keeps_image_features_apart_at_step_0():
     assert preset("small").vision.initializer_range == 0.08 and preset("base").vision.initializer_range == 0.02
     assert mean_cosine(0.02) > 0.95
     assert mean_cosine(0.08) < mean_cosine(0.02) - 0.1
+
+
+def test_select_rows_gradient_sums_repeated_picks_like_index_select():
+    """The one-hot backward of `select_rows` gives index_select's gradient (repeats summed, unpicked rows zero),
+    in float64 to rounding and checked numerically, and without autograd it is a plain index_select."""
+    torch.manual_seed(0)
+    source = torch.randn(5, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 3, 3, 1, 0, 0, 3])  # row 2 and 4 never picked, rows 0 and 3 picked several times
+    upstream = torch.randn(7, 3, 4, 2, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((select_rows(source, index) * upstream).sum(), source)
+    (reference,) = torch.autograd.grad((source.index_select(0, index) * upstream).sum(), source)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    assert ours[2].abs().max() == 0 and ours[4].abs().max() == 0
+    assert torch.autograd.gradcheck(lambda s: select_rows(s, index), (source,))
+    with torch.no_grad():
+        torch.testing.assert_close(select_rows(source, index), source.index_select(0, index), rtol=0, atol=0)
