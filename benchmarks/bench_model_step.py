@@ -19,7 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
+
+# The project from a plain checkout too (the lent GPU machine has no install of it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_bench_options import add_options, autocast, resolve, synchronize
 
