@@ -22,11 +22,13 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -75,6 +77,7 @@ def build(registry, args):
         models.append(registry.publish(kind="model", name=name, staging_dir=directory, producer=Producer(stage="bench"),
                                        files=[{"path": "model.safetensors", "role": "weights"},
                                               {"path": "config.json", "role": "config"}]))  # fmt: skip
+    shutil.rmtree(staging, ignore_errors=True)  # published: the registry holds its own copy
     return dataset, models[0], models[1]
 
 
@@ -189,10 +192,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     batch_size = args.batch_size or (64 if args.device == "cuda" else 8)
     from datasets_manifests.registry import Registry
-    from pipelines.runtime import ensure_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     registry = Registry(tempfile.mkdtemp(prefix="bench-capfilt-registry-"))
+    try:
+        return measure(registry, args, batch_size)
+    finally:  # generated corpus, models and the bootstrapped version: nothing to keep (up to ~1 GB with base)
+        shutil.rmtree(registry.root, ignore_errors=True)
+
+
+def measure(registry: Any, args: argparse.Namespace, batch_size: int) -> int:
+    from pipelines.runtime import ensure_ray
+
     dataset, captioner, filter_model = build(registry, args)
     ray_began = time.perf_counter()
     ensure_ray(num_cpus=os.cpu_count())

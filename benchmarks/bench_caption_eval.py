@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
         "note": "both timings include the model load of caption_rows (one per call, as each Ray task does)",
     }, indent=2))  # fmt: skip
+    shutil.rmtree(root, ignore_errors=True)  # generated images and model: nothing to keep
 
 
 if __name__ == "__main__":

@@ -316,6 +316,29 @@ def _save_final(directory: Path, loop: Any, task: Any, state: dict[str, Any], ru
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
+TB_PREFIX = "blip-tb-"
+
+
+def remove_orphaned_event_dirs(directory: str | None = None) -> int:
+    """Remove the local TensorBoard folders of training workers that no longer run (killed before `close`).
+
+    A folder is `blip-tb-<pid>-<random>`; it is removed only when no process has that pid (a live process with
+    the same pid, even an unrelated one, keeps it). Returns how many were removed."""
+    removed = 0
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{TB_PREFIX}*-*"):
+        pid_text = path.name[len(TB_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        except PermissionError:  # another user's live process
+            continue
+    return removed
+
+
 class _RankZeroFiles:
     """Rank 0's side files: TensorBoard events, metric history, progress, attempt markers."""
 
@@ -325,7 +348,11 @@ class _RankZeroFiles:
         self.last: dict[str, float] = {}
         self.started = time.time()
         self.elapsed_before = 0.0
-        self.tb_dir = Path(tempfile.mkdtemp(prefix="blip-tb-")) if rank == 0 else None
+        if rank == 0:
+            remove_orphaned_event_dirs()
+        # Events are written locally (TensorBoard appends to open files, which object stores cannot) and copied
+        # into each checkpoint. The pid in the name lets a later run remove the folder of a killed worker.
+        self.tb_dir = Path(tempfile.mkdtemp(prefix=f"{TB_PREFIX}{os.getpid()}-")) if rank == 0 else None
         self.writer = None
         self.progress_failed = False
 

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from pipelines.tasks._ray_train import UserError, _RankZeroFiles, plan_run, read_progress
+from pipelines.tasks._ray_train import (
+    UserError,
+    _RankZeroFiles,
+    plan_run,
+    read_progress,
+    remove_orphaned_event_dirs,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -160,3 +166,26 @@ def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) ->
     assert read_pretrained_config(tmp_path / "model")["config"]["vision"]["grad_ckpt_layers"] == 0
     assert model.config.vision.grad_ckpt_layers == 2  # the trained model itself is left as it was
     assert from_pretrained(tmp_path / "model").visual_encoder.grad_ckpt_from == 2  # no block checkpointed
+
+
+def test_event_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path):
+    """A worker killed before `close` leaves its local TensorBoard folder; the next run's rank 0 removes it."""
+    import os
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # that process has exited: nothing runs under its pid (unless reused)
+    orphan = tmp_path / f"blip-tb-{dead_pid}-abc123"
+    live = tmp_path / f"blip-tb-{os.getpid()}-def456"
+    unrelated = tmp_path / "blip-tb-notapid"
+    for folder in (orphan, live, unrelated):
+        folder.mkdir()
+        (folder / "events.out.tfevents.1").write_bytes(b"x")
+    try:
+        os.kill(dead_pid, 0)
+        pytest.skip(f"pid {dead_pid} was reused meanwhile")
+    except ProcessLookupError:
+        pass
+    assert remove_orphaned_event_dirs(str(tmp_path)) == 1
+    assert not orphan.exists() and live.exists() and unrelated.exists()
