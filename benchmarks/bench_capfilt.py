@@ -91,7 +91,7 @@ def run_ours(registry, dataset, captioner, filter_model, args, batch_size: int) 
         "compute": {"batch_size": batch_size, "num_actors": args.actors, "device": args.device,
                     "num_cpus_per_actor": 1.0 if gpu else 0.5, "decode_cpus": 1.0 if gpu else 0.25,
                     "num_gpus_per_actor": 1.0 / args.actors if gpu else 0.0,
-                    "dtype": "bfloat16" if gpu else "float32", "batches_per_decode_task": 1 if gpu else 2},
+                    "dtype": "bfloat16" if gpu else "float32"},
     }  # fmt: skip
     config = load_config(CapFiltConfig, overrides)
     began = time.perf_counter()

@@ -5,10 +5,11 @@ inference recipe (shared/docs/pipeline_anchors.md §2.9): a plain function for C
 models (`__init__` loads once per actor, `__call__` infers), `compute=ActorPoolStrategy(size=...)` and fractional
 `num_cpus` so a 2-CPU machine does not deadlock (shared/docs/orchestration.md §4.4).
 
-Rows are model batches, not samples: one row = a fixed slice `[start, start + batch_size)` of one input shard,
-holding the resized uint8 pixels of that slice (normalised on the device, 4x less object-store traffic than
-float32). A batch therefore never mixes shards and has the same composition in every run, which is what keeps
-resumed output byte-identical. Each actor measures its own time computing and time waiting for input, so the
+Decode tasks are input shards, each read once front to back; their rows are model batches, not samples: one
+row = a fixed slice `[start, start + batch_size)` of one input shard, holding the resized uint8 pixels of that
+slice (normalised on the device, 4x less object-store traffic than float32). A batch therefore never mixes
+shards and has the same composition in every run, which is what keeps resumed output byte-identical. Each
+actor measures its own time computing and time waiting for input, so the
 stage can report whether the accelerator was starved by JPEG decoding.
 """
 
@@ -27,49 +28,57 @@ import numpy as np
 from pipelines.tasks import capfilt, capfilt_models, webdata
 
 
-def decode_slice(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> dict[str, list[Any]]:
-    """Read samples [start, stop) of one shard; decode + resize the JPEGs; one output row per model batch."""
+def decode_shard(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> Iterator[dict[str, list[Any]]]:
+    """Read one input shard front to back; decode + resize its JPEGs; yield one row per model batch as it fills.
+
+    One sequential read per shard: a decode task that started mid-shard would have to walk the tar from byte 0
+    to its first sample (on an object store, downloading everything before it). The rows stream out (a Ray
+    Data generator task), so the actors start on a shard's first batch while the rest is being decoded."""
     import fsspec
-    from PIL import Image
 
     item = {name: batch[name][0] for name in batch}
-    start, stop, expected = int(item["start"]), int(item["stop"]), int(item["expected"])
-    began = time.perf_counter()
-    samples = []
+    expected, path = int(item["expected"]), str(item["path"])
+    chunk: list[tuple[str, dict[str, bytes]]] = []
+    start, began = 0, time.perf_counter()
     with fsspec.open(str(item["url"]), "rb") as handle:
-        last_slice = stop >= expected
-        for ordinal, key, members in webdata.iter_tar_samples(handle, start, None if last_slice else stop):
+        for ordinal, key, members in webdata.iter_tar_samples(handle):
             if ordinal >= expected:
-                raise ValueError(f"{item['path']}: more samples than the {expected} its manifest lists")
-            samples.append((ordinal, key, members))
-    if len(samples) != stop - start:
-        raise ValueError(f"{item['path']}: samples {start}..{stop - 1} expected, found {len(samples)}")
-    rows: dict[str, list[Any]] = {"shard_index": [], "start": [], "meta": [], "pixels": [], "decode_s": []}
-    for offset in range(0, len(samples), batch_size):
-        chunk = samples[offset : offset + batch_size]
-        keys, web_texts, errors, arrays = [], [], [], []
-        for _, key, members in chunk:
-            keys.append(key)
-            web_texts.append(members["txt"].decode("utf-8", "replace") if "txt" in members else None)
-            try:
-                if "jpg" not in members:
-                    raise ValueError("no .jpg member")
-                with Image.open(io.BytesIO(members["jpg"])) as image:
-                    # Resize((s, s), bicubic) of blip_models.processing.eval_transform, done in PIL on uint8.
-                    rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-                arrays.append(np.asarray(rgb, dtype=np.uint8))
-                errors.append(None)
-            except Exception as error:  # noqa: BLE001 - any undecodable image is a per-sample drop, with reason
-                errors.append(decode_error_detail(error))
-        pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)  # (n, S, S, 3)
-        rows["shard_index"].append(int(item["shard_index"]))
-        rows["start"].append(start + offset)
-        rows["meta"].append(json.dumps({"keys": keys, "web_texts": web_texts, "errors": errors}))
-        rows["pixels"].append(pixels.tobytes())
-        rows["decode_s"].append(0.0)
-    if rows["decode_s"]:
-        rows["decode_s"][0] = time.perf_counter() - began  # the whole slice's decode time, counted once
-    return rows
+                raise ValueError(f"{path}: more samples than the {expected} its manifest lists")
+            chunk.append((key, members))
+            if len(chunk) == batch_size:
+                yield decoded_batch(int(item["shard_index"]), start, chunk, image_size, time.perf_counter() - began)
+                start, chunk, began = start + len(chunk), [], time.perf_counter()
+    if chunk:
+        yield decoded_batch(int(item["shard_index"]), start, chunk, image_size, time.perf_counter() - began)
+        start += len(chunk)
+    if start != expected:
+        raise ValueError(f"{path}: {expected} samples expected (its manifest), found {start}")
+
+
+def decoded_batch(shard_index: int, start: int, chunk: list[tuple[str, dict[str, bytes]]], image_size: int,
+                  read_s: float) -> dict[str, list[Any]]:  # fmt: skip
+    """One model batch (samples `start`.. of a shard) as a one-row batch: keys, web texts, decode errors, pixels."""
+    from PIL import Image
+
+    began = time.perf_counter()
+    keys, web_texts, errors, arrays = [], [], [], []
+    for key, members in chunk:
+        keys.append(key)
+        web_texts.append(members["txt"].decode("utf-8", "replace") if "txt" in members else None)
+        try:
+            if "jpg" not in members:
+                raise ValueError("no .jpg member")
+            with Image.open(io.BytesIO(members["jpg"])) as image:
+                # Resize((s, s), bicubic) of blip_models.processing.eval_transform, done in PIL on uint8.
+                rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(rgb, dtype=np.uint8))
+            errors.append(None)
+        except Exception as error:  # noqa: BLE001 - any undecodable image is a per-sample drop, with reason
+            errors.append(decode_error_detail(error))
+    pixels = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)  # (n, S, S, 3)
+    return {"shard_index": [shard_index], "start": [start],
+            "meta": [json.dumps({"keys": keys, "web_texts": web_texts, "errors": errors})],
+            "pixels": [pixels.tobytes()], "decode_s": [read_s + time.perf_counter() - began]}  # fmt: skip
 
 
 def decode_error_detail(error: Exception) -> str:
@@ -232,7 +241,7 @@ def _result_row(row: dict[str, Any], meta: dict[str, Any], valid: list[int], cap
 
 def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], models: dict[str, dict[str, str]],
                  image_size: int) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Stream the decode -> caption -> filter pipeline over `items` (decode slices); yields one dict per model batch."""
+    """Stream the decode -> caption -> filter pipeline over `items` (one per shard); yields one dict per model batch."""
     from pipelines.config import to_dict
     from pipelines.runtime import check_gpus_available, ensure_ray
 
@@ -248,7 +257,7 @@ def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], mod
     compute = config.compute
     raw = to_dict(config)
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    dataset = dataset.map_batches(decode_slice, batch_size=1, batch_format="numpy", num_cpus=compute.decode_cpus,
+    dataset = dataset.map_batches(decode_shard, batch_size=1, batch_format="numpy", num_cpus=compute.decode_cpus,
                                   fn_kwargs={"image_size": image_size, "batch_size": compute.batch_size})  # fmt: skip
     actor_args = {"batch_size": 1, "batch_format": "numpy", "num_cpus": compute.num_cpus_per_actor,
                   "num_gpus": compute.num_gpus_per_actor or None,

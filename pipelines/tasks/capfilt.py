@@ -130,7 +130,6 @@ class ComputeConfig:
     num_gpus_per_actor: float = 0.0  # > 0 on GPU clusters (0.5 = two actors share a GPU, overlapping I/O)
     num_cpus_per_actor: float = 0.5  # fractional on small machines, or the pool starves the decode tasks
     decode_cpus: float = 0.5  # CPUs per decode task (JPEG decode + resize)
-    batches_per_decode_task: int = 4  # model batches one decode task produces (amortises tar seeking)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when num_gpus_per_actor > 0, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # model dtype on the device (bf16 on GPUs)
     torch_threads: int = 1  # intra-op threads per actor on CPU
@@ -148,7 +147,6 @@ class ComputeConfig:
         check_range("compute", "num_gpus_per_actor", self.num_gpus_per_actor, 0.0)
         check_range("compute", "num_cpus_per_actor", self.num_cpus_per_actor, 0.0)
         check_range("compute", "decode_cpus", self.decode_cpus, 0.0)
-        check_range("compute", "batches_per_decode_task", self.batches_per_decode_task, 1)
         check_range("compute", "torch_threads", self.torch_threads, 1)
         check_range("compute", "writer_threads", self.writer_threads, 1)
 
@@ -456,14 +454,10 @@ def marker_path(work: Path, shard: ShardPlan) -> Path:
     return work / "done" / (shard.path.replace("/", "__") + ".json")
 
 
-def decode_items(shards: list[ShardPlan], compute: ComputeConfig) -> list[dict[str, Any]]:
-    """Decode tasks: slices of `batches_per_decode_task` model batches, aligned on batch boundaries of a shard."""
-    step = compute.batch_size * compute.batches_per_decode_task
-    return [
-        {"shard_index": shard.index, "path": shard.path, "url": shard.url, "start": start,
-         "stop": min(start + step, shard.num_samples), "expected": shard.num_samples}
-        for shard in shards for start in range(0, shard.num_samples, step)
-    ]  # fmt: skip
+def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
+    """Decode tasks: one per non-empty shard, read once front to back (see `_ray_capfilt.decode_shard`)."""
+    return [{"shard_index": shard.index, "path": shard.path, "url": shard.url, "expected": shard.num_samples}
+            for shard in shards if shard.num_samples]  # fmt: skip
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
@@ -480,7 +474,7 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     began = time.perf_counter()
     with ThreadPoolExecutor(config.compute.writer_threads) as pool:
         futures = [pool.submit(finish_shard, work, s, [], config, refs) for s in shards if s.num_samples == 0]
-        items = decode_items(shards, config.compute)
+        items = decode_items(shards)
         for row in _ray_capfilt.run_pipeline(config, items, models, image_size) if items else ():
             results = json.loads(row["results"])
             if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode

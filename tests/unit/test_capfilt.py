@@ -177,13 +177,39 @@ def test_write_tar_is_deterministic(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_decode_items_align_on_batches():
+def test_decode_items_are_whole_shards():
     shard = capfilt.ShardPlan(0, "shards/train-000000.tar", "/x.tar", "train", 11)
     empty = capfilt.ShardPlan(1, "shards/train-000001.tar", "/y.tar", "train", 0)
-    compute = capfilt.ComputeConfig(batch_size=2, batches_per_decode_task=2)
-    items = capfilt.decode_items([shard, empty], compute)
-    assert [(i["start"], i["stop"]) for i in items] == [(0, 4), (4, 8), (8, 11)]
-    assert all(i["expected"] == 11 for i in items)
+    items = capfilt.decode_items([shard, empty])
+    assert items == [{"shard_index": 0, "path": "shards/train-000000.tar", "url": "/x.tar", "expected": 11}]
+
+
+def test_decode_shard_streams_fixed_batches_and_checks_the_count(tmp_path):
+    """One read of the shard, rows of `batch_size` consecutive samples (the last one short), in order; a shard
+    holding more or fewer samples than its manifest lists is an error naming it."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.tasks import _ray_capfilt
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(jpeg, "JPEG")
+    members = [(f"k{i}.{ext}", data) for i in range(5) for ext, data in (("jpg", jpeg.getvalue()), ("txt", b"t"))]
+    webdata.write_tar(tmp_path / "s.tar", members)
+
+    def rows(expected: int) -> list[dict]:
+        item = {"shard_index": 3, "path": "s.tar", "url": str(tmp_path / "s.tar"), "expected": expected}
+        batch = {name: np.array([value]) for name, value in item.items()}
+        return list(_ray_capfilt.decode_shard(batch, image_size=4, batch_size=2))
+
+    out = rows(5)
+    assert [(r["shard_index"][0], r["start"][0]) for r in out] == [(3, 0), (3, 2), (3, 4)]
+    assert [json.loads(r["meta"][0])["keys"] for r in out] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+    assert [len(r["pixels"][0]) for r in out] == [2 * 48, 2 * 48, 48] and all(r["decode_s"][0] >= 0 for r in out)
+    with pytest.raises(ValueError, match="s.tar: more samples than the 4"):
+        rows(4)
+    with pytest.raises(ValueError, match="s.tar: 6 samples expected .*found 5"):
+        rows(6)
 
 
 def test_cli_reports_unknown_inputs_in_one_line(tmp_path, capsys):
@@ -276,9 +302,9 @@ def test_undecodable_image_detail_is_reproducible(tmp_path):
     members = [("a.jpg", b"<html>not an image</html>"), ("a.txt", b"web a"), ("b.jpg", good.getvalue()),
                ("c.jpg", good.getvalue()[:40])]  # fmt: skip
     webdata.write_tar(tmp_path / "s.tar", members)
-    item = {"shard_index": 0, "path": "s.tar", "url": str(tmp_path / "s.tar"), "start": 0, "stop": 3, "expected": 3}
+    item = {"shard_index": 0, "path": "s.tar", "url": str(tmp_path / "s.tar"), "expected": 3}
     batch = {name: np.array([value]) for name, value in item.items()}
-    runs = [_ray_capfilt.decode_slice(batch, image_size=4, batch_size=4) for _ in range(2)]
+    runs = [next(_ray_capfilt.decode_shard(batch, image_size=4, batch_size=4)) for _ in range(2)]
     errors = [json.loads(rows["meta"][0])["errors"] for rows in runs]
     assert errors[0] == errors[1] and errors[0][1] is None
     unidentified = "decode_error: UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x..>"
