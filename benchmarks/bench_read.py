@@ -1,8 +1,13 @@
-"""Training-read throughput of our shards: webdataset + decode + BLIP train transforms vs raw tar iteration.
+"""Training-read throughput of our shards: webdataset + decode + BLIP train transforms vs raw tar iteration,
+and the walk of a rank's raw stream by our tar reader vs Python's tarfile side by side.
 
 One process (= per core). The transform is blip_models.processing.train_transform (RandomResizedCrop bicubic,
 flip, RandomAugment(2, 5), CLIP normalisation), as BLIP pretraining reads its data. The baseline is plain
 tar iteration (`pipelines.tasks.webdata.iter_tar`: bytes only, no decode), the ceiling of any reader.
+The walk: every DataLoader worker of a training rank reads the rank's whole raw stream (so the sample order
+does not depend on the number of workers) and decodes only its own micro-batches; `train_data.iter_tar_samples`
+(pipelines/tasks/tar_reader.py) against the same loop on `tarfile` in stream mode (the reader before it).
+`walk_cpu_vs_decode_8_workers`: the walk's CPU time per worker as a fraction of its decoding share with 8 workers.
 Prints one JSON object.
 """
 
@@ -15,6 +20,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def _make_shards(root: Path, n: int, size: int, per_shard: int) -> list[str]:
@@ -31,6 +37,37 @@ def _make_shards(root: Path, n: int, size: int, per_shard: int) -> list[str]:
             writer.write(f"s{i:07d}", {"jpg": buffer.getvalue(), "txt": caption.encode(),
                                        "json": json.dumps({"key": f"s{i:07d}"}).encode()})
     return [str(root / path) for path, _ in writer.shards]
+
+
+def walk(urls: list[str], tar_reader: bool) -> int:
+    """Samples of the stream, every member's bytes read (what a training worker does before choosing its own)."""
+    import tarfile
+
+    from pipelines.tasks.train_data import iter_tar_samples
+    from pipelines.tasks.webdata import split_key
+
+    if tar_reader:
+        return sum(1 for url in urls for _ in iter_tar_samples(url))
+    count = 0
+    for url in urls:
+        current = None
+        with open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    key = split_key(member.name)[0]
+                    count += key != current
+                    current = key
+                    tar.extractfile(member).read()
+    return count
+
+
+def best_rate(run: Callable[[], int], repeats: int = 3) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        count = run()
+        best = max(best, count / (time.perf_counter() - started))
+    return best
 
 
 def main() -> None:
@@ -65,12 +102,17 @@ def main() -> None:
             assert image.shape == (3, args.image_size, args.image_size)
             ours_count += 1
         ours_s = time.perf_counter() - started
+        walk_ours, walk_tarfile = best_rate(lambda: walk(urls, True)), best_rate(lambda: walk(urls, False))
     ours_rate, raw_rate = ours_count / ours_s, raw_count / raw_s
     print(json.dumps({
         "benchmark": "read", "samples": args.n, "stored_side": args.source_size, "crop": args.image_size,
         "transform": "blip_models.processing.train_transform", "processes": 1,
         "train_read_samples_per_s_per_core": round(ours_rate, 1), "raw_tar_samples_per_s": round(raw_rate, 1),
         "ratio_train_read_over_raw_tar": round(ours_rate / raw_rate, 4),
+        "walk_samples_per_s": round(walk_ours, 1), "walk_tarfile_samples_per_s": round(walk_tarfile, 1),
+        "walk_ratio_vs_tarfile": round(walk_ours / walk_tarfile, 2),
+        "walk_cpu_vs_decode_8_workers": round(8 * ours_rate / walk_ours, 3),
+        "walk_cpu_vs_decode_8_workers_tarfile": round(8 * ours_rate / walk_tarfile, 3),
     }))
 
 

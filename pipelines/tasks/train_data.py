@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import torch.utils.data
 
+from pipelines.tasks.tar_reader import iter_tar_members
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
 from pipelines.tasks.webdata import split_key
 
@@ -120,10 +121,8 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
     import fsspec
 
     index, current, sample = -1, None, {}
-    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
+    with fsspec.open(url, "rb") as handle:
+        for member in iter_tar_members(handle):
             key, extension = split_key(member.name)
             if key != current:
                 if index >= start and sample:
@@ -133,8 +132,7 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
                 if stop is not None and index >= stop:
                     return
             if index >= start:
-                extracted = tar.extractfile(member)
-                sample[extension] = extracted.read() if extracted else b""
+                sample[extension] = member.read()
         if index >= start and sample and (stop is None or index < stop):
             yield sample
 
