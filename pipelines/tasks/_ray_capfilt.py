@@ -9,8 +9,8 @@ Decode tasks are input shards, each read once front to back; their rows are mode
 row = a fixed slice `[start, start + batch_size)` of one input shard, holding the resized uint8 pixels of that
 slice (normalised on the device, 4x less object-store traffic than float32). A batch therefore never mixes
 shards and has the same composition in every run, which is what keeps resumed output byte-identical. Each
-actor measures its own time computing and time waiting for input, so the
-stage can report whether the accelerator was starved by JPEG decoding.
+actor measures its own time computing and time waiting for input, so the stage can report whether the
+accelerator was starved by JPEG decoding.
 """
 
 from __future__ import annotations
