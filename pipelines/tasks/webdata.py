@@ -6,7 +6,8 @@ basename, here `{key}.jpg` (RGB JPEG), `{key}.txt` (normalised caption) and `{ke
 Writers follow img2dataset/webdataset's TarWriter but write to a temporary name and rename when the shard is
 complete, and return the byte offset of every `.jpg` member's data so the index can point into the tar.
 Reading goes through `tar_reader` (a small header parser, ~30x faster than `tarfile`; no torch needed); a
-truncated or corrupt shard ends that shard's stream and is counted, never a crash. Caption cleaning is BLIP's `pre_caption` from blip_models.processing.
+truncated or corrupt shard ends that shard's stream and is counted, never a crash. Caption cleaning is BLIP's
+`pre_caption` from blip_models.processing.
 """
 
 from __future__ import annotations
@@ -72,28 +73,25 @@ def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") 
         yield current
 
 
-def iter_tar_samples(fileobj: Any, start: int = 0, stop: int | None = None) -> Any:
-    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar with ordinal in [start, stop).
+def iter_tar_samples(fileobj: Any) -> Any:
+    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar, in order.
 
     Members of one sample must be contiguous (webdataset's rule); a key seen again later is an error rather
-    than the silent duplicate ray#44068 describes. Skipped samples are seeked over, not read.
+    than the silent duplicate ray#44068 describes.
     """
     seen: set[str] = set()
     ordinal, current, members = -1, None, {}
     for member in iter_tar_members(fileobj):
         key, extension = split_key(member.name)
         if key != current:
-            if current is not None and start <= ordinal and (stop is None or ordinal < stop):
+            if current is not None:
                 yield ordinal, current, members
             if key in seen:
                 raise ValueError(f"tar member {member.name!r}: key {key!r} is not contiguous (duplicate sample)")
             seen.add(key)
             ordinal, current, members = ordinal + 1, key, {}
-            if stop is not None and ordinal >= stop:
-                return
-        if start <= ordinal:
-            members[extension] = member.read()
-    if current is not None and start <= ordinal and (stop is None or ordinal < stop):
+        members[extension] = member.read()
+    if current is not None:
         yield ordinal, current, members
 
 

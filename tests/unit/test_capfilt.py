@@ -152,13 +152,13 @@ def _tar_bytes(members):
     return buffer
 
 
-def test_iter_tar_samples_slices_and_rejects_split_keys():
+def test_iter_tar_samples_groups_members_and_rejects_split_keys():
     members = [(f"{k:03d}.{ext}", f"{k}{ext}".encode()) for k in range(5) for ext in ("jpg", "json", "txt")]
     assert webdata.count_tar_samples(_tar_bytes(members)) == 5
-    samples = list(webdata.iter_tar_samples(_tar_bytes(members), 1, 3))
-    assert [(o, k) for o, k, _ in samples] == [(1, "001"), (2, "002")]
-    assert samples[0][2] == {"jpg": b"1jpg", "json": b"1json", "txt": b"1txt"}
-    assert [k for _, k, _ in webdata.iter_tar_samples(_tar_bytes(members), 3)] == ["003", "004"]
+    samples = list(webdata.iter_tar_samples(_tar_bytes(members)))
+    assert [(o, k) for o, k, _ in samples] == [(0, "000"), (1, "001"), (2, "002"), (3, "003"), (4, "004")]
+    assert samples[1][2] == {"jpg": b"1jpg", "json": b"1json", "txt": b"1txt"}
+    assert samples[4][2] == {"jpg": b"4jpg", "json": b"4json", "txt": b"4txt"}
     split = members[:2] + members[3:6] + members[2:3]  # 000.txt after 001.*: not contiguous
     with pytest.raises(ValueError, match="not contiguous"):
         list(webdata.iter_tar_samples(_tar_bytes(split)))
