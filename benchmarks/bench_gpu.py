@@ -10,7 +10,10 @@ What a lent GPU machine can run without Ray or webdataset installed (it has torc
 * `capfilt`: what one CapFilt actor does per batch (`pipelines.tasks.capfilt_models`: nucleus caption with
   per-row seeds + ITM scores of web text and caption, models cast to bf16) for BLIP-base at 384 px, vs the naive
   baseline side by side: transformers' `BlipForConditionalGeneration.generate` then `BlipForImageTextRetrieval`
-  on the same (converted) weights. Random weights never emit [SEP], so both decode to `max_length`: the worst case.
+  on the same (converted) weights. Random weights never emit [SEP], so both decode to `max_length`: the worst case;
+  `--caption-ends OFFSET` makes [SEP] likely after the minimum length, so captions end at a trained captioner's
+  lengths. Beside the stage, the decoding loop is timed with and without dropping finished rows from the batch
+  (`capfilt_models.COMPACT_AT`), and the caption lengths are reported.
   `--compile` compiles the ViT blocks; `--fp8-vision` runs both ViTs' linears in FP8 (blip_models.float8). Also
   prints the decoding loop's top GPU kernels.
 * `retrieval`: one retrieval finetuning step (base 384 px, bf16) with image keys/values shared by the ITM pairs vs
@@ -55,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peaked-logits", action="store_true",
                         help="give the random captioner a trained model's peaked next-token distribution (LM-head bias "
                              "~N(0, 8^2)): its top-p nucleus then fits the top-64 probe instead of forcing a full sort")
+    parser.add_argument("--caption-ends", type=float, default=None, metavar="OFFSET",
+                        help="with --peaked-logits: [SEP]'s logit = the top token's + OFFSET, so captions end after the "
+                             "minimum length as a trained captioner's do (-3.5: ~17 tokens with the prompt on average, "
+                             "a few rows of a large batch reach max_length; COCO-style captions are ~10 words)")
     parser.add_argument("--compile", action="store_true",
                         help="regional torch.compile (blip_models.compilation.compile_blocks: every transformer block; "
                              "CapFilt: the ViT blocks only); warm-up includes the compilation")
@@ -240,6 +247,10 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
         with torch.no_grad():
             bias = captioner.text_decoder.cls.predictions.bias
             bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)).mul_(8.0).to(bias))
+            if args.caption_ends is not None:
+                bias[tokenizer.sep_token_id] = bias.max() + args.caption_ends
+    elif args.caption_ends is not None:
+        raise SystemExit("--caption-ends needs --peaked-logits (it is an offset from the peaked top token's logit)")
     if args.fp8_vision:
         from blip_models.float8 import quantize_vision_linears
 
@@ -259,7 +270,8 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     web = "a photo of a dog running on the beach with a ball"
     result: dict[str, Any] = {"model": args.preset, "image_size": size, "dtype": str(dtype).replace("torch.", ""),
                               "max_length": captioner_cfg.max_length, "compiled": args.compile,
-                              "peaked_logits": args.peaked_logits, "fp8_vision": args.fp8_vision, "ours": {}}  # fmt: skip
+                              "peaked_logits": args.peaked_logits, "caption_ends": args.caption_ends,
+                              "fp8_vision": args.fp8_vision, "ours": {}}  # fmt: skip
     if args.fp8_vision:
         result["fp8_vision_change"] = fp8_change
 
@@ -280,6 +292,7 @@ def bench_capfilt(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     pixels = torch.randn(int(best_batch), 3, size, size, device=device, dtype=dtype)
     result["where_time_goes"] = _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web,
                                                captioner_cfg, filter_cfg)  # fmt: skip
+    result["decoding_compaction"] = _compaction_side_by_side(device, captioner, tokenizer, pixels, captioner_cfg)
     result["gpu_busy_fraction"] = gpu_busy_fraction(device, lambda: run_batch(pixels, 0))
     keys = [f"k{i}" for i in range(pixels.shape[0])]
     result["decoding_top_kernels"] = top_kernels(device, lambda: caption_images(captioner, tokenizer, pixels, keys,
@@ -314,6 +327,34 @@ def _capfilt_split(device, captioner, filter_model, tokenizer, pixels, web, capt
              "filter_itm": filter_all - filter_vit}  # fmt: skip
     total = sum(parts.values())
     return {"batch": pixels.shape[0], "seconds": round(total, 4), **{k: round(v / total, 3) for k, v in parts.items()}}
+
+
+def _compaction_side_by_side(device, captioner, tokenizer, pixels, captioner_cfg) -> dict[str, Any]:
+    """The decoding loop of one batch with finished rows dropped from it (the default) vs kept to the end."""
+    import torch
+
+    from pipelines.tasks import capfilt_models
+
+    seeds = list(range(pixels.shape[0]))
+    prompt_ids = capfilt_models._prompt_ids(tokenizer, captioner_cfg.prompt).to(device)
+    with torch.no_grad():
+        embeds = captioner.visual_encoder(pixels)
+
+        def decode() -> Any:
+            return capfilt_models._sample_ids(captioner, tokenizer, embeds, prompt_ids, seeds, captioner_cfg)
+
+        ids = decode()
+        seconds = {}
+        default = capfilt_models.COMPACT_AT
+        for name, share in (("kept", 0.0), ("dropped", default), ("kept_again", 0.0), ("dropped_again", default)):
+            capfilt_models.COMPACT_AT = share
+            seconds[name] = timed(device, decode)
+        capfilt_models.COMPACT_AT = default
+    lengths = (ids != tokenizer.pad_token_id).sum(dim=1).float()  # prompt + caption + [SEP]
+    kept, dropped = min(seconds["kept"], seconds["kept_again"]), min(seconds["dropped"], seconds["dropped_again"])
+    return {"batch": len(seeds), "tokens_mean": round(float(lengths.mean()), 1), "tokens_max": int(lengths.max()),
+            "finished_rows_kept_s": round(kept, 4), "finished_rows_dropped_s": round(dropped, 4),
+            "speedup": round(kept / dropped, 3)}  # fmt: skip
 
 
 def _itm_probabilities(captioner, filter_model, tokenizer, config, device, dtype) -> Any:

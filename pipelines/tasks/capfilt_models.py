@@ -61,48 +61,67 @@ def _decoder_step(model: Any, image_embeds: Any) -> Any:
     builds it (no attention mask: prompt rows are never padded; the key/value cache carries the prefix)."""
 
     def step(new_tokens: Any, past: Any) -> tuple[Any, Any]:
-        output = model.text_decoder(new_tokens, encoder_hidden_states=image_embeds, past_key_values=past, use_cache=True)
+        # After the first step the cache holds every layer's image keys/values (rows as the cache's, which
+        # `sample_rows` may have compacted): the image embeddings are needed only to project them once.
+        embeds = image_embeds if past is None else None
+        output = model.text_decoder(new_tokens, encoder_hidden_states=embeds, past_key_values=past, use_cache=True)
         return output.logits[:, -1, :], output.past_key_values  # (N, V)
 
     return step
 
 
 CHECK_DONE_EVERY = 4  # decoding steps between host syncs on "every row has finished"
+COMPACT_AT = 0.5  # drop finished rows from the cache once no more than this share of its rows is still decoding
 
 
-def sample_rows(step: Any, input_ids: Any, generation: Any, uniforms: Any) -> Any:
+def sample_rows(step: Any, input_ids: Any, generation: Any, uniforms: Any, reorder: Any = None) -> Any:
     """Nucleus sampling where row i draws its t-th token with `uniforms[i, t]` (inverse CDF over the nucleus).
 
     Same logits processing as blip_models.generation.sample (repetition penalty, then min length, then top-k and
-    top-p); only the random draw differs: each row's uniforms come from that row's own seed, so a caption does
-    not depend on what else was in the batch. Returns (N, T) ids, pad after eos.
+    top-p); only the random draw differs: each row draws with its own seeded uniforms, so a caption does not
+    depend on what else was in the batch. Returns (N, T) ids, pad after eos.
 
     Whether every row has finished is asked of the device only every CHECK_DONE_EVERY steps (a host sync stalls
     the kernel queue once per step otherwise); the columns decoded after the last row finished are cut off, so
-    the output is the same as stopping at once.
+    the output is the same as stopping at once. With `reorder(past, index) -> past` (med.reorder_cache), the
+    finished rows leave the computation at those checks once at most COMPACT_AT of the decoded rows are still
+    open: each step reads every row's cached image keys/values (577 tokens x 12 layers for BLIP-base at 384 px),
+    so without compaction a batch decodes at full size until its longest caption ends. Halving the rows each time
+    keeps the copying below two steps' reads of the whole cache.
     """
     import torch
 
     from blip_models.generation import apply_min_length, apply_repetition_penalty
 
-    sequences, new_tokens, past = input_ids, input_ids, None  # (N, L0)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    count, prompt_length = input_ids.shape
+    output = input_ids.new_full((count, generation.max_length), generation.pad_token_id)
+    rows = torch.arange(count, device=input_ids.device)  # the output row of each decoded row
+    sequences, new_tokens, past = input_ids, input_ids, None  # (n, L0)
+    finished = torch.zeros(count, dtype=torch.bool, device=input_ids.device)
     steps_with_work = torch.zeros((), dtype=torch.long, device=input_ids.device)  # a prefix of the steps
     step_index = 0
-    while sequences.shape[1] < generation.max_length:
+    while prompt_length + step_index < generation.max_length:
         steps_with_work += (~finished).any()
-        logits, past = step(new_tokens, past)  # (N, V)
+        logits, past = step(new_tokens, past)  # (n, V)
         scores = apply_repetition_penalty(logits.float(), sequences, generation.repetition_penalty)
         scores = apply_min_length(scores, sequences.shape[1], generation.min_length, generation.eos_token_id)
-        next_token = nucleus_draw(scores, generation.top_p, uniforms[:, step_index], generation.top_k)  # (N,)
+        next_token = nucleus_draw(scores, generation.top_p, uniforms[:, step_index], generation.top_k)  # (n,)
         next_token = torch.where(finished, torch.full_like(next_token, generation.pad_token_id), next_token)
         sequences = torch.cat([sequences, next_token[:, None]], dim=1)
         finished = finished | (next_token == generation.eos_token_id)
         step_index += 1
-        if step_index % CHECK_DONE_EVERY == 0 and bool(finished.all()):
-            break
+        if step_index % CHECK_DONE_EVERY == 0:
+            still_open = int((~finished).sum())
+            if still_open == 0:
+                break
+            if reorder is not None and still_open < finished.shape[0] and still_open <= COMPACT_AT * finished.shape[0]:
+                done, keep = finished.nonzero().squeeze(1), (~finished).nonzero().squeeze(1)
+                output[rows[done], : sequences.shape[1]] = sequences[done]
+                rows, sequences, finished = rows[keep], sequences[keep], finished[keep]
+                uniforms, next_token, past = uniforms[keep], next_token[keep], reorder(past, keep)
         new_tokens = next_token[:, None]
-    return sequences[:, : input_ids.shape[1] + int(steps_with_work)]
+    output[rows, : sequences.shape[1]] = sequences
+    return output[:, : prompt_length + int(steps_with_work)]
 
 
 NUCLEUS_PROBE = 64  # top-k size that holds a trained captioner's nucleus in almost every step
@@ -240,7 +259,10 @@ def _sample_ids(model: Any, tokenizer: Any, embeds: Any, prompt_ids: Any, seeds:
                                   top_p=config.top_p, top_k=config.top_k, repetition_penalty=config.repetition_penalty,
                                   eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     uniforms = row_uniforms(seeds, config.max_length, embeds.device)
-    return sample_rows(_decoder_step(model, embeds), prompt_ids.repeat(len(seeds), 1), generation, uniforms)
+    from blip_models.med import reorder_cache
+
+    return sample_rows(_decoder_step(model, embeds), prompt_ids.repeat(len(seeds), 1), generation, uniforms,
+                       reorder=reorder_cache)  # fmt: skip
 
 
 def _decode(tokenizer: Any, ids: Any, config: CaptionerConfig) -> list[str]:

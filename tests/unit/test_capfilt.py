@@ -472,3 +472,38 @@ def test_sampling_checks_for_the_end_every_few_steps_with_the_same_output(monkey
     assert outputs[1].shape == (3, 2 + 6)  # stops right after the last row's eos
     assert torch.equal(outputs[4], outputs[1]) and torch.equal(outputs[5], outputs[1])
     assert outputs[1][2].tolist() == [30, 31, eos, pad, pad, pad, pad, pad]
+
+
+def test_finished_rows_leave_the_decoding_batch_with_the_same_captions(monkeypatch):
+    """Compacting the cache (finished rows dropped at the done-checks) changes no token of any row."""
+    import torch
+
+    from blip_models import med
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_caption import BlipCaption
+    from blip_models.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = BlipCaption(preset("tiny")).eval(), load_tokenizer()
+    with torch.no_grad():  # a trained captioner's habit: [SEP] becomes likely once past a few words
+        model.text_decoder.cls.predictions.bias[tokenizer.sep_token_id] = 2.0
+    config = capfilt.CaptionerConfig(num_captions=1, min_length=6, max_length=24)
+    pixels, keys = torch.randn(16, 3, 32, 32), [f"k{i}" for i in range(16)]
+    compactions, reorder_cache = {}, med.reorder_cache
+
+    def counting_reorder(past, index):
+        compactions[share].append(index.numel())  # rows kept
+        return reorder_cache(past, index)
+
+    monkeypatch.setattr(med, "reorder_cache", counting_reorder)
+    monkeypatch.setattr(capfilt_models, "CHECK_DONE_EVERY", 1)
+    captions = {}
+    for share in (0.0, 0.5, 1.0):  # 0.0: never compact; 1.0: at every check with a finished row
+        monkeypatch.setattr(capfilt_models, "COMPACT_AT", share)
+        compactions[share] = []
+        captions[share] = capfilt_models.caption_images(model, tokenizer, pixels, keys, config)
+    assert compactions[0.0] == [] and 1 <= len(compactions[0.5]) < len(compactions[1.0])
+    assert all(kept < 16 for kept in compactions[1.0]) and compactions[1.0] == sorted(compactions[1.0], reverse=True)
+    assert captions[0.5] == captions[0.0] and captions[1.0] == captions[0.0]
+    lengths = {len(caption[0].split()) for caption in captions[0.0]}
+    assert len(lengths) >= 3  # rows really ended at different steps
