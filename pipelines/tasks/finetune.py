@@ -216,7 +216,7 @@ def run_finetune(
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.config import ConfigError
     from pipelines.tasks import _ray_train
-    from pipelines.tasks.pretrain import _role
+    from pipelines.tasks.pretrain import _role, init_identity
     from pipelines.tasks.train_data import DataPlan, shards_of
 
     check_name(name)
@@ -226,7 +226,8 @@ def run_finetune(
     init_manifest, init_source = resolve_model_source(registry, init)
     parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
     stage = f"finetune-{cfg.task}"
-    key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else [init_source]), config_hash(cfg))
+    key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else init_identity(init_source)),
+                    config_hash(cfg))  # fmt: skip
     cached = registry.find_cached("model", name, key)
     if cached is not None:
         return cached

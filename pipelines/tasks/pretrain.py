@@ -386,19 +386,31 @@ def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tupl
     """(parents, local path or URL of the initial weights, cache key) of a pretraining run.
 
     An init that is a model version becomes a parent after the dataset versions, so the key (and with it the
-    published version) changes whenever the initial weights do; a file or directory is recorded by its path
-    in the config and by its sha256 in the metadata.
+    published version) changes whenever the initial weights do; a file or directory enters the key by the
+    sha256 of its weights (`init_identity`: new weights written over the same path are new work), and is
+    recorded by its path in the config and by that sha256 in the metadata.
     """
     from datasets_manifests.manifest import cache_key
 
-    parents, init_source = list(datasets), None
+    parents, init_source, outside = list(datasets), None, []
     if cfg.init.checkpoint:
         init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
         if init_manifest is not None:
             parents.append(init_manifest)
+        else:
+            outside = init_identity(init_source)
     elif cfg.init.vit_weights:
         init_source = cfg.init.vit_weights
-    return parents, init_source, cache_key(STAGE, [p.id for p in parents], config_hash(cfg))
+        outside = init_identity(init_source)
+    return parents, init_source, cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg))
+
+
+def init_identity(source: str) -> list[str]:
+    """What stands for initial weights from outside the registry in a cache key: the sha256 of a local file
+    (of model.safetensors in a directory), so a retrained file at the same path is not mistaken for the old one;
+    a URL (or a directory without model.safetensors) by itself."""
+    digest = _init_digest(source)
+    return [f"sha256:{digest}"] if digest else [source]
 
 
 def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:

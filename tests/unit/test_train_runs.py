@@ -4,6 +4,7 @@ progress file, the lineage of `--init`, and what a published model's config says
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,14 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
     assert len({scratch_key, first_key, latest_key}) == 3
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="no-such-model")), [dataset])
+    # A directory outside the registry: keyed by its weights, so new weights at the same path are new work.
+    outside = tmp_path / "outside"
+    shutil.copytree(registry.local_path(versions[0], "model/config.json").parent, outside)
+    by_path = dataclasses.replace(cfg, init=InitConfig(checkpoint=str(outside)))
+    parents, source, outside_key = lineage(registry, by_path, [dataset])
+    assert parents == [dataset] and source == str(outside) and outside_key == lineage(registry, by_path, [dataset])[2]
+    shutil.copy(registry.local_path(versions[1], "model/model.safetensors"), outside / "model.safetensors")
+    assert lineage(registry, by_path, [dataset])[2] not in {outside_key, first_key}
 
 
 def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) -> None:
