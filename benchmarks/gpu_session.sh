@@ -30,6 +30,11 @@ if [ -f .devcarry/ray/ray-min.tar.xz ]; then
 fi
 export PYTHONPATH=$PWD:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
+# The largest batches were sized on an H200 (141 GB): BLIP-base pretraining at batch 512 takes 90 GiB, CapFilt's
+# decoding at 2048 holds ~44 GB of image keys/values. On an 80 GB H100 the big parts run at half those batches.
+GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+TRAIN_BATCH=512 CAPFILT_BATCH=2048
+if [ "${GPU_MIB:-0}" -lt 120000 ]; then TRAIN_BATCH=256 CAPFILT_BATCH=1024; fi
 python3 -c "import torch, transformers, timm; print(torch.__version__, transformers.__version__, timm.__version__)"
 bench() {  # name, timeout seconds, bench_gpu.py arguments...
   local name=$1 limit=$2
@@ -49,12 +54,12 @@ GPU_BASE=(--device cuda --precision bf16 --image-size 384 --models base)
 run_part() {
   case $1 in
     capfilt_eager) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 512,1024 --capfilt-images 1024 ;;
-    capfilt_compiled) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile ;;
-    capfilt_ends) bench "$1" 180 --parts capfilt --peaked-logits --caption-ends -3.5 --capfilt-batches 2048 --capfilt-images 4096 --compile ;;
+    capfilt_compiled) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches 1024,$CAPFILT_BATCH --capfilt-images 2048 --compile ;;
+    capfilt_ends) bench "$1" 180 --parts capfilt --peaked-logits --caption-ends -3.5 --capfilt-batches $CAPFILT_BATCH --capfilt-images 4096 --compile ;;
     capfilt_fp8_compiled) bench "$1" 170 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile --fp8-vision ;;
     pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
-    pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch 512 --compile ;;
-    train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size 512 --compile --steps 40 --loader-workers 14 --samples 32768 ;;
+    pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch $TRAIN_BATCH --compile ;;
+    train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size $TRAIN_BATCH --compile --steps 40 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
     caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" "${VOCAB[@]}" --images-base 64 --repeats 2 ;;
