@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "~N(0, 8^2)): its top-p nucleus then fits the top-64 probe instead of forcing a full sort")
     parser.add_argument("--caption-ends", type=float, default=None, metavar="OFFSET",
                         help="with --peaked-logits: [SEP]'s logit = the top token's + OFFSET, so captions end after the "
-                             "minimum length as a trained captioner's do (-3.5: ~17 tokens with the prompt on average, "
+                             "minimum length as a trained captioner's do (-3.5: 15-17 tokens with the prompt on average, "
                              "a few rows of a large batch reach max_length; COCO-style captions are ~10 words)")
     parser.add_argument("--compile", action="store_true",
                         help="regional torch.compile (blip_models.compilation.compile_blocks: every transformer block; "

@@ -114,7 +114,8 @@ def sample_rows(step: Any, input_ids: Any, generation: Any, uniforms: Any, reord
             still_open = int((~finished).sum())
             if still_open == 0:
                 break
-            if reorder is not None and still_open < finished.shape[0] and still_open <= COMPACT_AT * finished.shape[0]:
+            decoding = finished.shape[0]  # rows in the batch now
+            if reorder is not None and still_open < decoding and still_open <= COMPACT_AT * decoding:
                 done, keep = finished.nonzero().squeeze(1), (~finished).nonzero().squeeze(1)
                 output[rows[done], : sequences.shape[1]] = sequences[done]
                 rows, sequences, finished = rows[keep], sequences[keep], finished[keep]
@@ -260,13 +261,12 @@ def _sample_ids(model: Any, tokenizer: Any, embeds: Any, prompt_ids: Any, seeds:
                 config: CaptionerConfig) -> Any:  # fmt: skip
     """Nucleus-sampled ids (rows, T), row r conditioned on embeds[r] and drawing with seeds[r]."""
     from blip_models.generation import GenerationConfig
+    from blip_models.med import reorder_cache
 
     generation = GenerationConfig(max_length=config.max_length, min_length=config.min_length, do_sample=True,
                                   top_p=config.top_p, top_k=config.top_k, repetition_penalty=config.repetition_penalty,
                                   eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     uniforms = row_uniforms(seeds, config.max_length, embeds.device)
-    from blip_models.med import reorder_cache
-
     return sample_rows(_decoder_step(model, embeds), prompt_ids.repeat(len(seeds), 1), generation, uniforms,
                        reorder=reorder_cache)  # fmt: skip
 
