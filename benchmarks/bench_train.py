@@ -37,15 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "pretrain_tiny.yaml"
 
 
-def steady_rate(history: list[dict]) -> float:
-    windows = history[1:] or history  # the first window holds start-up
-    return sum(item["samples_per_s"] for item in windows) / len(windows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("tiny", "base"), default="tiny", help="BlipConfig preset")
-    parser.add_argument("--image-size", type=int, default=None, help="pixels (default: the preset's, 32 / 224)")
+    parser.add_argument("--model", choices=("tiny", "base"), default="tiny", help="BlipConfig preset (CPU runs; --device cuda trains base)")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels (CPU runs; default: the preset's, 32 / 224)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch per worker")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -107,29 +102,29 @@ def gpu_main(args: argparse.Namespace) -> int:
     overrides = [f"loop.max_steps={args.steps}", "loop.epochs=1000", f"loop.log_every={max(1, args.steps // 6)}",
                  "loop.checkpoint_every=100000", f"data.batch_size={args.batch_size}",
                  f"data.loader_workers={args.loader_workers}", f"loop.compile={str(args.compile).lower()}",
-                 "data.shuffle_buffer=2000", "output_name=bench-gpu"]  # fmt: skip
+                 "data.shuffle_buffer=2000", "output_name=bench-gpu", "scaling.use_gpu=true"]  # fmt: skip
     out: dict[str, Any] = {"benchmark": "train_base_gpu", "device": torch.cuda.get_device_name(),
                            "torch": torch.__version__, "cpus": os.cpu_count(), "batch_size": args.batch_size,
                            "steps": args.steps, "loader_workers": args.loader_workers, "compiled": args.compile}
     try:
         began = time.perf_counter()
         shards = write_photo_shards(root / "staging", num_shards=16, per_shard=args.samples // 16)
-        out["data"] = {"samples": sum(n for _, n in shards), "generate_s": round(time.perf_counter() - began, 1),
-                       "mean_sample_kib": round(sum((root / "staging" / p).stat().st_size for p, _ in shards)
-                                                / max(1, sum(n for _, n in shards)) / 1024, 1)}  # fmt: skip
+        samples, tar_bytes = sum(n for _, n in shards), sum((root / "staging" / p).stat().st_size for p, _ in shards)
+        out["data"] = {"samples": samples, "generate_s": round(time.perf_counter() - began, 1),
+                       "mean_sample_kib": round(tar_bytes / max(1, samples) / 1024, 1)}
         config = CONFIG.with_name("pretrain_base.yaml")
         out["plain_loop"] = plain_run(Registry(root / "registry-plain"), root / "staging", shards,
-                                      [*overrides, "scaling.use_gpu=true"], config=config, device="cuda")  # fmt: skip
+                                      overrides, config=config, device="cuda")  # fmt: skip
         print(json.dumps(out), file=sys.stderr, flush=True)  # the plain figures, should the Ray run fail
         if args.no_ray or importlib.util.find_spec("ray") is None:
             out["ray_1_worker"] = "not run: " + ("--no-ray" if args.no_ray else "Ray is not installed here")
         else:
             from pipelines.runtime import ensure_ray
 
-            ensure_ray(num_cpus=os.cpu_count())
-            ray_overrides = [*overrides, "scaling.use_gpu=true", "scaling.gpus_per_worker=1",
+            ray_overrides = [*overrides, "scaling.gpus_per_worker=1",
                              f"scaling.cpus_per_worker={args.loader_workers + 1}"]  # fmt: skip
             try:
+                ensure_ray(num_cpus=os.cpu_count())
                 out["ray_1_worker"] = ray_run(Registry(root / "registry-1w"), root / "staging", shards, ray_overrides,
                                               1, config=config)  # fmt: skip
                 out["ray_overhead_ratio"] = round(out["ray_1_worker"]["samples_per_s"]
@@ -215,12 +210,12 @@ def plain_run(registry: Any, staging: Path, shards: list[tuple[str, int]], overr
 
 def steady(history: list[dict]) -> dict:
     """samples/s and, where logged, data-wait fraction and GPU busy, averaged over the steady windows."""
-    windows = history[1:] or history
-    out = {"samples_per_s": round(steady_rate(history), 3)}
-    for key in ("data_wait_fraction", "gpu_utilisation"):
+    windows = history[1:] or history  # the first window holds start-up
+    out = {}
+    for key, digits in (("samples_per_s", 3), ("data_wait_fraction", 4), ("gpu_utilisation", 4)):
         values = [item[key] for item in windows if key in item]
         if values:
-            out[key] = round(sum(values) / len(values), 4)
+            out[key] = round(sum(values) / len(values), digits)
     return out
 
 
