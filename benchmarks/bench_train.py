@@ -39,8 +39,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train" / "pretrain_t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("tiny", "base"), default="tiny", help="BlipConfig preset (CPU runs; --device cuda trains base)")
-    parser.add_argument("--image-size", type=int, default=None, help="pixels (CPU runs; default: the preset's, 32 / 224)")
+    parser.add_argument("--model", choices=("tiny", "base"), default="tiny",
+                        help="BlipConfig preset (CPU runs; --device cuda trains base)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="pixels (CPU runs; default: the preset's, 32 / 224)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch per worker")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
