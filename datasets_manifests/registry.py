@@ -261,6 +261,7 @@ class Registry:
         parents: Iterable[Manifest] = (),
         version: str | None = None,
         move: bool = True,
+        digests_from_writer: bool = False,
         **fields: Any,
     ) -> Manifest:
         """Publish the files of a local `staging_dir` as a new immutable version.
@@ -269,13 +270,17 @@ class Registry:
         missing). `fields` are the other Manifest fields (counts, drop_reasons, stats, splits, ...).
         On a local registry `move=True` hard-links the staged files into place (no copy) and removes them from
         `staging_dir` after the commit; `move=False` copies them and leaves `staging_dir` alone.
+        `digests_from_writer=True`: entries that carry sha256 and bytes got them from the process that wrote the
+        file, hashing the bytes as it wrote them (CapFilt's writer tasks); they are checked by size here, not read
+        again, which would pass every byte of a large dataset through this one process. `blip data verify REF`
+        recomputes every digest of a published version.
         """
         check_name(name)
         if version is not None and not _VERSION_NAME_RE.match(version):
             raise RegistryError(f"invalid version {version!r}: use letters, digits, '.', '_' and '-' (e.g. v3)")
         staging = Path(staging_dir)
         parents = list(parents)
-        entries = [self._entry(staging, item) for item in files]
+        entries = [self._entry(staging, item, digests_from_writer) for item in files]
         paths = [entry.path for entry in entries]
         if len(set(paths)) != len(paths):
             raise RegistryError(f"{name}: duplicate file paths in publish list")
@@ -305,7 +310,7 @@ class Registry:
             self._publish_remote(manifest, staging, target)
         return manifest
 
-    def _entry(self, staging: Path, item: FileEntry | dict[str, Any]) -> FileEntry:
+    def _entry(self, staging: Path, item: FileEntry | dict[str, Any], digests_from_writer: bool = False) -> FileEntry:
         entry = item if isinstance(item, FileEntry) else None
         data = dict(item) if isinstance(item, dict) else {}
         relpath = entry.path if entry else data.get("path")
@@ -316,7 +321,13 @@ class Registry:
         local = staging / relpath
         if not local.is_file():
             raise RegistryError(f"staged file missing: {local}")
-        digest, size = sha256_file(local)
+        given = (entry.sha256, entry.bytes) if entry else (data.get("sha256"), data.get("bytes"))
+        if digests_from_writer and given[0] and given[1] is not None:
+            digest, size = str(given[0]), local.stat().st_size
+            if size != given[1]:
+                raise RegistryError(f"staged file {relpath} is {size} bytes; its writer recorded {given[1]}")
+        else:
+            digest, size = sha256_file(local)
         if entry is None:
             data.setdefault("sha256", digest)
             data.setdefault("bytes", size)

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -237,6 +238,52 @@ def _result_row(row: dict[str, Any], meta: dict[str, Any], valid: list[int], cap
         })  # fmt: skip
     return {"shard_index": int(row["shard_index"]), "start": int(row["start"]), "results": json.dumps(results),
             "decode_s": float(row["decode_s"])}  # fmt: skip
+
+
+class ShardWriters:
+    """`capfilt.finish_shard` as Ray tasks: a finished shard's outputs are written by a worker, not the driver.
+
+    At 129M images the outputs are terabytes: written by the driver, every byte would be read and written again
+    through one process on one node. Here each shard is one task with `compute.writer_cpus`, scheduled where
+    Ray has CPUs. `on_driver_node` pins the tasks to this node, for a work dir on its local disk (a remote
+    registry stages there). Ray retries a task whose worker died; `finish_shard` is idempotent.
+    """
+
+    def __init__(self, config: capfilt.CapFiltConfig, work: Path, refs: dict[str, str], *, on_driver_node: bool) -> None:
+        from pipelines.runtime import ensure_ray
+
+        self.ray = ensure_ray()
+        options: dict[str, Any] = {"num_cpus": config.compute.writer_cpus, "max_retries": 3}
+        if on_driver_node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = self.ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
+        self.write = self.ray.remote(capfilt.finish_shard).options(**options)
+        self.args = (config, refs)
+        self.work = work
+        self.pending: list[Any] = []
+        self.markers: list[dict[str, Any]] = []
+
+    def submit(self, shard: capfilt.ShardPlan, results: list[dict[str, Any]]) -> None:
+        self.pending.append(self.write.remote(self.work, shard, results, *self.args))
+        self._collect(timeout=0)  # a failed write stops the run now, not after the whole pipeline
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Wait for every write; the markers of all shards written, in completion order."""
+        self._collect(timeout=None)
+        return self.markers
+
+    def _collect(self, timeout: float | None) -> None:
+        if not self.pending:
+            return
+        ready, self.pending = self.ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout)
+        try:
+            self.markers.extend(self.ray.get(ready))
+        except self.ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, capfilt.CapFiltError):  # names the shard: the CLI's one-line error
+                raise error.cause from None
+            raise
 
 
 def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], models: dict[str, dict[str, str]],

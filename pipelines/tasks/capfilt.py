@@ -31,14 +31,14 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.config import RangeError, check_range
-from pipelines.tasks.webdata import count_tar_samples, iter_tar_samples, split_key, write_tar
+from pipelines.tasks.webdata import count_tar_samples, iter_tar_samples, write_tar
 
 if TYPE_CHECKING:
     from datasets_manifests.manifest import Manifest
@@ -137,7 +137,8 @@ class ComputeConfig:
     # Both ViTs' linear layers in FP8 (blip_models.float8; FP8 GPUs: L4/L40/H100/H200). Changes ITM scores a
     # little: measure the keep-decision agreement with benchmarks/bench_fp8_vision.py on your models first.
     fp8_vision: bool = False
-    writer_threads: int = 2  # driver threads writing finished shards
+    # CPUs per writer task: a finished shard's outputs (tar, index parts) are written by a Ray task, not the driver
+    writer_cpus: float = 0.5
     progress_bars: bool = False
 
     def __post_init__(self) -> None:
@@ -148,7 +149,7 @@ class ComputeConfig:
         check_range("compute", "num_cpus_per_actor", self.num_cpus_per_actor, 0.0)
         check_range("compute", "decode_cpus", self.decode_cpus, 0.0)
         check_range("compute", "torch_threads", self.torch_threads, 1)
-        check_range("compute", "writer_threads", self.writer_threads, 1)
+        check_range("compute", "writer_cpus", self.writer_cpus, 0.0)
 
     def resolved_device(self) -> str:
         """The device the actors compute on: 'auto' is cuda exactly when each actor is given a GPU."""
@@ -408,7 +409,8 @@ def run_capfilt(
     # A marker without its tar: a publish killed mid-move took the file; redo that shard.
     pending = [s for s in shards if not (marker_path(work, s).exists() and (work / s.path).exists())]
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
-    perf = process_shards(config, pending, models, int(image_size), work, refs)
+    # A remote registry stages on this machine's disk (Registry.work_dir), which other nodes cannot write to.
+    perf = process_shards(config, pending, models, int(image_size), work, refs, work_on_driver_node=not registry.is_local)
     perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)
     return _publish(registry, config, key, work, shards, name, started, perf, [dataset, captioner, filter_model])
 
@@ -461,10 +463,13 @@ def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
-                   work: Path, refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """Run the Ray pipeline over `shards`, writing each shard's outputs as soon as its last batch arrives."""
-    from concurrent.futures import ThreadPoolExecutor
+                   work: Path, refs: dict[str, str], *, work_on_driver_node: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run the Ray pipeline over `shards`; each shard's outputs are written by a Ray task once its last batch is in.
 
+    The driver only routes the model results (a few hundred bytes per image): reading each input shard again,
+    building and hashing its output tar happen in writer tasks on the cluster's CPUs. `work_on_driver_node`
+    keeps them on this node, for a work dir the other nodes cannot reach.
+    """
     from pipelines.tasks import _ray_capfilt
 
     perf: dict[str, float] = {"images": 0, "wall_s": 0.0, "decode_s": 0.0}
@@ -472,27 +477,29 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     batches: dict[int, dict[int, list[dict[str, Any]]]] = {shard.index: {} for shard in shards}
     received = {shard.index: 0 for shard in shards}
     began = time.perf_counter()
-    with ThreadPoolExecutor(config.compute.writer_threads) as pool:
-        futures = [pool.submit(finish_shard, work, s, [], config, refs) for s in shards if s.num_samples == 0]
-        items = decode_items(shards)
-        for row in _ray_capfilt.run_pipeline(config, items, models, image_size) if items else ():
-            results = json.loads(row["results"])
-            if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode
-                perf["first_batch_s"], perf["first_batch_images"] = time.perf_counter() - began, len(results)
-            index = int(row["shard_index"])
-            batches[index][int(row["start"])] = results
-            received[index] += len(results)
-            perf["images"] += len(results)
-            for name, value in row.items():
-                if name.endswith("_s"):
-                    perf[name] = perf.get(name, 0.0) + float(value)
-            if received[index] == by_index[index].num_samples:
-                ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
-                batches[index] = {}
-                futures.append(pool.submit(finish_shard, work, by_index[index], ordered, config, refs))
-        for future in futures:
-            future.result()
+    writers = _ray_capfilt.ShardWriters(config, work, refs, on_driver_node=work_on_driver_node)
+    for shard in shards:
+        if shard.num_samples == 0:
+            writers.submit(shard, [])
+    items = decode_items(shards)
+    for row in _ray_capfilt.run_pipeline(config, items, models, image_size) if items else ():
+        results = json.loads(row["results"])
+        if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode
+            perf["first_batch_s"], perf["first_batch_images"] = time.perf_counter() - began, len(results)
+        index = int(row["shard_index"])
+        batches[index][int(row["start"])] = results
+        received[index] += len(results)
+        perf["images"] += len(results)
+        for name, value in row.items():
+            if name.endswith("_s"):
+                perf[name] = perf.get(name, 0.0) + float(value)
+        if received[index] == by_index[index].num_samples:
+            ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
+            batches[index] = {}
+            writers.submit(by_index[index], ordered)
+    markers = writers.finish()
     perf["wall_s"] = time.perf_counter() - began
+    perf["write_s"] = sum(float(marker.get("write_s", 0.0)) for marker in markers)  # writer-task time, all tasks
     missing = [s.path for s in shards if received[s.index] != s.num_samples]
     if missing:
         raise CapFiltError(f"shards not fully processed: {', '.join(missing[:5])}")
@@ -518,38 +525,46 @@ def _perf_summary(perf: dict[str, float]) -> dict[str, Any]:
 
 def finish_shard(work: Path, shard: ShardPlan, results: list[dict[str, Any]], config: CapFiltConfig,
                  refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """Write one input shard's outputs (tar, index part, texts part) and, last, its completion marker."""
+    """Write one input shard's outputs (tar, index part, texts part) and, last, its completion marker.
+
+    Runs in a Ray task (`_ray_capfilt.ShardWriters`), once per input shard; idempotent (temporary names, the
+    marker last), so a task retried after its worker died writes the same bytes. The input shard is streamed
+    into the output tar one sample at a time: a 10k-image shard is never held in memory whole.
+    """
     import fsspec
 
     from datasets_manifests.index import write_index, write_texts
 
+    began = time.perf_counter()
     by_key = {result["key"]: result for result in results}
-    members: list[tuple[str, bytes]] = []
-    index_rows, text_rows = [], []
-    with fsspec.open(shard.url, "rb") as handle:
-        for _, key, sample in iter_tar_samples(handle):
-            if key not in by_key:
-                raise CapFiltError(f"{shard.path}: sample {key!r} has no CapFilt result")
-            result = by_key.pop(key)
-            records, row, files = build_sample(key, sample, result, shard, config, refs)
-            text_rows.extend(records)
-            index_rows.append(row)
-            members.extend(files)
-    if by_key:
-        raise CapFiltError(f"{shard.path}: results for keys not in the shard: {sorted(by_key)[:3]}")
+    index_rows: list[dict[str, Any]] = []
+    text_rows: list[dict[str, Any]] = []
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        with fsspec.open(shard.url, "rb") as handle:
+            for _, key, sample in iter_tar_samples(handle):
+                if key not in by_key:
+                    raise CapFiltError(f"{shard.path}: sample {key!r} has no CapFilt result")
+                records, row, files = build_sample(key, sample, by_key.pop(key), shard, config, refs)
+                text_rows.extend(records)
+                index_rows.append(row)
+                yield from files
+        if by_key:
+            raise CapFiltError(f"{shard.path}: results for keys not in the shard: {sorted(by_key)[:3]}")
+
     out = work / shard.path
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_tar(out, members)
-    with tarfile.open(out) as tar:  # byte offsets of the .jpg members, for random access from the index
-        offsets = {split_key(m.name)[0]: (m.offset_data, m.size) for m in tar if m.name.endswith(".jpg")}
-    for row in index_rows:
+    written = write_tar(out, members())
+    for row in index_rows:  # byte offsets of the .jpg members, for random access from the index
         if row["status"] == "ok":
-            row["jpg_offset"], row["jpg_bytes"] = offsets[row["key"]]
+            row["jpg_offset"], row["jpg_bytes"] = written.data_offsets[f"{row['key']}.jpg"]
     stem = shard.path.replace("/", "__")
     write_index(typed_table(index_rows, "index"), work / "parts" / f"{stem}.index.parquet")
     write_texts(typed_table(text_rows, "texts"), work / "parts" / f"{stem}.texts.parquet")
-    marker = {"path": shard.path, "split": shard.split, "num_samples": len(offsets),
-              "stats": shard_stats(text_rows, index_rows)}  # fmt: skip
+    # The tar's digest travels in the marker to the publish, which then does not read every shard back.
+    marker = {"path": shard.path, "split": shard.split, "num_samples": sum(row["status"] == "ok" for row in index_rows),
+              "sha256": written.sha256, "bytes": written.bytes, "stats": shard_stats(text_rows, index_rows),
+              "write_s": round(time.perf_counter() - began, 4)}  # fmt: skip
     path = marker_path(work, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(marker, sort_keys=True))
@@ -658,14 +673,16 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
         stats["quality"] = quality
     stats["throughput"] = perf
     (work / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
-    files = [{"path": m["path"], "role": "shard", "num_samples": m["num_samples"], "split": m["split"]} for m in markers]
+    # Shard digests come from the writer tasks (hashed as written; a marker of an older run may lack them).
+    files = [{"path": m["path"], "role": "shard", "num_samples": m["num_samples"], "split": m["split"],
+              **{k: m[k] for k in ("sha256", "bytes") if k in m}} for m in markers]  # fmt: skip
     files += [{"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"},
               {"path": "stats.json", "role": "stats"}]  # fmt: skip
     splits: dict[str, int] = {}
     for marker in markers:
         splits[marker["split"] or "train"] = splits.get(marker["split"] or "train", 0) + marker["num_samples"]
     manifest = registry.publish(
-        kind="dataset", name=name, staging_dir=work, files=files, parents=parents,
+        kind="dataset", name=name, staging_dir=work, files=files, parents=parents, digests_from_writer=True,
         producer=Producer(stage=STAGE, config=to_dict(config), config_hash=config_hash(config), cache_key=key,
                           started_at=started),
         splits=splits,

@@ -12,6 +12,7 @@ truncated or corrupt shard ends that shard's stream and is counted, never a cras
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
@@ -105,18 +106,49 @@ def count_tar_samples(fileobj: Any) -> int:
     return len(keys)
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names; written to a temp name, then renamed."""
+@dataclass(frozen=True)
+class WrittenTar:
+    sha256: str  # of the whole file, computed from the bytes as they were written
+    bytes: int
+    data_offsets: dict[str, tuple[int, int]]  # member name -> (byte offset of its data, size)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through it (tarfile needs write + tell)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> WrittenTar:
+    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names; written to a temp name, then renamed.
+
+    `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
+    and every member's data offset, taken while writing: the caller records them (registry entry, index
+    offsets) without reading the file back.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    offsets: dict[str, tuple[int, int]] = {}
     with open(tmp, "wb") as handle:
-        with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        hashing = _HashingWriter(handle)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
+                offsets[name] = (tar.offset - _padded(len(data)), len(data))  # addfile ends after the padded data
     os.replace(tmp, path)
+    return WrittenTar(hashing.digest.hexdigest(), hashing.size, offsets)
 
 
 def shard_urls(registry: Registry, manifest: Manifest, split: str | None = None) -> list[str]:

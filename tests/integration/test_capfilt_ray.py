@@ -251,6 +251,10 @@ def test_capfilt_full_run_provenance(ray_session, inputs):
     assert quality["samples_matched"] == 17 and quality["synthetic"]["total"] == 34
     assert 0 <= stats["throughput"]["actor_busy_fraction"] <= 1
     assert pq.read_table(registry.local_path(manifest, "texts.parquet")).num_rows == len(texts)
+    # The shard digests the writer tasks recorded while writing (the publish did not re-read) are the files'.
+    from datasets_manifests.ops import verify
+
+    assert verify(registry, manifest) == []
     _regenerate(registry, manifest, captioner)
 
     # Separate caption and filter pools, with thresholds cut between this run's scores (a default and a
@@ -282,6 +286,46 @@ def test_capfilt_full_run_provenance(ray_session, inputs):
     again = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
                         name="web-tiny-capfilt", registry=registry)
     assert again.id == manifest.id
+
+
+@pytest.mark.integration
+def test_shard_writer_tasks_write_pinned_or_not_and_name_a_failed_shard(ray_session, tmp_path):
+    """Writer tasks (pinned to this node, as for a remote registry, or anywhere) write the same bytes; a write
+    that fails names its shard in the driver's error."""
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks import _ray_capfilt
+    from pipelines.tasks.capfilt import CapFiltConfig, CapFiltError, marker_path, plan_shards
+
+    registry = Registry(tmp_path / "registry")
+    dataset, captioner, filter_model = build_inputs(registry, shards=2, per_shard=3, seed=2)
+    config = CapFiltConfig()
+    shards = plan_shards(registry, dataset, config)
+    refs = {"captioner": captioner.ref, "filter": filter_model.ref}
+    keys = {0: ["000000000", "000000001", "000000002"], 1: ["000000003", "000000004", "000000005"]}
+
+    def results(shard_index: int) -> list[dict]:
+        return [{"key": key, "web_text": "a red circle", "error": None, "synthetic": ["a red circle"],
+                 "scores": [0.9, 0.8], "seeds": [1]} for key in keys[shard_index]]  # fmt: skip
+
+    written = {}
+    for pinned in (True, False):
+        work = tmp_path / f"work-{pinned}"
+        writers = _ray_capfilt.ShardWriters(config, work, refs, on_driver_node=pinned)
+        for shard in shards:
+            writers.submit(shard, results(shard.index))
+        markers = sorted(writers.finish(), key=lambda marker: marker["path"])
+        assert [m["path"] for m in markers] == [s.path for s in shards] and all(marker_path(work, s).exists() for s in shards)
+        for marker in markers:
+            data = (work / marker["path"]).read_bytes()
+            assert (marker["sha256"], marker["bytes"], marker["num_samples"]) == (hashlib.sha256(data).hexdigest(), len(data), 3)
+        written[pinned] = [(work / s.path).read_bytes() for s in shards]
+    assert written[True] == written[False]
+
+    writers = _ray_capfilt.ShardWriters(config, tmp_path / "work-bad", refs, on_driver_node=False)
+    writers.submit(shards[1], results(0))  # shard 1's samples, shard 0's results
+    with pytest.raises(CapFiltError, match="shards/train-000001.tar: sample '000000003' has no CapFilt result"):
+        writers.finish()
+    assert not marker_path(tmp_path / "work-bad", shards[1]).exists()
 
 
 _DRIVER = """

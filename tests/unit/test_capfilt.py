@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -166,13 +167,17 @@ def test_iter_tar_samples_groups_members_and_rejects_split_keys():
 
 def test_write_tar_is_deterministic(tmp_path):
     members = [("a.jpg", b"\xff\xd8x"), ("a.json", capfilt.dumps({"b": 1, "a": [0.5]})), ("a.txt", b"hi")]
-    webdata.write_tar(tmp_path / "one.tar", members)
+    written = webdata.write_tar(tmp_path / "one.tar", members)
     webdata.write_tar(tmp_path / "two.tar", members)
-    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    data = (tmp_path / "one.tar").read_bytes()
+    assert data == (tmp_path / "two.tar").read_bytes()
+    # Digest, size and data offsets are taken while writing; they describe the file on disk.
+    assert (written.sha256, written.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
     with tarfile.open(tmp_path / "one.tar") as tar:
         infos = tar.getmembers()
         assert [i.name for i in infos] == ["a.jpg", "a.json", "a.txt"]
         assert all(i.mtime == 0 and i.uid == 0 and i.uname == "" for i in infos)
+        assert written.data_offsets == {i.name: (i.offset_data, i.size) for i in infos}
         assert json.loads(tar.extractfile("a.json").read()) == {"a": [0.5], "b": 1}
     assert not list(tmp_path.glob("*.tmp"))
 

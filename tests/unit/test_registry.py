@@ -107,6 +107,30 @@ def test_publish_rejects_bad_input(registry, tmp_path):
     assert registry.versions("dataset", "toy") == []
 
 
+def test_digests_from_the_writer_are_checked_by_size_and_verify_recomputes_them(registry, tmp_path):
+    import hashlib
+
+    from datasets_manifests.ops import verify
+
+    def publish(name: str, payload: bytes, entry: dict) -> Manifest:
+        stage_files(tmp_path / name, {"x.bin": payload})
+        return registry.publish(kind="dataset", name=name, staging_dir=tmp_path / name, producer=Producer(stage="t"),
+                                files=[{"path": "x.bin", **entry}], digests_from_writer=True)
+
+    good = publish("good", b"abc", {"sha256": hashlib.sha256(b"abc").hexdigest(), "bytes": 3})
+    assert good.files[0].sha256 == hashlib.sha256(b"abc").hexdigest() and verify(registry, good) == []
+    with pytest.raises(RegistryError, match="x.bin is 3 bytes; its writer recorded 4"):
+        publish("short", b"abc", {"sha256": "0" * 64, "bytes": 4})
+    if registry.is_local:  # the digest is taken as given (not read again): `verify` is what recomputes it
+        lied = publish("lied", b"abc", {"sha256": "0" * 64, "bytes": 3})
+        assert [problem.split(":")[0] for problem in verify(registry, lied)] == ["x.bin"]
+    else:  # an upload is read back and checked against the entry anyway
+        with pytest.raises(RegistryError, match="upload of x.bin reads back"):
+            publish("lied", b"abc", {"sha256": "0" * 64, "bytes": 3})
+    # Without a digest in the entry, the registry computes it as usual.
+    assert publish("plain", b"abc", {}).files[0].sha256 == hashlib.sha256(b"abc").hexdigest()
+
+
 def test_crash_mid_publish_leaves_no_version_and_retry_works(registry, tmp_path, monkeypatch):
     """Fault injection: placing/uploading the second file raises, as a killed process or a full disk would."""
     staging = tmp_path / "staging"
