@@ -248,19 +248,26 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
     )
 
 
-def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0,
-                   copy_to: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+# Index shards in parallel processes only when there is this much tar data per process: starting one costs
+# about a second, in which one process indexes ~0.5 GB.
+BYTES_PER_INDEX_WORKER = 1 << 30
+
+
+def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy_to: Path | None = None,
+                   workers: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
     """Index rows and file entries of img2dataset's finished shards in `raw_output` (a path or fsspec URL).
 
     Only shards with a `_stats.json` count (finished). With `copy_to` (a local dir), shard files are copied there
     as `id + id_offset` (to append retried shards after the parent's, or to fetch them from shared storage);
-    without it `raw_output` must be local, and its files are indexed in place.
+    without it `raw_output` must be local, and its files are indexed in place. Indexing reads every image (its
+    sha256): the shards are spread over `workers` processes (None: one per CPU core, at most one per
+    BYTES_PER_INDEX_WORKER of tars), so at 129M images it is not one core reading terabytes.
     """
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
+    import contextlib
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    from blip_models.processing import pre_caption
-    from pipelines.tasks.webdata import iter_tar
+    from tqdm import tqdm
 
     from datasets_manifests.sources import url_to_fs
 
@@ -269,14 +276,13 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0,
     is_local = isinstance(fs, LocalFileSystem)
     if copy_to is None and not is_local:
         raise ValueError(f"{raw_output}: shards on remote storage need a local copy_to directory")
-    rows: list[dict[str, Any]] = []
-    files: list[dict[str, Any]] = []
+    jobs: list[tuple[dict[str, str], str]] = []
     stats_files = sorted(fs.glob(f"{root}/{'[0-9]' * SHARD_DIGITS}_stats.json"))
-    for stats_path in tqdm(stats_files, desc="indexing raw shards", unit="shard", disable=len(stats_files) < 4):
+    for stats_path in stats_files:
         shard_id = int(stats_path.rsplit("/", 1)[-1][:SHARD_DIGITS])
         new_id = f"{shard_id + id_offset:0{SHARD_DIGITS}d}"
         sources = {ext: f"{root}/{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
-        names = {ext: Path(path) for ext, path in sources.items()}
+        names = dict(sources)
         if copy_to is not None:
             copy_to.mkdir(parents=True, exist_ok=True)
             for ext, path in sources.items():
@@ -285,39 +291,70 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0,
                     shutil.copy2(path, target)
                 else:
                     fs.get_file(path, str(target))
-                names[ext] = target
-        tar_rel = f"{prefix}/{new_id}.tar"
-        located: dict[str, tuple[int, int, str]] = {}  # img2dataset key -> (jpg offset, bytes, sha256)
-        with open(names[".tar"], "rb") as handle:
-            for sample in iter_tar(handle):
-                data = sample.members.get("jpg")
-                if data is not None:
-                    located[sample.key] = (sample.offsets["jpg"], len(data), hashlib.sha256(data).hexdigest())
-        table = pq.read_table(names[".parquet"])
-        successes = 0
-        for record in table.to_pylist():
-            raw_caption = record.get("caption") or ""
-            row = {
-                "key": record["source_key"], "url": record["url"], "raw_caption": raw_caption,
-                "caption": pre_caption(raw_caption, 50), "caption_source": "web", "split": None,
-                "width": record.get("width"), "height": record.get("height"), "image_sha256": None,
-                "shard": None, "jpg_offset": None, "jpg_bytes": None, "raw_key": record["key"],
-                "error_message": record.get("error_message"),
-            }
-            if record["status"] == "success" and record["key"] in located:
-                offset, size, digest = located[record["key"]]
-                row.update(status="ok", drop_reason=None, shard=tar_rel, jpg_offset=offset, jpg_bytes=size,
-                           image_sha256=digest)
-                successes += 1
-            else:
-                reason = classify_error(record.get("error_message")) if record["status"] != "success" else "missing_in_tar"
-                row.update(status="dropped", drop_reason=reason)
-            rows.append(row)
-        for ext, role in ((".tar", "shard"), (".parquet", "other"), ("_stats.json", "stats")):
-            entry: dict[str, Any] = {"path": f"{prefix}/{new_id}{ext}", "role": role}
-            if role == "shard":
-                entry["num_samples"] = successes
-            files.append(entry)
+                names[ext] = str(target)
+        jobs.append((names, f"{prefix}/{new_id}"))
+    if workers is None:
+        total = sum(os.path.getsize(names[".tar"]) for names, _ in jobs)
+        workers = min(os.cpu_count() or 1, 1 + total // BYTES_PER_INDEX_WORKER)
+    workers = max(1, min(workers, len(jobs)))
+    progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
+    rows: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        mapper: Any = map
+        if workers > 1:  # spawned: the driver may hold Ray/Prefect threads, whose locks a fork would copy held
+            context = multiprocessing.get_context("spawn")
+            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map
+        for shard_rows, shard_files in mapper(index_raw_shard, *zip(*jobs)) if jobs else ():
+            rows.extend(shard_rows)
+            files.extend(shard_files)
+            progress.update()
+    progress.close()
+    return rows, files
+
+
+def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Index rows and file entries of one finished img2dataset shard (local `.tar`, `.parquet`, `_stats.json`),
+    published as `{stem}.tar` etc. Every stored JPEG is hashed (image_sha256: the shard stage dedups by it)."""
+    import pyarrow.parquet as pq
+
+    from blip_models.processing import pre_caption
+    from pipelines.tasks.webdata import iter_tar
+
+    tar_rel = f"{stem}.tar"
+    located: dict[str, tuple[int, int, str]] = {}  # img2dataset key -> (jpg offset, bytes, sha256)
+    with open(names[".tar"], "rb") as handle:
+        for sample in iter_tar(handle):
+            data = sample.members.get("jpg")
+            if data is not None:
+                located[sample.key] = (sample.offsets["jpg"], len(data), hashlib.sha256(data).hexdigest())
+    table = pq.read_table(names[".parquet"])
+    rows = []
+    successes = 0
+    for record in table.to_pylist():
+        raw_caption = record.get("caption") or ""
+        row = {
+            "key": record["source_key"], "url": record["url"], "raw_caption": raw_caption,
+            "caption": pre_caption(raw_caption, 50), "caption_source": "web", "split": None,
+            "width": record.get("width"), "height": record.get("height"), "image_sha256": None,
+            "shard": None, "jpg_offset": None, "jpg_bytes": None, "raw_key": record["key"],
+            "error_message": record.get("error_message"),
+        }
+        if record["status"] == "success" and record["key"] in located:
+            offset, size, digest = located[record["key"]]
+            row.update(status="ok", drop_reason=None, shard=tar_rel, jpg_offset=offset, jpg_bytes=size,
+                       image_sha256=digest)
+            successes += 1
+        else:
+            reason = classify_error(record.get("error_message")) if record["status"] != "success" else "missing_in_tar"
+            row.update(status="dropped", drop_reason=reason)
+        rows.append(row)
+    files: list[dict[str, Any]] = []
+    for ext, role in ((".tar", "shard"), (".parquet", "other"), ("_stats.json", "stats")):
+        entry: dict[str, Any] = {"path": f"{stem}{ext}", "role": role}
+        if role == "shard":
+            entry["num_samples"] = successes
+        files.append(entry)
     return rows, files
 
 

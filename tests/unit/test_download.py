@@ -115,6 +115,20 @@ def test_collect_shards_from_shared_storage_url(tmp_path):
         collect_shards(url, "raw")
 
 
+def test_collect_shards_in_worker_processes_gives_the_same_index(tmp_path):
+    # At scale indexing (reading + hashing every image) is spread over processes; the result must not change.
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "raw")
+    fs.makedirs(root, exist_ok=True)
+    for shard in range(3):
+        _img2dataset_shard(fs, root, shard, [(f"k{shard}{i}", i != 1) for i in range(3)])
+    serial = collect_shards(root, "raw", workers=1)
+    assert collect_shards(root, "raw", workers=2) == serial
+    assert [entry["path"] for entry in serial[1] if entry["role"] == "shard"] == [f"raw/0000{i}.tar" for i in range(3)]
+    assert [row["key"] for row in serial[0]] == [f"k{s}{i}" for s in range(3) for i in range(3)]
+    assert sum(row["status"] == "ok" for row in serial[0]) == 6
+
+
 def test_raw_output_goes_under_output_folder(tmp_path):
     local = tmp_path / "stage" / "raw"
     assert _raw_output(DownloadConfig(), "k1", local) == str(local)
