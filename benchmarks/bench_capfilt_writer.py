@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def threads() -> None:
             with ThreadPoolExecutor(args.threads) as pool:
-                for future in [pool.submit(finish_shard, root / "threads", plan, results[plan.index], config, refs)
+                for future in [pool.submit(finish_shard, str(root / "threads"), plan, results[plan.index], config, refs)
                                for plan in plans]:  # fmt: skip
                     future.result()
 
         def tasks() -> None:
-            writers = _ray_capfilt.ShardWriters(config, root / "tasks", refs, on_driver_node=False)
+            writers = _ray_capfilt.ShardWriters(config, str(root / "tasks"), refs)
             for plan in plans:
                 writers.submit(plan, results[plan.index])
             writers.finish()

@@ -170,6 +170,14 @@ class Registry:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def shared_work_url(self, key: str) -> str:
+        """Where workers on any node write a stage run's large outputs: the local work dir for a local registry
+        (on the registry's own disk, which a multi-node cluster must mount everywhere), `<root>/.work/<key>`
+        inside a remote one (never listed as a version). Publish them with `publish(remote_staging=...)`."""
+        if self.is_local:
+            return str(self.work_dir(key))
+        return self.fs.unstrip_protocol(f"{self.root}/.work/{key}")
+
     # ------------------------------------------------------------------ reading
     def names(self, kind: str) -> list[str]:
         base = f"{self.root}/{kind}s"
@@ -262,6 +270,7 @@ class Registry:
         version: str | None = None,
         move: bool = True,
         digests_from_writer: bool = False,
+        remote_staging: str | None = None,
         **fields: Any,
     ) -> Manifest:
         """Publish the files of a local `staging_dir` as a new immutable version.
@@ -274,13 +283,19 @@ class Registry:
         file, hashing the bytes as it wrote them (CapFilt's writer tasks); they are checked by size here, not read
         again, which would pass every byte of a large dataset through this one process. `blip data verify REF`
         recomputes every digest of a published version.
+        `remote_staging` (a remote registry's `shared_work_url`): files missing from `staging_dir` are taken from
+        there, copied inside the store (s3/gcs: server-side), never through this machine; their entries must
+        carry the sha256 and bytes their writer recorded, and the copies are checked by size.
         """
         check_name(name)
         if version is not None and not _VERSION_NAME_RE.match(version):
             raise RegistryError(f"invalid version {version!r}: use letters, digits, '.', '_' and '-' (e.g. v3)")
         staging = Path(staging_dir)
         parents = list(parents)
-        entries = [self._entry(staging, item, digests_from_writer) for item in files]
+        if remote_staging is not None and self.is_local:
+            raise RegistryError("remote_staging is for remote registries: a local one stages on its own disk")
+        remote = self.fs._strip_protocol(remote_staging).rstrip("/") if remote_staging else None
+        entries = [self._entry(staging, item, digests_from_writer, remote) for item in files]
         paths = [entry.path for entry in entries]
         if len(set(paths)) != len(paths):
             raise RegistryError(f"{name}: duplicate file paths in publish list")
@@ -307,10 +322,11 @@ class Registry:
         if self.is_local:
             self._publish_local(manifest, staging, target, move)
         else:
-            self._publish_remote(manifest, staging, target)
+            self._publish_remote(manifest, staging, target, remote)
         return manifest
 
-    def _entry(self, staging: Path, item: FileEntry | dict[str, Any], digests_from_writer: bool = False) -> FileEntry:
+    def _entry(self, staging: Path, item: FileEntry | dict[str, Any], digests_from_writer: bool = False,
+               remote: str | None = None) -> FileEntry:  # fmt: skip
         entry = item if isinstance(item, FileEntry) else None
         data = dict(item) if isinstance(item, dict) else {}
         relpath = entry.path if entry else data.get("path")
@@ -319,10 +335,16 @@ class Registry:
         if relpath.startswith("/") or ".." in Path(relpath).parts or relpath == MANIFEST_NAME:
             raise RegistryError(f"invalid file path in a version: {relpath!r}")
         local = staging / relpath
-        if not local.is_file():
-            raise RegistryError(f"staged file missing: {local}")
         given = (entry.sha256, entry.bytes) if entry else (data.get("sha256"), data.get("bytes"))
-        if digests_from_writer and given[0] and given[1] is not None:
+        if not local.is_file() and remote is not None and self.fs.isfile(f"{remote}/{relpath}"):
+            if not (given[0] and given[1] is not None):
+                raise RegistryError(f"{relpath} is staged in the store: its entry needs the writer's sha256 and bytes")
+            digest, size = str(given[0]), self.fs.size(f"{remote}/{relpath}")
+            if size != given[1]:
+                raise RegistryError(f"staged file {relpath} is {size} bytes; its writer recorded {given[1]}")
+        elif not local.is_file():
+            raise RegistryError(f"staged file missing: {local}")
+        elif digests_from_writer and given[0] and given[1] is not None:
             digest, size = str(given[0]), local.stat().st_size
             if size != given[1]:
                 raise RegistryError(f"staged file {relpath} is {size} bytes; its writer recorded {given[1]}")
@@ -364,14 +386,20 @@ class Registry:
             for entry in manifest.files:
                 (staging / entry.path).unlink(missing_ok=True)
 
-    def _publish_remote(self, manifest: Manifest, staging: Path, target: str) -> None:
+    def _publish_remote(self, manifest: Manifest, staging: Path, target: str, remote_staging: str | None) -> None:
         # Object stores have no rename: upload everything, read each file back and check its sha256, then
         # write the manifest last. Until the manifest exists the version is invisible (versions() lists only
         # committed ones). The read-back doubles the traffic; a size check alone misses corrupted bytes.
+        # Files staged in the store itself are copied there and checked by size (their writer hashed them).
         try:
             for entry in manifest.files:
                 remote = f"{target}/{entry.path}"
                 self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+                if remote_staging is not None and not (staging / entry.path).is_file():
+                    self.fs.copy(f"{remote_staging}/{entry.path}", remote)
+                    if self.fs.size(remote) != entry.bytes:
+                        raise RegistryError(f"{manifest.ref}: copy of {entry.path} is not {entry.bytes} bytes")
+                    continue
                 self.fs.put_file(str(staging / entry.path), remote)
                 digest, size = sha256_file(remote, self.fs)
                 if size != entry.bytes or digest != entry.sha256:

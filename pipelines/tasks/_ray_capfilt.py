@@ -21,7 +21,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -245,21 +244,15 @@ class ShardWriters:
 
     At 129M images the outputs are terabytes: written by the driver, every byte would be read and written again
     through one process on one node. Here each shard is one task with `compute.writer_cpus`, scheduled where
-    Ray has CPUs. `on_driver_node` pins the tasks to this node, for a work dir on its local disk (a remote
-    registry stages there). Ray retries a task whose worker died; `finish_shard` is idempotent.
+    Ray has CPUs, writing under `work` (a path or URL every node reaches). Ray retries a task whose worker
+    died; `finish_shard` is idempotent.
     """
 
-    def __init__(self, config: capfilt.CapFiltConfig, work: Path, refs: dict[str, str], *, on_driver_node: bool) -> None:
+    def __init__(self, config: capfilt.CapFiltConfig, work: str, refs: dict[str, str]) -> None:
         from pipelines.runtime import ensure_ray
 
         self.ray = ensure_ray()
-        options: dict[str, Any] = {"num_cpus": config.compute.writer_cpus, "max_retries": 3}
-        if on_driver_node:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            here = self.ray.get_runtime_context().get_node_id()
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
-        self.write = self.ray.remote(capfilt.finish_shard).options(**options)
+        self.write = self.ray.remote(capfilt.finish_shard).options(num_cpus=config.compute.writer_cpus, max_retries=3)
         self.args = (config, refs)
         self.work = work
         self.pending: list[Any] = []

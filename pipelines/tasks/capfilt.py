@@ -19,7 +19,7 @@ An image none of whose texts is kept is left out of the shards but stays in inde
 its reason.
 
 Resumability (datatrove `completions/` pattern): each input shard is one unit of work. Its outputs (tar, index
-and texts parts) are written to `registry.work_dir(cache_key)` and a `done/<shard>.json` marker is renamed into
+and texts parts) are written to `registry.shared_work_url(cache_key)` and a `done/<shard>.json` marker is put in
 place last. A relaunch skips the marked shards. Model batches are fixed consecutive slices of an input shard and
 every synthetic caption draws from its own generator seeded with `sample_seed(seed, key, i)`, so a shard's output
 bytes do not depend on which other shards ran in the same job (byte-identical resume).
@@ -404,15 +404,17 @@ def run_capfilt(
     if cached is not None:
         return cached
     started = now_utc()
-    work = registry.work_dir(key)
+    # Shards, index parts and markers go where every node's writer tasks reach (inside a remote registry's
+    # store, or the local registry's own disk); the merged index, texts and stats to this machine's work dir.
+    shared = registry.shared_work_url(key)
     shards = plan_shards(registry, dataset, config)
     # A marker without its tar: a publish killed mid-move took the file; redo that shard.
-    pending = [s for s in shards if not (marker_path(work, s).exists() and (work / s.path).exists())]
+    fs, root = _url_to_fs(shared)
+    pending = [s for s in shards if not (fs.exists(f"{root}/{marker_relpath(s)}") and fs.exists(f"{root}/{s.path}"))]
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
-    # A remote registry stages on this machine's disk (Registry.work_dir), which other nodes cannot write to.
-    perf = process_shards(config, pending, models, int(image_size), work, refs, work_on_driver_node=not registry.is_local)
+    perf = process_shards(config, pending, models, int(image_size), shared, refs)
     perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)
-    return _publish(registry, config, key, work, shards, name, started, perf, [dataset, captioner, filter_model])
+    return _publish(registry, config, key, shared, shards, name, started, perf, [dataset, captioner, filter_model])
 
 
 def _model_source(registry: Registry, manifest: Manifest, kinds: tuple[str, ...]) -> dict[str, Any]:
@@ -452,8 +454,22 @@ def plan_shards(registry: Registry, dataset: Manifest, config: CapFiltConfig) ->
     return plans
 
 
-def marker_path(work: Path, shard: ShardPlan) -> Path:
-    return work / "done" / (shard.path.replace("/", "__") + ".json")
+def marker_relpath(shard: ShardPlan) -> str:
+    return f"done/{shard.path.replace('/', '__')}.json"
+
+
+def _url_to_fs(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path in it without a trailing slash) of a local path or URL."""
+    from datasets_manifests.sources import url_to_fs
+
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
@@ -463,12 +479,12 @@ def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
-                   work: Path, refs: dict[str, str], *, work_on_driver_node: bool = False) -> dict[str, Any]:  # fmt: skip
+                   work: str, refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """Run the Ray pipeline over `shards`; each shard's outputs are written by a Ray task once its last batch is in.
 
     The driver only routes the model results (a few hundred bytes per image): reading each input shard again,
-    building and hashing its output tar happen in writer tasks on the cluster's CPUs. `work_on_driver_node`
-    keeps them on this node, for a work dir the other nodes cannot reach.
+    building and hashing its output tar happen in writer tasks on the cluster's CPUs, writing under `work` (a
+    path or URL every node reaches: `Registry.shared_work_url`).
     """
     from pipelines.tasks import _ray_capfilt
 
@@ -477,7 +493,7 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     batches: dict[int, dict[int, list[dict[str, Any]]]] = {shard.index: {} for shard in shards}
     received = {shard.index: 0 for shard in shards}
     began = time.perf_counter()
-    writers = _ray_capfilt.ShardWriters(config, work, refs, on_driver_node=work_on_driver_node)
+    writers = _ray_capfilt.ShardWriters(config, work, refs)
     for shard in shards:
         if shard.num_samples == 0:
             writers.submit(shard, [])
@@ -523,13 +539,14 @@ def _perf_summary(perf: dict[str, float]) -> dict[str, Any]:
     return summary
 
 
-def finish_shard(work: Path, shard: ShardPlan, results: list[dict[str, Any]], config: CapFiltConfig,
+def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], config: CapFiltConfig,
                  refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     """Write one input shard's outputs (tar, index part, texts part) and, last, its completion marker.
 
     Runs in a Ray task (`_ray_capfilt.ShardWriters`), once per input shard; idempotent (temporary names, the
     marker last), so a task retried after its worker died writes the same bytes. The input shard is streamed
-    into the output tar one sample at a time: a 10k-image shard is never held in memory whole.
+    into the output tar one sample at a time: a 10k-image shard is never held in memory whole. `work` is a local
+    path or a URL in an object store (there each file appears whole when its upload completes).
     """
     import fsspec
 
@@ -552,23 +569,25 @@ def finish_shard(work: Path, shard: ShardPlan, results: list[dict[str, Any]], co
         if by_key:
             raise CapFiltError(f"{shard.path}: results for keys not in the shard: {sorted(by_key)[:3]}")
 
-    out = work / shard.path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = write_tar(out, members())
+    fs, root = _url_to_fs(work)
+    written = write_tar(f"{root}/{shard.path}", members(), fs)
     for row in index_rows:  # byte offsets of the .jpg members, for random access from the index
         if row["status"] == "ok":
             row["jpg_offset"], row["jpg_bytes"] = written.data_offsets[f"{row['key']}.jpg"]
     stem = shard.path.replace("/", "__")
-    write_index(typed_table(index_rows, "index"), work / "parts" / f"{stem}.index.parquet")
-    write_texts(typed_table(text_rows, "texts"), work / "parts" / f"{stem}.texts.parquet")
+    write_index(typed_table(index_rows, "index"), f"{work}/parts/{stem}.index.parquet")
+    write_texts(typed_table(text_rows, "texts"), f"{work}/parts/{stem}.texts.parquet")
     # The tar's digest travels in the marker to the publish, which then does not read every shard back.
     marker = {"path": shard.path, "split": shard.split, "num_samples": sum(row["status"] == "ok" for row in index_rows),
               "sha256": written.sha256, "bytes": written.bytes, "stats": shard_stats(text_rows, index_rows),
               "write_s": round(time.perf_counter() - began, 4)}  # fmt: skip
-    path = marker_path(work, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(marker, sort_keys=True))
-    os.replace(path.with_suffix(".tmp"), path)  # the commit of this shard
+    path, data = f"{root}/{marker_relpath(shard)}", json.dumps(marker, sort_keys=True).encode()
+    if _is_local(fs):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).with_suffix(".tmp").write_bytes(data)
+        os.replace(Path(path).with_suffix(".tmp"), path)  # the commit of this shard
+    else:
+        fs.pipe_file(path, data)  # one upload: the commit of this shard
     return marker
 
 
@@ -647,9 +666,12 @@ def _thresholds(filter_config: FilterConfig) -> dict[str, float]:
     return {source: filter_config.threshold_for(source) for source in SOURCES}
 
 
-def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, shards: list[ShardPlan], name: str,
+def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, shards: list[ShardPlan], name: str,
              started: str, perf: dict[str, Any], parents: list[Manifest]) -> Manifest:  # fmt: skip
-    """Concatenate the per-shard parts, add stats (and quality when ground truth exists), publish, clean up."""
+    """Concatenate the per-shard parts, add stats (and quality when ground truth exists), publish, clean up.
+
+    The merged index, texts and stats are written to this machine's work dir; the shards are published from
+    `shared` where the writer tasks left them (a remote registry copies them inside its store)."""
     import shutil
 
     import pyarrow as pa
@@ -659,10 +681,19 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
     from datasets_manifests.manifest import Producer
     from pipelines.config import config_hash, to_dict
 
-    markers = [json.loads(marker_path(work, shard).read_text()) for shard in shards]
+    fs, root = _url_to_fs(shared)
+    work = registry.work_dir(key)  # == shared for a local registry
+    markers = [json.loads(fs.cat_file(f"{root}/{marker_relpath(shard)}")) for shard in shards]
     stems = [shard.path.replace("/", "__") for shard in shards]
-    index = pa.concat_tables([pq.read_table(work / "parts" / f"{s}.index.parquet") for s in stems], promote_options="default")
-    texts = pa.concat_tables([pq.read_table(work / "parts" / f"{s}.texts.parquet") for s in stems], promote_options="default")
+
+    def parts(kind: str) -> Any:
+        tables = []
+        for stem in stems:
+            with fs.open(f"{root}/parts/{stem}.{kind}.parquet", "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables, promote_options="default")
+
+    index, texts = parts("index"), parts("texts")
     write_index(index, work / "index.parquet")
     write_texts(texts, work / "texts.parquet")
     stats = merge_stats([marker["stats"] for marker in markers])
@@ -683,6 +714,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
         splits[marker["split"] or "train"] = splits.get(marker["split"] or "train", 0) + marker["num_samples"]
     manifest = registry.publish(
         kind="dataset", name=name, staging_dir=work, files=files, parents=parents, digests_from_writer=True,
+        remote_staging=None if registry.is_local else shared,
         producer=Producer(stage=STAGE, config=to_dict(config), config_hash=config_hash(config), cache_key=key,
                           started_at=started),
         splits=splits,
@@ -701,4 +733,6 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, work: Path, sh
                                     "the BLIP union); a reader may sample one per step; txt = best kept text"},
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
+    if not _is_local(fs):
+        fs.rm(root, recursive=True)
     return manifest

@@ -128,26 +128,45 @@ class _HashingWriter:
         return self.size
 
 
-def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> WrittenTar:
-    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names; written to a temp name, then renamed.
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None) -> WrittenTar:
+    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names.
 
+    On a local disk (`fs` None or local) it is written to a temp name, then renamed; in an object store (`fs` an
+    fsspec filesystem) it is one upload, which appears whole when it completes (on an error it is removed).
     `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
     and every member's data offset, taken while writing: the caller records them (registry entry, index
     offsets) without reading the file back.
     """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if fs is not None and not isinstance(fs, LocalFileSystem):
+        try:
+            with fs.open(str(path), "wb") as handle:
+                return _write_tar_stream(handle, members)
+        except BaseException:
+            if fs.exists(str(path)):
+                fs.rm(str(path))
+            raise
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    offsets: dict[str, tuple[int, int]] = {}
     with open(tmp, "wb") as handle:
-        hashing = _HashingWriter(handle)
-        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-                offsets[name] = (tar.offset - _padded(len(data)), len(data))  # addfile ends after the padded data
+        written = _write_tar_stream(handle, members)
     os.replace(tmp, path)
+    return written
+
+
+def _write_tar_stream(handle: IO[bytes], members: Iterable[tuple[str, bytes]]) -> WrittenTar:
+    offsets: dict[str, tuple[int, int]] = {}
+    hashing = _HashingWriter(handle)
+    with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+            offsets[name] = (tar.offset - _padded(len(data)), len(data))  # addfile ends after the padded data
     return WrittenTar(hashing.digest.hexdigest(), hashing.size, offsets)
 
 

@@ -288,44 +288,74 @@ def test_capfilt_full_run_provenance(ray_session, inputs):
     assert again.id == manifest.id
 
 
+def _fake_results(keys: list[str]) -> list[dict]:
+    """What the model actors would send for `keys`: web text + one caption, scored (no model needed)."""
+    return [{"key": key, "web_text": "a red circle", "error": None, "synthetic": ["a red circle"],
+             "scores": [0.9, 0.8], "seeds": [1]} for key in keys]  # fmt: skip
+
+
+def _shard_keys(shard_index: int, per_shard: int = 3) -> list[str]:
+    return [f"{shard_index * per_shard + i:09d}" for i in range(per_shard)]
+
+
 @pytest.mark.integration
-def test_shard_writer_tasks_write_pinned_or_not_and_name_a_failed_shard(ray_session, tmp_path):
-    """Writer tasks (pinned to this node, as for a remote registry, or anywhere) write the same bytes; a write
-    that fails names its shard in the driver's error."""
+def test_shard_writer_tasks_write_each_shard_and_name_a_failed_one(ray_session, tmp_path):
+    """Writer tasks write every shard (bytes hashed as written, marker last); a write that fails names its
+    shard in the driver's error and leaves no marker."""
     from datasets_manifests.registry import Registry
     from pipelines.tasks import _ray_capfilt
-    from pipelines.tasks.capfilt import CapFiltConfig, CapFiltError, marker_path, plan_shards
+    from pipelines.tasks.capfilt import CapFiltConfig, CapFiltError, marker_relpath, plan_shards
 
     registry = Registry(tmp_path / "registry")
     dataset, captioner, filter_model = build_inputs(registry, shards=2, per_shard=3, seed=2)
     config = CapFiltConfig()
     shards = plan_shards(registry, dataset, config)
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
-    keys = {0: ["000000000", "000000001", "000000002"], 1: ["000000003", "000000004", "000000005"]}
+    writers = _ray_capfilt.ShardWriters(config, str(tmp_path / "work"), refs)
+    for shard in shards:
+        writers.submit(shard, _fake_results(_shard_keys(shard.index)))
+    markers = sorted(writers.finish(), key=lambda marker: marker["path"])
+    assert [m["path"] for m in markers] == [s.path for s in shards]
+    assert all((tmp_path / "work" / marker_relpath(s)).exists() for s in shards)
+    for marker in markers:
+        data = (tmp_path / "work" / marker["path"]).read_bytes()
+        assert (marker["sha256"], marker["bytes"], marker["num_samples"]) == (hashlib.sha256(data).hexdigest(), len(data), 3)
 
-    def results(shard_index: int) -> list[dict]:
-        return [{"key": key, "web_text": "a red circle", "error": None, "synthetic": ["a red circle"],
-                 "scores": [0.9, 0.8], "seeds": [1]} for key in keys[shard_index]]  # fmt: skip
-
-    written = {}
-    for pinned in (True, False):
-        work = tmp_path / f"work-{pinned}"
-        writers = _ray_capfilt.ShardWriters(config, work, refs, on_driver_node=pinned)
-        for shard in shards:
-            writers.submit(shard, results(shard.index))
-        markers = sorted(writers.finish(), key=lambda marker: marker["path"])
-        assert [m["path"] for m in markers] == [s.path for s in shards] and all(marker_path(work, s).exists() for s in shards)
-        for marker in markers:
-            data = (work / marker["path"]).read_bytes()
-            assert (marker["sha256"], marker["bytes"], marker["num_samples"]) == (hashlib.sha256(data).hexdigest(), len(data), 3)
-        written[pinned] = [(work / s.path).read_bytes() for s in shards]
-    assert written[True] == written[False]
-
-    writers = _ray_capfilt.ShardWriters(config, tmp_path / "work-bad", refs, on_driver_node=False)
-    writers.submit(shards[1], results(0))  # shard 1's samples, shard 0's results
+    writers = _ray_capfilt.ShardWriters(config, str(tmp_path / "work-bad"), refs)
+    writers.submit(shards[1], _fake_results(_shard_keys(0)))  # shard 1's samples, shard 0's results
     with pytest.raises(CapFiltError, match="shards/train-000001.tar: sample '000000003' has no CapFilt result"):
         writers.finish()
-    assert not marker_path(tmp_path / "work-bad", shards[1]).exists()
+    assert not (tmp_path / "work-bad" / marker_relpath(shards[1])).exists()
+
+
+@pytest.mark.integration
+def test_remote_registry_stages_shards_in_its_store_and_publishes_them_there(tmp_path):
+    """A remote registry (fsspec memory://, standing in for s3://): writers put shards, parts and markers under
+    the registry's shared work prefix; the publish copies the shards inside the store and removes the prefix.
+    In-process (no Ray: memory:// is per process); the writer tasks run this same function on the cluster."""
+    from datasets_manifests.index import read_index
+    from datasets_manifests.ops import verify
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks import capfilt
+    from pipelines.tasks.capfilt import CapFiltConfig, finish_shard, marker_relpath, plan_shards
+
+    registry = Registry(f"memory://capfilt-remote-{os.getpid()}-{time.time_ns()}")
+    dataset, captioner, filter_model = build_inputs(registry, shards=2, per_shard=3, seed=3)
+    config = CapFiltConfig()
+    shards = plan_shards(registry, dataset, config)
+    refs = {"captioner": captioner.ref, "filter": filter_model.ref}
+    shared = registry.shared_work_url("k-remote")
+    assert shared.startswith("memory://")
+    for shard in shards:
+        finish_shard(shared, shard, _fake_results(_shard_keys(shard.index)), config, refs)
+    fs, root = registry.fs, registry.fs._strip_protocol(shared)
+    assert all(fs.exists(f"{root}/{marker_relpath(s)}") and fs.exists(f"{root}/{s.path}") for s in shards)
+    manifest = capfilt._publish(registry, config, "k-remote", shared, shards, "remote-capfilt", "t0",
+                                {"images": 6}, [dataset, captioner, filter_model])  # fmt: skip
+    assert [e.path for e in manifest.shards()] == [s.path for s in shards]
+    assert verify(registry, manifest) == []  # the writers' digests are the published files'
+    assert len(read_index(registry, manifest)) == 6 and manifest.counts["kept"] == 6
+    assert not fs.exists(root)  # the shared work prefix is gone after the publish
 
 
 _DRIVER = """

@@ -182,6 +182,27 @@ def test_write_tar_is_deterministic(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_write_tar_into_an_object_store_is_one_upload_removed_on_error():
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/tar-{uuid.uuid4().hex[:8]}"
+    members = [("a.jpg", b"\xff\xd8x"), ("a.txt", b"hi")]
+    written = webdata.write_tar(f"{root}/s.tar", members, fs)
+    data = fs.cat_file(f"{root}/s.tar")
+    assert (written.sha256, written.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
+
+    def failing():
+        yield members[0]
+        raise ValueError("sample 'b' has no result")
+
+    with pytest.raises(ValueError, match="no result"):
+        webdata.write_tar(f"{root}/t.tar", failing(), fs)
+    assert not fs.exists(f"{root}/t.tar")
+
+
 def test_decode_items_are_whole_shards():
     shard = capfilt.ShardPlan(0, "shards/train-000000.tar", "/x.tar", "train", 11)
     empty = capfilt.ShardPlan(1, "shards/train-000001.tar", "/y.tar", "train", 0)

@@ -131,6 +131,36 @@ def test_digests_from_the_writer_are_checked_by_size_and_verify_recomputes_them(
     assert publish("plain", b"abc", {}).files[0].sha256 == hashlib.sha256(b"abc").hexdigest()
 
 
+def test_files_staged_inside_a_remote_registry_are_copied_there(tmp_path):
+    import hashlib
+
+    from datasets_manifests.ops import verify
+
+    registry = Registry(memory_url())
+    shared = registry.shared_work_url("k1")
+    assert shared.startswith("memory://") and "/.work/k1" in shared
+    registry.fs.pipe(f"{shared}/shards/a.tar", b"tar bytes")  # as a writer task on another node would
+    stage_files(tmp_path / "local", {"stats.json": b"{}"})
+    digest = hashlib.sha256(b"tar bytes").hexdigest()
+
+    def publish(entry: dict) -> Manifest:
+        return registry.publish(kind="dataset", name="toy", staging_dir=tmp_path / "local", remote_staging=shared,
+                                producer=Producer(stage="t"),
+                                files=[{"path": "shards/a.tar", "role": "shard", **entry}, {"path": "stats.json"}])
+
+    with pytest.raises(RegistryError, match="shards/a.tar is staged in the store: its entry needs the writer's sha256"):
+        publish({})
+    with pytest.raises(RegistryError, match="shards/a.tar is 9 bytes; its writer recorded 10"):
+        publish({"sha256": digest, "bytes": 10})
+    manifest = publish({"sha256": digest, "bytes": 9})
+    with registry.open(manifest, "shards/a.tar") as handle:
+        assert handle.read() == b"tar bytes"
+    assert verify(registry, manifest) == [] and manifest.files[0].sha256 == digest
+    with pytest.raises(RegistryError, match="remote_staging is for remote registries"):
+        Registry(tmp_path / "reg").publish(kind="dataset", name="toy", staging_dir=tmp_path / "local",
+                                           remote_staging=shared, producer=Producer(stage="t"), files=[])
+
+
 def test_crash_mid_publish_leaves_no_version_and_retry_works(registry, tmp_path, monkeypatch):
     """Fault injection: placing/uploading the second file raises, as a killed process or a full disk would."""
     staging = tmp_path / "staging"
