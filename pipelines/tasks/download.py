@@ -16,6 +16,7 @@ parent.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import re
@@ -147,8 +148,10 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
     raw_output = _raw_output(cfg, key, stage / "raw")
     _run_img2dataset(cfg, source_table, raw_output)
-    # Shards written elsewhere (shared storage) are copied into the local staging dir that publish reads.
-    copy_to = None if raw_output == str(stage / "raw") else stage / "raw"
+    # Shards written to storage inside a remote registry's store are indexed there and published by a copy
+    # inside the store; shards on other shared storage are copied into the local staging dir publish reads.
+    in_store = raw_output != str(stage / "raw") and _in_registry_store(registry, raw_output)
+    copy_to = None if raw_output == str(stage / "raw") or in_store else stage / "raw"
     rows, files = collect_shards(raw_output, "raw", copy_to=copy_to)
     _check_complete(rows, report.rows, raw_output)
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
@@ -160,7 +163,8 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         shutil.copyfile(local, stage / relpath)
         files.append({"path": relpath, "role": "other"})
     return _publish(registry, name, stage, rows, files + [{"path": "source.parquet", "role": "other"}],
-                    producer, parents=[], extra_counts=extra_counts, stats=stats)
+                    producer, parents=[], extra_counts=extra_counts, stats=stats,
+                    remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None)
 
 
 def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
@@ -211,6 +215,14 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
 # ---------------------------------------------------------------------------------------------- parts
 
 
+def _in_registry_store(registry: Registry, url: str) -> bool:
+    """Whether `url` is in a remote registry's own store (same filesystem: s3 -> s3), so that its files can be
+    published by a copy inside the store instead of through this machine."""
+    from datasets_manifests.sources import url_to_fs
+
+    return not registry.is_local and type(url_to_fs(url)[0]) is type(registry.fs)
+
+
 def _raw_output(cfg: DownloadConfig, key: str, local_dir: Path) -> str:
     """Where img2dataset writes a run's shards: `local_dir`, or <output_folder>/<key>/<its name> when set."""
     if cfg.output_folder is None:
@@ -259,14 +271,16 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
 
     Only shards with a `_stats.json` count (finished). With `copy_to` (a local dir), shard files are copied there
     as `id + id_offset` (to append retried shards after the parent's, or to fetch them from shared storage);
-    without it `raw_output` must be local, and its files are indexed in place. Indexing reads every image (its
-    sha256): the shards are spread over `workers` processes (None: one per CPU core, at most one per
+    without it its files are indexed where they are (a remote registry then publishes them by a copy inside its
+    store). Indexing reads every image (its sha256) and hashes every file as it reads it (the entries carry
+    sha256 and bytes): the shards are spread over `workers` processes (None: one per CPU core, at most one per
     BYTES_PER_INDEX_WORKER of tars), so at 129M images it is not one core reading terabytes.
     """
     import contextlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    import fsspec
     from tqdm import tqdm
 
     from datasets_manifests.sources import url_to_fs
@@ -274,15 +288,13 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     fs, root = url_to_fs(raw_output)
     root = root.rstrip("/")
     is_local = isinstance(fs, LocalFileSystem)
-    if copy_to is None and not is_local:
-        raise ValueError(f"{raw_output}: shards on remote storage need a local copy_to directory")
     jobs: list[tuple[dict[str, str], str]] = []
     stats_files = sorted(fs.glob(f"{root}/{'[0-9]' * SHARD_DIGITS}_stats.json"))
     for stats_path in stats_files:
         shard_id = int(stats_path.rsplit("/", 1)[-1][:SHARD_DIGITS])
         new_id = f"{shard_id + id_offset:0{SHARD_DIGITS}d}"
         sources = {ext: f"{root}/{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
-        names = dict(sources)
+        names = {ext: fs.unstrip_protocol(path) for ext, path in sources.items()}  # URLs, for index_raw_shard
         if copy_to is not None:
             copy_to.mkdir(parents=True, exist_ok=True)
             for ext, path in sources.items():
@@ -294,7 +306,7 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
                 names[ext] = str(target)
         jobs.append((names, f"{prefix}/{new_id}"))
     if workers is None:
-        total = sum(os.path.getsize(names[".tar"]) for names, _ in jobs)
+        total = sum(fsspec.core.url_to_fs(names[".tar"])[0].size(names[".tar"]) for names, _ in jobs)
         workers = min(os.cpu_count() or 1, 1 + total // BYTES_PER_INDEX_WORKER)
     workers = max(1, min(workers, len(jobs)))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
@@ -313,9 +325,29 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     return rows, files
 
 
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts every byte read from `handle` (not seekable: a tar reader on
+    it reads what it would skip, so the digest covers the whole file)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.handle.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+
 def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Index rows and file entries of one finished img2dataset shard (local `.tar`, `.parquet`, `_stats.json`),
-    published as `{stem}.tar` etc. Every stored JPEG is hashed (image_sha256: the shard stage dedups by it)."""
+    """Index rows and file entries of one finished img2dataset shard (`.tar`, `.parquet`, `_stats.json`: local
+    paths or URLs), published as `{stem}.tar` etc. Every stored JPEG is hashed (image_sha256: the shard stage
+    dedups by it), and every file as a whole (the entries' sha256 and bytes: the registry need not re-read them)."""
+    import fsspec
     import pyarrow.parquet as pq
 
     from blip_models.processing import pre_caption
@@ -323,12 +355,22 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, An
 
     tar_rel = f"{stem}.tar"
     located: dict[str, tuple[int, int, str]] = {}  # img2dataset key -> (jpg offset, bytes, sha256)
-    with open(names[".tar"], "rb") as handle:
-        for sample in iter_tar(handle):
+    with fsspec.open(names[".tar"], "rb") as handle:
+        hashing = _HashingReader(handle)
+        reader = io.BufferedReader(hashing, 1 << 20)
+        for sample in iter_tar(reader):
             data = sample.members.get("jpg")
             if data is not None:
                 located[sample.key] = (sample.offsets["jpg"], len(data), hashlib.sha256(data).hexdigest())
-    table = pq.read_table(names[".parquet"])
+        while reader.read(1 << 20):  # the end-of-archive blocks (or what follows a truncation): hashed too
+            pass
+    digests = {".tar": (hashing.digest.hexdigest(), hashing.size)}
+    sidecars = {}
+    for ext in (".parquet", "_stats.json"):
+        with fsspec.open(names[ext], "rb") as handle:
+            sidecars[ext] = handle.read()
+        digests[ext] = (hashlib.sha256(sidecars[ext]).hexdigest(), len(sidecars[ext]))
+    table = pq.read_table(io.BytesIO(sidecars[".parquet"]))
     rows = []
     successes = 0
     for record in table.to_pylist():
@@ -351,7 +393,7 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, An
         rows.append(row)
     files: list[dict[str, Any]] = []
     for ext, role in ((".tar", "shard"), (".parquet", "other"), ("_stats.json", "stats")):
-        entry: dict[str, Any] = {"path": f"{stem}{ext}", "role": role}
+        entry: dict[str, Any] = {"path": f"{stem}{ext}", "role": role, "sha256": digests[ext][0], "bytes": digests[ext][1]}
         if role == "shard":
             entry["num_samples"] = successes
         files.append(entry)
@@ -371,7 +413,7 @@ def _check_complete(rows: list[dict[str, Any]], expected: int, raw_dir: str) -> 
 
 def _publish(registry: Registry, name: str, stage: Path, rows: list[dict[str, Any]], files: list[dict[str, Any]],
              producer: Producer, *, parents: list[Manifest], extra_counts: dict[str, int],
-             stats: dict[str, Any]) -> Manifest:
+             stats: dict[str, Any], remote_staging: str | None = None) -> Manifest:
     from datasets_manifests.index import INDEX_FILE, write_index
 
     rows = sorted(rows, key=lambda row: row["key"])
@@ -382,6 +424,7 @@ def _publish(registry: Registry, name: str, stage: Path, rows: list[dict[str, An
     return registry.publish(
         kind="dataset", name=name, staging_dir=stage, producer=producer, parents=parents,
         files=[*files, {"path": INDEX_FILE, "role": "index"}], counts=counts,
+        digests_from_writer=True, remote_staging=remote_staging,  # the shard entries' digests: index_raw_shard
         drop_reasons=dict(sorted(reasons.items())), stats=stats,
         sample_schema={"jpg": "JPEG bytes (img2dataset re-encoded)", "txt": "raw web caption",
                        "json": "img2dataset metadata + source_key"},

@@ -3,6 +3,7 @@ an fsspec URL, the CLI (presets, missing s3fs, demo-corpus write --config)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -111,8 +112,33 @@ def test_collect_shards_from_shared_storage_url(tmp_path):
     with open(tmp_path / "raw" / "00000.tar", "rb") as handle:
         handle.seek(ok["jpg_offset"])
         assert handle.read(ok["jpg_bytes"]) == b"jpeg bytes a"
-    with pytest.raises(ValueError, match="local copy_to"):
-        collect_shards(url, "raw")
+    # Every file entry carries the digest taken while indexing: the registry does not read the shard again.
+    for entry in files:
+        data = (tmp_path / entry["path"]).read_bytes()
+        assert (entry["sha256"], entry["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_shards_in_a_remote_registrys_store_are_indexed_and_published_there(tmp_path):
+    # Remote registry (memory://, standing in for s3://) and img2dataset's output_folder in the same store: the
+    # shards are indexed where they are and the publish copies them inside the store, not through this machine.
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.ops import verify
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks import download
+
+    registry = Registry(f"memory://dl-reg-{uuid.uuid4().hex[:8]}")
+    raw_output = f"{registry.url}-work/k1/raw"
+    assert download._in_registry_store(registry, raw_output)
+    assert not download._in_registry_store(Registry(tmp_path / "local"), raw_output)
+    fs, root = fsspec.core.url_to_fs(raw_output)
+    _img2dataset_shard(fs, root, 0, [("a", True), ("b", False)])
+    rows, files = collect_shards(raw_output, "raw")
+    (tmp_path / "stage").mkdir()
+    manifest = download._publish(registry, "raw-web", tmp_path / "stage", rows, files, Producer(stage="download"),
+                                 parents=[], extra_counts={}, stats={}, remote_staging=raw_output.rsplit("/", 1)[0])
+    assert {e.path for e in manifest.files} == {"raw/00000.tar", "raw/00000.parquet", "raw/00000_stats.json", "index.parquet"}
+    assert verify(registry, manifest) == [] and manifest.counts["ok"] == 1
+    assert not list((tmp_path / "stage").glob("raw*"))  # nothing of the shards came to this machine
 
 
 def test_collect_shards_in_worker_processes_gives_the_same_index(tmp_path):
