@@ -279,10 +279,10 @@ class Registry:
         missing). `fields` are the other Manifest fields (counts, drop_reasons, stats, splits, ...).
         On a local registry `move=True` hard-links the staged files into place (no copy) and removes them from
         `staging_dir` after the commit; `move=False` copies them and leaves `staging_dir` alone.
-        `digests_from_writer=True`: entries that carry sha256 and bytes got them from the process that wrote the
-        file, hashing the bytes as it wrote them (CapFilt's writer tasks); they are checked by size here, not read
-        again, which would pass every byte of a large dataset through this one process. `blip data verify REF`
-        recomputes every digest of a published version.
+        `digests_from_writer=True`: entries that carry sha256 and bytes got them from the process that wrote or
+        read the file whole, hashing its bytes as they passed (CapFilt's writer tasks, the download's indexer);
+        they are checked by size here, not read again, which would pass every byte of a large dataset through this
+        one process. `blip data verify REF` recomputes every digest of a published version.
         `remote_staging` (a remote registry's `shared_work_url`): files missing from `staging_dir` are taken from
         there, copied inside the store (s3/gcs: server-side), never through this machine; their entries must
         carry the sha256 and bytes their writer recorded, and the copies are checked by size.
@@ -336,16 +336,14 @@ class Registry:
             raise RegistryError(f"invalid file path in a version: {relpath!r}")
         local = staging / relpath
         given = (entry.sha256, entry.bytes) if entry else (data.get("sha256"), data.get("bytes"))
-        if not local.is_file() and remote is not None and self.fs.isfile(f"{remote}/{relpath}"):
-            if not (given[0] and given[1] is not None):
-                raise RegistryError(f"{relpath} is staged in the store: its entry needs the writer's sha256 and bytes")
-            digest, size = str(given[0]), self.fs.size(f"{remote}/{relpath}")
-            if size != given[1]:
-                raise RegistryError(f"staged file {relpath} is {size} bytes; its writer recorded {given[1]}")
-        elif not local.is_file():
+        has_digest = bool(given[0]) and given[1] is not None
+        in_store = not local.is_file() and remote is not None and self.fs.isfile(f"{remote}/{relpath}")
+        if not local.is_file() and not in_store:
             raise RegistryError(f"staged file missing: {local}")
-        elif digests_from_writer and given[0] and given[1] is not None:
-            digest, size = str(given[0]), local.stat().st_size
+        if in_store and not has_digest:
+            raise RegistryError(f"{relpath} is staged in the store: its entry needs the writer's sha256 and bytes")
+        if in_store or (digests_from_writer and has_digest):  # a size check (a stat), not a second read
+            digest, size = str(given[0]), self.fs.size(f"{remote}/{relpath}") if in_store else local.stat().st_size
             if size != given[1]:
                 raise RegistryError(f"staged file {relpath} is {size} bytes; its writer recorded {given[1]}")
         else:

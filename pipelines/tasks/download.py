@@ -280,7 +280,6 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import fsspec
     from tqdm import tqdm
 
     from datasets_manifests.sources import url_to_fs
@@ -289,6 +288,8 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     root = root.rstrip("/")
     is_local = isinstance(fs, LocalFileSystem)
     jobs: list[tuple[dict[str, str], str]] = []
+    tar_bytes = 0
+    listed = {info["name"].rstrip("/"): info.get("size") for info in fs.ls(root, detail=True)}  # one listing
     stats_files = sorted(fs.glob(f"{root}/{'[0-9]' * SHARD_DIGITS}_stats.json"))
     for stats_path in stats_files:
         shard_id = int(stats_path.rsplit("/", 1)[-1][:SHARD_DIGITS])
@@ -305,9 +306,9 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
                     fs.get_file(path, str(target))
                 names[ext] = str(target)
         jobs.append((names, f"{prefix}/{new_id}"))
+        tar_bytes += listed.get(sources[".tar"]) or fs.size(sources[".tar"])
     if workers is None:
-        total = sum(fsspec.core.url_to_fs(names[".tar"])[0].size(names[".tar"]) for names, _ in jobs)
-        workers = min(os.cpu_count() or 1, 1 + total // BYTES_PER_INDEX_WORKER)
+        workers = min(os.cpu_count() or 1, 1 + tar_bytes // BYTES_PER_INDEX_WORKER)
     workers = max(1, min(workers, len(jobs)))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
     rows: list[dict[str, Any]] = []
