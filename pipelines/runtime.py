@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 ENVIRONMENT = {
@@ -86,3 +87,26 @@ def quiet_state_api_warnings() -> None:
     placement group, does not arise here: a private Ray ends with the process that started it.
     """
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def process_count(work_bytes: int, bytes_per_process: int, items: int) -> int:
+    """Worker processes for `work_bytes` of input: one per CPU core, at most one per `bytes_per_process` (starting
+    a process costs about a second, worth it only with that much work for it) and per item, at least one."""
+    return max(1, min(os.cpu_count() or 1, 1 + work_bytes // bytes_per_process, items))
+
+
+def map_in_processes(function: Callable[..., Any], jobs: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
+    """`function(*job)` for each job, in order, in `workers` spawned processes (in this one when `workers` is 1).
+
+    Spawned, not forked: the caller may hold Ray or Prefect threads, whose locks a fork would copy held.
+    `function` must be importable (a module-level function) and its arguments picklable.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(jobs) <= 1:
+        yield from (function(*job) for job in jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        yield from pool.map(function, *zip(*jobs))

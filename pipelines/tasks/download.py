@@ -276,13 +276,10 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     sha256 and bytes): the shards are spread over `workers` processes (None: one per CPU core, at most one per
     BYTES_PER_INDEX_WORKER of tars), so at 129M images it is not one core reading terabytes.
     """
-    import contextlib
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from tqdm import tqdm
 
     from datasets_manifests.sources import url_to_fs
+    from pipelines.runtime import map_in_processes, process_count
 
     fs, root = url_to_fs(raw_output)
     root = root.rstrip("/")
@@ -308,20 +305,14 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
         jobs.append((names, f"{prefix}/{new_id}"))
         tar_bytes += listed.get(sources[".tar"]) or fs.size(sources[".tar"])
     if workers is None:
-        workers = min(os.cpu_count() or 1, 1 + tar_bytes // BYTES_PER_INDEX_WORKER)
-    workers = max(1, min(workers, len(jobs)))
+        workers = process_count(tar_bytes, BYTES_PER_INDEX_WORKER, len(jobs))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
     rows: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        mapper: Any = map
-        if workers > 1:  # spawned: the driver may hold Ray/Prefect threads, whose locks a fork would copy held
-            context = multiprocessing.get_context("spawn")
-            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map
-        for shard_rows, shard_files in mapper(index_raw_shard, *zip(*jobs)) if jobs else ():
-            rows.extend(shard_rows)
-            files.extend(shard_files)
-            progress.update()
+    for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
+        rows.extend(shard_rows)
+        files.extend(shard_files)
+        progress.update()
     progress.close()
     return rows, files
 

@@ -110,32 +110,55 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     return _publish(cfg, registry, parent, name, key, started, stage, records, shard_entries, input_counts)
 
 
+# Pass 1 decodes every image (~30-60 MB/s per core): a process of its own pays off from about this much input.
+SCAN_BYTES_PER_PROCESS = 64 << 20
+
+
 def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any."""
+    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any.
+
+    The raw shards are independent: they are checked in worker processes (`pipelines.runtime.process_count`),
+    records coming back in shard order, so the result is the same as one process's."""
     from tqdm import tqdm
+
+    from pipelines.runtime import map_in_processes, process_count
+
+    expected = _expected_by_shard(registry, parent)
+    entries = parent.shards()
+    jobs = [(cfg, registry.url_of(parent, entry.path), entry.path, expected.get(entry.path, {})) for entry in entries]
+    workers = process_count(sum(entry.bytes for entry in entries), SCAN_BYTES_PER_PROCESS, len(jobs))
+    records: list[dict[str, Any]] = []
+    truncated = 0
+    for shard_records, was_truncated in tqdm(map_in_processes(scan_raw_shard, jobs, workers), total=len(jobs),
+                                             desc="checking raw shards", unit="shard", disable=len(jobs) < 4):  # fmt: skip
+        records.extend(shard_records)
+        truncated += was_truncated
+    return records, {"raw_shards": len(entries), "truncated_shards": truncated}
+
+
+def scan_raw_shard(cfg: ShardConfig, url: str, path: str,
+                   expected: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+    """Pass 1 over one raw shard (`url`, published as `path`): its records, and whether it was truncated (then the
+    samples the raw index lists in it that could not be read are dropped as `truncated_shard`)."""
+    import fsspec
 
     from blip_models.processing import pre_caption
     from pipelines.tasks.webdata import iter_tar
 
-    expected = _expected_by_shard(registry, parent)
     records: list[dict[str, Any]] = []
-    truncated: Counter = Counter()
-    for entry in tqdm(parent.shards(), desc="checking raw shards", unit="shard", disable=len(parent.shards()) < 4):
-        seen: set[str] = set()
-        errors: Counter = Counter()
-        with registry.open(parent, entry.path) as handle:
-            for sample in iter_tar(handle, errors, entry.path):
-                record = _record(cfg, sample, entry.path, pre_caption)
-                if record is None:
-                    continue
-                seen.add(record["key"])
-                records.append(record)
-        if errors:
-            truncated[entry.path] += 1
-            for missing in sorted(set(expected.get(entry.path, {})) - seen):
-                info = expected[entry.path][missing]
-                records.append({**info, "status": "dropped", "drop_reason": "truncated_shard", "source_shard": entry.path})
-    return records, {"raw_shards": len(parent.shards()), "truncated_shards": len(truncated)}
+    seen: set[str] = set()
+    errors: Counter = Counter()
+    with fsspec.open(url, "rb") as handle:
+        for sample in iter_tar(handle, errors, path):
+            record = _record(cfg, sample, path, pre_caption)
+            if record is None:
+                continue
+            seen.add(record["key"])
+            records.append(record)
+    if errors:
+        for missing in sorted(set(expected) - seen):
+            records.append({**expected[missing], "status": "dropped", "drop_reason": "truncated_shard", "source_shard": path})
+    return records, bool(errors)
 
 
 def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) -> dict[str, Any] | None:
@@ -200,41 +223,75 @@ def _decide_duplicates(records: list[dict[str, Any]], cfg: ShardConfig) -> None:
             seen_images.add(record["image_sha256"])
 
 
+# Pass 2 reads each kept image back and writes it: a process of its own pays off from about this much output.
+WRITE_BYTES_PER_PROCESS = 256 << 20
+
+
 def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: list[dict[str, Any]],
                   stage: Path) -> list[dict[str, Any]]:
-    """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards."""
+    """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards.
+
+    Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
+    worker processes when there is enough data (`pipelines.runtime.process_count`); the same bytes either way."""
     from tqdm import tqdm
 
-    from pipelines.tasks.webdata import TarShardWriter
+    from pipelines.runtime import map_in_processes, process_count
 
     kept = [r for r in records if r["status"] == "ok"]
     by_split: dict[str, list[dict[str, Any]]] = {}
     for record in kept:
         record["split"] = split_of(record["key"], cfg.val_fraction)
         by_split.setdefault(record["split"], []).append(record)
+    urls = {entry.path: registry.url_of(parent, entry.path) for entry in parent.shards()}
+    chunks: list[list[dict[str, Any]]] = []
+    jobs: list[tuple[Any, ...]] = []
+    for split in sorted(by_split):
+        order = by_split[split]  # already in key order
+        random.Random(f"{cfg.seed}:{split}").shuffle(order)
+        for first in range(0, len(order), cfg.samples_per_shard):
+            chunk = order[first : first + cfg.samples_per_shard]
+            sources = {path: urls[path] for path in {record["source_shard"] for record in chunk}}
+            chunks.append(chunk)
+            jobs.append((cfg, str(stage), split, first // cfg.samples_per_shard, chunk, sources))
+    workers = process_count(sum(record["source_bytes"] for record in kept), WRITE_BYTES_PER_PROCESS, len(jobs))
     entries: list[dict[str, Any]] = []
-    handles: dict[str, Any] = {}
-    try:
-        for split in sorted(by_split):
-            order = by_split[split]  # already in key order
-            random.Random(f"{cfg.seed}:{split}").shuffle(order)
-            with TarShardWriter(stage, split, cfg.samples_per_shard) as writer:
-                for record in tqdm(order, desc=f"writing {split} shards", unit="sample", disable=len(order) < 2000):
-                    jpg = _read_jpg(registry, parent, record, handles, cfg)
-                    shard, offset, size = writer.write(record["key"], _members(record, jpg))
-                    record.update(shard=shard, jpg_offset=offset, jpg_bytes=size)
-            entries += [{"path": path, "role": "shard", "split": split, "num_samples": n} for path, n in writer.shards]
-    finally:
-        for handle in handles.values():
-            handle.close()
+    results = map_in_processes(write_output_shard, jobs, workers)
+    for chunk, (split, (path, count), updates) in tqdm(zip(chunks, results), total=len(jobs), desc="writing shards",
+                                                       unit="shard", disable=len(jobs) < 4):  # fmt: skip
+        for record, update in zip(chunk, updates):  # the worker's copy of the records was changed, not ours
+            record.update(update)
+        entries.append({"path": path, "role": "shard", "split": split, "num_samples": count})
     return entries
 
 
-def _read_jpg(registry: Registry, parent: Manifest, record: dict[str, Any], handles: dict[str, Any],
-              cfg: ShardConfig) -> bytes:
+def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: list[dict[str, Any]],
+                       sources: dict[str, str]) -> tuple[str, tuple[str, int], list[dict[str, Any]]]:  # fmt: skip
+    """Write `shards/{split}-{index:06d}.tar` from `chunk` (records of one output shard, in order), reading each
+    image from its raw shard (`sources`: path -> URL). Returns the split, (path, samples) and, per record, what
+    the index needs (shard, offsets, and the sha256 of a re-encoded image)."""
+    from pipelines.tasks.webdata import TarShardWriter
+
+    handles: dict[str, Any] = {}
+    updates = []
+    try:
+        with TarShardWriter(stage, split, cfg.samples_per_shard, first_index=index) as writer:
+            for record in chunk:
+                jpg = _read_jpg(sources, record, handles, cfg)
+                shard, offset, size = writer.write(record["key"], _members(record, jpg))
+                updates.append({"shard": shard, "jpg_offset": offset, "jpg_bytes": size,
+                                "image_sha256": record["image_sha256"]})  # fmt: skip
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return split, writer.shards[0], updates
+
+
+def _read_jpg(sources: dict[str, str], record: dict[str, Any], handles: dict[str, Any], cfg: ShardConfig) -> bytes:
+    import fsspec
+
     path = record["source_shard"]
     if path not in handles:
-        handles[path] = registry.open(parent, path)
+        handles[path] = fsspec.open(sources[path], "rb").open()
     handle = handles[path]
     handle.seek(record["source_offset"])
     data = handle.read(record["source_bytes"])

@@ -227,12 +227,12 @@ class TarShardWriter:
     half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes).
     """
 
-    def __init__(self, root: str | Path, split: str, samples_per_shard: int) -> None:
+    def __init__(self, root: str | Path, split: str, samples_per_shard: int, first_index: int = 0) -> None:
         self.root = Path(root)
         self.split = split
         self.samples_per_shard = samples_per_shard
         self.shards: list[tuple[str, int]] = []  # (relative path, samples), in order
-        self._index = 0
+        self._index = first_index  # > 0: one of several writers, each writing its own numbered shards
         self._count = 0
         self._archive: tarfile.TarFile | None = None
         self._tmp: Path | None = None

@@ -138,6 +138,27 @@ def test_rerun_is_noop_and_output_deterministic(raw_version, tmp_path):
     assert first.splits == other.splits
 
 
+def test_raw_shards_checked_in_worker_processes_give_the_same_version(raw_version, monkeypatch):
+    # At scale both passes run in worker processes; drops, truncation, index and bytes are the same.
+    from pipelines import runtime
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
+    serial = run_shard(cfg, raw, name="one-process", registry=registry)
+    monkeypatch.setattr(shard, "SCAN_BYTES_PER_PROCESS", 1)  # one process per raw shard (up to the cores)
+    monkeypatch.setattr(shard, "WRITE_BYTES_PER_PROCESS", 1)  # and per output shard
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    used, real_map = [], runtime.map_in_processes
+    monkeypatch.setattr(runtime, "map_in_processes", lambda fn, jobs, workers: used.append(workers) or real_map(fn, jobs, workers))
+    parallel = run_shard(cfg, raw, name="processes", registry=registry)
+    assert used == [2, 2]  # pass 1 and pass 2
+    assert [(e.path, e.sha256) for e in parallel.files] == [(e.path, e.sha256) for e in serial.files]
+    assert parallel.drop_reasons == serial.drop_reasons and parallel.counts == serial.counts
+    read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
+    assert read(parallel).equals(read(serial))
+
+
 def test_writer_offsets_and_atomic_names(tmp_path):
     with TarShardWriter(tmp_path, "train", 2) as writer:
         places = [writer.write(f"s{i}", {"jpg": bytes([i]) * (100 + i), "txt": b"x"}) for i in range(5)]
