@@ -99,14 +99,22 @@ def map_in_processes(function: Callable[..., Any], jobs: list[tuple[Any, ...]], 
     """`function(*job)` for each job, in order, in `workers` spawned processes (in this one when `workers` is 1).
 
     Spawned, not forked: the caller may hold Ray or Prefect threads, whose locks a fork would copy held.
-    `function` must be importable (a module-level function) and its arguments picklable.
+    `function` must be importable (a module-level function) and its arguments picklable. At most two jobs per
+    worker are submitted ahead (`Executor.map` would pickle every job's arguments at once).
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from collections import deque
+    from concurrent.futures import Future, ProcessPoolExecutor
 
     if workers <= 1 or len(jobs) <= 1:
         yield from (function(*job) for job in jobs)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        yield from pool.map(function, *zip(*jobs))
+        pending: deque[Future[Any]] = deque()
+        for job in jobs:
+            pending.append(pool.submit(function, *job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
