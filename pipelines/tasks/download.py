@@ -193,9 +193,11 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     retry_output = _raw_output(cfg, key, work / "retry")
     if len(failed):
         _run_img2dataset(cfg, source_table, retry_output)
-    # The parent's shards and sidecars come along unchanged; retried shards are numbered after them.
+    # The parent's shards and sidecars come along unchanged; retried shards are numbered after them. A local
+    # registry hard-links them into the staging dir; a remote one copies them inside its store at publish.
     parent_files = [e for e in parent.files if e.path.startswith("raw/")]
-    for entry in parent_files:
+    remote_staging = None if registry.is_local else registry.version_path("dataset", parent.name, parent.version)
+    for entry in parent_files if registry.is_local else ():
         _link_or_copy(registry, parent, entry.path, stage / entry.path)
     first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
                        default=-1)
@@ -204,12 +206,13 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     kept_rows = kept.to_pylist()
     retried = len(rows)
     recovered = sum(1 for row in rows if row["status"] == "ok")
-    files = [{"path": e.path, "role": e.role, "num_samples": e.num_samples} for e in parent_files] + files
+    files = [{"path": e.path, "role": e.role, "num_samples": e.num_samples, "sha256": e.sha256, "bytes": e.bytes}
+             for e in parent_files] + files  # fmt: skip
     producer = Producer(stage=RETRY_STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
     return _publish(registry, name, stage, kept_rows + rows, files, producer, parents=[parent],
                     extra_counts={"retried": retried, "recovered": recovered},
-                    stats={"retry_of": parent.ref})
+                    stats={"retry_of": parent.ref}, remote_staging=remote_staging)
 
 
 # ---------------------------------------------------------------------------------------------- parts

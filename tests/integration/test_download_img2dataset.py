@@ -86,6 +86,27 @@ def test_download_matches_ground_truth_and_retry(corpus, tmp_path):
     assert sum(1 for _ in iter_samples(registry, dataset, decode=True, counts=counts)) == dataset.num_samples
 
 
+def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(corpus, tmp_path, monkeypatch):
+    # A registry on fsspec memory:// (as s3://): the retried version's unchanged parent shards are copied inside
+    # the store at publish, not downloaded to this machine and uploaded again.
+    import uuid
+
+    from datasets_manifests.ops import verify
+
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
+    registry = Registry(f"memory://dl-retry-{uuid.uuid4().hex[:8]}")
+    with serve_corpus(corpus) as base:
+        source = write_source_list(corpus, base, tmp_path / "source.parquet")
+        raw = run_download(_config(), source, name="raw", registry=registry)
+        retried = run_retry_failed(_config(), raw.ref, name="raw", registry=registry)
+    parent_shards = {e.path: e.sha256 for e in raw.files if e.path.startswith("raw/")}
+    assert {e.path: e.sha256 for e in retried.files if e.path in parent_shards} == parent_shards
+    assert retried.counts["recovered"] == raw.drop_reasons["http_503"] and verify(registry, retried) == []
+    retry_work = next((tmp_path / "work").rglob("retry_source.parquet")).parent
+    staged = {f"raw/{path.name}" for path in (retry_work / "stage" / "raw").glob("*.tar")}
+    assert staged and not staged & set(parent_shards)  # only the retried shards were on this machine
+
+
 def test_resume_after_kill(corpus, tmp_path):
     truth = read_ground_truth(corpus).to_pylist()
     registry_dir = tmp_path / "registry"
