@@ -30,15 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.config import RangeError, check_range
-from pipelines.tasks.webdata import count_tar_samples, iter_tar_samples, write_tar
+from pipelines.tasks.webdata import atomic_output, count_tar_samples, iter_tar_samples, write_tar
 
 if TYPE_CHECKING:
     from datasets_manifests.manifest import Manifest
@@ -466,12 +464,6 @@ def _url_to_fs(url: str) -> tuple[Any, str]:
     return fs, path.rstrip("/")
 
 
-def _is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
     """Decode tasks: one per non-empty shard, read once front to back (see `_ray_capfilt.decode_shard`)."""
     return [{"shard_index": shard.index, "path": shard.path, "url": shard.url, "expected": shard.num_samples}
@@ -581,13 +573,8 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
     marker = {"path": shard.path, "split": shard.split, "num_samples": sum(row["status"] == "ok" for row in index_rows),
               "sha256": written.sha256, "bytes": written.bytes, "stats": shard_stats(text_rows, index_rows),
               "write_s": round(time.perf_counter() - began, 4)}  # fmt: skip
-    path, data = f"{root}/{marker_relpath(shard)}", json.dumps(marker, sort_keys=True).encode()
-    if _is_local(fs):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).with_suffix(".tmp").write_bytes(data)
-        os.replace(Path(path).with_suffix(".tmp"), path)  # the commit of this shard
-    else:
-        fs.pipe_file(path, data)  # one upload: the commit of this shard
+    with atomic_output(f"{root}/{marker_relpath(shard)}", fs) as handle:  # the commit of this shard
+        handle.write(json.dumps(marker, sort_keys=True).encode())
     return marker
 
 
@@ -733,6 +720,6 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
                                     "the BLIP union); a reader may sample one per step; txt = best kept text"},
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
-    if not _is_local(fs):
+    if not registry.is_local:  # the shared work prefix inside the store
         fs.rm(root, recursive=True)
     return manifest

@@ -12,6 +12,7 @@ truncated or corrupt shard ends that shard's stream and is counted, never a cras
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -128,32 +129,42 @@ class _HashingWriter:
         return self.size
 
 
-def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None) -> WrittenTar:
-    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names.
+@contextlib.contextmanager
+def atomic_output(path: str | Path, fs: Any = None) -> Iterator[IO[bytes]]:
+    """A binary handle whose bytes appear at `path` whole or not at all.
 
-    On a local disk (`fs` None or local) it is written to a temp name, then renamed; in an object store (`fs` an
-    fsspec filesystem) it is one upload, which appears whole when it completes (on an error it is removed).
-    `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
-    and every member's data offset, taken while writing: the caller records them (registry entry, index
-    offsets) without reading the file back.
+    On a local disk (`fs` None or local) they go to a temp name, renamed into place on success; in an object
+    store (`fs` an fsspec filesystem) they are one upload, which appears when it completes and is removed on an
+    error.
     """
     from fsspec.implementations.local import LocalFileSystem
 
     if fs is not None and not isinstance(fs, LocalFileSystem):
         try:
             with fs.open(str(path), "wb") as handle:
-                return _write_tar_stream(handle, members)
+                yield handle
         except BaseException:
             if fs.exists(str(path)):
                 fs.rm(str(path))
             raise
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        written = _write_tar_stream(handle, members)
+        yield handle
     os.replace(tmp, path)
-    return written
+
+
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None) -> WrittenTar:
+    """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names, put in place by `atomic_output`.
+
+    `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
+    and every member's data offset, taken while writing: the caller records them (registry entry, index
+    offsets) without reading the file back.
+    """
+    with atomic_output(path, fs) as handle:
+        return _write_tar_stream(handle, members)
 
 
 def _write_tar_stream(handle: IO[bytes], members: Iterable[tuple[str, bytes]]) -> WrittenTar:
