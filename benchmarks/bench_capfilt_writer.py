@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -46,44 +45,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def noise_jpegs(kib: int, count: int = 4) -> list[bytes]:
-    """A few JPEGs of about `kib` KiB (noise compresses badly, so the side is chosen by size)."""
+def noise_jpegs(width: int, height: int, count: int = 4, quality: int = 75) -> list[bytes]:
+    """A few noise JPEGs of `width` x `height` px (noise compresses badly: ~0.75 bytes per pixel at quality 75)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    side = max(16, int((kib * 1024 / 0.75) ** 0.5))  # ~0.75 bytes per noise pixel at quality 75
     images = []
     for _ in range(count):
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=75)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=quality)
         images.append(buffer.getvalue())
     return images
+
+
+def side_for_kib(kib: int) -> int:
+    """The side of a square quality-75 noise JPEG of about `kib` KiB."""
+    return max(16, int((kib * 1024 / 0.75) ** 0.5))
 
 
 def build_shards(root: Path, args: argparse.Namespace) -> tuple[list[Any], dict[int, list[dict[str, Any]]]]:
     """Input shards in the shard stage's format, their ShardPlans, and one CapFilt result per sample."""
     from pipelines.tasks.capfilt import ShardPlan
+    from pipelines.tasks.webdata import write_tar
 
-    jpegs = noise_jpegs(args.jpeg_kib)
+    side = side_for_kib(args.jpeg_kib)
+    jpegs = noise_jpegs(side, side)
     plans, results = [], {}
     for shard in range(args.shards):
         path = f"shards/train-{shard:06d}.tar"
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        with tarfile.open(root / path, "w") as tar:
-            for position in range(args.per_shard):
-                key = f"{shard * args.per_shard + position:09d}"
-                jpg = jpegs[position % len(jpegs)]
-                meta = {"key": key, "url": f"http://127.0.0.1/{key}.jpg", "raw_caption": "a red circle",
-                        "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": 1, "height": 1}  # fmt: skip
-                for ext, data in (("jpg", jpg), ("txt", b"a red circle"), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                score = (position % 10) / 10  # some texts kept, some dropped: both branches of build_sample
-                rows.append({"key": key, "web_text": "a red circle", "error": None, "synthetic": ["a red square"],
-                             "scores": [score, 1 - score], "seeds": [position]})  # fmt: skip
+        rows, members = [], []
+        for position in range(args.per_shard):
+            key = f"{shard * args.per_shard + position:09d}"
+            jpg = jpegs[position % len(jpegs)]
+            meta = {"key": key, "url": f"http://127.0.0.1/{key}.jpg", "raw_caption": "a red circle",
+                    "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": 1, "height": 1}  # fmt: skip
+            members += [(f"{key}.jpg", jpg), (f"{key}.txt", b"a red circle"), (f"{key}.json", json.dumps(meta).encode())]
+            score = (position % 10) / 10  # some texts kept, some dropped: both branches of build_sample
+            rows.append({"key": key, "web_text": "a red circle", "error": None, "synthetic": ["a red square"],
+                         "scores": [score, 1 - score], "seeds": [position]})  # fmt: skip
+        write_tar(root / path, members)
         plans.append(ShardPlan(shard, path, str(root / path), "train", args.per_shard))
         results[shard] = rows
     return plans, results

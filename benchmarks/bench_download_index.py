@@ -14,12 +14,10 @@ temporary shards).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_capfilt_writer import noise_jpegs  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_capfilt_writer import noise_jpegs, side_for_kib  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,22 +43,22 @@ def build_shards(root: Path, args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    jpegs = noise_jpegs(args.jpeg_kib)
+    from pipelines.tasks.webdata import write_tar
+
+    side = side_for_kib(args.jpeg_kib)
+    jpegs = noise_jpegs(side, side)
     root.mkdir(parents=True)
     for shard in range(args.shards):
         name = f"{shard:05d}"
-        records = []
-        with tarfile.open(root / f"{name}.tar", "w") as tar:
-            for position in range(args.per_shard):
-                key, ok = f"{name}{position:04d}", position % 10 != 3
-                if ok:
-                    data = jpegs[position % len(jpegs)]
-                    info = tarfile.TarInfo(f"{key}.jpg")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                records.append({"key": key, "url": f"http://127.0.0.1/{key}.jpg", "caption": f"A photo of thing {key}",
-                                "source_key": f"s{key}", "status": "success" if ok else "failed_to_download",
-                                "error_message": None if ok else "HTTP Error 404: Not Found", "width": 8, "height": 8})  # fmt: skip
+        records, members = [], []
+        for position in range(args.per_shard):
+            key, ok = f"{name}{position:04d}", position % 10 != 3
+            if ok:
+                members.append((f"{key}.jpg", jpegs[position % len(jpegs)]))
+            records.append({"key": key, "url": f"http://127.0.0.1/{key}.jpg", "caption": f"A photo of thing {key}",
+                            "source_key": f"s{key}", "status": "success" if ok else "failed_to_download",
+                            "error_message": None if ok else "HTTP Error 404: Not Found", "width": 8, "height": 8})  # fmt: skip
+        write_tar(root / f"{name}.tar", members)
         pq.write_table(pa.Table.from_pylist(records), root / f"{name}.parquet")
         (root / f"{name}_stats.json").write_text(json.dumps({"successes": args.per_shard}))
 

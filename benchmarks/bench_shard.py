@@ -13,12 +13,10 @@ Inputs: `--shards` raw shards in the download stage's format of `--per-shard` no
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_capfilt_writer import noise_jpegs  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,33 +38,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def publish_raw(registry: Any, root: Path, args: argparse.Namespace) -> Any:
     """A raw version: tars of {key}.jpg/.txt/.json as the download stage publishes them."""
-    import numpy as np
-    from PIL import Image
-
     from datasets_manifests.manifest import Producer
+    from pipelines.tasks.webdata import write_tar
 
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(8):
-        buffer = io.BytesIO()
-        pixels = rng.integers(0, 256, (args.side * 3 // 4, args.side, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=60)
-        jpegs.append(buffer.getvalue())
-    (root / "raw").mkdir(parents=True)
+    jpegs = noise_jpegs(args.side, args.side * 3 // 4, count=8, quality=60)
     files = []
     for shard in range(args.shards):
         path = f"raw/{shard:05d}.tar"
-        with tarfile.open(root / path, "w") as tar:
-            for position in range(args.per_shard):
-                row = shard * args.per_shard + position
-                key = f"{shard:05d}{position:04d}"
-                # Distinct bytes per sample (the image dedup must keep them): the JPEG comment differs.
-                jpg = jpegs[row % len(jpegs)][:2] + b"\xff\xfe\x00\x0a" + row.to_bytes(8, "big") + jpegs[row % len(jpegs)][2:]
-                meta = {"source_key": f"s{row:08d}", "url": f"http://127.0.0.1/{row}.jpg"}
-                for ext, data in (("jpg", jpg), ("txt", f"A photo of thing {row}".encode()), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for position in range(args.per_shard):
+            row = shard * args.per_shard + position
+            key = f"{shard:05d}{position:04d}"
+            # Distinct bytes per sample (the image dedup must keep them): the JPEG comment differs.
+            jpg = jpegs[row % len(jpegs)][:2] + b"\xff\xfe\x00\x0a" + row.to_bytes(8, "big") + jpegs[row % len(jpegs)][2:]
+            meta = {"source_key": f"s{row:08d}", "url": f"http://127.0.0.1/{row}.jpg"}
+            members += [(f"{key}.jpg", jpg), (f"{key}.txt", f"A photo of thing {row}".encode()),
+                        (f"{key}.json", json.dumps(meta).encode())]  # fmt: skip
+        write_tar(root / path, members)
         files.append({"path": path, "role": "shard", "num_samples": args.per_shard})
     return registry.publish(kind="dataset", name="raw-bench", staging_dir=root, files=files,
                             producer=Producer(stage="bench"))  # fmt: skip
