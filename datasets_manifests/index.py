@@ -172,16 +172,60 @@ def write_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], path: str | 
     return len(table)
 
 
+def write_index_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Validate and write `index.parquet` from tables in strictly increasing key order, one at a time (an index
+    larger than memory; the INDEX_SCHEMA columns only); returns `summarize_index` of the whole. The file is the one
+    `write_index` writes for their concatenation when each table's length is a multiple of ROW_GROUP_SIZE (the last excepted)."""
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if "://" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    last_key: str | None = None
+    # The schema `write_index` writes (validate_index checks the non-null columns, the file does not declare them).
+    schema = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA])
+    with _open_for_write(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for table in tables:
+            table = validate_index(table, what=path)
+            if not len(table):
+                continue
+            keys = table.column("key")
+            if last_key is not None and keys[0].as_py() <= last_key:
+                raise SampleIndexError(f"{path}: key {keys[0].as_py()!r} after {last_key!r}: batches out of key order")
+            last_key = keys[-1].as_py()
+            writer.write_table(table.select(schema.names).cast(schema), row_group_size=ROW_GROUP_SIZE)
+            summaries.append(summarize_index(table))
+    total: dict[str, Counter] = {"counts": Counter({"total": 0, "ok": 0, "dropped": 0}), "drop_reasons": Counter(),
+                                 "splits": Counter()}  # fmt: skip
+    for summary in summaries:
+        for part, counter in total.items():
+            counter.update(summary[part])
+    return {"counts": dict(total["counts"]), "drop_reasons": dict(sorted(total["drop_reasons"].items())),
+            "splits": dict(sorted(total["splits"].items()))}  # fmt: skip
+
+
+def _open_for_write(path: str) -> Any:
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "wb")
+    return open(path, "wb")  # noqa: SIM115 - closed by the caller's `with`
+
+
 def summarize_index(table: pa.Table) -> dict[str, Any]:
     """Counts a manifest records from its index: totals, drop reasons and per-split kept samples."""
-    status = table.column("status").to_pylist()
-    reasons = Counter(r for r in table.column("drop_reason").to_pylist() if r is not None)
+
+    def counts(values: pa.ChunkedArray) -> Counter:
+        return Counter({item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(values)
+                        if item["values"].as_py() is not None})  # fmt: skip
+
+    status = counts(table.column("status"))
     ok = pc.equal(table.column("status"), "ok")
-    splits = Counter(s for s in table.filter(ok).column("split").to_pylist() if s is not None)
     return {
-        "counts": {"total": len(status), "ok": status.count("ok"), "dropped": status.count("dropped")},
-        "drop_reasons": dict(sorted(reasons.items())),
-        "splits": dict(sorted(splits.items())),
+        "counts": {"total": len(table), "ok": status["ok"], "dropped": status["dropped"]},
+        "drop_reasons": dict(sorted(counts(table.column("drop_reason")).items())),
+        "splits": dict(sorted(counts(table.filter(ok).column("split")).items())),
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 ENVIRONMENT = {
@@ -95,8 +95,9 @@ def process_count(work_bytes: int, bytes_per_process: int, items: int) -> int:
     return max(1, min(os.cpu_count() or 1, 1 + work_bytes // bytes_per_process, items))
 
 
-def map_in_processes(function: Callable[..., Any], jobs: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
+def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...]], workers: int) -> Iterator[Any]:
     """`function(*job)` for each job, in order, in `workers` spawned processes (in this one when `workers` is 1).
+    `jobs` may be a generator: a job is built only when it is submitted.
 
     Spawned, not forked: the caller may hold Ray or Prefect threads, whose locks a fork would copy held.
     `function` must be importable (a module-level function) and its arguments picklable. At most two jobs per
@@ -106,11 +107,11 @@ def map_in_processes(function: Callable[..., Any], jobs: list[tuple[Any, ...]], 
     from collections import deque
     from concurrent.futures import Future, ProcessPoolExecutor
 
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1:
         yield from (function(*job) for job in jobs)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque[Future[Any]] = deque()
         for job in jobs:
             pending.append(pool.submit(function, *job))

@@ -3,18 +3,23 @@
 What it does, in order, with a drop reason for every sample it drops (datatrove's `filter -> (keep, reason)`):
 decode check (`corrupt_image`, `too_large` for decompression bombs; greyscale/CMYK/alpha converted to RGB),
 BLIP caption normalisation (`pre_caption`, salesforce/BLIP data/utils.py; raw text kept) with `empty_caption`
-and `absurd_caption` (too long, or no letters), then exact dedup by URL (`duplicate_url`) and by the sha256 of
-the image bytes (`duplicate_image`), keeping the first sample in key order. The train/val split is a hash of
-the key (stable when the corpus grows); the order inside a split is a seeded shuffle. Shards are
+and `absurd_caption` (too long, or no letters), then exact dedup by URL (`duplicate_url`; samples without a URL
+are not compared) and by the sha256 of the image bytes (`duplicate_image`), keeping the first sample in key
+order. The train/val split is a hash of the key (stable when the corpus grows); the order inside a split is a
+seeded shuffle. Shards are
 `shards/{split}-{i:06d}.tar`, gap-free, written atomically, and `index.parquet` points at each `.jpg` member.
 
-Two passes keep memory at ~200 bytes per sample: pass 1 streams the raw tars and decides; pass 2 reads the
-kept bytes back by offset and writes. A truncated raw tar keeps the samples before the truncation; the ones the
-raw index says were in it but could not be read are dropped as `truncated_shard` (never a crash).
+Two passes, each spread over worker processes: pass 1 checks every raw shard and appends its records (no image
+bytes) to an Arrow file on disk; the driver decides the dedup and the output shards on arrays (the records
+stay memory-mapped, ~50 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
+kept bytes back by offset; the index is written a batch at a time. A truncated raw tar keeps the samples before
+the truncation; the ones the raw index says were in it but could not be read are dropped as `truncated_shard`
+(never a crash).
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
@@ -23,7 +28,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, now_utc
@@ -98,70 +107,97 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     if cached is not None:
         return cached
     started = now_utc()
-    stage = registry.work_dir(key) / "stage"
+    work = registry.work_dir(key)
+    stage, records_path = work / "stage", work / RECORDS_FILE
     if stage.exists():  # a crashed run: this stage is cheap next to the download, so start clean
         import shutil
 
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    records, input_counts = _scan(cfg, registry, parent)
-    _decide_duplicates(records, cfg)
-    shard_entries = _write_shards(cfg, registry, parent, records, stage)
-    return _publish(cfg, registry, parent, name, key, started, stage, records, shard_entries, input_counts)
+    input_counts = _scan(cfg, registry, parent, records_path)
+    records = _open_records(records_path)
+    decision = _decide(records, cfg)
+    shard_entries, written = _write_shards(cfg, registry, parent, records, decision, stage)
+    manifest = _publish(cfg, registry, parent, name, key, started, stage, records, decision, written, shard_entries,
+                        input_counts)  # fmt: skip
+    del records  # the memory map, before its file goes
+    records_path.unlink()
+    return manifest
 
+
+# Pass 1's records, one row per raw sample, kept on disk (an Arrow IPC file read through a memory map) so that
+# the driver holds ~50 bytes per sample (sort order, decisions, offsets), not the captions: 129M samples as
+# Python dicts took well over 100 GB.
+RECORDS_FILE = "records.arrow"
+RECORD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("url", pa.string()), ("raw_caption", pa.string()), ("caption", pa.string()),
+    ("split", pa.string()), ("source_shard", pa.string()), ("status", pa.string()), ("drop_reason", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("image_sha256", pa.string()), ("source_offset", pa.int64()),
+    ("source_bytes", pa.int64()), ("reencode", pa.bool_()),
+    # 128-bit digests the dedup groups by (null: no URL, or no image).
+    ("url_hash", pa.binary(16)), ("image_hash", pa.binary(16)),
+])  # fmt: skip
 
 # Pass 1 decodes every image (~30-60 MB/s per core): a process of its own pays off from about this much input.
 SCAN_BYTES_PER_PROCESS = 64 << 20
 
 
-def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any.
+def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, records_path: Path) -> dict[str, int]:
+    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, appended to
+    `records_path` in raw shard order.
 
     The raw shards are independent: they are checked in worker processes (`pipelines.runtime.process_count`),
-    records coming back in shard order, so the result is the same as one process's."""
+    records coming back in shard order, so the file is the same as one process's."""
     from tqdm import tqdm
 
+    from datasets_manifests.index import INDEX_FILE
     from pipelines.runtime import map_in_processes, process_count
 
-    expected = _expected_by_shard(registry, parent)
+    index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
     entries = parent.shards()
-    jobs = [(cfg, registry.url_of(parent, entry.path), entry.path, expected.get(entry.path, {})) for entry in entries]
+    jobs = [(cfg, registry.url_of(parent, entry.path), entry.path, index_url) for entry in entries]
     workers = process_count(sum(entry.bytes for entry in entries), SCAN_BYTES_PER_PROCESS, len(jobs))
-    records: list[dict[str, Any]] = []
     truncated = 0
-    for shard_records, was_truncated in tqdm(map_in_processes(scan_raw_shard, jobs, workers), total=len(jobs),
-                                             desc="checking raw shards", unit="shard", disable=len(jobs) < 4):  # fmt: skip
-        records.extend(shard_records)
-        truncated += was_truncated
-    return records, {"raw_shards": len(entries), "truncated_shards": truncated}
+    with pa.OSFile(str(records_path), "wb") as sink, pa.ipc.new_file(sink, RECORD_SCHEMA) as writer:
+        for table, was_truncated in tqdm(map_in_processes(scan_raw_shard, jobs, workers), total=len(jobs),
+                                         desc="checking raw shards", unit="shard", disable=len(jobs) < 4):  # fmt: skip
+            writer.write_table(table)
+            truncated += was_truncated
+    return {"raw_shards": len(entries), "truncated_shards": truncated}
 
 
-def scan_raw_shard(cfg: ShardConfig, url: str, path: str,
-                   expected: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
-    """Pass 1 over one raw shard (`url`, published as `path`): its records, and whether it was truncated (then the
-    samples the raw index lists in it that could not be read are dropped as `truncated_shard`)."""
+def _open_records(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # zero-copy: pages are read when touched
+
+
+def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None) -> tuple[pa.Table, bool]:
+    """Pass 1 over one raw shard (`url`, published as `path`): its records (RECORD_SCHEMA), and whether it was
+    truncated (then the samples the raw index at `index_url` lists in it that could not be read are dropped as
+    `truncated_shard`)."""
     import fsspec
 
     from blip_models.processing import pre_caption
     from pipelines.tasks.webdata import iter_tar
 
     records: list[dict[str, Any]] = []
-    seen: set[str] = set()
     errors: Counter = Counter()
     with fsspec.open(url, "rb") as handle:
         for sample in iter_tar(handle, errors, path):
-            record = _record(cfg, sample, path, pre_caption)
-            if record is None:
-                continue
-            seen.add(record["key"])
-            records.append(record)
-    if errors:
-        for missing in sorted(set(expected) - seen):
-            records.append({**expected[missing], "status": "dropped", "drop_reason": "truncated_shard", "source_shard": path})
-    return records, bool(errors)
+            records.append(_record(cfg, sample, path, pre_caption))
+    if errors and index_url is not None:
+        seen = {record["key"] for record in records}
+        for row in _expected_rows(index_url, path):
+            if row["key"] not in seen:
+                records.append({**row, "status": "dropped", "drop_reason": "truncated_shard", "source_shard": path})
+    for record in records:
+        record["split"] = split_of(record["key"], cfg.val_fraction)
+        record["url_hash"] = None if record["url"] is None else hashlib.blake2b(record["url"].encode(), digest_size=16).digest()
+        sha = record.get("image_sha256")
+        record["image_hash"] = None if sha is None else bytes.fromhex(sha[:32])
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), bool(errors)
 
 
-def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) -> dict[str, Any] | None:
+def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) -> dict[str, Any]:
     data = sample.members.get("jpg")
     try:
         meta = json.loads(sample.members.get("json", b"{}"))
@@ -171,9 +207,8 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) ->
     raw = sample.members.get("txt", b"").decode("utf-8", errors="replace")
     caption = pre_caption(raw, cfg.max_words)
     record = {"key": key, "url": meta.get("url"), "raw_caption": raw, "caption": caption, "source_shard": shard_path,
-              "raw_key": sample.key, "status": "ok", "drop_reason": None, "width": None, "height": None,
-              "image_sha256": None, "source_offset": sample.offsets.get("jpg"), "source_bytes": len(data or b""),
-              "reencode": False}
+              "status": "ok", "drop_reason": None, "width": None, "height": None, "image_sha256": None,
+              "source_offset": sample.offsets.get("jpg"), "source_bytes": len(data or b""), "reencode": False}
     if data is None:
         record.update(status="dropped", drop_reason="missing_image")
         return record
@@ -186,49 +221,140 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) ->
     return record
 
 
-def _expected_by_shard(registry: Registry, parent: Manifest) -> dict[str, dict[str, dict[str, Any]]]:
-    """The raw index's ok rows, by shard: what a truncated shard should have held."""
-    from datasets_manifests.index import INDEX_FILE, read_index
+def _expected_rows(index_url: str, shard_path: str) -> list[dict[str, Any]]:
+    """The raw index's ok rows of one shard: what a truncated shard should have held."""
+    import fsspec
+    import pyarrow.parquet as pq
 
-    if not any(e.path == INDEX_FILE for e in parent.files):
-        return {}
-    table = read_index(registry, parent, ["key", "url", "raw_caption", "caption", "shard", "status"])
-    expected: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in table.to_pylist():
-        if row["status"] == "ok" and row["shard"]:
-            expected.setdefault(row["shard"], {})[row["key"]] = {
-                "key": row["key"], "url": row["url"], "raw_caption": row["raw_caption"], "caption": row["caption"]}
-    return expected
+    columns = ["key", "url", "raw_caption", "caption"]
+    with fsspec.open(index_url, "rb") as handle:
+        table = pq.read_table(handle, columns=columns, filters=[("shard", "=", shard_path), ("status", "=", "ok")])
+    return table.to_pylist()
 
 
-def _decide_duplicates(records: list[dict[str, Any]], cfg: ShardConfig) -> None:
-    """Exact dedup in key order: the first sample with a URL / image hash stays, later ones are dropped."""
-    records.sort(key=lambda record: (record["key"], record["source_shard"]))
-    seen_keys: set[str] = set()
-    seen_urls: set[str] = set()
-    seen_images: set[str] = set()
-    for record in records:
-        if record["status"] != "ok":
-            continue
-        if record["key"] in seen_keys:
-            # The same source row twice (the download stage refuses this; a hand-made raw version may not).
-            record.update(status="dropped", drop_reason="duplicate_key")
-        elif cfg.dedup_url and record["url"] in seen_urls:
-            record.update(status="dropped", drop_reason="duplicate_url")
-        elif cfg.dedup_image and record["image_sha256"] in seen_images:
-            record.update(status="dropped", drop_reason="duplicate_image")
-        seen_keys.add(record["key"])
-        if record["status"] == "ok":
-            seen_urls.add(record["url"])
-            seen_images.add(record["image_sha256"])
+# ----------------------------------------------------------------------------------------- decisions
+
+# Why the driver drops an ok record of pass 1 (codes of `Decision.dropped_as`; 0: not dropped here).
+DUPLICATE_REASONS = (None, "duplicate_key", "duplicate_url", "duplicate_image")
+
+
+@dataclass
+class Decision:
+    """What pass 1's records become, as arrays over record rows (the order of the records file)."""
+
+    order: np.ndarray  # record rows in key order (ties: source shard, then file order)
+    dropped_as: np.ndarray  # int8 code into DUPLICATE_REASONS
+    kept: np.ndarray  # bool: status ok after the dedup
+
+
+def _decide(records: pa.Table, cfg: ShardConfig) -> Decision:
+    """Exact dedup in key order: a repeated key is dropped; the first sample with a URL / image hash stays, later
+    ones are dropped (URL checked first) - the result of visiting the samples one by one, computed on arrays."""
+    order = pc.sort_indices(records.select(["key", "source_shard"]),
+                            sort_keys=[("key", "ascending"), ("source_shard", "ascending")]).to_numpy()  # fmt: skip
+    ok = pc.equal(records.column("status"), "ok").to_numpy(zero_copy_only=False)
+    dropped_as = np.zeros(len(records), dtype=np.int8)
+    visit = order[ok[order]]  # ok records in key order
+    if len(visit) > 1:
+        keys = records.column("key").take(visit)
+        repeated = np.concatenate([[False], pc.equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)])
+        dropped_as[visit[repeated]] = DUPLICATE_REASONS.index("duplicate_key")
+        visit = visit[~repeated]
+    groups = [_hash_groups(records.column(column).take(visit)) if enabled else np.arange(len(visit))
+              for column, enabled in (("url_hash", cfg.dedup_url), ("image_hash", cfg.dedup_image))]  # fmt: skip
+    reasons = first_come_dedup(groups)
+    for group_index, reason in enumerate(("duplicate_url", "duplicate_image")):
+        dropped_as[visit[reasons == group_index]] = DUPLICATE_REASONS.index(reason)
+    return Decision(order=order, dropped_as=dropped_as, kept=ok & (dropped_as == 0))
+
+
+def _hash_groups(hashes: pa.ChunkedArray) -> np.ndarray:
+    """Group ids of 16-byte digests (equal digest, equal id); a null digest is a group of its own."""
+    array = hashes.combine_chunks()
+    values = np.frombuffer(array.buffers()[1], dtype="V16", count=len(array), offset=array.offset * 16)
+    _, groups = np.unique(values, return_inverse=True)
+    groups = groups.reshape(-1).astype(np.int64)
+    null = array.is_null().to_numpy(zero_copy_only=False)
+    groups[null] = groups.max(initial=-1) + 1 + np.arange(int(null.sum()))
+    return groups
+
+
+def first_come_dedup(groups: list[np.ndarray]) -> np.ndarray:
+    """Visit items 0..n-1 in order: an item is dropped when an earlier *kept* item shares one of its groups (the
+    reason is the first such group in `groups`' order), else kept. Returns -1 (kept) or that group's index.
+
+    The loop is done in rounds over arrays (n is a dataset's size): an item is decided once what it depends on
+    is - dropped as soon as an earlier kept item shares a group, provided no group checked before it can still
+    gain one; kept when every earlier item sharing a group is dropped. The first undecided item always decides,
+    so the rounds end; items that share no group with anyone (most of them) are kept without a round."""
+    count = len(groups[0]) if groups else 0
+    reason = np.full(count, -1, dtype=np.int8)
+    shared = np.zeros(count, dtype=bool)
+    for group in groups:
+        sizes = np.bincount(group)
+        shared |= sizes[group] > 1
+    items = np.flatnonzero(shared)  # only these can be dropped; their visiting order is kept
+    if len(items) == 0:
+        return reason
+    layouts = [_GroupLayout(group[items]) for group in groups]
+    state = np.zeros(len(items), dtype=np.int8)  # 0 undecided, 1 kept, 2 dropped
+    local_reason = np.full(len(items), -1, dtype=np.int8)
+    while True:
+        undecided = state == 0
+        if not undecided.any():
+            break
+        kept = state == 1
+        blocked = np.zeros(len(items), dtype=bool)  # a group checked earlier can still gain a kept item
+        waiting = np.zeros(len(items), dtype=bool)
+        for index, layout in enumerate(layouts):
+            earlier_kept = layout.any_earlier(kept)
+            earlier_undecided = layout.any_earlier(undecided)
+            drop = undecided & earlier_kept & ~blocked & (local_reason < 0)
+            local_reason[drop] = index
+            blocked |= earlier_undecided
+            waiting |= earlier_undecided | earlier_kept
+        state[undecided & (local_reason >= 0)] = 2
+        state[undecided & (local_reason < 0) & ~waiting] = 1
+    reason[items] = local_reason
+    return reason
+
+
+class _GroupLayout:
+    """Items sorted by group (stably), to ask per item 'does an earlier item of my group have this flag?'."""
+
+    def __init__(self, group: np.ndarray) -> None:
+        self.by_group = np.argsort(group, kind="stable")
+        sorted_groups = group[self.by_group]
+        starts = np.concatenate([[True], sorted_groups[1:] != sorted_groups[:-1]])
+        self.start_of = np.flatnonzero(starts)[np.cumsum(starts) - 1]  # per sorted item: its group's first slot
+
+    def any_earlier(self, flag: np.ndarray) -> np.ndarray:
+        values = flag[self.by_group].astype(np.int64)
+        before = np.cumsum(values) - values  # flagged items before this slot, all groups
+        result = np.empty(len(flag), dtype=bool)
+        result[self.by_group] = (before - before[self.start_of]) > 0
+        return result
 
 
 # Pass 2 reads each kept image back and writes it: a process of its own pays off from about this much output.
 WRITE_BYTES_PER_PROCESS = 256 << 20
+_PASS2_COLUMNS = ["key", "url", "raw_caption", "caption", "image_sha256", "width", "height", "source_shard",
+                  "source_offset", "source_bytes", "reencode"]  # fmt: skip
 
 
-def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: list[dict[str, Any]],
-                  stage: Path) -> list[dict[str, Any]]:
+@dataclass
+class Written:
+    """Where pass 2 put each kept record (arrays over record rows)."""
+
+    shard_paths: list[str]
+    shard_of: np.ndarray  # int32 index into shard_paths, -1 when not written
+    jpg_offset: np.ndarray
+    jpg_bytes: np.ndarray
+    reencoded_sha256: dict[int, str]  # record row -> sha256 of its re-encoded JPEG
+
+
+def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: pa.Table, decision: Decision,
+                  stage: Path) -> tuple[list[dict[str, Any]], Written]:  # fmt: skip
     """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards.
 
     Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
@@ -237,53 +363,70 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
 
     from pipelines.runtime import map_in_processes, process_count
 
-    kept = [r for r in records if r["status"] == "ok"]
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for record in kept:
-        record["split"] = split_of(record["key"], cfg.val_fraction)
-        by_split.setdefault(record["split"], []).append(record)
+    slices = plan_output_shards(cfg, records, decision)
     urls = {entry.path: registry.url_of(parent, entry.path) for entry in parent.shards()}
-    chunks: list[list[dict[str, Any]]] = []
-    jobs: list[tuple[Any, ...]] = []
-    for split in sorted(by_split):
-        order = by_split[split]  # already in key order
-        random.Random(f"{cfg.seed}:{split}").shuffle(order)
-        for first in range(0, len(order), cfg.samples_per_shard):
-            chunk = order[first : first + cfg.samples_per_shard]
-            sources = {path: urls[path] for path in {record["source_shard"] for record in chunk}}
-            chunks.append(chunk)
-            jobs.append((cfg, str(stage), split, first // cfg.samples_per_shard, chunk, sources))
-    workers = process_count(sum(record["source_bytes"] for record in kept), WRITE_BYTES_PER_PROCESS, len(jobs))
+
+    def jobs() -> Iterator[tuple[Any, ...]]:  # built as submitted: each carries its records' columns
+        for split, index, rows in slices:
+            chunk = records.take(rows).select(_PASS2_COLUMNS)
+            sources = {path: urls[path] for path in pc.unique(chunk.column("source_shard")).to_pylist()}
+            yield cfg, str(stage), split, index, chunk, sources
+
+    kept_bytes = int(pc.sum(records.column("source_bytes").filter(decision.kept)).as_py() or 0)
+    workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices))
+    written = Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),
+                      np.zeros(len(records), dtype=np.int64), {})  # fmt: skip
     entries: list[dict[str, Any]] = []
-    results = map_in_processes(write_output_shard, jobs, workers)
-    for chunk, (split, (path, count), updates) in tqdm(zip(chunks, results), total=len(jobs), desc="writing shards",
-                                                       unit="shard", disable=len(jobs) < 4):  # fmt: skip
-        for record, update in zip(chunk, updates):  # the worker's copy of the records was changed, not ours
-            record.update(update)
+    results = map_in_processes(write_output_shard, jobs(), workers)
+    for (split, _, rows), (path, count, offsets, sizes, reencoded) in tqdm(
+            zip(slices, results), total=len(slices), desc="writing shards", unit="shard", disable=len(slices) < 4):
+        written.shard_of[rows] = len(written.shard_paths)
+        written.shard_paths.append(path)
+        written.jpg_offset[rows] = offsets
+        written.jpg_bytes[rows] = sizes
+        written.reencoded_sha256.update({int(rows[position]): sha for position, sha in reencoded.items()})
         entries.append({"path": path, "role": "shard", "split": split, "num_samples": count})
-    return entries
+    return entries, written
 
 
-def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: list[dict[str, Any]],
-                       sources: dict[str, str]) -> tuple[str, tuple[str, int], list[dict[str, Any]]]:  # fmt: skip
+def plan_output_shards(cfg: ShardConfig, records: pa.Table, decision: Decision) -> list[tuple[str, int, np.ndarray]]:
+    """(split, shard number, record rows in order) of every output shard: the kept records of each split, in key
+    order shuffled by the seed, cut into `samples_per_shard` slices."""
+    in_key_order = decision.order[decision.kept[decision.order]]
+    splits = records.column("split").take(in_key_order)
+    slices = []
+    for split in sorted(pc.unique(splits).to_pylist()):
+        rows = array.array("q", in_key_order[pc.equal(splits, split).to_numpy(zero_copy_only=False)].tobytes())
+        random.Random(f"{cfg.seed}:{split}").shuffle(rows)  # the same permutation as shuffling the records
+        order = np.frombuffer(rows, dtype=np.int64)
+        for first in range(0, len(order), cfg.samples_per_shard):
+            slices.append((split, first // cfg.samples_per_shard, order[first : first + cfg.samples_per_shard]))
+    return slices
+
+
+def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: pa.Table,
+                       sources: dict[str, str]) -> tuple[str, int, list[int], list[int], dict[int, str]]:  # fmt: skip
     """Write `shards/{split}-{index:06d}.tar` from `chunk` (records of one output shard, in order), reading each
-    image from its raw shard (`sources`: path -> URL). Returns the split, (path, samples) and, per record, what
-    the index needs (shard, offsets, and the sha256 of a re-encoded image)."""
+    image from its raw shard (`sources`: path -> URL). Returns the path, its sample count, each record's `.jpg`
+    offset and size in it, and the sha256 of each re-encoded image (by position in `chunk`)."""
     from pipelines.tasks.webdata import TarShardWriter
 
     handles: dict[str, Any] = {}
-    updates = []
+    offsets, sizes, reencoded = [], [], {}
     try:
         with TarShardWriter(stage, split, cfg.samples_per_shard, first_index=index) as writer:
-            for record in chunk:
+            for position, record in enumerate(chunk.to_pylist()):
                 jpg = _read_jpg(sources, record, handles, cfg)
-                shard, offset, size = writer.write(record["key"], _members(record, jpg))
-                updates.append({"shard": shard, "jpg_offset": offset, "jpg_bytes": size,
-                                "image_sha256": record["image_sha256"]})  # fmt: skip
+                if record["reencode"]:
+                    reencoded[position] = record["image_sha256"]
+                _, offset, size = writer.write(record["key"], _members(record, jpg))
+                offsets.append(offset)
+                sizes.append(size)
     finally:
         for handle in handles.values():
             handle.close()
-    return split, writer.shards[0], updates
+    path, count = writer.shards[0]
+    return path, count, offsets, sizes, reencoded
 
 
 def _read_jpg(sources: dict[str, str], record: dict[str, Any], handles: dict[str, Any], cfg: ShardConfig) -> bytes:
@@ -312,23 +455,58 @@ def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:
     return {"jpg": jpg, "txt": record["caption"].encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
-             stage: Path, records: list[dict[str, Any]], shard_entries: list[dict[str, Any]],
-             input_counts: dict[str, int]) -> Manifest:
-    from datasets_manifests.index import INDEX_FILE, summarize_index, validate_index, write_index
+# ----------------------------------------------------------------------------------------- publish
 
-    columns = ("key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "split", "shard",
-               "jpg_offset", "jpg_bytes", "status", "drop_reason")
-    # One index row per key: a repeated key (drop reason duplicate_key) is counted, not given a second row.
-    repeated = sum(1 for r in records if r["drop_reason"] == "duplicate_key")
-    rows = [{**{c: r.get(c) for c in columns}, "caption_source": "web",
-             **({"split": None, "shard": None, "jpg_offset": None, "jpg_bytes": None} if r["status"] != "ok" else {})}
-            for r in sorted(records, key=lambda r: r["key"]) if r["drop_reason"] != "duplicate_key"]
+# Index rows are built and written this many at a time (a multiple of the index's row group size): ~1 KB of
+# memory per row while a batch is built, validated and encoded.
+INDEX_BATCH_ROWS = 4 * 65536
+
+
+def _index_batches(records: pa.Table, decision: Decision, written: Written) -> Iterator[pa.Table]:
+    """The new index in key order, a batch at a time: one row per key (a repeated key is counted, not given a
+    second row); split, shard and offsets only on kept rows."""
+    from datasets_manifests.index import INDEX_SCHEMA
+
+    rows = decision.order[decision.dropped_as[decision.order] != DUPLICATE_REASONS.index("duplicate_key")]
+    reasons = pa.array(DUPLICATE_REASONS, pa.string())
+    shard_paths = pa.array(written.shard_paths, pa.string())
+    columns = ["key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "split", "status",
+               "drop_reason"]  # fmt: skip
+    for first in range(0, len(rows), INDEX_BATCH_ROWS):
+        batch = rows[first : first + INDEX_BATCH_ROWS]
+        table = records.take(batch).select(columns)
+        column = {name: table.column(name).combine_chunks() for name in columns}
+        kept = pa.array(decision.kept[batch])
+
+        def on_kept(values: pa.Array) -> pa.Array:
+            return pc.if_else(kept, values, pa.scalar(None, values.type))
+
+        sha = column["image_sha256"]
+        if written.reencoded_sha256:
+            sha = pa.array([written.reencoded_sha256.get(int(row), value) for row, value in zip(batch, sha.to_pylist())],
+                           pa.string())  # fmt: skip
+        shard = shard_paths.take(pa.array(np.maximum(written.shard_of[batch], 0))) if len(shard_paths) else \
+            pa.nulls(len(batch), pa.string())  # fmt: skip
+        values = {
+            **column, "image_sha256": sha, "caption_source": pa.array(["web"] * len(batch), pa.string()),
+            "split": on_kept(column["split"]), "shard": on_kept(shard),
+            "jpg_offset": on_kept(pa.array(written.jpg_offset[batch])),
+            "jpg_bytes": on_kept(pa.array(written.jpg_bytes[batch])),
+            "status": pc.if_else(kept, "ok", "dropped"),
+            "drop_reason": pc.coalesce(reasons.take(pa.array(decision.dropped_as[batch])), column["drop_reason"]),
+        }
+        yield pa.table({field.name: values[field.name] for field in INDEX_SCHEMA})
+
+
+def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
+             stage: Path, records: pa.Table, decision: Decision, written: Written,
+             shard_entries: list[dict[str, Any]], input_counts: dict[str, int]) -> Manifest:  # fmt: skip
+    from datasets_manifests.index import INDEX_FILE, write_index_batches
+
+    summary = write_index_batches(_index_batches(records, decision, written), stage / INDEX_FILE)
+    repeated = int((decision.dropped_as == DUPLICATE_REASONS.index("duplicate_key")).sum())
     if repeated:
         input_counts = {**input_counts, "duplicate_key": repeated}
-    table = validate_index(rows)
-    write_index(table, stage / INDEX_FILE)
-    summary = summarize_index(table)
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
     return registry.publish(

@@ -66,6 +66,22 @@ def test_write_index_accepts_a_table_and_rejects_a_bad_one(tmp_path):
         write_index(table.drop_columns(["drop_reason"]), tmp_path / "b.parquet")
 
 
+def test_index_written_in_batches_is_the_file_written_at_once(tmp_path, monkeypatch):
+    from datasets_manifests import index
+
+    monkeypatch.setattr(index, "ROW_GROUP_SIZE", 2)
+    rows = full_rows(7, dropped={1: "failed_to_download", 4: "too_small"})
+    write_index(rows, tmp_path / "whole.parquet")
+    batches = [pa.Table.from_pylist(rows[first : first + 4]) for first in range(0, 7, 4)]
+    summary = index.write_index_batches(batches, tmp_path / "batches.parquet")
+    assert (tmp_path / "batches.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert summary == summarize_index(pa.Table.from_pylist(rows))
+    with pytest.raises(SampleIndexError, match="out of key order"):
+        index.write_index_batches(batches[::-1], tmp_path / "wrong.parquet")
+    with pytest.raises(SampleIndexError, match="duplicate key"):
+        index.write_index_batches([pa.Table.from_pylist(rows[:2] * 2)], tmp_path / "twice.parquet")
+
+
 def test_summarize_index_counts_every_drop_with_its_reason():
     rows = full_rows(6, dropped={1: "failed_to_download", 4: "failed_to_download", 5: "too_small"})
     rows[0]["split"] = "val"

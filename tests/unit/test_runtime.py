@@ -20,5 +20,6 @@ def test_map_in_processes_keeps_order_and_raises_a_workers_error():
     jobs = [(base, 2) for base in range(9)]  # more jobs than the 2 x workers submitted ahead
     assert list(runtime.map_in_processes(pow, jobs, 2)) == [base**2 for base in range(9)]
     assert list(runtime.map_in_processes(pow, jobs, 1)) == [base**2 for base in range(9)]
+    assert list(runtime.map_in_processes(pow, iter(jobs), 2)) == [base**2 for base in range(9)]  # a generator
     with pytest.raises(ZeroDivisionError):
         list(runtime.map_in_processes(pow, [(2, 1), (0, -1), (3, 1)], 2))

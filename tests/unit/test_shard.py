@@ -159,6 +159,76 @@ def test_raw_shards_checked_in_worker_processes_give_the_same_version(raw_versio
     assert read(parallel).equals(read(serial))
 
 
+def _dedup_one_by_one(groups):
+    """The dedup as a loop: the reference `first_come_dedup` computes on arrays."""
+    seen = [set() for _ in groups]
+    reasons = []
+    for item in range(len(groups[0])):
+        reason = next((index for index, group in enumerate(groups) if group[item] in seen[index]), -1)
+        if reason < 0:
+            for index, group in enumerate(groups):
+                seen[index].add(group[item])
+        reasons.append(reason)
+    return reasons
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_array_dedup_equals_the_loop(seed):
+    # Few distinct values, so that URL and image duplicates chain (a dropped item frees its other group).
+    import numpy as np
+
+    from pipelines.tasks.shard import first_come_dedup
+
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 300))
+    groups = [rng.integers(0, max(1, count // int(rng.integers(1, 6))), count) for _ in range(2)]
+    assert first_come_dedup(groups).tolist() == _dedup_one_by_one(groups)
+
+
+def test_dedup_decisions_on_records():
+    import pyarrow as pa
+
+    from pipelines.tasks.shard import DUPLICATE_REASONS, RECORD_SCHEMA, _decide
+
+    def record(key, url, sha, status="ok", shard="raw/0.tar"):
+        return {"key": key, "url": url, "image_sha256": sha, "status": status, "source_shard": shard,
+                "url_hash": None if url is None else hashlib.blake2b(url.encode(), digest_size=16).digest(),
+                "image_hash": None if sha is None else bytes.fromhex(sha[:32])}
+
+    sha = lambda n: hashlib.sha256(bytes([n])).hexdigest()  # noqa: E731
+    rows = [record("d", "u1", sha(1)), record("a", "u1", sha(2)), record("b", None, sha(3)), record("c", None, sha(4)),
+            record("e", "u5", sha(2)), record("f", "u6", sha(6), status="dropped"), record("g", "u7", sha(2)),
+            record("a", "u8", sha(8), shard="raw/1.tar"), record("h", "u6", sha(9))]
+    decision = _decide(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), ShardConfig())
+    reasons = {rows[row]["key"] + rows[row]["source_shard"]: DUPLICATE_REASONS[code]
+               for row, code in enumerate(decision.dropped_as) if code}
+    # The first of a repeated key stays; URL-less samples are not URL duplicates of each other; a dropped
+    # record (f) blocks nothing; the URL is checked before the image.
+    assert reasons == {"draw/0.tar": "duplicate_url", "araw/1.tar": "duplicate_key", "eraw/0.tar": "duplicate_image",
+                       "graw/0.tar": "duplicate_image"}
+    assert [rows[row]["key"] for row in decision.order][:3] == ["a", "a", "b"]
+    assert decision.kept.tolist() == [False, True, True, True, False, False, False, False, True]
+
+
+def test_index_written_in_batches_is_the_same(raw_version, monkeypatch):
+    # At scale the index is built and written a batch at a time (it does not fit in memory as one table).
+    from datasets_manifests import index
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
+    whole = run_shard(cfg, raw, name="one-batch", registry=registry)
+    monkeypatch.setattr(index, "ROW_GROUP_SIZE", 2)
+    monkeypatch.setattr(shard, "INDEX_BATCH_ROWS", 4)
+    batched = run_shard(cfg, raw, name="batches", registry=registry)
+    read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
+    assert pq.ParquetFile(registry.local_path(batched, "index.parquet")).metadata.num_row_groups == len(read(whole)) // 2
+    assert read(batched).equals(read(whole))
+    assert batched.counts == whole.counts and batched.drop_reasons == whole.drop_reasons
+    assert batched.splits == whole.splits
+    assert not (registry.work_dir(batched.producer.cache_key) / shard.RECORDS_FILE).exists()
+
+
 def test_writer_offsets_and_atomic_names(tmp_path):
     with TarShardWriter(tmp_path, "train", 2) as writer:
         places = [writer.write(f"s{i}", {"jpg": bytes([i]) * (100 + i), "txt": b"x"}) for i in range(5)]
