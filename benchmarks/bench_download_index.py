@@ -65,7 +65,7 @@ def build_shards(root: Path, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from pipelines.tasks.download import collect_shards
+    from pipelines.tasks.download import collect_shards, read_rows
 
     root = Path(tempfile.mkdtemp(prefix="bench-download-index-"))
     try:
@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings, results = {}, {}
         for label, workers in (("one_process", 1), ("worker_processes", args.workers)):
             began = time.perf_counter()
-            results[label] = collect_shards(str(root / "raw"), "raw", workers=workers)
+            files = collect_shards(str(root / "raw"), "raw", root / f"{label}.arrow", workers=workers)
             timings[label] = time.perf_counter() - began
+            results[label] = (files, read_rows([root / f"{label}.arrow"]).to_pylist())
     finally:
         shutil.rmtree(root, ignore_errors=True)
     images = args.shards * args.per_shard

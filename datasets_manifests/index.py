@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -172,30 +172,28 @@ def write_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], path: str | 
     return len(table)
 
 
-def write_index_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Validate and write `index.parquet` from tables in strictly increasing key order, one at a time (an index
-    larger than memory; the INDEX_SCHEMA columns only); returns `summarize_index` of the whole. The file is the one
-    `write_index` writes for their concatenation when each table's length is a multiple of ROW_GROUP_SIZE (the last excepted)."""
-    import pyarrow.parquet as pq
-
-    path = str(path)
-    if "://" not in path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+def write_index_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], schema: pa.Schema | None = None,
+                        *, in_key_order: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Validate and write `index.parquet` from tables written one at a time (an index larger than memory); returns
+    `summarize_index` of the whole. With `in_key_order`, keys must increase strictly across the tables (so they
+    are unique); without it the caller vouches that no key is in two tables (each is checked on its own). The
+    file has the columns of `schema` (default: INDEX_SCHEMA's; extra columns beyond it are kept) and is the one
+    `write_index` writes for the tables' concatenation."""
     summaries = []
     last_key: str | None = None
-    # The schema `write_index` writes (validate_index checks the non-null columns, the file does not declare them).
-    schema = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA])
-    with _open_for_write(path) as handle, pq.ParquetWriter(handle, schema) as writer:
-        for table in tables:
-            table = validate_index(table, what=path)
-            if not len(table):
-                continue
+
+    def check(table: pa.Table) -> pa.Table:
+        nonlocal last_key
+        table = validate_index(table, what=str(path))
+        if len(table) and in_key_order:
             keys = table.column("key")
             if last_key is not None and keys[0].as_py() <= last_key:
                 raise SampleIndexError(f"{path}: key {keys[0].as_py()!r} after {last_key!r}: batches out of key order")
             last_key = keys[-1].as_py()
-            writer.write_table(table.select(schema.names).cast(schema), row_group_size=ROW_GROUP_SIZE)
-            summaries.append(summarize_index(table))
+        summaries.append(summarize_index(table))
+        return table
+
+    _write_batches((check(table) for table in tables), path, schema or INDEX_SCHEMA)
     total: dict[str, Counter] = {"counts": Counter({"total": 0, "ok": 0, "dropped": 0}), "drop_reasons": Counter(),
                                  "splits": Counter()}  # fmt: skip
     for summary in summaries:
@@ -203,6 +201,43 @@ def write_index_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str]
             counter.update(summary[part])
     return {"counts": dict(total["counts"]), "drop_reasons": dict(sorted(total["drop_reasons"].items())),
             "splits": dict(sorted(total["splits"].items()))}  # fmt: skip
+
+
+def write_texts_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], schema: pa.Schema | None = None) -> int:
+    """Validate and write `texts.parquet` from tables written one at a time (TEXTS_SCHEMA's columns and the extra
+    ones of `schema`); returns the number of rows."""
+    rows = 0
+
+    def check(table: pa.Table) -> pa.Table:
+        nonlocal rows
+        rows += len(table)
+        return validate_texts(table, what=str(path))
+
+    _write_batches((check(table) for table in tables), path, schema or TEXTS_SCHEMA)
+    return rows
+
+
+def _write_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], schema: pa.Schema) -> None:
+    """Write the tables as one Parquet file with the row groups of a single `write_table` of their concatenation
+    (whole ROW_GROUP_SIZE groups, the rest last), holding less than a row group beyond the table at hand."""
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if "://" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Nullable as `_write` writes a validated table: the validation checks the non-null columns, the file does not
+    # declare them.
+    schema = pa.schema([field.with_nullable(True) for field in schema])
+    pending = schema.empty_table()
+    with _open_for_write(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for table in tables:
+            pending = pa.concat_tables([pending, table.select(schema.names).cast(schema)])
+            whole = len(pending) // ROW_GROUP_SIZE * ROW_GROUP_SIZE
+            if whole:
+                writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_SIZE)
+                pending = pending.slice(whole)
+        if len(pending):
+            writer.write_table(pending, row_group_size=ROW_GROUP_SIZE)
 
 
 def _open_for_write(path: str) -> Any:
@@ -250,6 +285,14 @@ def read_index(registry: Registry, manifest: Manifest, columns: list[str] | None
     dataset = _dataset(registry, manifest, INDEX_FILE)
     _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
     return dataset.to_table(columns=columns)
+
+
+def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None = None,
+               batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+    """The index of a version a batch at a time, in file (key) order: for work over an index larger than memory."""
+    dataset = _dataset(registry, manifest, INDEX_FILE)
+    _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
+    yield from dataset.scanner(columns=columns, batch_size=batch_rows).to_batches()
 
 
 def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,

@@ -586,15 +586,22 @@ EXTRA_COLUMNS = {
 }
 
 
-def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"]) -> Any:
-    """Rows -> an Arrow table with the contract columns (datasets_manifests.index) and this stage's extras typed."""
+def part_schema(kind: Literal["index", "texts"]) -> Any:
+    """The contract columns (datasets_manifests.index) and this stage's extras, typed."""
     import pyarrow as pa
 
     from datasets_manifests.index import INDEX_SCHEMA, TEXTS_SCHEMA
 
     contract = INDEX_SCHEMA if kind == "index" else TEXTS_SCHEMA
     extras = [pa.field(name, pa.type_for_alias(alias)) for name, alias in sorted(EXTRA_COLUMNS[kind].items())]
-    schema = pa.schema([*contract, *extras])
+    return pa.schema([*contract, *extras])
+
+
+def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"]) -> Any:
+    """Rows -> an Arrow table of `part_schema(kind)`."""
+    import pyarrow as pa
+
+    schema = part_schema(kind)
     unknown = sorted({name for row in rows for name in row} - set(schema.names))
     if unknown:  # from_pylist would drop them silently
         raise ValueError(f"typed_table({kind}): columns without a declared type: {', '.join(unknown)}")
@@ -661,34 +668,30 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
     `shared` where the writer tasks left them (a remote registry copies them inside its store)."""
     import shutil
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import write_index, write_texts
+    from datasets_manifests.index import write_index_batches, write_texts_batches
     from datasets_manifests.manifest import Producer
     from pipelines.config import config_hash, to_dict
+    from pipelines.tasks import capfilt_quality
 
     fs, root = _url_to_fs(shared)
     work = registry.work_dir(key)  # == shared for a local registry
     markers = [json.loads(fs.cat_file(f"{root}/{marker_relpath(shard)}")) for shard in shards]
     stems = [shard.path.replace("/", "__") for shard in shards]
 
-    def parts(kind: str) -> Any:
-        tables = []
+    def parts(kind: str) -> Iterator[Any]:  # one shard's part at a time: the whole index may not fit in memory
         for stem in stems:
             with fs.open(f"{root}/parts/{stem}.{kind}.parquet", "rb") as handle:
-                tables.append(pq.read_table(handle))
-        return pa.concat_tables(tables, promote_options="default")
+                yield pq.read_table(handle)
 
-    index, texts = parts("index"), parts("texts")
-    write_index(index, work / "index.parquet")
-    write_texts(texts, work / "texts.parquet")
+    # Keys are unique across parts: each shard holds its own keys of the input version's index.
+    write_index_batches(parts("index"), work / "index.parquet", part_schema("index"), in_key_order=False)
+    write_texts_batches(parts("texts"), work / "texts.parquet", part_schema("texts"))
     stats = merge_stats([marker["stats"] for marker in markers])
-    from pipelines.tasks import capfilt_quality
-
-    quality = capfilt_quality.evaluate(registry, parents[0], config.ground_truth, texts, index)
-    if quality is not None:
-        stats["quality"] = quality
+    if capfilt_quality.find_ground_truth(registry, parents[0], config.ground_truth) is not None:  # the demo corpus
+        texts, index = pq.read_table(work / "texts.parquet"), pq.read_table(work / "index.parquet")
+        stats["quality"] = capfilt_quality.evaluate(registry, parents[0], config.ground_truth, texts, index)
     stats["throughput"] = perf
     (work / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     # Shard digests come from the writer tasks (hashed as written; a marker of an older run may lack them).

@@ -21,13 +21,15 @@ import os
 import posixpath
 import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
+from datasets_manifests.index import INDEX_SCHEMA
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
 from pipelines.config import check_range, config_hash, to_dict
@@ -152,8 +154,9 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     # inside the store; shards on other shared storage are copied into the local staging dir publish reads.
     in_store = raw_output != str(stage / "raw") and _in_registry_store(registry, raw_output)
     copy_to = None if raw_output == str(stage / "raw") or in_store else stage / "raw"
-    rows, files = collect_shards(raw_output, "raw", copy_to=copy_to)
-    _check_complete(rows, report.rows, raw_output)
+    rows_file = work / ROWS_FILE
+    files = collect_shards(raw_output, "raw", rows_file, copy_to=copy_to)
+    _check_complete(read_rows([rows_file]), report.rows, raw_output)
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
     extra_counts = {"source_records": report.records, "source_duplicates": report.duplicates}
@@ -162,36 +165,27 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         (stage / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, stage / relpath)
         files.append({"path": relpath, "role": "other"})
-    return _publish(registry, name, stage, rows, files + [{"path": "source.parquet", "role": "other"}],
+    return _publish(registry, name, stage, [rows_file], files + [{"path": "source.parquet", "role": "other"}],
                     producer, parents=[], extra_counts=extra_counts, stats=stats,
                     remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None)
 
 
 def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
     """Re-download only the URLs that failed in `previous`; publish a complete new version whose parent it is."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from datasets_manifests.index import read_index
-
     parent = registry.resolve(previous, "dataset")
     key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         return cached
     started = now_utc()
-    index = read_index(registry, parent)
-    failed = index.filter(pc.equal(index.column("status"), "dropped"))
-    kept = index.filter(pc.equal(index.column("status"), "ok"))
     work = registry.work_dir(key)
     stage = work / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     source_table = work / "retry_source.parquet"
-    pq.write_table(pa.table({"url": failed.column("url"), "caption": failed.column("raw_caption"),
-                             "source_key": failed.column("key")}), source_table)
+    kept_file = work / "kept_rows.arrow"
+    failed = _split_parent_index(registry, parent, kept_file, source_table)
     retry_output = _raw_output(cfg, key, work / "retry")
-    if len(failed):
+    if failed:
         _run_img2dataset(cfg, source_table, retry_output)
     # The parent's shards and sidecars come along unchanged; retried shards are numbered after them. A local
     # registry hard-links them into the staging dir; a remote one copies them inside its store at publish.
@@ -201,16 +195,17 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
         _link_or_copy(registry, parent, entry.path, stage / entry.path)
     first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
                        default=-1)
-    rows, files = collect_shards(retry_output, "raw", id_offset=first_id, copy_to=stage / "raw") if len(failed) else ([], [])
-    _check_complete(rows, len(failed), retry_output)
-    kept_rows = kept.to_pylist()
+    rows_file = work / ROWS_FILE
+    files = collect_shards(retry_output, "raw", rows_file, id_offset=first_id, copy_to=stage / "raw") if failed else []
+    rows = read_rows([rows_file] if failed else [])
+    _check_complete(rows, failed, retry_output)
     retried = len(rows)
-    recovered = sum(1 for row in rows if row["status"] == "ok")
+    recovered = int(pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0)
     files = [{"path": e.path, "role": e.role, "num_samples": e.num_samples, "sha256": e.sha256, "bytes": e.bytes}
              for e in parent_files] + files  # fmt: skip
     producer = Producer(stage=RETRY_STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
-    return _publish(registry, name, stage, kept_rows + rows, files, producer, parents=[parent],
+    return _publish(registry, name, stage, [kept_file, *([rows_file] if failed else [])], files, producer, parents=[parent],
                     extra_counts={"retried": retried, "recovered": recovered},
                     stats={"retry_of": parent.ref}, remote_staging=remote_staging)
 
@@ -268,9 +263,10 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
 BYTES_PER_INDEX_WORKER = 1 << 30
 
 
-def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy_to: Path | None = None,
-                   workers: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
-    """Index rows and file entries of img2dataset's finished shards in `raw_output` (a path or fsspec URL).
+def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offset: int = 0,
+                   copy_to: Path | None = None, workers: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Index img2dataset's finished shards in `raw_output` (a path or fsspec URL): their index rows go to
+    `rows_file` (ROWS_SCHEMA, an Arrow file: `read_rows`), their file entries are returned.
 
     Only shards with a `_stats.json` count (finished). With `copy_to` (a local dir), shard files are copied there
     as `id + id_offset` (to append retried shards after the parent's, or to fetch them from shared storage);
@@ -310,14 +306,27 @@ def collect_shards(raw_output: str | Path, prefix: str, id_offset: int = 0, copy
     if workers is None:
         workers = process_count(tar_bytes, BYTES_PER_INDEX_WORKER, len(jobs))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
-    rows: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
-    for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
-        rows.extend(shard_rows)
-        files.extend(shard_files)
-        progress.update()
+    with pa.OSFile(str(rows_file), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
+        for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
+            writer.write_table(shard_rows)
+            files.extend(shard_files)
+            progress.update()
     progress.close()
-    return rows, files
+    return files
+
+
+# A run's index rows wait on disk (an Arrow file per source, read through a memory map) until the publish
+# writes them in key order: at 129M samples, rows held as Python dicts would need hundreds of GB.
+ROWS_FILE = "rows.arrow"
+ROWS_SCHEMA = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA] +
+                        [pa.field("error_message", pa.string()), pa.field("raw_key", pa.string())])  # fmt: skip
+
+
+def read_rows(paths: list[Path]) -> pa.Table:
+    """The rows of `collect_shards` files (zero-copy: pages are read when touched)."""
+    tables = [pa.ipc.open_file(pa.memory_map(str(path))).read_all() for path in paths]
+    return pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
 
 
 class _HashingReader(io.RawIOBase):
@@ -338,7 +347,7 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def index_raw_shard(names: dict[str, str], stem: str) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Index rows and file entries of one finished img2dataset shard (`.tar`, `.parquet`, `_stats.json`: local
     paths or URLs), published as `{stem}.tar` etc. Every stored JPEG is hashed (image_sha256: the shard stage
     dedups by it), and every file as a whole (the entries' sha256 and bytes: the registry need not re-read them)."""
@@ -392,39 +401,77 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[list[dict[str, An
         if role == "shard":
             entry["num_samples"] = successes
         files.append(entry)
-    return rows, files
+    return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA), files
 
 
-def _check_complete(rows: list[dict[str, Any]], expected: int, raw_dir: str) -> None:
-    keys = Counter(row["key"] for row in rows)
-    duplicated = [key for key, n in keys.items() if n > 1]
-    if duplicated:
-        raise RegistryError(f"{raw_dir}: sample {duplicated[0]} appears in {keys[duplicated[0]]} shards")
+def _check_complete(rows: pa.Table, expected: int, raw_dir: str) -> None:
+    keys = rows.column("key")
+    if pc.count_distinct(keys).as_py() != len(rows):
+        counts = pc.value_counts(keys)
+        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
+        raise RegistryError(f"{raw_dir}: sample {repeated['values'].as_py()} appears in {repeated['counts'].as_py()} shards")
     if len(rows) != expected:
         raise RegistryError(
             f"{raw_dir}: {len(rows)} of {expected} source rows accounted for: some shards did not finish "
             "(img2dataset gave up on them); run the same command again to resume")
 
 
-def _publish(registry: Registry, name: str, stage: Path, rows: list[dict[str, Any]], files: list[dict[str, Any]],
+def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, source_table: Path) -> int:
+    """Stream the parent's index once: its ok rows to `kept_file` (ROWS_SCHEMA), its failed ones to the retry's
+    source list `source_table` (url, caption, source_key). Returns the number of failed rows."""
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import scan_index
+
+    failed = 0
+    source_schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
+    with pa.OSFile(str(kept_file), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as kept, \
+            pq.ParquetWriter(str(source_table), source_schema) as retry:  # fmt: skip
+        for batch in scan_index(registry, parent):
+            ok = pc.equal(batch.column("status"), "ok")
+            kept.write_table(_as_rows(pa.Table.from_batches([batch.filter(ok)])))
+            dropped = batch.filter(pc.invert(ok))
+            failed += len(dropped)
+            retry.write_table(pa.table([dropped.column("url"), dropped.column("raw_caption"), dropped.column("key")],
+                                       schema=source_schema))  # fmt: skip
+    return failed
+
+
+def _as_rows(table: pa.Table) -> pa.Table:
+    """An index table as ROWS_SCHEMA (a column it lacks is null; others are dropped)."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in ROWS_SCHEMA]  # fmt: skip
+    return pa.table(columns, schema=ROWS_SCHEMA)
+
+
+# Index rows are taken in key order, validated and written this many at a time.
+INDEX_BATCH_ROWS = 4 * 65536
+
+
+def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], files: list[dict[str, Any]],
              producer: Producer, *, parents: list[Manifest], extra_counts: dict[str, int],
              stats: dict[str, Any], remote_staging: str | None = None) -> Manifest:
-    from datasets_manifests.index import INDEX_FILE, write_index
+    from datasets_manifests.index import INDEX_FILE, write_index_batches
 
-    rows = sorted(rows, key=lambda row: row["key"])
-    write_index(rows, stage / INDEX_FILE)
-    reasons = Counter(row["drop_reason"] for row in rows if row["status"] == "dropped")
-    ok = sum(1 for row in rows if row["status"] == "ok")
-    counts = {"input": len(rows), "ok": ok, "dropped": len(rows) - ok, **extra_counts}
-    return registry.publish(
+    rows = read_rows(row_files)
+    order = pc.sort_indices(rows, sort_keys=[("key", "ascending")])
+    batches = (rows.take(order[first : first + INDEX_BATCH_ROWS]) for first in range(0, len(order), INDEX_BATCH_ROWS))
+    summary = write_index_batches(batches, stage / INDEX_FILE, schema=ROWS_SCHEMA)
+    counts = {"input": summary["counts"]["total"], "ok": summary["counts"]["ok"],
+              "dropped": summary["counts"]["dropped"], **extra_counts}  # fmt: skip
+    manifest = registry.publish(
         kind="dataset", name=name, staging_dir=stage, producer=producer, parents=parents,
         files=[*files, {"path": INDEX_FILE, "role": "index"}], counts=counts,
         digests_from_writer=True, remote_staging=remote_staging,  # the shard entries' digests: index_raw_shard
-        drop_reasons=dict(sorted(reasons.items())), stats=stats,
+        drop_reasons=summary["drop_reasons"], stats=stats,
         sample_schema={"jpg": "JPEG bytes (img2dataset re-encoded)", "txt": "raw web caption",
                        "json": "img2dataset metadata + source_key"},
         metadata={"layout": "img2dataset-webdataset", "raw": True},
     )
+    del rows  # the memory maps, before their files go
+    for path in row_files:
+        path.unlink()
+    return manifest
 
 
 def _link_or_copy(registry: Registry, manifest: Manifest, relpath: str, dest: Path) -> None:

@@ -457,8 +457,8 @@ def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------------------- publish
 
-# Index rows are built and written this many at a time (a multiple of the index's row group size): ~1 KB of
-# memory per row while a batch is built, validated and encoded.
+# Index rows are built and written this many at a time: ~1 KB of memory per row while a batch is built,
+# validated and encoded.
 INDEX_BATCH_ROWS = 4 * 65536
 
 

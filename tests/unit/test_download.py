@@ -20,6 +20,7 @@ from pipelines.cli import CommandError, main
 from pipelines.commands.stages import stage_config_path
 from pipelines.config import ConfigError, load_config
 from pipelines.config import CONFIG_DIR
+from pipelines.tasks import download
 from pipelines.tasks.demo_corpus import read_ground_truth
 from pipelines.tasks.download import DownloadConfig, _raw_output, classify_error, collect_shards, download_key
 
@@ -102,7 +103,8 @@ def test_collect_shards_from_shared_storage_url(tmp_path):
     _img2dataset_shard(fs, root, 0, [("a", True), ("b", False)])
     _img2dataset_shard(fs, root, 1, [("c", True)])
     fs.pipe(f"{root}/00002.tar", b"unfinished: no stats, not collected")
-    rows, files = collect_shards(url, "raw", copy_to=tmp_path / "raw")
+    files = collect_shards(url, "raw", tmp_path / "rows.arrow", copy_to=tmp_path / "raw")
+    rows = download.read_rows([tmp_path / "rows.arrow"]).to_pylist()
     assert sorted((row["key"], row["status"], row["drop_reason"]) for row in rows) == [
         ("a", "ok", None), ("b", "dropped", "http_404"), ("c", "ok", None)]
     assert [entry["path"] for entry in files if entry["role"] == "shard"] == ["raw/00000.tar", "raw/00001.tar"]
@@ -124,7 +126,6 @@ def test_shards_in_a_remote_registrys_store_are_indexed_and_published_there(tmp_
     from datasets_manifests.manifest import Producer
     from datasets_manifests.ops import verify
     from datasets_manifests.registry import Registry
-    from pipelines.tasks import download
 
     registry = Registry(f"memory://dl-reg-{uuid.uuid4().hex[:8]}")
     raw_output = f"{registry.url}-work/k1/raw"
@@ -132,9 +133,9 @@ def test_shards_in_a_remote_registrys_store_are_indexed_and_published_there(tmp_
     assert not download._in_registry_store(Registry(tmp_path / "local"), raw_output)
     fs, root = fsspec.core.url_to_fs(raw_output)
     _img2dataset_shard(fs, root, 0, [("a", True), ("b", False)])
-    rows, files = collect_shards(raw_output, "raw")
+    files = collect_shards(raw_output, "raw", tmp_path / "rows.arrow")
     (tmp_path / "stage").mkdir()
-    manifest = download._publish(registry, "raw-web", tmp_path / "stage", rows, files, Producer(stage="download"),
+    manifest = download._publish(registry, "raw-web", tmp_path / "stage", [tmp_path / "rows.arrow"], files, Producer(stage="download"),
                                  parents=[], extra_counts={}, stats={}, remote_staging=raw_output.rsplit("/", 1)[0])
     assert {e.path for e in manifest.files} == {"raw/00000.tar", "raw/00000.parquet", "raw/00000_stats.json", "index.parquet"}
     assert verify(registry, manifest) == [] and manifest.counts["ok"] == 1
@@ -148,11 +149,13 @@ def test_collect_shards_in_worker_processes_gives_the_same_index(tmp_path):
     fs.makedirs(root, exist_ok=True)
     for shard in range(3):
         _img2dataset_shard(fs, root, shard, [(f"k{shard}{i}", i != 1) for i in range(3)])
-    serial = collect_shards(root, "raw", workers=1)
-    assert collect_shards(root, "raw", workers=2) == serial
-    assert [entry["path"] for entry in serial[1] if entry["role"] == "shard"] == [f"raw/0000{i}.tar" for i in range(3)]
-    assert [row["key"] for row in serial[0]] == [f"k{s}{i}" for s in range(3) for i in range(3)]
-    assert sum(row["status"] == "ok" for row in serial[0]) == 6
+    serial = collect_shards(root, "raw", tmp_path / "serial.arrow", workers=1)
+    assert collect_shards(root, "raw", tmp_path / "parallel.arrow", workers=2) == serial
+    rows = download.read_rows([tmp_path / "serial.arrow"])
+    assert download.read_rows([tmp_path / "parallel.arrow"]).equals(rows)
+    assert [entry["path"] for entry in serial if entry["role"] == "shard"] == [f"raw/0000{i}.tar" for i in range(3)]
+    assert rows.column("key").to_pylist() == [f"k{s}{i}" for s in range(3) for i in range(3)]
+    assert rows.column("status").to_pylist().count("ok") == 6
 
 
 def test_raw_output_goes_under_output_folder(tmp_path):

@@ -72,7 +72,7 @@ def test_index_written_in_batches_is_the_file_written_at_once(tmp_path, monkeypa
     monkeypatch.setattr(index, "ROW_GROUP_SIZE", 2)
     rows = full_rows(7, dropped={1: "failed_to_download", 4: "too_small"})
     write_index(rows, tmp_path / "whole.parquet")
-    batches = [pa.Table.from_pylist(rows[first : first + 4]) for first in range(0, 7, 4)]
+    batches = [pa.Table.from_pylist(rows[first:last]) for first, last in ((0, 3), (3, 4), (4, 7))]
     summary = index.write_index_batches(batches, tmp_path / "batches.parquet")
     assert (tmp_path / "batches.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
     assert summary == summarize_index(pa.Table.from_pylist(rows))
