@@ -16,13 +16,17 @@ Stdlib + pyarrow + fsspec only.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -77,65 +81,114 @@ def detect_format(path: str | Path) -> str:
 
 def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None) -> tuple[pa.Table, SourceReport]:
     """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key) table with exact
-    duplicates removed."""
-    fs, fs_path = url_to_fs(path)
-    if not fs.exists(fs_path):
-        raise FileNotFoundError(f"{path}: source list not found")
-    fmt = detect_format(str(path))
-    with fs.open(fs_path, "rb") as handle:
-        given_keys: list[str] | None = None
-        if fmt in ("json", "jsonl"):
-            urls, captions, records = _read_blip_json(handle, str(path), fmt)
-        else:
-            urls, captions, records, given_keys = _read_table(handle, str(path), fmt, url_col, caption_col)
-    report = SourceReport(path=str(path), format=fmt, records=records)
-    seen: set[tuple[str, str]] = set()
-    per_url: dict[str, int] = {}
-    out_urls, out_captions, keys = [], [], []
-    for index, (url, caption) in enumerate(zip(urls, captions)):
-        if (url, caption) in seen:
-            report.duplicates += 1
-            continue
-        seen.add((url, caption))
-        per_url[url] = per_url.get(url, 0) + 1
-        out_urls.append(url)
-        out_captions.append(caption)
-        keys.append(given_keys[index] if given_keys is not None else source_key(url, caption))
-    if given_keys is not None and len(set(keys)) != len(keys):
-        repeated = next(key for key in keys if keys.count(key) > 1)
-        raise SourceListError(f"{path}: column {KEY_COLUMN!r} repeats {repeated!r} (keys must be unique)")
-    report.rows = len(out_urls)
-    worst = sorted(per_url.items(), key=lambda item: -item[1])[:5]
-    report.top_duplicated_urls = {url: count for url, count in worst if count > 1}
-    table = pa.table([pa.array(out_urls, pa.string()), pa.array(out_captions, pa.string()), pa.array(keys, pa.string())],
-                     schema=SOURCE_SCHEMA)
-    return table, report
+    duplicates removed. In memory: for a list of any size, `normalise_source_list` writes it to a file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="source-list-") as tmp:
+        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col)
+        return pq.read_table(Path(tmp) / "source.parquet"), report
+
+
+# Rows read, checked and written at a time: memory is ~50 bytes per row (digests) plus one chunk (~1.4 KB a row).
+CHUNK_ROWS = 1 << 18
+_STAGED_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
 
 
 def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str | None = None,
                           caption_col: str | None = None) -> SourceReport:
-    """Read a source list and write the normalised parquet that the download stage feeds img2dataset."""
-    table, report = read_source_list(path, url_col, caption_col)
+    """Read a source list and write the normalised parquet that the download stage feeds img2dataset.
+
+    Streams: the list (BLIP's 115M-record LAION JSON included) is read a chunk at a time into an Arrow file
+    beside `out_path`, keeping only 128-bit digests of each (url, caption) pair, URL and given key; the exact
+    duplicates are then found on the digests, and the kept rows written out in the list's order."""
+    fs, fs_path = url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise FileNotFoundError(f"{path}: source list not found")
+    fmt = detect_format(str(path))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    staged = out.with_name(f".{out.name}.rows.arrow")
+    report = SourceReport(path=str(path), format=fmt)
+    pairs, urls, keys = [], [], []
+    given_keys = False
+    try:
+        with fs.open(fs_path, "rb") as handle, pa.OSFile(str(staged), "wb") as sink, \
+                pa.ipc.new_file(sink, _STAGED_SCHEMA) as writer:  # fmt: skip
+            chunks = _json_chunks(handle, str(path), fmt) if fmt in ("json", "jsonl") else \
+                _table_chunks(handle, str(path), fmt, url_col, caption_col)  # fmt: skip
+            for chunk_urls, chunk_captions, chunk_keys, records in chunks:
+                report.records += records
+                given_keys = chunk_keys is not None
+                given = pa.array(chunk_keys, pa.string()) if given_keys else pa.nulls(len(chunk_urls), pa.string())
+                writer.write_table(pa.table([pa.array(chunk_urls, pa.string()), pa.array(chunk_captions, pa.string()),
+                                             given], schema=_STAGED_SCHEMA))  # fmt: skip
+                pairs.append(_digests(f"{url}\n{caption}" for url, caption in zip(chunk_urls, chunk_captions)))
+                urls.append(_digests(chunk_urls))
+                if given_keys:
+                    keys.append(_digests(chunk_keys))
+        _write_kept(staged, out, report, pairs, urls, keys if given_keys else None)
+    finally:
+        staged.unlink(missing_ok=True)
     return report
 
 
-def _read_blip_json(handle: IO[bytes], path: str, fmt: str) -> tuple[list[str], list[str], int]:
-    text = handle.read().decode("utf-8")
-    try:
-        if fmt == "jsonl":
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SourceListError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, list):
-        raise SourceListError(f"{path}: expected a list of records, got {type(data).__name__}")
+def _digests(texts: Any) -> np.ndarray:
+    return np.array([hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts], dtype="V16")
+
+
+def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.ndarray], urls: list[np.ndarray],
+                keys: list[np.ndarray] | None) -> None:  # fmt: skip
+    """Drop the exact duplicates (the first of each (url, caption) pair stays), count the URLs with most captions,
+    check given keys are unique, and write the kept rows of `staged` to `out`."""
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        whole = np.concatenate(parts) if parts else np.zeros(0, dtype="V16")
+        parts.clear()  # the chunks' arrays go as soon as they are joined
+        return whole
+
+    pair_digests = joined(pairs)
+    _, first = np.unique(pair_digests, return_index=True)
+    keep = np.zeros(len(pair_digests), dtype=bool)
+    keep[first] = True
+    report.rows, report.duplicates = len(first), len(pair_digests) - len(first)
+    del pair_digests, first
+    url_digests = joined(urls)[keep]
+    values, first_seen, counts = np.unique(url_digests, return_index=True, return_counts=True)
+    worst = [int(i) for i in np.lexsort((first_seen, -counts))[:5] if counts[i] > 1]  # most captions, first seen first
+    wanted = {values[i].tobytes(): int(counts[i]) for i in worst}
+    repeated_key: bytes | None = None
+    if keys is not None:
+        key_digests = joined(keys)[keep]
+        unique_keys, key_counts = np.unique(key_digests, return_counts=True)
+        if len(unique_keys) != len(key_digests):
+            repeated_key = unique_keys[np.flatnonzero(key_counts > 1)[0]].tobytes()
+    found: dict[bytes, str] = {}
+    table = pa.ipc.open_file(pa.memory_map(str(staged))).read_all()
+    if repeated_key is not None:
+        for key in table.column("source_key").to_pylist():
+            if hashlib.blake2b(key.encode(), digest_size=16).digest() == repeated_key:
+                raise SourceListError(f"{report.path}: column {KEY_COLUMN!r} repeats {key!r} (keys must be unique)")
+    with pq.ParquetWriter(str(out), SOURCE_SCHEMA) as writer:
+        for first_row in range(0, len(table), CHUNK_ROWS):
+            chunk = table.slice(first_row, CHUNK_ROWS).filter(pa.array(keep[first_row : first_row + CHUNK_ROWS]))
+            chunk_urls, captions = chunk.column("url").to_pylist(), chunk.column("caption").to_pylist()
+            for url in chunk_urls:
+                digest = hashlib.blake2b(url.encode(), digest_size=16).digest() if wanted else None
+                if digest in wanted and digest not in found:
+                    found[digest] = url
+            source_keys = chunk.column("source_key") if keys is not None else \
+                pa.array([source_key(url, caption) for url, caption in zip(chunk_urls, captions)], pa.string())  # fmt: skip
+            writer.write_table(pa.table([chunk.column("url"), chunk.column("caption"), source_keys], schema=SOURCE_SCHEMA))
+    report.top_duplicated_urls = {found[digest]: count for digest, count in wanted.items()}
+
+
+def _json_chunks(handle: IO[bytes], path: str, fmt: str) -> Iterator[tuple[list[str], list[str], None, int]]:
+    """(urls, captions, None, records) of BLIP annotation records, CHUNK_ROWS-ish rows at a time; a caption list
+    becomes one row per caption."""
     urls: list[str] = []
     captions: list[str] = []
-    for index, record in enumerate(data):
+    records = 0
+    values = _jsonl_values(handle, path) if fmt == "jsonl" else _json_array_values(handle, path)
+    for index, record in enumerate(values):
         if not isinstance(record, dict):
             raise SourceListError(f"{path}: record {index} is {type(record).__name__}, expected an object")
         url = record.get("url", record.get("image"))
@@ -148,47 +201,134 @@ def _read_blip_json(handle: IO[bytes], path: str, fmt: str) -> tuple[list[str], 
         for text_caption in caption_list:
             urls.append(url)
             captions.append(text_caption)
-    return urls, captions, len(data)
+        records += 1
+        if len(urls) >= CHUNK_ROWS:
+            yield urls, captions, None, records
+            urls, captions, records = [], [], 0
+    if urls or records:
+        yield urls, captions, None, records
 
 
-def _read_table(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
-                caption_col: str | None) -> tuple[list[str], list[str], int, list[str] | None]:
+def _jsonl_values(handle: IO[bytes], path: str) -> Iterator[Any]:
+    for number, line in enumerate(io.TextIOWrapper(handle, encoding="utf-8"), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SourceListError(f"{path}: not valid JSON (line {number}: {error})") from error
+
+
+def _json_array_values(handle: IO[bytes], path: str, read_chars: int = 1 << 22) -> Iterator[Any]:
+    """The values of a top-level JSON array, decoded one at a time from a text stream: a BLIP annotation file of
+    100M records is never held whole (as text or as Python objects)."""
+    decoder = json.JSONDecoder()
+    stream = io.TextIOWrapper(handle, encoding="utf-8")
+    buffer, position, done = "", 0, False
+
+    def more() -> bool:
+        nonlocal buffer, position, done
+        text = stream.read(read_chars)
+        buffer, position, done = buffer[position:] + text, 0, not text
+        return bool(text)
+
+    def skip_space() -> None:
+        nonlocal position
+        while True:
+            while position < len(buffer) and buffer[position] in " \t\r\n":
+                position += 1
+            if position < len(buffer) or not more():
+                return
+
+    skip_space()
+    if position >= len(buffer) or buffer[position] != "[":
+        rest = buffer[position:] + stream.read()
+        try:
+            data = json.loads(rest)
+        except json.JSONDecodeError as error:
+            raise SourceListError(f"{path}: not valid JSON ({error})") from error
+        raise SourceListError(f"{path}: expected a list of records, got {type(data).__name__}")
+    position += 1
+    index = 0
+    while True:
+        skip_space()
+        if position < len(buffer) and buffer[position] == "]" and index == 0:
+            return
+        while True:  # one value; a value cut by the end of the buffer is decoded again with more text
+            try:
+                value, end = decoder.raw_decode(buffer, position)
+                if end < len(buffer) or done:
+                    break
+            except json.JSONDecodeError as error:
+                if done:
+                    raise SourceListError(f"{path}: not valid JSON (record {index}: {error.msg})") from error
+            more()
+        yield value
+        index += 1
+        position = end
+        skip_space()
+        if position < len(buffer) and buffer[position] == ",":
+            position += 1
+        elif position < len(buffer) and buffer[position] == "]":
+            return
+        else:
+            raise SourceListError(f"{path}: not valid JSON (after record {index - 1}: expected ',' or ']')")
+
+
+def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
+                  caption_col: str | None) -> Iterator[tuple[list[str], list[str], list[str] | None, int]]:  # fmt: skip
+    """(urls, captions, given keys or None, rows) of an img2dataset-style table, a batch at a time."""
     if fmt == "parquet":
         try:
-            table = pq.read_table(handle)
+            parquet = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as error:
             raise SourceListError(f"{path}: not a readable parquet file ({error})") from error
+        names = parquet.schema_arrow.names
+        url_name = _column(names, path, url_col, URL_ALIASES, "url")
+        caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
+        columns = [url_name, caption_name, *([KEY_COLUMN] if KEY_COLUMN in names else [])]
+        batches: Iterator[Any] = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns)
     else:
         import pyarrow.csv as pacsv
 
-        try:
-            table = pacsv.read_csv(handle, parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        delimiter = "\t" if fmt == "tsv" else ","
+        header = handle.readline().decode("utf-8", errors="replace")
+        handle.seek(0)
+        names = next(csv.reader([header], delimiter=delimiter), [])
+        url_name = _column(names, path, url_col, URL_ALIASES, "url")
+        caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
+        try:  # every column read as text: a caption column of digits stays text
+            batches = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=64 << 20),
+                                     parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                     convert_options=pacsv.ConvertOptions(strings_can_be_null=False,
+                                                                          column_types={n: pa.string() for n in names}))  # fmt: skip
         except pa.ArrowInvalid as error:
             raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
-    url_name = _column(table, path, url_col, URL_ALIASES, "url")
-    caption_name = _column(table, path, caption_col, CAPTION_ALIASES, "caption")
-    urls = table.column(url_name).to_pylist()
-    captions = table.column(caption_name).to_pylist()
-    for index, (url, caption) in enumerate(zip(urls, captions)):
-        if not isinstance(url, str) or not url:
-            raise SourceListError(f"{path}: row {index} has an empty {url_name!r}")
-        if caption is None:
-            captions[index] = ""
-        elif not isinstance(caption, str):
-            captions[index] = str(caption)
-    given_keys = None
-    if KEY_COLUMN in table.column_names:
-        given_keys = table.column(KEY_COLUMN).to_pylist()
-        for index, key in enumerate(given_keys):
-            if not isinstance(key, str) or not _KEY_RE.match(key):
-                raise SourceListError(f"{path}: row {index} has {KEY_COLUMN} {key!r}: expected 1-64 letters, digits, "
-                                      "'_' or '-'")
-    return urls, captions, len(urls), given_keys
+    row = 0
+    try:
+        for batch in batches:
+            urls = batch.column(url_name).to_pylist()
+            captions = batch.column(caption_name).to_pylist()
+            for index, (url, caption) in enumerate(zip(urls, captions)):
+                if not isinstance(url, str) or not url:
+                    raise SourceListError(f"{path}: row {row + index} has an empty {url_name!r}")
+                if caption is None:
+                    captions[index] = ""
+                elif not isinstance(caption, str):
+                    captions[index] = str(caption)
+            given_keys = None
+            if KEY_COLUMN in batch.schema.names:
+                given_keys = batch.column(KEY_COLUMN).to_pylist()
+                for index, key in enumerate(given_keys):
+                    if not isinstance(key, str) or not _KEY_RE.match(key):
+                        raise SourceListError(f"{path}: row {row + index} has {KEY_COLUMN} {key!r}: expected 1-64 "
+                                              "letters, digits, '_' or '-'")
+            row += len(urls)
+            yield urls, captions, given_keys, len(urls)
+    except pa.ArrowInvalid as error:
+        raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
 
 
-def _column(table: pa.Table, path: str, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:
-    names = table.column_names
+def _column(names: list[str], path: str, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:
     if wanted:
         if wanted not in names:
             raise SourceListError(f"{path}: no column {wanted!r} (columns: {', '.join(names)})")

@@ -110,3 +110,37 @@ def test_missing_filesystem_names_the_extra():
     with pytest.raises(MissingFilesystemError, match=r"pip install 'blip-bootstrap\[s3\]'"):
         read_source_list("s3://bucket/list.parquet")
     assert "blip-bootstrap[gcs]" in missing_filesystem_message("gs://b/x", ImportError("Install gcsfs"))
+
+
+@pytest.mark.parametrize("read_chars", [1, 3, 7, 4096])
+def test_json_array_is_decoded_one_record_at_a_time(read_chars):
+    # BLIP's LAION-115M annotation file is one JSON array: it is decoded record by record from a text stream,
+    # whatever the read size cuts through (strings with ']' and ',', nested lists, numbers, multi-byte text).
+    from datasets_manifests.sources import _json_array_values
+
+    records = [{"url": "http://a/1.jpg", "caption": "a ] b, c"}, {"image": "é ☃", "caption": ["x", "y"]}, 12345,
+               [1, [2]], "tail", {"url": "u", "caption": "\"quoted\" \\ slash"}]
+    for text in (json.dumps(records), json.dumps(records, indent=2), "[]", " [ ] ", "[\n1\n]"):
+        data = io.BytesIO(text.encode())
+        assert list(_json_array_values(data, "x.json", read_chars)) == json.loads(text)
+    for text, problem in (("[1,]", "not valid JSON"), ("[1 2]", "expected ',' or ']'"), ("[{\"a\": 1}", "not valid JSON"),
+                          ("{\"a\": 1}", "expected a list of records, got dict"), ("[", "not valid JSON")):
+        with pytest.raises(SourceListError, match=problem):
+            list(_json_array_values(io.BytesIO(text.encode()), "x.json", read_chars))
+
+
+def test_a_list_read_in_chunks_is_the_list_read_at_once(tmp_path, monkeypatch):
+    # At 129M rows the list is read, checked and written a chunk at a time; duplicates across chunks still go.
+    from datasets_manifests import sources
+
+    path = tmp_path / "list.json"
+    records = [{"url": f"http://h/{i % 7}.jpg", "caption": [f"c{i % 5}", "same"]} for i in range(40)]
+    path.write_text(json.dumps(records))
+    whole, whole_report = read_source_list(path)
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)
+    chunked, chunked_report = read_source_list(path)
+    assert chunked.equals(whole) and chunked_report == whole_report
+    assert whole_report.rows == 35 + 7 and whole_report.duplicates == 80 - 42  # (i % 7, i % 5): 35 pairs
+    assert list(whole_report.top_duplicated_urls) == [f"http://h/{i}.jpg" for i in range(5)]
+    pairs = list(zip(whole.column("url").to_pylist(), whole.column("caption").to_pylist()))
+    assert len(set(pairs)) == len(pairs) and pairs[0] == ("http://h/0.jpg", "c0")
