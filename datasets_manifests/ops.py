@@ -41,17 +41,28 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20) -> lis
 
 
 def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
-    """The index must satisfy its contract and point only at shards this version lists."""
-    from datasets_manifests.index import INDEX_FILE, has_layer, read_index, validate_index
+    """The index must satisfy its contract and point only at shards this version lists. Read a batch at a time
+    (a 129M-row index does not fit in memory); only the key column is held whole, for its uniqueness."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from datasets_manifests.index import INDEX_FILE, has_layer, read_index, scan_index, validate_index
 
     if not has_layer(manifest, INDEX_FILE):
         return []
+    shards: set[str] = set()
     try:
-        index = validate_index(read_index(registry, manifest), what=INDEX_FILE)
+        for batch in scan_index(registry, manifest):
+            table = validate_index(pa.Table.from_batches([batch]), what=INDEX_FILE)
+            shards.update(s for s in pc.unique(table.column("shard")).to_pylist() if s is not None)
+        keys = read_index(registry, manifest, ["key"]).column("key")
+        if pc.count_distinct(keys).as_py() != len(keys):
+            counts = pc.value_counts(keys)
+            repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+            return [f"{INDEX_FILE}: duplicate key {repeated!r}; keys must be unique per version"]
     except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
         return [f"{INDEX_FILE}: {error}"]
     listed = {entry.path for entry in manifest.files}
-    shards = {s for s in index.column("shard").unique().to_pylist() if s is not None}
     return [f"{INDEX_FILE}: samples point at {s}, which the manifest does not list" for s in sorted(shards - listed)]
 
 

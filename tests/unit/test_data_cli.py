@@ -163,7 +163,7 @@ def test_data_ls_starts_without_heavy_imports(tmp_path):
     assert "HEAVY []" in result.stdout
 
 
-def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_path):
+def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_path, monkeypatch):
     """An index that points at a shard the version does not list is a problem; an edited manifest is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -182,6 +182,17 @@ def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_
                      producer=Producer(stage="t"))
     code, _, err = run(capsys, registry, "verify", "bad@v1")
     assert code == 1 and "samples point at shards/elsewhere.tar" in err
+    # The index is checked a batch at a time; a key repeated in two batches is still found.
+    rows[0]["shard"], rows[2]["key"] = rows[1]["shard"], rows[0]["key"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), staging / INDEX_FILE)
+    registry.publish(kind="dataset", name="twice", staging_dir=staging, files=[{"path": INDEX_FILE, "role": "index"}],
+                     producer=Producer(stage="t"))
+    from datasets_manifests import index as index_module
+
+    scan = index_module.scan_index
+    monkeypatch.setattr(index_module, "scan_index", lambda *args, **kwargs: scan(*args, batch_rows=1))
+    code, _, err = run(capsys, registry, "verify", "twice@v1")
+    assert code == 1 and f"duplicate key {rows[0]['key']!r}" in err
 
     manifest_path = tmp_path / "registry" / "datasets" / "raw" / "v1" / "manifest.json"
     data = json.loads(manifest_path.read_text())
