@@ -400,6 +400,7 @@ def run_capfilt(
     key = cache_key(STAGE, [dataset.id, captioner.id, filter_model.id], config_hash(config.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
+        _remove_leftover_work(registry, key)
         return cached
     started = now_utc()
     # Shards, index parts and markers go where every node's writer tasks reach (inside a remote registry's
@@ -413,6 +414,23 @@ def run_capfilt(
     perf = process_shards(config, pending, models, int(image_size), shared, refs)
     perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)
     return _publish(registry, config, key, shared, shards, name, started, perf, [dataset, captioner, filter_model])
+
+
+def _remove_leftover_work(registry: Registry, key: str) -> None:
+    """A run stopped after its publish and before its clean-up left its work dir (and, with a remote registry, its
+    work prefix in the store: terabytes of staged shards at scale). The version exists, so the rerun that finds
+    it removes them."""
+    import shutil
+
+    work = registry.work_dir(key)  # (re)created by the call: empty unless a run left it
+    if any(work.iterdir()):
+        log.info("capfilt: removing %s, left by a run stopped after its publish", work)
+    shutil.rmtree(work, ignore_errors=True)
+    if not registry.is_local:
+        fs, root = _url_to_fs(registry.shared_work_url(key))
+        if fs.exists(root):
+            log.info("capfilt: removing %s, left by a run stopped after its publish", root)
+            fs.rm(root, recursive=True)
 
 
 def _model_source(registry: Registry, manifest: Manifest, kinds: tuple[str, ...]) -> dict[str, Any]:

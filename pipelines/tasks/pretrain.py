@@ -13,6 +13,7 @@ Initialisation: from scratch; ImageNet ViT weights (a local state-dict file with
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 from dataclasses import dataclass, field
@@ -431,12 +432,22 @@ def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
 
 def _init_digest(source: str | None) -> str | None:
     """sha256 of the initial weights file (of model.safetensors for a directory): lineage outside the registry."""
-    from datasets_manifests.filesystems import sha256_file
-
     if not source or not Path(source).exists():
         return None
     path = Path(source) / "model.safetensors" if Path(source).is_dir() else Path(source)
-    return sha256_file(path)[0] if path.is_file() else None
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per run (the cache key and the published metadata both need it; ViT-L weights are ~1 GB);
+    the stat is in the key, so a file written anew is hashed anew."""
+    from datasets_manifests.filesystems import sha256_file
+
+    return sha256_file(path)[0]
 
 
 def _check_plan(plan: Any, blip_config: Any) -> None:

@@ -356,6 +356,11 @@ def test_remote_registry_stages_shards_in_its_store_and_publishes_them_there(tmp
     assert verify(registry, manifest) == []  # the writers' digests are the published files'
     assert len(read_index(registry, manifest)) == 6 and manifest.counts["kept"] == 6
     assert not fs.exists(root)  # the shared work prefix is gone after the publish
+    # A run stopped between its publish and that clean-up: the rerun that finds the version removes what is left.
+    fs.pipe(f"{root}/shards/train-000000.tar", b"staged")
+    (registry.work_dir("k-remote") / "index.parquet").write_bytes(b"merged")
+    capfilt._remove_leftover_work(registry, "k-remote")
+    assert not fs.exists(root) and not list(registry.work_dir("k-remote").iterdir())
 
 
 _DRIVER = """
