@@ -11,7 +11,7 @@ must not change when the URLs do, e.g. a mirror or the demo corpus's server on a
 digits, `_` and `-`, at most 64, unique. Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
 a single URL with ~9M captions in the released LAION-115M list.
 A list is read through fsspec, so `s3://...` and `gs://...` work once the `s3`/`gcs` extra is installed.
-Stdlib + pyarrow + fsspec only.
+Stdlib, numpy, pyarrow and fsspec (tqdm for the progress bar of a large list).
 """
 
 from __future__ import annotations
@@ -111,8 +111,12 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     report = SourceReport(path=str(path), format=fmt)
     pairs, urls, keys = [], [], []
     given_keys = False
+    from tqdm import tqdm
+
+    progress = tqdm(desc=f"reading {Path(fs_path).name}", unit=" rows", unit_scale=True,
+                    disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
-        with fs.open(fs_path, "rb") as handle, pa.OSFile(str(staged), "wb") as sink, \
+        with progress, fs.open(fs_path, "rb") as handle, pa.OSFile(str(staged), "wb") as sink, \
                 pa.ipc.new_file(sink, _STAGED_SCHEMA) as writer:  # fmt: skip
             chunks = _json_chunks(handle, str(path), fmt) if fmt in ("json", "jsonl") else \
                 _table_chunks(handle, str(path), fmt, url_col, caption_col)  # fmt: skip
@@ -126,6 +130,7 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
                 urls.append(_digests(chunk_urls))
                 if given_keys:
                     keys.append(_digests(chunk_keys))
+                progress.update(len(chunk_urls))
         _write_kept(staged, out, report, pairs, urls, keys if given_keys else None)
     finally:
         staged.unlink(missing_ok=True)

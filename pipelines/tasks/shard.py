@@ -20,6 +20,7 @@ the truncation; the ones the raw index says were in it but could not be read are
 from __future__ import annotations
 
 import array
+import contextlib
 import hashlib
 import io
 import json
@@ -116,13 +117,24 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     stage.mkdir(parents=True)
     input_counts = _scan(cfg, registry, parent, records_path)
     records = _open_records(records_path)
-    decision = _decide(records, cfg)
+    with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
+        decision = _decide(records, cfg)
     shard_entries, written = _write_shards(cfg, registry, parent, records, decision, stage)
     manifest = _publish(cfg, registry, parent, name, key, started, stage, records, decision, written, shard_entries,
                         input_counts)  # fmt: skip
     del records  # the memory map, before its file goes
     records_path.unlink()
     return manifest
+
+
+@contextlib.contextmanager
+def _phase(what: str, records: int) -> Iterator[None]:
+    """A one-step progress bar (what, how many records, how long) for a long array computation."""
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=f"{what} ({records:,} records)", disable=records < 1_000_000) as bar:
+        yield
+        bar.update()
 
 
 # Pass 1's records, one row per raw sample, kept on disk (an Arrow IPC file read through a memory map) so that
