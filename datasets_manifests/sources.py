@@ -91,7 +91,6 @@ def read_source_list(path: str | Path, url_col: str | None = None, caption_col: 
 
 # Rows read, checked and written at a time: memory is ~50 bytes per row (digests) plus one chunk (~1.4 KB a row).
 CHUNK_ROWS = 1 << 18
-_STAGED_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
 
 
 def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str | None = None,
@@ -101,6 +100,8 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     Streams: the list (BLIP's 115M-record LAION JSON included) is read a chunk at a time into an Arrow file
     beside `out_path`, keeping only 128-bit digests of each (url, caption) pair, URL and given key; the exact
     duplicates are then found on the digests, and the kept rows written out in the list's order."""
+    from tqdm import tqdm
+
     fs, fs_path = url_to_fs(path)
     if not fs.exists(fs_path):
         raise FileNotFoundError(f"{path}: source list not found")
@@ -111,13 +112,11 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     report = SourceReport(path=str(path), format=fmt)
     pairs, urls, keys = [], [], []
     given_keys = False
-    from tqdm import tqdm
-
     progress = tqdm(desc=f"reading {Path(fs_path).name}", unit=" rows", unit_scale=True,
                     disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
         with progress, fs.open(fs_path, "rb") as handle, pa.OSFile(str(staged), "wb") as sink, \
-                pa.ipc.new_file(sink, _STAGED_SCHEMA) as writer:  # fmt: skip
+                pa.ipc.new_file(sink, SOURCE_SCHEMA) as writer:  # fmt: skip
             chunks = _json_chunks(handle, str(path), fmt) if fmt in ("json", "jsonl") else \
                 _table_chunks(handle, str(path), fmt, url_col, caption_col)  # fmt: skip
             for chunk_urls, chunk_captions, chunk_keys, records in chunks:
@@ -125,7 +124,7 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
                 given_keys = chunk_keys is not None
                 given = pa.array(chunk_keys, pa.string()) if given_keys else pa.nulls(len(chunk_urls), pa.string())
                 writer.write_table(pa.table([pa.array(chunk_urls, pa.string()), pa.array(chunk_captions, pa.string()),
-                                             given], schema=_STAGED_SCHEMA))  # fmt: skip
+                                             given], schema=SOURCE_SCHEMA))  # fmt: skip
                 pairs.append(_digests(f"{url}\n{caption}" for url, caption in zip(chunk_urls, chunk_captions)))
                 urls.append(_digests(chunk_urls))
                 if given_keys:
