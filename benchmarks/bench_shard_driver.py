@@ -73,22 +73,23 @@ def run_arrays(count: int, out: Path) -> dict[str, Any]:
     import pyarrow as pa
 
     from datasets_manifests.index import write_index_batches
+    from datasets_manifests.spill import digest16, read_spilled, spill_writer
     from pipelines.tasks import shard
 
     cfg = shard.ShardConfig(samples_per_shard=10_000, val_fraction=0.01)
     path = out / shard.RECORDS_FILE
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, shard.RECORD_SCHEMA) as writer:
+    with spill_writer(path, shard.RECORD_SCHEMA) as writer:
         for first in range(0, count, PER_RAW_SHARD):  # what pass 1's workers send back, one raw shard at a time
             records = generated_records(first, min(PER_RAW_SHARD, count - first))
             for record in records:
                 record["split"] = shard.split_of(record["key"], cfg.val_fraction)
-                record["url_hash"] = hashlib.blake2b(record["url"].encode(), digest_size=16).digest()
+                record["url_hash"] = digest16(record["url"])
                 record["image_hash"] = bytes.fromhex(record["image_sha256"][:32])
             writer.write_table(pa.Table.from_pylist(records, schema=shard.RECORD_SCHEMA))
     memory = AnonymousMemoryPeak()
     start = memory.peak
     began = time.perf_counter()
-    records = shard._open_records(path)
+    records = read_spilled([path], shard.RECORD_SCHEMA)
     decision = shard._decide(records, cfg)
     slices = shard.plan_output_shards(cfg, records, decision)
     written = shard.Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),

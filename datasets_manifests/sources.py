@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 # Re-exported: callers import them from here too.
 from datasets_manifests.filesystems import (  # noqa: F401
     MissingFilesystemError, missing_filesystem_message, sha256_file, url_to_fs)
+from datasets_manifests.spill import digest16, read_spilled, spill_writer
 
 KEY_COLUMN = "source_key"  # optional in table forms: the list's own stable sample ids
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a webdataset key: no '.' (extension separator) nor '/'
@@ -115,8 +116,7 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     progress = tqdm(desc=f"reading {Path(fs_path).name}", unit=" rows", unit_scale=True,
                     disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
-        with progress, fs.open(fs_path, "rb") as handle, pa.OSFile(str(staged), "wb") as sink, \
-                pa.ipc.new_file(sink, SOURCE_SCHEMA) as writer:  # fmt: skip
+        with progress, fs.open(fs_path, "rb") as handle, spill_writer(staged, SOURCE_SCHEMA) as writer:
             chunks = _json_chunks(handle, str(path), fmt) if fmt in ("json", "jsonl") else \
                 _table_chunks(handle, str(path), fmt, url_col, caption_col)  # fmt: skip
             for chunk_urls, chunk_captions, chunk_keys, records in chunks:
@@ -137,7 +137,7 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
 
 
 def _digests(texts: Any) -> np.ndarray:
-    return np.array([hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts], dtype="V16")
+    return np.array([digest16(text) for text in texts], dtype="V16")
 
 
 def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.ndarray], urls: list[np.ndarray],
@@ -166,17 +166,17 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
         if len(unique_keys) != len(key_digests):
             repeated_key = unique_keys[np.flatnonzero(key_counts > 1)[0]].tobytes()
     found: dict[bytes, str] = {}
-    table = pa.ipc.open_file(pa.memory_map(str(staged))).read_all()
+    table = read_spilled([staged], SOURCE_SCHEMA)
     if repeated_key is not None:
         for key in table.column("source_key").to_pylist():
-            if hashlib.blake2b(key.encode(), digest_size=16).digest() == repeated_key:
+            if digest16(key) == repeated_key:
                 raise SourceListError(f"{report.path}: column {KEY_COLUMN!r} repeats {key!r} (keys must be unique)")
     with pq.ParquetWriter(str(out), SOURCE_SCHEMA) as writer:
         for first_row in range(0, len(table), CHUNK_ROWS):
             chunk = table.slice(first_row, CHUNK_ROWS).filter(pa.array(keep[first_row : first_row + CHUNK_ROWS]))
             chunk_urls, captions = chunk.column("url").to_pylist(), chunk.column("caption").to_pylist()
             for url in chunk_urls:
-                digest = hashlib.blake2b(url.encode(), digest_size=16).digest() if wanted else None
+                digest = digest16(url) if wanted else None
                 if digest in wanted and digest not in found:
                     found[digest] = url
             source_keys = chunk.column("source_key") if keys is not None else \

@@ -32,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from datasets_manifests.index import INDEX_SCHEMA
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
+from datasets_manifests.spill import read_spilled, spill_writer
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "download"
@@ -307,7 +308,7 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
         workers = process_count(tar_bytes, BYTES_PER_INDEX_WORKER, len(jobs))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
     files: list[dict[str, Any]] = []
-    with pa.OSFile(str(rows_file), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
+    with spill_writer(rows_file, ROWS_SCHEMA) as writer:
         for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
             writer.write_table(shard_rows)
             files.extend(shard_files)
@@ -324,9 +325,8 @@ ROWS_SCHEMA = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA] +
 
 
 def read_rows(paths: list[Path]) -> pa.Table:
-    """The rows of `collect_shards` files (zero-copy: pages are read when touched)."""
-    tables = [pa.ipc.open_file(pa.memory_map(str(path))).read_all() for path in paths]
-    return pa.concat_tables(tables) if tables else ROWS_SCHEMA.empty_table()
+    """The rows of `collect_shards` files, memory-mapped."""
+    return read_spilled(paths, ROWS_SCHEMA)
 
 
 class _HashingReader(io.RawIOBase):
@@ -422,18 +422,17 @@ def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, s
     import pyarrow.parquet as pq
 
     from datasets_manifests.index import scan_index
+    from datasets_manifests.sources import SOURCE_SCHEMA
 
     failed = 0
-    source_schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
-    with pa.OSFile(str(kept_file), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as kept, \
-            pq.ParquetWriter(str(source_table), source_schema) as retry:  # fmt: skip
+    with spill_writer(kept_file, ROWS_SCHEMA) as kept, pq.ParquetWriter(str(source_table), SOURCE_SCHEMA) as retry:
         for batch in scan_index(registry, parent):
             ok = pc.equal(batch.column("status"), "ok")
             kept.write_table(_as_rows(pa.Table.from_batches([batch.filter(ok)])))
             dropped = batch.filter(pc.invert(ok))
             failed += len(dropped)
             retry.write_table(pa.table([dropped.column("url"), dropped.column("raw_caption"), dropped.column("key")],
-                                       schema=source_schema))  # fmt: skip
+                                       schema=SOURCE_SCHEMA))  # fmt: skip
     return failed
 
 

@@ -11,7 +11,7 @@ seeded shuffle. Shards are
 
 Two passes, each spread over worker processes: pass 1 checks every raw shard and appends its records (no image
 bytes) to an Arrow file on disk; the driver decides the dedup and the output shards on arrays (the records
-stay memory-mapped, ~50 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
+stay memory-mapped, ~140 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
 kept bytes back by offset; the index is written a batch at a time. A truncated raw tar keeps the samples before
 the truncation; the ones the raw index says were in it but could not be read are dropped as `truncated_shard`
 (never a crash).
@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, now_utc
+from datasets_manifests.spill import digest16, read_spilled, spill_writer
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "shard"
@@ -116,7 +117,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     input_counts = _scan(cfg, registry, parent, records_path)
-    records = _open_records(records_path)
+    records = read_spilled([records_path], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
     shard_entries, written = _write_shards(cfg, registry, parent, records, decision, stage)
@@ -137,9 +138,9 @@ def _phase(what: str, records: int) -> Iterator[None]:
         bar.update()
 
 
-# Pass 1's records, one row per raw sample, kept on disk (an Arrow IPC file read through a memory map) so that
-# the driver holds ~50 bytes per sample (sort order, decisions, offsets), not the captions: 129M samples as
-# Python dicts took well over 100 GB.
+# Pass 1's records, one row per raw sample, kept on disk (`datasets_manifests.spill`) so that the driver holds
+# ~140 bytes per sample (sort order, decisions, offsets; `bench_shard_driver.py`), not the captions: 129M
+# samples as Python dicts took ~300 GB.
 RECORDS_FILE = "records.arrow"
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("url", pa.string()), ("raw_caption", pa.string()), ("caption", pa.string()),
@@ -170,16 +171,12 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, records_path: 
     jobs = [(cfg, registry.url_of(parent, entry.path), entry.path, index_url) for entry in entries]
     workers = process_count(sum(entry.bytes for entry in entries), SCAN_BYTES_PER_PROCESS, len(jobs))
     truncated = 0
-    with pa.OSFile(str(records_path), "wb") as sink, pa.ipc.new_file(sink, RECORD_SCHEMA) as writer:
+    with spill_writer(records_path, RECORD_SCHEMA) as writer:
         for table, was_truncated in tqdm(map_in_processes(scan_raw_shard, jobs, workers), total=len(jobs),
                                          desc="checking raw shards", unit="shard", disable=len(jobs) < 4):  # fmt: skip
             writer.write_table(table)
             truncated += was_truncated
     return {"raw_shards": len(entries), "truncated_shards": truncated}
-
-
-def _open_records(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # zero-copy: pages are read when touched
 
 
 def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None) -> tuple[pa.Table, bool]:
@@ -203,7 +200,7 @@ def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None)
                 records.append({**row, "status": "dropped", "drop_reason": "truncated_shard", "source_shard": path})
     for record in records:
         record["split"] = split_of(record["key"], cfg.val_fraction)
-        record["url_hash"] = None if record["url"] is None else hashlib.blake2b(record["url"].encode(), digest_size=16).digest()
+        record["url_hash"] = None if record["url"] is None else digest16(record["url"])
         sha = record.get("image_sha256")
         record["image_hash"] = None if sha is None else bytes.fromhex(sha[:32])
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), bool(errors)
