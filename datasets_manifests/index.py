@@ -32,6 +32,8 @@ INDEX_ROLE = "index"
 STATUSES = ("ok", "dropped")
 TEXT_SOURCES = ("web", "synthetic")
 ROW_GROUP_SIZE = 64 * 1024  # row groups small enough that a filtered page read touches few of them
+# Rows a stage builds, validates and writes at a time with `write_index_batches` (~1 KB of memory each meanwhile).
+INDEX_BATCH_ROWS = 4 * ROW_GROUP_SIZE
 
 INDEX_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # unique per version, stable across derived versions
@@ -107,6 +109,15 @@ def _to_table(rows_or_table: pa.Table | Iterable[dict[str, Any]], schema: pa.Sch
     return table
 
 
+def first_repeated(values: pa.ChunkedArray | pa.Array) -> tuple[Any, int] | None:
+    """(a value that occurs more than once, how many times), or None when all are distinct."""
+    if pc.count_distinct(values).as_py() == len(values):
+        return None
+    counts = pc.value_counts(values)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
+    return repeated["values"].as_py(), repeated["counts"].as_py()
+
+
 def _check_values(table: pa.Table, column: str, allowed: tuple[str, ...], what: str) -> None:
     bad = pc.invert(pc.is_in(table.column(column), value_set=pa.array(allowed)))
     if pc.any(bad).as_py():
@@ -117,11 +128,9 @@ def _check_values(table: pa.Table, column: str, allowed: tuple[str, ...], what: 
 def validate_index(rows_or_table: pa.Table | Iterable[dict[str, Any]], what: str = INDEX_FILE) -> pa.Table:
     """Check the index contract and return the table with the contract columns cast to INDEX_SCHEMA."""
     table = _to_table(rows_or_table, INDEX_SCHEMA, what)
-    keys = table.column("key")
-    if pc.count_distinct(keys).as_py() != len(table):
-        counts = pc.value_counts(keys)
-        duplicate = next(item["values"].as_py() for item in counts if item["counts"].as_py() > 1)
-        raise SampleIndexError(f"{what}: duplicate key {duplicate!r}; keys must be unique per version")
+    repeated = first_repeated(table.column("key"))
+    if repeated is not None:
+        raise SampleIndexError(f"{what}: duplicate key {repeated[0]!r}; keys must be unique per version")
     _check_values(table, "status", STATUSES, what)
     # Every dropped sample is counted with a reason; kept samples have none.
     dropped = pc.equal(table.column("status"), "dropped")

@@ -46,7 +46,7 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from datasets_manifests.index import INDEX_FILE, has_layer, read_index, scan_index, validate_index
+    from datasets_manifests.index import INDEX_FILE, first_repeated, has_layer, read_index, scan_index, validate_index
 
     if not has_layer(manifest, INDEX_FILE):
         return []
@@ -55,11 +55,9 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
         for batch in scan_index(registry, manifest):
             table = validate_index(pa.Table.from_batches([batch]), what=INDEX_FILE)
             shards.update(s for s in pc.unique(table.column("shard")).to_pylist() if s is not None)
-        keys = read_index(registry, manifest, ["key"]).column("key")
-        if pc.count_distinct(keys).as_py() != len(keys):
-            counts = pc.value_counts(keys)
-            repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-            return [f"{INDEX_FILE}: duplicate key {repeated!r}; keys must be unique per version"]
+        repeated = first_repeated(read_index(registry, manifest, ["key"]).column("key"))
+        if repeated is not None:
+            return [f"{INDEX_FILE}: duplicate key {repeated[0]!r}; keys must be unique per version"]
     except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
         return [f"{INDEX_FILE}: {error}"]
     listed = {entry.path for entry in manifest.files}

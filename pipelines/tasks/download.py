@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from datasets_manifests.index import INDEX_SCHEMA
+from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, first_repeated
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
 from datasets_manifests.spill import read_spilled, spill_writer
@@ -405,11 +405,9 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[pa.Table, list[di
 
 
 def _check_complete(rows: pa.Table, expected: int, raw_dir: str) -> None:
-    keys = rows.column("key")
-    if pc.count_distinct(keys).as_py() != len(rows):
-        counts = pc.value_counts(keys)
-        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
-        raise RegistryError(f"{raw_dir}: sample {repeated['values'].as_py()} appears in {repeated['counts'].as_py()} shards")
+    repeated = first_repeated(rows.column("key"))
+    if repeated is not None:
+        raise RegistryError(f"{raw_dir}: sample {repeated[0]} appears in {repeated[1]} shards")
     if len(rows) != expected:
         raise RegistryError(
             f"{raw_dir}: {len(rows)} of {expected} source rows accounted for: some shards did not finish "
@@ -441,10 +439,6 @@ def _as_rows(table: pa.Table) -> pa.Table:
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
                for f in ROWS_SCHEMA]  # fmt: skip
     return pa.table(columns, schema=ROWS_SCHEMA)
-
-
-# Index rows are taken in key order, validated and written this many at a time.
-INDEX_BATCH_ROWS = 4 * 65536
 
 
 def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], files: list[dict[str, Any]],

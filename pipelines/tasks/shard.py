@@ -466,15 +466,10 @@ def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------------------- publish
 
-# Index rows are built and written this many at a time: ~1 KB of memory per row while a batch is built,
-# validated and encoded.
-INDEX_BATCH_ROWS = 4 * 65536
-
-
 def _index_batches(records: pa.Table, decision: Decision, written: Written) -> Iterator[pa.Table]:
     """The new index in key order, a batch at a time: one row per key (a repeated key is counted, not given a
     second row); split, shard and offsets only on kept rows."""
-    from datasets_manifests.index import INDEX_SCHEMA
+    from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA
 
     rows = decision.order[decision.dropped_as[decision.order] != DUPLICATE_REASONS.index("duplicate_key")]
     reasons = pa.array(DUPLICATE_REASONS, pa.string())

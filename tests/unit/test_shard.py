@@ -219,7 +219,7 @@ def test_index_written_in_batches_is_the_same(raw_version, monkeypatch):
     cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
     whole = run_shard(cfg, raw, name="one-batch", registry=registry)
     monkeypatch.setattr(index, "ROW_GROUP_SIZE", 2)
-    monkeypatch.setattr(shard, "INDEX_BATCH_ROWS", 4)
+    monkeypatch.setattr(index, "INDEX_BATCH_ROWS", 4)
     batched = run_shard(cfg, raw, name="batches", registry=registry)
     read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
     assert pq.ParquetFile(registry.local_path(batched, "index.parquet")).metadata.num_row_groups == len(read(whole)) // 2
