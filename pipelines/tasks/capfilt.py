@@ -707,9 +707,10 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
     write_index_batches(parts("index"), work / "index.parquet", part_schema("index"), in_key_order=False)
     write_texts_batches(parts("texts"), work / "texts.parquet", part_schema("texts"))
     stats = merge_stats([marker["stats"] for marker in markers])
-    if capfilt_quality.find_ground_truth(registry, parents[0], config.ground_truth) is not None:  # the demo corpus
-        texts, index = pq.read_table(work / "texts.parquet"), pq.read_table(work / "index.parquet")
-        stats["quality"] = capfilt_quality.evaluate(registry, parents[0], config.ground_truth, texts, index)
+    quality = capfilt_quality.evaluate(registry, parents[0], config.ground_truth,
+                                       lambda: (pq.read_table(work / "texts.parquet"), pq.read_table(work / "index.parquet")))
+    if quality is not None:
+        stats["quality"] = quality
     stats["throughput"] = perf
     (work / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     # Shard digests come from the writer tasks (hashed as written; a marker of an older run may lack them).

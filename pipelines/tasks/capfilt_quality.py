@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -101,15 +101,17 @@ def names_scene(text: str, shape: str, colour: str) -> tuple[bool, bool, bool]:
     return (any(s == shape for s, _ in objects), any(c == colour for _, c in objects), (shape, colour) in objects)
 
 
-def evaluate(registry: Registry, dataset: Manifest, ground_truth: str | None, texts: pa.Table,
-             index: pa.Table) -> dict[str, Any] | None:  # fmt: skip
-    """Quality numbers of one CapFilt output, or None when no ground truth can be found."""
+def evaluate(registry: Registry, dataset: Manifest, ground_truth: str | None,
+             read_tables: Callable[[], tuple[pa.Table, pa.Table]]) -> dict[str, Any] | None:  # fmt: skip
+    """Quality numbers of one CapFilt output, or None when no ground truth can be found. `read_tables` gives its
+    (texts, index), read only when there is ground truth (the demo corpus; a 129M-row web version has none)."""
     import fsspec
     import pyarrow.parquet as pq
 
     source = find_ground_truth(registry, dataset, ground_truth)
     if source is None:
         return None
+    texts, index = read_tables()
     with fsspec.open(source, "rb") as handle:
         truth_rows = pq.read_table(handle).to_pylist()
     text_rows = texts.select(["key", "text", "source", "kept", "drop_reason"]).to_pylist()
@@ -123,17 +125,16 @@ def evaluate_version(registry: Registry, ref: str, ground_truth: str | None = No
     For versions published before a change of the measure: nothing is rerun and nothing is written (a manifest
     is never edited); `stats.json`/the manifest keep the figures computed at the time.
     """
-    from datasets_manifests.index import read_index, read_texts
+    from datasets_manifests.index import TEXTS_FILE, has_layer, read_index, read_texts
 
     manifest = registry.resolve(ref, kind="dataset")
     if manifest.producer.stage != "capfilt":
         raise ValueError(f"{manifest.ref} was produced by '{manifest.producer.stage}', not by capfilt")
     dataset = registry.resolve(manifest.parents[0], kind="dataset")
     explicit = ground_truth or (manifest.producer.config or {}).get("ground_truth")
-    texts = read_texts(registry, manifest)
-    if texts is None:
+    if not has_layer(manifest, TEXTS_FILE):
         raise ValueError(f"{manifest.ref} has no texts.parquet")
-    return evaluate(registry, dataset, explicit, texts, read_index(registry, manifest))
+    return evaluate(registry, dataset, explicit, lambda: (read_texts(registry, manifest), read_index(registry, manifest)))
 
 
 def measure(truth_rows: list[dict[str, Any]], text_rows: list[dict[str, Any]],
