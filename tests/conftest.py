@@ -6,11 +6,14 @@ live there, so a shared home would leak caches between runs), loopback-only Ray,
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blip-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # after the session's server stopped
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("BLIP_REGISTRY", None)
 

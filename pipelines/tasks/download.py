@@ -21,6 +21,9 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -150,7 +153,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
     raw_output = _raw_output(cfg, key, stage / "raw")
-    _run_img2dataset(cfg, source_table, raw_output)
+    _run_img2dataset(cfg, source_table, raw_output, work / "tmp")
     # Shards written to storage inside a remote registry's store are indexed there and published by a copy
     # inside the store; shards on other shared storage are copied into the local staging dir publish reads.
     in_store = raw_output != str(stage / "raw") and _in_registry_store(registry, raw_output)
@@ -187,7 +190,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     failed = _split_parent_index(registry, parent, kept_file, source_table)
     retry_output = _raw_output(cfg, key, work / "retry")
     if failed:
-        _run_img2dataset(cfg, source_table, retry_output)
+        _run_img2dataset(cfg, source_table, retry_output, work / "tmp")
     # The parent's shards and sidecars come along unchanged; retried shards are numbered after them. A local
     # registry hard-links them into the staging dir; a remote one copies them inside its store at publish.
     parent_files = [e for e in parent.files if e.path.startswith("raw/")]
@@ -229,10 +232,11 @@ def _raw_output(cfg: DownloadConfig, key: str, local_dir: Path) -> str:
     return f"{cfg.output_folder.rstrip('/')}/{key}/{local_dir.name}"
 
 
-def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str) -> None:
+def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str, temp_dir: Path) -> None:
     """img2dataset into `output_folder` (path or fsspec URL); finished shards (with _stats.json) are skipped on a
     relaunch. The driver reads `source_table` and writes its input splits under `output_folder`/_tmp, so with
-    the ray distributor only `output_folder` has to be shared between nodes."""
+    the ray distributor only `output_folder` has to be shared between nodes. `temp_dir`: the multiprocessing
+    workers' TMPDIR, removed afterwards."""
     # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -246,6 +250,11 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
 
     fs, path = url_to_fs(output_folder)  # fails early, with an install hint, when s3fs/gcsfs is missing
     fs.makedirs(posixpath.dirname(path.rstrip("/")), exist_ok=True)
+    with _workers_temp_dir(temp_dir if cfg.distributor == "multiprocessing" else None):
+        _img2dataset_download(img2dataset, cfg, source_table, output_folder)
+
+
+def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_table: Path, output_folder: str) -> None:
     img2dataset.download(
         url_list=str(source_table), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=["source_key"], output_folder=output_folder, output_format="webdataset",
@@ -257,6 +266,28 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
         oom_shard_count=SHARD_DIGITS, max_shard_retry=cfg.max_shard_retry, user_agent_token=cfg.user_agent_token,
         extract_exif=False,
     )
+
+
+@contextmanager
+def _workers_temp_dir(directory: Path | None) -> Iterator[None]:
+    """TMPDIR of the processes started inside, removed afterwards. img2dataset imports wandb, which makes two
+    temporary folders at import and removes them at a normal exit; img2dataset's pool terminates its workers,
+    so without this every worker leaves two empty folders in /tmp, run after run."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tempfile.gettempdir()  # fixes this process's own temporary folder before TMPDIR changes
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(directory)  # spawned workers read it; this process's tempfile.tempdir is cached
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # Index shards in parallel processes only when there is this much tar data per process: starting one costs

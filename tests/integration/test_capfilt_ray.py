@@ -53,49 +53,50 @@ def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), 
     from pipelines.tasks import demo_corpus
 
     rng = random.Random(seed)
-    staging = Path(tempfile.mkdtemp(prefix="capfilt-inputs-"))
-    (staging / "shards").mkdir()
-    files, index_rows, truth_rows = [], [], []
-    for shard in range(shards):
-        path = f"shards/train-{shard:06d}.tar"
-        with tarfile.open(staging / path, "w") as tar:
-            for position in range(per_shard):
-                row = shard * per_shard + position
-                key = f"{row:09d}"
-                scene = demo_corpus.random_scene(rng)
-                noisy = rng.random() < 0.4
-                raw = demo_corpus.noise_text("unrelated", rng) if noisy else demo_corpus.web_caption(scene, rng)
-                jpg = b"\xff\xd8\xff\xe0 not a jpeg" if key in corrupt else _jpeg(demo_corpus.render(scene, image_size))
-                url = f"http://127.0.0.1:1/images/{row:06d}.jpg"
-                meta = {"key": key, "url": url, "raw_caption": raw, "caption": pre_caption(raw, 30),
-                        "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": image_size, "height": image_size}
-                for ext, data in (("jpg", jpg), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
-                    if ext == "txt" and key in no_text:
-                        continue
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                index_rows.append({**meta, "caption_source": "web", "split": "train", "shard": path,
-                                   "jpg_offset": None, "jpg_bytes": len(jpg), "status": "ok", "drop_reason": None})
-                truth_rows.append({"row": row, "path": f"images/{row:06d}.jpg", "caption": raw,
-                                   "true_caption": demo_corpus.true_caption(scene), "shape": scene.shape,
-                                   "colour": scene.colour, "is_noisy": noisy, "bad_kind": None})
-        files.append({"path": path, "role": "shard", "num_samples": per_shard, "split": "train"})
-    write_index(index_rows, staging / "index.parquet")
-    pq.write_table(pa.Table.from_pylist(truth_rows), staging / "ground_truth.parquet")
-    files += [{"path": "index.parquet", "role": "index"}, {"path": "ground_truth.parquet", "role": "annotation"}]
-    dataset = registry.publish(kind="dataset", name=name, staging_dir=staging, files=files,
-                               producer=Producer(stage="test-fixture"), splits={"train": shards * per_shard})
-    torch.manual_seed(seed)
-    config = preset("tiny")
-    models = []
-    for model_name, model in (("captioner-tiny", BlipCaption(config)), ("filter-tiny", BlipITM(config))):
-        directory = save_pretrained(model.eval(), staging / model_name)
-        found = registry.find_cached("model", model_name, f"seed{seed}")
-        models.append(found or registry.publish(
-            kind="model", name=model_name, staging_dir=directory, producer=Producer(stage="test-fixture", cache_key=f"seed{seed}"),
-            files=[{"path": "model.safetensors", "role": "weights"}, {"path": "config.json", "role": "config"}]))
-    return dataset, models[0], models[1]
+    with tempfile.TemporaryDirectory(prefix="capfilt-inputs-") as temporary:  # the registry keeps copies
+        staging = Path(temporary)
+        (staging / "shards").mkdir()
+        files, index_rows, truth_rows = [], [], []
+        for shard in range(shards):
+            path = f"shards/train-{shard:06d}.tar"
+            with tarfile.open(staging / path, "w") as tar:
+                for position in range(per_shard):
+                    row = shard * per_shard + position
+                    key = f"{row:09d}"
+                    scene = demo_corpus.random_scene(rng)
+                    noisy = rng.random() < 0.4
+                    raw = demo_corpus.noise_text("unrelated", rng) if noisy else demo_corpus.web_caption(scene, rng)
+                    jpg = b"\xff\xd8\xff\xe0 not a jpeg" if key in corrupt else _jpeg(demo_corpus.render(scene, image_size))
+                    url = f"http://127.0.0.1:1/images/{row:06d}.jpg"
+                    meta = {"key": key, "url": url, "raw_caption": raw, "caption": pre_caption(raw, 30),
+                            "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": image_size, "height": image_size}
+                    for ext, data in (("jpg", jpg), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
+                        if ext == "txt" and key in no_text:
+                            continue
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+                    index_rows.append({**meta, "caption_source": "web", "split": "train", "shard": path,
+                                       "jpg_offset": None, "jpg_bytes": len(jpg), "status": "ok", "drop_reason": None})
+                    truth_rows.append({"row": row, "path": f"images/{row:06d}.jpg", "caption": raw,
+                                       "true_caption": demo_corpus.true_caption(scene), "shape": scene.shape,
+                                       "colour": scene.colour, "is_noisy": noisy, "bad_kind": None})
+            files.append({"path": path, "role": "shard", "num_samples": per_shard, "split": "train"})
+        write_index(index_rows, staging / "index.parquet")
+        pq.write_table(pa.Table.from_pylist(truth_rows), staging / "ground_truth.parquet")
+        files += [{"path": "index.parquet", "role": "index"}, {"path": "ground_truth.parquet", "role": "annotation"}]
+        dataset = registry.publish(kind="dataset", name=name, staging_dir=staging, files=files,
+                                   producer=Producer(stage="test-fixture"), splits={"train": shards * per_shard})
+        torch.manual_seed(seed)
+        config = preset("tiny")
+        models = []
+        for model_name, model in (("captioner-tiny", BlipCaption(config)), ("filter-tiny", BlipITM(config))):
+            directory = save_pretrained(model.eval(), staging / model_name)
+            found = registry.find_cached("model", model_name, f"seed{seed}")
+            models.append(found or registry.publish(
+                kind="model", name=model_name, staging_dir=directory, producer=Producer(stage="test-fixture", cache_key=f"seed{seed}"),
+                files=[{"path": "model.safetensors", "role": "weights"}, {"path": "config.json", "role": "config"}]))
+        return dataset, models[0], models[1]
 
 
 def _shard_bytes(registry, manifest):

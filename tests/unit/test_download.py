@@ -164,6 +164,33 @@ def test_raw_output_goes_under_output_folder(tmp_path):
     assert _raw_output(DownloadConfig(output_folder="s3://b/work/"), "k1", local) == "s3://b/work/k1/raw"
 
 
+def _make_temporary_folder_and_hang(queue) -> None:
+    import tempfile
+    import time
+
+    queue.put(tempfile.mkdtemp(suffix="-like-wandb"))
+    time.sleep(60)  # terminated, like img2dataset's pool workers: nothing of its own is cleaned up
+
+
+def test_workers_temp_dir_collects_what_terminated_workers_leave(tmp_path, monkeypatch):
+    import multiprocessing
+    import os
+
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    workers_dir = tmp_path / "work" / "tmp"
+    with download._workers_temp_dir(workers_dir):
+        context = multiprocessing.get_context("spawn")  # what img2dataset's distributor uses
+        queue = context.Queue()
+        worker = context.Process(target=_make_temporary_folder_and_hang, args=(queue,))
+        worker.start()
+        made = queue.get(timeout=60)
+        worker.terminate()
+        worker.join()
+        assert os.path.dirname(made) == str(workers_dir)
+    assert os.environ["TMPDIR"] == "/tmp"
+    assert not workers_dir.exists()
+
+
 def test_config_presets_by_name(tmp_path, capsys):
     assert stage_config_path("download", "ray") == CONFIG_DIR / "download" / "ray.yaml"
     assert stage_config_path("shard", "demo") == CONFIG_DIR / "shard" / "demo.yaml"
