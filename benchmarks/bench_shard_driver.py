@@ -21,16 +21,16 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
 
 PER_RAW_SHARD = 10_000
 
@@ -166,33 +166,6 @@ def _rows_in_file_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: int(record["key"][9:]))
 
 
-class AnonymousMemoryPeak:
-    """Peak of the process's anonymous resident memory (RssAnon: heap, Arrow and numpy buffers), sampled every
-    5 ms. Not ru_maxrss: that counts the pages of the memory-mapped records file too, which the kernel can drop
-    and read again (page cache, not memory the driver needs)."""
-
-    def __init__(self) -> None:
-        self.peak = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("RssAnon:"))
-        return int(line.split()[1]) * 1024
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.now())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, self.now())
-
-
 def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
     result = (run_arrays if args.side == "arrays" else run_dicts)(args.records, out)
@@ -210,8 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for side in ("dicts", "arrays"):
             out = Path(tmp) / side
             out.mkdir()
-            subprocess.run([sys.executable, __file__, "--side", side, "--records", str(args.records), "--out", str(out)],
-                           check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+            run_side(__file__, side, "--records", str(args.records), "--out", str(out))
             results[side] = json.loads((out / "result.json").read_text())
         same_index = (Path(tmp) / "dicts/index.parquet").read_bytes() == (Path(tmp) / "arrays/index.parquet").read_bytes()
     same_plan = results["dicts"].pop("plan") == results["arrays"].pop("plan")

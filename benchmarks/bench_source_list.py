@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_shard_driver import AnonymousMemoryPeak  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         list_mib = (directory / "list.json").stat().st_size / 2**20
         results = {}
         for side in ("whole", "streamed"):
-            subprocess.run([sys.executable, __file__, "--side", side, "--records", str(args.records), "--dir", tmp],
-                           check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+            run_side(__file__, side, "--records", str(args.records), "--dir", tmp)
             results[side] = json.loads((directory / f"{side}.json").read_text())
         import pyarrow.parquet as pq
 

@@ -301,7 +301,8 @@ def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None
     """The index of a version a batch at a time, in file (key) order: for work over an index larger than memory."""
     dataset = _dataset(registry, manifest, INDEX_FILE)
     _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
-    yield from dataset.scanner(columns=columns, batch_size=batch_rows).to_batches()
+    # Arrow reads 16 batches ahead by default: ~250 MB held for a 4-column scan, no faster than 4 ahead here.
+    yield from dataset.scanner(columns=columns, batch_size=batch_rows, batch_readahead=4).to_batches()
 
 
 def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,

@@ -2,15 +2,18 @@
 
 `verify` recomputes the sha256 and size of every file a manifest lists (the check `git fsck` or DVC's
 `status` does for their stores). `diff` joins the per-sample indexes of two versions on the stable sample
-key: what was added, removed, re-captioned or newly dropped by a stage (`diff_tables` keeps the result in Arrow,
-for the browser's pages). `lineage` walks parents (up to
-the sources) and children (down to models and evaluations) by content id.
+key: what was added, removed, re-captioned or newly dropped by a stage (`diff_tables` keeps the result in
+memory-mapped Arrow files, for the browser's pages). `lineage` walks parents (up to the sources) and children
+(down to models and evaluations) by content id.
 pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from datasets_manifests.filesystems import sha256_file
@@ -93,43 +96,87 @@ DIFF_CATEGORIES = ("added", "removed", "recaptioned", "newly_dropped", "restored
 @dataclass(frozen=True)
 class DiffTables:
     """A sample diff kept in Arrow: one table per category (`key`, plus `caption_a`/`caption_b` for recaptioned
-    and `reason` for newly_dropped), in version b's order (removed: a's). Pages are slices; nothing is
-    converted to Python until a page is shown, so a diff of two 1M-row versions stays cheap to page through."""
+    and `reason` for newly_dropped), in version b's order (removed: a's). The tables are memory-mapped files
+    (already unlinked: they go when the tables do) and pages are slices, so nothing is converted to Python or
+    read into memory until a page is shown, whatever the size of the diff."""
 
     categories: dict[str, Any]  # category -> pa.Table
     counts: dict[str, int]
 
 
-def diff_tables(registry: Registry, a: Manifest, b: Manifest) -> DiffTables:
-    """Join two per-sample indexes by key: each index's keys are hashed once (no join, no Python objects)."""
+DIFF_COLUMNS = ["key", "caption", "status", "drop_reason"]
+
+
+def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | None = None) -> DiffTables:
+    """Join two per-sample indexes by key without holding them: both indexes' four columns are copied to Arrow
+    files and memory-mapped, a's keys are hashed once (the position of each b key in a), b is compared with its
+    rows of a `batch_rows` at a time, and each category is appended to its own file. Measured
+    (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.3 GB, so ~8 GB for
+    two 129M-row versions (joined in memory: ~220 bytes per sample, ~55 GB), and ~80 bytes per sample of
+    temporary disk (TMPDIR)."""
+    import tempfile
+
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from datasets_manifests.index import read_index
+    from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, scan_index
+    from datasets_manifests.spill import read_spilled, spill_writer, take_spilled
 
-    columns = ["key", "caption", "status", "drop_reason"]
-    table_a, table_b = read_index(registry, a, columns), read_index(registry, b, columns)
-    position = pc.index_in(table_b["key"], value_set=table_a["key"])  # row of each b key in a (keys are unique)
-    in_a = pc.is_valid(position)
-    in_b = pc.is_in(table_a["key"], value_set=table_b["key"])
-    common_b = table_b.filter(in_a)
-    common_a = table_a.take(pc.filter(position, in_a))
-    caption_a, caption_b = common_a["caption"], common_b["caption"]
-    # A caption that appears or disappears counts as re-captioned; null on both sides does not.
-    recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
-                         pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
-    status_a, status_b = common_a["status"], common_b["status"]
-    newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
-    restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
-    keys = common_b["key"]
-    categories = {
-        "added": table_b.filter(pc.invert(in_a)).select(["key"]),
-        "removed": table_a.filter(pc.invert(in_b)).select(["key"]),
-        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b}).filter(recaptioned),
-        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"]}).filter(newly_dropped),
-        "restored": pa.table({"key": keys}).filter(restored),
+    batch_rows = batch_rows or INDEX_BATCH_ROWS
+    copied = pa.schema([INDEX_SCHEMA.field(name) for name in DIFF_COLUMNS])
+    key, caption, reason = copied.field("key"), copied.field("caption"), copied.field("drop_reason")
+    schemas = {
+        "added": pa.schema([key]), "removed": pa.schema([key]),
+        "recaptioned": pa.schema([key, caption.with_name("caption_a"), caption.with_name("caption_b")]),
+        "newly_dropped": pa.schema([key, reason.with_name("reason")]), "restored": pa.schema([key]),
     }
-    counts = {"a": len(table_a), "b": len(table_b), "common": len(common_b)}
+    with tempfile.TemporaryDirectory(prefix="blip-diff-") as temporary:
+        directory = Path(temporary)
+        for side, manifest in (("a", a), ("b", b)):
+            with spill_writer(directory / f"{side}.arrow", copied) as writer:
+                pending: list[pa.RecordBatch] = []  # written batch_rows at a time: few chunks for take_spilled
+                for batch in chain(scan_index(registry, manifest, DIFF_COLUMNS), [None]):  # None: the end
+                    if batch is not None:
+                        pending.append(batch)
+                    if pending and (batch is None or sum(len(part) for part in pending) >= batch_rows):
+                        writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
+                        pending = []
+        table_a = read_spilled([directory / "a.arrow"], copied)
+        table_b = read_spilled([directory / "b.arrow"], copied)
+        position = pc.index_in(table_b["key"], value_set=table_a["key"])  # row of each b key in a (keys are unique)
+        in_b = np.zeros(len(table_a), dtype=bool)  # a's rows that b has: the positions found (no second hash)
+        in_b[pc.drop_null(position).to_numpy()] = True
+        common = 0
+        with ExitStack() as stack:
+            out = {name: stack.enter_context(spill_writer(directory / f"{name}.arrow", schema))
+                   for name, schema in schemas.items()}  # fmt: skip
+            for start in range(0, len(table_a), batch_rows):
+                part = table_a.slice(start, batch_rows)
+                out["removed"].write_table(part.select(["key"]).filter(pa.array(~in_b[start:start + batch_rows])))
+            for start in range(0, len(table_b), batch_rows):
+                part_b, rows_in_a = table_b.slice(start, batch_rows), position.slice(start, batch_rows)
+                in_a = pc.is_valid(rows_in_a)
+                out["added"].write_table(part_b.select(["key"]).filter(pc.invert(in_a)))
+                common_b = part_b.filter(in_a)
+                common_a = take_spilled(table_a, pc.filter(rows_in_a, in_a))
+                common += len(common_b)
+                caption_a, caption_b = common_a["caption"], common_b["caption"]
+                # A caption that appears or disappears counts as re-captioned; null on both sides does not.
+                recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
+                                     pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
+                status_a, status_b = common_a["status"], common_b["status"]
+                newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
+                restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
+                keys = common_b["key"]
+                out["recaptioned"].write_table(pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b},
+                                                        schema=schemas["recaptioned"]).filter(recaptioned))
+                out["newly_dropped"].write_table(pa.table({"key": keys, "reason": common_b["drop_reason"]},
+                                                          schema=schemas["newly_dropped"]).filter(newly_dropped))
+                out["restored"].write_table(pa.table({"key": keys}, schema=schemas["restored"]).filter(restored))
+        # Unlinked when the folder goes; the memory maps keep the category files readable (POSIX).
+        categories = {name: read_spilled([directory / f"{name}.arrow"], schema) for name, schema in schemas.items()}
+    counts = {"a": len(table_a), "b": len(table_b), "common": common}
     counts.update({name: table.num_rows for name, table in categories.items()})
     return DiffTables(categories=categories, counts=counts)
 

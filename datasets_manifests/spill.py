@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -27,6 +28,28 @@ def read_spilled(paths: list[Path], schema: pa.Schema) -> pa.Table:
     """The rows of `spill_writer` files, one table over all of them, memory-mapped."""
     tables = [pa.ipc.open_file(pa.memory_map(str(path))).read_all() for path in paths]
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def take_spilled(table: pa.Table, rows: Any) -> pa.Table:
+    """`table.take(rows)` for a table read by `read_spilled`, holding only the rows taken in memory. Arrow's take
+    on a chunked column of strings first concatenates the chunks (it would read the whole file into memory, at
+    each call); here each chunk gives its own rows, which are then put back in the order asked for. `rows`:
+    row numbers without nulls (an Arrow or numpy array)."""
+    import numpy as np
+
+    wanted = np.asarray(rows, dtype=np.int64)
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [batch.num_rows for batch in batches])
+    chunk = np.searchsorted(starts, wanted, side="right") - 1
+    order = np.argsort(chunk, kind="stable")
+    by_chunk, chunk_sorted = wanted[order], chunk[order]
+    cuts = np.searchsorted(chunk_sorted, np.arange(len(batches) + 1))
+    parts = [batches[c].take(pa.array(by_chunk[cuts[c]:cuts[c + 1]] - starts[c]))
+             for c in range(len(batches)) if cuts[c + 1] > cuts[c]]  # fmt: skip
+    gathered = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return gathered.take(pa.array(back))
 
 
 def digest16(text: str) -> bytes:

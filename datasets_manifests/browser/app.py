@@ -181,7 +181,8 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
             thumbs.put(cache_key, data)
         return Response(data, media_type="image/jpeg")
 
-    diffs = LRU(8)  # (id a, id b) -> DiffTables: Arrow tables of keys, so a cached 1M-row diff stays small
+    # (id a, id b) -> DiffTables: memory-mapped files (unlinked; their disk is freed when the entry is evicted)
+    diffs = LRU(8)
 
     @api
     def diff(request: Request) -> Response:

@@ -57,7 +57,7 @@ def write_shard(staging: Path, rows: list[dict[str, Any]], shard: str = "shards/
             if row["status"] != "ok":
                 row.update(shard=None, jpg_offset=None, jpg_bytes=None, image_sha256=None)
                 continue
-            for suffix, payload in ((".jpg", jpeg_bytes(seed)), (".txt", row["caption"].encode())):
+            for suffix, payload in ((".jpg", jpeg_bytes(seed)), (".txt", (row["caption"] or "").encode())):
                 info = tarfile.TarInfo(row["key"] + suffix)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))

@@ -1,0 +1,45 @@
+"""What the driver-memory benchmarks share: each side runs in a fresh process (`run_side`), which samples its
+own peak anonymous memory (`AnonymousMemoryPeak`), so one side's heap never counts against the other's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class AnonymousMemoryPeak:
+    """Peak of the process's anonymous resident memory (RssAnon: heap, Arrow and numpy buffers), sampled every
+    5 ms. Not ru_maxrss: that counts the pages of memory-mapped files too, which the kernel can drop and read
+    again (page cache, not memory the process needs)."""
+
+    def __init__(self) -> None:
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("RssAnon:"))
+        return int(line.split()[1]) * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
+def run_side(script: str, side: str, *arguments: str) -> None:
+    """`python script --side side arguments...` in a fresh process, with the project importable."""
+    subprocess.run([sys.executable, script, "--side", side, *arguments], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
