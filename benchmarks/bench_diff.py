@@ -3,7 +3,7 @@ time vs both indexes joined in memory.
 
 A diff joins two versions' per-sample indexes by key (what a stage added, removed, re-captioned, dropped). It
 read four columns of both indexes whole and kept every category in memory (the code before; rebuilt here as the
-baseline): ~100 bytes per sample per side plus each re-captioned caption pair, so two 129M-row versions needed
+baseline, with the same comparison of the aligned rows): ~100 bytes per sample per side plus each re-captioned caption pair, so two 129M-row versions needed
 tens of GB. Now `ops.diff_tables` copies the four columns to Arrow files it memory-maps, hashes each side's keys
 once, compares b with its rows of a a batch at a time and appends each category to its own memory-mapped file.
 
@@ -40,32 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def diff_in_memory(registry: Any, a: Any, b: Any) -> dict[str, Any]:
     """The diff before: both indexes' four columns read whole, joined and filtered in memory."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from datasets_manifests.index import read_index
+    from datasets_manifests.ops import DIFF_COLUMNS, compare_rows
 
-    columns = ["key", "caption", "status", "drop_reason"]
-    table_a, table_b = read_index(registry, a, columns), read_index(registry, b, columns)
+    table_a, table_b = read_index(registry, a, DIFF_COLUMNS), read_index(registry, b, DIFF_COLUMNS)
     position = pc.index_in(table_b["key"], value_set=table_a["key"])
     in_a = pc.is_valid(position)
     in_b = pc.is_in(table_a["key"], value_set=table_b["key"])
-    common_b = table_b.filter(in_a)
-    common_a = table_a.take(pc.filter(position, in_a))
-    caption_a, caption_b = common_a["caption"], common_b["caption"]
-    recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
-                         pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
-    status_a, status_b = common_a["status"], common_b["status"]
-    newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
-    restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
-    keys = common_b["key"]
-    return {
-        "added": table_b.filter(pc.invert(in_a)).select(["key"]),
-        "removed": table_a.filter(pc.invert(in_b)).select(["key"]),
-        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b}).filter(recaptioned),
-        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"]}).filter(newly_dropped),
-        "restored": pa.table({"key": keys}).filter(restored),
-    }
+    common_a, common_b = table_a.take(pc.filter(position, in_a)), table_b.filter(in_a)
+    return {"added": table_b.filter(pc.invert(in_a)).select(["key"]),
+            "removed": table_a.filter(pc.invert(in_b)).select(["key"]), **compare_rows(common_a, common_b)}
 
 
 def child(args: argparse.Namespace) -> None:

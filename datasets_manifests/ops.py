@@ -161,24 +161,34 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                 common_b = part_b.filter(in_a)
                 common_a = take_spilled(table_a, pc.filter(rows_in_a, in_a))
                 common += len(common_b)
-                caption_a, caption_b = common_a["caption"], common_b["caption"]
-                # A caption that appears or disappears counts as re-captioned; null on both sides does not.
-                recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
-                                     pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
-                status_a, status_b = common_a["status"], common_b["status"]
-                newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
-                restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
-                keys = common_b["key"]
-                out["recaptioned"].write_table(pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b},
-                                                        schema=schemas["recaptioned"]).filter(recaptioned))
-                out["newly_dropped"].write_table(pa.table({"key": keys, "reason": common_b["drop_reason"]},
-                                                          schema=schemas["newly_dropped"]).filter(newly_dropped))
-                out["restored"].write_table(pa.table({"key": keys}, schema=schemas["restored"]).filter(restored))
+                for name, table in compare_rows(common_a, common_b).items():
+                    out[name].write_table(table.cast(schemas[name]))
         # Unlinked when the folder goes; the memory maps keep the category files readable (POSIX).
         categories = {name: read_spilled([directory / f"{name}.arrow"], schema) for name, schema in schemas.items()}
     counts = {"a": len(table_a), "b": len(table_b), "common": common}
     counts.update({name: table.num_rows for name, table in categories.items()})
     return DiffTables(categories=categories, counts=counts)
+
+
+def compare_rows(common_a: Any, common_b: Any) -> dict[str, Any]:
+    """The re-captioned, newly dropped and restored samples among rows of a and b aligned by key (Arrow tables of
+    `DIFF_COLUMNS`, row i of each the same key): one table per category, in the rows' order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    caption_a, caption_b = common_a["caption"], common_b["caption"]
+    # A caption that appears or disappears counts as re-captioned; null on both sides does not.
+    recaptioned = pc.or_(pc.fill_null(pc.not_equal(caption_a, caption_b), False),
+                         pc.xor(pc.is_null(caption_a), pc.is_null(caption_b)))
+    status_a, status_b = common_a["status"], common_b["status"]
+    newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
+    restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
+    keys = common_b["key"]
+    return {
+        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b}).filter(recaptioned),
+        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"]}).filter(newly_dropped),
+        "restored": pa.table({"key": keys}).filter(restored),
+    }
 
 
 def diff(registry: Registry, ref_a: str | Manifest, ref_b: str | Manifest, limit: int | None = 20) -> SampleDiff:
