@@ -2,10 +2,11 @@
 time vs both indexes joined in memory.
 
 A diff joins two versions' per-sample indexes by key (what a stage added, removed, re-captioned, dropped). It
-read four columns of both indexes whole and kept every category in memory (the code before; rebuilt here as the
-baseline, with the same comparison of the aligned rows): ~100 bytes per sample per side plus each re-captioned caption pair, so two 129M-row versions needed
-tens of GB. Now `ops.diff_tables` copies the four columns to Arrow files it memory-maps, hashes each side's keys
-once, compares b with its rows of a a batch at a time and appends each category to its own memory-mapped file.
+read four columns of both indexes whole and kept every category in memory (the code before, rebuilt here as the
+baseline with the same comparison of the aligned rows): ~220 bytes per sample of the two versions, so two
+129M-row versions needed ~55 GB. Now `ops.diff_tables` copies the four columns to Arrow files it memory-maps,
+hashes a's keys once, compares b with its rows of a a batch at a time and appends each category to its own
+memory-mapped file.
 
 Both sides run in fresh processes on the same two published versions (`bench_browser_index.build`: `--rows`
 samples, a child version with 5 % removed, 5 % added, 10 % re-captioned, 2 % newly dropped). Reports wall time
