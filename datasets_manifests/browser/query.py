@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ SAMPLE_COLUMNS = ("key", "url", "image_sha256", "width", "height", "caption", "r
                   "split", "shard", "jpg_offset", "jpg_bytes", "status", "drop_reason")
 TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
+HISTOGRAM_BATCH_ROWS = 1 << 18  # rows read at a time for the histograms
 T = TypeVar("T")
 
 
@@ -310,35 +311,51 @@ class VersionData:
         return self._histograms
 
     def _compute_histograms(self) -> dict[str, Any]:
+        """Read a batch at a time: a 129M-sample version's texts (~300M rows) and captions do not fit in memory.
+        The score histograms have fixed edges and are summed batch by batch; the size and caption-length ones
+        need the range first, so only their per-sample numbers are kept (12 bytes a sample)."""
         out: dict[str, Any] = {}
         if self.has_texts:
-            table = self.dataset(self.texts_path).to_table(columns=["source", "itm_score", "kept"])
             edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
-            scores = pc.fill_null(table.column("itm_score"), -1.0).to_numpy().astype(float)  # null: no score
-            kept = pc.fill_null(table.column("kept"), False).to_numpy(zero_copy_only=False).astype(bool)
-            series = []
-            for source in ("web", "synthetic"):
-                # Masks computed in Arrow: comparing millions of Python strings in numpy is ~100x slower.
-                is_source = pc.fill_null(pc.equal(table.column("source"), source), False)
-                is_source = is_source.to_numpy(zero_copy_only=False).astype(bool) & (scores >= 0.0)
-                for decision, mask in (("kept", kept), ("dropped", ~kept)):
-                    selected = scores[is_source & mask]
-                    counts, _ = np.histogram(np.clip(selected, 0.0, 1.0), bins=edges)
-                    series.append({"label": f"{source} {decision}", "counts": counts.tolist()})
-            out["itm_score"] = {"edges": edges.round(4).tolist(), "series": series,
-                                "total": int((scores >= 0.0).sum())}
+            labels = [(source, decision) for source in ("web", "synthetic") for decision in ("kept", "dropped")]
+            counts = {label: np.zeros(SCORE_BINS, dtype=np.int64) for label in labels}
+            total = 0
+            for batch in self._batches(self.texts_path, ["source", "itm_score", "kept"]):
+                scores = pc.fill_null(batch.column("itm_score"), -1.0).to_numpy().astype(float)  # null: no score
+                kept = pc.fill_null(batch.column("kept"), False).to_numpy(zero_copy_only=False).astype(bool)
+                total += int((scores >= 0.0).sum())
+                for source in ("web", "synthetic"):
+                    # Masks computed in Arrow: comparing millions of Python strings in numpy is ~100x slower.
+                    is_source = pc.fill_null(pc.equal(batch.column("source"), source), False)
+                    is_source = is_source.to_numpy(zero_copy_only=False).astype(bool) & (scores >= 0.0)
+                    for decision, mask in (("kept", kept), ("dropped", ~kept)):
+                        selected = scores[is_source & mask]
+                        counts[source, decision] += np.histogram(np.clip(selected, 0.0, 1.0), bins=edges)[0]
+            series = [{"label": f"{source} {decision}", "counts": counts[source, decision].tolist()}
+                      for source, decision in labels]  # fmt: skip
+            out["itm_score"] = {"edges": edges.round(4).tolist(), "series": series, "total": total}
         if self.has_index:
-            index = self.dataset(self.index_path)
-            names = index.schema.names
+            names = self.dataset(self.index_path).schema.names
+            sized, captioned = "width" in names and "height" in names, "caption" in names
+            megapixels: list[np.ndarray] = []
+            words: list[np.ndarray] = []
             columns = [c for c in ("width", "height", "caption") if c in names]
-            table = index.to_table(columns=columns)
-            if "width" in names and "height" in names:
-                pixels = pc.multiply(pc.cast(table.column("width"), pa.int64()), pc.cast(table.column("height"), pa.int64()))
-                out["megapixels"] = _histogram(pc.divide(pc.cast(pixels, pa.float64()), 1e6), 20)
-            if "caption" in names:
-                words = pc.add(pc.count_substring(pc.utf8_trim_whitespace(table.column("caption")), " "), 1)
-                out["caption_words"] = _histogram(pc.cast(words, pa.float64()), 20)
+            for batch in self._batches(self.index_path, columns) if sized or captioned else ():
+                if sized:
+                    pixels = pc.multiply(pc.cast(batch.column("width"), pa.int64()), pc.cast(batch.column("height"), pa.int64()))
+                    megapixels.append(_numbers(pc.divide(pc.cast(pixels, pa.float64()), 1e6), np.float64))
+                if captioned:
+                    counted = pc.add(pc.count_substring(pc.utf8_trim_whitespace(batch.column("caption")), " "), 1)
+                    words.append(_numbers(counted, np.int32))
+            if sized:
+                out["megapixels"] = _histogram(megapixels, 20)
+            if captioned:
+                out["caption_words"] = _histogram(words, 20)
         return out
+
+    def _batches(self, relpath: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        scanner = self.dataset(relpath).scanner(columns=columns, batch_size=HISTOGRAM_BATCH_ROWS, batch_readahead=4)
+        yield from scanner.to_batches()
 
 
 def _find_parquet(manifest: Manifest, basename: str) -> str | None:
@@ -348,13 +365,21 @@ def _find_parquet(manifest: Manifest, basename: str) -> str | None:
     return None
 
 
-def _histogram(values: pa.Array | pa.ChunkedArray, bins: int) -> dict[str, Any]:
-    array = np.asarray(pc.drop_null(values).to_numpy(zero_copy_only=False), dtype=float)
-    if array.size == 0:
+def _numbers(values: pa.Array | pa.ChunkedArray, dtype: Any) -> np.ndarray:
+    return np.asarray(pc.drop_null(values).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _histogram(chunks: list[np.ndarray], bins: int) -> dict[str, Any]:
+    """Equal-width bins over the range of all chunks' values, counted a chunk at a time (the same counts as one
+    np.histogram of their concatenation)."""
+    chunks = [chunk for chunk in chunks if chunk.size]
+    if not chunks:
         return {"edges": [], "counts": [], "total": 0}
-    low, high = float(array.min()), float(array.max())
+    low, high = min(float(chunk.min()) for chunk in chunks), max(float(chunk.max()) for chunk in chunks)
     if high <= low:  # all values equal: one visible bar in the middle
         span = abs(low) * 0.1 or 1.0
         low, high = low - span, high + span
-    counts, edges = np.histogram(array, bins=bins, range=(low, high))
-    return {"edges": edges.round(4).tolist(), "counts": counts.tolist(), "total": int(array.size)}
+    counts = sum(np.histogram(chunk.astype(float), bins=bins, range=(low, high))[0] for chunk in chunks)
+    edges = np.histogram_bin_edges(chunks[0].astype(float), bins=bins, range=(low, high))
+    return {"edges": edges.round(4).tolist(), "counts": counts.tolist(),
+            "total": sum(chunk.size for chunk in chunks)}  # fmt: skip

@@ -227,6 +227,18 @@ def test_histograms_count_every_caption(client: TestClient, registry_dir: Path) 
     assert client.get("/api/versions/model/blip-tiny-pretrain/v1/histograms").status_code == 200
 
 
+def test_histograms_read_in_batches_equal_one_read(registry_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasets_manifests.browser import query
+    from datasets_manifests.registry import Registry
+
+    registry = Registry(str(registry_dir))
+    manifest = registry.resolve("web-demo-capfilt@v1")
+    whole = query.VersionData(registry, manifest).histograms()
+    monkeypatch.setattr(query, "HISTOGRAM_BATCH_ROWS", 3)
+    assert query.VersionData(registry, manifest).histograms() == whole
+    assert set(whole) == {"itm_score", "megapixels", "caption_words"} and whole["megapixels"]["total"] > 3
+
+
 # ---------------------------------------------------------------------------------------------- samples
 def test_samples_pages_cover_the_index_once(client: TestClient, registry_dir: Path) -> None:
     keys = []
