@@ -63,6 +63,8 @@ def register(subparsers: Any) -> None:
 
     verify = command("verify", "recompute sha256 and size of every file of a version", cmd_verify)
     verify.add_argument("ref")
+    verify.add_argument("--workers", type=int, default=None,
+                        help="files hashed at once (default: one per core; 16 on object storage)")
 
     samples = command("samples", "print samples of a version's per-sample index", cmd_samples)
     samples.add_argument("ref")
@@ -301,7 +303,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref)
-    problems = verify(registry, manifest)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
+    problems = verify(registry, manifest, workers=args.workers, progress=True)
     if args.json:
         _print_json({"ref": manifest.ref, "id": manifest.id, "ok": not problems, "problems": problems})
     elif problems:

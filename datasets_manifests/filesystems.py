@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 
@@ -35,12 +36,15 @@ def url_to_fs(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
         raise MissingFilesystemError(missing_filesystem_message(str(url), error)) from error
 
 
-def sha256_file(path: str | Path, fs: fsspec.AbstractFileSystem | None = None, chunk: int = 1 << 20) -> tuple[str, int]:
+def sha256_file(path: str | Path, fs: fsspec.AbstractFileSystem | None = None, chunk: int = 1 << 20,
+                on_read: Callable[[int], object] | None = None) -> tuple[str, int]:  # fmt: skip
     """(sha256 hex, bytes) of a file, read in chunks: a local path, or a path in `fs` (uploads read back,
-    remote source lists, `blip data verify` on any registry)."""
+    remote source lists, `blip data verify` on any registry). `on_read(n)` after each chunk (progress)."""
     digest, size = hashlib.sha256(), 0
     with (fs.open(str(path), "rb") if fs is not None else open(path, "rb")) as handle:
         while block := handle.read(chunk):
             digest.update(block)
             size += len(block)
+            if on_read is not None:
+                on_read(len(block))
     return digest.hexdigest(), size

@@ -10,6 +10,8 @@ pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import chain
@@ -17,26 +19,39 @@ from pathlib import Path
 from typing import Any
 
 from datasets_manifests.filesystems import sha256_file
-from datasets_manifests.manifest import Manifest
+from datasets_manifests.manifest import FileEntry, Manifest
 from datasets_manifests.registry import Registry
 
 
 # --------------------------------------------------------------------------- verify
-def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20) -> list[str]:
+def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, workers: int | None = None,
+           progress: bool = False) -> list[str]:  # fmt: skip
     """Problems with a version's files (missing, wrong size, wrong sha256) and, when they are intact, with its
-    per-sample index (contract, shards it points at); empty when all is well."""
+    per-sample index (contract, shards it points at); empty when all is well.
+
+    Files are hashed by `workers` threads (hashlib and file reads release the GIL; default: one per core on a
+    local registry, 16 on object storage, where each read waits on the network): a 129M-sample version is
+    terabytes. `progress`: a bar over the bytes on stderr (shown on a terminal only)."""
     manifest = registry.resolve(ref)
-    problems: list[str] = []
-    for entry in manifest.files:
-        path = registry.path_of(manifest, entry.path)
-        if not registry.fs.exists(path):
-            problems.append(f"{entry.path}: missing")
-            continue
-        digest, size = sha256_file(path, registry.fs, chunk)
-        if size != entry.bytes:
-            problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
-        elif digest != entry.sha256:
-            problems.append(f"{entry.path}: sha256 {digest[:12]} != manifest {entry.sha256[:12]}")
+    workers = workers or ((os.cpu_count() or 1) if registry.is_local else 16)
+    from tqdm import tqdm
+
+    with tqdm(total=sum(entry.bytes for entry in manifest.files), unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"verifying {manifest.ref}", disable=None if progress else True) as bar:  # fmt: skip
+
+        def check(entry: FileEntry) -> str | None:
+            path = registry.path_of(manifest, entry.path)
+            if not registry.fs.exists(path):
+                return f"{entry.path}: missing"
+            digest, size = sha256_file(path, registry.fs, chunk, on_read=bar.update)
+            if size != entry.bytes:
+                return f"{entry.path}: {size} bytes, manifest says {entry.bytes}"
+            if digest != entry.sha256:
+                return f"{entry.path}: sha256 {digest[:12]} != manifest {entry.sha256[:12]}"
+            return None
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # results in the manifest's file order
+            problems = [problem for problem in pool.map(check, manifest.files) if problem is not None]
     if not problems:  # only a verified index is worth reading
         problems += _index_problems(registry, manifest)
     # Parents missing from this registry are not damage to this version; `lineage` shows them as missing.

@@ -190,6 +190,7 @@ def test_catalog_lists_and_shows(capsys, tmp_path):
     (["samples", "raw", "--where", "colour=red"], "unknown column 'colour'"),
     (["samples", "raw", "--where", "nonsense"], "expected COL=VAL"),
     (["catalog", "imagenet"], "unknown composition 'imagenet'"),
+    (["verify", "raw@v1", "--workers", "0"], "--workers 0: must be at least 1"),
 ])
 def test_errors_are_one_line(populated, capsys, args, message):
     code, out, err = run(capsys, populated, *args)

@@ -107,6 +107,19 @@ def test_publish_rejects_bad_input(registry, tmp_path):
     assert registry.versions("dataset", "toy") == []
 
 
+def test_verify_in_threads_reports_in_the_manifests_file_order(registry, tmp_path):
+    from datasets_manifests.ops import verify
+
+    payloads = {f"part-{number:02d}.bin": bytes([number]) * (1000 + number) for number in range(12)}
+    manifest = publish_files(registry, tmp_path / "many", payloads)
+    assert verify(registry, manifest, chunk=64, workers=4) == []
+    registry.fs.rm(registry.path_of(manifest, "part-09.bin"))
+    with registry.fs.open(registry.path_of(manifest, "part-02.bin"), "wb") as handle:
+        handle.write(b"short")
+    expected = ["part-02.bin: 5 bytes, manifest says 1002", "part-09.bin: missing"]
+    assert verify(registry, manifest, chunk=64, workers=4) == expected == verify(registry, manifest, workers=1)
+
+
 def test_digests_from_the_writer_are_checked_by_size_and_verify_recomputes_them(registry, tmp_path):
     import hashlib
 
