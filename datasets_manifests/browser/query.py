@@ -31,7 +31,7 @@ SAMPLE_COLUMNS = ("key", "url", "image_sha256", "width", "height", "caption", "r
                   "split", "shard", "jpg_offset", "jpg_bytes", "status", "drop_reason")
 TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
-HISTOGRAM_BATCH_ROWS = 1 << 18  # rows read at a time for the histograms
+SCAN_BATCH_ROWS = 1 << 18  # rows read at a time by the histograms and the filtered sample pages
 T = TypeVar("T")
 
 
@@ -191,9 +191,15 @@ class VersionData:
             page = self._slice_rows(index_path, offset, limit, columns)
         else:
             expression = self._index_expression(where, index.schema.names)
-            keys = index.to_table(columns=["key"], filter=expression).column("key")
-            total = len(keys)
-            page_keys = keys.slice(offset, limit)
+            # Counted a batch at a time; only the page's keys are kept (a filter may match most of 129M samples).
+            total, pieces = 0, []
+            scanner = index.scanner(columns=["key"], filter=expression, batch_size=SCAN_BATCH_ROWS, batch_readahead=4)
+            for batch in scanner.to_batches():
+                start = max(offset - total, 0)
+                if start < batch.num_rows and total < offset + limit:
+                    pieces.append(batch.column(0).slice(start, offset + limit - total - start))
+                total += batch.num_rows
+            page_keys = pa.chunked_array(pieces, pa.string())
             page = self.rows_for_keys(page_keys, columns) if len(page_keys) else index.schema.empty_table()
         rows = page.to_pylist()
         texts = self.texts_for([row["key"] for row in rows])
@@ -354,7 +360,7 @@ class VersionData:
         return out
 
     def _batches(self, relpath: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        scanner = self.dataset(relpath).scanner(columns=columns, batch_size=HISTOGRAM_BATCH_ROWS, batch_readahead=4)
+        scanner = self.dataset(relpath).scanner(columns=columns, batch_size=SCAN_BATCH_ROWS, batch_readahead=4)
         yield from scanner.to_batches()
 
 

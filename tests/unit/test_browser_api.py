@@ -234,9 +234,24 @@ def test_histograms_read_in_batches_equal_one_read(registry_dir: Path, monkeypat
     registry = Registry(str(registry_dir))
     manifest = registry.resolve("web-demo-capfilt@v1")
     whole = query.VersionData(registry, manifest).histograms()
-    monkeypatch.setattr(query, "HISTOGRAM_BATCH_ROWS", 3)
+    monkeypatch.setattr(query, "SCAN_BATCH_ROWS", 3)
     assert query.VersionData(registry, manifest).histograms() == whole
     assert set(whole) == {"itm_score", "megapixels", "caption_words"} and whole["megapixels"]["total"] > 3
+
+
+def test_filtered_pages_read_in_batches_equal_one_read(registry_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datasets_manifests.browser import query
+    from datasets_manifests.registry import Registry
+
+    registry = Registry(str(registry_dir))
+    data = query.VersionData(registry, registry.resolve("web-demo-capfilt@v1"))
+    where = query.SampleFilter(source="synthetic")
+    everything, total = data.query_samples(where, limit=1000, offset=0)
+    assert total == len(everything) > 6
+    monkeypatch.setattr(query, "SCAN_BATCH_ROWS", 2)
+    for offset in range(0, total + 2):
+        page, counted = data.query_samples(where, limit=3, offset=offset)
+        assert counted == total and [row["key"] for row in page] == [row["key"] for row in everything[offset:offset + 3]]
 
 
 # ---------------------------------------------------------------------------------------------- samples
