@@ -234,9 +234,9 @@ def _raw_output(cfg: DownloadConfig, key: str, local_dir: Path) -> str:
 
 def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str, temp_dir: Path) -> None:
     """img2dataset into `output_folder` (path or fsspec URL); finished shards (with _stats.json) are skipped on a
-    relaunch. The driver reads `source_table` and writes its input splits under `output_folder`/_tmp, so with
-    the ray distributor only `output_folder` has to be shared between nodes. `temp_dir`: the multiprocessing
-    workers' TMPDIR, removed afterwards."""
+    relaunch. The driver reads `source_table` (in parts, under `temp_dir`) and writes its input splits under
+    `output_folder`/_tmp, so with the ray distributor only `output_folder` has to be shared between nodes.
+    `temp_dir` also holds the multiprocessing workers' TMPDIR; what this puts there is removed afterwards."""
     # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -250,13 +250,49 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
 
     fs, path = url_to_fs(output_folder)  # fails early, with an install hint, when s3fs/gcsfs is missing
     fs.makedirs(posixpath.dirname(path.rstrip("/")), exist_ok=True)
-    with _workers_temp_dir(temp_dir if cfg.distributor == "multiprocessing" else None):
-        _img2dataset_download(img2dataset, cfg, source_table, output_folder)
+    parts = split_source_table(source_table, temp_dir / "source-parts", cfg.samples_per_shard)
+    with _workers_temp_dir(temp_dir / "workers" if cfg.distributor == "multiprocessing" else None):
+        _img2dataset_download(img2dataset, cfg, parts, output_folder)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_table: Path, output_folder: str) -> None:
+# Rows per part of the source list handed to img2dataset (rounded down to whole shards): its reader loads each
+# input file whole (`pq.read_table`) before cutting it into shards, so one file of 129M rows needed ~20 GB.
+SOURCE_PART_ROWS = 1 << 20
+
+
+def split_source_table(source_table: Path, directory: Path, samples_per_shard: int) -> Path:
+    """`source_table` as a folder of Parquet parts of whole shards, in order (img2dataset reads a folder's
+    `*.parquet` sorted by name and numbers the shards on across its files, so the shards hold the same rows as
+    from the one file). An empty list gives one empty part (img2dataset refuses a folder without one)."""
+    import pyarrow.parquet as pq
+
+    rows_per_part = samples_per_shard * max(1, SOURCE_PART_ROWS // samples_per_shard)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    source = pq.ParquetFile(source_table)
+    writer, in_part, parts = None, 0, 0
+    for batch in source.iter_batches(batch_size=min(rows_per_part, 1 << 16)):
+        while batch.num_rows:
+            if writer is None:
+                writer = pq.ParquetWriter(str(directory / f"part-{parts:06d}.parquet"), source.schema_arrow)
+                parts += 1
+            taken = min(batch.num_rows, rows_per_part - in_part)
+            writer.write_batch(batch.slice(0, taken))
+            batch, in_part = batch.slice(taken), in_part + taken
+            if in_part == rows_per_part:
+                writer.close()
+                writer, in_part = None, 0
+    if writer is not None:
+        writer.close()
+    if parts == 0:
+        pq.write_table(source.schema_arrow.empty_table(), directory / "part-000000.parquet")
+    return directory
+
+
+def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str) -> None:
     img2dataset.download(
-        url_list=str(source_table), input_format="parquet", url_col="url", caption_col="caption",
+        url_list=str(source_parts), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=["source_key"], output_folder=output_folder, output_format="webdataset",
         processes_count=cfg.processes, thread_count=cfg.threads, number_sample_per_shard=cfg.samples_per_shard,
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,

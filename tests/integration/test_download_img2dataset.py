@@ -93,12 +93,18 @@ def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(co
 
     from datasets_manifests.ops import verify
 
+    from pipelines.tasks import download
+
     monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setattr(download, "SOURCE_PART_ROWS", 25)  # img2dataset reads the list as 3 files of 2 shards
     registry = Registry(f"memory://dl-retry-{uuid.uuid4().hex[:8]}")
     with serve_corpus(corpus) as base:
         source = write_source_list(corpus, base, tmp_path / "source.parquet")
         raw = run_download(_config(), source, name="raw", registry=registry)
         retried = run_retry_failed(_config(), raw.ref, name="raw", registry=registry)
+    truth = read_ground_truth(corpus).to_pylist()
+    assert raw.counts["ok"] + sum(raw.drop_reasons.values()) == len(truth)
+    assert sorted(e.path for e in raw.files if e.path.endswith(".tar")) == [f"raw/{i:05d}.tar" for i in range(6)]
     parent_shards = {e.path: e.sha256 for e in raw.files if e.path.startswith("raw/")}
     assert {e.path: e.sha256 for e in retried.files if e.path in parent_shards} == parent_shards
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"] and verify(registry, retried) == []

@@ -164,6 +164,21 @@ def test_raw_output_goes_under_output_folder(tmp_path):
     assert _raw_output(DownloadConfig(output_folder="s3://b/work/"), "k1", local) == "s3://b/work/k1/raw"
 
 
+def test_source_table_split_into_parts_of_whole_shards(tmp_path, monkeypatch):
+    from datasets_manifests.sources import SOURCE_SCHEMA
+
+    rows = [{"url": f"http://h/{i}.jpg", "caption": f"c{i}", "source_key": f"{i:04d}"} for i in range(47)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), tmp_path / "source.parquet", row_group_size=9)
+    monkeypatch.setattr(download, "SOURCE_PART_ROWS", 25)  # parts of 2 shards of 10 rows: 20 + 20 + 7
+    parts = download.split_source_table(tmp_path / "source.parquet", tmp_path / "parts", samples_per_shard=10)
+    files = sorted(parts.glob("*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [20, 20, 7]
+    assert pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() == rows
+    pq.write_table(SOURCE_SCHEMA.empty_table(), tmp_path / "empty.parquet")
+    empty = download.split_source_table(tmp_path / "empty.parquet", tmp_path / "parts", samples_per_shard=10)
+    assert [pq.read_metadata(f).num_rows for f in empty.glob("*.parquet")] == [0]
+
+
 def _make_temporary_folder_and_hang(queue) -> None:
     import tempfile
     import time
