@@ -298,10 +298,10 @@ def read_index(registry: Registry, manifest: Manifest, columns: list[str] | None
 
 def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None = None,
                batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
-    """The index of a version a batch at a time, in file (key) order: for work over an index larger than memory."""
+    """The index of a version a batch at a time, in file order: for work over an index larger than memory."""
     dataset = _dataset(registry, manifest, INDEX_FILE)
     _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
-    # Arrow reads 16 batches ahead by default: ~250 MB held for a 4-column scan, no faster than 4 ahead here.
+    # Arrow reads 16 batches ahead by default: ~250 MB held for a 4-column scan, and 4 ahead was as fast here.
     yield from dataset.scanner(columns=columns, batch_size=batch_rows, batch_readahead=4).to_batches()
 
 

@@ -14,7 +14,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +149,15 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
         directory = Path(temporary)
         for side, manifest in (("a", a), ("b", b)):
             with spill_writer(directory / f"{side}.arrow", copied) as writer:
-                pending: list[pa.RecordBatch] = []  # written batch_rows at a time: few chunks for take_spilled
-                for batch in chain(scan_index(registry, manifest, DIFF_COLUMNS), [None]):  # None: the end
-                    if batch is not None:
-                        pending.append(batch)
-                    if pending and (batch is None or sum(len(part) for part in pending) >= batch_rows):
+                # Written batch_rows at a time (the scan gives row groups): few chunks for take_spilled.
+                pending: list[pa.RecordBatch] = []
+                for batch in scan_index(registry, manifest, DIFF_COLUMNS):
+                    pending.append(batch)
+                    if sum(part.num_rows for part in pending) >= batch_rows:
                         writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
                         pending = []
+                if pending:
+                    writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
         table_a = read_spilled([directory / "a.arrow"], copied)
         table_b = read_spilled([directory / "b.arrow"], copied)
         position = pc.index_in(table_b["key"], value_set=table_a["key"])  # row of each b key in a (keys are unique)

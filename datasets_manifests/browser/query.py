@@ -193,8 +193,7 @@ class VersionData:
             expression = self._index_expression(where, index.schema.names)
             # Counted a batch at a time; only the page's keys are kept (a filter may match most of 129M samples).
             total, pieces = 0, []
-            scanner = index.scanner(columns=["key"], filter=expression, batch_size=SCAN_BATCH_ROWS, batch_readahead=4)
-            for batch in scanner.to_batches():
+            for batch in self._batches(index_path, ["key"], expression):
                 start = max(offset - total, 0)
                 if start < batch.num_rows and total < offset + limit:
                     pieces.append(batch.column(0).slice(start, offset + limit - total - start))
@@ -359,8 +358,10 @@ class VersionData:
                 out["caption_words"] = _histogram(words, 20)
         return out
 
-    def _batches(self, relpath: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        scanner = self.dataset(relpath).scanner(columns=columns, batch_size=SCAN_BATCH_ROWS, batch_readahead=4)
+    def _batches(self, relpath: str, columns: list[str], where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows of a Parquet file (matching `where`) a batch at a time, in file order."""
+        scanner = self.dataset(relpath).scanner(columns=columns, filter=where, batch_size=SCAN_BATCH_ROWS,
+                                                batch_readahead=4)  # fmt: skip
         yield from scanner.to_batches()
 
 

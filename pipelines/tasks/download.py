@@ -257,7 +257,8 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
 
 
 # Rows per part of the source list handed to img2dataset (rounded down to whole shards): its reader loads each
-# input file whole (`pq.read_table`) before cutting it into shards, so one file of 129M rows needed ~20 GB.
+# input file whole (`pq.read_table`) before cutting it into shards: one file of 129M rows needs ~25 GB there
+# (benchmarks/bench_source_parts.py).
 SOURCE_PART_ROWS = 1 << 20
 
 
