@@ -127,7 +127,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     rows of a `batch_rows` at a time, and each category is appended to its own file. Measured
     (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.3 GB, so ~8 GB for
     two 129M-row versions (joined in memory: ~220 bytes per sample, ~55 GB), and ~80 bytes per sample of
-    temporary disk (TMPDIR)."""
+    temporary disk, beside the registry's work dirs (`_scratch_dir`)."""
     import tempfile
 
     import numpy as np
@@ -145,7 +145,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
         "recaptioned": pa.schema([key, caption.with_name("caption_a"), caption.with_name("caption_b")]),
         "newly_dropped": pa.schema([key, reason.with_name("reason")]), "restored": pa.schema([key]),
     }
-    with tempfile.TemporaryDirectory(prefix="blip-diff-") as temporary:
+    with tempfile.TemporaryDirectory(prefix="blip-diff-", dir=_scratch_dir(registry)) as temporary:
         directory = Path(temporary)
         for side, manifest in (("a", a), ("b", b)):
             with spill_writer(directory / f"{side}.arrow", copied) as writer:
@@ -184,6 +184,16 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     counts = {"a": len(table_a), "b": len(table_b), "common": common}
     counts.update({name: table.num_rows for name, table in categories.items()})
     return DiffTables(categories=categories, counts=counts)
+
+
+def _scratch_dir(registry: Registry) -> str | None:
+    """Where large temporary files go: beside the registry's work dirs (the registry's own disk for a local one,
+    BLIP_WORK_DIR for a remote one), not TMPDIR, which is often a small tmpfs, i.e. memory; TMPDIR when that
+    is not writable (a read-only registry one only browses)."""
+    try:
+        return str(registry.work_dir("scratch"))
+    except OSError:
+        return None
 
 
 def compare_rows(common_a: Any, common_b: Any) -> dict[str, Any]:

@@ -121,6 +121,8 @@ def test_diff_a_batch_at_a_time_equals_a_join_in_python(tmp_path):
         assert {name: table.to_pylist() for name, table in tables.categories.items()} == expected
         assert tables.counts == {"a": 60, "b": len(rows_b), "common": len(common),
                                  **{name: len(rows) for name, rows in expected.items()}}  # fmt: skip
+    # Its files went to the registry's scratch dir (not TMPDIR), unlinked once mapped: nothing is left there.
+    assert list((tmp_path / "registry" / ".work" / "scratch").iterdir()) == []
 
 
 def test_take_spilled_equals_take(tmp_path):
