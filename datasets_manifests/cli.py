@@ -272,7 +272,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from datasets_manifests.ops import diff
 
-    result = diff(_registry(args), args.ref_a, args.ref_b, limit=args.n)
+    result = diff(_registry(args), args.ref_a, args.ref_b, limit=args.n, progress=True)
     if args.json:
         _print_json(result.to_dict())
         return 0
