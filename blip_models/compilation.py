@@ -12,13 +12,12 @@ from __future__ import annotations
 from torch import nn
 
 from blip_models.med import BertLayer
+from blip_models.vit import timm_block
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every ViT block and MED layer of `model` (each shared module once)."""
-    from timm.models.vision_transformer import Block
-
-    return [module for module in model.modules() if isinstance(module, (Block, BertLayer))]
+    return [module for module in model.modules() if isinstance(module, (timm_block(), BertLayer))]
 
 
 def compile_blocks(model: nn.Module, *, vision_only: bool = False, mode: str | None = None) -> int:
@@ -30,9 +29,7 @@ def compile_blocks(model: nn.Module, *, vision_only: bool = False, mode: str | N
     """
     import torch._dynamo
 
-    from timm.models.vision_transformer import Block
-
-    blocks = [b for b in transformer_blocks(model) if isinstance(b, Block) or not vision_only]
+    blocks = [b for b in transformer_blocks(model) if isinstance(b, timm_block()) or not vision_only]
     # Each MED layer is called in several modes (unimodal, multimodal, causal, no-grad momentum copies): one
     # graph per (mode, shape) call signature; the default limit of 8 would fall back to eager mid-training.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

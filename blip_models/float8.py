@@ -72,11 +72,11 @@ def quantize_vision_linears(model: nn.Module) -> int:
 
     Layers whose sizes a CUDA FP8 matmul cannot take (not multiples of 16) stay as they are.
     """
-    from timm.models.vision_transformer import Block
+    from blip_models.vit import timm_block
 
     check_float8_device(next(model.parameters()).device)
     swapped = 0
-    for block in [module for module in model.modules() if isinstance(module, Block)]:
+    for block in [module for module in model.modules() if isinstance(module, timm_block())]:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.in_features % _CUDA_ALIGNMENT == 0 \

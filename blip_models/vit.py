@@ -9,6 +9,7 @@ norm2, mlp.fc1, mlp.fc2}, norm. No classification head: `forward` returns every 
 from __future__ import annotations
 
 import math
+import sys
 from functools import partial
 
 import torch
@@ -52,12 +53,29 @@ class PatchEmbed(nn.Module):
         return patches.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def timm_block() -> type[nn.Module]:
+    """timm's pre-norm ViT `Block`, imported without wandb. timm's utils import wandb when it is installed
+    (img2dataset requires it); wandb makes two temporary folders at import and removes them only at a normal
+    exit, so every killed process that imported timm (each Ray worker when its cluster stops) left two in
+    /tmp. timm uses wandb only to log summaries, which this project never asks of it."""
+    if "timm.models.vision_transformer" not in sys.modules and "wandb" not in sys.modules:
+        sys.modules["wandb"] = None  # type: ignore[assignment]  # `import wandb` raises ImportError: timm skips it
+        try:
+            import timm.models.vision_transformer  # noqa: F401
+        finally:
+            if sys.modules.get("wandb", 0) is None:
+                del sys.modules["wandb"]  # a later `import wandb` (img2dataset's) finds the real one
+    from timm.models.vision_transformer import Block
+
+    return Block
+
+
 class VisionTransformer(nn.Module):
     """ViT returning all tokens `(B, 1 + N, D)` after the final LayerNorm (CLS first)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        from timm.models.vision_transformer import Block
+        Block = timm_block()  # noqa: N806
 
         self.config = config
         self.width = config.width

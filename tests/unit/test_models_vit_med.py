@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +32,19 @@ def test_vit_names_shapes_and_any_resolution():
     pixel_values = torch.randn(2, 3, 32, 32)
     assert vit(pixel_values).shape == (2, 17, 32)
     assert vit(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+
+
+def test_vit_imports_timm_without_wandb_and_wandb_still_imports_after():
+    """wandb (installed for img2dataset) leaves two folders in /tmp per killed process that imported it: a model
+    process must not import it through timm, and img2dataset's own `import wandb` must still work after."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from blip_models.vit import VisionTransformer; from tests.unit._blip_tiny import micro_config; "
+            "VisionTransformer(micro_config().vision); print('wandb' in sys.modules); import wandb; print(bool(wandb.__file__))")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=root)
+    assert result.stdout.split() == ["False", "True"]
 
 
 def test_interpolate_pos_embed_keeps_cls_and_identity():
