@@ -146,6 +146,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     key = download_key(cfg, source_id or f"source:{source_list_sha256(source)}")
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
+        _remove_work(registry, cfg, key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
     work = registry.work_dir(key)
@@ -169,9 +170,11 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         (stage / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, stage / relpath)
         files.append({"path": relpath, "role": "other"})
-    return _publish(registry, name, stage, [rows_file], files + [{"path": "source.parquet", "role": "other"}],
-                    producer, parents=[], extra_counts=extra_counts, stats=stats,
-                    remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None)
+    manifest = _publish(registry, name, stage, [rows_file], files + [{"path": "source.parquet", "role": "other"}],
+                        producer, parents=[], extra_counts=extra_counts, stats=stats,
+                        remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None)
+    _remove_work(registry, cfg, key)
+    return manifest
 
 
 def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
@@ -180,6 +183,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
+        _remove_work(registry, cfg, key)
         return cached
     started = now_utc()
     work = registry.work_dir(key)
@@ -209,12 +213,27 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
              for e in parent_files] + files  # fmt: skip
     producer = Producer(stage=RETRY_STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
-    return _publish(registry, name, stage, [kept_file, *([rows_file] if failed else [])], files, producer, parents=[parent],
-                    extra_counts={"retried": retried, "recovered": recovered},
-                    stats={"retry_of": parent.ref}, remote_staging=remote_staging)
+    manifest = _publish(registry, name, stage, [kept_file, *([rows_file] if failed else [])], files, producer,
+                        parents=[parent], extra_counts={"retried": retried, "recovered": recovered},
+                        stats={"retry_of": parent.ref}, remote_staging=remote_staging)
+    _remove_work(registry, cfg, key)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------- parts
+
+
+def _remove_work(registry: Registry, cfg: DownloadConfig, key: str) -> None:
+    """A published download's leftovers: its work dir (the normalised list, a retry's shards, which the publish
+    copied into the version) and, with `output_folder`, the run's folder there, which the publish copied too (at
+    129M: terabytes of shards, on object storage, a second time)."""
+    shutil.rmtree(registry.work_dir(key), ignore_errors=True)
+    if cfg.output_folder is not None:
+        from datasets_manifests.sources import url_to_fs
+
+        fs, path = url_to_fs(f"{cfg.output_folder.rstrip('/')}/{key}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def _in_registry_store(registry: Registry, url: str) -> bool:

@@ -97,6 +97,15 @@ def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(co
 
     monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setattr(download, "SOURCE_PART_ROWS", 25)  # img2dataset reads the list as 3 files of 2 shards
+    staged_before_removal: dict[str, set[str]] = {}
+    remove_work = download._remove_work
+
+    def spy(registry, cfg, key):  # what a run had on this machine, just before its work dir goes
+        staged = {f"raw/{p.name}" for p in (tmp_path / "work" / key / "stage" / "raw").glob("*.tar")}
+        staged_before_removal.setdefault(key, set()).update(staged)
+        remove_work(registry, cfg, key)
+
+    monkeypatch.setattr(download, "_remove_work", spy)
     registry = Registry(f"memory://dl-retry-{uuid.uuid4().hex[:8]}")
     with serve_corpus(corpus) as base:
         source = write_source_list(corpus, base, tmp_path / "source.parquet")
@@ -108,9 +117,9 @@ def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(co
     parent_shards = {e.path: e.sha256 for e in raw.files if e.path.startswith("raw/")}
     assert {e.path: e.sha256 for e in retried.files if e.path in parent_shards} == parent_shards
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"] and verify(registry, retried) == []
-    retry_work = next((tmp_path / "work").rglob("retry_source.parquet")).parent
-    staged = {f"raw/{path.name}" for path in (retry_work / "stage" / "raw").glob("*.tar")}
+    staged = staged_before_removal[retried.producer.cache_key]
     assert staged and not staged & set(parent_shards)  # only the retried shards were on this machine
+    assert not any((tmp_path / "work").iterdir())  # and the work dirs are gone
 
 
 def test_resume_after_kill(corpus, tmp_path):
@@ -159,8 +168,9 @@ def test_ray_distributor_into_an_output_folder_url(corpus, tmp_path, ray_session
         assert len(raw.shards()) == 6
         key = raw.producer.cache_key
         assert key == download_key(cfg, f"source:{_sha256(source)}")
-        written = sorted(p.name for p in (shared / key / "raw").glob("*_stats.json"))
-        assert written == [f"{i:05d}_stats.json" for i in range(6)]
+        # The run's folder in output_folder held the shards the publish copied: removed after it.
+        assert shared.is_dir() and not (shared / key).exists()
+        assert not (tmp_path / "registry" / ".work" / key).exists()
         # Same output settings through the multiprocessing distributor: the same version, not a new download.
         assert run_download(_config(), source, name="raw-ray", registry=registry).id == raw.id
 
