@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,17 +64,16 @@ def child(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
     registry = Registry(str(directory / "registry"))
     a, b = registry.resolve("big@v1"), registry.resolve("big@v2")
-    start = AnonymousMemoryPeak.now()
-    memory = AnonymousMemoryPeak()
-    began = time.perf_counter()
-    categories = diff_tables(registry, a, b).categories if args.side == "spilled" else diff_in_memory(registry, a, b)
-    counts = {name: table.num_rows for name, table in categories.items()}
-    wall = time.perf_counter() - began
-    peak = memory.stop()
+    categories: dict[str, Any] = {}
+
+    def work() -> dict[str, Any]:
+        categories.update(diff_tables(registry, a, b).categories if args.side == "spilled"
+                          else diff_in_memory(registry, a, b))  # fmt: skip
+        return {"counts": {name: table.num_rows for name, table in categories.items()}}
+
+    measure_side(directory, args.side, work)
     for name, table in categories.items():  # after the measurement: for the comparison of the two sides
         pq.write_table(table, directory / f"{args.side}-{name}.parquet")
-    (directory / f"{args.side}.json").write_text(json.dumps({"wall_s": wall, "peak_mib": (peak - start) / 2**20,
-                                                             "counts": counts}))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         began = time.perf_counter()
         build(directory / "registry", args.rows)
         build_s = time.perf_counter() - began
-        results = {}
-        for side in ("in_memory", "spilled"):
-            run_side(__file__, side, "--rows", str(args.rows), "--dir", tmp)
-            results[side] = json.loads((directory / f"{side}.json").read_text())
+        results = run_sides(__file__, ("in_memory", "spilled"), directory, "--rows", str(args.rows))
         same = all(pq.read_table(directory / f"in_memory-{name}.parquet").cast(
                        pq.read_schema(directory / f"spilled-{name}.parquet")).equals(
                        pq.read_table(directory / f"spilled-{name}.parquet"))

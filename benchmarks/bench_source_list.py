@@ -20,14 +20,13 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,18 +91,14 @@ def child(args: argparse.Namespace) -> None:
     from datasets_manifests.sources import normalise_source_list
 
     directory = Path(args.dir)
-    memory = AnonymousMemoryPeak()
-    start = memory.peak
-    began = time.perf_counter()
-    if args.side == "streamed":
-        report = normalise_source_list(directory / "list.json", directory / "streamed.parquet").to_dict()
-        report = {k: report[k] for k in ("records", "rows", "duplicates", "top_duplicated_urls")}
-    else:
-        report = normalise_whole(directory / "list.json", directory / "whole.parquet")
-    wall = time.perf_counter() - began
-    peak = memory.stop()
-    (directory / f"{args.side}.json").write_text(json.dumps({"wall_s": wall, "peak_mib": (peak - start) / 2**20,
-                                                             "report": report}))  # fmt: skip
+
+    def work() -> dict[str, Any]:
+        if args.side == "streamed":
+            report = normalise_source_list(directory / "list.json", directory / "streamed.parquet").to_dict()
+            return {"report": {k: report[k] for k in ("records", "rows", "duplicates", "top_duplicated_urls")}}
+        return {"report": normalise_whole(directory / "list.json", directory / "whole.parquet")}
+
+    measure_side(directory, args.side, work)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -115,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         directory = Path(tmp)
         write_list(directory / "list.json", args.records)
         list_mib = (directory / "list.json").stat().st_size / 2**20
-        results = {}
-        for side in ("whole", "streamed"):
-            run_side(__file__, side, "--records", str(args.records), "--dir", tmp)
-            results[side] = json.loads((directory / f"{side}.json").read_text())
+        results = run_sides(__file__, ("whole", "streamed"), directory, "--records", str(args.records))
         import pyarrow.parquet as pq
 
         # The same rows; the row groups differ past 1M rows (the streamed side writes a chunk at a time).

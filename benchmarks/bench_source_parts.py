@@ -17,14 +17,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 SAMPLES_PER_SHARD = 10_000
 
@@ -65,20 +64,17 @@ def child(args: argparse.Namespace) -> None:
     directory = Path(args.dir)
     out = directory / args.side
     out.mkdir()
-    start = AnonymousMemoryPeak.now()
-    memory = AnonymousMemoryPeak()
-    began = time.perf_counter()
-    url_list = directory / "source.parquet"
-    if args.side == "parts":
-        url_list = split_source_table(url_list, directory / "parts", SAMPLES_PER_SHARD)
-    reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["source_key"], SAMPLES_PER_SHARD,
-                    set(), str(out))  # fmt: skip
-    with contextlib.redirect_stdout(sys.stderr):  # img2dataset prints its progress: this script prints JSON
-        shards = [shard_id for shard_id, _ in reader]
-    wall = time.perf_counter() - began
-    peak = memory.stop()
-    (directory / f"{args.side}.json").write_text(json.dumps({"wall_s": wall, "peak_mib": (peak - start) / 2**20,
-                                                             "shards": shards}))  # fmt: skip
+
+    def work() -> dict[str, Any]:
+        url_list = directory / "source.parquet"
+        if args.side == "parts":
+            url_list = split_source_table(url_list, directory / "parts", SAMPLES_PER_SHARD)
+        reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["source_key"], SAMPLES_PER_SHARD,
+                        set(), str(out))  # fmt: skip
+        with contextlib.redirect_stdout(sys.stderr):  # img2dataset prints its progress: this script prints JSON
+            return {"shards": [shard_id for shard_id, _ in reader]}
+
+    measure_side(directory, args.side, work)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -91,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-source-parts-") as tmp:
         directory = Path(tmp)
         write_list(directory / "source.parquet", args.rows)
-        results = {}
-        for side in ("one_file", "parts"):
-            run_side(__file__, side, "--rows", str(args.rows), "--dir", tmp)
-            results[side] = json.loads((directory / f"{side}.json").read_text())
+        results = run_sides(__file__, ("one_file", "parts"), directory, "--rows", str(args.rows))
 
         def shard(side: str, shard_id: int) -> pa.Table:
             return pa.ipc.open_file(pa.memory_map(str(directory / side / f"{shard_id}.feather"))).read_all()

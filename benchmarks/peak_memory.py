@@ -1,13 +1,17 @@
-"""What the driver-memory benchmarks share: each side runs in a fresh process (`run_side`), which samples its
-own peak anonymous memory (`AnonymousMemoryPeak`), so one side's heap never counts against the other's."""
+"""What the driver-memory benchmarks share: each side runs in a fresh process (`run_side`, `run_sides`), which
+samples its own peak anonymous memory (`AnonymousMemoryPeak`, `measure_side`), so one side's heap never counts
+against the other's."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +47,24 @@ def run_side(script: str, side: str, *arguments: str) -> None:
     """`python script --side side arguments...` in a fresh process, with the project importable."""
     subprocess.run([sys.executable, script, "--side", side, *arguments], check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+
+
+def measure_side(directory: Path, side: str, work: Callable[[], dict[str, Any]]) -> None:
+    """`work()` in this (fresh) process, with its wall time and peak anonymous memory above the start: writes
+    {"wall_s", "peak_mib", **what `work` returned} to `directory`/<side>.json, which `run_sides` reads."""
+    start = AnonymousMemoryPeak.now()
+    memory = AnonymousMemoryPeak()
+    began = time.perf_counter()
+    result = work()
+    wall = time.perf_counter() - began
+    peak = memory.stop()
+    (directory / f"{side}.json").write_text(json.dumps({"wall_s": wall, "peak_mib": (peak - start) / 2**20, **result}))
+
+
+def run_sides(script: str, sides: tuple[str, ...], directory: Path, *arguments: str) -> dict[str, dict[str, Any]]:
+    """Each side in a fresh process (`script --side SIDE --dir directory arguments...`): its `measure_side` results."""
+    results = {}
+    for side in sides:
+        run_side(script, side, "--dir", str(directory), *arguments)
+        results[side] = json.loads((directory / f"{side}.json").read_text())
+    return results
