@@ -383,6 +383,20 @@ class Registry:
         if move:
             for entry in manifest.files:
                 (staging / entry.path).unlink(missing_ok=True)
+            self._remove_emptied_work_dirs({staging, *((staging / entry.path).parent for entry in manifest.files)})
+
+    def _remove_emptied_work_dirs(self, folders: set[Path]) -> None:
+        """The folders a move left empty, up to the stage's work dir, when they are inside this registry's
+        `.work` (never a staging dir elsewhere): without this, every stage run left an empty work dir behind."""
+        work_base = (Path(self.root) / ".work").resolve()
+        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):  # deepest first
+            current = folder.resolve()
+            while work_base in current.parents:
+                try:
+                    current.rmdir()
+                except OSError:  # not empty (the stage still keeps something there), or already gone
+                    break
+                current = current.parent
 
     def _publish_remote(self, manifest: Manifest, staging: Path, target: str, remote_staging: str | None) -> None:
         # Object stores have no rename: upload everything, read each file back and check its sha256, then

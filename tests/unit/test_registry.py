@@ -32,6 +32,20 @@ def publish_files(registry: Registry, directory: Path, contents: dict[str, bytes
                             **kwargs)
 
 
+def test_a_move_publish_removes_the_work_dirs_it_empties(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    work = registry.work_dir("k1")
+    published = publish_files(registry, work / "publish", {"x.bin": b"one", "sub/y.bin": b"two"})
+    assert registry.local_path(published, "sub/y.bin").read_bytes() == b"two"
+    assert not work.exists() and (tmp_path / "registry" / ".work").is_dir()
+    kept = registry.work_dir("k2")
+    (kept / "records.arrow").write_bytes(b"still used")  # a stage's other files: the dir stays
+    publish_files(registry, kept / "publish", {"x.bin": b"three"})
+    assert sorted(p.name for p in kept.iterdir()) == ["records.arrow"]
+    publish_files(registry, tmp_path / "elsewhere", {"x.bin": b"four"})  # outside .work: left as it is
+    assert (tmp_path / "elsewhere").is_dir()
+
+
 def test_publish_and_resolve_every_ref_form(registry, tmp_path):
     first = publish_files(registry, tmp_path / "a", {"x.bin": b"one"})
     second = publish_files(registry, tmp_path / "b", {"x.bin": b"two", "sub/y.bin": b"why"})
