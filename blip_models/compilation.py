@@ -17,7 +17,8 @@ from blip_models.vit import timm_block
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every ViT block and MED layer of `model` (each shared module once)."""
-    return [module for module in model.modules() if isinstance(module, (timm_block(), BertLayer))]
+    kinds = (timm_block(), BertLayer)
+    return [module for module in model.modules() if isinstance(module, kinds)]
 
 
 def compile_blocks(model: nn.Module, *, vision_only: bool = False, mode: str | None = None) -> int:
@@ -29,7 +30,8 @@ def compile_blocks(model: nn.Module, *, vision_only: bool = False, mode: str | N
     """
     import torch._dynamo
 
-    blocks = [b for b in transformer_blocks(model) if isinstance(b, timm_block()) or not vision_only]
+    vit_block = timm_block()
+    blocks = [b for b in transformer_blocks(model) if isinstance(b, vit_block) or not vision_only]
     # Each MED layer is called in several modes (unimodal, multimodal, causal, no-grad momentum copies): one
     # graph per (mode, shape) call signature; the default limit of 8 would fall back to eager mid-training.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

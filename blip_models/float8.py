@@ -76,7 +76,8 @@ def quantize_vision_linears(model: nn.Module) -> int:
 
     check_float8_device(next(model.parameters()).device)
     swapped = 0
-    for block in [module for module in model.modules() if isinstance(module, timm_block())]:
+    vit_block = timm_block()
+    for block in [module for module in model.modules() if isinstance(module, vit_block)]:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.in_features % _CUDA_ALIGNMENT == 0 \
