@@ -179,12 +179,14 @@ class BlipRetrieval(nn.Module):
             image_embeds_pool, text_ids_pool, text_atts_pool = image_embeds, encoder_input_ids, attention_mask
         with torch.no_grad():
             same = idx == idx_pool.T  # (B, P)
-            weights_i2t = F.softmax((image_feat @ text_feat_pool.T / self.temp).float(), dim=1).masked_fill(same, 0)
-            weights_t2i = F.softmax((text_feat @ image_feat_pool.T / self.temp).float(), dim=1).masked_fill(same, 0)
-            if bool((weights_t2i.sum(dim=1) == 0).any()):
-                raise ValueError("BlipRetrieval: ITM needs at least two distinct image ids per batch for negatives")
-            negative_image_index = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,) into the pool
-            negative_text_index = torch.multinomial(weights_i2t, 1).squeeze(1)
+            weights_i2t = F.softmax((image_feat @ text_feat_pool.T / self.temp).float(), dim=1)
+            weights_t2i = F.softmax((text_feat @ image_feat_pool.T / self.temp).float(), dim=1)
+            # A row whose whole pool shows its own image has no negative; it draws from the unmasked softmax instead
+            # (an all-zero row would be a device-side assert on CUDA). Deciding that on the device keeps the step
+            # free of host syncs; the retrieval task refuses such batches before they reach the model
+            # (`check_negatives_possible`).
+            negative_image_index = torch.multinomial(negative_weights(weights_t2i, same), 1).squeeze(1)  # (B,) in pool
+            negative_text_index = torch.multinomial(negative_weights(weights_i2t, same), 1).squeeze(1)
         positives = torch.arange(batch, device=pixel_values.device)
         # Pair rows: [0, B) positives, [B, 2B) text i with a hard negative image, [2B, 3B) a hard negative text with
         # image i, in one pass (BLIP runs positives and negatives as two passes: the same math).
@@ -266,3 +268,10 @@ class BlipRetrieval(nn.Module):
         image_embeds, image_feat = self.image_features(pixel_values)
         text_feat = self.text_features(input_ids, attention_mask)
         return self.itm_logits(image_embeds, input_ids, attention_mask)[:, 1] + (image_feat * text_feat).sum(-1)
+
+
+def negative_weights(weights: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """`weights` (B, P) with the entries of the row's own image (`same`) set to 0; a row left all zero keeps its
+    unmasked weights (no negative exists in its pool: degenerate, refused by the retrieval task beforehand)."""
+    masked = weights.masked_fill(same, 0)
+    return torch.where(masked.sum(dim=1, keepdim=True) > 0, masked, weights)

@@ -119,6 +119,15 @@ class _ImageTask:
         return found
 
 
+def check_negatives_possible(image_ids: list[int]) -> None:
+    """ITM hard negatives come from the batch's other images: a batch of one image has none. Checked here, on the
+    host, so that the model's step needs no host sync to find out."""
+    if len(set(image_ids)) < 2:
+        raise ValueError(f"retrieval: a batch of {len(image_ids)} caption(s) shows only image id {image_ids[:1]}; ITM "
+                         "hard negatives need at least two distinct images per batch (raise data.batch_size or "
+                         "data.shuffle_buffer, or set data.negative_all_rank to draw from every worker's batch)")
+
+
 class RetrievalTask(_ImageTask):
     """ITC + ITM finetuning with image-id positives (BLIP `blip_retrieval.py`)."""
 
@@ -147,9 +156,12 @@ class RetrievalTask(_ImageTask):
 
         from blip_models.tokenizer import tokenize
 
+        ids = [s["idx"] for s in samples]
+        if not self.data.negative_all_rank:
+            check_negatives_possible(ids)
         input_ids, attention_mask = tokenize(self.tokenizer, [s["caption"] for s in samples], 35, "max_length")
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": input_ids,
-                "attention_mask": attention_mask, "idx": torch.tensor([s["idx"] for s in samples])}  # fmt: skip
+                "attention_mask": attention_mask, "idx": torch.tensor(ids)}  # fmt: skip
 
     def loss(self, model: Any, batch: dict[str, Any], info: StepInfo) -> tuple[Any, dict[str, Any]]:
         # BLIP train_retrieval: epoch 0 ramps alpha = 0.4 * min(1, i / len(loader)); later epochs use 0.4.

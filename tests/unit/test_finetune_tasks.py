@@ -228,6 +228,24 @@ def test_retrieval_task_loads_pretrain_weights_and_trains(downstream, pretrained
     assert metrics["alpha"] == pytest.approx(0.4) and metrics["loss"] == pytest.approx(metrics["loss_itc"] + metrics["loss_itm"])
     loss.backward()
     assert model.visual_encoder.patch_embed.proj.weight.grad is not None
+    one_image = [dict(task.decode(raws[0], seed), idx=7) for seed in range(3)]
+    with pytest.raises(ValueError, match=r"3 caption\(s\) shows only image id \[7\].*two distinct images"):
+        task.collate(one_image)
+    assert task.collate(one_image[:2] + [dict(one_image[2], idx=8)])["idx"].tolist() == [7, 7, 8]
+    all_rank = _task("retrieval", pretrained, negative_all_rank=True)  # other workers' batches hold negatives
+    assert all_rank.collate(one_image)["idx"].tolist() == [7, 7, 7]
+
+
+def test_retrieval_negative_weights_mask_own_image_and_never_leave_a_row_empty():
+    from blip_models.modeling_retrieval import negative_weights
+
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
+    ids = torch.tensor([[1], [1], [2]])
+    masked = negative_weights(weights, ids == ids.T)
+    assert torch.equal(masked, torch.tensor([[0.0, 0.0, 0.2], [0.0, 0.0, 0.3], [0.2, 0.2, 0.0]]))
+    alone = negative_weights(weights, torch.ones(3, 3, dtype=torch.bool))  # one image: no negative anywhere
+    assert torch.equal(alone, weights)
+    assert torch.multinomial(masked, 1).squeeze(1)[:2].tolist() == [2, 2]
 
 
 def test_caption_task_masks_the_prompt(downstream, pretrained):

@@ -39,11 +39,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model = BlipRetrieval(micro_config(queue_size=8))
         pixel_values, input_ids, attention_mask = micro_batch(4, seed=10 + rank)
         image_ids = torch.full((4,), rank)
-        try:
-            model(pixel_values, input_ids, attention_mask, image_ids)
-            result["local"] = "ran"
-        except ValueError as error:
-            result["local"] = str(error)
         model.negative_all_rank = True
         output = model(pixel_values, input_ids, attention_mask, image_ids)
         output.loss.backward()
@@ -61,7 +56,6 @@ def test_negatives_from_all_ranks_on_two_processes(tmp_path: Path) -> None:
     for rank, result in enumerate(results):
         assert result["gathered"] == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
         assert result["grad"] == [[3.0] * 3] * 2  # summed over ranks, this rank's rows
-        assert "at least two distinct image ids" in result["local"]
         assert result["all_rank_loss"] > 0 and result["vision_grad_finite"], rank
 
 
