@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 # Re-exported: callers import them from here too.
 from datasets_manifests.filesystems import (  # noqa: F401
     MissingFilesystemError, missing_filesystem_message, sha256_file, url_to_fs)
+from datasets_manifests.index import open_parquet
 from datasets_manifests.spill import digest16, read_spilled, spill_writer
 
 KEY_COLUMN = "source_key"  # optional in table forms: the list's own stable sample ids
@@ -283,7 +284,7 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
     """(urls, captions, given keys or None, rows) of an img2dataset-style table, a batch at a time."""
     if fmt == "parquet":
         try:
-            parquet = pq.ParquetFile(handle)
+            parquet = open_parquet(handle)
         except (pa.ArrowInvalid, OSError) as error:
             raise SourceListError(f"{path}: not a readable parquet file ({error})") from error
         names = parquet.schema_arrow.names

@@ -11,6 +11,7 @@ decision, text search over synthetic captions), hence this module.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from datasets_manifests.index import INDEX_FILE, TEXTS_FILE
+from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, iter_parquet, parquet_format
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
 
@@ -33,6 +34,7 @@ TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
 SCAN_BATCH_ROWS = 1 << 18  # rows read at a time by the histograms and the filtered sample pages
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class QueryError(Exception):
@@ -118,7 +120,7 @@ class VersionData:
     def dataset(self, relpath: str) -> ds.Dataset:
         with self._lock:
             if relpath not in self._datasets:
-                self._datasets[relpath] = ds.dataset(self._location(relpath), format="parquet",
+                self._datasets[relpath] = ds.dataset(self._location(relpath), format=parquet_format(),
                                                      filesystem=None if self.registry.is_local else self.registry.fs)
             return self._datasets[relpath]
 
@@ -190,21 +192,48 @@ class VersionData:
             total = self.metadata(index_path).num_rows
             page = self._slice_rows(index_path, offset, limit, columns)
         else:
-            expression = self._index_expression(where, index.schema.names)
-            # Counted a batch at a time; only the page's keys are kept (a filter may match most of 129M samples).
-            total, pieces = 0, []
-            for batch in self._batches(index_path, ["key"], expression):
-                start = max(offset - total, 0)
-                if start < batch.num_rows and total < offset + limit:
-                    pieces.append(batch.column(0).slice(start, offset + limit - total - start))
-                total += batch.num_rows
-            page_keys = pa.chunked_array(pieces, pa.string())
+            try:
+                total, page_keys = _count_and_page(self._matching_keys(where, index.schema.names), offset, limit)
+            except _TextsOutOfOrder as error:
+                log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
+                            self.manifest.ref, error)
+                total, page_keys = _count_and_page(self._key_set_matches(where, index.schema.names), offset, limit)
             page = self.rows_for_keys(page_keys, columns) if len(page_keys) else index.schema.empty_table()
         rows = page.to_pylist()
         texts = self.texts_for([row["key"] for row in rows])
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
         return rows, total
+
+    def _matching_keys(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
+        """The keys of the index rows matching `where`, a batch of the index at a time.
+
+        With conditions on the texts, texts.parquet is walked beside the index instead of collecting the keys of
+        every matching text (at 129M samples, ~300M texts: several GB when a filter matches most of them). CapFilt
+        writes each sample's texts together and in the index's order, so each index batch needs only the text
+        groups that fall in it; a version whose texts are not in that order raises `_TextsOutOfOrder`."""
+        index_path = self._require_index()
+        needs_texts = self.has_texts and (where.text_level or bool(where.q))
+        if not needs_texts:
+            yield from self._index_keys(where, names)
+            return
+        index_only = SampleFilter(split=where.split)  # the conditions on the index's own columns
+        projection = {"key": ds.field("key"), "ok": self._index_expression(index_only, names),
+                      "q": self._index_q_expression(where.q, names)}
+        text_projection = {"key": ds.field("key"), "level": self._text_expression(where),
+                           "q": pc.match_substring(ds.field("text"), where.q, ignore_case=True) if where.q
+                           else ds.scalar(False)}  # fmt: skip
+        groups = _TextGroups(self._batches(self.texts_path, _text_filter_columns(where), project=text_projection))
+        for batch in self._batches(index_path, self._index_filter_columns(where, names), project=projection):
+            keys = batch.column("key")
+            found = groups.flags_for(keys)  # (rows, 2): some text meets the text conditions / contains q
+            match = _bools(batch.column("ok"))
+            if where.text_level:
+                match &= found[:, 0]
+            if where.q:
+                match &= _bools(batch.column("q")) | found[:, 1]
+            yield keys.filter(pa.array(match))
+        groups.check_all_placed()
 
     def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str]) -> pa.Table:
         """Rows [offset, offset+limit) reading only the row groups that hold them."""
@@ -221,7 +250,31 @@ class VersionData:
             return meta.schema.to_arrow_schema().empty_table().select(columns)
         return self.read_rows(relpath, groups, offset - first_start, limit, columns)
 
+    def _index_keys(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
+        """The keys of the index rows matching `where`'s conditions on the index alone, a batch at a time."""
+        for batch in self._batches(self._require_index(), self._index_filter_columns(where, names),
+                                   self._index_expression(where, names), project={"key": ds.field("key")}):  # fmt: skip
+            yield batch.column(0)
+
+    def _key_set_matches(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
+        """The keys of the index rows matching `where`, the texts' conditions turned into a set of every matching
+        text's key: for versions whose texts are not in the index's order. Arrow's scanner evaluates the `isin`
+        with one hash table for the file (evaluated a batch at a time, it would rebuild it for every batch)."""
+        scanner = self.dataset(self._require_index()).scanner(columns=["key"], filter=self._index_expression(where, names),
+                                                              batch_size=SCAN_BATCH_ROWS)  # fmt: skip
+        for batch in scanner.to_batches():
+            yield batch.column(0)
+
+    def _index_filter_columns(self, where: SampleFilter, names: list[str]) -> list[str]:
+        """The index columns `where`'s conditions on the index read."""
+        wanted = {"key"} | ({"split"} if where.split else set()) | ({"caption", "raw_caption"} if where.q else set())
+        if where.text_level and not self.has_texts:
+            wanted |= {"status", "caption_source"}
+        return [name for name in names if name in wanted]
+
     def _index_expression(self, where: SampleFilter, names: list[str]) -> ds.Expression:
+        """`where` as one predicate on the index; conditions on the texts become a key set (`isin`), which holds
+        every matching key: used for versions whose texts are not in the index's order (`_matching_keys`)."""
         conditions: list[ds.Expression] = []
         candidates = None
         if where.split:
@@ -242,10 +295,7 @@ class VersionData:
                 if where.source and "caption_source" in names:
                     conditions.append(ds.field("caption_source") == where.source)
         if where.q:
-            matches = ds.field("key") == where.q
-            for column in ("caption", "raw_caption"):
-                if column in names:
-                    matches = matches | pc.match_substring(ds.field(column), where.q, ignore_case=True)
+            matches = self._index_q_expression(where.q, names)
             if self.has_texts:
                 text_expression = pc.match_substring(ds.field("text"), where.q, ignore_case=True)
                 text_keys = self.dataset(self.texts_path).to_table(columns=["key"], filter=text_expression)
@@ -256,20 +306,36 @@ class VersionData:
             expression = expression & condition
         return expression
 
+    @staticmethod
+    def _index_q_expression(q: str, names: list[str]) -> ds.Expression:
+        """Text search on the index's own columns: the exact key, or a substring of the (raw) caption."""
+        if not q:
+            return ds.scalar(False)
+        matches = ds.field("key") == q
+        for column in ("caption", "raw_caption"):
+            if column in names:
+                matches = matches | pc.match_substring(ds.field(column), q, ignore_case=True)
+        return matches
+
+    @staticmethod
+    def _text_expression(where: SampleFilter) -> ds.Expression:
+        """The text-level conditions on one caption, all together (True when there are none)."""
+        expression = ds.scalar(True)
+        if where.source:
+            expression = expression & (ds.field("source") == where.source)
+        if where.min_score is not None:
+            expression = expression & (ds.field("itm_score") >= where.min_score)
+        if where.max_score is not None:
+            expression = expression & (ds.field("itm_score") <= where.max_score)
+        if where.decision:
+            expression = expression & (ds.field("kept") == (where.decision == "kept"))
+        return expression
+
     def _text_keys(self, where: SampleFilter, candidates: pa.Array | None = None) -> pa.Array:
         """Keys (among `candidates`, if given) with a caption satisfying all the text-level conditions together."""
-        conditions = [] if candidates is None else [ds.field("key").isin(candidates)]
-        if where.source:
-            conditions.append(ds.field("source") == where.source)
-        if where.min_score is not None:
-            conditions.append(ds.field("itm_score") >= where.min_score)
-        if where.max_score is not None:
-            conditions.append(ds.field("itm_score") <= where.max_score)
-        if where.decision:
-            conditions.append(ds.field("kept") == (where.decision == "kept"))
-        expression = conditions[0]
-        for condition in conditions[1:]:
-            expression = expression & condition
+        expression = self._text_expression(where)
+        if candidates is not None:
+            expression = ds.field("key").isin(candidates) & expression
         table = self.dataset(self.texts_path).to_table(columns=["key"], filter=expression)
         # Duplicates are fine: the isin lookup builds its own hash set (a separate unique() costs ~40% more).
         return table.column("key").combine_chunks()
@@ -358,11 +424,16 @@ class VersionData:
                 out["caption_words"] = _histogram(words, 20)
         return out
 
-    def _batches(self, relpath: str, columns: list[str], where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
-        """The rows of a Parquet file (matching `where`) a batch at a time, in file order."""
-        scanner = self.dataset(relpath).scanner(columns=columns, filter=where, batch_size=SCAN_BATCH_ROWS,
-                                                batch_readahead=4)  # fmt: skip
-        yield from scanner.to_batches()
+    def _batches(self, relpath: str, columns: list[str], where: ds.Expression | None = None,
+                 project: dict[str, ds.Expression] | None = None) -> Iterator[pa.RecordBatch]:  # fmt: skip
+        """The rows of a Parquet file (matching `where`; with `project`, its expressions over `columns`) a batch
+        at a time, in file order, holding about one batch (`index.iter_parquet`)."""
+        location = self._location(relpath)
+        if self.registry.is_local:
+            yield from iter_parquet(location, columns, SCAN_BATCH_ROWS, project=project, where=where)
+            return
+        with self.registry.fs.open(location, "rb") as handle:
+            yield from iter_parquet(handle, columns, SCAN_BATCH_ROWS, project=project, where=where)
 
 
 def _find_parquet(manifest: Manifest, basename: str) -> str | None:
@@ -390,3 +461,96 @@ def _histogram(chunks: list[np.ndarray], bins: int) -> dict[str, Any]:
     edges = np.histogram_bin_edges(chunks[0].astype(float), bins=bins, range=(low, high))
     return {"edges": edges.round(4).tolist(), "counts": counts.tolist(),
             "total": sum(chunk.size for chunk in chunks)}  # fmt: skip
+
+
+class _TextsOutOfOrder(Exception):
+    """texts.parquet does not list each key's texts together and in the index's order."""
+
+
+class _TextGroups:
+    """The texts of a version as runs of rows sharing a key, each with the OR of its rows' flag columns, handed
+    out to the index batches they fall in (`flags_for`). Holds the runs of about one texts batch at a time."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]) -> None:
+        self._runs = self._read_runs(batches)
+        self._keys: pa.Array = pa.array([], pa.string())
+        self._flags = np.zeros((0, 2), dtype=bool)
+
+    @staticmethod
+    def _read_runs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Array, np.ndarray]]:
+        """(run keys, OR of each run's flags) per texts batch; a run cut by a batch edge comes as two runs of the
+        same key (both land on its row)."""
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            keys = batch.column("key")
+            flags = np.stack([_bools(batch.column("level")), _bools(batch.column("q"))], axis=1)
+            changed = _bools(pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)))
+            starts = np.flatnonzero(np.concatenate([[True], changed]))
+            yield keys.take(pa.array(starts)), np.logical_or.reduceat(flags, starts, axis=0)
+
+    def flags_for(self, keys: pa.Array) -> np.ndarray:
+        """(len(keys), 2) flags of the runs whose keys are in this index batch: the runs up to the first one
+        whose key the batch lacks (it belongs to a later batch, or `check_all_placed` finds it left over)."""
+        flags = np.zeros((len(keys), 2), dtype=bool)
+        cursor = 0  # where the next run is expected: right after the last one placed
+        while True:
+            if len(self._keys) == 0:
+                run = next(self._runs, None)
+                if run is None:
+                    return flags
+                self._keys, self._flags = run
+            # Usually the next runs are the next rows, one to one (every CapFilt sample has texts): a comparison
+            # of the aligned keys places them without hashing the batch.
+            ahead = min(len(self._keys), len(keys) - cursor)
+            same = _bools(pc.equal(self._keys.slice(0, ahead), keys.slice(cursor, ahead))) if ahead else np.ones(0, bool)
+            placed = ahead if same.all() else int(np.argmin(same))
+            if placed:
+                flags[cursor:cursor + placed] |= self._flags[:placed]
+                cursor += placed
+            elif cursor and self._keys[0] == keys[cursor - 1]:  # the rest of a run cut by a texts batch edge
+                flags[cursor - 1] |= self._flags[0]
+                placed = 1
+            else:  # rows without texts (or texts out of order): find the runs by key
+                positions = pc.index_in(self._keys, keys).fill_null(-1).to_numpy()
+                found = positions >= 0
+                placed = len(found) if found.all() else int(np.argmin(found))  # the leading runs this batch has
+                if found[placed:].any():  # a run this batch lacks, before runs it has: it can never be placed
+                    raise _TextsOutOfOrder(f"the texts of key {self._keys[placed].as_py()!r} are not where the "
+                                           "index's order puts them")
+                np.logical_or.at(flags, positions[:placed], self._flags[:placed])  # a key's runs may repeat
+                cursor = int(positions[:placed].max()) + 1 if placed else cursor
+            self._keys, self._flags = self._keys.slice(placed), self._flags[placed:]
+            if len(self._keys) and (placed == 0 or cursor >= len(keys)):
+                return flags  # the next run belongs to a later index batch
+
+    def check_all_placed(self) -> None:
+        """After the last index batch: every run found its row (texts of a key missing from the index, or out
+        of order, are left over)."""
+        if len(self._keys) or next(self._runs, None) is not None:
+            raise _TextsOutOfOrder("texts.parquet has texts after the index's last key, or of keys not in the index")
+
+
+def _text_filter_columns(where: SampleFilter) -> list[str]:
+    """The texts columns `where`'s conditions read."""
+    scored = where.min_score is not None or where.max_score is not None
+    used = {"key": True, "source": bool(where.source), "kept": bool(where.decision), "itm_score": scored,
+            "text": bool(where.q)}
+    return [column for column, wanted in used.items() if wanted]
+
+
+def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean column as numpy, null as False (a comparison with a null score or text)."""
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _count_and_page(key_batches: Iterator[pa.Array], offset: int, limit: int) -> tuple[int, pa.ChunkedArray]:
+    """(number of keys, keys offset .. offset+limit-1) of a stream of key arrays; only the page's keys are kept
+    (a filter may match most of 129M samples)."""
+    total, pieces = 0, []
+    for keys in key_batches:
+        start = max(offset - total, 0)
+        if start < len(keys) and total < offset + limit:
+            pieces.append(keys.slice(start, offset + limit - total - start))
+        total += len(keys)
+    return total, pa.chunked_array(pieces, pa.string())

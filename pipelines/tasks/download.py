@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, first_repeated
+from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, first_repeated, open_parquet
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
 from datasets_manifests.spill import read_spilled, spill_writer
@@ -290,7 +290,7 @@ def split_source_table(source_table: Path, directory: Path, samples_per_shard: i
     rows_per_part = samples_per_shard * max(1, SOURCE_PART_ROWS // samples_per_shard)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    source = pq.ParquetFile(source_table)
+    source = open_parquet(source_table)
     writer, in_part, parts = None, 0, 0
     for batch in source.iter_batches(batch_size=min(rows_per_part, 1 << 16)):
         while batch.num_rows:

@@ -254,6 +254,88 @@ def test_filtered_pages_read_in_batches_equal_one_read(registry_dir: Path, monke
         assert counted == total and [row["key"] for row in page] == [row["key"] for row in everything[offset:offset + 3]]
 
 
+TEXT_FILTERS = [
+    {"source": "synthetic"}, {"q": "circle"}, {"decision": "dropped", "source": "web", "q": "stock"},
+    {"min_score": 0.9, "split": "train"}, {"max_score": 0.3, "decision": "dropped"}, {"q": "no such words"},
+]
+
+
+def _pages(data, where, batch_rows: int, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], int]:
+    from datasets_manifests.browser import query
+
+    monkeypatch.setattr(query, "SCAN_BATCH_ROWS", batch_rows)
+    rows, total = data.query_samples(where, limit=1000, offset=0)
+    return [row["key"] for row in rows], total
+
+
+def test_text_filters_walk_the_texts_beside_the_index(registry_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The texts walked in the index's order (runs cut by batch edges, index batches of 1 row up to the whole
+    file) give the key-set answer, and that answer is the filter's meaning."""
+    from datasets_manifests.browser import query
+    from datasets_manifests.registry import Registry
+
+    registry = Registry(str(registry_dir))
+    data = query.VersionData(registry, registry.resolve("web-demo-capfilt@v1"))
+    names = data.index_columns()
+    for filters in TEXT_FILTERS:
+        where = query.SampleFilter(**filters)
+        expected = pa.chunked_array(list(data._key_set_matches(where, names)), pa.string()).to_pylist()
+        for batch_rows in (1, 2, 3, 5, 1 << 18):
+            with caplog.at_level(logging.WARNING, logger=query.__name__):
+                assert _pages(data, where, batch_rows, monkeypatch) == (expected, len(expected)), (filters, batch_rows)
+        if "split" not in filters and "max_score" not in filters:
+            low = filters.get("min_score")
+            semantic = {k: v for k, v in filters.items() if k in ("q", "source", "decision")}
+            assert expected == _expected_keys(registry_dir, low=low, **semantic)
+    assert not caplog.records  # the sample registry's texts are in the index's order: no fallback
+
+
+@pytest.mark.parametrize("disorder", ["shuffled", "orphan", "split_run", "gaps"])
+def test_texts_out_of_the_index_order_fall_back_to_the_key_set(registry_dir: Path, tmp_path: Path, disorder: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from datasets_manifests.browser import query
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+
+    source = Registry(str(registry_dir))
+    capfilt = source.resolve("web-demo-capfilt@v1")
+    texts = pq.read_table(source.local_path(capfilt, "texts.parquet"))
+    if disorder == "shuffled":
+        texts = texts.take(np.random.default_rng(0).permutation(len(texts)))
+    elif disorder == "orphan":  # a text whose key the index does not have, in the middle
+        orphan = texts.slice(5, 1).set_column(0, "key", pa.array(["zz-not-in-index"]))
+        texts = pa.concat_tables([texts.slice(0, 5), orphan, texts.slice(5)])
+    elif disorder == "split_run":  # one key's texts in two places
+        texts = pa.concat_tables([texts.slice(1), texts.slice(0, 1)])
+    else:  # in order, but some samples have no texts: found by key, no fallback
+        keys = texts.column("key").to_pylist()
+        texts = texts.filter(pa.array([int(key) % 4 != 1 for key in keys]))
+        assert 0 < len(texts) < len(keys)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    pq.write_table(pq.read_table(source.local_path(capfilt, "index.parquet")), staging / "index.parquet")
+    pq.write_table(texts, staging / "texts.parquet")
+    registry = Registry(str(tmp_path / "registry"))
+    manifest = registry.publish(kind="dataset", name="disordered", staging_dir=staging, producer=Producer(stage="test"),
+                                files=[{"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}])
+    data, ordered = query.VersionData(registry, manifest), query.VersionData(source, capfilt)
+    with caplog.at_level(logging.WARNING, logger=query.__name__):
+        for filters in TEXT_FILTERS:
+            where = query.SampleFilter(**filters)
+            total, keys = query._count_and_page(data._key_set_matches(where, data.index_columns()), 0, 1000)
+            answer = _pages(data, where, 3, monkeypatch)
+            assert answer == (keys.to_pylist(), total), filters
+            if disorder != "gaps":  # the same texts as the ordered version's
+                assert answer == _pages(ordered, where, 3, monkeypatch), filters
+    messages = [r.getMessage() for r in caplog.records]
+    if disorder == "gaps":
+        assert not messages
+    else:
+        assert messages and all("disordered@v1: " in m and "filtering through a key set" in m for m in messages)
+
+
 # ---------------------------------------------------------------------------------------------- samples
 def test_samples_pages_cover_the_index_once(client: TestClient, registry_dir: Path) -> None:
     keys = []

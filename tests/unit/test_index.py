@@ -208,3 +208,28 @@ def test_version_without_index_says_so(registry, tmp_path):
                                 producer=Producer(stage="pretrain"))
     with pytest.raises(NotFoundError, match="m@v1 has no index.parquet"):
         query_samples(registry, manifest)
+
+
+def test_whole_file_reads_hold_about_one_batch(tmp_path):
+    """`iter_parquet` over a file of 40 row groups allocates about one row group at a time: pyarrow's default
+    pre-buffering keeps every row group read cached until the file closes (apache/arrow#39808)."""
+    from datasets_manifests.index import iter_parquet
+
+    rng = np.random.default_rng(0)
+    texts = pa.array([f"{value:032x}" for value in rng.integers(0, 2**62, 400_000)])
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"key": texts, "n": np.arange(len(texts))}), path, row_group_size=10_000,
+                   compression="none")
+    before, peak, rows = pa.total_allocated_bytes(), 0, 0
+    for batch in iter_parquet(str(path), ["key"], 10_000):
+        peak, rows = max(peak, pa.total_allocated_bytes() - before), rows + batch.num_rows
+    assert rows == len(texts) and peak < path.stat().st_size / 8, peak
+
+    # Expressions and filters are Arrow's, evaluated a batch at a time: the dataset scan's answer, in order.
+    import pyarrow.dataset as ds
+
+    project = {"key": ds.field("key"), "even": pc.equal(pc.bit_wise_and(ds.field("n"), 1), 0)}
+    where = pc.match_substring(ds.field("key"), "ab")
+    expected = ds.dataset(str(path)).to_table(columns=project, filter=where)
+    got = pa.Table.from_batches(list(iter_parquet(str(path), ["key", "n"], 7_777, project=project, where=where)))
+    assert got.equals(expected) and 0 < got.num_rows < len(texts)

@@ -1,0 +1,111 @@
+"""The browser's filters on captions (source, ITM score, decision, text search) at dataset scale: the texts
+walked beside the index vs a set of every matching text's key.
+
+A sample matches a caption filter when one of its texts does. The browser collected the key of every matching
+text (`ds.field("key").isin(...)` on the index): at 129M samples with ~300M texts, a filter that matches most
+of them ("kept") held several GB of keys and their hash table per request. CapFilt writes each sample's texts
+together and in the index's order, so the browser now walks texts.parquet beside the index a batch at a time and
+places each run of a key's texts on its index row (`browser.query._TextGroups`); the key set stays as the
+fallback for versions whose texts are in another order.
+
+Both sides run in fresh processes on the same published version (`bench_browser_index.build`: `--rows` samples,
+3 texts each) and answer the same filters (first page and the total). Reports wall time per filter, peak
+anonymous memory (RssAnon, sampled) above the process's start, and checks that both sides give the same pages
+and totals. Prints one JSON object. `python benchmarks/bench_browser_filters.py` (~2 min on 2 cores at 3M rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
+
+FILTERS = {
+    "kept": {"decision": "kept"},  # most samples have a kept caption: the largest key set
+    "synthetic_score_0.9": {"source": "synthetic", "min_score": 0.9},
+    "search": {"q": "mountain river"},
+}
+PAGE = 24
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=3_000_000, help="samples in the version (3 texts each)")
+    parser.add_argument("--side", choices=["walked", "key_set"], help=argparse.SUPPRESS)  # one side, in a child
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def key_set_page(data: Any, where: Any) -> tuple[list[str], int]:
+    """The filter before: every matching text's key collected, then `isin` on the index (now the fallback)."""
+    from datasets_manifests.browser.query import _count_and_page
+
+    total, page = _count_and_page(data._key_set_matches(where, data.index_columns()), 0, PAGE)
+    return page.to_pylist(), total
+
+
+def child(args: argparse.Namespace) -> None:
+    from datasets_manifests.browser.query import SampleFilter, VersionData
+    from datasets_manifests.registry import Registry
+
+    directory = Path(args.dir)
+    registry = Registry(str(directory / "registry"))
+    data = VersionData(registry, registry.resolve("big@v1"))
+
+    def work() -> dict[str, Any]:
+        answers, seconds = {}, {}
+        for name, filters in FILTERS.items():
+            where = SampleFilter(**filters)
+            began = time.perf_counter()
+            if args.side == "walked":
+                rows, total = data.query_samples(where, PAGE, 0)
+                answers[name] = ([row["key"] for row in rows], total)
+            else:
+                answers[name] = key_set_page(data, where)
+            seconds[name] = round(time.perf_counter() - began, 2)
+        return {"answers": answers, "filter_s": seconds}
+
+    measure_side(directory, args.side, work)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.side:
+        child(args)
+        return {}
+    from bench_browser_index import build
+
+    with tempfile.TemporaryDirectory(prefix="bench-browser-filters-") as tmp:
+        directory = Path(tmp)
+        began = time.perf_counter()
+        build(directory / "registry", args.rows)
+        build_s = time.perf_counter() - began
+        results = run_sides(__file__, ("key_set", "walked"), directory, "--rows", str(args.rows))
+    per_sample = {side: round(results[side]["peak_mib"] * 2**20 / args.rows) for side in results}
+    report = {
+        "benchmark": "browser_filters", "host_cpus": os.cpu_count(), "rows": args.rows, "texts": 3 * args.rows,
+        "build_s": round(build_s, 1),
+        "matches": {name: results["walked"]["answers"][name][1] for name in FILTERS},
+        "same_pages_and_totals": results["walked"]["answers"] == results["key_set"]["answers"],
+        **{side: {"wall_s": round(results[side]["wall_s"], 2), "filter_s": results[side]["filter_s"],
+                  "peak_mib": round(results[side]["peak_mib"], 1), "bytes_per_sample": per_sample[side]}
+           for side in ("walked", "key_set")},
+        "memory_ratio": round(results["key_set"]["peak_mib"] / results["walked"]["peak_mib"], 1),
+        "time_ratio": round(results["key_set"]["wall_s"] / results["walked"]["wall_s"], 2),
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
