@@ -126,8 +126,8 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     """Join two per-sample indexes by key without holding them: both indexes' four columns are copied to Arrow
     files and memory-mapped, a's keys are hashed once (the position of each b key in a), b is compared with its
     rows of a `batch_rows` at a time, and each category is appended to its own file. Measured
-    (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.3 GB, so ~8 GB for
-    two 129M-row versions (joined in memory: ~220 bytes per sample, ~55 GB), and ~80 bytes per sample of
+    (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.2 GB, so ~8 GB for
+    two 129M-row versions (joined in memory: ~210 bytes per sample, ~50 GB), and ~80 bytes per sample of
     temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a bar over the rows read and
     compared, on stderr (a terminal only): minutes at 129M."""
     import tempfile
