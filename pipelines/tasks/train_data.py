@@ -34,9 +34,8 @@ from typing import Any, Iterator
 
 import torch.utils.data
 
-from pipelines.tasks.tar_reader import iter_tar_members
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
-from pipelines.tasks.webdata import split_key
+from pipelines.tasks.webdata import group_tar
 
 
 class DropSample(ValueError):
@@ -120,21 +119,9 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
     """
     import fsspec
 
-    index, current, sample = -1, None, {}
     with fsspec.open(url, "rb") as handle:
-        for member in iter_tar_members(handle):
-            key, extension = split_key(member.name)
-            if key != current:
-                if index >= start and sample:
-                    yield sample
-                index += 1
-                current, sample = key, {"__key__": key}
-                if stop is not None and index >= stop:
-                    return
-            if index >= start:
-                sample[extension] = member.read()
-        if index >= start and sample and (stop is None or index < stop):
-            yield sample
+        for sample in group_tar(handle, start, stop):
+            yield {"__key__": sample.key, **sample.members}
 
 
 def iter_positions(pieces: list[tuple[ShardRef, int, int]]) -> Iterator[dict[str, Any] | str]:

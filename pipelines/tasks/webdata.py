@@ -50,51 +50,56 @@ class TarSample:
     key: str
     members: dict[str, bytes]  # extension -> bytes
     offsets: dict[str, int]  # extension -> byte offset of the member data in the tar
+    ordinal: int = 0  # the sample's number in its tar, from 0
+
+
+def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None) -> Iterator[TarSample]:
+    """The samples of a tar stream, in order: runs of members sharing a key (webdataset's rule), numbered from 0.
+
+    Samples before `start` are walked over without reading their data (seeked past where the file can seek);
+    the stream ends before sample `stop`. A broken tar raises where it breaks (`tarfile.TarError`, `EOFError`,
+    `OSError`): the sample being read then is never yielded, the ones before it were. Every reader of samples
+    goes through here and decides what a broken tar means for it (`iter_tar`, `iter_tar_samples`,
+    `train_data.iter_tar_samples`)."""
+    current_key, sample, ordinal = None, None, -1
+    for member in iter_tar_members(fileobj):
+        key, extension = split_key(member.name)
+        if key != current_key:
+            if sample is not None:
+                yield sample  # complete: the next member's data (maybe the broken one) is not read yet
+            current_key, ordinal = key, ordinal + 1
+            if stop is not None and ordinal >= stop:
+                return
+            sample = TarSample(key, {}, {}, ordinal) if ordinal >= start else None
+        if sample is not None:
+            sample.members[extension] = member.read()
+            sample.offsets[extension] = member.offset
+    if sample is not None:
+        yield sample
 
 
 def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") -> Iterator[TarSample]:
-    """Group the members of a tar stream into samples. A truncated/corrupt tar ends the stream (counted)."""
-    current: TarSample | None = None
+    """The samples of a tar; a truncated/corrupt tar ends the stream and is counted (`truncated_shard`), never
+    raised: the partial sample being read is dropped, the ones before survive."""
     try:
-        for member in iter_tar_members(fileobj):
-            key, ext = split_key(member.name)
-            if current is not None and current.key != key:
-                yield current  # complete before the next member is read (which may be the truncated one)
-                current = None
-            data = member.read()
-            if current is None:
-                current = TarSample(key, {}, {})
-            current.members[ext] = data
-            current.offsets[ext] = member.offset
+        yield from group_tar(fileobj)
     except (tarfile.TarError, EOFError, OSError):
-        # The partial sample being assembled is not trustworthy: drop it; the ones before survive.
         if errors is not None:
             errors["truncated_shard"] += 1
-        current = None
-    if current is not None:
-        yield current
 
 
-def iter_tar_samples(fileobj: Any) -> Any:
-    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar, in order.
+def iter_tar_samples(fileobj: Any) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """Yield (ordinal, key, {extension: bytes}) for the samples of a tar, in order; a broken tar raises.
 
     Members of one sample must be contiguous (webdataset's rule); a key seen again later is an error rather
     than the silent duplicate ray#44068 describes.
     """
     seen: set[str] = set()
-    ordinal, current, members = -1, None, {}
-    for member in iter_tar_members(fileobj):
-        key, extension = split_key(member.name)
-        if key != current:
-            if current is not None:
-                yield ordinal, current, members
-            if key in seen:
-                raise ValueError(f"tar member {member.name!r}: key {key!r} is not contiguous (duplicate sample)")
-            seen.add(key)
-            ordinal, current, members = ordinal + 1, key, {}
-        members[extension] = member.read()
-    if current is not None:
-        yield ordinal, current, members
+    for sample in group_tar(fileobj):
+        if sample.key in seen:
+            raise ValueError(f"tar sample {sample.key!r} appears twice: its members are not contiguous (a duplicate)")
+        seen.add(sample.key)
+        yield sample.ordinal, sample.key, sample.members
 
 
 def count_tar_samples(fileobj: Any) -> int:

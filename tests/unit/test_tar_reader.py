@@ -87,3 +87,62 @@ def test_data_is_only_readable_at_its_member() -> None:
     next(members, None)
     with pytest.raises(ValueError, match="moved on"):  # its bytes were seeked over: never wrong data
         second.read()
+
+
+def _samples_tar(count: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in range(count):
+            for extension in ("jpg", "json", "txt"):
+                data = f"{sample}.{extension}".encode() * 50
+                info = tarfile.TarInfo(f"{sample:04d}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class _CountingReads(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.read_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_every_sample_reader_groups_the_same_way_and_keeps_its_contract_on_a_broken_tar(tmp_path) -> None:
+    from collections import Counter
+
+    from pipelines.tasks import train_data, webdata
+
+    raw = _samples_tar(6)
+    whole = list(webdata.group_tar(io.BytesIO(raw)))
+    assert [(s.ordinal, s.key) for s in whole] == [(n, f"{n:04d}") for n in range(6)]
+    assert whole[2].members == {e: f"2.{e}".encode() * 50 for e in ("jpg", "json", "txt")}
+    assert all(raw[s.offsets["txt"]:s.offsets["txt"] + 5] == f"{s.ordinal}.txt".encode() for s in whole)
+    # A window: samples before `start` are seeked over (their headers read, not their data).
+    counting = _CountingReads(raw)
+    window = list(webdata.group_tar(counting, start=4, stop=5))
+    assert [(s.ordinal, s.key) for s in window] == [(4, "0004")] and window[0].members == whole[4].members
+    assert counting.read_bytes < 512 * 16 + 3 * 512
+    path = tmp_path / "six.tar"
+    path.write_bytes(raw)
+    assert [s["__key__"] for s in train_data.iter_tar_samples(str(path), 2, 4)] == ["0002", "0003"]
+    assert [(o, k) for o, k, _ in webdata.iter_tar_samples(io.BytesIO(raw))] == [(s.ordinal, s.key) for s in whole]
+
+    # Cut inside sample 3's .json data: samples 0-2 come out whole, sample 3 (incomplete) never does.
+    cut = raw[:whole[3].offsets["json"] + 10]
+    counts: Counter = Counter()
+    assert [s.key for s in webdata.iter_tar(io.BytesIO(cut), counts)] == ["0000", "0001", "0002"]
+    assert counts == {"truncated_shard": 1}  # counted, never raised
+    strict = webdata.iter_tar_samples(io.BytesIO(cut))
+    assert [next(strict)[1] for _ in range(3)] == ["0000", "0001", "0002"]
+    with pytest.raises(tarfile.ReadError):
+        next(strict)
+    path.write_bytes(cut)
+    training = train_data.iter_tar_samples(str(path), 1)
+    assert [next(training)["__key__"] for _ in range(2)] == ["0001", "0002"]
+    with pytest.raises(tarfile.ReadError):
+        next(training)
