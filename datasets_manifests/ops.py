@@ -59,7 +59,8 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
 
 def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
     """The index must satisfy its contract and point only at shards this version lists. Read a batch at a time
-    (a 129M-row index does not fit in memory); only the key column is held whole, for its uniqueness."""
+    (a 129M-row index does not fit in memory). Keys in strictly increasing order (every stage but CapFilt
+    writes them so) are unique as read; otherwise the key column is read whole for its uniqueness."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -68,17 +69,28 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
     if not has_layer(manifest, INDEX_FILE):
         return []
     shards: set[str] = set()
+    increasing, last_key = True, None
     try:
         for batch in scan_index(registry, manifest):
             table = validate_index(pa.Table.from_batches([batch]), what=INDEX_FILE)
             shards.update(s for s in pc.unique(table.column("shard")).to_pylist() if s is not None)
-        repeated = first_repeated(read_index(registry, manifest, ["key"]).column("key"))
+            keys = table.column("key")
+            if increasing and len(keys):
+                increasing = (last_key is None or last_key < keys[0].as_py()) and _strictly_increasing(keys)
+                last_key = keys[-1].as_py()
+        repeated = None if increasing else first_repeated(read_index(registry, manifest, ["key"]).column("key"))
         if repeated is not None:
             return [f"{INDEX_FILE}: duplicate key {repeated[0]!r}; keys must be unique per version"]
     except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
         return [f"{INDEX_FILE}: {error}"]
     listed = {entry.path for entry in manifest.files}
     return [f"{INDEX_FILE}: samples point at {s}, which the manifest does not list" for s in sorted(shards - listed)]
+
+
+def _strictly_increasing(keys: Any) -> bool:
+    import pyarrow.compute as pc
+
+    return len(keys) < 2 or bool(pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py())
 
 
 # --------------------------------------------------------------------------- diff

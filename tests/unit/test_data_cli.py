@@ -251,6 +251,18 @@ def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_
     monkeypatch.setattr(index_module, "scan_index", lambda *args, **kwargs: scan(*args, batch_rows=1))
     code, _, err = run(capsys, registry, "verify", "twice@v1")
     assert code == 1 and f"duplicate key {rows[0]['key']!r}" in err
+    # Keys in increasing order (as every stage but CapFilt writes them) are unique as read: no whole-column read.
+    read_whole = index_module.read_index
+    monkeypatch.setattr(index_module, "read_index", lambda *args, **kwargs: pytest.fail("key column read whole"))
+    code, _, err = run(capsys, registry, "verify", "raw@v1")
+    assert code == 0, err
+    monkeypatch.setattr(index_module, "read_index", read_whole)
+    rows[2]["key"] = rows[1]["key"]  # a repeat right after its first, in the next batch: not increasing either
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), staging / INDEX_FILE)
+    registry.publish(kind="dataset", name="adjacent", staging_dir=staging, files=[{"path": INDEX_FILE, "role": "index"}],
+                     producer=Producer(stage="t"))
+    code, _, err = run(capsys, registry, "verify", "adjacent@v1")
+    assert code == 1 and f"duplicate key {rows[1]['key']!r}" in err
 
     manifest_path = tmp_path / "registry" / "datasets" / "raw" / "v1" / "manifest.json"
     data = json.loads(manifest_path.read_text())
