@@ -33,6 +33,7 @@ SAMPLE_COLUMNS = ("key", "url", "image_sha256", "width", "height", "caption", "r
 TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
 SCAN_BATCH_ROWS = 1 << 18  # rows read at a time by the histograms and the filtered sample pages
+MATCHES_KEPT = 4  # filters per version whose matching rows are kept (16 MB each at 129M samples)
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class VersionData:
         self._metadata: dict[str, pq.FileMetaData] = {}
         self._lock = threading.Lock()
         self._histograms: dict[str, Any] | None = None
+        self._matches: LRU = LRU(MATCHES_KEPT)  # SampleFilter -> Matches
 
     @property
     def has_index(self) -> bool:
@@ -192,21 +194,39 @@ class VersionData:
             total = self.metadata(index_path).num_rows
             page = self._slice_rows(index_path, offset, limit, columns)
         else:
-            try:
-                total, page_keys = _count_and_page(self._matching_keys(where, index.schema.names), offset, limit)
-            except _TextsOutOfOrder as error:
-                log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
-                            self.manifest.ref, error)
-                total, page_keys = _count_and_page(self._key_set_matches(where, index.schema.names), offset, limit)
-            page = self.rows_for_keys(page_keys, columns) if len(page_keys) else index.schema.empty_table()
+            matches = self._matches.get_or_make(where, lambda: self._find_matches(where, index.schema.names))
+            total = matches.total
+            page = self._rows_at(index_path, matches.rows(offset, limit), columns)
         rows = page.to_pylist()
         texts = self.texts_for([row["key"] for row in rows])
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
         return rows, total
 
-    def _matching_keys(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
-        """The keys of the index rows matching `where`, a batch of the index at a time.
+    def _find_matches(self, where: SampleFilter, names: list[str]) -> Matches:
+        """Which index rows match `where` (kept per filter: every further page, and the total, come from it)."""
+        try:
+            return Matches.of(self._match_masks(where, names))
+        except _TextsOutOfOrder as error:
+            log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
+                        self.manifest.ref, error)
+            return Matches.of(self._key_set_masks(where, names))
+
+    def _rows_at(self, relpath: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        """The rows numbered `rows` (ascending) of a Parquet file, reading only the row groups that hold them."""
+        meta = self.metadata(relpath)
+        ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        groups = np.searchsorted(ends, rows, side="right")
+        pieces = []
+        for group in np.unique(groups):
+            inside = rows[groups == group] - (ends[group] - meta.row_group(int(group)).num_rows)
+            span = self.read_rows(relpath, [int(group)], int(inside[0]), int(inside[-1] - inside[0] + 1), columns)
+            pieces.append(span.take(pa.array(inside - inside[0])))
+        schema = pa.schema([meta.schema.to_arrow_schema().field(c) for c in columns])
+        return pa.concat_tables(pieces) if pieces else schema.empty_table()
+
+    def _match_masks(self, where: SampleFilter, names: list[str]) -> Iterator[np.ndarray]:
+        """Which rows of each index batch match `where`, a batch at a time in file order.
 
         With conditions on the texts, texts.parquet is walked beside the index instead of collecting the keys of
         every matching text (at 129M samples, ~300M texts: several GB when a filter matches most of them). CapFilt
@@ -215,7 +235,9 @@ class VersionData:
         index_path = self._require_index()
         needs_texts = self.has_texts and (where.text_level or bool(where.q))
         if not needs_texts:
-            yield from self._index_keys(where, names)
+            for batch in self._batches(index_path, self._index_filter_columns(where, names),
+                                       project={"match": self._index_expression(where, names)}):  # fmt: skip
+                yield _bools(batch.column("match"))
             return
         index_only = SampleFilter(split=where.split)  # the conditions on the index's own columns
         projection = {"key": ds.field("key"), "ok": self._index_expression(index_only, names),
@@ -232,7 +254,7 @@ class VersionData:
                 match &= found[:, 0]
             if where.q:
                 match &= _bools(batch.column("q")) | found[:, 1]
-            yield keys.filter(pa.array(match))
+            yield match
         groups.check_all_placed()
 
     def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str]) -> pa.Table:
@@ -250,20 +272,14 @@ class VersionData:
             return meta.schema.to_arrow_schema().empty_table().select(columns)
         return self.read_rows(relpath, groups, offset - first_start, limit, columns)
 
-    def _index_keys(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
-        """The keys of the index rows matching `where`'s conditions on the index alone, a batch at a time."""
-        for batch in self._batches(self._require_index(), self._index_filter_columns(where, names),
-                                   self._index_expression(where, names), project={"key": ds.field("key")}):  # fmt: skip
-            yield batch.column(0)
-
-    def _key_set_matches(self, where: SampleFilter, names: list[str]) -> Iterator[pa.Array]:
-        """The keys of the index rows matching `where`, the texts' conditions turned into a set of every matching
-        text's key: for versions whose texts are not in the index's order. Arrow's scanner evaluates the `isin`
-        with one hash table for the file (evaluated a batch at a time, it would rebuild it for every batch)."""
-        scanner = self.dataset(self._require_index()).scanner(columns=["key"], filter=self._index_expression(where, names),
+    def _key_set_masks(self, where: SampleFilter, names: list[str]) -> Iterator[np.ndarray]:
+        """`_match_masks` with the texts' conditions turned into a set of every matching text's key: for versions
+        whose texts are not in the index's order. Arrow's scanner evaluates the `isin` with one hash table for the
+        file (evaluated a batch at a time, it would rebuild it for every batch)."""
+        scanner = self.dataset(self._require_index()).scanner(columns={"match": self._index_expression(where, names)},
                                                               batch_size=SCAN_BATCH_ROWS)  # fmt: skip
         for batch in scanner.to_batches():
-            yield batch.column(0)
+            yield _bools(batch.column(0))
 
     def _index_filter_columns(self, where: SampleFilter, names: list[str]) -> list[str]:
         """The index columns `where`'s conditions on the index read."""
@@ -274,7 +290,7 @@ class VersionData:
 
     def _index_expression(self, where: SampleFilter, names: list[str]) -> ds.Expression:
         """`where` as one predicate on the index; conditions on the texts become a key set (`isin`), which holds
-        every matching key: used for versions whose texts are not in the index's order (`_matching_keys`)."""
+        every matching key: used for versions whose texts are not in the index's order (`_key_set_masks`)."""
         conditions: list[ds.Expression] = []
         candidates = None
         if where.split:
@@ -544,13 +560,38 @@ def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _count_and_page(key_batches: Iterator[pa.Array], offset: int, limit: int) -> tuple[int, pa.ChunkedArray]:
-    """(number of keys, keys offset .. offset+limit-1) of a stream of key arrays; only the page's keys are kept
-    (a filter may match most of 129M samples)."""
-    total, pieces = 0, []
-    for keys in key_batches:
-        start = max(offset - total, 0)
-        if start < len(keys) and total < offset + limit:
-            pieces.append(keys.slice(start, offset + limit - total - start))
-        total += len(keys)
-    return total, pa.chunked_array(pieces, pa.string())
+@dataclass(frozen=True)
+class Matches:
+    """Which index rows match a filter: a bitmap (1 bit a row: 16 MB at 129M samples) per index batch."""
+
+    bits: list[np.ndarray]  # np.packbits of each batch's row mask
+    sizes: np.ndarray  # rows per batch
+    counts: np.ndarray  # matching rows per batch
+
+    @classmethod
+    def of(cls, masks: Iterator[np.ndarray]) -> "Matches":
+        bits, sizes, counts = [], [], []
+        for mask in masks:
+            bits.append(np.packbits(mask))
+            sizes.append(len(mask))
+            counts.append(int(mask.sum()))
+        return cls(bits, np.array(sizes, dtype=np.int64), np.array(counts, dtype=np.int64))
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def rows(self, offset: int, limit: int) -> np.ndarray:
+        """Row numbers (in the file) of matches number offset .. offset+limit-1, ascending."""
+        before = np.cumsum(self.counts) - self.counts  # matches in the batches before each batch
+        first_row = np.cumsum(self.sizes) - self.sizes
+        found: list[np.ndarray] = []
+        wanted = limit
+        for batch in range(int(np.searchsorted(before + self.counts, offset, side="right")), len(self.bits)):
+            if wanted <= 0:
+                break
+            positions = np.flatnonzero(np.unpackbits(self.bits[batch], count=int(self.sizes[batch])))
+            taken = positions[max(offset - int(before[batch]), 0):][:wanted]
+            found.append(taken + first_row[batch])
+            wanted -= len(taken)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
