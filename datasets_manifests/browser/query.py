@@ -519,7 +519,7 @@ class _TextGroups:
             # Usually the next runs are the next rows, one to one (every CapFilt sample has texts): a comparison
             # of the aligned keys places them without hashing the batch.
             ahead = min(len(self._keys), len(keys) - cursor)
-            same = _bools(pc.equal(self._keys.slice(0, ahead), keys.slice(cursor, ahead))) if ahead else np.ones(0, bool)
+            same = _bools(pc.equal(self._keys.slice(0, ahead), keys.slice(cursor, ahead)))
             placed = ahead if same.all() else int(np.argmin(same))
             if placed:
                 flags[cursor:cursor + placed] |= self._flags[:placed]

@@ -259,8 +259,8 @@ def test_verify_checks_the_index_and_a_tampered_manifest_is_refused(capsys, tmp_
     monkeypatch.setattr(index_module, "read_index", read_whole)
     rows[2]["key"] = rows[1]["key"]  # a repeat right after its first, in the next batch: not increasing either
     pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), staging / INDEX_FILE)
-    registry.publish(kind="dataset", name="adjacent", staging_dir=staging, files=[{"path": INDEX_FILE, "role": "index"}],
-                     producer=Producer(stage="t"))
+    registry.publish(kind="dataset", name="adjacent", staging_dir=staging, producer=Producer(stage="t"),
+                     files=[{"path": INDEX_FILE, "role": "index"}])
     code, _, err = run(capsys, registry, "verify", "adjacent@v1")
     assert code == 1 and f"duplicate key {rows[1]['key']!r}" in err
 

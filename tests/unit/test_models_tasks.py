@@ -72,8 +72,10 @@ def test_retrieval_trains_with_image_id_positives_and_idx_queue():
     assert model.idx_queue[0, :4].tolist() == [5, 5, 6, 7] and model.idx_queue[0, 4:].tolist() == [-100] * 4
     scores = model.score(pixel_values, input_ids, attention_mask)
     assert scores.shape == (4,)
-    with pytest.raises(ValueError, match="distinct image ids"):
-        model(pixel_values[:2], input_ids[:2], attention_mask[:2], torch.tensor([1, 1]))
+    # One image in the batch: no negative exists. The model draws from the unmasked weights (finding out would
+    # cost a host sync every step); the retrieval task refuses such batches before they get here.
+    degenerate = model(pixel_values[:2], input_ids[:2], attention_mask[:2], torch.tensor([1, 1]))
+    assert torch.isfinite(degenerate.loss)
 
 
 def test_retrieval_shared_image_keys_give_blip_losses_and_gradients():
