@@ -7,8 +7,10 @@ member in the tar) and whether it was kept or dropped, and why. Later stages add
 This is the per-sample lineage the released BLIP data lacks (only url+caption JSONs were published):
 a key is stable across derived versions, so `diff` can tell what a stage changed sample by sample.
 
-Reads go through `pyarrow.dataset` with filter expressions and early-stopping scans, so browsing a
-million-row index reads only the columns and row groups it needs. Imports pyarrow (not torch/ray).
+Lookups go through `pyarrow.dataset` with filter expressions and early-stopping scans, so browsing a
+million-row index reads only the columns and row groups it needs; work over a whole file (verify, diff, the
+browser's filters and histograms) reads it a batch at a time with `iter_parquet`, which holds about one batch
+whatever the file's size. Imports pyarrow (not torch/ray).
 """
 
 from __future__ import annotations
