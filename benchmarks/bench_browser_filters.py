@@ -51,7 +51,7 @@ def key_set_page(data: Any, where: Any) -> tuple[list[str], int]:
     from datasets_manifests.browser.query import Matches
 
     matches = Matches.of(data._key_set_masks(where, data.index_columns()))
-    page = data._rows_at(data.index_path, matches.rows(0, PAGE), ["key"])
+    page = data.rows_at(data.index_path, matches.rows(0, PAGE), ["key"])
     return page.column("key").to_pylist(), matches.total
 
 

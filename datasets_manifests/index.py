@@ -63,6 +63,11 @@ TEXTS_SCHEMA = pa.schema([
     pa.field("drop_reason", pa.string()),  # null when kept
 ])
 
+# Optional index columns of a version with texts.parquet written in the index's order (CapFilt's): where each
+# sample's texts are (its first text's row number in texts.parquet, and how many), so that a page of samples reads
+# its texts by position; without them (or when they disagree with the texts' keys) the texts are looked up by key.
+TEXTS_POSITION = ("texts_row", "texts_count")
+
 # What a `--where width=32` string turns into, per Arrow type.
 _PARSERS = {
     pa.int32(): int, pa.int64(): int, pa.float32(): float, pa.float64(): float,

@@ -154,10 +154,13 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     batch_rows = batch_rows or INDEX_BATCH_ROWS
     copied = pa.schema([INDEX_SCHEMA.field(name) for name in DIFF_COLUMNS])
     key, caption, reason = copied.field("key"), copied.field("caption"), copied.field("drop_reason")
+    # Each row also says where its key is in each index (row numbers): a page of the diff reads those rows only.
+    row_a, row_b = pa.field("row_a", pa.int64()), pa.field("row_b", pa.int64())
     schemas = {
-        "added": pa.schema([key]), "removed": pa.schema([key]),
-        "recaptioned": pa.schema([key, caption.with_name("caption_a"), caption.with_name("caption_b")]),
-        "newly_dropped": pa.schema([key, reason.with_name("reason")]), "restored": pa.schema([key]),
+        "added": pa.schema([key, row_b]), "removed": pa.schema([key, row_a]),
+        "recaptioned": pa.schema([key, caption.with_name("caption_a"), caption.with_name("caption_b"), row_a, row_b]),
+        "newly_dropped": pa.schema([key, reason.with_name("reason"), row_a, row_b]),
+        "restored": pa.schema([key, row_a, row_b]),
     }
     from tqdm import tqdm
 
@@ -186,18 +189,22 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
             out = {name: stack.enter_context(spill_writer(directory / f"{name}.arrow", schema))
                    for name, schema in schemas.items()}  # fmt: skip
             for start in range(0, len(table_a), batch_rows):
-                part = table_a.slice(start, batch_rows)
-                out["removed"].write_table(part.select(["key"]).filter(pa.array(~in_b[start:start + batch_rows])))
+                gone = ~in_b[start:start + batch_rows]
+                out["removed"].write_table(pa.table([table_a["key"].slice(start, batch_rows).filter(pa.array(gone)),
+                                                     start + np.flatnonzero(gone)], schema=schemas["removed"]))
             bar.set_description("diff: comparing")
             for start in range(0, len(table_b), batch_rows):
                 bar.update(min(batch_rows, len(table_b) - start))
                 part_b, rows_in_a = table_b.slice(start, batch_rows), position.slice(start, batch_rows)
-                in_a = pc.is_valid(rows_in_a)
-                out["added"].write_table(part_b.select(["key"]).filter(pc.invert(in_a)))
-                common_b = part_b.filter(in_a)
-                common_a = take_spilled(table_a, pc.filter(rows_in_a, in_a))
+                in_a = pc.is_valid(rows_in_a).to_numpy(zero_copy_only=False)
+                new_keys = part_b["key"].filter(pa.array(~in_a))
+                out["added"].write_table(pa.table([new_keys, start + np.flatnonzero(~in_a)], schema=schemas["added"]))
+                common_b = part_b.filter(pa.array(in_a))
+                common_rows_a = pc.filter(rows_in_a, pa.array(in_a))
+                common_a = take_spilled(table_a, common_rows_a)
                 common += len(common_b)
-                for name, table in compare_rows(common_a, common_b).items():
+                rows = {"row_a": common_rows_a.cast(pa.int64()), "row_b": start + np.flatnonzero(in_a)}
+                for name, table in compare_rows(common_a, common_b, rows).items():
                     out[name].write_table(table.cast(schemas[name]))
         # Unlinked when the folder goes; the memory maps keep the category files readable (POSIX).
         categories = {name: read_spilled([directory / f"{name}.arrow"], schema) for name, schema in schemas.items()}
@@ -216,9 +223,10 @@ def _scratch_dir(registry: Registry) -> str | None:
         return None
 
 
-def compare_rows(common_a: Any, common_b: Any) -> dict[str, Any]:
+def compare_rows(common_a: Any, common_b: Any, carry: dict[str, Any] | None = None) -> dict[str, Any]:
     """The re-captioned, newly dropped and restored samples among rows of a and b aligned by key (Arrow tables of
-    `DIFF_COLUMNS`, row i of each the same key): one table per category, in the rows' order."""
+    `DIFF_COLUMNS`, row i of each the same key): one table per category, in the rows' order, each with the
+    `carry` columns (one value per aligned row) after its own."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -229,11 +237,12 @@ def compare_rows(common_a: Any, common_b: Any) -> dict[str, Any]:
     status_a, status_b = common_a["status"], common_b["status"]
     newly_dropped = pc.fill_null(pc.and_(pc.equal(status_a, "ok"), pc.equal(status_b, "dropped")), False)
     restored = pc.fill_null(pc.and_(pc.equal(status_a, "dropped"), pc.equal(status_b, "ok")), False)
-    keys = common_b["key"]
+    keys, carry = common_b["key"], carry or {}
     return {
-        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b}).filter(recaptioned),
-        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"]}).filter(newly_dropped),
-        "restored": pa.table({"key": keys}).filter(restored),
+        "recaptioned": pa.table({"key": keys, "caption_a": caption_a, "caption_b": caption_b, **carry})
+        .filter(recaptioned),
+        "newly_dropped": pa.table({"key": keys, "reason": common_b["drop_reason"], **carry}).filter(newly_dropped),
+        "restored": pa.table({"key": keys, **carry}).filter(restored),
     }
 
 

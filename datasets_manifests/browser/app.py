@@ -201,9 +201,13 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
                 raise QueryError(f"{side.ref} has no per-sample index (index.parquet): nothing to diff", 404)
         tables = diffs.get_or_make((a.id, b.id), lambda: diff_tables(registry, a, b))
         page_rows = diff_page(tables, category, offset, limit)
-        keys = [row["key"] for row in page_rows]
-        sides = {label: side_rows(catalog.data(m), keys) for label, m in (("a", a), ("b", b))}
+        sides = {}
+        for label, side in (("a", a), ("b", b)):  # each side's rows read by their row numbers in its index
+            numbers = [row.pop(f"row_{label}") for row in page_rows if row.get(f"row_{label}") is not None]
+            sides[label] = side_rows(catalog.data(side), numbers)
         for row in page_rows:
+            row.pop("row_a", None)  # an added key has no row in a (its null stayed)
+            row.pop("row_b", None)
             row["a"], row["b"] = sides["a"].get(row["key"]), sides["b"].get(row["key"])
             side = b if row["b"] is not None else a  # the thumbnail comes from the side that has the sample
             row["thumb"] = f"/api/versions/dataset/{side.name}/{side.version}/thumb/{row['key']}"

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, iter_parquet, parquet_format
+from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, iter_parquet, parquet_format
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
 
@@ -189,18 +189,20 @@ class VersionData:
         """One page of samples (index rows + their texts) matching `where`, and the total number of matches."""
         index_path = self._require_index()
         index = self.dataset(index_path)
-        columns = [c for c in SAMPLE_COLUMNS if c in index.schema.names]
+        columns = [c for c in (*SAMPLE_COLUMNS, *TEXTS_POSITION) if c in index.schema.names]
         if where.empty:
             total = self.metadata(index_path).num_rows
             page = self._slice_rows(index_path, offset, limit, columns)
         else:
             matches = self._matches.get_or_make(where, lambda: self._find_matches(where, index.schema.names))
             total = matches.total
-            page = self._rows_at(index_path, matches.rows(offset, limit), columns)
+            page = self.rows_at(index_path, matches.rows(offset, limit), columns)
         rows = page.to_pylist()
-        texts = self.texts_for([row["key"] for row in rows])
+        texts = self.texts_of(rows)
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
+            for column in TEXTS_POSITION:
+                row.pop(column, None)
         return rows, total
 
     def _find_matches(self, where: SampleFilter, names: list[str]) -> Matches:
@@ -212,7 +214,7 @@ class VersionData:
                         self.manifest.ref, error)
             return Matches.of(self._key_set_masks(where, names))
 
-    def _rows_at(self, relpath: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    def rows_at(self, relpath: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """The rows numbered `rows` (ascending) of a Parquet file, reading only the row groups that hold them."""
         meta = self.metadata(relpath)
         ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
@@ -366,20 +368,38 @@ class VersionData:
         order = pc.drop_null(pc.index_in(wanted, table.column("key")))  # page order = match order in the index
         return table.take(order)
 
+    def texts_of(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """The captions of some index rows, by key: read by position where the index says where they are
+        (`TEXTS_POSITION`, CapFilt writes it: a page reads a few row groups of texts.parquet), else by key (a
+        scan of texts.parquet, which its row groups' key statistics prune only when the keys are sorted)."""
+        if not self.has_texts or not rows:
+            return {}
+        if all(row.get(column) is not None for row in rows for column in TEXTS_POSITION):
+            numbers = np.concatenate([np.arange(row["texts_row"], row["texts_row"] + row["texts_count"])
+                                      for row in rows]).astype(np.int64)  # fmt: skip
+            expected = [row["key"] for row in rows for _ in range(row["texts_count"])]
+            order = np.argsort(numbers, kind="stable")
+            if len(numbers) == 0 or (numbers.max() < self.metadata(self.texts_path).num_rows
+                                     and (np.diff(numbers[order]) > 0).all()):  # fmt: skip
+                table = self.rows_at(self.texts_path, numbers[order], self._text_columns())
+                keys = table.column("key").to_pylist()
+                if all(keys[position] == expected[index] for position, index in enumerate(order)):
+                    return _grouped_texts(table)
+            log.warning("%s: texts_row/texts_count do not point at the samples' texts; looking them up by key",
+                        self.manifest.ref)
+        return self.texts_for([row["key"] for row in rows])
+
     def texts_for(self, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
         """The captions of some keys, web first, then synthetic by descending score."""
         if not self.has_texts or not keys:
             return {}
-        texts = self.dataset(self.texts_path)
-        extra = [c for c in texts.schema.names if c not in TEXT_COLUMNS]
-        table = texts.to_table(filter=ds.field("key").isin(pa.array(keys, pa.string())),
-                               columns=[c for c in TEXT_COLUMNS if c in texts.schema.names] + extra)
-        grouped: dict[str, list[dict[str, Any]]] = {}
-        for row in table.to_pylist():
-            grouped.setdefault(row["key"], []).append(row)
-        for rows in grouped.values():
-            rows.sort(key=lambda r: (r.get("source") != "web", -(r.get("itm_score") or 0.0)))
-        return grouped
+        table = self.dataset(self.texts_path).to_table(filter=ds.field("key").isin(pa.array(keys, pa.string())),
+                                                       columns=self._text_columns())  # fmt: skip
+        return _grouped_texts(table)
+
+    def _text_columns(self) -> list[str]:
+        names = self.dataset(self.texts_path).schema.names
+        return [c for c in TEXT_COLUMNS if c in names] + [c for c in names if c not in TEXT_COLUMNS]
 
     def locate(self, key: str) -> dict[str, Any] | None:
         """Shard path and `.jpg` byte range of one key (a projected, filtered scan of the index)."""
@@ -545,6 +565,16 @@ class _TextGroups:
         of order, are left over)."""
         if len(self._keys) or next(self._runs, None) is not None:
             raise _TextsOutOfOrder("texts.parquet has texts after the index's last key, or of keys not in the index")
+
+
+def _grouped_texts(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """Texts rows by key, web first, then synthetic by descending score."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        grouped.setdefault(row["key"], []).append(row)
+    for rows in grouped.values():
+        rows.sort(key=lambda r: (r.get("source") != "web", -(r.get("itm_score") or 0.0)))
+    return grouped
 
 
 def _text_filter_columns(where: SampleFilter) -> list[str]:

@@ -17,6 +17,7 @@ import random
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,20 @@ def capfilt_texts(samples: list[dict[str, Any]], rng: random.Random, threshold: 
     return rows
 
 
+def add_texts_position(index_path: Path, texts: list[dict[str, Any]]) -> None:
+    """Add `texts_row` / `texts_count` to an index whose texts are listed in its order, as CapFilt writes them."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import write_index
+
+    index = pq.read_table(index_path)
+    per_key = Counter(row["key"] for row in texts)
+    count = np.array([per_key[key] for key in index.column("key").to_pylist()], dtype=np.int64)
+    index = index.append_column("texts_row", pa.array(np.cumsum(count) - count))
+    write_index(index.append_column("texts_count", pa.array(count)), index_path)
+
+
 def build_sample_registry(root: str | Path) -> dict[str, Manifest]:
     """Publish web v1/v2, a CapFilt version, two models and two evaluations; return them by role."""
     registry = Registry(str(root))
@@ -206,7 +221,7 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     )
     # CapFilt of web v1 with the pretrained model as captioner and filter.
     staging = stage("capfilt")
-    from datasets_manifests.index import TEXTS_FILE, write_texts
+    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, write_texts
 
     threshold = 0.5
     inputs = [s for s in samples if s["key"] != "000000005"]  # CapFilt reads the kept samples of web v1
@@ -219,6 +234,7 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     captions = {key: (row["text"], row["source"]) for key, row in best.items()}
     files = write_dataset_files(staging, inputs, per_shard=12, split="train", dropped=dropped, captions=captions)
     write_texts(pa.Table.from_pylist(texts, schema=TEXTS_SCHEMA), staging / TEXTS_FILE)
+    add_texts_position(staging / INDEX_FILE, texts)
     files.append({"path": TEXTS_FILE, "role": "index"})
     kept_texts = sum(row["kept"] for row in texts)
     capfilt = registry.publish(

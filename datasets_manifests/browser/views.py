@@ -11,7 +11,10 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from datasets_manifests.browser.query import LRU, QueryError, VersionData
+from datasets_manifests.index import TEXTS_POSITION
 from datasets_manifests.manifest import KINDS, Manifest
 from datasets_manifests.ops import DIFF_CATEGORIES, DiffTables
 from datasets_manifests.registry import NotFoundError, Registry, check_name
@@ -118,6 +121,7 @@ def diff_page(tables: DiffTables, category: str, offset: int, limit: int) -> lis
         part = table.slice(offset, limit - len(rows))
         offset = 0
         columns = ["key", "reason"] if name == "newly_dropped" else ["key"]
+        columns += [c for c in ("row_a", "row_b") if c in table.column_names]  # where the key is in each index
         for row in part.select(columns).to_pylist():
             rows.append({**row, "category": name})
         if len(rows) >= limit:
@@ -125,14 +129,22 @@ def diff_page(tables: DiffTables, category: str, offset: int, limit: int) -> lis
     return rows
 
 
-def side_rows(data: VersionData, keys: list[str]) -> dict[str, dict[str, Any]]:
-    """What one side of a diff holds for some keys: its index row and its kept texts."""
-    if not keys:
+def side_rows(data: VersionData, numbers: list[int]) -> dict[str, dict[str, Any]]:
+    """What one side of a diff holds at some of its index rows (row numbers): each row and its kept texts, by key.
+    Read by position (`VersionData.rows_at`): a diff page of a 129M-sample version reads a few row groups."""
+    if not numbers:
         return {}
-    columns = ["key", "caption", "caption_source", "status", "drop_reason"]
-    rows = {row["key"]: row for row in data.rows_for_keys(keys, columns).to_pylist()}
-    for key, texts in data.texts_for(list(rows)).items():
-        rows[key]["kept_texts"] = [t["text"] for t in texts if t.get("kept")]
+    names = data.index_columns()
+    columns = [c for c in ("key", "caption", "caption_source", "status", "drop_reason", *TEXTS_POSITION) if c in names]
+    found = data.rows_at(data.index_path, np.unique(np.asarray(numbers, dtype=np.int64)), columns).to_pylist()
+    texts = data.texts_of(found)
+    rows = {}
+    for row in found:
+        for column in TEXTS_POSITION:
+            row.pop(column, None)
+        if row["key"] in texts:
+            row["kept_texts"] = [t["text"] for t in texts[row["key"]] if t.get("kept")]
+        rows[row["key"]] = row
     return rows
 
 

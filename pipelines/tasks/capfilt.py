@@ -16,7 +16,8 @@ ITM score, so a reader that only knows `.txt` still trains on a filtered pair, a
 `captions` (pretraining does: `pretrain.kept_text`) gets BLIP's union of filtered web + filtered synthetic pairs
 without storing an image twice.
 An image none of whose texts is kept is left out of the shards but stays in index.parquet/texts.parquet with
-its reason.
+its reason. texts.parquet lists each sample's texts together, in the index's order, and the index says where
+(`texts_row`, `texts_count`): the browser reads a page's texts by position, not by a scan for their keys.
 
 Resumability (datatrove `completions/` pattern): each input shard is one unit of work. Its outputs (tar, index
 and texts parts) are written to `registry.shared_work_url(cache_key)` and a `done/<shard>.json` marker is put in
@@ -581,9 +582,12 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
 
     fs, root = _url_to_fs(work)
     written = write_tar(f"{root}/{shard.path}", members(), fs)
+    first_text = 0
     for row in index_rows:  # byte offsets of the .jpg members, for random access from the index
         if row["status"] == "ok":
             row["jpg_offset"], row["jpg_bytes"] = written.data_offsets[f"{row['key']}.jpg"]
+        # Where the sample's texts start in this part's texts file (the publish makes it a row of texts.parquet).
+        row["texts_row"], first_text = first_text, first_text + row["texts_count"]
     stem = shard.path.replace("/", "__")
     write_index(typed_table(index_rows, "index"), f"{work}/parts/{stem}.index.parquet")
     write_texts(typed_table(text_rows, "texts"), f"{work}/parts/{stem}.texts.parquet")
@@ -599,7 +603,7 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
 # The columns this stage adds to index.parquet and texts.parquet, typed here: a part whose values are all null
 # (beam search has no seeds; most shards have no error_detail) would otherwise get Arrow's null type.
 EXTRA_COLUMNS = {
-    "index": {"error_detail": "string", "texts_kept": "int64"},
+    "index": {"error_detail": "string", "texts_count": "int64", "texts_kept": "int64", "texts_row": "int64"},
     "texts": {"captioner": "string", "filter": "string", "sample_index": "int64", "seed": "int64"},
 }
 
@@ -645,7 +649,7 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
         "caption_source": best["source"] if best else None, "split": shard.split,
         "shard": None if drop_reason else shard.path, "jpg_offset": None, "jpg_bytes": None,
         "status": "dropped" if drop_reason else "ok", "drop_reason": drop_reason, "error_detail": error,
-        "texts_kept": sum(r["kept"] for r in records),
+        "texts_kept": sum(r["kept"] for r in records), "texts_count": len(records),
     }  # fmt: skip
     if drop_reason:
         return records, row, []
@@ -686,6 +690,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
     `shared` where the writer tasks left them (a remote registry copies them inside its store)."""
     import shutil
 
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from datasets_manifests.index import write_index_batches, write_texts_batches
@@ -703,8 +708,15 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
             with fs.open(f"{root}/parts/{stem}.{kind}.parquet", "rb") as handle:
                 yield pq.read_table(handle)
 
+    def index_parts() -> Iterator[Any]:  # each part's texts_row made a row of the whole texts.parquet
+        first_text = 0
+        for table in parts("index"):
+            column = table.schema.get_field_index("texts_row")
+            yield table.set_column(column, "texts_row", pc.add(table.column(column), first_text))
+            first_text += int(pc.sum(table.column("texts_count")).as_py() or 0)
+
     # Keys are unique across parts: each shard holds its own keys of the input version's index.
-    write_index_batches(parts("index"), work / "index.parquet", part_schema("index"), in_key_order=False)
+    write_index_batches(index_parts(), work / "index.parquet", part_schema("index"), in_key_order=False)
     write_texts_batches(parts("texts"), work / "texts.parquet", part_schema("texts"))
     stats = merge_stats([marker["stats"] for marker in markers])
     quality = capfilt_quality.evaluate(registry, parents[0], config.ground_truth,

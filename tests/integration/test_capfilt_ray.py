@@ -19,6 +19,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +150,10 @@ def _check_provenance(registry, manifest, config, captioner, filter_model):
     texts = read_texts(registry, manifest).to_pylist()
     index = {row["key"]: row for row in read_index(registry, manifest).to_pylist()}
     metadata = manifest.metadata
+    # Each sample's texts are together, in the index's order, where the index says (texts_row, texts_count).
+    placed = [(row["texts_row"], row["texts_count"], key) for key, row in index.items()]
+    assert [first for first, _, _ in placed] == list(np.cumsum([0] + [n for _, n, _ in placed])[:-1])
+    assert [text["key"] for text in texts] == [key for _, count, key in placed for _ in range(count)]
     thresholds = {source: config.filter.threshold_for(source) for source in ("web", "synthetic")}
     assert metadata["thresholds"] == thresholds and metadata["seed"] == config.captioner.seed
     assert metadata["sampling"]["repetition_penalty"] == config.captioner.repetition_penalty

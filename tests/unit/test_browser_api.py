@@ -336,8 +336,10 @@ def test_texts_out_of_the_index_order_fall_back_to_the_key_set(registry_dir: Pat
         assert 0 < len(texts) < len(keys)
     staging = tmp_path / "staging"
     staging.mkdir()
-    # Row groups of 5: pages are read by row number from the groups that hold them.
-    pq.write_table(pq.read_table(source.local_path(capfilt, "index.parquet")), staging / "index.parquet", row_group_size=5)
+    # Row groups of 5: pages are read by row number from the groups that hold them. Without the texts' positions
+    # (they would point at the ordered texts): texts found by key.
+    index = pq.read_table(source.local_path(capfilt, "index.parquet")).drop_columns(["texts_row", "texts_count"])
+    pq.write_table(index, staging / "index.parquet", row_group_size=5)
     pq.write_table(texts, staging / "texts.parquet", row_group_size=7)
     registry = Registry(str(tmp_path / "registry"))
     files = [{"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}]
@@ -356,6 +358,43 @@ def test_texts_out_of_the_index_order_fall_back_to_the_key_set(registry_dir: Pat
         assert not messages
     else:
         assert messages and all("disordered@v1: " in m and "filtering through a key set" in m for m in messages)
+
+
+def test_page_texts_are_read_by_position_and_stale_positions_fall_back_to_keys(
+        registry_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from datasets_manifests.browser import query
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+
+    source = Registry(str(registry_dir))
+    capfilt = source.resolve("web-demo-capfilt@v1")
+    data = query.VersionData(source, capfilt)
+    everything, total = data.query_samples(query.SampleFilter(), limit=1000, offset=0)
+    assert total == 23 and all(len(row["texts"]) == 3 and "texts_row" not in row for row in everything)
+    by_key = {row["key"]: row["texts"] for row in everything}
+    assert by_key == {key: texts for key, texts in data.texts_for(list(by_key)).items()}  # the same as by key
+    monkeypatch.setattr(query.VersionData, "texts_for", lambda *args: pytest.fail("texts looked up by key"))
+    for offset in range(0, total, 4):  # every page by position: no scan of texts.parquet for keys
+        page, _ = query.VersionData(source, capfilt).query_samples(query.SampleFilter(source="web"), 4, offset)
+        assert all(row["texts"] == by_key[row["key"]] for row in page)
+    monkeypatch.undo()
+
+    # Positions that do not match the texts (a texts file rewritten after the index): found by key, logged.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    index = pq.read_table(source.local_path(capfilt, "index.parquet"))
+    shifted = pc.add(index.column("texts_row"), 1)
+    pq.write_table(index.set_column(index.schema.get_field_index("texts_row"), "texts_row", shifted),
+                   staging / "index.parquet")
+    pq.write_table(pq.read_table(source.local_path(capfilt, "texts.parquet")), staging / "texts.parquet")
+    registry = Registry(str(tmp_path / "registry"))
+    files = [{"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}]
+    stale = registry.publish(kind="dataset", name="stale", staging_dir=staging, producer=Producer(stage="t"),
+                             files=files)
+    with caplog.at_level(logging.WARNING, logger=query.__name__):
+        page, _ = query.VersionData(registry, stale).query_samples(query.SampleFilter(), limit=1000, offset=0)
+    assert {row["key"]: row["texts"] for row in page} == by_key
+    assert any("do not point at the samples' texts" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -630,6 +669,16 @@ def test_diff_between_versions(client: TestClient, registry_dir: Path) -> None:
     by_category = [(row["category"], row["key"]) for category in body["counts"]
                    for row in client.get(f"/api/diff?a=web-demo@v1&b=web-demo@v2&category={category}").json()["rows"]]
     assert walked == by_category and len(walked) == 9
+    # Each side's row is the row of that key in its index (read by row number), and only the rows' fields.
+    by_key_a, by_key_b = {r["key"]: r for r in a}, {r["key"]: r for r in b}
+    for row in body["rows"]:
+        assert set(row) <= {"key", "category", "reason", "a", "b", "thumb"}
+        for side, index in (("a", by_key_a), ("b", by_key_b)):
+            if row[side] is not None:
+                assert row[side]["caption"] == index[row["key"]]["caption"]
+                assert row[side]["status"] == index[row["key"]]["status"]
+            else:
+                assert row["key"] not in index
 
 
 def test_diff_of_capfilt_shows_kept_texts(client: TestClient) -> None:

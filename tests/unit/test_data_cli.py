@@ -106,14 +106,18 @@ def test_diff_a_batch_at_a_time_equals_a_join_in_python(tmp_path):
     b = publish_dataset(registry, tmp_path / "b", "web", rows_b, parents=(a,))
     by_key = {row["key"]: row for row in rows_a}
     common = [(by_key[row["key"]], row) for row in rows_b if row["key"] in by_key]
+    row_a = {row["key"]: number for number, row in enumerate(rows_a)}  # where each key is in each index
+    row_b = {row["key"]: number for number, row in enumerate(rows_b)}
+    rows = lambda key: {"row_a": row_a[key], "row_b": row_b[key]}  # noqa: E731
     expected = {
-        "added": [{"key": row["key"]} for row in rows_b if row["key"] not in by_key],
-        "removed": [{"key": row["key"]} for row in rows_a if row["key"] not in {r["key"] for r in rows_b}],
-        "recaptioned": [{"key": y["key"], "caption_a": x["caption"], "caption_b": y["caption"]}
+        "added": [{"key": row["key"], "row_b": row_b[row["key"]]} for row in rows_b if row["key"] not in by_key],
+        "removed": [{"key": row["key"], "row_a": row_a[row["key"]]} for row in rows_a if row["key"] not in row_b],
+        "recaptioned": [{"key": y["key"], "caption_a": x["caption"], "caption_b": y["caption"], **rows(y["key"])}
                         for x, y in common if x["caption"] != y["caption"]],
-        "newly_dropped": [{"key": y["key"], "reason": y["drop_reason"]} for x, y in common
+        "newly_dropped": [{"key": y["key"], "reason": y["drop_reason"], **rows(y["key"])} for x, y in common
                           if (x["status"], y["status"]) == ("ok", "dropped")],
-        "restored": [{"key": y["key"]} for x, y in common if (x["status"], y["status"]) == ("dropped", "ok")],
+        "restored": [{"key": y["key"], **rows(y["key"])} for x, y in common
+                     if (x["status"], y["status"]) == ("dropped", "ok")],
     }
     assert all(expected.values())  # every category has rows
     for batch_rows in (7, None):
