@@ -9,9 +9,12 @@ places each run of a key's texts on its index row (`browser.query._TextGroups`);
 fallback for versions whose texts are in another order.
 
 Both sides run in fresh processes on the same published version (`bench_browser_index.build`: `--rows` samples,
-3 texts each) and answer the same filters (first page and the total). Reports wall time per filter, peak
-anonymous memory (RssAnon, sampled) above the process's start, and checks that both sides give the same pages
-and totals. Prints one JSON object. `python benchmarks/bench_browser_filters.py` (~2 min on 2 cores at 3M rows).
+3 texts each; `--shuffled`: in a random key order, as CapFilt's index lists them) and answer the same filters
+(first page, a further page, the total). Also timed: the texts of one page of samples, read by position (the
+index's `texts_row` / `texts_count`) vs looked up by key (Arrow prunes that scan with the row groups' key
+statistics only when the keys are sorted). Reports wall time per filter, peak anonymous memory (RssAnon, sampled)
+above the process's start, and checks that both sides give the same pages, totals and texts. Prints one JSON
+object. `python benchmarks/bench_browser_filters.py` (~2 min on 2 cores at 3M rows).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,6 +46,8 @@ PAGE = 24
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3_000_000, help="samples in the version (3 texts each)")
+    parser.add_argument("--shuffled", action="store_true",
+                        help="samples in a random key order, as CapFilt's index lists them (default: key order)")
     parser.add_argument("--side", choices=["walked", "key_set"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -78,6 +85,13 @@ def child(args: argparse.Namespace) -> None:
             else:
                 answers[name] = key_set_page(data, where)
                 seconds[name] = round(time.perf_counter() - began, 2)
+        # The texts of one unfiltered page: by position (the index's texts_row / texts_count) vs by key.
+        rows = data.rows_at(data.index_path, np.arange(args.rows // 2, args.rows // 2 + PAGE),
+                            ["key", "texts_row", "texts_count"]).to_pylist()  # fmt: skip
+        began = time.perf_counter()
+        texts = data.texts_of(rows) if args.side == "walked" else data.texts_for([row["key"] for row in rows])
+        seconds["page_texts"] = round(time.perf_counter() - began, 3)
+        answers["page_texts"] = sorted((key, [t["text"] for t in group]) for key, group in texts.items())
         return {"answers": answers, "filter_s": seconds}
 
     measure_side(directory, args.side, work)
@@ -93,14 +107,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-browser-filters-") as tmp:
         directory = Path(tmp)
         began = time.perf_counter()
-        build(directory / "registry", args.rows)
+        build(directory / "registry", args.rows, shuffled=args.shuffled)
         build_s = time.perf_counter() - began
-        results = run_sides(__file__, ("key_set", "walked"), directory, "--rows", str(args.rows))
+        extra = ["--shuffled"] if args.shuffled else []
+        results = run_sides(__file__, ("key_set", "walked"), directory, "--rows", str(args.rows), *extra)
     per_sample = {side: round(results[side]["peak_mib"] * 2**20 / args.rows) for side in results}
     report = {
         "benchmark": "browser_filters", "host_cpus": os.cpu_count(), "rows": args.rows, "texts": 3 * args.rows,
         "build_s": round(build_s, 1),
-        "matches": {name: results["walked"]["answers"][name][1] for name in FILTERS},
+        "shuffled_keys": args.shuffled, "matches": {name: results["walked"]["answers"][name][1] for name in FILTERS},
         "same_pages_and_totals": results["walked"]["answers"] == results["key_set"]["answers"],
         **{side: {"wall_s": round(results[side]["wall_s"], 2), "filter_s": results[side]["filter_s"],
                   "peak_mib": round(results[side]["peak_mib"], 1), "bytes_per_sample": per_sample[side]}

@@ -49,7 +49,9 @@ def captions(rng: np.random.Generator, count: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))) for _ in range(count)]
 
 
-def build(root: Path, rows: int) -> str:
+def build(root: Path, rows: int, shuffled: bool = False) -> str:
+    """The two versions (see the module docstring); `shuffled`: v1's samples in a random order, as CapFilt's index
+    lists them (shard order after the shard stage's shuffle), its texts in the same order."""
     rng = np.random.default_rng(0)
     staging = root.parent / "staging"
     real = make_samples(0, PAGE, random.Random(0))
@@ -74,6 +76,11 @@ def build(root: Path, rows: int) -> str:
         "status": pa.array(np.where(dropped, "dropped", "ok")),
         "drop_reason": pa.array(np.where(dropped, "too_small", None).tolist(), pa.string()),
     })
+    if shuffled:
+        index = index.take(pa.array(rng.permutation(rows)))
+        keys = index.column("key").combine_chunks()
+    index = index.append_column("texts_row", pa.array(np.arange(rows, dtype=np.int64) * 3))
+    index = index.append_column("texts_count", pa.array(np.full(rows, 3, dtype=np.int64)))
     write_index(index, staging / "index.parquet")
     scores = rng.random(rows * 3).astype(np.float32)
     kept = scores >= 0.5
@@ -94,6 +101,7 @@ def build(root: Path, rows: int) -> str:
     # v2, made from v1 as a CapFilt-like stage would: 5% of the keys removed, 5% new ones added, 10% re-captioned,
     # 2% newly dropped (same shard and texts files: the diff reads only the indexes).
     keep = rng.random(rows) >= 0.05
+    index = index.drop_columns(["texts_row", "texts_count"])  # v2 shares v1's texts file: no positions into it
     changed = index.filter(pa.array(keep))
     recaption = rng.random(len(changed)) < 0.10
     new_caption = pc.binary_join_element_wise(changed["caption"], pa.array(["(synthetic)"] * len(changed)), " ")
