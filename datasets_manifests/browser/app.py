@@ -205,6 +205,8 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
         for label, side in (("a", a), ("b", b)):  # each side's rows read by their row numbers in its index
             numbers = [row.pop(f"row_{label}") for row in page_rows if row.get(f"row_{label}") is not None]
             sides[label] = side_rows(catalog.data(side), numbers)
+            for key, found in sides[label].items():
+                catalog.locations.get_or_make((side.id, key), lambda found=found: _location(found))
         for row in page_rows:
             row.pop("row_a", None)  # an added key has no row in a (its null stayed)
             row.pop("row_b", None)

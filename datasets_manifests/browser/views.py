@@ -135,7 +135,9 @@ def side_rows(data: VersionData, numbers: list[int]) -> dict[str, dict[str, Any]
     if not numbers:
         return {}
     names = data.index_columns()
-    columns = [c for c in ("key", "caption", "caption_source", "status", "drop_reason", *TEXTS_POSITION) if c in names]
+    wanted = ("key", "caption", "caption_source", "status", "drop_reason", "shard", "jpg_offset", "jpg_bytes",
+              *TEXTS_POSITION)  # the image's location too: the page's thumbnails need no lookup by key
+    columns = [c for c in wanted if c in names]
     found = data.rows_at(data.index_path, np.unique(np.asarray(numbers, dtype=np.int64)), columns).to_pylist()
     texts = data.texts_of(found)
     rows = {}
