@@ -358,16 +358,6 @@ class VersionData:
         # Duplicates are fine: the isin lookup builds its own hash set (a separate unique() costs ~40% more).
         return table.column("key").combine_chunks()
 
-    def rows_for_keys(self, keys: pa.Array | pa.ChunkedArray | list[str], columns: list[str] | None = None) -> pa.Table:
-        """Index rows of some keys, in the order of `keys` (keys absent from the index are left out)."""
-        dataset = self.dataset(self._require_index())
-        columns = columns or [c for c in SAMPLE_COLUMNS if c in dataset.schema.names]
-        wanted = pa.array(keys, pa.string()) if isinstance(keys, list) else keys
-        wanted = wanted.combine_chunks() if isinstance(wanted, pa.ChunkedArray) else wanted
-        table = dataset.to_table(columns=columns, filter=ds.field("key").isin(wanted))
-        order = pc.drop_null(pc.index_in(wanted, table.column("key")))  # page order = match order in the index
-        return table.take(order)
-
     def texts_of(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """The captions of some index rows, by key: read by position where the index says where they are
         (`TEXTS_POSITION`, CapFilt writes it: a page reads a few row groups of texts.parquet), else by key (a
