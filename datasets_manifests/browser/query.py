@@ -3,10 +3,11 @@
 A version's per-sample index (`index.parquet`: one row per image) and, for CapFilt versions, its `texts.parquet`
 (one row per caption: web or synthetic, ITM score, kept, drop reason) can hold millions of rows, so nothing here
 loads a whole table per request: an unfiltered page reads only the row groups it covers (footer metadata gives
-the offsets), a filtered page scans only the filter columns (pyarrow.dataset predicates + projection) and then
-fetches full rows for the page's keys. The files and their contract are `datasets_manifests.index`'s; its
-`query_samples` filters the index alone, while the grid also filters on the texts layer (source, ITM score,
-decision, text search over synthetic captions), hence this module.
+the offsets); a filter reads only its columns, a batch at a time (the texts walked beside the index, in the
+order CapFilt writes them), and keeps which rows matched, so its pages are rows read by number; a page's texts
+are read by position where the index says where they are. The files and their contract are
+`datasets_manifests.index`'s; its `query_samples` filters the index alone, while the grid also filters on the
+texts layer (source, ITM score, decision, text search over synthetic captions), hence this module.
 """
 
 from __future__ import annotations
