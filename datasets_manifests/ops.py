@@ -53,6 +53,8 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
             problems = [problem for problem in pool.map(check, manifest.files) if problem is not None]
     if not problems:  # only a verified index is worth reading
         problems += _index_problems(registry, manifest)
+    if not problems:
+        problems += _texts_position_problems(registry, manifest)
     # Parents missing from this registry are not damage to this version; `lineage` shows them as missing.
     return problems
 
@@ -85,6 +87,63 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
         return [f"{INDEX_FILE}: {error}"]
     listed = {entry.path for entry in manifest.files}
     return [f"{INDEX_FILE}: samples point at {s}, which the manifest does not list" for s in sorted(shards - listed)]
+
+
+def _texts_position_problems(registry: Registry, manifest: Manifest) -> list[str]:
+    """Where the index says each sample's texts are (`TEXTS_POSITION`), texts.parquet must have them: its keys,
+    read a batch at a time beside the index's, are each index key repeated `texts_count` times, from `texts_row`
+    on, with nothing before, between or after (a merge of two streams: bounded memory at 129M samples)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, has_layer, iter_parquet, scan_index
+
+    if not has_layer(manifest, TEXTS_FILE) or not has_layer(manifest, INDEX_FILE):
+        return []
+    with registry.fs.open(registry.path_of(manifest, INDEX_FILE), "rb") as handle:
+        if not set(TEXTS_POSITION) <= set(pq.read_schema(handle).names):
+            return []
+    texts_path = registry.path_of(manifest, TEXTS_FILE)
+    with registry.fs.open(texts_path, "rb") as handle:
+        text_keys = (batch.column(0) for batch in iter_parquet(handle, ["key"]))
+        pending, next_row = pa.array([], pa.string()), 0
+        for batch in scan_index(registry, manifest, ["key", *TEXTS_POSITION]):
+            rows = batch.column("texts_row").to_numpy(zero_copy_only=False)
+            counts = batch.column("texts_count").to_numpy(zero_copy_only=False)
+            starts = next_row + np.concatenate([[0], np.cumsum(counts)[:-1]])
+            if len(rows) and not np.array_equal(rows, starts):
+                at = int(np.argmax(rows != starts))
+                return [f"{INDEX_FILE}: texts_row of key {batch.column('key')[at].as_py()!r} is {rows[at]}; the texts "
+                        f"of the samples before it end at row {starts[at]} of {TEXTS_FILE}"]
+            expected = batch.column("key").take(pa.array(np.repeat(np.arange(len(counts)), counts)))
+            next_row += int(counts.sum())
+            while len(expected):
+                if not len(pending):
+                    pending = next(text_keys, None)
+                    if pending is None:
+                        return [f"{TEXTS_FILE}: ends at row {next_row - len(expected)}, the index places "
+                                f"{len(expected)} more texts after it"]
+                take = min(len(pending), len(expected))
+                same = _equal(pending.slice(0, take), expected.slice(0, take))
+                if not same.all():
+                    at = int(np.argmin(same))
+                    row = next_row - len(expected) + at
+                    return [f"{TEXTS_FILE}: row {row} is a text of {pending[at].as_py()!r}; the index places a text "
+                            f"of {expected[at].as_py()!r} there"]
+                pending, expected = pending.slice(take), expected.slice(take)
+        extra = len(pending) + sum(len(keys) for keys in text_keys)
+    if extra:
+        return [f"{TEXTS_FILE}: {extra} texts after row {next_row - 1}, which no index row places"]
+    return []
+
+
+def _equal(a: Any, b: Any) -> Any:
+    """Element-wise a == b as a numpy bool array (null: False)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    return np.asarray(pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _strictly_increasing(keys: Any) -> bool:

@@ -315,3 +315,49 @@ def test_lineage_diamond_models_and_missing_parents(capsys, tmp_path):
     assert code == 0 and "manifest differences only" in out and '"changed": ["model.safetensors"]' in out
     code, _, err = run(capsys, registry, "diff", "web@v1", "blip-tiny@v2")
     assert code == 2 and "blip-tiny@v2 has no index.parquet" in err
+
+
+@pytest.mark.parametrize("batch_rows", [3, 7, 65536])
+def test_verify_checks_where_the_index_places_each_samples_texts(tmp_path, monkeypatch, batch_rows):
+    """A CapFilt-like version's index says where each sample's texts are (texts_row, texts_count); verify walks
+    texts.parquet beside the index (both read `batch_rows` at a time) and names the first place they disagree."""
+    import pyarrow as pa
+
+    from datasets_manifests import index as index_module
+
+    read = index_module.iter_parquet
+    monkeypatch.setattr(index_module, "iter_parquet", lambda source, columns, rows=0, **options:
+                        read(source, columns, batch_rows, **options))
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.browser.sample_registry import build_sample_registry
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.ops import verify
+
+    registry = Registry(tmp_path / "registry")
+    build_sample_registry(tmp_path / "registry")
+    capfilt = registry.resolve("web-demo-capfilt@v1")
+    assert verify(registry, capfilt) == []
+    index = pq.read_table(registry.local_path(capfilt, "index.parquet"))
+    index = index.set_column(index.schema.get_field_index("shard"), "shard", pa.nulls(len(index), pa.string()))
+    texts = pq.read_table(registry.local_path(capfilt, "texts.parquet"))
+    shifted = index.set_column(index.schema.get_field_index("texts_row"), "texts_row", pc.add(index["texts_row"], 1))
+    swapped = pa.concat_tables([texts.slice(3, 3), texts.slice(0, 3), texts.slice(6)])  # samples 0 and 1 swapped
+    cases = {  # (the shards stay out of these versions: the index points at none)
+        "intact": (index, texts, None),
+        "shifted": (shifted, texts, "texts_row of key '000000000' is 1; the texts of the samples before it end at row 0"),
+        "swapped": (index, swapped, "row 0 is a text of '000000001'; the index places a text of '000000000' there"),
+        "short": (index, texts.slice(0, len(texts) - 2), f"ends at row {len(texts) - 2}, the index places 2 more"),
+        "long": (index, pa.concat_tables([texts, texts.slice(0, 1)]), f"1 texts after row {len(texts) - 1}"),
+    }
+    for name, (index_table, texts_table, message) in cases.items():
+        staging = tmp_path / name
+        staging.mkdir()
+        pq.write_table(index_table, staging / "index.parquet", row_group_size=4)
+        pq.write_table(texts_table, staging / "texts.parquet", row_group_size=5)
+        manifest = registry.publish(kind="dataset", name=name, staging_dir=staging, producer=Producer(stage="t"),
+                                    files=[{"path": "index.parquet", "role": "index"},
+                                           {"path": "texts.parquet", "role": "index"}])  # fmt: skip
+        problems = verify(registry, manifest)
+        assert problems == [] if message is None else (len(problems) == 1 and message in problems[0]), (name, problems)
