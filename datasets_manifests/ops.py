@@ -26,7 +26,7 @@ from datasets_manifests.registry import Registry
 def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, workers: int | None = None,
            progress: bool = False) -> list[str]:  # fmt: skip
     """Problems with a version's files (missing, wrong size, wrong sha256) and, when they are intact, with its
-    per-sample index (contract, shards it points at); empty when all is well.
+    per-sample index (contract, shards it points at, where it places each sample's texts); empty when all is well.
 
     Files are hashed by `workers` threads (hashlib and file reads release the GIL; default: one per core on a
     local registry, 16 on object storage, where each read waits on the network): a 129M-sample version is
