@@ -93,17 +93,27 @@ def _texts_position_problems(registry: Registry, manifest: Manifest) -> list[str
     """Where the index says each sample's texts are (`TEXTS_POSITION`), texts.parquet must have them: its keys,
     read a batch at a time beside the index's, are each index key repeated `texts_count` times, from `texts_row`
     on, with nothing before, between or after (a merge of two streams: bounded memory at 129M samples)."""
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, has_layer, iter_parquet, scan_index
+    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, has_layer
 
     if not has_layer(manifest, TEXTS_FILE) or not has_layer(manifest, INDEX_FILE):
         return []
     with registry.fs.open(registry.path_of(manifest, INDEX_FILE), "rb") as handle:
         if not set(TEXTS_POSITION) <= set(pq.read_schema(handle).names):
             return []
+    try:
+        return _walk_texts_positions(registry, manifest)
+    except Exception as error:  # noqa: BLE001 - an unreadable file or a corrupt column is a problem to report
+        return [f"{INDEX_FILE} / {TEXTS_FILE}: {error}"]
+
+
+def _walk_texts_positions(registry: Registry, manifest: Manifest) -> list[str]:
+    import numpy as np
+    import pyarrow as pa
+
+    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, iter_parquet, scan_index
+
     texts_path = registry.path_of(manifest, TEXTS_FILE)
     with registry.fs.open(texts_path, "rb") as handle:
         text_keys = (batch.column(0) for batch in iter_parquet(handle, ["key"]))

@@ -366,16 +366,18 @@ class VersionData:
         if not self.has_texts or not rows:
             return {}
         if all(row.get(column) is not None for row in rows for column in TEXTS_POSITION):
-            numbers = np.concatenate([np.arange(row["texts_row"], row["texts_row"] + row["texts_count"])
-                                      for row in rows]).astype(np.int64)  # fmt: skip
-            expected = [row["key"] for row in rows for _ in range(row["texts_count"])]
-            order = np.argsort(numbers, kind="stable")
-            if len(numbers) == 0 or (numbers.max() < self.metadata(self.texts_path).num_rows
-                                     and (np.diff(numbers[order]) > 0).all()):  # fmt: skip
-                table = self.rows_at(self.texts_path, numbers[order], self._text_columns())
-                keys = table.column("key").to_pylist()
-                if all(keys[position] == expected[index] for position, index in enumerate(order)):
-                    return _grouped_texts(table)
+            starts = np.array([row["texts_row"] for row in rows], dtype=np.int64)
+            counts = np.array([row["texts_count"] for row in rows], dtype=np.int64)
+            texts_rows = self.metadata(self.texts_path).num_rows
+            if (starts >= 0).all() and (counts >= 0).all() and (starts + counts <= texts_rows).all():
+                numbers = np.concatenate([np.arange(start, start + count) for start, count in zip(starts, counts)])
+                expected = [row["key"] for row in rows for _ in range(row["texts_count"])]
+                order = np.argsort(numbers, kind="stable")
+                if (np.diff(numbers[order]) > 0).all():  # no text claimed twice
+                    table = self.rows_at(self.texts_path, numbers[order], self._text_columns())
+                    keys = table.column("key").to_pylist()
+                    if all(keys[position] == expected[index] for position, index in enumerate(order)):
+                        return _grouped_texts(table)
             log.warning("%s: texts_row/texts_count do not point at the samples' texts; looking them up by key",
                         self.manifest.ref)
         return self.texts_for([row["key"] for row in rows])

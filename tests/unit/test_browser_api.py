@@ -395,6 +395,15 @@ def test_page_texts_are_read_by_position_and_stale_positions_fall_back_to_keys(
         page, _ = query.VersionData(registry, stale).query_samples(query.SampleFilter(), limit=1000, offset=0)
     assert {row["key"]: row["texts"] for row in page} == by_key
     assert any("do not point at the samples' texts" in r.getMessage() for r in caplog.records)
+    # An absurd count (a corrupt index) is refused before any array is built for it.
+    counts = pc.if_else(pc.equal(index["key"], "000000000"), 10**12, index["texts_count"])
+    pq.write_table(index.set_column(index.schema.get_field_index("texts_count"), "texts_count", counts),
+                   staging / "index.parquet")
+    pq.write_table(pq.read_table(source.local_path(capfilt, "texts.parquet")), staging / "texts.parquet")
+    absurd = registry.publish(kind="dataset", name="absurd", staging_dir=staging, producer=Producer(stage="t"),
+                              files=files)
+    page, _ = query.VersionData(registry, absurd).query_samples(query.SampleFilter(), limit=3, offset=0)
+    assert {row["key"]: row["texts"] for row in page} == {row["key"]: by_key[row["key"]] for row in page}
 
 
 # ---------------------------------------------------------------------------------------------- samples

@@ -350,12 +350,16 @@ def test_verify_checks_where_the_index_places_each_samples_texts(tmp_path, monke
         "swapped": (index, swapped, "row 0 is a text of '000000001'; the index places a text of '000000000' there"),
         "short": (index, texts.slice(0, len(texts) - 2), f"ends at row {len(texts) - 2}, the index places 2 more"),
         "long": (index, pa.concat_tables([texts, texts.slice(0, 1)]), f"1 texts after row {len(texts) - 1}"),
+        "unreadable": (index, None, "index.parquet / texts.parquet: "),  # reported, not raised
     }
     for name, (index_table, texts_table, message) in cases.items():
         staging = tmp_path / name
         staging.mkdir()
         pq.write_table(index_table, staging / "index.parquet", row_group_size=4)
-        pq.write_table(texts_table, staging / "texts.parquet", row_group_size=5)
+        if texts_table is None:
+            (staging / "texts.parquet").write_bytes(b"PAR1 not a parquet file")
+        else:
+            pq.write_table(texts_table, staging / "texts.parquet", row_group_size=5)
         manifest = registry.publish(kind="dataset", name=name, staging_dir=staging, producer=Producer(stage="t"),
                                     files=[{"path": "index.parquet", "role": "index"},
                                            {"path": "texts.parquet", "role": "index"}])  # fmt: skip
