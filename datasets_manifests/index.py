@@ -319,6 +319,24 @@ def iter_parquet(source: Any, columns: list[str], batch_rows: int = 65536, *,
         yield from table.to_batches()
 
 
+def iter_registry_parquet(registry: Registry, path: str, columns: list[str], batch_rows: int = 65536,
+                          **options: Any) -> Iterator[pa.RecordBatch]:  # fmt: skip
+    """`iter_parquet` over a file of `registry` (`path` from `registry.path_of`): read by Arrow's own file on a
+    local registry, through the registry's filesystem otherwise."""
+    if registry.is_local:
+        yield from iter_parquet(path, columns, batch_rows, **options)
+        return
+    with registry.fs.open(path, "rb") as handle:
+        yield from iter_parquet(handle, columns, batch_rows, **options)
+
+
+def bool_mask(values: pa.Array | pa.ChunkedArray) -> Any:
+    """A boolean column as a numpy array, null as False (a comparison with a null value)."""
+    import numpy as np
+
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _dataset(registry: Registry, manifest: Manifest, relpath: str) -> ds.Dataset:
     if not has_layer(manifest, relpath):
         raise NotFoundError(f"{manifest.ref} has no {relpath} (not a dataset version with a per-sample index)")
@@ -342,12 +360,8 @@ def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None
     """The index of a version a batch at a time, in file order: for work over an index larger than memory."""
     dataset = _dataset(registry, manifest, INDEX_FILE)
     _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
-    path = registry.path_of(manifest, INDEX_FILE)
-    if registry.is_local:
-        yield from iter_parquet(path, columns or dataset.schema.names, batch_rows)
-        return
-    with registry.fs.open(path, "rb") as handle:
-        yield from iter_parquet(handle, columns or dataset.schema.names, batch_rows)
+    yield from iter_registry_parquet(registry, registry.path_of(manifest, INDEX_FILE), columns or dataset.schema.names,
+                                     batch_rows)  # fmt: skip
 
 
 def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,

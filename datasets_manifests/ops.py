@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,12 +111,14 @@ def _texts_position_problems(registry: Registry, manifest: Manifest) -> list[str
 def _walk_texts_positions(registry: Registry, manifest: Manifest) -> list[str]:
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, iter_parquet, scan_index
+    from datasets_manifests.index import (INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, bool_mask, iter_registry_parquet,
+                                          scan_index)
 
-    texts_path = registry.path_of(manifest, TEXTS_FILE)
-    with registry.fs.open(texts_path, "rb") as handle:
-        text_keys = (batch.column(0) for batch in iter_parquet(handle, ["key"]))
+    texts = iter_registry_parquet(registry, registry.path_of(manifest, TEXTS_FILE), ["key"])
+    with closing(texts):  # an early answer closes the texts file too
+        text_keys = (batch.column(0) for batch in texts)
         pending, next_row = pa.array([], pa.string()), 0
         for batch in scan_index(registry, manifest, ["key", *TEXTS_POSITION]):
             rows = batch.column("texts_row").to_numpy(zero_copy_only=False)
@@ -135,7 +137,7 @@ def _walk_texts_positions(registry: Registry, manifest: Manifest) -> list[str]:
                         return [f"{TEXTS_FILE}: ends at row {next_row - len(expected)}, the index places "
                                 f"{len(expected)} more texts after it"]
                 take = min(len(pending), len(expected))
-                same = _equal(pending.slice(0, take), expected.slice(0, take))
+                same = bool_mask(pc.equal(pending.slice(0, take), expected.slice(0, take)))
                 if not same.all():
                     at = int(np.argmin(same))
                     row = next_row - len(expected) + at
@@ -146,14 +148,6 @@ def _walk_texts_positions(registry: Registry, manifest: Manifest) -> list[str]:
     if extra:
         return [f"{TEXTS_FILE}: {extra} texts after row {next_row - 1}, which no index row places"]
     return []
-
-
-def _equal(a: Any, b: Any) -> Any:
-    """Element-wise a == b as a numpy bool array (null: False)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    return np.asarray(pc.fill_null(pc.equal(a, b), False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _strictly_increasing(keys: Any) -> bool:

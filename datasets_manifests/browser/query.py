@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, iter_parquet, parquet_format
+from datasets_manifests.index import (INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, bool_mask, iter_registry_parquet,
+                                      parquet_format)
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
 
@@ -240,7 +241,7 @@ class VersionData:
         if not needs_texts:
             for batch in self._batches(index_path, self._index_filter_columns(where, names),
                                        project={"match": self._index_expression(where, names)}):  # fmt: skip
-                yield _bools(batch.column("match"))
+                yield bool_mask(batch.column("match"))
             return
         index_only = SampleFilter(split=where.split)  # the conditions on the index's own columns
         projection = {"key": ds.field("key"), "ok": self._index_expression(index_only, names),
@@ -252,11 +253,11 @@ class VersionData:
         for batch in self._batches(index_path, self._index_filter_columns(where, names), project=projection):
             keys = batch.column("key")
             found = groups.flags_for(keys)  # (rows, 2): some text meets the text conditions / contains q
-            match = _bools(batch.column("ok"))
+            match = bool_mask(batch.column("ok"))
             if where.text_level:
                 match &= found[:, 0]
             if where.q:
-                match &= _bools(batch.column("q")) | found[:, 1]
+                match &= bool_mask(batch.column("q")) | found[:, 1]
             yield match
         groups.check_all_placed()
 
@@ -282,7 +283,7 @@ class VersionData:
         scanner = self.dataset(self._require_index()).scanner(columns={"match": self._index_expression(where, names)},
                                                               batch_size=SCAN_BATCH_ROWS)  # fmt: skip
         for batch in scanner.to_batches():
-            yield _bools(batch.column(0))
+            yield bool_mask(batch.column(0))
 
     def _index_filter_columns(self, where: SampleFilter, names: list[str]) -> list[str]:
         """The index columns `where`'s conditions on the index read."""
@@ -457,12 +458,8 @@ class VersionData:
                  project: dict[str, ds.Expression] | None = None) -> Iterator[pa.RecordBatch]:  # fmt: skip
         """The rows of a Parquet file (matching `where`; with `project`, its expressions over `columns`) a batch
         at a time, in file order, holding about one batch (`index.iter_parquet`)."""
-        location = self._location(relpath)
-        if self.registry.is_local:
-            yield from iter_parquet(location, columns, SCAN_BATCH_ROWS, project=project, where=where)
-            return
-        with self.registry.fs.open(location, "rb") as handle:
-            yield from iter_parquet(handle, columns, SCAN_BATCH_ROWS, project=project, where=where)
+        yield from iter_registry_parquet(self.registry, self._location(relpath), columns, SCAN_BATCH_ROWS,
+                                         project=project, where=where)  # fmt: skip
 
 
 def _find_parquet(manifest: Manifest, basename: str) -> str | None:
@@ -513,8 +510,8 @@ class _TextGroups:
             if batch.num_rows == 0:
                 continue
             keys = batch.column("key")
-            flags = np.stack([_bools(batch.column("level")), _bools(batch.column("q"))], axis=1)
-            changed = _bools(pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)))
+            flags = np.stack([bool_mask(batch.column("level")), bool_mask(batch.column("q"))], axis=1)
+            changed = bool_mask(pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)))
             starts = np.flatnonzero(np.concatenate([[True], changed]))
             yield keys.take(pa.array(starts)), np.logical_or.reduceat(flags, starts, axis=0)
 
@@ -532,7 +529,7 @@ class _TextGroups:
             # Usually the next runs are the next rows, one to one (every CapFilt sample has texts): a comparison
             # of the aligned keys places them without hashing the batch.
             ahead = min(len(self._keys), len(keys) - cursor)
-            same = _bools(pc.equal(self._keys.slice(0, ahead), keys.slice(cursor, ahead)))
+            same = bool_mask(pc.equal(self._keys.slice(0, ahead), keys.slice(cursor, ahead)))
             placed = ahead if same.all() else int(np.argmin(same))
             if placed:
                 flags[cursor:cursor + placed] |= self._flags[:placed]
@@ -576,11 +573,6 @@ def _text_filter_columns(where: SampleFilter) -> list[str]:
     used = {"key": True, "source": bool(where.source), "kept": bool(where.decision), "itm_score": scored,
             "text": bool(where.q)}
     return [column for column, wanted in used.items() if wanted]
-
-
-def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A boolean column as numpy, null as False (a comparison with a null score or text)."""
-    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 @dataclass(frozen=True)
