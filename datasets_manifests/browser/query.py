@@ -203,8 +203,6 @@ class VersionData:
         texts = self.texts_of(rows)
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
-            for column in TEXTS_POSITION:
-                row.pop(column, None)
         return rows, total
 
     def _find_matches(self, where: SampleFilter, names: list[str]) -> Matches:
@@ -363,16 +361,17 @@ class VersionData:
     def texts_of(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """The captions of some index rows, by key: read by position where the index says where they are
         (`TEXTS_POSITION`, CapFilt writes it: a page reads a few row groups of texts.parquet), else by key (a
-        scan of texts.parquet, which its row groups' key statistics prune only when the keys are sorted)."""
+        scan of texts.parquet, which its row groups' key statistics prune only when the keys are sorted).
+        The position columns are taken out of `rows`: they say where to read, not what to show."""
+        positions = [[row.pop(column, None) for column in TEXTS_POSITION] for row in rows]
         if not self.has_texts or not rows:
             return {}
-        if all(row.get(column) is not None for row in rows for column in TEXTS_POSITION):
-            starts = np.array([row["texts_row"] for row in rows], dtype=np.int64)
-            counts = np.array([row["texts_count"] for row in rows], dtype=np.int64)
+        if all(value is not None for position in positions for value in position):
+            starts, counts = np.array(positions, dtype=np.int64).reshape(-1, 2).T
             texts_rows = self.metadata(self.texts_path).num_rows
             if (starts >= 0).all() and (counts >= 0).all() and (starts + counts <= texts_rows).all():
                 numbers = np.concatenate([np.arange(start, start + count) for start, count in zip(starts, counts)])
-                expected = [row["key"] for row in rows for _ in range(row["texts_count"])]
+                expected = [row["key"] for row, count in zip(rows, counts) for _ in range(count)]
                 order = np.argsort(numbers, kind="stable")
                 if (np.diff(numbers[order]) > 0).all():  # no text claimed twice
                     table = self.rows_at(self.texts_path, numbers[order], self._text_columns())

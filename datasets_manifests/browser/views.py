@@ -142,8 +142,6 @@ def side_rows(data: VersionData, numbers: list[int]) -> dict[str, dict[str, Any]
     texts = data.texts_of(found)
     rows = {}
     for row in found:
-        for column in TEXTS_POSITION:
-            row.pop(column, None)
         if row["key"] in texts:
             row["kept_texts"] = [t["text"] for t in texts[row["key"]] if t.get("kept")]
         rows[row["key"]] = row
