@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from datasets_manifests.filesystems import sha256_file
 from datasets_manifests.manifest import FileEntry, Manifest
@@ -197,14 +197,15 @@ DIFF_COLUMNS = ["key", "caption", "status", "drop_reason"]
 
 
 def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | None = None,
-                progress: bool = False) -> DiffTables:  # fmt: skip
+                progress: bool = False, on_rows: Callable[[int], None] | None = None) -> DiffTables:  # fmt: skip
     """Join two per-sample indexes by key without holding them: both indexes' four columns are copied to Arrow
     files and memory-mapped, a's keys are hashed once (the position of each b key in a), b is compared with its
     rows of a `batch_rows` at a time, and each category is appended to its own file. Measured
     (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.2 GB, so ~8 GB for
     two 129M-row versions (joined in memory: ~210 bytes per sample, ~50 GB), and ~80 bytes per sample of
     temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a bar over the rows read and
-    compared, on stderr (a terminal only): minutes at 129M."""
+    compared, on stderr (a terminal only): minutes at 129M. `on_rows(n)` is told the same (rows of a, then of b
+    twice: read, then compared) and may raise to stop the diff (the browser's abandoned requests)."""
     import tempfile
 
     import numpy as np
@@ -228,6 +229,12 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     from tqdm import tqdm
 
     bar = tqdm(desc="diff: reading", unit=" rows", unit_scale=True, disable=None if progress else True)
+
+    def advance(rows: int) -> None:
+        bar.update(rows)
+        if on_rows is not None:
+            on_rows(rows)
+
     with bar, tempfile.TemporaryDirectory(prefix="blip-diff-", dir=_scratch_dir(registry)) as temporary:
         directory = Path(temporary)
         for side, manifest in (("a", a), ("b", b)):
@@ -235,7 +242,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                 # Written batch_rows at a time (the scan gives row groups): few chunks for take_spilled.
                 pending: list[pa.RecordBatch] = []
                 for batch in scan_index(registry, manifest, DIFF_COLUMNS):
-                    bar.update(batch.num_rows)
+                    advance(batch.num_rows)
                     pending.append(batch)
                     if sum(part.num_rows for part in pending) >= batch_rows:
                         writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
@@ -257,7 +264,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                                                      start + np.flatnonzero(gone)], schema=schemas["removed"]))
             bar.set_description("diff: comparing")
             for start in range(0, len(table_b), batch_rows):
-                bar.update(min(batch_rows, len(table_b) - start))
+                advance(min(batch_rows, len(table_b) - start))
                 part_b, rows_in_a = table_b.slice(start, batch_rows), position.slice(start, batch_rows)
                 in_a = pc.is_valid(rows_in_a).to_numpy(zero_copy_only=False)
                 new_keys = part_b["key"].filter(pa.array(~in_a))

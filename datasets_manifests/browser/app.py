@@ -16,6 +16,10 @@ Each page is backed by a JSON endpoint:
     GET /api/diff?a=name@v1&b=name@v2&category=&limit=&offset=    added / removed / recaptioned keys
     GET /api/models                                     model versions with training + evaluation metrics
 
+A filter, histogram or diff that takes longer than a second (a 129M-sample version) answers 202
+{pending, what, done, total, message} while it goes on in a background thread; the page asks again until the
+answer is there (`jobs.py`).
+
 Only files that a manifest references are ever read; the app never writes to the registry. It binds 127.0.0.1
 unless told otherwise. The bootstrapping loop it displays is BLIP's CapFilt (Li et al. 2022, section 3.3).
 """
@@ -36,7 +40,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from datasets_manifests.browser import DEFAULT_PORT
-from datasets_manifests.browser.query import LRU, QueryError, SampleFilter
+from datasets_manifests.browser.jobs import WAIT_S, BackgroundAnswers, Pending
+from datasets_manifests.browser.query import QueryError, SampleFilter
 from datasets_manifests.browser.thumbnails import (
     DEFAULT_THUMB_SIZE, THUMB_SIZES, ThumbnailCache, ThumbnailError, make_thumbnail, read_referenced_image,
     read_sample_image,
@@ -62,6 +67,8 @@ def api(handler: Callable[[Request], Response]) -> Callable[[Request], Response]
     def wrapped(request: Request) -> Response:
         try:
             return handler(request)
+        except Pending as pending:  # a long filter or diff, still running: the page polls (see jobs.py)
+            return JSONResponse(pending.body(), status_code=pending.status)
         except (QueryError, ThumbnailError) as error:
             return _error(str(error), error.status)
         except NotFoundError as error:
@@ -83,10 +90,12 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
-def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) -> Starlette:
+def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, wait_s: float = WAIT_S) -> Starlette:
     """The browser app over one registry (any fsspec URL the `Registry` accepts).
 
     Read-only: a local registry directory that does not exist is an error (`NotFoundError`), never created.
+    Filters, histograms and diffs taking longer than `wait_s` answer 202 with their progress (`jobs.Pending`)
+    while they go on in the background; the page asks again until the answer is there.
     """
     registry = Registry(registry_url, create=False)
     catalog = Catalog(registry, ttl_s=CATALOG_TTL_S)
@@ -140,13 +149,13 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
     @api
     def histograms(request: Request) -> Response:
         manifest = version_of(request)
-        return JSONResponse(catalog.data(manifest).histograms())
+        return JSONResponse(catalog.data(manifest).histograms(wait_s))
 
     @api
     def samples(request: Request) -> Response:
         manifest = version_of(request)
         where, limit, offset = parse_sample_query(request)
-        rows, total = catalog.data(manifest).query_samples(where, limit, offset)
+        rows, total = catalog.data(manifest).query_samples(where, limit, offset, wait_s)
         base = f"/api/versions/{manifest.kind}/{manifest.name}/{manifest.version}/thumb/"
         for row in rows:
             catalog.locations.get_or_make((manifest.id, row["key"]), lambda row=row: _location(row))
@@ -182,7 +191,7 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
         return Response(data, media_type="image/jpeg")
 
     # (id a, id b) -> DiffTables: memory-mapped files (unlinked; their disk is freed when the entry is evicted)
-    diffs = LRU(8)
+    diffs: BackgroundAnswers = BackgroundAnswers(8)
 
     @api
     def diff(request: Request) -> Response:
@@ -199,7 +208,9 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None) 
         for side in (a, b):  # a version without an index has no samples to diff: one clear message
             if not catalog.data(side).has_index:
                 raise QueryError(f"{side.ref} has no per-sample index (index.parquet): nothing to diff", 404)
-        tables = diffs.get_or_make((a.id, b.id), lambda: diff_tables(registry, a, b))
+        rows = [catalog.data(side).metadata(catalog.data(side).index_path).num_rows for side in (a, b)]
+        tables = diffs.get((a.id, b.id), lambda progress: diff_tables(registry, a, b, on_rows=progress.advance),
+                           what=f"diff of {a.ref} and {b.ref}", total=rows[0] + 2 * rows[1], wait_s=wait_s)
         page_rows = diff_page(tables, category, offset, limit)
         sides = {}
         for label, side in (("a", a), ("b", b)):  # each side's rows read by their row numbers in its index

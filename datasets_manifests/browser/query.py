@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 
 from datasets_manifests.index import (INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, bool_mask, iter_registry_parquet,
                                       parquet_format)
+from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
 
@@ -36,7 +36,6 @@ TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
 SCAN_BATCH_ROWS = 1 << 18  # rows read at a time by the histograms and the filtered sample pages
 MATCHES_KEPT = 4  # filters per version whose matching rows are kept (16 MB each at 129M samples)
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -46,25 +45,6 @@ class QueryError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-class LRU:
-    """A small thread-safe LRU of computed values (per-version handles, histograms, diffs)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self._items, self._lock = capacity, OrderedDict(), threading.Lock()
-
-    def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()  # outside the lock: two threads may both compute; the results are identical
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return value
 
 
 @dataclass(frozen=True)
@@ -105,8 +85,8 @@ class VersionData:
         self._datasets: dict[str, ds.Dataset] = {}
         self._metadata: dict[str, pq.FileMetaData] = {}
         self._lock = threading.Lock()
-        self._histograms: dict[str, Any] | None = None
-        self._matches: LRU = LRU(MATCHES_KEPT)  # SampleFilter -> Matches
+        self._histograms: BackgroundAnswers[dict[str, Any]] = BackgroundAnswers(1)
+        self._matches: BackgroundAnswers[Matches] = BackgroundAnswers(MATCHES_KEPT)  # SampleFilter -> Matches
 
     @property
     def has_index(self) -> bool:
@@ -187,8 +167,12 @@ class VersionData:
         return out
 
     # ------------------------------------------------------------------ samples
-    def query_samples(self, where: SampleFilter, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """One page of samples (index rows + their texts) matching `where`, and the total number of matches."""
+    def query_samples(self, where: SampleFilter, limit: int, offset: int,
+                      wait_s: float | None = None) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+        """One page of samples (index rows + their texts) matching `where`, and the total number of matches.
+
+        A filter's matches are computed in a background thread and kept; `wait_s` bounds the wait for them
+        (None: until they are there), after which `jobs.Pending` says how far the scan is."""
         index_path = self._require_index()
         index = self.dataset(index_path)
         columns = [c for c in (*SAMPLE_COLUMNS, *TEXTS_POSITION) if c in index.schema.names]
@@ -196,7 +180,9 @@ class VersionData:
             total = self.metadata(index_path).num_rows
             page = self._slice_rows(index_path, offset, limit, columns)
         else:
-            matches = self._matches.get_or_make(where, lambda: self._find_matches(where, index.schema.names))
+            matches = self._matches.get(where, lambda progress: self._find_matches(where, index.schema.names, progress),
+                                        what=f"filtering {self.manifest.ref}", wait_s=wait_s,
+                                        total=self.metadata(index_path).num_rows)  # fmt: skip
             total = matches.total
             page = self.rows_at(index_path, matches.rows(offset, limit), columns)
         rows = page.to_pylist()
@@ -205,14 +191,15 @@ class VersionData:
             row["texts"] = texts.get(row["key"], [])
         return rows, total
 
-    def _find_matches(self, where: SampleFilter, names: list[str]) -> Matches:
+    def _find_matches(self, where: SampleFilter, names: list[str], progress: Progress) -> Matches:
         """Which index rows match `where` (kept per filter: every further page, and the total, come from it)."""
         try:
-            return Matches.of(self._match_masks(where, names))
+            return Matches.of(self._match_masks(where, names), progress)
         except _TextsOutOfOrder as error:
             log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
                         self.manifest.ref, error)
-            return Matches.of(self._key_set_masks(where, names))
+            progress.done = 0  # the scan starts again
+            return Matches.of(self._key_set_masks(where, names), progress)
 
     def rows_at(self, relpath: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """The rows numbered `rows` (ascending) of a Parquet file, reading only the row groups that hold them."""
@@ -404,13 +391,14 @@ class VersionData:
         return rows[0] if rows else None
 
     # ------------------------------------------------------------------ histograms
-    def histograms(self) -> dict[str, Any]:
-        """Score histograms per (source, decision) from texts; size and caption-length histograms from the index."""
-        if self._histograms is None:
-            self._histograms = self._compute_histograms()
-        return self._histograms
+    def histograms(self, wait_s: float | None = None) -> dict[str, Any]:
+        """Score histograms per (source, decision) from texts; size and caption-length histograms from the index.
+        Computed once, in a background thread; `wait_s` as in `query_samples`."""
+        rows = sum(self.metadata(path).num_rows for path in (self.texts_path, self.index_path) if path is not None)
+        return self._histograms.get("histograms", self._compute_histograms, what=f"histograms of {self.manifest.ref}",
+                                    total=rows, wait_s=wait_s)  # fmt: skip
 
-    def _compute_histograms(self) -> dict[str, Any]:
+    def _compute_histograms(self, progress: Progress) -> dict[str, Any]:
         """Read a batch at a time: a 129M-sample version's texts (~300M rows) and captions do not fit in memory.
         The score histograms have fixed edges and are summed batch by batch; the size and caption-length ones
         need the range first, so only their per-sample numbers are kept (12 bytes a sample)."""
@@ -421,6 +409,7 @@ class VersionData:
             counts = {label: np.zeros(SCORE_BINS, dtype=np.int64) for label in labels}
             total = 0
             for batch in self._batches(self.texts_path, ["source", "itm_score", "kept"]):
+                progress.advance(batch.num_rows)
                 scores = pc.fill_null(batch.column("itm_score"), -1.0).to_numpy().astype(float)  # null: no score
                 kept = pc.fill_null(batch.column("kept"), False).to_numpy(zero_copy_only=False).astype(bool)
                 total += int((scores >= 0.0).sum())
@@ -441,6 +430,7 @@ class VersionData:
             words: list[np.ndarray] = []
             columns = [c for c in ("width", "height", "caption") if c in names]
             for batch in self._batches(self.index_path, columns) if sized or captioned else ():
+                progress.advance(batch.num_rows)
                 if sized:
                     pixels = pc.multiply(pc.cast(batch.column("width"), pa.int64()), pc.cast(batch.column("height"), pa.int64()))
                     megapixels.append(_numbers(pc.divide(pc.cast(pixels, pa.float64()), 1e6), np.float64))
@@ -583,9 +573,11 @@ class Matches:
     counts: np.ndarray  # matching rows per batch
 
     @classmethod
-    def of(cls, masks: Iterator[np.ndarray]) -> "Matches":
+    def of(cls, masks: Iterator[np.ndarray], progress: Progress | None = None) -> "Matches":
         bits, sizes, counts = [], [], []
         for mask in masks:
+            if progress is not None:
+                progress.advance(len(mask))  # (raises `Abandoned` once nobody waits for the answer)
             bits.append(np.packbits(mask))
             sizes.append(len(mask))
             counts.append(int(mask.sum()))

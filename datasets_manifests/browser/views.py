@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from datasets_manifests.browser.query import LRU, QueryError, VersionData
+from datasets_manifests.browser.jobs import LRU
+from datasets_manifests.browser.query import QueryError, VersionData
 from datasets_manifests.index import TEXTS_POSITION
 from datasets_manifests.manifest import KINDS, Manifest
 from datasets_manifests.ops import DIFF_CATEGORIES, DiffTables

@@ -64,7 +64,8 @@ def _add_broken_shards_version(root: Path) -> None:
 def server(registry_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import uvicorn
 
-    app = create_app(registry_url, thumb_cache_dir=tmp_path_factory.mktemp("thumbs"))
+    # wait_s=0: every filter, histogram and diff answers 202 first, so the page's polling is what is tested.
+    app = create_app(registry_url, thumb_cache_dir=tmp_path_factory.mktemp("thumbs"), wait_s=0)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -106,7 +107,11 @@ def shots(test_output_dir: Path, registry_source: str) -> Path:
 
 
 def _api(server: str, path: str) -> Any:
-    response = httpx.get(server + path, timeout=60)
+    for _ in range(600):  # a long filter or diff answers 202 with its progress until it is there
+        response = httpx.get(server + path, timeout=60)
+        if response.status_code != 202:
+            break
+        time.sleep(0.05)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -135,8 +140,25 @@ def _wait_for_thumbnails(page: Any, count: int) -> list[int]:
     return page.eval_on_selector_all("[data-testid=sample-grid] img.thumb", "imgs => imgs.map(i => i.naturalWidth)")
 
 
-def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots: Path) -> None:
+def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     page = browser_page
+    from datasets_manifests.browser import query
+
+    masks = query.VersionData._match_masks
+
+    def slow_masks(self, where, names):  # a filter takes 1.5 s: the page shows its progress, then the grid
+        time.sleep(1.5)
+        yield from masks(self, where, names)
+
+    monkeypatch.setattr(query.VersionData, "_match_masks", slow_masks)
+    statuses: list[int] = []
+
+    def sample_response(response: Any) -> None:
+        if "/samples?" in response.url:
+            statuses.append(response.status)
+
+    page.on("response", sample_response)
     main, older, newer = _pick_versions(server)
 
     page.goto(server + "/")
@@ -172,8 +194,11 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
         page.fill("input[name=q]", word)
         query = f"q={word}"
     marker = query.split("&")[-1]
+    statuses.clear()
     with page.expect_response(lambda response: "/samples?" in response.url and marker in response.url):
         page.click("#sample-filters button[type=submit]")
+    page.wait_for_selector("[data-testid=pending] progress")  # the filter's progress while it runs
+    page.screenshot(path=str(shots / "filtering.png"), full_page=False)
     expected = _api(server, f"/api/versions/dataset/{main['name']}/{main['version']}/samples?{query}&limit=24")
     page.wait_for_function(
         "total => document.querySelector('[data-testid=sample-total]')?.textContent.startsWith(total)",
@@ -182,6 +207,8 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
     assert shown_keys == [s["key"] for s in expected["samples"]]
     if expected["samples"]:
         _wait_for_thumbnails(page, 1)
+    assert statuses[0] == 202 and statuses[-1] == 200, statuses
+    page.remove_listener("response", sample_response)
     page.screenshot(path=str(shots / "filtered.png"), full_page=True)
 
     # The diff view between two versions.

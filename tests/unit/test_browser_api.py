@@ -15,6 +15,7 @@ import os
 import random
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,67 @@ def test_filtered_pages_read_in_batches_equal_one_read(registry_dir: Path, monke
     for offset in range(0, total + 2):
         page, counted = data.query_samples(where, limit=3, offset=offset)
         assert counted == total and page == everything[offset:offset + 3]
+
+
+def _poll(client: TestClient, url: str) -> tuple[dict, list[dict]]:
+    """The answer to `url` once it is there, and the 202 bodies seen before it."""
+    pending: list[dict] = []
+    for _ in range(2000):
+        response = client.get(url)
+        if response.status_code != 202:
+            assert response.status_code == 200, response.text
+            return response.json(), pending
+        pending.append(response.json())
+    raise AssertionError(f"{url} stayed pending")
+
+
+def test_long_filters_and_diffs_answer_202_with_progress_until_they_are_there(
+        client: TestClient, registry_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter or diff that takes longer than the app's `wait_s` answers 202 with how far it is (the page
+    polls), goes on in the background, and then answers what a request that waited would have."""
+    import threading
+
+    from datasets_manifests import ops
+    from datasets_manifests.browser import query
+
+    release = threading.Event()
+    masks = query.VersionData._match_masks
+
+    def held_masks(self, where, names):  # the scan stops after its first batch until the test lets it go on
+        for number, mask in enumerate(masks(self, where, names)):
+            if number:
+                assert release.wait(30)
+            yield mask
+
+    diff_tables = ops.diff_tables
+
+    def held_diff(registry, a, b, **options):
+        options["on_rows"](5)
+        assert release.wait(30)
+        return diff_tables(registry, a, b, **options)
+
+    monkeypatch.setattr(query, "SCAN_BATCH_ROWS", 2)
+    monkeypatch.setattr(query.VersionData, "_match_masks", held_masks)
+    monkeypatch.setattr(ops, "diff_tables", held_diff)
+    slow = TestClient(create_app(str(registry_dir), thumb_cache_dir=tmp_path, wait_s=0))
+    samples = "/api/versions/dataset/web-demo-capfilt/v1/samples?source=synthetic&limit=5"
+    diff = "/api/diff?a=web-demo@v1&b=web-demo-capfilt@v1&category=newly_dropped"
+    rows = {ref: _index(registry_dir, *ref.split("@")).num_rows for ref in ("web-demo@v1", "web-demo-capfilt@v1")}
+    for url, what, total in ((samples, "filtering web-demo-capfilt@v1", rows["web-demo-capfilt@v1"]),
+                             (diff, "diff of web-demo@v1 and web-demo-capfilt@v1",
+                              rows["web-demo@v1"] + 2 * rows["web-demo-capfilt@v1"])):  # fmt: skip
+        first = slow.get(url)
+        assert first.status_code == 202, first.text
+        body = first.json()
+        assert body["pending"] and body["what"] == what and body["total"] == total, body
+        deadline = time.monotonic() + 10
+        while body["done"] == 0 and time.monotonic() < deadline:  # its first batch is read in the background
+            body = slow.get(url).json()
+        assert 0 < body["done"] < total and f"of {total:,} rows" in body["message"], body
+    release.set()
+    for url in (samples, diff):
+        answer, _ = _poll(slow, url)
+        assert answer == client.get(url).json()  # what the app that waits answers
 
 
 def test_matches_give_the_rows_of_any_page() -> None:

@@ -25,12 +25,29 @@ function versionHref(kind, name, version) { return `#/v/${kind}/${encodeURICompo
 function refHref(row) { return versionHref(row.kind, row.name, row.version); }
 function badge(text, cls) { return `<span class="badge ${esc(cls || text)}">${esc(text)}</span>`; }
 
-async function getJSON(url) {
-  const response = await fetch(url);
-  let body;
-  try { body = await response.json(); } catch (e) { body = { error: `${response.status} ${response.statusText}` }; }
-  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
-  return body;
+// A long filter, histogram or diff answers 202 {pending, done, total, message} while it runs on the server;
+// ask again until the answer is there, telling `onPending` how far it is. Each request waits about a second
+// server-side, so polling at once is a poll every second or so. Leaving the page stops the polling (and the
+// server stops a computation nobody asks about).
+let routeSerial = 0;
+class NavigatedAway extends Error {}
+async function getJSON(url, onPending) {
+  const serial = routeSerial;
+  for (;;) {
+    if (serial !== routeSerial) throw new NavigatedAway(url);
+    const response = await fetch(url);
+    let body;
+    try { body = await response.json(); } catch (e) { body = { error: `${response.status} ${response.statusText}` }; }
+    if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+    if (response.status !== 202 || !body.pending) return body;
+    if (onPending) onPending(body);
+    await new Promise(resolve => setTimeout(resolve, 250));
+  }
+}
+function pendingNote(body) {
+  const share = body.total ? ` ${Math.floor(100 * body.done / body.total)}%` : "";
+  return `<p class="muted" data-testid="pending">${esc(body.what)}:${share} <progress max="${body.total || 1}" value="${body.done}"></progress>
+    <span style="font-size:12px">${fmt(body.done)}${body.total ? ` of ${fmt(body.total)}` : ""} rows</span></p>`;
 }
 function errorBox(error) { return `<div class="error" data-testid="error">${esc(error.message || error)}</div>`; }
 
@@ -74,6 +91,7 @@ function parseHash() {
   return { parts: path.split("/").filter(Boolean).map(decodeURIComponent), params: new URLSearchParams(query || "") };
 }
 async function route() {
+  routeSerial++;
   const { parts, params } = parseHash();
   main.innerHTML = `<p class="muted">Loading…</p>`;
   try {
@@ -81,7 +99,7 @@ async function route() {
     else if (parts[0] === "diff") await diffPage(params);
     else if (parts[0] === "models") await modelsPage();
     else await homePage();
-  } catch (error) { main.innerHTML = errorBox(error); }
+  } catch (error) { if (!(error instanceof NavigatedAway)) main.innerHTML = errorBox(error); }
 }
 window.addEventListener("hashchange", route);
 route();
@@ -167,9 +185,11 @@ async function versionPage(kind, name, version, params) {
     </div>
     ${info.parquet && info.parquet.index ? `<h1>Samples</h1><div id="samples"></div>` : ""}`;
   if (kind === "dataset") {
-    getJSON(`${base}/histograms`).then(drawHistograms).catch(error => {
-      document.getElementById("histograms").innerHTML = `<h2>Histograms</h2>${errorBox(error)}`;
-    });
+    const card = document.getElementById("histograms");
+    getJSON(`${base}/histograms`, body => { card.innerHTML = `<h2>Histograms</h2>${pendingNote(body)}`; })
+      .then(drawHistograms).catch(error => {
+        if (!(error instanceof NavigatedAway)) card.innerHTML = `<h2>Histograms</h2>${errorBox(error)}`;
+      });
   }
   if (info.parquet && info.parquet.index) await samplesSection(base, info, params);
 }
@@ -280,7 +300,9 @@ async function samplesSection(base, info, params) {
   query.set("limit", "24");
   const results = document.getElementById("sample-results");
   let page;
-  try { page = await getJSON(`${base}/samples?${query}`); } catch (error) { results.innerHTML = errorBox(error); return; }
+  try {
+    page = await getJSON(`${base}/samples?${query}`, body => { results.innerHTML = pendingNote(body); });
+  } catch (error) { if (!(error instanceof NavigatedAway)) results.innerHTML = errorBox(error); return; }
   const offset = page.offset, end = offset + page.samples.length;
   results.innerHTML = `<div class="pager"><span data-testid="sample-total">${fmt(page.total)} matching samples</span>
       <span class="muted">showing ${page.total ? offset + 1 : 0}–${end}</span>
@@ -330,7 +352,8 @@ async function diffPage(params) {
   if (!a || !b) { main.innerHTML = `<h1>Diff two dataset versions</h1><div class="card">${diffForm(datasets, a, b)}</div>`; return; }
   const category = params.get("category") || "";
   const offset = Number(params.get("offset") || 0);
-  const data = await getJSON(`/api/diff?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}&category=${category}&offset=${offset}&limit=50`);
+  const data = await getJSON(`/api/diff?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}&category=${category}&offset=${offset}&limit=50`,
+    body => { main.innerHTML = `<h1>Diff ${esc(a)} → ${esc(b)}</h1><div class="card">${pendingNote(body)}</div>`; });
   const link = (cat, label) => `<a href="#/diff?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}${cat ? `&category=${cat}` : ""}"
       class="${cat === category ? "active" : ""}" data-testid="diff-${cat || "all"}">${label}</a>`;
   const chips = [link("", "all changes")].concat(Object.entries(data.counts).map(([k, n]) => link(k, `${k}: ${fmt(n)}`))).join("");
