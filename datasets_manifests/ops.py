@@ -62,11 +62,13 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
 def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
     """The index must satisfy its contract and point only at shards this version lists. Read a batch at a time
     (a 129M-row index does not fit in memory). Keys in strictly increasing order (every stage but CapFilt
-    writes them so) are unique as read; otherwise the key column is read whole for its uniqueness."""
+    writes them so) are unique as read; otherwise their uniqueness is checked on 64-bit hashes of the key column
+    (`spill.first_repeated_key`: 8 bytes a key, where Arrow's hash of the strings took ~65)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from datasets_manifests.index import INDEX_FILE, first_repeated, has_layer, read_index, scan_index, validate_index
+    from datasets_manifests.index import INDEX_FILE, has_layer, scan_index, validate_index
+    from datasets_manifests.spill import first_repeated_key
 
     if not has_layer(manifest, INDEX_FILE):
         return []
@@ -80,7 +82,8 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
             if increasing and len(keys):
                 increasing = (last_key is None or last_key < keys[0].as_py()) and _strictly_increasing(keys)
                 last_key = keys[-1].as_py()
-        repeated = None if increasing else first_repeated(read_index(registry, manifest, ["key"]).column("key"))
+        repeated = None if increasing else first_repeated_key(
+            lambda: (batch.column("key") for batch in scan_index(registry, manifest, ["key"])))
         if repeated is not None:
             return [f"{INDEX_FILE}: duplicate key {repeated[0]!r}; keys must be unique per version"]
     except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
@@ -199,21 +202,20 @@ DIFF_COLUMNS = ["key", "caption", "status", "drop_reason"]
 def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | None = None,
                 progress: bool = False, on_rows: Callable[[int], None] | None = None) -> DiffTables:  # fmt: skip
     """Join two per-sample indexes by key without holding them: both indexes' four columns are copied to Arrow
-    files and memory-mapped, a's keys are hashed once (the position of each b key in a), b is compared with its
-    rows of a `batch_rows` at a time, and each category is appended to its own file. Measured
-    (benchmarks/bench_diff.py): ~30 bytes of memory per sample of the two versions beyond ~0.2 GB, so ~8 GB for
-    two 129M-row versions (joined in memory: ~210 bytes per sample, ~50 GB), and ~80 bytes per sample of
-    temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a bar over the rows read and
+    files and memory-mapped, a's keys become sorted 64-bit hashes (`spill.KeyLookup`: 16 bytes a key; each match
+    confirmed on the keys), b is compared with its rows of a `batch_rows` at a time, and each category is
+    appended to its own file. Measured (benchmarks/bench_diff.py): ~10 bytes of memory per sample of the two versions beyond
+    ~0.3 GB (~3 GB for two 129M-row versions; Arrow's hash of a's key strings took ~30: ~8 GB), and ~80 bytes
+    per sample of temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a bar over the rows read and
     compared, on stderr (a terminal only): minutes at 129M. `on_rows(n)` is told the same (rows of a, then of b
     twice: read, then compared) and may raise to stop the diff (the browser's abandoned requests)."""
     import tempfile
 
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, scan_index
-    from datasets_manifests.spill import read_spilled, spill_writer, take_spilled
+    from datasets_manifests.spill import KeyLookup, read_spilled, spill_writer, take_spilled
 
     batch_rows = batch_rows or INDEX_BATCH_ROWS
     copied = pa.schema([INDEX_SCHEMA.field(name) for name in DIFF_COLUMNS])
@@ -251,31 +253,32 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                     writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
         table_a = read_spilled([directory / "a.arrow"], copied)
         table_b = read_spilled([directory / "b.arrow"], copied)
-        position = pc.index_in(table_b["key"], value_set=table_a["key"])  # row of each b key in a (keys are unique)
-        in_b = np.zeros(len(table_a), dtype=bool)  # a's rows that b has: the positions found (no second hash)
-        in_b[pc.drop_null(position).to_numpy()] = True
+        keys_a = KeyLookup(table_a["key"])  # the row of each b key in a, by 64-bit hashes confirmed on the keys
+        in_b = np.zeros(len(table_a), dtype=bool)  # a's rows that b has
         common = 0
         with ExitStack() as stack:
             out = {name: stack.enter_context(spill_writer(directory / f"{name}.arrow", schema))
                    for name, schema in schemas.items()}  # fmt: skip
+            bar.set_description("diff: comparing")
+            for start in range(0, len(table_b), batch_rows):
+                advance(min(batch_rows, len(table_b) - start))
+                part_b = table_b.slice(start, batch_rows)
+                rows_in_a = keys_a.rows_of(part_b["key"])  # -1: not in a
+                in_a = rows_in_a >= 0
+                in_b[rows_in_a[in_a]] = True
+                new_keys = part_b["key"].filter(pa.array(~in_a))
+                out["added"].write_table(pa.table([new_keys, start + np.flatnonzero(~in_a)], schema=schemas["added"]))
+                common_b = part_b.filter(pa.array(in_a))
+                common_rows_a = rows_in_a[in_a]
+                common_a = take_spilled(table_a, common_rows_a)
+                common += len(common_b)
+                rows = {"row_a": pa.array(common_rows_a), "row_b": start + np.flatnonzero(in_a)}
+                for name, table in compare_rows(common_a, common_b, rows).items():
+                    out[name].write_table(table.cast(schemas[name]))
             for start in range(0, len(table_a), batch_rows):
                 gone = ~in_b[start:start + batch_rows]
                 out["removed"].write_table(pa.table([table_a["key"].slice(start, batch_rows).filter(pa.array(gone)),
                                                      start + np.flatnonzero(gone)], schema=schemas["removed"]))
-            bar.set_description("diff: comparing")
-            for start in range(0, len(table_b), batch_rows):
-                advance(min(batch_rows, len(table_b) - start))
-                part_b, rows_in_a = table_b.slice(start, batch_rows), position.slice(start, batch_rows)
-                in_a = pc.is_valid(rows_in_a).to_numpy(zero_copy_only=False)
-                new_keys = part_b["key"].filter(pa.array(~in_a))
-                out["added"].write_table(pa.table([new_keys, start + np.flatnonzero(~in_a)], schema=schemas["added"]))
-                common_b = part_b.filter(pa.array(in_a))
-                common_rows_a = pc.filter(rows_in_a, pa.array(in_a))
-                common_a = take_spilled(table_a, common_rows_a)
-                common += len(common_b)
-                rows = {"row_a": common_rows_a.cast(pa.int64()), "row_b": start + np.flatnonzero(in_a)}
-                for name, table in compare_rows(common_a, common_b, rows).items():
-                    out[name].write_table(table.cast(schemas[name]))
         # Unlinked when the folder goes; the memory maps keep the category files readable (POSIX).
         categories = {name: read_spilled([directory / f"{name}.arrow"], schema) for name, schema in schemas.items()}
     counts = {"a": len(table_a), "b": len(table_b), "common": common}

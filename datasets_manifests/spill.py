@@ -9,11 +9,12 @@ again), so what stays in memory is what the stage computes on them. Duplicates a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 
@@ -35,8 +36,6 @@ def take_spilled(table: pa.Table, rows: Any) -> pa.Table:
     on a chunked column of strings first concatenates the chunks (it would read the whole file into memory, at
     each call); here each chunk gives its own rows, which are then put back in the order asked for. `rows`:
     row numbers without nulls (an Arrow or numpy array)."""
-    import numpy as np
-
     wanted = np.asarray(rows, dtype=np.int64)
     batches = table.to_batches()
     starts = np.cumsum([0] + [batch.num_rows for batch in batches])
@@ -55,3 +54,113 @@ def take_spilled(table: pa.Table, rows: Any) -> pa.Table:
 def digest16(text: str) -> bytes:
     """The 128-bit digest dedup groups a string by."""
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+# ------------------------------------------------------------------ keys by 64-bit hashes
+# Checking that 129M keys are distinct, or finding each key of one index in another, with Arrow's hash kernels
+# builds a hash table of the strings themselves: ~65 bytes a key (8 GB at 129M) and ~1 µs a key. Here each key
+# becomes a 64-bit tabulation hash (computed on the string bytes in numpy: 8 bytes a key, ~0.1 µs), the hashes
+# are sorted, and every match of hashes is confirmed on the keys themselves, so a collision costs a comparison,
+# never a wrong answer.
+_HASH_POSITIONS = 64  # a key's byte i uses row i % 64 of the table (keys are short; longer ones still hash)
+_HASH_TABLE = (np.random.default_rng(20220128).integers(0, 2**63, size=_HASH_POSITIONS * 256, dtype=np.uint64)
+               * np.uint64(2) + np.uint64(1))  # fmt: skip
+_LENGTH_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def key_hashes(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash (uint64) of each string of `keys`: the XOR of a random word per (position, byte), mixed with
+    the length (simple tabulation hashing; equal strings always hash alike, in any string type or slice)."""
+    if isinstance(keys, pa.ChunkedArray):
+        return np.concatenate([key_hashes(chunk) for chunk in keys.chunks]) if keys.num_chunks else \
+            np.zeros(0, dtype=np.uint64)  # fmt: skip
+    keys = keys.cast(pa.large_string())  # int64 offsets whatever the input type
+    count = len(keys)
+    _, offsets_buffer, data_buffer = keys.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64, count=count + 1, offset=keys.offset * 8)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    if data_buffer is None or not lengths.any():
+        return lengths.astype(np.uint64) * _LENGTH_MIX
+    data = np.frombuffer(data_buffer, dtype=np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
+    position = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
+    words = _HASH_TABLE[(position % _HASH_POSITIONS) * 256 + data]
+    hashes = np.zeros(count, dtype=np.uint64)
+    filled = lengths > 0  # (reduceat would give an empty string the next string's first word)
+    hashes[filled] = np.bitwise_xor.reduceat(words, starts[filled])
+    return hashes ^ (lengths.astype(np.uint64) * _LENGTH_MIX)
+
+
+def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedArray]]) -> tuple[Any, int] | None:
+    """(a key that occurs more than once, how many times), or None, over keys too many to hold (8 bytes a key).
+
+    `key_batches()` yields the keys a batch at a time; it is called a second time, only when two hashes are equal,
+    to collect the keys with those hashes and find the repeat among them."""
+    import pyarrow.compute as pc
+
+    def arrays() -> Iterator[pa.Array]:
+        for keys in key_batches():
+            yield from keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]
+
+    hashes = [key_hashes(keys) for keys in arrays()]
+    every = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    del hashes
+    every.sort()
+    suspects = np.unique(every[1:][every[1:] == every[:-1]])
+    del every
+    if not len(suspects):
+        return None
+    candidates = [keys.filter(pa.array(np.isin(key_hashes(keys), suspects))) for keys in arrays()]
+    found = pa.chunked_array(candidates, type=candidates[0].type)
+    if pc.count_distinct(found).as_py() == len(found):
+        return None  # equal hashes of different keys
+    counts = pc.value_counts(found)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
+    return repeated["values"].as_py(), repeated["counts"].as_py()
+
+
+class KeyLookup:
+    """The row of each asked key in a large column of distinct keys (a memory-mapped index's), 16 bytes a key.
+
+    Each asked key whose hash is found is compared with the key in that row (read from the column: only those
+    rows), so the answer is exact; keys of the column that share a hash are all tried."""
+
+    def __init__(self, keys: pa.ChunkedArray) -> None:
+        self.keys = keys
+        hashes = key_hashes(keys)
+        self.order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[self.order]
+        self.shared_hashes = bool((self.hashes[1:] == self.hashes[:-1]).any())  # two keys, one hash (rare)
+
+    def rows_of(self, asked: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """int64 row of each key of `asked` in the column, -1 where it has none."""
+        import pyarrow.compute as pc
+
+        wanted = key_hashes(asked)
+        low, high = self._ranges(wanted)
+        rows = np.full(len(wanted), -1, dtype=np.int64)
+        asked = asked.combine_chunks() if isinstance(asked, pa.ChunkedArray) else asked
+        for tried in range(int((high - low).max(initial=0))):  # almost always one round: a hash's first row
+            open_ = (rows < 0) & (low + tried < high)
+            if not open_.any():
+                break
+            which = np.flatnonzero(open_)
+            candidate = self.order[low[which] + tried]
+            stored = take_spilled(pa.table({"key": self.keys}), candidate).column("key")
+            same = pc.equal(stored, asked.take(pa.array(which))).to_numpy(zero_copy_only=False)
+            rows[which[same]] = candidate[same]
+        return rows
+
+    def _ranges(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each wanted hash's run of equal hashes starts and ends in the sorted hashes (empty: not there)."""
+        # Searched in sorted order: numpy starts each search where the previous one ended, which keeps the
+        # lookups in cache (3-6x faster than random order on millions of hashes).
+        order = np.argsort(wanted)
+        low = np.empty(len(wanted), dtype=np.int64)
+        low[order] = np.searchsorted(self.hashes, wanted[order], side="left")
+        if self.shared_hashes:
+            high = np.empty(len(wanted), dtype=np.int64)
+            high[order] = np.searchsorted(self.hashes, wanted[order], side="right")
+            return low, high
+        found = self.hashes[np.minimum(low, len(self.hashes) - 1)] == wanted if len(self.hashes) else \
+            np.zeros(len(wanted), dtype=bool)  # fmt: skip
+        return low, low + found
