@@ -319,6 +319,55 @@ def iter_parquet(source: Any, columns: list[str], batch_rows: int = 65536, *,
         yield from table.to_batches()
 
 
+def read_ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of `items`, produced in a thread up to `depth` ahead of the consumer: reading, decoding and
+    projecting the next batches of a Parquet file overlap the consumer's work on this one (Arrow releases the GIL
+    in both). The thread stops, closing `items`, as soon as the consumer stops; an error is raised to it."""
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    break
+            else:
+                put((end, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            put((end, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def iter_registry_parquet(registry: Registry, path: str, columns: list[str], batch_rows: int = 65536,
                           **options: Any) -> Iterator[pa.RecordBatch]:  # fmt: skip
     """`iter_parquet` over a file of `registry` (`path` from `registry.path_of`): read by Arrow's own file on a

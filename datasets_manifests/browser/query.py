@@ -24,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from datasets_manifests.index import (INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, bool_mask, iter_registry_parquet,
-                                      parquet_format)
+                                      parquet_format, read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
@@ -447,8 +447,8 @@ class VersionData:
                  project: dict[str, ds.Expression] | None = None) -> Iterator[pa.RecordBatch]:  # fmt: skip
         """The rows of a Parquet file (matching `where`; with `project`, its expressions over `columns`) a batch
         at a time, in file order, holding about one batch (`index.iter_parquet`)."""
-        yield from iter_registry_parquet(self.registry, self._location(relpath), columns, SCAN_BATCH_ROWS,
-                                         project=project, where=where)  # fmt: skip
+        yield from read_ahead(iter_registry_parquet(self.registry, self._location(relpath), columns,
+                                                   SCAN_BATCH_ROWS, project=project, where=where))  # fmt: skip
 
 
 def _find_parquet(manifest: Manifest, basename: str) -> str | None:

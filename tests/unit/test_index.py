@@ -233,3 +233,37 @@ def test_whole_file_reads_hold_about_one_batch(tmp_path):
     expected = ds.dataset(str(path)).to_table(columns=project, filter=where)
     got = pa.Table.from_batches(list(iter_parquet(str(path), ["key", "n"], 7_777, project=project, where=where)))
     assert got.equals(expected) and 0 < got.num_rows < len(texts)
+
+
+def test_read_ahead_keeps_order_bounds_the_lead_and_stops_with_its_consumer() -> None:
+    import threading
+    import time
+
+    from datasets_manifests.index import read_ahead
+
+    produced: list[int] = []
+    closed = threading.Event()
+
+    def numbers(count: int, fail_at: int | None = None):
+        try:
+            for number in range(count):
+                if number == fail_at:
+                    raise ValueError(f"unreadable batch {number}")
+                produced.append(number)
+                yield number
+        finally:
+            closed.set()
+
+    assert list(read_ahead(numbers(50), depth=3)) == list(range(50)) and closed.is_set()
+    produced.clear()
+    closed.clear()
+    reader = read_ahead(numbers(1000), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    time.sleep(0.2)
+    assert len(produced) <= 3 + 2 + 1  # taken, queued, and the one waiting to be queued: never the whole file
+    reader.close()  # the consumer stops (an abandoned filter): the producer stops and closes its source
+    assert closed.is_set() and len(produced) < 1000  # (close() returns once the producer's thread has ended)
+    closed.clear()
+    with pytest.raises(ValueError, match="unreadable batch 4"):
+        list(read_ahead(numbers(10, fail_at=4)))
+    assert closed.is_set()
