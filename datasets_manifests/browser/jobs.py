@@ -26,7 +26,7 @@ MISSING = object()
 
 
 class LRU:
-    """A small thread-safe LRU of computed values (per-version handles, histograms, filter matches, diffs)."""
+    """A small thread-safe LRU of computed values (per-version handles, filter matches, diffs, thumbnails)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self._items, self._lock = capacity, OrderedDict(), threading.Lock()

@@ -16,10 +16,10 @@ import os
 import tarfile
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from datasets_manifests.browser.jobs import LRU
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import NotFoundError, OutsideRegistryError, Registry
 
@@ -75,9 +75,8 @@ class ThumbnailCache:
     def __init__(self, cache_dir: str | Path | None = None, capacity: int = 4096) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.capacity = capacity
-        self._memory: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._memory = LRU(capacity)  # key -> thumbnail bytes
+        self._count_lock = threading.Lock()
         self.hits = self.misses = 0
 
     @staticmethod
@@ -85,34 +84,25 @@ class ThumbnailCache:
         return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
 
     def get(self, key: str) -> bytes | None:
-        with self._lock:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                self.hits += 1
-                return self._memory[key]
+        data = self._memory.get(key)
         path = self.cache_dir / key[:2] / f"{key}.jpg"
-        if path.is_file():
+        if data is None and path.is_file():
             data = path.read_bytes()
-            self._remember(key, data)
-            self.hits += 1
-            return data
-        self.misses += 1
-        return None
+            self._memory.put(key, data)
+        with self._count_lock:
+            if data is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return data
 
     def put(self, key: str, data: bytes) -> None:
-        self._remember(key, data)
+        self._memory.put(key, data)
         path = self.cache_dir / key[:2] / f"{key}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
-
-    def _remember(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self._memory[key] = data
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.capacity:
-                self._memory.popitem(last=False)
 
 
 def make_thumbnail(data: bytes, size: int, what: str) -> bytes:
