@@ -6,8 +6,11 @@
 # figures not measured yet (capfilt_ends, train_loader): at most 9 minutes, under the 10-minute limit of one
 # device call (the README's headline parts, pretrain_compiled capfilt_compiled, fit a second). Name parts to
 # choose: capfilt_eager capfilt_compiled capfilt_ends capfilt_fp8_compiled pretrain_eager pretrain_compiled
-# train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 (the last two: ours vs transformers side by
-# side, `base` at 384 px in bf16, from bench_model_step.py / bench_caption_generate.py). capfilt_ends: captions
+# train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 pretrain_flash capfilt_flash.
+# model_step_base_bf16, caption_base_bf16: ours vs transformers side by side, `base` at 384 px in bf16, from
+# bench_model_step.py / bench_caption_generate.py. pretrain_flash, capfilt_flash: FlashAttention-2 instead of
+# torch's choice (cuDNN, whose kernels took 20 % of the compiled pretraining step for ~5 % of its FLOPs); compare
+# with pretrain_compiled / capfilt_compiled. capfilt_ends: captions
 # that end at a trained captioner's lengths, and decoding with finished rows dropped vs kept. train_loader:
 # bench_train.py --device cuda, BLIP-base pretraining fed by the real input pipeline (web-like JPEG shards, 14
 # loader processes): samples/s and data-wait fraction; Ray Train beside it where Ray is importable.
@@ -58,6 +61,8 @@ run_part() {
     capfilt_fp8_compiled) bench "$1" 170 --parts capfilt --peaked-logits --capfilt-batches 1024,2048 --capfilt-images 2048 --compile --fp8-vision ;;
     pretrain_eager) bench "$1" 100 --parts pretrain --pretrain-batch 256 ;;
     pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch $TRAIN_BATCH --compile ;;
+    pretrain_flash) bench "$1" 280 --parts pretrain --pretrain-batch $TRAIN_BATCH --compile --sdpa-backend flash ;;
+    capfilt_flash) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches $CAPFILT_BATCH --capfilt-images 2048 --compile --sdpa-backend flash ;;
     train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size $TRAIN_BATCH --compile --steps 40 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
