@@ -13,6 +13,7 @@ texts layer (source, ITM score, decision, text search over synthetic captions), 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -36,6 +37,10 @@ TEXT_COLUMNS = ("key", "text", "source", "itm_score", "kept", "drop_reason")
 SCORE_BINS = 20
 SCAN_BATCH_ROWS = 1 << 18  # rows read at a time by the histograms and the filtered sample pages
 MATCHES_KEPT = 4  # filters per version whose matching rows are kept (16 MB each at 129M samples)
+# A caption filter over a version whose index places its texts (`texts_row`, `texts_count`) walks ranges of this
+# many index rows in parallel, in up to this many threads (a range holds ~3 texts per row while it is walked).
+RANGE_ROWS = SCAN_BATCH_ROWS
+RANGE_WORKERS = min(8, os.cpu_count() or 1)
 log = logging.getLogger(__name__)
 
 
@@ -193,13 +198,19 @@ class VersionData:
 
     def _find_matches(self, where: SampleFilter, names: list[str], progress: Progress) -> Matches:
         """Which index rows match `where` (kept per filter: every further page, and the total, come from it)."""
-        try:
-            return Matches.of(self._match_masks(where, names), progress)
-        except _TextsOutOfOrder as error:
-            log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
-                        self.manifest.ref, error)
-            progress.done = 0  # the scan starts again
-            return Matches.of(self._key_set_masks(where, names), progress)
+        ranged = True
+        while True:
+            try:
+                return Matches.of(self._match_masks(where, names, ranged), progress)
+            except _PositionsDisagree as error:
+                log.warning("%s: %s; walking the texts in one pass instead", self.manifest.ref, error)
+                ranged = False
+            except _TextsOutOfOrder as error:
+                log.warning("%s: %s; filtering through a key set instead (memory grows with the matches)",
+                            self.manifest.ref, error)
+                progress.done = 0  # the scan starts again
+                return Matches.of(self._key_set_masks(where, names), progress)
+            progress.done = 0
 
     def rows_at(self, relpath: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """The rows numbered `rows` (ascending) of a Parquet file, reading only the row groups that hold them."""
@@ -214,7 +225,7 @@ class VersionData:
         schema = pa.schema([meta.schema.to_arrow_schema().field(c) for c in columns])
         return pa.concat_tables(pieces) if pieces else schema.empty_table()
 
-    def _match_masks(self, where: SampleFilter, names: list[str]) -> Iterator[np.ndarray]:
+    def _match_masks(self, where: SampleFilter, names: list[str], ranged: bool = True) -> Iterator[np.ndarray]:
         """Which rows of each index batch match `where`, a batch at a time in file order.
 
         With conditions on the texts, texts.parquet is walked beside the index instead of collecting the keys of
@@ -228,23 +239,80 @@ class VersionData:
                                        project={"match": self._index_expression(where, names)}):  # fmt: skip
                 yield bool_mask(batch.column("match"))
             return
+        if ranged and RANGE_WORKERS > 1 and set(TEXTS_POSITION) <= set(names) and \
+                self.metadata(index_path).num_rows > RANGE_ROWS:  # fmt: skip
+            yield from self._ranged_masks(where, names)
+            return
+        index_columns, projection, text_projection = self._walk_projections(where, names)
+        groups = _TextGroups(self._batches(self.texts_path, _text_filter_columns(where), project=text_projection))
+        for batch in self._batches(index_path, index_columns, project=projection):
+            yield _walk_match(where, batch, groups.flags_for(batch.column("key")))
+        groups.check_all_placed()
+
+    def _walk_projections(self, where: SampleFilter, names: list[str]) -> tuple[list[str], dict, dict]:
+        """What the walk beside the texts reads: index columns, their projection (key, the index's own conditions,
+        q on the web captions) and the texts' projection (key, the text conditions, q on the texts)."""
         index_only = SampleFilter(split=where.split)  # the conditions on the index's own columns
         projection = {"key": ds.field("key"), "ok": self._index_expression(index_only, names),
                       "q": self._index_q_expression(where.q, names)}
         text_projection = {"key": ds.field("key"), "level": self._text_expression(where),
                            "q": pc.match_substring(ds.field("text"), where.q, ignore_case=True) if where.q
                            else ds.scalar(False)}  # fmt: skip
-        groups = _TextGroups(self._batches(self.texts_path, _text_filter_columns(where), project=text_projection))
-        for batch in self._batches(index_path, self._index_filter_columns(where, names), project=projection):
-            keys = batch.column("key")
-            found = groups.flags_for(keys)  # (rows, 2): some text meets the text conditions / contains q
-            match = bool_mask(batch.column("ok"))
-            if where.text_level:
-                match &= found[:, 0]
-            if where.q:
-                match &= bool_mask(batch.column("q")) | found[:, 1]
-            yield match
-        groups.check_all_placed()
+        return self._index_filter_columns(where, names), projection, text_projection
+
+    def _ranged_masks(self, where: SampleFilter, names: list[str]) -> Iterator[np.ndarray]:
+        """`_match_masks` over ranges of RANGE_ROWS index rows walked in parallel threads (Arrow's reads and
+        kernels release the GIL): each range reads the texts its rows' `texts_row` / `texts_count` place, so the
+        ranges are independent. Computed a few ranges ahead of the consumer; the ranges' texts must tile
+        texts.parquet, or `_PositionsDisagree` is raised before any mask is handed out."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        from itertools import islice
+
+        starts = iter(range(0, self.metadata(self._require_index()).num_rows, RANGE_ROWS))
+        with ThreadPoolExecutor(RANGE_WORKERS, thread_name_prefix="browser-range") as pool:
+            try:
+                running = deque((start, pool.submit(self._range_mask, where, names, start))
+                                for start in islice(starts, RANGE_WORKERS + 1))  # fmt: skip
+                texts_end = 0  # the texts rows placed so far: the next range's texts must start here
+                while running:
+                    start, future = running.popleft()
+                    mask, (first, end) = future.result()
+                    running.extend((following, pool.submit(self._range_mask, where, names, following))
+                                   for following in islice(starts, 1))  # fmt: skip
+                    if first is not None:
+                        if first != texts_end:
+                            raise _PositionsDisagree(f"index rows from {start:,} place their texts at row {first:,} "
+                                                     f"of {TEXTS_FILE}, where row {texts_end:,} is next")
+                        texts_end = end
+                    yield mask
+                texts_rows = self.metadata(self.texts_path).num_rows
+                if texts_end != texts_rows:
+                    raise _PositionsDisagree(f"the index places {texts_end:,} texts; {TEXTS_FILE} has {texts_rows:,}")
+            finally:
+                pool.shutdown(cancel_futures=True)  # a consumer that stops (an abandoned filter) stops the ranges
+
+    def _range_mask(self, where: SampleFilter, names: list[str], start: int) -> tuple[np.ndarray, tuple]:
+        """The mask of index rows [start, start + RANGE_ROWS) and the texts rows [first, end) they place theirs in
+        ((None, None) when they have none)."""
+        index_columns, projection, text_projection = self._walk_projections(where, names)
+        rows = self._slice_rows(self._require_index(), start, RANGE_ROWS, [*index_columns, *TEXTS_POSITION])
+        counts = _numbers(rows.column(TEXTS_POSITION[1]).fill_null(0), np.int64)
+        placed = _numbers(rows.column(TEXTS_POSITION[0]).fill_null(0), np.int64)[counts > 0]
+        batch = ds.dataset(rows.select(index_columns)).to_table(columns=projection)
+        if not len(placed):
+            return _walk_match(where, batch, np.zeros((len(rows), 2), dtype=bool)), (None, None)
+        ends = placed + counts[counts > 0]
+        if (placed[1:] != ends[:-1]).any():
+            raise _PositionsDisagree(f"index rows from {start:,} do not place their texts one after the other")
+        texts = self._slice_rows(self.texts_path, int(placed[0]), int(ends[-1] - placed[0]), _text_filter_columns(where))
+        groups = _TextGroups(iter(ds.dataset(texts).to_table(columns=text_projection).to_batches()))
+        try:
+            found = groups.flags_for(batch.column("key").combine_chunks())
+            groups.check_all_placed()
+        except _TextsOutOfOrder as error:
+            raise _PositionsDisagree(f"index rows from {start:,}: {error}") from None
+        return _walk_match(where, batch, found), (int(placed[0]), int(ends[-1]))
 
     def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str]) -> pa.Table:
         """Rows [offset, offset+limit) reading only the row groups that hold them."""
@@ -480,6 +548,21 @@ def _histogram(chunks: list[np.ndarray], bins: int) -> dict[str, Any]:
 
 class _TextsOutOfOrder(Exception):
     """texts.parquet does not list each key's texts together and in the index's order."""
+
+
+class _PositionsDisagree(Exception):
+    """The index's texts positions do not tile texts.parquet (a stale or damaged column): walk it in one pass."""
+
+
+def _walk_match(where: SampleFilter, batch: pa.Table | pa.RecordBatch, found: np.ndarray) -> np.ndarray:
+    """Which rows of an index batch (projected: key, ok, q) match `where`, given the flags of their texts
+    (`_TextGroups.flags_for`: some text meets the text conditions / contains q)."""
+    match = bool_mask(batch.column("ok"))
+    if where.text_level:
+        match &= found[:, 0]
+    if where.q:
+        match &= bool_mask(batch.column("q")) | found[:, 1]
+    return match
 
 
 class _TextGroups:

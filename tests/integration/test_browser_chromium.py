@@ -147,9 +147,9 @@ def test_pages_thumbnails_filters_and_diff(server: str, browser_page: Any, shots
 
     masks = query.VersionData._match_masks
 
-    def slow_masks(self, where, names):  # a filter takes 1.5 s: the page shows its progress, then the grid
+    def slow_masks(self, *args):  # a filter takes 1.5 s: the page shows its progress, then the grid
         time.sleep(1.5)
-        yield from masks(self, where, names)
+        yield from masks(self, *args)
 
     monkeypatch.setattr(query.VersionData, "_match_masks", slow_masks)
     statuses: list[int] = []

@@ -8,6 +8,7 @@ themselves, not from constants.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 import io
 import json
 import logging
@@ -280,8 +281,8 @@ def test_long_filters_and_diffs_answer_202_with_progress_until_they_are_there(
     release = threading.Event()
     masks = query.VersionData._match_masks
 
-    def held_masks(self, where, names):  # the scan stops after its first batch until the test lets it go on
-        for number, mask in enumerate(masks(self, where, names)):
+    def held_masks(self, *args):  # the scan stops after its first batch until the test lets it go on
+        for number, mask in enumerate(masks(self, *args)):
             if number:
                 assert release.wait(30)
             yield mask
@@ -420,6 +421,78 @@ def test_texts_out_of_the_index_order_fall_back_to_the_key_set(registry_dir: Pat
         assert not messages
     else:
         assert messages and all("disordered@v1: " in m and "filtering through a key set" in m for m in messages)
+
+
+def _publish_texts(tmp_path: Path, name: str, index: pa.Table, texts: pa.Table):
+    """A version of `index` (row groups of 5) and `texts` (row groups of 7) in a registry under tmp_path."""
+    from datasets_manifests.manifest import Producer
+
+    staging = tmp_path / f"staging-{name}"
+    staging.mkdir()
+    pq.write_table(index, staging / "index.parquet", row_group_size=5)
+    pq.write_table(texts, staging / "texts.parquet", row_group_size=7)
+    registry = Registry(str(tmp_path / "registry"))
+    files = [{"path": "index.parquet", "role": "index"}, {"path": "texts.parquet", "role": "index"}]
+    return registry, registry.publish(kind="dataset", name=name, staging_dir=staging, files=files,
+                                      producer=Producer(stage="test"))
+
+
+@pytest.mark.parametrize("case", ["ordered", "gaps", "stale_positions", "orphan", "shuffled_texts"])
+def test_ranges_of_the_index_walked_in_parallel_give_the_same_matches(
+        registry_dir: Path, tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A version whose index places its texts is walked in ranges of RANGE_ROWS rows by parallel threads, each
+    reading the texts its rows place: the same matches as the key set, at every range size. Positions that do
+    not tile texts.parquet fall back to the one-pass walk (and texts out of order from there to the key set)."""
+    from datasets_manifests.browser import query
+
+    source = Registry(str(registry_dir))
+    capfilt = source.resolve("web-demo-capfilt@v1")
+    index = pq.read_table(source.local_path(capfilt, "index.parquet"))
+    texts = pq.read_table(source.local_path(capfilt, "texts.parquet"))
+    if case == "gaps":  # some samples have no texts (count 0): positions recomputed, still one after the other
+        texts = texts.filter(pa.array([int(key) % 4 != 1 for key in texts.column("key").to_pylist()]))
+        per_key = Counter(texts.column("key").to_pylist())
+        count = np.array([per_key[key] for key in index.column("key").to_pylist()], dtype=np.int64)
+        index = index.set_column(index.schema.get_field_index("texts_row"), "texts_row",
+                                 pa.array(np.cumsum(count) - count))  # fmt: skip
+        index = index.set_column(index.schema.get_field_index("texts_count"), "texts_count", pa.array(count))
+    elif case == "stale_positions":  # the texts in order, the positions shifted by one from the 8th sample on
+        rows = index.column("texts_row").to_numpy().copy()
+        rows[7:] += 1
+        index = index.set_column(index.schema.get_field_index("texts_row"), "texts_row", pa.array(rows))
+    elif case == "orphan":  # a text of a key the index lacks, between two samples' texts; positions around it
+        rows = index.column("texts_row").to_numpy().copy()
+        cut = int(rows[9])
+        orphan = texts.slice(cut, 1).set_column(0, "key", pa.array(["zz-not-in-index"]))
+        texts = pa.concat_tables([texts.slice(0, cut), orphan, texts.slice(cut)])
+        rows[9:] += 1  # each range's texts are one after the other; only the ranges' tiling leaves a gap
+        index = index.set_column(index.schema.get_field_index("texts_row"), "texts_row", pa.array(rows))
+    elif case == "shuffled_texts":  # positions of the ordered texts over shuffled ones
+        texts = texts.take(np.random.default_rng(1).permutation(len(texts)))
+    registry, manifest = _publish_texts(tmp_path, case, index, texts)
+    data = query.VersionData(registry, manifest)
+    if case in ("ordered", "gaps"):  # only ranges read the texts: the one-pass walk would fail here
+        batches = query.VersionData._batches
+        monkeypatch.setattr(query.VersionData, "_batches", lambda self, relpath, *args, **kwargs: pytest.fail(
+            "texts walked in one pass") if relpath == self.texts_path else batches(self, relpath, *args, **kwargs))
+    expected = {str(filters): _key_set_answer(data, query.SampleFilter(**filters)) for filters in TEXT_FILTERS}
+    for workers, range_rows in ((2, 1), (3, 2), (2, 5), (2, 7)):
+        monkeypatch.setattr(query, "RANGE_WORKERS", workers)
+        monkeypatch.setattr(query, "RANGE_ROWS", range_rows)
+        for filters in TEXT_FILTERS:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger=query.__name__):
+                answer = _pages(data, query.SampleFilter(**filters), 3, monkeypatch)
+            assert answer == expected[str(filters)], (filters, workers, range_rows)
+            walks = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{case}@v1: ")]
+            one_pass = any("walking the texts in one pass" in m for m in walks)
+            key_set = any("filtering through a key set" in m for m in walks)
+            # ordered, gaps: ranges only; stale positions over ordered texts: the one pass answers; texts out of
+            # order (a text of no sample between two ranges' texts, shuffled texts): the key set answers
+            assert (one_pass, key_set) == {"ordered": (False, False), "gaps": (False, False),
+                                           "stale_positions": (True, False)}.get(case, (True, True)), \
+                (filters, workers, range_rows, walks)  # fmt: skip
 
 
 def test_page_texts_are_read_by_position_and_stale_positions_fall_back_to_keys(
