@@ -121,8 +121,9 @@ class VersionData:
                                                            filesystem=None if self.registry.is_local else self.registry.fs)
             return self._metadata[relpath]
 
-    def read_rows(self, relpath: str, groups: list[int], skip: int, limit: int, columns: list[str]) -> pa.Table:
-        """`limit` rows after skipping `skip` rows of the given row groups, decoding batch by batch: the
+    def read_rows(self, relpath: str, groups: list[int], skip: int, limit: int, columns: list[str],
+                  batch_rows: int = 2048) -> pa.Table:  # fmt: skip
+        """`limit` rows after skipping `skip` rows of the given row groups, decoding `batch_rows` at a time: the
         first page of a 64k-row group decodes a few thousand rows, not the whole group."""
         # A fresh reader per call (a ParquetFile is not shared across request threads); the footer is reused.
         location, metadata = self._location(relpath), self.metadata(relpath)
@@ -130,7 +131,7 @@ class VersionData:
         try:
             reader = pq.ParquetFile(location if handle is None else handle, metadata=metadata)
             batches, wanted = [], limit
-            for batch in reader.iter_batches(batch_size=2048, row_groups=groups, columns=columns):
+            for batch in reader.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
                     continue
@@ -231,7 +232,9 @@ class VersionData:
         With conditions on the texts, texts.parquet is walked beside the index instead of collecting the keys of
         every matching text (at 129M samples, ~300M texts: several GB when a filter matches most of them). CapFilt
         writes each sample's texts together and in the index's order, so each index batch needs only the text
-        groups that fall in it; a version whose texts are not in that order raises `_TextsOutOfOrder`."""
+        groups that fall in it; a version whose texts are not in that order raises `_TextsOutOfOrder`. Where the
+        index says where each sample's texts are, ranges of it are walked in parallel (`_ranged_masks`; `ranged`
+        False: in one pass)."""
         index_path = self._require_index()
         needs_texts = self.has_texts and (where.text_level or bool(where.q))
         if not needs_texts:
@@ -264,7 +267,7 @@ class VersionData:
         """`_match_masks` over ranges of RANGE_ROWS index rows walked in parallel threads (Arrow's reads and
         kernels release the GIL): each range reads the texts its rows' `texts_row` / `texts_count` place, so the
         ranges are independent. Computed a few ranges ahead of the consumer; the ranges' texts must tile
-        texts.parquet, or `_PositionsDisagree` is raised before any mask is handed out."""
+        texts.parquet, or `_PositionsDisagree` is raised (and `_find_matches` walks them in one pass instead)."""
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
         from itertools import islice
@@ -296,7 +299,8 @@ class VersionData:
         """The mask of index rows [start, start + RANGE_ROWS) and the texts rows [first, end) they place theirs in
         ((None, None) when they have none)."""
         index_columns, projection, text_projection = self._walk_projections(where, names)
-        rows = self._slice_rows(self._require_index(), start, RANGE_ROWS, [*index_columns, *TEXTS_POSITION])
+        rows = self._slice_rows(self._require_index(), start, RANGE_ROWS, [*index_columns, *TEXTS_POSITION],
+                                batch_rows=RANGE_ROWS)  # fmt: skip
         counts = _numbers(rows.column(TEXTS_POSITION[1]).fill_null(0), np.int64)
         placed = _numbers(rows.column(TEXTS_POSITION[0]).fill_null(0), np.int64)[counts > 0]
         batch = ds.dataset(rows.select(index_columns)).to_table(columns=projection)
@@ -305,7 +309,8 @@ class VersionData:
         ends = placed + counts[counts > 0]
         if (placed[1:] != ends[:-1]).any():
             raise _PositionsDisagree(f"index rows from {start:,} do not place their texts one after the other")
-        texts = self._slice_rows(self.texts_path, int(placed[0]), int(ends[-1] - placed[0]), _text_filter_columns(where))
+        texts = self._slice_rows(self.texts_path, int(placed[0]), int(ends[-1] - placed[0]), _text_filter_columns(where),
+                                 batch_rows=4 * RANGE_ROWS)  # fmt: skip
         groups = _TextGroups(iter(ds.dataset(texts).to_table(columns=text_projection).to_batches()))
         try:
             found = groups.flags_for(batch.column("key").combine_chunks())
@@ -314,8 +319,8 @@ class VersionData:
             raise _PositionsDisagree(f"index rows from {start:,}: {error}") from None
         return _walk_match(where, batch, found), (int(placed[0]), int(ends[-1]))
 
-    def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str]) -> pa.Table:
-        """Rows [offset, offset+limit) reading only the row groups that hold them."""
+    def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str], batch_rows: int = 2048) -> pa.Table:
+        """Rows [offset, offset+limit) reading only the row groups that hold them (`read_rows`)."""
         meta = self.metadata(relpath)
         groups, start, first_start = [], 0, 0
         for number in range(meta.num_row_groups):
@@ -327,7 +332,7 @@ class VersionData:
             start += rows
         if not groups:
             return meta.schema.to_arrow_schema().empty_table().select(columns)
-        return self.read_rows(relpath, groups, offset - first_start, limit, columns)
+        return self.read_rows(relpath, groups, offset - first_start, limit, columns, batch_rows)
 
     def _key_set_masks(self, where: SampleFilter, names: list[str]) -> Iterator[np.ndarray]:
         """`_match_masks` with the texts' conditions turned into a set of every matching text's key: for versions
