@@ -204,11 +204,12 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     """Join two per-sample indexes by key without holding them: both indexes' four columns are copied to Arrow
     files and memory-mapped, a's keys become sorted 64-bit hashes (`spill.KeyLookup`: 16 bytes a key; each match
     confirmed on the keys), b is compared with its rows of a `batch_rows` at a time, and each category is
-    appended to its own file. Measured (benchmarks/bench_diff.py): ~10 bytes of memory per sample of the two versions beyond
-    ~0.3 GB (~3 GB for two 129M-row versions; Arrow's hash of a's key strings took ~30: ~8 GB), and ~80 bytes
-    per sample of temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a bar over the rows read and
-    compared, on stderr (a terminal only): minutes at 129M. `on_rows(n)` is told the same (rows of a, then of b
-    twice: read, then compared) and may raise to stop the diff (the browser's abandoned requests)."""
+    appended to its own file. Measured (benchmarks/bench_diff.py): ~10 bytes of memory per sample of the two
+    versions beyond ~0.3 GB (~3 GB for two 129M-row versions; Arrow's hash of a's key strings took ~30: ~8 GB),
+    and ~80 bytes per sample of temporary disk, beside the registry's work dirs (`_scratch_dir`). `progress`: a
+    bar over the rows read and compared, on stderr (a terminal only): minutes at 129M. `on_rows(n)` is told the
+    same (rows of a, then of b twice: read, then compared) and may raise to stop the diff (the browser's
+    abandoned requests)."""
     import tempfile
 
     import numpy as np

@@ -309,7 +309,8 @@ class VersionData:
         ends = placed + counts[counts > 0]
         if (placed[1:] != ends[:-1]).any():
             raise _PositionsDisagree(f"index rows from {start:,} do not place their texts one after the other")
-        texts = self._slice_rows(self.texts_path, int(placed[0]), int(ends[-1] - placed[0]), _text_filter_columns(where),
+        first, end = int(placed[0]), int(ends[-1])
+        texts = self._slice_rows(self.texts_path, first, end - first, _text_filter_columns(where),
                                  batch_rows=4 * RANGE_ROWS)  # fmt: skip
         groups = _TextGroups(iter(ds.dataset(texts).to_table(columns=text_projection).to_batches()))
         try:
@@ -317,9 +318,10 @@ class VersionData:
             groups.check_all_placed()
         except _TextsOutOfOrder as error:
             raise _PositionsDisagree(f"index rows from {start:,}: {error}") from None
-        return _walk_match(where, batch, found), (int(placed[0]), int(ends[-1]))
+        return _walk_match(where, batch, found), (first, end)
 
-    def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str], batch_rows: int = 2048) -> pa.Table:
+    def _slice_rows(self, relpath: str, offset: int, limit: int, columns: list[str],
+                    batch_rows: int = 2048) -> pa.Table:  # fmt: skip
         """Rows [offset, offset+limit) reading only the row groups that hold them (`read_rows`)."""
         meta = self.metadata(relpath)
         groups, start, first_start = [], 0, 0
