@@ -34,10 +34,10 @@ class NavigatedAway extends Error {}
 async function getJSON(url, onPending) {
   const serial = routeSerial;
   for (;;) {
-    if (serial !== routeSerial) throw new NavigatedAway(url);
     const response = await fetch(url);
     let body;
     try { body = await response.json(); } catch (e) { body = { error: `${response.status} ${response.statusText}` }; }
+    if (serial !== routeSerial) throw new NavigatedAway(url);  // the page asked for this is gone: draw nothing
     if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
     if (response.status !== 202 || !body.pending) return body;
     if (onPending) onPending(body);
