@@ -6,7 +6,7 @@ proxy may cut at its timeout. Instead a request starts the computation in a back
 already running for the same question: two tabs asking for one filter scan once), waits a little for it
 (`wait_s`: small indexes answer in that one request, as before), and otherwise answers 202 with how far the
 computation is; the page polls until the answer is there. A computation nobody has asked about for `abandon_s`
-(the tab was closed, the filter changed) stops at its next batch, so abandoned filters do not pile up.
+(2 minutes: the tab was closed, the filter changed) stops at its next batch, so abandoned filters do not pile up.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 WAIT_S = 1.0  # how long a request waits for a computation before answering 202 with its progress
-ABANDON_S = 30.0  # a computation nobody asked about for this long stops (the page polls about every second)
+# A computation nobody asked about for this long stops. The page polls about every second, but a browser slows
+# the timers of a tab left in the background to one a minute after a few minutes: that tab's polls still count.
+ABANDON_S = 120.0
 MISSING = object()
 
 
