@@ -94,8 +94,8 @@ def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedA
     """(a key that occurs more than once, how many times), or None, over keys too many to hold (8 bytes a key).
 
     `key_batches()` yields the keys a batch at a time; it is called a second time, only when two hashes are equal,
-    to collect the keys with those hashes and find the repeat among them."""
-    import pyarrow.compute as pc
+    to collect the keys with those hashes and find the repeat among them (`index.first_repeated`)."""
+    from datasets_manifests.index import first_repeated
 
     def arrays() -> Iterator[pa.Array]:
         for keys in key_batches():
@@ -110,12 +110,7 @@ def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedA
     if not len(suspects):
         return None
     candidates = [keys.filter(pa.array(np.isin(key_hashes(keys), suspects))) for keys in arrays()]
-    found = pa.chunked_array(candidates, type=candidates[0].type)
-    if pc.count_distinct(found).as_py() == len(found):
-        return None  # equal hashes of different keys
-    counts = pc.value_counts(found)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
-    return repeated["values"].as_py(), repeated["counts"].as_py()
+    return first_repeated(pa.chunked_array(candidates, type=candidates[0].type))  # None: equal hashes, other keys
 
 
 class KeyLookup:
@@ -125,7 +120,7 @@ class KeyLookup:
     rows), so the answer is exact; keys of the column that share a hash are all tried."""
 
     def __init__(self, keys: pa.ChunkedArray) -> None:
-        self.keys = keys
+        self.keys = pa.table({"key": keys})  # (what `take_spilled` gathers the confirming keys from)
         hashes = key_hashes(keys)
         self.order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[self.order]
@@ -145,7 +140,7 @@ class KeyLookup:
                 break
             which = np.flatnonzero(open_)
             candidate = self.order[low[which] + tried]
-            stored = take_spilled(pa.table({"key": self.keys}), candidate).column("key")
+            stored = take_spilled(self.keys, candidate).column("key")
             same = pc.equal(stored, asked.take(pa.array(which))).to_numpy(zero_copy_only=False)
             rows[which[same]] = candidate[same]
         return rows
