@@ -273,15 +273,16 @@ class VersionData:
         from itertools import islice
 
         starts = iter(range(0, self.metadata(self._require_index()).num_rows, RANGE_ROWS))
+        projections = self._walk_projections(where, names)  # the same for every range
         with ThreadPoolExecutor(RANGE_WORKERS, thread_name_prefix="browser-range") as pool:
             try:
-                running = deque((start, pool.submit(self._range_mask, where, names, start))
+                running = deque((start, pool.submit(self._range_mask, where, projections, start))
                                 for start in islice(starts, RANGE_WORKERS + 1))  # fmt: skip
                 texts_end = 0  # the texts rows placed so far: the next range's texts must start here
                 while running:
                     start, future = running.popleft()
                     mask, (first, end) = future.result()
-                    running.extend((following, pool.submit(self._range_mask, where, names, following))
+                    running.extend((following, pool.submit(self._range_mask, where, projections, following))
                                    for following in islice(starts, 1))  # fmt: skip
                     if first is not None:
                         if first != texts_end:
@@ -295,10 +296,11 @@ class VersionData:
             finally:
                 pool.shutdown(cancel_futures=True)  # a consumer that stops (an abandoned filter) stops the ranges
 
-    def _range_mask(self, where: SampleFilter, names: list[str], start: int) -> tuple[np.ndarray, tuple]:
+    def _range_mask(self, where: SampleFilter, projections: tuple[list[str], dict, dict],
+                    start: int) -> tuple[np.ndarray, tuple]:  # fmt: skip
         """The mask of index rows [start, start + RANGE_ROWS) and the texts rows [first, end) they place theirs in
-        ((None, None) when they have none)."""
-        index_columns, projection, text_projection = self._walk_projections(where, names)
+        ((None, None) when they have none); `projections` from `_walk_projections`."""
+        index_columns, projection, text_projection = projections
         rows = self._slice_rows(self._require_index(), start, RANGE_ROWS, [*index_columns, *TEXTS_POSITION],
                                 batch_rows=RANGE_ROWS)  # fmt: skip
         counts = _numbers(rows.column(TEXTS_POSITION[1]).fill_null(0), np.int64)
