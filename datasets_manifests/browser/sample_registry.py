@@ -157,16 +157,25 @@ def capfilt_texts(samples: list[dict[str, Any]], rng: random.Random, threshold: 
 
 def add_texts_position(index_path: Path, texts: list[dict[str, Any]]) -> None:
     """Add `texts_row` / `texts_count` to an index whose texts are listed in its order, as CapFilt writes them."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     from datasets_manifests.index import write_index
 
-    index = pq.read_table(index_path)
-    per_key = Counter(row["key"] for row in texts)
+    write_index(with_texts_position(pq.read_table(index_path), [row["key"] for row in texts]), index_path)
+
+
+def with_texts_position(index: pa.Table, text_keys: list[str]) -> pa.Table:
+    """`index` with `texts_row` / `texts_count` (replaced if there) for texts whose keys, in order, are `text_keys`:
+    texts listed in the index's order, each sample's together (a sample may have none)."""
+    import numpy as np
+
+    from datasets_manifests.index import TEXTS_POSITION
+
+    per_key = Counter(text_keys)
     count = np.array([per_key[key] for key in index.column("key").to_pylist()], dtype=np.int64)
+    index = index.drop_columns([name for name in TEXTS_POSITION if name in index.column_names])
     index = index.append_column("texts_row", pa.array(np.cumsum(count) - count))
-    write_index(index.append_column("texts_count", pa.array(count)), index_path)
+    return index.append_column("texts_count", pa.array(count))
 
 
 def build_sample_registry(root: str | Path) -> dict[str, Manifest]:

@@ -8,7 +8,6 @@ themselves, not from constants.
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ from datasets_manifests.browser import app as browser_app
 from datasets_manifests.browser.app import create_app
 from datasets_manifests.browser import thumbnails
 from datasets_manifests.browser.sample_registry import (
-    TEXTS_SCHEMA, build_sample_registry, capfilt_texts, make_samples, write_dataset_files,
+    TEXTS_SCHEMA, build_sample_registry, capfilt_texts, make_samples, with_texts_position, write_dataset_files,
 )
 from datasets_manifests.browser.thumbnails import MAX_IMAGE_PIXELS
 from datasets_manifests.index import write_texts
@@ -452,11 +451,7 @@ def test_ranges_of_the_index_walked_in_parallel_give_the_same_matches(
     texts = pq.read_table(source.local_path(capfilt, "texts.parquet"))
     if case == "gaps":  # some samples have no texts (count 0): positions recomputed, still one after the other
         texts = texts.filter(pa.array([int(key) % 4 != 1 for key in texts.column("key").to_pylist()]))
-        per_key = Counter(texts.column("key").to_pylist())
-        count = np.array([per_key[key] for key in index.column("key").to_pylist()], dtype=np.int64)
-        index = index.set_column(index.schema.get_field_index("texts_row"), "texts_row",
-                                 pa.array(np.cumsum(count) - count))  # fmt: skip
-        index = index.set_column(index.schema.get_field_index("texts_count"), "texts_count", pa.array(count))
+        index = with_texts_position(index, texts.column("key").to_pylist())
     elif case == "stale_positions":  # the texts in order, the positions shifted by one from the 8th sample on
         rows = index.column("texts_row").to_numpy().copy()
         rows[7:] += 1
