@@ -17,14 +17,25 @@ import json
 import sys
 from typing import Any
 
+from datasets_manifests.browser import DEFAULT_PORT
+from datasets_manifests.browser.jobs import WAIT_S
 from datasets_manifests.manifest import KINDS, Manifest
 from datasets_manifests.registry import Registry, default_registry_url
-
-DEFAULT_PORT = 8765
 
 
 class UserError(Exception):
     """A bad command line (printed as one line by `blip`)."""
+
+
+def _seconds(text: str) -> float:
+    """A non-negative number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -82,6 +93,10 @@ def register(subparsers: Any) -> None:
     serve = command("serve", "browse the registry in a web browser", cmd_serve, json_option=False)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    serve.add_argument("--wait-s", type=_seconds, default=WAIT_S, metavar="SECONDS",
+                       help=f"how long a request waits for a long filter, histogram or diff before answering 202 "
+                       f"with its progress (default {WAIT_S:g}; the page polls). A script reading the JSON API that "
+                       "would rather block than poll can serve with a large value")  # fmt: skip
 
     publish = command("publish-downstream", "publish a downstream benchmark (annotation files + images) as a "
                       "dataset version for `blip finetune` / `blip eval`", cmd_publish_downstream)  # fmt: skip
@@ -405,5 +420,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not (error.name or "").startswith("datasets_manifests.browser"):
             raise
         raise UserError("the web browser (datasets_manifests.browser) is not installed") from error
-    serve(registry_url, args.host, args.port)
+    serve(registry_url, args.host, args.port, args.wait_s)
     return 0

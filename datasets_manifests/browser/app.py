@@ -18,7 +18,7 @@ Each page is backed by a JSON endpoint:
 
 A filter, histogram or diff that takes longer than a second (a 129M-sample version) answers 202
 {pending, what, done, total, message} while it goes on in a background thread; the page asks again until the
-answer is there (`jobs.py`).
+answer is there (`jobs.py`); `blip data serve --wait-s N` makes requests wait up to N seconds instead.
 
 Only files that a manifest references are ever read; the app never writes to the registry. It binds 127.0.0.1
 unless told otherwise. The bootstrapping loop it displays is BLIP's CapFilt (Li et al. 2022, section 3.3).
@@ -306,13 +306,14 @@ def parse_sample_query(request: Request) -> tuple[SampleFilter, int, int]:
     return where, _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
 
 
-def serve(registry_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
-    """Serve the browser until interrupted (blocks). Binds loopback unless `host` says otherwise."""
+def serve(registry_url: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, wait_s: float = WAIT_S) -> None:
+    """Serve the browser until interrupted (blocks). Binds loopback unless `host` says otherwise; `wait_s` as in
+    `create_app`."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the manifest browser is listening on {host}; anyone who can reach it can read the "
               "registry's samples", file=sys.stderr)
-    app = create_app(registry_url)  # fails early, in one line, on a bad URL or a missing directory
+    app = create_app(registry_url, wait_s=wait_s)  # fails early, in one line, on a bad URL or a missing directory
     uvicorn.run(app, host=host, port=port, log_level="info")
 

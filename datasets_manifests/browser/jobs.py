@@ -83,10 +83,11 @@ class Progress:
     abandon_s: float
     done: int = 0
     asked_at: float = field(default_factory=time.monotonic)
+    waiting: int = 0  # requests waiting for the answer right now (a wait longer than `abandon_s` keeps it going)
 
     def advance(self, rows: int) -> None:
         self.done += rows
-        if time.monotonic() - self.asked_at > self.abandon_s:
+        if not self.waiting and time.monotonic() - self.asked_at > self.abandon_s:
             raise Abandoned(f"{self.what}: nobody asked for the answer for {self.abandon_s:g} s")
 
 
@@ -128,7 +129,14 @@ class BackgroundAnswers(Generic[T]):
                 threading.Thread(target=self._run, args=(key, job, compute), name=f"browser: {what}",
                                  daemon=True).start()  # fmt: skip
             job.progress.asked_at = time.monotonic()
-        if not job.finished.wait(wait_s) or isinstance(job.error, Abandoned):
+            job.progress.waiting += 1
+        try:
+            finished = job.finished.wait(wait_s)
+        finally:
+            with self._lock:
+                job.progress.waiting -= 1
+                job.progress.asked_at = time.monotonic()
+        if not finished or isinstance(job.error, Abandoned):
             # (abandoned just before this request asked: the next request starts it again)
             raise Pending(job.progress.what, job.progress.done, job.progress.total)
         if job.error is not None:

@@ -92,6 +92,22 @@ def test_an_abandoned_computation_stops_and_a_new_request_starts_it_again() -> N
     assert scan.calls == 2
 
 
+def test_a_request_waiting_longer_than_the_quiet_time_keeps_its_computation_going() -> None:
+    # `blip data serve --wait-s 600`: a script's request blocks; its computation must not count as abandoned.
+    answers, scan = BackgroundAnswers(2, abandon_s=0.05), Scan()
+    threading.Timer(0.3, scan.go.set).start()  # the batches after the first come well after abandon_s
+    assert answers.get("k", scan, what="w", wait_s=None) == "answer after 30 rows"
+    assert scan.calls == 1
+    # Once that request has its answer, the quiet time counts again from then (nobody is waiting).
+    other = Scan()
+    with pytest.raises(Pending):
+        answers.get("other", other, what="w", wait_s=0.01)
+    time.sleep(0.1)
+    other.go.set()
+    _until(lambda: answers.running() == 0)
+    assert answers.kept.get("other") is None
+
+
 def test_progress_raises_abandoned_only_after_the_quiet_time() -> None:
     progress = Progress("w", 100, abandon_s=60)
     progress.advance(5)

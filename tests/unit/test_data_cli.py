@@ -376,3 +376,15 @@ def test_verify_checks_where_the_index_places_each_samples_texts(tmp_path, monke
                                            {"path": "texts.parquet", "role": "index"}])  # fmt: skip
         problems = verify(registry, manifest)
         assert problems == [] if message is None else (len(problems) == 1 and message in problems[0]), (name, problems)
+
+
+def test_serve_wait_option_parses_seconds_and_names_a_bad_value(capsys):
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["data", "serve"]).wait_s == 1.0
+    assert parser.parse_args(["data", "serve", "--wait-s", "600"]).wait_s == 600.0
+    for bad, message in (("soon", "not a number of seconds: 'soon'"), ("-1", "must be a finite number >= 0")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["data", "serve", "--wait-s", bad])
+        assert message in capsys.readouterr().err
