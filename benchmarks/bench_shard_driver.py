@@ -38,13 +38,16 @@ PER_RAW_SHARD = 10_000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--sorted-keys", action="store_true",
+                        help="keys in raw shard order, as img2dataset numbers them (the decision skips its sort)")
     parser.add_argument("--side", choices=["arrays", "dicts"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def generated_records(first: int, count: int) -> list[dict[str, Any]]:
-    """Records as pass 1 makes them (`shard._record`), deterministic in the row number."""
+def generated_records(first: int, count: int, sorted_keys: bool = False) -> list[dict[str, Any]]:
+    """Records as pass 1 makes them (`shard._record`), deterministic in the row number; keys random, or in row
+    order (`sorted_keys`: img2dataset's numbering, a download's records come in key order)."""
     records = []
     for row in range(first, first + count):
         rng = random.Random(row)
@@ -55,7 +58,7 @@ def generated_records(first: int, count: int) -> list[dict[str, Any]]:
                            for _ in range(12))  # fmt: skip
         status, reason = ("dropped", "corrupt_image") if rng.random() < 0.02 else ("ok", None)
         records.append({
-            "key": f"{rng.randrange(10**9):09d}{row:09d}", "url": f"http://images.example.com/p/{url_of}/photo.jpg",
+            "key": f"{0 if sorted_keys else rng.randrange(10**9):09d}{row:09d}", "url": f"http://images.example.com/p/{url_of}/photo.jpg",
             "raw_caption": caption.title() + "!", "caption": caption, "source_shard": f"raw/{row // PER_RAW_SHARD:05d}.tar",
             "status": status, "drop_reason": reason, "width": 384, "height": 288, "image_sha256": sha,
             "source_offset": 512 + (row % PER_RAW_SHARD) * 50_000, "source_bytes": 48_000, "reencode": False,
@@ -67,7 +70,7 @@ def made_up_offsets(row: int) -> tuple[int, int]:
     return 1024 * row, 48_000
 
 
-def run_arrays(count: int, out: Path) -> dict[str, Any]:
+def run_arrays(count: int, out: Path, sorted_keys: bool) -> dict[str, Any]:
     """The stage now: records appended to an Arrow file shard by shard, memory-mapped, decided on arrays."""
     import numpy as np
     import pyarrow as pa
@@ -80,7 +83,7 @@ def run_arrays(count: int, out: Path) -> dict[str, Any]:
     path = out / shard.RECORDS_FILE
     with spill_writer(path, shard.RECORD_SCHEMA) as writer:
         for first in range(0, count, PER_RAW_SHARD):  # what pass 1's workers send back, one raw shard at a time
-            records = generated_records(first, min(PER_RAW_SHARD, count - first))
+            records = generated_records(first, min(PER_RAW_SHARD, count - first), sorted_keys)
             for record in records:
                 record["split"] = shard.split_of(record["key"], cfg.val_fraction)
                 record["url_hash"] = digest16(record["url"])
@@ -100,12 +103,40 @@ def run_arrays(count: int, out: Path) -> dict[str, Any]:
         written.jpg_offset[rows], written.jpg_bytes[rows] = made_up_offsets(rows)
     decisions_peak = max(memory.peak, memory.now())  # what grows with the records; the index batches do not
     write_index_batches(shard._index_batches(records, decision, written), out / "index.parquet")
+    wall_s = time.perf_counter() - began
     plan = [(split, index, [records.column("key")[int(row)].as_py() for row in rows[:3]]) for split, index, rows in slices]
-    return {"wall_s": time.perf_counter() - began, "start": start, "memory": memory, "plan": plan,
-            "decisions_peak_mib": round((decisions_peak - start) / 2**20, 1)}
+    return {"wall_s": wall_s, "start": start, "memory": memory, "plan": plan,
+            "decisions_peak_mib": round((decisions_peak - start) / 2**20, 1),
+            "pass2_take": pass2_takes(records, slices[:3])}
 
 
-def run_dicts(count: int, out: Path) -> dict[str, Any]:
+def pass2_takes(records: Any, slices: list[Any]) -> dict[str, Any]:
+    """Pass 2 gathers each output shard's records (`shard._PASS2_COLUMNS`) before writing it: seconds per shard
+    with `SpilledRows` (the chunks that hold its rows) and with Arrow's `take` (the stage before, which copied
+    every record's strings at each call: grows with the records, not the shard), and the same rows both ways."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from datasets_manifests.spill import SpilledRows
+    from pipelines.tasks import shard
+
+    columns = records.select(shard._PASS2_COLUMNS)
+    spilled = SpilledRows(columns)
+    began = time.perf_counter()
+    ours = [spilled.take(rows) for _, _, rows in slices]
+    ours_s = (time.perf_counter() - began) / max(len(slices), 1)
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # counts what Arrow's take allocates, peak included
+    began = time.perf_counter()
+    arrows = [pc.take(columns, pa.array(rows), memory_pool=pool) for _, _, rows in slices]
+    arrow_s = (time.perf_counter() - began) / max(len(slices), 1)
+    same = all(a.equals(b) for a, b in zip(ours, arrows))
+    del arrows  # before their pool
+    return {"rows_per_shard": len(slices[0][2]) if slices else 0, "spilled_rows_s": round(ours_s, 4),
+            "arrow_take_s": round(arrow_s, 4), "arrow_take_peak_mib": round(pool.max_memory() / 2**20),
+            "same_rows": same}  # fmt: skip
+
+
+def run_dicts(count: int, out: Path, sorted_keys: bool) -> dict[str, Any]:
     """The stage before: one dict per record in a list, the dedup a loop with three sets, the index from rows."""
     from datasets_manifests.index import validate_index, write_index
     from pipelines.tasks.shard import ShardConfig, split_of
@@ -116,7 +147,7 @@ def run_dicts(count: int, out: Path) -> dict[str, Any]:
     began = time.perf_counter()
     records: list[dict[str, Any]] = []
     for first in range(0, count, PER_RAW_SHARD):
-        records.extend(generated_records(first, min(PER_RAW_SHARD, count - first)))
+        records.extend(generated_records(first, min(PER_RAW_SHARD, count - first), sorted_keys))
     generated_s = time.perf_counter() - began  # not counted: pass 1's workers made these
     began = time.perf_counter()
     records.sort(key=lambda record: (record["key"], record["source_shard"]))
@@ -168,7 +199,7 @@ def _rows_in_file_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    result = (run_arrays if args.side == "arrays" else run_dicts)(args.records, out)
+    result = (run_arrays if args.side == "arrays" else run_dicts)(args.records, out, args.sorted_keys)
     result["peak_mib_above_start"] = round((result.pop("memory").stop() - result.pop("start")) / 2**20, 1)
     (out / "result.json").write_text(json.dumps(result))
 
@@ -183,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for side in ("dicts", "arrays"):
             out = Path(tmp) / side
             out.mkdir()
-            run_side(__file__, side, "--records", str(args.records), "--out", str(out))
+            run_side(__file__, side, "--records", str(args.records), "--out", str(out),
+                     *(["--sorted-keys"] if args.sorted_keys else []))  # fmt: skip
             results[side] = json.loads((out / "result.json").read_text())
         same_index = (Path(tmp) / "dicts/index.parquet").read_bytes() == (Path(tmp) / "arrays/index.parquet").read_bytes()
     same_plan = results["dicts"].pop("plan") == results["arrays"].pop("plan")
@@ -192,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_mib = results["arrays"]["peak_mib_above_start"] - results["arrays"]["decisions_peak_mib"]
     report = {
         "benchmark": "shard_driver", "host_cpus": os.cpu_count(), "records": args.records,
+        "sorted_keys": args.sorted_keys, "pass2_take_per_output_shard": results["arrays"]["pass2_take"],
         "same_index": same_index, "same_plan": same_plan,
         "arrays": {"wall_s": round(results["arrays"]["wall_s"], 2), "peak_mib": results["arrays"]["peak_mib_above_start"],
                    "decisions_peak_mib": results["arrays"]["decisions_peak_mib"],

@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, open_parquet
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
-from datasets_manifests.spill import first_repeated_key, read_spilled, spill_writer
+from datasets_manifests.spill import SpilledRows, ascending_order, first_repeated_key, read_spilled, spill_writer
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "download"
@@ -535,8 +535,10 @@ def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], 
     from datasets_manifests.index import INDEX_FILE, write_index_batches
 
     rows = read_rows(row_files)
-    order = pc.sort_indices(rows, sort_keys=[("key", "ascending")])
-    batches = (rows.take(order[first : first + INDEX_BATCH_ROWS]) for first in range(0, len(order), INDEX_BATCH_ROWS))
+    order = ascending_order(rows, ["key"])
+    spilled = SpilledRows(rows)  # (Arrow's own take would copy all the rows' strings into memory at each batch)
+    batches = (spilled.take(order[first : first + INDEX_BATCH_ROWS])
+               for first in range(0, len(order), INDEX_BATCH_ROWS))  # fmt: skip
     summary = write_index_batches(batches, stage / INDEX_FILE, schema=ROWS_SCHEMA)
     counts = {"input": summary["counts"]["total"], "ok": summary["counts"]["ok"],
               "dropped": summary["counts"]["dropped"], **extra_counts}  # fmt: skip

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, now_utc
-from datasets_manifests.spill import digest16, read_spilled, spill_writer
+from datasets_manifests.spill import SpilledRows, ascending_order, digest16, read_spilled, spill_writer
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "shard"
@@ -260,34 +260,91 @@ class Decision:
 
 def _decide(records: pa.Table, cfg: ShardConfig) -> Decision:
     """Exact dedup in key order: a repeated key is dropped; the first sample with a URL / image hash stays, later
-    ones are dropped (URL checked first) - the result of visiting the samples one by one, computed on arrays."""
-    order = pc.sort_indices(records.select(["key", "source_shard"]),
-                            sort_keys=[("key", "ascending"), ("source_shard", "ascending")]).to_numpy()  # fmt: skip
+    ones are dropped (URL checked first) - the result of visiting the samples one by one, computed on arrays.
+
+    Only the samples that share a URL or image digest with another one can be dropped by the dedup, so the
+    visiting is computed on those alone (`first_come_dedup`); the rest are kept without it."""
+    order = _key_order(records)
     ok = pc.equal(records.column("status"), "ok").to_numpy(zero_copy_only=False)
     dropped_as = np.zeros(len(records), dtype=np.int8)
     visit = order[ok[order]]  # ok records in key order
-    if len(visit) > 1:
-        keys = records.column("key").take(visit)
-        repeated = np.concatenate([[False], pc.equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)])
-        dropped_as[visit[repeated]] = DUPLICATE_REASONS.index("duplicate_key")
-        visit = visit[~repeated]
-    groups = [_hash_groups(records.column(column).take(visit)) if enabled else np.arange(len(visit))
+    repeated = _repeats_previous(records.column("key"), visit)
+    dropped_as[visit[repeated]] = DUPLICATE_REASONS.index("duplicate_key")
+    visit = visit[~repeated]
+    del repeated
+    shared = [_shared_digests(records.column(column), visit) if enabled else (np.zeros(0, np.int64),) * 2
               for column, enabled in (("url_hash", cfg.dedup_url), ("image_hash", cfg.dedup_image))]  # fmt: skip
+    items = np.unique(np.concatenate([positions for positions, _ in shared]))  # visit positions, in visit order
+    groups = []
+    for positions, ids in shared:  # a group id per item; an item that shares nothing here is a group of its own
+        group = np.arange(len(items), dtype=np.int64) + (int(ids.max()) + 1 if len(ids) else 0)
+        group[np.searchsorted(items, positions)] = ids
+        groups.append(group)
     reasons = first_come_dedup(groups)
     for group_index, reason in enumerate(("duplicate_url", "duplicate_image")):
-        dropped_as[visit[reasons == group_index]] = DUPLICATE_REASONS.index(reason)
+        dropped_as[visit[items[reasons == group_index]]] = DUPLICATE_REASONS.index(reason)
     return Decision(order=order, dropped_as=dropped_as, kept=ok & (dropped_as == 0))
 
 
-def _hash_groups(hashes: pa.ChunkedArray) -> np.ndarray:
-    """Group ids of 16-byte digests (equal digest, equal id); a null digest is a group of its own."""
-    array = hashes.combine_chunks()
-    values = np.frombuffer(array.buffers()[1], dtype="V16", count=len(array), offset=array.offset * 16)
-    _, groups = np.unique(values, return_inverse=True)
-    groups = groups.reshape(-1).astype(np.int64)
-    null = array.is_null().to_numpy(zero_copy_only=False)
-    groups[null] = groups.max(initial=-1) + 1 + np.arange(int(null.sum()))
-    return groups
+# The dedup reads the records' keys and digests this many rows at a time (their copies stay this small).
+DECIDE_BLOCK_ROWS = 1 << 20
+
+
+def _key_order(records: pa.Table) -> np.ndarray:
+    """Record rows in key order (ties: source shard, then file order).
+
+    Pass 1 appends the records raw shard after raw shard, and img2dataset numbers its samples in shard order, so
+    a download's records are usually in key order already (`spill.ascending_order` then answers the row numbers
+    without sorting the strings)."""
+    return ascending_order(records, ["key", "source_shard"], DECIDE_BLOCK_ROWS)
+
+
+def _repeats_previous(keys: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    """Per position of `rows`: does its key equal the key of the row before it? (`rows` in key order.)"""
+    repeated = np.zeros(len(rows), dtype=bool)
+    spilled = SpilledRows(pa.table({"key": keys}))
+    for first in range(1, len(rows), DECIDE_BLOCK_ROWS):  # each block taken with the row before it
+        block = spilled.take(rows[first - 1 : first + DECIDE_BLOCK_ROWS]).column(0)
+        repeated[first : first + len(block) - 1] = pc.equal(block[1:], block[:-1]).to_numpy(zero_copy_only=False)
+    return repeated
+
+
+def _shared_digests(digests: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of the 16-byte digests at `rows` (null: no URL / image, shared with nobody): the positions whose digest
+    another position also has, and a group id for each (equal digest, equal id).
+
+    The first 8 bytes of each digest, sorted, name the few candidates (a repeated prefix); the candidates' whole
+    digests decide. ~17 bytes a row at the peak, where `np.unique` over every whole digest took ~80."""
+    prefixes = np.zeros(len(rows), dtype=np.uint64)
+    present = np.zeros(len(rows), dtype=bool)
+    for first in range(0, len(rows), DECIDE_BLOCK_ROWS):
+        block = digests.take(rows[first : first + DECIDE_BLOCK_ROWS]).combine_chunks()
+        prefixes[first : first + len(block)] = _digest_words(block)[:, 0]
+        present[first : first + len(block)] = block.is_valid().to_numpy(zero_copy_only=False)
+    ordered = prefixes[present]
+    ordered.sort()
+    repeated_prefixes = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    candidate = np.zeros(len(rows), dtype=bool)
+    if len(repeated_prefixes):
+        for first in range(0, len(rows), DECIDE_BLOCK_ROWS):
+            block = prefixes[first : first + DECIDE_BLOCK_ROWS]
+            at = np.minimum(np.searchsorted(repeated_prefixes, block), len(repeated_prefixes) - 1)
+            candidate[first : first + len(block)] = repeated_prefixes[at] == block
+    candidates = np.flatnonzero(candidate & present)
+    whole = _digest_words(digests.take(rows[candidates]).combine_chunks()) if len(candidates) else np.zeros((0, 2))
+    _, ids, counts = np.unique(whole.view("V16").reshape(-1), return_inverse=True, return_counts=True)
+    ids = ids.reshape(-1)
+    shared = counts[ids] > 1
+    return candidates[shared], ids[shared].astype(np.int64)
+
+
+def _digest_words(array: pa.Array) -> np.ndarray:
+    """The 16-byte values of a fixed_size_binary(16) array as (n, 2) uint64 words (a view; nulls hold junk)."""
+    data = array.buffers()[1]
+    if data is None:  # every value null
+        return np.zeros((len(array), 2), dtype=np.uint64)
+    return np.frombuffer(data, dtype=np.uint64, count=2 * len(array), offset=array.offset * 16).reshape(-1, 2)
 
 
 def first_come_dedup(groups: list[np.ndarray]) -> np.ndarray:
@@ -377,9 +434,11 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     slices = plan_output_shards(cfg, records, decision)
     urls = {entry.path: registry.url_of(parent, entry.path) for entry in parent.shards()}
 
+    pass2_columns = SpilledRows(records.select(_PASS2_COLUMNS))
+
     def jobs() -> Iterator[tuple[Any, ...]]:  # built as submitted: each carries its records' columns
         for split, index, rows in slices:
-            chunk = records.take(rows).select(_PASS2_COLUMNS)
+            chunk = pass2_columns.take(rows)
             sources = {path: urls[path] for path in pc.unique(chunk.column("source_shard")).to_pylist()}
             yield cfg, str(stage), split, index, chunk, sources
 
@@ -404,15 +463,30 @@ def plan_output_shards(cfg: ShardConfig, records: pa.Table, decision: Decision) 
     """(split, shard number, record rows in order) of every output shard: the kept records of each split, in key
     order shuffled by the seed, cut into `samples_per_shard` slices."""
     in_key_order = decision.order[decision.kept[decision.order]]
-    splits = records.column("split").take(in_key_order)
+    names, codes = _split_codes(records.column("split"))
+    codes = codes[in_key_order]
     slices = []
-    for split in sorted(pc.unique(splits).to_pylist()):
-        rows = array.array("q", in_key_order[pc.equal(splits, split).to_numpy(zero_copy_only=False)].tobytes())
+    for code, split in enumerate(names):
+        rows = array.array("q", in_key_order[codes == code].tobytes())
         random.Random(f"{cfg.seed}:{split}").shuffle(rows)  # the same permutation as shuffling the records
         order = np.frombuffer(rows, dtype=np.int64)
         for first in range(0, len(order), cfg.samples_per_shard):
             slices.append((split, first // cfg.samples_per_shard, order[first : first + cfg.samples_per_shard]))
     return slices
+
+
+def _split_codes(splits: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """The split names (sorted) and each record's index into them (int8; -1: none), chunk by chunk: a `take` of
+    the string column would first copy all of it into memory (`SpilledRows`)."""
+    names = sorted({name for chunk in splits.chunks for name in pc.unique(chunk).to_pylist() if name is not None})
+    value_set = pa.array(names, pa.string())
+    codes = np.empty(len(splits), dtype=np.int8)
+    first = 0
+    for chunk in splits.chunks:
+        found = pc.index_in(chunk, value_set=value_set).fill_null(-1)
+        codes[first : first + len(chunk)] = found.to_numpy(zero_copy_only=False)
+        first += len(chunk)
+    return names, codes
 
 
 def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: pa.Table,
@@ -478,9 +552,10 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
     shard_paths = pa.array(written.shard_paths, pa.string())
     columns = ["key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "split", "status",
                "drop_reason"]  # fmt: skip
+    index_columns = SpilledRows(records.select(columns))
     for first in range(0, len(rows), INDEX_BATCH_ROWS):
         batch = rows[first : first + INDEX_BATCH_ROWS]
-        table = records.take(batch).select(columns)
+        table = index_columns.take(batch)
         column = {name: table.column(name).combine_chunks() for name in columns}
         kept = pa.array(decision.kept[batch])
 

@@ -142,18 +142,23 @@ def test_take_spilled_equals_take(tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from datasets_manifests.spill import read_spilled, spill_writer, take_spilled
+    from datasets_manifests.spill import SpilledRows, read_spilled, spill_writer, take_spilled
 
     schema = pa.schema([("n", pa.int64()), ("text", pa.string())])
     with spill_writer(tmp_path / "rows.arrow", schema) as writer:
         for start in range(0, 1000, 64):  # 16 chunks
             numbers = list(range(start, min(start + 64, 1000)))
             writer.write_table(pa.table({"n": numbers, "text": [f"row {n}" for n in numbers]}, schema=schema))
+            if start == 320:
+                writer.write_table(schema.empty_table())  # an empty chunk (a raw shard with no samples)
     table = read_spilled([tmp_path / "rows.arrow"], schema)
     rows = np.random.default_rng(0).integers(0, 1000, size=300)
     taken = take_spilled(table, pa.array(rows))
     assert taken.to_pylist() == table.take(pa.array(rows)).to_pylist()
     assert take_spilled(table, pa.array([], pa.int64())).num_rows == 0
+    spilled = SpilledRows(table)  # many takes from one listing of the chunks: each as Arrow's
+    for asked in (np.arange(1000)[::-1], np.array([0, 63, 64, 383, 384, 999, 384]), np.array([], np.int64)):
+        assert spilled.take(asked).to_pylist() == table.take(pa.array(asked, pa.int64())).to_pylist()
 
 
 def test_verify_passes_then_names_the_corrupted_file(populated, capsys):

@@ -273,3 +273,80 @@ def test_shard_command_through_the_cli(raw_version, capsys):
     assert [m.version for m in registry.versions("dataset", "train-cli")] == ["v1"]
     assert main(["shard", "missing@v1", "--name", "x", "--registry", registry.url]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def _records_table(rows, chunk_rows):
+    import pyarrow as pa
+
+    from pipelines.tasks.shard import RECORD_SCHEMA
+
+    chunks = [pa.Table.from_pylist(rows[first : first + chunk_rows], schema=RECORD_SCHEMA)
+              for first in range(0, len(rows), chunk_rows)] or [RECORD_SCHEMA.empty_table()]  # fmt: skip
+    return pa.concat_tables(chunks)
+
+
+def _decide_one_by_one(rows):
+    """`_decide` as a loop over the records in (key, source shard, file) order with three sets of seen values."""
+    order = sorted(range(len(rows)), key=lambda row: (rows[row]["key"].encode(), rows[row]["source_shard"], row))
+    seen_keys, seen_urls, seen_images, reasons = set(), set(), set(), [None] * len(rows)
+    for row in order:
+        record = rows[row]
+        if record["status"] != "ok":
+            continue
+        if record["key"] in seen_keys:
+            reasons[row] = "duplicate_key"
+        elif record["url_hash"] is not None and record["url_hash"] in seen_urls:
+            reasons[row] = "duplicate_url"
+        elif record["image_hash"] is not None and record["image_hash"] in seen_images:
+            reasons[row] = "duplicate_image"
+        seen_keys.add(record["key"])
+        if reasons[row] is None:
+            seen_urls.add(record["url_hash"])
+            seen_images.add(record["image_hash"])
+    return order, reasons
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_decide_equals_the_loop_in_blocks_sorted_or_not_with_colliding_prefixes(seed, monkeypatch):
+    # Digests are built to share their first 8 bytes without being equal (the prefix only names candidates),
+    # keys repeat across raw shards, some records are dropped already, nulls are never duplicates; the records
+    # come sorted (the row-number fast path) or not, in chunks, read in blocks of 1-4 rows or all at once.
+    import random as random_module
+
+    from pipelines.tasks import shard
+
+    rng = random_module.Random(seed)
+    count = rng.randrange(0, 60)
+
+    def digest(alphabet):
+        if rng.random() < 0.15:
+            return None
+        return bytes([rng.randrange(2)]) * 8 + bytes([rng.randrange(alphabet)]) * 8
+
+    rows = [{"key": f"k{rng.randrange(max(1, count // 2)):03d}", "source_shard": f"raw/{rng.randrange(3)}.tar",
+             "status": "ok" if rng.random() < 0.9 else "dropped", "url_hash": digest(4), "image_hash": digest(3)}
+            for _ in range(count)]  # fmt: skip
+    if seed % 2:
+        rows.sort(key=lambda record: (record["key"], record["source_shard"]))
+    monkeypatch.setattr(shard, "DECIDE_BLOCK_ROWS", [1, 2, 4, 1 << 20][seed % 4])
+    decision = shard._decide(_records_table(rows, rng.randrange(1, 8)), ShardConfig())
+    order, reasons = _decide_one_by_one(rows)
+    assert decision.order.tolist() == order
+    assert [shard.DUPLICATE_REASONS[code] if code else None for code in decision.dropped_as] == reasons
+    assert decision.kept.tolist() == [row["status"] == "ok" and reason is None for row, reason in zip(rows, reasons)]
+
+
+def test_key_order_uses_the_row_numbers_only_when_the_records_are_in_order(monkeypatch):
+    from pipelines.tasks import shard
+
+    monkeypatch.setattr(shard, "DECIDE_BLOCK_ROWS", 2)
+    rows = [{"key": key, "source_shard": source, "status": "ok"}
+            for key, source in (("a", "raw/0.tar"), ("b", "raw/0.tar"), ("b", "raw/1.tar"), ("c", "raw/0.tar"))]
+    sorts = []
+    real_sort = shard.pc.sort_indices
+    monkeypatch.setattr(shard.pc, "sort_indices", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    assert shard._key_order(_records_table(rows, 3)).tolist() == [0, 1, 2, 3] and not sorts
+    swapped = [rows[0], rows[2], rows[1], rows[3]]  # out of order by source shard, across the block boundary
+    assert shard._key_order(_records_table(swapped, 3)).tolist() == [0, 2, 1, 3] and sorts == [1]
+    across = [rows[0], rows[3], rows[1], rows[2]]  # each block in order, the second starting below the first's end
+    assert shard._key_order(_records_table(across, 2)).tolist() == [0, 2, 3, 1] and sorts == [1, 1]
