@@ -315,10 +315,11 @@ def _shared_digests(digests: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndar
 
     The first 8 bytes of each digest, sorted, name the few candidates (a repeated prefix); the candidates' whole
     digests decide. ~17 bytes a row at the peak, where `np.unique` over every whole digest took ~80."""
+    spilled = SpilledRows(pa.table({"digest": digests}))
     prefixes = np.zeros(len(rows), dtype=np.uint64)
     present = np.zeros(len(rows), dtype=bool)
     for first in range(0, len(rows), DECIDE_BLOCK_ROWS):
-        block = digests.take(rows[first : first + DECIDE_BLOCK_ROWS]).combine_chunks()
+        block = spilled.take(rows[first : first + DECIDE_BLOCK_ROWS]).column(0).combine_chunks()
         prefixes[first : first + len(block)] = _digest_words(block)[:, 0]
         present[first : first + len(block)] = block.is_valid().to_numpy(zero_copy_only=False)
     ordered = prefixes[present]
@@ -332,7 +333,7 @@ def _shared_digests(digests: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndar
             at = np.minimum(np.searchsorted(repeated_prefixes, block), len(repeated_prefixes) - 1)
             candidate[first : first + len(block)] = repeated_prefixes[at] == block
     candidates = np.flatnonzero(candidate & present)
-    whole = _digest_words(digests.take(rows[candidates]).combine_chunks()) if len(candidates) else np.zeros((0, 2))
+    whole = _digest_words(spilled.take(rows[candidates]).column(0).combine_chunks())
     _, ids, counts = np.unique(whole.view("V16").reshape(-1), return_inverse=True, return_counts=True)
     ids = ids.reshape(-1)
     shared = counts[ids] > 1
