@@ -216,7 +216,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     import pyarrow as pa
 
     from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, scan_index
-    from datasets_manifests.spill import KeyLookup, read_spilled, spill_writer, take_spilled
+    from datasets_manifests.spill import KeyLookup, SpilledRows, read_spilled, spill_writer
 
     batch_rows = batch_rows or INDEX_BATCH_ROWS
     copied = pa.schema([INDEX_SCHEMA.field(name) for name in DIFF_COLUMNS])
@@ -242,7 +242,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
         directory = Path(temporary)
         for side, manifest in (("a", a), ("b", b)):
             with spill_writer(directory / f"{side}.arrow", copied) as writer:
-                # Written batch_rows at a time (the scan gives row groups): few chunks for take_spilled.
+                # Written batch_rows at a time (the scan gives row groups): few chunks for SpilledRows.
                 pending: list[pa.RecordBatch] = []
                 for batch in scan_index(registry, manifest, DIFF_COLUMNS):
                     advance(batch.num_rows)
@@ -255,6 +255,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
         table_a = read_spilled([directory / "a.arrow"], copied)
         table_b = read_spilled([directory / "b.arrow"], copied)
         keys_a = KeyLookup(table_a["key"])  # the row of each b key in a, by 64-bit hashes confirmed on the keys
+        rows_a = SpilledRows(table_a)
         in_b = np.zeros(len(table_a), dtype=bool)  # a's rows that b has
         common = 0
         with ExitStack() as stack:
@@ -271,7 +272,7 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                 out["added"].write_table(pa.table([new_keys, start + np.flatnonzero(~in_a)], schema=schemas["added"]))
                 common_b = part_b.filter(pa.array(in_a))
                 common_rows_a = rows_in_a[in_a]
-                common_a = take_spilled(table_a, common_rows_a)
+                common_a = rows_a.take(common_rows_a)
                 common += len(common_b)
                 rows = {"row_a": pa.array(common_rows_a), "row_b": start + np.flatnonzero(in_a)}
                 for name, table in compare_rows(common_a, common_b, rows).items():

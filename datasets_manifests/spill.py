@@ -60,11 +60,6 @@ class SpilledRows:
         return gathered.take(pa.array(back))
 
 
-def take_spilled(table: pa.Table, rows: Any) -> pa.Table:
-    """`table.take(rows)` for a table read by `read_spilled`, one call (`SpilledRows` for many)."""
-    return SpilledRows(table).take(rows)
-
-
 def ascending_order(table: pa.Table, columns: list[str], block_rows: int = 1 << 20) -> np.ndarray:
     """The row numbers of `table` in ascending order of `columns` (lexicographic; ties in row order), int64.
 

@@ -138,11 +138,11 @@ def test_diff_a_batch_at_a_time_equals_a_join_in_python(tmp_path, monkeypatch, w
     assert list((tmp_path / "registry" / ".work" / "scratch").iterdir()) == []
 
 
-def test_take_spilled_equals_take(tmp_path):
+def test_spilled_rows_take_equals_arrows_take(tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from datasets_manifests.spill import SpilledRows, read_spilled, spill_writer, take_spilled
+    from datasets_manifests.spill import SpilledRows, read_spilled, spill_writer
 
     schema = pa.schema([("n", pa.int64()), ("text", pa.string())])
     with spill_writer(tmp_path / "rows.arrow", schema) as writer:
@@ -153,10 +153,9 @@ def test_take_spilled_equals_take(tmp_path):
                 writer.write_table(schema.empty_table())  # an empty chunk (a raw shard with no samples)
     table = read_spilled([tmp_path / "rows.arrow"], schema)
     rows = np.random.default_rng(0).integers(0, 1000, size=300)
-    taken = take_spilled(table, pa.array(rows))
-    assert taken.to_pylist() == table.take(pa.array(rows)).to_pylist()
-    assert take_spilled(table, pa.array([], pa.int64())).num_rows == 0
     spilled = SpilledRows(table)  # many takes from one listing of the chunks: each as Arrow's
+    assert spilled.take(pa.array(rows)).to_pylist() == table.take(pa.array(rows)).to_pylist()
+    assert spilled.take(pa.array([], pa.int64())).num_rows == 0
     for asked in (np.arange(1000)[::-1], np.array([0, 63, 64, 383, 384, 999, 384]), np.array([], np.int64)):
         assert spilled.take(asked).to_pylist() == table.take(pa.array(asked, pa.int64())).to_pylist()
 
