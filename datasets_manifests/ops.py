@@ -241,17 +241,11 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
     with bar, tempfile.TemporaryDirectory(prefix="blip-diff-", dir=_scratch_dir(registry)) as temporary:
         directory = Path(temporary)
         for side, manifest in (("a", a), ("b", b)):
-            with spill_writer(directory / f"{side}.arrow", copied) as writer:
-                # Written batch_rows at a time (the scan gives row groups): few chunks for SpilledRows.
-                pending: list[pa.RecordBatch] = []
+            # Written batch_rows at a time (the scan gives row groups): few chunks for SpilledRows.
+            with spill_writer(directory / f"{side}.arrow", copied, batch_rows) as writer:
                 for batch in scan_index(registry, manifest, DIFF_COLUMNS):
                     advance(batch.num_rows)
-                    pending.append(batch)
-                    if sum(part.num_rows for part in pending) >= batch_rows:
-                        writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
-                        pending = []
-                if pending:
-                    writer.write_table(pa.Table.from_batches(pending).cast(copied).combine_chunks())
+                    writer.write_table(pa.Table.from_batches([batch]).cast(copied))
         table_a = read_spilled([directory / "a.arrow"], copied)
         table_b = read_spilled([directory / "b.arrow"], copied)
         keys_a = KeyLookup(table_a["key"])  # the row of each b key in a, by 64-bit hashes confirmed on the keys
