@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from datasets_manifests.filesystems import sha256_file
 from datasets_manifests.manifest import FileEntry, Manifest
@@ -63,17 +63,23 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
     """The index must satisfy its contract and point only at shards this version lists. Read a batch at a time
     (a 129M-row index does not fit in memory). Keys in strictly increasing order (every stage but CapFilt
     writes them so) are unique as read; otherwise their uniqueness is checked on 64-bit hashes of the key column
-    (`spill.first_repeated_key`: 8 bytes a key, where Arrow's hash of the strings took ~65)."""
+    (`spill.first_repeated_key`: 8 bytes a key, where Arrow's hash of the strings took ~65), hashed as they are
+    read from the first batch out of order on (the keys before it are read again: none for CapFilt's index)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from datasets_manifests.index import INDEX_FILE, has_layer, scan_index, validate_index
-    from datasets_manifests.spill import first_repeated_key
+    from datasets_manifests.spill import first_repeated_key, key_hashes
 
     if not has_layer(manifest, INDEX_FILE):
         return []
+
+    def key_batches() -> Iterator[pa.Array]:
+        return (batch.column("key") for batch in scan_index(registry, manifest, ["key"]))
+
     shards: set[str] = set()
-    increasing, last_key = True, None
+    increasing, last_key, rows_read = True, None, 0
+    hashes: list[Any] | None = None  # the keys' hashes, once they are found out of order
     try:
         for batch in scan_index(registry, manifest):
             table = validate_index(pa.Table.from_batches([batch]), what=INDEX_FILE)
@@ -82,8 +88,12 @@ def _index_problems(registry: Registry, manifest: Manifest) -> list[str]:
             if increasing and len(keys):
                 increasing = (last_key is None or last_key < keys[0].as_py()) and _strictly_increasing(keys)
                 last_key = keys[-1].as_py()
-        repeated = None if increasing else first_repeated_key(
-            lambda: (batch.column("key") for batch in scan_index(registry, manifest, ["key"])))
+                if not increasing:
+                    hashes = [key_hashes(before) for before in _first_rows(key_batches(), rows_read)]
+            if hashes is not None:
+                hashes.append(key_hashes(keys))
+            rows_read += len(keys)
+        repeated = None if increasing else first_repeated_key(key_batches, hashes=hashes)
         if repeated is not None:
             return [f"{INDEX_FILE}: duplicate key {repeated[0]!r}; keys must be unique per version"]
     except Exception as error:  # noqa: BLE001 - any unreadable/invalid index is a problem to report
@@ -151,6 +161,17 @@ def _walk_texts_positions(registry: Registry, manifest: Manifest) -> list[str]:
     if extra:
         return [f"{TEXTS_FILE}: {extra} texts after row {next_row - 1}, which no index row places"]
     return []
+
+
+def _first_rows(arrays: Iterator[Any], count: int) -> Iterator[Any]:
+    """The first `count` values of a stream of arrays, as arrays (the last one sliced)."""
+    if count <= 0:
+        return
+    for values in arrays:
+        yield values.slice(0, count)
+        count -= len(values)
+        if count <= 0:
+            return
 
 
 def _strictly_increasing(keys: Any) -> bool:

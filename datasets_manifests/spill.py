@@ -162,20 +162,24 @@ def key_hashes(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return hashes ^ (lengths.astype(np.uint64) * _LENGTH_MIX)
 
 
-def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedArray]]) -> tuple[Any, int] | None:
+def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedArray]],
+                       hashes: list[np.ndarray] | None = None) -> tuple[Any, int] | None:  # fmt: skip
     """(a key that occurs more than once, how many times), or None, over keys too many to hold (8 bytes a key).
 
     `key_batches()` yields the keys a batch at a time; it is called a second time, only when two hashes are equal,
-    to collect the keys with those hashes and find the repeat among them (`index.first_repeated`)."""
+    to collect the keys with those hashes and find the repeat among them (`index.first_repeated`). `hashes`: the
+    `key_hashes` of all those keys, in any order, where the caller has them already (they are then read only to
+    confirm; the list is emptied, so that its arrays go once joined)."""
     from datasets_manifests.index import first_repeated
 
     def arrays() -> Iterator[pa.Array]:
         for keys in key_batches():
             yield from keys.chunks if isinstance(keys, pa.ChunkedArray) else [keys]
 
-    hashes = [key_hashes(keys) for keys in arrays()]
+    if hashes is None:
+        hashes = [key_hashes(keys) for keys in arrays()]
     every = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
-    del hashes
+    hashes.clear()
     every.sort()
     suspects = np.unique(every[1:][every[1:] == every[:-1]])
     del every
