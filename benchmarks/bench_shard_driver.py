@@ -96,7 +96,7 @@ def run_arrays(count: int, out: Path, sorted_keys: bool) -> dict[str, Any]:
     decision = shard._decide(records, cfg)
     slices = shard.plan_output_shards(cfg, records, decision)
     written = shard.Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),
-                            np.zeros(len(records), dtype=np.int64), {})  # fmt: skip
+                            np.zeros(len(records), dtype=np.int64))  # fmt: skip
     for split, index, rows in slices:
         written.shard_of[rows] = len(written.shard_paths)
         written.shard_paths.append(f"shards/{split}-{index:06d}.tar")

@@ -27,7 +27,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -419,7 +419,20 @@ class Written:
     shard_of: np.ndarray  # int32 index into shard_paths, -1 when not written
     jpg_offset: np.ndarray
     jpg_bytes: np.ndarray
-    reencoded_sha256: dict[int, str]  # record row -> sha256 of its re-encoded JPEG
+    # Record rows whose JPEG was re-encoded (greyscale, CMYK, alpha: a few % of web images), sorted, and the
+    # sha256 of each re-encoded JPEG: arrays, not a dict (millions at 129M samples).
+    reencoded_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    reencoded_sha256: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+
+    def sha256_of(self, rows: np.ndarray, recorded: pa.Array) -> pa.Array:
+        """The image sha256 of each record row: the re-encoded JPEG's where there is one, else `recorded`."""
+        if not len(self.reencoded_rows):
+            return recorded
+        at = np.minimum(np.searchsorted(self.reencoded_rows, rows), len(self.reencoded_rows) - 1)
+        hit = self.reencoded_rows[at] == rows
+        if not hit.any():
+            return recorded
+        return pc.if_else(pa.array(hit), self.reencoded_sha256.take(pa.array(at)), recorded)
 
 
 def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: pa.Table, decision: Decision,
@@ -446,8 +459,10 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     kept_bytes = int(pc.sum(records.column("source_bytes").filter(decision.kept)).as_py() or 0)
     workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices))
     written = Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),
-                      np.zeros(len(records), dtype=np.int64), {})  # fmt: skip
+                      np.zeros(len(records), dtype=np.int64))  # fmt: skip
     entries: list[dict[str, Any]] = []
+    reencoded_rows: list[np.ndarray] = []  # per output shard (Arrow and numpy arrays, not Python objects)
+    reencoded_sha256: list[pa.Array] = []
     results = map_in_processes(write_output_shard, jobs(), workers)
     for (split, _, rows), (path, count, offsets, sizes, reencoded) in tqdm(
             zip(slices, results), total=len(slices), desc="writing shards", unit="shard", disable=len(slices) < 4):
@@ -455,8 +470,13 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
         written.shard_paths.append(path)
         written.jpg_offset[rows] = offsets
         written.jpg_bytes[rows] = sizes
-        written.reencoded_sha256.update({int(rows[position]): sha for position, sha in reencoded.items()})
+        reencoded_rows.append(rows[np.fromiter(reencoded, dtype=np.int64, count=len(reencoded))])
+        reencoded_sha256.append(pa.array(list(reencoded.values()), pa.string()))
         entries.append({"path": path, "role": "shard", "split": split, "num_samples": count})
+    every_row = np.concatenate(reencoded_rows) if reencoded_rows else np.zeros(0, dtype=np.int64)
+    by_row = np.argsort(every_row)
+    written.reencoded_rows = every_row[by_row]
+    written.reencoded_sha256 = pa.concat_arrays([pa.array([], pa.string()), *reencoded_sha256]).take(pa.array(by_row))
     return entries, written
 
 
@@ -563,10 +583,7 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
         def on_kept(values: pa.Array) -> pa.Array:
             return pc.if_else(kept, values, pa.scalar(None, values.type))
 
-        sha = column["image_sha256"]
-        if written.reencoded_sha256:
-            sha = pa.array([written.reencoded_sha256.get(int(row), value) for row, value in zip(batch, sha.to_pylist())],
-                           pa.string())  # fmt: skip
+        sha = written.sha256_of(batch, column["image_sha256"])
         shard = shard_paths.take(pa.array(np.maximum(written.shard_of[batch], 0))) if len(shard_paths) else \
             pa.nulls(len(batch), pa.string())  # fmt: skip
         values = {
