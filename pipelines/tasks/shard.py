@@ -11,7 +11,7 @@ seeded shuffle. Shards are
 
 Two passes, each spread over worker processes: pass 1 checks every raw shard and appends its records (no image
 bytes) to an Arrow file on disk; the driver decides the dedup and the output shards on arrays (the records
-stay memory-mapped, ~140 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
+stay memory-mapped, ~70 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
 kept bytes back by offset; the index is written a batch at a time. A truncated raw tar keeps the samples before
 the truncation; the ones the raw index says were in it but could not be read are dropped as `truncated_shard`
 (never a crash).
@@ -139,8 +139,9 @@ def _phase(what: str, records: int) -> Iterator[None]:
 
 
 # Pass 1's records, one row per raw sample, kept on disk (`datasets_manifests.spill`) so that the driver holds
-# ~140 bytes per sample (sort order, decisions, offsets; `bench_shard_driver.py`), not the captions: 129M
-# samples as Python dicts took ~300 GB.
+# ~70 bytes per sample (sort order, decisions, offsets; `bench_shard_driver.py`), not the captions: 129M
+# samples as Python dicts took ~300 GB. Rows are taken back through `spill.SpilledRows`: Arrow's own `take`
+# copies every record's strings into memory at each call.
 RECORDS_FILE = "records.arrow"
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("url", pa.string()), ("raw_caption", pa.string()), ("caption", pa.string()),
