@@ -269,8 +269,8 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
                     writer.write_table(pa.Table.from_batches([batch]).cast(copied))
         table_a = read_spilled([directory / "a.arrow"], copied)
         table_b = read_spilled([directory / "b.arrow"], copied)
-        keys_a = KeyLookup(table_a["key"])  # the row of each b key in a, by 64-bit hashes confirmed on the keys
-        rows_a = SpilledRows(table_a)
+        # The row of each b key in a, by 64-bit hashes confirmed on the keys of a's rows, read whole (compared next).
+        keys_a = KeyLookup(table_a["key"], rows=SpilledRows(table_a))
         in_b = np.zeros(len(table_a), dtype=bool)  # a's rows that b has
         common = 0
         with ExitStack() as stack:
@@ -280,14 +280,13 @@ def diff_tables(registry: Registry, a: Manifest, b: Manifest, batch_rows: int | 
             for start in range(0, len(table_b), batch_rows):
                 advance(min(batch_rows, len(table_b) - start))
                 part_b = table_b.slice(start, batch_rows)
-                rows_in_a = keys_a.rows_of(part_b["key"])  # -1: not in a
+                rows_in_a, common_a = keys_a.find(part_b["key"])  # -1: not in a; a's rows of the others
                 in_a = rows_in_a >= 0
                 in_b[rows_in_a[in_a]] = True
                 new_keys = part_b["key"].filter(pa.array(~in_a))
                 out["added"].write_table(pa.table([new_keys, start + np.flatnonzero(~in_a)], schema=schemas["added"]))
                 common_b = part_b.filter(pa.array(in_a))
                 common_rows_a = rows_in_a[in_a]
-                common_a = rows_a.take(common_rows_a)
                 common += len(common_b)
                 rows = {"row_a": pa.array(common_rows_a), "row_b": start + np.flatnonzero(in_a)}
                 for name, table in compare_rows(common_a, common_b, rows).items():

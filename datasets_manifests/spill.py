@@ -193,10 +193,11 @@ class KeyLookup:
     """The row of each asked key in a large column of distinct keys (a memory-mapped index's), 16 bytes a key.
 
     Each asked key whose hash is found is compared with the key in that row (read from the column: only those
-    rows), so the answer is exact; keys of the column that share a hash are all tried."""
+    rows), so the answer is exact; keys of the column that share a hash are all tried. `rows`: the whole rows of
+    the keys' table, when the caller wants them too (`find`): the rows read to confirm are the answer."""
 
-    def __init__(self, keys: pa.ChunkedArray) -> None:
-        self.keys = SpilledRows(pa.table({"key": keys}))  # (where the confirming keys are gathered from)
+    def __init__(self, keys: pa.ChunkedArray, rows: SpilledRows | None = None) -> None:
+        self.source = rows or SpilledRows(pa.table({"key": keys}))  # (where the confirming keys are read from)
         hashes = key_hashes(keys)
         self.order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[self.order]
@@ -204,22 +205,32 @@ class KeyLookup:
 
     def rows_of(self, asked: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """int64 row of each key of `asked` in the column, -1 where it has none."""
+        return self.find(asked)[0]
+
+    def find(self, asked: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Table]:
+        """`rows_of(asked)`, and the rows found (of the `rows` table, else the keys alone), in `asked`'s order."""
         import pyarrow.compute as pc
 
         wanted = key_hashes(asked)
         low, high = self._ranges(wanted)
         rows = np.full(len(wanted), -1, dtype=np.int64)
         asked = asked.combine_chunks() if isinstance(asked, pa.ChunkedArray) else asked
+        found: list[tuple[np.ndarray, pa.Table]] = []  # (positions in asked, their rows) per round
         for tried in range(int((high - low).max(initial=0))):  # almost always one round: a hash's first row
             open_ = (rows < 0) & (low + tried < high)
             if not open_.any():
                 break
             which = np.flatnonzero(open_)
             candidate = self.order[low[which] + tried]
-            stored = self.keys.take(candidate).column("key")
-            same = pc.equal(stored, asked.take(pa.array(which))).to_numpy(zero_copy_only=False)
+            stored = self.source.take(candidate)
+            same = pc.equal(stored.column("key"), asked.take(pa.array(which))).to_numpy(zero_copy_only=False)
             rows[which[same]] = candidate[same]
-        return rows
+            found.append((which[same], stored.filter(pa.array(same))))
+        if len(found) == 1:  # positions already in asked order
+            return rows, found[0][1]
+        positions = np.concatenate([where for where, _ in found]) if found else np.zeros(0, dtype=np.int64)
+        table = pa.concat_tables([table for _, table in found]) if found else self.source.schema.empty_table()
+        return rows, table.take(pa.array(np.argsort(positions, kind="stable")))
 
     def _ranges(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where each wanted hash's run of equal hashes starts and ends in the sorted hashes (empty: not there)."""

@@ -12,7 +12,7 @@ import pytest
 
 from datasets_manifests import spill
 from datasets_manifests.index import first_repeated
-from datasets_manifests.spill import KeyLookup, first_repeated_key, key_hashes
+from datasets_manifests.spill import KeyLookup, SpilledRows, first_repeated_key, key_hashes
 
 
 def _keys(count: int, seed: int = 0) -> list[str]:
@@ -64,3 +64,11 @@ def test_key_lookup_gives_each_row_exactly(weak: bool, monkeypatch: pytest.Monke
     rows = lookup.rows_of(pa.array(asked))
     assert rows.tolist() == [expected.get(key, -1) for key in asked]
     assert lookup.rows_of(pa.array([], pa.string())).tolist() == []
+    # With the whole rows (the diff): the rows read to confirm are handed back, in the asked order, also when
+    # a shared hash takes several rounds (weak hashes).
+    table = pa.table({"key": chunks, "row": pa.chunked_array([pa.array(range(len(column)))])})
+    whole = KeyLookup(chunks, rows=SpilledRows(table))
+    rows, found = whole.find(pa.array(asked))
+    assert rows.tolist() == [expected.get(key, -1) for key in asked]
+    assert found.to_pylist() == [{"key": key, "row": expected[key]} for key in asked if key in expected]
+    assert whole.find(pa.array(["nowhere"]))[1].num_rows == 0
