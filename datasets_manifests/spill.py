@@ -92,8 +92,9 @@ def ascending_order(table: pa.Table, columns: list[str], block_rows: int = 1 << 
     """The row numbers of `table` in ascending order of `columns` (lexicographic; ties in row order), int64.
 
     Rows that are in that order already (a download's, whose keys img2dataset numbers in shard order) are
-    checked a block at a time, ~1 byte a row, and answered by `arange`; otherwise Arrow sorts the columns (~40
-    bytes a row for two string columns; also where a column has nulls, which it sorts last)."""
+    checked a block at a time, ~1 byte a row, and answered by `arange` (no sort: ~1 s per million string rows);
+    otherwise Arrow sorts the columns (its indices and a merge buffer, 16 bytes a row; also where a column has
+    nulls, which it sorts last)."""
     import pyarrow.compute as pc
 
     selected = table.select(columns)
