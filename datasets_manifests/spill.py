@@ -163,6 +163,12 @@ def key_hashes(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return hashes ^ (lengths.astype(np.uint64) * _LENGTH_MIX)
 
 
+def repeated_values(values: np.ndarray) -> np.ndarray:
+    """The values that occur more than once in `values` (each once, ascending); sorts `values` in place."""
+    values.sort()
+    return np.unique(values[1:][values[1:] == values[:-1]])
+
+
 def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedArray]],
                        hashes: list[np.ndarray] | None = None) -> tuple[Any, int] | None:  # fmt: skip
     """(a key that occurs more than once, how many times), or None, over keys too many to hold (8 bytes a key).
@@ -181,8 +187,7 @@ def first_repeated_key(key_batches: Callable[[], Iterable[pa.Array | pa.ChunkedA
         hashes = [key_hashes(keys) for keys in arrays()]
     every = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     hashes.clear()
-    every.sort()
-    suspects = np.unique(every[1:][every[1:] == every[:-1]])
+    suspects = repeated_values(every)
     del every
     if not len(suspects):
         return None

@@ -37,7 +37,8 @@ import pyarrow.compute as pc
 
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, now_utc
-from datasets_manifests.spill import SpilledRows, ascending_order, digest16, read_spilled, spill_writer
+from datasets_manifests.spill import (SpilledRows, ascending_order, digest16, read_spilled, repeated_values,
+                                      spill_writer)
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "shard"
@@ -323,16 +324,12 @@ def _shared_digests(digests: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndar
         block = spilled.take(rows[first : first + DECIDE_BLOCK_ROWS]).column(0).combine_chunks()
         prefixes[first : first + len(block)] = _digest_words(block)[:, 0]
         present[first : first + len(block)] = block.is_valid().to_numpy(zero_copy_only=False)
-    ordered = prefixes[present]
-    ordered.sort()
-    repeated_prefixes = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-    del ordered
+    repeated_prefixes = repeated_values(prefixes[present])
     candidate = np.zeros(len(rows), dtype=bool)
     if len(repeated_prefixes):
         for first in range(0, len(rows), DECIDE_BLOCK_ROWS):
-            block = prefixes[first : first + DECIDE_BLOCK_ROWS]
-            at = np.minimum(np.searchsorted(repeated_prefixes, block), len(repeated_prefixes) - 1)
-            candidate[first : first + len(block)] = repeated_prefixes[at] == block
+            candidate[first : first + DECIDE_BLOCK_ROWS] = np.isin(prefixes[first : first + DECIDE_BLOCK_ROWS],
+                                                                   repeated_prefixes)  # fmt: skip
     candidates = np.flatnonzero(candidate & present)
     whole = _digest_words(spilled.take(rows[candidates]).column(0).combine_chunks())
     _, ids, counts = np.unique(whole.view("V16").reshape(-1), return_inverse=True, return_counts=True)
