@@ -4,10 +4,11 @@ and the walk of a rank's raw stream by our tar reader vs Python's tarfile side b
 One process (= per core). The transform is blip_models.processing.train_transform (RandomResizedCrop bicubic,
 flip, RandomAugment(2, 5), CLIP normalisation), as BLIP pretraining reads its data. The baseline is plain
 tar iteration (`pipelines.tasks.webdata.iter_tar`: bytes only, no decode), the ceiling of any reader.
-The walk: every DataLoader worker of a training rank reads the rank's whole raw stream (so the sample order
-does not depend on the number of workers) and decodes only its own micro-batches; `train_data.iter_tar_samples`
-(pipelines/tasks/tar_reader.py) against the same loop on `tarfile` in stream mode (the reader before it).
-`walk_cpu_vs_decode_8_workers`: the walk's CPU time per worker as a fraction of its decoding share with 8 workers.
+The walk: every sample of a stream read, `train_data.iter_tar_samples` (pipelines/tasks/tar_reader.py) against
+the same loop on `tarfile` in stream mode (the reader before it). `walk_cpu_vs_decode_8_workers`: that walk's CPU
+time as a fraction of a worker's decoding share with 8 workers, which is what each DataLoader worker of a training
+rank paid when every worker read the rank's whole stream; each now reads only its own samples' data and walks
+the other headers (bench_rank_stream.py), so this is the bound.
 Prints one JSON object.
 """
 

@@ -1,9 +1,10 @@
 """A minimal tar reader for webdataset shards: the members' names, sizes, data offsets and, on request, data.
 
 Why not `tarfile`: its per-header Python work costs ~0.25 ms per sample (3 members) on the development machine,
-about a tenth of decoding the sample's JPEG. Every DataLoader worker of a training rank walks the rank's whole
-stream (to keep the sample order independent of the number of workers), so with 8 workers the walk alone cost
-more than half as much CPU as the decoding; this reader walks a shard ~30x faster (benchmarks/bench_read.py).
+about a tenth of decoding the sample's JPEG. Every DataLoader worker of a training rank walks the headers of the
+rank's stream (to keep the sample order independent of the number of workers; it reads only its own samples'
+data), so with 8 workers the walk alone cost more than half as much CPU as the decoding; this reader walks a
+shard ~30x faster (benchmarks/bench_read.py).
 
 It reads what webdataset shards contain: ustar / GNU / pax headers (long names through GNU `L` records or pax
 `path`, sizes through pax `size` or base-256), regular files; directories, links and other entries are

@@ -11,11 +11,17 @@ are read sequentially, never materialised. The epoch plan (open_clip / webdatase
 - Rank r takes the contiguous slice [r*n, (r+1)*n) of that sequence (n positions per rank): ranks read
   disjoint parts of the data, so one epoch sees every kept sample exactly once, whether there are more
   shards than ranks or fewer (a shard can be split between ranks at sample level).
-- Within a rank, a seeded shuffle buffer mixes samples; micro-batch j is outputs [j*B, (j+1)*B).
-- Resume: skipping the first k micro-batches replays the raw stream (no image decoding) and drops its first
-  k*B outputs, so the restarted rank continues with exactly the samples it had not yet trained on.
+- Within a rank, a seeded shuffle buffer mixes samples (webdataset's `shuffle(size)`); micro-batch j is
+  outputs [j*B, (j+1)*B). The buffer's draws depend only on how many items it holds, so the whole epoch's
+  order is computed from positions before any sample is read (`output_positions`).
+- DataLoader worker w of W' makes micro-batches j = k0 + w, k0 + w + W', ... and reads only their samples:
+  shards holding none of them are not opened, the other samples of an opened shard are walked over unread
+  (every worker used to read, and hold in its buffer, the rank's whole stream: W' times the I/O).
+- Resume: skipping the first k micro-batches starts the same order at micro-batch k; the shards before the
+  first sample still to train on are not opened, so the restarted rank continues with exactly the samples it
+  had not yet trained on without reading the epoch's beginning again.
 - Augmentation of output k is seeded with (seed, epoch, rank, k): identical across restarts and across any
-  number of DataLoader worker processes (worker w makes micro-batches j = k0 + w, k0 + w + W', ...).
+  number of DataLoader worker processes.
 - `resampled=True` (huge sets): each rank draws shards with replacement for n positions per epoch; samples
   may repeat within an epoch (webdataset's `resampled=True` semantics), but restarts still resume exactly.
 
@@ -28,10 +34,12 @@ from __future__ import annotations
 import hashlib
 import random
 import tarfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch.utils.data
 
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
@@ -124,36 +132,53 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Itera
             yield {"__key__": sample.key, **sample.members}
 
 
-def iter_positions(pieces: list[tuple[ShardRef, int, int]]) -> Iterator[dict[str, Any] | str]:
-    """One item per planned position: a raw sample, or the reason it is missing (positions never shift)."""
+def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(position, raw sample or the reason it is missing) for each of the `needed` positions (ascending) of the
+    sequence the pieces make, piece by piece; every needed position comes out once (positions never shift).
+
+    A piece holding no needed position is never opened; in an opened shard, reading starts at the first
+    needed sample and stops after the last, and the samples between that are not needed are walked over with
+    their data unread."""
+    import fsspec
+
+    first = 0
     for shard, start, stop in pieces:
-        produced = 0
-        reason = "missing_from_shard"
-        try:
-            for sample in iter_tar_samples(shard.url, start, stop):
-                produced += 1
-                yield sample
-        except (OSError, tarfile.TarError, EOFError):
-            reason = "unreadable_shard"
-        for _ in range(stop - start - produced):
-            yield reason
+        low, high = np.searchsorted(needed, [first, first + stop - start])
+        if low < high:
+            ordinals = (np.asarray(needed[low:high]) - first + start).tolist()
+            found: set[int] = set()
+            reason = "missing_from_shard"
+            try:
+                with fsspec.open(shard.url, "rb") as handle:
+                    for sample in group_tar(handle, ordinals[0], ordinals[-1] + 1, wanted=set(ordinals)):
+                        found.add(sample.ordinal)
+                        yield first + sample.ordinal - start, {"__key__": sample.key, **sample.members}
+            except (OSError, tarfile.TarError, EOFError):
+                reason = "unreadable_shard"
+            for ordinal in ordinals:
+                if ordinal not in found:
+                    yield first + ordinal - start, reason
+        first += stop - start
 
 
-def shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """A seeded shuffle buffer (webdataset `shuffle(size)`); size <= 1 keeps the order."""
+def output_positions(count: int, size: int, rng: random.Random) -> Any:
+    """The stream position each output of a seeded shuffle buffer of `size` items takes, in output order.
+
+    The buffer is webdataset's `shuffle(size)`: once full, each new item swaps with a random one, which is
+    output; at the end the rest is shuffled and output; size <= 1 keeps the order. Its draws depend only on how
+    many items it holds, so an epoch's order is known from the count alone (numpy int64, 8 bytes a position)."""
     if size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(len(buffer))
-        buffer[index], item = item, buffer[index]
-        yield item
+        return np.arange(count, dtype=np.int64)
+    out = array("q", bytes(8 * count))
+    buffer = list(range(min(size, count)))
+    randrange, taken = rng.randrange, 0
+    for position in range(len(buffer), count):  # the buffer is full: it holds `size` items
+        index = randrange(size)
+        out[taken], buffer[index] = buffer[index], position
+        taken += 1
     rng.shuffle(buffer)
-    yield from buffer
+    out[taken:] = array("q", buffer)
+    return np.frombuffer(out, dtype=np.int64)
 
 
 def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
@@ -208,22 +233,30 @@ class RankStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        yield from self.worker_batches(*((info.id, info.num_workers) if info else (0, 1)))
+
+    def worker_batches(self, worker: int, workers: int) -> Iterator[MicroBatch]:
+        """Micro-batches skip + worker, skip + worker + workers, ... of the epoch, reading only their samples."""
         plan, size = self.plan, self.plan.batch_size
         rng = random.Random(f"buffer/{plan.seed}/{self.epoch}/{self.rank}")
-        stream = shuffled(iter_positions(plan.segments(self.epoch, self.rank)), plan.shuffle_buffer, rng)
-        raws, batch_index, spare = [], 0, []
-        for index, raw in enumerate(stream):
-            if index >= plan.samples_per_rank:
-                break
-            batch_index = index // size
-            mine = batch_index >= self.skip and (batch_index - self.skip) % workers == worker
-            if mine:
-                raws.append(raw)
-            if index % size == size - 1 and raws:
-                seeds = [sample_seed(plan.seed, self.epoch, self.rank, batch_index * size + i) for i in range(size)]
-                yield decode_batch(self.task, raws, seeds, spare)
-                raws = []
+        order = output_positions(plan.samples_per_rank, plan.shuffle_buffer, rng).reshape(-1, size)
+        mine = range(self.skip + worker, len(order), workers)
+        if not mine:
+            return
+        chosen = order[mine.start:mine.stop:mine.step].copy()  # this worker's micro-batches: their positions
+        del order
+        reader = read_positions(plan.segments(self.epoch, self.rank), np.sort(chosen, axis=None))
+        pending: dict[int, dict[str, Any] | str] = {}  # read, not yet batched: about shuffle_buffer / workers
+        spare: list[dict[str, Any]] = []
+        for batch_index, positions in zip(mine, chosen):
+            raws = []
+            for position in positions.tolist():
+                while position not in pending:
+                    got, raw = next(reader)
+                    pending[got] = raw
+                raws.append(pending.pop(position))
+            seeds = [sample_seed(plan.seed, self.epoch, self.rank, batch_index * size + i) for i in range(size)]
+            yield decode_batch(self.task, raws, seeds, spare)
 
 
 def _identity(item: Any) -> Any:

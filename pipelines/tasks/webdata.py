@@ -21,7 +21,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Container, Iterable, Iterator
 
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
@@ -53,11 +53,12 @@ class TarSample:
     ordinal: int = 0  # the sample's number in its tar, from 0
 
 
-def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None) -> Iterator[TarSample]:
+def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None,
+              wanted: Container[int] | None = None) -> Iterator[TarSample]:
     """The samples of a tar stream, in order: runs of members sharing a key (webdataset's rule), numbered from 0.
 
-    Samples before `start` are walked over without reading their data (seeked past where the file can seek);
-    the stream ends before sample `stop`. A broken tar raises where it breaks (`tarfile.TarError`, `EOFError`,
+    Samples before `start`, and those whose number is not in `wanted` (when given), are walked over without
+    reading their data (seeked past where the file can seek); the stream ends before sample `stop`. A broken tar raises where it breaks (`tarfile.TarError`, `EOFError`,
     `OSError`): the sample being read then is never yielded, the ones before it were. Every reader of samples
     goes through here and decides what a broken tar means for it (`iter_tar`, `iter_tar_samples`,
     `train_data.iter_tar_samples`)."""
@@ -70,7 +71,8 @@ def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None) -> It
             current_key, ordinal = key, ordinal + 1
             if stop is not None and ordinal >= stop:
                 return
-            sample = TarSample(key, {}, {}, ordinal) if ordinal >= start else None
+            chosen = ordinal >= start and (wanted is None or ordinal in wanted)
+            sample = TarSample(key, {}, {}, ordinal) if chosen else None
         if sample is not None:
             sample.members[extension] = member.read()
             sample.offsets[extension] = member.offset

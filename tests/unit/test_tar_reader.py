@@ -127,6 +127,12 @@ def test_every_sample_reader_groups_the_same_way_and_keeps_its_contract_on_a_bro
     window = list(webdata.group_tar(counting, start=4, stop=5))
     assert [(s.ordinal, s.key) for s in window] == [(4, "0004")] and window[0].members == whole[4].members
     assert counting.read_bytes < 512 * 16 + 3 * 512
+    # Chosen samples: the others' headers are read, their data is not (a training loader worker's own samples).
+    counting = _CountingReads(raw)
+    chosen = list(webdata.group_tar(counting, wanted={1, 4}))
+    assert [(s.ordinal, s.key) for s in chosen] == [(1, "0001"), (4, "0004")]
+    assert [s.members for s in chosen] == [whole[1].members, whole[4].members]
+    assert counting.read_bytes < 512 * 18 + 2 * 3 * 512 + 2 * 512  # every header, two samples' data, the end
     path = tmp_path / "six.tar"
     path.write_bytes(raw)
     assert [s["__key__"] for s in train_data.iter_tar_samples(str(path), 2, 4)] == ["0002", "0003"]

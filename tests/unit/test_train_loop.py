@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from pipelines.tasks.train_data import (
     ShardRef,
     decode_batch,
     epoch_loader,
-    iter_positions,
+    output_positions,
+    read_positions,
+    sample_seed,
     write_scene_shards,
 )
 from pipelines.tasks.train_loop import LoopConfig, OptimConfig, TrainLoop, learning_rate, seed_everything
@@ -145,6 +148,83 @@ def test_stream_resume_continues_exactly_where_it_stopped(shard_dir: Path) -> No
     assert keys_of(RankStream(plan, KeyTask(), 0, 0)) != keys_of(RankStream(plan, KeyTask(), 0, 1))
 
 
+def reference_shuffle(items: Any, size: int, rng: random.Random) -> Any:
+    """webdataset's `shuffle(size)` buffer over the items themselves (the stream's shuffle before positions)."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(len(buffer))
+        buffer[index], item = item, buffer[index]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@pytest.mark.parametrize(("count", "size"), [(0, 5), (3, 10), (50, 0), (50, 1), (50, 2), (50, 50), (1000, 37)])
+def test_output_positions_are_the_shuffle_buffers_order(count: int, size: int) -> None:
+    expected = list(reference_shuffle(iter(range(count)), size, random.Random("buffer/7")))
+    assert output_positions(count, size, random.Random("buffer/7")).tolist() == expected
+
+
+def whole_stream_batches(stream: RankStream, worker: int, workers: int) -> list[Any]:
+    """The reader before positions: every worker read the rank's whole stream through the shuffle buffer and
+    decoded its own micro-batches."""
+    plan, size = stream.plan, stream.plan.batch_size
+    pieces = plan.segments(stream.epoch, stream.rank)
+    raws = [raw for _, raw in read_positions(pieces, range(plan.samples_per_rank))]
+    rng = random.Random(f"buffer/{plan.seed}/{stream.epoch}/{stream.rank}")
+    outputs = list(reference_shuffle(iter(raws), plan.shuffle_buffer, rng))
+    batches, spare = [], []
+    for batch in range(stream.skip + worker, len(outputs) // size, workers):
+        seeds = [sample_seed(plan.seed, stream.epoch, stream.rank, batch * size + i) for i in range(size)]
+        batches.append(decode_batch(stream.task, outputs[batch * size:(batch + 1) * size], seeds, spare))
+    return batches
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_each_worker_reads_only_its_samples_and_makes_the_same_batches(shard_dir: Path, tmp_path: Path,
+                                                                      resampled: bool) -> None:
+    broken = tmp_path / "broken.tar"  # cut mid-shard: its later positions are dropped with their reason
+    broken.write_bytes(Path(refs(shard_dir)[1].url).read_bytes()[:9000])
+    shards = refs(shard_dir) + (ShardRef(str(broken), 16), ShardRef(str(tmp_path / "gone.tar"), 16))
+    for world, batch, accum, buffer in ((1, 4, 1, 10), (2, 3, 2, 7), (1, 5, 1, 0), (2, 4, 1, 100)):
+        plan = DataPlan(shards=shards, world_size=world, batch_size=batch, grad_accum=accum, seed=5,
+                        shuffle_buffer=buffer, resampled=resampled)
+        for rank, epoch, skip, workers in ((0, 0, 0, 1), (world - 1, 1, 3, 1), (0, 2, 0, 3), (0, 1, 5, 2)):
+            stream = RankStream(plan, KeyTask(), rank, epoch, skip)
+            for worker in range(workers):
+                ours = [(m.batch, m.dropped) for m in stream.worker_batches(worker, workers)]
+                assert ours == [(m.batch, m.dropped) for m in whole_stream_batches(stream, worker, workers)]
+            assert sum(1 for _ in stream) == len(stream)
+
+
+def test_a_resumed_stream_does_not_open_the_shards_it_has_trained_on(shard_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copies = []
+    for number, shard in enumerate(refs(shard_dir) * 2):
+        copy = tmp_path / f"copy-{number}.tar"
+        shutil.copyfile(shard.url, copy)
+        copies.append(ShardRef(str(copy), shard.num_samples))
+    plan = DataPlan(shards=tuple(copies), world_size=1, batch_size=4, seed=3, shuffle_buffer=6)
+    full = keys_of(RankStream(plan, KeyTask(), 0, epoch=0))
+    skip = 14
+    rng = random.Random(f"buffer/{plan.seed}/0/0")
+    first_needed = int(output_positions(plan.samples_per_rank, plan.shuffle_buffer, rng)[skip * 4:].min())
+    trained_on = [shard.url for shard, _, _ in plan.segments(0, 0)][:first_needed // 16]
+    assert len(trained_on) >= 2
+    for shard_url in trained_on:
+        Path(shard_url).unlink()
+    resumed = list(RankStream(plan, KeyTask(), 0, epoch=0, skip=skip))
+    assert [key for micro in resumed for key in micro.batch["keys"]] == full[skip * 4:]
+    assert not any(micro.dropped for micro in resumed)  # nothing was asked of the deleted shards
+
+
 def test_loader_workers_do_not_change_the_order(shard_dir: Path) -> None:
     plan = DataPlan(shards=refs(shard_dir), world_size=1, batch_size=4, seed=7, shuffle_buffer=10)
     inline = keys_of(epoch_loader(plan, KeyTask(), 0, epoch=0, skip=2, num_workers=0))
@@ -155,13 +235,13 @@ def test_loader_workers_do_not_change_the_order(shard_dir: Path) -> None:
 def test_corrupt_and_missing_samples_are_dropped_and_counted(shard_dir: Path, tmp_path: Path) -> None:
     task = pretrain_task()
     first = refs(shard_dir)[0]
-    raws = list(iter_positions([(first, 0, 8)]))
+    raws = [raw for _, raw in read_positions([(first, 0, 8)], range(8))]
     micro = decode_batch(task, raws, list(range(8)))
     assert micro.dropped == {"undecodable_image": 1, "refilled": 1}  # sample 5 is corrupt; the batch is refilled
     assert micro.num_samples == 7 and micro.batch["image"].shape == (8, 3, 32, 32)
     broken = tmp_path / "broken.tar"
     broken.write_bytes(Path(first.url).read_bytes()[:3000])  # truncated mid-shard
-    positions = list(iter_positions([(ShardRef(str(broken), 16), 0, 16)]))
+    positions = [raw for _, raw in read_positions([(ShardRef(str(broken), 16), 0, 16)], range(16))]
     assert len(positions) == 16 and "unreadable_shard" in positions  # positions never shift
     empty = decode_batch(task, ["missing_from_shard"] * 4, [0] * 4)
     assert empty.batch is None and empty.dropped == {"missing_from_shard": 4}
