@@ -70,13 +70,13 @@ class KeyTask:
 def whole_stream_batches(stream: Any, worker: int, workers: int) -> Iterator[Any]:
     """The reader before: the rank's whole stream, every sample read, through a buffer of the samples themselves;
     the worker keeps micro-batches skip + worker, skip + worker + workers, ..."""
-    from pipelines.tasks.train_data import decode_batch, read_positions, sample_seed
+    from pipelines.tasks.train_data import decode_batch, read_positions, sample_seed, shuffled
 
     plan, size = stream.plan, stream.plan.batch_size
     rng = random.Random(f"buffer/{plan.seed}/{stream.epoch}/{stream.rank}")
     raws = (raw for _, raw in read_positions(plan.segments(stream.epoch, stream.rank), range(plan.samples_per_rank)))
     batch, spare = [], []
-    for index, raw in enumerate(shuffle_buffer(raws, plan.shuffle_buffer, rng)):
+    for index, raw in enumerate(shuffled(raws, plan.shuffle_buffer, rng)):
         number = index // size
         if number >= stream.skip and (number - stream.skip) % workers == worker:
             batch.append(raw)
@@ -84,19 +84,6 @@ def whole_stream_batches(stream: Any, worker: int, workers: int) -> Iterator[Any
             seeds = [sample_seed(plan.seed, stream.epoch, stream.rank, number * size + i) for i in range(size)]
             yield decode_batch(stream.task, batch, seeds, spare)
             batch = []
-
-
-def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(len(buffer))
-        buffer[index], item = item, buffer[index]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 def bytes_read() -> int:

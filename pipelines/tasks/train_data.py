@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import random
 import tarfile
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,24 +160,30 @@ def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any) -> Iter
         first += stop - start
 
 
-def output_positions(count: int, size: int, rng: random.Random) -> Any:
-    """The stream position each output of a seeded shuffle buffer of `size` items takes, in output order.
-
-    The buffer is webdataset's `shuffle(size)`: once full, each new item swaps with a random one, which is
-    output; at the end the rest is shuffled and output; size <= 1 keeps the order. Its draws depend only on how
-    many items it holds, so an epoch's order is known from the count alone (numpy int64, 8 bytes a position)."""
+def shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """A seeded shuffle buffer (webdataset `shuffle(size)`): once `size` items are held, each new item swaps
+    with a random one, which is output; at the end the rest is shuffled and output. size <= 1 keeps the order."""
     if size <= 1:
-        return np.arange(count, dtype=np.int64)
-    out = array("q", bytes(8 * count))
-    buffer = list(range(min(size, count)))
-    randrange, taken = rng.randrange, 0
-    for position in range(len(buffer), count):  # the buffer is full: it holds `size` items
-        index = randrange(size)
-        out[taken], buffer[index] = buffer[index], position
-        taken += 1
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(len(buffer))
+        buffer[index], item = item, buffer[index]
+        yield item
     rng.shuffle(buffer)
-    out[taken:] = array("q", buffer)
-    return np.frombuffer(out, dtype=np.int64)
+    yield from buffer
+
+
+def output_positions(count: int, size: int, rng: random.Random) -> Any:
+    """The stream position each output of `shuffled` takes, in output order (numpy int64, 8 bytes a position).
+
+    The buffer's draws depend only on how many items it holds, never on the items, so the order of an epoch's
+    samples is known from their count before any is read (4M positions, a 129M rank's epoch: ~1.4 s)."""
+    return np.fromiter(shuffled(iter(range(count)), size, rng), dtype=np.int64, count=count)
 
 
 def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:

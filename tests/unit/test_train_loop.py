@@ -20,6 +20,7 @@ from pipelines.tasks.train_data import (
     output_positions,
     read_positions,
     sample_seed,
+    shuffled,
     write_scene_shards,
 )
 from pipelines.tasks.train_loop import LoopConfig, OptimConfig, TrainLoop, learning_rate, seed_everything
@@ -148,27 +149,16 @@ def test_stream_resume_continues_exactly_where_it_stopped(shard_dir: Path) -> No
     assert keys_of(RankStream(plan, KeyTask(), 0, 0)) != keys_of(RankStream(plan, KeyTask(), 0, 1))
 
 
-def reference_shuffle(items: Any, size: int, rng: random.Random) -> Any:
-    """webdataset's `shuffle(size)` buffer over the items themselves (the stream's shuffle before positions)."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(len(buffer))
-        buffer[index], item = item, buffer[index]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 @pytest.mark.parametrize(("count", "size"), [(0, 5), (3, 10), (50, 0), (50, 1), (50, 2), (50, 50), (1000, 37)])
-def test_output_positions_are_the_shuffle_buffers_order(count: int, size: int) -> None:
-    expected = list(reference_shuffle(iter(range(count)), size, random.Random("buffer/7")))
-    assert output_positions(count, size, random.Random("buffer/7")).tolist() == expected
+def test_the_shuffle_buffer_is_a_permutation_that_holds_at_most_its_size(count: int, size: int) -> None:
+    order = output_positions(count, size, random.Random("buffer/7"))
+    assert sorted(order.tolist()) == list(range(count))
+    if size <= 1:
+        assert order.tolist() == list(range(count))
+    else:  # output k is drawn when item k + size arrives: nothing comes out earlier than that
+        assert all(position <= k + size for k, position in enumerate(order.tolist()))
+        assert order.tolist() != list(range(count)) or count <= 1
+    assert order.tolist() == list(shuffled(iter(range(count)), size, random.Random("buffer/7")))
 
 
 def whole_stream_batches(stream: RankStream, worker: int, workers: int) -> list[Any]:
@@ -178,7 +168,7 @@ def whole_stream_batches(stream: RankStream, worker: int, workers: int) -> list[
     pieces = plan.segments(stream.epoch, stream.rank)
     raws = [raw for _, raw in read_positions(pieces, range(plan.samples_per_rank))]
     rng = random.Random(f"buffer/{plan.seed}/{stream.epoch}/{stream.rank}")
-    outputs = list(reference_shuffle(iter(raws), plan.shuffle_buffer, rng))
+    outputs = list(shuffled(iter(raws), plan.shuffle_buffer, rng))
     batches, spare = [], []
     for batch in range(stream.skip + worker, len(outputs) // size, workers):
         seeds = [sample_seed(plan.seed, stream.epoch, stream.rank, batch * size + i) for i in range(size)]
