@@ -462,15 +462,15 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     reencoded_rows: list[np.ndarray] = []  # per output shard (Arrow and numpy arrays, not Python objects)
     reencoded_sha256: list[pa.Array] = []
     results = map_in_processes(write_output_shard, jobs(), workers)
-    for (split, _, rows), (path, count, offsets, sizes, reencoded) in tqdm(
+    for (_, _, rows), (entry, offsets, sizes, reencoded) in tqdm(
             zip(slices, results), total=len(slices), desc="writing shards", unit="shard", disable=len(slices) < 4):
         written.shard_of[rows] = len(written.shard_paths)
-        written.shard_paths.append(path)
+        written.shard_paths.append(entry["path"])
         written.jpg_offset[rows] = offsets
         written.jpg_bytes[rows] = sizes
         reencoded_rows.append(rows[np.fromiter(reencoded, dtype=np.int64, count=len(reencoded))])
         reencoded_sha256.append(pa.array(list(reencoded.values()), pa.string()))
-        entries.append({"path": path, "role": "shard", "split": split, "num_samples": count})
+        entries.append(entry)
     every_row = np.concatenate(reencoded_rows) if reencoded_rows else np.zeros(0, dtype=np.int64)
     by_row = np.argsort(every_row)
     written.reencoded_rows = every_row[by_row]
@@ -509,10 +509,11 @@ def _split_codes(splits: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
 
 
 def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: pa.Table,
-                       sources: dict[str, str]) -> tuple[str, int, list[int], list[int], dict[int, str]]:  # fmt: skip
+                       sources: dict[str, str]) -> tuple[dict[str, Any], list[int], list[int], dict[int, str]]:  # fmt: skip
     """Write `shards/{split}-{index:06d}.tar` from `chunk` (records of one output shard, in order), reading each
-    image from its raw shard (`sources`: path -> URL). Returns the path, its sample count, each record's `.jpg`
-    offset and size in it, and the sha256 of each re-encoded image (by position in `chunk`)."""
+    image from its raw shard (`sources`: path -> URL). Returns its file entry (path, samples, and the sha256 and
+    bytes hashed as written), each record's `.jpg` offset and size in it, and the sha256 of each re-encoded
+    image (by position in `chunk`)."""
     from pipelines.tasks.webdata import TarShardWriter
 
     handles: dict[str, Any] = {}
@@ -530,7 +531,9 @@ def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chu
         for handle in handles.values():
             handle.close()
     path, count = writer.shards[0]
-    return path, count, offsets, sizes, reencoded
+    sha256, size = writer.digests[path]
+    entry = {"path": path, "role": "shard", "split": split, "num_samples": count, "sha256": sha256, "bytes": size}
+    return entry, offsets, sizes, reencoded
 
 
 def _read_jpg(sources: dict[str, str], record: dict[str, Any], handles: dict[str, Any], cfg: ShardConfig) -> bytes:
@@ -606,8 +609,10 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
         input_counts = {**input_counts, "duplicate_key": repeated}
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
+    # The shards' digests were taken by the processes that wrote them: at 129M, ~7 TB that the publish would
+    # otherwise read again in this one process (hours); `blip data verify` recomputes them.
     return registry.publish(
-        kind="dataset", name=name, staging_dir=stage, producer=producer, parents=[parent],
+        kind="dataset", name=name, staging_dir=stage, producer=producer, parents=[parent], digests_from_writer=True,
         files=[*shard_entries, {"path": INDEX_FILE, "role": "index"}],
         splits=summary["splits"], counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                                           "dropped": summary["counts"]["dropped"], **input_counts},

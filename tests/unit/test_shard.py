@@ -123,6 +123,10 @@ def test_index_points_into_tars(raw_version):
         assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
         assert Image.open(io.BytesIO(data)).mode == "RGB"
     assert {row["caption_source"] for row in index} == {"web"}
+    # The shards' digests come from the writer processes (not read again at publish): verify recomputes them.
+    from datasets_manifests.ops import verify
+
+    assert all(entry.sha256 and entry.bytes for entry in out.shards()) and verify(registry, out.ref) == []
 
 
 def test_rerun_is_noop_and_output_deterministic(raw_version, tmp_path):
@@ -235,6 +239,9 @@ def test_writer_offsets_and_atomic_names(tmp_path):
         assert list(tmp_path.glob("shards/.train-000002.tar.tmp"))  # the open shard is not visible yet
     assert [p for p, _ in writer.shards] == [f"shards/train-{i:06d}.tar" for i in range(3)]
     assert not list(tmp_path.glob("shards/.*"))
+    for path, _ in writer.shards:  # hashed as written
+        data = (tmp_path / path).read_bytes()
+        assert writer.digests[path] == (hashlib.sha256(data).hexdigest(), len(data))
     for i, (path, offset, size) in enumerate(places):
         with open(tmp_path / path, "rb") as handle:
             handle.seek(offset)
