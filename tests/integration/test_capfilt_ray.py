@@ -356,6 +356,12 @@ def test_remote_registry_stages_shards_in_its_store_and_publishes_them_there(tmp
         finish_shard(shared, shard, _fake_results(_shard_keys(shard.index)), config, refs)
     fs, root = registry.fs, registry.fs._strip_protocol(shared)
     assert all(fs.exists(f"{root}/{marker_relpath(s)}") and fs.exists(f"{root}/{s.path}") for s in shards)
+    assert capfilt.pending_shards(shared, shards) == []  # found by one listing of the work prefix
+    tar = fs.cat_file(f"{root}/{shards[1].path}")
+    fs.rm(f"{root}/{shards[1].path}")  # a marker without its tar (a publish killed mid-move): redone
+    assert capfilt.pending_shards(shared, shards) == [shards[1]]
+    fs.pipe(f"{root}/{shards[1].path}", tar)
+    assert capfilt.pending_shards(f"{shared}/nothing-yet", shards) == shards
     manifest = capfilt._publish(registry, config, "k-remote", shared, shards, "remote-capfilt", "t0",
                                 {"images": 6}, [dataset, captioner, filter_model])  # fmt: skip
     assert [e.path for e in manifest.shards()] == [s.path for s in shards]
