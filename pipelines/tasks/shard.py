@@ -26,6 +26,7 @@ import io
 import json
 import random
 import re
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,21 +113,37 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     started = now_utc()
     work = registry.work_dir(key)
     stage, records_path = work / "stage", work / RECORDS_FILE
-    if stage.exists():  # a crashed run: this stage is cheap next to the download, so start clean
-        import shutil
-
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    # The output shards (terabytes at 129M) go where the registry keeps them: its own disk for a local registry,
+    # its store's work prefix for a remote one (the publish then copies them inside the store), never this
+    # machine's temporary disk. The index is written in `stage` either way.
+    out = str(stage) if registry.is_local else registry.shared_work_url(key)
+    _start_clean(stage, out)  # a crashed run: this stage is cheap next to the download, so start clean
     input_counts = _scan(cfg, registry, parent, records_path)
     records = read_spilled([records_path], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
-    shard_entries, written = _write_shards(cfg, registry, parent, records, decision, stage)
-    manifest = _publish(cfg, registry, parent, name, key, started, stage, records, decision, written, shard_entries,
-                        input_counts)  # fmt: skip
+    shard_entries, written = _write_shards(cfg, registry, parent, records, decision, out)
+    manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
+                        shard_entries, input_counts)  # fmt: skip
     del records  # the memory map, before its file goes
     records_path.unlink()
+    if out != str(stage):
+        _start_clean(stage, out)  # the store's copies are the version's now
     return manifest
+
+
+def _start_clean(stage: Path, out: str) -> None:
+    """Remove what a run left in `stage` and in `out` (the shards' folder, a URL for a remote registry)."""
+    import shutil
+
+    from datasets_manifests.filesystems import url_to_fs
+
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    if out != str(stage):
+        fs, root = url_to_fs(out)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
 
 
 @contextlib.contextmanager
@@ -434,7 +451,7 @@ class Written:
 
 
 def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: pa.Table, decision: Decision,
-                  stage: Path) -> tuple[list[dict[str, Any]], Written]:  # fmt: skip
+                  out: str) -> tuple[list[dict[str, Any]], Written]:  # fmt: skip
     """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards.
 
     Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
@@ -452,7 +469,7 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
         for split, index, rows in slices:
             chunk = pass2_columns.take(rows)
             sources = {path: urls[path] for path in pc.unique(chunk.column("source_shard")).to_pylist()}
-            yield cfg, str(stage), split, index, chunk, sources
+            yield cfg, out, split, index, chunk, sources
 
     kept_bytes = int(pc.sum(records.column("source_bytes").filter(decision.kept)).as_py() or 0)
     workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices))
@@ -508,32 +525,40 @@ def _split_codes(splits: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
     return names, codes
 
 
-def write_output_shard(cfg: ShardConfig, stage: str, split: str, index: int, chunk: pa.Table,
+def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk: pa.Table,
                        sources: dict[str, str]) -> tuple[dict[str, Any], list[int], list[int], dict[int, str]]:  # fmt: skip
-    """Write `shards/{split}-{index:06d}.tar` from `chunk` (records of one output shard, in order), reading each
-    image from its raw shard (`sources`: path -> URL). Returns its file entry (path, samples, and the sha256 and
-    bytes hashed as written), each record's `.jpg` offset and size in it, and the sha256 of each re-encoded
-    image (by position in `chunk`)."""
-    from pipelines.tasks.webdata import TarShardWriter
+    """Write `{out}/shards/{split}-{index:06d}.tar` (`out` a folder or URL) from `chunk` (records of one output
+    shard, in order), reading each image from its raw shard (`sources`: path -> URL). Returns its file entry
+    (path, samples, and the sha256 and bytes hashed as written), each record's `.jpg` offset and size in it,
+    and the sha256 of each re-encoded image (by position in `chunk`)."""
+    from datasets_manifests.filesystems import url_to_fs
+    from pipelines.tasks.webdata import shard_name, write_tar
 
     handles: dict[str, Any] = {}
-    offsets, sizes, reencoded = [], [], {}
+    keys, reencoded = [], {}
+
+    def members() -> Iterator[tuple[str, bytes]]:  # one sample's bytes in memory at a time
+        for position, record in enumerate(chunk.to_pylist()):
+            jpg = _read_jpg(sources, record, handles, cfg)
+            if record["reencode"]:
+                reencoded[position] = record["image_sha256"]
+            if "." in record["key"] or "/" in record["key"]:  # webdataset splits member names at the first dot
+                raise ValueError(f"sample key {record['key']!r} must not contain '.' or '/'")
+            keys.append(record["key"])
+            for extension, data in _members(record, jpg).items():
+                yield f"{record['key']}.{extension}", data
+
+    path = shard_name(split, index)
+    fs, root = url_to_fs(out)
     try:
-        with TarShardWriter(stage, split, cfg.samples_per_shard, first_index=index) as writer:
-            for position, record in enumerate(chunk.to_pylist()):
-                jpg = _read_jpg(sources, record, handles, cfg)
-                if record["reencode"]:
-                    reencoded[position] = record["image_sha256"]
-                _, offset, size = writer.write(record["key"], _members(record, jpg))
-                offsets.append(offset)
-                sizes.append(size)
+        tar = write_tar(f"{root}/{path}", members(), fs, tar_format=tarfile.USTAR_FORMAT)
     finally:
         for handle in handles.values():
             handle.close()
-    path, count = writer.shards[0]
-    sha256, size = writer.digests[path]
-    entry = {"path": path, "role": "shard", "split": split, "num_samples": count, "sha256": sha256, "bytes": size}
-    return entry, offsets, sizes, reencoded
+    offsets, sizes = zip(*(tar.data_offsets[f"{key}.jpg"] for key in keys)) if keys else ((), ())
+    entry = {"path": path, "role": "shard", "split": split, "num_samples": len(keys), "sha256": tar.sha256,
+             "bytes": tar.bytes}  # fmt: skip
+    return entry, list(offsets), list(sizes), reencoded
 
 
 def _read_jpg(sources: dict[str, str], record: dict[str, Any], handles: dict[str, Any], cfg: ShardConfig) -> bytes:
@@ -599,7 +624,7 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
 
 
 def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
-             stage: Path, records: pa.Table, decision: Decision, written: Written,
+             stage: Path, out: str, records: pa.Table, decision: Decision, written: Written,
              shard_entries: list[dict[str, Any]], input_counts: dict[str, int]) -> Manifest:  # fmt: skip
     from datasets_manifests.index import INDEX_FILE, write_index_batches
 
@@ -613,6 +638,7 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
     # otherwise read again in this one process (hours); `blip data verify` recomputes them.
     return registry.publish(
         kind="dataset", name=name, staging_dir=stage, producer=producer, parents=[parent], digests_from_writer=True,
+        remote_staging=None if out == str(stage) else out,
         files=[*shard_entries, {"path": INDEX_FILE, "role": "index"}],
         splits=summary["splits"], counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                                           "dropped": summary["counts"]["dropped"], **input_counts},

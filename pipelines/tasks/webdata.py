@@ -160,24 +160,29 @@ def atomic_output(path: str | Path, fs: Any = None) -> Iterator[IO[bytes]]:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         yield handle
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the name appears: a published version survives a power cut
     os.replace(tmp, path)
 
 
-def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None) -> WrittenTar:
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None,
+              tar_format: int = tarfile.PAX_FORMAT) -> WrittenTar:
     """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names, put in place by `atomic_output`.
+    (`tar_format`: names that fit a ustar header give the same bytes in both formats; USTAR refuses the others.)
 
     `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
     and every member's data offset, taken while writing: the caller records them (registry entry, index
     offsets) without reading the file back.
     """
     with atomic_output(path, fs) as handle:
-        return _write_tar_stream(handle, members)
+        return _write_tar_stream(handle, members, tar_format)
 
 
-def _write_tar_stream(handle: IO[bytes], members: Iterable[tuple[str, bytes]]) -> WrittenTar:
+def _write_tar_stream(handle: IO[bytes], members: Iterable[tuple[str, bytes]],
+                      tar_format: int = tarfile.PAX_FORMAT) -> WrittenTar:  # fmt: skip
     offsets: dict[str, tuple[int, int]] = {}
     hashing = _HashingWriter(handle)
-    with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
+    with tarfile.open(fileobj=hashing, mode="w", format=tar_format) as tar:  # type: ignore[arg-type]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -242,9 +247,7 @@ class TarShardWriter:
     """Write samples into `{root}/shards/{split}-{i:06d}.tar`, `samples_per_shard` each, gap-free and atomic.
 
     A shard is written under a temporary name and renamed when full (or on close), so a reader never sees a
-    half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes). `digests`
-    holds each finished shard's (sha256, bytes), taken from the bytes as they were written: a publish can record
-    them without reading terabytes of shards again in one process (`Registry.publish(digests_from_writer=True)`).
+    half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes).
     """
 
     def __init__(self, root: str | Path, split: str, samples_per_shard: int, first_index: int = 0) -> None:
@@ -252,22 +255,16 @@ class TarShardWriter:
         self.split = split
         self.samples_per_shard = samples_per_shard
         self.shards: list[tuple[str, int]] = []  # (relative path, samples), in order
-        self.digests: dict[str, tuple[str, int]] = {}  # relative path -> (sha256, bytes) of each finished shard
         self._index = first_index  # > 0: one of several writers, each writing its own numbered shards
         self._count = 0
         self._archive: tarfile.TarFile | None = None
-        self._file: IO[bytes] | None = None
-        self._hashing: _HashingWriter | None = None
         self._tmp: Path | None = None
 
     def _open(self) -> None:
         final = self.root / shard_name(self.split, self._index)
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.tmp")
-        self._file = open(self._tmp, "wb")
-        self._hashing = _HashingWriter(self._file)
-        self._archive = tarfile.open(fileobj=self._hashing, mode="w",  # type: ignore[call-overload]
-                                     format=tarfile.USTAR_FORMAT)
+        self._archive = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
@@ -294,15 +291,12 @@ class TarShardWriter:
     def _finish(self) -> None:
         if self._archive is None or self._tmp is None:
             return
-        assert self._file is not None and self._hashing is not None
-        self._archive.close()  # writes the end-of-archive blocks through the hashing wrapper
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._archive.close()
         final = self.root / shard_name(self.split, self._index)
+        with open(self._tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(self._tmp, final)
         self.shards.append((shard_name(self.split, self._index), self._count))
-        self.digests[shard_name(self.split, self._index)] = (self._hashing.digest.hexdigest(), self._hashing.size)
         self._archive, self._tmp = None, None
         self._index += 1
 
@@ -319,8 +313,6 @@ class TarShardWriter:
             self.close()
         elif self._archive is not None and self._tmp is not None:
             self._archive.close()
-            if self._file is not None:
-                self._file.close()
             self._tmp.unlink(missing_ok=True)
 
 
