@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import benchmark_main, measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,11 +82,8 @@ def _same_rows(in_memory: Any, spilled: Any) -> bool:
     return in_memory.cast(spilled.schema).equals(spilled)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.side:
-        child(args)
-        return {}
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sides in fresh processes and print the comparison."""
     import pyarrow.parquet as pq
 
     from bench_browser_index import build
@@ -116,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     return report
 
+
+main = benchmark_main(parse_args, child, report)
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import benchmark_main, measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 CHUNK = 1 << 18
 
@@ -69,11 +69,8 @@ def child(args: argparse.Namespace) -> None:
     measure_side(directory, args.side, work)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.side:
-        child(args)
-        return {}
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sides in fresh processes and print the comparison."""
     with tempfile.TemporaryDirectory(prefix="bench-keys-") as tmp:
         directory = Path(tmp)
         repeated = write_keys(directory / "keys.arrow", args.rows)
@@ -91,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     return report
 
+
+main = benchmark_main(parse_args, child, report)
 
 if __name__ == "__main__":
     main()

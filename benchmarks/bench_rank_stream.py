@@ -29,7 +29,7 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import benchmark_main, measure_side, run_sides  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,11 +127,8 @@ def child(args: argparse.Namespace) -> None:
     measure_side(directory, args.side, work)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.side:
-        child(args)
-        return {}
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sides in fresh processes and print the comparison."""
     options = ["--shards", str(args.shards), "--per-shard", str(args.per_shard), "--sample-kib", str(args.sample_kib),
                "--shuffle-buffer", str(args.shuffle_buffer), "--batch-size", str(args.batch_size),
                "--workers", str(args.workers)]  # fmt: skip
@@ -162,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     return report
 
+
+main = benchmark_main(parse_args, child, report)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from peak_memory import AnonymousMemoryPeak, run_side  # noqa: E402  (benchmarks/ is the script's directory)
+from peak_memory import AnonymousMemoryPeak, benchmark_main, run_side  # noqa: E402  (the script's directory)
 
 PER_RAW_SHARD = 10_000
 
@@ -207,11 +207,8 @@ def child(args: argparse.Namespace) -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.side:
-        child(args)
-        return {}
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the sides in fresh processes and print the comparison."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-shard-driver-") as tmp:
         for side in ("dicts", "arrays"):
@@ -244,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(report, indent=2))
     return report
 
+
+main = benchmark_main(parse_args, child, report)
 
 if __name__ == "__main__":
     main()

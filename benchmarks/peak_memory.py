@@ -1,6 +1,6 @@
 """What the driver-memory benchmarks share: each side runs in a fresh process (`run_side`, `run_sides`), which
 samples its own peak anonymous memory (`AnonymousMemoryPeak`, `measure_side`), so one side's heap never counts
-against the other's."""
+against the other's; `benchmark_main` is their `main`."""
 
 from __future__ import annotations
 
@@ -68,3 +68,18 @@ def run_sides(script: str, sides: tuple[str, ...], directory: Path, *arguments: 
         run_side(script, side, "--dir", str(directory), *arguments)
         results[side] = json.loads((directory / f"{side}.json").read_text())
     return results
+
+
+def benchmark_main(parse_args: Callable[[list[str] | None], Any], child: Callable[[Any], None],
+                   report: Callable[[Any], dict[str, Any]]) -> Callable[[list[str] | None], dict[str, Any]]:
+    """A side-by-side benchmark's `main(argv)`: in a side's fresh process (`--side`, started by `run_side`) it
+    runs `child(args)`; in the parent, `report(args)`, which runs the sides and prints the comparison."""
+
+    def main(argv: list[str] | None = None) -> dict[str, Any]:
+        args = parse_args(argv)
+        if args.side:
+            child(args)
+            return {}
+        return report(args)
+
+    return main
