@@ -525,8 +525,8 @@ def _split_codes(splits: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
     return names, codes
 
 
-def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk: pa.Table,
-                       sources: dict[str, str]) -> tuple[dict[str, Any], list[int], list[int], dict[int, str]]:  # fmt: skip
+def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk: pa.Table, sources: dict[str, str]
+                       ) -> tuple[dict[str, Any], list[int], list[int], dict[int, str]]:  # fmt: skip
     """Write `{out}/shards/{split}-{index:06d}.tar` (`out` a folder or URL) from `chunk` (records of one output
     shard, in order), reading each image from its raw shard (`sources`: path -> URL). Returns its file entry
     (path, samples, and the sha256 and bytes hashed as written), each record's `.jpg` offset and size in it,

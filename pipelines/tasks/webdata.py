@@ -58,10 +58,10 @@ def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None,
     """The samples of a tar stream, in order: runs of members sharing a key (webdataset's rule), numbered from 0.
 
     Samples before `start`, and those whose number is not in `wanted` (when given), are walked over without
-    reading their data (seeked past where the file can seek); the stream ends before sample `stop`. A broken tar raises where it breaks (`tarfile.TarError`, `EOFError`,
-    `OSError`): the sample being read then is never yielded, the ones before it were. Every reader of samples
-    goes through here and decides what a broken tar means for it (`iter_tar`, `iter_tar_samples`,
-    `train_data.iter_tar_samples`)."""
+    reading their data (seeked past where the file can seek); the stream ends before sample `stop`. A broken tar
+    raises where it breaks (`tarfile.TarError`, `EOFError`, `OSError`): the sample being read then is never
+    yielded, the ones before it were. Every reader of samples goes through here and decides what a broken tar
+    means for it (`iter_tar`, `iter_tar_samples`, `train_data.iter_tar_samples`, `train_data.read_positions`)."""
     current_key, sample, ordinal = None, None, -1
     for member in iter_tar_members(fileobj):
         key, extension = split_key(member.name)
@@ -168,11 +168,11 @@ def atomic_output(path: str | Path, fs: Any = None) -> Iterator[IO[bytes]]:
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None,
               tar_format: int = tarfile.PAX_FORMAT) -> WrittenTar:
     """A deterministic tar: fixed order, mtime 0, uid/gid 0, no user names, put in place by `atomic_output`.
-    (`tar_format`: names that fit a ustar header give the same bytes in both formats; USTAR refuses the others.)
 
     `members` may be a generator (streamed: one member in memory at a time). Returns the file's sha256 and size
     and every member's data offset, taken while writing: the caller records them (registry entry, index
-    offsets) without reading the file back.
+    offsets) without reading the file back. `tar_format`: names that fit a ustar header give the same bytes in
+    both formats; USTAR refuses the others (the shard stage's format).
     """
     with atomic_output(path, fs) as handle:
         return _write_tar_stream(handle, members, tar_format)
