@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -193,11 +194,14 @@ def test_crash_mid_publish_leaves_no_version_and_retry_works(registry, tmp_path,
     staging = tmp_path / "staging"
     files = stage_files(staging, {"a.bin": b"a" * 100, "b.bin": b"b" * 100, "c.bin": b"c" * 100})
     calls = {"n": 0}
+    lock = threading.Lock()  # a remote publish uploads in threads
 
     def fail_after_first(original):
         def wrapper(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] > 1:
+            with lock:
+                calls["n"] += 1
+                number = calls["n"]
+            if number > 1:
                 raise OSError("injected crash while publishing")
             return original(*args, **kwargs)
         return wrapper
@@ -329,7 +333,6 @@ def test_local_paths_never_leave_the_registry_through_symlinks(tmp_path):
 
 
 def test_in_threads_keeps_the_order_and_stops_at_the_first_error():
-    import threading
     import time
 
     from datasets_manifests.registry import in_threads
