@@ -1,7 +1,9 @@
 """The bookkeeping round trips of a run on object storage, on a store that waits on every request: CapFilt finding
 the shards left to do (`capfilt.pending_shards`: one listing of its work prefix, vs two `exists` a shard, the loop
-before) and the publish of a version whose shards are staged in the store (`Registry.publish`: `REMOTE_THREADS`
-copies and checks at a time, vs one after the other, the publish before), side by side on the same files.
+before), the publish of a version whose shards are staged in the store (`Registry.publish`: `REMOTE_THREADS`
+copies and checks at a time, vs one after the other, the publish before), and resolving a name with many versions
+(`Registry.versions`: their manifests read `REMOTE_THREADS` at a time, vs an `exists` and a read each, one after
+the other), side by side on the same files.
 
 No object store can be reached here: the store is fsspec's memory filesystem with `--latency-ms` added to every
 request (a stat, a listing of up to 1,000 keys, a copy, a read, a write; S3's first-byte latency is ~10-30 ms).
@@ -18,6 +20,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -80,12 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=300, help="shards staged in the store (13k at 129M)")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="wait added to every request")
+    parser.add_argument("--versions", type=int, default=40, help="versions of the name resolved")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import tempfile
-
     import fsspec
 
     from datasets_manifests import registry as registry_module
@@ -106,6 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fs.pipe(f"{root}/{path}", data)
         fs.pipe(f"{root}/{marker_relpath(shards[-1])}", b"{}")
         files.append({"path": path, "role": "shard", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    for number in range(args.versions):  # a name published many times (one small file each)
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as version_dir:
+            (Path(version_dir) / "stats.json").write_text(json.dumps({"run": number}))
+            registry.publish(kind="dataset", name="many", staging_dir=version_dir, files=[{"path": "stats.json"}],
+                             producer=Producer(stage="bench"))  # fmt: skip
     pending_shards(shared, shards)  # its imports, outside the timing
     SlowMemoryFileSystem.latency_s = args.latency_ms / 1000
 
@@ -117,6 +124,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stat_loop_s, stat_loop = timed(lambda: [s for s in shards if not (
         fs.exists(f"{root}/{marker_relpath(s)}") and fs.exists(f"{root}/{s.path}"))])  # fmt: skip
     listing_s, listing = timed(lambda: pending_shards(shared, shards))
+
+    def versions_one_by_one() -> list[Any]:  # Registry.versions before
+        base, found = f"{registry.root}/datasets/many", []
+        for path in fs.ls(base, detail=False):
+            manifest_path = f"{path.rstrip('/')}/manifest.json"
+            if fs.exists(manifest_path):
+                found.append(registry._read_manifest(manifest_path))
+        return sorted(found, key=registry_module._version_sort_key)
+
+    versions_loop_s, versions_loop = timed(versions_one_by_one)
+    versions_threads_s, versions_threads = timed(lambda: registry.versions("dataset", "many"))
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as staging:
         def publish(name: str) -> Any:
@@ -140,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ratio": round(stat_loop_s / listing_s, 1)},
         "publish": {"one_by_one_s": round(sequential_s, 2), "threads_s": round(threaded_s, 2),
                     "ratio": round(sequential_s / threaded_s, 1)},
+        "versions": {"count": args.versions, "same": [m.id for m in versions_loop] == [m.id for m in versions_threads],
+                     "one_by_one_s": round(versions_loop_s, 3), "threads_s": round(versions_threads_s, 3),
+                     "ratio": round(versions_loop_s / versions_threads_s, 1)},
         "at_13k_shards_min": {name: round(seconds * 12_900 / 60, 1) for name, seconds in per_shard.items()},
     }  # fmt: skip
     print(json.dumps(report, indent=2))

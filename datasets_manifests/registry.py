@@ -195,7 +195,7 @@ class Registry:
         base = f"{self.root}/{kind}s/{name}"
         if not self.fs.exists(base):
             return []
-        found = []
+        paths = []
         for path in self.fs.ls(base, detail=False):
             manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
             try:
@@ -203,9 +203,17 @@ class Registry:
             except OutsideRegistryError as error:  # one bad symlink must not hide the other versions
                 log.warning("%s; skipped", error)
                 continue
-            if self.fs.exists(manifest_path):
-                found.append(self._read_manifest(manifest_path))
-        return sorted(found, key=_version_sort_key)
+            paths.append(manifest_path)
+
+        def read(manifest_path: str) -> Manifest | None:
+            try:
+                return self._read_manifest(manifest_path)
+            except FileNotFoundError:  # a version being published: invisible until its manifest is written
+                return None
+
+        # On an object store each read waits on the network (and `resolve` reads every version of a name).
+        found = in_threads(read, paths, 1 if self.is_local else REMOTE_THREADS)
+        return sorted((manifest for manifest in found if manifest is not None), key=_version_sort_key)
 
     def list(self, kind: str | None = None) -> list[Manifest]:
         kinds = [kind] if kind else list(KINDS)
