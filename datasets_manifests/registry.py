@@ -196,8 +196,10 @@ class Registry:
         if not self.fs.exists(base):
             return []
         paths = []
-        for path in self.fs.ls(base, detail=False):
-            manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
+        for entry in self.fs.ls(base, detail=True):
+            if entry.get("type") == "file":  # a stray file beside the versions (a symlink is checked below)
+                continue
+            manifest_path = f"{entry['name'].rstrip('/')}/{MANIFEST_NAME}"
             try:
                 self.check_inside(manifest_path, manifest_path)
             except OutsideRegistryError as error:  # one bad symlink must not hide the other versions
@@ -208,8 +210,8 @@ class Registry:
         def read(manifest_path: str) -> Manifest | None:
             try:
                 return self._read_manifest(manifest_path)
-            except FileNotFoundError:  # a version being published: invisible until its manifest is written
-                return None
+            except (FileNotFoundError, NotADirectoryError):  # a version being published (invisible until its
+                return None  # manifest is written), or a symlink to a file
 
         # On an object store each read waits on the network (and `resolve` reads every version of a name).
         found = in_threads(read, paths, 1 if self.is_local else REMOTE_THREADS)

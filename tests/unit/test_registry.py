@@ -56,6 +56,10 @@ def test_publish_and_resolve_every_ref_form(registry, tmp_path):
     assert registry.resolve("toy") == second
     assert registry.resolve(f"toy@{first.id[:8]}") == first
     assert [m.version for m in registry.versions("dataset", "toy")] == ["v1", "v2"]
+    registry.fs.pipe(f"{registry.root}/datasets/toy/notes.txt", b"a stray file beside the versions")
+    registry.fs.makedirs(f"{registry.root}/datasets/toy/v3", exist_ok=True)  # being published: no manifest yet
+    registry.fs.pipe(f"{registry.root}/datasets/toy/v3/x.bin", b"three")
+    assert [m.version for m in registry.versions("dataset", "toy")] == ["v1", "v2"]
     with registry.open(second, "sub/y.bin") as handle:
         assert handle.read() == b"why"
     assert second.producer.code_version and second.producer.finished_at
