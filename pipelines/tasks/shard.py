@@ -109,6 +109,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     key = cache_key(STAGE, [parent.id], config_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
+        _remove_leftovers(registry, key)  # a run stopped between its publish and its clean-up
         return cached
     started = now_utc()
     work = registry.work_dir(key)
@@ -126,10 +127,22 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
                         shard_entries, input_counts)  # fmt: skip
     del records  # the memory map, before its file goes
-    records_path.unlink()
-    if out != str(stage):
-        _start_clean(stage, out)  # the store's copies are the version's now
+    _remove_leftovers(registry, key)  # the records, and the staged shards whose copies are the version's now
     return manifest
+
+
+def _remove_leftovers(registry: Registry, key: str) -> None:
+    """A run's work dir (its records file: ~45 GB at 129M) and, with a remote registry, its work prefix in the store
+    (the staged shards: terabytes), once the version is published."""
+    import shutil
+
+    from datasets_manifests.filesystems import url_to_fs
+
+    shutil.rmtree(registry.work_dir(key), ignore_errors=True)
+    if not registry.is_local:
+        fs, root = url_to_fs(registry.shared_work_url(key))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
 
 
 def _start_clean(stage: Path, out: str) -> None:
