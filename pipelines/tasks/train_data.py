@@ -36,7 +36,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import numpy as np
 import torch.utils.data
@@ -119,15 +119,17 @@ class DataPlan:
 # ---------------------------------------------------------------------------------------------- raw reading
 
 
-def iter_tar_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples number `start` .. `stop`-1 of a webdataset tar, streamed; earlier samples are not read out.
+def iter_tar_samples(url: str, start: int = 0, stop: int | None = None,
+                     wanted: Container[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples number `start` .. `stop`-1 of a webdataset tar (only those in `wanted`, when given), streamed; the
+    others are not read out.
 
     Each sample is {"__key__": key, ext: bytes, ...}. Raises OSError/tarfile.ReadError on a broken tar.
     """
     import fsspec
 
     with fsspec.open(url, "rb") as handle:
-        for sample in group_tar(handle, start, stop):
+        for sample in group_tar(handle, start, stop, wanted):
             yield {"__key__": sample.key, **sample.members}
 
 
@@ -138,25 +140,20 @@ def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any) -> Iter
     A piece holding no needed position is never opened; in an opened shard, reading starts at the first
     needed sample and stops after the last, and the samples between that are not needed are walked over with
     their data unread."""
-    import fsspec
-
     first = 0
     for shard, start, stop in pieces:
         low, high = np.searchsorted(needed, [first, first + stop - start])
         if low < high:
             ordinals = (np.asarray(needed[low:high]) - first + start).tolist()
-            found: set[int] = set()
-            reason = "missing_from_shard"
-            try:
-                with fsspec.open(shard.url, "rb") as handle:
-                    for sample in group_tar(handle, ordinals[0], ordinals[-1] + 1, wanted=set(ordinals)):
-                        found.add(sample.ordinal)
-                        yield first + sample.ordinal - start, {"__key__": sample.key, **sample.members}
+            produced, reason = 0, "missing_from_shard"
+            try:  # the wanted samples come in order, and a short or broken tar loses the last ones
+                for raw in iter_tar_samples(shard.url, ordinals[0], ordinals[-1] + 1, wanted=set(ordinals)):
+                    yield first + ordinals[produced] - start, raw
+                    produced += 1
             except (OSError, tarfile.TarError, EOFError):
                 reason = "unreadable_shard"
-            for ordinal in ordinals:
-                if ordinal not in found:
-                    yield first + ordinal - start, reason
+            for ordinal in ordinals[produced:]:
+                yield first + ordinal - start, reason
         first += stop - start
 
 

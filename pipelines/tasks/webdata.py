@@ -61,7 +61,7 @@ def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None,
     reading their data (seeked past where the file can seek); the stream ends before sample `stop`. A broken tar
     raises where it breaks (`tarfile.TarError`, `EOFError`, `OSError`): the sample being read then is never
     yielded, the ones before it were. Every reader of samples goes through here and decides what a broken tar
-    means for it (`iter_tar`, `iter_tar_samples`, `train_data.iter_tar_samples`, `train_data.read_positions`)."""
+    means for it (`iter_tar`, `iter_tar_samples`, `train_data.iter_tar_samples`, which `read_positions` reads)."""
     current_key, sample, ordinal = None, None, -1
     for member in iter_tar_members(fileobj):
         key, extension = split_key(member.name)
