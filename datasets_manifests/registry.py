@@ -183,6 +183,20 @@ class Registry:
             return str(self.work_dir(key))
         return self.fs.unstrip_protocol(f"{self.root}/.work/{key}")
 
+    def remove_work(self, key: str) -> list[str]:
+        """Remove a stage run's `work_dir` and, for a remote registry, its `shared_work_url` prefix in the store
+        (terabytes of staged shards at scale), once its version is published; returns those that held something."""
+        work, removed = self.work_dir(key), []
+        if any(work.iterdir()):
+            removed.append(str(work))
+        shutil.rmtree(work, ignore_errors=True)
+        if not self.is_local:
+            prefix = f"{self.root}/.work/{key}"
+            if self.fs.exists(prefix):
+                self.fs.rm(prefix, recursive=True)
+                removed.append(self.fs.unstrip_protocol(prefix))
+        return removed
+
     # ------------------------------------------------------------------ reading
     def names(self, kind: str) -> list[str]:
         base = f"{self.root}/{kind}s"

@@ -419,17 +419,8 @@ def _remove_leftover_work(registry: Registry, key: str) -> None:
     """A run stopped after its publish and before its clean-up left its work dir (and, with a remote registry, its
     work prefix in the store: terabytes of staged shards at scale). The version exists, so the rerun that finds
     it removes them."""
-    import shutil
-
-    work = registry.work_dir(key)  # (re)created by the call: empty unless a run left it
-    if any(work.iterdir()):
-        log.info("capfilt: removing %s, left by a run stopped after its publish", work)
-    shutil.rmtree(work, ignore_errors=True)
-    if not registry.is_local:
-        fs, root = _url_to_fs(registry.shared_work_url(key))
-        if fs.exists(root):
-            log.info("capfilt: removing %s, left by a run stopped after its publish", root)
-            fs.rm(root, recursive=True)
+    for place in registry.remove_work(key):
+        log.info("capfilt: removed %s, left by a run stopped after its publish", place)
 
 
 def _model_source(registry: Registry, manifest: Manifest, kinds: tuple[str, ...]) -> dict[str, Any]:
@@ -696,8 +687,6 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
 
     The merged index, texts and stats are written to this machine's work dir; the shards are published from
     `shared` where the writer tasks left them (a remote registry copies them inside its store)."""
-    import shutil
-
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -766,7 +755,5 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
                   "training_texts": "one sample per image: json.captions lists every kept text (web + synthetic, "
                                     "the BLIP union); a reader may sample one per step; txt = best kept text"},
     )  # fmt: skip
-    shutil.rmtree(work, ignore_errors=True)
-    if not registry.is_local:  # the shared work prefix inside the store
-        fs.rm(root, recursive=True)
+    registry.remove_work(key)  # the merged files here, and the shared work prefix inside a remote store
     return manifest

@@ -109,7 +109,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     key = cache_key(STAGE, [parent.id], config_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
-        _remove_leftovers(registry, key)  # a run stopped between its publish and its clean-up
+        registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
     work = registry.work_dir(key)
@@ -118,7 +118,8 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     # its store's work prefix for a remote one (the publish then copies them inside the store), never this
     # machine's temporary disk. The index is written in `stage` either way.
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
-    _start_clean(stage, out)  # a crashed run: this stage is cheap next to the download, so start clean
+    registry.remove_work(key)  # a crashed run's: this stage is cheap next to the download, so start clean
+    stage.mkdir(parents=True)
     input_counts = _scan(cfg, registry, parent, records_path)
     records = read_spilled([records_path], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
@@ -127,36 +128,8 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
                         shard_entries, input_counts)  # fmt: skip
     del records  # the memory map, before its file goes
-    _remove_leftovers(registry, key)  # the records, and the staged shards whose copies are the version's now
+    registry.remove_work(key)  # the records (~45 GB at 129M), and staged shards whose copies are the version's now
     return manifest
-
-
-def _remove_leftovers(registry: Registry, key: str) -> None:
-    """A run's work dir (its records file: ~45 GB at 129M) and, with a remote registry, its work prefix in the store
-    (the staged shards: terabytes), once the version is published."""
-    import shutil
-
-    from datasets_manifests.filesystems import url_to_fs
-
-    shutil.rmtree(registry.work_dir(key), ignore_errors=True)
-    if not registry.is_local:
-        fs, root = url_to_fs(registry.shared_work_url(key))
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-
-
-def _start_clean(stage: Path, out: str) -> None:
-    """Remove what a run left in `stage` and in `out` (the shards' folder, a URL for a remote registry)."""
-    import shutil
-
-    from datasets_manifests.filesystems import url_to_fs
-
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    if out != str(stage):
-        fs, root = url_to_fs(out)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
 
 
 @contextlib.contextmanager
