@@ -507,10 +507,17 @@ def in_threads(work: Callable[[_Item], _Result], items: Iterable[_Item], threads
         yield from (work(item) for item in items)
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        window: deque[Future[_Result]] = deque()
-        for item in items:
-            window.append(pool.submit(work, item))
-            if len(window) >= threads:
-                yield window.popleft().result()
-        while window:
+        yield from in_order(lambda item: pool.submit(work, item), items, threads)
+
+
+def in_order(submit: Callable[[_Item], Future[_Result]], items: Iterable[_Item], ahead: int) -> Iterator[_Result]:
+    """The results of `submit(item)` (an executor's future) for every item, in the items' order, with at most
+    `ahead` submitted and not yet taken: items are submitted only as results are taken (`Executor.map` submits
+    them all at once). `in_threads` and `pipelines.runtime.map_in_processes` run on it."""
+    window: deque[Future[_Result]] = deque()
+    for item in items:
+        window.append(submit(item))
+        if len(window) >= ahead:
             yield window.popleft().result()
+    while window:
+        yield window.popleft().result()

@@ -104,18 +104,13 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
     worker are submitted ahead (`Executor.map` would pickle every job's arguments at once).
     """
     import multiprocessing
-    from collections import deque
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
+
+    from datasets_manifests.registry import in_order
 
     if workers <= 1:
         yield from (function(*job) for job in jobs)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque[Future[Any]] = deque()
-        for job in jobs:
-            pending.append(pool.submit(function, *job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        yield from in_order(lambda job: pool.submit(function, *job), jobs, 2 * workers)
