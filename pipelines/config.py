@@ -123,9 +123,18 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def config_hash(config: Any) -> str:
-    """sha256 of the canonical JSON form of a config (first 16 hex digits)."""
-    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+def config_hash(config: Any, leave_out: tuple[str, ...] = ()) -> str:
+    """sha256 of the canonical JSON form of a config (first 16 hex digits), without the `leave_out` keys
+    (dotted: "data.shard_cache_dir")."""
+    plain = to_dict(config)
+    for dotted in leave_out:
+        *parents, name = dotted.split(".")
+        owner = plain
+        for parent in parents:
+            owner = owner.get(parent, {}) if isinstance(owner, dict) else {}
+        if isinstance(owner, dict):
+            owner.pop(name, None)
+    canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

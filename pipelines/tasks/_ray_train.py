@@ -199,10 +199,19 @@ def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Call
         compile_blocks(model)
     model = wrap(model) if wrap else model.to(device)
     data = config["data"]
-    plan = DataPlan(shards=tuple(ShardRef(url, int(n)) for url, n in config["shards"]), world_size=world,
+    shards = tuple(ShardRef(url, int(n), *size) for url, n, *size in config["shards"])  # size: absent in old configs
+    plan = DataPlan(shards=shards, world_size=world,
                     batch_size=data["batch_size"], grad_accum=optim_cfg.grad_accum, seed=loop_cfg.seed,
                     shuffle_buffer=data["shuffle_buffer"], resampled=data["resampled"])  # fmt: skip
     return task, plan, TrainLoop(task, model, optim_cfg, loop_cfg, plan.steps_per_epoch, device)
+
+
+def shard_cache(data: dict[str, Any]) -> Any:
+    """The node's shard cache a worker's loaders read remote shards through (None: read them directly)."""
+    from pipelines.tasks.shard_cache import ShardCache
+
+    setting = data.get("shard_cache")
+    return ShardCache(os.path.expanduser(setting[0]), int(setting[1])) if setting else None
 
 
 def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], None] | None = None,
@@ -214,8 +223,8 @@ def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], 
 
     task, plan, loop = setup(config, 0, 1, torch.device(device))
     workers, pin = config["data"]["loader_workers"], torch.device(device).type == "cuda"
-    loop.run(lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip, num_workers=workers, pin_memory=pin),
-             on_log=on_log)  # fmt: skip
+    cache = shard_cache(config["data"])
+    loop.run(lambda epoch, skip: epoch_loader(plan, task, 0, epoch, skip, workers, pin, cache), on_log=on_log)
     return loop
 
 
@@ -248,9 +257,11 @@ def train_worker(config: dict[str, Any]) -> None:
         print(f"[train] rank 0/{world}: step {loop.state.step}/{loop.total_steps}, {plan.steps_per_epoch} steps per "
               f"epoch, {plan.num_samples} samples ({plan.dropped_per_epoch} left out per epoch by drop_last)", file=sys.stderr)  # fmt: skip
 
+    cache = shard_cache(data)
+
     def batches(epoch: int, skip: int) -> Any:
         return epoch_loader(plan, task, rank, epoch, skip, num_workers=data["loader_workers"],
-                            pin_memory=device.type == "cuda")  # fmt: skip
+                            pin_memory=device.type == "cuda", cache=cache)  # fmt: skip
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         run.log(step, metrics, loop.total_steps)

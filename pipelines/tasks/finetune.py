@@ -102,6 +102,8 @@ class FinetuneData:
     min_scale: float = 0.5  # RandomResizedCrop lower scale for finetuning
     negative_all_rank: bool = False  # retrieval: ITM hard negatives from every worker's batch (BLIP COCO: true)
     augment: bool = True
+    shard_cache_dir: str | None = None  # node-local copies of remote shards, as pretraining's data.shard_cache_dir
+    shard_cache_gb: float = 100.0
 
     def __post_init__(self) -> None:
         if self.batch_size is not None:
@@ -110,6 +112,7 @@ class FinetuneData:
         check_range("data", "shuffle_buffer", self.shuffle_buffer, 0)
         check_range("data", "max_words", self.max_words, 1)
         check_range("data", "min_scale", self.min_scale, 0.01, 1.0)
+        check_range("data", "shard_cache_gb", self.shard_cache_gb, 0.001)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +219,7 @@ def run_finetune(
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.config import ConfigError
     from pipelines.tasks import _ray_train
-    from pipelines.tasks.pretrain import _role, init_identity
+    from pipelines.tasks.pretrain import RUN_ONLY_KEYS, _role, init_identity, shard_cache_setting, warn_uncached_remote
     from pipelines.tasks.train_data import DataPlan, shards_of
 
     check_name(name)
@@ -227,7 +230,7 @@ def run_finetune(
     parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
     stage = f"finetune-{cfg.task}"
     key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else init_identity(init_source)),
-                    config_hash(cfg))  # fmt: skip
+                    config_hash(cfg, RUN_ONLY_KEYS))  # fmt: skip
     cached = registry.find_cached("model", name, key)
     if cached is not None:
         return cached
@@ -243,13 +246,14 @@ def run_finetune(
     if cfg.task == "retrieval" and plan.world_size * plan.batch_size > model_config["queue_size"]:
         raise ConfigError(f"the model's queue_size {model_config['queue_size']} is smaller than the features enqueued "
                           f"per step ({plan.world_size} workers x batch {plan.batch_size})")  # fmt: skip
+    warn_uncached_remote(cfg.data, shards)
     data = dict(to_dict(cfg.data), batch_size=cfg.batch_size)
     worker_config = {
         "task": {"factory": f"pipelines.tasks.finetune_tasks:{TASK_CLASSES[cfg.task].__name__}",
                  "kwargs": {"model_config": model_config, "data": data, "init": init_source}},
-        "shards": [(s.url, s.num_samples) for s in shards],
+        "shards": [(s.url, s.num_samples, s.bytes) for s in shards],
         "data": {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer, "resampled": False,
-                 "loader_workers": cfg.data.loader_workers},
+                 "loader_workers": cfg.data.loader_workers, "shard_cache": shard_cache_setting(cfg.data)},
         "optim": to_dict(optim), "loop": to_dict(loop), "pid_dir": None,
         "find_unused_parameters": cfg.scaling.find_unused_parameters,
     }  # fmt: skip

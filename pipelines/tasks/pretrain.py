@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipelines.config import check_range, config_hash, to_dict
 from pipelines.tasks.train_loop import LoopConfig, OptimConfig, StepInfo
 
 STAGE = "pretrain"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -41,6 +43,10 @@ class DataConfig:
     max_words: int = 30  # pre_caption truncation (BLIP pretraining: 30)
     min_scale: float = 0.2  # RandomResizedCrop lower scale (pretraining 0.2, finetuning 0.5)
     augment: bool = True  # false: the deterministic eval transform (tests, ablations)
+    # A directory on each node's local disk caching remote shards (s3://, gs://, http:// registries): each shard is
+    # downloaded once a node instead of once a loader worker. null: no cache (local and mounted shards need none).
+    shard_cache_dir: str | None = None
+    shard_cache_gb: float = 100.0  # the least recently read shards are removed beyond this size
 
     def __post_init__(self) -> None:
         check_range("data", "batch_size", self.batch_size, 1)
@@ -48,6 +54,7 @@ class DataConfig:
         check_range("data", "shuffle_buffer", self.shuffle_buffer, 0)
         check_range("data", "max_words", self.max_words, 1)
         check_range("data", "min_scale", self.min_scale, 0.01, 1.0)
+        check_range("data", "shard_cache_gb", self.shard_cache_gb, 0.001)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -329,6 +336,7 @@ def run_pretrain(
                     grad_accum=cfg.optim.grad_accum, seed=cfg.loop.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                     resampled=cfg.data.resampled)  # fmt: skip
     _check_plan(plan, blip_config)
+    warn_uncached_remote(cfg.data, shards)
     work = registry.work_dir(key)
     # Runs live under one directory keyed by run name, so `--resume --name X` finds X after a config change.
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
@@ -373,9 +381,10 @@ def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = No
                  "kwargs": {"model_config": config_to_dict(cfg.blip_config()), "data": to_dict(cfg.data),
                             "init": {"checkpoint": init_source if cfg.init.checkpoint else None,
                                      "vit_weights": cfg.init.vit_weights}}},
-        "shards": [(s.url, s.num_samples) for s in shards],
+        "shards": [(s.url, s.num_samples, s.bytes) for s in shards],
         "data": {"batch_size": cfg.data.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
-                 "resampled": cfg.data.resampled, "loader_workers": cfg.data.loader_workers},
+                 "resampled": cfg.data.resampled, "loader_workers": cfg.data.loader_workers,
+                 "shard_cache": shard_cache_setting(cfg.data)},
         "optim": to_dict(cfg.optim),
         "loop": to_dict(cfg.loop),
         "pid_dir": str(pid_dir) if pid_dir else None,
@@ -403,7 +412,28 @@ def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tupl
     elif cfg.init.vit_weights:
         init_source = cfg.init.vit_weights
         outside = init_identity(init_source)
-    return parents, init_source, cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg))
+    return parents, init_source, cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg, RUN_ONLY_KEYS))
+
+
+# Where a run keeps temporary copies does not change what it trains; these keys came after cache keys were in use,
+# so they are left out of them (runs keep their keys). The other fields stay in, as they always were.
+RUN_ONLY_KEYS = ("data.shard_cache_dir", "data.shard_cache_gb")
+
+
+def shard_cache_setting(data: Any) -> list[Any] | None:
+    """[directory, bytes] of a data config's shard cache for the workers (None: none)."""
+    return [data.shard_cache_dir, int(data.shard_cache_gb * 2**30)] if data.shard_cache_dir else None
+
+
+def warn_uncached_remote(data: Any, shards: Sequence[Any]) -> None:
+    """Say so when several loader workers will each download every remote shard they open."""
+    from pipelines.tasks.shard_cache import is_local
+
+    remote = next((s.url for s in shards if not is_local(s.url)), None)
+    if remote and data.loader_workers > 1 and not data.shard_cache_dir:
+        log.warning("the shards are remote (%s/...) and data.shard_cache_dir is not set: each of the %d loader "
+                    "workers of a rank downloads every shard it opens; set data.shard_cache_dir to a directory on "
+                    "each node's local disk", remote.rsplit("/", 1)[0], data.loader_workers)
 
 
 def init_identity(source: str) -> list[str]:

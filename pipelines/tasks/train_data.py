@@ -25,22 +25,28 @@ are read sequentially, never materialised. The epoch plan (open_clip / webdatase
 - `resampled=True` (huge sets): each rank draws shards with replacement for n positions per epoch; samples
   may repeat within an epoch (webdataset's `resampled=True` semantics), but restarts still resume exactly.
 
+- Remote shards (s3://, gs://, http://) can be read through the node's `ShardCache` (`data.shard_cache_dir`):
+  opening a shard there fetches read-ahead blocks, skipped samples included, so without it each worker would
+  download every shard it opens.
+
 A sample that cannot be read or decoded is dropped and counted by reason, never fatal; positions stay fixed,
 so a short micro-batch is the only effect.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Container, Iterator
+from typing import IO, Any, Callable, Container, Iterator
 
 import numpy as np
 import torch.utils.data
 
+from pipelines.tasks.shard_cache import ShardCache
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
 from pipelines.tasks.webdata import group_tar
 
@@ -57,6 +63,7 @@ class DropSample(ValueError):
 class ShardRef:
     url: str  # local path or fsspec URL of a webdataset tar
     num_samples: int  # from the manifest
+    bytes: int | None = None  # from the manifest: a shard cache refuses a download of another size
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,35 +126,37 @@ class DataPlan:
 # ---------------------------------------------------------------------------------------------- raw reading
 
 
-def iter_tar_samples(url: str, start: int = 0, stop: int | None = None,
-                     wanted: Container[int] | None = None) -> Iterator[dict[str, Any]]:
+def iter_tar_samples(url: str, start: int = 0, stop: int | None = None, wanted: Container[int] | None = None,
+                     opener: Callable[[str], IO[bytes]] | None = None) -> Iterator[dict[str, Any]]:
     """Samples number `start` .. `stop`-1 of a webdataset tar (only those in `wanted`, when given), streamed; the
-    others are not read out.
+    others are not read out. `opener` opens the URL (a `ShardCache`'s; default fsspec).
 
     Each sample is {"__key__": key, ext: bytes, ...}. Raises OSError/tarfile.ReadError on a broken tar.
     """
     import fsspec
 
-    with fsspec.open(url, "rb") as handle:
+    with (opener(url) if opener else fsspec.open(url, "rb").open()) as handle:
         for sample in group_tar(handle, start, stop, wanted):
             yield {"__key__": sample.key, **sample.members}
 
 
-def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any,
+                   cache: ShardCache | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(position, raw sample or the reason it is missing) for each of the `needed` positions (ascending) of the
     sequence the pieces make, piece by piece; every needed position comes out once (positions never shift).
 
     A piece holding no needed position is never opened; in an opened shard, reading starts at the first
     needed sample and stops after the last, and the samples between that are not needed are walked over with
-    their data unread."""
+    their data unread. With a `cache`, remote shards are read from the node's copy (downloaded once a node)."""
     first = 0
     for shard, start, stop in pieces:
         low, high = np.searchsorted(needed, [first, first + stop - start])
         if low < high:
             ordinals = (np.asarray(needed[low:high]) - first + start).tolist()
             produced, reason = 0, "missing_from_shard"
+            opener = functools.partial(cache.open, size=shard.bytes) if cache else None
             try:  # the wanted samples come in order, and a short or broken tar loses the last ones
-                for raw in iter_tar_samples(shard.url, ordinals[0], ordinals[-1] + 1, wanted=set(ordinals)):
+                for raw in iter_tar_samples(shard.url, ordinals[0], ordinals[-1] + 1, set(ordinals), opener):
                     yield first + ordinals[produced] - start, raw
                     produced += 1
             except (OSError, tarfile.TarError, EOFError):
@@ -225,10 +234,11 @@ def decode_batch(task: TrainTask, raws: list[Any], seeds: list[int], spare: list
 
 
 class RankStream(torch.utils.data.IterableDataset):
-    """This rank's micro-batches for one epoch, from micro-batch `skip` on."""
+    """This rank's micro-batches for one epoch, from micro-batch `skip` on (remote shards through `cache`)."""
 
-    def __init__(self, plan: DataPlan, task: TrainTask, rank: int, epoch: int, skip: int = 0) -> None:
-        self.plan, self.task, self.rank, self.epoch, self.skip = plan, task, rank, epoch, skip
+    def __init__(self, plan: DataPlan, task: TrainTask, rank: int, epoch: int, skip: int = 0,
+                 cache: ShardCache | None = None) -> None:  # fmt: skip
+        self.plan, self.task, self.rank, self.epoch, self.skip, self.cache = plan, task, rank, epoch, skip, cache
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch * self.plan.grad_accum - self.skip
@@ -247,7 +257,7 @@ class RankStream(torch.utils.data.IterableDataset):
             return
         chosen = order[mine.start:mine.stop:mine.step].copy()  # this worker's micro-batches: their positions
         del order
-        reader = read_positions(plan.segments(self.epoch, self.rank), np.sort(chosen, axis=None))
+        reader = read_positions(plan.segments(self.epoch, self.rank), np.sort(chosen, axis=None), self.cache)
         pending: dict[int, dict[str, Any] | str] = {}  # read, not yet batched: about shuffle_buffer / workers
         spare: list[dict[str, Any]] = []
         for batch_index, positions in zip(mine, chosen):
@@ -266,14 +276,14 @@ def _identity(item: Any) -> Any:
 
 
 def epoch_loader(plan: DataPlan, task: TrainTask, rank: int, epoch: int, skip: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> Any:
+                 pin_memory: bool = False, cache: ShardCache | None = None) -> Any:
     """A DataLoader over `RankStream`: `num_workers` processes decode and augment in parallel, in order."""
     # A private generator: creating a DataLoader iterator otherwise draws its base seed from the global torch
     # RNG, so a resumed run (one extra iterator) would sample different ITM negatives than an uninterrupted one.
     generator = torch.Generator().manual_seed(sample_seed(plan.seed, epoch, rank, -1))
     return torch.utils.data.DataLoader(
-        RankStream(plan, task, rank, epoch, skip), batch_size=None, num_workers=num_workers, collate_fn=_identity,
-        pin_memory=pin_memory, prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        RankStream(plan, task, rank, epoch, skip, cache), batch_size=None, num_workers=num_workers,
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None, persistent_workers=False,
         generator=generator,
     )
 
@@ -287,7 +297,7 @@ def shards_of(registry: Any, manifest: Any, split: str = "train") -> tuple[Shard
     missing = [e.path for e in entries if not e.num_samples and e.num_samples != 0]
     if missing:
         raise ValueError(f"{manifest.ref}: shard {missing[0]} has no num_samples in the manifest")
-    return tuple(ShardRef(registry.url_of(manifest, e.path), int(e.num_samples)) for e in entries)
+    return tuple(ShardRef(registry.url_of(manifest, e.path), int(e.num_samples), e.bytes) for e in entries)
 
 
 def write_scene_shards(root: str | Path, num_shards: int, per_shard: int, image_size: int = 32, seed: int = 0,
