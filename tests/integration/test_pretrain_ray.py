@@ -59,7 +59,7 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
 
     registry, dataset = scenes
     cfg = load_config(PretrainConfig, CONFIG, ["loop.epochs=100", "loop.max_steps=200", "loop.checkpoint_every=40",
-                                              "loop.log_every=20"])  # fmt: skip
+                                              "loop.log_every=20", f"data.shard_cache_dir={tmp_path / 'cache'}"])
     pid_dir, name = tmp_path / "pids", "kill-test"
     run_dir = registry.work_dir("train-runs") / name
     outcome: dict[str, Any] = {}
@@ -104,6 +104,7 @@ def test_pretrain_two_workers_survives_kill_9(ray_session: Any, scenes: tuple[Re
         assert window_mean(history[-3:], loss) < window_mean(history[:2], loss), loss
     model = from_pretrained(registry.local_path(manifest, "model/config.json").parent)
     assert type(model).__name__ == "BlipPretrain"
+    assert (tmp_path / "cache" / "locks").is_dir()  # the workers built the shard cache (local shards: read in place)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
