@@ -3,7 +3,8 @@ the shards left to do (`capfilt.pending_shards`: one listing of its work prefix,
 before), the publish of a version whose shards are staged in the store (`Registry.publish`: `REMOTE_THREADS`
 copies and checks at a time, vs one after the other, the publish before), and resolving a name with many versions
 (`Registry.versions`: their manifests read `REMOTE_THREADS` at a time, vs an `exists` and a read each, one after
-the other), side by side on the same files.
+the other) and listing every version of a registry of many names (`Registry.list`, behind the browser's list,
+`by_id` and `children`: names read several at a time, vs one after the other), side by side on the same files.
 
 No object store can be reached here: the store is fsspec's memory filesystem with `--latency-ms` added to every
 request (a stat, a listing of up to 1,000 keys, a copy, a read, a write; S3's first-byte latency is ~10-30 ms).
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=300, help="shards staged in the store (13k at 129M)")
     parser.add_argument("--latency-ms", type=float, default=10.0, help="wait added to every request")
     parser.add_argument("--versions", type=int, default=40, help="versions of the name resolved")
+    parser.add_argument("--names", type=int, default=30, help="further names (2 versions each) in the registry listed")
     return parser.parse_args(argv)
 
 
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (Path(version_dir) / "stats.json").write_text(json.dumps({"run": number}))
             registry.publish(kind="dataset", name="many", staging_dir=version_dir, files=[{"path": "stats.json"}],
                              producer=Producer(stage="bench"))  # fmt: skip
+    for number in range(args.names * 2):
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as version_dir:
+            (Path(version_dir) / "stats.json").write_text(json.dumps({"run": number}))
+            registry.publish(kind="model" if number // 2 % 3 else "dataset", name=f"name-{number // 2:03d}",
+                             staging_dir=version_dir, files=[{"path": "stats.json"}], producer=Producer(stage="bench"))
     pending_shards(shared, shards)  # its imports, outside the timing
     SlowMemoryFileSystem.latency_s = args.latency_ms / 1000
 
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     versions_loop_s, versions_loop = timed(versions_one_by_one)
     versions_threads_s, versions_threads = timed(lambda: registry.versions("dataset", "many"))
+    list_loop_s, list_loop = timed(lambda: [m for k in registry_module.KINDS for name in registry.names(k)
+                                            for m in registry.versions(k, name)])  # Registry.list before
+    list_threads_s, list_threads = timed(registry.list)
 
     with tempfile.TemporaryDirectory(prefix="bench-store-") as staging:
         def publish(name: str) -> Any:
@@ -161,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"count": args.versions, "same": [m.id for m in versions_loop] == [m.id for m in versions_threads],
                      "one_by_one_s": round(versions_loop_s, 3), "threads_s": round(versions_threads_s, 3),
                      "ratio": round(versions_loop_s / versions_threads_s, 1)},
+        "list": {"names": len({(m.kind, m.name) for m in list_threads}), "versions": len(list_threads),
+                 "same": [m.id for m in list_loop] == [m.id for m in list_threads],
+                 "one_by_one_s": round(list_loop_s, 3), "threads_s": round(list_threads_s, 3),
+                 "ratio": round(list_loop_s / list_threads_s, 1)},
         "at_13k_shards_min": {name: round(seconds * 12_900 / 60, 1) for name, seconds in per_shard.items()},
     }  # fmt: skip
     print(json.dumps(report, indent=2))

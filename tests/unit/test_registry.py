@@ -271,6 +271,21 @@ def test_lineage_helpers_cache_and_children(registry, tmp_path):
     assert registry.next_version("dataset", "derived") == "v2"
 
 
+def test_list_gives_every_version_by_kind_then_name_oldest_first(registry, tmp_path):
+    from datasets_manifests.registry import KINDS
+
+    for number, name in enumerate(["zeta", "alpha", "zeta", "mid", "alpha", "zeta"]):
+        publish_files(registry, tmp_path / f"d{number}", {"x.bin": bytes([number])}, name=name)
+    directory = tmp_path / "model"
+    registry.publish(kind="model", name="beta", staging_dir=directory, producer=Producer(stage="test"),
+                     files=stage_files(directory, {"model.bin": b"m"}))
+    listed = [(m.kind, m.name, m.version) for m in registry.list()]
+    ranks = {kind: rank for rank, kind in enumerate(KINDS)}
+    assert listed == sorted(listed, key=lambda item: (ranks[item[0]], item[1], int(item[2][1:])))
+    assert listed.count(("dataset", "zeta", "v3")) == 1 and len(listed) == 7
+    assert [m.name for m in registry.list("model")] == ["beta"]
+
+
 def test_default_registry_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP_REGISTRY", str(tmp_path / "env-registry"))
     registry = Registry()
