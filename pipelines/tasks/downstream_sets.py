@@ -85,7 +85,7 @@ def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -
                     "dataset": question.dataset, "question_id": question.question_id, "image": question.image}
             writer.write(f"{number:08d}", {_suffix(question.image): (image_root / question.image).read_bytes(),
                                            "json": json.dumps(meta).encode()})  # fmt: skip
-    files += [{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in writer.shards]
+    files += writer.entries(role="shard", split="train")
     for image in sorted(images | {q.image for q in kept}):
         copy_file(image_root / image, staging, f"images/{image}", files, "image")
     counts = {"train_items": len(kept), "val_items": len(val), "test_items": len(test)}
@@ -120,7 +120,7 @@ def stage_nlvr(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) 
                                            f"right.{_suffix(right)}": (image_root / right).read_bytes(),
                                            "json": json.dumps({"sentence": pair.sentence, "label": pair.label,
                                                                "images": list(pair.images)}).encode()})  # fmt: skip
-    files += [{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in writer.shards]
+    files += writer.entries(role="shard", split="train")
     images = sorted({i for split in ("val", "test") for p in splits[split] for i in p.images} |
                     {i for p in train for i in p.images})  # fmt: skip
     for image in images:

@@ -247,7 +247,8 @@ class TarShardWriter:
     """Write samples into `{root}/shards/{split}-{i:06d}.tar`, `samples_per_shard` each, gap-free and atomic.
 
     A shard is written under a temporary name and renamed when full (or on close), so a reader never sees a
-    half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes).
+    half-written shard. `write` returns (shard path relative to root, jpg data offset, jpg bytes). Each shard is
+    hashed as it is written (`entries`: publish them with `digests_from_writer=True`, not read again).
     """
 
     def __init__(self, root: str | Path, split: str, samples_per_shard: int, first_index: int = 0) -> None:
@@ -257,14 +258,19 @@ class TarShardWriter:
         self.shards: list[tuple[str, int]] = []  # (relative path, samples), in order
         self._index = first_index  # > 0: one of several writers, each writing its own numbered shards
         self._count = 0
+        self.digests: dict[str, tuple[str, int]] = {}  # relative path -> (sha256, bytes) of each finished shard
         self._archive: tarfile.TarFile | None = None
         self._tmp: Path | None = None
+        self._file: IO[bytes] | None = None
+        self._hashing: _HashingWriter | None = None
 
     def _open(self) -> None:
         final = self.root / shard_name(self.split, self._index)
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.with_name(f".{final.name}.tmp")
-        self._archive = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self._tmp, "wb")
+        self._hashing = _HashingWriter(self._file)
+        self._archive = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
@@ -289,15 +295,17 @@ class TarShardWriter:
         return relpath, jpg_offset, len(members.get("jpg", b""))
 
     def _finish(self) -> None:
-        if self._archive is None or self._tmp is None:
+        if self._archive is None or self._tmp is None or self._file is None or self._hashing is None:
             return
-        self._archive.close()
-        final = self.root / shard_name(self.split, self._index)
-        with open(self._tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self._tmp, final)
-        self.shards.append((shard_name(self.split, self._index), self._count))
-        self._archive, self._tmp = None, None
+        self._archive.close()  # the end-of-archive blocks, through the hash; the file stays open
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        relpath = shard_name(self.split, self._index)
+        os.replace(self._tmp, self.root / relpath)
+        self.shards.append((relpath, self._count))
+        self.digests[relpath] = (self._hashing.digest.hexdigest(), self._hashing.size)
+        self._archive, self._tmp, self._file, self._hashing = None, None, None, None
         self._index += 1
 
     def close(self) -> list[tuple[str, int]]:
@@ -305,14 +313,20 @@ class TarShardWriter:
         self._finish()
         return self.shards
 
+    def entries(self, **fields: Any) -> list[dict[str, Any]]:
+        """The publish entries of the shards written: path, num_samples, sha256, bytes and `fields`."""
+        return [{"path": path, "num_samples": count, "sha256": self.digests[path][0], "bytes": self.digests[path][1],
+                 **fields} for path, count in self.shards]  # fmt: skip
+
     def __enter__(self) -> TarShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
             self.close()
-        elif self._archive is not None and self._tmp is not None:
+        elif self._archive is not None and self._tmp is not None and self._file is not None:
             self._archive.close()
+            self._file.close()
             self._tmp.unlink(missing_ok=True)
 
 

@@ -269,3 +269,24 @@ def test_vqa_train_on_val_switch(tmp_path: Path):
     assert blip.counts["train_items"] == held_out.counts["train_items"] + len(val) and len(val) > 0
     assert held_out.counts["val_items"] == len(val)  # still published as the val split
     assert registry.local_path(held_out, "annotation/vqa_val.json").is_file()
+
+
+def test_train_shards_are_published_with_the_digests_their_writer_computed(tmp_path: Path):
+    import hashlib
+
+    from datasets_manifests.ops import verify
+    from datasets_manifests.registry import Registry
+    from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
+
+    registry = Registry(tmp_path / "registry")
+    for benchmark in ("coco", "vqa"):  # the Karpathy stager and the other sets' writer
+        config = DownstreamConfig(benchmark=benchmark, num_train=5, num_val=2, num_test=1, image_size=32,
+                                  samples_per_shard=4)  # fmt: skip
+        manifest = publish_downstream(config, name=f"{benchmark}-digests", registry=registry)
+        shards = manifest.shards("train")
+        assert len(shards) >= 2
+        for entry in shards:
+            data = registry.local_path(manifest, entry.path).read_bytes()
+            assert (entry.sha256, entry.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert verify(registry, manifest) == []
+
