@@ -30,7 +30,9 @@ are read sequentially, never materialised. The epoch plan (open_clip / webdatase
   download every shard it opens.
 
 A sample that cannot be read or decoded is dropped and counted by reason, never fatal; positions stay fixed,
-so a short micro-batch is the only effect.
+so a short micro-batch is the only effect. Only `UNREADABLE_IN_A_ROW` shards in a row of which nothing could be
+read stop the run (`ShardsUnreadable`, naming the last shard and its error): that is the storage failing, and
+training on would make every remaining step on nothing.
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ def iter_tar_samples(url: str, start: int = 0, stop: int | None = None, wanted: 
             yield {"__key__": sample.key, **sample.members}
 
 
+class ShardsUnreadable(OSError):
+    """So many shards in a row could not be read that their storage, not a shard, is at fault."""
+
+
+# A shard that cannot be read is skipped and its samples counted; this many in a row (none of their samples read)
+# stop the run instead: an unreachable store, expired credentials, a deleted version or a full cache disk would
+# otherwise "train" every remaining step on nothing and publish the result.
+UNREADABLE_IN_A_ROW = 8
+
+
 def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any,
                    cache: ShardCache | None = None) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(position, raw sample or the reason it is missing) for each of the `needed` positions (ascending) of the
@@ -147,8 +159,9 @@ def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any,
 
     A piece holding no needed position is never opened; in an opened shard, reading starts at the first
     needed sample and stops after the last, and the samples between that are not needed are walked over with
-    their data unread. With a `cache`, remote shards are read from the node's copy (downloaded once a node)."""
-    first = 0
+    their data unread. With a `cache`, remote shards are read from the node's copy (downloaded once a node).
+    Raises `ShardsUnreadable` after `UNREADABLE_IN_A_ROW` shards in a row gave nothing but an error."""
+    first, failed_in_a_row = 0, 0
     for shard, start, stop in pieces:
         low, high = np.searchsorted(needed, [first, first + stop - start])
         if low < high:
@@ -159,8 +172,16 @@ def read_positions(pieces: list[tuple[ShardRef, int, int]], needed: Any,
                 for raw in iter_tar_samples(shard.url, ordinals[0], ordinals[-1] + 1, set(ordinals), opener):
                     yield first + ordinals[produced] - start, raw
                     produced += 1
-            except (OSError, tarfile.TarError, EOFError):
+            except (OSError, tarfile.TarError, EOFError) as error:
                 reason = "unreadable_shard"
+                failed_in_a_row = failed_in_a_row + 1 if not produced else 0
+                if failed_in_a_row >= UNREADABLE_IN_A_ROW:
+                    raise ShardsUnreadable(
+                        f"{failed_in_a_row} shards in a row could not be read, the last {shard.url}: "
+                        f"{type(error).__name__}: {error} — is their storage reachable? (one unreadable shard is "
+                        "skipped and its samples counted; this many in a row stop the run)") from error
+            else:
+                failed_in_a_row = 0
             for ordinal in ordinals[produced:]:
                 yield first + ordinal - start, reason
         first += stop - start

@@ -237,6 +237,24 @@ def test_corrupt_and_missing_samples_are_dropped_and_counted(shard_dir: Path, tm
     assert empty.batch is None and empty.dropped == {"missing_from_shard": 4}
 
 
+def test_many_unreadable_shards_in_a_row_stop_the_run_with_the_error(shard_dir: Path, tmp_path: Path) -> None:
+    from pipelines.tasks.train_data import UNREADABLE_IN_A_ROW, ShardsUnreadable
+
+    good = refs(shard_dir)[0]
+    gone = [ShardRef(str(tmp_path / f"gone-{i}.tar"), 16) for i in range(UNREADABLE_IN_A_ROW)]
+    # fewer in a row, a readable shard between them: skipped and counted, as one bad shard is
+    pieces = [(shard, 0, 16) for shard in [*gone[:-1], good, *gone[:-1]]]
+    reasons = [raw for _, raw in read_positions(pieces, range(16 * len(pieces))) if isinstance(raw, str)]
+    assert len(reasons) == 16 * 2 * (UNREADABLE_IN_A_ROW - 1) and set(reasons) == {"unreadable_shard"}
+    reader = read_positions([(shard, 0, 16) for shard in [good, *gone]], range(16 * (1 + len(gone))))
+    with pytest.raises(ShardsUnreadable, match=f"{UNREADABLE_IN_A_ROW} shards in a row could not be read, the last "
+                                               f".*gone-{UNREADABLE_IN_A_ROW - 1}.tar: FileNotFoundError"):
+        list(reader)
+    stream = RankStream(DataPlan(shards=tuple(gone), world_size=1, batch_size=4), KeyTask(), 0, 0)
+    with pytest.raises(ShardsUnreadable):  # through a DataLoader worker too: the training worker fails with it
+        list(epoch_loader(stream.plan, KeyTask(), 0, epoch=0, skip=0, num_workers=1))
+
+
 def test_capfilt_samples_train_on_each_kept_text() -> None:
     """A CapFilt sample's kept texts (web and synthetic) are drawn per sample seed; plain shards use `.txt`."""
     import io
