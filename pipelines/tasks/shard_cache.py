@@ -44,7 +44,11 @@ class ShardCache:
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
             raise ValueError(f"shard cache: max_bytes must be > 0, got {self.max_bytes}")
-        Path(self.directory, "locks").mkdir(parents=True, exist_ok=True)
+        try:
+            Path(self.directory, "locks").mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # raised on a training node: say which setting names the directory
+            raise OSError(f"shard cache (data.shard_cache_dir): cannot create {self.directory} on this node: "
+                          f"{error.strerror or error}") from error
 
     def path_of(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]

@@ -157,6 +157,9 @@ def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path) -> Non
     assert cache.path_of("s3://a/x/train-000000.tar") != cache.path_of("s3://a/y/train-000000.tar")
     with pytest.raises(ValueError, match="max_bytes must be > 0"):
         ShardCache(str(tmp_path / "c2"), 0)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError, match=r"data.shard_cache_dir\): cannot create .*a-file/cache on this node"):
+        ShardCache(str(tmp_path / "a-file" / "cache"), 1 << 30)
 
 
 def test_the_cache_settings_reach_the_workers_and_leave_the_cache_key_alone(tmp_path: Path,
