@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     except MissingFilesystemError as error:  # an s3:// source list or output_folder without s3fs installed
         raise CommandError(str(error)) from None
     _report(summary(manifest), args.json, registry)
+    if manifest.counts.get("input") and not manifest.counts.get("ok"):
+        failures = ", ".join(f"{reason}: {count}" for reason, count in sorted(manifest.drop_reasons.items()))
+        print(f"blip download: error: no image could be downloaded ({failures}); check the network and the source "
+              f"URLs. {manifest.ref} records every failure: `blip download --retry-failed {manifest.ref} --name "
+              f"{args.name}` tries them again", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

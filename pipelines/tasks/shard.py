@@ -103,9 +103,18 @@ def check_image(data: bytes, cfg: ShardConfig) -> tuple[str | None, int, int, bo
 # ---------------------------------------------------------------------------------------------- stage
 
 
+class EmptyInputError(ValueError):
+    """The raw version gives no sample to shard."""
+
+
 def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, registry: Registry) -> Manifest:
     """Turn a raw (download) version into training shards; publishes a new version of `name` (no-op if done)."""
     parent = registry.resolve(dataset_ref, "dataset")
+    if parent.shards() and all(entry.num_samples == 0 for entry in parent.shards()):
+        failures = ", ".join(f"{reason}: {count}" for reason, count in sorted(parent.drop_reasons.items())) or "none"
+        raise EmptyInputError(f"{parent.ref} holds no image: its download got none (failures: {failures}); check "
+                              f"the network and the source URLs, then `blip download --retry-failed {parent.ref} "
+                              "--name NAME` tries them again")  # fmt: skip
     key = cache_key(STAGE, [parent.id], config_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
@@ -124,6 +133,12 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     records = read_spilled([records_path], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
+    if not decision.kept.any():  # an empty training set is never what was asked for
+        reasons = pc.value_counts(pc.fill_null(records.column("drop_reason"), "duplicate")).to_pylist()
+        del records
+        registry.remove_work(key)
+        found = ", ".join(f"{i['values']}: {i['counts']}" for i in sorted(reasons, key=lambda i: i["values"])) or "none"
+        raise EmptyInputError(f"{parent.ref}: no sample is left to shard (dropped: {found})")
     shard_entries, written = _write_shards(cfg, registry, parent, records, decision, out)
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
                         shard_entries, input_counts)  # fmt: skip

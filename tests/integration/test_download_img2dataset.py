@@ -179,3 +179,25 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_download_that_gets_no_image_says_so_and_the_shard_stage_refuses_it(tmp_path, capsys):
+    import json
+    import socket
+
+    from pipelines.cli import main
+
+    with socket.socket() as closed:  # a port nothing listens on: every request is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    source = tmp_path / "source.json"
+    source.write_text(json.dumps([{"url": f"http://127.0.0.1:{port}/{i}.jpg", "caption": f"a dog {i}"}
+                                  for i in range(12)]))  # fmt: skip
+    common = ["--registry", str(tmp_path / "registry"), "--config", str(ROOT / "configs/download/demo.yaml")]
+    overrides = [arg for override in OVERRIDES for arg in ("--set", override)]
+    assert main(["download", str(source), "--name", "raw-dead", *common, *overrides]) == 1
+    error = capsys.readouterr().err
+    assert "blip download: error: no image could be downloaded (connection_error: 12)" in error
+    assert "--retry-failed raw-dead@v1 --name raw-dead" in error
+    assert main(["shard", "raw-dead@v1", "--name", "web-dead", "--registry", str(tmp_path / "registry")]) == 2
+    assert "blip shard: error: raw-dead@v1 holds no image" in capsys.readouterr().err

@@ -86,6 +86,32 @@ def raw_version(tmp_path):
     return registry, manifest, samples, lost
 
 
+def test_a_raw_version_without_any_sample_to_keep_is_an_error_naming_why(tmp_path):
+    from pipelines.tasks.shard import EmptyInputError
+
+    registry = Registry(tmp_path / "registry")
+    stage = tmp_path / "nothing"
+    (stage / "raw").mkdir(parents=True)
+    _write_raw_tar(stage / "raw/00000.tar", [])
+    nothing = registry.publish(kind="dataset", name="raw-nothing", staging_dir=stage, producer=Producer(stage="test"),
+                               files=[{"path": "raw/00000.tar", "role": "shard", "num_samples": 0}],
+                               drop_reasons={"connection_error": 20})  # a download that got no image
+    with pytest.raises(EmptyInputError, match=r"raw-nothing@v1 holds no image: .*\(failures: connection_error: 20\).*"
+                                              r"--retry-failed raw-nothing@v1"):
+        run_shard(ShardConfig(), nothing, name="web-nothing", registry=registry)
+    stage = tmp_path / "dropped"
+    (stage / "raw").mkdir(parents=True)
+    bad = [sample for sample in _raw_samples() if sample[4] in ("corrupt_image", "empty_caption")]
+    _write_raw_tar(stage / "raw/00000.tar", bad)
+    dropped = registry.publish(kind="dataset", name="raw-dropped", staging_dir=stage, producer=Producer(stage="test"),
+                               files=[{"path": "raw/00000.tar", "role": "shard", "num_samples": len(bad)}])
+    with pytest.raises(EmptyInputError, match="raw-dropped@v1: no sample is left to shard .*corrupt_image: 1.*"
+                                              "empty_caption: 1"):
+        run_shard(ShardConfig(), dropped, name="web-dropped", registry=registry)
+    assert registry.versions("dataset", "web-dropped") == []
+    assert not [p for p in (registry.work_dir("x").parent).iterdir() if p.name != "x"]  # no work left behind
+
+
 def test_drop_reasons_dedup_and_truncation(raw_version):
     registry, raw, samples, lost = raw_version
     cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
