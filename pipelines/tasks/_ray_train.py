@@ -199,7 +199,7 @@ def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Call
         compile_blocks(model)
     model = wrap(model) if wrap else model.to(device)
     data = config["data"]
-    shards = tuple(ShardRef(url, int(n), *size) for url, n, *size in config["shards"])  # size: absent in old configs
+    shards = tuple(ShardRef(url, int(n), *size) for url, n, *size in config["shards"])  # (url, samples[, bytes])
     plan = DataPlan(shards=shards, world_size=world,
                     batch_size=data["batch_size"], grad_accum=optim_cfg.grad_accum, seed=loop_cfg.seed,
                     shuffle_buffer=data["shuffle_buffer"], resampled=data["resampled"])  # fmt: skip

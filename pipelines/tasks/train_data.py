@@ -24,7 +24,6 @@ are read sequentially, never materialised. The epoch plan (open_clip / webdatase
   number of DataLoader worker processes.
 - `resampled=True` (huge sets): each rank draws shards with replacement for n positions per epoch; samples
   may repeat within an epoch (webdataset's `resampled=True` semantics), but restarts still resume exactly.
-
 - Remote shards (s3://, gs://, http://) can be read through the node's `ShardCache` (`data.shard_cache_dir`):
   opening a shard there fetches read-ahead blocks, skipped samples included, so without it each worker would
   download every shard it opens.
