@@ -181,3 +181,19 @@ def test_the_cache_settings_reach_the_workers_and_leave_the_cache_key_alone(tmp_
     cache = _ray_train.shard_cache(config["data"])
     assert cache.directory == str(tmp_path / "cache") and cache.max_bytes == 2 << 30
     assert _ray_train.shard_cache(worker_config(cfg, shards)["data"]) is None
+
+
+def test_remote_shards_without_a_cache_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from pipelines.tasks.pretrain import DataConfig, warn_uncached_remote
+
+    remote, local = (ShardRef("s3://bucket/web/train-000000.tar", 10),), (ShardRef("/data/train-000000.tar", 10),)
+    with caplog.at_level("WARNING"):
+        warn_uncached_remote(DataConfig(loader_workers=10), remote)
+    assert "shards are remote (s3://bucket/web/...) and data.shard_cache_dir is not set: each of the 10" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_uncached_remote(DataConfig(loader_workers=10, shard_cache_dir="/tmp/cache"), remote)
+        warn_uncached_remote(DataConfig(loader_workers=10), local)
+        warn_uncached_remote(DataConfig(loader_workers=1), remote)  # one reader: nothing is fetched twice
+    assert not caplog.text
+
