@@ -66,8 +66,7 @@ class ShardCache:
             with self._locked(path):
                 handle = self._open_cached(path, size)  # another process may have fetched it while we waited
                 if handle is None:
-                    self._fetch(url, path, size)
-                    handle = open(path, "rb")
+                    handle = self._fetch(url, path, size)
         self.evict(keep=path)
         return handle
 
@@ -84,24 +83,30 @@ class ShardCache:
         self.hits += 1
         return handle
 
-    def _fetch(self, url: str, path: Path, size: int | None) -> None:
+    def _fetch(self, url: str, path: Path, size: int | None) -> IO[bytes]:
+        """Download the shard into `path`; returns it open (opened before the rename, so that another process's
+        eviction cannot remove it before this one reads it)."""
         import fsspec
 
-        partial = path.with_name(path.name + ".partial")
+        partial, handle = path.with_name(path.name + ".partial"), None
         try:
             # One streamed GET of the whole object (a store's get_file); reading it through an opened file would
             # fetch in read-ahead blocks, some of them twice (fsspec's HTTP cache re-fetched ~40 % more, measured).
             filesystem, remote_path = fsspec.core.url_to_fs(url)
             filesystem.get_file(remote_path, str(partial))
-            written = partial.stat().st_size
+            handle = open(partial, "rb")
+            written = os.fstat(handle.fileno()).st_size
             if size is not None and written != size:
                 raise OSError(f"shard cache: {url} gave {written} bytes, its manifest says {size}")
             os.replace(partial, path)
         except BaseException:
+            if handle is not None:
+                handle.close()
             partial.unlink(missing_ok=True)
             raise
         self.fetched += 1
         self.fetched_bytes += written
+        return handle
 
     @contextlib.contextmanager
     def _locked(self, path: Path, blocking: bool = True) -> Iterator[bool]:
