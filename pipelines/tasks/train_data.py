@@ -31,7 +31,8 @@ are read sequentially, never materialised. The epoch plan (open_clip / webdatase
 A sample that cannot be read or decoded is dropped and counted by reason, never fatal; positions stay fixed,
 so a short micro-batch is the only effect. Only `UNREADABLE_IN_A_ROW` shards in a row of which nothing could be
 read stop the run (`ShardsUnreadable`, naming the last shard and its error): that is the storage failing, and
-training on would make every remaining step on nothing.
+training on would make every remaining step on nothing (the loop also stops on an epoch in which a rank could
+use no sample: `train_loop.NothingTrainedError`).
 """
 
 from __future__ import annotations

@@ -235,6 +235,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+class NothingTrainedError(RuntimeError):
+    """A rank went through (the rest of) an epoch without one usable sample: its data, not a sample, is broken.
+
+    Raised before that epoch's end is logged or checkpointed; one unreadable shard among readable ones never
+    causes it (`train_data.ShardsUnreadable` stops a long run of them sooner). One message argument, so that it
+    crosses process boundaries (Ray pickles a worker's exception)."""
+
+
+def nothing_trained(epoch: int, dropped: dict[str, int]) -> NothingTrainedError:
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(dropped.items()) if count) or "none"
+    return NothingTrainedError(f"epoch {epoch}: this rank trained on no sample, every one was dropped ({reasons}); "
+                               "is the dataset's storage reachable and are its shards intact (`blip data verify`)?")
+
+
 @dataclass
 class LoopState:
     """Everything besides model/optimiser tensors that a restart needs."""
@@ -354,6 +368,7 @@ class TrainLoop:
         sample_gpu = self.device.type == "cuda"  # off for good after the first failed reading
         while self.state.step < self.total_steps:
             source = iter(batches(self.state.epoch, self.state.batches_in_epoch))
+            trained_before, dropped_before = self.state.samples_seen, dict(self.state.dropped)
             while self.state.step < self.total_steps and self.state.batches_in_epoch < self.steps_per_epoch * accum:
                 waited = time.perf_counter()
                 group = [next(source) for _ in range(accum)]
@@ -365,6 +380,9 @@ class TrainLoop:
                            busy)  # fmt: skip
                 final = self.state.step >= self.total_steps
                 epoch_done = self.state.batches_in_epoch >= self.steps_per_epoch * accum
+                if epoch_done and self.state.samples_seen == trained_before:
+                    raise nothing_trained(self.state.epoch, {reason: count - dropped_before.get(reason, 0)
+                                                             for reason, count in self.state.dropped.items()})
                 if epoch_done:  # move the data position before a checkpoint so a restore starts the next epoch
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0

@@ -354,6 +354,29 @@ def test_checkpoint_restore_is_exact(shard_dir: Path, tmp_path: Path) -> None:
     assert resumed.state.samples_seen == straight.state.samples_seen
 
 
+def test_an_epoch_without_one_usable_sample_stops_the_run_before_its_checkpoint(shard_dir: Path) -> None:
+    from pipelines.tasks.train_loop import MicroBatch, NothingTrainedError
+
+    loop, batches = linear_loop(shard_dir, batch_size=8, grad_accum=1, epochs=1)
+    loop.run(batches)  # a readable first epoch...
+    epochs, steps = loop.state.epoch, loop.steps_per_epoch
+
+    def unreadable(epoch: int, skip: int) -> Any:  # ... then one whose every shard fails
+        return (MicroBatch(batch=None, num_samples=0, dropped={"unreadable_shard": 6, "corrupt_sample": 2})
+                for _ in range(skip, steps))  # fmt: skip
+
+    checkpoints: list[int] = []
+    loop.total_steps += steps
+    with pytest.raises(NothingTrainedError, match=f"epoch {epochs}: this rank trained on no sample, every one was "
+                                                  rf"dropped \(corrupt_sample: {2 * steps}, unreadable_shard: "
+                                                  rf"{6 * steps}\)") as raised:
+        loop.run(unreadable, on_checkpoint=lambda current, final: checkpoints.append(current.state.step))
+    assert checkpoints == [] and loop.state.epoch == epochs  # the empty epoch is neither checkpointed nor counted
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # crosses Ray's process boundary
+
+
 class LinearTask(KeyTask):
     """y = w * x + b fitted to 1 on the sample numbers: a model small enough to compare exactly."""
 
