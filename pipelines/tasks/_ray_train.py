@@ -36,6 +36,10 @@ class UserError(Exception):
     """A run that cannot be started as asked (the CLI prints it as one line)."""
 
 
+class TrainingDataError(UserError):
+    """A run stopped because its data could not be read (`ShardsUnreadable`, `NothingTrainedError`)."""
+
+
 # ---------------------------------------------------------------------------------------------- driver side
 
 
@@ -106,7 +110,7 @@ def launch(
     ray = ensure_ray()
     if scaling.use_gpu:
         check_gpus_available(ray, scaling.gpus_per_worker, "scaling.gpus_per_worker")
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     progress_url = f"{run_dir}/{PROGRESS_FILE}"
@@ -130,6 +134,8 @@ def launch(
         watcher.start()
     try:
         result = trainer.fit()
+    except TrainingFailedError as error:
+        raise data_failure(run_name, error) or error
     finally:
         stop.set()
         if watcher:
@@ -142,6 +148,22 @@ def launch(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     return Outcome(result.checkpoint, dict(result.metrics or {}))
+
+
+def data_failure(run_name: str, error: Exception) -> TrainingDataError | None:
+    """The one-line error for a run whose workers all stopped on their data; None for any other failure (a bug
+    keeps Ray's error, with every worker's traceback)."""
+    from pipelines.tasks.train_data import ShardsUnreadable
+    from pipelines.tasks.train_loop import NothingTrainedError
+
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures or not all(isinstance(f, (ShardsUnreadable, NothingTrainedError)) for f in failures.values()):
+        return None
+    rank = min(failures)
+    # Through a DataLoader worker the message carries that worker's traceback; its last line is the error.
+    reason = str(failures[rank]).strip().splitlines()[-1].split("ShardsUnreadable: ", 1)[-1]
+    return TrainingDataError(f"training run {run_name!r} stopped on its data (rank {rank}): {reason}; once that is "
+                             f"fixed, `--resume --name {run_name}` continues from the last checkpoint")
 
 
 def read_progress(url: str) -> dict[str, Any] | None:
