@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
+
 def is_local(url: str) -> bool:
     from fsspec.core import split_protocol
 
@@ -36,7 +37,7 @@ def is_local(url: str) -> bool:
 class ShardCache:
     directory: str
     max_bytes: int
-    # What this process did (tests, benchmarks, the loader's log): shards downloaded and their bytes, cache hits.
+    # What this process did (tests, benchmarks): shards downloaded and their bytes, cache hits.
     fetched: int = field(default=0, compare=False)
     fetched_bytes: int = field(default=0, compare=False)
     hits: int = field(default=0, compare=False)
