@@ -9,7 +9,7 @@ together (the rank's share of its node's link to the store). Each side runs one 
 `train_data.epoch_loader` with `--workers` worker processes, the cache side into an empty cache directory. The
 figures: bytes the server sent (the store's egress), requests, and the epoch's wall time. Both sides must make the
 same micro-batches (a digest of their keys). Prints one JSON object.
-`python benchmarks/bench_shard_cache.py` (~1 min on 2 cores).
+`python benchmarks/bench_shard_cache.py` (~30 s on 2 cores).
 """
 
 from __future__ import annotations
