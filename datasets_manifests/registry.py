@@ -147,6 +147,27 @@ class Registry:
         if os.path.commonpath([self.root, real]) != self.root:
             raise OutsideRegistryError(f"refused: {what} resolves outside the registry ({self.root})")
 
+    def absent(self, manifest: Manifest, entries: Iterable[FileEntry]) -> list[str]:
+        """The entries whose file is missing or not the manifest's size, as "path: what" (empty: all there).
+
+        One listing of the version (a walk of its directory locally; on an object store a few paginated
+        requests, not one per file), so that a stage can refuse damaged inputs before it starts; `blip data
+        verify` also checks the contents."""
+        root = self.version_path(manifest.kind, manifest.name, manifest.version)
+        try:
+            found = {path: info.get("size") for path, info in self.fs.find(root, detail=True).items()}
+        except FileNotFoundError:
+            found = {}
+        stripped = {self.fs._strip_protocol(path): size for path, size in found.items()}
+        problems = []
+        for entry in entries:
+            size = stripped.get(self.fs._strip_protocol(f"{root}/{entry.path}"))
+            if size is None:
+                problems.append(f"{entry.path}: missing")
+            elif size != entry.bytes:
+                problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+        return problems
+
     def url_of(self, manifest: Manifest, relpath: str) -> str:
         """Full URL of a referenced file (local path for a local registry), usable by webdataset/pyarrow."""
         path = self.path_of(manifest, relpath)

@@ -447,6 +447,11 @@ def plan_shards(registry: Registry, dataset: Manifest, config: CapFiltConfig) ->
         raise CapFiltError(f"{dataset.ref} has no shards to caption")
     if config.max_shards:
         entries = entries[: config.max_shards]
+    damaged = registry.absent(dataset, entries)  # one listing: refuse now, not when a decode task reaches them
+    if damaged:
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise CapFiltError(f"{dataset.ref}: {len(damaged)} of its {len(entries)} shards are damaged in {registry.url} "
+                           f"({'; '.join(damaged[:3])}{more}); `blip data verify {dataset.ref}` checks every file")
     plans = []
     for index, entry in enumerate(entries):
         url = registry.url_of(dataset, entry.path)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import random
 import tarfile
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ import torch.utils.data
 from pipelines.tasks.shard_cache import ShardCache
 from pipelines.tasks.train_loop import MicroBatch, TrainTask
 from pipelines.tasks.webdata import group_tar
+
+log = logging.getLogger(__name__)
 
 
 class DropSample(ValueError):
@@ -304,8 +307,8 @@ def epoch_loader(plan: DataPlan, task: TrainTask, rank: int, epoch: int, skip: i
     generator = torch.Generator().manual_seed(sample_seed(plan.seed, epoch, rank, -1))
     return torch.utils.data.DataLoader(
         RankStream(plan, task, rank, epoch, skip, cache), batch_size=None, num_workers=num_workers,
-        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None, persistent_workers=False,
-        generator=generator,
+        collate_fn=_identity, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+        persistent_workers=False, generator=generator,
     )
 
 
@@ -318,6 +321,17 @@ def shards_of(registry: Any, manifest: Any, split: str = "train") -> tuple[Shard
     missing = [e.path for e in entries if not e.num_samples and e.num_samples != 0]
     if missing:
         raise ValueError(f"{manifest.ref}: shard {missing[0]} has no num_samples in the manifest")
+    damaged = registry.absent(manifest, entries)  # one listing of the version, before any worker starts
+    if damaged:
+        from datasets_manifests.registry import RegistryError
+
+        listed = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        if len(damaged) == len(entries):
+            raise RegistryError(f"{manifest.ref}: none of its {len(entries)} '{split}' shards is intact in "
+                                f"{registry.url} ({listed}); `blip data verify {manifest.ref}` checks every file")
+        log.warning("%s: %d of its %d '%s' shards are missing or cut short (%s): their samples will be dropped and "
+                    "counted (unreadable_shard, missing_from_shard); `blip data verify %s` checks every file",
+                    manifest.ref, len(damaged), len(entries), split, listed, manifest.ref)
     return tuple(ShardRef(registry.url_of(manifest, e.path), int(e.num_samples), e.bytes) for e in entries)
 
 

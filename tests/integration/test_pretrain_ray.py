@@ -145,8 +145,9 @@ def test_resume_equals_uninterrupted(ray_session: Any, scenes: tuple[Registry, A
 
 
 def test_a_dataset_that_cannot_be_read_fails_the_run_with_the_reason(ray_session: Any, tmp_path: Path) -> None:
-    """Every shard gone after the publish (a deleted bucket prefix, say): the run stops at the end of its first
-    epoch with the drop reasons, through Ray Train, instead of training every step on nothing."""
+    """Every shard's bytes lost after the publish (zeros of the same size: the driver's listing cannot tell): the
+    run stops at the end of its first epoch with the drop reasons, through Ray Train, instead of training every
+    step on nothing."""
     registry = Registry(tmp_path / "registry")
     staging = tmp_path / "staging"
     shards = write_scene_shards(staging, num_shards=2, per_shard=16, image_size=32, seed=4)
@@ -155,12 +156,12 @@ def test_a_dataset_that_cannot_be_read_fails_the_run_with_the_reason(ray_session
         files=[{"path": path, "role": "shard", "split": "train", "num_samples": n} for path, n in shards],
     )  # fmt: skip
     for entry in dataset.shards("train"):
-        registry.local_path(dataset, entry.path).unlink()
+        registry.local_path(dataset, entry.path).write_bytes(bytes(entry.bytes))
     cfg = load_config(PretrainConfig, CONFIG, ["loop.epochs=3", "scaling.max_failures=0"])
     from pipelines.tasks._ray_train import TrainingDataError
 
     with pytest.raises(TrainingDataError, match=r"training run 'unreadable' stopped on its data \(rank 0\): epoch 0: "
                                                 r"this rank trained on no sample, every one was dropped \("
-                                                r"unreadable_shard: 16\).*--resume --name unreadable"):
+                                                r"missing_from_shard: 16\).*--resume --name unreadable"):
         run_pretrain(cfg, dataset.ref, registry=registry, run_name="unreadable")
     assert registry.versions("model", cfg.output_name) == []

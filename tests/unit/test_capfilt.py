@@ -287,6 +287,36 @@ def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(tmp_
     assert str(capfilt.CapFiltError("shard a\nb:  c")) == "shard a b: c"
 
 
+def test_damaged_input_shards_fail_before_ray_in_one_line(tmp_path, capsys, monkeypatch):
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+    from pipelines.cli import main
+    from pipelines.tasks import _ray_capfilt
+    from pipelines.tasks.train_data import write_scene_shards
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start on a damaged input")
+
+    monkeypatch.setattr(_ray_capfilt, "run_pipeline", no_ray)
+    registry = Registry(tmp_path / "registry")
+    _fake_model(registry, tmp_path, "itm", "itm")
+    _fake_model(registry, tmp_path, "cap", "caption")
+    shards = write_scene_shards(tmp_path / "web", num_shards=5, per_shard=4, image_size=16)
+    web = registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "web", producer=Producer(stage="t"),
+                           files=[{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in shards])
+    for number, entry in enumerate(web.shards()):
+        if number:  # four of five: one deleted, three cut short
+            path = registry.local_path(web, entry.path)
+            path.unlink() if number == 1 else path.write_bytes(path.read_bytes()[:100])
+    command = ["capfilt", "tiny", "--dataset", "web", "--captioner", "cap", "--filter", "itm",
+               "--registry", str(registry.url)]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("blip capfilt: error: web@v1: 4 of its 5 shards are damaged") and error.count("\n") == 1
+    assert "shards/train-000001.tar: missing; shards/train-000002.tar: 100 bytes, manifest says" in error
+    assert "and 1 more" in error and "blip data verify web@v1" in error
+
+
 def test_filter_at_another_image_size_is_reported(tmp_path, caplog):
     from datasets_manifests.manifest import Producer
     from datasets_manifests.registry import Registry

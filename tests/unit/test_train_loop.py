@@ -264,6 +264,30 @@ def test_many_unreadable_shards_in_a_row_stop_the_run_with_the_error(shard_dir: 
                               "row could not be read, the last ") and "\n" not in message and "Traceback" not in message
 
 
+def test_shards_of_refuses_a_split_with_no_intact_shard_and_warns_of_damaged_ones(
+        shard_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry, RegistryError
+    from pipelines.tasks.train_data import shards_of
+
+    registry = Registry(tmp_path / "registry")
+    shards = write_scene_shards(tmp_path / "staging", num_shards=3, per_shard=4, image_size=16)
+    files = [{"path": path, "role": "shard", "split": "train", "num_samples": n} for path, n in shards]
+    version = registry.publish(kind="dataset", name="scenes", staging_dir=tmp_path / "staging",
+                               producer=Producer(stage="test"), files=files)  # fmt: skip
+    paths = [registry.local_path(version, entry.path) for entry in version.shards("train")]
+    paths[0].unlink()
+    with caplog.at_level("WARNING"):
+        assert len(shards_of(registry, version)) == 3  # trained on: the lost shard's samples are counted
+    warned = "scenes@v1: 1 of its 3 'train' shards are missing or cut short (shards/train-000000.tar: missing)"
+    assert warned in caplog.text
+    for path in paths[1:]:
+        path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(RegistryError, match=r"scenes@v1: none of its 3 'train' shards is intact .*train-000002.tar: "
+                                            r"\d+ bytes, manifest says \d+\); `blip data verify scenes@v1`"):
+        shards_of(registry, version)
+
+
 def test_capfilt_samples_train_on_each_kept_text() -> None:
     """A CapFilt sample's kept texts (web and synthetic) are drawn per sample seed; plain shards use `.txt`."""
     import io
