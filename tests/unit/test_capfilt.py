@@ -262,10 +262,11 @@ def _fake_model(registry, tmp_path, name, kind, image_size=32):
                             files=[{"path": "model.safetensors"}, {"path": "config.json"}], move=False)  # fmt: skip
 
 
-def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(tmp_path, capsys, monkeypatch):
-    from datasets_manifests.manifest import Producer
+@pytest.fixture
+def models_without_ray(tmp_path, monkeypatch):
+    """A registry holding an "itm" and a "cap" model, where starting the Ray pipeline fails the test: inputs that
+    cannot be used must be refused before it."""
     from datasets_manifests.registry import Registry
-    from pipelines.cli import main
     from pipelines.tasks import _ray_capfilt
 
     def no_ray(*args, **kwargs):
@@ -275,6 +276,14 @@ def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(tmp_
     registry = Registry(tmp_path / "registry")
     _fake_model(registry, tmp_path, "itm", "itm")
     _fake_model(registry, tmp_path, "cap", "caption")
+    return registry
+
+
+def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(models_without_ray, tmp_path, capsys):
+    from datasets_manifests.manifest import Producer
+    from pipelines.cli import main
+
+    registry = models_without_ray
     (tmp_path / "empty").mkdir()
     registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "empty", files=[], producer=Producer(stage="t"))
     base = ["capfilt", "tiny", "--dataset", "web", "--registry", str(registry.url)]
@@ -287,20 +296,12 @@ def test_cli_wrong_model_kind_and_empty_dataset_fail_before_ray_in_one_line(tmp_
     assert str(capfilt.CapFiltError("shard a\nb:  c")) == "shard a b: c"
 
 
-def test_damaged_input_shards_fail_before_ray_in_one_line(tmp_path, capsys, monkeypatch):
+def test_damaged_input_shards_fail_before_ray_in_one_line(models_without_ray, tmp_path, capsys):
     from datasets_manifests.manifest import Producer
-    from datasets_manifests.registry import Registry
     from pipelines.cli import main
-    from pipelines.tasks import _ray_capfilt
     from pipelines.tasks.train_data import write_scene_shards
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray must not start on a damaged input")
-
-    monkeypatch.setattr(_ray_capfilt, "run_pipeline", no_ray)
-    registry = Registry(tmp_path / "registry")
-    _fake_model(registry, tmp_path, "itm", "itm")
-    _fake_model(registry, tmp_path, "cap", "caption")
+    registry = models_without_ray
     shards = write_scene_shards(tmp_path / "web", num_shards=5, per_shard=4, image_size=16)
     web = registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "web", producer=Producer(stage="t"),
                            files=[{"path": p, "role": "shard", "split": "train", "num_samples": n} for p, n in shards])
