@@ -12,7 +12,8 @@ downloads it whole while the others wait for it, and every process reads the loc
 - When the manifest's byte count is known, a download of another size is refused (the shard counts as
   unreadable, as an unreachable one does) and a cached file of another size is fetched again.
 - The least recently opened shards are removed once the cache holds more than `max_bytes` (never the one just
-  opened); a process that has a removed file open keeps reading it (POSIX unlink).
+  opened); a process that has a removed file open keeps reading it (POSIX unlink). A `max_bytes` beyond 90 % of
+  what the disk can hold (free space plus the cache) is lowered to that, with a warning.
 - Local paths (and `file://` URLs) are opened in place.
 """
 
@@ -21,10 +22,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
+
+log = logging.getLogger(__name__)
 
 
 def is_local(url: str) -> bool:
@@ -50,6 +55,16 @@ class ShardCache:
         except OSError as error:  # raised on a training node: say which setting names the directory
             raise OSError(f"shard cache (data.shard_cache_dir): cannot create {self.directory} on this node: "
                           f"{error.strerror or error}") from error
+        # A budget beyond what the disk can hold would end in failed downloads (counted as unreadable shards) once
+        # the disk fills: keep it within 90 % of what the cache could grow to here.
+        cached = sum(entry.stat().st_size for entry in os.scandir(self.directory) if entry.is_file())
+        free = shutil.disk_usage(self.directory).free
+        room = int(0.9 * (free + cached))
+        if self.max_bytes > room:
+            log.warning("shard cache: data.shard_cache_gb (%.1f GB) is more than %s can hold (%.1f GB free, %.1f "
+                        "cached); using %.1f GB", self.max_bytes / 2**30, self.directory, free / 2**30,
+                        cached / 2**30, room / 2**30)  # fmt: skip
+            self.max_bytes = max(room, 1)
 
     def path_of(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_a_download_killed_midway_leaves_nothing_complete_and_is_redone(shard_ro
     assert cache.evict() == [partial.name]
 
 
-def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path) -> None:
+def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = shard_files(shard_root)[0]
     cache = ShardCache(str(tmp_path / "cache"), 1 << 30)
     for url in (str(path), f"file://{path}"):
@@ -157,6 +158,10 @@ def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path) -> Non
     assert cache.path_of("s3://a/x/train-000000.tar") != cache.path_of("s3://a/y/train-000000.tar")
     with pytest.raises(ValueError, match="max_bytes must be > 0"):
         ShardCache(str(tmp_path / "c2"), 0)
+    free = shutil.disk_usage(tmp_path).free
+    with caplog.at_level("WARNING"):
+        huge = ShardCache(str(tmp_path / "c3"), 1 << 62)  # more than any disk here
+    assert huge.max_bytes <= 0.9 * free + (1 << 30) and "is more than" in caplog.text and "using" in caplog.text
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match=r"data.shard_cache_dir\): cannot create .*a-file/cache on this node"):
         ShardCache(str(tmp_path / "a-file" / "cache"), 1 << 30)
