@@ -38,12 +38,14 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
     with tqdm(total=sum(entry.bytes for entry in manifest.files), unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"verifying {manifest.ref}", disable=None if progress else True) as bar:  # fmt: skip
 
+        damaged = registry.absent(manifest, manifest.files)  # missing or resized: one listing, nothing to hash
+
         def check(entry: FileEntry) -> str | None:
             path = registry.path_of(manifest, entry.path)
-            if not registry.fs.exists(path):
-                return f"{entry.path}: missing"
+            if entry.path in damaged:
+                return damaged[entry.path]
             digest, size = sha256_file(path, registry.fs, chunk, on_read=bar.update)
-            if size != entry.bytes:
+            if size != entry.bytes:  # changed between the listing and the read
                 return f"{entry.path}: {size} bytes, manifest says {entry.bytes}"
             if digest != entry.sha256:
                 return f"{entry.path}: sha256 {digest[:12]} != manifest {entry.sha256[:12]}"

@@ -147,8 +147,9 @@ class Registry:
         if os.path.commonpath([self.root, real]) != self.root:
             raise OutsideRegistryError(f"refused: {what} resolves outside the registry ({self.root})")
 
-    def absent(self, manifest: Manifest, entries: Iterable[FileEntry]) -> list[str]:
-        """The entries whose file is missing or not the manifest's size, as "path: what" (empty: all there).
+    def absent(self, manifest: Manifest, entries: Iterable[FileEntry]) -> dict[str, str]:
+        """The entries whose file is missing or not the manifest's size: {path: "path: what"} in the entries'
+        order (empty: all there).
 
         One listing of the version (a walk of its directory locally; on an object store a few paginated
         requests, not one per file), so that a stage can refuse damaged inputs before it starts; `blip data
@@ -159,13 +160,13 @@ class Registry:
         except FileNotFoundError:
             found = {}
         stripped = {self.fs._strip_protocol(path): size for path, size in found.items()}
-        problems = []
+        problems = {}
         for entry in entries:
             size = stripped.get(self.fs._strip_protocol(f"{root}/{entry.path}"))
             if size is None:
-                problems.append(f"{entry.path}: missing")
+                problems[entry.path] = f"{entry.path}: missing"
             elif size != entry.bytes:
-                problems.append(f"{entry.path}: {size} bytes, manifest says {entry.bytes}")
+                problems[entry.path] = f"{entry.path}: {size} bytes, manifest says {entry.bytes}"
         return problems
 
     def url_of(self, manifest: Manifest, relpath: str) -> str:

@@ -447,7 +447,8 @@ def plan_shards(registry: Registry, dataset: Manifest, config: CapFiltConfig) ->
         raise CapFiltError(f"{dataset.ref} has no shards to caption")
     if config.max_shards:
         entries = entries[: config.max_shards]
-    damaged = registry.absent(dataset, entries)  # one listing: refuse now, not when a decode task reaches them
+    # One listing of the version: refuse now, not when a decode task reaches a damaged shard.
+    damaged = list(registry.absent(dataset, entries).values())
     if damaged:
         more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
         raise CapFiltError(f"{dataset.ref}: {len(damaged)} of its {len(entries)} shards are damaged in {registry.url} "

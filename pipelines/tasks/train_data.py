@@ -321,7 +321,7 @@ def shards_of(registry: Any, manifest: Any, split: str = "train") -> tuple[Shard
     missing = [e.path for e in entries if not e.num_samples and e.num_samples != 0]
     if missing:
         raise ValueError(f"{manifest.ref}: shard {missing[0]} has no num_samples in the manifest")
-    damaged = registry.absent(manifest, entries)  # one listing of the version, before any worker starts
+    damaged = list(registry.absent(manifest, entries).values())  # one listing of the version, before any worker starts
     if damaged:
         from datasets_manifests.registry import RegistryError
 

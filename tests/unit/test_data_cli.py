@@ -176,6 +176,11 @@ def test_verify_passes_then_names_the_corrupted_file(populated, capsys):
     code, out, _ = run(capsys, populated, "verify", "capfilt@v1", "--json")
     problems = json.loads(out)["problems"]
     assert code == 1 and "index.parquet: missing" in problems and len(problems) == 2
+    with populated.fs.open(path, "wb") as handle:  # cut short: found from the listing's sizes, not hashed
+        handle.write(bytes(payload[:1024]))
+    code, out, _ = run(capsys, populated, "verify", "capfilt@v1", "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and f"shards/train-000000.tar: 1024 bytes, manifest says {len(payload)}" in problems
 
 
 def test_samples_with_where_text_and_json(populated, capsys):

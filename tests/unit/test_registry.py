@@ -288,11 +288,12 @@ def test_list_gives_every_version_by_kind_then_name_oldest_first(registry, tmp_p
 
 def test_absent_lists_missing_and_resized_files_from_one_listing(registry, tmp_path):
     version = publish_files(registry, tmp_path / "d", {"a.bin": b"aaaa", "sub/b.bin": b"bb", "c.bin": b"c"})
-    assert registry.absent(version, version.files) == []
+    assert registry.absent(version, version.files) == {}
     root = registry.version_path("dataset", version.name, version.version)
     registry.fs.rm(f"{root}/sub/b.bin")
     registry.fs.pipe(f"{root}/c.bin", b"cc")
-    assert sorted(registry.absent(version, version.files)) == ["c.bin: 2 bytes, manifest says 1", "sub/b.bin: missing"]
+    assert sorted(registry.absent(version, version.files).values()) == ["c.bin: 2 bytes, manifest says 1",
+                                                                  "sub/b.bin: missing"]
 
 
 def test_default_registry_from_environment(tmp_path, monkeypatch):
