@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from pipelines.tasks.shard_cache import ShardCache
     from pipelines.tasks.train_data import DataPlan, ShardRef
-    from tests.unit.http_files import serve_files
+    from tests.http_files import serve_files
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-shard-cache-") as tmp:

@@ -28,28 +28,36 @@ import numpy as np
 from pipelines.tasks import capfilt, capfilt_models, webdata
 
 
-def decode_shard(batch: dict[str, np.ndarray], image_size: int, batch_size: int) -> Iterator[dict[str, list[Any]]]:
+def decode_shard(batch: dict[str, np.ndarray], image_size: int, batch_size: int,
+                 cache: tuple[str, int] | None = None) -> Iterator[dict[str, list[Any]]]:  # fmt: skip
     """Read one input shard front to back; decode + resize its JPEGs; yield one row per model batch as it fills.
 
     One sequential read per shard: a decode task that started mid-shard would have to walk the tar from byte 0
     to its first sample (on an object store, downloading everything before it). The rows stream out (a Ray
-    Data generator task), so the actors start on a shard's first batch while the rest is being decoded."""
-    import fsspec
-
+    Data generator task), so the actors start on a shard's first batch while the rest is being decoded. With a
+    `cache` (`compute.shard_cache_dir`) a remote shard is downloaded into the node's cache first, and each row
+    names this node, where the shard's writer task then reads the cached copy."""
     item = {name: batch[name][0] for name in batch}
-    expected, path = int(item["expected"]), str(item["path"])
+    expected, path, size = int(item["expected"]), str(item["path"]), int(item.get("bytes", -1))
+    node = _node_id()
     chunk: list[tuple[str, dict[str, bytes]]] = []
     start, began = 0, time.perf_counter()
-    with fsspec.open(str(item["url"]), "rb") as handle:
+
+    def row() -> dict[str, list[Any]]:
+        decoded = decoded_batch(int(item["shard_index"]), start, chunk, image_size, time.perf_counter() - began)
+        decoded["node"] = [node]
+        return decoded
+
+    with capfilt.open_input_shard(str(item["url"]), None if size < 0 else size, cache) as handle:
         for ordinal, key, members in webdata.iter_tar_samples(handle):
             if ordinal >= expected:
                 raise ValueError(f"{path}: more samples than the {expected} its manifest lists")
             chunk.append((key, members))
             if len(chunk) == batch_size:
-                yield decoded_batch(int(item["shard_index"]), start, chunk, image_size, time.perf_counter() - began)
+                yield row()
                 start, chunk, began = start + len(chunk), [], time.perf_counter()
     if chunk:
-        yield decoded_batch(int(item["shard_index"]), start, chunk, image_size, time.perf_counter() - began)
+        yield row()
         start += len(chunk)
     if start != expected:
         raise ValueError(f"{path}: {expected} samples expected (its manifest), found {start}")
@@ -79,6 +87,13 @@ def decoded_batch(shard_index: int, start: int, chunk: list[tuple[str, dict[str,
     return {"shard_index": [shard_index], "start": [start],
             "meta": [json.dumps({"keys": keys, "web_texts": web_texts, "errors": errors})],
             "pixels": [pixels.tobytes()], "decode_s": [read_s + time.perf_counter() - began]}  # fmt: skip
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray: unit tests)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def decode_error_detail(error: Exception) -> str:
@@ -197,7 +212,7 @@ class CaptionActor(_ModelActor):
                                           [meta["keys"][i] for i in valid], self.config.captioner)  # fmt: skip
         meta["captions"] = captions
         return {"shard_index": row["shard_index"], "start": row["start"], "meta": json.dumps(meta),
-                "pixels": row["pixels"], "decode_s": row["decode_s"]}  # fmt: skip
+                "pixels": row["pixels"], "decode_s": row["decode_s"], "node": row["node"]}  # fmt: skip
 
 
 class FilterActor(_ModelActor):
@@ -236,7 +251,7 @@ def _result_row(row: dict[str, Any], meta: dict[str, Any], valid: list[int], cap
             "seeds": captioner.caption_seeds(key)[: len(captions[slot])] if slot is not None else [],
         })  # fmt: skip
     return {"shard_index": int(row["shard_index"]), "start": int(row["start"]), "results": json.dumps(results),
-            "decode_s": float(row["decode_s"])}  # fmt: skip
+            "decode_s": float(row["decode_s"]), "node": str(row["node"])}  # fmt: skip
 
 
 class ShardWriters:
@@ -245,21 +260,31 @@ class ShardWriters:
     At 129M images the outputs are terabytes: written by the driver, every byte would be read and written again
     through one process on one node. Here each shard is one task with `compute.writer_cpus`, scheduled where
     Ray has CPUs, writing under `work` (a path or URL every node reaches). Ray retries a task whose worker
-    died; `finish_shard` is idempotent.
+    died; `finish_shard` is idempotent. With the shard cache on, a task goes to the node that decoded its shard
+    (soft affinity: another node if that one left the cluster), where the shard is on local disk.
     """
 
     def __init__(self, config: capfilt.CapFiltConfig, work: str, refs: dict[str, str]) -> None:
         from pipelines.runtime import ensure_ray
 
         self.ray = ensure_ray()
-        self.write = self.ray.remote(capfilt.finish_shard).options(num_cpus=config.compute.writer_cpus, max_retries=3)
+        self.write = self.ray.remote(capfilt.finish_shard)
+        self.options: dict[str, Any] = {"num_cpus": config.compute.writer_cpus, "max_retries": 3}
+        self.cached = capfilt.cache_setting(config.compute) is not None
         self.args = (config, refs)
         self.work = work
         self.pending: list[Any] = []
         self.markers: list[dict[str, Any]] = []
+        self.placed = 0  # writer tasks sent to the node that decoded their shard (where its cached copy is)
 
-    def submit(self, shard: capfilt.ShardPlan, results: list[dict[str, Any]]) -> None:
-        self.pending.append(self.write.remote(self.work, shard, results, *self.args))
+    def submit(self, shard: capfilt.ShardPlan, results: list[dict[str, Any]], node: str | None = None) -> None:
+        options = self.options
+        if self.cached and node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options = {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+            self.placed += 1
+        self.pending.append(self.write.options(**options).remote(self.work, shard, results, *self.args))
         self._collect(timeout=0)  # a failed write stops the run now, not after the whole pipeline
 
     def finish(self) -> list[dict[str, Any]]:
@@ -298,7 +323,8 @@ def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], mod
     raw = to_dict(config)
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     dataset = dataset.map_batches(decode_shard, batch_size=1, batch_format="numpy", num_cpus=compute.decode_cpus,
-                                  fn_kwargs={"image_size": image_size, "batch_size": compute.batch_size})  # fmt: skip
+                                  fn_kwargs={"image_size": image_size, "batch_size": compute.batch_size,
+                                             "cache": capfilt.cache_setting(compute)})  # fmt: skip
     actor_args = {"batch_size": 1, "batch_format": "numpy", "num_cpus": compute.num_cpus_per_actor,
                   "num_gpus": compute.num_gpus_per_actor or None,
                   "fn_constructor_kwargs": {"config": raw, "models": models, "image_size": image_size}}  # fmt: skip

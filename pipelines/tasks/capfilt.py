@@ -31,12 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pipelines.config import RangeError, check_range
+from pipelines.tasks.shard_cache import ShardCache, is_local
 from pipelines.tasks.webdata import atomic_output, count_tar_samples, iter_tar_samples, write_tar
 
 if TYPE_CHECKING:
@@ -138,6 +140,11 @@ class ComputeConfig:
     fp8_vision: bool = False
     # CPUs per writer task: a finished shard's outputs (tar, index parts) are written by a Ray task, not the driver
     writer_cpus: float = 0.5
+    # A directory on each node's local disk for remote input shards (s3://, gs://, http://): the decode task
+    # downloads a shard into it once and the shard's writer task, placed on the same node, reads that copy instead
+    # of downloading the shard again. null: no cache (each shard is read twice from the store).
+    shard_cache_dir: str | None = None
+    shard_cache_gb: float = 100.0  # the least recently read shards are removed beyond this size
     progress_bars: bool = False
 
     def __post_init__(self) -> None:
@@ -149,6 +156,7 @@ class ComputeConfig:
         check_range("compute", "decode_cpus", self.decode_cpus, 0.0)
         check_range("compute", "torch_threads", self.torch_threads, 1)
         check_range("compute", "writer_cpus", self.writer_cpus, 0.0)
+        check_range("compute", "shard_cache_gb", self.shard_cache_gb, 0.001)
 
     def resolved_device(self) -> str:
         """The device the actors compute on: 'auto' is cuda exactly when each actor is given a GPU."""
@@ -364,6 +372,7 @@ class ShardPlan:
     url: str
     split: str | None
     num_samples: int
+    bytes: int | None = None  # the shard's size in its manifest (the shard cache checks a download against it)
 
 
 def run_capfilt(
@@ -408,6 +417,7 @@ def run_capfilt(
     # store, or the local registry's own disk); the merged index, texts and stats to this machine's work dir.
     shared = registry.shared_work_url(key)
     shards = plan_shards(registry, dataset, config)
+    warn_uncached_remote(shards, config.compute)
     pending = pending_shards(shared, shards)
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
     perf = process_shards(config, pending, models, int(image_size), shared, refs)
@@ -462,8 +472,38 @@ def plan_shards(registry: Registry, dataset: Manifest, config: CapFiltConfig) ->
 
             with fsspec.open(url, "rb") as handle:
                 count = count_tar_samples(handle)
-        plans.append(ShardPlan(index, entry.path, url, entry.split, int(count)))
+        plans.append(ShardPlan(index, entry.path, url, entry.split, int(count), entry.bytes))
     return plans
+
+
+def cache_setting(compute: ComputeConfig) -> tuple[str, int] | None:
+    """(directory, bytes) of the node-local input shard cache the decode and writer tasks share; None: off."""
+    if not compute.shard_cache_dir:
+        return None
+    return compute.shard_cache_dir, int(compute.shard_cache_gb * 2**30)
+
+
+def open_input_shard(url: str, size: int | None, cache: tuple[str, int] | None) -> IO[bytes]:
+    """An input shard, opened for reading: through this node's shard cache (downloaded once a node), or directly."""
+    if cache is None:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute").open(url, size)
+
+
+def discard_input_shard(url: str, cache: tuple[str, int] | None) -> None:
+    """Remove a written shard's node-local copy: nothing in this stage reads it again."""
+    if cache is not None:
+        ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute").discard(url)
+
+
+def warn_uncached_remote(shards: list[ShardPlan], compute: ComputeConfig) -> None:
+    remote = [shard.url for shard in shards if not is_local(shard.url)]
+    if remote and not compute.shard_cache_dir:
+        log.warning("capfilt: the input shards are remote (%s ...) and compute.shard_cache_dir is not set: each is "
+                    "downloaded twice, by its decode task and by its writer task; set compute.shard_cache_dir to a "
+                    "directory on the nodes' local disks", remote[0].rsplit("/", 1)[0])  # fmt: skip
 
 
 def marker_relpath(shard: ShardPlan) -> str:
@@ -490,8 +530,8 @@ def _url_to_fs(url: str) -> tuple[Any, str]:
 
 def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
     """Decode tasks: one per non-empty shard, read once front to back (see `_ray_capfilt.decode_shard`)."""
-    return [{"shard_index": shard.index, "path": shard.path, "url": shard.url, "expected": shard.num_samples}
-            for shard in shards if shard.num_samples]  # fmt: skip
+    return [{"shard_index": shard.index, "path": shard.path, "url": shard.url, "expected": shard.num_samples,
+             "bytes": -1 if shard.bytes is None else shard.bytes} for shard in shards if shard.num_samples]  # fmt: skip
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
@@ -500,7 +540,8 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
 
     The driver only routes the model results (a few hundred bytes per image): reading each input shard again,
     building and hashing its output tar happen in writer tasks on the cluster's CPUs, writing under `work` (a
-    path or URL every node reaches: `Registry.shared_work_url`).
+    path or URL every node reaches: `Registry.shared_work_url`). With `compute.shard_cache_dir` each writer task
+    is placed on the node that decoded its shard (soft: elsewhere if that node is gone) and reads the node's copy.
     """
     from pipelines.tasks import _ray_capfilt
 
@@ -508,6 +549,7 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     by_index = {shard.index: shard for shard in shards}
     batches: dict[int, dict[int, list[dict[str, Any]]]] = {shard.index: {} for shard in shards}
     received = {shard.index: 0 for shard in shards}
+    nodes: dict[int, str] = {}  # the node that decoded each shard: its writer goes there, to the cached copy
     began = time.perf_counter()
     writers = _ray_capfilt.ShardWriters(config, work, refs)
     for shard in shards:
@@ -519,6 +561,7 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
         if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode
             perf["first_batch_s"], perf["first_batch_images"] = time.perf_counter() - began, len(results)
         index = int(row["shard_index"])
+        nodes[index] = str(row.get("node") or "")
         batches[index][int(row["start"])] = results
         received[index] += len(results)
         perf["images"] += len(results)
@@ -528,10 +571,11 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
         if received[index] == by_index[index].num_samples:
             ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
             batches[index] = {}
-            writers.submit(by_index[index], ordered)
+            writers.submit(by_index[index], ordered, node=nodes.get(index))
     markers = writers.finish()
     perf["wall_s"] = time.perf_counter() - began
     perf["write_s"] = sum(float(marker.get("write_s", 0.0)) for marker in markers)  # writer-task time, all tasks
+    perf["writes_on_decode_node"] = writers.placed
     missing = [s.path for s in shards if received[s.index] != s.num_samples]
     if missing:
         raise CapFiltError(f"shards not fully processed: {', '.join(missing[:5])}")
@@ -564,8 +608,6 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
     into the output tar one sample at a time: a 10k-image shard is never held in memory whole. `work` is a local
     path or a URL in an object store (there each file appears whole when its upload completes).
     """
-    import fsspec
-
     from datasets_manifests.index import write_index, write_texts
 
     began = time.perf_counter()
@@ -573,8 +615,10 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
     index_rows: list[dict[str, Any]] = []
     text_rows: list[dict[str, Any]] = []
 
+    cache = cache_setting(config.compute)
+
     def members() -> Iterator[tuple[str, bytes]]:
-        with fsspec.open(shard.url, "rb") as handle:
+        with open_input_shard(shard.url, shard.bytes, cache) as handle:
             for _, key, sample in iter_tar_samples(handle):
                 if key not in by_key:
                     raise CapFiltError(f"{shard.path}: sample {key!r} has no CapFilt result")
@@ -602,6 +646,7 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
               "write_s": round(time.perf_counter() - began, 4)}  # fmt: skip
     with atomic_output(f"{root}/{marker_relpath(shard)}", fs) as handle:  # the commit of this shard
         handle.write(json.dumps(marker, sort_keys=True).encode())
+    discard_input_shard(shard.url, cache)
     return marker
 
 

@@ -1,4 +1,5 @@
-"""A node-local cache of remote training shards, shared by every loader process of every rank on the node.
+"""A node-local cache of remote shards, shared by every loader process of every rank on the node (and by
+CapFilt's decode and writer tasks).
 
 Each DataLoader worker reads only its own micro-batches' samples (train_data), but on object storage (s3://,
 gs://, http://) opening a shard fetches it in read-ahead blocks that hold the skipped samples too: with the
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 log = logging.getLogger(__name__)
+_WARNED_FULL: set[str] = set()  # cache directories whose budget this process has already warned about
 
 
 def is_local(url: str) -> bool:
@@ -42,6 +44,7 @@ def is_local(url: str) -> bool:
 class ShardCache:
     directory: str
     max_bytes: int
+    section: str = "data"  # where the settings live in the stage's config, for messages: data.shard_cache_dir
     # What this process did (tests, benchmarks): shards downloaded and their bytes, cache hits.
     fetched: int = field(default=0, compare=False)
     fetched_bytes: int = field(default=0, compare=False)
@@ -53,7 +56,7 @@ class ShardCache:
         try:
             Path(self.directory, "locks").mkdir(parents=True, exist_ok=True)
         except OSError as error:  # raised on a training node: say which setting names the directory
-            raise OSError(f"shard cache (data.shard_cache_dir): cannot create {self.directory} on this node: "
+            raise OSError(f"shard cache ({self.section}.shard_cache_dir): cannot create {self.directory} on this node: "
                           f"{error.strerror or error}") from error
         # A budget beyond what the disk can hold would end in failed downloads (counted as unreadable shards) once
         # the disk fills: keep it within 90 % of what the cache could grow to here.
@@ -61,9 +64,11 @@ class ShardCache:
         free = shutil.disk_usage(self.directory).free
         room = int(0.9 * (free + cached))
         if self.max_bytes > room:
-            log.warning("shard cache: data.shard_cache_gb (%.1f GB) is more than %s can hold (%.1f GB free, %.1f "
-                        "cached); using %.1f GB", self.max_bytes / 2**30, self.directory, free / 2**30,
-                        cached / 2**30, room / 2**30)  # fmt: skip
+            if self.directory not in _WARNED_FULL:  # once a process, not at every shard a task opens
+                _WARNED_FULL.add(self.directory)
+                log.warning("shard cache: %s.shard_cache_gb (%.1f GB) is more than %s can hold (%.1f GB free, %.1f "
+                            "cached); using %.1f GB", self.section, self.max_bytes / 2**30, self.directory,
+                            free / 2**30, cached / 2**30, room / 2**30)  # fmt: skip
             self.max_bytes = max(room, 1)
 
     def path_of(self, url: str) -> Path:
@@ -85,6 +90,15 @@ class ShardCache:
                     handle = self._fetch(url, path, size)
         self.evict(keep=path)
         return handle
+
+    def discard(self, url: str) -> None:
+        """Remove the node's copy of `url` (a process that has it open keeps reading it); under the shard's lock,
+        so that a download of it in progress completes first."""
+        if is_local(url):
+            return
+        path = self.path_of(url)
+        with self._locked(path):
+            path.unlink(missing_ok=True)
 
     def _open_cached(self, path: Path, size: int | None) -> IO[bytes] | None:
         try:

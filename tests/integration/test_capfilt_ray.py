@@ -226,14 +226,17 @@ def _regenerate(registry, manifest, captioner):
 
 
 @pytest.mark.integration
-def test_capfilt_full_run_provenance(ray_session, inputs):
+def test_capfilt_full_run_provenance(ray_session, inputs, tmp_path):
     import pyarrow.parquet as pq
 
     from pipelines.config import load_config
     from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
 
     registry, dataset, captioner, filter_model = inputs
-    config = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml")
+    # With the shard cache on (local shards are read in place), the writer tasks go to the nodes that decoded
+    # their shards: the placement goes through Ray here; the cache's own effect is in test_shard_writer_tasks...
+    config = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml",
+                         [f"compute.shard_cache_dir={tmp_path / 'shard-cache'}"])  # fmt: skip
     manifest = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
                            name="web-tiny-capfilt", registry=registry)
     assert manifest.parents == (dataset.ref, captioner.ref, filter_model.ref)
@@ -256,6 +259,7 @@ def test_capfilt_full_run_provenance(ray_session, inputs):
     quality = stats["quality"]
     assert quality["samples_matched"] == 17 and quality["synthetic"]["total"] == 34
     assert 0 <= stats["throughput"]["actor_busy_fraction"] <= 1
+    assert stats["throughput"]["writes_on_decode_node"] == 3  # each shard's decode node reached the driver
     assert pq.read_table(registry.local_path(manifest, "texts.parquet")).num_rows == len(texts)
     # The shard digests the writer tasks recorded while writing (the publish did not re-read) are the files'.
     from datasets_manifests.ops import verify
@@ -332,6 +336,31 @@ def test_shard_writer_tasks_write_each_shard_and_name_a_failed_one(ray_session, 
     with pytest.raises(CapFiltError, match="shards/train-000001.tar: sample '000000003' has no CapFilt result"):
         writers.finish()
     assert not (tmp_path / "work-bad" / marker_relpath(shards[1])).exists()
+
+    # Remote shards through the node's shard cache: the writer task, placed on the node that "decoded" the shard
+    # (here: this process filled the cache, as a decode task on that node does), reads the node's copy; the store
+    # sends each shard once, and the copy is removed once written.
+    import dataclasses
+
+    from http_files import serve_files
+
+    from pipelines.config import load_config
+    from pipelines.tasks.shard_cache import ShardCache
+
+    cache_dir = tmp_path / "shard-cache"
+    cached_config = load_config(CapFiltConfig, {"compute": {"shard_cache_dir": str(cache_dir)}})
+    node = ray_session.get_runtime_context().get_node_id()
+    with serve_files(registry.local_path(dataset, "index.parquet").parent) as served:
+        remote = [dataclasses.replace(shard, url=f"{served.url}/{shard.path}") for shard in shards]
+        for shard in remote:
+            ShardCache(str(cache_dir), 2**30).open(shard.url, shard.bytes).close()
+        writers = _ray_capfilt.ShardWriters(cached_config, str(tmp_path / "work-cached"), refs)
+        for shard in remote:
+            writers.submit(shard, _fake_results(_shard_keys(shard.index)), node=node)
+        cached_markers = sorted(writers.finish(), key=lambda marker: marker["path"])
+        assert dict(served.bytes_sent) == {shard.path: shard.bytes for shard in shards}  # once each, by the fill
+    assert [m["sha256"] for m in cached_markers] == [m["sha256"] for m in markers]
+    assert [p.name for p in cache_dir.iterdir()] == ["locks"]
 
 
 @pytest.mark.integration

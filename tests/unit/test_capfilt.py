@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, config_hash, load_config
 from pipelines.tasks import capfilt, capfilt_models, webdata
 from pipelines.tasks.capfilt import CapFiltConfig, FilterConfig
 
@@ -20,6 +20,11 @@ def test_presets_load_and_typos_fail(tmp_path):
         assert config.captioner.top_p == 0.9 and config.filter.threshold == 0.5
     big = load_config(CapFiltConfig, capfilt_config_path("129m"))
     assert big.compute.num_gpus_per_actor == 0.5 and big.compute.dtype == "bfloat16"
+    # The node-local shard cache is on at scale and, like the rest of the compute layout, not in the cache key.
+    assert big.compute.shard_cache_dir and big.compute.shard_cache_gb == 200
+    uncached = load_config(CapFiltConfig, capfilt_config_path("129m"), ["compute.shard_cache_dir=null"])
+    assert uncached.compute.shard_cache_dir is None
+    assert config_hash(uncached.cache_relevant()) == config_hash(big.cache_relevant())
     with pytest.raises(ConfigError, match="captioner.top_pp"):
         load_config(CapFiltConfig, {"captioner": {"top_pp": 0.8}})
     with pytest.raises(ConfigError, match="thresholds.webb"):
@@ -207,7 +212,8 @@ def test_decode_items_are_whole_shards():
     shard = capfilt.ShardPlan(0, "shards/train-000000.tar", "/x.tar", "train", 11)
     empty = capfilt.ShardPlan(1, "shards/train-000001.tar", "/y.tar", "train", 0)
     items = capfilt.decode_items([shard, empty])
-    assert items == [{"shard_index": 0, "path": "shards/train-000000.tar", "url": "/x.tar", "expected": 11}]
+    assert items == [{"shard_index": 0, "path": "shards/train-000000.tar", "url": "/x.tar", "expected": 11,
+                      "bytes": -1}]  # fmt: skip
 
 
 def test_decode_shard_streams_fixed_batches_and_checks_the_count(tmp_path):
@@ -345,6 +351,62 @@ def test_multi_node_cluster_refuses_local_paths():
     capfilt.check_storage_reachable(two, ["s3://bucket/x.tar", "gs://bucket/model"])
     capfilt.check_storage_reachable(two, ["/nfs/reg/a.tar"], shared_filesystem=True)
     capfilt.check_storage_reachable([two[0], {"Alive": False, "NodeID": "c"}], ["/reg/a.tar"])  # one node alive
+
+
+def test_remote_shard_is_downloaded_once_for_decode_and_write_with_the_shard_cache(tmp_path):
+    """A remote input shard (served over HTTP, as a store serves it) is read by its decode task and again by its
+    writer task: with `compute.shard_cache_dir` the store sends it once and the written shard's copy is removed;
+    without, twice. A download of another size than the manifest's is refused, naming the shard."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.tasks import _ray_capfilt
+    from http_files import serve_files
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(jpeg, "JPEG")
+    keys = [f"{i:09d}" for i in range(6)]
+    members = [(f"{key}.{ext}", data) for key in keys for ext, data in (("jpg", jpeg.getvalue()), ("txt", b"a cat"))]
+    (tmp_path / "store/shards").mkdir(parents=True)
+    size = webdata.write_tar(tmp_path / "store/shards/train-000000.tar", members).bytes
+    results = [{"key": key, "web_text": "a cat", "error": None, "synthetic": ["a cat"], "scores": [0.9, 0.8],
+                "seeds": [1]} for key in keys]  # fmt: skip
+    refs = {"captioner": "captioner-tiny:v1", "filter": "filter-tiny:v1"}
+
+    def decode_and_write(served, cache_dir, manifest_bytes=size):
+        config = load_config(CapFiltConfig, {"compute": {"shard_cache_dir": cache_dir, "shard_cache_gb": 1}})
+        url = f"{served.url}/shards/train-000000.tar"
+        shard = capfilt.ShardPlan(0, "shards/train-000000.tar", url, "train", len(keys), manifest_bytes)
+        [item] = capfilt.decode_items([shard])
+        batch = {name: np.array([value]) for name, value in item.items()}
+        rows = list(_ray_capfilt.decode_shard(batch, image_size=4, batch_size=4,
+                                              cache=capfilt.cache_setting(config.compute)))  # fmt: skip
+        assert [json.loads(r["meta"][0])["keys"] for r in rows] == [keys[:4], keys[4:]]
+        assert [r["node"] for r in rows] == [[""], [""]]  # outside Ray: no node to place the writer on
+        return capfilt.finish_shard(str(tmp_path / f"work-{cache_dir is None}"), shard, results, config, refs)
+
+    with serve_files(tmp_path / "store") as served:
+        cache = tmp_path / "cache"
+        cached = decode_and_write(served, str(cache))
+        assert served.bytes_sent["shards/train-000000.tar"] == size
+        assert [p.name for p in cache.iterdir()] == ["locks"]  # the written shard's copy is gone
+        served.bytes_sent.clear()
+        direct = decode_and_write(served, None)
+        assert served.bytes_sent["shards/train-000000.tar"] >= 2 * size
+        assert (cached["sha256"], cached["num_samples"]) == (direct["sha256"], len(keys))
+        with pytest.raises(OSError, match=f"train-000000.tar gave {size} bytes, its manifest says {size + 1}"):
+            decode_and_write(served, str(cache), manifest_bytes=size + 1)
+
+
+def test_remote_input_without_a_shard_cache_is_warned_of(caplog):
+    remote = [capfilt.ShardPlan(0, "shards/a.tar", "s3://bucket/web/shards/a.tar", "train", 5, 100)]
+    local = [capfilt.ShardPlan(0, "shards/a.tar", "/registry/web/shards/a.tar", "train", 5, 100)]
+    with caplog.at_level("WARNING", logger="pipelines.tasks.capfilt"):
+        capfilt.warn_uncached_remote(local, capfilt.ComputeConfig())
+        capfilt.warn_uncached_remote(remote, capfilt.ComputeConfig(shard_cache_dir="/tmp/cache"))
+        assert not caplog.records
+        capfilt.warn_uncached_remote(remote, capfilt.ComputeConfig())
+    assert "s3://bucket/web/shards ...) and compute.shard_cache_dir is not set" in caplog.text
 
 
 def test_undecodable_image_detail_is_reproducible(tmp_path):

@@ -162,6 +162,10 @@ def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path, caplog
     with caplog.at_level("WARNING"):
         huge = ShardCache(str(tmp_path / "c3"), 1 << 62)  # more than any disk here
     assert huge.max_bytes <= 0.9 * free + (1 << 30) and "is more than" in caplog.text and "using" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a task opening shard after shard: warned once a process, still capped
+        again = ShardCache(str(tmp_path / "c3"), 1 << 62, section="compute")
+    assert again.max_bytes <= 0.9 * free + (1 << 30) and not caplog.records
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match=r"data.shard_cache_dir\): cannot create .*a-file/cache on this node"):
         ShardCache(str(tmp_path / "a-file" / "cache"), 1 << 30)

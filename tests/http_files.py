@@ -1,5 +1,6 @@
 """A static file server on 127.0.0.1 that answers byte-range requests as object stores do and counts what it sends
-per file: reading shards "remotely" in tests and benchmarks (benchmarks/bench_shard_cache.py)."""
+per file: reading shards "remotely" in tests (tests/ is on their path through its conftest.py) and benchmarks
+(bench_shard_cache.py, bench_capfilt_reads.py)."""
 
 from __future__ import annotations
 
