@@ -6,14 +6,17 @@
 # figures not measured yet (capfilt_ends, train_loader): at most 9 minutes, under the 10-minute limit of one
 # device call (the README's headline parts, pretrain_compiled capfilt_compiled, fit a second). Name parts to
 # choose: capfilt_eager capfilt_compiled capfilt_ends capfilt_fp8_compiled pretrain_eager pretrain_compiled
-# train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 pretrain_flash capfilt_flash.
+# train_loader retrieval_eager model_step_base_bf16 caption_base_bf16 pretrain_flash capfilt_flash capfilt_stage.
 # model_step_base_bf16, caption_base_bf16: ours vs transformers side by side, `base` at 384 px in bf16, from
 # bench_model_step.py / bench_caption_generate.py. pretrain_flash, capfilt_flash: FlashAttention-2 instead of
 # torch's choice (cuDNN, whose kernels took 20 % of the compiled pretraining step for ~5 % of its FLOPs); compare
 # with pretrain_compiled / capfilt_compiled. capfilt_ends: captions
 # that end at a trained captioner's lengths, and decoding with finished rows dropped vs kept. train_loader:
 # bench_train.py --device cuda, BLIP-base pretraining fed by the real input pipeline (web-like JPEG shards, 14
-# loader processes): samples/s and data-wait fraction; Ray Train beside it where Ray is importable.
+# loader processes): samples/s and data-wait fraction; Ray Train beside it where Ray is importable. capfilt_stage:
+# bench_capfilt.py --device cuda, the whole CapFilt stage on Ray Data (decode tasks on the host's cores, two
+# colocated BLIP-base actors sharing the GPU, shards written and published) vs transformers' loop: images/s and
+# the actors' busy fraction (does the GPU wait on JPEG decoding?); needs Ray (.devcarry), ~4-6 min.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -63,6 +66,7 @@ run_part() {
     pretrain_compiled) bench "$1" 280 --parts pretrain --pretrain-batch $TRAIN_BATCH --compile ;;
     pretrain_flash) bench "$1" 280 --parts pretrain --pretrain-batch $TRAIN_BATCH --compile --sdpa-backend flash ;;
     capfilt_flash) bench "$1" 150 --parts capfilt --peaked-logits --capfilt-batches $CAPFILT_BATCH --capfilt-images 2048 --compile --sdpa-backend flash ;;
+    capfilt_stage) bench_script "$1" 420 benchmarks/bench_capfilt.py --device cuda --preset base --images 8192 --image-size 384 --batch-size 256 --actors 2 ;;
     train_loader) bench_script "$1" 360 benchmarks/bench_train.py --device cuda --batch-size $TRAIN_BATCH --compile --steps 40 --loader-workers 14 --samples 32768 ;;
     retrieval_eager) bench "$1" 120 --parts retrieval ;;
     model_step_base_bf16) bench_script "$1" 180 benchmarks/bench_model_step.py "${GPU_BASE[@]}" --batch-base 32 --steps-base 10 ;;
@@ -85,6 +89,12 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         print(path.name, "no JSON;", (path.with_suffix(".err").read_text()[-1500:])); continue
     if data.get("benchmark") == "train_base_gpu":  # bench_train.py --device cuda
         print(path.name, json.dumps(data)); continue
+    if data.get("benchmark") == "capfilt":  # bench_capfilt.py --device cuda: the whole stage on Ray Data
+        ours = data.get("ours", {})
+        print(path.name, json.dumps({"images_per_s_per_gpu": data.get("images_per_s_per_gpu"),
+              "ratio_steady_vs_baseline": data.get("ratio_steady_vs_baseline"), "baseline": data.get("baseline"),
+              "ours": {k: v for k, v in ours.items() if k != "kept_fraction"}}))
+        continue
     if "results" in data:  # bench_model_step.py / bench_caption_generate.py: one compact object
         print(path.name, json.dumps({k: data.get(k) for k in ("device", "gpu", "precision", "results")})); continue
     for part in ("capfilt", "pretrain", "retrieval"):
