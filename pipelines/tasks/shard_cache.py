@@ -13,7 +13,8 @@ downloads it whole while the others wait for it, and every process reads the loc
 - When the manifest's byte count is known, a download of another size is refused (the shard counts as
   unreadable, as an unreachable one does) and a cached file of another size is fetched again.
 - The least recently opened shards are removed once the cache holds more than `max_bytes` (never the one just
-  opened); a process that has a removed file open keeps reading it (POSIX unlink). A `max_bytes` beyond 90 % of
+  opened), and before each download, to make room for it (downloads in progress count as they are on the disk);
+  a process that has a removed file open keeps reading it (POSIX unlink). A `max_bytes` beyond 90 % of
   what the disk can hold (free space plus the cache) is lowered to that, with a warning.
 - Local paths (and `file://` URLs) are opened in place.
 """
@@ -87,6 +88,7 @@ class ShardCache:
             with self._locked(path):
                 handle = self._open_cached(path, size)  # another process may have fetched it while we waited
                 if handle is None:
+                    self.evict(incoming=size or 0)  # room first: the disk holds at most the budget, downloads included
                     handle = self._fetch(url, path, size)
         self.evict(keep=path)
         return handle
@@ -153,10 +155,11 @@ class ShardCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def evict(self, keep: Path | None = None) -> list[str]:
-        """Remove the least recently opened shards until the cache holds at most `max_bytes`, and the downloads
-        a killed process left; returns the removed names."""
-        complete, removed, total = [], [], 0
+    def evict(self, keep: Path | None = None, incoming: int = 0) -> list[str]:
+        """Remove the least recently opened shards until the cache holds at most `max_bytes` — counting the
+        downloads in progress as they are now and `incoming` bytes about to be downloaded — and the downloads a
+        killed process left; returns the removed names."""
+        complete, removed, total = [], [], incoming
         for entry in os.scandir(self.directory):
             if not entry.is_file():
                 continue
@@ -166,6 +169,9 @@ class ShardCache:
                     if taken:  # nobody is downloading it: its writer died
                         Path(entry.path).unlink(missing_ok=True)
                         removed.append(entry.name)
+                    else:  # another process's download: not removable, but on the disk
+                        with contextlib.suppress(FileNotFoundError):
+                            total += entry.stat().st_size
                 continue
             with contextlib.suppress(FileNotFoundError):  # another process may be evicting too
                 stat = entry.stat()

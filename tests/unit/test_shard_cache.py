@@ -117,6 +117,16 @@ def test_least_recently_opened_shards_are_evicted_and_open_ones_stay_readable(sh
         assert first.read() == files[0].read_bytes()
         first.close()
         assert cache.fetched == 4
+        # Room is made before a download: with the size to come, the least recent of the two goes first.
+        assert cache.evict(incoming=biggest) == [cache.path_of(urls[2]).name]
+        assert cache.evict(incoming=biggest) == []
+        # Another process's download in progress (its lock held, here by this test) is on the disk: it counts.
+        downloading = cache.path_of(f"{served.url}/shards/elsewhere.tar")
+        partial = downloading.with_name(downloading.name + ".partial")
+        with cache._locked(downloading):
+            partial.write_bytes(b"x" * (2 * biggest))
+            assert cache.evict() == [cache.path_of(urls[3]).name] and partial.exists()
+        assert cache.evict() == [partial.name]  # its lock is free: a leftover
 
 
 def _download_slowly(directory: str, url: str) -> None:
