@@ -179,6 +179,8 @@ def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path, caplog
     (tmp_path / "a-file").write_text("")
     with pytest.raises(OSError, match=r"data.shard_cache_dir\): cannot create .*a-file/cache on this node"):
         ShardCache(str(tmp_path / "a-file" / "cache"), 1 << 30)
+    with pytest.raises(OSError, match=r"\(compute.shard_cache_dir\): cannot create"):  # CapFilt's setting
+        ShardCache(str(tmp_path / "a-file" / "cache"), 1 << 30, section="compute")
 
 
 def test_the_cache_settings_reach_the_workers_and_leave_the_cache_key_alone(tmp_path: Path,
