@@ -92,6 +92,12 @@ def _handler(root: Path, served: ServedFiles, delay: float, link: SharedLink | N
     return RangeHandler
 
 
+class _Server(ThreadingHTTPServer):
+    # A store takes many connections at once (concurrent ranged reads); socketserver's default backlog of 5 would
+    # drop the connection attempts beyond it, each retried by the client a second later.
+    request_queue_size = 512
+
+
 @contextlib.contextmanager
 def serve_files(root: str | Path, delay: float = 0.0, bytes_per_s: float | None = None) -> Iterator[ServedFiles]:
     """Serve `root` on an ephemeral port of 127.0.0.1; `delay` seconds are added to every request, and all
@@ -99,7 +105,7 @@ def serve_files(root: str | Path, delay: float = 0.0, bytes_per_s: float | None 
     root = Path(root).resolve()
     served = ServedFiles(url="")
     link = SharedLink(bytes_per_s) if bytes_per_s else None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, served, delay, link))
+    server = _Server(("127.0.0.1", 0), _handler(root, served, delay, link))
     server.daemon_threads = True
     served.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="http-files", daemon=True)

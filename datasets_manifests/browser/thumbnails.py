@@ -140,13 +140,12 @@ def read_sample_image(registry: Registry, manifest: Manifest, location: dict[str
     if size is not None and size > MAX_IMAGE_BYTES:
         raise ThumbnailError(f"{what}: {size} bytes is above the {MAX_IMAGE_BYTES} byte limit", 413)
     try:
+        if offset is not None and size is not None and offset >= 0 and size >= 0:
+            data = registry.read_range(manifest, shard, offset, size)  # on a store: one request of the image's bytes
+            if len(data) != size:
+                raise ThumbnailError(f"{what}: shard is truncated ({len(data)} of {size} bytes at {offset})", 502)
+            return data
         with registry.open(manifest, shard) as handle:
-            if offset is not None and size is not None and offset >= 0 and size >= 0:
-                handle.seek(offset)
-                data = handle.read(size)
-                if len(data) != size:
-                    raise ThumbnailError(f"{what}: shard is truncated ({len(data)} of {size} bytes at {offset})", 502)
-                return data
             return _scan_tar(handle, key, what)
     except FileNotFoundError as error:
         raise ThumbnailError(f"shard {shard} of {manifest.ref} is missing from the registry", 404) from error

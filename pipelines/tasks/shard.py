@@ -423,6 +423,8 @@ class _GroupLayout:
 
 # Pass 2 reads each kept image back and writes it: a process of its own pays off from about this much output.
 WRITE_BYTES_PER_PROCESS = 256 << 20
+# Images read together in pass 2: from remote raw shards, one ranged request each, the batch's requests at once.
+READ_BATCH = 256
 _PASS2_COLUMNS = ["key", "url", "raw_caption", "caption", "image_sha256", "width", "height", "source_shard",
                   "source_offset", "source_bytes", "reencode"]  # fmt: skip
 
@@ -538,16 +540,20 @@ def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk
     handles: dict[str, Any] = {}
     keys, reencoded = [], {}
 
-    def members() -> Iterator[tuple[str, bytes]]:  # one sample's bytes in memory at a time
-        for position, record in enumerate(chunk.to_pylist()):
-            jpg = _read_jpg(sources, record, handles, cfg)
-            if record["reencode"]:
-                reencoded[position] = record["image_sha256"]
-            if "." in record["key"] or "/" in record["key"]:  # webdataset splits member names at the first dot
-                raise ValueError(f"sample key {record['key']!r} must not contain '.' or '/'")
-            keys.append(record["key"])
-            for extension, data in _members(record, jpg).items():
-                yield f"{record['key']}.{extension}", data
+    def members() -> Iterator[tuple[str, bytes]]:  # one batch of images in memory at a time
+        records = chunk.to_pylist()
+        for first in range(0, len(records), READ_BATCH):
+            batch = records[first : first + READ_BATCH]
+            for position, record, jpg in zip(range(first, first + len(batch)), batch,
+                                             _read_images(sources, batch, handles)):  # fmt: skip
+                if record["reencode"]:
+                    jpg = _reencode(jpg, cfg)
+                    reencoded[position] = record["image_sha256"] = hashlib.sha256(jpg).hexdigest()
+                if "." in record["key"] or "/" in record["key"]:  # webdataset splits member names at the first dot
+                    raise ValueError(f"sample key {record['key']!r} must not contain '.' or '/'")
+                keys.append(record["key"])
+                for extension, data in _members(record, jpg).items():
+                    yield f"{record['key']}.{extension}", data
 
     path = shard_name(split, index)
     fs, root = url_to_fs(out)
@@ -562,23 +568,52 @@ def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk
     return entry, list(offsets), list(sizes), reencoded
 
 
-def _read_jpg(sources: dict[str, str], record: dict[str, Any], handles: dict[str, Any], cfg: ShardConfig) -> bytes:
+def _read_images(sources: dict[str, str], records: list[dict[str, Any]], handles: dict[str, Any]) -> list[bytes]:
+    """The stored image bytes of `records`, in order. From a local raw shard: seek and read on its open handle.
+    From a remote one (s3://, gs://, http://): one ranged request an image, the batch's requests at once
+    (`cat_ranges`). Through an opened remote file each ~50 KB image at a shuffled offset fetched a read-ahead block
+    of megabytes around it (50x the image bytes over HTTP, measured; s3fs reads ahead 50 MiB)."""
     import fsspec
 
-    path = record["source_shard"]
-    if path not in handles:
-        handles[path] = fsspec.open(sources[path], "rb").open()
-    handle = handles[path]
-    handle.seek(record["source_offset"])
-    data = handle.read(record["source_bytes"])
-    if record["reencode"]:
-        from pipelines.tasks.webdata import decode_rgb
+    from datasets_manifests.filesystems import url_to_fs
+    from pipelines.tasks.shard_cache import is_local
 
-        buffer = io.BytesIO()
-        decode_rgb(data).save(buffer, format="JPEG", quality=cfg.jpeg_quality)
-        data = buffer.getvalue()
-        record["image_sha256"] = hashlib.sha256(data).hexdigest()
-    return data
+    images: list[bytes] = [b""] * len(records)
+    remote: dict[int, tuple[Any, list[tuple[int, str]]]] = {}  # filesystem -> its (position, path) reads
+    for position, record in enumerate(records):
+        url = sources[record["source_shard"]]
+        if is_local(url):
+            if url not in handles:
+                handles[url] = fsspec.open(url, "rb").open()
+            handles[url].seek(record["source_offset"])
+            images[position] = handles[url].read(record["source_bytes"])
+        else:
+            fs, path = url_to_fs(url)  # fsspec caches the filesystem instance: one per store
+            remote.setdefault(id(fs), (fs, []))[1].append((position, path))
+    for fs, reads in remote.values():
+        starts = [records[position]["source_offset"] for position, _ in reads]
+        ends = [start + records[position]["source_bytes"] for start, (position, _) in zip(starts, reads)]
+        for (position, _), data in zip(reads, fs.cat_ranges([path for _, path in reads], starts, ends,
+                                                            on_error="return")):  # fmt: skip
+            if isinstance(data, BaseException):
+                record = records[position]
+                raise OSError(f"{record['source_shard']}: the image of {record['key']!r} could not be read at byte "
+                              f"{record['source_offset']}: {data}") from data
+            images[position] = data
+    for record, data in zip(records, images):
+        if len(data) != record["source_bytes"]:  # the raw shard changed since pass 1 read it
+            raise ValueError(f"{record['source_shard']}: the image of {record['key']!r} is cut short "
+                             f"({len(data)} of {record['source_bytes']} bytes at byte {record['source_offset']})")
+    return images
+
+
+def _reencode(data: bytes, cfg: ShardConfig) -> bytes:
+    """A stored image re-encoded as an RGB JPEG (greyscale, CMYK, alpha, non-JPEG formats)."""
+    from pipelines.tasks.webdata import decode_rgb
+
+    buffer = io.BytesIO()
+    decode_rgb(data).save(buffer, format="JPEG", quality=cfg.jpeg_quality)
+    return buffer.getvalue()
 
 
 def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:

@@ -381,3 +381,14 @@ def test_in_threads_keeps_the_order_and_stops_at_the_first_error():
     with pytest.raises(RegistryError, match="item 1 failed"):
         list(in_threads(work, range(50), 2))
     assert sorted(started) == [0, 1, 2]  # the calls after the failed one and the one running beside it never start
+
+
+def test_read_range_is_one_request_of_the_bytes_on_a_store(registry, tmp_path, monkeypatch):
+    """A sample's image by offset (the browser's thumbnails): on a store `cat_file` of exactly the range, never an
+    opened file (its read-ahead block would be megabytes around a ~50 KB image); a range past the end is short."""
+    data = bytes(range(256)) * 40
+    manifest = publish_files(registry, tmp_path / "stage", {"shards/a.tar": data})
+    if not registry.is_local:
+        monkeypatch.setattr(registry.fs, "open", lambda *args, **kwargs: pytest.fail("opened a remote file"))
+    assert registry.read_range(manifest, "shards/a.tar", 1000, 300) == data[1000:1300]
+    assert registry.read_range(manifest, "shards/a.tar", len(data) - 10, 300) == data[-10:]

@@ -408,3 +408,50 @@ def test_a_remote_registry_gets_its_shards_written_in_its_store(raw_version, tmp
     (remote.work_dir(out.producer.cache_key) / "records.arrow").write_bytes(b"records")
     assert run_shard(cfg, remote_raw, name="train-test", registry=remote).id == out.id
     assert not remote.fs.exists(prefix) and not list((tmp_path / "machine-work").rglob("*"))
+
+
+def test_pass_two_reads_remote_images_with_one_ranged_request_each(tmp_path):
+    """Pass 2 on raw shards in a store (served over HTTP here): each image is one ranged request of exactly its
+    bytes — an opened remote file fetched a read-ahead block of megabytes around each shuffled image — and the
+    output shard is the same file as from local raw shards, re-encoded images included; a raw shard cut short
+    since pass 1, or gone, names the sample."""
+    import random
+
+    import pyarrow as pa
+    from http_files import serve_files
+
+    from pipelines.tasks import shard as stage
+    from pipelines.tasks.webdata import write_tar
+
+    (tmp_path / "store/raw").mkdir(parents=True)
+    records = []
+    for number in range(3):
+        path = f"raw/{number:05d}.tar"
+        images = {f"{number}{i:03d}": _image((number * 40, i * 9, 30), size=(64, 48)) for i in range(40)}
+        images[f"{number}png"] = _image((1, 2, 3, 100), mode="RGBA", fmt="PNG")  # re-encoded in pass 2
+        written = write_tar(tmp_path / "store" / path, [(f"{key}.jpg", data) for key, data in images.items()])
+        for key, data in images.items():
+            offset, size = written.data_offsets[f"{key}.jpg"]
+            records.append({"key": key, "url": f"http://h/{key}.jpg", "raw_caption": "a cat", "caption": "a cat",
+                            "image_sha256": hashlib.sha256(data).hexdigest(), "width": 64, "height": 48,
+                            "source_shard": path, "source_offset": offset, "source_bytes": size,
+                            "reencode": key.endswith("png")})  # fmt: skip
+    random.Random(0).shuffle(records)  # the split's shuffled order: each output shard draws from every raw shard
+    chunk = pa.Table.from_pylist(records)
+    cfg = ShardConfig()
+    paths = sorted({record["source_shard"] for record in records})
+    local = stage.write_output_shard(cfg, str(tmp_path / "local"), "train", 0, chunk,
+                                     {path: str(tmp_path / "store" / path) for path in paths})  # fmt: skip
+    with serve_files(tmp_path / "store") as served:
+        sources = {path: f"{served.url}/{path}" for path in paths}
+        remote = stage.write_output_shard(cfg, str(tmp_path / "remote"), "train", 0, chunk, sources)
+        assert sum(served.bytes_sent.values()) == sum(record["source_bytes"] for record in records)
+        assert sum(served.requests.values()) == len(records)
+        assert remote == local and len(remote[3]) == 3  # same file, offsets, and re-encoded images' sha256
+        data = (tmp_path / "store" / paths[1]).read_bytes()
+        (tmp_path / "store" / paths[1]).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=r"raw/00001.tar: the image of '1\w+' is cut short"):
+            stage.write_output_shard(cfg, str(tmp_path / "cut"), "train", 0, chunk, sources)
+        (tmp_path / "store" / paths[2]).unlink()
+        with pytest.raises(OSError, match=r"raw/00002.tar: the image of '2\w+' could not be read at byte \d+: "):
+            stage.write_output_shard(cfg, str(tmp_path / "gone"), "train", 0, chunk, sources)
