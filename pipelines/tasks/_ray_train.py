@@ -151,19 +151,33 @@ def launch(
 
 
 def data_failure(run_name: str, error: Exception) -> TrainingDataError | None:
-    """The one-line error for a run whose workers all stopped on their data; None for any other failure (a bug
-    keeps Ray's error, with every worker's traceback)."""
+    """The one-line error for a run in which a worker stopped on its data; None for any other failure (a bug
+    keeps Ray's error, with every worker's traceback). Other workers failing beside it (a peer waiting in a
+    collective when the group was torn down, or anything else) are named in the same line by their last one."""
     from pipelines.tasks.train_data import ShardsUnreadable
     from pipelines.tasks.train_loop import NothingTrainedError
 
     failures = getattr(error, "worker_failures", None) or {}
-    if not failures or not all(isinstance(f, (ShardsUnreadable, NothingTrainedError)) for f in failures.values()):
+    on_data = sorted(rank for rank, failure in failures.items()
+                     if isinstance(failure, (ShardsUnreadable, NothingTrainedError)))  # fmt: skip
+    if not on_data:
         return None
-    rank = min(failures)
+    rank = on_data[0]
+    others = sorted(set(failures) - set(on_data))
+    also = ""
+    if others:
+        first, name = _last_line(failures[others[0]]), type(failures[others[0]]).__name__
+        first = first if first.startswith(name) else f"{name}: {first}"
+        also = f" (rank {', '.join(map(str, others))} failed too: {first})"
+    return TrainingDataError(f"training run {run_name!r} stopped on its data (rank {rank}): "
+                             f"{_last_line(failures[rank]).split('ShardsUnreadable: ', 1)[-1]}{also}; once that is "
+                             f"fixed, `--resume --name {run_name}` continues from the last checkpoint")  # fmt: skip
+
+
+def _last_line(failure: BaseException) -> str:
     # Through a DataLoader worker the message carries that worker's traceback; its last line is the error.
-    reason = str(failures[rank]).strip().splitlines()[-1].split("ShardsUnreadable: ", 1)[-1]
-    return TrainingDataError(f"training run {run_name!r} stopped on its data (rank {rank}): {reason}; once that is "
-                             f"fixed, `--resume --name {run_name}` continues from the last checkpoint")
+    lines = str(failure).strip().splitlines()
+    return lines[-1][:300] if lines else ""
 
 
 def read_progress(url: str) -> dict[str, Any] | None:

@@ -258,10 +258,17 @@ def test_many_unreadable_shards_in_a_row_stop_the_run_with_the_error(shard_dir: 
 
     from pipelines.tasks._ray_train import data_failure
 
-    assert data_failure("run-a", SimpleNamespace(worker_failures={1: ValueError("x"), 0: raised.value})) is None
+    assert data_failure("run-a", SimpleNamespace(worker_failures={1: ValueError("x"), 0: ValueError("y")})) is None
     message = str(data_failure("run-a", SimpleNamespace(worker_failures={1: raised.value, 0: raised.value})))
     assert message.startswith(f"training run 'run-a' stopped on its data (rank 0): {UNREADABLE_IN_A_ROW} shards in a "
                               "row could not be read, the last ") and "\n" not in message and "Traceback" not in message
+    # A peer failing beside it (here: its collective timed out when the data-failed rank left) is named, in one line.
+    peer = RuntimeError("Traceback (most recent call last):\n  ...\nRuntimeError: [gloo] Connection closed by peer")
+    mixed = str(data_failure("run-a", SimpleNamespace(worker_failures={0: peer, 1: raised.value})))
+    assert mixed.startswith("training run 'run-a' stopped on its data (rank 1): ") and "\n" not in mixed
+    assert "(rank 0 failed too: RuntimeError: [gloo] Connection closed by peer)" in mixed
+    bare = str(data_failure("run-a", SimpleNamespace(worker_failures={2: ValueError("x"), 1: raised.value})))
+    assert "(rank 2 failed too: ValueError: x)" in bare
 
 
 def test_shards_of_refuses_a_split_with_no_intact_shard_and_warns_of_damaged_ones(
