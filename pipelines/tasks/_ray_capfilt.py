@@ -132,7 +132,9 @@ class _ModelActor:
         self.device = torch.device(compute.resolved_device())
         if self.device.type == "cpu":
             torch.set_num_threads(compute.torch_threads)
-        self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype) for role in roles}
+        cache = capfilt.cache_setting(compute)  # remote model files: one download a node
+        self.models = {role: capfilt_models.load_model(models[role], self.device, compute.dtype, cache)
+                       for role in roles}  # fmt: skip
         if compute.fp8_vision:
             from blip_models.float8 import quantize_vision_linears
 

@@ -11,14 +11,21 @@ other images shared its batch (see `sample_rows`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pipelines.tasks.capfilt import BEAM_REPETITION_PENALTY, CaptionerConfig, FilterConfig
+from pipelines.tasks.shard_cache import ShardCache
 
 
-def load_model(source: dict[str, str], device: Any, dtype: str) -> Any:
-    """A model version's weights on `device`: a local directory, or the two files fetched from a remote registry."""
+def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str, int] | None = None) -> Any:
+    """A model version's weights on `device`: a local directory, or the two files of a remote registry's version.
+
+    Remote files are fetched into a temporary directory removed once the model is loaded (each actor used to leave
+    its ~1 GB copy in /tmp), or, with the node's shard cache (`compute.shard_cache_dir`), read from the node's
+    copy: the actors of a node download a model once, not once each."""
+    import shutil
     import tempfile
 
     import fsspec
@@ -27,12 +34,27 @@ def load_model(source: dict[str, str], device: Any, dtype: str) -> Any:
     from blip_models.checkpoints import from_pretrained
 
     directory = source.get("dir")
-    if not directory:
-        directory = tempfile.mkdtemp(prefix="capfilt-model-")
+    if directory:
+        return from_pretrained(directory).eval().to(device=device, dtype=getattr(torch, dtype))
+    node_cache = ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute") if cache else None
+    # Inside the cache's directory (one filesystem): its copies are hard-linked, so that an eviction meanwhile
+    # cannot take them away.
+    staging = Path(tempfile.mkdtemp(prefix="capfilt-model-", dir=node_cache.directory if node_cache else None))
+    try:
         for name in ("model.safetensors", "config.json"):
-            with fsspec.open(source[name], "rb") as remote, open(Path(directory) / name, "wb") as local:
-                local.write(remote.read())
-    model = from_pretrained(directory).eval()
+            if node_cache is not None:
+                with node_cache.open(source[name]) as cached:
+                    try:
+                        os.link(node_cache.path_of(source[name]), staging / name)
+                    except FileNotFoundError:  # evicted since it was opened: the open file still reads
+                        with open(staging / name, "wb") as local:
+                            shutil.copyfileobj(cached, local, 16 << 20)
+            else:
+                with fsspec.open(source[name], "rb") as remote, open(staging / name, "wb") as local:
+                    shutil.copyfileobj(remote, local, 16 << 20)
+        model = from_pretrained(staging).eval()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model.to(device=device, dtype=getattr(torch, dtype))
 
 

@@ -626,3 +626,37 @@ def test_finished_rows_leave_the_decoding_batch_with_the_same_captions(monkeypat
     assert captions[0.5] == captions[0.0] and captions[1.0] == captions[0.0]
     lengths = {len(caption[0].split()) for caption in captions[0.0]}
     assert len(lengths) >= 3  # rows really ended at different steps
+
+
+def test_remote_model_files_are_loaded_without_leaving_a_copy_and_once_a_node_with_the_cache(tmp_path, monkeypatch):
+    """A remote registry's model version (served over HTTP): each actor's download is removed once the model is
+    loaded (it used to stay in /tmp, ~1 GB an actor); with the node's shard cache the second actor reads the
+    first one's copy and the store sends each file once."""
+    import tempfile
+
+    import torch
+    from http_files import serve_files
+
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_itm import BlipITM
+
+    torch.manual_seed(0)
+    saved = save_pretrained(BlipITM(preset("tiny")).eval(), tmp_path / "store" / "filter")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    sizes = {name: (saved / name).stat().st_size for name in ("model.safetensors", "config.json")}
+    with serve_files(tmp_path / "store") as served:
+        source = {name: f"{served.url}/filter/{name}" for name in sizes}
+        direct = capfilt_models.load_model(source, "cpu", "float32")
+        assert not list((tmp_path / "tmp").iterdir())  # the download is gone
+        assert dict(served.bytes_sent) == {f"filter/{name}": size for name, size in sizes.items()}
+        served.bytes_sent.clear()
+        cache = (str(tmp_path / "cache"), 1 << 30)
+        first, second = (capfilt_models.load_model(source, "cpu", "float32", cache) for _ in range(2))
+        assert dict(served.bytes_sent) == {f"filter/{name}": size for name, size in sizes.items()}  # once for both
+    assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if p.is_file()) == sorted(sizes)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "locks"]
+    for model in (first, second):
+        for (name, tensor), reference in zip(model.state_dict().items(), direct.state_dict().values()):
+            assert torch.equal(tensor, reference), name
