@@ -464,12 +464,7 @@ def evaluate_nocaps(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateCo
 
 
 def _fetch(registry: Any, manifest: Any, relpath: str) -> Path:
-    target = registry.work_dir(f"fetch-{manifest.id[:24]}") / relpath
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with registry.open(manifest, relpath) as remote, open(target, "wb") as local:
-            shutil.copyfileobj(remote, local)
-    return target
+    return registry.fetch(manifest, relpath, registry.work_dir(f"fetch-{manifest.id[:24]}") / relpath)
 
 
 def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, registry: Any = None,

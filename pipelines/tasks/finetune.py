@@ -179,9 +179,7 @@ def materialize_model_dir(registry: Any, manifest: Any, config_path: str) -> Pat
     target = registry.work_dir(f"model-{manifest.id[:24]}")
     weights = str(Path(config_path).with_name("model.safetensors"))
     for relative in (config_path, weights):
-        if not (target / Path(relative).name).exists():
-            with registry.open(manifest, relative) as remote, open(target / Path(relative).name, "wb") as local:
-                shutil.copyfileobj(remote, local)
+        registry.fetch(manifest, relative, target / Path(relative).name)
     return target
 
 

@@ -392,3 +392,16 @@ def test_read_range_is_one_request_of_the_bytes_on_a_store(registry, tmp_path, m
         monkeypatch.setattr(registry.fs, "open", lambda *args, **kwargs: pytest.fail("opened a remote file"))
     assert registry.read_range(manifest, "shards/a.tar", 1000, 300) == data[1000:1300]
     assert registry.read_range(manifest, "shards/a.tar", len(data) - 10, 300) == data[-10:]
+
+
+def test_fetch_keeps_a_local_copy_and_never_takes_a_cut_one_for_the_file(registry, tmp_path):
+    """The driver's copies of a remote model's files (finetuning, evaluation): a download killed midway left a
+    cut-short file that the next run loaded as the model; now it is a `.partial`, and a copy of the wrong size is
+    fetched again."""
+    data = bytes(range(256)) * 64
+    manifest = publish_files(registry, tmp_path / "stage", {"model.safetensors": data})
+    target = tmp_path / "copies" / "model.safetensors"
+    assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
+    target.write_bytes(data[:1000])  # as a killed download into the file itself would have left it
+    assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
+    assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
