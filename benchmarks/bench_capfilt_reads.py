@@ -61,9 +61,9 @@ def decode_and_write(shard: Any, results: list[dict[str, Any]], work: str, cache
 
 
 def warm_up(url: str) -> None:
-    """What a task sets up once a process — imports, fsspec's HTTP client and its event loop, PIL's plugins, pyarrow — done
-    before timing (the side that ran first paid ~0.7 s of it), holding the process a moment so that every process
-    of the pool is started."""
+    """What a task sets up once a process — imports, fsspec's HTTP client and its event loop, PIL's plugins,
+    pyarrow — done before timing (the side that ran first paid ~0.7 s of it), holding the process a moment so that
+    every process of the pool is started."""
     import fsspec
     from PIL import Image
 

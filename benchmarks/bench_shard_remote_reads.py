@@ -76,10 +76,11 @@ def build_raw(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         written = write_tar(root / path, members)
         for i, key in enumerate(keys):
             offset, size = written.data_offsets[f"{key}.jpg"]
+            digest = hashlib.sha256(jpegs[i % len(jpegs)]).hexdigest()
             records.append({"key": key, "url": f"http://127.0.0.1/{key}.jpg", "raw_caption": "a red circle",
-                            "caption": "a red circle", "image_sha256": hashlib.sha256(jpegs[i % len(jpegs)]).hexdigest(),
-                            "width": side, "height": side, "source_shard": path, "source_offset": offset,
-                            "source_bytes": size, "reencode": False})  # fmt: skip
+                            "caption": "a red circle", "image_sha256": digest, "width": side, "height": side,
+                            "source_shard": path, "source_offset": offset, "source_bytes": size,
+                            "reencode": False})  # fmt: skip
     random.Random(0).shuffle(records)
     return records
 
@@ -109,12 +110,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 reader = opened_files_read if side == "opened_files" else stage._read_images
                 began = time.perf_counter()
                 with mock.patch.object(stage, "_read_images", reader):
-                    entries = [stage.write_output_shard(stage.ShardConfig(), str(directory / side), "train", n,
-                                                        chunk, sources)[0] for n, chunk in enumerate(chunks)]  # fmt: skip
+                    entries = [stage.write_output_shard(stage.ShardConfig(), str(directory / side), "train", n, chunk,
+                                                        sources)[0] for n, chunk in enumerate(chunks)]  # fmt: skip
                 wall = time.perf_counter() - began
-                sides[side] = {"wall_s": round(wall, 2), "images_per_s": round(args.outputs * args.per_output / wall, 1),
+                sides[side] = {"wall_s": round(wall, 2),
+                               "images_per_s": round(args.outputs * args.per_output / wall, 1),
                                "store_sent_mib": round(sum(served.bytes_sent.values()) / 2**20, 1),
-                               "requests": sum(served.requests.values()), "sha256": [e["sha256"] for e in entries]}  # fmt: skip
+                               "requests": sum(served.requests.values()),
+                               "sha256": [entry["sha256"] for entry in entries]}  # fmt: skip
     old, new = sides["opened_files"], sides["ranged_batches"]
     report = {
         "benchmark": "shard_remote_reads", "host_cpus": os.cpu_count(), "images": args.outputs * args.per_output,

@@ -234,7 +234,8 @@ def test_capfilt_full_run_provenance(ray_session, inputs, tmp_path):
 
     registry, dataset, captioner, filter_model = inputs
     # With the shard cache on (local shards are read in place), the writer tasks go to the nodes that decoded
-    # their shards: the placement goes through Ray here; the cache's own effect is in test_shard_writer_tasks...
+    # their shards: the placement goes through Ray here (the cache's own effect is tested with remote shards in
+    # test_shard_writer_tasks_write_each_shard_and_name_a_failed_one)
     config = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml",
                          [f"compute.shard_cache_dir={tmp_path / 'shard-cache'}"])  # fmt: skip
     manifest = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
