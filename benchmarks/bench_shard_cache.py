@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plan = DataPlan(shards=shards, world_size=1, batch_size=args.batch_size, seed=1,
                             shuffle_buffer=args.shuffle_buffer)  # fmt: skip
             for side in ("each_worker", "node_cache"):
-                served.bytes_sent.clear()
-                served.requests.clear()
+                served.clear()
                 cache = ShardCache(str(directory / "cache"), 1 << 40) if side == "node_cache" else None
                 results[side] = run_epoch(plan, args.workers, cache)
-                results[side]["sent"] = sum(served.bytes_sent.values())
-                results[side]["requests"] = sum(served.requests.values())
+                results[side]["sent"], results[side]["requests"] = served.totals()
     old, new = results["each_worker"], results["node_cache"]
     report = {
         "benchmark": "shard_cache", "host_cpus": os.cpu_count(), "samples": args.shards * args.per_shard,

@@ -105,18 +105,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage.write_output_shard(stage.ShardConfig(), str(directory / "warm-up"), "train", 0, chunks[0][:4],
                                      sources)  # fmt: skip  (fsspec's HTTP client and its event loop started)
             for side in ("opened_files", "ranged_batches"):
-                served.bytes_sent.clear()
-                served.requests.clear()
+                served.clear()
                 reader = opened_files_read if side == "opened_files" else stage._read_images
                 began = time.perf_counter()
                 with mock.patch.object(stage, "_read_images", reader):
                     entries = [stage.write_output_shard(stage.ShardConfig(), str(directory / side), "train", n, chunk,
                                                         sources)[0] for n, chunk in enumerate(chunks)]  # fmt: skip
                 wall = time.perf_counter() - began
+                sent, requests = served.totals()
                 sides[side] = {"wall_s": round(wall, 2),
                                "images_per_s": round(args.outputs * args.per_output / wall, 1),
-                               "store_sent_mib": round(sum(served.bytes_sent.values()) / 2**20, 1),
-                               "requests": sum(served.requests.values()),
+                               "store_sent_mib": round(sent / 2**20, 1),
+                               "requests": requests,
                                "sha256": [entry["sha256"] for entry in entries]}  # fmt: skip
     old, new = sides["opened_files"], sides["ranged_batches"]
     report = {

@@ -23,6 +23,15 @@ class ServedFiles:
     bytes_sent: Counter = field(default_factory=Counter)  # path relative to the root -> body bytes sent
     requests: Counter = field(default_factory=Counter)
 
+    def clear(self) -> None:
+        """Start counting again (between the sides of a benchmark)."""
+        self.bytes_sent.clear()
+        self.requests.clear()
+
+    def totals(self) -> tuple[int, int]:
+        """(body bytes sent, requests answered) over every file since the last `clear`."""
+        return sum(self.bytes_sent.values()), sum(self.requests.values())
+
 
 class SharedLink:
     """Bytes/s shared by every connection (a node's link to its store): each chunk waits for its turn."""
