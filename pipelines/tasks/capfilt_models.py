@@ -37,9 +37,11 @@ def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str
     if directory:
         return from_pretrained(directory).eval().to(device=device, dtype=getattr(torch, dtype))
     node_cache = ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute") if cache else None
+    if node_cache is not None:
+        _remove_stale_staging(Path(node_cache.directory))
     # Inside the cache's directory (one filesystem): its copies are hard-linked, so that an eviction meanwhile
     # cannot take them away.
-    staging = Path(tempfile.mkdtemp(prefix="capfilt-model-", dir=node_cache.directory if node_cache else None))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=node_cache.directory if node_cache else None))
     try:
         for name in ("model.safetensors", "config.json"):
             if node_cache is not None:
@@ -56,6 +58,23 @@ def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model.to(device=device, dtype=getattr(torch, dtype))
+
+
+STAGING_PREFIX = "capfilt-model-"
+
+
+def _remove_stale_staging(directory: Path, older_than_s: float = 3600.0) -> None:
+    """Staging dirs an actor killed mid-load left in the cache's directory (a load takes seconds): their hard links
+    would keep a model's bytes on the disk, unseen by the cache's budget."""
+    import shutil
+    import time
+
+    for entry in directory.glob(f"{STAGING_PREFIX}*"):
+        try:
+            if time.time() - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:  # another actor removed it first
+            pass
 
 
 def normalize_pixels(array: Any, device: Any, dtype: str) -> Any:

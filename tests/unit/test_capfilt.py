@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -653,7 +654,13 @@ def test_remote_model_files_are_loaded_without_leaving_a_copy_and_once_a_node_wi
         assert dict(served.bytes_sent) == {f"filter/{name}": size for name, size in sizes.items()}
         served.bytes_sent.clear()
         cache = (str(tmp_path / "cache"), 1 << 30)
+        stale, fresh = tmp_path / "cache/capfilt-model-killed", tmp_path / "cache/capfilt-model-loading"
+        for directory in (stale, fresh):  # left by an actor killed mid-load / another actor loading now
+            directory.mkdir(parents=True)
+        os.utime(stale, (0, 0))
         first, second = (capfilt_models.load_model(source, "cpu", "float32", cache) for _ in range(2))
+        assert not stale.exists() and fresh.exists()
+        fresh.rmdir()
         assert dict(served.bytes_sent) == {f"filter/{name}": size for name, size in sizes.items()}  # once for both
     assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if p.is_file()) == sorted(sizes)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "locks"]
