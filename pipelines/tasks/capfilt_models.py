@@ -16,19 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tasks.capfilt import BEAM_REPETITION_PENALTY, CaptionerConfig, FilterConfig
-from pipelines.tasks.shard_cache import ShardCache
+from pipelines.tasks.shard_cache import MODEL_FILES, ShardCache, local_copies
 
 
 def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str, int] | None = None) -> Any:
     """A model version's weights on `device`: a local directory, or the two files of a remote registry's version.
 
     Remote files are fetched into a temporary directory removed once the model is loaded (each actor used to leave
-    its ~1 GB copy in /tmp), or, with the node's shard cache (`compute.shard_cache_dir`), read from the node's
+    its ~1 GB copy in /tmp), or, with the node's shard cache (`compute.shard_cache_dir`), taken from the node's
     copy: the actors of a node download a model once, not once each."""
-    import shutil
-    import tempfile
-
-    import fsspec
     import torch
 
     from blip_models.checkpoints import from_pretrained
@@ -37,44 +33,9 @@ def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str
     if directory:
         return from_pretrained(directory).eval().to(device=device, dtype=getattr(torch, dtype))
     node_cache = ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute") if cache else None
-    if node_cache is not None:
-        _remove_stale_staging(Path(node_cache.directory))
-    # Inside the cache's directory (one filesystem): its copies are hard-linked, so that an eviction meanwhile
-    # cannot take them away.
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=node_cache.directory if node_cache else None))
-    try:
-        for name in ("model.safetensors", "config.json"):
-            if node_cache is not None:
-                with node_cache.open(source[name]) as cached:
-                    try:
-                        os.link(node_cache.path_of(source[name]), staging / name)
-                    except FileNotFoundError:  # evicted since it was opened: the open file still reads
-                        with open(staging / name, "wb") as local:
-                            shutil.copyfileobj(cached, local, 16 << 20)
-            else:
-                with fsspec.open(source[name], "rb") as remote, open(staging / name, "wb") as local:
-                    shutil.copyfileobj(remote, local, 16 << 20)
+    with local_copies({name: source[name] for name in MODEL_FILES}, node_cache) as staging:
         model = from_pretrained(staging).eval()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return model.to(device=device, dtype=getattr(torch, dtype))
-
-
-STAGING_PREFIX = "capfilt-model-"
-
-
-def _remove_stale_staging(directory: Path, older_than_s: float = 3600.0) -> None:
-    """Staging dirs an actor killed mid-load left in the cache's directory (a load takes seconds): their hard links
-    would keep a model's bytes on the disk, unseen by the cache's budget."""
-    import shutil
-    import time
-
-    for entry in directory.glob(f"{STAGING_PREFIX}*"):
-        try:
-            if time.time() - entry.stat().st_mtime > older_than_s:
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:  # another actor removed it first
-            pass
 
 
 def normalize_pixels(array: Any, device: Any, dtype: str) -> Any:

@@ -172,6 +172,16 @@ def resolve_model_source(registry: Any, ref: Any) -> tuple[Any, str]:
     return ref, str(materialize_model_dir(registry, ref, configs[0]))
 
 
+def worker_source(registry: Any, manifest: Any, local_source: str) -> str:
+    """Where the training workers load the init model from: a remote registry's version by its directory's URL
+    (each worker copies it to its node: `shard_cache.local_model_source`), since the driver's copy is on the
+    driver's disk only; anything else as it is."""
+    if manifest is None or registry.is_local:
+        return local_source
+    config_path = sorted((e.path for e in manifest.files if Path(e.path).name == "config.json"), key=len)[0]
+    return registry.url_of(manifest, config_path).rsplit("/", 1)[0]
+
+
 def materialize_model_dir(registry: Any, manifest: Any, config_path: str) -> Path:
     """The local directory holding config.json + model.safetensors of a model version (downloaded if remote)."""
     if registry.is_local:
@@ -246,9 +256,10 @@ def run_finetune(
                           f"per step ({plan.world_size} workers x batch {plan.batch_size})")  # fmt: skip
     warn_uncached_remote(cfg.data, shards)
     data = dict(to_dict(cfg.data), batch_size=cfg.batch_size)
+    workers_init = worker_source(registry, init_manifest, init_source)
     worker_config = {
         "task": {"factory": f"pipelines.tasks.finetune_tasks:{TASK_CLASSES[cfg.task].__name__}",
-                 "kwargs": {"model_config": model_config, "data": data, "init": init_source}},
+                 "kwargs": {"model_config": model_config, "data": data, "init": workers_init}},
         "shards": [(s.url, s.num_samples, s.bytes) for s in shards],
         "data": {"batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer, "resampled": False,
                  "loader_workers": cfg.data.loader_workers, "shard_cache": shard_cache_setting(cfg.data)},

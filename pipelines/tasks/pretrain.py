@@ -139,11 +139,15 @@ class PretrainTask:
         from blip_models.checkpoints import config_from_dict
         from blip_models.modeling_pretrain import BlipPretrain
 
+        from pipelines.tasks.shard_cache import ShardCache, local_model_source
+
         model = BlipPretrain(config_from_dict(self.model_config))
-        if self.init.checkpoint:
-            self.init_report = load_checkpoint_into(model, self.init.checkpoint)
-        elif self.init.vit_weights:
-            self.init_report = load_vit_weights(model, self.init.vit_weights)
+        source = self.init.checkpoint or self.init.vit_weights
+        if source:  # a model version of a remote registry (or weights in a bucket): copied to this node first
+            cache = ShardCache.of(self.data.shard_cache_dir, self.data.shard_cache_gb)
+            with local_model_source(source, cache) as path:
+                load = load_checkpoint_into if self.init.checkpoint else load_vit_weights
+                self.init_report = {**load(model, path), "source": source}
         return model
 
     def decode(self, raw: dict[str, bytes], rng_seed: int) -> dict[str, Any]:
@@ -457,7 +461,8 @@ def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     configs = [e.path for e in manifest.files if Path(e.path).name == "config.json"]
     if not configs:
         raise FileNotFoundError(f"model version {manifest.ref} has no config.json (not a save_pretrained model)")
-    return manifest, str(registry.local_path(manifest, configs[0]).parent)
+    # A remote registry's version by its directory's URL: each training worker copies it to its own node.
+    return manifest, registry.url_of(manifest, configs[0]).rsplit("/", 1)[0]
 
 
 def _init_digest(source: str | None) -> str | None:

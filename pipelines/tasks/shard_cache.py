@@ -72,6 +72,13 @@ class ShardCache:
                             free / 2**30, cached / 2**30, room / 2**30)  # fmt: skip
             self.max_bytes = max(room, 1)
 
+    @classmethod
+    def of(cls, directory: str | None, gigabytes: float, section: str = "data") -> ShardCache | None:
+        """The cache a stage's settings (`<section>.shard_cache_dir`, `shard_cache_gb`) describe; None when off."""
+        if not directory:
+            return None
+        return cls(os.path.expanduser(directory), int(gigabytes * 2**30), section=section)
+
     def path_of(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return Path(self.directory, f"{digest}-{url.rstrip('/').rsplit('/', 1)[-1]}")
@@ -187,3 +194,70 @@ class ShardCache:
                 removed.append(Path(name).name)
             total -= size
         return removed
+
+
+STAGING_PREFIX = "model-files-"
+MODEL_FILES = ("config.json", "model.safetensors")  # a save_pretrained directory (blip_models.checkpoints)
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+
+
+@contextlib.contextmanager
+def local_copies(urls: dict[str, str], cache: ShardCache | None) -> Iterator[Path]:
+    """A temporary directory holding each of `urls` under its name, removed on exit: hard links to the node's cached
+    copies when there is a cache (one download a node, whatever the number of processes; inside the cache's
+    directory, so an eviction meanwhile cannot take them away), otherwise this process's own downloads."""
+    import tempfile
+
+    import fsspec
+
+    if cache is not None:
+        _remove_stale_staging(Path(cache.directory))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache.directory if cache is not None else None))
+    try:
+        for name, url in urls.items():
+            if cache is None:
+                with fsspec.open(url, "rb") as remote, open(staging / name, "wb") as local:
+                    shutil.copyfileobj(remote, local, 16 << 20)
+                continue
+            with cache.open(url) as cached:
+                try:
+                    os.link(cache.path_of(url), staging / name)
+                except FileNotFoundError:  # evicted since it was opened: the open file still reads
+                    with open(staging / name, "wb") as local:
+                        shutil.copyfileobj(cached, local, 16 << 20)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_model_source(source: str, cache: ShardCache | None) -> Iterator[str]:
+    """A model source (a save_pretrained directory, a weights file) as a path on this node while the block runs.
+
+    Local paths, and http(s) checkpoints (`read_official` downloads those into torch's hub cache), as they are. A
+    model version in a remote registry (its directory's URL) or a weights file in a bucket is copied here: the
+    training workers on other nodes cannot read the driver's disk."""
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(source)[0]
+    if is_local(source) or (protocol in ("http", "https") and source.endswith(WEIGHT_SUFFIXES)):
+        yield source
+        return
+    base = source.rstrip("/")
+    if base.endswith(WEIGHT_SUFFIXES):
+        with local_copies({base.rsplit("/", 1)[-1]: base}, cache) as directory:
+            yield str(directory / base.rsplit("/", 1)[-1])
+        return
+    with local_copies({name: f"{base}/{name}" for name in MODEL_FILES}, cache) as directory:
+        yield str(directory)
+
+
+def _remove_stale_staging(directory: Path, older_than_s: float = 3600.0) -> None:
+    """Staging dirs a process killed mid-load left in the cache's directory (a load takes seconds): their hard
+    links would keep a model's bytes on the disk, unseen by the cache's budget."""
+    import time
+
+    for entry in directory.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            if time.time() - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -654,7 +654,7 @@ def test_remote_model_files_are_loaded_without_leaving_a_copy_and_once_a_node_wi
         assert dict(served.bytes_sent) == {f"filter/{name}": size for name, size in sizes.items()}
         served.bytes_sent.clear()
         cache = (str(tmp_path / "cache"), 1 << 30)
-        stale, fresh = tmp_path / "cache/capfilt-model-killed", tmp_path / "cache/capfilt-model-loading"
+        stale, fresh = tmp_path / "cache/model-files-killed", tmp_path / "cache/model-files-loading"
         for directory in (stale, fresh):  # left by an actor killed mid-load / another actor loading now
             directory.mkdir(parents=True)
         os.utime(stale, (0, 0))

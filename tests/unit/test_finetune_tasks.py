@@ -460,3 +460,63 @@ def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task
     with pytest.raises(ValueError, match="needs a"):
         run_evaluate(EvaluateConfig(task="caption", num_workers=0), model=str(model), dataset=dataset, name="bad",
                      registry=registry)
+
+
+def test_training_workers_copy_a_remote_init_model_to_their_node(pretrained, tmp_path):
+    """On a cluster the driver's disk is not the workers': a model version of a remote registry reaches the
+    training workers as its directory's URL (`worker_source`, pretraining's `_resolve_init`), and each worker copies
+    it to its node for the load (through the node's shard cache when set: one download a node), then removes the
+    copy. Served over HTTP here; local paths and http(s) official checkpoints are used as they are."""
+    import dataclasses
+    import shutil
+
+    from datasets_fixtures import memory_url
+    from http_files import serve_files
+
+    from blip_models.checkpoints import config_to_dict
+    from blip_models.configuration_blip import preset
+    from datasets_manifests.manifest import Producer
+    from datasets_manifests.registry import Registry
+    from pipelines.config import to_dict
+    from pipelines.tasks.finetune import (TASK_CLASSES, FinetuneConfig, FinetuneData, init_config_of, task_model_config,
+                                          worker_source)
+    from pipelines.tasks.pretrain import DataConfig, PretrainTask, _resolve_init
+    from pipelines.tasks.shard_cache import local_model_source
+
+    shutil.copytree(pretrained, tmp_path / "store" / "pretrained")
+    sizes = {name: (tmp_path / "store/pretrained" / name).stat().st_size
+             for name in ("config.json", "model.safetensors")}  # fmt: skip
+    local = _task("retrieval", pretrained)
+    local.build_model()
+    with serve_files(tmp_path / "store") as served:
+        url = f"{served.url}/pretrained"
+        cfg = FinetuneConfig(task="retrieval", data=FinetuneData(shard_cache_dir=str(tmp_path / "cache")))
+        # The driver reads the architecture from its own copy; the workers get the URL.
+        remote = TASK_CLASSES["retrieval"](task_model_config(init_config_of(pretrained), cfg), to_dict(cfg.data), url)
+        model = remote.build_model()
+        assert remote.init_report == {**local.init_report, "source": url}
+        data = dataclasses.asdict(DataConfig(shard_cache_dir=str(tmp_path / "cache")))
+        pretrain = PretrainTask(config_to_dict(preset("tiny")), data, {"checkpoint": url})
+        reference = PretrainTask(config_to_dict(preset("tiny")), data, {"checkpoint": pretrained}).build_model()
+        loaded = pretrain.build_model().state_dict()
+        for (name, tensor), expected in zip(loaded.items(), reference.state_dict().values()):
+            assert torch.equal(tensor, expected), name
+        assert pretrain.init_report["source"] == url
+        # Two workers of the node, one download; the cache keeps the files, the staging dirs are gone.
+        assert dict(served.bytes_sent) == {f"pretrained/{name}": size for name, size in sizes.items()}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == ["locks"]
+    assert model is not None
+    for source in (pretrained, "https://example.org/model_base.pth"):
+        with local_model_source(source, None) as path:
+            assert path == source
+    # Which source the workers get: a remote registry's version by URL, a local one by path.
+    version_dir = Path(pretrained)
+    for registry in (Registry(tmp_path / "registry"), Registry(memory_url())):
+        manifest = registry.publish(kind="model", name="pre", staging_dir=version_dir, move=False,
+                                    producer=Producer(stage="test"),
+                                    files=[{"path": "model.safetensors", "role": "weights"},
+                                           {"path": "config.json", "role": "config"}])  # fmt: skip
+        resolved = _resolve_init(registry, "pre")[1]
+        expected = "/driver/copy" if registry.is_local else resolved
+        assert worker_source(registry, manifest, "/driver/copy") == expected
+        assert resolved.startswith("memory://") if not registry.is_local else Path(resolved, "config.json").exists()
