@@ -62,6 +62,23 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
     return ray
 
 
+SHARED_FILESYSTEM_ENV = "BLIP_SHARED_FILESYSTEM"  # "1": local paths are mounted at the same place on every node
+
+
+def unreachable_local_inputs(nodes: list[dict[str, Any]], urls: list[str]) -> str | None:
+    """Why a multi-node Ray cluster cannot use `urls` (paths that may exist only on this machine), or None.
+
+    `nodes` is `ray.nodes()`; `urls` are what the workers open (shards, model directories). A filesystem mounted at
+    the same path on every node is declared with BLIP_SHARED_FILESYSTEM=1."""
+    alive = [node for node in nodes if node.get("Alive")]
+    local = [url for url in urls if "://" not in url or url.startswith(("file://", "local://"))]
+    if len(alive) > 1 and local and os.environ.get(SHARED_FILESYSTEM_ENV) != "1":
+        return (f"the Ray cluster has {len(alive)} nodes but the inputs are local paths ({local[0]}), which the other "
+                f"nodes cannot read: use a registry on s3:// or gs://, or one on a filesystem mounted at the same path "
+                f"on every node and set {SHARED_FILESYSTEM_ENV}=1")  # fmt: skip
+    return None
+
+
 def check_gpus_available(ray: Any, gpus_per_worker: float, setting: str) -> None:
     """Fail at once, naming `setting`, when work asks for GPUs that a private local Ray cannot have.
 

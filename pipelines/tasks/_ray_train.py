@@ -105,11 +105,15 @@ def launch(
     """
     storage_path, run_dir = plan_run(storage_path, run_name, resume, start_if_missing)  # before Ray starts
 
-    from pipelines.runtime import check_gpus_available, ensure_ray
+    from pipelines.runtime import check_gpus_available, ensure_ray, unreachable_local_inputs
 
     ray = ensure_ray()
     if scaling.use_gpu:
         check_gpus_available(ray, scaling.gpus_per_worker, "scaling.gpus_per_worker")
+    # Before any worker starts: on a cluster, shards of a local registry exist on this machine only.
+    problem = unreachable_local_inputs(ray.nodes(), [str(shard[0]) for shard in worker_config.get("shards", [])])
+    if problem:
+        raise UserError(f"training run {run_name!r}: {problem}")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from pipelines import runtime
 from pipelines.config import RangeError, check_range
 from pipelines.tasks.shard_cache import ShardCache, is_local
 from pipelines.tasks.webdata import atomic_output, count_tar_samples, iter_tar_samples, write_tar
@@ -51,7 +52,7 @@ STAGE = "capfilt"
 SOURCES = ("web", "synthetic")
 BEAM_REPETITION_PENALTY = 1.0  # BLIP's beam search: no repetition penalty (the config's 1.1 is for sampling)
 # Set to 1 when the local registry lives on a filesystem mounted at the same path on every Ray node (NFS, ...).
-SHARED_FILESYSTEM_ENV = "BLIP_SHARED_FILESYSTEM"
+SHARED_FILESYSTEM_ENV = runtime.SHARED_FILESYSTEM_ENV
 HISTOGRAM_BINS = 20  # ITM-score histogram: 20 bins of width 0.05 over [0, 1]
 MAX_REJECT_EXAMPLES = 25
 
@@ -355,14 +356,11 @@ def check_storage_reachable(nodes: list[dict[str, Any]], urls: list[str], *, sha
 
     `nodes` is `ray.nodes()`; `urls` are what decode tasks and actors open (shard URLs, model directories).
     """
-    alive = [node for node in nodes if node.get("Alive")]
-    local = [url for url in urls if "://" not in url or url.startswith(("file://", "local://"))]
-    if len(alive) > 1 and local and not shared_filesystem:
-        raise CapFiltError(
-            f"the Ray cluster has {len(alive)} nodes but the inputs are local paths ({local[0]}), which the other "
-            f"nodes cannot read: use a registry on s3:// or gs://, or one on a filesystem mounted at the same path "
-            f"on every node and set {SHARED_FILESYSTEM_ENV}=1"
-        )  # fmt: skip
+    from pipelines.runtime import unreachable_local_inputs
+
+    problem = None if shared_filesystem else unreachable_local_inputs(nodes, urls)
+    if problem:
+        raise CapFiltError(problem)
 
 
 @dataclass(frozen=True, slots=True)

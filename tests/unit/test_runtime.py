@@ -23,3 +23,25 @@ def test_map_in_processes_keeps_order_and_raises_a_workers_error():
     assert list(runtime.map_in_processes(pow, iter(jobs), 2)) == [base**2 for base in range(9)]  # a generator
     with pytest.raises(ZeroDivisionError):
         list(runtime.map_in_processes(pow, [(2, 1), (0, -1), (3, 1)], 2))
+
+
+def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts(monkeypatch, tmp_path):
+    """Shards of a local registry exist on the driver's machine only: a multi-node cluster is refused in one line
+    before any worker starts (as CapFilt refuses it), unless BLIP_SHARED_FILESYSTEM=1 says the path is mounted on
+    every node."""
+    from types import SimpleNamespace
+
+    from pipelines.tasks import _ray_train
+
+    two = [{"Alive": True, "NodeID": "a"}, {"Alive": True, "NodeID": "b"}]
+    monkeypatch.delenv(runtime.SHARED_FILESYSTEM_ENV, raising=False)
+    assert runtime.unreachable_local_inputs(two[:1], ["/reg/a.tar"]) is None  # one node: its own disk
+    assert runtime.unreachable_local_inputs(two, ["s3://bucket/a.tar", "gs://bucket/b.tar"]) is None
+    assert "2 nodes but the inputs are local paths (/reg/a.tar)" in runtime.unreachable_local_inputs(two, ["/reg/a.tar"])
+    monkeypatch.setattr(runtime, "ensure_ray", lambda: SimpleNamespace(nodes=lambda: two))
+    scaling = SimpleNamespace(use_gpu=False)
+    with pytest.raises(_ray_train.UserError, match=r"training run 'r': the Ray cluster has 2 nodes .*/reg/a.tar.*=1$"):
+        _ray_train.launch({"shards": [("/reg/a.tar", 4, 100)]}, scaling=scaling, run_name="r",
+                          storage_path=str(tmp_path / "runs"), resume=False)  # fmt: skip
+    monkeypatch.setenv(runtime.SHARED_FILESYSTEM_ENV, "1")
+    assert runtime.unreachable_local_inputs(two, ["/nfs/reg/a.tar"]) is None
