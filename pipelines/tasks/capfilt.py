@@ -356,9 +356,7 @@ def check_storage_reachable(nodes: list[dict[str, Any]], urls: list[str], *, sha
 
     `nodes` is `ray.nodes()`; `urls` are what decode tasks and actors open (shard URLs, model directories).
     """
-    from pipelines.runtime import unreachable_local_inputs
-
-    problem = None if shared_filesystem else unreachable_local_inputs(nodes, urls)
+    problem = None if shared_filesystem else runtime.unreachable_local_inputs(nodes, urls)
     if problem:
         raise CapFiltError(problem)
 

@@ -1,5 +1,6 @@
 """A node-local cache of remote shards, shared by every loader process of every rank on the node (and by
-CapFilt's decode and writer tasks).
+CapFilt's decode and writer tasks); also the way a worker gets a remote model's files onto its node
+(`local_copies`, `local_model_source`).
 
 Each DataLoader worker reads only its own micro-batches' samples (train_data), but on object storage (s3://,
 gs://, http://) opening a shard fetches it in read-ahead blocks that hold the skipped samples too: with the
