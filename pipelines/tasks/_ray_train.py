@@ -110,10 +110,17 @@ def launch(
     ray = ensure_ray()
     if scaling.use_gpu:
         check_gpus_available(ray, scaling.gpus_per_worker, "scaling.gpus_per_worker")
-    # Before any worker starts: on a cluster, shards of a local registry exist on this machine only.
-    problem = unreachable_local_inputs(ray.nodes(), [str(shard[0]) for shard in worker_config.get("shards", [])])
+    # Before any worker starts: on a cluster, shards of a local registry exist on this machine only, and checkpoints
+    # written under a local storage path stay on the disk of the node that wrote them.
+    nodes = ray.nodes()
+    problem = unreachable_local_inputs(nodes, [str(shard[0]) for shard in worker_config.get("shards", [])])
     if problem:
         raise UserError(f"training run {run_name!r}: {problem}")
+    if unreachable_local_inputs(nodes, [storage_path]):
+        raise UserError(f"training run {run_name!r}: scaling.storage_path is a local path ({storage_path}) on a "
+                        f"{sum(bool(node.get('Alive')) for node in nodes)}-node Ray cluster, where each node would keep "
+                        "its workers' checkpoints on its own disk: set it to s3:// or gs://, or to a mount every node "
+                        "shares (BLIP_SHARED_FILESYSTEM=1)")  # fmt: skip
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 

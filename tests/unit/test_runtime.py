@@ -43,5 +43,9 @@ def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts
     with pytest.raises(_ray_train.UserError, match=r"training run 'r': the Ray cluster has 2 nodes .*/reg/a.tar.*=1$"):
         _ray_train.launch({"shards": [("/reg/a.tar", 4, 100)]}, scaling=scaling, run_name="r",
                           storage_path=str(tmp_path / "runs"), resume=False)  # fmt: skip
+    # Remote shards, but the run's storage on this machine's disk: the checkpoints would stay on each node's.
+    with pytest.raises(_ray_train.UserError, match=r"scaling.storage_path is a local path \(/.*/runs\) on a 2-node"):
+        _ray_train.launch({"shards": [("s3://bucket/a.tar", 4, 100)]}, scaling=scaling, run_name="r",
+                          storage_path=str(tmp_path / "runs"), resume=False)  # fmt: skip
     monkeypatch.setenv(runtime.SHARED_FILESYSTEM_ENV, "1")
     assert runtime.unreachable_local_inputs(two, ["/nfs/reg/a.tar"]) is None
