@@ -87,6 +87,12 @@ def code_version() -> str:
         return "unknown"
 
 
+def first_few(problems: list[str], shown: int = 3) -> str:
+    """`a; b; c; and N more`: the first problems of a long list (`Registry.absent`'s), for one error line."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
     """'name@selector' -> (name, selector); a bare name means latest."""
     name, _, selector = ref.partition("@")

@@ -257,8 +257,7 @@ def shard_cache(data: dict[str, Any]) -> Any:
     """The node's shard cache a worker's loaders read remote shards through (None: read them directly)."""
     from pipelines.tasks.shard_cache import ShardCache
 
-    setting = data.get("shard_cache")
-    return ShardCache(os.path.expanduser(setting[0]), int(setting[1])) if setting else None
+    return ShardCache.from_setting(data.get("shard_cache"))
 
 
 def run_local(config: dict[str, Any], on_log: Callable[[int, dict[str, float]], None] | None = None,

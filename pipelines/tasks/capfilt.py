@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -456,9 +455,10 @@ def plan_shards(registry: Registry, dataset: Manifest, config: CapFiltConfig) ->
     # One listing of the version: refuse now, not when a decode task reaches a damaged shard.
     damaged = list(registry.absent(dataset, entries).values())
     if damaged:
-        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        from datasets_manifests.registry import first_few
+
         raise CapFiltError(f"{dataset.ref}: {len(damaged)} of its {len(entries)} shards are damaged in {registry.url} "
-                           f"({'; '.join(damaged[:3])}{more}); `blip data verify {dataset.ref}` checks every file")
+                           f"({first_few(damaged)}); `blip data verify {dataset.ref}` checks every file")
     plans = []
     for index, entry in enumerate(entries):
         url = registry.url_of(dataset, entry.path)
@@ -481,17 +481,19 @@ def cache_setting(compute: ComputeConfig) -> tuple[str, int] | None:
 
 def open_input_shard(url: str, size: int | None, cache: tuple[str, int] | None) -> IO[bytes]:
     """An input shard, opened for reading: through this node's shard cache (downloaded once a node), or directly."""
-    if cache is None:
+    node_cache = ShardCache.from_setting(cache, "compute")
+    if node_cache is None:
         import fsspec
 
         return fsspec.open(url, "rb").open()
-    return ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute").open(url, size)
+    return node_cache.open(url, size)
 
 
 def discard_input_shard(url: str, cache: tuple[str, int] | None) -> None:
     """Remove a written shard's node-local copy: nothing in this stage reads it again."""
-    if cache is not None:
-        ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute").discard(url)
+    node_cache = ShardCache.from_setting(cache, "compute")
+    if node_cache is not None:
+        node_cache.discard(url)
 
 
 def warn_uncached_remote(shards: list[ShardPlan], compute: ComputeConfig) -> None:

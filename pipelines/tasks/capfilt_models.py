@@ -11,7 +11,6 @@ other images shared its batch (see `sample_rows`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ def load_model(source: dict[str, str], device: Any, dtype: str, cache: tuple[str
     directory = source.get("dir")
     if directory:
         return from_pretrained(directory).eval().to(device=device, dtype=getattr(torch, dtype))
-    node_cache = ShardCache(os.path.expanduser(cache[0]), cache[1], section="compute") if cache else None
+    node_cache = ShardCache.from_setting(cache, "compute")
     with local_copies({name: source[name] for name in MODEL_FILES}, node_cache) as staging:
         model = from_pretrained(staging).eval()
     return model.to(device=device, dtype=getattr(torch, dtype))

@@ -77,12 +77,12 @@ class _ImageTask:
     def build_model(self) -> Any:
         from blip_models.checkpoints import build_model, config_from_dict
 
+        from pipelines.tasks.pretrain import shard_cache_setting
         from pipelines.tasks.shard_cache import ShardCache, local_model_source
 
         model = build_model(self.kind, config_from_dict(self.model_config))
         if self.init:  # a model version of a remote registry: copied to this node first
-            cache = ShardCache.of(self.data.shard_cache_dir, self.data.shard_cache_gb)
-            with local_model_source(self.init, cache) as path:
+            with local_model_source(self.init, ShardCache.from_setting(shard_cache_setting(self.data))) as path:
                 self.init_report = {**load_weights(model, path, self.kind), "source": self.init}
         return model
 

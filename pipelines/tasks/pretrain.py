@@ -144,8 +144,7 @@ class PretrainTask:
         model = BlipPretrain(config_from_dict(self.model_config))
         source = self.init.checkpoint or self.init.vit_weights
         if source:  # a model version of a remote registry (or weights in a bucket): copied to this node first
-            cache = ShardCache.of(self.data.shard_cache_dir, self.data.shard_cache_gb)
-            with local_model_source(source, cache) as path:
+            with local_model_source(source, ShardCache.from_setting(shard_cache_setting(self.data))) as path:
                 load = load_checkpoint_into if self.init.checkpoint else load_vit_weights
                 self.init_report = {**load(model, path), "source": source}
         return model

@@ -30,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 _WARNED_FULL: set[str] = set()  # cache directories whose budget this process has already warned about
@@ -74,11 +74,13 @@ class ShardCache:
             self.max_bytes = max(room, 1)
 
     @classmethod
-    def of(cls, directory: str | None, gigabytes: float, section: str = "data") -> ShardCache | None:
-        """The cache a stage's settings (`<section>.shard_cache_dir`, `shard_cache_gb`) describe; None when off."""
-        if not directory:
+    def from_setting(cls, setting: Sequence[Any] | None, section: str = "data") -> ShardCache | None:
+        """The node's cache a stage's setting describes — (directory, bytes), as the driver hands it to the workers
+        (`pretrain.shard_cache_setting`, `capfilt.cache_setting`) — or None when off. Built on the node that uses
+        it: the directory is created there and the budget capped against that node's disk."""
+        if not setting:
             return None
-        return cls(os.path.expanduser(directory), int(gigabytes * 2**30), section=section)
+        return cls(os.path.expanduser(str(setting[0])), int(setting[1]), section=section)
 
     def path_of(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]

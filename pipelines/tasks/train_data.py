@@ -323,9 +323,9 @@ def shards_of(registry: Any, manifest: Any, split: str = "train") -> tuple[Shard
         raise ValueError(f"{manifest.ref}: shard {missing[0]} has no num_samples in the manifest")
     damaged = list(registry.absent(manifest, entries).values())  # one listing of the version, before any worker starts
     if damaged:
-        from datasets_manifests.registry import RegistryError
+        from datasets_manifests.registry import RegistryError, first_few
 
-        listed = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        listed = first_few(damaged)
         if len(damaged) == len(entries):
             raise RegistryError(f"{manifest.ref}: none of its {len(entries)} '{split}' shards is intact in "
                                 f"{registry.url} ({listed}); `blip data verify {manifest.ref}` checks every file")
