@@ -3,12 +3,14 @@
 Each input shard is read twice in a CapFilt run: by its decode task (JPEG decode + resize for the models) and by
 its writer task (the images streamed into the output tar). From a bucket, directly, that is every shard downloaded
 twice; with the cache the decode task downloads it once into the node's cache and the writer task, placed on the
-same node, reads the local copy (and removes it). Each side here runs the two real functions the Ray tasks run
+same node, reads the local copy (and removes it). A third side times the cache as it was first built: the decode
+task downloaded the whole shard before decoding any of it (`node_cache_whole_first`); now it decodes while the shard
+downloads (`ShardCache.open_streaming`; `streaming_wall_ratio`). Each side here runs the two real functions the Ray tasks run
 (`_ray_capfilt.decode_shard`, then `capfilt.finish_shard` with generated model results) for every shard, in
 `--procs` worker processes (a node's task slots), over the same shards served by an HTTP server on 127.0.0.1 that
 answers range requests as a store does, adds `--latency-ms` to every request and sends at most `--link-mib-s`
 MiB/s over all connections. The figures: bytes the server sent (the store's egress), requests, wall time (each
-side's fastest of `--runs`, the sides alternating, after every process has done its imports). Both sides must write
+side's fastest of `--runs`, the sides alternating, after every process has done its imports). All sides must write
 the same output shards (sha256). Prints one JSON object.
 `python benchmarks/bench_capfilt_reads.py` (~1 min on 2 cores).
 """
@@ -44,12 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def decode_and_write(shard: Any, results: list[dict[str, Any]], work: str, cache: tuple[str, int] | None,
-                     image_size: int, batch_size: int) -> dict[str, Any]:  # fmt: skip
-    """What one shard costs a node: its decode task, then its writer task (the models' work left out)."""
+                     image_size: int, batch_size: int, whole_first: bool = False) -> dict[str, Any]:  # fmt: skip
+    """What one shard costs a node: its decode task, then its writer task (the models' work left out).
+    `whole_first`: the decode task downloads the shard whole into the cache before decoding (the design before
+    `ShardCache.open_streaming`), instead of decoding while it downloads."""
     import numpy as np
 
     from pipelines.tasks import _ray_capfilt, capfilt
+    from pipelines.tasks.shard_cache import ShardCache
 
+    if whole_first and cache is not None:
+        ShardCache.from_setting(cache, "compute").open(shard.url, shard.bytes).close()
     [item] = capfilt.decode_items([shard])
     batch = {name: np.array([value]) for name, value in item.items()}
     images = sum(len(json.loads(row["meta"][0])["keys"])
@@ -96,14 +103,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with ProcessPoolExecutor(args.procs) as pool:
                 list(pool.map(warm_up, [f"{served.url}/warm-up"] * args.procs))
                 for run in range(args.runs):  # the sides alternate; each side's fastest run is reported
-                    for side in ("direct", "node_cache"):
+                    for side in ("direct", "node_cache_whole_first", "node_cache"):
                         served.clear()
-                        cache = (str(directory / "cache"), 8 << 30) if side == "node_cache" else None
+                        cache = (str(directory / "cache"), 8 << 30) if side != "direct" else None
                         began = time.perf_counter()
                         count = len(plans)
                         outputs = list(pool.map(decode_and_write, remote, [results[p.index] for p in plans],
                                                 [str(directory / f"{side}-{run}")] * count, [cache] * count,
-                                                [args.image_size] * count, [args.batch_size] * count))  # fmt: skip
+                                                [args.image_size] * count, [args.batch_size] * count,
+                                                [side == "node_cache_whole_first"] * count))  # fmt: skip
                         wall = time.perf_counter() - began
                         sent, requests = served.totals()
                         if side in report_sides and report_sides[side]["wall_s"] <= wall:
@@ -114,16 +122,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               "requests": requests,
                                               "sha256": [o["sha256"] for o in outputs]}  # fmt: skip
         left_in_cache = [p.name for p in (directory / "cache").iterdir() if p.name != "locks"]
-    old, new = report_sides["direct"], report_sides["node_cache"]
+    old, whole, new = (report_sides[side] for side in ("direct", "node_cache_whole_first", "node_cache"))
     report = {
         "benchmark": "capfilt_reads", "host_cpus": os.cpu_count(), "procs": args.procs,
         "images": args.shards * args.per_shard, "data_mib": round(data_bytes / 2**20, 1),
         "latency_ms": args.latency_ms, "link_mib_s": args.link_mib_s,
-        "same_output_shards": old.pop("sha256") == new.pop("sha256"),
+        "same_output_shards": old.pop("sha256") == new.pop("sha256") == whole.pop("sha256"),
         "cache_left_after_writes": len(left_in_cache),
-        "direct": old, "node_cache": new,
+        "direct": old, "node_cache_whole_first": whole, "node_cache": new,
         "store_bytes_ratio": round(old["store_sent_mib"] / max(new["store_sent_mib"], 0.1), 2),
         "wall_ratio": round(old["wall_s"] / new["wall_s"], 2),
+        "streaming_wall_ratio": round(whole["wall_s"] / new["wall_s"], 2),  # decoding while the shard downloads
     }
     print(json.dumps(report, indent=2))
     return report

@@ -28,6 +28,7 @@ bytes do not depend on which other shards ran in the same job (byte-identical re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -479,14 +480,19 @@ def cache_setting(compute: ComputeConfig) -> tuple[str, int] | None:
     return compute.shard_cache_dir, int(compute.shard_cache_gb * 2**30)
 
 
-def open_input_shard(url: str, size: int | None, cache: tuple[str, int] | None) -> IO[bytes]:
-    """An input shard, opened for reading: through this node's shard cache (downloaded once a node), or directly."""
+@contextlib.contextmanager
+def open_input_shard(url: str, size: int | None, cache: tuple[str, int] | None) -> Iterator[IO[bytes]]:
+    """An input shard, opened for one front-to-back read: through this node's shard cache (downloaded once a node,
+    read while it downloads), or directly."""
     node_cache = ShardCache.from_setting(cache, "compute")
     if node_cache is None:
         import fsspec
 
-        return fsspec.open(url, "rb").open()
-    return node_cache.open(url, size)
+        with fsspec.open(url, "rb") as handle:
+            yield handle
+        return
+    with node_cache.open_streaming(url, size) as handle:
+        yield handle
 
 
 def discard_input_shard(url: str, cache: tuple[str, int] | None) -> None:

@@ -17,6 +17,8 @@ downloads it whole while the others wait for it, and every process reads the loc
   opened), and before each download, to make room for it (downloads in progress count as they are on the disk);
   a process that has a removed file open keeps reading it (POSIX unlink). A `max_bytes` beyond 90 % of
   what the disk can hold (free space plus the cache) is lowered to that, with a warning.
+- `open_streaming` is for a single front-to-back reader (CapFilt's decode task): it reads the file while a thread
+  downloads it, so the decoding overlaps the download; the copy is kept for the shard's writer task.
 - Local paths (and `file://` URLs) are opened in place.
 """
 
@@ -25,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -102,6 +106,47 @@ class ShardCache:
                     handle = self._fetch(url, path, size)
         self.evict(keep=path)
         return handle
+
+    @contextlib.contextmanager
+    def open_streaming(self, url: str, size: int | None = None) -> Iterator[IO[bytes]]:
+        """The shard for one front-to-back read that starts while it downloads (CapFilt's decode task): a
+        background thread downloads it into the cache as `open` would, and the reader follows the file as it
+        grows, so decoding overlaps the download instead of waiting for all of it (the task holds a CPU either
+        way). The copy is kept (renamed complete, size checked) once the block ends and the download is done;
+        if the block raises, the download is abandoned and nothing is kept. A cached copy is opened as `open`
+        does. The shard's lock is held while it downloads: another process opening it waits for the copy."""
+        if is_local(url):
+            import fsspec
+
+            with fsspec.open(url, "rb") as handle:
+                yield handle
+            return
+        path = self.path_of(url)
+        handle = self._open_cached(path, size)
+        if handle is None:
+            with self._locked(path):
+                handle = self._open_cached(path, size)
+                if handle is None:
+                    self.evict(incoming=size or 0)
+                    partial = path.with_name(path.name + ".partial")
+                    partial.unlink(missing_ok=True)  # a dead process's: the follower must not read its bytes
+                    download = _Download(url, partial, size)
+                    try:
+                        with io.BufferedReader(_Following(partial, download), 1 << 20) as following:
+                            yield following
+                        written = download.result()
+                        os.replace(partial, path)
+                    except BaseException:
+                        download.abandon()
+                        partial.unlink(missing_ok=True)
+                        raise
+                    self.fetched += 1
+                    self.fetched_bytes += written
+                    self.evict(keep=path)
+                    return
+        self.evict(keep=path)
+        with handle:
+            yield handle
 
     def discard(self, url: str) -> None:
         """Remove the node's copy of `url` (a process that has it open keeps reading it); under the shard's lock,
@@ -197,6 +242,105 @@ class ShardCache:
                 removed.append(Path(name).name)
             total -= size
         return removed
+
+
+class _Download:
+    """One shard's download into `partial` in a background thread (the store's streamed GET, as `_fetch`), with
+    events a reader of the growing file waits on. A size other than the manifest's is refused as soon as the store
+    announces it (and checked again at the end); `abandon` stops it at its next chunk."""
+
+    def __init__(self, url: str, partial: Path, size: int | None) -> None:
+        self.url, self.partial, self.size = url, partial, size
+        self.progress = threading.Event()  # set after each chunk written, and at the end
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="shard-download")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import fsspec
+        from fsspec.callbacks import Callback
+
+        download = self
+
+        class Progress(Callback):  # called by get_file when the store announces the size, and after each chunk
+            def call(self, hook_name: str | None = None, **kwargs: Any) -> None:
+                if download._abandoned:
+                    raise _Abandoned(download.url)
+                if self.size is not None and download.size is not None and self.size != download.size:
+                    raise OSError(f"shard cache: {download.url} gave {self.size} bytes, its manifest says "
+                                  f"{download.size}")  # fmt: skip
+                download.progress.set()
+
+        try:
+            filesystem, remote_path = fsspec.core.url_to_fs(self.url)
+            filesystem.get_file(remote_path, str(self.partial), callback=Progress())
+        except BaseException as error:  # noqa: BLE001 - handed to the reader and to result()
+            self.error = error
+        finally:
+            self.finished.set()
+            self.progress.set()
+
+    def result(self) -> int:
+        """Wait for the end of the download; its size, checked against the manifest's. Raises its error."""
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        written = os.path.getsize(self.partial)
+        if self.size is not None and written != self.size:
+            raise OSError(f"shard cache: {self.url} gave {written} bytes, its manifest says {self.size}")
+        return written
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._thread.join()
+
+
+class _Abandoned(Exception):
+    """Raised inside an abandoned download to stop it."""
+
+
+class _Following(io.RawIOBase):
+    """Reads a file that `download` is still writing: a read returns the bytes asked for, waiting for them,
+    fewer only at the end of the complete file; a failed download raises its error."""
+
+    def __init__(self, partial: Path, download: _Download) -> None:
+        self._partial, self._download = partial, download
+        self._file: IO[bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):
+            done = self._download.finished.is_set()  # before the read: once done, every byte is in the file
+            self._download.progress.clear()
+            count = self._read(view[got:])
+            got += count
+            if count:
+                continue
+            if done:
+                if self._download.error is not None:
+                    raise self._download.error
+                break
+            self._download.progress.wait(0.5)
+        return got
+
+    def _read(self, view: memoryview) -> int:
+        if self._file is None:
+            try:
+                self._file = open(self._partial, "rb", buffering=0)
+            except FileNotFoundError:  # the download has not created it yet
+                return 0
+        return self._file.readinto(view) or 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
 
 
 STAGING_PREFIX = "model-files-"

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,54 @@ def test_a_download_killed_midway_leaves_nothing_complete_and_is_redone(shard_ro
             assert handle.read() == path.read_bytes()
     partial.write_bytes(b"left by a killed process")
     assert cache.evict() == [partial.name]
+
+
+def test_a_streamed_open_reads_while_the_shard_downloads_and_keeps_the_copy(shard_root: Path, tmp_path: Path) -> None:
+    """CapFilt's decode task reads its shard as it downloads (`open_streaming`): the first bytes arrive before the
+    download ends, the bytes are the shard's, the store sends it once and the cache keeps the complete copy, which
+    the writer task's open then finds."""
+    path = shard_files(shard_root)[0]
+    size = path.stat().st_size
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 30)
+    with serve_files(shard_root, bytes_per_s=size / 2) as served:  # ~2 s for the whole shard
+        url = f"{served.url}/shards/{path.name}"
+        partial = cache.path_of(url).with_name(cache.path_of(url).name + ".partial")
+        with cache.open_streaming(url, size) as handle:
+            head = handle.read(512)
+            assert partial.exists() and not cache.path_of(url).exists()  # reading before the download ended
+            rest = handle.read()
+        assert head + rest == path.read_bytes()
+        assert cache.path_of(url).read_bytes() == path.read_bytes() and not partial.exists()
+        assert served.bytes_sent == {f"shards/{path.name}": size} and (cache.fetched, cache.fetched_bytes) == (1, size)
+        with cache.open_streaming(url, size) as handle:  # now a cache hit
+            assert handle.read() == path.read_bytes()
+        assert served.bytes_sent == {f"shards/{path.name}": size} and cache.hits == 1
+
+
+def test_a_streamed_open_stopped_midway_or_failed_keeps_nothing(shard_root: Path, tmp_path: Path) -> None:
+    """A reader that raises mid-shard abandons the download (no copy, no .partial, the lock free again: the next
+    open downloads it whole); a shard of another size than the manifest's, or missing, raises naming it."""
+    path = shard_files(shard_root)[1]
+    size = path.stat().st_size
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 30)
+    with serve_files(shard_root, bytes_per_s=size / 2) as served:
+        url = f"{served.url}/shards/{path.name}"
+        with pytest.raises(RuntimeError, match="decode failed"):
+            with cache.open_streaming(url, size) as handle:
+                handle.read(1024)
+                raise RuntimeError("decode failed")
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["locks"]
+        assert not [t for t in threading.enumerate() if t.name == "shard-download"]  # the download stopped
+        with pytest.raises(OSError, match=f"{path.name} gave {size} bytes, its manifest says {size + 512}"):
+            with cache.open_streaming(url, size + 512) as handle:
+                handle.read()
+        with pytest.raises(FileNotFoundError, match="no-such.tar"):
+            with cache.open_streaming(f"{served.url}/shards/no-such.tar") as handle:
+                handle.read()
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["locks"]
+        with cache.open_streaming(url, size) as handle:  # the lock was released: downloaded whole this time
+            assert handle.read() == path.read_bytes()
+        assert cache.path_of(url).stat().st_size == size
 
 
 def test_local_shards_are_read_in_place(shard_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
