@@ -88,6 +88,13 @@ def plan_run(storage_path: str, run_name: str, resume: bool, start_if_missing: b
     return storage_path, fs.unstrip_protocol(run_dir) if "://" in storage_path else run_dir
 
 
+def init_sources(worker_config: dict[str, Any]) -> list[str]:
+    """The initial weights every worker loads: finetuning's init model, pretraining's checkpoint or ViT weights."""
+    init = worker_config.get("task", {}).get("kwargs", {}).get("init")
+    sources = [init] if isinstance(init, str) else list((init or {}).values())
+    return [str(source) for source in sources if source]
+
+
 def launch(
     worker_config: dict[str, Any],
     *,
@@ -110,10 +117,12 @@ def launch(
     ray = ensure_ray()
     if scaling.use_gpu:
         check_gpus_available(ray, scaling.gpus_per_worker, "scaling.gpus_per_worker")
-    # Before any worker starts: on a cluster, shards of a local registry exist on this machine only, and checkpoints
-    # written under a local storage path stay on the disk of the node that wrote them.
+    # Before any worker starts: on a cluster, shards and initial weights of a local registry (or any local file)
+    # exist on this machine only, and checkpoints written under a local storage path stay on the disk of the node
+    # that wrote them.
     nodes = ray.nodes()
-    problem = unreachable_local_inputs(nodes, [str(shard[0]) for shard in worker_config.get("shards", [])])
+    inputs = [str(shard[0]) for shard in worker_config.get("shards", [])] + init_sources(worker_config)
+    problem = unreachable_local_inputs(nodes, inputs)
     if problem:
         raise UserError(f"training run {run_name!r}: {problem}")
     if unreachable_local_inputs(nodes, [storage_path]):

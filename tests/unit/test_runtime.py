@@ -26,8 +26,8 @@ def test_map_in_processes_keeps_order_and_raises_a_workers_error():
 
 
 def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts(monkeypatch, tmp_path):
-    """Shards of a local registry exist on the driver's machine only: a multi-node cluster is refused in one line
-    before any worker starts (as CapFilt refuses it), unless BLIP_SHARED_FILESYSTEM=1 says the path is mounted on
+    """Shards or initial weights of a local registry exist on the driver's machine only: a multi-node cluster is
+    refused in one line before any worker starts (as CapFilt refuses it), unless BLIP_SHARED_FILESYSTEM=1 says the path is mounted on
     every node."""
     from types import SimpleNamespace
 
@@ -43,6 +43,14 @@ def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts
     with pytest.raises(_ray_train.UserError, match=r"training run 'r': the Ray cluster has 2 nodes .*/reg/a.tar.*=1$"):
         _ray_train.launch({"shards": [("/reg/a.tar", 4, 100)]}, scaling=scaling, run_name="r",
                           storage_path=str(tmp_path / "runs"), resume=False)  # fmt: skip
+    # Remote shards, but initial weights on the driver's disk (a local registry's model version, a ViT file).
+    for init in ("/reg/models/captioner/v1", {"checkpoint": None, "vit_weights": "/weights/vit_b16.npz"}):
+        config = {"shards": [("s3://bucket/a.tar", 4, 100)], "task": {"kwargs": {"init": init}}}
+        with pytest.raises(_ray_train.UserError, match=r"2 nodes but the inputs are local paths \((/reg|/weights)"):
+            _ray_train.launch(config, scaling=scaling, run_name="r", storage_path="memory://runs", resume=False)
+    assert _ray_train.init_sources({"task": {"kwargs": {"init": {"checkpoint": "s3://b/m", "vit_weights": None}}}}) \
+        == ["s3://b/m"]
+    assert _ray_train.init_sources({"task": {"kwargs": {"init": None}}}) == []
     # Remote shards, but the run's storage on this machine's disk: the checkpoints would stay on each node's.
     with pytest.raises(_ray_train.UserError, match=r"scaling.storage_path is a local path \(/.*/runs\) on a 2-node"):
         _ray_train.launch({"shards": [("s3://bucket/a.tar", 4, 100)]}, scaling=scaling, run_name="r",
