@@ -456,3 +456,62 @@ def test_capfilt_kill_and_rerun_is_byte_identical(ray_session, tmp_path):
         import pyarrow.parquet as pq
 
         assert pq.read_table(registry.local_path(resumed, name)).equals(pq.read_table(registry.local_path(reference, name)))
+
+
+def _processes_titled(fragment: str) -> list[int]:
+    """Pids of the processes whose title (Ray sets `ray::<actor or task>`) contains `fragment`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:  # ended meanwhile
+                continue
+            if fragment in title:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.integration
+def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path):
+    """SIGKILL the CapFilt actor process once the first shard is committed: Ray Data restarts it and retries the
+    batches it had; the run completes with the same shards, index and texts as an uninterrupted run."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.registry import Registry
+    from pipelines.config import load_config
+    from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
+
+    registry = Registry(tmp_path / "registry")
+    dataset, captioner, filter_model = build_inputs(registry, shards=8, per_shard=8, seed=3)
+    # One actor, small batches and full-length captions: the actor is still busy when the first shard is written.
+    overrides = ["compute.num_actors=1", "compute.batch_size=2", "captioner.num_captions=1", "captioner.max_length=30"]
+    config = load_config(CapFiltConfig, ROOT / "configs/capfilt/tiny.yaml", overrides)
+    reference = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
+                            name="uninterrupted", registry=registry)
+    killed: list[int] = []
+    markers = Path(registry.root) / ".work"
+
+    def kill_the_actor_after_the_first_shard() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(markers.glob("*/done/*.json")):
+                for pid in _processes_titled("MapBatches(CapFiltActor)"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_actor_after_the_first_shard, daemon=True)
+    killer.start()
+    survived = run_capfilt(config, dataset.ref, captioner_ref=captioner.ref, filter_ref=filter_model.ref,
+                           name="actor-killed", registry=registry)
+    killer.join(timeout=5)
+    assert killed, "the run ended before its actor could be killed"
+    assert survived.stats["capfilt"]["throughput"]["shards_resumed"] == 0  # recovered inside the run, by Ray
+    assert survived.counts == reference.counts and survived.drop_reasons == reference.drop_reasons
+    assert _shard_bytes(registry, survived) == _shard_bytes(registry, reference)
+    for name in ("index.parquet", "texts.parquet"):
+        table = pq.read_table(registry.local_path(survived, name))
+        assert table.equals(pq.read_table(registry.local_path(reference, name)))
