@@ -66,8 +66,10 @@ def _is_user_error(error: Exception) -> bool:
     names = {cls.__name__ for cls in type(error).__mro__}
     return isinstance(error, (CommandError, ConfigError, FileNotFoundError)) or bool(
         # MissingFilesystemError: an s3:// URL without s3fs; CapFiltError: a wrong model kind or an empty dataset;
-        # EmptyInputError: a shard stage given a download that got no image
-        names & {"RegistryError", "UserError", "MissingFilesystemError", "CapFiltError", "EmptyInputError"}
+        # EmptyInputError: a shard stage given a download that got no image; WorkerProcessDied: a stage's worker
+        # process was killed (out of memory) - its traceback would be concurrent.futures' internals
+        names & {"RegistryError", "UserError", "MissingFilesystemError", "CapFiltError", "EmptyInputError",
+                 "WorkerProcessDied"}
     )
 
 

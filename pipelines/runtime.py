@@ -106,10 +106,20 @@ def quiet_state_api_warnings() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+MAX_PROCESSES_ENV = "BLIP_MAX_PROCESSES"  # caps the worker processes of the download and shard stages
+
+
 def process_count(work_bytes: int, bytes_per_process: int, items: int) -> int:
     """Worker processes for `work_bytes` of input: one per CPU core, at most one per `bytes_per_process` (starting
-    a process costs about a second, worth it only with that much work for it) and per item, at least one."""
-    return max(1, min(os.cpu_count() or 1, 1 + work_bytes // bytes_per_process, items))
+    a process costs about a second, worth it only with that much work for it) and per item, at least one; at most
+    BLIP_MAX_PROCESSES when set (fewer processes hold less memory at once)."""
+    cores = os.cpu_count() or 1
+    setting = os.environ.get(MAX_PROCESSES_ENV)
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"{MAX_PROCESSES_ENV}={setting!r}: expected a whole number of processes, at least 1")
+        cores = min(cores, int(setting))
+    return max(1, min(cores, 1 + work_bytes // bytes_per_process, items))
 
 
 def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...]], workers: int) -> Iterator[Any]:
@@ -122,6 +132,7 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from datasets_manifests.registry import in_order
 
@@ -130,4 +141,40 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        yield from in_order(lambda job: pool.submit(function, *job), jobs, 2 * workers)
+        try:
+            yield from in_order(lambda job: pool.submit(function, *job), jobs, 2 * workers)
+        except BrokenProcessPool as error:
+            raise WorkerProcessDied(_death_of(function, pool)) from error
+
+
+class WorkerProcessDied(RuntimeError):
+    """A worker process of `map_in_processes` ended abruptly: killed (the kernel's out-of-memory killer sends
+    SIGKILL), or a crash in native code. Reported in one line (pipelines.cli) rather than concurrent.futures'
+    traceback, which names neither the stage nor the signal."""
+
+
+def _death_of(function: Callable[..., Any], pool: Any) -> str:
+    import signal
+    from multiprocessing.connection import wait
+
+    # The futures fail as soon as the executor sees a worker gone, maybe before that process is reaped: wait for
+    # the ended ones (their sentinels are ready) to have an exit code. The executor terminates the survivors
+    # (SIGTERM) once one has died: the dead one's code comes first.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    ended = wait([process.sentinel for process in processes], timeout=5) if processes else []
+    for process in processes:
+        if process.sentinel in ended:
+            process.join(timeout=5)
+    codes = [process.exitcode for process in processes if process.exitcode]
+    codes.sort(key=lambda code: code == -signal.SIGTERM)
+    how = "ended abruptly"
+    if codes and codes[0] < 0:
+        name = signal.Signals(-codes[0]).name if -codes[0] in signal.valid_signals() else str(-codes[0])
+        how = f"was killed by {name}"
+        if codes[0] == -signal.SIGKILL:
+            how += (f" (the kernel's out-of-memory killer sends it: see `dmesg`; {MAX_PROCESSES_ENV}=N runs fewer "
+                    "at once)")
+    elif codes:
+        how = f"exited with code {codes[0]}"
+    return (f"a worker process running {function.__module__}.{function.__qualname__} {how}; nothing was published: "
+            "run the command again")

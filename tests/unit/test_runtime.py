@@ -57,3 +57,23 @@ def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts
                           storage_path=str(tmp_path / "runs"), resume=False)  # fmt: skip
     monkeypatch.setenv(runtime.SHARED_FILESYSTEM_ENV, "1")
     assert runtime.unreachable_local_inputs(two, ["/nfs/reg/a.tar"]) is None
+
+
+def test_a_worker_process_that_dies_is_named_in_one_line(monkeypatch):
+    """A worker killed mid-job (the kernel's OOM killer sends SIGKILL; here os.abort, SIGABRT, in the worker
+    itself) ends the map with WorkerProcessDied naming the function and the signal, which the CLI prints as one
+    line; BLIP_MAX_PROCESSES caps the processes a stage starts."""
+    import os
+
+    from pipelines import cli
+
+    with pytest.raises(runtime.WorkerProcessDied, match=r"running posix.abort was killed by SIGABRT; nothing was "
+                                                        r"published: run the command again") as raised:
+        list(runtime.map_in_processes(os.abort, [(), ()], 2))
+    assert cli._is_user_error(raised.value)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv(runtime.MAX_PROCESSES_ENV, "3")
+    assert runtime.process_count(10_000, 100, 50) == 3
+    monkeypatch.setenv(runtime.MAX_PROCESSES_ENV, "none")
+    with pytest.raises(ValueError, match="BLIP_MAX_PROCESSES='none': expected a whole number"):
+        runtime.process_count(10_000, 100, 50)
