@@ -24,8 +24,10 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
 import re
+import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,15 +124,16 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         return cached
     started = now_utc()
     work = registry.work_dir(key)
-    stage, records_path = work / "stage", work / RECORDS_FILE
+    stage = work / "stage"
     # The output shards (terabytes at 129M) go where the registry keeps them: its own disk for a local registry,
     # its store's work prefix for a remote one (the publish then copies them inside the store), never this
-    # machine's temporary disk. The index is written in `stage` either way.
+    # machine's temporary disk. The index is written in `stage` either way. A run of the same key that stopped
+    # (crash, kill) left its work here: this one goes on from it (raw shards already checked, output shards
+    # already written), which at 129M is hours of each pass.
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
-    registry.remove_work(key)  # a crashed run's: this stage is cheap next to the download, so start clean
-    stage.mkdir(parents=True)
-    input_counts = _scan(cfg, registry, parent, records_path)
-    records = read_spilled([records_path], RECORD_SCHEMA)
+    stage.mkdir(parents=True, exist_ok=True)
+    input_counts, scanned_before = _scan(cfg, registry, parent, work)
+    records = read_spilled([work / RECORDS_FILE], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
     if not decision.kept.any():  # an empty training set is never what was asked for
@@ -139,9 +142,10 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         registry.remove_work(key)
         found = ", ".join(f"{i['values']}: {i['counts']}" for i in sorted(reasons, key=lambda i: i["values"])) or "none"
         raise EmptyInputError(f"{parent.ref}: no sample is left to shard (dropped: {found})")
-    shard_entries, written = _write_shards(cfg, registry, parent, records, decision, out)
+    shard_entries, written, written_before = _write_shards(cfg, registry, parent, records, decision, out, work)
+    resumed = {"raw_shards_checked_before": scanned_before, "output_shards_written_before": written_before}
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
-                        shard_entries, input_counts)  # fmt: skip
+                        shard_entries, input_counts, resumed)  # fmt: skip
     del records  # the memory map, before its file goes
     registry.remove_work(key)  # the records (~45 GB at 129M), and staged shards whose copies are the version's now
     return manifest
@@ -175,28 +179,77 @@ RECORD_SCHEMA = pa.schema([
 SCAN_BYTES_PER_PROCESS = 64 << 20
 
 
-def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, records_path: Path) -> dict[str, int]:
-    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, appended to
-    `records_path` in raw shard order.
+SCAN_PARTS, SCAN_SUMMARY = "scan", "scan.json"  # pass 1's records of each raw shard; its counts once complete
+
+
+def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) -> tuple[dict[str, int], int]:
+    """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, into
+    `work/records.arrow` in raw shard order. Returns the input counts and how many raw shards a stopped run of
+    this key had already checked.
 
     The raw shards are independent: they are checked in worker processes (`pipelines.runtime.process_count`),
-    records coming back in shard order, so the file is the same as one process's."""
+    records coming back in shard order. Each shard's records are kept in `work/scan/` as they come (written
+    whole, then renamed), so a rerun checks only the shards still missing; once all are there they are joined
+    into the one file the rest of the stage reads (in large batches: `SpilledRows` takes rows chunk by chunk),
+    the same bytes as one process's."""
     from tqdm import tqdm
 
     from datasets_manifests.index import INDEX_FILE
     from pipelines.runtime import map_in_processes, process_count
 
-    index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
+    records_path, summary_path, parts = work / RECORDS_FILE, work / SCAN_SUMMARY, work / SCAN_PARTS
     entries = parent.shards()
-    jobs = [(cfg, registry.url_of(parent, entry.path), entry.path, index_url) for entry in entries]
-    workers = process_count(sum(entry.bytes for entry in entries), SCAN_BYTES_PER_PROCESS, len(jobs))
+    if records_path.exists() and summary_path.exists():  # a stopped run got past pass 1
+        return json.loads(summary_path.read_text()), len(entries)
+    parts.mkdir(exist_ok=True)
+    part_paths = [parts / f"{number:06d}.arrow" for number in range(len(entries))]
+    todo = [number for number, path in enumerate(part_paths) if _read_part(path) is None]
+    index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
+    jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url) for n in todo]
+    workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
+    with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
+              disable=len(entries) < 4) as progress:  # fmt: skip
+        for number, (table, was_truncated) in zip(todo, map_in_processes(scan_raw_shard, jobs, workers)):
+            _write_part(part_paths[number], table, was_truncated)
+            progress.update()
     truncated = 0
-    with spill_writer(records_path, RECORD_SCHEMA) as writer:
-        for table, was_truncated in tqdm(map_in_processes(scan_raw_shard, jobs, workers), total=len(jobs),
-                                         desc="checking raw shards", unit="shard", disable=len(jobs) < 4):  # fmt: skip
+    joining = records_path.with_name(records_path.name + ".partial")
+    with spill_writer(joining, RECORD_SCHEMA) as writer:
+        for path in part_paths:
+            table, was_truncated = _read_part(path)  # type: ignore[misc]  # every part is there now
             writer.write_table(table)
             truncated += was_truncated
-    return {"raw_shards": len(entries), "truncated_shards": truncated}
+    os.replace(joining, records_path)
+    counts = {"raw_shards": len(entries), "truncated_shards": truncated}
+    _write_atomically(summary_path, json.dumps(counts).encode())
+    shutil.rmtree(parts)
+    return counts, len(entries) - len(todo)
+
+
+def _write_part(path: Path, table: pa.Table, truncated: bool) -> None:
+    """One raw shard's records, whole or not at all (a temporary name, renamed)."""
+    table = table.replace_schema_metadata({"truncated": "1" if truncated else "0"})
+    partial = path.with_name(path.name + ".partial")
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(partial, path)
+
+
+def _read_part(path: Path) -> tuple[pa.Table, bool] | None:
+    """A raw shard's records and whether it was truncated; None when missing, or not of this code's schema (a
+    run of another version of the stage left it: checked again)."""
+    if not path.exists():
+        return None
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # the map stays open while the table lives
+    if not table.schema.remove_metadata().equals(RECORD_SCHEMA):
+        return None
+    return table.replace_schema_metadata(None), (table.schema.metadata or {}).get(b"truncated") == b"1"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None) -> tuple[pa.Table, bool]:
@@ -453,37 +506,58 @@ class Written:
         return pc.if_else(pa.array(hit), self.reencoded_sha256.take(pa.array(at)), recorded)
 
 
+WRITTEN_PARTS = "written"  # what pass 2's writer returned for each output shard, for a rerun
+
+
 def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: pa.Table, decision: Decision,
-                  out: str) -> tuple[list[dict[str, Any]], Written]:  # fmt: skip
-    """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards.
+                  out: str, work: Path) -> tuple[list[dict[str, Any]], Written, int]:  # fmt: skip
+    """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards. Returns the shard
+    entries, where each record went, and how many shards a stopped run of this key had already written.
 
     Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
-    worker processes when there is enough data (`pipelines.runtime.process_count`); the same bytes either way."""
+    worker processes when there is enough data (`pipelines.runtime.process_count`); the same bytes either way.
+    What each returned (offsets, sizes, digests) is kept in `work/written/`: a rerun takes a shard whose record
+    and tar are both there (the tar the size its record says) instead of writing it again."""
     from tqdm import tqdm
 
     from pipelines.runtime import map_in_processes, process_count
 
     slices = plan_output_shards(cfg, records, decision)
     urls = {entry.path: registry.url_of(parent, entry.path) for entry in parent.shards()}
+    kept_dir = work / WRITTEN_PARTS
+    kept_dir.mkdir(exist_ok=True)
+    staged = _staged_sizes(out)
+    done = {number for number, (split, index, rows) in enumerate(slices)
+            if _read_written(kept_dir, split, index, rows, staged) is not None}  # fmt: skip
 
     pass2_columns = SpilledRows(records.select(_PASS2_COLUMNS))
 
     def jobs() -> Iterator[tuple[Any, ...]]:  # built as submitted: each carries its records' columns
-        for split, index, rows in slices:
+        for number, (split, index, rows) in enumerate(slices):
+            if number in done:
+                continue
             chunk = pass2_columns.take(rows)
             sources = {path: urls[path] for path in pc.unique(chunk.column("source_shard")).to_pylist()}
             yield cfg, out, split, index, chunk, sources
 
-    kept_bytes = int(pc.sum(records.column("source_bytes").filter(decision.kept)).as_py() or 0)
-    workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices))
+    kept = decision.kept.copy()
+    for number in done:
+        kept[slices[number][2]] = False
+    kept_bytes = int(pc.sum(records.column("source_bytes").filter(kept)).as_py() or 0)
+    workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices) - len(done))
     written = Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),
                       np.zeros(len(records), dtype=np.int64))  # fmt: skip
     entries: list[dict[str, Any]] = []
     reencoded_rows: list[np.ndarray] = []  # per output shard (Arrow and numpy arrays, not Python objects)
     reencoded_sha256: list[pa.Array] = []
     results = map_in_processes(write_output_shard, jobs(), workers)
-    for (_, _, rows), (entry, offsets, sizes, reencoded) in tqdm(
-            zip(slices, results), total=len(slices), desc="writing shards", unit="shard", disable=len(slices) < 4):
+    for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
+                                                       unit="shard", disable=len(slices) < 4)):  # fmt: skip
+        if number in done:
+            entry, offsets, sizes, reencoded = _read_written(kept_dir, split, index, rows, staged)  # type: ignore[misc]
+        else:
+            entry, offsets, sizes, reencoded = next(results)
+            _keep_written(kept_dir, split, index, rows, (entry, offsets, sizes, reencoded))
         written.shard_of[rows] = len(written.shard_paths)
         written.shard_paths.append(entry["path"])
         written.jpg_offset[rows] = offsets
@@ -495,7 +569,53 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     by_row = np.argsort(every_row)
     written.reencoded_rows = every_row[by_row]
     written.reencoded_sha256 = pa.concat_arrays([pa.array([], pa.string()), *reencoded_sha256]).take(pa.array(by_row))
-    return entries, written
+    return entries, written, len(done)
+
+
+def _staged_sizes(out: str) -> dict[str, int]:
+    """The output shards already under `out` (a folder or a store's prefix), by path ('shards/...'): their sizes.
+    One listing, not a stat a shard (13k shards at 129M)."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    fs, root = url_to_fs(out)
+    folder = f"{root.rstrip('/')}/shards"
+    if not fs.exists(folder):
+        return {}
+    listed = fs.find(folder, detail=True)
+    return {f"shards/{path.rsplit('/', 1)[-1]}": int(info["size"]) for path, info in listed.items()
+            if path.endswith(".tar")}  # fmt: skip
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _keep_written(kept_dir: Path, split: str, index: int, rows: np.ndarray, outcome: tuple[Any, ...]) -> None:
+    """What `write_output_shard` returned for one output shard, with the digest of the record rows it wrote."""
+    entry, offsets, sizes, reencoded = outcome
+    buffer = io.BytesIO()
+    np.savez(buffer, rows_digest=np.array(_rows_digest(rows)), entry=np.array(json.dumps(entry)),
+             offsets=np.asarray(offsets, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64),
+             reencoded_at=np.fromiter(reencoded, dtype=np.int64, count=len(reencoded)),
+             reencoded_sha256=np.array(list(reencoded.values()), dtype="U64"))  # fmt: skip
+    _write_atomically(kept_dir / f"{split}-{index:06d}.npz", buffer.getvalue())
+
+
+def _read_written(kept_dir: Path, split: str, index: int, rows: np.ndarray,
+                  staged: dict[str, int]) -> tuple[Any, ...] | None:  # fmt: skip
+    """A stopped run's outcome for this output shard, or None when it has to be written (again): no record, a
+    record of other rows (another plan), or its tar not there at the size the record says."""
+    path = kept_dir / f"{split}-{index:06d}.npz"
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as kept:
+        if str(kept["rows_digest"]) != _rows_digest(rows):
+            return None
+        entry = json.loads(str(kept["entry"]))
+        if staged.get(entry["path"]) != entry["bytes"]:
+            return None
+        reencoded = dict(zip(kept["reencoded_at"].tolist(), kept["reencoded_sha256"].tolist()))
+        return entry, kept["offsets"], kept["sizes"], reencoded
 
 
 def plan_output_shards(cfg: ShardConfig, records: pa.Table, decision: Decision) -> list[tuple[str, int, np.ndarray]]:
@@ -661,7 +781,8 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
 
 def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
              stage: Path, out: str, records: pa.Table, decision: Decision, written: Written,
-             shard_entries: list[dict[str, Any]], input_counts: dict[str, int]) -> Manifest:  # fmt: skip
+             shard_entries: list[dict[str, Any]], input_counts: dict[str, int],
+             resumed: dict[str, int]) -> Manifest:  # fmt: skip
     from datasets_manifests.index import INDEX_FILE, write_index_batches
 
     summary = write_index_batches(_index_batches(records, decision, written), stage / INDEX_FILE)
@@ -679,7 +800,7 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
         splits=summary["splits"], counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                                           "dropped": summary["counts"]["dropped"], **input_counts},
         drop_reasons=summary["drop_reasons"],
-        stats={"seed": cfg.seed, "val_fraction": cfg.val_fraction, "max_words": cfg.max_words},
+        stats={"seed": cfg.seed, "val_fraction": cfg.val_fraction, "max_words": cfg.max_words, "resumed": resumed},
         sample_schema={"jpg": "RGB JPEG bytes", "txt": "normalised caption (BLIP pre_caption)",
                        "json": "key, url, raw_caption, caption, image_sha256, width, height, source_key"},
         metadata={"layout": "webdataset", "shard_pattern": "shards/{split}-{i:06d}.tar"},

@@ -454,3 +454,52 @@ def test_pass_two_reads_remote_images_with_one_ranged_request_each(tmp_path):
         (tmp_path / "store" / paths[2]).unlink()
         with pytest.raises(OSError, match=r"raw/00002.tar: the image of '2\w+' could not be read at byte \d+: "):
             stage.write_output_shard(cfg, str(tmp_path / "gone"), "train", 0, chunk, sources)
+
+
+def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch):
+    """A run that stops in pass 1 (an error at the third raw shard) keeps the records of the shards it checked; one
+    that stops in pass 2 keeps the output shards it wrote. Each rerun checks / writes only what is missing (a kept
+    shard cut short since is written again), and the version is the one an uninterrupted run publishes."""
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    cfg = ShardConfig(samples_per_shard=3, seed=2)
+    reference = run_shard(cfg, raw, name="uninterrupted", registry=registry)
+    assert reference.stats["resumed"] == {"raw_shards_checked_before": 0, "output_shards_written_before": 0}
+    calls: Counter = Counter()
+
+    def counted(name, real, fail_at=None):
+        def wrapper(*args):
+            calls[name] += 1
+            if calls[name] == fail_at:
+                raise RuntimeError(f"stopped at {name} {fail_at}")
+            return real(*args)
+        return wrapper
+
+    real_scan, real_write = shard.scan_raw_shard, shard.write_output_shard
+    monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan, fail_at=3))
+    with pytest.raises(RuntimeError, match="stopped at scan 3"):
+        run_shard(cfg, raw, name="resumed", registry=registry)
+    [work] = (Path(registry.root) / ".work").iterdir()
+    assert sorted(p.name for p in (work / "scan").iterdir()) == ["000000.arrow", "000001.arrow"]
+    calls.clear()
+    monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan))
+    monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write, fail_at=4))
+    with pytest.raises(RuntimeError, match="stopped at write 4"):
+        run_shard(cfg, raw, name="resumed", registry=registry)
+    assert calls["scan"] == 1 and not (work / "scan").exists()  # the third raw shard only; the records joined
+    written = sorted((work / "written").glob("*.npz"))
+    assert len(written) == 3
+    tar = work / "stage" / "shards" / written[0].name.replace(".npz", ".tar")
+    tar.write_bytes(tar.read_bytes()[:1024])  # cut short since: its record no longer matches, written again
+    calls.clear()
+    monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write))
+    resumed = run_shard(cfg, raw, name="resumed", registry=registry)
+    assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 2
+    assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 2}
+    assert [(e.path, e.sha256, e.bytes) for e in resumed.files] == [(e.path, e.sha256, e.bytes) for e in reference.files]
+    assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
+                                                                      reference.splits)
+    read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
+    assert read(resumed).equals(read(reference))
+    assert not work.exists()  # the published version's work is cleared
