@@ -14,7 +14,9 @@ bytes) to an Arrow file on disk; the driver decides the dedup and the output sha
 stay memory-mapped, ~70 bytes per sample in the driver's memory); pass 2 writes each output shard, reading the
 kept bytes back by offset; the index is written a batch at a time. A truncated raw tar keeps the samples before
 the truncation; the ones the raw index says were in it but could not be read are dropped as `truncated_shard`
-(never a crash).
+(never a crash). A run that stops (crash, kill, a lost node) leaves its work under the registry's work dir for
+its cache key: the next run of the same inputs and config checks only the raw shards not yet checked and writes
+only the output shards not yet written.
 """
 
 from __future__ import annotations
