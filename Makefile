@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The stamp depends on pyproject.toml: editing the dependencies reinstalls, a second `make` does not.
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15  # the slowest tests, to keep `make test` within its ~20 minutes
 # Commands run with the venv first on PATH, like an activated venv (Ray jobs and Prefect workers spawn `python`).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
