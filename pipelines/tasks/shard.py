@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -47,6 +48,7 @@ from datasets_manifests.spill import (SpilledRows, ascending_order, digest16, re
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "shard"
+log = logging.getLogger(__name__)
 _LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -202,10 +204,14 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) ->
     records_path, summary_path, parts = work / RECORDS_FILE, work / SCAN_SUMMARY, work / SCAN_PARTS
     entries = parent.shards()
     if records_path.exists() and summary_path.exists():  # a stopped run got past pass 1
+        log.info("shard: going on from a stopped run: its %d raw shards are checked", len(entries))
         return json.loads(summary_path.read_text()), len(entries)
     parts.mkdir(exist_ok=True)
     part_paths = [parts / f"{number:06d}.arrow" for number in range(len(entries))]
     todo = [number for number, path in enumerate(part_paths) if _read_part(path) is None]
+    if len(todo) < len(entries):
+        log.info("shard: going on from a stopped run: %d of %d raw shards already checked", len(entries) - len(todo),
+                 len(entries))  # fmt: skip
     index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
     jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url) for n in todo]
     workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
@@ -531,6 +537,8 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     staged = _staged_sizes(out)
     done = {number for number, (split, index, rows) in enumerate(slices)
             if _read_written(kept_dir, split, index, rows, staged) is not None}  # fmt: skip
+    if done:
+        log.info("shard: going on from a stopped run: %d of %d output shards already written", len(done), len(slices))
 
     pass2_columns = SpilledRows(records.select(_PASS2_COLUMNS))
 

@@ -456,7 +456,8 @@ def test_pass_two_reads_remote_images_with_one_ranged_request_each(tmp_path):
             stage.write_output_shard(cfg, str(tmp_path / "gone"), "train", 0, chunk, sources)
 
 
-def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch):
+def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch,
+                                                                                      caplog):
     """A run that stops in pass 1 (an error at the third raw shard) keeps the records of the shards it checked; one
     that stops in pass 2 keeps the output shards it wrote. Each rerun checks / writes only what is missing (a kept
     shard cut short since is written again), and the version is the one an uninterrupted run publishes."""
@@ -494,7 +495,9 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     tar.write_bytes(tar.read_bytes()[:1024])  # cut short since: its record no longer matches, written again
     calls.clear()
     monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write))
-    resumed = run_shard(cfg, raw, name="resumed", registry=registry)
+    with caplog.at_level("INFO", logger="pipelines.tasks.shard"):
+        resumed = run_shard(cfg, raw, name="resumed", registry=registry)
+    assert f"going on from a stopped run: 2 of {len(reference.shards())} output shards already written" in caplog.text
     assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 2
     assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 2}
     assert [(e.path, e.sha256, e.bytes) for e in resumed.files] == [(e.path, e.sha256, e.bytes) for e in reference.files]
