@@ -67,12 +67,15 @@ def register(subparsers: Any) -> None:
     shard.set_defaults(func=cmd_shard)
 
 
+OVERRIDE_EXAMPLES = {"download": "processes=4", "shard": "samples_per_shard=5000"}  # keys of each stage's config
+
+
 def _common(parser: argparse.ArgumentParser, stage: str) -> None:
     presets = ", ".join(sorted(path.stem for path in (CONFIG_DIR / stage).glob("*.yaml")))
     parser.add_argument("--config", default="default", metavar="PRESET|FILE",
                         help=f"stage config: a preset in configs/{stage}/ ({presets}) or a YAML file (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set processes=4; repeatable")
+                        help=f"config override, e.g. --set {OVERRIDE_EXAMPLES[stage]}; repeatable")
     parser.add_argument("--registry", default=None, help="registry URL (default $BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

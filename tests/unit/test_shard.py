@@ -506,3 +506,12 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
     assert read(resumed).equals(read(reference))
     assert not work.exists()  # the published version's work is cleared
+
+
+def test_the_set_examples_in_the_data_commands_help_are_keys_of_their_configs():
+    from pipelines.commands.stages import OVERRIDE_EXAMPLES, stage_config_path
+    from pipelines.config import load_config
+    from pipelines.tasks.download import DownloadConfig
+
+    for stage, config_class in (("download", DownloadConfig), ("shard", ShardConfig)):
+        load_config(config_class, stage_config_path(stage, "default"), [OVERRIDE_EXAMPLES[stage]])
