@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -144,17 +145,21 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
         try:
             yield from in_order(lambda job: pool.submit(function, *job), jobs, 2 * workers)
         except BrokenProcessPool as error:
-            raise WorkerProcessDied(_death_of(function, pool)) from error
+            code = dead_worker_exit(pool)
+            hint = f" (the kernel's out-of-memory killer sends it: see `dmesg`; {MAX_PROCESSES_ENV}=N runs fewer)"
+            raise WorkerProcessDied(f"a worker process running {function.__module__}.{function.__qualname__} "
+                                    f"{exit_description(code)}{hint if code == -signal.SIGKILL else ''}; nothing was "
+                                    "published: run the command again") from error
 
 
 class WorkerProcessDied(RuntimeError):
-    """A worker process of `map_in_processes` ended abruptly: killed (the kernel's out-of-memory killer sends
-    SIGKILL), or a crash in native code. Reported in one line (pipelines.cli) rather than concurrent.futures'
-    traceback, which names neither the stage nor the signal."""
+    """A worker process ended abruptly: killed (the kernel's out-of-memory killer sends SIGKILL), or a crash in
+    native code. Reported in one line (pipelines.cli) rather than concurrent.futures' traceback, which names
+    neither the stage nor the signal."""
 
 
-def _death_of(function: Callable[..., Any], pool: Any) -> str:
-    import signal
+def dead_worker_exit(pool: Any) -> int | None:
+    """The exit code of the worker whose death broke `pool` (a ProcessPoolExecutor): negative for a signal."""
     from multiprocessing.connection import wait
 
     # The futures fail as soon as the executor sees a worker gone, maybe before that process is reaped: wait for
@@ -165,16 +170,15 @@ def _death_of(function: Callable[..., Any], pool: Any) -> str:
     for process in processes:
         if process.sentinel in ended:
             process.join(timeout=5)
-    codes = [process.exitcode for process in processes if process.exitcode]
-    codes.sort(key=lambda code: code == -signal.SIGTERM)
-    how = "ended abruptly"
-    if codes and codes[0] < 0:
-        name = signal.Signals(-codes[0]).name if -codes[0] in signal.valid_signals() else str(-codes[0])
-        how = f"was killed by {name}"
-        if codes[0] == -signal.SIGKILL:
-            how += (f" (the kernel's out-of-memory killer sends it: see `dmesg`; {MAX_PROCESSES_ENV}=N runs fewer "
-                    "at once)")
-    elif codes:
-        how = f"exited with code {codes[0]}"
-    return (f"a worker process running {function.__module__}.{function.__qualname__} {how}; nothing was published: "
-            "run the command again")
+    codes = sorted((process.exitcode for process in processes if process.exitcode),
+                   key=lambda code: code == -signal.SIGTERM)  # fmt: skip
+    return codes[0] if codes else None
+
+
+def exit_description(code: int | None) -> str:
+    """'was killed by SIGKILL', 'exited with code 3', or 'ended abruptly' (unknown)."""
+    if code is None:
+        return "ended abruptly"
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name if -code in signal.valid_signals() else -code}"
+    return f"exited with code {code}"

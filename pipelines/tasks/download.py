@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -311,6 +311,18 @@ def split_source_table(source_table: Path, directory: Path, samples_per_shard: i
 
 
 def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str) -> None:
+    import importlib
+
+    from pipelines.tasks.download_workers import using_supervised_distributor
+
+    # img2dataset's own multiprocessing pool waits forever for a shard whose worker died (download_workers).
+    supervised = cfg.distributor == "multiprocessing"
+    main_module = importlib.import_module("img2dataset.main")  # `img2dataset.main` is the function, not the module
+    with using_supervised_distributor(main_module) if supervised else nullcontext():
+        _call_img2dataset(img2dataset, cfg, source_parts, output_folder)
+
+
+def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str) -> None:
     img2dataset.download(
         url_list=str(source_parts), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=["source_key"], output_folder=output_folder, output_format="webdataset",

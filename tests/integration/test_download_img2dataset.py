@@ -152,6 +152,53 @@ def test_resume_after_kill(corpus, tmp_path):
     _check_against_truth(registry, raw, truth, base)
 
 
+def _spawned_children() -> set[int]:
+    """Pids of this process's children started by multiprocessing's spawn (download workers, img2dataset's logger)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):  # ended meanwhile
+                continue
+            if parent == os.getpid() and b"spawn_main" in command:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(300, method="thread")  # img2dataset's own pool waited forever here (signals do not reach it)
+def test_download_workers_killed_mid_shard_have_their_shards_done_again(corpus, tmp_path):
+    """SIGKILL every download worker process once the first shard is written (an OOM kill): their shards go to
+    new workers and the version is complete, every good sample exactly once."""
+    import threading
+
+    truth = read_ground_truth(corpus).to_pylist()
+    registry = Registry(tmp_path / "registry")
+    killed: list[int] = []
+
+    def kill_the_workers_after_the_first_shard() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if list(Path(registry.root).glob(".work/*/stage/raw/00000_stats.json")):
+                for pid in _spawned_children() - before:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    with serve_corpus(corpus, delay=0.08) as base:
+        source = write_source_list(corpus, base, tmp_path / "source.parquet")
+        before = _spawned_children()
+        killer = threading.Thread(target=kill_the_workers_after_the_first_shard, daemon=True)
+        killer.start()
+        config = load_config(DownloadConfig, ROOT / "configs/download/demo.yaml", [*OVERRIDES, "processes=2"])
+        raw = run_download(config, source, name="raw", registry=registry)
+        killer.join(timeout=5)
+    assert killed, "the download ended before its workers could be killed"
+    assert len(raw.shards()) == 6
+    _check_against_truth(registry, raw, truth, base)
+
+
 def test_ray_distributor_into_an_output_folder_url(corpus, tmp_path, ray_session):
     # Each shard is a Ray task writing to output_folder (on a cluster: s3://...; here a file:// URL outside the
     # registry); the driver collects the shards through fsspec and the counts match the ground truth exactly.

@@ -1,0 +1,168 @@
+"""img2dataset's multiprocessing distributor, with the death of a worker process noticed and its shard redone.
+
+img2dataset 1.47 runs its shards through `multiprocessing.Pool.imap_unordered`. When a worker process dies in the
+middle of a shard (the kernel's out-of-memory killer, a crash in a native decoder, a `kill -9`), the pool starts
+a new worker but that shard's result never comes: the download waits forever, silently (reproduced here: the
+workers killed once the first shard was written; the run never ended). `concurrent.futures`' pool notices a death,
+but in Python 3.11 its `max_tasks_per_child` (the recycling img2dataset relies on) hung too, twice in the same
+test: a dead worker left unreaped, then a replacement pool that started no process.
+
+So the processes here are plain ones, each with its own pipe (no lock shared between workers that a killed one
+could keep): the parent hands a worker one shard at a time, a worker leaves after `TASKS_PER_CHILD` shards (as
+img2dataset's `maxtasksperchild=5`, which gives its memory back) and is replaced. A worker that dies with a shard
+in hand has that shard handed to another (img2dataset writes a shard whole again: nothing is lost or duplicated);
+a shard whose worker dies `MAX_DEATHS` times stops the download with one line naming it and the signal, and a
+rerun resumes from the finished shards (incremental mode).
+
+`using_supervised_distributor` puts `supervised_distributor` in img2dataset's place for one `download` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+from collections import Counter, deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterable, Iterator
+
+from pipelines.runtime import WorkerProcessDied, exit_description
+
+log = logging.getLogger(__name__)
+TASKS_PER_CHILD = 5  # as img2dataset's Pool(maxtasksperchild=5)
+MAX_DEATHS = 3  # deaths of a worker holding the same shard before the download stops: not transient then
+
+Downloader = Callable[[Any], tuple[bool, Any]]
+
+
+def supervised_distributor(processes_count: int, downloader: Downloader, reader: Iterable[Any], _: Any,
+                           max_shard_retry: int) -> None:  # fmt: skip
+    """img2dataset's `multiprocessing_distributor` (same arguments): every shard of `reader` through `downloader`
+    in `processes_count` spawned processes; shards that report a failure are retried `max_shard_retry` times, as
+    img2dataset does; a shard whose worker died goes to another worker."""
+    from tqdm import tqdm
+
+    shards = list(reader)  # small tuples (shard id, path of its input part); img2dataset's Pool read them all too
+    with tqdm(total=len(shards), desc="downloading shards", unit="shard") as progress:
+        failed = run_shards(processes_count, downloader, shards, progress.update)
+        for attempt in range(max_shard_retry):
+            if not failed:
+                break
+            log.warning("download: retrying %d shards that failed (try %d of %d)", len(failed), attempt + 1,
+                        max_shard_retry)  # fmt: skip
+            progress.reset(total=len(failed))
+            failed = run_shards(processes_count, downloader, failed, progress.update)
+    if failed:
+        log.warning("download: %d shards still failed after %d retries; running the same command retries them",
+                    len(failed), max_shard_retry)  # fmt: skip
+
+
+class _Worker:
+    """One spawned process serving shards over its own pipe."""
+
+    def __init__(self, context: Any, downloader: Downloader) -> None:
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, downloader), daemon=True)
+        self.process.start()
+        child.close()
+        self.shard: tuple[int, Any] | None = None  # (number, shard) in hand
+        self.done = 0
+
+    def give(self, item: tuple[int, Any]) -> None:
+        self.shard = item
+        self.connection.send(item)
+
+    def leave(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.send(None)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+
+
+def _serve(connection: Connection, downloader: Downloader) -> None:
+    """A worker's loop: a (number, shard) in, (number, downloader(shard)) out, until told to leave (None)."""
+    while (item := connection.recv()) is not None:
+        number, shard = item
+        connection.send((number, downloader(shard)))
+
+
+def run_shards(processes: int, downloader: Downloader, shards: list[Any], done: Callable[[], Any]) -> list[Any]:
+    """Run every shard once (again when its worker died); returns those that reported a failure. `done` is
+    called after each shard."""
+    context = multiprocessing.get_context("spawn")
+    queue = deque(enumerate(shards))
+    deaths: Counter[int] = Counter()
+    failed: list[Any] = []
+    workers: list[_Worker] = []
+    try:
+        while queue or any(worker.shard is not None for worker in workers):
+            while queue and len(workers) < processes:
+                workers.append(_Worker(context, downloader))
+            for worker in workers:
+                if worker.shard is None and queue:
+                    worker.give(queue.popleft())
+            ready = set(wait([worker.connection for worker in workers] + [w.process.sentinel for w in workers]))
+            for worker in list(workers):
+                result = None
+                if worker.connection in ready:
+                    with contextlib.suppress(EOFError, OSError):  # the pipe closed: the worker died
+                        result = worker.connection.recv()
+                if result is not None:
+                    _number, (status, row) = result
+                    worker.shard, worker.done = None, worker.done + 1
+                    if status is False:
+                        failed.append(row)
+                    done()
+                    if worker.done >= TASKS_PER_CHILD:
+                        worker.leave()
+                        workers.remove(worker)
+                elif worker.connection in ready or worker.process.sentinel in ready:
+                    workers.remove(worker)
+                    _bury(worker, deaths, queue)
+    finally:
+        for worker in workers:
+            worker.process.kill()
+            worker.process.join()
+            worker.connection.close()
+    return failed
+
+
+def _bury(worker: _Worker, deaths: Counter[int], queue: deque[tuple[int, Any]]) -> None:
+    """A worker ended without a result: its shard goes back at the front of the queue, or the download stops."""
+    worker.process.join(timeout=30)
+    code = worker.process.exitcode
+    worker.connection.close()
+    if worker.shard is None:  # died between shards: nothing to redo
+        log.warning("download: an img2dataset worker process %s between shards", exit_description(code))
+        return
+    number, shard = worker.shard
+    deaths[number] += 1
+    if deaths[number] >= MAX_DEATHS:
+        hint = " (the kernel's out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
+        raise WorkerProcessDied(
+            f"the img2dataset worker downloading shard {shard[0]} {exit_description(code)}{hint}, {deaths[number]} "
+            "times; the shards finished so far are kept: run the same command again to go on from them (lower "
+            "`processes` or `threads` in the download config if the workers ran out of memory)")
+    log.warning("download: the img2dataset worker downloading shard %s %s; the shard goes to another worker",
+                shard[0], exit_description(code))  # fmt: skip
+    queue.appendleft((number, shard))
+
+
+@contextlib.contextmanager
+def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
+    """`img2dataset.download(distributor="multiprocessing")` runs `supervised_distributor` inside the block.
+    img2dataset picks its distributor from a module global of `img2dataset.main`; an img2dataset without it (a
+    version other than the pinned 1.47) is refused rather than left to hang."""
+    if not hasattr(img2dataset_main, "multiprocessing_distributor"):
+        raise RuntimeError("img2dataset.main has no multiprocessing_distributor: this img2dataset is not the pinned "
+                           "1.47.0 (pyproject.toml)")  # fmt: skip
+    original = img2dataset_main.multiprocessing_distributor
+    img2dataset_main.multiprocessing_distributor = supervised_distributor
+    try:
+        yield
+    finally:
+        img2dataset_main.multiprocessing_distributor = original

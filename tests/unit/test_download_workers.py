@@ -1,0 +1,78 @@
+"""The download's worker processes (pipelines.tasks.download_workers): a worker that dies with a shard in hand has
+the shard done by another, exactly once; one that dies on the same shard every time stops the download in one line
+naming it. Real spawned processes, killed by a real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipelines.runtime import WorkerProcessDied
+from pipelines.tasks import download_workers
+
+
+class RecordingDownloader:
+    """Appends 'pid shard' for each shard it finishes; SIGKILLs its own process on `dies_on` (once, or always)."""
+
+    def __init__(self, log: Path, dies_on: int | None = None, always: bool = False, fails_once: int | None = None):
+        self.log, self.dies_on, self.always, self.fails_once = log, dies_on, always, fails_once
+
+    def __call__(self, shard: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
+        number = shard[0]
+        if number == self.dies_on:
+            marker = self.log.with_suffix(f".died-{number}")
+            if self.always or not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if number == self.fails_once:
+            marker = self.log.with_suffix(f".failed-{number}")
+            if not marker.exists():
+                marker.touch()
+                return False, shard  # what img2dataset's Downloader returns for a shard that raised
+        with open(self.log, "a") as out:
+            out.write(f"{os.getpid()} {number}\n")
+        return True, shard
+
+
+def _finished(log: Path) -> tuple[Counter, Counter]:
+    lines = [line.split() for line in log.read_text().splitlines()]
+    return Counter(int(shard) for _, shard in lines), Counter(pid for pid, _ in lines)
+
+
+def test_a_shard_whose_worker_is_killed_is_done_by_another_exactly_once(tmp_path, caplog):
+    shards = [(number, f"part-{number}") for number in range(12)]
+    with caplog.at_level("WARNING", logger=download_workers.__name__):
+        failed = download_workers.run_shards(2, RecordingDownloader(tmp_path / "log", dies_on=3), shards, lambda: None)
+    by_shard, by_process = _finished(tmp_path / "log")
+    assert failed == [] and by_shard == Counter(range(12))  # every shard once, shard 3 included
+    assert max(by_process.values()) <= download_workers.TASKS_PER_CHILD  # workers are replaced after 5 shards
+    assert "worker downloading shard 3 was killed by SIGKILL; the shard goes to another worker" in caplog.text
+
+
+def test_a_shard_that_kills_its_worker_every_time_stops_the_download_naming_it(tmp_path):
+    shards = [(number, f"part-{number}") for number in range(6)]
+    downloader = RecordingDownloader(tmp_path / "log", dies_on=2, always=True)
+    with pytest.raises(WorkerProcessDied, match=r"downloading shard 2 was killed by SIGKILL \(the kernel's out-of-memory "
+                                                r"killer .*\), 3 times; the shards finished so far are kept"):
+        download_workers.run_shards(2, downloader, shards, lambda: None)
+
+
+def test_shards_that_report_a_failure_are_retried_as_img2dataset_does(tmp_path):
+    shards = [(number, f"part-{number}") for number in range(4)]
+    download_workers.supervised_distributor(2, RecordingDownloader(tmp_path / "log", fails_once=1), iter(shards),
+                                            None, max_shard_retry=1)  # fmt: skip
+    assert _finished(tmp_path / "log")[0] == Counter(range(4))
+
+
+def test_img2dataset_gets_the_supervised_distributor_for_one_call_only():
+    import importlib
+
+    main_module = importlib.import_module("img2dataset.main")
+    original = main_module.multiprocessing_distributor
+    with download_workers.using_supervised_distributor(main_module):
+        assert main_module.multiprocessing_distributor is download_workers.supervised_distributor
+    assert main_module.multiprocessing_distributor is original
