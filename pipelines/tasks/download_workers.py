@@ -43,15 +43,16 @@ def supervised_distributor(processes_count: int, downloader: Downloader, reader:
     img2dataset does; a shard whose worker died goes to another worker."""
     from tqdm import tqdm
 
-    shards = list(reader)  # small tuples (shard id, path of its input part); img2dataset's Pool read them all too
-    with tqdm(total=len(shards), desc="downloading shards", unit="shard") as progress:
-        failed = run_shards(processes_count, downloader, shards, progress.update)
-        for attempt in range(max_shard_retry):
-            if not failed:
-                break
-            log.warning("download: retrying %d shards that failed (try %d of %d)", len(failed), attempt + 1,
-                        max_shard_retry)  # fmt: skip
-            progress.reset(total=len(failed))
+    # `reader` cuts the source list into shard files as it is iterated: taken a shard at a time, as workers free
+    # up, so that the first downloads do not wait for the whole list (13k shards at 129M) to be cut.
+    with tqdm(desc="downloading shards", unit="shard") as progress:
+        failed = run_shards(processes_count, downloader, reader, progress.update)
+    for attempt in range(max_shard_retry):
+        if not failed:
+            break
+        log.warning("download: retrying %d shards that failed (try %d of %d)", len(failed), attempt + 1,
+                    max_shard_retry)  # fmt: skip
+        with tqdm(total=len(failed), desc="retrying shards", unit="shard") as progress:
             failed = run_shards(processes_count, downloader, failed, progress.update)
     if failed:
         log.warning("download: %d shards still failed after %d retries; running the same command retries them",
@@ -73,14 +74,20 @@ class _Worker:
         self.shard = item
         self.connection.send(item)
 
-    def leave(self) -> None:
+    def retire(self) -> None:
+        """Tell the worker to exit once done (its memory goes back); not waited for: an exit runs img2dataset's
+        imports' clean-ups for a second or more."""
         with contextlib.suppress(OSError):
             self.connection.send(None)
-        self.process.join(timeout=30)
+        self.connection.close()
+
+    def stop(self) -> None:
+        """End the process now (an idle or retired worker: nothing in hand), as img2dataset's pool terminates."""
         if self.process.is_alive():
             self.process.kill()
-            self.process.join()
-        self.connection.close()
+        self.process.join()
+        with contextlib.suppress(OSError):
+            self.connection.close()
 
 
 def _serve(connection: Connection, downloader: Downloader) -> None:
@@ -90,22 +97,32 @@ def _serve(connection: Connection, downloader: Downloader) -> None:
         connection.send((number, downloader(shard)))
 
 
-def run_shards(processes: int, downloader: Downloader, shards: list[Any], done: Callable[[], Any]) -> list[Any]:
-    """Run every shard once (again when its worker died); returns those that reported a failure. `done` is
-    called after each shard."""
+def run_shards(processes: int, downloader: Downloader, shards: Iterable[Any], done: Callable[[], Any]) -> list[Any]:
+    """Run every shard once (again when its worker died), taking them from `shards` as workers free up; returns
+    those that reported a failure. `done` is called after each shard."""
     context = multiprocessing.get_context("spawn")
-    queue = deque(enumerate(shards))
+    numbered = enumerate(shards)
+    returned: deque[tuple[int, Any]] = deque()  # shards of workers that died, handed out first
     deaths: Counter[int] = Counter()
     failed: list[Any] = []
     workers: list[_Worker] = []
+    retired: list[_Worker] = []
+
+    def next_shard() -> tuple[int, Any] | None:
+        return returned.popleft() if returned else next(numbered, None)
+
     try:
-        while queue or any(worker.shard is not None for worker in workers):
-            while queue and len(workers) < processes:
-                workers.append(_Worker(context, downloader))
+        while True:
             for worker in workers:
-                if worker.shard is None and queue:
-                    worker.give(queue.popleft())
+                if worker.shard is None and (item := next_shard()) is not None:
+                    worker.give(item)
+            while len(workers) < processes and (item := next_shard()) is not None:
+                workers.append(_Worker(context, downloader))
+                workers[-1].give(item)
+            if all(worker.shard is None for worker in workers):
+                break
             ready = set(wait([worker.connection for worker in workers] + [w.process.sentinel for w in workers]))
+            retired = [worker for worker in retired if worker.process.is_alive()]  # is_alive reaps the exited
             for worker in list(workers):
                 result = None
                 if worker.connection in ready:
@@ -118,16 +135,15 @@ def run_shards(processes: int, downloader: Downloader, shards: list[Any], done: 
                         failed.append(row)
                     done()
                     if worker.done >= TASKS_PER_CHILD:
-                        worker.leave()
                         workers.remove(worker)
+                        worker.retire()
+                        retired.append(worker)
                 elif worker.connection in ready or worker.process.sentinel in ready:
                     workers.remove(worker)
-                    _bury(worker, deaths, queue)
-    finally:
-        for worker in workers:
-            worker.process.kill()
-            worker.process.join()
-            worker.connection.close()
+                    _bury(worker, deaths, returned)
+    finally:  # every shard done (the workers are idle), or stopped by an error
+        for worker in workers + retired:
+            worker.stop()
     return failed
 
 
