@@ -70,9 +70,14 @@ class _Worker:
         self.shard: tuple[int, Any] | None = None  # (number, shard) in hand
         self.done = 0
 
-    def give(self, item: tuple[int, Any]) -> None:
+    def give(self, item: tuple[int, Any]) -> bool:
+        """Send a shard; False when the worker has died since its last result (its death shows at the next wait)."""
+        try:
+            self.connection.send(item)
+        except OSError:
+            return False
         self.shard = item
-        self.connection.send(item)
+        return True
 
     def retire(self) -> None:
         """Tell the worker to exit once done (its memory goes back); not waited for: an exit runs img2dataset's
@@ -114,12 +119,13 @@ def run_shards(processes: int, downloader: Downloader, shards: Iterable[Any], do
     try:
         while True:
             for worker in workers:
-                if worker.shard is None and (item := next_shard()) is not None:
-                    worker.give(item)
+                if worker.shard is None and (item := next_shard()) is not None and not worker.give(item):
+                    returned.appendleft(item)
             while len(workers) < processes and (item := next_shard()) is not None:
                 workers.append(_Worker(context, downloader))
-                workers[-1].give(item)
-            if all(worker.shard is None for worker in workers):
+                if not workers[-1].give(item):
+                    returned.appendleft(item)
+            if all(worker.shard is None for worker in workers) and not returned:
                 break
             ready = set(wait([worker.connection for worker in workers] + [w.process.sentinel for w in workers]))
             retired = [worker for worker in retired if worker.process.is_alive()]  # is_alive reaps the exited

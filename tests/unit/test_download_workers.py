@@ -16,10 +16,14 @@ from pipelines.tasks import download_workers
 
 
 class RecordingDownloader:
-    """Appends 'pid shard' for each shard it finishes; SIGKILLs its own process on `dies_on` (once, or always)."""
+    """Appends 'pid shard' for each shard it finishes; SIGKILLs its own process on `dies_on` (once, or always), or
+    just after its `exits_after`-th result."""
 
-    def __init__(self, log: Path, dies_on: int | None = None, always: bool = False, fails_once: int | None = None):
+    def __init__(self, log: Path, dies_on: int | None = None, always: bool = False, fails_once: int | None = None,
+                 exits_after: int | None = None):
         self.log, self.dies_on, self.always, self.fails_once = log, dies_on, always, fails_once
+        self.exits_after = exits_after  # the process kills itself just after this many results, while idle
+        self.results = 0
 
     def __call__(self, shard: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
         number = shard[0]
@@ -35,6 +39,11 @@ class RecordingDownloader:
                 return False, shard  # what img2dataset's Downloader returns for a shard that raised
         with open(self.log, "a") as out:
             out.write(f"{os.getpid()} {number}\n")
+        self.results += 1
+        if self.results == self.exits_after:  # dies once the parent has its result: an idle worker's death
+            import threading
+
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
         return True, shard
 
 
@@ -76,3 +85,21 @@ def test_img2dataset_gets_the_supervised_distributor_for_one_call_only():
     with download_workers.using_supervised_distributor(main_module):
         assert main_module.multiprocessing_distributor is download_workers.supervised_distributor
     assert main_module.multiprocessing_distributor is original
+
+
+def test_a_worker_that_dies_between_shards_is_replaced_and_no_shard_is_charged_or_lost(tmp_path, caplog):
+    """A worker killed while idle (after its result, before its next shard): the next shard sent to it cannot
+    arrive; it goes to a new worker, without counting as a death of that shard."""
+    import time
+
+    def shards():  # the third shard comes late (the reader cutting the next part): the worker waits idle
+        for number in range(8):
+            if number == 2:
+                time.sleep(1.0)
+            yield number, f"part-{number}"
+
+    downloader = RecordingDownloader(tmp_path / "log", exits_after=2)
+    with caplog.at_level("WARNING", logger=download_workers.__name__):
+        failed = download_workers.run_shards(1, downloader, shards(), lambda: None)
+    assert failed == [] and _finished(tmp_path / "log")[0] == Counter(range(8))
+    assert "between shards" in caplog.text and "goes to another worker" not in caplog.text
