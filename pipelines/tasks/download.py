@@ -1,7 +1,8 @@
 """Download stage: a source list of (url, caption) -> raw webdataset shards, published as a dataset version.
 
 Runs img2dataset (rom1504/img2dataset, `img2dataset.download`) with the multiprocessing distributor locally or
-the Ray distributor on a Ray cluster. Resumable: img2dataset's `incremental_mode` skips every shard whose
+the Ray distributor on a Ray cluster; locally its pool is replaced by supervised workers (`download_workers`: a
+worker killed mid-shard has its shard redone, where img2dataset's pool waited forever). Resumable: img2dataset's `incremental_mode` skips every shard whose
 `_stats.json` exists (a shard's stats are written after its tar and parquet are closed) and redoes partial ones,
 in a working directory derived from (source checksum, hash of the settings that change the output), so a relaunch
 after a crash finishes the job with no gaps and no duplicates, even with other processes/threads/distributor.
