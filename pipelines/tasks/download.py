@@ -2,10 +2,11 @@
 
 Runs img2dataset (rom1504/img2dataset, `img2dataset.download`) with the multiprocessing distributor locally or
 the Ray distributor on a Ray cluster; locally its pool is replaced by supervised workers (`download_workers`: a
-worker killed mid-shard has its shard redone, where img2dataset's pool waited forever). Resumable: img2dataset's `incremental_mode` skips every shard whose
-`_stats.json` exists (a shard's stats are written after its tar and parquet are closed) and redoes partial ones,
-in a working directory derived from (source checksum, hash of the settings that change the output), so a relaunch
-after a crash finishes the job with no gaps and no duplicates, even with other processes/threads/distributor.
+worker killed mid-shard has its shard redone, where img2dataset's pool waited forever). Resumable: img2dataset's
+`incremental_mode` skips every shard whose `_stats.json` exists (a shard's stats are written after its tar and
+parquet are closed) and redoes partial ones, in a working directory derived from (source checksum, hash of the
+settings that change the output), so a relaunch after a crash finishes the job with no gaps and no duplicates,
+even with other processes/threads/distributor.
 img2dataset writes to `output_folder` (any fsspec URL): on a multi-node Ray cluster it must be storage every node
 and the driver see (s3://...), since each shard is written by whichever node ran its task. The version holds the
 raw shards, their parquet + `_stats.json` sidecars and `index.parquet` (one row per source row: ok, or dropped
