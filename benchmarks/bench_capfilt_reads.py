@@ -5,10 +5,10 @@ its writer task (the images streamed into the output tar). From a bucket, direct
 twice; with the cache the decode task downloads it once into the node's cache and the writer task, placed on the
 same node, reads the local copy (and removes it). A third side times the cache as it was first built: the decode
 task downloaded the whole shard before decoding any of it (`node_cache_whole_first`); now it decodes while the shard
-downloads (`ShardCache.open_streaming`; `streaming_wall_ratio`). Each side here runs the two real functions the Ray tasks run
-(`_ray_capfilt.decode_shard`, then `capfilt.finish_shard` with generated model results) for every shard, in
-`--procs` worker processes (a node's task slots), over the same shards served by an HTTP server on 127.0.0.1 that
-answers range requests as a store does, adds `--latency-ms` to every request and sends at most `--link-mib-s`
+downloads (`ShardCache.open_streaming`; `streaming_wall_ratio`). Each side here runs the two real functions the
+Ray tasks run (`_ray_capfilt.decode_shard`, then `capfilt.finish_shard` with generated model results) for every
+shard, in `--procs` worker processes (a node's task slots), over the same shards served by an HTTP server on
+127.0.0.1 that answers range requests as a store does, adds `--latency-ms` to every request and sends at most `--link-mib-s`
 MiB/s over all connections. The figures: bytes the server sent (the store's egress), requests, wall time (each
 side's fastest of `--runs`, the sides alternating, after every process has done its imports). All sides must write
 the same output shards (sha256). Prints one JSON object.

@@ -27,8 +27,8 @@ def test_map_in_processes_keeps_order_and_raises_a_workers_error():
 
 def test_local_inputs_on_a_multi_node_cluster_are_refused_before_training_starts(monkeypatch, tmp_path):
     """Shards or initial weights of a local registry exist on the driver's machine only: a multi-node cluster is
-    refused in one line before any worker starts (as CapFilt refuses it), unless BLIP_SHARED_FILESYSTEM=1 says the path is mounted on
-    every node."""
+    refused in one line before any worker starts (as CapFilt refuses it), unless BLIP_SHARED_FILESYSTEM=1 says the
+    path is mounted on every node."""
     from types import SimpleNamespace
 
     from pipelines.tasks import _ray_train

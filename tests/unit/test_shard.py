@@ -500,7 +500,8 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     assert f"going on from a stopped run: 2 of {len(reference.shards())} output shards already written" in caplog.text
     assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 2
     assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 2}
-    assert [(e.path, e.sha256, e.bytes) for e in resumed.files] == [(e.path, e.sha256, e.bytes) for e in reference.files]
+    entries = lambda m: [(e.path, e.sha256, e.bytes) for e in m.files]  # noqa: E731
+    assert entries(resumed) == entries(reference)
     assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
                                                                       reference.splits)
     read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
