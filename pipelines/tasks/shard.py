@@ -200,6 +200,7 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) ->
 
     from datasets_manifests.index import INDEX_FILE
     from pipelines.runtime import map_in_processes, process_count
+    from pipelines.tasks.webdata import atomic_output
 
     records_path, summary_path, parts = work / RECORDS_FILE, work / SCAN_SUMMARY, work / SCAN_PARTS
     entries = parent.shards()
@@ -229,18 +230,19 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) ->
             truncated += was_truncated
     os.replace(joining, records_path)
     counts = {"raw_shards": len(entries), "truncated_shards": truncated}
-    _write_atomically(summary_path, json.dumps(counts).encode())
+    with atomic_output(summary_path) as handle:
+        handle.write(json.dumps(counts).encode())
     shutil.rmtree(parts)
     return counts, len(entries) - len(todo)
 
 
 def _write_part(path: Path, table: pa.Table, truncated: bool) -> None:
-    """One raw shard's records, whole or not at all (a temporary name, renamed)."""
+    """One raw shard's records, whole or not at all."""
+    from pipelines.tasks.webdata import atomic_output
+
     table = table.replace_schema_metadata({"truncated": "1" if truncated else "0"})
-    partial = path.with_name(path.name + ".partial")
-    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with atomic_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    os.replace(partial, path)
 
 
 def _read_part(path: Path) -> tuple[pa.Table, bool] | None:
@@ -252,12 +254,6 @@ def _read_part(path: Path) -> tuple[pa.Table, bool] | None:
     if not table.schema.remove_metadata().equals(RECORD_SCHEMA):
         return None
     return table.replace_schema_metadata(None), (table.schema.metadata or {}).get(b"truncated") == b"1"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None) -> tuple[pa.Table, bool]:
@@ -602,13 +598,14 @@ def _rows_digest(rows: np.ndarray) -> str:
 
 def _keep_written(kept_dir: Path, split: str, index: int, rows: np.ndarray, outcome: tuple[Any, ...]) -> None:
     """What `write_output_shard` returned for one output shard, with the digest of the record rows it wrote."""
+    from pipelines.tasks.webdata import atomic_output
+
     entry, offsets, sizes, reencoded = outcome
-    buffer = io.BytesIO()
-    np.savez(buffer, rows_digest=np.array(_rows_digest(rows)), entry=np.array(json.dumps(entry)),
-             offsets=np.asarray(offsets, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64),
-             reencoded_at=np.fromiter(reencoded, dtype=np.int64, count=len(reencoded)),
-             reencoded_sha256=np.array(list(reencoded.values()), dtype="U64"))  # fmt: skip
-    _write_atomically(kept_dir / f"{split}-{index:06d}.npz", buffer.getvalue())
+    with atomic_output(kept_dir / f"{split}-{index:06d}.npz") as handle:
+        np.savez(handle, rows_digest=np.array(_rows_digest(rows)), entry=np.array(json.dumps(entry)),
+                 offsets=np.asarray(offsets, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64),
+                 reencoded_at=np.fromiter(reencoded, dtype=np.int64, count=len(reencoded)),
+                 reencoded_sha256=np.array(list(reencoded.values()), dtype="U64"))  # fmt: skip
 
 
 def _read_written(kept_dir: Path, split: str, index: int, rows: np.ndarray,
