@@ -173,18 +173,12 @@ class ShardCache:
     def _fetch(self, url: str, path: Path, size: int | None) -> IO[bytes]:
         """Download the shard into `path`; returns it open (opened before the rename, so that another process's
         eviction cannot remove it before this one reads it)."""
-        import fsspec
-
         partial, handle = path.with_name(path.name + ".partial"), None
         try:
-            # One streamed GET of the whole object (a store's get_file); reading it through an opened file would
-            # fetch in read-ahead blocks, some of them twice (fsspec's HTTP cache re-fetched ~40 % more, measured).
-            filesystem, remote_path = fsspec.core.url_to_fs(url)
-            filesystem.get_file(remote_path, str(partial))
+            _get_whole(url, partial)
             handle = open(partial, "rb")
             written = os.fstat(handle.fileno()).st_size
-            if size is not None and written != size:
-                raise OSError(f"shard cache: {url} gave {written} bytes, its manifest says {size}")
+            _check_size(url, written, size)
             os.replace(partial, path)
         except BaseException:
             if handle is not None:
@@ -244,6 +238,22 @@ class ShardCache:
         return removed
 
 
+def _get_whole(url: str, partial: Path, callback: Any = None) -> None:
+    """The object at `url` into the file `partial`: one streamed GET of all of it (a store's get_file). Reading it
+    through an opened file would fetch in read-ahead blocks, some of them twice (fsspec's HTTP cache re-fetched
+    ~40 % more, measured). `callback`: fsspec's, told the size and each chunk written."""
+    import fsspec
+
+    filesystem, remote_path = fsspec.core.url_to_fs(url)
+    filesystem.get_file(remote_path, str(partial), **({"callback": callback} if callback is not None else {}))
+
+
+def _check_size(url: str, got: int, size: int | None) -> None:
+    """Refuse a download of another size than the manifest's (None: not known)."""
+    if size is not None and got != size:
+        raise OSError(f"shard cache: {url} gave {got} bytes, its manifest says {size}")
+
+
 class _Download:
     """One shard's download into `partial` in a background thread (the store's streamed GET, as `_fetch`), with
     events a reader of the growing file waits on. A size other than the manifest's is refused as soon as the store
@@ -259,7 +269,6 @@ class _Download:
         self._thread.start()
 
     def _run(self) -> None:
-        import fsspec
         from fsspec.callbacks import Callback
 
         download = self
@@ -268,14 +277,12 @@ class _Download:
             def call(self, hook_name: str | None = None, **kwargs: Any) -> None:
                 if download._abandoned:
                     raise _Abandoned(download.url)
-                if self.size is not None and download.size is not None and self.size != download.size:
-                    raise OSError(f"shard cache: {download.url} gave {self.size} bytes, its manifest says "
-                                  f"{download.size}")  # fmt: skip
+                if self.size is not None:
+                    _check_size(download.url, self.size, download.size)
                 download.progress.set()
 
         try:
-            filesystem, remote_path = fsspec.core.url_to_fs(self.url)
-            filesystem.get_file(remote_path, str(self.partial), callback=Progress())
+            _get_whole(self.url, self.partial, Progress())
         except BaseException as error:  # noqa: BLE001 - handed to the reader and to result()
             self.error = error
         finally:
@@ -288,8 +295,7 @@ class _Download:
         if self.error is not None:
             raise self.error
         written = os.path.getsize(self.partial)
-        if self.size is not None and written != self.size:
-            raise OSError(f"shard cache: {self.url} gave {written} bytes, its manifest says {self.size}")
+        _check_size(self.url, written, self.size)
         return written
 
     def abandon(self) -> None:
