@@ -146,10 +146,9 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
             yield from in_order(lambda job: pool.submit(function, *job), jobs, 2 * workers)
         except BrokenProcessPool as error:
             code = dead_worker_exit(pool)
-            hint = f" (the kernel's out-of-memory killer sends it: see `dmesg`; {MAX_PROCESSES_ENV}=N runs fewer)"
             raise WorkerProcessDied(f"a worker process running {function.__module__}.{function.__qualname__} "
-                                    f"{exit_description(code)}{hint if code == -signal.SIGKILL else ''}; nothing was "
-                                    "published: run the command again") from error
+                                    f"{exit_description(code)}{oom_hint(code, f'{MAX_PROCESSES_ENV}=N runs fewer')}; "
+                                    "nothing was published: run the command again") from error
 
 
 class WorkerProcessDied(RuntimeError):
@@ -173,6 +172,13 @@ def dead_worker_exit(pool: Any) -> int | None:
     codes = sorted((process.exitcode for process in processes if process.exitcode),
                    key=lambda code: code == -signal.SIGTERM)  # fmt: skip
     return codes[0] if codes else None
+
+
+def oom_hint(code: int | None, remedy: str = "") -> str:
+    """For a worker killed by SIGKILL, what most often sent it (and `remedy`); '' for any other end."""
+    if code != -signal.SIGKILL:
+        return ""
+    return f" (the kernel's out-of-memory killer sends it: see `dmesg`{'; ' + remedy if remedy else ''})"
 
 
 def exit_description(code: int | None) -> str:

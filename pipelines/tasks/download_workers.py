@@ -22,12 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import signal
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
 
-from pipelines.runtime import WorkerProcessDied, exit_description
+from pipelines.runtime import WorkerProcessDied, exit_description, oom_hint
 
 log = logging.getLogger(__name__)
 TASKS_PER_CHILD = 5  # as img2dataset's Pool(maxtasksperchild=5)
@@ -164,10 +163,9 @@ def _bury(worker: _Worker, deaths: Counter[int], queue: deque[tuple[int, Any]]) 
     number, shard = worker.shard
     deaths[number] += 1
     if deaths[number] >= MAX_DEATHS:
-        hint = " (the kernel's out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
         raise WorkerProcessDied(
-            f"the img2dataset worker downloading shard {shard[0]} {exit_description(code)}{hint}, {deaths[number]} "
-            "times; the shards finished so far are kept: run the same command again to go on from them (lower "
+            f"the img2dataset worker downloading shard {shard[0]} {exit_description(code)}{oom_hint(code)}, "
+            f"{deaths[number]} times; the shards finished so far are kept: run the same command again to go on from them (lower "
             "`processes` or `threads` in the download config if the workers ran out of memory)")
     log.warning("download: the img2dataset worker downloading shard %s %s; the shard goes to another worker",
                 shard[0], exit_description(code))  # fmt: skip
