@@ -458,20 +458,6 @@ def test_capfilt_kill_and_rerun_is_byte_identical(ray_session, tmp_path):
         assert pq.read_table(registry.local_path(resumed, name)).equals(pq.read_table(registry.local_path(reference, name)))
 
 
-def _processes_titled(fragment: str) -> list[int]:
-    """Pids of the processes whose title (Ray sets `ray::<actor or task>`) contains `fragment`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-            except OSError:  # ended meanwhile
-                continue
-            if fragment in title:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.integration
 def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, tmp_path):
     """SIGKILL the CapFilt actor process once the first shard is committed: Ray Data restarts it and retries the
@@ -479,6 +465,7 @@ def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, 
     import threading
 
     import pyarrow.parquet as pq
+    from process_table import processes  # Ray sets a worker's title: ray::<actor or task>
 
     from datasets_manifests.registry import Registry
     from pipelines.config import load_config
@@ -498,7 +485,7 @@ def test_a_model_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, 
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if list(markers.glob("*/done/*.json")):
-                for pid in _processes_titled("MapBatches(CapFiltActor)"):
+                for pid in [pid for pid, _, title in processes() if "MapBatches(CapFiltActor)" in title]:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.02)

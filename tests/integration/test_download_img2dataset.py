@@ -154,17 +154,9 @@ def test_resume_after_kill(corpus, tmp_path):
 
 def _spawned_children() -> set[int]:
     """Pids of this process's children started by multiprocessing's spawn (download workers, img2dataset's logger)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes()
-            except (OSError, ValueError):  # ended meanwhile
-                continue
-            if parent == os.getpid() and b"spawn_main" in command:
-                found.add(int(entry.name))
-    return found
+    from process_table import processes
+
+    return {pid for pid, parent, command in processes() if parent == os.getpid() and "spawn_main" in command}
 
 
 @pytest.mark.timeout(300, method="thread")  # img2dataset's own pool waited forever here (signals do not reach it)
