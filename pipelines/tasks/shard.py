@@ -532,7 +532,7 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     kept_dir.mkdir(exist_ok=True)
     staged = _staged_sizes(out)
     done = {number for number, (split, index, rows) in enumerate(slices)
-            if _read_written(kept_dir, split, index, rows, staged) is not None}  # fmt: skip
+            if _can_take(_written_record(kept_dir, split, index), rows, staged)}  # fmt: skip
     if done:
         log.info("shard: going on from a stopped run: %d of %d output shards already written", len(done), len(slices))
 
@@ -560,7 +560,7 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
                                                        unit="shard", disable=len(slices) < 4)):  # fmt: skip
         if number in done:
-            entry, offsets, sizes, reencoded = _read_written(kept_dir, split, index, rows, staged)  # type: ignore[misc]
+            entry, offsets, sizes, reencoded = _read_written(_written_record(kept_dir, split, index))
         else:
             entry, offsets, sizes, reencoded = next(results)
             _keep_written(kept_dir, split, index, rows, (entry, offsets, sizes, reencoded))
@@ -601,28 +601,32 @@ def _keep_written(kept_dir: Path, split: str, index: int, rows: np.ndarray, outc
     from pipelines.tasks.webdata import atomic_output
 
     entry, offsets, sizes, reencoded = outcome
-    with atomic_output(kept_dir / f"{split}-{index:06d}.npz") as handle:
+    with atomic_output(_written_record(kept_dir, split, index)) as handle:
         np.savez(handle, rows_digest=np.array(_rows_digest(rows)), entry=np.array(json.dumps(entry)),
                  offsets=np.asarray(offsets, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64),
                  reencoded_at=np.fromiter(reencoded, dtype=np.int64, count=len(reencoded)),
                  reencoded_sha256=np.array(list(reencoded.values()), dtype="U64"))  # fmt: skip
 
 
-def _read_written(kept_dir: Path, split: str, index: int, rows: np.ndarray,
-                  staged: dict[str, int]) -> tuple[Any, ...] | None:  # fmt: skip
-    """A stopped run's outcome for this output shard, or None when it has to be written (again): no record, a
-    record of other rows (another plan), or its tar not there at the size the record says."""
-    path = kept_dir / f"{split}-{index:06d}.npz"
+def _written_record(kept_dir: Path, split: str, index: int) -> Path:
+    return kept_dir / f"{split}-{index:06d}.npz"
+
+
+def _can_take(path: Path, rows: np.ndarray, staged: dict[str, int]) -> bool:
+    """Whether a stopped run's record at `path` stands for this output shard: there, of these rows (not another
+    plan's), and its tar there at the size it says. Reads only the record's small members (npz loads lazily)."""
     if not path.exists():
-        return None
+        return False
     with np.load(path, allow_pickle=False) as kept:
-        if str(kept["rows_digest"]) != _rows_digest(rows):
-            return None
         entry = json.loads(str(kept["entry"]))
-        if staged.get(entry["path"]) != entry["bytes"]:
-            return None
+        return str(kept["rows_digest"]) == _rows_digest(rows) and staged.get(entry["path"]) == entry["bytes"]
+
+
+def _read_written(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, dict[int, str]]:
+    """What the writer returned for an output shard `_can_take` accepted: entry, offsets, sizes, re-encoded."""
+    with np.load(path, allow_pickle=False) as kept:
         reencoded = dict(zip(kept["reencoded_at"].tolist(), kept["reencoded_sha256"].tolist()))
-        return entry, kept["offsets"], kept["sizes"], reencoded
+        return json.loads(str(kept["entry"])), kept["offsets"], kept["sizes"], reencoded
 
 
 def plan_output_shards(cfg: ShardConfig, records: pa.Table, decision: Decision) -> list[tuple[str, int, np.ndarray]]:
