@@ -40,22 +40,17 @@ def supervised_distributor(processes_count: int, downloader: Downloader, reader:
     """img2dataset's `multiprocessing_distributor` (same arguments): every shard of `reader` through `downloader`
     in `processes_count` spawned processes; shards that report a failure are retried `max_shard_retry` times, as
     img2dataset does; a shard whose worker died goes to another worker."""
+    from img2dataset.distributor import retrier
     from tqdm import tqdm
 
+    def run(shards: Iterable[Any]) -> list[Any]:
+        with tqdm(desc="downloading shards", unit="shard") as progress:
+            return run_shards(processes_count, downloader, shards, progress.update)
+
     # `reader` cuts the source list into shard files as it is iterated: taken a shard at a time, as workers free
-    # up, so that the first downloads do not wait for the whole list (13k shards at 129M) to be cut.
-    with tqdm(desc="downloading shards", unit="shard") as progress:
-        failed = run_shards(processes_count, downloader, reader, progress.update)
-    for attempt in range(max_shard_retry):
-        if not failed:
-            break
-        log.warning("download: retrying %d shards that failed (try %d of %d)", len(failed), attempt + 1,
-                    max_shard_retry)  # fmt: skip
-        with tqdm(total=len(failed), desc="retrying shards", unit="shard") as progress:
-            failed = run_shards(processes_count, downloader, failed, progress.update)
-    if failed:
-        log.warning("download: %d shards still failed after %d retries; running the same command retries them",
-                    len(failed), max_shard_retry)  # fmt: skip
+    # up, so that the first downloads do not wait for the whole list (13k shards at 129M) to be cut. The failed
+    # shards go through img2dataset's own `retrier`, as with its distributor.
+    retrier(run, run(reader), max_shard_retry)
 
 
 class _Worker:
