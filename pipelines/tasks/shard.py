@@ -16,7 +16,8 @@ kept bytes back by offset; the index is written a batch at a time. A truncated r
 the truncation; the ones the raw index says were in it but could not be read are dropped as `truncated_shard`
 (never a crash). A run that stops (crash, kill, a lost node) leaves its work under the registry's work dir for
 its cache key: the next run of the same inputs and config checks only the raw shards not yet checked and writes
-only the output shards not yet written.
+only the output shards not yet written. With a remote registry what a rerun needs is also kept in its store
+(`KeptFiles`), so a rerun on another machine (a new pod, the driver's disk gone) goes on from it as well.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     # already written), which at 129M is hours of each pass.
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
     stage.mkdir(parents=True, exist_ok=True)
-    input_counts, scanned_before = _scan(cfg, registry, parent, work)
+    input_counts, scanned_before = _scan(cfg, registry, parent, work, _kept_files(registry, key, work, SCAN_PARTS))
     records = read_spilled([work / RECORDS_FILE], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
@@ -146,7 +147,8 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         registry.remove_work(key)
         found = ", ".join(f"{i['values']}: {i['counts']}" for i in sorted(reasons, key=lambda i: i["values"])) or "none"
         raise EmptyInputError(f"{parent.ref}: no sample is left to shard (dropped: {found})")
-    shard_entries, written, written_before = _write_shards(cfg, registry, parent, records, decision, out, work)
+    shard_entries, written, written_before = _write_shards(cfg, registry, parent, records, decision, out,
+                                                           _kept_files(registry, key, work, WRITTEN_PARTS))
     resumed = {"raw_shards_checked_before": scanned_before, "output_shards_written_before": written_before}
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
                         shard_entries, input_counts, resumed)  # fmt: skip
@@ -184,31 +186,91 @@ SCAN_BYTES_PER_PROCESS = 64 << 20
 
 
 SCAN_PARTS, SCAN_SUMMARY = "scan", "scan.json"  # pass 1's records of each raw shard; its counts once complete
+RESUME_PREFIX = "resume"  # under a remote registry's shared work prefix: the kept files' copies
 
 
-def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) -> tuple[dict[str, int], int]:
+class KeptFiles:
+    """The files a rerun goes on from (pass 1's records of each raw shard, pass 2's record of each output shard):
+    in a folder of the work dir and, for a remote registry, copied to its store under the run's shared work prefix
+    (`mirror`), so that a rerun on another machine goes on from them too: at 129M each pass is hours, and a driver
+    on a pod loses its temporary disk with the pod. Each copy is one upload (whole or absent); the store's prefix
+    goes with the rest of the run's work once its version is published."""
+
+    def __init__(self, folder: Path, mirror: str | None) -> None:
+        self.folder, self.mirror = folder, mirror
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @contextlib.contextmanager
+    def keep(self, name: str) -> Iterator[Any]:
+        """A binary handle whose bytes become the kept file `name` (here, then in the store), whole or not at all."""
+        from pipelines.tasks.webdata import atomic_output
+
+        with atomic_output(self.path(name)) as handle:
+            yield handle
+        if self.mirror is not None:
+            from datasets_manifests.filesystems import url_to_fs
+
+            fs, root = url_to_fs(self.mirror)
+            fs.put_file(str(self.path(name)), f"{root}/{name}")
+
+    def restore(self) -> int:
+        """Fetch the kept files of the store this machine lacks (one listing, then the downloads together);
+        returns how many. A fetch stopped midway leaves nothing under a kept file's name."""
+        if self.mirror is None:
+            return 0
+        from datasets_manifests.filesystems import url_to_fs
+
+        fs, root = url_to_fs(self.mirror)
+        root = root.rstrip("/")
+        if not fs.exists(root):
+            return 0
+        missing = [path for path in fs.find(root) if not self.path(path.rsplit("/", 1)[-1]).exists()]
+        if not missing:
+            return 0
+        landing = self.folder / ".fetching"
+        shutil.rmtree(landing, ignore_errors=True)
+        landing.mkdir()
+        names = [path.rsplit("/", 1)[-1] for path in missing]
+        fs.get(missing, [str(landing / name) for name in names])  # concurrent on s3/gcs
+        for name in names:
+            os.replace(landing / name, self.path(name))
+        landing.rmdir()
+        log.info("shard: %d files of a stopped run fetched from %s", len(names), self.mirror)
+        return len(names)
+
+
+def _kept_files(registry: Registry, key: str, work: Path, folder: str) -> KeptFiles:
+    mirror = None if registry.is_local else f"{registry.shared_work_url(key)}/{RESUME_PREFIX}/{folder}"
+    return KeptFiles(work / folder, mirror)
+
+
+def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path,
+          parts: KeptFiles) -> tuple[dict[str, int], int]:  # fmt: skip
     """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, into
     `work/records.arrow` in raw shard order. Returns the input counts and how many raw shards a stopped run of
     this key had already checked.
 
     The raw shards are independent: they are checked in worker processes (`pipelines.runtime.process_count`),
-    records coming back in shard order. Each shard's records are kept in `work/scan/` as they come (written
-    whole, then renamed), so a rerun checks only the shards still missing; once all are there they are joined
-    into the one file the rest of the stage reads (in large batches: `SpilledRows` takes rows chunk by chunk),
-    the same bytes as one process's."""
+    records coming back in shard order. Each shard's records are kept in `parts` (`work/scan/`, and the store
+    of a remote registry) as they come, so a rerun checks only the shards still missing; once all are there they
+    are joined into the one file the rest of the stage reads (in large batches: `SpilledRows` takes rows chunk by
+    chunk), the same bytes as one process's."""
     from tqdm import tqdm
 
     from datasets_manifests.index import INDEX_FILE
     from pipelines.runtime import map_in_processes, process_count
     from pipelines.tasks.webdata import atomic_output
 
-    records_path, summary_path, parts = work / RECORDS_FILE, work / SCAN_SUMMARY, work / SCAN_PARTS
+    records_path, summary_path = work / RECORDS_FILE, work / SCAN_SUMMARY
     entries = parent.shards()
     if records_path.exists() and summary_path.exists():  # a stopped run got past pass 1
         log.info("shard: going on from a stopped run: its %d raw shards are checked", len(entries))
         return json.loads(summary_path.read_text()), len(entries)
-    parts.mkdir(exist_ok=True)
-    part_paths = [parts / f"{number:06d}.arrow" for number in range(len(entries))]
+    parts.restore()
+    part_paths = [parts.path(f"{number:06d}.arrow") for number in range(len(entries))]
     todo = [number for number, path in enumerate(part_paths) if _read_part(path) is None]
     if len(todo) < len(entries):
         log.info("shard: going on from a stopped run: %d of %d raw shards already checked", len(entries) - len(todo),
@@ -219,7 +281,7 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) ->
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
               disable=len(entries) < 4) as progress:  # fmt: skip
         for number, (table, was_truncated) in zip(todo, map_in_processes(scan_raw_shard, jobs, workers)):
-            _write_part(part_paths[number], table, was_truncated)
+            _write_part(parts, part_paths[number].name, table, was_truncated)
             progress.update()
     truncated = 0
     joining = records_path.with_name(records_path.name + ".partial")
@@ -232,16 +294,14 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path) ->
     counts = {"raw_shards": len(entries), "truncated_shards": truncated}
     with atomic_output(summary_path) as handle:
         handle.write(json.dumps(counts).encode())
-    shutil.rmtree(parts)
+    shutil.rmtree(parts.folder)  # their copies in a remote registry's store stay until the version is published
     return counts, len(entries) - len(todo)
 
 
-def _write_part(path: Path, table: pa.Table, truncated: bool) -> None:
+def _write_part(parts: KeptFiles, name: str, table: pa.Table, truncated: bool) -> None:
     """One raw shard's records, whole or not at all."""
-    from pipelines.tasks.webdata import atomic_output
-
     table = table.replace_schema_metadata({"truncated": "1" if truncated else "0"})
-    with atomic_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with parts.keep(name) as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
 
@@ -514,13 +574,14 @@ WRITTEN_PARTS = "written"  # what pass 2's writer returned for each output shard
 
 
 def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, records: pa.Table, decision: Decision,
-                  out: str, work: Path) -> tuple[list[dict[str, Any]], Written, int]:  # fmt: skip
+                  out: str, kept: KeptFiles) -> tuple[list[dict[str, Any]], Written, int]:  # fmt: skip
     """Pass 2: split, shuffle by seed, read kept bytes back by offset, write gap-free shards. Returns the shard
     entries, where each record went, and how many shards a stopped run of this key had already written.
 
     Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
     worker processes when there is enough data (`pipelines.runtime.process_count`); the same bytes either way.
-    What each returned (offsets, sizes, digests) is kept in `work/written/`: a rerun takes a shard whose record
+    What each returned (offsets, sizes, digests) is kept in `kept` (`work/written/`, and the store of a remote
+    registry): a rerun takes a shard whose record
     and tar are both there (the tar the size its record says) instead of writing it again."""
     from tqdm import tqdm
 
@@ -528,11 +589,10 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
 
     slices = plan_output_shards(cfg, records, decision)
     urls = {entry.path: registry.url_of(parent, entry.path) for entry in parent.shards()}
-    kept_dir = work / WRITTEN_PARTS
-    kept_dir.mkdir(exist_ok=True)
+    kept.restore()
     staged = _staged_sizes(out)
     done = {number for number, (split, index, rows) in enumerate(slices)
-            if _can_take(_written_record(kept_dir, split, index), rows, staged)}  # fmt: skip
+            if _can_take(kept.path(_written_name(split, index)), rows, staged)}  # fmt: skip
     if done:
         log.info("shard: going on from a stopped run: %d of %d output shards already written", len(done), len(slices))
 
@@ -546,11 +606,11 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
             sources = {path: urls[path] for path in pc.unique(chunk.column("source_shard")).to_pylist()}
             yield cfg, out, split, index, chunk, sources
 
-    kept = decision.kept.copy()
+    to_write = decision.kept.copy()
     for number in done:
-        kept[slices[number][2]] = False
-    kept_bytes = int(pc.sum(records.column("source_bytes").filter(kept)).as_py() or 0)
-    workers = process_count(kept_bytes, WRITE_BYTES_PER_PROCESS, len(slices) - len(done))
+        to_write[slices[number][2]] = False
+    bytes_to_write = int(pc.sum(records.column("source_bytes").filter(to_write)).as_py() or 0)
+    workers = process_count(bytes_to_write, WRITE_BYTES_PER_PROCESS, len(slices) - len(done))
     written = Written([], np.full(len(records), -1, dtype=np.int32), np.zeros(len(records), dtype=np.int64),
                       np.zeros(len(records), dtype=np.int64))  # fmt: skip
     entries: list[dict[str, Any]] = []
@@ -560,10 +620,10 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
                                                        unit="shard", disable=len(slices) < 4)):  # fmt: skip
         if number in done:
-            entry, offsets, sizes, reencoded = _read_written(_written_record(kept_dir, split, index))
+            entry, offsets, sizes, reencoded = _read_written(kept.path(_written_name(split, index)))
         else:
             entry, offsets, sizes, reencoded = next(results)
-            _keep_written(kept_dir, split, index, rows, (entry, offsets, sizes, reencoded))
+            _keep_written(kept, _written_name(split, index), rows, (entry, offsets, sizes, reencoded))
         written.shard_of[rows] = len(written.shard_paths)
         written.shard_paths.append(entry["path"])
         written.jpg_offset[rows] = offsets
@@ -596,20 +656,18 @@ def _rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _keep_written(kept_dir: Path, split: str, index: int, rows: np.ndarray, outcome: tuple[Any, ...]) -> None:
+def _keep_written(kept: KeptFiles, name: str, rows: np.ndarray, outcome: tuple[Any, ...]) -> None:
     """What `write_output_shard` returned for one output shard, with the digest of the record rows it wrote."""
-    from pipelines.tasks.webdata import atomic_output
-
     entry, offsets, sizes, reencoded = outcome
-    with atomic_output(_written_record(kept_dir, split, index)) as handle:
+    with kept.keep(name) as handle:
         np.savez(handle, rows_digest=np.array(_rows_digest(rows)), entry=np.array(json.dumps(entry)),
                  offsets=np.asarray(offsets, dtype=np.int64), sizes=np.asarray(sizes, dtype=np.int64),
                  reencoded_at=np.fromiter(reencoded, dtype=np.int64, count=len(reencoded)),
                  reencoded_sha256=np.array(list(reencoded.values()), dtype="U64"))  # fmt: skip
 
 
-def _written_record(kept_dir: Path, split: str, index: int) -> Path:
-    return kept_dir / f"{split}-{index:06d}.npz"
+def _written_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.npz"
 
 
 def _can_take(path: Path, rows: np.ndarray, staged: dict[str, int]) -> bool:

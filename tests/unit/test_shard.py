@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -507,6 +508,67 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
     assert read(resumed).equals(read(reference))
     assert not work.exists()  # the published version's work is cleared
+
+
+def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_machine(raw_version, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """With a remote registry (memory:// for s3://) what a rerun needs is kept in the store too: a run stopped in
+    pass 1 on one machine, then one stopped in pass 2 on a second, each machine's work dir gone with it (a pod
+    replaced), and a third machine checks no raw shard again, writes only the missing output shards, and publishes
+    the version an uninterrupted run publishes; the store's work prefix goes once it is published."""
+    import uuid
+
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    remote = Registry(f"memory://shard-resume-{uuid.uuid4().hex[:8]}")
+    version_dir = Path(registry.local_path(raw, "index.parquet")).parent
+    remote_raw = remote.publish(kind="dataset", name="raw-test", staging_dir=version_dir, move=False,
+                                files=list(raw.files), producer=raw.producer)
+    cfg = ShardConfig(samples_per_shard=3, seed=2)
+    reference = run_shard(cfg, raw, name="uninterrupted", registry=registry)
+    calls: Counter = Counter()
+
+    def counted(name, real, fail_at=None):
+        def wrapper(*args):
+            calls[name] += 1
+            if calls[name] == fail_at:
+                raise RuntimeError(f"stopped at {name} {fail_at}")
+            return real(*args)
+        return wrapper
+
+    def on_machine(name: str) -> Path:  # a fresh work dir: the previous machine's is gone
+        monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / name))
+        return tmp_path / name
+
+    real_scan, real_write = shard.scan_raw_shard, shard.write_output_shard
+    on_machine("first")
+    monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan, fail_at=3))
+    with pytest.raises(RuntimeError, match="stopped at scan 3"):
+        run_shard(cfg, remote_raw, name="resumed", registry=remote)
+    calls.clear()
+    shutil.rmtree(tmp_path / "first")
+    on_machine("second")
+    monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan))
+    monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write, fail_at=4))
+    with pytest.raises(RuntimeError, match="stopped at write 4"):
+        run_shard(cfg, remote_raw, name="resumed", registry=remote)
+    assert calls["scan"] == 1  # the two raw shards checked on the first machine were fetched from the store
+    calls.clear()
+    shutil.rmtree(tmp_path / "second")
+    third = on_machine("third")
+    monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write))
+    with caplog.at_level("INFO", logger="pipelines.tasks.shard"):
+        resumed = run_shard(cfg, remote_raw, name="resumed", registry=remote)
+    assert "3 files of a stopped run fetched from memory://" in caplog.text  # each pass's kept files
+    assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 3
+    assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 3}
+    entries = lambda m: [(e.path, e.sha256, e.bytes) for e in m.files]  # noqa: E731
+    assert entries(resumed) == entries(reference)
+    assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
+                                                                      reference.splits)
+    prefix = remote.fs._strip_protocol(remote.shared_work_url(resumed.producer.cache_key))
+    assert not remote.fs.exists(prefix) and not list(third.rglob("*"))
 
 
 def test_the_set_examples_in_the_data_commands_help_are_keys_of_their_configs():
