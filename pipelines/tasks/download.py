@@ -1,8 +1,8 @@
 """Download stage: a source list of (url, caption) -> raw webdataset shards, published as a dataset version.
 
 Runs img2dataset (rom1504/img2dataset, `img2dataset.download`) with the multiprocessing distributor locally or
-the Ray distributor on a Ray cluster; locally its pool is replaced by supervised workers (`download_workers`: a
-worker killed mid-shard has its shard redone, where img2dataset's pool waited forever). Resumable: img2dataset's
+the Ray distributor on a Ray cluster, each supervised (`download_workers`: a worker killed mid-shard has its shard
+redone, where img2dataset's pool waited forever; failed shards are retried on Ray too). Resumable: img2dataset's
 `incremental_mode` skips every shard whose `_stats.json` exists (a shard's stats are written after its tar and
 parquet are closed) and redoes partial ones, in a working directory derived from (source checksum, hash of the
 settings that change the output), so a relaunch after a crash finishes the job with no gaps and no duplicates,
@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +70,7 @@ class DownloadConfig:
     max_aspect_ratio: float = 10.0
     url_col: str | None = None  # source column names; None: detect url/URL/image, caption/TEXT
     caption_col: str | None = None
-    max_shard_retry: int = 1  # multiprocessing only: img2dataset 1.47's ray distributor never retries a shard
+    max_shard_retry: int = 1  # retries of a shard that failed (a worker that died: its shard is redone anyway)
     user_agent_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -317,10 +317,10 @@ def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: P
 
     from pipelines.tasks.download_workers import using_supervised_distributor
 
-    # img2dataset's own multiprocessing pool waits forever for a shard whose worker died (download_workers).
-    supervised = cfg.distributor == "multiprocessing"
+    # img2dataset's own multiprocessing pool waits forever for a shard whose worker died, and its Ray distributor
+    # never retries a failed shard (download_workers).
     main_module = importlib.import_module("img2dataset.main")  # `img2dataset.main` is the function, not the module
-    with using_supervised_distributor(main_module) if supervised else nullcontext():
+    with using_supervised_distributor(main_module):
         _call_img2dataset(img2dataset, cfg, source_parts, output_folder)
 
 
@@ -498,7 +498,8 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[pa.Table, list[di
         rows.append(row)
     files: list[dict[str, Any]] = []
     for ext, role in ((".tar", "shard"), (".parquet", "other"), ("_stats.json", "stats")):
-        entry: dict[str, Any] = {"path": f"{stem}{ext}", "role": role, "sha256": digests[ext][0], "bytes": digests[ext][1]}
+        entry: dict[str, Any] = {"path": f"{stem}{ext}", "role": role, "sha256": digests[ext][0],
+                                 "bytes": digests[ext][1]}
         if role == "shard":
             entry["num_samples"] = successes
         files.append(entry)

@@ -1,4 +1,4 @@
-"""img2dataset's multiprocessing distributor, with the death of a worker process noticed and its shard redone.
+"""img2dataset's distributors, with the death of a worker process noticed and its shard redone.
 
 img2dataset 1.47 runs its shards through `multiprocessing.Pool.imap_unordered`. When a worker process dies in the
 middle of a shard (the kernel's out-of-memory killer, a crash in a native decoder, a `kill -9`), the pool starts
@@ -14,7 +14,12 @@ in hand has that shard handed to another (img2dataset writes a shard whole again
 a shard whose worker dies `MAX_DEATHS` times stops the download with one line naming it and the signal, and a
 rerun resumes from the finished shards (incremental mode).
 
-`using_supervised_distributor` puts `supervised_distributor` in img2dataset's place for one `download` call.
+img2dataset's Ray distributor (one Ray task a shard) had Ray retry a task whose worker died but never retried a
+shard that reported a failure (`max_shard_retry` did nothing), and ended, after the retries Ray allows, with a
+traceback that did not say which shard: `supervised_ray_distributor` retries failed shards as the multiprocessing
+one does, lets Ray run a shard whose worker died `MAX_DEATHS` times in all, and then stops in the same one line.
+
+`using_supervised_distributor` puts both in img2dataset's place for one `download` call.
 """
 
 from __future__ import annotations
@@ -51,6 +56,51 @@ def supervised_distributor(processes_count: int, downloader: Downloader, reader:
     # up, so that the first downloads do not wait for the whole list (13k shards at 129M) to be cut. The failed
     # shards go through img2dataset's own `retrier`, as with its distributor.
     retrier(run, run(reader), max_shard_retry)
+
+
+def supervised_ray_distributor(processes_count: int, downloader: Downloader, reader: Iterable[Any], _: Any,
+                               max_shard_retry: int) -> None:  # fmt: skip
+    """img2dataset's `ray_distributor` (same arguments): one 1-CPU Ray task a shard (`processes_count` is unused:
+    the cluster's CPUs set the concurrency, as with img2dataset's), retried by Ray when its worker dies; shards
+    that report a failure are retried `max_shard_retry` times through img2dataset's `retrier`."""
+    import ray
+    from img2dataset.distributor import retrier
+    from tqdm import tqdm
+
+    download_shard = ray.remote(num_cpus=1, max_retries=MAX_DEATHS - 1)(_download_shard)
+
+    def run(shards: Iterable[Any]) -> list[Any]:
+        # Submitted as the reader cuts them, as img2dataset does; collected as they finish.
+        pending = {download_shard.remote(downloader, shard): shard for shard in shards}
+        failed: list[Any] = []
+        with tqdm(total=len(pending), desc="downloading shards", unit="shard") as progress:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                for ref in ready:
+                    shard = pending.pop(ref)
+                    status, row = _shard_result(ray, ref, shard)
+                    if status is False:
+                        failed.append(row)
+                    progress.update()
+        return failed
+
+    retrier(run, run(reader), max_shard_retry)
+
+
+def _download_shard(downloader: Downloader, shard: Any) -> tuple[bool, Any]:
+    return downloader(shard)
+
+
+def _shard_result(ray: Any, ref: Any, shard: Any) -> tuple[bool, Any]:
+    """A shard task's (status, row); a task whose worker died every time Ray ran it stops the download."""
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError) as error:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WorkerProcessDied(
+            f"the Ray worker downloading shard {shard[0]} died {MAX_DEATHS} times ({type(error).__name__}: {cause}); "
+            "the shards finished so far are kept: run the same command again to go on from them (lower `threads` "
+            "in the download config, or give the cluster's workers more memory, if they ran out of it)") from error
 
 
 class _Worker:
@@ -160,24 +210,31 @@ def _bury(worker: _Worker, deaths: Counter[int], queue: deque[tuple[int, Any]]) 
     if deaths[number] >= MAX_DEATHS:
         raise WorkerProcessDied(
             f"the img2dataset worker downloading shard {shard[0]} {exit_description(code)}{oom_hint(code)}, "
-            f"{deaths[number]} times; the shards finished so far are kept: run the same command again to go on from them (lower "
-            "`processes` or `threads` in the download config if the workers ran out of memory)")
+            f"{deaths[number]} times; the shards finished so far are kept: run the same command again to go on from "
+            "them (lower `processes` or `threads` in the download config if the workers ran out of memory)")
     log.warning("download: the img2dataset worker downloading shard %s %s; the shard goes to another worker",
                 shard[0], exit_description(code))  # fmt: skip
     queue.appendleft((number, shard))
 
 
+SUPERVISED = {"multiprocessing_distributor": supervised_distributor, "ray_distributor": supervised_ray_distributor}
+
+
 @contextlib.contextmanager
 def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
-    """`img2dataset.download(distributor="multiprocessing")` runs `supervised_distributor` inside the block.
-    img2dataset picks its distributor from a module global of `img2dataset.main`; an img2dataset without it (a
-    version other than the pinned 1.47) is refused rather than left to hang."""
-    if not hasattr(img2dataset_main, "multiprocessing_distributor"):
-        raise RuntimeError("img2dataset.main has no multiprocessing_distributor: this img2dataset is not the pinned "
-                           "1.47.0 (pyproject.toml)")  # fmt: skip
-    original = img2dataset_main.multiprocessing_distributor
-    img2dataset_main.multiprocessing_distributor = supervised_distributor
+    """`img2dataset.download` runs `supervised_distributor` (distributor="multiprocessing") or
+    `supervised_ray_distributor` ("ray") inside the block. img2dataset picks its distributor from module globals
+    of `img2dataset.main`; an img2dataset without them (a version other than the pinned 1.47) is refused rather
+    than left to hang."""
+    missing = [name for name in SUPERVISED if not hasattr(img2dataset_main, name)]
+    if missing:
+        raise RuntimeError(f"img2dataset.main has no {missing[0]}: this img2dataset is not the pinned 1.47.0 "
+                           "(pyproject.toml)")  # fmt: skip
+    originals = {name: getattr(img2dataset_main, name) for name in SUPERVISED}
+    for name, replacement in SUPERVISED.items():
+        setattr(img2dataset_main, name, replacement)
     try:
         yield
     finally:
-        img2dataset_main.multiprocessing_distributor = original
+        for name, original in originals.items():
+            setattr(img2dataset_main, name, original)

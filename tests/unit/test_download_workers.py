@@ -77,14 +77,47 @@ def test_shards_that_report_a_failure_are_retried_as_img2dataset_does(tmp_path):
     assert _finished(tmp_path / "log")[0] == Counter(range(4))
 
 
-def test_img2dataset_gets_the_supervised_distributor_for_one_call_only():
+def test_img2dataset_gets_the_supervised_distributors_for_one_call_only():
     import importlib
 
     main_module = importlib.import_module("img2dataset.main")
-    original = main_module.multiprocessing_distributor
+    originals = main_module.multiprocessing_distributor, main_module.ray_distributor
     with download_workers.using_supervised_distributor(main_module):
         assert main_module.multiprocessing_distributor is download_workers.supervised_distributor
-    assert main_module.multiprocessing_distributor is original
+        assert main_module.ray_distributor is download_workers.supervised_ray_distributor
+    assert (main_module.multiprocessing_distributor, main_module.ray_distributor) == originals
+
+
+@pytest.fixture
+def ray_downloads(ray_session):
+    """The session's local Ray, with this module's downloader sent to its workers by value (tests/ is not on their
+    path)."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_on_ray_a_killed_worker_s_shard_runs_again_and_a_failed_shard_is_retried(ray_downloads, tmp_path):
+    """img2dataset's Ray distributor never retried a shard that reported a failure; Ray itself runs again a task
+    whose worker died. Every shard is done exactly once."""
+    shards = [(number, f"part-{number}") for number in range(6)]
+    downloader = RecordingDownloader(tmp_path / "log", dies_on=3, fails_once=1)
+    download_workers.supervised_ray_distributor(2, downloader, iter(shards), None, max_shard_retry=1)
+    assert _finished(tmp_path / "log")[0] == Counter(range(6))
+    assert (tmp_path / "log.died-3").exists() and (tmp_path / "log.failed-1").exists()
+
+
+def test_on_ray_a_shard_that_kills_its_worker_every_time_stops_the_download_naming_it(ray_downloads, tmp_path):
+    shards = [(number, f"part-{number}") for number in range(3)]
+    downloader = RecordingDownloader(tmp_path / "log", dies_on=2, always=True)
+    with pytest.raises(WorkerProcessDied, match=r"the Ray worker downloading shard 2 died 3 times \(WorkerCrashedError: "
+                                                r".*\); the shards finished so far are kept"):  # fmt: skip
+        download_workers.supervised_ray_distributor(2, downloader, iter(shards), None, max_shard_retry=1)
+    assert _finished(tmp_path / "log")[0] == Counter([0, 1])
 
 
 def test_a_worker_that_dies_between_shards_is_replaced_and_no_shard_is_charged_or_lost(tmp_path, caplog):
