@@ -7,7 +7,8 @@ retrieval file serves ITM, a pretrain file serves captioning), otherwise the err
 
 Task helpers follow the reference inference settings: captions with beam 3, max 20, min 5, prompt 'a picture of '
 (spec §4.2); ITM match probability = softmax of the `[ENC]`-first ITM logits plus the ITC cosine (spec §9.2-9.3);
-VQA answers generated with beam 3, max 10, min 1 (spec §4.3).
+VQA answers generated with beam 3, max 10, min 1 (spec §4.3); zero-shot classification ranks label prompts
+('a picture of {label}') by ITC cosine, optionally re-ranking a shortlist by ITM.
 """
 
 from __future__ import annotations
@@ -205,6 +206,68 @@ def features(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, text:
     return {"image_feature": output.image_embeds_proj,
             "text_feature": text_output.text_embeds_proj.expand(batch, -1),
             "multimodal_feature": output.multimodal_embeds[:, 0, :]}  # fmt: skip
+
+
+def label_features(model: nn.Module, tokenizer: Any, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(L, E) normalised projected `[CLS]` features of the label prompts: computed once for every image."""
+    import torch
+    import torch.nn.functional as F
+
+    from blip_models.processing import pre_caption
+    from blip_models.tokenizer import tokenize
+
+    device = next(model.parameters()).device
+    features = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [pre_caption(prompt, 50) for prompt in prompts[start : start + batch_size]]
+        input_ids, attention_mask = tokenize(tokenizer, texts, 35, padding="longest")
+        output = model.text_encoder(input_ids.to(device), attention_mask.to(device), mode="text")
+        features.append(F.normalize(model.text_proj(output.last_hidden_state[:, 0, :]).float(), dim=-1))
+    return torch.cat(features)
+
+
+def classify(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, prompts: list[str],
+             prompt_features: torch.Tensor, temperature: float, top_k: int,
+             rerank: int = 0) -> list[list[dict[str, float | int]]]:  # fmt: skip
+    """Zero-shot classification (as LAVIS's BLIP feature-extractor recipe): per image, the `top_k` labels by ITC
+    cosine with their prompt (`prompt_features` from `label_features`), each with its softmax probability over all
+    labels at `temperature`. With `rerank` > 0 the `rerank` best by ITC are scored by the ITM head and come first,
+    by ITM match probability (BLIP's retrieval recipe: an ITC shortlist re-ranked by ITM); needs an ITM model."""
+    import torch
+    import torch.nn.functional as F
+
+    from blip_models.processing import pre_caption
+    from blip_models.tokenizer import tokenize
+
+    top_k, rerank = min(top_k, len(prompts)), min(rerank, len(prompts))
+    image_embeds = model.visual_encoder(pixel_values)  # (B, 1+N, Dv)
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, E)
+    cosine = image_feat @ prompt_features.T  # (B, L)
+    probability = torch.softmax(cosine / temperature, dim=-1)
+    shortlist = cosine.topk(max(top_k, rerank), dim=-1).indices  # (B, K) best first
+    itm: dict[tuple[int, int], float] = {}
+    if rerank:
+        chosen = shortlist[:, :rerank]  # (B, R)
+        texts = [pre_caption(prompts[label], 50) for label in chosen.reshape(-1).tolist()]
+        input_ids, attention_mask = tokenize(tokenizer, texts, 35, padding="longest")
+        logits = model.itm_logits(image_embeds.repeat_interleave(rerank, dim=0), input_ids.to(pixel_values.device),
+                                  attention_mask.to(pixel_values.device)).float()  # (B*R, 2)  # fmt: skip
+        match = torch.softmax(logits, dim=-1)[:, 1].reshape(chosen.shape)
+        itm = {(row, label): float(match[row, column]) for row in range(chosen.shape[0])
+               for column, label in enumerate(chosen[row].tolist())}  # fmt: skip
+    results = []
+    for row, labels in enumerate(shortlist.tolist()):
+        if rerank:  # the re-ranked ones first, by ITM; the rest of the top-k after them, by ITC
+            labels = sorted(labels[:rerank], key=lambda label: -itm[(row, label)]) + labels[rerank:]
+        entries = []
+        for label in labels[:top_k]:
+            entry: dict[str, float | int] = {"label": label, "probability": float(probability[row, label]),
+                                             "itc_cosine": float(cosine[row, label])}  # fmt: skip
+            if (row, label) in itm:
+                entry["itm_probability"] = itm[(row, label)]
+            entries.append(entry)
+        results.append(entries)
+    return results
 
 
 def report_json(loaded: LoadedModel) -> str:

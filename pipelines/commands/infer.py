@@ -1,4 +1,4 @@
-"""`blip infer caption | itm | vqa | features`: run a BLIP checkpoint on an image or a folder of images.
+"""`blip infer caption | itm | vqa | features | classify`: run a BLIP checkpoint on an image or a folder of images.
 
 The checkpoint may be our `save_pretrained` directory, an official salesforce/BLIP `.pth` (path or URL) or a
 transformers `Salesforce/blip-*` directory; the format is detected (blip_models.inference.load_for). Images are
@@ -20,13 +20,14 @@ if TYPE_CHECKING:
     from blip_models.inference import LoadedModel
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features"}
+TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features", "classify": "features"}
+DEFAULT_TEMPLATE = "a picture of {}"  # the prompt of LAVIS's BLIP zero-shot classification example
 
 
 def register(subparsers: Any) -> None:
     infer = subparsers.add_parser(
         "infer",
-        help="run a BLIP checkpoint on images: caption | itm | vqa | features",
+        help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify",
         description="Run a checkpoint (our model directory, an official .pth or a transformers BLIP directory) "
         "on one image or every image of a folder.",
     )
@@ -34,7 +35,9 @@ def register(subparsers: Any) -> None:
     for task, help_text in (("caption", "generate a caption per image (beam 3, max 20, min 5, 'a picture of ')"),
                             ("itm", "image-text matching: ITM probability + ITC cosine per (image, text)"),
                             ("vqa", "answer questions about each image"),
-                            ("features", "image (and text / multimodal) feature vectors")):  # fmt: skip
+                            ("features", "image (and text / multimodal) feature vectors"),
+                            ("classify", "zero-shot classification: rank labels by ITC similarity with a prompt "
+                             "('a picture of {label}'), optionally re-ranked by ITM")):  # fmt: skip
         parser = tasks.add_parser(task, help=help_text, description=help_text)
         _common_arguments(parser)
         if task == "caption":
@@ -49,6 +52,19 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--question", action="append", required=True, help="question; repeatable")
             parser.add_argument("--answers", type=Path, default=None,
                                 help="answer list (JSON list or one per line): rank these instead of generating")
+        elif task == "classify":
+            parser.add_argument("--label", action="append", default=[], help="a class name; repeatable")
+            parser.add_argument("--labels", type=Path, default=None,
+                                help="class names (JSON list or one per line), with or instead of --label")
+            parser.add_argument("--template", default=DEFAULT_TEMPLATE,
+                                help="prompt around each label, '{}' where the label goes (default: %(default)r)")
+            parser.add_argument("--top-k", type=int, default=5, help="labels reported per image (default: 5)")
+            parser.add_argument("--rerank", type=int, default=0, metavar="K",
+                                help="score the K best labels by ITC with the ITM head too and order them by it "
+                                "(needs a checkpoint with an ITM head: pretrain, retrieval, ITM); default 0: off")
+            parser.add_argument("--temperature", type=float, default=None,
+                                help="softmax temperature of the probabilities (default: the model config's ITC "
+                                "temperature, BLIP's 0.07); the ranking does not depend on it")
         else:
             parser.add_argument("--text", default=None, help="also return text and multimodal features of this text")
             parser.add_argument("--output", type=Path, default=None, help="write the features to this .pt file")
@@ -86,19 +102,37 @@ def _check_texts(values: list[str] | None, what: str) -> list[str]:
     return values
 
 
-def _read_answers(path: Path | None) -> list[str] | None:
+def _read_list(path: Path | None, what: str) -> list[str] | None:
+    """A JSON list of strings or one item per line; None without a path."""
     if path is None:
         return None
     if not path.is_file():
-        raise CommandError(f"answer list not found: {path}")
+        raise CommandError(f"{what} list not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        answers = json.loads(text)
+        items = json.loads(text)
     except json.JSONDecodeError:
-        answers = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise CommandError(f"{path}: answer list must be a non-empty JSON list of strings or one answer per line")
-    return answers
+        items = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(items, list) or not items or not all(isinstance(a, str) and a.strip() for a in items):
+        raise CommandError(f"{path}: {what} list must be a non-empty JSON list of strings or one {what} per line")
+    return items
+
+
+def _classify_settings(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The labels (--label, then --labels) and their prompts; CommandError naming what is wrong."""
+    labels = _check_texts(args.label, "label") + (_read_list(args.labels, "label") or [])
+    if not labels:
+        raise CommandError("classify needs labels: --label NAME (repeatable) or --labels FILE")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise CommandError(f"label {repeated[0]!r} is given more than once")
+    if "{}" not in args.template:
+        raise CommandError(f"--template {args.template!r} has no '{{}}' where the label goes")
+    if args.top_k < 1 or args.rerank < 0:
+        raise CommandError(f"--top-k must be >= 1 and --rerank >= 0, got {args.top_k} and {args.rerank}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise CommandError(f"--temperature must be > 0, got {args.temperature}")
+    return labels, [args.template.replace("{}", label) for label in labels]
 
 
 def _device(name: str) -> Any:
@@ -150,7 +184,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from blip_models.checkpoints import CheckpointError
-    from blip_models.inference import CaptionSettings, caption, features, itm, load_for, load_images, vqa
+    from blip_models.inference import (CaptionSettings, caption, classify, features, itm, label_features, load_for,
+                                       load_images, vqa)  # fmt: skip
     from blip_models.tokenizer import load_tokenizer
 
     if args.batch_size < 1:
@@ -159,10 +194,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     questions = _check_texts(getattr(args, "question", None), "question")
     if args.task == "features" and args.text is not None:
         _check_texts([args.text], "text")
-    answers = _read_answers(getattr(args, "answers", None))
+    answers = _read_list(getattr(args, "answers", None), "answer")
+    labels, prompts = _classify_settings(args) if args.task == "classify" else ([], [])
     images = list_images(args.image)
     device = _device(args.device)
-    kind = TASK_KIND[args.task]
+    kind = "itm" if args.task == "classify" and args.rerank else TASK_KIND[args.task]
     try:
         loaded = load_for(args.checkpoint, kind, image_size=args.image_size)
         tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer_source)
@@ -177,6 +213,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     image_size = int(model.config.vision.image_size)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if args.task == "classify":
+        with torch.inference_mode(), autocast:
+            prompt_features = label_features(model, tokenizer, prompts)
+        temperature = args.temperature or float(model.config.temp)
 
     collected: dict[str, list[Any]] = {}
     progress = tqdm(total=len(images), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
@@ -199,6 +239,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 answers_out = vqa(model, tokenizer, pixels, questions, answer_list=answers)
                 rows = [{"answers": [{"question": q, "answer": answers_out[i * len(questions) + j]}
                                      for j, q in enumerate(questions)]} for i in range(len(batch_paths))]  # fmt: skip
+            elif args.task == "classify":
+                ranked = classify(model, tokenizer, pixels, prompts, prompt_features, temperature, args.top_k,
+                                  rerank=args.rerank)  # fmt: skip
+                rows = [{"labels": [{**entry, "label": labels[int(entry["label"])]} for entry in entries]}
+                        for entries in ranked]  # fmt: skip
             else:
                 feats = features(model, tokenizer, pixels, args.text)
                 for name, tensor in feats.items():
@@ -225,6 +270,10 @@ def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:
     elif "results" in row:
         for result in row["results"]:
             print(f"{path}\t{result['text']}\titm={result['itm_probability']:.4f}\titc={result['itc_cosine']:.4f}")
+    elif "labels" in row:
+        for item in row["labels"]:
+            itm = f"\titm={item['itm_probability']:.4f}" if "itm_probability" in item else ""
+            print(f"{path}\t{item['label']}\tp={item['probability']:.4f}\titc={item['itc_cosine']:.4f}{itm}")
     elif "answers" in row:
         for item in row["answers"]:
             print(f"{path}\t{item['question']}\t{item['answer']}")

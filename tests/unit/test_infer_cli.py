@@ -1,4 +1,4 @@
-"""`blip infer caption | itm | vqa | features` on tiny checkpoints in all three formats (ours, official .pth,
+"""`blip infer caption | itm | vqa | features | classify` on tiny checkpoints in all three formats (ours, official .pth,
 transformers directory), plus the one-line errors for a wrong checkpoint kind, an unreadable image, an empty text."""
 
 from __future__ import annotations
@@ -126,6 +126,59 @@ def test_caption_from_a_transformers_directory(tmp_path, images, capsys):
     assert main(["infer", "caption", "--checkpoint", str(tmp_path / "hf"), "--image", str(images / "img2.png"),
                  "--json", "--max-length", "8"]) == 0  # fmt: skip
     assert "caption" in _json_lines(capsys.readouterr().out)[0]
+
+
+def test_classify_ranks_label_prompts_as_itm_scores_them(tmp_path, config64, images, capsys):
+    """Zero-shot classification from an official retrieval .pth: each label's ITC cosine and (re-ranked) ITM
+    probability are what `infer itm` gives its prompt, the probabilities are the softmax of the cosines over every
+    label at the temperature, and the re-ranked labels come first, by ITM."""
+    import math
+
+    path = tmp_path / "model_base_retrieval_tiny.pth"
+    torch.save({"model": _build("retrieval", config64).state_dict()}, path)
+    labels = ["red", "blue", "green", "yellow"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels[2:]) + "\n")
+    code = main(["infer", "classify", "--checkpoint", str(path), "--image", str(images / "img0.png"), "--label", "red",
+                 "--label", "blue", "--labels", str(tmp_path / "labels.txt"), "--top-k", "4", "--rerank", "2",
+                 "--temperature", "0.5", "--json"])  # fmt: skip
+    assert code == 0
+    (row,) = _json_lines(capsys.readouterr().out)
+    ranked = row["labels"]
+    assert sorted(entry["label"] for entry in ranked) == sorted(labels)
+    assert ranked[0]["itm_probability"] >= ranked[1]["itm_probability"] and "itm_probability" not in ranked[2]
+    assert ranked[2]["itc_cosine"] >= ranked[3]["itc_cosine"]
+    assert min(e["itc_cosine"] for e in ranked[:2]) >= max(e["itc_cosine"] for e in ranked[2:])  # the ITC shortlist
+    total = sum(math.exp(entry["itc_cosine"] / 0.5) for entry in ranked)
+    for entry in ranked:
+        assert entry["probability"] == pytest.approx(math.exp(entry["itc_cosine"] / 0.5) / total, rel=1e-4)
+    assert main(["infer", "itm", "--checkpoint", str(path), "--image", str(images / "img0.png"), "--json",
+                 *[arg for entry in ranked for arg in ("--text", f"a picture of {entry['label']}")]]) == 0  # fmt: skip
+    (scored,) = _json_lines(capsys.readouterr().out)
+    for entry, result in zip(ranked, scored["results"]):
+        assert entry["itc_cosine"] == pytest.approx(result["itc_cosine"], abs=1e-5)
+        if "itm_probability" in entry:
+            assert entry["itm_probability"] == pytest.approx(result["itm_probability"], abs=1e-5)
+    assert main(["infer", "classify", "--checkpoint", str(path), "--image", str(images), "--label", "red",
+                 "--label", "blue", "--top-k", "1"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[1] in ("red", "blue") and "\tp=" in line for line in lines)
+
+
+def test_classify_errors_are_one_line(caption_dir, tmp_path, config64, images, capsys):
+    features = ck.save_pretrained(_build("features", config64), tmp_path / "features")
+    base = ["infer", "classify", "--checkpoint", str(features), "--image", str(images)]
+    assert main(base) == 2
+    assert "classify needs labels" in _error_line(capsys)
+    assert main([*base, "--label", "cat", "--label", "cat"]) == 2
+    assert "label 'cat' is given more than once" in _error_line(capsys)
+    assert main([*base, "--label", "cat", "--template", "a photo of a cat"]) == 2
+    assert "has no '{}' where the label goes" in _error_line(capsys)
+    assert main([*base, "--label", "cat", "--top-k", "0"]) == 2
+    assert "--top-k must be >= 1" in _error_line(capsys)
+    assert main([*base, "--label", "cat", "--rerank", "2"]) == 2  # a features model has no ITM head
+    assert "cannot serve `infer classify`" in _error_line(capsys)
+    assert main(["infer", "classify", "--checkpoint", str(caption_dir), "--image", str(images), "--label", "x"]) == 2
+    assert "cannot serve `infer classify`" in _error_line(capsys)
 
 
 def _error_line(capsys):
