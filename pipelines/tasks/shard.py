@@ -197,8 +197,7 @@ class KeptFiles:
     goes with the rest of the run's work once its version is published."""
 
     def __init__(self, folder: Path, mirror: str | None) -> None:
-        self.folder, self.mirror = folder, mirror
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.mirror = folder, mirror  # the folder is made by the first file kept or fetched
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -232,7 +231,7 @@ class KeptFiles:
             return 0
         landing = self.folder / ".fetching"
         shutil.rmtree(landing, ignore_errors=True)
-        landing.mkdir()
+        landing.mkdir(parents=True)
         names = [path.rsplit("/", 1)[-1] for path in missing]
         fs.get(missing, [str(landing / name) for name in names])  # concurrent on s3/gcs
         for name in names:
@@ -294,7 +293,7 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path,
     counts = {"raw_shards": len(entries), "truncated_shards": truncated}
     with atomic_output(summary_path) as handle:
         handle.write(json.dumps(counts).encode())
-    shutil.rmtree(parts.folder)  # their copies in a remote registry's store stay until the version is published
+    shutil.rmtree(parts.folder, ignore_errors=True)  # their copies in a remote registry's store stay until the version is published
     return counts, len(entries) - len(todo)
 
 
@@ -581,8 +580,8 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     Each output shard (a fixed slice of its split's shuffled order) is written by `write_output_shard`, in
     worker processes when there is enough data (`pipelines.runtime.process_count`); the same bytes either way.
     What each returned (offsets, sizes, digests) is kept in `kept` (`work/written/`, and the store of a remote
-    registry): a rerun takes a shard whose record
-    and tar are both there (the tar the size its record says) instead of writing it again."""
+    registry): a rerun takes a shard whose record and tar are both there (the tar the size its record says)
+    instead of writing it again."""
     from tqdm import tqdm
 
     from pipelines.runtime import map_in_processes, process_count
