@@ -1,6 +1,6 @@
 """`blip data ...`: look at the registry from the command line.
 
-    blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF
+    blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
 
@@ -40,8 +40,8 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, catalog, serve, "
-        "publish-downstream",
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, work, catalog, "
+        "serve, publish-downstream",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -86,6 +86,15 @@ def register(subparsers: Any) -> None:
                          "VAL 'null' means missing), e.g. --where status=dropped")
     samples.add_argument("--text", default=None, help="case-insensitive substring of caption, raw_caption or url")
     samples.add_argument("--columns", default=None, help="comma-separated columns to print")
+
+    work = command("work", "what stage runs left in the work dirs (and a remote registry's store): unfinished "
+                   "runs, leftovers, training checkpoints; remove them", cmd_work)  # fmt: skip
+    work.add_argument("--remove", action="append", default=[], metavar="KEY",
+                      help="remove this work (a key from the listing, e.g. train-runs/NAME); repeatable. An "
+                      "unfinished run's work is what its rerun goes on from: the rerun then starts over")  # fmt: skip
+    work.add_argument("--remove-leftovers", action="store_true",
+                      help="remove what no rerun needs: the work of published runs, local copies of remote files, "
+                      "and the checkpoints of training runs whose model is published")  # fmt: skip
 
     catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
     catalog.add_argument("name", nargs="?", help="a source or composition name")
@@ -189,6 +198,45 @@ def _samples_of(manifest: Manifest) -> str:
 
 
 # --------------------------------------------------------------------------- ls / show
+def cmd_work(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from datasets_manifests.ops import remove_work_entry, work_entries
+
+    registry = _registry(args)
+    entries = work_entries(registry)
+    by_key = {entry.key: entry for entry in entries}
+    unknown = [key for key in args.remove if key not in by_key]
+    if unknown:
+        raise UserError(f"no work {unknown[0]!r} in {registry.url} (`blip data work` lists what there is)")
+    chosen = [by_key[key] for key in args.remove] + [e for e in entries if args.remove_leftovers and
+                                                     e.removable_as_leftover and e.key not in args.remove]  # fmt: skip
+    if chosen:
+        for entry in chosen:
+            for place in remove_work_entry(registry, entry):
+                print(f"removed {place} ({_size(entry.bytes)}, {entry.state}: {entry.what})", file=sys.stderr)
+        entries = work_entries(registry)
+    if args.json:
+        _print_json([entry.to_dict() for entry in entries])
+        return 0
+    if not entries:
+        print(f"no work left in {registry.url}")
+        return 0
+
+    def when(seconds: float | None) -> str:
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M") if seconds else "-"
+
+    rows = [("WORK", "WHAT", "STATE", "SIZE", "FILES", "LAST WRITE", "DETAIL")]
+    rows += [(e.key, e.what, e.state, _size(e.bytes), str(e.files), when(e.modified), e.detail) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    total = sum(e.bytes for e in entries)
+    spare = sum(e.bytes for e in entries if e.removable_as_leftover)
+    print(f"{len(entries)} in all, {_size(total)}; {_size(spare)} of it no rerun needs (--remove-leftovers)")
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     registry = _registry(args)
     manifests = [m for m in registry.list(args.kind) if args.name is None or m.name == args.name]

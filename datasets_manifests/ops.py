@@ -11,6 +11,7 @@ pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -485,3 +486,86 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
         return nodes
 
     return Lineage(root=root, parents=up(root, {root.id}), children=down(root, {root.id}))
+
+
+# ------------------------------------------------------------------------------------------------- work areas
+
+TRAIN_RUNS = "train-runs"  # the training stages' default Ray Train storage, a folder of the work dir
+COPY_PREFIXES = ("fetch-", "model-")  # local copies of a remote registry's files, fetched again when needed
+
+
+@dataclass(frozen=True)
+class WorkEntry:
+    """One row of `blip data work`: a stage run's work, a training run's checkpoints, or a local copy."""
+
+    key: str  # what `--remove` takes: the work key, or train-runs/<run name>
+    what: str
+    state: str  # "unfinished" | "leftover" | "copy" | "checkpoints"
+    detail: str
+    bytes: int
+    files: int
+    modified: float | None
+    places: tuple[str, ...]
+
+    @property
+    def removable_as_leftover(self) -> bool:
+        """Nothing a rerun needs: the work of a published run, a copy, a published model's run checkpoints."""
+        return self.state in ("leftover", "copy") or (self.state == "checkpoints" and self.detail.startswith("model "))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "what": self.what, "state": self.state, "detail": self.detail, "bytes": self.bytes,
+                "files": self.files, "modified": self.modified, "places": list(self.places)}  # fmt: skip
+
+
+def work_entries(registry: Registry) -> list[WorkEntry]:
+    """What the registry's stage runs left in their work dirs (`Registry.work_areas`), each said for what it is:
+    an unfinished run (a rerun of the same inputs and config goes on from it), the leftover of a published one,
+    a local copy of a remote version's files, or a training run's checkpoints (train-runs/<name>)."""
+    entries = []
+    by_id_prefix = {m.id[:24]: m.ref for m in registry.list()}
+    for area in registry.work_areas():
+        common = {"bytes": area.bytes, "files": area.files, "modified": area.modified, "places": area.places}
+        if area.key == TRAIN_RUNS:
+            entries.extend(_training_runs(registry, registry.work_base() / TRAIN_RUNS))
+        elif area.published is not None:
+            what = f"{area.note['stage']} → {area.note['name']}" if area.note else "stage run"
+            entries.append(WorkEntry(key=area.key, what=what, state="leftover",
+                                     detail=f"published as {area.published}", **common))  # fmt: skip
+        elif area.key.startswith(COPY_PREFIXES):
+            source = by_id_prefix.get(area.key.split("-", 1)[1], "a version no longer in the registry")
+            entries.append(WorkEntry(key=area.key, what=f"local copy of {source}", state="copy",
+                                     detail="fetched again when needed", **common))  # fmt: skip
+        else:
+            note = area.note or {}
+            what = f"{note['stage']} → {note['name']}" if note else "stage run (no note: an older run)"
+            detail = f"started {note['started_at']} on {note['host']}" if note else "not published"
+            entries.append(WorkEntry(key=area.key, what=what, state="unfinished", detail=detail, **common))
+    return entries
+
+
+def _training_runs(registry: Registry, storage: Path) -> list[WorkEntry]:
+    """The Ray Train runs kept in the default storage: each run's checkpoints, and the model it published."""
+    published: dict[str, str] = {}
+    for model in registry.list("model"):
+        run = model.metadata.get("ray_run") or {}
+        if run.get("name") and Path(str(run.get("storage_path", ""))) == storage:
+            published[run["name"]] = model.ref
+    entries = []
+    for folder in sorted(p for p in storage.iterdir() if p.is_dir()) if storage.is_dir() else ():
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        stats = [p.stat() for p in files]
+        model = published.get(folder.name)
+        entries.append(WorkEntry(
+            key=f"{TRAIN_RUNS}/{folder.name}", what=f"Ray Train run {folder.name}", state="checkpoints",
+            detail=f"model {model} published from it" if model else "no model published: `--resume` continues it",
+            bytes=sum(s.st_size for s in stats), files=len(files),
+            modified=max((s.st_mtime for s in stats), default=None), places=(str(folder),)))  # fmt: skip
+    return entries
+
+
+def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:
+    """Remove what `entry` holds (a training run's folder, or a work key's folder and store prefix)."""
+    if entry.key.startswith(f"{TRAIN_RUNS}/"):
+        shutil.rmtree(entry.places[0])
+        return [entry.places[0]]
+    return registry.remove_work(entry.key)

@@ -14,6 +14,8 @@ References: `name@v3`, `name@latest`, `name` (= latest), `name@<content-id prefi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
@@ -24,7 +26,7 @@ import tempfile
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
@@ -97,6 +99,36 @@ def parse_ref(ref: str) -> tuple[str, str]:
     """'name@selector' -> (name, selector); a bare name means latest."""
     name, _, selector = ref.partition("@")
     return name, selector or "latest"
+
+
+WORK_NOTE = "run.json"  # in a stage run's work dir: what the run is (`Registry.note_work`)
+
+
+@dataclass(frozen=True)
+class WorkArea:
+    """A stage run's work left in a registry's work dirs (`Registry.work_areas`)."""
+
+    key: str  # the run's cache key (or the name of a shared folder: train-runs, a fetched copy)
+    places: tuple[str, ...]  # its local folder and / or its prefix in a remote registry's store
+    bytes: int
+    files: int
+    modified: float | None  # the latest file's modification time (POSIX seconds), where known
+    note: dict[str, Any] | None  # what the run is: stage, name, parents, started_at, host (Registry.note_work)
+    published: str | None  # the version a run of this key published: the work is a leftover
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """A file's modification time from an fsspec listing (its key differs between stores)."""
+    for field in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = info.get(field)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def check_name(name: str) -> str:
@@ -216,18 +248,84 @@ class Registry:
         os.replace(partial, target)
         return target
 
-    def work_dir(self, key: str) -> Path:
-        """A local, deterministic working directory for a stage run (resumable across crashes).
-
-        For a local registry it lives on the same disk, so publishing is a rename, not a copy.
-        """
+    def work_base(self) -> Path:
+        """The local folder of every stage run's `work_dir`: the registry's `.work` for a local registry (on the
+        same disk, so publishing is a rename, not a copy), else $BLIP_WORK_DIR (default <tmp>/blip-work)."""
         if self.is_local:
-            base = Path(self.root) / ".work"
-        else:
-            base = Path(os.environ.get("BLIP_WORK_DIR", Path(tempfile.gettempdir()) / "blip-work"))
-        path = base / key
+            return Path(self.root) / ".work"
+        return Path(os.environ.get("BLIP_WORK_DIR", Path(tempfile.gettempdir()) / "blip-work"))
+
+    def work_dir(self, key: str) -> Path:
+        """A local, deterministic working directory for a stage run (resumable across crashes)."""
+        path = self.work_base() / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def note_work(self, key: str, *, stage: str, name: str, parents: Iterable[Manifest] = (),
+                  shared: bool = False) -> Path:  # fmt: skip
+        """A stage run's `work_dir`, with a note of what the run is (`WORK_NOTE`: stage, the version it publishes,
+        its parents, when and where it last started) for `blip data work`; with `shared`, a remote registry's
+        `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there). The publish removes
+        the local note; `remove_work` removes both."""
+        work = self.work_dir(key)
+        note = json.dumps({"stage": stage, "name": name, "parents": [parent.ref for parent in parents],
+                           "started_at": now_utc(), "host": socket.gethostname()})  # fmt: skip
+        (work / WORK_NOTE).write_text(note)
+        if shared and not self.is_local:
+            self.fs.pipe_file(f"{self.root}/.work/{key}/{WORK_NOTE}", note.encode())
+        return work
+
+    def work_areas(self) -> list[WorkArea]:
+        """Every stage run's work left here (this machine's work dirs, and a remote registry's `.work/` prefix in
+        its store): what it holds, what it is (its note) and the version its key published, if any."""
+        published = {m.producer.cache_key: m.ref for m in self.list() if m.producer.cache_key}
+        found: dict[str, dict[str, Any]] = {}
+
+        def add(key: str, place: str, size: int, modified: float | None) -> None:
+            area = found.setdefault(key, {"places": [], "bytes": 0, "files": 0, "modified": None})
+            if place not in area["places"]:
+                area["places"].append(place)
+            area["bytes"] += size
+            area["files"] += 1
+            if modified is not None and (area["modified"] is None or modified > area["modified"]):
+                area["modified"] = modified
+
+        base = self.work_base()
+        for folder in sorted(base.iterdir()) if base.is_dir() else ():
+            if folder.is_dir():
+                for path in (p for p in folder.rglob("*") if p.is_file()):
+                    stat = path.stat()
+                    add(folder.name, str(folder), stat.st_size, stat.st_mtime)
+                found.setdefault(folder.name, {"places": [str(folder)], "bytes": 0, "files": 0, "modified": None})
+        prefix = f"{self.root}/.work"
+        if not self.is_local and self.fs.exists(prefix):
+            for path, info in self.fs.find(prefix, detail=True).items():
+                key = path[len(prefix) + 1 :].split("/", 1)[0]
+                add(key, self.fs.unstrip_protocol(f"{prefix}/{key}"), int(info.get("size") or 0), _modified(info))
+        areas = []
+        for key, area in sorted(found.items()):
+            areas.append(WorkArea(key=key, places=tuple(area["places"]), bytes=area["bytes"], files=area["files"],
+                                  modified=area["modified"], note=self._work_note(key),
+                                  published=published.get(key)))  # fmt: skip
+        return areas
+
+    def _work_note(self, key: str) -> dict[str, Any] | None:
+        local = self.work_base() / key / WORK_NOTE
+        try:
+            if local.is_file():
+                return json.loads(local.read_text())
+            if not self.is_local and self.fs.isfile(f"{self.root}/.work/{key}/{WORK_NOTE}"):
+                return json.loads(self.fs.cat_file(f"{self.root}/.work/{key}/{WORK_NOTE}"))
+        except (OSError, ValueError):  # a note half written by a killed run: the area is still listed
+            return None
+        return None
+
+    def _drop_work_note(self, key: str) -> None:
+        """A published run's local note, and its work dir if nothing else is left in it."""
+        work = self.work_base() / key
+        (work / WORK_NOTE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            work.rmdir()
 
     def shared_work_url(self, key: str) -> str:
         """Where workers on any node write a stage run's large outputs: the local work dir for a local registry
@@ -412,6 +510,8 @@ class Registry:
             self._publish_local(manifest, staging, target, move)
         else:
             self._publish_remote(manifest, staging, target, remote)
+        if producer.cache_key:
+            self._drop_work_note(producer.cache_key)
         return manifest
 
     def _entry(self, staging: Path, item: FileEntry | dict[str, Any], digests_from_writer: bool = False,

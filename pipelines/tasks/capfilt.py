@@ -409,6 +409,7 @@ def run_capfilt(
         _remove_leftover_work(registry, key)
         return cached
     started = now_utc()
+    registry.note_work(key, stage=STAGE, name=name, parents=[dataset, captioner, filter_model], shared=True)
     # Shards, index parts and markers go where every node's writer tasks reach (inside a remote registry's
     # store, or the local registry's own disk); the merged index, texts and stats to this machine's work dir.
     shared = registry.shared_work_url(key)

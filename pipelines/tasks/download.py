@@ -151,7 +151,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         _remove_work(registry, cfg, key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
-    work = registry.work_dir(key)
+    work = registry.note_work(key, stage=STAGE, name=name)
     stage = work / "stage"
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
@@ -188,7 +188,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
         _remove_work(registry, cfg, key)
         return cached
     started = now_utc()
-    work = registry.work_dir(key)
+    work = registry.note_work(key, stage=RETRY_STAGE, name=name, parents=[parent])
     stage = work / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     source_table = work / "retry_source.parquet"

@@ -266,7 +266,7 @@ def run_finetune(
         "optim": to_dict(optim), "loop": to_dict(loop), "pid_dir": None,
         "find_unused_parameters": cfg.scaling.find_unused_parameters,
     }  # fmt: skip
-    work = registry.work_dir(key)
+    work = registry.note_work(key, stage=stage, name=name, parents=parents)
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     run_name = f"{stage}-{key[:12]}"
     started = now_utc()

@@ -128,7 +128,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
-    work = registry.work_dir(key)
+    work = registry.note_work(key, stage=STAGE, name=name, parents=[parent], shared=True)
     stage = work / "stage"
     # The output shards (terabytes at 129M) go where the registry keeps them: its own disk for a local registry,
     # its store's work prefix for a remote one (the publish then copies them inside the store), never this

@@ -518,6 +518,7 @@ def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_ma
     the version an uninterrupted run publishes; the store's work prefix goes once it is published."""
     import uuid
 
+    from datasets_manifests.ops import work_entries
     from pipelines.tasks import shard
 
     registry, raw, *_ = raw_version
@@ -548,6 +549,8 @@ def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_ma
         run_shard(cfg, remote_raw, name="resumed", registry=remote)
     calls.clear()
     shutil.rmtree(tmp_path / "first")
+    [stopped] = work_entries(remote)  # `blip data work` names it from the store alone
+    assert (stopped.state, stopped.what, stopped.files) == ("unfinished", "shard → resumed", 3)  # note + 2 parts
     on_machine("second")
     monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan))
     monkeypatch.setattr(shard, "write_output_shard", counted("write", real_write, fail_at=4))

@@ -1,0 +1,95 @@
+"""`blip data work`: what stage runs left in the work dirs (a local registry's `.work`, this machine's work dir and a
+remote registry's store prefix), said for what each is, and removed on request; a published run's note goes with
+its publish."""
+
+from __future__ import annotations
+
+import json
+
+from datasets_manifests.manifest import Producer
+from datasets_manifests.ops import work_entries
+from datasets_manifests.registry import WORK_NOTE, Registry
+from pipelines.cli import main
+
+from datasets_fixtures import memory_url
+
+
+def _publish(registry: Registry, staging, name: str, key: str, metadata: dict | None = None, kind: str = "dataset"):
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "x.bin").write_bytes(name.encode())
+    return registry.publish(kind=kind, name=name, staging_dir=staging, files=[{"path": "x.bin", "role": "other"}],
+                            producer=Producer(stage="test", cache_key=key), metadata=metadata or {})  # fmt: skip
+
+
+def test_a_published_run_s_note_goes_with_its_publish(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    work = registry.note_work("k1", stage="pretrain", name="model-a")
+    assert json.loads((work / WORK_NOTE).read_text())["name"] == "model-a"
+    _publish(registry, work / "publish", "model-a", "k1", kind="model")
+    assert not work.exists()  # moved out by the publish, then the note, then the emptied dir
+
+
+def test_work_is_listed_for_what_it_is_and_leftovers_removed(tmp_path, capsys):
+    registry = Registry(tmp_path / "registry")
+    base = registry.work_base()
+    unfinished = registry.note_work("k-unfinished", stage="shard", name="web-shards")
+    (unfinished / "scan").mkdir()
+    (unfinished / "scan/000000.arrow").write_bytes(b"r" * 1000)
+    leftover = registry.note_work("k-leftover", stage="capfilt", name="web-capfilt")
+    (leftover / "records.arrow").write_bytes(b"l" * 500)  # a run killed between its publish and its clean-up
+    version = _publish(registry, tmp_path / "staging", "web-capfilt", "k-leftover")
+    assert sorted(p.name for p in leftover.iterdir()) == ["records.arrow"]  # the publish took the note only
+    copy = registry.work_dir(f"fetch-{version.id[:24]}")
+    (copy / "x.bin").write_bytes(b"c" * 200)
+    for run in ("pretrain-aaa", "pretrain-bbb"):
+        (base / "train-runs" / run / "checkpoint_000001").mkdir(parents=True)
+        (base / "train-runs" / run / "checkpoint_000001/model.pt").write_bytes(b"m" * 3000)
+    _publish(registry, tmp_path / "model-staging", "tiny-pretrain", "k-model", kind="model",
+             metadata={"ray_run": {"name": "pretrain-aaa", "storage_path": str(base / "train-runs")}})
+
+    entries = {entry.key: entry for entry in work_entries(registry)}
+    assert set(entries) == {"k-unfinished", "k-leftover", f"fetch-{version.id[:24]}", "train-runs/pretrain-aaa",
+                            "train-runs/pretrain-bbb"}  # fmt: skip
+    assert (entries["k-unfinished"].state, entries["k-unfinished"].what) == ("unfinished", "shard → web-shards")
+    assert entries["k-unfinished"].files == 2 and entries["k-unfinished"].bytes > 1000  # the note counts
+    assert entries["k-leftover"].state == "leftover" and entries["k-leftover"].detail == "published as web-capfilt@v1"
+    assert entries[f"fetch-{version.id[:24]}"].what == "local copy of web-capfilt@v1"
+    assert entries["train-runs/pretrain-aaa"].detail == "model tiny-pretrain@v1 published from it"
+    assert entries["train-runs/pretrain-bbb"].detail.startswith("no model published")
+
+    assert main(["data", "--registry", str(registry.root), "work"]) == 0
+    out = capsys.readouterr().out
+    assert "shard → web-shards" in out and "unfinished" in out and "5 in all" in out
+    assert main(["data", "--registry", str(registry.root), "work", "--remove-leftovers"]) == 0
+    assert sorted(e.key for e in work_entries(registry)) == ["k-unfinished", "train-runs/pretrain-bbb"]
+    assert "removed " in capsys.readouterr().err
+    assert main(["data", "--registry", str(registry.root), "work", "--remove", "train-runs/pretrain-bbb",
+                 "--remove", "k-unfinished", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == []
+    assert not unfinished.exists() and not (base / "train-runs/pretrain-bbb").exists()
+    assert main(["data", "--registry", str(registry.root), "work", "--remove", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no work 'nope'" in err[0]
+
+
+def test_a_remote_registry_s_work_is_listed_from_its_store_and_removed_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "machine-work"))
+    registry = Registry(memory_url())
+    registry.note_work("k-shard", stage="shard", name="web-shards", shared=True)
+    store_prefix = f"{registry.root}/.work/k-shard"
+    registry.fs.pipe_file(f"{store_prefix}/shards/train-000000.tar", b"t" * 4096)
+    (tmp_path / "machine-work" / "k-shard" / WORK_NOTE).unlink()  # another machine's run: only the store knows it
+    (tmp_path / "machine-work" / "k-shard").rmdir()
+    [entry] = work_entries(registry)
+    assert (entry.key, entry.state, entry.what) == ("k-shard", "unfinished", "shard → web-shards")
+    assert entry.bytes > 4096 and entry.places == (registry.fs.unstrip_protocol(store_prefix),)
+    assert entry.modified is not None
+    assert main(["data", "--registry", registry.url, "work", "--remove", "k-shard"]) == 0
+    assert not registry.fs.exists(store_prefix) and work_entries(registry) == []
+
+
+def test_an_area_without_a_note_is_still_listed(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    (registry.work_dir("old") / "stage").mkdir()
+    [entry] = work_entries(registry)
+    assert entry.state == "unfinished" and entry.what.startswith("stage run (no note") and entry.files == 0
