@@ -27,10 +27,11 @@ TIMEOUT = 10
 GOAL_OVERHEAD_PCT = 5.0  # issue 2: our stage may cost at most 5% of img2dataset's throughput
 
 
-def run_ours(source: Path, registry: Path, processes: int, threads: int, env: dict[str, str]) -> tuple[float, int]:
+def run_ours(source: Path, registry: Path, processes: int, threads: int, distributor: str,
+             env: dict[str, str]) -> tuple[float, int]:  # fmt: skip
     """`blip download` in a fresh process into a fresh registry: (seconds, images downloaded)."""
     settings = {"processes": processes, "threads": threads, "samples_per_shard": SAMPLES_PER_SHARD,
-                "image_size": IMAGE_SIZE, "resize_mode": "keep_ratio", "timeout": TIMEOUT}
+                "image_size": IMAGE_SIZE, "resize_mode": "keep_ratio", "timeout": TIMEOUT, "distributor": distributor}
     command = [sys.executable, "-m", "pipelines.cli", "download", str(source), "--name", "bench",
                "--registry", str(registry), "--json"]
     command += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
@@ -40,15 +41,17 @@ def run_ours(source: Path, registry: Path, processes: int, threads: int, env: di
     return seconds, json.loads(result.stdout.strip().splitlines()[-1])["counts"]["ok"]
 
 
-def run_plain(source: Path, output: Path, processes: int, threads: int, env: dict[str, str]) -> tuple[float, int]:
-    """The `img2dataset` CLI with the same settings into a fresh folder: (seconds, images downloaded)."""
+def run_plain(source: Path, output: Path, processes: int, threads: int, distributor: str,
+              env: dict[str, str]) -> tuple[float, int]:  # fmt: skip
+    """The `img2dataset` CLI with the same settings into a fresh folder: (seconds, images downloaded). With the ray
+    distributor its tasks start a private local Ray, as `blip download` does without a RAY_ADDRESS."""
     command = [
         str(Path(sys.executable).parent / "img2dataset"), f"--url_list={source}", "--input_format=parquet",
         "--url_col=url", "--caption_col=caption", "--output_format=webdataset", f"--output_folder={output}",
         f"--processes_count={processes}", f"--thread_count={threads}",
         f"--number_sample_per_shard={SAMPLES_PER_SHARD}", f"--image_size={IMAGE_SIZE}", "--resize_mode=keep_ratio",
         "--resize_only_if_bigger=True", f"--timeout={TIMEOUT}", "--enable_wandb=False", "--extract_exif=False",
-        "--max_aspect_ratio=10",
+        "--max_aspect_ratio=10", f"--distributor={distributor}",
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env=env)
@@ -62,11 +65,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tool, in alternating order")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--distributor", choices=("multiprocessing", "ray"), default="multiprocessing",
+                        help="both tools' distributor (ray: a private local Ray each run; ours supervised)")
     args = parser.parse_args()
 
     from pipelines.tasks.demo_corpus import DemoCorpusConfig, serve_corpus, write_corpus, write_source_list
 
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # albumentations' PyPI update check at import
+    from pipelines.runtime import ENVIRONMENT
+
+    # albumentations' PyPI update check at import off; Ray kept on loopback for the plain CLI too.
+    env = {**os.environ, **ENVIRONMENT, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("RAY_ADDRESS", None)  # each run its own private Ray (the ray distributor), started alike
     runs: dict[str, list[tuple[float, int]]] = {"ours": [], "img2dataset": []}
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
         root = Path(tmp)
@@ -78,14 +87,14 @@ def main() -> None:
                 for tool in order:
                     output = root / f"{tool}-{repeat}"
                     run = run_ours if tool == "ours" else run_plain
-                    runs[tool].append(run(source, output, args.processes, args.threads, env))
+                    runs[tool].append(run(source, output, args.processes, args.threads, args.distributor, env))
     rates = {tool: [ok / seconds for seconds, ok in results] for tool, results in runs.items()}
     ours_rate = statistics.median(rates["ours"])
     plain_rate = statistics.median(rates["img2dataset"])
     overhead_pct = (plain_rate / ours_rate - 1) * 100
     print(json.dumps({
         "benchmark": "download", "images": args.n, "repeats": args.repeats, "processes": args.processes,
-        "threads": args.threads,
+        "threads": args.threads, "distributor": args.distributor,
         "ours_ok": [ok for _, ok in runs["ours"]], "img2dataset_ok": [ok for _, ok in runs["img2dataset"]],
         "ours_seconds": [round(s, 2) for s, _ in runs["ours"]],
         "img2dataset_seconds": [round(s, 2) for s, _ in runs["img2dataset"]],

@@ -492,6 +492,7 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
 
 TRAIN_RUNS = "train-runs"  # the training stages' default Ray Train storage, a folder of the work dir
 COPY_PREFIXES = ("fetch-", "model-")  # local copies of a remote registry's files, fetched again when needed
+CACHES = {"scratch": "temporary files of diffs", "demo-corpus-": "the generated demo corpus"}  # made again
 
 
 @dataclass(frozen=True)
@@ -500,7 +501,7 @@ class WorkEntry:
 
     key: str  # what `--remove` takes: the work key, or train-runs/<run name>
     what: str
-    state: str  # "unfinished" | "leftover" | "copy" | "checkpoints"
+    state: str  # "unfinished" | "leftover" | "cache" | "checkpoints"
     detail: str
     bytes: int
     files: int
@@ -509,8 +510,8 @@ class WorkEntry:
 
     @property
     def removable_as_leftover(self) -> bool:
-        """Nothing a rerun needs: the work of a published run, a copy, a published model's run checkpoints."""
-        return self.state in ("leftover", "copy") or (self.state == "checkpoints" and self.detail.startswith("model "))
+        """Nothing a rerun needs: the work of a published run, a cache, a published model's run checkpoints."""
+        return self.state in ("leftover", "cache") or (self.state == "checkpoints" and self.detail.startswith("model "))
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "what": self.what, "state": self.state, "detail": self.detail, "bytes": self.bytes,
@@ -520,21 +521,28 @@ class WorkEntry:
 def work_entries(registry: Registry) -> list[WorkEntry]:
     """What the registry's stage runs left in their work dirs (`Registry.work_areas`), each said for what it is:
     an unfinished run (a rerun of the same inputs and config goes on from it), the leftover of a published one,
-    a local copy of a remote version's files, or a training run's checkpoints (train-runs/<name>)."""
+    a cache (a local copy of a remote version's files, the demo corpus: made again when needed), or a training
+    run's checkpoints (train-runs/<name>). Empty folders are left out."""
     entries = []
     by_id_prefix = {m.id[:24]: m.ref for m in registry.list()}
     for area in registry.work_areas():
         common = {"bytes": area.bytes, "files": area.files, "modified": area.modified, "places": area.places}
+        cache = next((what for prefix, what in CACHES.items() if area.key.startswith(prefix)), None)
         if area.key == TRAIN_RUNS:
             entries.extend(_training_runs(registry, registry.work_base() / TRAIN_RUNS))
+        elif area.files == 0:
+            continue
         elif area.published is not None:
             what = f"{area.note['stage']} → {area.note['name']}" if area.note else "stage run"
             entries.append(WorkEntry(key=area.key, what=what, state="leftover",
                                      detail=f"published as {area.published}", **common))  # fmt: skip
         elif area.key.startswith(COPY_PREFIXES):
             source = by_id_prefix.get(area.key.split("-", 1)[1], "a version no longer in the registry")
-            entries.append(WorkEntry(key=area.key, what=f"local copy of {source}", state="copy",
+            entries.append(WorkEntry(key=area.key, what=f"local copy of {source}", state="cache",
                                      detail="fetched again when needed", **common))  # fmt: skip
+        elif cache is not None:
+            entries.append(WorkEntry(key=area.key, what=cache, state="cache", detail="made again when needed",
+                                     **common))  # fmt: skip
         else:
             note = area.note or {}
             what = f"{note['stage']} → {note['name']}" if note else "stage run (no note: an older run)"

@@ -88,8 +88,12 @@ def test_a_remote_registry_s_work_is_listed_from_its_store_and_removed_there(tmp
     assert not registry.fs.exists(store_prefix) and work_entries(registry) == []
 
 
-def test_an_area_without_a_note_is_still_listed(tmp_path):
+def test_an_area_without_a_note_is_still_listed_and_caches_are_named(tmp_path):
     registry = Registry(tmp_path / "registry")
     (registry.work_dir("old") / "stage").mkdir()
-    [entry] = work_entries(registry)
-    assert entry.state == "unfinished" and entry.what.startswith("stage run (no note") and entry.files == 0
+    (registry.work_dir("old") / "stage/source.parquet").write_bytes(b"s")
+    registry.work_dir("scratch")  # empty: left out
+    (registry.work_dir("demo-corpus-abc") / "corpus.json").write_text("{}")
+    corpus, old = work_entries(registry)  # by key
+    assert (old.key, old.state, old.files) == ("old", "unfinished", 1) and old.what.startswith("stage run (no note")
+    assert (corpus.state, corpus.what, corpus.removable_as_leftover) == ("cache", "the generated demo corpus", True)
