@@ -457,6 +457,27 @@ def test_pass_two_reads_remote_images_with_one_ranged_request_each(tmp_path):
             stage.write_output_shard(cfg, str(tmp_path / "gone"), "train", 0, chunk, sources)
 
 
+def _assert_same_version(resumed, reference) -> None:
+    """The same files (paths, sha256, sizes), counts, drop reasons and splits."""
+    assert [(e.path, e.sha256, e.bytes) for e in resumed.files] == [(e.path, e.sha256, e.bytes) for e in reference.files]
+    assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
+                                                                      reference.splits)
+
+
+def _counting(calls: Counter):
+    """`counted(name, real, fail_at)`: `real`, counting its calls in `calls[name]`, raising at call `fail_at`."""
+
+    def counted(name, real, fail_at=None):
+        def wrapper(*args):
+            calls[name] += 1
+            if calls[name] == fail_at:
+                raise RuntimeError(f"stopped at {name} {fail_at}")
+            return real(*args)
+        return wrapper
+
+    return counted
+
+
 def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch,
                                                                                       caplog):
     """A run that stops in pass 1 (an error at the third raw shard) keeps the records of the shards it checked; one
@@ -469,14 +490,7 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     reference = run_shard(cfg, raw, name="uninterrupted", registry=registry)
     assert reference.stats["resumed"] == {"raw_shards_checked_before": 0, "output_shards_written_before": 0}
     calls: Counter = Counter()
-
-    def counted(name, real, fail_at=None):
-        def wrapper(*args):
-            calls[name] += 1
-            if calls[name] == fail_at:
-                raise RuntimeError(f"stopped at {name} {fail_at}")
-            return real(*args)
-        return wrapper
+    counted = _counting(calls)
 
     real_scan, real_write = shard.scan_raw_shard, shard.write_output_shard
     monkeypatch.setattr(shard, "scan_raw_shard", counted("scan", real_scan, fail_at=3))
@@ -501,10 +515,7 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     assert f"going on from a stopped run: 2 of {len(reference.shards())} output shards already written" in caplog.text
     assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 2
     assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 2}
-    entries = lambda m: [(e.path, e.sha256, e.bytes) for e in m.files]  # noqa: E731
-    assert entries(resumed) == entries(reference)
-    assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
-                                                                      reference.splits)
+    _assert_same_version(resumed, reference)
     read = lambda m: pq.read_table(registry.local_path(m, "index.parquet"))  # noqa: E731
     assert read(resumed).equals(read(reference))
     assert not work.exists()  # the published version's work is cleared
@@ -529,14 +540,7 @@ def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_ma
     cfg = ShardConfig(samples_per_shard=3, seed=2)
     reference = run_shard(cfg, raw, name="uninterrupted", registry=registry)
     calls: Counter = Counter()
-
-    def counted(name, real, fail_at=None):
-        def wrapper(*args):
-            calls[name] += 1
-            if calls[name] == fail_at:
-                raise RuntimeError(f"stopped at {name} {fail_at}")
-            return real(*args)
-        return wrapper
+    counted = _counting(calls)
 
     def on_machine(name: str) -> Path:  # a fresh work dir: the previous machine's is gone
         monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / name))
@@ -566,10 +570,7 @@ def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_ma
     assert "3 files of a stopped run fetched from memory://" in caplog.text  # each pass's kept files
     assert calls["scan"] == 0 and calls["write"] == len(reference.shards()) - 3
     assert resumed.stats["resumed"] == {"raw_shards_checked_before": 3, "output_shards_written_before": 3}
-    entries = lambda m: [(e.path, e.sha256, e.bytes) for e in m.files]  # noqa: E731
-    assert entries(resumed) == entries(reference)
-    assert (resumed.counts, resumed.drop_reasons, resumed.splits) == (reference.counts, reference.drop_reasons,
-                                                                      reference.splits)
+    _assert_same_version(resumed, reference)
     prefix = remote.fs._strip_protocol(remote.shared_work_url(resumed.producer.cache_key))
     assert not remote.fs.exists(prefix) and not list(third.rglob("*"))
 
