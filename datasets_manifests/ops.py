@@ -11,7 +11,6 @@ pyarrow is imported inside `diff`, so `blip data ls|verify|lineage` stay light.
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -522,14 +521,15 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
     """What the registry's stage runs left in their work dirs (`Registry.work_areas`), each said for what it is:
     an unfinished run (a rerun of the same inputs and config goes on from it), the leftover of a published one,
     a cache (a local copy of a remote version's files, the demo corpus: made again when needed), or a training
-    run's checkpoints (train-runs/<name>). Empty folders are left out."""
+    run's checkpoints (`_training_runs`). Empty folders are left out."""
     entries = []
     by_id_prefix = {m.id[:24]: m.ref for m in registry.list()}
-    for area in registry.work_areas():
+    areas = registry.work_areas()
+    for area in areas:
         common = {"bytes": area.bytes, "files": area.files, "modified": area.modified, "places": area.places}
         cache = next((what for prefix, what in CACHES.items() if area.key.startswith(prefix)), None)
         if area.key == TRAIN_RUNS:
-            entries.extend(_training_runs(registry, registry.work_base() / TRAIN_RUNS))
+            continue  # its runs, one by one, below
         elif area.files == 0:
             continue
         elif area.published is not None:
@@ -548,32 +548,51 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
             what = f"{note['stage']} → {note['name']}" if note else "stage run (no note: an older run)"
             detail = f"started {note['started_at']} on {note['host']}" if note else "not published"
             entries.append(WorkEntry(key=area.key, what=what, state="unfinished", detail=detail, **common))
-    return entries
+    return entries + _training_runs(registry, areas)
 
 
-def _training_runs(registry: Registry, storage: Path) -> list[WorkEntry]:
-    """The Ray Train runs kept in the default storage: each run's checkpoints, and the model it published."""
-    published: dict[str, str] = {}
+def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
+    """Ray Train runs and their checkpoints: every run folder of the default storage (`train-runs` in the work
+    dir), and the runs of another storage (`scaling.storage_path`: s3://... on a cluster) that a published model or
+    an unfinished run's note names; each with the model published from it, if any."""
+    from datasets_manifests.filesystems import url_to_fs
+    from datasets_manifests.registry import _modified
+
+    default = str(registry.work_base() / TRAIN_RUNS)
+    runs: dict[tuple[str, str], str | None] = {}  # (storage, run name) -> the model published from it
+    if Path(default).is_dir():
+        runs.update({(default, folder.name): None for folder in Path(default).iterdir() if folder.is_dir()})
+    for area in areas:
+        run = (area.note or {}).get("ray_run") or {}
+        if run.get("name") and run.get("storage_path"):
+            runs.setdefault((str(run["storage_path"]), run["name"]), None)
     for model in registry.list("model"):
         run = model.metadata.get("ray_run") or {}
-        if run.get("name") and Path(str(run.get("storage_path", ""))) == storage:
-            published[run["name"]] = model.ref
+        if run.get("name") and run.get("storage_path"):
+            runs[(str(run["storage_path"]), run["name"])] = model.ref
     entries = []
-    for folder in sorted(p for p in storage.iterdir() if p.is_dir()) if storage.is_dir() else ():
-        files = [p for p in folder.rglob("*") if p.is_file()]
-        stats = [p.stat() for p in files]
-        model = published.get(folder.name)
+    for (storage, name), model in sorted(runs.items()):
+        place = f"{storage.rstrip('/')}/{name}"
+        fs, root = url_to_fs(place)
+        if not fs.exists(root):
+            continue
+        listed = list(fs.find(root, detail=True).values())
+        times = [t for t in map(_modified, listed) if t is not None]
         entries.append(WorkEntry(
-            key=f"{TRAIN_RUNS}/{folder.name}", what=f"Ray Train run {folder.name}", state="checkpoints",
+            key=f"{TRAIN_RUNS}/{name}" if storage == default else place, what=f"Ray Train run {name}",
+            state="checkpoints",
             detail=f"model {model} published from it" if model else "no model published: `--resume` continues it",
-            bytes=sum(s.st_size for s in stats), files=len(files),
-            modified=max((s.st_mtime for s in stats), default=None), places=(str(folder),)))  # fmt: skip
+            bytes=sum(int(info.get("size") or 0) for info in listed), files=len(listed),
+            modified=max(times, default=None), places=(place,)))  # fmt: skip
     return entries
 
 
 def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:
     """Remove what `entry` holds (a training run's folder, or a work key's folder and store prefix)."""
-    if entry.key.startswith(f"{TRAIN_RUNS}/"):
-        shutil.rmtree(entry.places[0])
+    if entry.state == "checkpoints":
+        from datasets_manifests.filesystems import url_to_fs
+
+        fs, root = url_to_fs(entry.places[0])
+        fs.rm(root, recursive=True)
         return [entry.places[0]]
     return registry.remove_work(entry.key)

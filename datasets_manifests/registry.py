@@ -262,14 +262,15 @@ class Registry:
         return path
 
     def note_work(self, key: str, *, stage: str, name: str, parents: Iterable[Manifest] = (),
-                  shared: bool = False) -> Path:  # fmt: skip
+                  shared: bool = False, **details: Any) -> Path:  # fmt: skip
         """A stage run's `work_dir`, with a note of what the run is (`WORK_NOTE`: stage, the version it publishes,
-        its parents, when and where it last started) for `blip data work`; with `shared`, a remote registry's
+        its parents, when and where it last started, and `details`, e.g. the Ray Train run a training stage
+        keeps its checkpoints in) for `blip data work`; with `shared`, a remote registry's
         `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there). The publish removes
         the local note; `remove_work` removes both."""
         work = self.work_dir(key)
         note = json.dumps({"stage": stage, "name": name, "parents": [parent.ref for parent in parents],
-                           "started_at": now_utc(), "host": socket.gethostname()})  # fmt: skip
+                           "started_at": now_utc(), "host": socket.gethostname(), **details})  # fmt: skip
         (work / WORK_NOTE).write_text(note)
         if shared and not self.is_local:
             self.fs.pipe_file(f"{self.root}/.work/{key}/{WORK_NOTE}", note.encode())

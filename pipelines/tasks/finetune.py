@@ -266,9 +266,10 @@ def run_finetune(
         "optim": to_dict(optim), "loop": to_dict(loop), "pid_dir": None,
         "find_unused_parameters": cfg.scaling.find_unused_parameters,
     }  # fmt: skip
-    work = registry.note_work(key, stage=stage, name=name, parents=parents)
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     run_name = f"{stage}-{key[:12]}"
+    work = registry.note_work(key, stage=stage, name=name, parents=parents,
+                              ray_run={"name": run_name, "storage_path": storage})  # fmt: skip
     started = now_utc()
     # A run of this key interrupted by a crash continues from its last checkpoint; otherwise a new run starts.
     outcome = _ray_train.launch(worker_config, scaling=cfg.scaling, run_name=run_name, storage_path=storage,

@@ -340,10 +340,11 @@ def run_pretrain(
                     resampled=cfg.data.resampled)  # fmt: skip
     _check_plan(plan, blip_config)
     warn_uncached_remote(cfg.data, shards)
-    work = registry.note_work(key, stage=STAGE, name=cfg.output_name, parents=parents)
     # Runs live under one directory keyed by run name, so `--resume --name X` finds X after a config change.
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     name = run_name or f"{STAGE}-{key[:12]}"
+    work = registry.note_work(key, stage=STAGE, name=cfg.output_name, parents=parents,
+                              ray_run={"name": name, "storage_path": storage})  # fmt: skip
     config = worker_config(cfg, shards, init_source, pid_dir)
     started = now_utc()
     outcome = _ray_train.launch(config, scaling=cfg.scaling, run_name=name, storage_path=storage,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from datasets_manifests.filesystems import url_to_fs
 from datasets_manifests.manifest import Producer
 from datasets_manifests.ops import work_entries
 from datasets_manifests.registry import WORK_NOTE, Registry
@@ -97,3 +98,27 @@ def test_an_area_without_a_note_is_still_listed_and_caches_are_named(tmp_path):
     corpus, old = work_entries(registry)  # by key
     assert (old.key, old.state, old.files) == ("old", "unfinished", 1) and old.what.startswith("stage run (no note")
     assert (corpus.state, corpus.what, corpus.removable_as_leftover) == ("cache", "the generated demo corpus", True)
+
+
+def test_training_runs_in_another_storage_are_listed_from_the_model_and_the_note(tmp_path):
+    """A cluster's `scaling.storage_path` (memory:// for s3://): the run a published model names, and the run an
+    unfinished training stage's note names, each with its checkpoints; the published one's are a leftover."""
+    registry = Registry(tmp_path / "registry")
+    storage = memory_url()
+    for run in ("pretrain-done", "pretrain-going"):
+        fs, root = url_to_fs(f"{storage}/{run}/checkpoint_000001/model.pt")
+        fs.pipe_file(root, b"m" * 2048)
+    _publish(registry, tmp_path / "model-staging", "tiny-pretrain", "k-model", kind="model",
+             metadata={"ray_run": {"name": "pretrain-done", "storage_path": storage}})
+    registry.note_work("k-going", stage="pretrain", name="tiny-pretrain-2",
+                       ray_run={"name": "pretrain-going", "storage_path": storage})
+    entries = {entry.key: entry for entry in work_entries(registry)}
+    done, going = entries[f"{storage}/pretrain-done"], entries[f"{storage}/pretrain-going"]
+    assert (done.state, done.bytes, done.removable_as_leftover) == ("checkpoints", 2048, True)
+    assert done.detail == "model tiny-pretrain@v1 published from it"
+    assert going.detail.startswith("no model published") and not going.removable_as_leftover
+    assert entries["k-going"].what == "pretrain → tiny-pretrain-2"
+    assert main(["data", "--registry", str(registry.root), "work", "--remove-leftovers"]) == 0
+    assert f"{storage}/pretrain-done" not in {entry.key for entry in work_entries(registry)}
+    fs, going_root = url_to_fs(f"{storage}/pretrain-going")
+    assert fs.exists(going_root)
