@@ -93,8 +93,9 @@ def register(subparsers: Any) -> None:
                       help="remove this work (a key from the listing, e.g. train-runs/NAME); repeatable. An "
                       "unfinished run's work is what its rerun goes on from: the rerun then starts over")  # fmt: skip
     work.add_argument("--remove-leftovers", action="store_true",
-                      help="remove what no rerun needs: the work of published runs, local copies of remote files, "
-                      "and the checkpoints of training runs whose model is published")  # fmt: skip
+                      help="remove what no rerun needs: the work of published runs, caches (local copies of remote "
+                      "files, the demo corpus) and the checkpoints of training runs whose model is published; run it "
+                      "while no stage runs on this registry (a running stage may be reading a cache)")  # fmt: skip
 
     catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
     catalog.add_argument("name", nargs="?", help="a source or composition name")
