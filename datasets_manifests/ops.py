@@ -506,6 +506,7 @@ class WorkEntry:
     files: int
     modified: float | None
     places: tuple[str, ...]
+    outside: tuple[str, ...] = ()  # places outside the registry the run noted (a download's output_folder run)
 
     @property
     def removable_as_leftover(self) -> bool:
@@ -514,7 +515,8 @@ class WorkEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "what": self.what, "state": self.state, "detail": self.detail, "bytes": self.bytes,
-                "files": self.files, "modified": self.modified, "places": list(self.places)}  # fmt: skip
+                "files": self.files, "modified": self.modified, "places": list(self.places),
+                "outside": list(self.outside)}  # fmt: skip
 
 
 def work_entries(registry: Registry) -> list[WorkEntry]:
@@ -527,6 +529,13 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
     areas = registry.work_areas()
     for area in areas:
         common = {"bytes": area.bytes, "files": area.files, "modified": area.modified, "places": area.places}
+        outside = [_listing(place) for place in (area.note or {}).get("outside", [])]
+        outside = [(place, size, files, modified) for place, size, files, modified in outside if files]
+        if outside:  # counted with the run's own work, and removed with it
+            times = [t for t in [area.modified, *(o[3] for o in outside)] if t is not None]
+            common = {"bytes": area.bytes + sum(o[1] for o in outside), "modified": max(times, default=None),
+                      "files": area.files + sum(o[2] for o in outside), "places": area.places,
+                      "outside": tuple(o[0] for o in outside)}  # fmt: skip
         cache = next((what for prefix, what in CACHES.items() if area.key.startswith(prefix)), None)
         if area.key == TRAIN_RUNS:
             continue  # its runs, one by one, below
@@ -555,9 +564,6 @@ def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
     """Ray Train runs and their checkpoints: every run folder of the default storage (`train-runs` in the work
     dir), and the runs of another storage (`scaling.storage_path`: s3://... on a cluster) that a published model or
     an unfinished run's note names; each with the model published from it, if any."""
-    from datasets_manifests.filesystems import url_to_fs
-    from datasets_manifests.registry import _modified
-
     default = str(registry.work_base() / TRAIN_RUNS)
     runs: dict[tuple[str, str], str | None] = {}  # (storage, run name) -> the model published from it
     if Path(default).is_dir():
@@ -572,27 +578,43 @@ def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
             runs[(str(run["storage_path"]), run["name"])] = model.ref
     entries = []
     for (storage, name), model in sorted(runs.items()):
-        place = f"{storage.rstrip('/')}/{name}"
-        fs, root = url_to_fs(place)
-        if not fs.exists(root):
+        place, size, files, modified = _listing(f"{storage.rstrip('/')}/{name}")
+        if not files:
             continue
-        listed = list(fs.find(root, detail=True).values())
-        times = [t for t in map(_modified, listed) if t is not None]
         entries.append(WorkEntry(
             key=f"{TRAIN_RUNS}/{name}" if storage == default else place, what=f"Ray Train run {name}",
             state="checkpoints",
             detail=f"model {model} published from it" if model else "no model published: `--resume` continues it",
-            bytes=sum(int(info.get("size") or 0) for info in listed), files=len(listed),
-            modified=max(times, default=None), places=(place,)))  # fmt: skip
+            bytes=size, files=files, modified=modified, places=(place,)))  # fmt: skip
     return entries
 
 
-def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:
-    """Remove what `entry` holds (a training run's folder, or a work key's folder and store prefix)."""
-    if entry.state == "checkpoints":
-        from datasets_manifests.filesystems import url_to_fs
+def _listing(place: str) -> tuple[str, int, int, float | None]:
+    """(place, bytes, files, latest modification) of a folder or prefix anywhere fsspec reaches; 0 files if absent."""
+    from datasets_manifests.filesystems import url_to_fs
+    from datasets_manifests.registry import _modified
 
+    fs, root = url_to_fs(place)
+    if not fs.exists(root):
+        return place, 0, 0, None
+    listed = list(fs.find(root, detail=True).values())
+    times = [t for t in map(_modified, listed) if t is not None]
+    return place, sum(int(info.get("size") or 0) for info in listed), len(listed), max(times, default=None)
+
+
+def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:
+    """Remove what `entry` holds (a training run's folder, or a work key's folder and store prefix, and what the
+    run noted outside the registry)."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    if entry.state == "checkpoints":
         fs, root = url_to_fs(entry.places[0])
         fs.rm(root, recursive=True)
         return [entry.places[0]]
-    return registry.remove_work(entry.key)
+    removed = registry.remove_work(entry.key)
+    for place in entry.outside:
+        fs, root = url_to_fs(place)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+            removed.append(place)
+    return removed

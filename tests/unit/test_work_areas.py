@@ -122,3 +122,22 @@ def test_training_runs_in_another_storage_are_listed_from_the_model_and_the_note
     assert f"{storage}/pretrain-done" not in {entry.key for entry in work_entries(registry)}
     fs, going_root = url_to_fs(f"{storage}/pretrain-going")
     assert fs.exists(going_root)
+
+
+def test_a_download_s_output_folder_run_is_counted_with_its_work_and_removed_with_it(tmp_path, monkeypatch):
+    """A download into `output_folder` (s3://... at 129M; memory:// here) notes its run's folder there, in a remote
+    registry's store too: listed and removed with the run's work."""
+    from pipelines.tasks.download import DownloadConfig, _outside_work
+
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "machine-work"))
+    registry = Registry(memory_url())
+    output_folder = memory_url()
+    cfg = DownloadConfig(output_folder=output_folder)
+    registry.note_work("k-download", stage="download", name="web-raw", **_outside_work(cfg, "k-download"))
+    fs, root = url_to_fs(f"{output_folder}/k-download/raw/00000.tar")
+    fs.pipe_file(root, b"r" * 5000)
+    [entry] = work_entries(registry)
+    assert (entry.what, entry.state) == ("download → web-raw", "unfinished")
+    assert entry.bytes > 5000 and entry.outside == (f"{output_folder}/k-download",)
+    assert main(["data", "--registry", registry.url, "work", "--remove", "k-download"]) == 0
+    assert not fs.exists(root) and work_entries(registry) == []
