@@ -383,7 +383,8 @@ def test_remote_shard_is_downloaded_once_for_decode_and_write_with_the_shard_cac
         rows = list(_ray_capfilt.decode_shard(batch, image_size=4, batch_size=4,
                                               cache=capfilt.cache_setting(config.compute)))  # fmt: skip
         assert [json.loads(r["meta"][0])["keys"] for r in rows] == [keys[:4], keys[4:]]
-        assert [r["node"] for r in rows] == [[""], [""]]  # outside Ray: no node to place the writer on
+        node = _ray_capfilt._node_id()  # '' outside Ray (no node to place the writer on); a session's node in it
+        assert [r["node"] for r in rows] == [[node], [node]]
         return capfilt.finish_shard(str(tmp_path / f"work-{cache_dir is None}"), shard, results, config, refs)
 
     with serve_files(tmp_path / "store") as served:
