@@ -500,7 +500,7 @@ class WorkEntry:
 
     key: str  # what `--remove` takes: the work key, or train-runs/<run name>
     what: str
-    state: str  # "unfinished" | "leftover" | "cache" | "checkpoints"
+    state: str  # "unfinished" | "leftover" | "cache" | "checkpoints" | "uncommitted"
     detail: str
     bytes: int
     files: int
@@ -557,7 +557,22 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
             what = f"{note['stage']} → {note['name']}" if note else "stage run (no note: an older run)"
             detail = f"started {note['started_at']} on {note['host']}" if note else "not published"
             entries.append(WorkEntry(key=area.key, what=what, state="unfinished", detail=detail, **common))
-    return entries + _training_runs(registry, areas)
+    return entries + _training_runs(registry, areas) + _uncommitted(registry)
+
+
+def _uncommitted(registry: Registry) -> list[WorkEntry]:
+    """Publishes that stopped before their commit: never removed by `--remove-leftovers`, since a publish going
+    on now looks the same."""
+    entries = []
+    for label, place in registry.uncommitted_publishes():
+        _, size, files, modified = _listing(place)
+        parts = label.split("/")  # .staging/<name>-<id>, or <kind>s/<name>/<version>
+        version = parts[1].rsplit("-", 1)[0] if parts[0] == ".staging" else f"{parts[1]}@{parts[2]}"
+        entries.append(WorkEntry(key=label, what=f"a publish of {version}",
+                                 state="uncommitted", detail="stopped before its commit, or publishing now: remove "
+                                 "it with --remove once no publish runs", bytes=size, files=files, modified=modified,
+                                 places=(place,)))  # fmt: skip
+    return entries
 
 
 def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
@@ -607,7 +622,7 @@ def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:
     run noted outside the registry)."""
     from datasets_manifests.filesystems import url_to_fs
 
-    if entry.state == "checkpoints":
+    if entry.state in ("checkpoints", "uncommitted"):
         fs, root = url_to_fs(entry.places[0])
         fs.rm(root, recursive=True)
         return [entry.places[0]]

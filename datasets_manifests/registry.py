@@ -310,6 +310,23 @@ class Registry:
                                   published=published.get(key)))  # fmt: skip
         return areas
 
+    def uncommitted_publishes(self) -> list[tuple[str, str]]:
+        """(label, path or URL) of each publish that stopped before its commit (or is writing now: they look the
+        same): a local registry's `.staging/<name>-<id>` (hard links, mostly), a remote one's version folder without
+        its manifest (copies, at 129M terabytes of shards). A retry of the same name writes the same folder."""
+        if self.is_local:
+            staging = Path(self.root) / ".staging"
+            folders = sorted(staging.iterdir()) if staging.is_dir() else []
+            return [(f".staging/{folder.name}", str(folder)) for folder in folders if folder.is_dir()]
+        found = []
+        for kind in KINDS:
+            for name in self.names(kind):
+                for entry in self.fs.ls(f"{self.root}/{kind}s/{name}", detail=True):
+                    folder = entry["name"].rstrip("/")
+                    if entry.get("type") == "directory" and not self.fs.exists(f"{folder}/{MANIFEST_NAME}"):
+                        found.append((f"{kind}s/{name}/{folder.rsplit('/', 1)[-1]}", self.fs.unstrip_protocol(folder)))
+        return found
+
     def _work_note(self, key: str) -> dict[str, Any] | None:
         local = self.work_base() / key / WORK_NOTE
         try:

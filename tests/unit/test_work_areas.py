@@ -141,3 +141,24 @@ def test_a_download_s_output_folder_run_is_counted_with_its_work_and_removed_wit
     assert entry.bytes > 5000 and entry.outside == (f"{output_folder}/k-download",)
     assert main(["data", "--registry", registry.url, "work", "--remove", "k-download"]) == 0
     assert not fs.exists(root) and work_entries(registry) == []
+
+
+def test_publishes_stopped_before_their_commit_are_listed_and_removed_only_on_request(tmp_path, capsys):
+    """A killed publish leaves a local registry's `.staging/<name>-<id>` and a remote one's version folder without
+    its manifest: listed as `uncommitted`, never taken by --remove-leftovers (a publish going on looks the same)."""
+    local = Registry(tmp_path / "registry")
+    (tmp_path / "registry/.staging/web-raw-1a2b3c4d/shards").mkdir(parents=True)
+    (tmp_path / "registry/.staging/web-raw-1a2b3c4d/shards/x.tar").write_bytes(b"x" * 100)
+    remote = Registry(memory_url())
+    _publish(remote, tmp_path / "committed", "web-shards", "k-committed")
+    remote.fs.pipe_file(f"{remote.root}/datasets/web-raw/v1/shards/x.tar", b"x" * 300)
+    for registry, key, what, size in ((local, ".staging/web-raw-1a2b3c4d", "a publish of web-raw", 100),
+                                      (remote, "datasets/web-raw/v1", "a publish of web-raw@v1", 300)):
+        [entry] = work_entries(registry)
+        assert (entry.key, entry.what, entry.state, entry.bytes) == (key, what, "uncommitted", size)
+        url = registry.url if registry is remote else str(registry.root)
+        assert main(["data", "--registry", url, "work", "--remove-leftovers"]) == 0
+        assert [e.key for e in work_entries(registry)] == [key]
+        assert main(["data", "--registry", url, "work", "--remove", key]) == 0
+        assert work_entries(registry) == []
+    assert [m.ref for m in remote.list()] == ["web-shards@v1"]
