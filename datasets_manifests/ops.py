@@ -507,16 +507,14 @@ class WorkEntry:
     modified: float | None
     places: tuple[str, ...]
     outside: tuple[str, ...] = ()  # places outside the registry the run noted (a download's output_folder run)
-
-    @property
-    def removable_as_leftover(self) -> bool:
-        """Nothing a rerun needs: the work of a published run, a cache, a published model's run checkpoints."""
-        return self.state in ("leftover", "cache") or (self.state == "checkpoints" and self.detail.startswith("model "))
+    # Nothing a rerun needs (what --remove-leftovers takes): a published run's work, a cache, the checkpoints of
+    # a run whose model is published.
+    removable_as_leftover: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "what": self.what, "state": self.state, "detail": self.detail, "bytes": self.bytes,
                 "files": self.files, "modified": self.modified, "places": list(self.places),
-                "outside": list(self.outside)}  # fmt: skip
+                "outside": list(self.outside), "removable_as_leftover": self.removable_as_leftover}  # fmt: skip
 
 
 def work_entries(registry: Registry) -> list[WorkEntry]:
@@ -542,22 +540,30 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
         elif area.files == 0:
             continue
         elif area.published is not None:
-            what = f"{area.note['stage']} → {area.note['name']}" if area.note else "stage run"
-            entries.append(WorkEntry(key=area.key, what=what, state="leftover",
-                                     detail=f"published as {area.published}", **common))  # fmt: skip
+            entries.append(WorkEntry(key=area.key, what=_run_described(area.note), state="leftover",
+                                     detail=f"published as {area.published}", removable_as_leftover=True,
+                                     **common))  # fmt: skip
         elif area.key.startswith(COPY_PREFIXES):
             source = by_id_prefix.get(area.key.split("-", 1)[1], "a version no longer in the registry")
             entries.append(WorkEntry(key=area.key, what=f"local copy of {source}", state="cache",
-                                     detail="fetched again when needed", **common))  # fmt: skip
+                                     detail="fetched again when needed", removable_as_leftover=True,
+                                     **common))  # fmt: skip
         elif cache is not None:
             entries.append(WorkEntry(key=area.key, what=cache, state="cache", detail="made again when needed",
-                                     **common))  # fmt: skip
+                                     removable_as_leftover=True, **common))  # fmt: skip
         else:
             note = area.note or {}
-            what = f"{note['stage']} → {note['name']}" if note else "stage run (no note: an older run)"
-            detail = f"started {note['started_at']} on {note['host']}" if note else "not published"
-            entries.append(WorkEntry(key=area.key, what=what, state="unfinished", detail=detail, **common))
+            detail = f"started {note.get('started_at', '?')} on {note.get('host', '?')}" if note else "not published"
+            entries.append(WorkEntry(key=area.key, what=_run_described(area.note), state="unfinished", detail=detail,
+                                     **common))  # fmt: skip
     return entries + _training_runs(registry, areas) + _uncommitted(registry)
+
+
+def _run_described(note: dict[str, Any] | None) -> str:
+    """'stage → version name' from a run's note (`Registry.note_work`)."""
+    if not note:
+        return "stage run (no note: an older run)"
+    return f"{note.get('stage', '?')} → {note.get('name', '?')}"
 
 
 def _uncommitted(registry: Registry) -> list[WorkEntry]:
@@ -596,24 +602,24 @@ def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
         place, size, files, modified = _listing(f"{storage.rstrip('/')}/{name}")
         if not files:
             continue
-        entries.append(WorkEntry(
-            key=f"{TRAIN_RUNS}/{name}" if storage == default else place, what=f"Ray Train run {name}",
-            state="checkpoints",
-            detail=f"model {model} published from it" if model else "no model published: `--resume` continues it",
-            bytes=size, files=files, modified=modified, places=(place,)))  # fmt: skip
+        detail = f"model {model} published from it" if model else "no model published: `--resume` continues it"
+        entries.append(WorkEntry(key=f"{TRAIN_RUNS}/{name}" if storage == default else place,
+                                 what=f"Ray Train run {name}", state="checkpoints", detail=detail, bytes=size,
+                                 files=files, modified=modified, places=(place,),
+                                 removable_as_leftover=model is not None))  # fmt: skip
     return entries
 
 
 def _listing(place: str) -> tuple[str, int, int, float | None]:
     """(place, bytes, files, latest modification) of a folder or prefix anywhere fsspec reaches; 0 files if absent."""
     from datasets_manifests.filesystems import url_to_fs
-    from datasets_manifests.registry import _modified
+    from datasets_manifests.registry import listed_mtime
 
     fs, root = url_to_fs(place)
     if not fs.exists(root):
         return place, 0, 0, None
     listed = list(fs.find(root, detail=True).values())
-    times = [t for t in map(_modified, listed) if t is not None]
+    times = [t for t in map(listed_mtime, listed) if t is not None]
     return place, sum(int(info.get("size") or 0) for info in listed), len(listed), max(times, default=None)
 
 

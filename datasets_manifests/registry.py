@@ -117,7 +117,7 @@ class WorkArea:
     published: str | None  # the version a run of this key published: the work is a leftover
 
 
-def _modified(info: dict[str, Any]) -> float | None:
+def listed_mtime(info: dict[str, Any]) -> float | None:
     """A file's modification time from an fsspec listing (its key differs between stores)."""
     for field in ("mtime", "LastModified", "updated", "last_modified", "created"):
         value = info.get(field)
@@ -302,7 +302,7 @@ class Registry:
         if not self.is_local and self.fs.exists(prefix):
             for path, info in self.fs.find(prefix, detail=True).items():
                 key = path[len(prefix) + 1 :].split("/", 1)[0]
-                add(key, self.fs.unstrip_protocol(f"{prefix}/{key}"), int(info.get("size") or 0), _modified(info))
+                add(key, self.fs.unstrip_protocol(f"{prefix}/{key}"), int(info.get("size") or 0), listed_mtime(info))
         areas = []
         for key, area in sorted(found.items()):
             areas.append(WorkArea(key=key, places=tuple(area["places"]), bytes=area["bytes"], files=area["files"],
