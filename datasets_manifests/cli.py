@@ -198,7 +198,7 @@ def _samples_of(manifest: Manifest) -> str:
     return str(manifest.num_samples)
 
 
-# --------------------------------------------------------------------------- ls / show
+# --------------------------------------------------------------------------- work
 def cmd_work(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
@@ -238,6 +238,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ls / show
 def cmd_ls(args: argparse.Namespace) -> int:
     registry = _registry(args)
     manifests = [m for m in registry.list(args.kind) if args.name is None or m.name == args.name]
