@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(registry, cfg, seconds: float) -> None:  # noqa: ANN001 - plain printing
     from datasets_manifests.browser import version_url
+    from datasets_manifests.ops import work_entries
     from pipelines.tasks import report
 
     print(f"\n=== demo finished in {seconds / 60:.1f} min ===\n")
@@ -60,6 +61,9 @@ def print_summary(registry, cfg, seconds: float) -> None:  # noqa: ANN001 - plai
     print(f"  drops:    blip data --registry {registry.url} samples {cfg.version_name('capfilt')} --where status=dropped")
     print(f"  browse:   blip data --registry {registry.url} serve   then open "
           f"{version_url(registry.resolve(cfg.version_name('capfilt'), kind='dataset'))}")
+    kept = sum(entry.bytes for entry in work_entries(registry))
+    print(f"  work:     blip data --registry {registry.url} work   ({kept / 2**20:.0f} MB the runs keep: training "
+          "checkpoints, the corpus; --remove-leftovers frees what no rerun needs)")
 
 
 if __name__ == "__main__":
