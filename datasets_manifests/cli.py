@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from datasets_manifests.browser import DEFAULT_PORT
@@ -96,6 +97,10 @@ def register(subparsers: Any) -> None:
                       help="remove what no rerun needs: the work of published runs, caches (local copies of remote "
                       "files, the demo corpus) and the checkpoints of training runs whose model is published; run it "
                       "while no stage runs on this registry (a running stage may be reading a cache)")  # fmt: skip
+    work.add_argument("--remove-stale", type=float, default=None, metavar="DAYS",
+                      help="also remove abandoned work: unfinished runs, their training checkpoints and publishes "
+                      "killed before their commit whose last write is older than DAYS days (a run going on writes "
+                      "as it goes; its rerun starts over)")  # fmt: skip
 
     catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
     catalog.add_argument("name", nargs="?", help="a source or composition name")
@@ -210,8 +215,19 @@ def cmd_work(args: argparse.Namespace) -> int:
     unknown = [key for key in args.remove if key not in by_key]
     if unknown:
         raise UserError(f"no work {unknown[0]!r} in {registry.url} (`blip data work` lists what there is)")
-    chosen = [by_key[key] for key in args.remove] + [e for e in entries if args.remove_leftovers and
-                                                     e.removable_as_leftover and e.key not in args.remove]  # fmt: skip
+    if args.remove_stale is not None and not args.remove_stale >= 0:
+        raise UserError(f"--remove-stale takes a number of days >= 0, got {args.remove_stale}")
+    stale_before = time.time() - args.remove_stale * 86400 if args.remove_stale is not None else None
+
+    def wanted(entry: Any) -> bool:
+        if entry.key in args.remove:
+            return True
+        if args.remove_leftovers and entry.removable_as_leftover:
+            return True
+        return (stale_before is not None and not entry.removable_as_leftover and entry.modified is not None
+                and entry.modified < stale_before)  # fmt: skip
+
+    chosen = [entry for entry in entries if wanted(entry)]
     if chosen:
         for entry in chosen:
             for place in remove_work_entry(registry, entry):

@@ -162,3 +162,21 @@ def test_publishes_stopped_before_their_commit_are_listed_and_removed_only_on_re
         assert main(["data", "--registry", url, "work", "--remove", key]) == 0
         assert work_entries(registry) == []
     assert [m.ref for m in remote.list()] == ["web-shards@v1"]
+
+
+def test_remove_stale_takes_abandoned_work_by_its_last_write(tmp_path, capsys):
+    import os
+    import time
+
+    registry = Registry(tmp_path / "registry")
+    old = registry.note_work("k-old", stage="shard", name="web-shards")
+    (old / "records.arrow").write_bytes(b"o" * 100)
+    fresh = registry.note_work("k-fresh", stage="shard", name="web-shards-2")
+    (fresh / "records.arrow").write_bytes(b"f" * 100)
+    ten_days_ago = time.time() - 10 * 86400
+    for path in old.rglob("*"):
+        os.utime(path, (ten_days_ago, ten_days_ago))
+    assert main(["data", "--registry", str(registry.root), "work", "--remove-stale", "7"]) == 0
+    assert [entry.key for entry in work_entries(registry)] == ["k-fresh"]
+    assert main(["data", "--registry", str(registry.root), "work", "--remove-stale", "-1"]) == 2
+    assert "--remove-stale takes a number of days >= 0" in capsys.readouterr().err
