@@ -613,14 +613,12 @@ def _training_runs(registry: Registry, areas: list[Any]) -> list[WorkEntry]:
 def _listing(place: str) -> tuple[str, int, int, float | None]:
     """(place, bytes, files, latest modification) of a folder or prefix anywhere fsspec reaches; 0 files if absent."""
     from datasets_manifests.filesystems import url_to_fs
-    from datasets_manifests.registry import listed_mtime
+    from datasets_manifests.registry import listed_totals
 
     fs, root = url_to_fs(place)
     if not fs.exists(root):
         return place, 0, 0, None
-    listed = list(fs.find(root, detail=True).values())
-    times = [t for t in map(listed_mtime, listed) if t is not None]
-    return place, sum(int(info.get("size") or 0) for info in listed), len(listed), max(times, default=None)
+    return (place, *listed_totals(fs.find(root, detail=True).values()))
 
 
 def remove_work_entry(registry: Registry, entry: WorkEntry) -> list[str]:

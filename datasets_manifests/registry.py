@@ -131,6 +131,13 @@ def listed_mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def listed_totals(infos: Iterable[dict[str, Any]]) -> tuple[int, int, float | None]:
+    """(bytes, files, latest modification) of the files of an fsspec listing (`find(detail=True)`'s values)."""
+    infos = list(infos)
+    times = [t for t in map(listed_mtime, infos) if t is not None]
+    return sum(int(info.get("size") or 0) for info in infos), len(infos), max(times, default=None)
+
+
 def check_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise RegistryError(f"invalid name {name!r}: use lowercase letters, digits, '.', '_' and '-'")
@@ -279,35 +286,29 @@ class Registry:
     def work_areas(self) -> list[WorkArea]:
         """Every stage run's work left here (this machine's work dirs, and a remote registry's `.work/` prefix in
         its store): what it holds, what it is (its note) and the version its key published, if any."""
+        from fsspec.implementations.local import LocalFileSystem
+
         published = {m.producer.cache_key: m.ref for m in self.list() if m.producer.cache_key}
-        found: dict[str, dict[str, Any]] = {}
-
-        def add(key: str, place: str, size: int, modified: float | None) -> None:
-            area = found.setdefault(key, {"places": [], "bytes": 0, "files": 0, "modified": None})
-            if place not in area["places"]:
-                area["places"].append(place)
-            area["bytes"] += size
-            area["files"] += 1
-            if modified is not None and (area["modified"] is None or modified > area["modified"]):
-                area["modified"] = modified
-
+        listed: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # key -> (place, file info) of each file
+        places: dict[str, list[str]] = {}
         base = self.work_base()
         for folder in sorted(base.iterdir()) if base.is_dir() else ():
             if folder.is_dir():
-                for path in (p for p in folder.rglob("*") if p.is_file()):
-                    stat = path.stat()
-                    add(folder.name, str(folder), stat.st_size, stat.st_mtime)
-                found.setdefault(folder.name, {"places": [str(folder)], "bytes": 0, "files": 0, "modified": None})
+                places.setdefault(folder.name, []).append(str(folder))
+                listed.setdefault(folder.name, []).extend(LocalFileSystem().find(str(folder), detail=True).values())
         prefix = f"{self.root}/.work"
         if not self.is_local and self.fs.exists(prefix):
-            for path, info in self.fs.find(prefix, detail=True).items():
+            for path, info in self.fs.find(prefix, detail=True).items():  # one listing for every key
                 key = path[len(prefix) + 1 :].split("/", 1)[0]
-                add(key, self.fs.unstrip_protocol(f"{prefix}/{key}"), int(info.get("size") or 0), listed_mtime(info))
+                place = self.fs.unstrip_protocol(f"{prefix}/{key}")
+                if place not in places.setdefault(key, []):
+                    places[key].append(place)
+                listed.setdefault(key, []).append(info)
         areas = []
-        for key, area in sorted(found.items()):
-            areas.append(WorkArea(key=key, places=tuple(area["places"]), bytes=area["bytes"], files=area["files"],
-                                  modified=area["modified"], note=self._work_note(key),
-                                  published=published.get(key)))  # fmt: skip
+        for key in sorted(places):
+            size, files, modified = listed_totals(listed.get(key, []))
+            areas.append(WorkArea(key=key, places=tuple(places[key]), bytes=size, files=files, modified=modified,
+                                  note=self._work_note(key), published=published.get(key)))  # fmt: skip
         return areas
 
     def uncommitted_publishes(self) -> list[tuple[str, str]]:

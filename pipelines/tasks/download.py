@@ -151,7 +151,8 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         _remove_work(registry, cfg, key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
-    work = registry.note_work(key, stage=STAGE, name=name, **_outside_work(cfg, key))
+    work = registry.note_work(key, stage=STAGE, name=name, shared=cfg.output_folder is not None,
+                              outside=_outside_work(cfg, key))  # fmt: skip
     stage = work / "stage"
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
@@ -188,7 +189,8 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
         _remove_work(registry, cfg, key)
         return cached
     started = now_utc()
-    work = registry.note_work(key, stage=RETRY_STAGE, name=name, parents=[parent], **_outside_work(cfg, key))
+    work = registry.note_work(key, stage=RETRY_STAGE, name=name, parents=[parent],
+                              shared=cfg.output_folder is not None, outside=_outside_work(cfg, key))  # fmt: skip
     stage = work / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     source_table = work / "retry_source.parquet"
@@ -225,12 +227,11 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
 # ---------------------------------------------------------------------------------------------- parts
 
 
-def _outside_work(cfg: DownloadConfig, key: str) -> dict[str, Any]:
-    """What a download's work note says beyond the registry's work dirs: with `output_folder`, the run's folder there
-    (terabytes of raw shards at 129M), noted in a remote registry's store too, where `blip data work` finds it."""
-    if cfg.output_folder is None:
-        return {}
-    return {"shared": True, "outside": [f"{cfg.output_folder.rstrip('/')}/{key}"]}
+def _outside_work(cfg: DownloadConfig, key: str) -> list[str]:
+    """A download's work beyond the registry's work dirs, for its note: with `output_folder`, the run's folder there
+    (terabytes of raw shards at 129M; the note then goes to a remote registry's store too, where `blip data work`
+    finds it)."""
+    return [] if cfg.output_folder is None else [f"{cfg.output_folder.rstrip('/')}/{key}"]
 
 
 def _remove_work(registry: Registry, cfg: DownloadConfig, key: str) -> None:

@@ -133,7 +133,8 @@ def test_a_download_s_output_folder_run_is_counted_with_its_work_and_removed_wit
     registry = Registry(memory_url())
     output_folder = memory_url()
     cfg = DownloadConfig(output_folder=output_folder)
-    registry.note_work("k-download", stage="download", name="web-raw", **_outside_work(cfg, "k-download"))
+    registry.note_work("k-download", stage="download", name="web-raw", shared=True,
+                       outside=_outside_work(cfg, "k-download"))
     fs, root = url_to_fs(f"{output_folder}/k-download/raw/00000.tar")
     fs.pipe_file(root, b"r" * 5000)
     [entry] = work_entries(registry)
