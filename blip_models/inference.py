@@ -155,11 +155,7 @@ def itm(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: lis
     import torch
     import torch.nn.functional as F
 
-    from blip_models.processing import pre_caption
-    from blip_models.tokenizer import tokenize
-
-    input_ids, attention_mask = tokenize(tokenizer, [pre_caption(text, 50) for text in texts], 35, padding="longest")
-    input_ids, attention_mask = input_ids.to(pixel_values.device), attention_mask.to(pixel_values.device)
+    input_ids, attention_mask = _tokenized(tokenizer, texts, pixel_values.device)
     image_embeds = model.visual_encoder(pixel_values)  # (B, 1+N, Dv)
     batch, num_texts = pixel_values.shape[0], len(texts)
     image_rows = image_embeds.repeat_interleave(num_texts, dim=0)  # (B*T, 1+N, Dv)
@@ -172,6 +168,16 @@ def itm(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: lis
     probability = torch.softmax(logits, dim=-1)[:, 1]
     return [{"itm_probability": float(p), "itm_logit": float(logit[1]), "itc_cosine": float(c)}
             for p, logit, c in zip(probability, logits, cosine)]  # fmt: skip
+
+
+def _tokenized(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM / ITC texts as the reference scores them: `pre_caption` (50 words), at most 35 tokens, padded to the
+    longest, on `device`."""
+    from blip_models.processing import pre_caption
+    from blip_models.tokenizer import tokenize
+
+    input_ids, attention_mask = tokenize(tokenizer, [pre_caption(text, 50) for text in texts], 35, padding="longest")
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def vqa(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, questions: list[str],
@@ -213,15 +219,11 @@ def label_features(model: nn.Module, tokenizer: Any, prompts: list[str], batch_s
     import torch
     import torch.nn.functional as F
 
-    from blip_models.processing import pre_caption
-    from blip_models.tokenizer import tokenize
-
     device = next(model.parameters()).device
     features = []
     for start in range(0, len(prompts), batch_size):
-        texts = [pre_caption(prompt, 50) for prompt in prompts[start : start + batch_size]]
-        input_ids, attention_mask = tokenize(tokenizer, texts, 35, padding="longest")
-        output = model.text_encoder(input_ids.to(device), attention_mask.to(device), mode="text")
+        input_ids, attention_mask = _tokenized(tokenizer, prompts[start : start + batch_size], device)
+        output = model.text_encoder(input_ids, attention_mask, mode="text")
         features.append(F.normalize(model.text_proj(output.last_hidden_state[:, 0, :]).float(), dim=-1))
     return torch.cat(features)
 
@@ -236,9 +238,6 @@ def classify(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, promp
     import torch
     import torch.nn.functional as F
 
-    from blip_models.processing import pre_caption
-    from blip_models.tokenizer import tokenize
-
     top_k, rerank = min(top_k, len(prompts)), min(rerank, len(prompts))
     image_embeds = model.visual_encoder(pixel_values)  # (B, 1+N, Dv)
     image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, E)
@@ -248,10 +247,10 @@ def classify(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, promp
     itm: dict[tuple[int, int], float] = {}
     if rerank:
         chosen = shortlist[:, :rerank]  # (B, R)
-        texts = [pre_caption(prompts[label], 50) for label in chosen.reshape(-1).tolist()]
-        input_ids, attention_mask = tokenize(tokenizer, texts, 35, padding="longest")
-        logits = model.itm_logits(image_embeds.repeat_interleave(rerank, dim=0), input_ids.to(pixel_values.device),
-                                  attention_mask.to(pixel_values.device)).float()  # (B*R, 2)  # fmt: skip
+        input_ids, attention_mask = _tokenized(tokenizer, [prompts[label] for label in chosen.reshape(-1).tolist()],
+                                               pixel_values.device)  # fmt: skip
+        logits = model.itm_logits(image_embeds.repeat_interleave(rerank, dim=0), input_ids,
+                                  attention_mask).float()  # (B*R, 2)  # fmt: skip
         match = torch.softmax(logits, dim=-1)[:, 1].reshape(chosen.shape)
         itm = {(row, label): float(match[row, column]) for row in range(chosen.shape[0])
                for column, label in enumerate(chosen[row].tolist())}  # fmt: skip
