@@ -184,6 +184,13 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, two spaces apart (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def _size(num_bytes: int) -> str:
     value = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -245,9 +252,7 @@ def cmd_work(args: argparse.Namespace) -> int:
 
     rows = [("WORK", "WHAT", "STATE", "SIZE", "FILES", "LAST WRITE", "DETAIL")]
     rows += [(e.key, e.what, e.state, _size(e.bytes), str(e.files), when(e.modified), e.detail) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(rows)
     total = sum(e.bytes for e in entries)
     spare = sum(e.bytes for e in entries if e.removable_as_leftover)
     print(f"{len(entries)} in all, {_size(total)}; {_size(spare)} of it no rerun needs (--remove-leftovers)")
@@ -267,9 +272,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "PARENTS", "FINISHED")]
     rows += [(m.ref, m.kind, m.short_id, m.producer.stage, _samples_of(m), ",".join(m.parents) or "-",
               m.producer.finished_at or "-") for m in manifests]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(rows)
     return 0
 
 
