@@ -18,6 +18,7 @@ img2dataset's Ray distributor (one Ray task a shard) had Ray retry a task whose 
 shard that reported a failure (`max_shard_retry` did nothing), and ended, after the retries Ray allows, with a
 traceback that did not say which shard: `supervised_ray_distributor` retries failed shards as the multiprocessing
 one does, lets Ray run a shard whose worker died `MAX_DEATHS` times in all, and then stops in the same one line.
+img2dataset's also submitted every shard at once (13k tasks at 129M); this one keeps two a cluster CPU in flight.
 
 `using_supervised_distributor` puts both in img2dataset's place for one `download` call.
 """
@@ -68,23 +69,39 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
     from tqdm import tqdm
 
     download_shard = ray.remote(num_cpus=1, max_retries=MAX_DEATHS - 1)(_download_shard)
+    downloader_ref = ray.put(downloader)  # sent to the object store once, not with every task
 
     def run(shards: Iterable[Any]) -> list[Any]:
-        # Submitted as the reader cuts them, as img2dataset does; collected as they finish.
-        pending = {download_shard.remote(downloader, shard): shard for shard in shards}
+        # Taken from the reader as tasks finish, at most IN_FLIGHT_PER_CPU a cluster CPU in flight (img2dataset
+        # submitted every shard at once: 13k tasks queued on the scheduler at 129M); collected as they finish.
+        remaining = iter(shards)
+        pending: dict[Any, Any] = {}
         failed: list[Any] = []
-        with tqdm(total=len(pending), desc="downloading shards", unit="shard") as progress:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+        with tqdm(desc="downloading shards", unit="shard") as progress:
+            while True:
+                limit = _in_flight_limit(ray)  # read again each time: a cluster that scales up gets more
+                while len(pending) < limit and (shard := next(remaining, _DONE)) is not _DONE:
+                    pending[download_shard.remote(downloader_ref, shard)] = shard
+                if not pending:
+                    return failed
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     shard = pending.pop(ref)
                     status, row = _shard_result(ray, ref, shard)
                     if status is False:
                         failed.append(row)
                     progress.update()
-        return failed
 
     retrier(run, run(reader), max_shard_retry)
+
+
+IN_FLIGHT_PER_CPU = 2  # shard tasks in flight per cluster CPU: every CPU busy, one queued behind it, and an
+# autoscaler sees the demand for more
+_DONE = object()
+
+
+def _in_flight_limit(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_CPU
 
 
 def _download_shard(downloader: Downloader, shard: Any) -> tuple[bool, Any]:

@@ -120,6 +120,27 @@ def test_on_ray_a_shard_that_kills_its_worker_every_time_stops_the_download_nami
     assert _finished(tmp_path / "log")[0] == Counter([0, 1])
 
 
+def test_on_ray_shards_are_taken_from_the_reader_as_tasks_finish(ray_downloads, tmp_path, monkeypatch):
+    """img2dataset's Ray distributor submitted every shard at once (13k tasks at 129M); at most
+    IN_FLIGHT_PER_CPU tasks a cluster CPU are in flight now, and every shard is still done once."""
+    import ray
+
+    monkeypatch.setattr(download_workers, "IN_FLIGHT_PER_CPU", 1)
+    limit = int(ray.cluster_resources()["CPU"])
+    log = tmp_path / "log"
+    in_flight: list[int] = []
+
+    def reader():  # as img2dataset's reader: cuts the next shard when asked for it
+        for number in range(4 * limit + 3):
+            finished = len(log.read_text().splitlines()) if log.exists() else 0
+            in_flight.append(number - finished)  # taken before this one and not finished yet
+            yield number, f"part-{number}"
+
+    download_workers.supervised_ray_distributor(2, RecordingDownloader(log), reader(), None, max_shard_retry=1)
+    assert _finished(log)[0] == Counter(range(4 * limit + 3))
+    assert max(in_flight) <= limit - 1 < 4 * limit + 2  # the reader was not drained up front
+
+
 def test_a_worker_that_dies_between_shards_is_replaced_and_no_shard_is_charged_or_lost(tmp_path, caplog):
     """A worker killed while idle (after its result, before its next shard): the next shard sent to it cannot
     arrive; it goes to a new worker, without counting as a death of that shard."""
