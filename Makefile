@@ -6,22 +6,27 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# The stamp depends on pyproject.toml: editing the dependencies reinstalls, a second `make` does not.
+# The stamp depends on pyproject.toml and constraints.txt: editing the dependencies reinstalls, a second `make` does
+# not. constraints.txt pins every package (`make lock` re-resolves them), so fresh clones install the same versions.
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= --durations=15  # the slowest tests, to keep `make test` within its ~20 minutes
 # Commands run with the venv first on PATH, like an activated venv (Ray jobs and Prefect workers spawn `python`).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test unit integration bench clean-artifacts
+.PHONY: install lock demo test unit integration bench clean-artifacts
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml third_party/no-dataclasses/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt third_party/no-dataclasses/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	@bash infra/install_system_deps.sh
 	@touch $(STAMP)
+
+# Newer packages, on purpose: re-resolve pyproject.toml's ranges in a scratch venv and pin the result.
+lock:
+	PYTHON=$(PYTHON) bash infra/lock_dependencies.sh
 
 demo: install
 	$(PY) -m pipelines.demo $(DEMO_ARGS)
