@@ -49,6 +49,25 @@ OFFICIAL_CHECKPOINTS: dict[str, tuple[str, str, str]] = {
     "model_base_nlvr": ("model_base_nlvr.pth", "nlvr", "base"),
 }
 
+# LAVIS's model zoo (`load_model("blip_caption", "base_coco")`; lavis/configs/models/blip_*.yaml): "arch/model_type"
+# -> (URL of the weights it loads, our kind). Four are LAVIS's own finetunes, the rest BLIP's released files. Left
+# out: blip_classification/base (a SNLI-VE head with no released weights) and blip_pretrain/large (no weights).
+LAVIS_URL_PREFIX = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP/"
+LAVIS_MODELS: dict[str, tuple[str, str]] = {
+    "blip_caption/base_coco": (LAVIS_URL_PREFIX + "blip_coco_caption_base.pth", "caption"),
+    "blip_caption/large_coco": (OFFICIAL_URL_PREFIX + "model_large_caption.pth", "caption"),
+    "blip_feature_extractor/base": (OFFICIAL_URL_PREFIX + "model_base_capfilt_large.pth", "features"),
+    "blip_image_text_matching/base": (OFFICIAL_URL_PREFIX + "model_base_retrieval_coco.pth", "itm"),
+    "blip_image_text_matching/large": (OFFICIAL_URL_PREFIX + "model_large_retrieval_coco.pth", "itm"),
+    "blip_nlvr/nlvr": (OFFICIAL_URL_PREFIX + "model_base_nlvr.pth", "nlvr"),
+    "blip_pretrain/base": (OFFICIAL_URL_PREFIX + "model_base_capfilt_large.pth", "pretrain"),
+    "blip_retrieval/coco": (LAVIS_URL_PREFIX + "blip_coco_retrieval.pth", "retrieval"),
+    "blip_retrieval/flickr": (LAVIS_URL_PREFIX + "blip_flickr_retrieval.pth", "retrieval"),
+    "blip_vqa/vqav2": (OFFICIAL_URL_PREFIX + "model_base_vqa_capfilt_large.pth", "vqa"),
+    "blip_vqa/okvqa": (LAVIS_URL_PREFIX + "blip_okvqa.pth", "vqa"),
+    "blip_vqa/aokvqa": (LAVIS_URL_PREFIX + "blip_aokvqa.pth", "vqa"),
+}
+
 # Kinds of task model and their classes: the one table in blip_models/__init__.py.
 
 FORMAT_NAME = "blip-bootstrap"
@@ -71,6 +90,45 @@ class CheckpointError(ValueError):
 def official_urls() -> dict[str, str]:
     """name -> download URL of every released BLIP checkpoint (spec §5.1)."""
     return {name: OFFICIAL_URL_PREFIX + file for name, (file, _, _) in OFFICIAL_CHECKPOINTS.items()}
+
+
+def named_checkpoints() -> dict[str, tuple[str, str]]:
+    """name -> (URL, kind) of every checkpoint known by name: BLIP's released files by their names
+    (`model_base_capfilt_large`), then LAVIS's model zoo by `arch/model_type` (`blip_caption/base_coco`)."""
+    blip = {name: (OFFICIAL_URL_PREFIX + file, kind) for name, (file, kind, _) in OFFICIAL_CHECKPOINTS.items()}
+    return {**blip, **LAVIS_MODELS}
+
+
+def checkpoint_url(name: str | Path) -> str | None:
+    """The URL a checkpoint name stands for (BLIP's or LAVIS's, `named_checkpoints`), None for anything else."""
+    known = named_checkpoints().get(str(name).removesuffix(".pth"))
+    return known[0] if known else None
+
+
+def checkpoint_not_found(source: str | Path) -> str:
+    """The message for a checkpoint that is neither a file, a directory, a URL nor a name, with the names it
+    resembles."""
+    import difflib
+
+    close = difflib.get_close_matches(str(source), list(named_checkpoints()), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"checkpoint not found: {source}{hint}; `blip infer models` lists the checkpoint names"
+
+
+def checkpoint_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where downloaded checkpoints are kept: `cache_dir`, else $BLIP_CHECKPOINT_CACHE, else torch hub's dir."""
+    import os
+
+    if cache_dir or os.environ.get("BLIP_CHECKPOINT_CACHE"):
+        return Path(cache_dir or os.environ["BLIP_CHECKPOINT_CACHE"])
+    import torch
+
+    return Path(torch.hub.get_dir()) / "blip_checkpoints"
+
+
+def cached_path(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The file a download of `url` is kept as (present or not)."""
+    return checkpoint_cache_dir(cache_dir) / url.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -310,12 +368,16 @@ def accept_fresh(model: nn.Module, report: LoadReport, source_kind: str | None) 
 
 
 def read_official(path_or_url: str | Path, map_location: str = "cpu", cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """The `'model'` state dict of an official `.pth` (a local path or an http(s) URL, downloaded once to a cache)."""
+    """The `'model'` state dict of an official `.pth`: a local path, an http(s) URL or a checkpoint name
+    (`named_checkpoints`: BLIP's or LAVIS's), the last two downloaded once to a cache. A local file wins over a
+    name."""
     import torch
 
+    if not Path(path_or_url).exists():
+        path_or_url = checkpoint_url(path_or_url) or path_or_url
     path = Path(path_or_url) if not str(path_or_url).startswith(("http://", "https://")) else _download(str(path_or_url), cache_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(checkpoint_not_found(path))
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - a corrupt or non-torch file becomes one clear error
@@ -328,13 +390,10 @@ def read_official(path_or_url: str | Path, map_location: str = "cpu", cache_dir:
 
 
 def _download(url: str, cache_dir: str | Path | None) -> Path:
-    import os
-
     import torch
 
-    root = Path(cache_dir or os.environ.get("BLIP_CHECKPOINT_CACHE") or Path(torch.hub.get_dir()) / "blip_checkpoints")
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / url.rstrip("/").rsplit("/", 1)[-1]
+    path = cached_path(url, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         partial = path.with_suffix(path.suffix + ".partial")
         torch.hub.download_url_to_file(url, str(partial), progress=True)

@@ -1,7 +1,8 @@
 """Load any BLIP checkpoint as the task model a job needs, and run batched inference with it.
 
 Checkpoint sources, detected from the path: our `save_pretrained` directory, a transformers `Salesforce/blip-*`
-directory (or hub name), an official salesforce/BLIP `.pth` (path or URL). The requested kind decides the model
+directory (or hub name), an official salesforce/BLIP `.pth` (path, URL, or a name: BLIP's `model_base_capfilt_large`,
+LAVIS's `blip_caption/base_coco`; `load_model_and_preprocess` is LAVIS's call). The requested kind decides the model
 class; a checkpoint of another kind is accepted when it holds every tensor that kind needs (a pretrain or
 retrieval file serves ITM, a pretrain file serves captioning), otherwise the error names both kinds.
 
@@ -23,6 +24,8 @@ from blip_models.checkpoints import (
     LoadReport,
     accept_fresh,
     build_model,
+    checkpoint_not_found,
+    checkpoint_url,
     config_from_dict,
     from_pretrained,
     is_pretrained_dir,
@@ -46,7 +49,8 @@ class LoadedModel:
 
 
 def detect_format(path: str | Path) -> str:
-    """'pretrained' (our directory), 'huggingface' (transformers directory or hub name) or 'official' (.pth)."""
+    """'pretrained' (our directory), 'huggingface' (transformers directory or hub name) or 'official' (.pth path,
+    URL or checkpoint name: BLIP's `model_base`, LAVIS's `blip_caption/base_coco`)."""
     from blip_models.hf_convert import HUB_MODELS, is_hf_dir
 
     text = str(path)
@@ -60,11 +64,11 @@ def detect_format(path: str | Path) -> str:
             return "huggingface"
         raise CheckpointError(f"{path}: a directory, but neither a save_pretrained model (config.json + "
                               "model.safetensors) nor a transformers BLIP directory")  # fmt: skip
-    if local.is_file():
+    if local.is_file() or checkpoint_url(text):
         return "official"
     if text in HUB_MODELS or (text.count("/") == 1 and text.startswith("Salesforce/blip")):
         return "huggingface"
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise FileNotFoundError(checkpoint_not_found(path))
 
 
 def load_for(path: str | Path, kind: str, image_size: int | None = None, map_location: str = "cpu") -> LoadedModel:
@@ -86,6 +90,36 @@ def load_for(path: str | Path, kind: str, image_size: int | None = None, map_loc
         return LoadedModel(from_pretrained(path, map_location), kind, source_format, None, tokenizer)
     model, report = _convert_pretrained(path, data, kind, image_size, map_location)
     return LoadedModel(model, kind, source_format, report, tokenizer)
+
+
+def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
+                              device: str = "cpu") -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """LAVIS's call (`lavis.models.load_model_and_preprocess`) for its BLIP models: `name` and `model_type` from
+    its model zoo (`blip_caption`, `base_coco`; `checkpoints.LAVIS_MODELS`), the weights it loads downloaded once
+    into the checkpoint cache. Returns the model (in eval mode when `is_eval`, as LAVIS), and LAVIS's "train" and
+    "eval" image and text processors: BLIP's transforms at the model's image size; captions cleaned by
+    `pre_caption` (the captioner's training texts prefixed with its prompt), VQA questions by `pre_question`."""
+
+    from blip_models.checkpoints import LAVIS_MODELS
+    from blip_models.processing import eval_transform, pre_caption, pre_question, train_transform
+
+    zoo_name = f"{name}/{model_type}"
+    if zoo_name not in LAVIS_MODELS:
+        known = sorted({key.split("/")[0] for key in LAVIS_MODELS})
+        types = sorted(key.split("/")[1] for key in LAVIS_MODELS if key.startswith(f"{name}/"))
+        detail = f"its model types: {', '.join(types)}" if types else f"the BLIP models: {', '.join(known)}"
+        raise CheckpointError(f"LAVIS has no BLIP model {name!r} of type {model_type!r} ({detail})")
+    loaded = load_for(zoo_name, LAVIS_MODELS[zoo_name][1], map_location=device)
+    model = loaded.model.to(device)
+    model.train(not is_eval)
+    image_size = int(model.config.vision.image_size)
+    vis_processors = {"train": train_transform(image_size), "eval": eval_transform(image_size)}
+    if loaded.kind == "vqa":
+        txt_processors = {"train": pre_question, "eval": pre_question}
+    else:
+        prompt = "a picture of " if loaded.kind == "caption" else ""
+        txt_processors = {"train": lambda text: prompt + pre_caption(text), "eval": pre_caption}
+    return model, vis_processors, txt_processors
 
 
 def _convert_pretrained(path: str | Path, data: dict[str, Any], kind: str, image_size: int | None,

@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
     finetune.add_argument("task", choices=FINETUNE_TASKS)
     finetune.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/finetune/ (default: the task's BLIP defaults)")
-    finetune.add_argument("--init", required=True, help="model version, save_pretrained directory or official .pth")
+    finetune.add_argument("--init", required=True, help="model version, save_pretrained directory, official .pth "
+                          "(path or URL) or checkpoint name (`blip infer models`: model_base_capfilt_large, ...)")
     finetune.add_argument("--dataset", required=True, help="downstream dataset version")
     finetune.add_argument("--name", default=None, help="output model name (default: <init name>-<task>)")
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

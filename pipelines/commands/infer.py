@@ -1,7 +1,8 @@
 """`blip infer caption | itm | vqa | features | classify`: run a BLIP checkpoint on an image or a folder of images.
 
-The checkpoint may be our `save_pretrained` directory, an official salesforce/BLIP `.pth` (path or URL) or a
-transformers `Salesforce/blip-*` directory; the format is detected (blip_models.inference.load_for). Images are
+The checkpoint may be our `save_pretrained` directory, an official salesforce/BLIP `.pth` (path, URL, or a name:
+BLIP's or LAVIS's, listed by `blip infer models`) or a transformers `Salesforce/blip-*` directory; the format is
+detected (blip_models.inference.load_for). Images are
 processed in batches with a progress bar on stderr; results go to stdout as tab-separated lines, or one JSON
 object per image with --json. Wrong checkpoint kinds, unreadable images and empty texts are one-line errors.
 """
@@ -27,7 +28,7 @@ DEFAULT_TEMPLATE = "a picture of {}"  # the prompt of LAVIS's BLIP zero-shot cla
 def register(subparsers: Any) -> None:
     infer = subparsers.add_parser(
         "infer",
-        help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify",
+        help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify (models: the named ones)",
         description="Run a checkpoint (our model directory, an official .pth or a transformers BLIP directory) "
         "on one image or every image of a folder.",
     )
@@ -69,10 +70,42 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--text", default=None, help="also return text and multimodal features of this text")
             parser.add_argument("--output", type=Path, default=None, help="write the features to this .pt file")
         parser.set_defaults(func=cmd_infer)
+    models = tasks.add_parser("models", help="the checkpoints --checkpoint takes by name, and which are downloaded",
+                              description="Checkpoints known by name: BLIP's released files (model_base, ...), LAVIS's "
+                              "model zoo as arch/model_type (blip_caption/base_coco, ...) and transformers' "
+                              "Salesforce/blip-* hub names. A named .pth is downloaded once into the checkpoint cache "
+                              "($BLIP_CHECKPOINT_CACHE, else torch hub's directory); the names also serve "
+                              "`blip train --init`.")  # fmt: skip
+    models.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    models.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from blip_models.checkpoints import LAVIS_MODELS, cached_path, named_checkpoints
+    from blip_models.hf_convert import HUB_MODELS
+
+    rows = []
+    for name, (url, kind) in named_checkpoints().items():
+        cached = cached_path(url)
+        rows.append({"name": name, "kind": kind, "source": "LAVIS" if name in LAVIS_MODELS else "BLIP", "url": url,
+                     "cached": str(cached) if cached.is_file() else None})  # fmt: skip
+    rows += [{"name": name, "kind": kind, "source": "transformers hub", "url": f"https://huggingface.co/{name}",
+              "cached": None} for name, kind in HUB_MODELS.items()]  # fmt: skip
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        state = "downloaded" if row["cached"] else ""
+        print(f"{row['name']:<{width}}  {row['kind']:<9}  {row['source']:<16}  {state:<10}  {row['url']}")
+    return 0
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model directory, official .pth (path/URL) or HF directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory, official .pth (path/URL), a checkpoint name (`blip infer models`: "
+                        "model_base_capfilt_large, blip_caption/base_coco, ...) or HF directory")
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
     parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")

@@ -155,8 +155,9 @@ def task_model_config(init_config: dict[str, Any], cfg: FinetuneConfig) -> dict[
 
 def resolve_model_source(registry: Any, ref: Any) -> tuple[Any, str]:
     """(model manifest or None, local directory / .pth path / URL) for a model reference."""
+    from blip_models.checkpoints import checkpoint_url
     from datasets_manifests.manifest import Manifest
-    from datasets_manifests.registry import NotFoundError
+    from datasets_manifests.registry import NotFoundError, RegistryError
 
     if not isinstance(ref, Manifest):
         text = str(ref)
@@ -164,8 +165,13 @@ def resolve_model_source(registry: Any, ref: Any) -> tuple[Any, str]:
             return None, text
         try:
             ref = registry.resolve(text, kind="model")
-        except NotFoundError as error:
-            raise FileNotFoundError(f"model {text!r} is neither a file, a directory nor a model version ({error})") from None
+        except RegistryError as error:  # not found, or not a version's name at all
+            if url := checkpoint_url(text):  # BLIP's or LAVIS's name for a released file (`blip infer models`)
+                return None, url
+            if not isinstance(error, NotFoundError):
+                raise
+            raise FileNotFoundError(f"model {text!r} is neither a file, a directory, a model version nor a checkpoint "
+                                    f"name ({error})") from None  # fmt: skip
     configs = sorted((e.path for e in ref.files if Path(e.path).name == "config.json"), key=len)
     if not configs:
         raise FileNotFoundError(f"model version {ref.ref} has no config.json (not a save_pretrained model)")

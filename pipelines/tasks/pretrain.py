@@ -450,14 +450,20 @@ def init_identity(source: str) -> list[str]:
 
 def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     """(model manifest or None, local path/URL of the weights) for an init reference."""
-    from datasets_manifests.registry import NotFoundError
+    from blip_models.checkpoints import checkpoint_url
+    from datasets_manifests.registry import NotFoundError, RegistryError
 
     if Path(source).exists() or source.startswith(("http://", "https://")):
         return None, source
     try:
         manifest = registry.resolve(source, kind="model")
-    except NotFoundError as error:
-        raise FileNotFoundError(f"init {source!r} is neither a file, a directory nor a model version ({error})") from None
+    except RegistryError as error:  # not found, or not a version's name at all
+        if url := checkpoint_url(source):  # BLIP's or LAVIS's name for a released file (`blip infer models`)
+            return None, url
+        if not isinstance(error, NotFoundError):
+            raise
+        raise FileNotFoundError(f"init {source!r} is neither a file, a directory, a model version nor a checkpoint "
+                                f"name ({error})") from None  # fmt: skip
     configs = [e.path for e in manifest.files if Path(e.path).name == "config.json"]
     if not configs:
         raise FileNotFoundError(f"model version {manifest.ref} has no config.json (not a save_pretrained model)")

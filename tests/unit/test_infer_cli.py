@@ -245,3 +245,71 @@ def test_python_dash_m_turns_command_errors_into_one_line(tmp_path):
                              "--image", str(tmp_path / "none.png")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"blip infer: error: image not found: {tmp_path / 'none.png'}"]
+
+
+def test_a_checkpoint_name_loads_its_file_from_the_cache(tmp_path, config64, images, capsys, monkeypatch):
+    """BLIP's and LAVIS's names stand for their files' URLs: a file already in the checkpoint cache is read there
+    (nothing can be downloaded here: a download would fail the test), with the same results as its path."""
+    monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    path = tmp_path / "cache" / "blip_coco_caption_base.pth"  # the file LAVIS's blip_caption/base_coco loads
+    torch.save({"model": _build("caption", config64).state_dict(), "epoch": 5}, path)
+    args = ["--image", str(images), "--max-length", "8", "--json"]
+    assert main(["infer", "caption", "--checkpoint", str(path), *args]) == 0
+    by_path = _json_lines(capsys.readouterr().out)
+    assert main(["infer", "caption", "--checkpoint", "blip_caption/base_coco", *args]) == 0
+    assert _json_lines(capsys.readouterr().out) == by_path
+    assert main(["infer", "models", "--json"]) == 0
+    listed = {row["name"]: row for row in _json_lines(capsys.readouterr().out)}
+    assert listed["blip_caption/base_coco"]["cached"] == str(path) and listed["model_base"]["cached"] is None
+    assert listed["model_base"]["url"] == ck.OFFICIAL_URL_PREFIX + "model_base.pth"
+    assert listed["Salesforce/blip-itm-base-coco"]["kind"] == "itm"
+    torch.save({"model": _build("pretrain", config64).state_dict()}, tmp_path / "cache" / "model_base.pth")
+    assert ck.read_official("model_base").keys() == _build("pretrain", config64).state_dict().keys()  # `train --init`
+
+
+def test_an_unknown_checkpoint_name_is_one_line_with_the_names_it_resembles(images, capsys):
+    assert main(["infer", "caption", "--checkpoint", "model_base_capfilt_larg", "--image", str(images)]) == 2
+    line = _error_line(capsys)
+    assert "checkpoint not found: model_base_capfilt_larg (did you mean model_base_capfilt_large" in line
+    assert line.endswith("`blip infer models` lists the checkpoint names")
+
+
+def test_lavis_load_model_and_preprocess_downloads_once_and_returns_its_processors(tmp_path, config64, monkeypatch):
+    """LAVIS's call, the weights served by a real HTTP server on 127.0.0.1 in place of LAVIS's bucket: downloaded
+    into the cache once, then read from it."""
+    import http.server
+    import threading
+    from functools import partial
+
+    from blip_models.inference import load_model_and_preprocess
+
+    served, requests = tmp_path / "served", []
+    served.mkdir()
+    state = _build("vqa", config64).state_dict()
+    torch.save({"model": state}, served / "blip_okvqa.pth")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *_):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/blip_okvqa.pth"
+    monkeypatch.setitem(ck.LAVIS_MODELS, "blip_vqa/okvqa", (url, "vqa"))
+    monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    try:
+        for _ in range(2):
+            model, vis, txt = load_model_and_preprocess("blip_vqa", "okvqa", is_eval=True)
+            assert not model.training and type(model).__name__ == "BlipVQA"
+            torch.testing.assert_close(model.state_dict()["text_decoder.cls.predictions.bias"],
+                                       state["text_decoder.cls.predictions.bias"])  # fmt: skip
+    finally:
+        server.shutdown()
+    assert requests == ["/blip_okvqa.pth"] and (tmp_path / "cache" / "blip_okvqa.pth").is_file()
+    assert vis["eval"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    assert vis["train"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    assert txt["eval"]("What colour: is it? ") == "what colour is it?"  # BLIP's pre_question
+    with pytest.raises(ck.CheckpointError, match="LAVIS has no BLIP model 'blip_vqa' of type 'vqa' "
+                                                 r"\(its model types: aokvqa, okvqa, vqav2\)"):  # fmt: skip
+        load_model_and_preprocess("blip_vqa", "vqa")

@@ -119,6 +119,7 @@ def test_progress_goes_to_a_missing_folder_and_a_failure_never_stops_training(
 def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
     scenes: tuple[Any, Any], tmp_path: Path
 ) -> None:
+    from blip_models import checkpoints as ck
     from blip_models.checkpoints import save_pretrained
     from blip_models.configuration_blip import preset
     from blip_models.modeling_pretrain import BlipPretrain
@@ -149,6 +150,16 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
     assert len({scratch_key, first_key, latest_key}) == 3
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="no-such-model")), [dataset])
+    # A released checkpoint by its BLIP (or LAVIS) name: its URL, which the workers download into their cache.
+    named = dataclasses.replace(cfg, init=InitConfig(checkpoint="model_base_capfilt_large"))
+    parents, source, named_key = lineage(registry, named, [dataset])
+    assert parents == [dataset] and source == ck.OFFICIAL_URL_PREFIX + "model_base_capfilt_large.pth"
+    assert named_key not in {scratch_key, first_key, latest_key}
+    assert lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="blip_pretrain/base")),
+                   [dataset])[1] == source  # fmt: skip
+    from pipelines.tasks.finetune import resolve_model_source  # finetuning's --init the same way
+
+    assert resolve_model_source(registry, "blip_retrieval/coco") == (None, ck.LAVIS_URL_PREFIX + "blip_coco_retrieval.pth")
     # A directory outside the registry: keyed by its weights, so new weights at the same path are new work.
     outside = tmp_path / "outside"
     shutil.copytree(registry.local_path(versions[0], "model/config.json").parent, outside)
