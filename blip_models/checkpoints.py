@@ -373,11 +373,7 @@ def read_official(path_or_url: str | Path, map_location: str = "cpu", cache_dir:
     name."""
     import torch
 
-    if not Path(path_or_url).exists():
-        path_or_url = checkpoint_url(path_or_url) or path_or_url
-    path = Path(path_or_url) if not str(path_or_url).startswith(("http://", "https://")) else _download(str(path_or_url), cache_dir)
-    if not path.is_file():
-        raise FileNotFoundError(checkpoint_not_found(path))
+    path = local_checkpoint(path_or_url, cache_dir)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - a corrupt or non-torch file becomes one clear error
@@ -387,6 +383,18 @@ def read_official(path_or_url: str | Path, map_location: str = "cpu", cache_dir:
     if isinstance(checkpoint, Mapping) and any(str(k).startswith("visual_encoder.") for k in checkpoint):
         return dict(checkpoint)  # a bare state dict, as some re-saved copies are
     raise CheckpointError(f"{path}: no 'model' state dict inside (top-level keys: {list(checkpoint)[:6]})")
+
+
+def local_checkpoint(path_or_url: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The local file of a checkpoint given as a path, an http(s) URL or a name (`named_checkpoints`; a local file
+    wins over a name): a URL is downloaded once into the checkpoint cache."""
+    if not Path(path_or_url).exists():
+        path_or_url = checkpoint_url(path_or_url) or path_or_url
+    text = str(path_or_url)
+    path = _download(text, cache_dir) if text.startswith(("http://", "https://")) else Path(path_or_url)
+    if not path.is_file():
+        raise FileNotFoundError(checkpoint_not_found(path))
+    return path
 
 
 def _download(url: str, cache_dir: str | Path | None) -> Path:

@@ -60,7 +60,9 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults)")
-    evaluate.add_argument("--model", required=True, help="model version or save_pretrained directory")
+    evaluate.add_argument("--model", required=True,
+                          help="model version, save_pretrained directory, official .pth (path or URL) or checkpoint "
+                          "name (`blip infer models`): `--model model_base_retrieval_coco` evaluates BLIP's release")
     evaluate.add_argument("--dataset", required=True, help="downstream dataset version")
     evaluate.add_argument("--name", default=None, help="evaluation name (default: <model name>-eval-<task>)")
     evaluate.add_argument("--out", default=None, help="also write the metrics JSON to this file")
@@ -94,8 +96,15 @@ def _load(cls: Any, group: str, args: argparse.Namespace) -> Any:
 
 
 def _default_name(ref: str, suffix: str) -> str:
-    base = Path(ref).name if Path(ref).exists() else ref.split("@", 1)[0]
-    return f"{base}-{suffix}"
+    """`<model>-<suffix>` in a version name's characters: a directory's name, a file's or URL's stem, a version's
+    name, a checkpoint name with '-' for '/' (blip_caption/base_coco -> blip_caption-base_coco)."""
+    if Path(ref).exists():
+        base = Path(ref).stem if Path(ref).is_file() else Path(ref).name
+    elif "://" in ref:
+        base = ref.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pth")
+    else:
+        base = ref.split("@", 1)[0].replace("/", "-")
+    return f"{base.lower()}-{suffix}"
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pipelines.config import check_range, config_hash, to_dict
+
+log = logging.getLogger(__name__)
 
 EvalTask = Literal["retrieval", "caption", "vqa", "nlvr", "video"]
 MODEL_KIND = {"retrieval": "retrieval", "caption": "caption", "vqa": "vqa", "nlvr": "nlvr", "video": "retrieval"}
@@ -478,11 +481,13 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     registry = registry if registry is not None else Registry()
     dataset = registry.resolve(dataset, kind="dataset")
     model_manifest, model_dir = resolve_model_source(registry, model)
+    checkpoint = None  # an official .pth evaluated: its source and sha256
     if not Path(model_dir).is_dir():
-        raise ValueError(f"evaluation needs a save_pretrained model (a model version or directory), got {model_dir}")
+        model_dir, checkpoint = official_as_directory(model_dir, MODEL_KIND[cfg.task])
     stage = f"evaluate-{cfg.task}"
     parents = [m for m in (model_manifest, dataset) if m is not None]
-    key = cache_key(stage, [p.id for p in parents] + ([] if model_manifest else [str(model_dir)]), config_hash(cfg))
+    outside = [] if model_manifest else [f"sha256:{checkpoint['sha256']}" if checkpoint else str(model_dir)]
+    key = cache_key(stage, [p.id for p in parents] + outside, config_hash(cfg))
     cached = registry.find_cached("evaluation", name, key)
     if cached is not None:  # reused: the same table and --out file as a fresh run
         print(render_table(cached))
@@ -516,7 +521,7 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     metadata = {"task": cfg.task, "split": cfg.split, "benchmark": benchmark,
                 "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items()},
                 "details": details, "notes": notes,
-                "lineage": evaluation_lineage(model_manifest, model_dir, dataset)}  # fmt: skip
+                "lineage": evaluation_lineage(model_manifest, model_dir, dataset, checkpoint)}  # fmt: skip
     (staging / "metrics.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
     files = [{"path": p.name, "role": "metrics" if p.name == "metrics.json" else "other"} for p in sorted(staging.iterdir())]
     producer = Producer(stage=stage, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key, started_at=started)
@@ -528,15 +533,42 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     return manifest
 
 
-def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any) -> dict[str, Any]:
+def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any,
+                       checkpoint: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """What was evaluated, for metrics.json and --out: the model and dataset refs and content ids; a model given
-    as a directory has no ref, so its path and the sha256 of its files stand in."""
+    as a directory has no ref, so its path and the sha256 of its files stand in; an official checkpoint is named
+    as given (path, URL or name) with the sha256 of its file."""
     if model_manifest is not None:
         model = {"ref": model_manifest.ref, "id": model_manifest.id}
     else:
         model = {"ref": None, "id": f"sha256:{model_content_id(model_dir)}",
                  "directory": str(Path(model_dir).resolve())}
+        if checkpoint:
+            model["checkpoint"] = checkpoint
     return {"model": model, "dataset": {"ref": dataset.ref, "id": dataset.id}}
+
+
+def official_as_directory(source: str, kind: str) -> tuple[str, dict[str, str]]:
+    """An official `.pth` (path, URL or checkpoint name: BLIP's released files, LAVIS's) as a save_pretrained
+    directory of the `kind` model, which the evaluation workers load: converted once, in the checkpoint cache
+    (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256}."""
+    import os
+
+    from blip_models.checkpoints import checkpoint_cache_dir, load_official, local_checkpoint, save_pretrained
+    from datasets_manifests.filesystems import sha256_file
+
+    path = local_checkpoint(source)
+    digest = sha256_file(path)[0]
+    target = checkpoint_cache_dir() / "converted" / f"{path.stem}-{kind}-{digest[:16]}"
+    if not (target / "config.json").is_file():
+        model, report = load_official(path, kind=kind)
+        log.info("evaluate: %s converted for the '%s' model (%s)", source, kind, report.summary())
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_pretrained(model, partial)
+        shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
+        os.replace(partial, target)  # whole or absent
+    return str(target), {"checkpoint": str(source), "sha256": digest}
 
 
 def evaluate_karpathy(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,

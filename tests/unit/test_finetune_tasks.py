@@ -345,6 +345,46 @@ def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
         layout_of(type("M", (), {"metadata": {}, "ref": "x@v1"})())
 
 
+def test_evaluate_an_official_checkpoint_by_path_and_by_name(downstream, tmp_path, monkeypatch):
+    """`blip eval retrieval --model model_base_retrieval_coco`: an official .pth (here a tiny one in the layout of
+    the released files, 64-dim heads as theirs) is converted once into a save_pretrained directory in the
+    checkpoint cache and scores as that model does; the lineage names the checkpoint and its sha256."""
+    import hashlib
+
+    from blip_models import checkpoints as ck
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.commands.evaluate import _default_name
+    from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    registry, manifest = downstream
+    monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = BlipRetrieval(preset("tiny").replace(vision={"width": 64, "heads": 1},
+                                                 text={"hidden_size": 64, "num_attention_heads": 1,
+                                                       "encoder_width": 64}))  # fmt: skip
+    directory = save_pretrained(model, tmp_path / "retrieval")
+    (tmp_path / "cache").mkdir()
+    official = tmp_path / "cache" / "model_base_retrieval_coco.pth"  # where a download of the release is kept
+    torch.save({"model": model.state_dict(), "epoch": 5}, official)
+    cfg = EvaluateConfig(task="retrieval", num_workers=0, k_test=4)
+    expected = run_evaluate(cfg, model=str(directory), dataset=manifest, name="eval-dir", registry=registry)
+    url = ck.OFFICIAL_URL_PREFIX + official.name  # what the name stands for, recorded as such
+    for source, recorded, name in ((str(official), str(official), "eval-path"),
+                                   ("model_base_retrieval_coco", url, "eval-name")):  # fmt: skip
+        evaluation = run_evaluate(cfg, model=source, dataset=manifest, name=name, registry=registry)
+        assert evaluation.metadata["metrics"] == expected.metadata["metrics"]
+        model_lineage = json.loads(registry.local_path(evaluation, "metrics.json").read_text())["lineage"]["model"]
+        assert model_lineage["checkpoint"] == {"checkpoint": recorded,
+                                               "sha256": hashlib.sha256(official.read_bytes()).hexdigest()}  # fmt: skip
+    (converted,) = (tmp_path / "cache" / "converted").iterdir()  # converted once, for the 'retrieval' model
+    assert converted.name.startswith("model_base_retrieval_coco-retrieval-") and (converted / "config.json").is_file()
+    assert _default_name("blip_retrieval/coco", "eval-retrieval") == "blip_retrieval-coco-eval-retrieval"
+    assert _default_name(str(official), "eval-retrieval") == "model_base_retrieval_coco-eval-retrieval"
+    assert _default_name("https://x/y/model_base_14M.pth", "eval-caption") == "model_base_14m-eval-caption"
+
+
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     """The retrieval encoding split over workers (row ranges on batch boundaries) gives bit-identical features to
     one serial loop, as the evaluation computed them before it was split; the worker runs from shipped bytes."""
