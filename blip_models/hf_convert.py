@@ -220,7 +220,8 @@ def is_hf_dir(path: str | Path) -> bool:
     return data.get("model_type") == "blip" or any(a in KIND_BY_HF_CLASS for a in data.get("architectures") or [])
 
 
-def _resolve(path_or_name: str | Path) -> Path:
+def hf_directory(path_or_name: str | Path) -> Path:
+    """A transformers directory as given, or a hub name's snapshot (downloaded by huggingface_hub, cached)."""
     path = Path(path_or_name)
     if path.is_dir():
         return path
@@ -264,7 +265,7 @@ def load_hf(path_or_name: str | Path, kind: str | None = None, *, keep_hf_eps: b
 
     from blip_models.checkpoints import accept_fresh, build_model, load_into
 
-    directory = _resolve(path_or_name)
+    directory = hf_directory(path_or_name)
     if not is_hf_dir(directory):
         raise CheckpointError(f"{directory}: not a transformers BLIP directory (config.json model_type != 'blip')")
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))

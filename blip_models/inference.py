@@ -31,6 +31,8 @@ from blip_models.checkpoints import (
     is_pretrained_dir,
     load_into,
     load_official,
+    model_kind,
+    named_checkpoints,
     read_pretrained_config,
 )
 
@@ -71,21 +73,26 @@ def detect_format(path: str | Path) -> str:
     raise FileNotFoundError(checkpoint_not_found(path))
 
 
-def load_for(path: str | Path, kind: str, image_size: int | None = None, map_location: str = "cpu") -> LoadedModel:
-    """The `kind` model with the weights at `path` (any supported format); CheckpointError when they do not fit."""
+def load_for(path: str | Path, kind: str | None, image_size: int | None = None,
+             map_location: str = "cpu") -> LoadedModel:  # fmt: skip
+    """The `kind` model with the weights at `path` (any supported format); CheckpointError when they do not fit.
+    `kind` None: the checkpoint's own kind (a LAVIS name's: `blip_feature_extractor/base` is a features model)."""
     source_format = detect_format(path)
+    if kind is None and (named := named_checkpoints().get(str(path))):
+        kind = named[1]
     if source_format == "official":
         model, report = load_official(path, kind=kind, image_size=image_size, map_location=map_location)
-        return LoadedModel(model, kind, source_format, report, None)
+        return LoadedModel(model, kind or model_kind(model), source_format, report, None)
     if source_format == "huggingface":
         from blip_models.hf_convert import load_hf
 
         model, report = load_hf(path, kind=kind)
         local = Path(path)
         tokenizer = str(local) if local.is_dir() and (local / "vocab.txt").is_file() else None
-        return LoadedModel(model, kind, source_format, report, tokenizer)
+        return LoadedModel(model, kind or model_kind(model), source_format, report, tokenizer)
     data = read_pretrained_config(path)
     tokenizer = (data.get("tokenizer") or {}).get("source")
+    kind = kind or data["kind"]
     if data["kind"] == kind and image_size is None:
         return LoadedModel(from_pretrained(path, map_location), kind, source_format, None, tokenizer)
     model, report = _convert_pretrained(path, data, kind, image_size, map_location)

@@ -3,6 +3,7 @@
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
+                               | publish-model SOURCE --name NAME [--kind KIND]
 
 The registry is `--registry`, else $BLIP_REGISTRY, else ./artifacts/registry (any fsspec URL). Module
 imports stay light (argparse, fsspec via the registry): pyarrow is imported by the handlers that need it,
@@ -42,7 +43,7 @@ def _seconds(text: str) -> float:
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
         "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, work, catalog, "
-        "serve, publish-downstream",
+        "serve, publish-downstream, publish-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -127,7 +128,48 @@ def register(subparsers: Any) -> None:
                          help="vqa: keep vqa_val.json out of the train shards (BLIP trains on it, which makes val "
                          "accuracy optimistic)")  # fmt: skip
 
+    model = command("publish-model", "publish a checkpoint (BLIP's or LAVIS's release, a transformers or our "
+                    "directory) as a model version, e.g. BLIP's captioner and filter for `blip capfilt`",
+                    cmd_publish_model)  # fmt: skip
+    model.add_argument("source", help="official .pth (path or URL), a checkpoint name (`blip infer models`: "
+                       "model_base_caption_capfilt_large, blip_retrieval/coco, ...), a transformers BLIP directory or "
+                       "hub name, or a save_pretrained directory")  # fmt: skip
+    model.add_argument("--name", required=True, help="model name; the version is NAME@vN")
+    model.add_argument("--kind", default=None, choices=MODEL_KINDS,
+                       help="the task model to publish (default: the checkpoint's own; a pretrain or retrieval file "
+                       "can be published as 'itm', a pretrain file as 'caption', ...)")  # fmt: skip
+    model.add_argument("--image-size", type=int, default=None,
+                       help="image size to publish at (default: the checkpoint's; position embeddings interpolated)")
+
     data.set_defaults(func=lambda args: _help(data))
+
+
+MODEL_KINDS = ("pretrain", "retrieval", "itm", "caption", "vqa", "nlvr", "features")  # blip_models.MODEL_CLASSES
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    from blip_models.checkpoints import CheckpointError
+    from pipelines.tasks.publish_model import publish_model
+
+    registry = _registry(args)
+    try:
+        manifest = publish_model(args.source, name=args.name, registry=registry, kind=args.kind,
+                                 image_size=args.image_size)  # fmt: skip
+    except (OSError, CheckpointError) as error:
+        raise UserError(f"publish-model {args.source}: {error}") from None
+    if args.json:
+        _print_json({**_summary(manifest), "metadata": manifest.metadata})
+        return 0
+    meta = manifest.metadata
+    arch = meta["architecture"]
+    print(f"{manifest.ref}  id {manifest.short_id}  a '{meta['kind']}' model, ViT {arch['vision_depth']} x "
+          f"{arch['vision_width']} at {meta['image_size']} px, {arch['text_layers']} text layers; from "
+          f"{meta['source']['checkpoint']} ({meta['source']['format']}, sha256 {meta['source']['sha256'][:12]})")
+    print("  load: " + meta["load"].replace("\n", "\n  "))
+    role = {"caption": "--captioner", "itm": "--filter", "retrieval": "--filter"}.get(meta["kind"])
+    if role:
+        print(f"  use: blip capfilt CONFIG --dataset REF {role} {manifest.ref} ... --registry {registry.url}")
+    return 0
 
 
 DOWNSTREAM_BENCHMARKS = ("coco", "flickr", "vqa", "nlvr", "msrvtt", "nocaps", "vg_caption")

@@ -1,0 +1,78 @@
+"""`blip data publish-model`: BLIP's released captioner and filter (here tiny files in the layout of the released
+ones, 64-dim heads as theirs) become model versions that CapFilt takes, with their source and sha256; the same
+weights published again are the same version; bad sources are one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from blip_models import checkpoints as ck
+from blip_models.configuration_blip import preset
+from datasets_manifests.registry import Registry
+from pipelines.cli import main
+
+
+@pytest.fixture
+def released(tmp_path, monkeypatch):
+    """The checkpoint cache holding the two files BLIP's CapFilt models are released as."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(cache))
+    config = preset("tiny").replace(vision={"width": 64, "heads": 1},
+                                    text={"hidden_size": 64, "num_attention_heads": 1, "encoder_width": 64})  # fmt: skip
+    states = {}
+    for kind, file in (("caption", "model_base_caption_capfilt_large.pth"), ("retrieval", "model_base_retrieval_coco.pth")):
+        torch.manual_seed(len(states))
+        states[kind] = ck.build_model(kind, config).state_dict()
+        torch.save({"model": states[kind], "epoch": 5}, cache / file)
+    return cache, states
+
+
+def _publish(registry_dir, *args):
+    return main(["data", "--registry", str(registry_dir), "publish-model", *args])
+
+
+def test_the_released_captioner_and_filter_become_model_versions_capfilt_takes(released, tmp_path, capsys):
+    from pipelines.tasks.capfilt import _model_source
+
+    cache, states = released
+    registry_dir = tmp_path / "registry"
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("blip-captioner@v1  id ") and "a 'caption' model, ViT 2 x 64 at 32 px" in out
+    assert "use: blip capfilt CONFIG --dataset REF --captioner blip-captioner@v1" in out
+    assert _publish(registry_dir, str(cache / "model_base_retrieval_coco.pth"), "--name", "blip-filter",
+                    "--kind", "itm", "--json") == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ref"] == "blip-filter@v1" and summary["metadata"]["kind"] == "itm"
+
+    registry = Registry(str(registry_dir))
+    captioner, filter_model = registry.resolve("blip-captioner"), registry.resolve("blip-filter")
+    assert captioner.metadata["source"] == {
+        "checkpoint": "model_base_caption_capfilt_large", "format": "official",
+        "sha256": hashlib.sha256((cache / "model_base_caption_capfilt_large.pth").read_bytes()).hexdigest()}
+    assert "momentum/queue" in filter_model.metadata["load"]  # the retrieval file's training state, left out
+    loaded = ck.from_pretrained(registry.local_path(captioner, "config.json").parent)
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, states["caption"][key], rtol=0, atol=0)
+    assert _model_source(registry, captioner, ("caption",))["kind"] == "caption"
+    assert _model_source(registry, filter_model, ("itm", "retrieval"))["kind"] == "itm"
+
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
+    assert capsys.readouterr().out.startswith("blip-captioner@v1 ")  # the same weights: the same version
+    assert [m.ref for m in registry.versions("model", "blip-captioner")] == ["blip-captioner@v1"]
+    assert not any(registry.work_base().iterdir())  # nothing left in the work dir
+
+
+def test_bad_sources_are_one_line(released, tmp_path, capsys):
+    registry_dir = tmp_path / "registry"
+    assert _publish(registry_dir, "model_base_caption_capfilt_larg", "--name", "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean model_base_caption_capfilt_large" in err[0]
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "x", "--kind", "itm") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a 'caption' checkpoint lacks" in err[0] and "'itm' model needs" in err[0]
