@@ -106,7 +106,6 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
     into the checkpoint cache. Returns the model (in eval mode when `is_eval`, as LAVIS), and LAVIS's "train" and
     "eval" image and text processors: BLIP's transforms at the model's image size; captions cleaned by
     `pre_caption` (the captioner's training texts prefixed with its prompt), VQA questions by `pre_question`."""
-
     from blip_models.checkpoints import LAVIS_MODELS
     from blip_models.processing import eval_transform, pre_caption, pre_question, train_transform
 

@@ -474,6 +474,7 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
                  out: str | Path | None = None) -> Any:
     """Evaluate a model version on a dataset version; publish and return the evaluation version `name`."""
     from datasets_manifests.manifest import Producer, cache_key
+    from blip_models.checkpoints import is_pretrained_dir
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.tasks.finetune import resolve_model_source
 
@@ -481,9 +482,9 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     registry = registry if registry is not None else Registry()
     dataset = registry.resolve(dataset, kind="dataset")
     model_manifest, model_dir = resolve_model_source(registry, model)
-    checkpoint = None  # an official .pth evaluated: its source and sha256
-    if not Path(model_dir).is_dir():
-        model_dir, checkpoint = official_as_directory(model_dir, MODEL_KIND[cfg.task])
+    checkpoint = None  # an official .pth or a transformers directory evaluated: its source and sha256
+    if not is_pretrained_dir(model_dir):
+        model_dir, checkpoint = checkpoint_as_directory(model_dir, MODEL_KIND[cfg.task])
     stage = f"evaluate-{cfg.task}"
     parents = [m for m in (model_manifest, dataset) if m is not None]
     outside = [] if model_manifest else [f"sha256:{checkpoint['sha256']}" if checkpoint else str(model_dir)]
@@ -536,8 +537,8 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
 def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any,
                        checkpoint: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """What was evaluated, for metrics.json and --out: the model and dataset refs and content ids; a model given
-    as a directory has no ref, so its path and the sha256 of its files stand in; an official checkpoint is named
-    as given (path, URL or name) with the sha256 of its file."""
+    as a directory has no ref, so its path and the sha256 of its files stand in; a converted checkpoint (an official
+    .pth, a transformers directory) is also named as given with the sha256 of its weights."""
     if model_manifest is not None:
         model = {"ref": model_manifest.ref, "id": model_manifest.id}
     else:
@@ -548,24 +549,27 @@ def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any,
     return {"model": model, "dataset": {"ref": dataset.ref, "id": dataset.id}}
 
 
-def official_as_directory(source: str, kind: str) -> tuple[str, dict[str, str]]:
-    """An official `.pth` (path, URL or checkpoint name: BLIP's released files, LAVIS's) as a save_pretrained
-    directory of the `kind` model, which the evaluation workers load: converted once, in the checkpoint cache
+def checkpoint_as_directory(source: str, kind: str) -> tuple[str, dict[str, str]]:
+    """A checkpoint that is not a save_pretrained directory (an official `.pth` by path, URL or name — BLIP's
+    released files, LAVIS's — or a transformers directory) as a save_pretrained directory of the `kind` model,
+    which the evaluation workers load: converted once, in the checkpoint cache
     (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256}."""
     import os
 
-    from blip_models.checkpoints import checkpoint_cache_dir, load_official, local_checkpoint, save_pretrained
-    from datasets_manifests.filesystems import sha256_file
+    from blip_models.checkpoints import checkpoint_cache_dir, save_pretrained
+    from blip_models.inference import detect_format, load_for
+    from pipelines.tasks.publish_model import source_digest
 
-    path = local_checkpoint(source)
-    digest = sha256_file(path)[0]
-    target = checkpoint_cache_dir() / "converted" / f"{path.stem}-{kind}-{digest[:16]}"
+    digest = source_digest(source, detect_format(source))
+    stem = Path(str(source).rstrip("/")).name.removesuffix(".pth")
+    target = checkpoint_cache_dir() / "converted" / f"{stem}-{kind}-{digest[:16]}"
     if not (target / "config.json").is_file():
-        model, report = load_official(path, kind=kind)
-        log.info("evaluate: %s converted for the '%s' model (%s)", source, kind, report.summary())
+        loaded = load_for(source, kind)
+        log.info("evaluate: %s converted for the '%s' model%s", source, kind,
+                 f" ({loaded.report.summary()})" if loaded.report else "")  # fmt: skip
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        save_pretrained(model, partial)
+        save_pretrained(loaded.model, partial, tokenizer=loaded.tokenizer_source)
         shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
         os.replace(partial, target)  # whole or absent
     return str(target), {"checkpoint": str(source), "sha256": digest}

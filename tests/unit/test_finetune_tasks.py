@@ -348,7 +348,8 @@ def test_evaluate_in_process_retrieval_and_caption(downstream, tmp_path):
 def test_evaluate_an_official_checkpoint_by_path_and_by_name(downstream, tmp_path, monkeypatch):
     """`blip eval retrieval --model model_base_retrieval_coco`: an official .pth (here a tiny one in the layout of
     the released files, 64-dim heads as theirs) is converted once into a save_pretrained directory in the
-    checkpoint cache and scores as that model does; the lineage names the checkpoint and its sha256."""
+    checkpoint cache and scores as that model does; the lineage names the checkpoint and its sha256. A
+    transformers directory is converted the same way."""
     import hashlib
 
     from blip_models import checkpoints as ck
@@ -380,6 +381,18 @@ def test_evaluate_an_official_checkpoint_by_path_and_by_name(downstream, tmp_pat
                                                "sha256": hashlib.sha256(official.read_bytes()).hexdigest()}  # fmt: skip
     (converted,) = (tmp_path / "cache" / "converted").iterdir()  # converted once, for the 'retrieval' model
     assert converted.name.startswith("model_base_retrieval_coco-retrieval-") and (converted / "config.json").is_file()
+    # A transformers directory (BlipForConditionalGeneration) captions as the model it was converted from.
+    from blip_models.hf_convert import to_hf
+    from blip_models.modeling_caption import BlipCaption
+
+    caption = BlipCaption(preset("tiny"))
+    to_hf(caption).save_pretrained(tmp_path / "hf-caption")
+    cfg = EvaluateConfig(task="caption", num_workers=0, max_length=8, caption_metrics=("Bleu", "CIDEr"), max_images=2)
+    expected = run_evaluate(cfg, model=str(save_pretrained(caption, tmp_path / "caption")), dataset=manifest,
+                            name="eval-c-dir", registry=registry)  # fmt: skip
+    evaluation = run_evaluate(cfg, model=str(tmp_path / "hf-caption"), dataset=manifest, name="eval-c-hf",
+                              registry=registry)  # fmt: skip
+    assert evaluation.metadata["metrics"] == expected.metadata["metrics"]
     assert _default_name("blip_retrieval/coco", "eval-retrieval") == "blip_retrieval-coco-eval-retrieval"
     assert _default_name(str(official), "eval-retrieval") == "model_base_retrieval_coco-eval-retrieval"
     assert _default_name("https://x/y/model_base_14M.pth", "eval-caption") == "model_base_14m-eval-caption"
