@@ -38,6 +38,26 @@ class SourceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CapFiltModelsConfig:
+    """CapFilt with a captioner and a filter you already have — BLIP's released ones
+    (`model_base_caption_capfilt_large`, `model_base_retrieval_coco`) — instead of the pair the recipe pretrains on
+    the web pairs and finetunes: any checkpoint `blip data publish-model` takes (a path, URL or checkpoint name, a
+    transformers or save_pretrained directory), published as model versions, or model versions of the registry.
+    Both or neither."""
+
+    captioner: str | None = None
+    filter: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.captioner is None) != (self.filter is None):
+            raise ValueError("'capfilt_models' needs both 'captioner' and 'filter', or neither")
+
+    @property
+    def given(self) -> bool:
+        return self.captioner is not None
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """BLIP's recipe: download -> shard -> pretrain -> finetune captioner/filter -> CapFilt -> pretrain ->
     finetune + evaluate -> report (raw-web model vs bootstrapped model)."""
@@ -53,6 +73,7 @@ class PipelineConfig:
     finetune_captioner: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(task="caption"))
     finetune_filter: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(task="retrieval"))
     capfilt: CapFiltConfig = field(default_factory=CapFiltConfig)
+    capfilt_models: CapFiltModelsConfig = field(default_factory=CapFiltModelsConfig)  # none: web pretrain + finetune
     evaluate_caption: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="caption"))
     evaluate_retrieval: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(task="retrieval"))
     # BLIP pretrains both models on the web pairs + human-annotated pairs (COCO, VG; spec §3): the downstream

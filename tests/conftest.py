@@ -42,3 +42,22 @@ def ray_session():
     ray = ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def stages_without_prefect(monkeypatch):
+    """`pipelines.flows.stages.run_stage` with Prefect's calls stubbed out, for tests of a flow's wiring (what it
+    runs and passes on), not of Prefect: returns the log lines, artifacts and asset metadata it recorded."""
+    from pipelines.flows import stages
+
+    logged, artifacts, metadata = [], [], {}
+
+    class Logger:
+        def info(self, message: str, *args) -> None:
+            logged.append(message % args)
+
+    monkeypatch.setattr(stages, "get_run_logger", Logger)
+    monkeypatch.setattr(stages, "create_table_artifact", lambda **kwargs: artifacts.append(kwargs))
+    monkeypatch.setattr(stages, "add_asset_metadata", lambda key, data: metadata.update(data))
+    monkeypatch.setattr(stages, "materialize", lambda *args, **kwargs: (lambda function: function))
+    return logged, artifacts, metadata

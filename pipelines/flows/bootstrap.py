@@ -4,6 +4,9 @@
     the clean downstream set -> CapFilt -> pretrain (bootstrapped + human pairs) -> finetune + evaluate both
     models -> report
 
+With `capfilt_models` set (e.g. BLIP's released captioner and filter) the web pretraining and its finetunes are
+skipped: CapFilt runs with that pair, which is evaluated beside the bootstrapped model.
+
 Deployments (infra/prefect.yaml): bootstrap-tiny, bootstrap-14m, bootstrap-129m. Re-running after a crash
 reuses every published version (stage cache keys) and resumes inside the interrupted stage.
 """
@@ -15,11 +18,12 @@ from dataclasses import replace
 from prefect import flow
 
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import Registry
+from datasets_manifests.registry import Registry, RegistryError
 from pipelines.flows.stages import run_stage
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.runtime import apply_environment
-from pipelines.tasks import capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, report, shard
+from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, publish_model,
+                             report, shard)
 
 
 @flow(name="bootstrap", log_prints=True)
@@ -37,12 +41,17 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
                       output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
     human = human_pairs(cfg, clean, registry)
-    model_web = pretrain_on(cfg, raw, human, "web", registry)
-    captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
+    if cfg.capfilt_models.given:  # a captioner and filter you have (BLIP's released ones): no web pretraining
+        captioner, filter_ = given_pair(cfg, registry)
+        tag = "given"
+    else:
+        model_web = pretrain_on(cfg, raw, human, "web", registry)
+        captioner, filter_ = finetune_pair(cfg, model_web, clean, "web", registry)
+        tag = "web"
     boot = run_stage("capfilt", capfilt.run_capfilt, cfg.capfilt, raw, captioner_ref=captioner, filter_ref=filter_,
                      name=cfg.version_name("capfilt"), registry=registry, output_kind="dataset",
                      output_name=cfg.version_name("capfilt"), upstream=[raw, captioner, filter_])
-    evaluations = {"web": evaluate_pair(cfg, captioner, filter_, clean, "web", registry)}
+    evaluations = {tag: evaluate_pair(cfg, captioner, filter_, clean, tag, registry)}
     if boot.num_samples:
         model_boot = pretrain_on(cfg, boot, human, "capfilt", registry)
         captioner_b, filter_b = finetune_pair(cfg, model_boot, clean, "capfilt", registry)
@@ -98,6 +107,24 @@ def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: st
         pair.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model, dataset=clean,
                               name=name, registry=registry, output_kind="model", output_name=name,
                               upstream=[model, clean]))
+    return pair[0], pair[1]
+
+
+def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manifest]:
+    """The captioner and filter of `capfilt_models`: model versions of the registry as they are; any other
+    checkpoint published as `<name>-captioner-given` / `<name>-filter-given` (a 'caption' and a 'retrieval' model,
+    as the pair the recipe finetunes; the same weights again are the same version)."""
+    pair = []
+    for role, source, kind in (("captioner", cfg.capfilt_models.captioner, "caption"),
+                               ("filter", cfg.capfilt_models.filter, "retrieval")):  # fmt: skip
+        try:
+            pair.append(registry.resolve(source, kind="model"))
+            continue
+        except RegistryError:  # not a version of this registry: a checkpoint
+            pass
+        name = cfg.version_name(f"{role}-given")
+        pair.append(run_stage(f"publish-{role}", publish_model.publish_model, source, name=name, kind=kind,
+                              registry=registry, output_kind="model", output_name=name))  # fmt: skip
     return pair[0], pair[1]
 
 

@@ -60,10 +60,11 @@ def build_report(evaluations: dict[str, list[Manifest]], bootstrapped: Manifest)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    tags = sorted(report["models"], key=lambda tag: (tag != "web", tag))  # raw web model first
+    tags = sorted(report["models"], key=lambda tag: (tag not in ("web", "given"), tag))  # the CapFilt pair's first
     names = [m for m in HEADLINE_METRICS if any(m in report["models"][t]["metrics"] for t in tags)]
     names += sorted({k for t in tags for k in report["models"][t]["metrics"]} - set(names))
-    lines = ["## Downstream metrics: raw web data vs CapFilt-bootstrapped data", "",
+    first = "the given captioner and filter" if "given" in tags else "raw web data"
+    lines = [f"## Downstream metrics: {first} vs CapFilt-bootstrapped data", "",
              "| metric | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
     for name in names:
         cells = [_fmt(report["models"][t]["metrics"].get(name)) for t in tags]

@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 import pytest
-from flow_helpers import BIN, FAST, ROOT, _env, _snapshot, stop_process_group
+from flow_helpers import BIN, FAST, ROOT, _env, _flow_command, _snapshot, stop_process_group
 
 from datasets_manifests.registry import Registry
 
@@ -127,3 +127,32 @@ def test_deployment_run_completes(prefect_server, pipeline_registry, tmp_path):
     assert after == before  # every stage was reused: the registry is the cache
     report = Registry(finished_registry).resolve("tiny-report@latest")
     assert set(report.metadata["report"]["models"]) == {"web", "capfilt"}
+
+
+def test_a_given_captioner_and_filter_replace_the_web_pretraining(pipeline_registry, tmp_path):
+    """`capfilt_models` (e.g. BLIP's released pair): the flow pretrains nothing on the web pairs and runs CapFilt
+    with the given models. Given the pair the first run finetuned, on a copy of its registry, every stage is
+    reused (CapFilt's key is its inputs' ids) but the given pair's evaluations, which score as the web pair's, and
+    the report comparing them with the bootstrapped model."""
+    import shutil
+
+    registry_dir = tmp_path / "registry"
+    shutil.copytree(pipeline_registry, registry_dir)
+    before = _snapshot(Registry(registry_dir))
+    command = _flow_command(registry_dir) + ["--set", "capfilt_models.captioner=tiny-captioner-web@v1",
+                                             "--set", "capfilt_models.filter=tiny-filter-web@v1"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True,
+                            text=True, timeout=1200)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "the given captioner and filter vs CapFilt-bootstrapped data" in result.stdout + result.stderr
+    registry = Registry(registry_dir)
+    after = _snapshot(registry)
+    new = {name for name in after if after[name] != before.get(name)}
+    assert new == {"tiny-eval-caption-given", "tiny-eval-retrieval-given", "tiny-report"}
+    report = registry.resolve("tiny-report@latest").metadata["report"]["models"]
+    assert set(report) == {"given", "capfilt"}
+    web = {}  # the same models: the same scores
+    for task in ("caption", "retrieval"):
+        metrics = registry.resolve(f"tiny-eval-{task}-web@latest").metadata["metrics"]
+        web.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
+    assert report["given"]["metrics"] == web

@@ -912,22 +912,13 @@ def test_version_url_and_browse_line() -> None:
         "browse: blip data serve --registry '/data/my registry'  ->  http://127.0.0.1:8765/#/v/dataset/web-demo/v2")
 
 
-def test_stage_runs_log_and_record_the_browser_url(registry_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_runs_log_and_record_the_browser_url(registry_dir: Path, stages_without_prefect) -> None:
     """`run_stage` (Prefect stubbed out: the wiring, not Prefect, is under test) prints the browse line."""
     from pipelines.flows import stages
 
     registry = Registry(str(registry_dir))
     manifest = registry.resolve("web-demo@v2")
-    logged, artifacts, metadata = [], [], {}
-
-    class Logger:
-        def info(self, message: str, *args) -> None:
-            logged.append(message % args)
-
-    monkeypatch.setattr(stages, "get_run_logger", Logger)
-    monkeypatch.setattr(stages, "create_table_artifact", lambda **kwargs: artifacts.append(kwargs))
-    monkeypatch.setattr(stages, "add_asset_metadata", lambda key, data: metadata.update(data))
-    monkeypatch.setattr(stages, "materialize", lambda *args, **kwargs: (lambda function: function))
+    logged, artifacts, metadata = stages_without_prefect
     result = stages.run_stage("shard", lambda registry: manifest, registry=registry, output_kind="dataset",
                               output_name="web-demo")
     url = "http://127.0.0.1:8765/#/v/dataset/web-demo/v2"

@@ -23,9 +23,11 @@ def released(tmp_path, monkeypatch):
     cache.mkdir()
     monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(cache))
     config = preset("tiny").replace(vision={"width": 64, "heads": 1},
-                                    text={"hidden_size": 64, "num_attention_heads": 1, "encoder_width": 64})  # fmt: skip
+                                    text={"hidden_size": 64, "num_attention_heads": 1,
+                                          "encoder_width": 64})  # fmt: skip
     states = {}
-    for kind, file in (("caption", "model_base_caption_capfilt_large.pth"), ("retrieval", "model_base_retrieval_coco.pth")):
+    for kind, file in (("caption", "model_base_caption_capfilt_large.pth"),
+                       ("retrieval", "model_base_retrieval_coco.pth")):
         torch.manual_seed(len(states))
         states[kind] = ck.build_model(kind, config).state_dict()
         torch.save({"model": states[kind], "epoch": 5}, cache / file)
@@ -76,3 +78,27 @@ def test_bad_sources_are_one_line(released, tmp_path, capsys):
     assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "x", "--kind", "itm") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a 'caption' checkpoint lacks" in err[0] and "'itm' model needs" in err[0]
+
+
+def test_the_flow_takes_a_given_captioner_and_filter_as_versions_or_checkpoints(released, tmp_path,
+                                                                                stages_without_prefect):
+    """`capfilt_models` in a pipeline preset: a model version of the registry is used as it is; a checkpoint
+    (here BLIP's filter by name) is published as `<name>-filter-given`, a 'retrieval' model as the pair the recipe
+    finetunes; a second run publishes nothing new."""
+    from pipelines.flows.bootstrap import given_pair
+    from pipelines.pipeline_config import load_pipeline
+
+    registry_dir = tmp_path / "registry"
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "my-captioner") == 0
+    cfg = load_pipeline("tiny", [f"registry={registry_dir}", "capfilt_models.captioner=my-captioner@v1",
+                                 "capfilt_models.filter=model_base_retrieval_coco"])  # fmt: skip
+    registry = Registry(str(registry_dir))
+    captioner, filter_model = given_pair(cfg, registry)
+    assert captioner.ref == "my-captioner@v1"
+    assert filter_model.ref == "tiny-filter-given@v1" and filter_model.metadata["kind"] == "retrieval"
+    assert filter_model.metadata["source"]["checkpoint"] == "model_base_retrieval_coco"
+    logged = stages_without_prefect[0]
+    published = [line.split(" (")[0] for line in logged if line.startswith("publish-")]
+    assert published == ["publish-filter -> tiny-filter-given@v1"]
+    assert given_pair(cfg, Registry(str(registry_dir))) == (captioner, filter_model)
+    assert [m.ref for m in registry.versions("model", "tiny-filter-given")] == ["tiny-filter-given@v1"]
