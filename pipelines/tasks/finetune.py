@@ -155,37 +155,27 @@ def task_model_config(init_config: dict[str, Any], cfg: FinetuneConfig) -> dict[
 
 def resolve_model_source(registry: Any, ref: Any) -> tuple[Any, str]:
     """(model manifest or None, local directory / .pth path / URL) for a model reference."""
-    from blip_models.checkpoints import checkpoint_url
     from datasets_manifests.manifest import Manifest
-    from datasets_manifests.registry import NotFoundError, RegistryError
+    from pipelines.tasks.pretrain import model_config_path, model_reference
 
-    if not isinstance(ref, Manifest):
-        text = str(ref)
-        if Path(text).exists() or text.startswith(("http://", "https://")):
-            return None, text
-        try:
-            ref = registry.resolve(text, kind="model")
-        except RegistryError as error:  # not found, or not a version's name at all
-            if url := checkpoint_url(text):  # BLIP's or LAVIS's name for a released file (`blip infer models`)
-                return None, url
-            if not isinstance(error, NotFoundError):
-                raise
-            raise FileNotFoundError(f"model {text!r} is neither a file, a directory, a model version nor a checkpoint "
-                                    f"name ({error})") from None  # fmt: skip
-    configs = sorted((e.path for e in ref.files if Path(e.path).name == "config.json"), key=len)
-    if not configs:
-        raise FileNotFoundError(f"model version {ref.ref} has no config.json (not a save_pretrained model)")
-    return ref, str(materialize_model_dir(registry, ref, configs[0]))
+    if isinstance(ref, Manifest):
+        manifest, found = ref, model_config_path(ref)
+    else:
+        manifest, found = model_reference(registry, str(ref), "model")
+    if manifest is None:
+        return None, found
+    return manifest, str(materialize_model_dir(registry, manifest, found))
 
 
 def worker_source(registry: Any, manifest: Any, local_source: str) -> str:
     """Where the training workers load the init model from: a remote registry's version by its directory's URL
     (each worker copies it to its node: `shard_cache.local_model_source`), since the driver's copy is on the
     driver's disk only; anything else as it is."""
+    from pipelines.tasks.pretrain import model_config_path
+
     if manifest is None or registry.is_local:
         return local_source
-    config_path = sorted((e.path for e in manifest.files if Path(e.path).name == "config.json"), key=len)[0]
-    return registry.url_of(manifest, config_path).rsplit("/", 1)[0]
+    return registry.url_of(manifest, model_config_path(manifest)).rsplit("/", 1)[0]
 
 
 def materialize_model_dir(registry: Any, manifest: Any, config_path: str) -> Path:

@@ -450,6 +450,17 @@ def init_identity(source: str) -> list[str]:
 
 def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     """(model manifest or None, local path/URL of the weights) for an init reference."""
+    manifest, found = model_reference(registry, source, "init")
+    if manifest is None:
+        return None, found
+    # A remote registry's version by its directory's URL: each training worker copies it to its own node.
+    return manifest, registry.url_of(manifest, found).rsplit("/", 1)[0]
+
+
+def model_reference(registry: Any, source: str, what: str) -> tuple[Any, str]:
+    """(model version, its config.json's path in the version) for a version of the registry; (None, path or URL)
+    for a file, a directory, an http(s) URL or a checkpoint name (BLIP's or LAVIS's: `blip infer models`).
+    Anything else is a FileNotFoundError naming `what` it was for."""
     from blip_models.checkpoints import checkpoint_url
     from datasets_manifests.registry import NotFoundError, RegistryError
 
@@ -458,17 +469,21 @@ def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     try:
         manifest = registry.resolve(source, kind="model")
     except RegistryError as error:  # not found, or not a version's name at all
-        if url := checkpoint_url(source):  # BLIP's or LAVIS's name for a released file (`blip infer models`)
+        if url := checkpoint_url(source):
             return None, url
         if not isinstance(error, NotFoundError):
             raise
-        raise FileNotFoundError(f"init {source!r} is neither a file, a directory, a model version nor a checkpoint "
+        raise FileNotFoundError(f"{what} {source!r} is neither a file, a directory, a model version nor a checkpoint "
                                 f"name ({error})") from None  # fmt: skip
-    configs = [e.path for e in manifest.files if Path(e.path).name == "config.json"]
+    return manifest, model_config_path(manifest)
+
+
+def model_config_path(manifest: Any) -> str:
+    """The save_pretrained config.json of a model version (the top-level one if several)."""
+    configs = sorted((e.path for e in manifest.files if Path(e.path).name == "config.json"), key=len)
     if not configs:
         raise FileNotFoundError(f"model version {manifest.ref} has no config.json (not a save_pretrained model)")
-    # A remote registry's version by its directory's URL: each training worker copies it to its own node.
-    return manifest, registry.url_of(manifest, configs[0]).rsplit("/", 1)[0]
+    return configs[0]
 
 
 def _init_digest(source: str | None) -> str | None:
