@@ -29,8 +29,8 @@ def register(subparsers: Any) -> None:
     infer = subparsers.add_parser(
         "infer",
         help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify (models: the named ones)",
-        description="Run a checkpoint (our model directory, an official .pth or a transformers BLIP directory) "
-        "on one image or every image of a folder.",
+        description="Run a checkpoint (our model directory, an official .pth by path, URL or name, or a transformers "
+        "BLIP directory) on one image or every image of a folder; `blip infer models` lists the names.",
     )
     tasks = infer.add_subparsers(dest="task", metavar="TASK", required=True)
     for task, help_text in (("caption", "generate a caption per image (beam 3, max 20, min 5, 'a picture of ')"),

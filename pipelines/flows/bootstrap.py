@@ -118,13 +118,12 @@ def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manif
     for role, source, kind in (("captioner", cfg.capfilt_models.captioner, "caption"),
                                ("filter", cfg.capfilt_models.filter, "retrieval")):  # fmt: skip
         try:
-            pair.append(registry.resolve(source, kind="model"))
-            continue
-        except RegistryError:  # not a version of this registry: a checkpoint
-            pass
-        name = cfg.version_name(f"{role}-given")
-        pair.append(run_stage(f"publish-{role}", publish_model.publish_model, source, name=name, kind=kind,
-                              registry=registry, output_kind="model", output_name=name))  # fmt: skip
+            version = registry.resolve(source, kind="model")
+        except RegistryError:  # not a version of this registry: a checkpoint, published as one
+            name = cfg.version_name(f"{role}-given")
+            version = run_stage(f"publish-{role}", publish_model.publish_model, source, name=name, kind=kind,
+                                registry=registry, output_kind="model", output_name=name)  # fmt: skip
+        pair.append(version)
     return pair[0], pair[1]
 
 
