@@ -105,7 +105,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="model directory, official .pth (path/URL), a checkpoint name (`blip infer models`: "
-                        "model_base_capfilt_large, blip_caption/base_coco, ...) or HF directory")
+                        "model_base_capfilt_large, blip_caption/base_coco, ...), HF directory, or a model version "
+                        "of the registry (name, name@vN)")
+    parser.add_argument("--registry", default=None,
+                        help="registry of --checkpoint's model versions (default BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
     parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
@@ -210,6 +213,27 @@ def describe_load(loaded: LoadedModel, checkpoint: str, verbose: bool, shown: in
     return "\n".join([f"{head}; " + "; ".join(parts) + hint, *lists])
 
 
+def checkpoint_source(checkpoint: str, registry_url: str | None) -> str:
+    """What `load_for` reads for --checkpoint: a file, directory, URL or checkpoint name as given; else a model
+    version of the registry, as its local directory (fetched from a remote registry). Neither: the not-found line."""
+    from blip_models.inference import detect_format
+
+    try:
+        detect_format(checkpoint)
+        return checkpoint
+    except FileNotFoundError as error:
+        not_found = str(error)
+    from datasets_manifests.registry import Registry, RegistryError, default_registry_url
+    from pipelines.tasks.finetune import resolve_model_source
+
+    url = registry_url or default_registry_url()
+    try:
+        return resolve_model_source(Registry(url, create=False), checkpoint)[1]
+    except (RegistryError, FileNotFoundError):
+        head, _, tail = not_found.partition("; ")
+        raise CommandError(f"{head}, nor a model version of {url}; {tail}") from None
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -233,7 +257,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     device = _device(args.device)
     kind = "itm" if args.task == "classify" and args.rerank else TASK_KIND[args.task]
     try:
-        loaded = load_for(args.checkpoint, kind, image_size=args.image_size)
+        loaded = load_for(checkpoint_source(args.checkpoint, args.registry), kind, image_size=args.image_size)
         tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer_source)
     except CheckpointError as error:
         raise CommandError(f"checkpoint {args.checkpoint} cannot serve `infer {args.task}`: {error}") from error

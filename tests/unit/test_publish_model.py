@@ -102,3 +102,22 @@ def test_the_flow_takes_a_given_captioner_and_filter_as_versions_or_checkpoints(
     assert published == ["publish-filter -> tiny-filter-given@v1"]
     assert given_pair(cfg, Registry(str(registry_dir))) == (captioner, filter_model)
     assert [m.ref for m in registry.versions("model", "tiny-filter-given")] == ["tiny-filter-given@v1"]
+
+
+def test_blip_infer_runs_a_model_version_of_the_registry(released, tmp_path, capsys):
+    from PIL import Image
+
+    cache, _ = released
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    registry_dir = tmp_path / "registry"
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
+    capsys.readouterr()
+    args = ["--image", str(tmp_path / "red.png"), "--max-length", "8", "--json"]
+    assert main(["infer", "caption", "--checkpoint", str(cache / "model_base_caption_capfilt_large.pth"), *args]) == 0
+    by_file = capsys.readouterr().out
+    assert main(["infer", "caption", "--checkpoint", "blip-captioner@v1", "--registry", str(registry_dir), *args]) == 0
+    assert capsys.readouterr().out == by_file
+    assert main(["infer", "caption", "--checkpoint", "no-such-model", "--registry", str(registry_dir), *args]) == 2
+    assert capsys.readouterr().err.strip() == (f"blip infer: error: checkpoint not found: no-such-model, nor a model "
+                                               f"version of {registry_dir}; `blip infer models` lists the checkpoint "
+                                               "names")  # fmt: skip
