@@ -108,7 +108,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         "model_base_capfilt_large, blip_caption/base_coco, ...), HF directory, or a model version "
                         "of the registry (name, name@vN)")
     parser.add_argument("--registry", default=None,
-                        help="registry of --checkpoint's model versions (default BLIP_REGISTRY or ./artifacts/registry)")
+                        help="registry of --checkpoint's model versions (default BLIP_REGISTRY or "
+                        "./artifacts/registry)")
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
     parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
