@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("config", help="capfilt config YAML or preset name (tiny, default, 129m)")
     parser.add_argument("--dataset", required=True, help="input dataset version, e.g. web-demo@v1")
-    parser.add_argument("--captioner", required=True, help="captioner model version (kind caption)")
+    parser.add_argument("--captioner", required=True,
+                        help="captioner: a model version (kind caption), or a checkpoint (path, URL, name such as "
+                        "model_base_caption_capfilt_large, directory) published first as <checkpoint>-captioner")
     parser.add_argument("--filter", required=True,
-                        help="filter model version (kind itm or retrieval; its ITM head scores the texts)")
+                        help="filter: a model version (kind itm or retrieval; its ITM head scores the texts), or a "
+                        "checkpoint (e.g. model_base_retrieval_coco) published first as <checkpoint>-filter")
     parser.add_argument("--name", default=None, help="output dataset name (default: <dataset name>-capfilt)")
     parser.add_argument("--registry", default=None, help="registry URL (default: $BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,13 +47,22 @@ def resolve_config_path(value: str) -> Path:
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
     from datasets_manifests.registry import Registry, parse_ref
+    from pipelines.commands.evaluate import _default_name
     from pipelines.config import load_config
     from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
+    from pipelines.tasks.publish_model import model_version
 
     config = load_config(CapFiltConfig, resolve_config_path(args.config), args.overrides)
     name = args.name or f"{parse_ref(args.dataset)[0]}-capfilt"
-    manifest = run_capfilt(config, args.dataset, captioner_ref=args.captioner, filter_ref=args.filter, name=name,
-                           registry=Registry(args.registry))  # fmt: skip
+    registry = Registry(args.registry)
+    dataset = registry.resolve(args.dataset, kind="dataset")  # a missing input says so before any model is published
+    models = {}
+    for role, source, kind in (("captioner", args.captioner, "caption"), ("filter", args.filter, "retrieval")):
+        models[role] = model_version(registry, source, name=_default_name(source, role), kind=kind)
+        if models[role].ref != source and models[role].name != source:
+            print(f"{role}: {source} -> {models[role].ref}", file=sys.stderr)
+    manifest = run_capfilt(config, dataset, captioner_ref=models["captioner"], filter_ref=models["filter"],
+                           name=name, registry=registry)  # fmt: skip
     stats = manifest.stats.get("capfilt", {})
     print(json.dumps({"version": manifest.ref, "id": manifest.short_id, "counts": manifest.counts,
                       "kept_fraction": stats.get("kept_fraction"), "quality": stats.get("quality"),

@@ -61,6 +61,29 @@ def publish_model(source: str, *, name: str, registry: Any = None, kind: str | N
     return manifest
 
 
+def model_version(registry: Any, source: str, *, name: str, kind: str) -> Any:
+    """The model version `source` names in the registry, or else the checkpoint `source` published as `name` (as
+    the `kind` model; the same weights again are the same version)."""
+    from datasets_manifests.registry import NotFoundError, RegistryError
+
+    try:
+        return registry.resolve(source, kind="model")
+    except RegistryError as not_a_version:  # not a version of this registry: a checkpoint
+        if isinstance(not_a_version, NotFoundError) and not _could_be_checkpoint(source):
+            raise
+    return publish_model(source, name=name, registry=registry, kind=kind)
+
+
+def _could_be_checkpoint(source: str) -> bool:
+    from blip_models.inference import detect_format
+
+    try:
+        detect_format(source)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def source_digest(source: str, source_format: str) -> str:
     """sha256 of the weights a checkpoint is read from: the `.pth` (downloaded once for a URL or a name), our
     directory's `model.safetensors`, a transformers directory's weight files (in name order)."""

@@ -121,3 +121,21 @@ def test_blip_infer_runs_a_model_version_of_the_registry(released, tmp_path, cap
     assert capsys.readouterr().err.strip() == (f"blip infer: error: checkpoint not found: no-such-model, nor a model "
                                                f"version of {registry_dir}; `blip infer models` lists the checkpoint "
                                                "names")  # fmt: skip
+
+
+def test_blip_capfilt_publishes_checkpoints_given_as_its_models(released, tmp_path, capsys):
+    """`blip capfilt … --captioner model_base_caption_capfilt_large --filter model_base_retrieval_coco`: both
+    published first (as `<checkpoint>-captioner` / `-filter`, a 'caption' and a 'retrieval' model), then the
+    stage's own checks run (here: an input with no shards, refused before Ray)."""
+    from datasets_manifests.manifest import Producer
+
+    registry = Registry(str(tmp_path / "registry"))
+    (tmp_path / "empty").mkdir()
+    registry.publish(kind="dataset", name="web", staging_dir=tmp_path / "empty", files=[], producer=Producer(stage="t"))
+    assert main(["capfilt", "tiny", "--dataset", "web", "--captioner", "model_base_caption_capfilt_large",
+                 "--filter", "model_base_retrieval_coco", "--registry", registry.url]) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == ["captioner: model_base_caption_capfilt_large -> model_base_caption_capfilt_large-captioner@v1",
+                       "filter: model_base_retrieval_coco -> model_base_retrieval_coco-filter@v1"]  # fmt: skip
+    assert err[2].startswith("blip capfilt: error:") and "has no shards to caption" in err[2]
+    assert registry.resolve("model_base_retrieval_coco-filter").metadata["kind"] == "retrieval"
