@@ -3,7 +3,8 @@
 Pages (one static page, plain JS, hash-routed) show every dataset, model and evaluation version; a version's
 counts, stats, drop reasons, score histograms, lineage (up to the sources, down to the models trained on it),
 files and checksums; a sample grid (thumbnail, web text, synthetic captions, ITM scores, keep/drop and why)
-with filters; a diff between two versions; model versions with their evaluation metrics side by side.
+with filters; a diff between two versions; model versions with their evaluation metrics side by side; what the
+stage runs left in their work dirs (shown, not removed: `blip data work --remove` does that).
 Each page is backed by a JSON endpoint:
 
     GET /api/versions                                   all versions (summary rows)
@@ -15,6 +16,7 @@ Each page is backed by a JSON endpoint:
     GET /api/versions/{kind}/{name}/{version}/image?path=         thumbnail of an image file the manifest lists
     GET /api/diff?a=name@v1&b=name@v2&category=&limit=&offset=    added / removed / recaptioned keys
     GET /api/models                                     model versions with training + evaluation metrics
+    GET /api/work                                       what stage runs left in work dirs (`blip data work`)
 
 A filter, histogram or diff that takes longer than a second (a 129M-sample version) answers 202
 {pending, what, done, total, message} while it goes on in a background thread; the page asks again until the
@@ -234,6 +236,15 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
     def models(_: Request) -> Response:
         return JSONResponse(model_table(catalog))
 
+    @api
+    def work(_: Request) -> Response:
+        from datasets_manifests.ops import work_entries
+
+        entries = [entry.to_dict() for entry in work_entries(registry)]
+        return JSONResponse({"registry": registry.url, "entries": entries,
+                             "bytes": sum(e["bytes"] for e in entries),
+                             "spare_bytes": sum(e["bytes"] for e in entries if e["removable_as_leftover"])})  # fmt: skip
+
     def favicon(_: Request) -> Response:
         return Response(status_code=204)
 
@@ -250,6 +261,7 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
         Route("/api/versions/{kind}/{name}/{version}/image", image),
         Route("/api/diff", diff),
         Route("/api/models", models),
+        Route("/api/work", work),
     ]
 
     async def not_found(request: Request, error: Exception) -> Response:

@@ -265,6 +265,23 @@ def _check_models_page(server: str, page: Any) -> None:
         assert shown > 0
 
 
+def test_work_page_lists_what_blip_data_work_lists(server: str, browser_page: Any, shots: Path) -> None:
+    """The Work page draws /api/work (what stage runs left in their work dirs) row for row, with the total."""
+    page = browser_page
+    work = _api(server, "/api/work")
+    page.goto(f"{server}/#/work")
+    page.wait_for_selector("[data-testid=work]")
+    rows = page.eval_on_selector_all(
+        "[data-testid=work] tr", "rows => rows.slice(1).map(r => [...r.cells].map(c => c.textContent.trim()))")
+    if not work["entries"]:
+        assert rows == [["no work left"]]
+        return
+    assert [(row[0], row[2]) for row in rows] == [(e["key"], e["state"]) for e in work["entries"]]
+    assert page.inner_text("[data-testid=work-total]").startswith(f"{len(work['entries'])} in all")
+    page.screenshot(path=str(shots / "work.png"), full_page=True)
+    assert not page.errors, page.errors
+
+
 def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path,
                                             registry_source: str) -> None:
     if registry_source != "sample":

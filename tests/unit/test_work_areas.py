@@ -181,3 +181,25 @@ def test_remove_stale_takes_abandoned_work_by_its_last_write(tmp_path, capsys):
     assert [entry.key for entry in work_entries(registry)] == ["k-fresh"]
     assert main(["data", "--registry", str(registry.root), "work", "--remove-stale", "-1"]) == 2
     assert "--remove-stale takes a number of days >= 0" in capsys.readouterr().err
+
+
+def test_the_browser_shows_the_work_as_blip_data_work_lists_it_and_writes_nothing(tmp_path, capsys):
+    from starlette.testclient import TestClient
+
+    from datasets_manifests.browser.app import create_app
+
+    registry = Registry(tmp_path / "registry")
+    unfinished = registry.note_work("k-unfinished", stage="shard", name="web-shards")
+    (unfinished / "records.arrow").write_bytes(b"r" * 1000)
+    leftover = registry.note_work("k-leftover", stage="capfilt", name="web-capfilt")
+    (leftover / "records.arrow").write_bytes(b"l" * 500)
+    _publish(registry, tmp_path / "staging", "web-capfilt", "k-leftover")
+    before = sorted(str(p) for p in (tmp_path / "registry").rglob("*"))
+
+    data = TestClient(create_app(str(tmp_path / "registry"))).get("/api/work").json()
+    assert main(["data", "--registry", str(tmp_path / "registry"), "work", "--json"]) == 0
+    assert data["entries"] == json.loads(capsys.readouterr().out)
+    assert {e["key"]: e["state"] for e in data["entries"]} == {"k-unfinished": "unfinished", "k-leftover": "leftover"}
+    assert data["spare_bytes"] == next(e["bytes"] for e in data["entries"] if e["key"] == "k-leftover")
+    assert data["bytes"] == sum(e["bytes"] for e in data["entries"])
+    assert sorted(str(p) for p in (tmp_path / "registry").rglob("*")) == before  # read-only

@@ -1,5 +1,5 @@
 // Manifest browser front end: plain JS, hash-routed, every page drawn from the JSON API.
-// Routes: #/  #/models  #/v/{kind}/{name}/{version}?filters  #/diff?a=&b=&category=
+// Routes: #/  #/models  #/v/{kind}/{name}/{version}?filters  #/diff?a=&b=&category=  #/work
 "use strict";
 
 const main = document.getElementById("main");
@@ -98,11 +98,31 @@ async function route() {
     if (parts[0] === "v" && parts.length === 4) await versionPage(parts[1], parts[2], parts[3], params);
     else if (parts[0] === "diff") await diffPage(params);
     else if (parts[0] === "models") await modelsPage();
+    else if (parts[0] === "work") await workPage();
     else await homePage();
   } catch (error) { if (!(error instanceof NavigatedAway)) main.innerHTML = errorBox(error); }
 }
 window.addEventListener("hashchange", route);
 route();
+
+// ---------------------------------------------------------------- work
+// What stage runs left in their work dirs (`blip data work`): shown here, removed from the command line.
+async function workPage() {
+  const data = await getJSON("/api/work");
+  document.getElementById("registry").textContent = data.registry;
+  const when = s => s ? new Date(s * 1000).toISOString().slice(0, 16).replace("T", " ") : "–";
+  const rows = data.entries.map(e => `<tr><td class="mono">${esc(e.key)}</td><td>${esc(e.what)}</td>
+      <td>${badge(e.state)}</td><td class="num">${bytes(e.bytes)}</td><td class="num">${fmt(e.files)}</td>
+      <td class="muted">${when(e.modified)}</td><td>${esc(e.detail)}</td></tr>`).join("");
+  main.innerHTML = `<h1>Work left by stage runs</h1>
+    <p class="muted" data-testid="work-total">${data.entries.length} in all, ${bytes(data.bytes)};
+      ${bytes(data.spare_bytes)} of it no rerun needs. Remove with
+      <span class="mono">blip data --registry ${esc(data.registry)} work --remove-leftovers</span> or
+      <span class="mono">--remove KEY</span>.</p>
+    <div class="card"><table data-testid="work"><tr><th>work</th><th>what</th><th>state</th><th class="num">size</th>
+      <th class="num">files</th><th>last write</th><th>detail</th></tr>
+      ${rows || `<tr><td colspan="7" class="muted">no work left</td></tr>`}</table></div>`;
+}
 
 // ---------------------------------------------------------------- home
 async function homePage() {
