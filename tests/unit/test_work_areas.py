@@ -170,10 +170,8 @@ def test_remove_stale_takes_abandoned_work_by_its_last_write(tmp_path, capsys):
     import time
 
     registry = Registry(tmp_path / "registry")
-    old = registry.note_work("k-old", stage="shard", name="web-shards")
-    (old / "records.arrow").write_bytes(b"o" * 100)
-    fresh = registry.note_work("k-fresh", stage="shard", name="web-shards-2")
-    (fresh / "records.arrow").write_bytes(b"f" * 100)
+    old = _noted_run(registry, "k-old", "shard", "web-shards", 100)
+    _noted_run(registry, "k-fresh", "shard", "web-shards-2", 100)
     ten_days_ago = time.time() - 10 * 86400
     for path in old.rglob("*"):
         os.utime(path, (ten_days_ago, ten_days_ago))
@@ -189,10 +187,8 @@ def test_the_browser_shows_the_work_as_blip_data_work_lists_it_and_writes_nothin
     from datasets_manifests.browser.app import create_app
 
     registry = Registry(tmp_path / "registry")
-    unfinished = registry.note_work("k-unfinished", stage="shard", name="web-shards")
-    (unfinished / "records.arrow").write_bytes(b"r" * 1000)
-    leftover = registry.note_work("k-leftover", stage="capfilt", name="web-capfilt")
-    (leftover / "records.arrow").write_bytes(b"l" * 500)
+    _noted_run(registry, "k-unfinished", "shard", "web-shards", 1000)
+    _noted_run(registry, "k-leftover", "capfilt", "web-capfilt", 500)
     _publish(registry, tmp_path / "staging", "web-capfilt", "k-leftover")
     before = sorted(str(p) for p in (tmp_path / "registry").rglob("*"))
 
@@ -203,3 +199,10 @@ def test_the_browser_shows_the_work_as_blip_data_work_lists_it_and_writes_nothin
     assert data["spare_bytes"] == next(e["bytes"] for e in data["entries"] if e["key"] == "k-leftover")
     assert data["bytes"] == sum(e["bytes"] for e in data["entries"])
     assert sorted(str(p) for p in (tmp_path / "registry").rglob("*")) == before  # read-only
+
+
+def _noted_run(registry, key, stage, name, size):
+    """A stage run's noted work dir holding one file of `size` bytes."""
+    work = registry.note_work(key, stage=stage, name=name)
+    (work / "records.arrow").write_bytes(b"r" * size)
+    return work
