@@ -50,7 +50,7 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     from pipelines.commands.evaluate import _default_name
     from pipelines.config import load_config
     from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
-    from pipelines.tasks.publish_model import model_version
+    from pipelines.tasks.publish_model import publish_model, registry_version
 
     config = load_config(CapFiltConfig, resolve_config_path(args.config), args.overrides)
     name = args.name or f"{parse_ref(args.dataset)[0]}-capfilt"
@@ -58,8 +58,9 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     dataset = registry.resolve(args.dataset, kind="dataset")  # a missing input says so before any model is published
     models = {}
     for role, source, kind in (("captioner", args.captioner, "caption"), ("filter", args.filter, "retrieval")):
-        models[role] = model_version(registry, source, name=_default_name(source, role), kind=kind)
-        if models[role].ref != source and models[role].name != source:
+        models[role] = registry_version(registry, source)
+        if models[role] is None:  # a checkpoint: published first
+            models[role] = publish_model(source, name=_default_name(source, role), registry=registry, kind=kind)
             print(f"{role}: {source} -> {models[role].ref}", file=sys.stderr)
     manifest = run_capfilt(config, dataset, captioner_ref=models["captioner"], filter_ref=models["filter"],
                            name=name, registry=registry)  # fmt: skip

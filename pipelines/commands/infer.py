@@ -215,24 +215,27 @@ def describe_load(loaded: LoadedModel, checkpoint: str, verbose: bool, shown: in
 
 
 def checkpoint_source(checkpoint: str, registry_url: str | None) -> str:
-    """What `load_for` reads for --checkpoint: a file, directory, URL or checkpoint name as given; else a model
-    version of the registry, as its local directory (fetched from a remote registry). Neither: the not-found line."""
+    """What `load_for` reads for --checkpoint, looked for in the order of `--init` and `blip eval`: a file,
+    directory or URL as given; a model version of the registry, as its local directory (fetched from a remote
+    registry); a checkpoint name or a transformers hub name as given. None of these: the not-found line."""
     from blip_models.inference import detect_format
-
-    try:
-        detect_format(checkpoint)
-        return checkpoint
-    except FileNotFoundError as error:
-        not_found = str(error)
     from datasets_manifests.registry import Registry, RegistryError, default_registry_url
     from pipelines.tasks.finetune import resolve_model_source
 
     url = registry_url or default_registry_url()
+    if not (Path(checkpoint).exists() or checkpoint.startswith(("http://", "https://"))):
+        try:
+            version, directory = resolve_model_source(Registry(url, create=False), checkpoint)
+            if version is not None:
+                return directory
+        except (RegistryError, FileNotFoundError):
+            pass  # not a version of the registry (or no registry there)
     try:
-        return resolve_model_source(Registry(url, create=False), checkpoint)[1]
-    except (RegistryError, FileNotFoundError):
-        head, _, tail = not_found.partition("; ")
+        detect_format(checkpoint)
+    except FileNotFoundError as error:
+        head, _, tail = str(error).partition("; ")
         raise CommandError(f"{head}, nor a model version of {url}; {tail}") from None
+    return checkpoint
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from prefect import flow
 
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import Registry, RegistryError
+from datasets_manifests.registry import Registry
 from pipelines.flows.stages import run_stage
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.runtime import apply_environment
@@ -117,9 +117,8 @@ def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manif
     pair = []
     for role, source, kind in (("captioner", cfg.capfilt_models.captioner, "caption"),
                                ("filter", cfg.capfilt_models.filter, "retrieval")):  # fmt: skip
-        try:
-            version = registry.resolve(source, kind="model")
-        except RegistryError:  # not a version of this registry: a checkpoint, published as one
+        version = publish_model.registry_version(registry, source)
+        if version is None:  # a checkpoint: published as one
             name = cfg.version_name(f"{role}-given")
             version = run_stage(f"publish-{role}", publish_model.publish_model, source, name=name, kind=kind,
                                 registry=registry, output_kind="model", output_name=name)  # fmt: skip

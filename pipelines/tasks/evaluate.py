@@ -473,8 +473,8 @@ def _fetch(registry: Any, manifest: Any, relpath: str) -> Path:
 def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, registry: Any = None,
                  out: str | Path | None = None) -> Any:
     """Evaluate a model version on a dataset version; publish and return the evaluation version `name`."""
-    from datasets_manifests.manifest import Producer, cache_key
     from blip_models.checkpoints import is_pretrained_dir
+    from datasets_manifests.manifest import Producer, cache_key
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.tasks.finetune import resolve_model_source
 

@@ -11,12 +11,10 @@ adapted. Publishing the same weights as the same kind again returns the existing
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 STAGE = "publish-model"
 
 
@@ -61,17 +59,18 @@ def publish_model(source: str, *, name: str, registry: Any = None, kind: str | N
     return manifest
 
 
-def model_version(registry: Any, source: str, *, name: str, kind: str) -> Any:
-    """The model version `source` names in the registry, or else the checkpoint `source` published as `name` (as
-    the `kind` model; the same weights again are the same version)."""
+def registry_version(registry: Any, source: str) -> Any | None:
+    """The model version `source` names in the registry; None when `source` is a checkpoint instead (a path, URL,
+    checkpoint name or directory: `publish_model` takes it). A name that is neither stays the registry's
+    not-found error."""
     from datasets_manifests.registry import NotFoundError, RegistryError
 
     try:
         return registry.resolve(source, kind="model")
-    except RegistryError as not_a_version:  # not a version of this registry: a checkpoint
+    except RegistryError as not_a_version:
         if isinstance(not_a_version, NotFoundError) and not _could_be_checkpoint(source):
             raise
-    return publish_model(source, name=name, registry=registry, kind=kind)
+    return None
 
 
 def _could_be_checkpoint(source: str) -> bool:
