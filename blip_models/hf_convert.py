@@ -220,6 +220,17 @@ def is_hf_dir(path: str | Path) -> bool:
     return data.get("model_type") == "blip" or any(a in KIND_BY_HF_CLASS for a in data.get("architectures") or [])
 
 
+def hf_kind(directory: Path) -> str | None:
+    """Our model kind for a transformers directory's `architectures` (None when it names no BLIP task class)."""
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return next((KIND_BY_HF_CLASS[a] for a in raw.get("architectures") or [] if a in KIND_BY_HF_CLASS), None)
+
+
+def is_hub_name(text: str) -> bool:
+    """A transformers hub name of a BLIP model: the released ones (`HUB_MODELS`) or any `Salesforce/blip*`."""
+    return text in HUB_MODELS or (text.count("/") == 1 and text.startswith("Salesforce/blip"))
+
+
 def hf_directory(path_or_name: str | Path) -> Path:
     """A transformers directory as given, or a hub name's snapshot (downloaded by huggingface_hub, cached)."""
     path = Path(path_or_name)
@@ -269,7 +280,7 @@ def load_hf(path_or_name: str | Path, kind: str | None = None, *, keep_hf_eps: b
     if not is_hf_dir(directory):
         raise CheckpointError(f"{directory}: not a transformers BLIP directory (config.json model_type != 'blip')")
     raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    file_kind = next((KIND_BY_HF_CLASS[a] for a in raw.get("architectures") or [] if a in KIND_BY_HF_CLASS), None)
+    file_kind = hf_kind(directory)
     kind = kind or file_kind or HUB_MODELS.get(str(path_or_name))
     if kind is None:
         raise CheckpointError(f"{directory}: cannot tell the model kind (architectures={raw.get('architectures')}); pass kind=")

@@ -16,6 +16,9 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blip-test-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # after the session's server stopped
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("BLIP_REGISTRY", None)
+# Checkpoint downloads, conversions and remembered digests go to a scratch cache, never the user's torch hub dir.
+os.environ["BLIP_CHECKPOINT_CACHE"] = tempfile.mkdtemp(prefix="blip-test-checkpoints-")
+atexit.register(shutil.rmtree, os.environ["BLIP_CHECKPOINT_CACHE"], ignore_errors=True)
 
 from pipelines.runtime import apply_environment  # noqa: E402
 

@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     finetune.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/finetune/ (default: the task's BLIP defaults)")
     finetune.add_argument("--init", required=True, help="model version, save_pretrained directory, official .pth "
-                          "(path or URL) or checkpoint name (`blip infer models`: model_base_capfilt_large, ...)")
+                          "(path or URL), checkpoint name (`blip infer models`: model_base_capfilt_large, ...) or "
+                          "transformers directory or hub name (Salesforce/blip-itm-base-coco; converted once)")
     finetune.add_argument("--dataset", required=True, help="downstream dataset version")
     finetune.add_argument("--name", default=None, help="output model name (default: <init name>-<task>)")
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -61,8 +62,9 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults)")
     evaluate.add_argument("--model", required=True,
-                          help="model version, save_pretrained directory, official .pth (path or URL) or checkpoint "
-                          "name (`blip infer models`): `--model model_base_retrieval_coco` evaluates BLIP's release")
+                          help="model version, save_pretrained directory, official .pth (path or URL), checkpoint "
+                          "name (`blip infer models`) or transformers directory or hub name: `--model "
+                          "model_base_retrieval_coco` evaluates BLIP's release")
     evaluate.add_argument("--dataset", required=True, help="downstream dataset version")
     evaluate.add_argument("--name", default=None, help="evaluation name (default: <model name>-eval-<task>)")
     evaluate.add_argument("--out", default=None, help="also write the metrics JSON to this file")

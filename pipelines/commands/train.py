@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
                         "every version given are trained on together (BLIP: web pairs + COCO/VG human pairs)")
     parser.add_argument("--init", default=None,
                         help="initial weights: a model version, a save_pretrained directory, an official .pth (path "
-                        "or URL) or a checkpoint name (`blip infer models`: model_base_capfilt_large, ...)")
+                        "or URL), a checkpoint name (`blip infer models`: model_base_capfilt_large, ...) or a "
+                        "transformers directory or hub name (converted once in the checkpoint cache)")
     parser.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
     parser.add_argument("--name", default=None, help="Ray Train run name (default: derived from inputs + config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

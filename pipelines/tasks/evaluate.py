@@ -477,6 +477,7 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     from datasets_manifests.manifest import Producer, cache_key
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.tasks.finetune import resolve_model_source
+    from pipelines.tasks.publish_model import converted_directory
 
     check_name(name)
     registry = registry if registry is not None else Registry()
@@ -484,7 +485,7 @@ def run_evaluate(cfg: EvaluateConfig, *, model: Any, dataset: Any, name: str, re
     model_manifest, model_dir = resolve_model_source(registry, model)
     checkpoint = None  # an official .pth or a transformers directory evaluated: its source and sha256
     if not is_pretrained_dir(model_dir):
-        model_dir, checkpoint = checkpoint_as_directory(model_dir, MODEL_KIND[cfg.task])
+        model_dir, checkpoint = converted_directory(model_dir, MODEL_KIND[cfg.task])
     stage = f"evaluate-{cfg.task}"
     parents = [m for m in (model_manifest, dataset) if m is not None]
     outside = [] if model_manifest else [f"sha256:{checkpoint['sha256']}" if checkpoint else str(model_dir)]
@@ -547,32 +548,6 @@ def evaluation_lineage(model_manifest: Any, model_dir: str, dataset: Any,
         if checkpoint:
             model["checkpoint"] = checkpoint
     return {"model": model, "dataset": {"ref": dataset.ref, "id": dataset.id}}
-
-
-def checkpoint_as_directory(source: str, kind: str) -> tuple[str, dict[str, str]]:
-    """A checkpoint that is not a save_pretrained directory (an official `.pth` by path, URL or name — BLIP's
-    released files, LAVIS's — or a transformers directory) as a save_pretrained directory of the `kind` model,
-    which the evaluation workers load: converted once, in the checkpoint cache
-    (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256}."""
-    import os
-
-    from blip_models.checkpoints import checkpoint_cache_dir, save_pretrained
-    from blip_models.inference import detect_format, load_for
-    from pipelines.tasks.publish_model import source_digest
-
-    digest = source_digest(source, detect_format(source))
-    stem = Path(str(source).rstrip("/")).name.removesuffix(".pth")
-    target = checkpoint_cache_dir() / "converted" / f"{stem}-{kind}-{digest[:16]}"
-    if not (target / "config.json").is_file():
-        loaded = load_for(source, kind)
-        log.info("evaluate: %s converted for the '%s' model%s", source, kind,
-                 f" ({loaded.report.summary()})" if loaded.report else "")  # fmt: skip
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        save_pretrained(loaded.model, partial, tokenizer=loaded.tokenizer_source)
-        shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
-        os.replace(partial, target)  # whole or absent
-    return str(target), {"checkpoint": str(source), "sha256": digest}
 
 
 def evaluate_karpathy(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfig,

@@ -224,6 +224,7 @@ def run_finetune(
     from pipelines.config import ConfigError
     from pipelines.tasks import _ray_train
     from pipelines.tasks.pretrain import RUN_ONLY_KEYS, _role, init_identity, shard_cache_setting, warn_uncached_remote
+    from pipelines.tasks.publish_model import training_init_source
     from pipelines.tasks.train_data import DataPlan, shards_of
 
     check_name(name)
@@ -231,6 +232,7 @@ def run_finetune(
     dataset = registry.resolve(dataset, kind="dataset")
     check_dataset(cfg.task, dataset)
     init_manifest, init_source = resolve_model_source(registry, init)
+    init_source = init_source if init_manifest else training_init_source(init_source)
     parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
     stage = f"finetune-{cfg.task}"
     key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else init_identity(init_source)),

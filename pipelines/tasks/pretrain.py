@@ -13,7 +13,6 @@ Initialisation: from scratch; ImageNet ViT weights (a local state-dict file with
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import shutil
@@ -450,18 +449,22 @@ def init_identity(source: str) -> list[str]:
 
 def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
     """(model manifest or None, local path/URL of the weights) for an init reference."""
+    from pipelines.tasks.publish_model import training_init_source
+
     manifest, found = model_reference(registry, source, "init")
     if manifest is None:
-        return None, found
+        return None, training_init_source(found)
     # A remote registry's version by its directory's URL: each training worker copies it to its own node.
     return manifest, registry.url_of(manifest, found).rsplit("/", 1)[0]
 
 
 def model_reference(registry: Any, source: str, what: str) -> tuple[Any, str]:
     """(model version, its config.json's path in the version) for a version of the registry; (None, path or URL)
-    for a file, a directory, an http(s) URL or a checkpoint name (BLIP's or LAVIS's: `blip infer models`).
-    Anything else is a FileNotFoundError naming `what` it was for."""
+    for a file, a directory, an http(s) URL or a checkpoint name (BLIP's or LAVIS's: `blip infer models`);
+    (None, the name) for a transformers hub name (`Salesforce/blip-itm-base-coco`). Anything else is a
+    FileNotFoundError naming `what` it was for."""
     from blip_models.checkpoints import checkpoint_url
+    from blip_models.hf_convert import is_hub_name
     from datasets_manifests.registry import NotFoundError, RegistryError
 
     if Path(source).exists() or source.startswith(("http://", "https://")):
@@ -471,6 +474,8 @@ def model_reference(registry: Any, source: str, what: str) -> tuple[Any, str]:
     except RegistryError as error:  # not found, or not a version's name at all
         if url := checkpoint_url(source):
             return None, url
+        if is_hub_name(source):
+            return None, source
         if not isinstance(error, NotFoundError):
             raise
         raise FileNotFoundError(f"{what} {source!r} is neither a file, a directory, a model version nor a checkpoint "
@@ -493,17 +498,9 @@ def _init_digest(source: str | None) -> str | None:
     path = Path(source) / "model.safetensors" if Path(source).is_dir() else Path(source)
     if not path.is_file():
         return None
-    stat = path.stat()
-    return _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    from pipelines.tasks.publish_model import file_sha256
 
-
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    """Hashed once per run (the cache key and the published metadata both need it; ViT-L weights are ~1 GB);
-    the stat is in the key, so a file written anew is hashed anew."""
-    from datasets_manifests.filesystems import sha256_file
-
-    return sha256_file(path)[0]
+    return file_sha256(path)
 
 
 def _check_plan(plan: Any, blip_config: Any) -> None:

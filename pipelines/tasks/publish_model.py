@@ -11,9 +11,12 @@ adapted. Publishing the same weights as the same kind again returns the existing
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STAGE = "publish-model"
 
@@ -32,13 +35,17 @@ def publish_model(source: str, *, name: str, registry: Any = None, kind: str | N
     registry = registry if registry is not None else Registry()
     source_format = detect_format(source)
     digest = source_digest(source, source_format)
-    settings = {"kind": kind, "image_size": image_size}
+    # The key holds the kind the version is of, so `--kind` left out and the checkpoint's own kind named are the
+    # same version; a kind only a load can tell (a .pth by its tensors) is looked up after loading.
+    kind = kind or declared_kind(source, source_format)
+    loaded = None if kind else load_for(source, None, image_size=image_size)
+    settings = {"kind": kind or loaded.kind, "image_size": image_size}
     key = cache_key(STAGE, [f"sha256:{digest}"], config_hash(settings))
     cached = registry.find_cached("model", name, key)
     if cached is not None:
         return cached
     started = now_utc()
-    loaded = load_for(source, kind, image_size=image_size)
+    loaded = loaded or load_for(source, kind, image_size=image_size)
     staging = registry.work_dir(key) / "publish"
     shutil.rmtree(staging, ignore_errors=True)
     save_pretrained(loaded.model, staging, tokenizer=loaded.tokenizer_source)
@@ -57,6 +64,63 @@ def publish_model(source: str, *, name: str, registry: Any = None, kind: str | N
                                 metadata=metadata)  # fmt: skip
     registry.remove_work(key)
     return manifest
+
+
+def declared_kind(source: str, source_format: str) -> str | None:
+    """The kind a checkpoint says it is without loading it: a checkpoint name's, our directory's config, a hub
+    name's or a transformers directory's architecture; None for a .pth by path or URL (its tensors tell)."""
+    from blip_models.checkpoints import named_checkpoints, read_pretrained_config
+
+    if named := named_checkpoints().get(str(source)):
+        return named[1]
+    if source_format == "pretrained":
+        return str(read_pretrained_config(source)["kind"])
+    if source_format == "huggingface":
+        from blip_models.hf_convert import HUB_MODELS, hf_directory, hf_kind
+
+        return HUB_MODELS.get(str(source)) or hf_kind(hf_directory(source))
+    return None
+
+
+def converted_directory(source: str, kind: str | None = None) -> tuple[str, dict[str, str]]:
+    """A checkpoint that is not a save_pretrained directory (an official `.pth` by path, URL or name — BLIP's
+    released files, LAVIS's — or a transformers directory or hub name) as a save_pretrained directory of the `kind`
+    model (default: its own), which evaluation and training workers load: converted once, in the checkpoint cache
+    (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256}."""
+    import os
+
+    from blip_models.checkpoints import checkpoint_cache_dir, save_pretrained
+    from blip_models.inference import detect_format, load_for
+
+    source_format = detect_format(source)
+    digest = source_digest(source, source_format)
+    kind = kind or declared_kind(source, source_format)
+    stem = Path(str(source).rstrip("/")).name.removesuffix(".pth")
+    target = checkpoint_cache_dir() / "converted" / f"{stem}-{kind or 'own'}-{digest[:16]}"
+    if not (target / "config.json").is_file():
+        loaded = load_for(source, kind)
+        log.info("%s converted for the '%s' model%s", source, loaded.kind,
+                 f" ({loaded.report.summary()})" if loaded.report else "")  # fmt: skip
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_pretrained(loaded.model, partial, tokenizer=loaded.tokenizer_source)
+        shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
+        os.replace(partial, target)  # whole or absent
+    return str(target), {"checkpoint": str(source), "sha256": digest}
+
+
+def training_init_source(source: str) -> str:
+    """What training workers load initial weights from: a transformers checkpoint (directory or hub name) converted
+    once into a save_pretrained directory (`converted_directory`, its own kind; the workers read our formats);
+    anything else (our directory, a .pth, a URL) as it is."""
+    from blip_models.checkpoints import is_pretrained_dir
+    from blip_models.hf_convert import is_hf_dir, is_hub_name
+
+    local = Path(source)
+    transformers_dir = local.is_dir() and not is_pretrained_dir(local) and is_hf_dir(local)
+    if transformers_dir or (is_hub_name(source) and not local.exists()):
+        return converted_directory(source)[0]
+    return source
 
 
 def registry_version(registry: Any, source: str) -> Any | None:
@@ -88,21 +152,51 @@ def source_digest(source: str, source_format: str) -> str:
     directory's `model.safetensors`, a transformers directory's weight files (in name order)."""
     import hashlib
 
-    from datasets_manifests.filesystems import sha256_file
-
     if source_format == "official":
         from blip_models.checkpoints import local_checkpoint
 
-        return sha256_file(local_checkpoint(source))[0]
+        return file_sha256(local_checkpoint(source))
     if source_format == "pretrained":
-        return sha256_file(Path(source) / "model.safetensors")[0]
+        return file_sha256(Path(source) / "model.safetensors")
     from blip_models.hf_convert import hf_directory
 
     directory = hf_directory(source)
     weights = sorted(path for pattern in ("*.safetensors", "*.bin") for path in directory.glob(pattern))
     if len(weights) == 1:
-        return sha256_file(weights[0])[0]
+        return file_sha256(weights[0])
     combined = hashlib.sha256()
     for path in weights:
-        combined.update(f"{path.name}\0{sha256_file(path)[0]}\n".encode())
+        combined.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return combined.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, remembered in the checkpoint cache (`sha256/`) under its path, size, mtime and
+    inode: ViT-L's checkpoint is ~1 GB, and evaluating, publishing or training from it again should not read it
+    all again. A file written anew (or replaced) is hashed anew; a read-only cache only means hashing each time."""
+    import hashlib
+    import json
+    import os
+
+    from blip_models.checkpoints import checkpoint_cache_dir
+    from datasets_manifests.filesystems import sha256_file
+
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    stamp = {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    memo = checkpoint_cache_dir() / "sha256" / f"{hashlib.sha256(str(resolved).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if {field: known.get(field) for field in stamp} == stamp and len(known.get("sha256", "")) == 64:
+            return str(known["sha256"])
+    except (OSError, ValueError, AttributeError):  # not remembered yet, or a broken memo: hashed again
+        pass
+    digest = sha256_file(resolved)[0]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_name(f"{memo.name}.{os.getpid()}")
+        partial.write_text(json.dumps({**stamp, "sha256": digest}))
+        os.replace(partial, memo)
+    except OSError:
+        pass
+    return digest

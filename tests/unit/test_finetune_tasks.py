@@ -393,9 +393,64 @@ def test_evaluate_an_official_checkpoint_by_path_and_by_name(downstream, tmp_pat
     evaluation = run_evaluate(cfg, model=str(tmp_path / "hf-caption"), dataset=manifest, name="eval-c-hf",
                               registry=registry)  # fmt: skip
     assert evaluation.metadata["metrics"] == expected.metadata["metrics"]
+    # ... and by its hub name, read from huggingface_hub's cache (offline: nothing can be downloaded here).
+    hub_name = "Salesforce/blip-image-captioning-base"
+    _in_hub_cache(tmp_path / "hf-caption", hub_name, tmp_path / "hub", monkeypatch)
+    evaluation = run_evaluate(cfg, model=hub_name, dataset=manifest, name="eval-c-hub", registry=registry)
+    assert evaluation.metadata["metrics"] == expected.metadata["metrics"]
+    model_lineage = json.loads(registry.local_path(evaluation, "metrics.json").read_text())["lineage"]["model"]
+    assert model_lineage["checkpoint"]["checkpoint"] == hub_name
     assert _default_name("blip_retrieval/coco", "eval-retrieval") == "blip_retrieval-coco-eval-retrieval"
     assert _default_name(str(official), "eval-retrieval") == "model_base_retrieval_coco-eval-retrieval"
     assert _default_name("https://x/y/model_base_14M.pth", "eval-caption") == "model_base_14m-eval-caption"
+
+
+def _in_hub_cache(directory: Path, hub_name: str, hub: Path, monkeypatch) -> None:
+    """A transformers directory put in huggingface_hub's cache layout as `hub_name`'s snapshot, the hub offline."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    revision = "0" * 40
+    repo = hub / f"models--{hub_name.replace('/', '--')}"
+    shutil.copytree(directory, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_transformers_checkpoint_initialises_finetuning(downstream, tmp_path, monkeypatch):
+    """`blip finetune --init Salesforce/blip-itm-base-coco` (or a transformers directory): converted once into a
+    save_pretrained directory the training workers load; its config and weights are the model's."""
+    from blip_models.checkpoints import from_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.hf_convert import to_hf
+    from blip_models.modeling_itm import BlipITM
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.tasks.finetune import init_config_of, resolve_model_source
+    from pipelines.tasks.finetune_tasks import load_weights
+    from pipelines.tasks.publish_model import training_init_source
+
+    registry, _ = downstream
+    torch.manual_seed(0)
+    itm = BlipITM(preset("tiny"))
+    to_hf(itm).save_pretrained(tmp_path / "hf-itm")
+    hub_name = "Salesforce/blip-itm-base-coco"
+    _in_hub_cache(tmp_path / "hf-itm", hub_name, tmp_path / "hub", monkeypatch)
+    conversions = []
+    for source in (str(tmp_path / "hf-itm"), hub_name):
+        manifest, found = resolve_model_source(registry, source)
+        assert manifest is None and found == source
+        converted = training_init_source(found)
+        conversions.append(converted)
+        assert Path(converted).parent.name == "converted"
+        assert init_config_of(converted)["vision"]["width"] == preset("tiny").vision.width
+        report = load_weights(BlipRetrieval(preset("tiny")), converted, "retrieval")
+        assert report["from"] == "itm"
+        for key, value in from_pretrained(converted).state_dict().items():
+            torch.testing.assert_close(value, itm.state_dict()[key], rtol=0, atol=0)
+    assert training_init_source(str(tmp_path / "hf-itm")) == conversions[0]  # converted once
 
 
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):

@@ -64,8 +64,12 @@ def test_the_released_captioner_and_filter_become_model_versions_capfilt_takes(r
     assert _model_source(registry, captioner, ("caption",))["kind"] == "caption"
     assert _model_source(registry, filter_model, ("itm", "retrieval"))["kind"] == "itm"
 
-    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
-    assert capsys.readouterr().out.startswith("blip-captioner@v1 ")  # the same weights: the same version
+    # The same weights as the same kind are the same version: by name, by path (its kind told by its tensors)
+    # and with the kind it is named.
+    path = str(cache / "model_base_caption_capfilt_large.pth")
+    for args in (("model_base_caption_capfilt_large",), (path,), (path, "--kind", "caption")):
+        assert _publish(registry_dir, *args, "--name", "blip-captioner") == 0
+        assert capsys.readouterr().out.startswith("blip-captioner@v1 ")
     assert [m.ref for m in registry.versions("model", "blip-captioner")] == ["blip-captioner@v1"]
     assert not any(registry.work_base().iterdir())  # nothing left in the work dir
 
@@ -139,3 +143,24 @@ def test_blip_capfilt_publishes_checkpoints_given_as_its_models(released, tmp_pa
                        "filter: model_base_retrieval_coco -> model_base_retrieval_coco-filter@v1"]  # fmt: skip
     assert err[2].startswith("blip capfilt: error:") and "has no shards to caption" in err[2]
     assert registry.resolve("model_base_retrieval_coco-filter").metadata["kind"] == "retrieval"
+
+
+def test_a_weights_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """`file_sha256` remembers a checkpoint's sha256 in the cache under its path, size, mtime and inode (a ~1 GB
+    file is not read again by every evaluation); a file written anew is hashed anew."""
+    from pipelines.tasks.publish_model import file_sha256
+
+    monkeypatch.setenv("BLIP_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"a" * 1000)
+    assert file_sha256(weights) == hashlib.sha256(b"a" * 1000).hexdigest()
+    (memo,) = (tmp_path / "cache" / "sha256").iterdir()
+    remembered = json.loads(memo.read_text())
+    memo.write_text(json.dumps({**remembered, "sha256": "f" * 64}))
+    assert file_sha256(weights) == "f" * 64  # read from the memo, not the file
+    replacement = tmp_path / "new.pth"
+    replacement.write_bytes(b"b" * 1000)
+    replacement.replace(weights)  # the same size at the same path
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 1000).hexdigest()
+    memo.write_text("{broken")
+    assert file_sha256(weights) == hashlib.sha256(b"b" * 1000).hexdigest()
