@@ -9,7 +9,8 @@ retrieval file serves ITM, a pretrain file serves captioning), otherwise the err
 Task helpers follow the reference inference settings: captions with beam 3, max 20, min 5, prompt 'a picture of '
 (spec §4.2); ITM match probability = softmax of the `[ENC]`-first ITM logits plus the ITC cosine (spec §9.2-9.3);
 VQA answers generated with beam 3, max 10, min 1 (spec §4.3); zero-shot classification ranks label prompts
-('a picture of {label}') by ITC cosine, optionally re-ranking a shortlist by ITM.
+('a picture of {label}') by ITC cosine, optionally re-ranking a shortlist by ITM; `gradcam` is LAVIS's ITM GradCAM
+(which image patches each word of a matched text rests on).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class LoadedModel:
 def detect_format(path: str | Path) -> str:
     """'pretrained' (our directory), 'huggingface' (transformers directory or hub name) or 'official' (.pth path,
     URL or checkpoint name: BLIP's `model_base`, LAVIS's `blip_caption/base_coco`)."""
-    from blip_models.hf_convert import HUB_MODELS, is_hf_dir
+    from blip_models.hf_convert import is_hf_dir, is_hub_name
 
     text = str(path)
     if text.startswith(("http://", "https://")):
@@ -68,7 +69,7 @@ def detect_format(path: str | Path) -> str:
                               "model.safetensors) nor a transformers BLIP directory")  # fmt: skip
     if local.is_file() or checkpoint_url(text):
         return "official"
-    if text in HUB_MODELS or (text.count("/") == 1 and text.startswith("Salesforce/blip")):
+    if is_hub_name(text):
         return "huggingface"
     raise FileNotFoundError(checkpoint_not_found(path))
 
@@ -208,6 +209,94 @@ def itm(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: lis
     probability = torch.softmax(logits, dim=-1)[:, 1]
     return [{"itm_probability": float(p), "itm_logit": float(logit[1]), "itc_cosine": float(c)}
             for p, logit, c in zip(probability, logits, cosine)]  # fmt: skip
+
+
+@dataclass
+class GradCAM:
+    """Where the ITM head looked, for one (image, text) pair: maps over the image's patch grid (g, g)."""
+
+    itm_probability: float
+    tokens: list[str]  # the text's word pieces, without [CLS] / [SEP]
+    average: torch.Tensor  # (g, g): the tokens' maps averaged
+    per_token: torch.Tensor  # (len(tokens), g, g)
+
+
+def gradcam(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: list[str],
+            block: int | None = None) -> list[GradCAM]:  # fmt: skip
+    """LAVIS's image-text matching GradCAM (`compute_gradcam`): the cross-attention probabilities of text layer
+    `block` (default: LAVIS's 6 of BLIP's 12, the last but one of a shallower encoder: in the last layer only
+    [ENC] feeds the ITM head, so the words' maps there are zero) over the image patches, weighted by the positive
+    part of their gradient with respect to the ITM match logit and averaged over the heads; per token and averaged
+    over the text's tokens. Image i with every text, image-major as `itm`. Runs with gradients (not under
+    inference_mode); the model's own parameters get none."""
+    import torch
+
+    layers = model.text_encoder.encoder.layer
+    block = max(0, min(6, len(layers) - 2)) if block is None else block
+    if not 0 <= block < len(layers):
+        raise ValueError(f"gradcam: block {block} is not a layer of the text encoder (0 to {len(layers) - 1})")
+    attention = layers[block].crossattention.self
+    input_ids, attention_mask = _tokenized(tokenizer, texts, pixel_values.device)
+    batch, num_texts = pixel_values.shape[0], len(texts)
+    ids, mask = input_ids.repeat(batch, 1), attention_mask.repeat(batch, 1)  # (B*T, L)
+    # The pixels ask for a gradient so the attention has one to give even when the parameters are frozen.
+    pixels = pixel_values.detach().clone().requires_grad_(True)
+    attention.keep_attention = True
+    try:
+        with torch.enable_grad():
+            image_embeds = model.visual_encoder(pixels).repeat_interleave(num_texts, dim=0)  # (B*T, 1+N, Dv)
+            logits = model.itm_logits(image_embeds, ids, mask).float()  # (B*T, 2)
+            probs = attention.attention_probs  # (B*T, h, L, 1+N)
+            (grads,) = torch.autograd.grad(logits[:, 1].sum(), probs)
+    finally:
+        attention.keep_attention, attention.attention_probs = False, None
+    grid = int(model.config.vision.image_size) // int(model.config.vision.patch_size)
+    # Image [CLS] left out: the maps are over the patches.
+    cams = (probs[..., 1:].detach() * grads[..., 1:].clamp(min=0)).mean(dim=1).float()  # (B*T, L, N)
+    cams = cams.reshape(cams.shape[0], cams.shape[1], grid, grid).cpu()
+    probability = torch.softmax(logits.detach(), dim=-1)[:, 1]
+    results = []
+    for row in range(batch * num_texts):
+        count = int(mask[row].sum()) - 2  # the tokens between [CLS] and [SEP]
+        per_token = cams[row, 1 : count + 1]
+        tokens = tokenizer.convert_ids_to_tokens(ids[row, 1 : count + 1].tolist())
+        results.append(GradCAM(float(probability[row]), list(tokens), per_token.sum(0) / max(count, 1), per_token))
+    return results
+
+
+def gradcam_overlay(image: Any, cam: torch.Tensor, size: int) -> Any:
+    """The image (PIL) resized to the model's `size`, the map upsampled over it in a jet colour scale (blue low,
+    red high), half and half, as LAVIS's notebook shows it."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    base = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    heat = F.interpolate(cam[None, None].float(), size=(size, size), mode="bicubic", align_corners=False)[0, 0]
+    heat = heat - heat.min()
+    heat = (heat / heat.max() if float(heat.max()) > 0 else heat).clamp(0, 1).numpy()
+    # jet: each channel a tent over [0, 1], peaking at 3/4 (red), 1/2 (green) and 1/4 (blue)
+    jet = np.stack([np.clip(1.5 - np.abs(4 * heat - peak), 0, 1) for peak in (3, 2, 1)], axis=-1)
+    blended = 0.5 * base + 0.5 * jet
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+def gradcam_panels(image: Any, result: GradCAM, size: int, columns: int = 6) -> Any:
+    """One picture for a pair: the averaged map, then one per token, each labelled (LAVIS's per-word grid)."""
+    from PIL import Image, ImageDraw
+
+    panels = [("average", result.average)] + list(zip(result.tokens, result.per_token))
+    label_height = 14
+    rows = -(-len(panels) // columns)
+    width = min(columns, len(panels))
+    sheet = Image.new("RGB", (width * size, rows * (size + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (label, cam) in enumerate(panels):
+        left, top = (index % columns) * size, (index // columns) * (size + label_height)
+        sheet.paste(gradcam_overlay(image, cam, size), (left, top + label_height))
+        draw.text((left + 2, top + 1), label, fill="black")
+    return sheet
 
 
 def _tokenized(tokenizer: Any, texts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:

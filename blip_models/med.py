@@ -13,6 +13,7 @@ so the compiled graph has no data-dependent branches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,6 +79,10 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
         self.dropout_p = config.attention_dropout
+        # GradCAM (`inference.gradcam`): when set, `attend` computes the attention probabilities explicitly and
+        # keeps them, with their gradient, in `attention_probs` (B, h, L, S); the fused kernel otherwise.
+        self.keep_attention = False
+        self.attention_probs: torch.Tensor | None = None
 
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
         batch, length, _ = states.shape
@@ -97,9 +102,15 @@ class BertSelfAttention(nn.Module):
         """Multi-head attention of the queries of `hidden_states` over given keys/values → context (B, L, H)."""
         query = self._heads(self.query(hidden_states))  # (B, h, L, d)
         mask = None if attention_mask is None else attention_mask.to(query.dtype)
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, h, L, d)
+        if self.keep_attention:
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, L, S)
+            probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            self.attention_probs = probs
+            context = F.dropout(probs, self.dropout_p, self.training) @ value  # (B, h, L, d)
+        else:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+            )  # (B, h, L, d)
         batch, _, length, _ = context.shape
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)  # (B, L, H)
 

@@ -49,6 +49,12 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--sample", action="store_true", help="nucleus sampling (top-k 50, then top-p 0.9, as BLIP) instead of beams")
         elif task == "itm":
             parser.add_argument("--text", action="append", required=True, help="text to match; repeatable")
+            parser.add_argument("--gradcam", type=Path, default=None, metavar="DIR",
+                                help="also write LAVIS's ITM GradCAM of each (image, text) to DIR: where in the image "
+                                "the match rests, averaged over the text and per word (<image file>-t<N>.png)")
+            parser.add_argument("--gradcam-block", type=int, default=None, metavar="N",
+                                help="text layer whose cross-attention is read (default: LAVIS's 6; the last but one of a shallower "
+                                "encoder)")
         elif task == "vqa":
             parser.add_argument("--question", action="append", required=True, help="question; repeatable")
             parser.add_argument("--answers", type=Path, default=None,
@@ -296,6 +302,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 scores = itm(model, tokenizer, pixels, texts)
                 rows = [{"results": [dict(text=t, **scores[i * len(texts) + j]) for j, t in enumerate(texts)]}
                         for i in range(len(batch_paths))]  # fmt: skip
+                if args.gradcam is not None:  # needs gradients: outside inference_mode
+                    with torch.inference_mode(False):
+                        _write_gradcams(model, tokenizer, pixels, batch_paths, texts, rows, args)
             elif args.task == "vqa":
                 answers_out = vqa(model, tokenizer, pixels, questions, answer_list=answers)
                 rows = [{"answers": [{"question": q, "answer": answers_out[i * len(questions) + j]}
@@ -320,6 +329,27 @@ def cmd_infer(args: argparse.Namespace) -> int:
         torch.save({"images": [str(p) for p in images], **{k: torch.cat(v) for k, v in collected.items()}}, args.output)
         print(f"wrote features of {len(images)} image(s) to {args.output}", file=sys.stderr)
     return 0
+
+
+def _write_gradcams(model: Any, tokenizer: Any, pixels: Any, paths: list[Path], texts: list[str],
+                    rows: list[dict[str, Any]], args: argparse.Namespace) -> None:  # fmt: skip
+    """GradCAM pictures of a batch's pairs into --gradcam, each result row told its file."""
+    from PIL import Image
+
+    from blip_models.inference import gradcam, gradcam_panels
+
+    try:
+        maps = gradcam(model, tokenizer, pixels.clone(), texts, args.gradcam_block)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    args.gradcam.mkdir(parents=True, exist_ok=True)
+    size = int(model.config.vision.image_size)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            for j, result in enumerate(rows[i]["results"]):
+                target = args.gradcam / f"{path.name}-t{j}.png"
+                gradcam_panels(image, maps[i * len(texts) + j], size).save(target)
+                result["gradcam"] = str(target)
 
 
 def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:

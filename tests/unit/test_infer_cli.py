@@ -86,6 +86,50 @@ def test_itm_from_an_official_pth(tmp_path, config64, images, capsys):
         assert 0.0 <= result["itm_probability"] <= 1.0 and -1.0 <= result["itc_cosine"] <= 1.0
 
 
+def test_itm_gradcam_maps_each_word_over_the_patches(config64):
+    """LAVIS's GradCAM: per (image, text), one map per word piece over the patch grid and their average; the
+    explicit attention it reads scores as the fused kernel does; the model's parameters get no gradient."""
+    from blip_models.inference import gradcam, itm
+    from blip_models.tokenizer import load_tokenizer
+
+    model, tokenizer = _build("itm", config64), load_tokenizer()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # patches that differ
+    texts = ["a red square", "two blue circles on grass"]
+    results = gradcam(model, tokenizer, pixels, texts)
+    grid = 32 // config64.vision.patch_size
+    with torch.no_grad():
+        scores = itm(model, tokenizer, pixels, texts)
+    assert len(results) == 4
+    for index, result in enumerate(results):
+        assert result.tokens == tokenizer.tokenize(texts[index % 2])
+        assert result.per_token.shape == (len(result.tokens), grid, grid) and result.average.shape == (grid, grid)
+        assert (result.per_token >= 0).all() and result.per_token.sum() > 0
+        torch.testing.assert_close(result.average, result.per_token.mean(0))
+        assert result.itm_probability == pytest.approx(scores[index]["itm_probability"], abs=1e-5)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    attention = model.text_encoder.encoder.layer[-1].crossattention.self
+    assert not attention.keep_attention and attention.attention_probs is None  # switched back
+    with pytest.raises(ValueError, match="block 9 is not a layer of the text encoder"):
+        gradcam(model, tokenizer, pixels, texts, block=9)
+
+
+def test_infer_itm_writes_gradcam_pictures(tmp_path, config64, images, capsys):
+    directory = ck.save_pretrained(_build("itm", config64), tmp_path / "itm")
+    args = ["infer", "itm", "--checkpoint", str(directory), "--image", str(images), "--text", "a red square",
+            "--text", "grass", "--gradcam", str(tmp_path / "cams"), "--json", "--batch-size", "2"]
+    assert main(args) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    written = sorted(path.name for path in (tmp_path / "cams").iterdir())
+    assert written == sorted(f"img{i}.png-t{j}.png" for i in range(3) for j in range(2))
+    for row in rows:
+        for result in row["results"]:
+            with Image.open(result["gradcam"]) as picture:  # the average and one panel per word, labelled
+                panels = 1 + len(result["text"].split())
+                assert picture.size == (panels * 32, 32 + 14)
+    assert main([*args[:-3], "--gradcam-block", "7"]) == 2
+    assert "block 7 is not a layer of the text encoder (0 to 1)" in capsys.readouterr().err
+
+
 def test_vqa_rank_and_generate(tmp_path, config64, images, capsys):
     directory = ck.save_pretrained(_build("vqa", config64), tmp_path / "vqa")
     answers = tmp_path / "answers.json"
