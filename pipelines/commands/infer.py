@@ -47,6 +47,12 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
             parser.add_argument("--prompt", default=None, help="caption prefix (default: the model's, 'a picture of ')")
             parser.add_argument("--sample", action="store_true", help="nucleus sampling (top-k 50, then top-p 0.9, as BLIP) instead of beams")
+            parser.add_argument("--top-p", type=float, default=0.9, help="nucleus of --sample (default: %(default)s)")
+            parser.add_argument("--num-captions", type=int, default=1, metavar="N",
+                                help="captions per image (LAVIS's num_captions): the N best beams (N <= --num-beams), "
+                                "or N samples with --sample (default: 1)")
+            parser.add_argument("--seed", type=int, default=None,
+                                help="seed of --sample: the same seed and --batch-size give the same captions")
         elif task == "itm":
             parser.add_argument("--text", action="append", required=True, help="text to match; repeatable")
             parser.add_argument("--gradcam", type=Path, default=None, metavar="DIR",
@@ -257,6 +263,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.task == "caption":
+        if args.num_captions < 1:
+            raise CommandError(f"--num-captions must be >= 1, got {args.num_captions}")
+        if not args.sample and args.num_captions > args.num_beams:
+            raise CommandError(f"--num-captions {args.num_captions} > --num-beams {args.num_beams}: beam search "
+                               "returns at most one caption a beam (raise --num-beams, or --sample)")  # fmt: skip
+        if not 0.0 < args.top_p <= 1.0:
+            raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
     texts = _check_texts(getattr(args, "text", None) if args.task == "itm" else None, "text")
     questions = _check_texts(getattr(args, "question", None), "question")
     if args.task == "features" and args.text is not None:
@@ -285,6 +299,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
             prompt_features = label_features(model, tokenizer, prompts)
         temperature = args.temperature or float(model.config.temp)
 
+    if args.task == "caption":
+        settings = CaptionSettings(num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
+                                   prompt=args.prompt, do_sample=args.sample, top_p=args.top_p,
+                                   num_captions=args.num_captions, seed=args.seed)  # fmt: skip
+        # One generator for the whole run: each batch draws on from where the last stopped.
+        generator = torch.Generator(device).manual_seed(args.seed) if args.sample and args.seed is not None else None
     collected: dict[str, list[Any]] = {}
     progress = tqdm(total=len(images), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
     for start in range(0, len(images), args.batch_size):
@@ -295,9 +315,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from error
         with torch.inference_mode(), autocast:
             if args.task == "caption":
-                settings = CaptionSettings(num_beams=args.num_beams, max_length=args.max_length,
-                                           min_length=args.min_length, prompt=args.prompt, do_sample=args.sample)  # fmt: skip
-                rows = [{"caption": text} for text in caption(model, tokenizer, pixels, settings)]
+                captions = caption(model, tokenizer, pixels, settings, generator)
+                per_image = args.num_captions
+                rows = [{"caption": captions[i * per_image]} if per_image == 1 else
+                        {"caption": captions[i * per_image], "captions": captions[i * per_image : (i + 1) * per_image]}
+                        for i in range(len(batch_paths))]  # fmt: skip
             elif args.task == "itm":
                 scores = itm(model, tokenizer, pixels, texts)
                 rows = [{"results": [dict(text=t, **scores[i * len(texts) + j]) for j, t in enumerate(texts)]}
@@ -356,7 +378,10 @@ def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"image": str(path), **row}), flush=True)
         return
-    if "caption" in row:
+    if "captions" in row:
+        for text in row["captions"]:
+            print(f"{path}\t{text}")
+    elif "caption" in row:
         print(f"{path}\t{row['caption']}")
     elif "results" in row:
         for result in row["results"]:

@@ -74,6 +74,29 @@ def test_caption_is_reproducible_and_matches_the_model(caption_dir, images, caps
     assert out == f"{images / 'img1.png'}\t{expected}"
 
 
+def test_several_captions_per_image_beams_and_seeded_samples(caption_dir, images, capsys):
+    """LAVIS's num_captions: the N best beams (the first is the single-caption answer), or N nucleus samples that
+    the same --seed repeats; beams fewer than captions is a one-line error."""
+    base = ["infer", "caption", "--checkpoint", str(caption_dir), "--image", str(images), "--max-length", "10",
+            "--batch-size", "2", "--json"]  # fmt: skip
+    assert main(base) == 0
+    single = [row["caption"] for row in _json_lines(capsys.readouterr().out)]
+    assert main([*base, "--num-captions", "3"]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [row["caption"] for row in rows] == single and all(len(row["captions"]) == 3 for row in rows)
+    assert all(row["captions"][0] == row["caption"] for row in rows)
+    sampled = [*base, "--sample", "--num-captions", "4", "--seed", "7"]
+    assert main(sampled) == 0
+    first = capsys.readouterr().out
+    assert main(sampled) == 0
+    assert capsys.readouterr().out == first  # the same seed: the same captions
+    assert all(len(row["captions"]) == 4 for row in _json_lines(first))
+    assert main([*base[:-1], "--num-captions", "2"]) == 0  # text output: one line a caption
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 * 2
+    assert main([*base, "--num-captions", "5"]) == 2
+    assert "--num-captions 5 > --num-beams 3" in capsys.readouterr().err
+
+
 def test_itm_from_an_official_pth(tmp_path, config64, images, capsys):
     path = tmp_path / "model_base_retrieval_tiny.pth"
     torch.save({"model": _build("retrieval", config64).state_dict(), "epoch": 1}, path)
