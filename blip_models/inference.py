@@ -9,8 +9,9 @@ retrieval file serves ITM, a pretrain file serves captioning), otherwise the err
 Task helpers follow the reference inference settings: captions with beam 3, max 20, min 5, prompt 'a picture of '
 (spec §4.2); ITM match probability = softmax of the `[ENC]`-first ITM logits plus the ITC cosine (spec §9.2-9.3);
 VQA answers generated with beam 3, max 10, min 1 (spec §4.3); zero-shot classification ranks label prompts
-('a picture of {label}') by ITC cosine, optionally re-ranking a shortlist by ITM; `gradcam` is LAVIS's ITM GradCAM
-(which image patches each word of a matched text rests on).
+('a picture of {label}') by ITC cosine, optionally re-ranking a shortlist by ITM; `search` is the reverse, images of
+a gallery ranked for a text query; `gradcam` is LAVIS's ITM GradCAM (which image patches each word of a matched text
+rests on).
 """
 
 from __future__ import annotations
@@ -403,6 +404,45 @@ def classify(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, promp
                                              "itc_cosine": float(cosine[row, label])}  # fmt: skip
             if (row, label) in itm:
                 entry["itm_probability"] = itm[(row, label)]
+            entries.append(entry)
+        results.append(entries)
+    return results
+
+
+def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, E) normalised projected image `[CLS]` features (ITC), float32."""
+    import torch.nn.functional as F
+
+    return F.normalize(model.vision_proj(model.visual_encoder(pixel_values)[:, 0, :]).float(), dim=-1)
+
+
+def search(model: nn.Module, tokenizer: Any, queries: list[str], gallery: torch.Tensor, top_k: int,
+           rerank: int = 0, load_pixels: Any = None) -> list[list[dict[str, float | int]]]:  # fmt: skip
+    """Text-to-image search over a gallery of image features (`image_features`, (N, E)), as LAVIS's multimodal
+    search: per query, the `top_k` images by ITC cosine; with `rerank` > 0 the `rerank` best are scored by the ITM
+    head (their pixels from `load_pixels(indices)`) and come first, by match probability (BLIP's retrieval recipe).
+    Entries: {"image": index into the gallery, "itc_cosine", ["itm_probability"]}, best first."""
+    import torch
+
+    top_k, rerank = min(top_k, len(gallery)), min(rerank, len(gallery))
+    query_features = label_features(model, tokenizer, queries)  # (Q, E)
+    cosine = query_features @ gallery.to(query_features.device).T  # (Q, N)
+    shortlist = cosine.topk(max(top_k, rerank), dim=-1).indices.tolist()  # best first
+    results = []
+    for row, images in enumerate(shortlist):
+        itm: dict[int, float] = {}
+        if rerank:
+            chosen = images[:rerank]
+            image_embeds = model.visual_encoder(load_pixels(chosen))  # (R, 1+N, Dv)
+            input_ids, attention_mask = _tokenized(tokenizer, [queries[row]] * len(chosen), image_embeds.device)
+            logits = model.itm_logits(image_embeds, input_ids, attention_mask).float()  # (R, 2)
+            itm = dict(zip(chosen, torch.softmax(logits, dim=-1)[:, 1].tolist()))
+            images = sorted(chosen, key=lambda image: -itm[image]) + images[rerank:]
+        entries: list[dict[str, float | int]] = []
+        for image in images[:top_k]:
+            entry: dict[str, float | int] = {"image": image, "itc_cosine": float(cosine[row, image])}
+            if image in itm:
+                entry["itm_probability"] = itm[image]
             entries.append(entry)
         results.append(entries)
     return results

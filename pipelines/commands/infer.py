@@ -21,14 +21,16 @@ if TYPE_CHECKING:
     from blip_models.inference import LoadedModel
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features", "classify": "features"}
+TASK_KIND = {"caption": "caption", "itm": "itm", "vqa": "vqa", "features": "features", "classify": "features",
+             "search": "features"}
 DEFAULT_TEMPLATE = "a picture of {}"  # the prompt of LAVIS's BLIP zero-shot classification example
 
 
 def register(subparsers: Any) -> None:
     infer = subparsers.add_parser(
         "infer",
-        help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify (models: the named ones)",
+        help="run a BLIP checkpoint on images: caption | itm | vqa | features | classify | search (models: the named "
+        "ones)",
         description="Run a checkpoint (our model directory, an official .pth by path, URL or name, or a transformers "
         "BLIP directory) on one image or every image of a folder; `blip infer models` lists the names.",
     )
@@ -38,7 +40,9 @@ def register(subparsers: Any) -> None:
                             ("vqa", "answer questions about each image"),
                             ("features", "image (and text / multimodal) feature vectors"),
                             ("classify", "zero-shot classification: rank labels by ITC similarity with a prompt "
-                             "('a picture of {label}'), optionally re-ranked by ITM")):  # fmt: skip
+                             "('a picture of {label}'), optionally re-ranked by ITM"),
+                            ("search", "text-to-image search: the images of a folder ranked for each --query by ITC "
+                             "similarity, optionally re-ranked by ITM")):  # fmt: skip
         parser = tasks.add_parser(task, help=help_text, description=help_text)
         _common_arguments(parser)
         if task == "caption":
@@ -65,6 +69,16 @@ def register(subparsers: Any) -> None:
             parser.add_argument("--question", action="append", required=True, help="question; repeatable")
             parser.add_argument("--answers", type=Path, default=None,
                                 help="answer list (JSON list or one per line): rank these instead of generating")
+        elif task == "search":
+            parser.add_argument("--query", action="append", required=True, help="text to search for; repeatable")
+            parser.add_argument("--top-k", type=int, default=5, help="images reported per query (default: 5)")
+            parser.add_argument("--rerank", type=int, default=0, metavar="K",
+                                help="score the K best images by ITC with the ITM head too and order them by it "
+                                "(needs a checkpoint with an ITM head: pretrain, retrieval, ITM); default 0: off")
+            parser.add_argument("--gallery-cache", type=Path, default=None, metavar="FILE",
+                                help="keep the images' features in FILE and reuse them while the folder's images "
+                                "(names, sizes, mtimes), the checkpoint, image size and precision are the same: a "
+                                "large folder is encoded once for many searches")
         elif task == "classify":
             parser.add_argument("--label", action="append", default=[], help="a class name; repeatable")
             parser.add_argument("--labels", type=Path, default=None,
@@ -257,8 +271,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from blip_models.checkpoints import CheckpointError
-    from blip_models.inference import (CaptionSettings, caption, classify, features, itm, label_features, load_for,
-                                       load_images, vqa)  # fmt: skip
+    from blip_models.inference import (CaptionSettings, caption, classify, features, image_features, itm,
+                                       label_features, load_for, load_images, search, vqa)  # fmt: skip
     from blip_models.tokenizer import load_tokenizer
 
     if args.batch_size < 1:
@@ -277,11 +291,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
         _check_texts([args.text], "text")
     answers = _read_list(getattr(args, "answers", None), "answer")
     labels, prompts = _classify_settings(args) if args.task == "classify" else ([], [])
+    queries = _check_texts(getattr(args, "query", None), "query")
+    if args.task == "search" and (args.top_k < 1 or args.rerank < 0):
+        raise CommandError(f"--top-k must be >= 1 and --rerank >= 0, got {args.top_k} and {args.rerank}")
     images = list_images(args.image)
     device = _device(args.device)
-    kind = "itm" if args.task == "classify" and args.rerank else TASK_KIND[args.task]
+    kind = "itm" if args.task in ("classify", "search") and args.rerank else TASK_KIND[args.task]
     try:
-        loaded = load_for(checkpoint_source(args.checkpoint, args.registry), kind, image_size=args.image_size)
+        source = checkpoint_source(args.checkpoint, args.registry)
+        loaded = load_for(source, kind, image_size=args.image_size)
         tokenizer = load_tokenizer(args.tokenizer or loaded.tokenizer_source)
     except CheckpointError as error:
         raise CommandError(f"checkpoint {args.checkpoint} cannot serve `infer {args.task}`: {error}") from error
@@ -306,9 +324,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
         # One generator for the whole run: each batch draws on from where the last stopped.
         generator = torch.Generator(device).manual_seed(args.seed) if args.sample and args.seed is not None else None
     collected: dict[str, list[Any]] = {}
-    progress = tqdm(total=len(images), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
-    for start in range(0, len(images), args.batch_size):
-        batch_paths = images[start : start + args.batch_size]
+    gallery_key = _gallery_key(source, images, image_size, args) if args.task == "search" else None
+    gallery = _cached_gallery(args.gallery_cache, gallery_key) if args.task == "search" else None
+    to_encode = [] if gallery is not None else images
+    progress = tqdm(total=len(to_encode), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
+    for start in range(0, len(to_encode), args.batch_size):
+        batch_paths = to_encode[start : start + args.batch_size]
         try:
             pixels = load_images(batch_paths, image_size).to(device)
         except ValueError as error:
@@ -336,6 +357,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   rerank=args.rerank)  # fmt: skip
                 rows = [{"labels": [{**entry, "label": labels[int(entry["label"])]} for entry in entries]}
                         for entries in ranked]  # fmt: skip
+            elif args.task == "search":  # ranked once the whole folder is encoded
+                collected.setdefault("image_feature", []).append(image_features(model, pixels).cpu())
+                rows = []
             else:
                 feats = features(model, tokenizer, pixels, args.text)
                 for name, tensor in feats.items():
@@ -346,6 +370,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
             _emit(path, row, args)
         progress.update(len(batch_paths))
     progress.close()
+    if args.task == "search":
+        if gallery is None:
+            gallery = torch.cat(collected["image_feature"])
+            _keep_gallery(args.gallery_cache, gallery_key, gallery)
+
+        def load_pixels(indices: list[int]) -> Any:
+            return load_images([images[index] for index in indices], image_size).to(device)
+
+        with torch.inference_mode(), autocast:
+            ranked = search(model, tokenizer, queries, gallery, args.top_k, rerank=args.rerank, load_pixels=load_pixels)
+        for query, entries in zip(queries, ranked):
+            _emit_search(query, [{**entry, "image": str(images[int(entry["image"])])} for entry in entries], args)
     if args.task == "features" and args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"images": [str(p) for p in images], **{k: torch.cat(v) for k, v in collected.items()}}, args.output)
@@ -372,6 +408,54 @@ def _write_gradcams(model: Any, tokenizer: Any, pixels: Any, paths: list[Path], 
                 target = args.gradcam / f"{path.name}-t{j}.png"
                 gradcam_panels(image, maps[i * len(texts) + j], size).save(target)
                 result["gradcam"] = str(target)
+
+
+def _gallery_key(source: str, images: list[Path], image_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What a search's image features depend on: the images (path, size, mtime), the weights (their source, and
+    its mtime when a local path), the image size and the precision."""
+    checkpoint = Path(source)
+    return {"checkpoint": source,
+            "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns if checkpoint.exists() else None,
+            "image_size": image_size, "precision": args.precision,
+            "images": [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in images]}  # fmt: skip
+
+
+def _cached_gallery(cache: Path | None, key: dict[str, Any]) -> Any:
+    """The features kept in `cache` when they were computed for `key`; None (computed again) otherwise."""
+    import torch
+
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        kept = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a broken or foreign file: said, then computed again
+        print(f"--gallery-cache {cache}: unreadable ({type(error).__name__}), encoding the images again", file=sys.stderr)
+        return None
+    if kept.get("key") != key:
+        print(f"--gallery-cache {cache}: made for other images or weights, encoding the images again", file=sys.stderr)
+        return None
+    print(f"--gallery-cache {cache}: {len(key['images'])} image features reused", file=sys.stderr)
+    return kept["image_feature"]
+
+
+def _keep_gallery(cache: Path | None, key: dict[str, Any], gallery: Any) -> None:
+    import torch
+
+    if cache is None:
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.partial")
+    torch.save({"key": key, "image_feature": gallery}, partial)
+    partial.replace(cache)  # whole or absent
+
+
+def _emit_search(query: str, entries: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"query": query, "results": entries}), flush=True)
+        return
+    for rank, entry in enumerate(entries, 1):
+        itm = f"\titm={entry['itm_probability']:.4f}" if "itm_probability" in entry else ""
+        print(f"{query}\t{rank}\t{entry['image']}\titc={entry['itc_cosine']:.4f}{itm}")
 
 
 def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:

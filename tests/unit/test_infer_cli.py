@@ -153,6 +153,48 @@ def test_infer_itm_writes_gradcam_pictures(tmp_path, config64, images, capsys):
     assert "block 7 is not a layer of the text encoder (0 to 1)" in capsys.readouterr().err
 
 
+def test_search_ranks_a_folder_for_each_query_and_keeps_its_features(tmp_path, config64, images, capsys):
+    """Text-to-image search (LAVIS's multimodal search): the folder's images by ITC cosine with the query, batched
+    as one pass; --rerank K orders the K best by ITM; --gallery-cache encodes the folder once and again only when
+    an image changes."""
+    import shutil
+
+    from blip_models.inference import image_features, label_features, load_images
+    from blip_models.tokenizer import load_tokenizer
+
+    folder = tmp_path / "gallery"
+    shutil.copytree(images, folder)
+    directory = ck.save_pretrained(_build("retrieval", config64), tmp_path / "retrieval")
+    cache = tmp_path / "gallery.pt"
+    base = ["infer", "search", "--checkpoint", str(directory), "--image", str(folder), "--query", "a red square",
+            "--query", "green grass", "--batch-size", "2", "--gallery-cache", str(cache), "--json"]  # fmt: skip
+    assert main(base) == 0
+    out = capsys.readouterr()
+    rows = _json_lines(out.out)
+    assert [row["query"] for row in rows] == ["a red square", "green grass"] and "reused" not in out.err
+    paths = sorted(folder.glob("*.png"))
+    model = ck.from_pretrained(directory)
+    with torch.no_grad():
+        cosine = label_features(model, load_tokenizer(), ["a red square", "green grass"]) @ image_features(
+            model, load_images(paths, 32)).T  # fmt: skip
+    for row, expected in zip(rows, cosine):
+        order = expected.argsort(descending=True).tolist()
+        assert [entry["image"] for entry in row["results"]] == [str(paths[i]) for i in order]  # 3 < top-k 5
+        assert [entry["itc_cosine"] for entry in row["results"]] == pytest.approx(expected[order].tolist(), abs=1e-5)
+
+    assert main(base) == 0  # the same folder and weights: the kept features
+    again = capsys.readouterr()
+    assert again.out == out.out and "3 image features reused" in again.err
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(folder / "img0.png")  # an image changed: encoded again
+    assert main([*base, "--top-k", "1", "--rerank", "2"]) == 0
+    changed = capsys.readouterr()
+    assert "made for other images or weights" in changed.err
+    for row in _json_lines(changed.out):
+        (best,) = row["results"]
+        assert "itm_probability" in best
+    assert main([*base[:3], str(tmp_path / "no-such-model"), *base[4:]]) == 2
+
+
 def test_vqa_rank_and_generate(tmp_path, config64, images, capsys):
     directory = ck.save_pretrained(_build("vqa", config64), tmp_path / "vqa")
     answers = tmp_path / "answers.json"
