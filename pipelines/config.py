@@ -8,6 +8,7 @@ are the only other input. The resolved config and its hash are stored with every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -49,13 +50,15 @@ def _config_error(origin: str, key: str | None, detail: str) -> ConfigError:
     return ConfigError(f"{origin}: {detail}", key=key, detail=detail)
 
 
-def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                origin: str | None = None) -> T:  # fmt: skip
     """Load `source` (a YAML path or a plain dict) into the frozen dataclass `cls`.
 
     `overrides` are `dotted.key=value` strings; values are parsed as YAML scalars (`0.5`, `true`, `[1,2]`).
+    `origin` names a dict's file in messages (a salesforce/BLIP config read as ours).
     """
     if isinstance(source, dict):
-        origin, raw = "<dict>", dict(source)
+        origin, raw = origin or "<dict>", copy.deepcopy(source)
     else:
         origin = str(source)
         path = Path(source)

@@ -8,6 +8,7 @@ version printed as a small table (finetune: steps, final losses, init report; ev
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,12 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     finetune.add_argument("task", choices=FINETUNE_TASKS)
     finetune.add_argument("config", nargs="?", default=None,
-                          help="config file or preset in configs/finetune/ (default: the task's BLIP defaults)")
-    finetune.add_argument("--init", required=True, help="model version, save_pretrained directory, official .pth "
+                          help="config file or preset in configs/finetune/ (default: the task's BLIP defaults); "
+                          "a salesforce/BLIP configs/*.yaml is read as ours, each key said on stderr")
+    finetune.add_argument("--init", default=None, help="model version, save_pretrained directory, official .pth "
                           "(path or URL), checkpoint name (`blip infer models`: model_base_capfilt_large, ...) or "
-                          "transformers directory or hub name (Salesforce/blip-itm-base-coco; converted once)")
+                          "transformers directory or hub name (Salesforce/blip-itm-base-coco; converted once); "
+                          "required unless a BLIP config names it (pretrained:)")
     finetune.add_argument("--dataset", required=True, help="downstream dataset version")
     finetune.add_argument("--name", default=None, help="output model name (default: <init name>-<task>)")
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -60,11 +63,13 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("config", nargs="?", default=None,
-                          help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults)")
-    evaluate.add_argument("--model", required=True,
+                          help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults); "
+                          "a salesforce/BLIP configs/*.yaml is read as ours, each key said on stderr")
+    evaluate.add_argument("--model", default=None,
                           help="model version, save_pretrained directory, official .pth (path or URL), checkpoint "
                           "name (`blip infer models`) or transformers directory or hub name: `--model "
-                          "model_base_retrieval_coco` evaluates BLIP's release")
+                          "model_base_retrieval_coco` evaluates BLIP's release; required unless a BLIP config names "
+                          "it (pretrained:, as BLIP's --evaluate)")
     evaluate.add_argument("--dataset", required=True, help="downstream dataset version")
     evaluate.add_argument("--name", default=None, help="evaluation name (default: <model name>-eval-<task>)")
     evaluate.add_argument("--out", default=None, help="also write the metrics JSON to this file")
@@ -87,14 +92,30 @@ def config_source(group: str, task: str, value: str | None) -> Path | dict[str, 
     raise FileNotFoundError(f"config {value!r} is neither a file nor a preset in configs/{group} ({known})")
 
 
-def _load(cls: Any, group: str, args: argparse.Namespace) -> Any:
+def _load(cls: Any, group: str, args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The config, and the checkpoint a salesforce/BLIP config names (`pretrained:`; None for ours)."""
+    from pipelines.blip_repo_configs import read_if_blip
     from pipelines.cli import CommandError
     from pipelines.config import load_config
 
-    cfg = load_config(cls, config_source(group, args.task, args.config), args.overrides)
+    source = config_source(group, args.task, args.config)
+    translated = read_if_blip(source, group, args.task)
+    if translated is None:
+        cfg = load_config(cls, source, args.overrides)
+    else:
+        print(translated.report(source), file=sys.stderr)
+        cfg = load_config(cls, translated.config, args.overrides, origin=str(source))
     if cfg.task != args.task:
         raise CommandError(f"the config is for task '{cfg.task}', not '{args.task}'")
-    return cfg
+    return cfg, translated.pretrained if translated else None
+
+
+def _model_argument(given: str | None, pretrained: str | None, option: str) -> str:
+    from pipelines.cli import CommandError
+
+    if given is None and pretrained is None:
+        raise CommandError(f"{option} is required: the model to start from (a model version or a checkpoint)")
+    return given or pretrained  # type: ignore[return-value]
 
 
 def _default_name(ref: str, suffix: str) -> str:
@@ -113,10 +134,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from datasets_manifests.registry import Registry
     from pipelines.tasks.finetune import FinetuneConfig, run_finetune
 
-    cfg = _load(FinetuneConfig, "finetune", args)
+    cfg, pretrained = _load(FinetuneConfig, "finetune", args)
+    init = _model_argument(args.init, pretrained, "--init")
     registry = Registry(args.registry)
-    name = args.name or _default_name(args.init, args.task)
-    manifest = run_finetune(cfg, init=args.init, dataset=args.dataset, name=name, registry=registry)
+    name = args.name or _default_name(init, args.task)
+    manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry)
     print(render_finetune_table(manifest))
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0
@@ -148,9 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from datasets_manifests.registry import Registry
     from pipelines.tasks.evaluate import EvaluateConfig, run_evaluate
 
-    cfg = _load(EvaluateConfig, "evaluate", args)
+    cfg, pretrained = _load(EvaluateConfig, "evaluate", args)
+    model = _model_argument(args.model, pretrained, "--model")
     registry = Registry(args.registry)
-    name = args.name or _default_name(args.model, f"eval-{args.task}")
-    manifest = run_evaluate(cfg, model=args.model, dataset=args.dataset, name=name, registry=registry, out=args.out)
+    name = args.name or _default_name(model, f"eval-{args.task}")
+    manifest = run_evaluate(cfg, model=model, dataset=args.dataset, name=name, registry=registry, out=args.out)
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0

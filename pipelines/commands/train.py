@@ -8,6 +8,7 @@ prints the published model version.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ def register(subparsers: Any) -> None:
         "scaling section, checkpoints every loop.checkpoint_every steps, automatic restarts after a worker "
         "failure) and publish the result as a model version with lineage to the dataset and initial weights.",
     )
-    parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, ...)")
+    parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, ...); "
+                        "salesforce/BLIP's configs/pretrain.yaml is read as ours, each key said on stderr")
     parser.add_argument("--dataset", required=True, action="append",
                         help="dataset version: name, name@vN or name@<id prefix>; repeatable: the train shards of "
                         "every version given are trained on together (BLIP: web pairs + COCO/VG human pairs)")
@@ -52,10 +54,17 @@ def resolve_config_path(value: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from datasets_manifests.registry import Registry
+    from pipelines.blip_repo_configs import read_if_blip
     from pipelines.config import load_config
     from pipelines.tasks.pretrain import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, resolve_config_path(args.config), args.overrides)
+    path = resolve_config_path(args.config)
+    translated = read_if_blip(path, "train", None)
+    if translated is None:
+        cfg = load_config(PretrainConfig, path, args.overrides)
+    else:
+        print(translated.report(path), file=sys.stderr)
+        cfg = load_config(PretrainConfig, translated.config, args.overrides, origin=str(path))
     registry = Registry(args.registry)
     bar = None
     if not args.no_progress:

@@ -1,0 +1,259 @@
+"""salesforce/BLIP's configs/*.yaml read as ours: each recipe gives the config of our preset for it with BLIP's
+values over it, every key accounted for, `pretrained:` as the model to start from; the commands take the files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipelines.blip_repo_configs import read_if_blip
+from pipelines.cli import main
+from pipelines.config import CONFIG_DIR, ConfigError, load_config
+from pipelines.tasks.evaluate import EvaluateConfig
+from pipelines.tasks.finetune import FinetuneConfig
+from pipelines.tasks.pretrain import PretrainConfig
+
+URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+# The values of the files in salesforce/BLIP's configs/ (comments left out).
+BLIP_CONFIGS = {
+    "retrieval_coco": f"""
+image_root: '/export/share/datasets/vision/coco/images/'
+ann_root: 'annotation'
+dataset: 'coco'
+pretrained: '{URL}model_base_retrieval_coco.pth'
+vit: 'base'
+batch_size_train: 32
+batch_size_test: 64
+vit_grad_ckpt: True
+vit_ckpt_layer: 4
+init_lr: 1e-5
+image_size: 384
+queue_size: 57600
+alpha: 0.4
+k_test: 256
+negative_all_rank: True
+weight_decay: 0.05
+min_lr: 0
+max_epoch: 6
+""",
+    "retrieval_flickr": f"""
+image_root: '/export/share/datasets/vision/flickr30k/'
+ann_root: 'annotation'
+dataset: 'flickr'
+pretrained: '{URL}model_base_retrieval_flickr.pth'
+vit: 'base'
+batch_size_train: 32
+batch_size_test: 64
+vit_grad_ckpt: True
+vit_ckpt_layer: 4
+init_lr: 1e-5
+image_size: 384
+queue_size: 57600
+alpha: 0.4
+k_test: 128
+negative_all_rank: False
+weight_decay: 0.05
+min_lr: 0
+max_epoch: 6
+""",
+    "caption_coco": f"""
+image_root: '/export/share/datasets/vision/coco/images/'
+ann_root: 'annotation'
+coco_gt_root: 'annotation/coco_gt'
+pretrained: '{URL}model_base_caption_capfilt_large.pth'
+vit: 'base'
+vit_grad_ckpt: False
+vit_ckpt_layer: 0
+batch_size: 32
+init_lr: 1e-5
+image_size: 384
+max_length: 20
+min_length: 5
+num_beams: 3
+prompt: 'a picture of '
+weight_decay: 0.05
+min_lr: 0
+max_epoch: 5
+""",
+    "nocaps": f"""
+image_root: '/export/share/datasets/vision/nocaps/'
+ann_root: 'annotation'
+pretrained: '{URL}model_base_caption_capfilt_large.pth'
+vit: 'base'
+batch_size: 32
+image_size: 384
+max_length: 20
+min_length: 5
+num_beams: 3
+prompt: 'a picture of '
+""",
+    "vqa": f"""
+vqa_root: '/export/share/datasets/vision/VQA/Images/mscoco/'
+vg_root: '/export/share/datasets/vision/visual-genome/'
+train_files: ['vqa_train','vqa_val','vg_qa']
+ann_root: 'annotation'
+pretrained: '{URL}model_base_vqa_capfilt_large.pth'
+vit: 'base'
+batch_size_train: 16
+batch_size_test: 32
+vit_grad_ckpt: False
+vit_ckpt_layer: 0
+init_lr: 2e-5
+image_size: 480
+k_test: 128
+inference: 'rank'
+weight_decay: 0.05
+min_lr: 0
+max_epoch: 10
+""",
+    "nlvr": f"""
+image_root: '/export/share/datasets/vision/NLVR2/'
+ann_root: 'annotation'
+pretrained: '{URL}model_base_nlvr.pth'
+vit: 'base'
+batch_size_train: 16
+batch_size_test: 64
+vit_grad_ckpt: False
+vit_ckpt_layer: 0
+max_epoch: 15
+image_size: 384
+weight_decay: 0.05
+init_lr: 3e-5
+min_lr: 0
+""",
+    "retrieval_msrvtt": f"""
+video_root: '/export/share/dongxuli/data/msrvtt_retrieval/videos'
+ann_root: 'annotation'
+pretrained: '{URL}model_base_retrieval_coco.pth'
+vit: 'base'
+batch_size: 64
+k_test: 128
+image_size: 384
+num_frm_test: 8
+""",
+    "pretrain": """
+train_file: ['/export/share/junnan-li/VL_pretrain/annotation/coco_karpathy_train.json',
+             '/export/share/junnan-li/VL_pretrain/annotation/vg_caption.json',
+             ]
+laion_path: ''
+vit: 'base'
+vit_grad_ckpt: False
+vit_ckpt_layer: 0
+image_size: 224
+batch_size: 75
+queue_size: 57600
+alpha: 0.4
+weight_decay: 0.05
+init_lr: 3e-4
+min_lr: 1e-6
+warmup_lr: 1e-6
+lr_decay_rate: 0.9
+max_epoch: 20
+warmup_steps: 3000
+""",
+}
+
+
+@pytest.fixture
+def blip_configs(tmp_path):
+    folder = tmp_path / "BLIP" / "configs"
+    folder.mkdir(parents=True)
+    for name, text in BLIP_CONFIGS.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return folder
+
+
+def _read(path, cls, group, task):
+    translated = read_if_blip(path, group, task)
+    assert translated is not None
+    return load_config(cls, translated.config, origin=str(path)), translated
+
+
+def _ours(cls, group, preset):
+    return load_config(cls, CONFIG_DIR / group / f"{preset}.yaml")
+
+
+def test_finetuning_recipes_are_our_presets_with_blips_values(blip_configs):
+    config, translated = _read(blip_configs / "retrieval_coco.yaml", FinetuneConfig, "finetune", "retrieval")
+    preset = _ours(FinetuneConfig, "finetune", "retrieval_coco")
+    # BLIP checkpoints the ViT while finetuning retrieval (vit_grad_ckpt); otherwise our preset is its recipe.
+    assert config == dataclasses.replace(preset, loop=dataclasses.replace(preset.loop, grad_checkpointing=True))
+    assert translated.pretrained == f"{URL}model_base_retrieval_coco.pth"
+    notes = "\n".join(translated.notes)
+    for said in ("init_lr: 1e-05 -> optim.lr", "max_epoch: 6 -> loop.epochs", "batch_size_train: 32 -> data.batch_size",
+                 "the last 4", "image_root, ann_root, dataset: not used", "k_test: not used",
+                 "vit: not used", "queue_size, alpha: not used"):  # fmt: skip
+        assert said in notes, said
+    flickr, _ = _read(blip_configs / "retrieval_flickr.yaml", FinetuneConfig, "finetune", "retrieval")
+    preset = _ours(FinetuneConfig, "finetune", "retrieval_flickr")
+    assert flickr == dataclasses.replace(preset, loop=dataclasses.replace(preset.loop, grad_checkpointing=True))
+    assert not flickr.data.negative_all_rank
+    for name, task, values in (("caption_coco", "caption", (384, 32, 1e-5, 5)), ("vqa", "vqa", (480, 16, 2e-5, 10)),
+                               ("nlvr", "nlvr", (384, 16, 3e-5, 15))):  # fmt: skip
+        config, translated = _read(blip_configs / f"{name}.yaml", FinetuneConfig, "finetune", task)
+        assert (config.image_size, config.batch_size, config.optim.lr, config.loop.epochs) == values
+        assert config.optim.min_lr == 0.0 and config.optim.weight_decay == 0.05
+        assert config.scaling == _ours(FinetuneConfig, "finetune", FINETUNE_PRESET[task]).scaling
+        assert translated.pretrained.startswith(URL)
+
+
+FINETUNE_PRESET = {"caption": "caption_coco", "vqa": "vqa", "nlvr": "nlvr"}
+
+
+def test_evaluation_reads_the_same_files(blip_configs):
+    """BLIP's `--evaluate` of a recipe: its test batch, k_test, beams and lengths; `pretrained:` is the model."""
+    config, translated = _read(blip_configs / "retrieval_coco.yaml", EvaluateConfig, "evaluate", "retrieval")
+    assert config == _ours(EvaluateConfig, "evaluate", "retrieval_coco")  # k_test 256, batch 64
+    assert (config.k_test, config.image_batch_size) == (256, 64)
+    assert "init_lr, min_lr, weight_decay, max_epoch" in "\n".join(translated.notes)
+    config, _ = _read(blip_configs / "retrieval_flickr.yaml", EvaluateConfig, "evaluate", "retrieval")
+    assert config.k_test == 128
+    config, translated = _read(blip_configs / "caption_coco.yaml", EvaluateConfig, "evaluate", "caption")
+    assert (config.num_beams, config.max_length, config.min_length, config.caption_batch_size) == (3, 20, 5, 32)
+    assert "prompt: 'a picture of ': not used" in "\n".join(translated.notes)
+    nocaps, _ = _read(blip_configs / "nocaps.yaml", EvaluateConfig, "evaluate", "caption")
+    assert nocaps.repetition_penalty == _ours(EvaluateConfig, "evaluate", "caption_nocaps").repetition_penalty
+    config, _ = _read(blip_configs / "vqa.yaml", EvaluateConfig, "evaluate", "vqa")
+    assert (config.vqa_k_test, config.vqa_inference, config.vqa_batch_size) == (128, "rank", 32)
+    config, _ = _read(blip_configs / "retrieval_msrvtt.yaml", EvaluateConfig, "evaluate", "video")
+    assert (config.k_test, config.image_batch_size, config.num_frames) == (128, 64, 8)
+
+
+def test_pretraining_recipe(blip_configs):
+    config, translated = _read(blip_configs / "pretrain.yaml", PretrainConfig, "train", None)
+    preset = _ours(PretrainConfig, "train", "pretrain_base")
+    assert config.optim == preset.optim and config.loop == preset.loop and config.data == preset.data
+    assert config.model == "base" and config.blip_config().vision.image_size == 224
+    assert config.blip_config().queue_size == 57600 and translated.pretrained is None
+    assert "train_file, laion_path: not used" in "\n".join(translated.notes)
+
+
+def test_ours_are_read_as_they_are_and_unknown_blip_keys_are_named(blip_configs):
+    assert read_if_blip(CONFIG_DIR / "finetune" / "retrieval_coco.yaml", "finetune", "retrieval") is None
+    assert read_if_blip({"task": "retrieval"}, "finetune", "retrieval") is None
+    odd = blip_configs / "odd.yaml"
+    odd.write_text(BLIP_CONFIGS["nlvr"] + "warmup_epochs: 2\nlabel_smoothing: 0.1\n")
+    with pytest.raises(ConfigError, match="keys this project does not know: label_smoothing, warmup_epochs"):
+        read_if_blip(odd, "finetune", "nlvr")
+    bad_vit = blip_configs / "bad_vit.yaml"
+    bad_vit.write_text(BLIP_CONFIGS["pretrain"].replace("vit: 'base'", "vit: 'huge'"))
+    with pytest.raises(ConfigError, match="vit: 'huge' is not a BLIP ViT"):
+        read_if_blip(bad_vit, "train", None)
+
+
+def test_the_commands_take_blip_files(blip_configs, tmp_path, capsys):
+    """`blip finetune retrieval BLIP/configs/retrieval_coco.yaml --dataset coco`: the translation on stderr, the
+    model from `pretrained:` (so the first missing thing is the dataset); ours without --model is a one-line error."""
+    registry = str(tmp_path / "registry")
+    assert main(["finetune", "retrieval", str(blip_configs / "retrieval_coco.yaml"), "--dataset", "coco",
+                 "--registry", registry]) != 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "retrieval_coco.yaml: a salesforce/BLIP config, read as ours:" in err
+    assert f"pretrained: {URL}model_base_retrieval_coco.pth -> --init" in err and "coco" in err.splitlines()[-1]
+    assert main(["eval", "retrieval", "retrieval_tiny", "--dataset", "coco", "--registry", registry]) == 2
+    assert capsys.readouterr().err.strip().endswith("--model is required: the model to start from (a model version "
+                                                    "or a checkpoint)")  # fmt: skip
+    assert main(["finetune", "nlvr", str(blip_configs / "nlvr.yaml"), "--init", "x", "--dataset", "d",
+                 "--registry", registry, "--set", "optim.lr=-1"]) == 2  # fmt: skip
+    assert "--set optim.lr=-1 (applied to " in capsys.readouterr().err
