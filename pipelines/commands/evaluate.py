@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     finetune.add_argument("task", choices=FINETUNE_TASKS)
     finetune.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/finetune/ (default: the task's BLIP defaults); "
-                          "a salesforce/BLIP configs/*.yaml is read as ours, each key said on stderr")
+                          "a salesforce/BLIP configs/*.yaml or LAVIS projects/blip/*.yaml is read as ours, each "
+                          "key said on stderr")
     finetune.add_argument("--init", default=None, help="model version, save_pretrained directory, official .pth "
                           "(path or URL), checkpoint name (`blip infer models`: model_base_capfilt_large, ...) or "
                           "transformers directory or hub name (Salesforce/blip-itm-base-coco; converted once); "
@@ -64,7 +65,8 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("config", nargs="?", default=None,
                           help="config file or preset in configs/evaluate/ (default: the task's BLIP defaults); "
-                          "a salesforce/BLIP configs/*.yaml is read as ours, each key said on stderr")
+                          "a salesforce/BLIP configs/*.yaml or LAVIS projects/blip/*.yaml is read as ours, each "
+                          "key said on stderr")
     evaluate.add_argument("--model", default=None,
                           help="model version, save_pretrained directory, official .pth (path or URL), checkpoint "
                           "name (`blip infer models`) or transformers directory or hub name: `--model "

@@ -417,7 +417,8 @@ def _gallery_key(source: str, images: list[Path], image_size: int, args: argpars
     return {"checkpoint": source,
             "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns if checkpoint.exists() else None,
             "image_size": image_size, "precision": args.precision,
-            "images": [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in images]}  # fmt: skip
+            "images": [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+                       for path in images]}  # fmt: skip
 
 
 def _cached_gallery(cache: Path | None, key: dict[str, Any]) -> Any:
@@ -429,7 +430,8 @@ def _cached_gallery(cache: Path | None, key: dict[str, Any]) -> Any:
     try:
         kept = torch.load(cache, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a broken or foreign file: said, then computed again
-        print(f"--gallery-cache {cache}: unreadable ({type(error).__name__}), encoding the images again", file=sys.stderr)
+        print(f"--gallery-cache {cache}: unreadable ({type(error).__name__}), encoding the images again",
+              file=sys.stderr)
         return None
     if kept.get("key") != key:
         print(f"--gallery-cache {cache}: made for other images or weights, encoding the images again", file=sys.stderr)

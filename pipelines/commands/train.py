@@ -23,8 +23,9 @@ def register(subparsers: Any) -> None:
         "scaling section, checkpoints every loop.checkpoint_every steps, automatic restarts after a worker "
         "failure) and publish the result as a model version with lineage to the dataset and initial weights.",
     )
-    parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, ...); "
-                        "salesforce/BLIP's configs/pretrain.yaml is read as ours, each key said on stderr")
+    parser.add_argument("config", help="config file, or a preset in configs/train/ (pretrain_tiny, pretrain_base, "
+                        "...); salesforce/BLIP's configs/pretrain.yaml or LAVIS's pretrain_14m.yaml is read as ours, "
+                        "each key said on stderr")
     parser.add_argument("--dataset", required=True, action="append",
                         help="dataset version: name, name@vN or name@<id prefix>; repeatable: the train shards of "
                         "every version given are trained on together (BLIP: web pairs + COCO/VG human pairs)")

@@ -257,3 +257,159 @@ def test_the_commands_take_blip_files(blip_configs, tmp_path, capsys):
     assert main(["finetune", "nlvr", str(blip_configs / "nlvr.yaml"), "--init", "x", "--dataset", "d",
                  "--registry", registry, "--set", "optim.lr=-1"]) == 2  # fmt: skip
     assert "--set optim.lr=-1 (applied to " in capsys.readouterr().err
+
+
+# LAVIS's project configs (lavis/projects/blip/...), as they are there (comments left out).
+LAVIS_RETRIEVAL_COCO_FT = """
+model:
+  arch: blip_retrieval
+  model_type: coco
+  load_finetuned: False
+  queue_size: 57600
+  alpha: 0.4
+  negative_all_rank: True
+datasets:
+  coco_retrieval:
+    vis_processor:
+        train:
+          name: "blip_image_train"
+          image_size: 384
+        eval:
+          name: "blip_image_eval"
+          image_size: 384
+    text_processor:
+        train:
+          name: "blip_caption"
+        eval:
+          name: "blip_caption"
+run:
+  task: retrieval
+  lr_sched: "linear_warmup_cosine_lr"
+  init_lr: 2e-5
+  min_lr: 0
+  weight_decay: 0.04
+  max_epoch: 6
+  num_workers: 4
+  batch_size_train: 32
+  batch_size_eval: 128
+  train_splits: ["train"]
+  valid_splits: ["val", "test"]
+  test_splits: ["test"]
+  device: "cuda"
+  world_size: 1
+  dist_url: "env://"
+  distributed: True
+  use_dist_eval_sampler: False
+  k_test: 256
+  seed: 42
+  output_dir: "output/BLIP/Retrieval_COCO"
+  amp: False
+  resume_ckpt_path: null
+  evaluate: False
+"""
+LAVIS_VQAV2_EVAL = """
+model:
+  arch: blip_vqa
+  model_type: vqav2
+  image_size: 480
+datasets:
+  coco_vqa:
+    type: eval
+    vis_processor:
+        eval:
+          name: "blip_image_eval"
+          image_size: 480
+    text_processor:
+        eval:
+          name: "blip_question"
+run:
+  task: vqa
+  num_workers: 4
+  max_len: 10
+  min_len: 1
+  num_beams: 3
+  num_ans_candidates: 128
+  inference_method: "rank"
+  seed: 42
+  output_dir: "output/BLIP/VQA"
+  evaluate: True
+  test_splits: ["val"]
+  device: "cuda"
+  world_size: 1
+  dist_url: "env://"
+  distributed: True
+"""
+LAVIS_PRETRAIN_14M_RUN = """
+model:
+  arch: blip_pretrain
+  model_type: base
+  load_pretrained: False
+  queue_size: 57600
+  alpha: 0.4
+datasets:
+  coco_caption:
+    vis_processor:
+        train:
+          name: "blip_image_train"
+          image_size: 224
+  sbu_caption:
+    vis_processor:
+        train:
+          name: "blip_image_train"
+          image_size: 224
+run:
+  task: image_text_pretrain
+  lr_sched: "linear_warmup_step_lr"
+  init_lr: 3e-4
+  min_lr: 1e-6
+  warmup_lr: 1e-6
+  lr_decay_rate: 0.9
+  weight_decay: 0.05
+  max_epoch: 20
+  batch_size_train: 75
+  batch_size_eval: 75
+  num_workers: 4
+  warmup_steps: 3000
+  seed: 42
+  output_dir: "output/BLIP/Pretrain"
+  amp: False
+  resume_ckpt_path: null
+  evaluate: False
+  train_splits: ["train"]
+  device: "cuda"
+  world_size: 1
+  dist_url: "env://"
+  distributed: True
+"""
+
+
+def test_lavis_project_configs_are_read_too(tmp_path):
+    """LAVIS's model / datasets / run files: run settings as BLIP's, the starting checkpoint from `model:`
+    (load_finetuned: False -> the model's pretrained weights, else its finetuned ones by name), the image size from
+    the dataset builders' processors, a config of another task refused."""
+    path = tmp_path / "retrieval_coco_ft.yaml"
+    path.write_text(LAVIS_RETRIEVAL_COCO_FT)
+    config, translated = _read(path, FinetuneConfig, "finetune", "retrieval")
+    assert translated.report(path).startswith(f"{path}: a LAVIS config, read as ours:")
+    assert (config.optim.lr, config.optim.weight_decay, config.loop.epochs, config.batch_size) == (2e-5, 0.04, 6, 32)
+    assert (config.image_size, config.data.negative_all_rank, config.data.loader_workers) == (384, True, 4)
+    assert config.loop.precision == "fp32" and config.loop.seed == 42  # amp: False
+    assert translated.pretrained == f"{URL}model_base_capfilt_large.pth"  # LAVIS's blip_retrieval pretrained
+    evaluation, translated = _read(path, EvaluateConfig, "evaluate", "retrieval")
+    assert (evaluation.k_test, evaluation.image_batch_size, evaluation.split) == (256, 128, "test")
+    with pytest.raises(ConfigError, match="a LAVIS 'retrieval' config .*not one for 'caption'"):
+        read_if_blip(path, "finetune", "caption")
+
+    path = tmp_path / "vqav2_eval.yaml"
+    path.write_text(LAVIS_VQAV2_EVAL)
+    evaluation, translated = _read(path, EvaluateConfig, "evaluate", "vqa")
+    assert (evaluation.vqa_k_test, evaluation.vqa_inference, evaluation.split) == (128, "rank", "val")
+    assert translated.pretrained == "blip_vqa/vqav2"  # the finetuned model, by its checkpoint name
+
+    path = tmp_path / "pretrain_14m.yaml"
+    path.write_text(LAVIS_PRETRAIN_14M_RUN)
+    config, translated = _read(path, PretrainConfig, "train", None)
+    preset = _ours(PretrainConfig, "train", "pretrain_base")
+    assert config.optim == preset.optim and config.loop.epochs == 20 and config.data.batch_size == 75
+    assert config.blip_config().vision.image_size == 224 and translated.pretrained is None
+    assert "datasets: coco_caption, sbu_caption: not used" in "\n".join(translated.notes)
