@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from blip_models.lavis_compat import LavisModel
+
 
 @dataclass
 class LoadedModel:
@@ -102,14 +104,18 @@ def load_for(path: str | Path, kind: str | None, image_size: int | None = None,
 
 
 def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
-                              device: str = "cpu") -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:  # fmt: skip
+                              device: str = "cpu") -> tuple[LavisModel, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """LAVIS's call (`lavis.models.load_model_and_preprocess`) for its BLIP models: `name` and `model_type` from
     its model zoo (`blip_caption`, `base_coco`; `checkpoints.LAVIS_MODELS`), the weights it loads downloaded once
     into the checkpoint cache. Returns the model (in eval mode when `is_eval`, as LAVIS), and LAVIS's "train" and
     "eval" image and text processors: BLIP's transforms at the model's image size; captions cleaned by
-    `pre_caption` (the captioner's training texts prefixed with its prompt), VQA questions by `pre_question`."""
+    `pre_caption` (the captioner's training texts prefixed with its prompt), VQA questions by `pre_question`.
+    The model takes LAVIS's calls (`generate`, `extract_features`, `model(samples, match_head=...)`,
+    `predict_answers`: `lavis_compat.LavisModel`); ours is its `.model`."""
     from blip_models.checkpoints import LAVIS_MODELS
+    from blip_models.lavis_compat import LavisModel
     from blip_models.processing import eval_transform, pre_caption, pre_question, train_transform
+    from blip_models.tokenizer import load_tokenizer
 
     zoo_name = f"{name}/{model_type}"
     if zoo_name not in LAVIS_MODELS:
@@ -118,7 +124,7 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
         detail = f"its model types: {', '.join(types)}" if types else f"the BLIP models: {', '.join(known)}"
         raise CheckpointError(f"LAVIS has no BLIP model {name!r} of type {model_type!r} ({detail})")
     loaded = load_for(zoo_name, LAVIS_MODELS[zoo_name][1], map_location=device)
-    model = loaded.model.to(device)
+    model = LavisModel(loaded.model, loaded.kind, load_tokenizer(loaded.tokenizer_source)).to(device)
     model.train(not is_eval)
     image_size = int(model.config.vision.image_size)
     vis_processors = {"train": train_transform(image_size), "eval": eval_transform(image_size)}

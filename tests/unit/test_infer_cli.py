@@ -410,8 +410,8 @@ def test_lavis_load_model_and_preprocess_downloads_once_and_returns_its_processo
     try:
         for _ in range(2):
             model, vis, txt = load_model_and_preprocess("blip_vqa", "okvqa", is_eval=True)
-            assert not model.training and type(model).__name__ == "BlipVQA"
-            torch.testing.assert_close(model.state_dict()["text_decoder.cls.predictions.bias"],
+            assert not model.training and type(model.model).__name__ == "BlipVQA"
+            torch.testing.assert_close(model.model.state_dict()["text_decoder.cls.predictions.bias"],
                                        state["text_decoder.cls.predictions.bias"])  # fmt: skip
     finally:
         server.shutdown()
@@ -419,6 +419,8 @@ def test_lavis_load_model_and_preprocess_downloads_once_and_returns_its_processo
     assert vis["eval"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     assert vis["train"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     assert txt["eval"]("What colour: is it? ") == "what colour is it?"  # BLIP's pre_question
+    samples = {"image": vis["eval"](Image.new("RGB", (50, 40))).unsqueeze(0), "text_input": [txt["eval"]("Colour?")]}
+    assert model.predict_answers(samples, answer_list=["red", "blue"])[0] in {"red", "blue"}  # LAVIS's call
     with pytest.raises(ck.CheckpointError, match="LAVIS has no BLIP model 'blip_vqa' of type 'vqa' "
                                                  r"\(its model types: aokvqa, okvqa, vqav2\)"):  # fmt: skip
         load_model_and_preprocess("blip_vqa", "vqa")

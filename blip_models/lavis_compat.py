@@ -1,0 +1,133 @@
+"""LAVIS's calling convention for its BLIP models, so that LAVIS's examples run as written on what
+`inference.load_model_and_preprocess` returns:
+
+    model, vis_processors, txt_processors = load_model_and_preprocess("blip_caption", "base_coco", is_eval=True)
+    image = vis_processors["eval"](raw_image).unsqueeze(0)
+    model.generate({"image": image})                                           # ['a large fountain ...']
+    model.generate({"image": image}, use_nucleus_sampling=True, num_captions=3)
+    model.extract_features({"image": image, "text_input": [text]}, mode="image").image_embeds_proj[:, 0, :]
+    model({"image": image, "text_input": [text]}, match_head="itm")            # (B, 2) ITM logits
+    model.predict_answers({"image": image, "text_input": [question]}, answer_list=answers)
+
+`LavisModel` wraps our model (`.model`; every other attribute is the model's) with the tokenizer LAVIS's models
+hold inside, and takes LAVIS's `samples` dicts and keyword names; the arithmetic is our models' own (the same as
+the `blip infer` tasks). Texts are expected already cleaned by the returned text processors, as in LAVIS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BlipOutputFeatures:
+    """LAVIS's feature output: every token, projected features L2-normalised per token ([:, 0, :] is the [CLS])."""
+
+    image_embeds: torch.Tensor | None = None  # (B, 1+N, Dv)
+    image_embeds_proj: torch.Tensor | None = None  # (B, 1+N, E)
+    text_embeds: torch.Tensor | None = None  # (B, L, H)
+    text_embeds_proj: torch.Tensor | None = None  # (B, L, E)
+    multimodal_embeds: torch.Tensor | None = None  # (B, L, H): the image-grounded text encoder, [ENC] first
+
+
+class LavisModel(nn.Module):
+    """One of our BLIP task models with LAVIS's methods for its kind: caption `generate`, feature extractor
+    `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`."""
+
+    def __init__(self, model: nn.Module, kind: str, tokenizer: Any) -> None:
+        super().__init__()
+        self.model, self.kind, self.tokenizer = model, kind, tokenizer
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped model's attributes (config, visual_encoder, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if "model" not in modules:
+                raise
+            return getattr(modules["model"], name)
+
+    def _needs(self, method: str, *kinds: str) -> None:
+        if self.kind not in kinds:
+            raise TypeError(f"{method}: LAVIS's BLIP {' / '.join(kinds)} models have it; this is a '{self.kind}' model")
+
+    def _texts(self, samples: dict[str, Any], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+        from blip_models.tokenizer import tokenize
+
+        texts = samples["text_input"]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids, mask = tokenize(self.tokenizer, texts, max_length, padding="longest")
+        device = next(self.model.parameters()).device
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def generate(self, samples: dict[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 3,
+                 max_length: int = 30, min_length: int = 10, top_p: float = 0.9, repetition_penalty: float = 1.0,
+                 num_captions: int = 1) -> list[str]:  # fmt: skip
+        """LAVIS's `BlipCaption.generate` (its defaults): `num_captions` per image, grouped per image."""
+        self._needs("generate", "caption")
+        return self.model.generate(samples["image"], self.tokenizer, num_beams=num_beams, max_length=max_length,
+                                   min_length=min_length, do_sample=use_nucleus_sampling, top_p=top_p,
+                                   repetition_penalty=repetition_penalty,
+                                   num_return_sequences=num_captions)  # fmt: skip
+
+    @torch.no_grad()
+    def extract_features(self, samples: dict[str, Any], mode: str = "multimodal") -> BlipOutputFeatures:
+        """LAVIS's `BlipFeatureExtractor.extract_features`: 'image', 'text' or 'multimodal' (the default)."""
+        self._needs("extract_features", "features", "pretrain", "retrieval", "itm")
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"extract_features: mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        model, output = self.model, BlipOutputFeatures()
+        if mode in ("text", "multimodal"):
+            ids, mask = self._texts(samples)
+        if mode == "text":
+            output.text_embeds = model.text_encoder(ids, mask, mode="text").last_hidden_state
+            output.text_embeds_proj = F.normalize(model.text_proj(output.text_embeds), dim=-1)
+            return output
+        image_embeds = model.visual_encoder(samples["image"])
+        if mode == "image":
+            output.image_embeds = image_embeds
+            output.image_embeds_proj = F.normalize(model.vision_proj(image_embeds), dim=-1)
+            return output
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        ids = ids.clone()
+        ids[:, 0] = model.config.text.enc_token_id
+        output.image_embeds = image_embeds
+        encoded = model.text_encoder(ids, mask, image_embeds, atts, mode="multimodal")
+        output.multimodal_embeds = encoded.last_hidden_state
+        return output
+
+    @torch.no_grad()
+    def forward(self, samples: dict[str, Any], match_head: str = "itm") -> torch.Tensor:
+        """LAVIS's `BlipITM.forward`: 'itm' gives the (B, 2) ITM logits of image i with text i; 'itc' the (B, T)
+        cosine of every image [CLS] feature with every text's."""
+        self._needs("forward(samples, match_head)", "itm")
+        ids, mask = self._texts(samples)
+        image_embeds = self.model.visual_encoder(samples["image"])
+        if match_head == "itm":
+            return self.model.itm_logits(image_embeds, ids, mask)
+        if match_head != "itc":
+            raise ValueError(f"match_head must be 'itm' or 'itc', got {match_head!r}")
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        text_states = self.model.text_encoder(ids, mask, mode="text").last_hidden_state
+        text_feat = F.normalize(self.model.text_proj(text_states[:, 0, :]), dim=-1)
+        return image_feat @ text_feat.T
+
+    @torch.no_grad()
+    def predict_answers(self, samples: dict[str, Any], num_beams: int = 3, inference_method: str = "rank",
+                        max_len: int = 10, min_len: int = 1, num_ans_candidates: int = 128,
+                        answer_list: list[str] | None = None, **_: Any) -> list[str]:  # fmt: skip
+        """LAVIS's `BlipVQA.predict_answers`: the answer to question i about image i, ranked from `answer_list`
+        ('rank', the candidates kept after the first token: `num_ans_candidates`) or generated ('generate')."""
+        self._needs("predict_answers", "vqa")
+        if inference_method == "rank" and not answer_list:
+            raise ValueError("predict_answers: inference_method='rank' needs answer_list (or use 'generate')")
+        ids, mask = self._texts(samples)
+        return self.model.answer(samples["image"], ids, mask, self.tokenizer, mode=inference_method,
+                                 answer_list=answer_list, k_test=num_ans_candidates, num_beams=num_beams,
+                                 max_length=max_len, min_length=min_len)  # fmt: skip

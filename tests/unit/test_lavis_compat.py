@@ -1,0 +1,81 @@
+"""LAVIS's calls on what `load_model_and_preprocess` returns (`lavis_compat.LavisModel`): each gives what our
+model's own methods give for the same inputs, in LAVIS's shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip_models import checkpoints as ck
+from blip_models.configuration_blip import preset
+from blip_models.lavis_compat import LavisModel
+from blip_models.tokenizer import load_tokenizer, tokenize
+
+TEXTS = ["a red square on grass", "two dogs"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _wrapped(kind, tokenizer):
+    torch.manual_seed(0)
+    return LavisModel(ck.build_model(kind, preset("tiny")).eval(), kind, tokenizer).eval()
+
+
+def test_caption_generate_as_lavis(tokenizer, pixels):
+    model = _wrapped("caption", tokenizer)
+    captions = model.generate({"image": pixels}, max_length=12, min_length=3)
+    assert captions == model.model.generate(pixels, tokenizer, num_beams=3, max_length=12, min_length=3,
+                                            repetition_penalty=1.0)  # fmt: skip
+    sampled = model.generate({"image": pixels}, use_nucleus_sampling=True, num_captions=3, max_length=12)
+    assert len(sampled) == 2 * 3 and all(isinstance(caption, str) for caption in sampled)
+    assert model.config is model.model.config  # the wrapped model's attributes
+    with pytest.raises(TypeError, match="predict_answers: LAVIS's BLIP vqa models have it; this is a 'caption'"):
+        model.predict_answers({"image": pixels, "text_input": TEXTS})
+
+
+def test_features_and_itm_as_lavis(tokenizer, pixels):
+    features = _wrapped("features", tokenizer)
+    image = features.extract_features({"image": pixels}, mode="image")
+    text = features.extract_features({"text_input": TEXTS}, mode="text")
+    ids, mask = tokenize(tokenizer, TEXTS, 35, padding="longest")
+    ours_image = features.model(pixel_values=pixels, mode="image")
+    ours_text = features.model(input_ids=ids, attention_mask=mask, mode="text")
+    assert image.image_embeds_proj.shape[:2] == image.image_embeds.shape[:2] == (2, 1 + 4 * 4)
+    torch.testing.assert_close(image.image_embeds_proj[:, 0, :], ours_image.image_embeds_proj)  # LAVIS's [:, 0, :]
+    torch.testing.assert_close(text.text_embeds_proj[:, 0, :], ours_text.text_embeds_proj)
+    multimodal = features.extract_features({"image": pixels, "text_input": TEXTS})
+    ours = features.model(pixel_values=pixels, input_ids=ids, attention_mask=mask, mode="multimodal")
+    torch.testing.assert_close(multimodal.multimodal_embeds, ours.multimodal_embeds)
+
+    itm = _wrapped("itm", tokenizer)
+    logits = itm({"image": pixels, "text_input": TEXTS}, match_head="itm")
+    image_embeds = itm.model.visual_encoder(pixels)
+    torch.testing.assert_close(logits, itm.model.itm_logits(image_embeds, ids, mask))
+    similarity = itm({"image": pixels, "text_input": TEXTS}, match_head="itc")
+    assert similarity.shape == (2, 2)
+    torch.testing.assert_close(similarity.diagonal(), itm.model.itc_similarity(image_embeds, ids, mask))
+    assert F.softmax(logits, dim=1).shape == (2, 2)
+    with pytest.raises(ValueError, match="match_head must be 'itm' or 'itc'"):
+        itm({"image": pixels, "text_input": TEXTS}, match_head="both")
+
+
+def test_vqa_predict_answers_as_lavis(tokenizer, pixels):
+    model = _wrapped("vqa", tokenizer)
+    questions = ["what colour is it?", "how many dogs?"]
+    answers = ["red", "two", "blue"]
+    ranked = model.predict_answers({"image": pixels, "text_input": questions}, answer_list=answers)
+    ids, mask = model.model.prepare_question(tokenizer, questions)
+    assert ranked == model.model.answer(pixels, ids, mask, tokenizer, answer_list=answers)
+    generated = model.predict_answers({"image": pixels, "text_input": questions}, inference_method="generate")
+    assert len(generated) == 2
+    with pytest.raises(ValueError, match="needs answer_list"):
+        model.predict_answers({"image": pixels, "text_input": questions})
