@@ -240,11 +240,29 @@ class GradCAM:
 
 def gradcam(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts: list[str],
             block: int | None = None) -> list[GradCAM]:  # fmt: skip
-    """LAVIS's image-text matching GradCAM (`compute_gradcam`): the cross-attention probabilities of text layer
-    `block` (default: LAVIS's 6 of BLIP's 12, the last but one of a shallower encoder: in the last layer only
-    [ENC] feeds the ITM head, so the words' maps there are zero) over the image patches, weighted by the positive
-    part of their gradient with respect to the ITM match logit and averaged over the heads; per token and averaged
-    over the text's tokens. Image i with every text, image-major as `itm`. Runs with gradients (not under
+    """LAVIS's image-text matching GradCAM (`compute_gradcam`), image i with every text (image-major, as `itm`):
+    per pair the map of each token between [CLS] and [SEP] and their average (`pair_gradcams`)."""
+    input_ids, attention_mask = _tokenized(tokenizer, texts, pixel_values.device)
+    batch, num_texts = pixel_values.shape[0], len(texts)
+    ids, mask = input_ids.repeat(batch, 1), attention_mask.repeat(batch, 1)  # (B*T, L)
+    cams, logits = pair_gradcams(model, pixel_values.repeat_interleave(num_texts, dim=0), ids, mask, block)
+    probability = logits.softmax(dim=-1)[:, 1]
+    results = []
+    for row in range(batch * num_texts):
+        count = int(mask[row].sum()) - 2  # the tokens between [CLS] and [SEP]
+        per_token = cams[row, 1 : count + 1]
+        tokens = tokenizer.convert_ids_to_tokens(ids[row, 1 : count + 1].tolist())
+        results.append(GradCAM(float(probability[row]), list(tokens), per_token.sum(0) / max(count, 1), per_token))
+    return results
+
+
+def pair_gradcams(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GradCAM of the aligned pairs (image i, text i): the cross-attention probabilities of text layer `block`
+    (default: LAVIS's 6 of BLIP's 12, the last but one of a shallower encoder: in the last layer only [ENC] feeds
+    the ITM head, so the words' maps there are zero) over the image patches, weighted by the positive part of their
+    gradient with respect to the ITM match logit and averaged over the heads. Returns the maps of every text
+    position (R, L, g, g), padding zeroed, on the CPU, and the ITM logits (R, 2). Runs with gradients (not under
     inference_mode); the model's own parameters get none."""
     import torch
 
@@ -253,32 +271,21 @@ def gradcam(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, texts:
     if not 0 <= block < len(layers):
         raise ValueError(f"gradcam: block {block} is not a layer of the text encoder (0 to {len(layers) - 1})")
     attention = layers[block].crossattention.self
-    input_ids, attention_mask = _tokenized(tokenizer, texts, pixel_values.device)
-    batch, num_texts = pixel_values.shape[0], len(texts)
-    ids, mask = input_ids.repeat(batch, 1), attention_mask.repeat(batch, 1)  # (B*T, L)
     # The pixels ask for a gradient so the attention has one to give even when the parameters are frozen.
     pixels = pixel_values.detach().clone().requires_grad_(True)
     attention.keep_attention = True
     try:
         with torch.enable_grad():
-            image_embeds = model.visual_encoder(pixels).repeat_interleave(num_texts, dim=0)  # (B*T, 1+N, Dv)
-            logits = model.itm_logits(image_embeds, ids, mask).float()  # (B*T, 2)
-            probs = attention.attention_probs  # (B*T, h, L, 1+N)
+            logits = model.itm_logits(model.visual_encoder(pixels), input_ids, attention_mask).float()  # (R, 2)
+            probs = attention.attention_probs  # (R, h, L, 1+N)
             (grads,) = torch.autograd.grad(logits[:, 1].sum(), probs)
     finally:
         attention.keep_attention, attention.attention_probs = False, None
     grid = int(model.config.vision.image_size) // int(model.config.vision.patch_size)
     # Image [CLS] left out: the maps are over the patches.
-    cams = (probs[..., 1:].detach() * grads[..., 1:].clamp(min=0)).mean(dim=1).float()  # (B*T, L, N)
-    cams = cams.reshape(cams.shape[0], cams.shape[1], grid, grid).cpu()
-    probability = torch.softmax(logits.detach(), dim=-1)[:, 1]
-    results = []
-    for row in range(batch * num_texts):
-        count = int(mask[row].sum()) - 2  # the tokens between [CLS] and [SEP]
-        per_token = cams[row, 1 : count + 1]
-        tokens = tokenizer.convert_ids_to_tokens(ids[row, 1 : count + 1].tolist())
-        results.append(GradCAM(float(probability[row]), list(tokens), per_token.sum(0) / max(count, 1), per_token))
-    return results
+    cams = (probs[..., 1:].detach() * grads[..., 1:].clamp(min=0)).mean(dim=1).float()  # (R, L, N)
+    cams = cams * attention_mask[:, :, None].to(cams.dtype)
+    return cams.reshape(cams.shape[0], cams.shape[1], grid, grid).cpu(), logits.detach()
 
 
 def gradcam_overlay(image: Any, cam: torch.Tensor, size: int) -> Any:

@@ -8,6 +8,7 @@
     model.extract_features({"image": image, "text_input": [text]}, mode="image").image_embeds_proj[:, 0, :]
     model({"image": image, "text_input": [text]}, match_head="itm")            # (B, 2) ITM logits
     model.predict_answers({"image": image, "text_input": [question]}, answer_list=answers)
+    gradcams, _ = compute_gradcam(model, image, text, model.tokenizer(text, return_tensors="pt"), block_num=7)
 
 `LavisModel` wraps our model (`.model`; every other attribute is the model's) with the tokenizer LAVIS's models
 hold inside, and takes LAVIS's `samples` dicts and keyword names; the arithmetic is our models' own (the same as
@@ -131,3 +132,24 @@ class LavisModel(nn.Module):
         return self.model.answer(samples["image"], ids, mask, self.tokenizer, mode=inference_method,
                                  answer_list=answer_list, k_test=num_ans_candidates, num_beams=num_beams,
                                  max_length=max_len, min_length=min_len)  # fmt: skip
+
+
+def compute_gradcam(model: nn.Module, visual_input: torch.Tensor, text_input: list[str], tokenized_text: Any,
+                    block_num: int = 6) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """LAVIS's `compute_gradcam` (blip_image_text_matching) for image i with text i (`tokenized_text`: the texts
+    tokenized, with `input_ids` and `attention_mask`): per pair the maps (2 + L - 1, g, g) in LAVIS's order, the
+    [ENC] position's, the average over the words, then each position after [ENC] (padding zero); and the ITM
+    logits. `inference.gradcam` is the same arithmetic per word, with the words named."""
+    from blip_models.inference import pair_gradcams
+
+    del text_input  # LAVIS takes it for its own forward; the tokenized texts are what is scored
+    itm = model.model if isinstance(model, LavisModel) else model
+    device = visual_input.device
+    ids, mask = tokenized_text["input_ids"].to(device), tokenized_text["attention_mask"].to(device)
+    cams, logits = pair_gradcams(itm, visual_input, ids, mask, block_num)
+    results = []
+    for row in range(cams.shape[0]):
+        words = int(mask[row].sum()) - 2  # between [CLS] and [SEP]
+        average = cams[row, 1 : words + 1].sum(0, keepdim=True) / max(words, 1)
+        results.append(torch.cat([cams[row, :1], average, cams[row, 1:]]))
+    return results, logits

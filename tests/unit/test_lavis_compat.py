@@ -79,3 +79,21 @@ def test_vqa_predict_answers_as_lavis(tokenizer, pixels):
     assert len(generated) == 2
     with pytest.raises(ValueError, match="needs answer_list"):
         model.predict_answers({"image": pixels, "text_input": questions})
+
+
+def test_compute_gradcam_as_lavis(tokenizer, pixels):
+    """LAVIS's layout per pair: [ENC]'s map, the words' average, then every position after [ENC] (padding zero);
+    the same maps as `inference.gradcam` names by word."""
+    from blip_models.inference import gradcam
+    from blip_models.lavis_compat import compute_gradcam
+
+    model = _wrapped("itm", tokenizer)
+    text = "a red square"
+    tokens = model.tokenizer([text, "two dogs on a big lawn"], return_tensors="pt", padding="longest")
+    maps, logits = compute_gradcam(model, pixels, [text, "two dogs on a big lawn"], tokens, block_num=0)
+    assert logits.shape == (2, 2) and len(maps) == 2
+    assert maps[0].shape == (2 + tokens["input_ids"].shape[1] - 1, 4, 4)
+    (named,) = gradcam(model.model, tokenizer, pixels[:1], [text], block=0)
+    torch.testing.assert_close(maps[0][1], named.average)
+    torch.testing.assert_close(maps[0][2 : 2 + len(named.tokens)], named.per_token)
+    assert maps[0][2 + len(named.tokens) + 1 :].abs().sum() == 0  # [SEP] is kept, the padding after it is zero
