@@ -42,8 +42,8 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, work, catalog, "
-        "serve, publish-downstream, publish-model",
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, export, work, "
+        "catalog, serve, publish-downstream, publish-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -88,6 +88,17 @@ def register(subparsers: Any) -> None:
                          "VAL 'null' means missing), e.g. --where status=dropped")
     samples.add_argument("--text", default=None, help="case-insensitive substring of caption, raw_caption or url")
     samples.add_argument("--columns", default=None, help="comma-separated columns to print")
+
+    export = command("export", "a dataset version's kept texts as BLIP's released files ([{url, caption}], as "
+                     "ccs_filtered.json / ccs_synthetic_filtered.json) or JSON lines", cmd_export)  # fmt: skip
+    export.add_argument("ref", help="dataset version (a CapFilt version exports its kept web and synthetic texts)")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--format", dest="export_format", choices=("blip-json", "jsonl"), default="blip-json",
+                        help="blip-json: a JSON list of {url, caption}, as Salesforce released the bootstrapped "
+                        "data (default); jsonl: one {key, url, caption, source, itm_score} a line")  # fmt: skip
+    export.add_argument("--source", choices=("all", "web", "synthetic"), default="all",
+                        help="which kept texts: all (BLIP's union, default), web (as ccs_filtered.json) or "
+                        "synthetic (as ccs_synthetic_filtered.json)")  # fmt: skip
 
     work = command("work", "what stage runs left in the work dirs (and a remote registry's store): unfinished "
                    "runs, leftovers, training checkpoints; remove them", cmd_work)  # fmt: skip
@@ -441,6 +452,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
         total = sum(e.bytes for e in manifest.files)
         print(f"{manifest.ref}: ok ({len(manifest.files)} files, {_size(total)}, sha256 verified)")
     return 1 if problems else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from datasets_manifests.export import export_texts
+
+    registry = _registry(args)
+    manifest = registry.resolve(args.ref, kind="dataset")
+    total = (manifest.counts or {}).get("total")  # index rows, for the progress bar
+    with tqdm(total=total, unit="sample", desc=f"export {manifest.ref}", file=sys.stderr, disable=None) as bar:
+        counts = export_texts(registry, manifest, args.out, args.export_format, args.source, on_rows=bar.update)
+    if args.json:
+        _print_json({"ref": manifest.ref, "out": args.out, "format": args.export_format, "texts": counts})
+    else:
+        written = ", ".join(f"{n:,} {source}" for source, n in sorted(counts.items())) or "no texts"
+        print(f"{manifest.ref}: {written} -> {args.out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- samples

@@ -267,6 +267,14 @@ def test_capfilt_full_run_provenance(ray_session, inputs, tmp_path):
 
     assert verify(registry, manifest) == []
     _regenerate(registry, manifest, captioner)
+    # BLIP's released form of the kept texts (`blip data export`): one item per kept text, with its sample's URL.
+    from datasets_manifests.export import export_texts
+
+    counts = export_texts(registry, manifest, tmp_path / "boot.jsonl", "jsonl")
+    exported = [json.loads(line) for line in (tmp_path / "boot.jsonl").read_text().splitlines()]
+    kept = [t for t in texts if t["kept"]]
+    assert [(e["key"], e["caption"]) for e in exported] == [(t["key"], t["text"]) for t in kept]
+    assert all(e["url"] == index[e["key"]]["url"] for e in exported) and sum(counts.values()) == len(kept)
 
     # Separate caption and filter pools, with thresholds cut between this run's scores (a default and a
     # different web one): the same captions and scores, and now the filter drops texts and whole samples.

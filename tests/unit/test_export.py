@@ -1,0 +1,77 @@
+"""`blip data export`: a version's kept texts as BLIP's released files (a JSON list of {url, caption}) or JSON
+lines; a CapFilt version's kept web and synthetic texts joined with their samples' URLs, dropped ones left out."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from datasets_manifests.index import TEXTS_SCHEMA
+from datasets_manifests.registry import Registry, RegistryError
+from pipelines.cli import main
+from datasets_fixtures import publish_dataset, sample_rows
+
+
+def _texts(rows):
+    """Two texts a sample, web then synthetic, in the index's order; odd samples' web text dropped."""
+    texts = []
+    for i, row in enumerate(rows):
+        texts.append({"key": row["key"], "text": f"web text {i}", "source": "web", "itm_score": 0.9 - i / 100,
+                      "kept": i % 2 == 0, "drop_reason": None if i % 2 == 0 else "itm_below_threshold"})
+        texts.append({"key": row["key"], "text": f"a synthetic caption {i}", "source": "synthetic",
+                      "itm_score": 0.75, "kept": True, "drop_reason": None})
+    return pa.Table.from_pylist(texts, schema=TEXTS_SCHEMA)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    rows = sample_rows(5, dropped={3: "broken_image"})
+    publish_dataset(registry, tmp_path / "web", "web", [dict(r) for r in rows])
+    publish_dataset(registry, tmp_path / "boot", "boot", [dict(r) for r in rows], stage="capfilt", texts=_texts(rows))
+    return registry
+
+
+def test_a_capfilt_version_as_blips_released_files(registry, tmp_path, capsys):
+    out = tmp_path / "boot.json"
+    assert main(["data", "--registry", registry.url, "export", "boot", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"boot@v1: 5 synthetic, 3 web -> {out}"
+    items = json.loads(out.read_text())
+    assert items[:3] == [{"url": "http://127.0.0.1/img/0.jpg", "caption": "web text 0"},
+                         {"url": "http://127.0.0.1/img/0.jpg", "caption": "a synthetic caption 0"},
+                         {"url": "http://127.0.0.1/img/1.jpg", "caption": "a synthetic caption 1"}]  # fmt: skip
+    web = tmp_path / "ccs_filtered.json"
+    assert main(["data", "--registry", registry.url, "export", "boot", "--out", str(web), "--source", "web"]) == 0
+    assert [item["caption"] for item in json.loads(web.read_text())] == ["web text 0", "web text 2", "web text 4"]
+    capsys.readouterr()
+    lines = tmp_path / "boot.jsonl"
+    assert main(["data", "--registry", registry.url, "export", "boot", "--out", str(lines), "--format", "jsonl",
+                 "--source", "synthetic", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["texts"] == {"synthetic": 5}
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(rows) == 5 and rows[0] == {"key": "s000000", "url": "http://127.0.0.1/img/0.jpg",
+                                          "caption": "a synthetic caption 0", "source": "synthetic",
+                                          "itm_score": 0.75}  # fmt: skip
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_a_version_without_texts_exports_its_kept_captions(registry, tmp_path):
+    from datasets_manifests.export import export_texts
+
+    out = tmp_path / "web.json"
+    counts = export_texts(registry, registry.resolve("web"), out)
+    assert counts == {"web": 4}  # the dropped sample is not there
+    assert [item["url"] for item in json.loads(out.read_text())][-1] == "http://127.0.0.1/img/4.jpg"
+
+
+def test_texts_out_of_the_index_order_are_refused(registry, tmp_path):
+    from datasets_manifests.export import export_texts
+
+    rows = sample_rows(3)
+    shuffled = _texts(rows).take([4, 5, 0, 1, 2, 3])
+    manifest = publish_dataset(registry, tmp_path / "odd", "odd", [dict(r) for r in rows], texts=shuffled)
+    with pytest.raises(RegistryError, match="not in the same order"):
+        export_texts(registry, manifest, tmp_path / "odd.json")
+    assert not (tmp_path / "odd.json").exists() and not list(tmp_path.glob("odd.json.partial-*"))
