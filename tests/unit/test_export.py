@@ -11,7 +11,7 @@ import pytest
 from datasets_manifests.index import TEXTS_SCHEMA
 from datasets_manifests.registry import Registry, RegistryError
 from pipelines.cli import main
-from datasets_fixtures import publish_dataset, sample_rows
+from datasets_fixtures import memory_url, publish_dataset, sample_rows
 
 
 def _texts(rows):
@@ -25,9 +25,10 @@ def _texts(rows):
     return pa.Table.from_pylist(texts, schema=TEXTS_SCHEMA)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    registry = Registry(str(tmp_path / "registry"))
+@pytest.fixture(params=["local", "memory"])
+def registry(request, tmp_path):
+    """A local registry and one on a filesystem (fsspec's memory://, as a bucket) whose files are streamed."""
+    registry = Registry(str(tmp_path / "registry") if request.param == "local" else memory_url())
     rows = sample_rows(5, dropped={3: "broken_image"})
     publish_dataset(registry, tmp_path / "web", "web", [dict(r) for r in rows])
     publish_dataset(registry, tmp_path / "boot", "boot", [dict(r) for r in rows], stage="capfilt", texts=_texts(rows))
