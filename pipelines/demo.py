@@ -59,6 +59,8 @@ def print_summary(registry, cfg, seconds: float) -> None:  # noqa: ANN001 - plai
     print(f"  list:     blip data --registry {registry.url} ls")
     print(f"  lineage:  blip data --registry {registry.url} lineage {final.ref}")
     print(f"  drops:    blip data --registry {registry.url} samples {cfg.version_name('capfilt')} --where status=dropped")
+    print(f"  export:   blip data --registry {registry.url} export {cfg.version_name('capfilt')} --out "
+          "bootstrapped.json   (BLIP's released form: [{url, caption}])")
     print(f"  browse:   blip data --registry {registry.url} serve   then open "
           f"{version_url(registry.resolve(cfg.version_name('capfilt'), kind='dataset'))}")
     kept = sum(entry.bytes for entry in work_entries(registry))
