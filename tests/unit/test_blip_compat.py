@@ -17,7 +17,8 @@ def released(tmp_path_factory):
     """Tiny files in the layout of BLIP's released ones, one per kind."""
     folder = tmp_path_factory.mktemp("released")
     config = preset("tiny").replace(vision={"width": 64, "heads": 1},
-                                    text={"hidden_size": 64, "num_attention_heads": 1, "encoder_width": 64})  # fmt: skip
+                                    text={"hidden_size": 64, "num_attention_heads": 1,
+                                          "encoder_width": 64})  # fmt: skip
     paths = {}
     for kind in ("caption", "features", "itm", "vqa", "nlvr"):
         torch.manual_seed(0)
