@@ -113,6 +113,45 @@ def test_cli_eval_reuses_the_published_evaluation(setup, tmp_path, capsys):
     assert any(line.split()[0] == "loss_itc" for line in table[3:]) and "from pretrain" in out
 
 
+def test_blip_finetune_runs_a_salesforce_blip_config(setup, tmp_path, capsys):
+    """`blip finetune caption BLIP/configs/caption_coco.yaml`: the file as BLIP ships it (its `pretrained:` here
+    the tiny model; no --init), shrunk to this machine with --set, trains and publishes; stderr says how it was
+    read."""
+    from pipelines.cli import main
+
+    registry, dataset, init = setup
+    blip_config = tmp_path / "caption_coco.yaml"
+    blip_config.write_text(f"""
+image_root: '/export/share/datasets/vision/coco/images/'
+ann_root: 'annotation'
+coco_gt_root: 'annotation/coco_gt'
+pretrained: '{init}'
+vit: 'base'
+vit_grad_ckpt: False
+vit_ckpt_layer: 0
+batch_size: 32
+init_lr: 1e-5
+image_size: 384
+max_length: 20
+min_length: 5
+num_beams: 3
+prompt: 'a picture of '
+weight_decay: 0.05
+min_lr: 0
+max_epoch: 5
+""")
+    small = ["image_size=32", "data.batch_size=4", "data.loader_workers=0", "loop.max_steps=2", "scaling.num_workers=1",
+             "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5", "scaling.max_failures=0"]  # fmt: skip
+    args = ["finetune", "caption", str(blip_config), "--dataset", dataset.ref, "--name", "blip-config-caption",
+            "--registry", registry.url]  # fmt: skip
+    assert main([*args, *[item for value in small for item in ("--set", value)]]) == 0
+    captured = capsys.readouterr()
+    assert "a salesforce/BLIP config, read as ours:" in captured.err and f"pretrained: {init} -> --init" in captured.err
+    model = registry.resolve("blip-config-caption")
+    assert model.metadata["final_step"] == 2 and model.metadata["init"]["from"] == "pretrain"
+    assert model.producer.config["optim"]["lr"] == 1e-5 and model.producer.config["loop"]["epochs"] == 5
+
+
 @pytest.mark.parametrize("task", ["vqa", "nlvr"])
 def test_finetune_and_evaluate_vqa_nlvr(setup, task):
     from pipelines.tasks.downstream import DownstreamConfig, publish_downstream
