@@ -21,7 +21,7 @@ from pipelines.tasks import demo_corpus
 
 pytestmark = pytest.mark.integration
 
-STEPS, BATCH, HELD_OUT = 300, 32, 128
+STEPS, BATCH, HELD_OUT = 300, 24, 128
 
 
 def scenes(count: int, seed: int, noise_fraction: float) -> tuple[torch.Tensor, list[str]]:
