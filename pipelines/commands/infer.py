@@ -414,6 +414,9 @@ def _gallery_key(source: str, images: list[Path], image_size: int, args: argpars
     """What a search's image features depend on: the images (path, size, mtime), the weights (their source, and
     its mtime when a local path), the image size and the precision."""
     checkpoint = Path(source)
+    if checkpoint.is_dir():  # a directory's weights, rewritten in place by a save into it
+        checkpoint = next((checkpoint / name for name in ("model.safetensors", "pytorch_model.bin")
+                           if (checkpoint / name).is_file()), checkpoint)  # fmt: skip
     return {"checkpoint": source,
             "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns if checkpoint.exists() else None,
             "image_size": image_size, "precision": args.precision,
