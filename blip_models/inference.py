@@ -136,6 +136,11 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = False,
     return model, vis_processors, txt_processors
 
 
+def load_model(name: str, model_type: str, is_eval: bool = False, device: str = "cpu") -> LavisModel:
+    """LAVIS's `lavis.models.load_model`: `load_model_and_preprocess` without the processors."""
+    return load_model_and_preprocess(name, model_type, is_eval=is_eval, device=device)[0]
+
+
 def _convert_pretrained(path: str | Path, data: dict[str, Any], kind: str, image_size: int | None,
                         map_location: str) -> tuple[nn.Module, LoadReport]:  # fmt: skip
     from safetensors.torch import load_file

@@ -419,6 +419,10 @@ def test_lavis_load_model_and_preprocess_downloads_once_and_returns_its_processo
     assert vis["eval"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     assert vis["train"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     assert txt["eval"]("What colour: is it? ") == "what colour is it?"  # BLIP's pre_question
+    from blip_models.inference import load_model
+
+    assert type(load_model("blip_vqa", "okvqa").model).__name__ == "BlipVQA"  # from the cache: no request
+    assert requests == ["/blip_okvqa.pth"]
     samples = {"image": vis["eval"](Image.new("RGB", (50, 40))).unsqueeze(0), "text_input": [txt["eval"]("Colour?")]}
     assert model.predict_answers(samples, answer_list=["red", "blue"])[0] in {"red", "blue"}  # LAVIS's call
     with pytest.raises(ck.CheckpointError, match="LAVIS has no BLIP model 'blip_vqa' of type 'vqa' "
