@@ -68,6 +68,11 @@ def read_if_blip(path: str | Path | dict[str, Any], group: str, task: str | None
         return _lavis(dict(raw), group, task, str(path))
     if not is_blip_repo_config(raw):
         return None
+    pretraining = "train_file" in raw or "lr_decay_rate" in raw
+    if pretraining != (group == "train"):
+        command = "blip train FILE" if pretraining else "blip finetune TASK FILE / blip eval TASK FILE"
+        raise ConfigError(f"{path}: a salesforce/BLIP {'pretraining' if pretraining else 'finetuning'} config: "
+                          f"`{command}` reads it")  # fmt: skip
     translate = {"train": _pretrain, "finetune": _finetune, "evaluate": _evaluate}[group]
     return translate(dict(raw), task, str(path))
 

@@ -236,6 +236,10 @@ def test_ours_are_read_as_they_are_and_unknown_blip_keys_are_named(blip_configs)
     odd.write_text(BLIP_CONFIGS["nlvr"] + "warmup_epochs: 2\nlabel_smoothing: 0.1\n")
     with pytest.raises(ConfigError, match="keys this project does not know: label_smoothing, warmup_epochs"):
         read_if_blip(odd, "finetune", "nlvr")
+    with pytest.raises(ConfigError, match="a salesforce/BLIP pretraining config: `blip train FILE` reads it"):
+        read_if_blip(blip_configs / "pretrain.yaml", "finetune", "retrieval")
+    with pytest.raises(ConfigError, match="a salesforce/BLIP finetuning config: `blip finetune TASK FILE"):
+        read_if_blip(blip_configs / "retrieval_coco.yaml", "train", None)
     bad_vit = blip_configs / "bad_vit.yaml"
     bad_vit.write_text(BLIP_CONFIGS["pretrain"].replace("vit: 'base'", "vit: 'huge'"))
     with pytest.raises(ConfigError, match="vit: 'huge' is not a BLIP ViT"):
