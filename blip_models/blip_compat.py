@@ -19,26 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from blip_models.lavis_compat import ModelWrapper
 from blip_models.tokenizer import load_tokenizer, tokenize
 
 
-class _BlipRepoModel(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
-        super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped model's attributes (config, visual_encoder, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules") or {}
-            if "model" not in modules:
-                raise
-            return getattr(modules["model"], name)
-
+class _BlipRepoModel(ModelWrapper):
     def _tokens(self, texts: str | list[str], padding: str, max_length: int | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         ids, mask = tokenize(self.tokenizer, [texts] if isinstance(texts, str) else list(texts), max_length, padding)
@@ -88,15 +75,7 @@ class BLIP_ITM(_BlipRepoModel):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor, caption: str | list[str], match_head: str = "itm") -> torch.Tensor:
-        ids, mask = self._tokens(caption, "max_length", 35, image.device)
-        image_embeds = self.model.visual_encoder(image)
-        if match_head == "itm":
-            return self.model.itm_logits(image_embeds, ids, mask)
-        if match_head != "itc":
-            raise ValueError(f"match_head must be 'itm' or 'itc', got {match_head!r}")
-        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        text_states = self.model.text_encoder(ids, mask, mode="text").last_hidden_state
-        return image_feat @ F.normalize(self.model.text_proj(text_states[:, 0, :]), dim=-1).T
+        return self.match(image, *self._tokens(caption, "max_length", 35, image.device), match_head)
 
 
 class BLIP_VQA(_BlipRepoModel):

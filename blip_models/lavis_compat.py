@@ -36,15 +36,15 @@ class BlipOutputFeatures:
     multimodal_embeds: torch.Tensor | None = None  # (B, L, H): the image-grounded text encoder, [ENC] first
 
 
-class LavisModel(nn.Module):
-    """One of our BLIP task models with LAVIS's methods for its kind: caption `generate`, feature extractor
-    `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`."""
+class ModelWrapper(nn.Module):
+    """One of our models (`.model`) with another library's calls around it (here LAVIS's; `blip_compat`: the BLIP
+    repository's); every attribute the wrapper lacks is the model's (config, visual_encoder, ...)."""
 
-    def __init__(self, model: nn.Module, kind: str, tokenizer: Any) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         super().__init__()
-        self.model, self.kind, self.tokenizer = model, kind, tokenizer
+        self.model, self.tokenizer = model, tokenizer
 
-    def __getattr__(self, name: str) -> Any:  # the wrapped model's attributes (config, visual_encoder, ...)
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -52,6 +52,27 @@ class LavisModel(nn.Module):
             if "model" not in modules:
                 raise
             return getattr(modules["model"], name)
+
+    def match(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, match_head: str) -> torch.Tensor:
+        """An ITM model's two heads as both libraries call them: 'itm', the (B, 2) ITM logits of image i with text
+        i; 'itc', the (B, T) cosine of every image [CLS] feature with every text's."""
+        image_embeds = self.model.visual_encoder(image)
+        if match_head == "itm":
+            return self.model.itm_logits(image_embeds, ids, mask)
+        if match_head != "itc":
+            raise ValueError(f"match_head must be 'itm' or 'itc', got {match_head!r}")
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        text_states = self.model.text_encoder(ids, mask, mode="text").last_hidden_state
+        return image_feat @ F.normalize(self.model.text_proj(text_states[:, 0, :]), dim=-1).T
+
+
+class LavisModel(ModelWrapper):
+    """One of our BLIP task models with LAVIS's methods for its kind: caption `generate`, feature extractor
+    `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`."""
+
+    def __init__(self, model: nn.Module, kind: str, tokenizer: Any) -> None:
+        super().__init__(model, tokenizer)
+        self.kind = kind
 
     def _needs(self, method: str, *kinds: str) -> None:
         if self.kind not in kinds:
@@ -108,16 +129,7 @@ class LavisModel(nn.Module):
         """LAVIS's `BlipITM.forward`: 'itm' gives the (B, 2) ITM logits of image i with text i; 'itc' the (B, T)
         cosine of every image [CLS] feature with every text's."""
         self._needs("forward(samples, match_head)", "itm")
-        ids, mask = self._texts(samples)
-        image_embeds = self.model.visual_encoder(samples["image"])
-        if match_head == "itm":
-            return self.model.itm_logits(image_embeds, ids, mask)
-        if match_head != "itc":
-            raise ValueError(f"match_head must be 'itm' or 'itc', got {match_head!r}")
-        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        text_states = self.model.text_encoder(ids, mask, mode="text").last_hidden_state
-        text_feat = F.normalize(self.model.text_proj(text_states[:, 0, :]), dim=-1)
-        return image_feat @ text_feat.T
+        return self.match(samples["image"], *self._texts(samples), match_head)
 
     @torch.no_grad()
     def predict_answers(self, samples: dict[str, Any], num_beams: int = 3, inference_method: str = "rank",

@@ -5,6 +5,7 @@ and check versions, lineage, metrics, idempotence and that CapFilt accepts the f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -120,26 +121,9 @@ def test_blip_finetune_runs_a_salesforce_blip_config(setup, tmp_path, capsys):
     from pipelines.cli import main
 
     registry, dataset, init = setup
+    shipped = (CONFIGS.parent / "tests" / "data" / "blip_repo_configs" / "caption_coco.yaml").read_text()
     blip_config = tmp_path / "caption_coco.yaml"
-    blip_config.write_text(f"""
-image_root: '/export/share/datasets/vision/coco/images/'
-ann_root: 'annotation'
-coco_gt_root: 'annotation/coco_gt'
-pretrained: '{init}'
-vit: 'base'
-vit_grad_ckpt: False
-vit_ckpt_layer: 0
-batch_size: 32
-init_lr: 1e-5
-image_size: 384
-max_length: 20
-min_length: 5
-num_beams: 3
-prompt: 'a picture of '
-weight_decay: 0.05
-min_lr: 0
-max_epoch: 5
-""")
+    blip_config.write_text(re.sub(r"(?m)^pretrained: .*$", f"pretrained: '{init}'", shipped))
     small = ["image_size=32", "data.batch_size=4", "data.loader_workers=0", "loop.max_steps=2", "scaling.num_workers=1",
              "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5", "scaling.max_failures=0"]  # fmt: skip
     args = ["finetune", "caption", str(blip_config), "--dataset", dataset.ref, "--name", "blip-config-caption",
