@@ -87,7 +87,11 @@ class _Reader:
         if blip_key not in self.raw:
             return
         value = self.raw.pop(blip_key)
-        value = convert(value) if convert else value
+        try:
+            value = convert(value) if convert else value
+        except (TypeError, ValueError):
+            wanted = {float: "number", int: "whole number"}.get(convert, getattr(convert, "__name__", "value"))
+            raise ConfigError(f"{self.origin}: {blip_key}: {value!r} is not a {wanted}") from None
         section, _, name = ours.rpartition(".")
         target = self.config
         for part in section.split(".") if section else ():

@@ -104,6 +104,10 @@ def test_ours_are_read_as_they_are_and_unknown_blip_keys_are_named(blip_configs)
         read_if_blip(blip_configs / "pretrain.yaml", "finetune", "retrieval")
     with pytest.raises(ConfigError, match="a salesforce/BLIP finetuning config: `blip finetune TASK FILE"):
         read_if_blip(blip_configs / "retrieval_coco.yaml", "train", None)
+    bad_lr = blip_configs / "bad_lr.yaml"
+    bad_lr.write_text((DATA / "nlvr.yaml").read_text().replace("init_lr: 3e-5", "init_lr: fast"))
+    with pytest.raises(ConfigError, match="bad_lr.yaml: init_lr: 'fast' is not a number"):
+        read_if_blip(bad_lr, "finetune", "nlvr")
     bad_vit = blip_configs / "bad_vit.yaml"
     bad_vit.write_text((DATA / "pretrain.yaml").read_text().replace("vit: 'base'", "vit: 'huge'"))
     with pytest.raises(ConfigError, match="vit: 'huge' is not a BLIP ViT"):
