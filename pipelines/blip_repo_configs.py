@@ -55,6 +55,21 @@ def is_lavis_project_config(raw: Any) -> bool:
             and isinstance(raw.get("run"), dict))
 
 
+def load_recipe_config(cls: type, source: str | Path | dict[str, Any], group: str, task: str | None,
+                       overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, str | None]:  # fmt: skip
+    """A command's config from `source`, ours or BLIP's / LAVIS's (translated, the translation said on stderr),
+    and the checkpoint such a file names (None for ours)."""
+    import sys
+
+    from pipelines.config import load_config
+
+    translated = read_if_blip(source, group, task)
+    if translated is None:
+        return load_config(cls, source, overrides), None
+    print(translated.report(source), file=sys.stderr)
+    return load_config(cls, translated.config, overrides, origin=str(source)), translated.pretrained
+
+
 def read_if_blip(path: str | Path | dict[str, Any], group: str, task: str | None) -> Translated | None:
     """The translation of the BLIP file at `path` for a `group` command ('train', 'finetune', 'evaluate') of
     `task`; None when `path` is one of ours (or a dict), which load_config reads as it is."""
@@ -90,8 +105,7 @@ class _Reader:
         try:
             value = convert(value) if convert else value
         except (TypeError, ValueError):
-            wanted = {float: "number", int: "whole number"}.get(convert, getattr(convert, "__name__", "value"))
-            raise ConfigError(f"{self.origin}: {blip_key}: {value!r} is not a {wanted}") from None
+            raise ConfigError(f"{self.origin}: {blip_key}: {value!r} is not a number") from None
         section, _, name = ours.rpartition(".")
         target = self.config
         for part in section.split(".") if section else ():
@@ -137,48 +151,70 @@ def _vit(reader: _Reader) -> None:
     reader.unused(["vit"], "the architecture, ViT-B or ViT-L, is the initial weights'")
 
 
+# The training settings BLIP's files and LAVIS's `run:` sections name alike: ours, and the conversion a value needs
+# (YAML reads BLIP's `1e-5` as a string); whole numbers are left to the config's own type check.
+TRAINING_KEYS: dict[str, tuple[str, Any]] = {
+    "init_lr": ("optim.lr", float), "min_lr": ("optim.min_lr", float), "warmup_lr": ("optim.warmup_lr", float),
+    "weight_decay": ("optim.weight_decay", float), "lr_decay_rate": ("optim.lr_decay_rate", float),
+    "warmup_steps": ("optim.warmup_steps", None), "max_epoch": ("loop.epochs", None),
+}  # fmt: skip
+
+
+# Our preset for each finetuning recipe (retrieval: COCO's unless the file names Flickr30k).
+FINETUNE_PRESETS = {"retrieval": "retrieval_coco", "caption": "caption_coco", "vqa": "vqa", "nlvr": "nlvr"}
+
+
+def _recipe_preset(group: str, task: str | None, *, flickr: bool = False, nocaps: bool = False) -> str | None:
+    """Our preset of a recipe: pretraining's, the task's (Flickr30k's retrieval, NoCaps' captioning when the file
+    names those data); None for an evaluation with no preset (VQA, NLVR2, video: the task's defaults)."""
+    if group == "train":
+        return "pretrain_base"
+    if task == "retrieval":
+        return "retrieval_flickr" if flickr else "retrieval_coco"
+    if group == "finetune":
+        return FINETUNE_PRESETS[task or "retrieval"]
+    if task == "caption":
+        return "caption_nocaps" if nocaps else "caption_coco"
+    return None
+
+
+def _reader(raw: dict[str, Any], group: str, task: str | None, preset: str | None, origin: str) -> _Reader:
+    """A reader over `raw` starting from our preset (a finetuning or evaluation one set to `task`), said in a note."""
+    base = _preset(group, preset) if preset else {}
+    if group != "train":
+        base["task"] = task
+    reader = _Reader(raw, base, origin)
+    if preset:
+        reader.notes.append(f"(starting from our preset configs/{group}/{preset}.yaml)")
+    return reader
+
+
 def _pretrain(raw: dict[str, Any], task: str | None, origin: str) -> Translated:
     if raw.get("vit", "base") not in ("base", "large"):
         raise ConfigError(f"{origin}: vit: {raw['vit']!r} is not a BLIP ViT (base or large)")
-    reader = _Reader(raw, _preset("train", "pretrain_base"), origin)
+    reader = _reader(raw, "train", None, _recipe_preset("train", None), origin)
     reader.take("vit", "model")
-    size = raw.get("image_size")
-    if size is not None:
-        raw.pop("image_size")
-        reader.config.setdefault("model_overrides", {}).setdefault("vision", {})["image_size"] = size
-        reader.notes.append(f"image_size: {size!r} -> model_overrides.vision.image_size")
-    for key in ("queue_size", "alpha"):
-        if key in raw:
-            value = raw.pop(key)
-            reader.config.setdefault("model_overrides", {})[key] = value
-            reader.notes.append(f"{key}: {value!r} -> model_overrides.{key}")
+    reader.take("image_size", "model_overrides.vision.image_size")
+    reader.take("queue_size", "model_overrides.queue_size")
+    reader.take("alpha", "model_overrides.alpha")
     reader.take("batch_size", "data.batch_size")
-    for blip_key, ours in (("init_lr", "optim.lr"), ("min_lr", "optim.min_lr"), ("warmup_lr", "optim.warmup_lr"),
-                           ("warmup_steps", "optim.warmup_steps"), ("lr_decay_rate", "optim.lr_decay_rate"),
-                           ("weight_decay", "optim.weight_decay"), ("max_epoch", "loop.epochs")):  # fmt: skip
-        reader.take(blip_key, ours, float if ours.startswith("optim.") and "steps" not in ours else None)
+    for blip_key, (ours, convert) in TRAINING_KEYS.items():
+        reader.take(blip_key, ours, convert)
     reader.grad_checkpointing("loop")
     reader.unused(DATA_PATH_KEYS, NOT_FROM_THE_DATA + "; several --dataset train together, as BLIP's train_file "
                   "list with laion_path")  # fmt: skip
     return reader.finish(_pretrained(reader, "--init"))
 
 
-# Our preset for each BLIP finetuning recipe: the task's, the Flickr one when BLIP's `dataset` says so.
-FINETUNE_PRESETS = {"retrieval": "retrieval_coco", "caption": "caption_coco", "vqa": "vqa", "nlvr": "nlvr"}
-
-
 def _finetune(raw: dict[str, Any], task: str | None, origin: str) -> Translated:
     task = task or "retrieval"
-    preset = "retrieval_flickr" if task == "retrieval" and raw.get("dataset") == "flickr" else FINETUNE_PRESETS[task]
-    reader = _Reader(raw, {**_preset("finetune", preset), "task": task}, origin)
-    reader.notes.append(f"(starting from our preset configs/finetune/{preset}.yaml: scaling, loader, checkpoints)")
+    preset = _recipe_preset("finetune", task, flickr=raw.get("dataset") == "flickr")
+    reader = _reader(raw, "finetune", task, preset, origin)
     reader.take("image_size", "image_size")
     reader.take("batch_size_train" if "batch_size_train" in raw else "batch_size", "data.batch_size")
     reader.take("negative_all_rank", "data.negative_all_rank")
-    reader.take("init_lr", "optim.lr", float)
-    reader.take("min_lr", "optim.min_lr", float)
-    reader.take("weight_decay", "optim.weight_decay", float)
-    reader.take("max_epoch", "loop.epochs")
+    for blip_key in ("init_lr", "min_lr", "weight_decay", "max_epoch"):  # a finetuning file's (no warm-up, no decay)
+        reader.take(blip_key, *TRAINING_KEYS[blip_key])
     reader.grad_checkpointing("loop")
     _vit(reader)
     reader.unused(["queue_size", "alpha"],
@@ -191,12 +227,9 @@ def _finetune(raw: dict[str, Any], task: str | None, origin: str) -> Translated:
 
 def _evaluate(raw: dict[str, Any], task: str | None, origin: str) -> Translated:
     task = task or "retrieval"
-    nocaps = "nocaps" in str(raw.get("image_root", ""))
-    preset = {"retrieval": "retrieval_flickr" if raw.get("dataset") == "flickr" else "retrieval_coco",
-              "caption": "caption_nocaps" if nocaps else "caption_coco"}.get(task)  # fmt: skip
-    reader = _Reader(raw, {**(_preset("evaluate", preset) if preset else {}), "task": task}, origin)
-    if preset:
-        reader.notes.append(f"(starting from our preset configs/evaluate/{preset}.yaml)")
+    preset = _recipe_preset("evaluate", task, flickr=raw.get("dataset") == "flickr",
+                            nocaps="nocaps" in str(raw.get("image_root", "")))  # fmt: skip
+    reader = _reader(raw, "evaluate", task, preset, origin)
     if task == "vqa":
         reader.take("batch_size_test", "vqa_batch_size")
         reader.take("k_test", "vqa_k_test")
@@ -264,12 +297,9 @@ def _lavis(raw: dict[str, Any], group: str, task: str | None, origin: str) -> Tr
     flat = {**{f"model.{key}": value for key, value in model.items()},
             **{f"run.{key}": value for key, value in run.items() if key != "task"},
             **{str(key): value for key, value in raw.items()}}  # fmt: skip
-    preset = _lavis_preset(group, ours, datasets)
-    reader = _Reader(flat, _preset(group, preset) if preset else {}, origin)
-    if group != "train":
-        reader.config["task"] = task
-    if preset:
-        reader.notes.append(f"(starting from our preset configs/{group}/{preset}.yaml)")
+    builders = " ".join(datasets)
+    preset = _recipe_preset(group, task, flickr="flickr" in builders, nocaps="nocaps" in builders)
+    reader = _reader(flat, group, task, preset, origin)
     image_size = _lavis_image_size(model, datasets, "eval" if group == "evaluate" else "train")
     reader.notes.append(f"datasets: {', '.join(datasets) or '-'}: not used ({NOT_FROM_THE_DATA}; image size "
                         f"{image_size} read from their processors)")  # fmt: skip
@@ -285,22 +315,8 @@ def _lavis(raw: dict[str, Any], group: str, task: str | None, origin: str) -> Tr
     if group == "evaluate":
         reader.unused(["run.seed"], "the evaluation draws nothing at random")
     else:
-        reader.take("run.seed", "loop.seed", int)
+        reader.take("run.seed", "loop.seed")
     return reader.finish(None if group == "train" else _lavis_checkpoint(reader, model), "LAVIS")
-
-
-def _lavis_preset(group: str, task: str, datasets: dict[str, Any]) -> str | None:
-    """Our preset of the recipe: the task's; Flickr30k's retrieval and NoCaps' captioning by LAVIS's builder."""
-    builders = " ".join(datasets)
-    if group == "train":
-        return "pretrain_base"
-    if task == "retrieval":
-        return "retrieval_flickr" if "flickr" in builders else "retrieval_coco"
-    if group == "finetune":
-        return FINETUNE_PRESETS[task]
-    if task == "caption":
-        return "caption_nocaps" if "nocaps" in builders else "caption_coco"
-    return None
 
 
 def _lavis_image_size(model: dict[str, Any], datasets: dict[str, Any], split: str) -> int | None:
@@ -333,13 +349,10 @@ def _lavis_optim(reader: _Reader, pretrain: bool) -> None:
             reader.config["optim"]["schedule"] = "cosine" if schedule == "linear_warmup_cosine_lr" else "step"
         reader.notes.append(f"run.lr_sched: {schedule!r} -> " + ("optim.schedule" if pretrain else
                             "our finetuning schedule (cosine per epoch, the same)"))  # fmt: skip
-    for key, ours in (("init_lr", "lr"), ("min_lr", "min_lr"), ("warmup_lr", "warmup_lr"),
-                      ("weight_decay", "weight_decay"), ("lr_decay_rate", "lr_decay_rate")):  # fmt: skip
-        reader.take(f"run.{key}", f"optim.{ours}", float)
-    reader.take("run.warmup_steps", "optim.warmup_steps", int)
-    reader.take("run.max_epoch", "loop.epochs", int)
-    reader.take("run.batch_size_train", "data.batch_size", int)
-    reader.take("run.num_workers", "data.loader_workers", int)
+    for key, (ours, convert) in TRAINING_KEYS.items():
+        reader.take(f"run.{key}", ours, convert)
+    reader.take("run.batch_size_train", "data.batch_size")
+    reader.take("run.num_workers", "data.loader_workers")
     if "run.amp" in reader.raw:
         amp = bool(reader.raw.pop("run.amp"))
         reader.config.setdefault("loop", {})["precision"] = "bf16" if amp else "fp32"
@@ -353,15 +366,13 @@ def _lavis_pretrain(reader: _Reader, image_size: int | None) -> None:
     if model_type not in ("base", "large"):
         raise ConfigError(f"{reader.origin}: model.model_type {model_type!r} is not a BLIP ViT (base or large)")
     reader.config["model"] = model_type
-    overrides = reader.config.setdefault("model_overrides", {})
     if image_size:
-        overrides.setdefault("vision", {})["image_size"] = image_size
-    for key in ("queue_size", "alpha"):
-        if f"model.{key}" in reader.raw:
-            overrides[key] = reader.raw.pop(f"model.{key}")
+        reader.config.setdefault("model_overrides", {}).setdefault("vision", {})["image_size"] = image_size
+    reader.take("model.queue_size", "model_overrides.queue_size")
+    reader.take("model.alpha", "model_overrides.alpha")
     for key in ("model.arch", "model.model_type", "model.load_pretrained"):
         reader.raw.pop(key, None)
-    reader.notes.append(f"model: blip_pretrain/{model_type} -> model: {model_type}, model_overrides: {overrides} "
+    reader.notes.append(f"model: blip_pretrain/{model_type} -> model: {model_type}, vision image size {image_size} "
                         "(initial weights: --init, else from scratch or init.vit_weights)")
     _lavis_optim(reader, pretrain=True)
     reader.unused(["run.batch_size_eval", "run.test_splits"], "pretraining evaluates nothing")
@@ -371,7 +382,7 @@ def _lavis_finetune(reader: _Reader, task: str, image_size: int | None) -> None:
     if image_size:
         reader.config["image_size"] = image_size
         reader.notes.append(f"image size {image_size} -> image_size")
-    reader.take("model.negative_all_rank", "data.negative_all_rank", bool)
+    reader.take("model.negative_all_rank", "data.negative_all_rank")
     reader.unused(["model.queue_size", "model.alpha"], "the model's own, from the initial weights' config")
     _lavis_optim(reader, pretrain=False)
     reader.unused(["run.batch_size_eval", "run.k_test", "run.max_len", "run.min_len", "run.num_beams",
@@ -381,17 +392,17 @@ def _lavis_finetune(reader: _Reader, task: str, image_size: int | None) -> None:
 
 def _lavis_evaluate(reader: _Reader, task: str) -> None:
     batch = {"vqa": "vqa_batch_size", "caption": "caption_batch_size"}.get(task, "image_batch_size")
-    reader.take("run.batch_size_eval", batch, int)
-    reader.take("run.k_test", "k_test", int)
-    reader.take("run.num_beams", "num_beams", int)
+    reader.take("run.batch_size_eval", batch)
+    reader.take("run.k_test", "k_test")
+    reader.take("run.num_beams", "num_beams")
     if task == "vqa":
-        reader.take("run.num_ans_candidates", "vqa_k_test", int)
+        reader.take("run.num_ans_candidates", "vqa_k_test")
         reader.take("run.inference_method", "vqa_inference")
         reader.unused(["run.max_len", "run.min_len"], "generated answers are 1 to 10 tokens here, as LAVIS's VQA "
                       "configs have them")  # fmt: skip
     else:
-        reader.take("run.max_len", "max_length", int)
-        reader.take("run.min_len", "min_length", int)
+        reader.take("run.max_len", "max_length")
+        reader.take("run.min_len", "min_length")
     splits = reader.raw.pop("run.test_splits", None)
     if splits:
         split = "test" if "test" in splits else str(splits[0])

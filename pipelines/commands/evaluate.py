@@ -8,7 +8,6 @@ version printed as a small table (finetune: steps, final losses, init report; ev
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,20 +95,14 @@ def config_source(group: str, task: str, value: str | None) -> Path | dict[str, 
 
 def _load(cls: Any, group: str, args: argparse.Namespace) -> tuple[Any, str | None]:
     """The config, and the checkpoint a salesforce/BLIP config names (`pretrained:`; None for ours)."""
-    from pipelines.blip_repo_configs import read_if_blip
+    from pipelines.blip_repo_configs import load_recipe_config
     from pipelines.cli import CommandError
-    from pipelines.config import load_config
 
-    source = config_source(group, args.task, args.config)
-    translated = read_if_blip(source, group, args.task)
-    if translated is None:
-        cfg = load_config(cls, source, args.overrides)
-    else:
-        print(translated.report(source), file=sys.stderr)
-        cfg = load_config(cls, translated.config, args.overrides, origin=str(source))
+    cfg, pretrained = load_recipe_config(cls, config_source(group, args.task, args.config), group, args.task,
+                                         args.overrides)  # fmt: skip
     if cfg.task != args.task:
         raise CommandError(f"the config is for task '{cfg.task}', not '{args.task}'")
-    return cfg, translated.pretrained if translated else None
+    return cfg, pretrained
 
 
 def _model_argument(given: str | None, pretrained: str | None, option: str) -> str:

@@ -8,7 +8,6 @@ prints the published model version.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +54,10 @@ def resolve_config_path(value: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from datasets_manifests.registry import Registry
-    from pipelines.blip_repo_configs import read_if_blip
-    from pipelines.config import load_config
+    from pipelines.blip_repo_configs import load_recipe_config
     from pipelines.tasks.pretrain import PretrainConfig, run_pretrain
 
-    path = resolve_config_path(args.config)
-    translated = read_if_blip(path, "train", None)
-    if translated is None:
-        cfg = load_config(PretrainConfig, path, args.overrides)
-    else:
-        print(translated.report(path), file=sys.stderr)
-        cfg = load_config(PretrainConfig, translated.config, args.overrides, origin=str(path))
+    cfg, _ = load_recipe_config(PretrainConfig, resolve_config_path(args.config), "train", None, args.overrides)
     registry = Registry(args.registry)
     bar = None
     if not args.no_progress:
