@@ -62,11 +62,7 @@ class BLIP_Base(_BlipRepoModel):
         ids, mask = self._tokens(caption, "longest", None, image.device)
         if mode == "text":
             return self.model.text_encoder(ids, mask, mode="text").last_hidden_state
-        image_embeds = self.model.visual_encoder(image)
-        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        ids = ids.clone()
-        ids[:, 0] = self.model.config.text.enc_token_id
-        return self.model.text_encoder(ids, mask, image_embeds, atts, mode="multimodal").last_hidden_state
+        return self.multimodal(self.model.visual_encoder(image), ids, mask)
 
 
 class BLIP_ITM(_BlipRepoModel):

@@ -195,17 +195,12 @@ class CaptionSettings:
     top_k: int = 50  # with do_sample: the nucleus is taken among the 50 best tokens, as BLIP's sampling did
     repetition_penalty: float | None = None
     num_captions: int = 1  # per image (LAVIS's num_captions): the best beams, or independent samples
-    seed: int | None = None  # sampling: the same seed, batch size and device give the same captions
 
 
 def caption(model: nn.Module, tokenizer: Any, pixel_values: torch.Tensor, settings: CaptionSettings,
             generator: torch.Generator | None = None) -> list[str]:  # fmt: skip
-    """`num_captions` captions per image, grouped per image; sampling draws from `generator` (else one seeded with
-    `settings.seed`, else torch's global one)."""
-    import torch
-
-    if generator is None and settings.seed is not None and settings.do_sample:
-        generator = torch.Generator(pixel_values.device).manual_seed(settings.seed)
+    """`num_captions` captions per image, grouped per image; sampling draws from `generator` (a seeded one repeats
+    its captions; None: torch's global generator)."""
     return model.generate(pixel_values, tokenizer, prompt=settings.prompt, num_beams=settings.num_beams,
                           max_length=settings.max_length, min_length=settings.min_length,
                           do_sample=settings.do_sample, top_p=settings.top_p, top_k=settings.top_k,

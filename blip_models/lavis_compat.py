@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip_models.med import with_first_token
+
 
 @dataclass
 class BlipOutputFeatures:
@@ -52,6 +54,12 @@ class ModelWrapper(nn.Module):
             if "model" not in modules:
                 raise
             return getattr(modules["model"], name)
+
+    def multimodal(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The image-grounded text encoder's states (B, L, H) of text i over image i, [ENC] first."""
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        ids = with_first_token(ids, self.model.config.text.enc_token_id)
+        return self.model.text_encoder(ids, mask, image_embeds, atts, mode="multimodal").last_hidden_state
 
     def match(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, match_head: str) -> torch.Tensor:
         """An ITM model's two heads as both libraries call them: 'itm', the (B, 2) ITM logits of image i with text
@@ -116,12 +124,8 @@ class LavisModel(ModelWrapper):
             output.image_embeds = image_embeds
             output.image_embeds_proj = F.normalize(model.vision_proj(image_embeds), dim=-1)
             return output
-        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        ids = ids.clone()
-        ids[:, 0] = model.config.text.enc_token_id
         output.image_embeds = image_embeds
-        encoded = model.text_encoder(ids, mask, image_embeds, atts, mode="multimodal")
-        output.multimodal_embeds = encoded.last_hidden_state
+        output.multimodal_embeds = self.multimodal(image_embeds, ids, mask)
         return output
 
     @torch.no_grad()

@@ -50,14 +50,15 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     from pipelines.commands.evaluate import _default_name
     from pipelines.config import load_config
     from pipelines.tasks.capfilt import CapFiltConfig, run_capfilt
-    from pipelines.tasks.publish_model import publish_model, registry_version
+    from pipelines.tasks.publish_model import CAPFILT_ROLE_KINDS, publish_model, registry_version
 
     config = load_config(CapFiltConfig, resolve_config_path(args.config), args.overrides)
     name = args.name or f"{parse_ref(args.dataset)[0]}-capfilt"
     registry = Registry(args.registry)
     dataset = registry.resolve(args.dataset, kind="dataset")  # a missing input says so before any model is published
     models = {}
-    for role, source, kind in (("captioner", args.captioner, "caption"), ("filter", args.filter, "retrieval")):
+    for role, kind in CAPFILT_ROLE_KINDS.items():
+        source = getattr(args, role)
         models[role] = registry_version(registry, source)
         if models[role] is None:  # a checkpoint: published first
             models[role] = publish_model(source, name=_default_name(source, role), registry=registry, kind=kind)

@@ -320,7 +320,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.task == "caption":
         settings = CaptionSettings(num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
                                    prompt=args.prompt, do_sample=args.sample, top_p=args.top_p,
-                                   num_captions=args.num_captions, seed=args.seed)  # fmt: skip
+                                   num_captions=args.num_captions)  # fmt: skip
         # One generator for the whole run: each batch draws on from where the last stopped.
         generator = torch.Generator(device).manual_seed(args.seed) if args.sample and args.seed is not None else None
     collected: dict[str, list[Any]] = {}

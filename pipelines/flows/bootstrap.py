@@ -115,8 +115,8 @@ def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manif
     checkpoint published as `<name>-captioner-given` / `<name>-filter-given` (a 'caption' and a 'retrieval' model,
     as the pair the recipe finetunes; the same weights again are the same version)."""
     pair = []
-    for role, source, kind in (("captioner", cfg.capfilt_models.captioner, "caption"),
-                               ("filter", cfg.capfilt_models.filter, "retrieval")):  # fmt: skip
+    for role, kind in publish_model.CAPFILT_ROLE_KINDS.items():
+        source = getattr(cfg.capfilt_models, role)
         version = publish_model.registry_version(registry, source)
         if version is None:  # a checkpoint: published as one
             name = cfg.version_name(f"{role}-given")

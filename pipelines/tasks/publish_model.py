@@ -19,6 +19,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STAGE = "publish-model"
+# What a captioner and a filter given to CapFilt as checkpoints are published as: the pair the recipe finetunes.
+CAPFILT_ROLE_KINDS = {"captioner": "caption", "filter": "retrieval"}
 
 
 def publish_model(source: str, *, name: str, registry: Any = None, kind: str | None = None,
@@ -113,14 +115,14 @@ def training_init_source(source: str) -> str:
     """What training workers load initial weights from: a transformers checkpoint (directory or hub name) converted
     once into a save_pretrained directory (`converted_directory`, its own kind; the workers read our formats);
     anything else (our directory, a .pth, a URL) as it is."""
-    from blip_models.checkpoints import is_pretrained_dir
-    from blip_models.hf_convert import is_hf_dir, is_hub_name
+    from blip_models.checkpoints import CheckpointError
+    from blip_models.inference import detect_format
 
-    local = Path(source)
-    transformers_dir = local.is_dir() and not is_pretrained_dir(local) and is_hf_dir(local)
-    if transformers_dir or (is_hub_name(source) and not local.exists()):
-        return converted_directory(source)[0]
-    return source
+    try:
+        transformers = detect_format(source) == "huggingface"
+    except (CheckpointError, FileNotFoundError):  # not a checkpoint at all: the loader names the problem
+        return source
+    return converted_directory(source)[0] if transformers else source
 
 
 def registry_version(registry: Any, source: str) -> Any | None:
