@@ -232,7 +232,7 @@ def run_finetune(
     dataset = registry.resolve(dataset, kind="dataset")
     check_dataset(cfg.task, dataset)
     init_manifest, init_source = resolve_model_source(registry, init)
-    init_source = init_source if init_manifest else training_init_source(init_source)
+    init_source, init_origin = (init_source, {}) if init_manifest else training_init_source(init_source)
     parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
     stage = f"finetune-{cfg.task}"
     key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else init_identity(init_source)),
@@ -286,7 +286,7 @@ def run_finetune(
         "kind": TASK_CLASSES[cfg.task].kind, "task": cfg.task, "image_size": model_config["vision"]["image_size"],
         "architecture": {"vision_width": model_config["vision"]["width"], "vision_depth": model_config["vision"]["depth"],
                          "text_layers": model_config["text"]["num_hidden_layers"]},
-        "init": stats["init"], "final_step": stats["final_step"], "planned_steps": stats["planned_steps"],
+        "init": {**stats["init"], **init_origin}, "final_step": stats["final_step"], "planned_steps": stats["planned_steps"],
         "restarts": stats["restarts"], "world_size": plan.world_size, "global_batch": plan.global_batch,
         "steps_per_epoch": plan.steps_per_epoch, "lr": optim.lr, "epochs": loop.epochs,
         "ray_run": {"name": run_name, "storage_path": storage},

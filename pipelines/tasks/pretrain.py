@@ -326,7 +326,7 @@ def run_pretrain(
         raise ValueError(f"pretrain: a dataset version is given twice ({', '.join(d.ref for d in datasets)})")
     if init is not None:
         cfg = replace(cfg, init=InitConfig(checkpoint=init))
-    parents, init_source, key = lineage(registry, cfg, datasets)
+    parents, init_source, init_origin, key = lineage(registry, cfg, datasets)
     cached = registry.find_cached("model", cfg.output_name, key)
     if cached is not None:
         return cached
@@ -359,7 +359,7 @@ def run_pretrain(
     metadata = {
         "architecture": cfg.model, "kind": "pretrain", "final_step": stats["final_step"],
         "planned_steps": stats["planned_steps"], "restarts": stats["restarts"],
-        "restored_from_checkpoint": stats["restores"], "init": {**stats["init"], "sha256": _init_digest(init_source)},
+        "restored_from_checkpoint": stats["restores"], "init": {**stats["init"], "sha256": _init_digest(init_source), **init_origin},
         "ray_run": {"name": name, "storage_path": storage},
         "datasets": {ref: sum(shard.num_samples for shard in group) for ref, group in shards_by_dataset.items()},
         "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
@@ -395,8 +395,10 @@ def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = No
     }  # fmt: skip
 
 
-def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tuple[list[Any], str | None, str]:
-    """(parents, local path or URL of the initial weights, cache key) of a pretraining run.
+def lineage(registry: Any, cfg: PretrainConfig,
+            datasets: Sequence[Any]) -> tuple[list[Any], str | None, dict[str, str], str]:  # fmt: skip
+    """(parents, local path or URL of the initial weights, what the metadata records of a converted transformers
+    checkpoint, cache key) of a pretraining run.
 
     An init that is a model version becomes a parent after the dataset versions, so the key (and with it the
     published version) changes whenever the initial weights do; a file or directory enters the key by the
@@ -405,9 +407,9 @@ def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tupl
     """
     from datasets_manifests.manifest import cache_key
 
-    parents, init_source, outside = list(datasets), None, []
+    parents, init_source, init_origin, outside = list(datasets), None, {}, []
     if cfg.init.checkpoint:
-        init_manifest, init_source = _resolve_init(registry, cfg.init.checkpoint)
+        init_manifest, init_source, init_origin = _resolve_init(registry, cfg.init.checkpoint)
         if init_manifest is not None:
             parents.append(init_manifest)
         else:
@@ -415,7 +417,8 @@ def lineage(registry: Any, cfg: PretrainConfig, datasets: Sequence[Any]) -> tupl
     elif cfg.init.vit_weights:
         init_source = cfg.init.vit_weights
         outside = init_identity(init_source)
-    return parents, init_source, cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg, RUN_ONLY_KEYS))
+    key = cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg, RUN_ONLY_KEYS))
+    return parents, init_source, init_origin, key
 
 
 # Where a run keeps temporary copies does not change what it trains; these keys came after cache keys were in use,
@@ -447,15 +450,16 @@ def init_identity(source: str) -> list[str]:
     return [f"sha256:{digest}"] if digest else [source]
 
 
-def _resolve_init(registry: Any, source: str) -> tuple[Any, str]:
-    """(model manifest or None, local path/URL of the weights) for an init reference."""
+def _resolve_init(registry: Any, source: str) -> tuple[Any, str, dict[str, str]]:
+    """(model manifest or None, local path/URL of the weights, what the metadata records of a converted
+    transformers checkpoint: `training_init_source`) for an init reference."""
     from pipelines.tasks.publish_model import training_init_source
 
     manifest, found = model_reference(registry, source, "init")
     if manifest is None:
-        return None, training_init_source(found)
+        return None, *training_init_source(found)
     # A remote registry's version by its directory's URL: each training worker copies it to its own node.
-    return manifest, registry.url_of(manifest, found).rsplit("/", 1)[0]
+    return manifest, registry.url_of(manifest, found).rsplit("/", 1)[0], {}
 
 
 def model_reference(registry: Any, source: str, what: str) -> tuple[Any, str]:

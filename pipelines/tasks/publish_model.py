@@ -108,21 +108,31 @@ def converted_directory(source: str, kind: str | None = None) -> tuple[str, dict
         save_pretrained(loaded.model, partial, tokenizer=loaded.tokenizer_source)
         shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
         os.replace(partial, target)  # whole or absent
-    return str(target), {"checkpoint": str(source), "sha256": digest}
+    origin = {"checkpoint": str(source), "sha256": digest}
+    if source_format == "huggingface" and not Path(source).is_dir():  # a hub name: which commit of it
+        from blip_models.hf_convert import hf_directory
+
+        origin["revision"] = hf_directory(source).name  # huggingface_hub's snapshots/<commit>
+    return str(target), origin
 
 
-def training_init_source(source: str) -> str:
-    """What training workers load initial weights from: a transformers checkpoint (directory or hub name) converted
-    once into a save_pretrained directory (`converted_directory`, its own kind; the workers read our formats);
-    anything else (our directory, a .pth, a URL) as it is."""
+def training_init_source(source: str) -> tuple[str, dict[str, str]]:
+    """What training workers load initial weights from, and what the model version's `init` metadata records beyond
+    the workers' own report: a transformers checkpoint (directory or hub name) is converted once into a
+    save_pretrained directory (`converted_directory`, its own kind; the workers read our formats), recorded by the
+    name it was given, its weights' sha256 (and a hub name's revision) and the converted directory; anything else
+    (our directory, a .pth, a URL) is loaded as it is and recorded by the workers."""
     from blip_models.checkpoints import CheckpointError
     from blip_models.inference import detect_format
 
     try:
         transformers = detect_format(source) == "huggingface"
     except (CheckpointError, FileNotFoundError):  # not a checkpoint at all: the loader names the problem
-        return source
-    return converted_directory(source)[0] if transformers else source
+        return source, {}
+    if not transformers:
+        return source, {}
+    directory, origin = converted_directory(source)
+    return directory, {"source": origin.pop("checkpoint"), **origin, "converted": directory}
 
 
 def registry_version(registry: Any, source: str) -> Any | None:

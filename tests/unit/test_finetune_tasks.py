@@ -399,7 +399,7 @@ def test_evaluate_an_official_checkpoint_by_path_and_by_name(downstream, tmp_pat
     evaluation = run_evaluate(cfg, model=hub_name, dataset=manifest, name="eval-c-hub", registry=registry)
     assert evaluation.metadata["metrics"] == expected.metadata["metrics"]
     model_lineage = json.loads(registry.local_path(evaluation, "metrics.json").read_text())["lineage"]["model"]
-    assert model_lineage["checkpoint"]["checkpoint"] == hub_name
+    assert model_lineage["checkpoint"]["checkpoint"] == hub_name and len(model_lineage["checkpoint"]["revision"]) > 0
     assert _default_name("blip_retrieval/coco", "eval-retrieval") == "blip_retrieval-coco-eval-retrieval"
     assert _default_name(str(official), "eval-retrieval") == "model_base_retrieval_coco-eval-retrieval"
     assert _default_name("https://x/y/model_base_14M.pth", "eval-caption") == "model_base_14m-eval-caption"
@@ -442,15 +442,17 @@ def test_a_transformers_checkpoint_initialises_finetuning(downstream, tmp_path, 
     for source in (str(tmp_path / "hf-itm"), hub_name):
         manifest, found = resolve_model_source(registry, source)
         assert manifest is None and found == source
-        converted = training_init_source(found)
+        converted, origin = training_init_source(found)
         conversions.append(converted)
+        assert origin["source"] == source and origin["converted"] == converted and len(origin["sha256"]) == 64
+        assert ("revision" in origin) == (source == hub_name)  # a hub name: which snapshot was converted
         assert Path(converted).parent.name == "converted"
         assert init_config_of(converted)["vision"]["width"] == preset("tiny").vision.width
         report = load_weights(BlipRetrieval(preset("tiny")), converted, "retrieval")
         assert report["from"] == "itm"
         for key, value in from_pretrained(converted).state_dict().items():
             torch.testing.assert_close(value, itm.state_dict()[key], rtol=0, atol=0)
-    assert training_init_source(str(tmp_path / "hf-itm")) == conversions[0]  # converted once
+    assert training_init_source(str(tmp_path / "hf-itm"))[0] == conversions[0]  # converted once
 
 
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):

@@ -137,22 +137,22 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
                                          files=[{"path": "model/model.safetensors", "role": "weights"},
                                                 {"path": "model/config.json", "role": "config"}]))  # fmt: skip
     cfg = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml")
-    parents, source, scratch_key = lineage(registry, cfg, [dataset])
+    parents, source, _, scratch_key = lineage(registry, cfg, [dataset])
     assert parents == [dataset] and source is None
 
     first = dataclasses.replace(cfg, init=InitConfig(checkpoint=versions[0].ref))
-    parents, source, first_key = lineage(registry, first, [dataset])
+    parents, source, _, first_key = lineage(registry, first, [dataset])
     assert [p.id for p in parents] == [dataset.id, versions[0].id]
     assert source is not None and (Path(source) / "config.json").is_file()
     latest = dataclasses.replace(cfg, init=InitConfig(checkpoint="tiny-init"))  # resolves to the second version
-    parents, _, latest_key = lineage(registry, latest, [dataset])
+    parents, _, _, latest_key = lineage(registry, latest, [dataset])
     assert parents[-1].id == versions[1].id
     assert len({scratch_key, first_key, latest_key}) == 3
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="no-such-model")), [dataset])
     # A released checkpoint by its BLIP (or LAVIS) name: its URL, which the workers download into their cache.
     named = dataclasses.replace(cfg, init=InitConfig(checkpoint="model_base_capfilt_large"))
-    parents, source, named_key = lineage(registry, named, [dataset])
+    parents, source, _, named_key = lineage(registry, named, [dataset])
     assert parents == [dataset] and source == ck.OFFICIAL_URL_PREFIX + "model_base_capfilt_large.pth"
     assert named_key not in {scratch_key, first_key, latest_key}
     assert lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="blip_pretrain/base")),
@@ -164,10 +164,10 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
     outside = tmp_path / "outside"
     shutil.copytree(registry.local_path(versions[0], "model/config.json").parent, outside)
     by_path = dataclasses.replace(cfg, init=InitConfig(checkpoint=str(outside)))
-    parents, source, outside_key = lineage(registry, by_path, [dataset])
-    assert parents == [dataset] and source == str(outside) and outside_key == lineage(registry, by_path, [dataset])[2]
+    parents, source, _, outside_key = lineage(registry, by_path, [dataset])
+    assert parents == [dataset] and source == str(outside) and outside_key == lineage(registry, by_path, [dataset])[3]
     shutil.copy(registry.local_path(versions[1], "model/model.safetensors"), outside / "model.safetensors")
-    assert lineage(registry, by_path, [dataset])[2] not in {outside_key, first_key}
+    assert lineage(registry, by_path, [dataset])[3] not in {outside_key, first_key}
 
 
 def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) -> None:
