@@ -33,7 +33,8 @@ import random
 import re
 import shutil
 import tarfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -193,11 +194,18 @@ class KeptFiles:
     """The files a rerun goes on from (pass 1's records of each raw shard, pass 2's record of each output shard):
     in a folder of the work dir and, for a remote registry, copied to its store under the run's shared work prefix
     (`mirror`), so that a rerun on another machine goes on from them too: at 129M each pass is hours, and a driver
-    on a pod loses its temporary disk with the pod. Each copy is one upload (whole or absent); the store's prefix
-    goes with the rest of the run's work once its version is published."""
+    on a pod loses its temporary disk with the pod. Each copy is one upload (whole or absent), made in a
+    background thread (`UPLOADS_IN_FLIGHT` at most: the driver's loop does not wait a store round trip per shard),
+    inside `uploading()`, which waits for them at its end, also when the pass stops on an error (what was done
+    stays kept). An upload a crash cut off costs only that shard's work again. The store's prefix goes with the
+    rest of the run's work once its version is published."""
+
+    UPLOADS_IN_FLIGHT = 16
 
     def __init__(self, folder: Path, mirror: str | None) -> None:
         self.folder, self.mirror = folder, mirror  # the folder is made by the first file kept or fetched
+        self._uploader: ThreadPoolExecutor | None = None
+        self._uploads: deque[Future] = deque()
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -213,7 +221,37 @@ class KeptFiles:
             from datasets_manifests.filesystems import url_to_fs
 
             fs, root = url_to_fs(self.mirror)
-            fs.put_file(str(self.path(name)), f"{root}/{name}")
+            if self._uploader is None:
+                self._uploader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kept-upload")
+            while len(self._uploads) >= self.UPLOADS_IN_FLIGHT:
+                self._uploads.popleft().result()
+            self._uploads.append(self._uploader.submit(fs.put_file, str(self.path(name)), f"{root}/{name}"))
+
+    @contextlib.contextmanager
+    def uploading(self) -> Iterator[None]:
+        """A pass's loop of `keep`s: its uploads are all done when it ends (the first failure raised); a pass that
+        raises still waits for them, and its own error is the one raised."""
+        try:
+            yield
+        except BaseException:
+            self._wait_uploads(raise_failure=False)
+            raise
+        self._wait_uploads(raise_failure=True)
+
+    def _wait_uploads(self, raise_failure: bool) -> None:
+        failure: BaseException | None = None
+        while self._uploads:
+            try:
+                self._uploads.popleft().result()
+            except Exception as error:  # noqa: BLE001 - the store's own error type, raised below
+                failure = failure or error
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
+        if failure is not None:
+            if raise_failure:
+                raise failure
+            log.warning("shard: a kept file's upload to %s failed too: %s", self.mirror, failure)
 
     def restore(self) -> int:
         """Fetch the kept files of the store this machine lacks (one listing, then the downloads together);
@@ -279,9 +317,10 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path,
     workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
               disable=len(entries) < 4) as progress:  # fmt: skip
-        for number, (table, was_truncated) in zip(todo, map_in_processes(scan_raw_shard, jobs, workers)):
-            _write_part(parts, part_paths[number].name, table, was_truncated)
-            progress.update()
+        with parts.uploading():
+            for number, (table, was_truncated) in zip(todo, map_in_processes(scan_raw_shard, jobs, workers)):
+                _write_part(parts, part_paths[number].name, table, was_truncated)
+                progress.update()
     truncated = 0
     joining = records_path.with_name(records_path.name + ".partial")
     with spill_writer(joining, RECORD_SCHEMA) as writer:
@@ -616,20 +655,21 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     reencoded_rows: list[np.ndarray] = []  # per output shard (Arrow and numpy arrays, not Python objects)
     reencoded_sha256: list[pa.Array] = []
     results = map_in_processes(write_output_shard, jobs(), workers)
-    for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
-                                                       unit="shard", disable=len(slices) < 4)):  # fmt: skip
-        if number in done:
-            entry, offsets, sizes, reencoded = _read_written(kept.path(_written_name(split, index)))
-        else:
-            entry, offsets, sizes, reencoded = next(results)
-            _keep_written(kept, _written_name(split, index), rows, (entry, offsets, sizes, reencoded))
-        written.shard_of[rows] = len(written.shard_paths)
-        written.shard_paths.append(entry["path"])
-        written.jpg_offset[rows] = offsets
-        written.jpg_bytes[rows] = sizes
-        reencoded_rows.append(rows[np.fromiter(reencoded, dtype=np.int64, count=len(reencoded))])
-        reencoded_sha256.append(pa.array(list(reencoded.values()), pa.string()))
-        entries.append(entry)
+    with kept.uploading():
+        for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
+                                                           unit="shard", disable=len(slices) < 4)):  # fmt: skip
+            if number in done:
+                entry, offsets, sizes, reencoded = _read_written(kept.path(_written_name(split, index)))
+            else:
+                entry, offsets, sizes, reencoded = next(results)
+                _keep_written(kept, _written_name(split, index), rows, (entry, offsets, sizes, reencoded))
+            written.shard_of[rows] = len(written.shard_paths)
+            written.shard_paths.append(entry["path"])
+            written.jpg_offset[rows] = offsets
+            written.jpg_bytes[rows] = sizes
+            reencoded_rows.append(rows[np.fromiter(reencoded, dtype=np.int64, count=len(reencoded))])
+            reencoded_sha256.append(pa.array(list(reencoded.values()), pa.string()))
+            entries.append(entry)
     every_row = np.concatenate(reencoded_rows) if reencoded_rows else np.zeros(0, dtype=np.int64)
     by_row = np.argsort(every_row)
     written.reencoded_rows = every_row[by_row]

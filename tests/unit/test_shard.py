@@ -521,6 +521,46 @@ def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_
     assert not work.exists()  # the published version's work is cleared
 
 
+def test_kept_files_upload_in_the_background_and_a_pass_waits_for_them(tmp_path, monkeypatch):
+    """The kept files' copies to the store are made off the driver's loop; at the end of a pass every one is in
+    the store, a failed upload is raised, and a pass stopped by its own error still keeps what it finished."""
+    import threading
+    import uuid
+
+    from datasets_manifests.filesystems import url_to_fs
+    from pipelines.tasks.shard import KeptFiles
+
+    mirror = f"memory://kept-{uuid.uuid4().hex[:8]}/resume/scan"
+    fs, root = url_to_fs(mirror)
+    uploaded_by: set[str] = set()
+    real_put = type(fs).put_file
+
+    def put_file(self, local, remote, *args, **kwargs):
+        uploaded_by.add(threading.current_thread().name)
+        if remote.endswith("bad.arrow"):
+            raise PermissionError(f"access denied: {remote}")
+        return real_put(self, local, remote, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "put_file", put_file)
+    kept = KeptFiles(tmp_path / "scan", mirror)
+    with kept.uploading():
+        for number in range(40):
+            with kept.keep(f"{number:06d}.arrow") as handle:
+                handle.write(b"part %d" % number)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(root)) == [f"{n:06d}.arrow" for n in range(40)]
+    assert fs.cat(f"{root}/000007.arrow") == b"part 7" and threading.current_thread().name not in uploaded_by
+    with pytest.raises(PermissionError, match="bad.arrow"):
+        with kept.uploading():
+            with kept.keep("bad.arrow") as handle:
+                handle.write(b"x")
+    with pytest.raises(RuntimeError, match="the pass's own error"):
+        with kept.uploading():
+            with kept.keep("000040.arrow") as handle:
+                handle.write(b"part 40")
+            raise RuntimeError("the pass's own error")
+    assert fs.cat(f"{root}/000040.arrow") == b"part 40"
+
+
 def test_a_stopped_run_on_a_remote_registry_goes_on_from_its_store_on_another_machine(raw_version, tmp_path,
                                                                                       monkeypatch, caplog):
     """With a remote registry (memory:// for s3://) what a rerun needs is kept in the store too: a run stopped in
