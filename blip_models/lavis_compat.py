@@ -8,7 +8,9 @@
     model.extract_features({"image": image, "text_input": [text]}, mode="image").image_embeds_proj[:, 0, :]
     model({"image": image, "text_input": [text]}, match_head="itm")            # (B, 2) ITM logits
     model.predict_answers({"image": image, "text_input": [question]}, answer_list=answers)
+    model.predict({"image0": left, "image1": right, "text_input": [sentence]})["predictions"]  # NLVR2 (B, 2)
     gradcams, _ = compute_gradcam(model, image, text, model.tokenizer(text, return_tensors="pt"), block_num=7)
+    model({"image": image, "text_input": [txt_processors["train"](caption)]}).loss  # a training step's loss
 
 `LavisModel` wraps our model (`.model`; every other attribute is the model's) with the tokenizer LAVIS's models
 hold inside, and takes LAVIS's `samples` dicts and keyword names; the arithmetic is our models' own (the same as
@@ -36,6 +38,14 @@ class BlipOutputFeatures:
     text_embeds: torch.Tensor | None = None  # (B, L, H)
     text_embeds_proj: torch.Tensor | None = None  # (B, L, E)
     multimodal_embeds: torch.Tensor | None = None  # (B, L, H): the image-grounded text encoder, [ENC] first
+
+
+@dataclass
+class BlipOutput:
+    """LAVIS's training output: `loss` is what its runner back-propagates (NLVR2 also gives the logits)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
 
 
 class ModelWrapper(nn.Module):
@@ -76,7 +86,8 @@ class ModelWrapper(nn.Module):
 
 class LavisModel(ModelWrapper):
     """One of our BLIP task models with LAVIS's methods for its kind: caption `generate`, feature extractor
-    `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`."""
+    `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`, NLVR2 `predict`; and LAVIS's
+    training `forward(samples)` of the caption, VQA and NLVR2 models (their loss, as LAVIS's runner takes it)."""
 
     def __init__(self, model: nn.Module, kind: str, tokenizer: Any) -> None:
         super().__init__(model, tokenizer)
@@ -86,7 +97,7 @@ class LavisModel(ModelWrapper):
         if self.kind not in kinds:
             raise TypeError(f"{method}: LAVIS's BLIP {' / '.join(kinds)} models have it; this is a '{self.kind}' model")
 
-    def _texts(self, samples: dict[str, Any], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+    def _texts(self, samples: dict[str, Any], max_length: int | None = 35) -> tuple[torch.Tensor, torch.Tensor]:
         from blip_models.tokenizer import tokenize
 
         texts = samples["text_input"]
@@ -128,12 +139,43 @@ class LavisModel(ModelWrapper):
         output.multimodal_embeds = self.multimodal(image_embeds, ids, mask)
         return output
 
+    def forward(self, samples: dict[str, Any], match_head: str = "itm", is_train: bool = True) -> Any:
+        """LAVIS's `forward(samples)` of the model's kind. ITM (`BlipITM`): 'itm' gives the (B, 2) ITM logits of
+        image i with text i, 'itc' the (B, T) cosine of every image [CLS] feature with every text's. Caption:
+        the LM loss of `text_input` (the train text processor's output: prompt + caption; the prompt's tokens
+        are not scored). VQA: the answers' weighted LM loss (`answer`: every question's answers in one list,
+        `weight`, `n_answers`). NLVR2 (`image0`, `image1`, `text_input`, `label`): the cross-entropy, or with
+        `is_train=False` LAVIS's {"predictions": (B, 2) logits, "targets": label}."""
+        if self.kind == "itm":
+            return self.match(samples["image"], *self._texts(samples), match_head)
+        if self.kind == "caption":
+            ids, mask = self._texts(samples, max_length=40)  # LAVIS's BlipCaption max_txt_len
+            return BlipOutput(loss=self.model(samples["image"], ids, mask, return_logits=False).loss)
+        if self.kind == "vqa":
+            ids, mask = self._texts(samples)
+            answer_ids, answer_mask = self.model.prepare_answers(self.tokenizer, list(samples["answer"]))
+            device = ids.device
+            loss = self.model(samples["image"], ids, mask, answer_ids.to(device), answer_mask.to(device),
+                              torch.as_tensor(samples["weight"], device=device),
+                              torch.as_tensor(samples["n_answers"], device=device)).loss  # fmt: skip
+            return BlipOutput(loss=loss)
+        self._needs("forward(samples)", "itm", "caption", "vqa", "nlvr")
+        ids, mask = self._texts(samples, max_length=None)  # LAVIS's NLVR2 pads, never truncates
+        labels = samples.get("label")
+        output = self.model(samples["image0"], samples["image1"], ids, mask,
+                            labels=labels.to(ids.device) if is_train and labels is not None else None)  # fmt: skip
+        if not is_train:
+            return {"predictions": output.logits, "targets": labels}
+        if output.loss is None:
+            raise ValueError("forward: an NLVR2 training step needs samples['label'] (or is_train=False)")
+        return BlipOutput(loss=output.loss, logits=output.logits)
+
     @torch.no_grad()
-    def forward(self, samples: dict[str, Any], match_head: str = "itm") -> torch.Tensor:
-        """LAVIS's `BlipITM.forward`: 'itm' gives the (B, 2) ITM logits of image i with text i; 'itc' the (B, T)
-        cosine of every image [CLS] feature with every text's."""
-        self._needs("forward(samples, match_head)", "itm")
-        return self.match(samples["image"], *self._texts(samples), match_head)
+    def predict(self, samples: dict[str, Any]) -> dict[str, Any]:
+        """LAVIS's `BlipNLVR.predict`: {"predictions": (B, 2) logits (index 1: the sentence is true of the image
+        pair), "targets": samples' label or None}."""
+        self._needs("predict", "nlvr")
+        return self.forward(samples, is_train=False)
 
     @torch.no_grad()
     def predict_answers(self, samples: dict[str, Any], num_beams: int = 3, inference_method: str = "rank",

@@ -97,3 +97,44 @@ def test_compute_gradcam_as_lavis(tokenizer, pixels):
     torch.testing.assert_close(maps[0][1], named.average)
     torch.testing.assert_close(maps[0][2 : 2 + len(named.tokens)], named.per_token)
     assert maps[0][2 + len(named.tokens) + 1 :].abs().sum() == 0  # [SEP] is kept, the padding after it is zero
+
+
+def test_training_forwards_and_nlvr_predict_as_lavis(tokenizer, pixels):
+    """LAVIS's `model(samples)` of the caption, VQA and NLVR2 models is the loss our models compute from the same
+    tokens (and back-propagates); NLVR2's `predict` gives LAVIS's {"predictions", "targets"}."""
+    caption = _wrapped("caption", tokenizer).train()
+    texts = ["a picture of " + text for text in TEXTS]  # what the train text processor returns
+    output = caption({"image": pixels, "text_input": texts})
+    ids, mask = caption.model.prepare_text(tokenizer, TEXTS, 40)
+    torch.manual_seed(1)  # dropout: the same draws for both
+    loss = caption({"image": pixels, "text_input": texts}).loss
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss, caption.model(pixels, ids, mask).loss)
+    output.loss.backward()
+    assert caption.model.text_decoder.cls.predictions.decoder.weight.grad is not None
+
+    vqa = _wrapped("vqa", tokenizer)
+    questions, answers = ["what colour is it?", "how many dogs?"], ["red", "blue", "two"]
+    loss = vqa({"image": pixels, "text_input": questions, "answer": answers, "weight": torch.tensor([0.5, 0.5, 1.0]),
+                "n_answers": torch.tensor([2, 1])}).loss  # fmt: skip
+    q_ids, q_mask = vqa.model.prepare_question(tokenizer, questions)
+    a_ids, a_mask = vqa.model.prepare_answers(tokenizer, answers)
+    torch.testing.assert_close(loss, vqa.model(pixels, q_ids, q_mask, a_ids, a_mask, torch.tensor([0.5, 0.5, 1.0]),
+                                               [2, 1]).loss)  # fmt: skip
+
+    nlvr = _wrapped("nlvr", tokenizer)
+    right = pixels.flip(0)
+    samples = {"image0": pixels, "image1": right, "text_input": TEXTS, "label": torch.tensor([0, 1])}
+    predicted = nlvr.predict(samples)
+    n_ids, n_mask = tokenize(tokenizer, TEXTS, None, padding="longest")
+    expected = nlvr.model(pixels, right, n_ids, n_mask)
+    torch.testing.assert_close(predicted["predictions"], expected.logits)
+    assert predicted["targets"].tolist() == [0, 1]
+    trained = nlvr(samples)
+    torch.testing.assert_close(trained.loss, F.cross_entropy(expected.logits, torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="needs samples\\['label'\\]"):
+        nlvr({key: value for key, value in samples.items() if key != "label"})
+    with pytest.raises(TypeError, match="predict: LAVIS's BLIP nlvr models have it; this is a 'vqa'"):
+        vqa.predict(samples)
+    with pytest.raises(TypeError, match="forward\\(samples\\): .* this is a 'features' model"):
+        _wrapped("features", tokenizer)({"image": pixels, "text_input": TEXTS})
