@@ -76,9 +76,9 @@ def register(subparsers: Any) -> None:
                                 help="score the K best images by ITC with the ITM head too and order them by it "
                                 "(needs a checkpoint with an ITM head: pretrain, retrieval, ITM); default 0: off")
             parser.add_argument("--gallery-cache", type=Path, default=None, metavar="FILE",
-                                help="keep the images' features in FILE and reuse them while the folder's images "
-                                "(names, sizes, mtimes), the checkpoint, image size and precision are the same: a "
-                                "large folder is encoded once for many searches")
+                                help="keep the images' features in FILE and reuse them while the checkpoint, "
+                                "image size and precision are the same: a large folder is encoded once for many "
+                                "searches, and afterwards only its new or changed images (by name, size, mtime)")
         elif task == "classify":
             parser.add_argument("--label", action="append", default=[], help="a class name; repeatable")
             parser.add_argument("--labels", type=Path, default=None,
@@ -324,9 +324,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         # One generator for the whole run: each batch draws on from where the last stopped.
         generator = torch.Generator(device).manual_seed(args.seed) if args.sample and args.seed is not None else None
     collected: dict[str, list[Any]] = {}
-    gallery_key = _gallery_key(source, images, image_size, args) if args.task == "search" else None
-    gallery = _cached_gallery(args.gallery_cache, gallery_key) if args.task == "search" else None
-    to_encode = [] if gallery is not None else images
+    to_encode, kept_features = images, {}
+    if args.task == "search":
+        gallery_key, gallery_images = _gallery_key(source, image_size, args), _image_stamps(images)
+        kept_features = _cached_gallery(args.gallery_cache, gallery_key, gallery_images)
+        to_encode = [path for path, stamp in zip(images, gallery_images) if stamp not in kept_features]
     progress = tqdm(total=len(to_encode), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
     for start in range(0, len(to_encode), args.batch_size):
         batch_paths = to_encode[start : start + args.batch_size]
@@ -371,9 +373,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         progress.update(len(batch_paths))
     progress.close()
     if args.task == "search":
-        if gallery is None:
-            gallery = torch.cat(collected["image_feature"])
-            _keep_gallery(args.gallery_cache, gallery_key, gallery)
+        encoded = iter(torch.cat(collected["image_feature"]) if to_encode else [])
+        gallery = torch.stack([kept_features[stamp] if stamp in kept_features else next(encoded)
+                               for stamp in gallery_images])  # fmt: skip
+        if to_encode:
+            _keep_gallery(args.gallery_cache, gallery_key, gallery_images, gallery)
 
         def load_pixels(indices: list[int]) -> Any:
             return load_images([images[index] for index in indices], image_size).to(device)
@@ -410,47 +414,58 @@ def _write_gradcams(model: Any, tokenizer: Any, pixels: Any, paths: list[Path], 
                 result["gradcam"] = str(target)
 
 
-def _gallery_key(source: str, images: list[Path], image_size: int, args: argparse.Namespace) -> dict[str, Any]:
-    """What a search's image features depend on: the images (path, size, mtime), the weights (their source, and
-    its mtime when a local path), the image size and the precision."""
+def _gallery_key(source: str, image_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What every image feature of a search depends on: the weights (their source, and its mtime when a local
+    path), the image size and the precision."""
     checkpoint = Path(source)
     if checkpoint.is_dir():  # a directory's weights, rewritten in place by a save into it
         checkpoint = next((checkpoint / name for name in ("model.safetensors", "pytorch_model.bin")
                            if (checkpoint / name).is_file()), checkpoint)  # fmt: skip
     return {"checkpoint": source,
             "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns if checkpoint.exists() else None,
-            "image_size": image_size, "precision": args.precision,
-            "images": [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
-                       for path in images]}  # fmt: skip
+            "image_size": image_size, "precision": args.precision}  # fmt: skip
 
 
-def _cached_gallery(cache: Path | None, key: dict[str, Any]) -> Any:
-    """The features kept in `cache` when they were computed for `key`; None (computed again) otherwise."""
+def _image_stamps(images: list[Path]) -> list[tuple[str, int, int]]:
+    """What one image's feature depends on beyond the weights: the file (path, size, mtime)."""
+    return [(str(path.resolve()), (stat := path.stat()).st_size, stat.st_mtime_ns) for path in images]
+
+
+def _cached_gallery(cache: Path | None, key: dict[str, Any],
+                    stamps: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], Any]:  # fmt: skip
+    """The features kept in `cache` for the images of `stamps` still as they were, when the cache was made with
+    the same weights (`key`); the others are encoded (a folder that gained or changed a few images encodes those
+    few)."""
     import torch
 
     if cache is None or not cache.is_file():
-        return None
+        return {}
     try:
         kept = torch.load(cache, map_location="cpu", weights_only=True)
+        features = dict(zip(map(tuple, kept["images"]), kept["image_feature"]))
     except Exception as error:  # noqa: BLE001 - a broken or foreign file: said, then computed again
         print(f"--gallery-cache {cache}: unreadable ({type(error).__name__}), encoding the images again",
               file=sys.stderr)
-        return None
+        return {}
     if kept.get("key") != key:
-        print(f"--gallery-cache {cache}: made for other images or weights, encoding the images again", file=sys.stderr)
-        return None
-    print(f"--gallery-cache {cache}: {len(key['images'])} image features reused", file=sys.stderr)
-    return kept["image_feature"]
+        print(f"--gallery-cache {cache}: made with other weights, image size or precision, encoding the images "
+              "again", file=sys.stderr)  # fmt: skip
+        return {}
+    reused = {stamp: features[stamp] for stamp in stamps if stamp in features}
+    encoded = f", {len(stamps) - len(reused)} new or changed encoded" if len(reused) < len(stamps) else ""
+    print(f"--gallery-cache {cache}: {len(reused)} image features reused{encoded}", file=sys.stderr)
+    return reused
 
 
-def _keep_gallery(cache: Path | None, key: dict[str, Any], gallery: Any) -> None:
+def _keep_gallery(cache: Path | None, key: dict[str, Any], stamps: list[tuple[str, int, int]], gallery: Any) -> None:
+    """The folder's features as they are now (images gone from it are left out)."""
     import torch
 
     if cache is None:
         return
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(f"{cache.name}.partial")
-    torch.save({"key": key, "image_feature": gallery}, partial)
+    torch.save({"key": key, "images": [list(stamp) for stamp in stamps], "image_feature": gallery}, partial)
     partial.replace(cache)  # whole or absent
 
 

@@ -185,13 +185,28 @@ def test_search_ranks_a_folder_for_each_query_and_keeps_its_features(tmp_path, c
     assert main(base) == 0  # the same folder and weights: the kept features
     again = capsys.readouterr()
     assert again.out == out.out and "3 image features reused" in again.err
-    Image.new("RGB", (40, 30), (9, 9, 9)).save(folder / "img0.png")  # an image changed: encoded again
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(folder / "img0.png")  # an image changed: it alone encoded again
+    Image.new("RGB", (30, 40), (200, 9, 9)).save(folder / "new.png")  # and one added
     assert main([*base, "--top-k", "1", "--rerank", "2"]) == 0
     changed = capsys.readouterr()
-    assert "made for other images or weights" in changed.err
+    assert "2 image features reused, 2 new or changed encoded" in changed.err
     for row in _json_lines(changed.out):
         (best,) = row["results"]
         assert "itm_probability" in best
+    cache.rename(tmp_path / "kept.pt")  # the mixed gallery is the one a full encoding gives
+    assert main([*base, "--top-k", "4"]) == 0
+    full = capsys.readouterr().out
+    cache.unlink()
+    (tmp_path / "kept.pt").rename(cache)
+    assert main([*base, "--top-k", "4"]) == 0
+    mixed = capsys.readouterr()
+    assert "4 image features reused" in mixed.err
+    for ours, theirs in zip(_json_lines(mixed.out), _json_lines(full), strict=True):  # batches differ: not bit-equal
+        assert [e["image"] for e in ours["results"]] == [e["image"] for e in theirs["results"]]
+        assert [e["itc_cosine"] for e in ours["results"]] == pytest.approx([e["itc_cosine"] for e in theirs["results"]],
+                                                                           abs=1e-5)  # fmt: skip
+    assert main([*base, "--precision", "bf16"]) == 0
+    assert "made with other weights, image size or precision" in capsys.readouterr().err
     assert main([*base[:3], str(tmp_path / "no-such-model"), *base[4:]]) == 2
 
 
