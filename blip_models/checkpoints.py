@@ -531,6 +531,18 @@ def save_pretrained(model: nn.Module, directory: str | Path, tokenizer: str | No
     return directory
 
 
+def save_official(model: nn.Module, path: str | Path) -> Path:
+    """Write `model` as salesforce/BLIP releases its checkpoints: `torch.save({"model": state_dict})` under BLIP's
+    key names (ours are BLIP's), which BLIP's `load_checkpoint`, LAVIS's `load_from_pretrained` and
+    `load_official` read; a pretraining model keeps its momentum encoders and queues, as `model_base.pth` does."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {key: value.detach().cpu() for key, value in model.state_dict().items()}}, path)
+    return path
+
+
 def is_pretrained_dir(path: str | Path) -> bool:
     config = Path(path) / CONFIG_NAME
     if not (config.is_file() and (Path(path) / WEIGHTS_NAME).is_file()):

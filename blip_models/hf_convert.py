@@ -208,6 +208,25 @@ def to_hf(model: nn.Module, *, vision_eps: float | None = None, label_smoothing:
     return hf_model.eval()
 
 
+def save_hf(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
+    """Write `model` as a transformers directory (`to_hf`: BlipForConditionalGeneration, BlipForImageTextRetrieval
+    or BlipForQuestionAnswering) with a `BlipProcessor` beside it: BLIP's eval transform as a BlipImageProcessor
+    (the model's image size, bicubic, CLIP mean / std) and the tokenizer with [DEC] and [ENC]; so that
+    `<class>.from_pretrained(directory)` and `BlipProcessor.from_pretrained(directory)` load it as the hub's."""
+    from PIL import Image
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    from blip_models.processing import CLIP_MEAN, CLIP_STD
+
+    directory = Path(directory)
+    to_hf(model).save_pretrained(directory)
+    size = int(model.config.vision.image_size)
+    images = BlipImageProcessor(size={"height": size, "width": size}, resample=Image.Resampling.BICUBIC,
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))  # fmt: skip
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
 def is_hf_dir(path: str | Path) -> bool:
     """A directory written by transformers' `save_pretrained` for one of the BLIP classes."""
     config = Path(path) / "config.json"

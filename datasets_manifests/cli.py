@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from datasets_manifests.browser import DEFAULT_PORT
@@ -43,7 +44,7 @@ def _seconds(text: str) -> float:
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
         "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, export, work, "
-        "catalog, serve, publish-downstream, publish-model",
+        "catalog, serve, publish-downstream, publish-model, export-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -152,6 +153,21 @@ def register(subparsers: Any) -> None:
     model.add_argument("--image-size", type=int, default=None,
                        help="image size to publish at (default: the checkpoint's; position embeddings interpolated)")
 
+    export_model = command("export-model", "write a model version (or any checkpoint) as salesforce/BLIP's .pth or a "
+                           "transformers directory, for code outside this pipeline", cmd_export_model)  # fmt: skip
+    export_model.add_argument("source", help="a model version (name, name@vN) or any checkpoint `blip infer` takes")
+    export_model.add_argument("--out", required=True, type=Path, help="the file (blip-pth) or directory "
+                              "(transformers) to write; must not exist")  # fmt: skip
+    export_model.add_argument("--format", dest="export_format", choices=("blip-pth", "transformers"),
+                              default="transformers",
+                              help="transformers (default): BlipForConditionalGeneration / BlipForImageTextRetrieval "
+                              "/ BlipForQuestionAnswering and a BlipProcessor, loaded with from_pretrained(OUT) (note "
+                              "transformers' ITM feeds [CLS] where BLIP trained with [ENC]); blip-pth: {'model': "
+                              "state_dict} as BLIP's released files, for BLIP's and LAVIS's code")  # fmt: skip
+    export_model.add_argument("--kind", default=None, choices=MODEL_KINDS,
+                              help="the task model to export (default: the checkpoint's own; a pretraining model to "
+                              "transformers: 'caption' or 'itm')")  # fmt: skip
+
     data.set_defaults(func=lambda args: _help(data))
 
 
@@ -180,6 +196,27 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     role = {"caption": "--captioner", "itm": "--filter", "retrieval": "--filter"}.get(meta["kind"])
     if role:
         print(f"  use: blip capfilt CONFIG --dataset REF {role} {manifest.ref} ... --registry {registry.url}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from blip_models.checkpoints import CheckpointError
+    from pipelines.commands.infer import checkpoint_source
+    from pipelines.tasks.publish_model import export_model
+
+    source = checkpoint_source(args.source, getattr(args, "registry", None))
+    try:
+        kind = export_model(source, args.out, args.export_format, kind=args.kind)
+    except (OSError, ValueError, CheckpointError) as error:
+        pretraining = "no BLIP class for a 'pretrain'" in str(error)
+        hint = " (a pretraining model: --kind caption or --kind itm)" if pretraining else ""
+        raise UserError(f"export-model {args.source}: {error}{hint}") from None
+    if args.json:
+        _print_json({"source": args.source, "out": str(args.out), "format": args.export_format, "kind": kind})
+        return 0
+    load = ("transformers.BlipProcessor.from_pretrained(OUT) and the model class's from_pretrained(OUT)"
+            if args.export_format == "transformers" else "BLIP's blip_*(pretrained=OUT) / LAVIS's load_from_pretrained")
+    print(f"wrote the '{kind}' model {args.source} to {args.out} ({args.export_format}); load: {load}")
     return 0
 
 

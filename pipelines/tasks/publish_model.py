@@ -116,6 +116,43 @@ def converted_directory(source: str, kind: str | None = None) -> tuple[str, dict
     return str(target), origin
 
 
+EXPORT_FORMATS = ("blip-pth", "transformers")
+
+
+def export_model(source: str, out: Path, export_format: str, kind: str | None = None) -> str:
+    """Write the checkpoint `source` (a model version's directory, or any checkpoint `load_for` reads) for other
+    code to load: 'blip-pth', a `.pth` as salesforce/BLIP releases its models (BLIP's and LAVIS's loaders read
+    it), or 'transformers', a directory `BlipFor*.from_pretrained` and `BlipProcessor.from_pretrained` read.
+    `kind` picks the task model (a pretraining model exports as 'caption' or 'itm' to transformers, which has no
+    pretraining class). Written whole or not at all; an existing `out` is refused. Returns the model's kind."""
+    import os
+
+    from blip_models.checkpoints import save_official
+    from blip_models.hf_convert import save_hf
+    from blip_models.inference import load_for
+    from blip_models.tokenizer import load_tokenizer
+
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+    if out.exists():
+        raise FileExistsError(f"{out} exists: remove it or choose another --out")
+    loaded = load_for(source, kind)
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if export_format == "blip-pth":
+            save_official(loaded.model, partial)
+        else:
+            save_hf(loaded.model, load_tokenizer(loaded.tokenizer_source), partial)
+        os.replace(partial, out)
+    finally:  # a write that failed leaves nothing
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        elif partial.exists():
+            partial.unlink()
+    return loaded.kind
+
+
 def training_init_source(source: str) -> tuple[str, dict[str, str]]:
     """What training workers load initial weights from, and what the model version's `init` metadata records beyond
     the workers' own report: a transformers checkpoint (directory or hub name) is converted once into a

@@ -164,3 +164,54 @@ def test_a_weights_digest_is_remembered_until_the_file_changes(tmp_path, monkeyp
     assert file_sha256(weights) == hashlib.sha256(b"b" * 1000).hexdigest()
     memo.write_text("{broken")
     assert file_sha256(weights) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_a_model_version_exports_for_transformers_and_for_blips_code(released, tmp_path, capsys):
+    """`blip data export-model`: a transformers directory that transformers' own classes load (its BlipProcessor
+    giving our eval transform's pixels and prompt tokens, its model the same caption tokens), or BLIP's `.pth`
+    layout, which loads back bit-equal; a pretraining model names the kinds it can go to; nothing is overwritten."""
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from blip_models.inference import load_for
+    from blip_models.processing import eval_transform
+
+    registry_dir = tmp_path / "registry"
+    assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
+    capsys.readouterr()
+    export = ["data", "--registry", str(registry_dir), "export-model", "blip-captioner"]
+    assert main([*export, "--out", str(tmp_path / "hf")]) == 0
+    assert "wrote the 'caption' model blip-captioner to" in capsys.readouterr().out
+    version = Registry(str(registry_dir)).resolve("blip-captioner")
+    ours = ck.from_pretrained(Registry(str(registry_dir)).local_path(version, "config.json").parent).eval()
+
+    processor = BlipProcessor.from_pretrained(tmp_path / "hf")
+    hf = BlipForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image = Image.new("RGB", (50, 40), (200, 30, 30))
+    inputs = processor(images=image, text="a picture of ", return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values"][0], eval_transform(32)(image), atol=1e-5, rtol=0)
+    prompt_ids = inputs["input_ids"][:, :-1].clone()
+    prompt_ids[:, 0] = ours.config.text.bos_token_id
+    with torch.no_grad():
+        ours_ids = ours.generate_ids(inputs["pixel_values"], prompt_ids, num_beams=3, max_length=12, min_length=5)
+        hf_ids = hf.generate(**inputs, num_beams=3, max_length=12, min_length=5, do_sample=False)
+    assert ours_ids.tolist() == hf_ids.tolist()
+    for key, value in load_for(str(tmp_path / "hf"), None).model.state_dict().items():  # and back: the same weights
+        torch.testing.assert_close(value, ours.state_dict()[key], rtol=0, atol=0)
+
+    assert main([*export, "--out", str(tmp_path / "blip.pth"), "--format", "blip-pth"]) == 0
+    capsys.readouterr()
+    assert set(torch.load(tmp_path / "blip.pth", weights_only=True)) == {"model"}
+    reloaded, _ = ck.load_official(tmp_path / "blip.pth")
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, ours.state_dict()[key], rtol=0, atol=0)
+
+    assert main([*export, "--out", str(tmp_path / "blip.pth"), "--format", "blip-pth"]) == 2
+    assert "blip.pth exists: remove it or choose another --out" in capsys.readouterr().err
+    pretrain = tmp_path / "pretrain"
+    ck.save_pretrained(ck.build_model("pretrain", preset("tiny")), pretrain)
+    assert main([*export[:-1], str(pretrain), "--out", str(tmp_path / "hf-pretrain")]) == 2
+    assert "(a pretraining model: --kind caption or --kind itm)" in capsys.readouterr().err
+    assert main([*export[:-1], str(pretrain), "--out", str(tmp_path / "hf-itm"), "--kind", "itm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "itm"
+    assert not list(tmp_path.glob("*.partial-*"))
