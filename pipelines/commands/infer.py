@@ -1,4 +1,5 @@
-"""`blip infer caption | itm | vqa | features | classify`: run a BLIP checkpoint on an image or a folder of images.
+"""`blip infer caption | itm | vqa | features | classify | search`: run a BLIP checkpoint on images (files, folders,
+http(s) URLs).
 
 The checkpoint may be our `save_pretrained` directory, an official salesforce/BLIP `.pth` (path, URL, or a name:
 BLIP's or LAVIS's, listed by `blip infer models`) or a transformers `Salesforce/blip-*` directory; the format is
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +139,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registry of --checkpoint's model versions (default BLIP_REGISTRY or "
                         "./artifacts/registry)")
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
-    parser.add_argument("--image", required=True, type=Path, help="an image file or a folder of images")
+    parser.add_argument("--image", required=True, action="append", metavar="FILE_DIR_OR_URL",
+                        help="an image file, a folder of images or an http(s) image URL (fetched once, as BLIP's and "
+                        "LAVIS's demos load theirs); repeat for several")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -146,15 +150,83 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="list every missing / unexpected / ignored key on load")
 
 
-def list_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        return images
-    raise CommandError(f"image not found: {path}")
+MAX_URL_IMAGE_BYTES = 64 << 20  # a URL answering more than this is not an image to caption
+
+
+@dataclass
+class InputImages:
+    """The images of `--image` as local files, in the order given (a folder's sorted), each said as the user named
+    it: an image URL is fetched once into `folder` and shown as its URL; `stamps` is what a search's kept feature
+    of each depends on (a file: path, size, mtime; a URL: the URL, size and its bytes' digest)."""
+
+    paths: list[Path]
+    shown: dict[Path, str]
+    stamps: list[tuple[str, int, int]]
+
+    def name(self, path: Path) -> str:
+        return self.shown.get(path, str(path))
+
+
+def list_images(sources: list[str], folder: Path) -> InputImages:
+    """Files, folders (their images, sorted) and http(s) URLs (fetched into `folder`); one line naming the first
+    that is missing, empty or cannot be fetched."""
+    images = InputImages([], {}, [])
+    for source in sources:
+        if source.startswith(("http://", "https://")):
+            path, digest = _fetch_image(source, folder, len(images.paths))
+            images.paths.append(path)
+            images.shown[path] = source
+            images.stamps.append((source, path.stat().st_size, digest))
+            continue
+        path = Path(source)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        else:
+            raise CommandError(f"image not found: {path}")
+        for file in found:
+            stat = file.stat()
+            images.paths.append(file)
+            images.stamps.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
+    return images
+
+
+def _fetch_image(url: str, folder: Path, number: int) -> tuple[Path, int]:
+    """An image URL's bytes into `folder` (named after the URL's last part, so GradCAM files are too); returns the
+    file and the first 60 bits of its sha256."""
+    import hashlib
+    import io
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+
+    request = urllib.request.Request(url, headers={"User-Agent": "blip-infer"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data = response.read(MAX_URL_IMAGE_BYTES + 1)
+    except urllib.error.HTTPError as error:
+        raise CommandError(f"cannot fetch image {url}: HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise CommandError(f"cannot fetch image {url}: {reason}") from None
+    if len(data) > MAX_URL_IMAGE_BYTES:
+        raise CommandError(f"image {url} is larger than {MAX_URL_IMAGE_BYTES >> 20} MiB: not fetched")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for what is not an image
+        kind = response.headers.get("Content-Type", "no content type")
+        raise CommandError(f"{url} is not an image ({kind}, {len(data)} bytes): {type(error).__name__}") from None
+    name = Path(urllib.parse.urlparse(url).path).name or "image"
+    path = folder / f"{number:04d}" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return path, int(hashlib.sha256(data).hexdigest()[:15], 16)
 
 
 def _check_texts(values: list[str] | None, what: str) -> list[str]:
@@ -265,15 +337,7 @@ def checkpoint_source(checkpoint: str, registry_url: str | None) -> str:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    import contextlib
-
-    import torch
-    from tqdm import tqdm
-
-    from blip_models.checkpoints import CheckpointError
-    from blip_models.inference import (CaptionSettings, caption, classify, features, image_features, itm,
-                                       label_features, load_for, load_images, search, vqa)  # fmt: skip
-    from blip_models.tokenizer import load_tokenizer
+    import tempfile
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -294,7 +358,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
     queries = _check_texts(getattr(args, "query", None), "query")
     if args.task == "search" and (args.top_k < 1 or args.rerank < 0):
         raise CommandError(f"--top-k must be >= 1 and --rerank >= 0, got {args.top_k} and {args.rerank}")
-    images = list_images(args.image)
+    with tempfile.TemporaryDirectory(prefix="blip-infer-") as fetched:
+        return _infer(args, list_images(args.image, Path(fetched)), texts, questions, answers, labels, prompts,
+                      queries)  # fmt: skip
+
+
+def _infer(args: argparse.Namespace, inputs: InputImages, texts: list[str], questions: list[str], answers: list[str],
+           labels: list[str], prompts: list[str], queries: list[str]) -> int:  # fmt: skip
+    import contextlib
+
+    import torch
+    from tqdm import tqdm
+
+    from blip_models.checkpoints import CheckpointError
+    from blip_models.inference import (CaptionSettings, caption, classify, features, image_features, itm,
+                                       label_features, load_for, load_images, search, vqa)  # fmt: skip
+    from blip_models.tokenizer import load_tokenizer
+
+    images = inputs.paths
     device = _device(args.device)
     kind = "itm" if args.task in ("classify", "search") and args.rerank else TASK_KIND[args.task]
     try:
@@ -326,7 +407,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     collected: dict[str, list[Any]] = {}
     to_encode, kept_features = images, {}
     if args.task == "search":
-        gallery_key, gallery_images = _gallery_key(source, image_size, args), _image_stamps(images)
+        gallery_key, gallery_images = _gallery_key(source, image_size, args), inputs.stamps
         kept_features = _cached_gallery(args.gallery_cache, gallery_key, gallery_images)
         to_encode = [path for path, stamp in zip(images, gallery_images) if stamp not in kept_features]
     progress = tqdm(total=len(to_encode), desc=f"infer {args.task}", unit="img", file=sys.stderr, disable=None)
@@ -369,7 +450,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 rows = [{name: [round(v, 6) for v in tensor[i].float().tolist()] if args.json else list(tensor.shape[1:])
                          for name, tensor in feats.items()} for i in range(len(batch_paths))]  # fmt: skip
         for path, row in zip(batch_paths, rows):
-            _emit(path, row, args)
+            _emit(inputs.name(path), row, args)
         progress.update(len(batch_paths))
     progress.close()
     if args.task == "search":
@@ -385,10 +466,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
         with torch.inference_mode(), autocast:
             ranked = search(model, tokenizer, queries, gallery, args.top_k, rerank=args.rerank, load_pixels=load_pixels)
         for query, entries in zip(queries, ranked):
-            _emit_search(query, [{**entry, "image": str(images[int(entry["image"])])} for entry in entries], args)
+            _emit_search(query, [{**entry, "image": inputs.name(images[int(entry["image"])])} for entry in entries],
+                         args)  # fmt: skip
     if args.task == "features" and args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"images": [str(p) for p in images], **{k: torch.cat(v) for k, v in collected.items()}}, args.output)
+        torch.save({"images": [inputs.name(p) for p in images], **{k: torch.cat(v) for k, v in collected.items()}},
+                   args.output)  # fmt: skip
         print(f"wrote features of {len(images)} image(s) to {args.output}", file=sys.stderr)
     return 0
 
@@ -424,11 +507,6 @@ def _gallery_key(source: str, image_size: int, args: argparse.Namespace) -> dict
     return {"checkpoint": source,
             "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns if checkpoint.exists() else None,
             "image_size": image_size, "precision": args.precision}  # fmt: skip
-
-
-def _image_stamps(images: list[Path]) -> list[tuple[str, int, int]]:
-    """What one image's feature depends on beyond the weights: the file (path, size, mtime)."""
-    return [(str(path.resolve()), (stat := path.stat()).st_size, stat.st_mtime_ns) for path in images]
 
 
 def _cached_gallery(cache: Path | None, key: dict[str, Any],
@@ -478,7 +556,7 @@ def _emit_search(query: str, entries: list[dict[str, Any]], args: argparse.Names
         print(f"{query}\t{rank}\t{entry['image']}\titc={entry['itc_cosine']:.4f}{itm}")
 
 
-def _emit(path: Path, row: dict[str, Any], args: argparse.Namespace) -> None:
+def _emit(path: str, row: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"image": str(path), **row}), flush=True)
         return

@@ -4,6 +4,7 @@ transformers directory), plus the one-line errors for a wrong checkpoint kind, a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +209,29 @@ def test_search_ranks_a_folder_for_each_query_and_keeps_its_features(tmp_path, c
     assert main([*base, "--precision", "bf16"]) == 0
     assert "made with other weights, image size or precision" in capsys.readouterr().err
     assert main([*base[:3], str(tmp_path / "no-such-model"), *base[4:]]) == 2
+
+
+def test_images_by_url_and_several_image_options(tmp_path, caption_dir, images, capsys):
+    """`--image` takes http(s) URLs (fetched once, shown as given) beside files and folders, repeated; a URL that
+    fails or is not an image is one line naming it."""
+    from http_files import serve_files
+
+    (tmp_path / "page.html").write_text("<html>not an image</html>")
+    base = ["infer", "caption", "--checkpoint", str(caption_dir), "--json", "--max-length", "10"]
+    assert main([*base, "--image", str(images)]) == 0
+    by_file = {Path(row["image"]).name: row["caption"] for row in _json_lines(capsys.readouterr().out)}
+    with serve_files(images) as served:
+        url = f"{served.url}/img1.png"
+        assert main([*base, "--image", url, "--image", str(images / "img0.png")]) == 0
+        rows = _json_lines(capsys.readouterr().out)
+        assert [row["image"] for row in rows] == [url, str(images / "img0.png")]
+        assert [row["caption"] for row in rows] == [by_file["img1.png"], by_file["img0.png"]]
+        assert main([*base, "--image", f"{served.url}/missing.png"]) == 2
+        assert f"cannot fetch image {served.url}/missing.png: HTTP 404" in capsys.readouterr().err
+    with serve_files(tmp_path) as served:
+        assert main([*base, "--image", f"{served.url}/page.html"]) == 2
+        err = capsys.readouterr().err
+        assert f"{served.url}/page.html is not an image (" in err and "25 bytes): UnidentifiedImageError" in err
 
 
 def test_vqa_rank_and_generate(tmp_path, config64, images, capsys):
