@@ -100,6 +100,10 @@ def register(subparsers: Any) -> None:
     export.add_argument("--source", choices=("all", "web", "synthetic"), default="all",
                         help="which kept texts: all (BLIP's union, default), web (as ccs_filtered.json) or "
                         "synthetic (as ccs_synthetic_filtered.json)")  # fmt: skip
+    export.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="also write the version's images out of its shards into DIR/<shard>/<key>.jpg and name "
+                        "them in the entries ({image, caption}: the annotation format salesforce/BLIP's pretrain.py "
+                        "reads) instead of the URLs; resumable per shard")  # fmt: skip
 
     work = command("work", "what stage runs left in the work dirs (and a remote registry's store): unfinished "
                    "runs, leftovers, training checkpoints; remove them", cmd_work)  # fmt: skip
@@ -494,18 +498,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from datasets_manifests.export import export_texts
+    from datasets_manifests.export import export_images, export_texts
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref, kind="dataset")
+    images = None
+    if args.images is not None:
+        with tqdm(total=len(manifest.shards()), unit="shard", desc=f"images of {manifest.ref}", file=sys.stderr,
+                  disable=None) as bar:  # fmt: skip
+            images = export_images(registry, manifest, args.images, on_shard=bar.update)
     total = (manifest.counts or {}).get("total")  # index rows, for the progress bar
     with tqdm(total=total, unit="sample", desc=f"export {manifest.ref}", file=sys.stderr, disable=None) as bar:
-        counts = export_texts(registry, manifest, args.out, args.export_format, args.source, on_rows=bar.update)
+        counts = export_texts(registry, manifest, args.out, args.export_format, args.source, on_rows=bar.update,
+                              images=args.images)  # fmt: skip
     if args.json:
-        _print_json({"ref": manifest.ref, "out": args.out, "format": args.export_format, "texts": counts})
+        _print_json({"ref": manifest.ref, "out": args.out, "format": args.export_format, "texts": counts,
+                     **({"images": {"dir": str(args.images), **images}} if images else {})})  # fmt: skip
     else:
+        without = counts.pop("no_image", 0)
         written = ", ".join(f"{n:,} {source}" for source, n in sorted(counts.items())) or "no texts"
+        written += f" ({without:,} texts of samples without an image left out)" if without else ""
         print(f"{manifest.ref}: {written} -> {args.out}")
+        if images:
+            print(f"  images: {images['images']:,} written from {images['shards']} shards into {args.images}"
+                  + (f" ({images['shards_already']} shards written by an earlier run)" if images["shards_already"]
+                     else ""))  # fmt: skip
     return 0
 
 

@@ -76,3 +76,50 @@ def test_texts_out_of_the_index_order_are_refused(registry, tmp_path):
     with pytest.raises(RegistryError, match="not in the same order"):
         export_texts(registry, manifest, tmp_path / "odd.json")
     assert not (tmp_path / "odd.json").exists() and not list(tmp_path.glob("odd.json.partial-*"))
+
+
+def test_images_out_of_the_shards_for_blips_own_pretraining_code(registry, tmp_path, capsys, monkeypatch):
+    """`--images DIR`: every image of the version's shards as a file, the entries {image, caption} (BLIP's
+    pretrain_dataset annotation) naming the very bytes the shard holds; a rerun skips the shards done, a shard
+    stopped midway is written again, and a broken shard is one line naming it."""
+    import hashlib
+
+    from datasets_manifests import export as export_module
+    from datasets_manifests.index import read_index
+
+    boot = registry.resolve("boot")
+    folder, out = tmp_path / "images", tmp_path / "boot.json"
+    args = ["data", "--registry", registry.url, "export", "boot", "--out", str(out), "--images", str(folder)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "images: 4 written from 1 shards into" in printed
+    assert "4 synthetic, 3 web (1 texts of samples without an image left out)" in printed  # s000003: dropped
+    items = json.loads(out.read_text())
+    assert len(items) == 7 and set(items[0]) == {"image", "caption"} and items[0]["caption"] == "web text 0"
+    index = {row["key"]: row for row in read_index(registry, boot).to_pylist()}
+    for item in items:
+        key = item["image"].rsplit("/", 1)[-1].removesuffix(".jpg")
+        data = open(item["image"], "rb").read()
+        assert hashlib.sha256(data).hexdigest() == index[key]["image_sha256"]  # the shard's bytes, whole
+    assert main(args) == 0  # done: the shard is not read again
+    assert "(1 shards written by an earlier run)" in capsys.readouterr().out
+
+    (folder / "train-000000" / ".complete").unlink()  # a run stopped inside the shard: written again
+    (folder / "train-000000" / "s000000.jpg").write_bytes(b"cut")
+    assert export_module.export_images(registry, boot, folder) == {"shards": 1, "shards_already": 0, "images": 4}
+    assert (folder / "train-000000" / "s000000.jpg").read_bytes() != b"cut"
+    assert not list(folder.rglob("*.partial"))
+
+    class Broken:  # a shard that ends inside a member
+        def __init__(self, real):
+            self.real = real
+
+        def __call__(self, manifest, path, mode="rb"):
+            import io
+
+            data = self.real(manifest, path, mode).read()
+            return io.BytesIO(data[:1800])  # inside its second sample (tars end padded: not half)
+
+    monkeypatch.setattr(registry, "open", Broken(registry.open))
+    with pytest.raises(RegistryError, match="shard shards/train-000000.tar cannot be read to its end"):
+        export_module.export_images(registry, boot, tmp_path / "other")
