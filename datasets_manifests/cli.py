@@ -218,8 +218,12 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"source": args.source, "out": str(args.out), "format": args.export_format, "kind": kind})
         return 0
-    load = ("transformers.BlipProcessor.from_pretrained(OUT) and the model class's from_pretrained(OUT)"
-            if args.export_format == "transformers" else "BLIP's blip_*(pretrained=OUT) / LAVIS's load_from_pretrained")
+    if args.export_format == "transformers":
+        from blip_models.hf_convert import HF_CLASS_BY_KIND
+
+        load = f"transformers' BlipProcessor.from_pretrained(OUT), {HF_CLASS_BY_KIND[kind]}.from_pretrained(OUT)"
+    else:
+        load = "salesforce/BLIP's blip_*(pretrained=OUT), LAVIS's load_from_pretrained(OUT)"
     print(f"wrote the '{kind}' model {args.source} to {args.out} ({args.export_format}); load: {load}")
     return 0
 
