@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -44,13 +45,21 @@ def apply_environment() -> None:
 def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init_kwargs: Any) -> Any:
     """Connect to the cluster in `address`/RAY_ADDRESS, or start a private local Ray (no dashboard).
 
-    Returns the `ray` module. Safe to call twice.
+    Returns the `ray` module. Safe to call twice, and from several threads at once (the flow's concurrent stages).
     """
     apply_environment()
     import ray
 
-    if ray.is_initialized():
-        return ray
+    with _RAY_INIT_LOCK:
+        if not ray.is_initialized():
+            _init_ray(ray, address, num_cpus, init_kwargs)
+    return ray
+
+
+_RAY_INIT_LOCK = threading.Lock()
+
+
+def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs: dict[str, Any]) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=init_kwargs.pop("log_to_driver", True), **init_kwargs)
@@ -61,7 +70,6 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
             runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
             init_kwargs["runtime_env"] = runtime_env
         ray.init(num_cpus=num_cpus, **init_kwargs)
-    return ray
 
 
 SHARED_FILESYSTEM_ENV = "BLIP_SHARED_FILESYSTEM"  # "1": local paths are mounted at the same place on every node

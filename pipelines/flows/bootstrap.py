@@ -4,6 +4,8 @@
     the clean downstream set -> CapFilt -> pretrain (bootstrapped + human pairs) -> finetune + evaluate both
     models -> report
 
+The two finetunes of a pair, and the two evaluations, are submitted together (`results` waits for both).
+
 With `capfilt_models` set (e.g. BLIP's released captioner and filter) the web pretraining and its finetunes are
 skipped: CapFilt runs with that pair, which is evaluated beside the bootstrapped model.
 
@@ -19,7 +21,7 @@ from prefect import flow
 
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
-from pipelines.flows.stages import run_stage
+from pipelines.flows.stages import results, run_stage
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.runtime import apply_environment
 from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, publish_model,
@@ -100,14 +102,17 @@ def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], t
 
 
 def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: str, registry: Registry) -> tuple[Manifest, Manifest]:
-    """The captioner (captioning finetune) and the filter (retrieval finetune) of a pretrained model."""
-    pair = []
+    """The captioner (captioning finetune) and the filter (retrieval finetune) of a pretrained model, at the same
+    time: a cluster with room for both runs them side by side; otherwise Ray starts the second's workers when the
+    first's free their resources."""
+    futures = []
     for role, ft_cfg in (("captioner", cfg.finetune_captioner), ("filter", cfg.finetune_filter)):
         name = cfg.version_name(f"{role}-{tag}")
-        pair.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model, dataset=clean,
-                              name=name, registry=registry, output_kind="model", output_name=name,
-                              upstream=[model, clean]))
-    return pair[0], pair[1]
+        futures.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model, dataset=clean,
+                                 name=name, registry=registry, output_kind="model", output_name=name,
+                                 upstream=[model, clean], submit=True))  # fmt: skip
+    captioner, filter_ = results(futures)
+    return captioner, filter_
 
 
 def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manifest]:
@@ -128,14 +133,15 @@ def given_pair(cfg: PipelineConfig, registry: Registry) -> tuple[Manifest, Manif
 
 def evaluate_pair(cfg: PipelineConfig, captioner: Manifest, filter_: Manifest, clean: Manifest, tag: str,
                   registry: Registry) -> list[Manifest]:
-    results = []
+    """The captioner's captioning and the filter's retrieval evaluation, at the same time (as `finetune_pair`)."""
+    futures = []
     for task_name, ev_cfg, model in (("caption", cfg.evaluate_caption, captioner),
                                      ("retrieval", cfg.evaluate_retrieval, filter_)):
         name = cfg.version_name(f"eval-{task_name}-{tag}")
-        results.append(run_stage(f"evaluate-{task_name}-{tag}", evaluate.run_evaluate, ev_cfg, model=model,
+        futures.append(run_stage(f"evaluate-{task_name}-{tag}", evaluate.run_evaluate, ev_cfg, model=model,
                                  dataset=clean, name=name, registry=registry, output_kind="evaluation",
-                                 output_name=name, upstream=[model, clean]))
-    return results
+                                 output_name=name, upstream=[model, clean], submit=True))  # fmt: skip
+    return results(futures)
 
 
 if __name__ == "__main__":

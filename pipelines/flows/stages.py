@@ -80,9 +80,11 @@ def run_stage(
     output_name: str,
     upstream: list[Manifest] = (),  # type: ignore[assignment]
     retries: int = 2,
+    submit: bool = False,
     **kwargs: Any,
-) -> Manifest:
-    """Run one stage as a Prefect task materialising the asset of `output_name`."""
+) -> Any:
+    """Run one stage as a Prefect task materialising the asset of `output_name`: its version; with `submit`, a
+    future of it (the stage runs in the flow's task runner beside others: `results`)."""
     key = asset_key(registry, output_kind, output_name)
     deps = [asset_key(registry, parent.kind, parent.name) for parent in upstream]
 
@@ -110,4 +112,12 @@ def run_stage(
         asset_deps=deps, name=label, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=RETRY_DELAYS,
         retry_condition_fn=_retry_only_transient,
     )(call)
-    return task()
+    return task.submit() if submit else task()
+
+
+def results(futures: list[Any]) -> list[Manifest]:
+    """The versions of stages run with `submit`, once every one has ended (none is left running when one fails;
+    then its error is raised)."""
+    for future in futures:
+        future.wait()
+    return [future.result() for future in futures]
