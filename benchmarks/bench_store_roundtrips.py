@@ -4,7 +4,9 @@ before), the publish of a version whose shards are staged in the store (`Registr
 copies and checks at a time, vs one after the other, the publish before), and resolving a name with many versions
 (`Registry.versions`: their manifests read `REMOTE_THREADS` at a time, vs an `exists` and a read each, one after
 the other) and listing every version of a registry of many names (`Registry.list`, behind the browser's list,
-`by_id` and `children`: names read several at a time, vs one after the other), side by side on the same files.
+`by_id` and `children`: names read several at a time, vs one after the other), and the shard stage's resume files
+copied to the store as they are kept (`shard.KeptFiles`: uploads in background threads, vs one after the other in
+the driver's loop, the stage before), side by side on the same files.
 
 No object store can be reached here: the store is fsspec's memory filesystem with `--latency-ms` added to every
 request (a stat, a listing of up to 1,000 keys, a copy, a read, a write; S3's first-byte latency is ~10-30 ms).
@@ -159,8 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             registry_module.REMOTE_THREADS = threads
         threaded_s, threaded = timed(lambda: publish("threads"))
     same_files = [(f.path, f.sha256) for f in sequential.files] == [(f.path, f.sha256) for f in threaded.files]
+    kept_loop_s, kept_threads_s, same_kept = kept_files_uploads(fs, f"{shared}/resume", args.shards, timed)
     per_shard = {"stat_loop": stat_loop_s / args.shards, "listing": listing_s / args.shards,
-                 "publish_one_by_one": sequential_s / args.shards, "publish_threads": threaded_s / args.shards}
+                 "publish_one_by_one": sequential_s / args.shards, "publish_threads": threaded_s / args.shards,
+                 "kept_files_one_by_one": kept_loop_s / args.shards, "kept_files_threads": kept_threads_s / args.shards}
     report = {
         "benchmark": "store_roundtrips", "shards": args.shards, "latency_ms": args.latency_ms,
         "remote_threads": threads, "same_pending": stat_loop == listing == [], "same_files": same_files,
@@ -175,10 +179,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "same": [m.id for m in list_loop] == [m.id for m in list_threads],
                  "one_by_one_s": round(list_loop_s, 3), "threads_s": round(list_threads_s, 3),
                  "ratio": round(list_loop_s / list_threads_s, 1)},
+        "kept_files": {"files": args.shards, "same": same_kept, "one_by_one_s": round(kept_loop_s, 2),
+                       "threads_s": round(kept_threads_s, 2), "ratio": round(kept_loop_s / kept_threads_s, 1)},
         "at_13k_shards_min": {name: round(seconds * 12_900 / 60, 1) for name, seconds in per_shard.items()},
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     return report
+
+
+def kept_files_uploads(fs: Any, prefix: str, count: int, timed: Any) -> tuple[float, float, bool]:
+    """The shard stage keeping `count` small files (a raw shard's records each) and copying them to the store:
+    each copy made in the loop, one after the other (the stage before), vs `KeptFiles` (background uploads)."""
+    from pipelines.tasks.shard import KeptFiles
+    from pipelines.tasks.webdata import atomic_output
+
+    payloads = [f"records of raw shard {number}".encode() * 20 for number in range(count)]
+    with tempfile.TemporaryDirectory(prefix="bench-kept-") as scratch:
+        def one_by_one() -> None:
+            store = fs._strip_protocol(f"{prefix}/one-by-one")
+            for number, data in enumerate(payloads):
+                local = Path(scratch, "loop", f"{number:06d}.arrow")
+                with atomic_output(local) as handle:
+                    handle.write(data)
+                fs.put_file(str(local), f"{store}/{local.name}")
+
+        def background() -> None:
+            kept = KeptFiles(Path(scratch, "kept"), f"{prefix}/threads")
+            with kept.uploading():
+                for number, data in enumerate(payloads):
+                    with kept.keep(f"{number:06d}.arrow") as handle:
+                        handle.write(data)
+
+        loop_s, _ = timed(one_by_one)
+        threads_s, _ = timed(background)
+
+    def stored(name: str) -> list[tuple[str, bytes]]:
+        root = fs._strip_protocol(f"{prefix}/{name}")
+        return [(path.rsplit("/", 1)[-1], fs.cat_file(path)) for path in sorted(fs.find(root))]
+
+    return loop_s, threads_s, stored("one-by-one") == stored("threads") and len(stored("threads")) == count
 
 
 if __name__ == "__main__":
