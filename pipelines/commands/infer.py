@@ -520,11 +520,15 @@ def _cached_gallery(cache: Path | None, key: dict[str, Any],
         return {}
     try:
         kept = torch.load(cache, map_location="cpu", weights_only=True)
-        features = dict(zip(map(tuple, kept["images"]), kept["image_feature"]))
     except Exception as error:  # noqa: BLE001 - a broken or foreign file: said, then computed again
         print(f"--gallery-cache {cache}: unreadable ({type(error).__name__}), encoding the images again",
               file=sys.stderr)
         return {}
+    if not (isinstance(kept, dict) and "images" in kept and "image_feature" in kept):
+        print(f"--gallery-cache {cache}: not a gallery cache of this version of blip infer, encoding the images "
+              "again", file=sys.stderr)  # fmt: skip
+        return {}
+    features = dict(zip(map(tuple, kept["images"]), kept["image_feature"]))
     if kept.get("key") != key:
         print(f"--gallery-cache {cache}: made with other weights, image size or precision, encoding the images "
               "again", file=sys.stderr)  # fmt: skip

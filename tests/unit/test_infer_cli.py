@@ -208,6 +208,9 @@ def test_search_ranks_a_folder_for_each_query_and_keeps_its_features(tmp_path, c
                                                                            abs=1e-5)  # fmt: skip
     assert main([*base, "--precision", "bf16"]) == 0
     assert "made with other weights, image size or precision" in capsys.readouterr().err
+    torch.save({"key": {}, "image_feature": torch.zeros(3, 4)}, cache)  # an earlier layout: one key for all
+    assert main(base) == 0
+    assert "not a gallery cache of this version of blip infer" in capsys.readouterr().err
     assert main([*base[:3], str(tmp_path / "no-such-model"), *base[4:]]) == 2
 
 
