@@ -402,6 +402,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"browse: blip data serve --registry {registry.url}  then open {version_url(manifest)}")
     if manifest.kind == "dataset" and any(e.role == "index" for e in manifest.files):
         print(f"samples: blip data --registry {registry.url} samples {manifest.ref} --where status=dropped")
+        print(f"export: blip data --registry {registry.url} export {manifest.ref} --out {manifest.name}.json "
+              f"[--images DIR]")  # fmt: skip
+    elif manifest.kind == "model" and any(Path(e.path).name == "config.json" for e in manifest.files):
+        print(f"export: blip data --registry {registry.url} export-model {manifest.ref} --out {manifest.name}-hf "
+              f"[--format blip-pth]")  # fmt: skip
     return 0
 
 

@@ -59,6 +59,7 @@ def test_show_prints_counts_drop_reasons_lineage_and_browse_hint(populated, caps
     assert "stats capfilt:" in out and "made from:" in out and "raw@v1" in out
     assert f"browse: blip data serve --registry {populated.url}" in out
     assert "http://127.0.0.1:8765/#/v/dataset/capfilt/v1" in out  # the version's page, on serve's default port
+    assert f"export: blip data --registry {populated.url} export capfilt@v1 --out capfilt.json [--images DIR]" in out
     code, out, _ = run(capsys, populated, "show", "raw", "--json")
     data = json.loads(out)
     assert data["drop_reasons"] == {"failed_to_download": 1, "image_too_small": 1}

@@ -179,6 +179,8 @@ def test_a_model_version_exports_for_transformers_and_for_blips_code(released, t
     registry_dir = tmp_path / "registry"
     assert _publish(registry_dir, "model_base_caption_capfilt_large", "--name", "blip-captioner") == 0
     capsys.readouterr()
+    assert main(["data", "--registry", str(registry_dir), "show", "blip-captioner"]) == 0
+    assert "export-model blip-captioner@v1 --out blip-captioner-hf [--format blip-pth]" in capsys.readouterr().out
     export = ["data", "--registry", str(registry_dir), "export-model", "blip-captioner"]
     assert main([*export, "--out", str(tmp_path / "hf")]) == 0
     assert "wrote the 'caption' model blip-captioner to" in capsys.readouterr().out
