@@ -60,7 +60,12 @@ def print_summary(registry, cfg, seconds: float) -> None:  # noqa: ANN001 - plai
     print(f"  lineage:  blip data --registry {registry.url} lineage {final.ref}")
     print(f"  drops:    blip data --registry {registry.url} samples {cfg.version_name('capfilt')} --where status=dropped")
     print(f"  export:   blip data --registry {registry.url} export {cfg.version_name('capfilt')} --out "
-          "bootstrapped.json   (BLIP's released form: [{url, caption}])")
+          "bootstrapped.json   (BLIP's released form: [{url, caption}]; --images DIR: {image, caption} for BLIP's "
+          "pretrain.py)")  # fmt: skip
+    captioner = cfg.version_name("captioner-capfilt")
+    if registry.versions("model", captioner):  # absent when CapFilt kept no text
+        print(f"  model:    blip data --registry {registry.url} export-model {captioner} --out captioner-hf   "
+              "(transformers' BlipForConditionalGeneration.from_pretrained reads it)")  # fmt: skip
     print(f"  browse:   blip data --registry {registry.url} serve   then open "
           f"{version_url(registry.resolve(cfg.version_name('capfilt'), kind='dataset'))}")
     kept = sum(entry.bytes for entry in work_entries(registry))
