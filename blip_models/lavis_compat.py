@@ -42,10 +42,14 @@ class BlipOutputFeatures:
 
 @dataclass
 class BlipOutput:
-    """LAVIS's training output: `loss` is what its runner back-propagates (NLVR2 also gives the logits)."""
+    """LAVIS's training output: `loss` is what its runner back-propagates, with its parts where the model has
+    several (retrieval: ITC + ITM; pretraining: + LM); NLVR2 also gives the logits."""
 
     loss: torch.Tensor
     logits: torch.Tensor | None = None
+    loss_itc: torch.Tensor | None = None
+    loss_itm: torch.Tensor | None = None
+    loss_lm: torch.Tensor | None = None
 
 
 class ModelWrapper(nn.Module):
@@ -87,7 +91,8 @@ class ModelWrapper(nn.Module):
 class LavisModel(ModelWrapper):
     """One of our BLIP task models with LAVIS's methods for its kind: caption `generate`, feature extractor
     `extract_features`, ITM `forward(samples, match_head)`, VQA `predict_answers`, NLVR2 `predict`; and LAVIS's
-    training `forward(samples)` of the caption, VQA and NLVR2 models (their loss, as LAVIS's runner takes it)."""
+    training `forward(samples)` of the pretraining, retrieval, caption, VQA and NLVR2 models (their loss, as
+    LAVIS's runner takes it)."""
 
     def __init__(self, model: nn.Module, kind: str, tokenizer: Any) -> None:
         super().__init__(model, tokenizer)
@@ -145,9 +150,23 @@ class LavisModel(ModelWrapper):
         the LM loss of `text_input` (the train text processor's output: prompt + caption; the prompt's tokens
         are not scored). VQA: the answers' weighted LM loss (`answer`: every question's answers in one list,
         `weight`, `n_answers`). NLVR2 (`image0`, `image1`, `text_input`, `label`): the cross-entropy, or with
-        `is_train=False` LAVIS's {"predictions": (B, 2) logits, "targets": label}."""
+        `is_train=False` LAVIS's {"predictions": (B, 2) logits, "targets": label}. Pretraining and retrieval
+        (`epoch`, `iters`, `num_iters_per_epoch`; retrieval also `image_id`): ITC (+ ITM, + LM) with the
+        distillation weight ramped up as LAVIS does, over the first epoch (pretraining) or two (retrieval)."""
         if self.kind == "itm":
             return self.match(samples["image"], *self._texts(samples), match_head)
+        if self.kind in ("pretrain", "retrieval"):
+            ids, mask = self._texts(samples)
+            epochs = 1 if self.kind == "pretrain" else 2  # LAVIS's _rampup_factor of each model
+            per_epoch = samples["num_iters_per_epoch"]
+            ramp = min(1.0, (samples["epoch"] * per_epoch + samples["iters"]) / (epochs * per_epoch))
+            alpha = self.model.config.alpha * ramp
+            if self.kind == "pretrain":
+                out = self.model(samples["image"], ids, mask, alpha=alpha)
+                return BlipOutput(loss=out.loss, loss_itc=out.loss_itc, loss_itm=out.loss_itm, loss_lm=out.loss_lm)
+            image_ids = torch.as_tensor(samples["image_id"], device=ids.device)
+            out = self.model(samples["image"], ids, mask, image_ids, alpha=alpha)
+            return BlipOutput(loss=out.loss, loss_itc=out.loss_itc, loss_itm=out.loss_itm)
         if self.kind == "caption":
             ids, mask = self._texts(samples, max_length=40)  # LAVIS's BlipCaption max_txt_len
             return BlipOutput(loss=self.model(samples["image"], ids, mask, return_logits=False).loss)
@@ -159,7 +178,7 @@ class LavisModel(ModelWrapper):
                               torch.as_tensor(samples["weight"], device=device),
                               torch.as_tensor(samples["n_answers"], device=device)).loss  # fmt: skip
             return BlipOutput(loss=loss)
-        self._needs("forward(samples)", "itm", "caption", "vqa", "nlvr")
+        self._needs("forward(samples)", "itm", "pretrain", "retrieval", "caption", "vqa", "nlvr")
         ids, mask = self._texts(samples, max_length=None)  # LAVIS's NLVR2 pads, never truncates
         labels = samples.get("label")
         output = self.model(samples["image0"], samples["image1"], ids, mask,

@@ -138,3 +138,26 @@ def test_training_forwards_and_nlvr_predict_as_lavis(tokenizer, pixels):
         vqa.predict(samples)
     with pytest.raises(TypeError, match="forward\\(samples\\): .* this is a 'features' model"):
         _wrapped("features", tokenizer)({"image": pixels, "text_input": TEXTS})
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "retrieval"])
+def test_pretraining_and_retrieval_training_forwards_ramp_alpha_as_lavis(kind, tokenizer, pixels):
+    """LAVIS's pretraining / retrieval `forward(samples)`: the model's loss at LAVIS's ramped distillation weight
+    (over one epoch for pretraining, two for retrieval); the momentum state moves as the model's own step moves it."""
+    import copy
+
+    wrapped = _wrapped(kind, tokenizer).train()
+    twin = copy.deepcopy(wrapped.model)
+    samples = {"image": pixels, "text_input": TEXTS, "image_id": torch.tensor([7, 9]), "epoch": 0, "iters": 30,
+               "num_iters_per_epoch": 100}  # fmt: skip
+    torch.manual_seed(3)
+    output = wrapped(samples)
+    ids, mask = tokenize(tokenizer, TEXTS, 35, padding="longest")
+    alpha = twin.config.alpha * (0.3 if kind == "pretrain" else 0.15)
+    torch.manual_seed(3)
+    expected = twin(pixels, ids, mask, alpha=alpha) if kind == "pretrain" else twin(pixels, ids, mask,
+                                                                                    torch.tensor([7, 9]), alpha=alpha)
+    torch.testing.assert_close(output.loss, expected.loss)
+    torch.testing.assert_close(output.loss_itc + output.loss_itm + (output.loss_lm if kind == "pretrain" else 0),
+                               output.loss)  # fmt: skip
+    output.loss.backward()
