@@ -140,8 +140,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         "./artifacts/registry)")
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer directory (default: offline BERT vocab)")
     parser.add_argument("--image", required=True, action="append", metavar="FILE_DIR_OR_URL",
-                        help="an image file, a folder of images or an http(s) image URL (fetched once, as BLIP's and "
-                        "LAVIS's demos load theirs); repeat for several")  # fmt: skip
+                        help="an image file, a folder of images, an http(s) image URL (fetched once, as BLIP's and "
+                        "LAVIS's demos load theirs) or an object store's image or prefix (s3://, gs://); repeat for "
+                        "several")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -168,16 +169,18 @@ class InputImages:
 
 
 def list_images(sources: list[str], folder: Path) -> InputImages:
-    """Files, folders (their images, sorted) and http(s) URLs (fetched into `folder`); one line naming the first
-    that is missing, empty or cannot be fetched."""
+    """Files, folders (their images, sorted), http(s) URLs and object-store URLs (an image, or a prefix's images;
+    fetched into `folder`); one line naming the first that is missing, empty or cannot be fetched."""
     images = InputImages([], {}, [])
     for source in sources:
-        if source.startswith(("http://", "https://")):
-            path, digest = _fetch_image(source, folder, len(images.paths))
-            images.paths.append(path)
-            images.shown[path] = source
-            images.stamps.append((source, path.stat().st_size, digest))
+        if "://" in source and not source.startswith("file://"):
+            for url in _store_images(source) if not source.startswith(("http://", "https://")) else [source]:
+                path, digest = _fetch_image(url, folder, len(images.paths))
+                images.paths.append(path)
+                images.shown[path] = url
+                images.stamps.append((url, path.stat().st_size, digest))
             continue
+        source = source.removeprefix("file://")
         path = Path(source)
         if path.is_file():
             found = [path]
@@ -194,9 +197,27 @@ def list_images(sources: list[str], folder: Path) -> InputImages:
     return images
 
 
+def _store_images(url: str) -> list[str]:
+    """An object store's image (s3://, gs://, ...: any fsspec URL) as it is, or a prefix's images, sorted."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    try:
+        fs, root = url_to_fs(url)
+        if not fs.isdir(root):
+            if not fs.exists(root):
+                raise CommandError(f"image not found: {url}")
+            return [url]
+        listed = sorted(path for path in fs.ls(root, detail=False) if Path(path).suffix.lower() in IMAGE_SUFFIXES)
+    except (OSError, ImportError, ValueError) as error:
+        raise CommandError(f"cannot read {url}: {type(error).__name__}: {error}") from None
+    if not listed:
+        raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {url}")
+    return [f"{url.rstrip('/')}/{Path(path).name}" for path in listed]
+
+
 def _fetch_image(url: str, folder: Path, number: int) -> tuple[Path, int]:
-    """An image URL's bytes into `folder` (named after the URL's last part, so GradCAM files are too); returns the
-    file and the first 60 bits of its sha256."""
+    """An image URL's bytes (http(s), or an object store's through fsspec) into `folder` (named after the URL's
+    last part, so GradCAM files are too); returns the file and the first 60 bits of its sha256."""
     import hashlib
     import io
     import urllib.error
@@ -205,13 +226,21 @@ def _fetch_image(url: str, folder: Path, number: int) -> tuple[Path, int]:
 
     from PIL import Image
 
-    request = urllib.request.Request(url, headers={"User-Agent": "blip-infer"})
+    kind = "no content type"
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            data = response.read(MAX_URL_IMAGE_BYTES + 1)
+        if url.startswith(("http://", "https://")):
+            request = urllib.request.Request(url, headers={"User-Agent": "blip-infer"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data = response.read(MAX_URL_IMAGE_BYTES + 1)
+                kind = response.headers.get("Content-Type", kind)
+        else:
+            import fsspec
+
+            with fsspec.open(url, "rb") as handle:
+                data = handle.read(MAX_URL_IMAGE_BYTES + 1)
     except urllib.error.HTTPError as error:
         raise CommandError(f"cannot fetch image {url}: HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError) as error:
+    except (urllib.error.URLError, OSError, ImportError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise CommandError(f"cannot fetch image {url}: {reason}") from None
     if len(data) > MAX_URL_IMAGE_BYTES:
@@ -220,7 +249,6 @@ def _fetch_image(url: str, folder: Path, number: int) -> tuple[Path, int]:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
     except Exception as error:  # noqa: BLE001 - PIL raises many types for what is not an image
-        kind = response.headers.get("Content-Type", "no content type")
         raise CommandError(f"{url} is not an image ({kind}, {len(data)} bytes): {type(error).__name__}") from None
     name = Path(urllib.parse.urlparse(url).path).name or "image"
     path = folder / f"{number:04d}" / name

@@ -215,8 +215,8 @@ def test_search_ranks_a_folder_for_each_query_and_keeps_its_features(tmp_path, c
 
 
 def test_images_by_url_and_several_image_options(tmp_path, caption_dir, images, capsys):
-    """`--image` takes http(s) URLs (fetched once, shown as given) beside files and folders, repeated; a URL that
-    fails or is not an image is one line naming it."""
+    """`--image` takes http(s) URLs and object-store URLs (an image or a prefix; fetched once, shown as given)
+    beside files and folders, repeated; a URL that fails or is not an image is one line naming it."""
     from http_files import serve_files
 
     (tmp_path / "page.html").write_text("<html>not an image</html>")
@@ -231,6 +231,19 @@ def test_images_by_url_and_several_image_options(tmp_path, caption_dir, images, 
         assert [row["caption"] for row in rows] == [by_file["img1.png"], by_file["img0.png"]]
         assert main([*base, "--image", f"{served.url}/missing.png"]) == 2
         assert f"cannot fetch image {served.url}/missing.png: HTTP 404" in capsys.readouterr().err
+    import fsspec  # an object store (memory:// standing in for s3://): an image, or a prefix's images
+    import uuid
+
+    store = f"memory://infer-{uuid.uuid4().hex[:8]}"
+    for name in ("img0.png", "img2.png"):
+        fsspec.filesystem("memory").pipe(f"{store}/pics/{name}", (images / name).read_bytes())
+    assert main([*base, "--image", f"{store}/pics", "--image", f"{store}/pics/img2.png"]) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [row["image"] for row in rows] == [f"{store}/pics/img0.png", f"{store}/pics/img2.png",
+                                              f"{store}/pics/img2.png"]  # fmt: skip
+    assert [row["caption"] for row in rows] == [by_file["img0.png"], by_file["img2.png"], by_file["img2.png"]]
+    assert main([*base, "--image", f"{store}/nothing.png"]) == 2
+    assert f"image not found: {store}/nothing.png" in capsys.readouterr().err
     with serve_files(tmp_path) as served:
         assert main([*base, "--image", f"{served.url}/page.html"]) == 2
         err = capsys.readouterr().err
