@@ -131,7 +131,7 @@ COMPLETE = ".complete"  # in a shard's folder once every image of it is written
 
 def image_path(folder: Path, shard: str, key: str) -> Path:
     """Where `export_images` writes the image of sample `key` of `shard` (a path inside the version)."""
-    return folder.resolve() / Path(shard).name.removesuffix(".tar") / f"{key}{IMAGE_EXTENSION}"
+    return folder.resolve() / _stem(shard) / f"{key}{IMAGE_EXTENSION}"
 
 
 def export_images(registry: Registry, manifest: Manifest, folder: Path, workers: int | None = None,
@@ -147,18 +147,18 @@ def export_images(registry: Registry, manifest: Manifest, folder: Path, workers:
     workers = workers or (2 * (os.cpu_count() or 1) if registry.is_local else 16)
 
     def extract(entry: Any) -> int:
+        from pipelines.tasks.tar_reader import iter_tar_members  # raises on a member cut short
+
         path = entry.path
         target = folder / _stem(path)
         target.mkdir(parents=True, exist_ok=True)
         written = 0
         try:
-            with registry.open(manifest, path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-                for member in tar:
-                    if not (member.isfile() and member.name.endswith(IMAGE_EXTENSION)):
+            with registry.open(manifest, path) as handle:
+                for member in iter_tar_members(handle):
+                    if not member.name.endswith(IMAGE_EXTENSION):
                         continue
-                    data = tar.extractfile(member).read()  # type: ignore[union-attr]  # a regular file
-                    if len(data) != member.size:  # a stream cut inside a member reads short, silently
-                        raise tarfile.ReadError(f"{member.name} ends after {len(data)} of its {member.size} bytes")
+                    data = member.read()
                     final = target / Path(member.name).name
                     partial = final.with_name(final.name + ".partial")
                     partial.write_bytes(data)
