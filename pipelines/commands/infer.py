@@ -234,9 +234,10 @@ def _fetch_image(url: str, folder: Path, number: int) -> tuple[Path, int]:
                 data = response.read(MAX_URL_IMAGE_BYTES + 1)
                 kind = response.headers.get("Content-Type", kind)
         else:
-            import fsspec
+            from datasets_manifests.filesystems import url_to_fs  # a missing backend: its install hint
 
-            with fsspec.open(url, "rb") as handle:
+            fs, path = url_to_fs(url)
+            with fs.open(path, "rb") as handle:
                 data = handle.read(MAX_URL_IMAGE_BYTES + 1)
     except urllib.error.HTTPError as error:
         raise CommandError(f"cannot fetch image {url}: HTTP {error.code} {error.reason}") from None

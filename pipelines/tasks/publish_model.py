@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,20 @@ def converted_directory(source: str, kind: str | None = None) -> tuple[str, dict
     """A checkpoint that is not a save_pretrained directory (an official `.pth` by path, URL or name — BLIP's
     released files, LAVIS's — or a transformers directory or hub name) as a save_pretrained directory of the `kind`
     model (default: its own), which evaluation and training workers load: converted once, in the checkpoint cache
-    (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256}."""
-    import os
-
+    (`converted/<file>-<kind>-<sha256 prefix>`). Returns the directory and {checkpoint: source, sha256} (and a hub
+    name's revision)."""
     from blip_models.checkpoints import checkpoint_cache_dir, save_pretrained
     from blip_models.inference import detect_format, load_for
 
     source_format = detect_format(source)
-    digest = source_digest(source, source_format)
+    origin: dict[str, str] = {"checkpoint": str(source)}
+    weights = source
+    if source_format == "huggingface" and not Path(source).is_dir():  # a hub name: its snapshot, resolved once
+        from blip_models.hf_convert import hf_directory
+
+        weights = str(hf_directory(source))
+        origin["revision"] = Path(weights).name  # huggingface_hub's snapshots/<commit>
+    digest = origin["sha256"] = source_digest(weights, source_format)
     kind = kind or declared_kind(source, source_format)
     stem = Path(str(source).rstrip("/")).name.removesuffix(".pth")
     target = checkpoint_cache_dir() / "converted" / f"{stem}-{kind or 'own'}-{digest[:16]}"
@@ -103,17 +109,33 @@ def converted_directory(source: str, kind: str | None = None) -> tuple[str, dict
         loaded = load_for(source, kind)
         log.info("%s converted for the '%s' model%s", source, loaded.kind,
                  f" ({loaded.report.summary()})" if loaded.report else "")  # fmt: skip
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        save_pretrained(loaded.model, partial, tokenizer=loaded.tokenizer_source)
-        shutil.rmtree(target, ignore_errors=True)  # a directory left without its config.json
-        os.replace(partial, target)  # whole or absent
-    origin = {"checkpoint": str(source), "sha256": digest}
-    if source_format == "huggingface" and not Path(source).is_dir():  # a hub name: which commit of it
-        from blip_models.hf_convert import hf_directory
-
-        origin["revision"] = hf_directory(source).name  # huggingface_hub's snapshots/<commit>
+        # A directory left without its config.json is replaced.
+        write_whole(target, lambda partial: save_pretrained(loaded.model, partial,
+                                                            tokenizer=loaded.tokenizer_source))  # fmt: skip
     return str(target), origin
+
+
+def write_whole(target: Path, write: Callable[[Path], Any]) -> None:
+    """`write(partial)` (a file or a directory), then `partial` renamed to `target`, replacing what is there: whole
+    or absent; a write that fails leaves nothing."""
+    import os
+
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    _remove(partial)
+    try:
+        write(partial)
+        if target.is_dir():  # os.replace does not replace a directory that holds files
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    finally:
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 EXPORT_FORMATS = ("blip-pth", "transformers")
@@ -125,8 +147,6 @@ def export_model(source: str, out: Path, export_format: str, kind: str | None = 
     it), or 'transformers', a directory `BlipFor*.from_pretrained` and `BlipProcessor.from_pretrained` read.
     `kind` picks the task model (a pretraining model exports as 'caption' or 'itm' to transformers, which has no
     pretraining class). Written whole or not at all; an existing `out` is refused. Returns the model's kind."""
-    import os
-
     from blip_models.checkpoints import save_official
     from blip_models.hf_convert import save_hf
     from blip_models.inference import load_for
@@ -137,19 +157,10 @@ def export_model(source: str, out: Path, export_format: str, kind: str | None = 
     if out.exists():
         raise FileExistsError(f"{out} exists: remove it or choose another --out")
     loaded = load_for(source, kind)
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        if export_format == "blip-pth":
-            save_official(loaded.model, partial)
-        else:
-            save_hf(loaded.model, load_tokenizer(loaded.tokenizer_source), partial)
-        os.replace(partial, out)
-    finally:  # a write that failed leaves nothing
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        elif partial.exists():
-            partial.unlink()
+    if export_format == "blip-pth":
+        write_whole(out, lambda partial: save_official(loaded.model, partial))
+    else:
+        write_whole(out, lambda partial: save_hf(loaded.model, load_tokenizer(loaded.tokenizer_source), partial))
     return loaded.kind
 
 
