@@ -1,6 +1,7 @@
 """`blip data ...`: look at the registry from the command line.
 
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
+                               | rm REF... [--data-only] [--dry-run] [--yes]
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
                                | publish-model SOURCE --name NAME [--kind KIND]
@@ -43,7 +44,7 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, export, work, "
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, export, work, rm, "
         "catalog, serve, publish-downstream, publish-model, export-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
@@ -118,6 +119,19 @@ def register(subparsers: Any) -> None:
                       help="also remove abandoned work: unfinished runs, their training checkpoints and publishes "
                       "killed before their commit whose last write is older than DAYS days (a run going on writes "
                       "as it goes; its rerun starts over)")  # fmt: skip
+
+    rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
+                 "files (--data-only: shards, weights, images; the record, index, stats and lineage stay)", cmd_rm)
+    rm.formatter_class = argparse.RawDescriptionHelpFormatter
+    rm.epilog = RM_HELP
+    rm.add_argument("refs", nargs="+", metavar="REF", help="versions to remove (name@vN); a parent and the versions "
+                    "made from it can go in one command")  # fmt: skip
+    rm.add_argument("--data-only", action="store_true",
+                    help="free the data files only: the version stays listed, browsable and diffable, its lineage "
+                    "whole; stages refuse to read it, and a rerun of the stage that made it publishes a new version")
+    rm.add_argument("--dry-run", action="store_true", help="say what would be removed and freed; remove nothing")
+    rm.add_argument("--yes", "-y", action="store_true",
+                    help="remove without asking (needed when stdin is not a terminal)")
 
     catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
     catalog.add_argument("name", nargs="?", help="a source or composition name")
@@ -225,6 +239,58 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     else:
         load = "salesforce/BLIP's blip_*(pretrained=OUT), LAVIS's load_from_pretrained(OUT)"
     print(f"wrote the '{kind}' model {args.source} to {args.out} ({args.export_format}); load: {load}")
+    return 0
+
+
+RM_HELP = """\
+A removal is recorded in <registry>/.removed/ before anything is deleted: a removal stopped half-way is
+finished by running it again, a removed version's name (name@vN) is never given again, and asking for it
+says when and where it was removed. Neither form removes a version an unfinished stage run reads
+(`blip data work` lists them). Run it while no stage reads the versions you remove.
+examples:
+  blip data rm raw@v1 --data-only          free a download once its training shards are made
+  blip data rm capfilt@v2 pretrain@v3      a bootstrapped set and the model trained on it, together"""
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from datasets_manifests.removal import finish_local_removals, plan_removals, remove
+
+    registry = _registry(args)
+    finish_local_removals(registry)
+    plan = plan_removals(registry, args.refs, data_only=args.data_only)
+
+    def described(removal: Any) -> str:
+        part = "its data files" if removal.data_only else "whole"
+        return f"{removal.manifest.ref} ({removal.manifest.kind}, {part}): {len(removal.files)} files, " \
+            f"{_size(removal.bytes)}"  # fmt: skip
+
+    total = _size(sum(removal.bytes for removal in plan))
+    if args.dry_run:
+        if args.json:
+            _print_json({"dry_run": True, "removals": [removal.to_dict() for removal in plan]})
+            return 0
+        for removal in plan:
+            print(f"would remove {described(removal)}")
+        print(f"{total} in all; nothing removed (--dry-run)")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("blip data rm asks before it removes: pass --yes (--dry-run says what it would remove)")
+        for removal in plan:
+            print(f"will remove {described(removal)}")
+        if input(f"remove {len(plan)} version(s), {total}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    with tqdm(total=sum(len(removal.files) for removal in plan), unit="file", desc="removing", file=sys.stderr,
+              disable=None) as bar:  # fmt: skip
+        for removal in plan:
+            remove(registry, removal, on_files=bar.update)
+            if not args.json:
+                tqdm.write(f"removed {described(removal)}")
+    if args.json:
+        _print_json({"dry_run": False, "removals": [removal.to_dict() for removal in plan]})
     return 0
 
 
@@ -361,23 +427,30 @@ def cmd_work(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     registry = _registry(args)
     manifests = [m for m in registry.list(args.kind) if args.name is None or m.name == args.name]
+    removed = registry.removed_versions()  # one listing: the versions whose data files `blip data rm` removed
     if args.json:
-        _print_json([_summary(m) for m in manifests])
+        _print_json([{**_summary(m), "data_removed": (m.kind, m.name, m.version) in removed} for m in manifests])
         return 0
     if not manifests:
         print(f"no versions in {registry.url}")
         return 0
-    rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "PARENTS", "FINISHED")]
-    rows += [(m.ref, m.kind, m.short_id, m.producer.stage, _samples_of(m), ",".join(m.parents) or "-",
-              m.producer.finished_at or "-") for m in manifests]
+    rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "SIZE", "PARENTS", "FINISHED")]
+    rows += [(m.ref, m.kind, m.short_id, m.producer.stage, _samples_of(m),
+              "data removed" if (m.kind, m.name, m.version) in removed else _size(_bytes_of(m)),
+              ",".join(m.parents) or "-", m.producer.finished_at or "-") for m in manifests]  # fmt: skip
     _print_table(rows)
     return 0
+
+
+def _bytes_of(manifest: Manifest) -> int:
+    return sum(entry.bytes for entry in manifest.files)
 
 
 def _summary(manifest: Manifest) -> dict[str, Any]:
     return {
         "ref": manifest.ref, "kind": manifest.kind, "id": manifest.id, "stage": manifest.producer.stage,
         "counts": manifest.counts, "parents": list(manifest.parents), "finished_at": manifest.producer.finished_at,
+        "bytes": _bytes_of(manifest),
     }
 
 
@@ -440,6 +513,11 @@ def show_lines(registry: Registry, manifest: Manifest) -> list[str]:
         lines.append(f"  file {entry.path} ({entry.role}, {_size(entry.bytes)})")
     if manifest.sample_schema:
         lines.append("  sample fields: " + ", ".join(f"{k} ({v})" for k, v in manifest.sample_schema.items()))
+    removal = registry.removal(manifest)
+    if removal is not None:
+        lines.append(f"  data files removed on {removal.get('removed_at', '?')} on {removal.get('host', '?')} "
+                     f"(`blip data rm`; {len(removal.get('files', []))} files, {_size(removal.get('bytes', 0))}): the "
+                     "record, index and stats remain, stages cannot read it")  # fmt: skip
     lines.append(f"  registry: {registry.url}")
     return lines
 
@@ -499,8 +577,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{manifest.ref}: {problem}", file=sys.stderr)
     else:
-        total = sum(e.bytes for e in manifest.files)
-        print(f"{manifest.ref}: ok ({len(manifest.files)} files, {_size(total)}, sha256 verified)")
+        removed = set((registry.removal(manifest) or {}).get("files", ()))
+        kept = [e for e in manifest.files if e.path not in removed]
+        note = f"; {len(removed)} data files removed by `blip data rm`, not checked" if removed else ""
+        print(f"{manifest.ref}: ok ({len(kept)} files, {_size(sum(e.bytes for e in kept))}, sha256 verified{note})")
     return 1 if problems else 0
 
 

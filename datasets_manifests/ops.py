@@ -35,10 +35,12 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
     workers = workers or ((os.cpu_count() or 1) if registry.is_local else 16)
     from tqdm import tqdm
 
-    with tqdm(total=sum(entry.bytes for entry in manifest.files), unit="B", unit_scale=True, unit_divisor=1024,
+    removal = registry.removal(manifest)  # files `blip data rm --data-only` removed are not damage: not checked
+    files = [entry for entry in manifest.files if entry.path not in set((removal or {}).get("files", ()))]
+    with tqdm(total=sum(entry.bytes for entry in files), unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"verifying {manifest.ref}", disable=None if progress else True) as bar:  # fmt: skip
 
-        damaged = registry.absent(manifest, manifest.files)  # missing or resized: one listing, nothing to hash
+        damaged = registry.absent(manifest, files)  # missing or resized: one listing, nothing to hash
 
         def check(entry: FileEntry) -> str | None:
             path = registry.path_of(manifest, entry.path)
@@ -52,7 +54,7 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
             return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:  # results in the manifest's file order
-            problems = [problem for problem in pool.map(check, manifest.files) if problem is not None]
+            problems = [problem for problem in pool.map(check, files) if problem is not None]
     if not problems:  # only a verified index is worth reading
         problems += _index_problems(registry, manifest)
     if not problems:

@@ -5,6 +5,7 @@ Layout under the registry root (local directory by default, `s3://`, `gs://`, `m
     <root>/<kind>s/<name>/<version>/manifest.json     # written last: its presence *is* the commit
     <root>/<kind>s/<name>/<version>/<files...>
     <root>/.work/<cache_key>/                          # local working dirs of running stages (resumable)
+    <root>/.removed/<kind>s/<name>/<version>.json      # what `blip data rm` removed (datasets_manifests.removal)
 
 Publishing is atomic: files are staged and their checksums verified, and the manifest is written last (on a
 local disk the whole version directory is renamed into place in one step). Versions are immutable:
@@ -40,6 +41,7 @@ MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+REMOVED_DIR = ".removed"  # a removed version's record: its name is never given again, and asking for it says why
 REMOTE_THREADS = 16  # object-store requests in flight while publishing: each one waits on the network
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -55,6 +57,10 @@ class VersionExistsError(RegistryError):
 
 class NotFoundError(RegistryError):
     pass
+
+
+class DataRemovedError(NotFoundError):
+    """A file of a version whose data files `blip data rm --data-only` removed (its record and index stay)."""
 
 
 class OutsideRegistryError(RegistryError):
@@ -157,6 +163,8 @@ class Registry:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         self.is_local = "file" in protocols or "local" in protocols
         self.root = self.root.rstrip("/") or "/"
+        # id -> (record, removed paths) of versions whose data files were removed, read once per version (`path_of`)
+        self._removed_files: dict[str, tuple[dict[str, Any], frozenset[str]] | None] = {}
         if self.is_local:
             self.root = str(Path(self.root).resolve())
             if create:
@@ -182,6 +190,13 @@ class Registry:
             raise NotFoundError(f"{manifest.ref} does not reference {relpath!r}")
         path = f"{self.version_path(manifest.kind, manifest.name, manifest.version)}/{relpath}"
         self.check_inside(path, f"{manifest.ref}/{relpath}")
+        if relpath != MANIFEST_NAME:
+            if manifest.id not in self._removed_files:  # one read a version: a stage reads thousands of shards
+                self.removal(manifest)
+            removed = self._removed_files[manifest.id]
+            if removed is not None and relpath in removed[1]:
+                raise DataRemovedError(f"{manifest.ref}: {relpath} was removed on {removed[0].get('removed_at', '?')} "
+                                       "(`blip data rm --data-only`); rerun the stage that made it for a new version")
         return path
 
     def check_inside(self, path: str, what: str) -> None:
@@ -212,6 +227,10 @@ class Registry:
                 problems[entry.path] = f"{entry.path}: missing"
             elif size != entry.bytes:
                 problems[entry.path] = f"{entry.path}: {size} bytes, manifest says {entry.bytes}"
+        removal = self.removal(manifest) if problems else None  # said as what it is: not damage, a removal
+        if removal is not None:
+            for path in set(problems) & set(removal.get("files", ())):
+                problems[path] = f"{path}: removed by `blip data rm` on {removal.get('removed_at', '?')}"
         return problems
 
     def url_of(self, manifest: Manifest, relpath: str) -> str:
@@ -368,6 +387,56 @@ class Registry:
                 removed.append(self.fs.unstrip_protocol(prefix))
         return removed
 
+    # ------------------------------------------------------------------ removed versions
+    def removal_path(self, kind: str, name: str, version: str) -> str:
+        return f"{self.root}/{REMOVED_DIR}/{kind}s/{name}/{version}.json"
+
+    def removal(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The record `blip data rm` left for this version (`what`: "data" when only its data files were removed),
+        or None."""
+        try:
+            record = json.loads(self.fs.cat_file(self.removal_path(manifest.kind, manifest.name, manifest.version)))
+        except FileNotFoundError:
+            record = None
+        self._removed_files[manifest.id] = None if record is None else (record, frozenset(record.get("files", ())))
+        return record
+
+    def write_removal(self, manifest: Manifest, record: dict[str, Any]) -> None:
+        """Record a removal (`datasets_manifests.removal`) before anything is deleted: whole or absent."""
+        path = self.removal_path(manifest.kind, manifest.name, manifest.version)
+        data = json.dumps(record, indent=1).encode()
+        if self.is_local:  # a record cut short would hide why the version's files are gone
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
+            partial.write_bytes(data)
+            os.replace(partial, path)
+        else:
+            self.fs.pipe_file(path, data)  # an object store's put is whole or absent
+        self._removed_files[manifest.id] = (record, frozenset(record.get("files", ())))
+
+    def removals(self, kind: str, name: str) -> dict[str, dict[str, Any]]:
+        """version -> record of each removed version of a name (one listing; empty when none was removed)."""
+        try:
+            paths = self.fs.ls(f"{self.root}/{REMOVED_DIR}/{kind}s/{name}", detail=False)
+        except FileNotFoundError:
+            return {}
+        return {path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json"): json.loads(self.fs.cat_file(path))
+                for path in paths if path.endswith(".json")}  # fmt: skip
+
+    def removed_versions(self) -> set[tuple[str, str, str]]:
+        """(kind, name, version) of every removal record: one listing of the registry's `.removed/`."""
+        base = f"{self.root}/{REMOVED_DIR}"
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        found = set()
+        for path in paths:
+            parts = self.fs._strip_protocol(path)[len(self.fs._strip_protocol(base)) + 1 :].split("/")
+            if len(parts) == 3 and parts[0].endswith("s") and parts[2].endswith(".json"):
+                found.add((parts[0][:-1], parts[1], parts[2].removesuffix(".json")))
+        return found
+
     # ------------------------------------------------------------------ reading
     def names(self, kind: str) -> list[str]:
         base = f"{self.root}/{kind}s"
@@ -421,6 +490,7 @@ class Registry:
             found = ", ".join(sorted({m.kind for m in candidates}))
             raise NotFoundError(f"{name!r} names versions of several kinds ({found}); pass the kind")
         if not candidates:
+            self._raise_if_removed(kinds, name, None if selector == "latest" else selector)
             known = ", ".join(n for k in kinds for n in self.names(k)) or "none"
             raise NotFoundError(f"no version of {name!r} in {self.url} (known names: {known})")
         if selector == "latest":
@@ -435,8 +505,20 @@ class Registry:
             return by_id[0]
         if len(by_id) > 1:
             raise NotFoundError(f"{ref!r} is ambiguous: {', '.join(m.ref for m in by_id)}")
+        self._raise_if_removed(kinds, name, selector)
         versions = ", ".join(m.version for m in candidates)
         raise NotFoundError(f"{ref!r} not found (versions of {name}: {versions})")
+
+    def _raise_if_removed(self, kinds: list[str], name: str, version: str | None) -> None:
+        """A version asked for that `blip data rm` removed is said to be removed, and when (any of the name's
+        versions when `version` is None)."""
+        for kind in kinds:
+            removed = self.removals(kind, name)
+            record = removed.get(version) if version is not None else next(iter(removed.values()), None)
+            if record is not None and record.get("what") == "all":
+                shown = f"{name}@{version}" if version is not None else f"every version of {name!r}"
+                raise NotFoundError(f"{shown} was removed from {self.url} on {record.get('removed_at', '?')} "
+                                    f"(`blip data rm`, on {record.get('host', '?')})")  # fmt: skip
 
     def by_id(self, manifest_id: str) -> Manifest | None:
         """The version with this exact content id, if this registry holds it."""
@@ -448,7 +530,8 @@ class Registry:
     def find_cached(self, kind: str, name: str, key: str) -> Manifest | None:
         """The version of `name` produced by a run with this cache key, if one was published."""
         for manifest in reversed(self.versions(kind, name)):
-            if manifest.producer.cache_key == key:
+            # A version whose data files were removed is not reused: the rerun publishes a new one.
+            if manifest.producer.cache_key == key and self.removal(manifest) is None:
                 return manifest
         return None
 
@@ -457,8 +540,9 @@ class Registry:
         return [m for m in self.list() if manifest.id in m.parent_ids]
 
     def next_version(self, kind: str, name: str) -> str:
-        numbers = [int(match.group(1)) for m in self.versions(kind, name) if (match := _VERSION_RE.match(m.version))]
-        return f"v{max(numbers, default=0) + 1}"
+        taken = [m.version for m in self.versions(kind, name)] + list(self.removals(kind, name))
+        numbers = [int(match.group(1)) for version in taken if (match := _VERSION_RE.match(version))]
+        return f"v{max(numbers, default=0) + 1}"  # a removed version's name is never given again
 
     # ------------------------------------------------------------------ writing
     def publish(
@@ -517,10 +601,16 @@ class Registry:
             **fields,
         )
         target = self.version_path(kind, name, manifest.version)
+        if version is not None and self.removals(kind, name).get(version, {}).get("what") == "all":
+            raise VersionExistsError(f"{manifest.ref} was removed (`blip data rm`) and its name is not given again: "
+                                     "publish under a new version")  # fmt: skip
         if self.fs.exists(f"{target}/{MANIFEST_NAME}"):
             existing = self._read_manifest(f"{target}/{MANIFEST_NAME}")
-            if existing.id == manifest.id:
+            if existing.id == manifest.id and self.removal(existing) is None:
                 return existing
+            if existing.id == manifest.id:
+                raise VersionExistsError(f"{manifest.ref} exists, but its data files were removed (`blip data rm`): "
+                                         "publish under a new version")  # fmt: skip
             raise VersionExistsError(
                 f"{manifest.ref} already exists with different content (id {existing.short_id} != {manifest.short_id});"
                 " versions are immutable: publish under a new version"

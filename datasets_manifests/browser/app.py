@@ -53,7 +53,8 @@ from datasets_manifests.browser.views import (
 )
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.ops import DIFF_CATEGORIES
-from datasets_manifests.registry import NotFoundError, OutsideRegistryError, Registry, RegistryError
+from datasets_manifests.registry import (DataRemovedError, NotFoundError, OutsideRegistryError, Registry,
+                                         RegistryError)
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -73,6 +74,8 @@ def api(handler: Callable[[Request], Response]) -> Callable[[Request], Response]
             return JSONResponse(pending.body(), status_code=pending.status)
         except (QueryError, ThumbnailError) as error:
             return _error(str(error), error.status)
+        except DataRemovedError as error:  # `blip data rm --data-only`: gone on purpose, the record stays
+            return _error(str(error), 410)
         except NotFoundError as error:
             return _error(str(error), 404)
         except OutsideRegistryError as error:
@@ -141,6 +144,7 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
             "parents": parents,
             "children": [{"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version} for m in kids],
             "evaluations": evaluations,
+            "data_removed": registry.removal(manifest),  # `blip data rm --data-only`: shards gone, index kept
         }
         return JSONResponse(body)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from datasets_manifests.browser.jobs import LRU
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.registry import NotFoundError, OutsideRegistryError, Registry
+from datasets_manifests.registry import DataRemovedError, NotFoundError, OutsideRegistryError, Registry
 
 MAX_IMAGE_BYTES = 32 << 20  # a web image above this is not worth a thumbnail (and may be hostile)
 MAX_IMAGE_PIXELS = 64_000_000  # checked from the header, before any pixel is decoded
@@ -58,6 +58,8 @@ def check_inside_registry(registry: Registry, manifest: Manifest, relpath: str) 
         registry.path_of(manifest, relpath)  # the registry's own realpath check refuses symlinks out
     except OutsideRegistryError as error:
         raise ThumbnailError(str(error), 403) from error
+    except DataRemovedError as error:  # gone on purpose (`blip data rm --data-only`), not refused
+        raise ThumbnailError(str(error), 410) from error
     except NotFoundError as error:
         raise ThumbnailError(f"refused: {error}", 404) from error
 
@@ -148,6 +150,10 @@ def read_sample_image(registry: Registry, manifest: Manifest, location: dict[str
         with registry.open(manifest, shard) as handle:
             return _scan_tar(handle, key, what)
     except FileNotFoundError as error:
+        removal = registry.removal(manifest)
+        if removal is not None and shard in removal.get("files", ()):
+            raise ThumbnailError(f"shard {shard} of {manifest.ref} was removed on {removal.get('removed_at', '?')} "
+                                 "(`blip data rm --data-only`)", 410) from error  # fmt: skip
         raise ThumbnailError(f"shard {shard} of {manifest.ref} is missing from the registry", 404) from error
     except (tarfile.TarError, EOFError) as error:
         raise ThumbnailError(f"shard {shard} of {manifest.ref} is corrupt: {error}", 502) from error

@@ -72,7 +72,8 @@ def write_shard(staging: Path, rows: list[dict[str, Any]], shard: str = "shards/
 
 def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dict[str, Any]], *,
                     parents: tuple[Manifest, ...] = (), version: str | None = None, stage: str = "shard",
-                    texts: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None) -> Manifest:
+                    texts: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
+                    cache_key: str = "") -> Manifest:
     staging.mkdir(parents=True, exist_ok=True)
     write_shard(staging, rows)
     write_index(rows, staging / INDEX_FILE)
@@ -88,7 +89,8 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
     config = config or {"name": name}
     return registry.publish(
         kind="dataset", name=name, staging_dir=staging, files=files, parents=parents, version=version,
-        producer=Producer(stage=stage, config=config, config_hash=hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()),
+        producer=Producer(stage=stage, config=config, cache_key=cache_key,
+                          config_hash=hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()),
         counts=summary["counts"], drop_reasons=summary["drop_reasons"], splits=summary["splits"],
         stats={stage: {"input": len(rows)}}, sample_schema={"jpg": "JPEG bytes", "txt": "caption"},
     )

@@ -192,6 +192,7 @@ async function versionPage(kind, name, version, params) {
     <h1>${badge(kind)} ${esc(m.ref)} <span class="mono muted">${esc(m.id.slice(0, 12))}</span></h1>
     <div class="muted">stage <b>${esc(m.producer.stage)}</b> · config ${esc(m.producer.config_hash)} · code ${esc(m.producer.code_version)}
       · published ${esc(m.producer.finished_at)} · ${fmt(info.summary.num_samples)} samples in shards</div>
+    ${info.data_removed ? `<div class="error">data files removed on ${esc(info.data_removed.removed_at)} by <span class="mono">blip data rm</span> (${fmt(info.data_removed.files.length)} files): the record, index and stats remain; images cannot be shown</div>` : ""}
     <div class="cards">
       <div class="card"><h2>Counts</h2>${kvTable(m.counts)}<h2 style="margin-top:8px">Splits</h2>${kvTable(m.splits)}${parquet}</div>
       <div class="card"><h2>Drop reasons</h2>${dropBars(m.drop_reasons)}</div>
