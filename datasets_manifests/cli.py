@@ -128,7 +128,8 @@ def register(subparsers: Any) -> None:
                     "made from it can go in one command")  # fmt: skip
     rm.add_argument("--data-only", action="store_true",
                     help="free the data files only: the version stays listed, browsable and diffable, its lineage "
-                    "whole; stages refuse to read it, and a rerun of the stage that made it publishes a new version")
+                    "whole; a rerun of the stage that made it reuses it (what was made from it stays cached), a "
+                    "stage that has to read its data refuses, naming the removal")  # fmt: skip
     rm.add_argument("--dry-run", action="store_true", help="say what would be removed and freed; remove nothing")
     rm.add_argument("--yes", "-y", action="store_true",
                     help="remove without asking (needed when stdin is not a terminal)")
@@ -255,10 +256,11 @@ examples:
 def cmd_rm(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from datasets_manifests.removal import finish_local_removals, plan_removals, remove
+    from datasets_manifests.removal import finish_removals, plan_removals, remove
 
     registry = _registry(args)
-    finish_local_removals(registry)
+    for place in finish_removals(registry):
+        print(f"finished an earlier removal stopped half-way: {place}", file=sys.stderr)
     plan = plan_removals(registry, args.refs, data_only=args.data_only)
 
     def described(removal: Any) -> str:

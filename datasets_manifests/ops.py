@@ -572,14 +572,17 @@ def _uncommitted(registry: Registry) -> list[WorkEntry]:
     """Publishes that stopped before their commit: never removed by `--remove-leftovers`, since a publish going
     on now looks the same."""
     entries = []
+    removed = registry.removed_versions() if not registry.is_local else set()
     for label, place in registry.uncommitted_publishes():
         _, size, files, modified = _listing(place)
         parts = label.split("/")  # .staging/<name>-<id>, or <kind>s/<name>/<version>
         version = parts[1].rsplit("-", 1)[0] if parts[0] == ".staging" else f"{parts[1]}@{parts[2]}"
-        entries.append(WorkEntry(key=label, what=f"a publish of {version}",
-                                 state="uncommitted", detail="stopped before its commit, or publishing now: remove "
-                                 "it with --remove once no publish runs", bytes=size, files=files, modified=modified,
-                                 places=(place,)))  # fmt: skip
+        what = f"a publish of {version}"
+        detail = "stopped before its commit, or publishing now: remove it with --remove once no publish runs"
+        if parts[0] != ".staging" and (parts[0][:-1], parts[1], parts[2]) in removed:
+            what, detail = f"a removal of {version}", "stopped half-way: the next `blip data rm` finishes it"
+        entries.append(WorkEntry(key=label, what=what, state="uncommitted", detail=detail, bytes=size, files=files,
+                                 modified=modified, places=(place,)))  # fmt: skip
     return entries
 
 

@@ -196,7 +196,8 @@ class Registry:
             removed = self._removed_files[manifest.id]
             if removed is not None and relpath in removed[1]:
                 raise DataRemovedError(f"{manifest.ref}: {relpath} was removed on {removed[0].get('removed_at', '?')} "
-                                       "(`blip data rm --data-only`); rerun the stage that made it for a new version")
+                                       "(`blip data rm --data-only`); to read its data, make it again under another "
+                                       "name (a stage's rerun reuses the record)")  # fmt: skip
         return path
 
     def check_inside(self, path: str, what: str) -> None:
@@ -530,8 +531,10 @@ class Registry:
     def find_cached(self, kind: str, name: str, key: str) -> Manifest | None:
         """The version of `name` produced by a run with this cache key, if one was published."""
         for manifest in reversed(self.versions(kind, name)):
-            # A version whose data files were removed is not reused: the rerun publishes a new one.
-            if manifest.producer.cache_key == key and self.removal(manifest) is None:
+            # Also a version whose data files `blip data rm --data-only` removed: what was made from it stays cached
+            # (a flow rerun after freeing a download whose shards exist downloads nothing); a stage that has to
+            # read its data refuses, naming the removal (`path_of`).
+            if manifest.producer.cache_key == key:
                 return manifest
         return None
 

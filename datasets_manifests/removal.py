@@ -3,15 +3,16 @@
 A version goes whole (manifest and files) only when no kept version names it as a parent: a bootstrapped
 dataset's or a model's lineage never points at nothing. `data_only` frees the heavy files (shards, weights,
 images: terabytes at 129M) and keeps the manifest, the per-sample index, stats and configs: the version stays
-listed, browsable and diffable, its lineage whole; a stage asked to read it refuses, naming the removal
-(`Registry.absent`), and a rerun of the stage that made it publishes a new version (`Registry.find_cached`).
+listed, browsable and diffable, its lineage whole; a rerun of the stage that made it reuses the record, so what
+was made from it stays cached (a flow rerun after freeing a download whose shards exist downloads nothing), and a
+stage that has to read its data refuses, naming the removal (`Registry.path_of`, `Registry.absent`).
 Neither removes a version that an unfinished stage run reads (its rerun would fail half-way).
 
 Each removal writes its record first (`<root>/.removed/<kind>s/<name>/<version>.json`), then deletes: a removal
-killed half-way is finished by running it again, a removed version's name is never given again
-(`Registry.next_version`), and asking for it says when and where it was removed. On a local registry a whole
-version leaves in one rename (into `.removing/`, emptied at once; what a killed removal left there is emptied by
-the next one); on an object store its manifest goes first, so no reader sees a half-removed version.
+killed half-way is finished by the next `blip data rm` (`finish_removals`, or the same command again), a removed
+version's name is never given again (`Registry.next_version`), and asking for it says when and where it was
+removed. On a local registry a whole version leaves in one rename (into `.removing/`, emptied at once); on an
+object store its manifest goes first, so no reader sees a half-removed version.
 """
 
 from __future__ import annotations
@@ -90,11 +91,10 @@ def remove(registry: Registry, removal: Removal, on_files: Callable[[int], objec
     if removal.data_only:
         _delete_files(registry, manifest, removal.files, on_files)
     elif registry.is_local:
-        finish_local_removals(registry)
         parking = Path(registry.root) / REMOVING_DIR / f"{manifest.kind}s-{manifest.name}-{manifest.version}-" \
             f"{uuid.uuid4().hex[:8]}"  # fmt: skip
         parking.parent.mkdir(exist_ok=True)
-        if Path(root).exists():  # absent: a removal killed after the rename, finished above
+        if Path(root).exists():  # absent: a removal killed after the rename (`finish_removals` empties it)
             os.rename(root, parking)  # the version is gone in one step
         shutil.rmtree(parking, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -111,16 +111,22 @@ def remove(registry: Registry, removal: Removal, on_files: Callable[[int], objec
         shutil.rmtree(registry.work_base() / f"{prefix}{manifest.id[:24]}", ignore_errors=True)
 
 
-def finish_local_removals(registry: Registry) -> list[str]:
-    """Empty what removals killed half-way left in a local registry's `.removing/` (their versions are already
-    gone from the listing); returns the folders emptied."""
-    parking = Path(registry.root) / REMOVING_DIR
-    if not registry.is_local or not parking.is_dir():
-        return []
+def finish_removals(registry: Registry) -> list[str]:
+    """Finish the whole removals a kill stopped after the version left the listing: what a local registry's
+    `.removing/` holds, a store's version folders that lost their manifest to a removal (its record names them);
+    returns the places emptied."""
     emptied = []
-    for folder in sorted(parking.iterdir()):
-        shutil.rmtree(folder, ignore_errors=True)
-        emptied.append(str(folder))
+    parking = Path(registry.root) / REMOVING_DIR
+    if registry.is_local and parking.is_dir():
+        for folder in sorted(parking.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+            emptied.append(str(folder))
+    elif not registry.is_local and (removed := registry.removed_versions()):
+        for label, place in registry.uncommitted_publishes():  # <kind>s/<name>/<version>, without a manifest
+            kind_dir, name, version = label.split("/")
+            if (kind_dir[:-1], name, version) in removed:
+                registry.fs.rm(registry.version_path(kind_dir[:-1], name, version), recursive=True)
+                emptied.append(place)
     return emptied
 
 

@@ -138,6 +138,10 @@ def test_a_given_captioner_and_filter_replace_the_web_pretraining(pipeline_regis
 
     registry_dir = tmp_path / "registry"
     shutil.copytree(pipeline_registry, registry_dir)
+    # The download's images freed once its shards exist (`blip data rm --data-only`): the rerun reuses its record.
+    freed = subprocess.run([str(BIN / "blip"), "data", "rm", "tiny-raw@v1", "--data-only", "--yes", "--registry",
+                            str(registry_dir)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert freed.returncode == 0 and "removed tiny-raw@v1 (dataset, its data files)" in freed.stdout, freed.stderr
     before = _snapshot(Registry(registry_dir))
     command = _flow_command(registry_dir) + ["--set", "capfilt_models.captioner=tiny-captioner-web@v1",
                                              "--set", "capfilt_models.filter=tiny-filter-web@v1"]  # fmt: skip
@@ -148,7 +152,9 @@ def test_a_given_captioner_and_filter_replace_the_web_pretraining(pipeline_regis
     registry = Registry(registry_dir)
     after = _snapshot(registry)
     new = {name for name in after if after[name] != before.get(name)}
-    assert new == {"tiny-eval-caption-given", "tiny-eval-retrieval-given", "tiny-report"}
+    assert new == {"tiny-eval-caption-given", "tiny-eval-retrieval-given", "tiny-report"}  # nothing downloaded
+    raw = registry.resolve("tiny-raw@v1")
+    assert raw.shards() and set(registry.absent(raw, raw.shards())) == {entry.path for entry in raw.shards()}
     report = registry.resolve("tiny-report@latest").metadata["report"]["models"]
     assert set(report) == {"given", "capfilt"}
     web = {}  # the same models: the same scores
