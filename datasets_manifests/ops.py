@@ -402,6 +402,7 @@ class LineageNode:
     manifest: Manifest | None
     links: list[LineageNode] = field(default_factory=list)  # parents (upward tree) or children (downward)
     repeated: bool = False  # already shown elsewhere in the tree (diamond lineage)
+    data_removed: bool = False  # its data files were removed (`blip data rm --data-only`); its record stays
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"ref": self.ref, "id": self.id, "missing": self.manifest is None}
@@ -409,6 +410,8 @@ class LineageNode:
             data.update(kind=self.manifest.kind, stage=self.manifest.producer.stage)
         if self.repeated:
             data["repeated"] = True
+        if self.data_removed:
+            data["data_removed"] = True
         data["links"] = [link.to_dict() for link in self.links]
         return data
 
@@ -418,6 +421,7 @@ class Lineage:
     root: Manifest
     parents: list[LineageNode]  # each with its own parents, up to the sources
     children: list[LineageNode]  # each with its own children, down to the leaves
+    root_data_removed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -428,7 +432,8 @@ class Lineage:
 
     def render(self) -> list[str]:
         """A text tree: sources above (indented upward), the version, then what was made from it."""
-        lines = [f"{self.root.ref}  [{self.root.kind}, {self.root.short_id}, {self.root.producer.stage}]"]
+        lines = [f"{self.root.ref}  [{self.root.kind}, {self.root.short_id}, {self.root.producer.stage}]"
+                 + ("  (data removed)" if self.root_data_removed else "")]
         if self.parents:
             lines.append("  made from:")
             lines += _render(self.parents, "    ")
@@ -448,6 +453,8 @@ def _render(nodes: list[LineageNode], indent: str) -> list[str]:
             label = f"{node.ref}  [missing from this registry, {node.id[:12]}]"
         else:
             label = f"{node.ref}  [{node.manifest.kind}, {node.id[:12]}, {node.manifest.producer.stage}]"
+        if node.data_removed:
+            label += "  (data removed)"
         if node.repeated:
             label += "  (see above)"
         lines.append(f"{indent}{'└─ ' if last else '├─ '}{label}")
@@ -460,6 +467,10 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
     root = registry.resolve(ref)
     everything = registry.list()
     by_id = {m.id: m for m in everything}
+    removed = registry.removed_versions()  # one listing
+
+    def data_removed(manifest: Manifest | None) -> bool:
+        return manifest is not None and (manifest.kind, manifest.name, manifest.version) in removed
     children_of: dict[str, list[Manifest]] = {}
     for manifest in everything:
         for parent_id in manifest.parent_ids:
@@ -469,7 +480,8 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
         nodes = []
         for parent_ref, parent_id in zip(manifest.parents, manifest.parent_ids):
             parent = by_id.get(parent_id)
-            node = LineageNode(ref=parent_ref, id=parent_id, manifest=parent, repeated=parent_id in seen)
+            node = LineageNode(ref=parent_ref, id=parent_id, manifest=parent, repeated=parent_id in seen,
+                               data_removed=data_removed(parent))  # fmt: skip
             if parent is not None and not node.repeated:
                 seen.add(parent_id)
                 node.links = up(parent, seen)
@@ -479,14 +491,16 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
     def down(manifest: Manifest, seen: set[str]) -> list[LineageNode]:
         nodes = []
         for child in sorted(children_of.get(manifest.id, []), key=lambda m: (m.kind, m.name, m.version)):
-            node = LineageNode(ref=child.ref, id=child.id, manifest=child, repeated=child.id in seen)
+            node = LineageNode(ref=child.ref, id=child.id, manifest=child, repeated=child.id in seen,
+                               data_removed=data_removed(child))  # fmt: skip
             if not node.repeated:
                 seen.add(child.id)
                 node.links = down(child, seen)
             nodes.append(node)
         return nodes
 
-    return Lineage(root=root, parents=up(root, {root.id}), children=down(root, {root.id}))
+    return Lineage(root=root, parents=up(root, {root.id}), children=down(root, {root.id}),
+                   root_data_removed=data_removed(root))
 
 
 # ------------------------------------------------------------------------------------------------- work areas

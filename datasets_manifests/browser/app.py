@@ -121,7 +121,9 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
 
     @api
     def versions(_: Request) -> Response:
-        return JSONResponse({"registry": registry.url, "versions": [summary_row(m) for m in catalog.all()]})
+        removed = registry.removed_versions()  # one listing: versions whose data files `blip data rm` removed
+        rows = [{**summary_row(m), "data_removed": (m.kind, m.name, m.version) in removed} for m in catalog.all()]
+        return JSONResponse({"registry": registry.url, "versions": rows})
 
     @api
     def version(request: Request) -> Response:

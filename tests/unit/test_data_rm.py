@@ -79,6 +79,8 @@ def test_data_only_frees_the_shards_and_keeps_the_record_index_and_lineage(regis
     assert any(line.startswith("capfilt@v1") and "data removed" not in line for line in listed.splitlines())
     main(["data", "--registry", registry.url, "show", "raw@v1"])
     assert "data files removed on" in capsys.readouterr().out
+    main(["data", "--registry", registry.url, "lineage", "capfilt@v1"])
+    assert any("raw@v1" in line and "(data removed)" in line for line in capsys.readouterr().out.splitlines())
     main(["data", "--registry", registry.url, "samples", "raw@v1", "--n", "2"])
     assert "s000000" in capsys.readouterr().out  # the index still answers
     assert verify(registry, raw) == []  # what stays is checked; the removed shard is not damage
@@ -172,6 +174,8 @@ def test_the_browser_says_the_data_files_were_removed(tmp_path):
     for removal in plan_removals(registry, ["raw@v1"], data_only=True):
         remove(registry, removal)
     client = TestClient(create_app(registry.url, thumb_cache_dir=tmp_path / "thumbs"))
+    listed = {row["ref"]: row["data_removed"] for row in client.get("/api/versions").json()["versions"]}
+    assert listed == {"raw@v1": True}
     body = client.get("/api/versions/dataset/raw/v1").json()
     assert body["data_removed"]["files"] == [SHARD] and body["data_removed"]["what"] == "data"
     rows = client.get("/api/versions/dataset/raw/v1/samples").json()["samples"]  # the index still answers

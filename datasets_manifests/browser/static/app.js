@@ -133,7 +133,7 @@ async function homePage() {
   const datasetRows = groups.dataset.map(v => `<tr>
       <td><a href="${refHref(v)}">${esc(v.name)}</a></td><td>${esc(v.version)}</td><td>${esc(v.stage)}</td>
       <td class="num">${fmt(v.num_samples)}</td><td class="mono">${esc(Object.entries(v.counts).map(([k, n]) => `${k}=${n}`).join(" "))}</td>
-      <td>${v.parents.map(esc).join(", ")}</td><td class="num">${bytes(v.bytes)}</td><td class="mono">${esc(v.short_id)}</td>
+      <td>${v.parents.map(esc).join(", ")}</td><td class="num">${v.data_removed ? `<span class="muted" title="blip data rm --data-only">data removed</span>` : bytes(v.bytes)}</td><td class="mono">${esc(v.short_id)}</td>
       <td class="muted">${esc(v.finished_at)}</td></tr>`).join("");
   const evalRows = groups.evaluation.map(v => `<tr><td><a href="${refHref(v)}">${esc(v.ref)}</a></td>
       <td>${v.parents.map(esc).join(", ")}</td><td class="mono">${esc(Object.entries(v.metrics).map(([k, n]) => `${k}=${fmt(n)}`).join(" "))}</td></tr>`).join("");
