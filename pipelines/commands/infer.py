@@ -365,9 +365,27 @@ def checkpoint_source(checkpoint: str, registry_url: str | None) -> str:
     return checkpoint
 
 
+@dataclass(frozen=True)
+class CheckedInputs:
+    """The texts of an `infer` command line, checked before a model loads (what each task reads)."""
+
+    texts: list[str]  # itm
+    questions: list[str]  # vqa
+    answers: list[str]  # vqa --answers: rank these instead of generating
+    labels: list[str]  # classify
+    prompts: list[str]  # classify: a prompt a label
+    queries: list[str]  # search
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import tempfile
 
+    checked = _check_inputs(args)
+    with tempfile.TemporaryDirectory(prefix="blip-infer-") as fetched:  # URLs' images, for the run's length
+        return _infer(args, list_images(args.image, Path(fetched)), checked)
+
+
+def _check_inputs(args: argparse.Namespace) -> CheckedInputs:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task == "caption":
@@ -387,13 +405,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     queries = _check_texts(getattr(args, "query", None), "query")
     if args.task == "search" and (args.top_k < 1 or args.rerank < 0):
         raise CommandError(f"--top-k must be >= 1 and --rerank >= 0, got {args.top_k} and {args.rerank}")
-    with tempfile.TemporaryDirectory(prefix="blip-infer-") as fetched:
-        return _infer(args, list_images(args.image, Path(fetched)), texts, questions, answers, labels, prompts,
-                      queries)  # fmt: skip
+    return CheckedInputs(texts=texts, questions=questions, answers=answers, labels=labels, prompts=prompts,
+                         queries=queries)  # fmt: skip
 
 
-def _infer(args: argparse.Namespace, inputs: InputImages, texts: list[str], questions: list[str], answers: list[str],
-           labels: list[str], prompts: list[str], queries: list[str]) -> int:  # fmt: skip
+def _infer(args: argparse.Namespace, inputs: InputImages, checked: CheckedInputs) -> int:
     import contextlib
 
     import torch
@@ -405,6 +421,8 @@ def _infer(args: argparse.Namespace, inputs: InputImages, texts: list[str], ques
     from blip_models.tokenizer import load_tokenizer
 
     images = inputs.paths
+    texts, questions, answers, labels, prompts, queries = (checked.texts, checked.questions, checked.answers,
+                                                           checked.labels, checked.prompts, checked.queries)
     device = _device(args.device)
     kind = "itm" if args.task in ("classify", "search") and args.rerank else TASK_KIND[args.task]
     try:
