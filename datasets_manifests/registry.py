@@ -395,12 +395,15 @@ class Registry:
     def removal(self, manifest: Manifest) -> dict[str, Any] | None:
         """The record `blip data rm` left for this version (`what`: "data" when only its data files were removed),
         or None."""
-        try:
-            record = json.loads(self.fs.cat_file(self.removal_path(manifest.kind, manifest.name, manifest.version)))
-        except FileNotFoundError:
-            record = None
+        record = self._removal_record(manifest.kind, manifest.name, manifest.version)
         self._removed_files[manifest.id] = None if record is None else (record, frozenset(record.get("files", ())))
         return record
+
+    def _removal_record(self, kind: str, name: str, version: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.removal_path(kind, name, version)))
+        except FileNotFoundError:
+            return None
 
     def write_removal(self, manifest: Manifest, record: dict[str, Any]) -> None:
         """Record a removal (`datasets_manifests.removal`) before anything is deleted: whole or absent."""
@@ -415,14 +418,13 @@ class Registry:
             self.fs.pipe_file(path, data)  # an object store's put is whole or absent
         self._removed_files[manifest.id] = (record, frozenset(record.get("files", ())))
 
-    def removals(self, kind: str, name: str) -> dict[str, dict[str, Any]]:
-        """version -> record of each removed version of a name (one listing; empty when none was removed)."""
+    def removed_of(self, kind: str, name: str) -> list[str]:
+        """The versions of a name that have a removal record (one listing; empty when none was removed)."""
         try:
             paths = self.fs.ls(f"{self.root}/{REMOVED_DIR}/{kind}s/{name}", detail=False)
         except FileNotFoundError:
-            return {}
-        return {path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json"): json.loads(self.fs.cat_file(path))
-                for path in paths if path.endswith(".json")}  # fmt: skip
+            return []
+        return [path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for path in paths if path.endswith(".json")]
 
     def removed_versions(self) -> set[tuple[str, str, str]]:
         """(kind, name, version) of every removal record: one listing of the registry's `.removed/`."""
@@ -514,8 +516,9 @@ class Registry:
         """A version asked for that `blip data rm` removed is said to be removed, and when (any of the name's
         versions when `version` is None)."""
         for kind in kinds:
-            removed = self.removals(kind, name)
-            record = removed.get(version) if version is not None else next(iter(removed.values()), None)
+            removed = self.removed_of(kind, name)
+            looked_up = version if version is not None else next(iter(removed), None)
+            record = self._removal_record(kind, name, looked_up) if looked_up in removed else None
             if record is not None and record.get("what") == "all":
                 shown = f"{name}@{version}" if version is not None else f"every version of {name!r}"
                 raise NotFoundError(f"{shown} was removed from {self.url} on {record.get('removed_at', '?')} "
@@ -543,7 +546,7 @@ class Registry:
         return [m for m in self.list() if manifest.id in m.parent_ids]
 
     def next_version(self, kind: str, name: str) -> str:
-        taken = [m.version for m in self.versions(kind, name)] + list(self.removals(kind, name))
+        taken = [m.version for m in self.versions(kind, name)] + self.removed_of(kind, name)
         numbers = [int(match.group(1)) for version in taken if (match := _VERSION_RE.match(version))]
         return f"v{max(numbers, default=0) + 1}"  # a removed version's name is never given again
 
@@ -604,7 +607,7 @@ class Registry:
             **fields,
         )
         target = self.version_path(kind, name, manifest.version)
-        if version is not None and self.removals(kind, name).get(version, {}).get("what") == "all":
+        if version is not None and (self._removal_record(kind, name, version) or {}).get("what") == "all":
             raise VersionExistsError(f"{manifest.ref} was removed (`blip data rm`) and its name is not given again: "
                                      "publish under a new version")  # fmt: skip
         if self.fs.exists(f"{target}/{MANIFEST_NAME}"):

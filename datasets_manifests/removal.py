@@ -164,11 +164,12 @@ def _unfinished_readers(registry: Registry) -> dict[str, list[tuple[str, str]]]:
 
 def _write_record(registry: Registry, removal: Removal) -> None:
     manifest = removal.manifest
-    earlier = registry.removal(manifest) or {}
-    files = sorted(set(earlier.get("files", ())) | set(removal.files)) if removal.data_only else []
-    record = {"ref": manifest.ref, "kind": manifest.kind, "id": manifest.id, "what": removal.what, "files": files,
-              "bytes": removal.bytes + int(earlier.get("bytes", 0)), "removed_at": now_utc(),
-              "host": socket.gethostname()}  # fmt: skip
+    earlier = registry.removal(manifest) or {}  # a data-only removal before (or this one, stopped half-way)
+    sizes = {entry.path: entry.bytes for entry in manifest.files}
+    files = sorted(set(earlier.get("files", ())) | set(removal.files)) if removal.data_only else sorted(sizes)
+    record = {"ref": manifest.ref, "kind": manifest.kind, "id": manifest.id, "what": removal.what,
+              "files": files if removal.data_only else [], "bytes": sum(sizes[path] for path in files),
+              "removed_at": now_utc(), "host": socket.gethostname()}  # fmt: skip
     registry.write_removal(manifest, record)
 
 
@@ -184,7 +185,7 @@ def _delete_files(registry: Registry, manifest: Manifest, relpaths: tuple[str, .
             if on_files is not None:
                 on_files(1)
         for folder in sorted({Path(path).parent for path in paths}, key=lambda p: len(p.parts), reverse=True):
-            while folder != Path(root) and Path(root) in folder.parents:  # the folders it left empty (shards/, images/...)
+            while folder != Path(root) and Path(root) in folder.parents:  # the folders it emptied (shards/...)
                 try:
                     folder.rmdir()
                 except OSError:

@@ -101,6 +101,7 @@ def test_data_only_frees_the_shards_and_keeps_the_record_index_and_lineage(regis
     # Again: nothing left to free. Whole, afterwards: still refused while capfilt@v1 is kept.
     code, out, _ = rm(capsys, registry, "raw@v1", "--data-only", "--yes")
     assert code == 0 and "0 files, 0 B" in out
+    assert registry.removal(raw)["files"] == [SHARD] and registry.removal(raw)["bytes"] == shard_bytes
     with pytest.raises(RemovalRefused, match="is a parent of capfilt@v1"):
         plan_removals(registry, ["raw@v1"], data_only=False)
 
