@@ -81,6 +81,10 @@ class PipelineConfig:
     # flow like the downstream set, e.g. `{kind: files, benchmark: vg_caption, ...}` for Visual Genome captions).
     pretrain_with_downstream: bool = True
     human_pairs: list[DownstreamConfig] = field(default_factory=list)
+    # Keep the downstream set's val/test images out of the web training data: the shard stage drops near copies
+    # of them (`eval_overlap`, by difference hash; `shard.eval_overlap_max_distance`), as DataComp keeps its pool
+    # apart from its evaluation sets. BLIP did not; web copies of COCO / Flickr test images inflate zero-shot scores.
+    decontaminate: bool = False
 
     def __post_init__(self) -> None:
         for index, pairs in enumerate(self.human_pairs):

@@ -63,6 +63,10 @@ def register(subparsers: Any) -> None:
         "Every dropped sample is recorded with its reason.")
     shard.add_argument("ref", help="raw dataset version, e.g. raw-demo@v1")
     shard.add_argument("--name", required=True, help="name of the training dataset, e.g. demo")
+    shard.add_argument("--decontaminate", action="append", default=[], metavar="REF",
+                       help="a downstream version (coco@v1, flickr@v1) whose val/test images must not be trained "
+                       "on: near copies of them (64-bit difference hash within eval_overlap_max_distance bits, "
+                       "default 4) are dropped as eval_overlap; repeatable")  # fmt: skip
     _common(shard, "shard")
     shard.set_defaults(func=cmd_shard)
 
@@ -167,7 +171,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     cfg = load_config(ShardConfig, stage_config_path("shard", args.config), args.overrides)
     registry = _registry(args.registry)
-    manifest = run_shard(cfg, args.ref, name=args.name, registry=registry)
+    manifest = run_shard(cfg, args.ref, name=args.name, registry=registry, eval_sets=args.decontaminate)
     _report(summary(manifest), args.json, registry)
     return 0
 

@@ -39,9 +39,9 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
 
         os.environ.setdefault("RAY_ADDRESS", cfg.ray_address)
 
-    raw = web_data(cfg, registry)
     clean = run_stage("downstream", downstream.publish_downstream, cfg.downstream, registry=registry,
                       output_kind="dataset", output_name=cfg.version_name("downstream"), name=cfg.version_name("downstream"))
+    raw = web_data(cfg, registry, eval_sets=(clean,) if cfg.decontaminate else ())
     human = human_pairs(cfg, clean, registry)
     if cfg.capfilt_models.given:  # a captioner and filter you have (BLIP's released ones): no web pretraining
         captioner, filter_ = given_pair(cfg, registry)
@@ -67,8 +67,9 @@ def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     return final.ref
 
 
-def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
-    """download (img2dataset) -> shard: the noisy web dataset version."""
+def web_data(cfg: PipelineConfig, registry: Registry, eval_sets: tuple[Manifest, ...] = ()) -> Manifest:
+    """download (img2dataset) -> shard: the noisy web dataset version, without near copies of the `eval_sets`'
+    val/test images (`decontaminate`)."""
     name = cfg.version_name("raw")
     if cfg.source.kind == "demo":
         raw = run_stage("download", demo_source.download_demo_corpus, cfg.source.demo, cfg.download, name=name,
@@ -77,7 +78,8 @@ def web_data(cfg: PipelineConfig, registry: Registry) -> Manifest:
         raw = run_stage("download", download.run_download, cfg.download, cfg.source.path, name=name,
                         registry=registry, output_kind="dataset", output_name=name)
     return run_stage("shard", shard.run_shard, cfg.shard, raw, name=cfg.version_name("web"), registry=registry,
-                     output_kind="dataset", output_name=cfg.version_name("web"), upstream=[raw])
+                     eval_sets=eval_sets, output_kind="dataset", output_name=cfg.version_name("web"),
+                     upstream=[raw, *eval_sets])
 
 
 def human_pairs(cfg: PipelineConfig, clean: Manifest, registry: Registry) -> list[Manifest]:

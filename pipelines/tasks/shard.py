@@ -2,7 +2,7 @@
 
 What it does, in order, with a drop reason for every sample it drops (datatrove's `filter -> (keep, reason)`):
 decode check (`corrupt_image`, `too_large` for decompression bombs; greyscale/CMYK/alpha converted to RGB),
-BLIP caption normalisation (`pre_caption`, salesforce/BLIP data/utils.py; raw text kept) with `empty_caption`
+with evaluation sets given, near copies of their val/test images (`eval_overlap`, by difference hash), BLIP caption normalisation (`pre_caption`, salesforce/BLIP data/utils.py; raw text kept) with `empty_caption`
 and `absurd_caption` (too long, or no letters), then exact dedup by URL (`duplicate_url`; samples without a URL
 are not compared) and by the sha256 of the image bytes (`duplicate_image`), keeping the first sample in key
 order. The train/val split is a hash of the key (stable when the corpus grows); the order inside a split is a
@@ -67,6 +67,10 @@ class ShardConfig:
     dedup_image: bool = True
     max_image_pixels: int = 20_000_000  # decoded pixels above this are dropped as too_large (decompression bombs)
     jpeg_quality: int = 95  # re-encode quality for images that were not RGB JPEGs
+    # With evaluation sets to keep out (`run_shard(eval_sets=...)`, `blip shard --decontaminate`): a web image whose
+    # 64-bit difference hash is within this many bits of an evaluation image's is dropped as `eval_overlap` (a
+    # resized or re-encoded copy differs by a few bits; unrelated images by ~32).
+    eval_overlap_max_distance: int = 4
 
     def __post_init__(self) -> None:
         check_range("ShardConfig", "samples_per_shard", self.samples_per_shard, 1, 10_000_000)
@@ -75,6 +79,7 @@ class ShardConfig:
         check_range("ShardConfig", "max_caption_chars", self.max_caption_chars, 1)
         check_range("ShardConfig", "max_image_pixels", self.max_image_pixels, 1)
         check_range("ShardConfig", "jpeg_quality", self.jpeg_quality, 1, 100)
+        check_range("ShardConfig", "eval_overlap_max_distance", self.eval_overlap_max_distance, 0, 32)
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -91,8 +96,9 @@ def caption_problem(raw: str, caption: str, cfg: ShardConfig) -> str | None:
     return None
 
 
-def check_image(data: bytes, cfg: ShardConfig) -> tuple[str | None, int, int, bool]:
-    """(problem or None, width, height, needs re-encoding to an RGB JPEG)."""
+def check_image(data: bytes, cfg: ShardConfig, on_image: Any = None) -> tuple[str | None, int, int, bool]:
+    """(problem or None, width, height, needs re-encoding to an RGB JPEG); `on_image(image)` is given the decoded
+    image of a good one."""
     from PIL import Image
 
     try:
@@ -101,11 +107,51 @@ def check_image(data: bytes, cfg: ShardConfig) -> tuple[str | None, int, int, bo
             if width * height > cfg.max_image_pixels:
                 return "too_large", width, height, False
             image.load()
+            if on_image is not None:
+                on_image(image)
             return None, width, height, not (image.format == "JPEG" and image.mode == "RGB")
     except Image.DecompressionBombError:
         return "too_large", 0, 0, False
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
         return "corrupt_image", 0, 0, False
+
+
+def image_dhash(image: Any) -> int:
+    """The 64-bit difference hash of an image: its greyscale at 9 x 8, each bit whether a pixel is brighter than
+    its right neighbour. Resizing, re-encoding and small colour changes move a few bits; other images differ in
+    about half of them. Used to keep evaluation images out of training data (`eval_overlap`)."""
+    from PIL import Image
+
+    # reducing_gap: a box reduction first, then bilinear: half the time of bilinear from full size, the same bits
+    # but for near-equal neighbours.
+    grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR, reducing_gap=2.0), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def nearest_distance(value: int, hashes: np.ndarray) -> int:
+    """The fewest bits `value` differs in from any of `hashes` (uint64; 65 when there are none)."""
+    if not len(hashes):
+        return 65
+    return int(np.bitwise_count(np.bitwise_xor(hashes, np.uint64(value))).min())  # ~10 us for 10k hashes
+
+
+def eval_image_hashes(registry: Registry, eval_sets: list[Manifest]) -> np.ndarray:
+    """The difference hashes of the evaluation images (files of role `image`: the val/test images a downstream
+    version keeps as files) of `eval_sets`, as uint64; an image that cannot be decoded is an error naming it."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    entries = [(manifest, entry.path) for manifest in eval_sets for entry in manifest.files if entry.role == "image"]
+    hashes = np.zeros(len(entries), dtype=np.uint64)
+    for number, (manifest, path) in enumerate(tqdm(entries, desc="hashing evaluation images", unit="image",
+                                                   disable=len(entries) < 1000)):  # fmt: skip
+        try:
+            with registry.open(manifest, path) as handle, Image.open(io.BytesIO(handle.read())) as image:
+                hashes[number] = image_dhash(image)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"evaluation image {manifest.ref}/{path} cannot be decoded: {error}") from error
+    return hashes
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -115,21 +161,32 @@ class EmptyInputError(ValueError):
     """The raw version gives no sample to shard."""
 
 
-def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, registry: Registry) -> Manifest:
-    """Turn a raw (download) version into training shards; publishes a new version of `name` (no-op if done)."""
+def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, registry: Registry,
+              eval_sets: list[str | Manifest] | tuple[str | Manifest, ...] = ()) -> Manifest:
+    """Turn a raw (download) version into training shards; publishes a new version of `name` (no-op if done).
+
+    `eval_sets`: downstream versions whose evaluation images (their val/test images) must not be trained on: a
+    web image that is a near copy of one (`image_dhash` within `cfg.eval_overlap_max_distance` bits) is dropped
+    as `eval_overlap`; they are parents of the version (its lineage names what it was kept apart from)."""
     parent = registry.resolve(dataset_ref, "dataset")
+    evals = [registry.resolve(ref, "dataset") for ref in eval_sets]
+    no_images = [manifest.ref for manifest in evals if not any(entry.role == "image" for entry in manifest.files)]
+    if no_images:
+        raise ValueError(f"{', '.join(no_images)}: no evaluation images (files of role 'image') to keep out of "
+                         "the training data; decontaminate against a downstream version with val/test images")
     if parent.shards() and all(entry.num_samples == 0 for entry in parent.shards()):
         failures = ", ".join(f"{reason}: {count}" for reason, count in sorted(parent.drop_reasons.items())) or "none"
         raise EmptyInputError(f"{parent.ref} holds no image: its download got none (failures: {failures}); check "
                               f"the network and the source URLs, then `blip download --retry-failed {parent.ref} "
                               "--name NAME` tries them again")  # fmt: skip
-    key = cache_key(STAGE, [parent.id], config_hash(cfg))
+    # Without evaluation sets the distance plays no part: left out, so versions sharded before it existed are reused.
+    key = cache_key(STAGE, [parent.id, *(manifest.id for manifest in evals)], _config_hash(cfg, bool(evals)))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
-    work = registry.note_work(key, stage=STAGE, name=name, parents=[parent], shared=True)
+    work = registry.note_work(key, stage=STAGE, name=name, parents=[parent, *evals], shared=True)
     stage = work / "stage"
     # The output shards (terabytes at 129M) go where the registry keeps them: its own disk for a local registry,
     # its store's work prefix for a remote one (the publish then copies them inside the store), never this
@@ -138,7 +195,9 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     # already written), which at 129M is hours of each pass.
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
     stage.mkdir(parents=True, exist_ok=True)
-    input_counts, scanned_before = _scan(cfg, registry, parent, work, _kept_files(registry, key, work, SCAN_PARTS))
+    eval_hashes = eval_image_hashes(registry, evals) if evals else None
+    input_counts, scanned_before = _scan(cfg, registry, parent, work, _kept_files(registry, key, work, SCAN_PARTS),
+                                         eval_hashes)  # fmt: skip
     records = read_spilled([work / RECORDS_FILE], RECORD_SCHEMA)
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
@@ -152,7 +211,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
                                                            _kept_files(registry, key, work, WRITTEN_PARTS))
     resumed = {"raw_shards_checked_before": scanned_before, "output_shards_written_before": written_before}
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
-                        shard_entries, input_counts, resumed)  # fmt: skip
+                        shard_entries, input_counts, resumed, evals)  # fmt: skip
     del records  # the memory map, before its file goes
     registry.remove_work(key)  # the records (~45 GB at 129M), and staged shards whose copies are the version's now
     return manifest
@@ -284,8 +343,8 @@ def _kept_files(registry: Registry, key: str, work: Path, folder: str) -> KeptFi
     return KeptFiles(work / folder, mirror)
 
 
-def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path,
-          parts: KeptFiles) -> tuple[dict[str, int], int]:  # fmt: skip
+def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, parts: KeptFiles,
+          eval_hashes: np.ndarray | None = None) -> tuple[dict[str, int], int]:  # fmt: skip
     """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, into
     `work/records.arrow` in raw shard order. Returns the input counts and how many raw shards a stopped run of
     this key had already checked.
@@ -313,7 +372,7 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path,
         log.info("shard: going on from a stopped run: %d of %d raw shards already checked", len(entries) - len(todo),
                  len(entries))  # fmt: skip
     index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
-    jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url) for n in todo]
+    jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url, eval_hashes) for n in todo]
     workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
               disable=len(entries) < 4) as progress:  # fmt: skip
@@ -354,10 +413,11 @@ def _read_part(path: Path) -> tuple[pa.Table, bool] | None:
     return table.replace_schema_metadata(None), (table.schema.metadata or {}).get(b"truncated") == b"1"
 
 
-def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None) -> tuple[pa.Table, bool]:
+def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None,
+                   eval_hashes: np.ndarray | None = None) -> tuple[pa.Table, bool]:  # fmt: skip
     """Pass 1 over one raw shard (`url`, published as `path`): its records (RECORD_SCHEMA), and whether it was
     truncated (then the samples the raw index at `index_url` lists in it that could not be read are dropped as
-    `truncated_shard`)."""
+    `truncated_shard`). With `eval_hashes` (`eval_image_hashes`), near copies of evaluation images are dropped."""
     import fsspec
 
     from blip_models.processing import pre_caption
@@ -367,7 +427,7 @@ def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None)
     errors: Counter = Counter()
     with fsspec.open(url, "rb") as handle:
         for sample in iter_tar(handle, errors, path):
-            records.append(_record(cfg, sample, path, pre_caption))
+            records.append(_record(cfg, sample, path, pre_caption, eval_hashes))
     if errors and index_url is not None:
         seen = {record["key"] for record in records}
         for row in _expected_rows(index_url, path):
@@ -381,7 +441,8 @@ def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None)
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), bool(errors)
 
 
-def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) -> dict[str, Any]:
+def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
+            eval_hashes: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     data = sample.members.get("jpg")
     try:
         meta = json.loads(sample.members.get("json", b"{}"))
@@ -396,9 +457,13 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any) ->
     if data is None:
         record.update(status="dropped", drop_reason="missing_image")
         return record
-    problem, width, height, reencode = check_image(data, cfg)
+    dhash: list[int] = []
+    problem, width, height, reencode = check_image(data, cfg, None if eval_hashes is None else
+                                                   lambda image: dhash.append(image_dhash(image)))  # fmt: skip
     record.update(width=width or None, height=height or None, reencode=reencode,
                   image_sha256=hashlib.sha256(data).hexdigest())
+    if not problem and dhash and nearest_distance(dhash[0], eval_hashes) <= cfg.eval_overlap_max_distance:
+        problem = "eval_overlap"  # a near copy of an evaluation image: training on it would inflate the scores
     problem = problem or caption_problem(raw, caption, cfg)
     if problem:
         record.update(status="dropped", drop_reason=problem)
@@ -890,29 +955,40 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
 def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
              stage: Path, out: str, records: pa.Table, decision: Decision, written: Written,
              shard_entries: list[dict[str, Any]], input_counts: dict[str, int],
-             resumed: dict[str, int]) -> Manifest:  # fmt: skip
+             resumed: dict[str, int], evals: list[Manifest]) -> Manifest:  # fmt: skip
     from datasets_manifests.index import INDEX_FILE, write_index_batches
 
     summary = write_index_batches(_index_batches(records, decision, written), stage / INDEX_FILE)
     repeated = int((decision.dropped_as == DUPLICATE_REASONS.index("duplicate_key")).sum())
     if repeated:
         input_counts = {**input_counts, "duplicate_key": repeated}
-    producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
-                        started_at=started)
+    producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=_config_hash(cfg, bool(evals)), cache_key=key,
+                        started_at=started)  # fmt: skip
+    stats: dict[str, Any] = {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "max_words": cfg.max_words,
+                             "resumed": resumed}  # fmt: skip
+    if evals:
+        stats["decontaminated"] = {"against": [manifest.ref for manifest in evals], "eval_images": sum(
+            entry.role == "image" for manifest in evals for entry in manifest.files),
+            "max_distance": cfg.eval_overlap_max_distance, "dropped": summary["drop_reasons"].get("eval_overlap", 0)}
     # The shards' digests were taken by the processes that wrote them: at 129M, ~7 TB that the publish would
     # otherwise read again in this one process (hours); `blip data verify` recomputes them.
     return registry.publish(
-        kind="dataset", name=name, staging_dir=stage, producer=producer, parents=[parent], digests_from_writer=True,
+        kind="dataset", name=name, staging_dir=stage, producer=producer, parents=[parent, *evals],
+        digests_from_writer=True,
         remote_staging=None if out == str(stage) else out,
         files=[*shard_entries, {"path": INDEX_FILE, "role": "index"}],
         splits=summary["splits"], counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                                           "dropped": summary["counts"]["dropped"], **input_counts},
         drop_reasons=summary["drop_reasons"],
-        stats={"seed": cfg.seed, "val_fraction": cfg.val_fraction, "max_words": cfg.max_words, "resumed": resumed},
+        stats=stats,
         sample_schema={"jpg": "RGB JPEG bytes", "txt": "normalised caption (BLIP pre_caption)",
                        "json": "key, url, raw_caption, caption, image_sha256, width, height, source_key"},
         metadata={"layout": "webdataset", "shard_pattern": "shards/{split}-{i:06d}.tar"},
     )
+
+
+def _config_hash(cfg: ShardConfig, decontaminating: bool) -> str:
+    return config_hash(cfg, leave_out=() if decontaminating else ("eval_overlap_max_distance",))
 
 
 def summary(manifest: Manifest) -> dict[str, Any]:

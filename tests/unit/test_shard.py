@@ -10,6 +10,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -622,3 +623,88 @@ def test_the_set_examples_in_the_data_commands_help_are_keys_of_their_configs():
 
     for stage, config_class in (("download", DownloadConfig), ("shard", ShardConfig)):
         load_config(config_class, stage_config_path(stage, "default"), [OVERRIDE_EXAMPLES[stage]])
+
+
+def _pattern(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random image (a 4 x 4 grid of random colours, upsampled): what a difference hash sees in a photo."""
+    grid = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _web_with_copies_of_eval_images(tmp_path):
+    """A registry with coco-eval@v1 (3 val/test images) and raw-web@v1 (3 near copies of them, 12 other images)."""
+    from PIL import ImageEnhance
+
+    registry = Registry(tmp_path / "registry")
+    evals = tmp_path / "evals"
+    (evals / "images").mkdir(parents=True)
+    for number in range(3):
+        _pattern(100 + number).save(evals / "images" / f"test_{number}.png")
+    eval_set = registry.publish(kind="dataset", name="coco-eval", staging_dir=evals, producer=Producer(stage="handmade"),
+                                files=[{"path": f"images/test_{n}.png", "role": "image"} for n in range(3)])  # fmt: skip
+    copies = [("c000", _jpeg(_pattern(100).resize((48, 48)), 75)),  # resized and re-encoded
+              ("c001", _jpeg(_pattern(101), 60)),  # re-encoded harder
+              ("c002", _jpeg(ImageEnhance.Brightness(_pattern(102)).enhance(1.15)))]  # brighter
+    samples = [(key, f"http://h/{key}.jpg", f"a copy {key}", data, "eval_overlap") for key, data in copies]
+    samples += [(f"w{n:03d}", f"http://h/w{n}.jpg", f"a web photo {n}", _jpeg(_pattern(n)), "ok") for n in range(12)]
+    stage = tmp_path / "stage"
+    (stage / "raw").mkdir(parents=True)
+    _write_raw_tar(stage / "raw/00000.tar", samples)
+    raw = registry.publish(kind="dataset", name="raw-web", staging_dir=stage, producer=Producer(stage="handmade"),
+                           files=[{"path": "raw/00000.tar", "role": "shard"}])  # fmt: skip
+    return registry, raw, eval_set, copies
+
+
+def test_near_copies_of_evaluation_images_are_dropped_as_eval_overlap(tmp_path):
+    from pipelines.tasks.shard import image_dhash, nearest_distance
+
+    registry, raw, eval_set, copies = _web_with_copies_of_eval_images(tmp_path)
+    for key, data in copies:  # the hash itself: a few bits from the original, about half from the others
+        with Image.open(io.BytesIO(data)) as image:
+            assert nearest_distance(image_dhash(image), np.array([image_dhash(_pattern(100 + int(key[-1])))],
+                                                                 dtype=np.uint64)) <= 4  # fmt: skip
+
+    cfg = ShardConfig(samples_per_shard=100, val_fraction=0.0)
+    plain = run_shard(cfg, raw, name="web", registry=registry)
+    assert "eval_overlap" not in plain.drop_reasons and plain.counts["kept"] == 15
+    from pipelines.tasks.shard import _config_hash
+
+    assert _config_hash(ShardConfig(), False) == "330745246901690e"  # as before the option: no version sharded anew
+
+    kept_apart = run_shard(cfg, raw, name="web", registry=registry, eval_sets=["coco-eval"])
+    assert kept_apart.drop_reasons == {"eval_overlap": 3} and kept_apart.counts["kept"] == 12
+    assert kept_apart.parents == (raw.ref, eval_set.ref)
+    assert kept_apart.stats["decontaminated"] == {"against": ["coco-eval@v1"], "eval_images": 3, "max_distance": 4,
+                                                  "dropped": 3}  # fmt: skip
+    index = pq.read_table(registry.local_path(kept_apart, "index.parquet")).to_pylist()
+    assert {row["key"] for row in index if row["drop_reason"] == "eval_overlap"} == {"c000", "c001", "c002"}
+    assert run_shard(cfg, raw, name="web", registry=registry, eval_sets=["coco-eval"]) == kept_apart  # reused
+
+    with pytest.raises(ValueError, match="raw-web@v1: no evaluation images"):
+        run_shard(cfg, raw, name="web", registry=registry, eval_sets=[raw])
+
+    from pipelines.cli import main
+
+    assert main(["shard", raw.ref, "--name", "web-cli", "--decontaminate", "coco-eval@v1", "--registry", registry.url,
+                 "--set", "val_fraction=0.0", "--set", "eval_overlap_max_distance=1"]) == 0  # fmt: skip
+    by_cli = registry.resolve("web-cli@v1")
+    assert by_cli.drop_reasons == {"eval_overlap": 2}  # the brighter copy is 2 bits away
+
+
+def test_the_flow_keeps_the_downstream_sets_evaluation_images_out_of_the_web_shards(tmp_path, monkeypatch,
+                                                                                   stages_without_prefect):
+    from pipelines.flows import bootstrap
+    from pipelines.pipeline_config import load_pipeline
+
+    registry, raw, eval_set, _ = _web_with_copies_of_eval_images(tmp_path)
+    monkeypatch.setattr(bootstrap.demo_source, "download_demo_corpus", lambda *args, **kwargs: raw)
+    cfg = load_pipeline("tiny", [f"registry={registry.url}", "decontaminate=true", "shard.val_fraction=0"])
+    web = bootstrap.web_data(cfg, registry, eval_sets=(eval_set,))
+    assert web.name == "tiny-web" and web.drop_reasons == {"eval_overlap": 3}
+    assert web.parents == (raw.ref, eval_set.ref)
