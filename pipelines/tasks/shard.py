@@ -2,12 +2,13 @@
 
 What it does, in order, with a drop reason for every sample it drops (datatrove's `filter -> (keep, reason)`):
 decode check (`corrupt_image`, `too_large` for decompression bombs; greyscale/CMYK/alpha converted to RGB),
-with evaluation sets given, near copies of their val/test images (`eval_overlap`, by difference hash), BLIP caption normalisation (`pre_caption`, salesforce/BLIP data/utils.py; raw text kept) with `empty_caption`
-and `absurd_caption` (too long, or no letters), then exact dedup by URL (`duplicate_url`; samples without a URL
-are not compared) and by the sha256 of the image bytes (`duplicate_image`), keeping the first sample in key
-order. The train/val split is a hash of the key (stable when the corpus grows); the order inside a split is a
-seeded shuffle. Shards are
-`shards/{split}-{i:06d}.tar`, gap-free, written atomically, and `index.parquet` points at each `.jpg` member.
+with evaluation sets given, near copies of their val/test images (`eval_overlap`, by difference hash), BLIP
+caption normalisation (`pre_caption`, salesforce/BLIP data/utils.py; raw text kept) with `empty_caption` and
+`absurd_caption` (too long, or no letters), then exact dedup by URL (`duplicate_url`; samples without a URL are
+not compared) and by the sha256 of the image bytes (`duplicate_image`), keeping the first sample in key order.
+The train/val split is a hash of the key (stable when the corpus grows); the order inside a split is a seeded
+shuffle. Shards are `shards/{split}-{i:06d}.tar`, gap-free, written atomically, and `index.parquet` points at
+each `.jpg` member.
 
 Two passes, each spread over worker processes: pass 1 checks every raw shard and appends its records (no image
 bytes) to an Arrow file on disk; the driver decides the dedup and the output shards on arrays (the records

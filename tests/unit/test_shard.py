@@ -646,8 +646,9 @@ def _web_with_copies_of_eval_images(tmp_path):
     (evals / "images").mkdir(parents=True)
     for number in range(3):
         _pattern(100 + number).save(evals / "images" / f"test_{number}.png")
-    eval_set = registry.publish(kind="dataset", name="coco-eval", staging_dir=evals, producer=Producer(stage="handmade"),
-                                files=[{"path": f"images/test_{n}.png", "role": "image"} for n in range(3)])  # fmt: skip
+    eval_set = registry.publish(kind="dataset", name="coco-eval", staging_dir=evals,
+                                producer=Producer(stage="handmade"),
+                                files=[{"path": f"images/test_{n}.png", "role": "image"} for n in range(3)])
     copies = [("c000", _jpeg(_pattern(100).resize((48, 48)), 75)),  # resized and re-encoded
               ("c001", _jpeg(_pattern(101), 60)),  # re-encoded harder
               ("c002", _jpeg(ImageEnhance.Brightness(_pattern(102)).enhance(1.15)))]  # brighter
