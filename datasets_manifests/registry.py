@@ -402,7 +402,7 @@ class Registry:
     def _removal_record(self, kind: str, name: str, version: str) -> dict[str, Any] | None:
         try:
             return json.loads(self.fs.cat_file(self.removal_path(kind, name, version)))
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):  # S3 answers 403 for a missing key without ListBucket rights
             return None
 
     def write_removal(self, manifest: Manifest, record: dict[str, Any]) -> None:
