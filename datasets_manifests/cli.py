@@ -1,7 +1,7 @@
 """`blip data ...`: look at the registry from the command line.
 
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
-                               | rm REF... [--data-only] [--dry-run] [--yes]
+                               | rm REF... [--data-only] [--dry-run] [--yes] | find --url URL | --key KEY | --sha256 HEX
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
                                | publish-model SOURCE --name NAME [--kind KIND]
@@ -44,8 +44,8 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, export, work, rm, "
-        "catalog, serve, publish-downstream, publish-model, export-model",
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, find, export, work, "
+        "rm, catalog, serve, publish-downstream, publish-model, export-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -119,6 +119,13 @@ def register(subparsers: Any) -> None:
                       help="also remove abandoned work: unfinished runs, their training checkpoints and publishes "
                       "killed before their commit whose last write is older than DAYS days (a run going on writes "
                       "as it goes; its rerun starts over)")  # fmt: skip
+
+    find = command("find", "where a sample is: every dataset version holding a URL, key or image sha256 (kept, or "
+                   "why dropped; its shard) and the models trained on it: what a takedown request asks", cmd_find)
+    find.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
+    find.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
+    find.add_argument("--key", action="append", default=[], help="a sample key (repeatable)")
+    find.add_argument("--sha256", action="append", default=[], help="the sha256 of an image's bytes (repeatable)")
 
     rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
                  "files (--data-only: shards, weights, images; the record, index, stats and lineage stay)", cmd_rm)
@@ -240,6 +247,43 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     else:
         load = "salesforce/BLIP's blip_*(pretrained=OUT), LAVIS's load_from_pretrained(OUT)"
     print(f"wrote the '{kind}' model {args.source} to {args.out} ({args.export_format}); load: {load}")
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from datasets_manifests.locate import find_samples, trained_on
+
+    registry = _registry(args)
+    urls = list(args.url)
+    if args.urls is not None:
+        try:
+            urls += [line.strip() for line in args.urls.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as error:
+            raise UserError(f"--urls {args.urls}: {error}") from None
+    if not (urls or args.key or args.sha256):
+        raise UserError("blip data find: give --url, --urls FILE, --key or --sha256")
+    with tqdm(desc="searching indexes", unit="version", file=sys.stderr, disable=None) as bar:
+        found = find_samples(registry, urls=urls, keys=args.key, sha256s=args.sha256,
+                             on_version=lambda _: bar.update())  # fmt: skip
+    kept_in = sorted({item.ref for item in found if item.status == "ok"})
+    models = trained_on(registry, kept_in)
+    if args.json:
+        _print_json({"found": [item.to_dict() for item in found], "kept_in": kept_in,
+                     "trained_on_it": [{"ref": m.ref, "kind": m.kind} for m in models]})  # fmt: skip
+        return 0 if found else 1
+    if not found:
+        print(f"not found in any dataset version of {registry.url}")
+        return 1
+    for item in found:
+        state = "kept" if item.status == "ok" else f"dropped ({item.drop_reason})"
+        where = f"{item.split} split, {item.shard}" if item.shard else "no shard"
+        removed = "; its data files were removed" if item.data_removed else ""
+        print(f"{item.ref}  {item.key}  {state}  {where}  {item.url or '-'}  {item.caption or ''!r}{removed}")
+    print(f"{len(found)} rows in {len({item.ref for item in found})} versions; kept in {', '.join(kept_in) or 'none'}")
+    if models:
+        print("made from the versions that keep it: " + ", ".join(f"{m.ref} ({m.kind})" for m in models))
     return 0
 
 

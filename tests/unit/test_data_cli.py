@@ -409,3 +409,50 @@ def test_serve_wait_option_parses_seconds_and_names_a_bad_value(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["data", "serve", "--wait-s", bad])
         assert message in capsys.readouterr().err
+
+
+def test_find_says_where_a_url_is_kept_or_dropped_and_what_was_trained_on_it(populated, capsys, tmp_path):
+    from datasets_manifests.manifest import Producer
+
+    capfilt = populated.resolve("capfilt@v1")
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"weights")
+    model = populated.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
+                              files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    scores = tmp_path / "eval"
+    scores.mkdir()
+    (scores / "metrics.json").write_text("{}")
+    populated.publish(kind="evaluation", name="eval", staging_dir=scores, producer=Producer(stage="evaluate"),
+                      files=[{"path": "metrics.json", "role": "metrics"}], parents=[model])
+
+    code, out, _ = run(capsys, populated, "find", "--url", "http://127.0.0.1/img/1.jpg")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()[:2]}
+    assert lines["raw@v1"].startswith("raw@v1  s000001  kept  train split, shards/train-000000.tar")
+    assert lines["capfilt@v1"].startswith("capfilt@v1  s000001  kept") and "'a synthetic caption'" in out
+    assert "kept in capfilt@v1, raw@v1" in out
+    assert "made from the versions that keep it: pretrain@v1 (model), eval@v1 (evaluation)" in out.replace(
+        "eval@v1 (evaluation), pretrain@v1 (model)", "pretrain@v1 (model), eval@v1 (evaluation)")
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1/img/6.jpg\n\nhttp://nowhere/x.jpg\n")
+    code, out, _ = run(capsys, populated, "find", "--urls", str(urls), "--json")
+    data = json.loads(out)
+    assert sorted((item["ref"], item["status"], item["drop_reason"]) for item in data["found"]) == [
+        ("capfilt@v1", "dropped", "itm_below_threshold"), ("raw@v1", "ok", None)]
+    assert data["kept_in"] == ["raw@v1"] and data["trained_on_it"] == []  # CapFilt dropped it: no model saw it
+
+    code, out, _ = run(capsys, populated, "find", "--key", "s000007")
+    assert code == 0 and out.splitlines()[0].startswith("raw@v1  s000007") and "capfilt@v1  s000007" not in out
+    from datasets_manifests.index import scan_index
+
+    raw = populated.resolve("raw@v1")
+    sha = next(row["image_sha256"] for batch in scan_index(populated, raw, ["key", "image_sha256"])
+               for row in batch.to_pylist() if row["key"] == "s000003")  # fmt: skip
+    code, out, _ = run(capsys, populated, "find", "--sha256", sha.upper())
+    assert code == 0 and {line.split()[1] for line in out.splitlines()[:2]} == {"s000003"}
+    code, out, _ = run(capsys, populated, "find", "--url", "http://nowhere/x.jpg")
+    assert code == 1 and "not found in any dataset version" in out
+    code, _, err = run(capsys, populated, "find")
+    assert code != 0 and "give --url" in err

@@ -83,6 +83,9 @@ def test_data_only_frees_the_shards_and_keeps_the_record_index_and_lineage(regis
     assert any("raw@v1" in line and "(data removed)" in line for line in capsys.readouterr().out.splitlines())
     main(["data", "--registry", registry.url, "samples", "raw@v1", "--n", "2"])
     assert "s000000" in capsys.readouterr().out  # the index still answers
+    main(["data", "--registry", registry.url, "find", "--key", "s000000"])
+    assert any(line.startswith("raw@v1  s000000") and line.endswith("its data files were removed")
+               for line in capsys.readouterr().out.splitlines())  # fmt: skip
     assert verify(registry, raw) == []  # what stays is checked; the removed shard is not damage
     main(["data", "--registry", registry.url, "verify", "raw@v1"])
     assert "1 data files removed by `blip data rm`, not checked" in capsys.readouterr().out
