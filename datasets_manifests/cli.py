@@ -2,6 +2,7 @@
 
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
                                | rm REF... [--data-only] [--dry-run] [--yes] | find --url URL | --key KEY | --sha256 HEX
+                               | takedown [REF...] --url URL | --urls FILE | --key KEY | --sha256 HEX
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
                                | publish-model SOURCE --name NAME [--kind KIND]
@@ -44,8 +45,8 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
-        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, find, export, work, "
-        "rm, catalog, serve, publish-downstream, publish-model, export-model",
+        "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, find, takedown, "
+        "export, work, rm, catalog, serve, publish-downstream, publish-model, export-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -126,6 +127,16 @@ def register(subparsers: Any) -> None:
     find.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
     find.add_argument("--key", action="append", default=[], help="a sample key (repeatable)")
     find.add_argument("--sha256", action="append", default=[], help="the sha256 of an image's bytes (repeatable)")
+
+    takedown = command("takedown", "take samples (by URL, key or image sha256) out of dataset versions: each that "
+                       "keeps one gets a next version without them (their shards rewritten, their index rows dropped "
+                       "as 'takedown'); then free the old one with `blip data rm OLD --data-only`", cmd_takedown)
+    takedown.add_argument("refs", nargs="*", metavar="REF",
+                          help="dataset versions to take them out of (default: every one that keeps one of them)")
+    for flag, help_text in (("--url", "an image URL (repeatable)"), ("--key", "a sample key (repeatable)"),
+                            ("--sha256", "the sha256 of an image's bytes (repeatable)")):  # fmt: skip
+        takedown.add_argument(flag, action="append", default=[], help=help_text)
+    takedown.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
 
     rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
                  "files (--data-only: shards, weights, images; the record, index, stats and lineage stay)", cmd_rm)
@@ -256,14 +267,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     from datasets_manifests.locate import find_samples, trained_on
 
     registry = _registry(args)
-    urls = list(args.url)
-    if args.urls is not None:
-        try:
-            urls += [line.strip() for line in args.urls.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except OSError as error:
-            raise UserError(f"--urls {args.urls}: {error}") from None
-    if not (urls or args.key or args.sha256):
-        raise UserError("blip data find: give --url, --urls FILE, --key or --sha256")
+    urls = _wanted_urls(args, "find")
     with tqdm(desc="searching indexes", unit="version", file=sys.stderr, disable=None) as bar:
         found = find_samples(registry, urls=urls, keys=args.key, sha256s=args.sha256,
                              on_version=lambda _: bar.update())  # fmt: skip
@@ -284,6 +288,59 @@ def cmd_find(args: argparse.Namespace) -> int:
     print(f"{len(found)} rows in {len({item.ref for item in found})} versions; kept in {', '.join(kept_in) or 'none'}")
     if models:
         print("made from the versions that keep it: " + ", ".join(f"{m.ref} ({m.kind})" for m in models))
+    return 0
+
+
+def _wanted_urls(args: argparse.Namespace, command: str) -> list[str]:
+    """--url and the lines of --urls FILE; an error when no sample is named at all."""
+    urls = list(args.url)
+    if args.urls is not None:
+        try:
+            urls += [line.strip() for line in args.urls.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as error:
+            raise UserError(f"--urls {args.urls}: {error}") from None
+    if not (urls or args.key or args.sha256):
+        raise UserError(f"blip data {command}: give --url, --urls FILE, --key or --sha256")
+    return urls
+
+
+def cmd_takedown(args: argparse.Namespace) -> int:
+    from datasets_manifests.locate import find_samples, trained_on
+    from pipelines.tasks.takedown import run_takedown
+
+    registry = _registry(args)
+    urls = _wanted_urls(args, "takedown")
+    refs = [registry.resolve(ref, "dataset").ref for ref in args.refs]
+    if not refs:  # every version that keeps one: what `blip data find` lists as kept
+        found = find_samples(registry, urls=urls, keys=args.key, sha256s=args.sha256)
+        refs = sorted({item.ref for item in found if item.status == "ok" and not item.data_removed})
+    results = []
+    for ref in refs:
+        try:
+            new = run_takedown(registry, ref, urls=urls, keys=args.key, sha256s=args.sha256)
+        except ValueError as error:
+            raise UserError(f"takedown {ref}: {error}") from None
+        results.append((ref, new))
+    done = [(ref, new) for ref, new in results if new is not None]
+    models = trained_on(registry, [ref for ref, _ in done])
+    if args.json:
+        versions = [{"from": ref, "to": new.ref if new else None,
+                     "taken_down": new.counts.get("taken_down", 0) if new else 0} for ref, new in results]
+        _print_json({"versions": versions, "trained_on_old": [m.ref for m in models]})
+        return 0
+    if not results:
+        print(f"no dataset version of {registry.url} keeps them")
+    for ref, new in results:
+        if new is None:
+            print(f"{ref}: keeps none of them")
+        else:
+            print(f"{ref} -> {new.ref}: {new.counts['taken_down']} samples taken out "
+                  f"({new.stats['takedown']['shards_rewritten']} shards rewritten)")
+    if done:
+        print(f"free the old versions' data: blip data rm {' '.join(ref for ref, _ in done)} --data-only")
+    if models:
+        print("made from the old versions (a takedown does not change them): "
+              + ", ".join(f"{m.ref} ({m.kind})" for m in models))
     return 0
 
 

@@ -1,0 +1,188 @@
+"""Takedown: a dataset version without some of its samples, published as the next version of its name, made from it.
+
+What a takedown request (an opt-out by URL, an image that must go) needs once `blip data find` has said where the
+sample is: versions are immutable, so the samples are taken out of a new version — their members cut from the
+shards that held them (the other shards are the same files: hard links on a local registry, copies inside the
+store on a remote one), their index rows kept as `dropped` with the reason `takedown` (so the new version says
+what was taken out, and a diff against the old one shows it), a CapFilt version's texts of them marked not kept.
+The old version is then freed with `blip data rm OLD --data-only` (its record stays, with the models trained on
+it in its lineage). A rerun with the same samples is the version already published (its cache key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
+from datasets_manifests.manifest import Manifest, Producer, cache_key
+from datasets_manifests.registry import Registry, now_utc
+
+STAGE = "takedown"
+REASON = "takedown"
+
+
+def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str] = (), keys: Iterable[str] = (),
+                 sha256s: Iterable[str] = ()) -> Manifest | None:
+    """The next version of `ref`'s name without its kept samples whose url, key or image sha256 is given (None
+    when it keeps none of them)."""
+    source = registry.resolve(ref, "dataset")
+    if not has_layer(source, INDEX_FILE):
+        raise ValueError(f"{source.ref} has no {INDEX_FILE}: its samples cannot be found to take them out")
+    if registry.removal(source) is not None:
+        raise ValueError(f"{source.ref}: its data files were removed (`blip data rm`); nothing to rewrite")
+    taken = _taken_samples(registry, source, set(urls), set(keys), {sha.lower() for sha in sha256s})
+    if not taken:
+        return None
+    key = cache_key(STAGE, [source.id], hashlib.sha256("\n".join(sorted(taken)).encode()).hexdigest()[:16])
+    cached = registry.find_cached("dataset", source.name, key)
+    if cached is not None:
+        return cached
+    started = now_utc()
+    work = registry.note_work(key, stage=STAGE, name=source.name, parents=[source], shared=True)
+    stage = work / "stage"
+    shutil.rmtree(stage, ignore_errors=True)  # a stopped run's partial files: written again
+    stage.mkdir(parents=True)
+    out = str(stage) if registry.is_local else registry.shared_work_url(key)
+    by_shard: dict[str, set[str]] = {}
+    for sample_key, (shard, _) in taken.items():
+        by_shard.setdefault(shard, set()).add(sample_key)
+    files: list[dict[str, Any]] = []
+    moved: dict[tuple[str, int], int] = {}  # (shard, old .jpg offset) -> new offset, in the shards rewritten
+    for entry in source.files:
+        base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
+        if entry.path in (INDEX_FILE, TEXTS_FILE):
+            continue
+        if entry.path in by_shard:
+            offsets = {taken[k][1] for k in by_shard[entry.path] if taken[k][1] is not None}
+            stems = {k for k in by_shard[entry.path] if taken[k][1] is None}  # an index without offsets
+            written, dropped, new_offsets = _rewrite_shard(registry, source, entry.path, offsets, stems, out)
+            if dropped != len(by_shard[entry.path]):
+                raise ValueError(f"{source.ref}/{entry.path}: {len(by_shard[entry.path])} samples to take out, "
+                                 f"{dropped} found in the shard")  # fmt: skip
+            moved.update({(entry.path, old): new for old, new in new_offsets.items()})
+            files.append({**base, "num_samples": (entry.num_samples or 0) - dropped, "sha256": written.sha256,
+                          "bytes": written.bytes})  # fmt: skip
+        else:
+            _same_file(registry, source, entry.path, out)
+            files.append({**base, "sha256": entry.sha256, "bytes": entry.bytes})
+    summary = _write_index(registry, source, set(taken), moved, stage / INDEX_FILE)
+    files.append({"path": INDEX_FILE, "role": "index"})
+    if has_layer(source, TEXTS_FILE):
+        _write_texts(registry, source, set(taken), stage / TEXTS_FILE)
+        files.append({"path": TEXTS_FILE, "role": "index"})
+    manifest = registry.publish(
+        kind="dataset", name=source.name, staging_dir=stage, parents=[source], digests_from_writer=True,
+        remote_staging=None if registry.is_local else out, files=files,
+        producer=Producer(stage=STAGE, config={"samples": sorted(taken)}, cache_key=key, started_at=started),
+        counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
+                "dropped": summary["counts"]["dropped"], "taken_down": len(taken)},
+        drop_reasons=summary["drop_reasons"], splits=summary["splits"],
+        stats={**source.stats, STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard)}},
+        sample_schema=source.sample_schema, metadata=source.metadata,
+    )  # fmt: skip
+    registry.remove_work(key)
+    return manifest
+
+
+def _taken_samples(registry: Registry, source: Manifest, urls: set[str], keys: set[str],
+                   sha256s: set[str]) -> dict[str, tuple[str, int | None]]:  # fmt: skip
+    """key -> (shard, .jpg offset) of the kept samples to take out."""
+    taken = {}
+    for batch in scan_index(registry, source, ["key", "url", "image_sha256", "status", "shard", "jpg_offset"]):
+        for row in batch.to_pylist():
+            if row["status"] == "ok" and (row["key"] in keys or row["url"] in urls or row["image_sha256"] in sha256s):
+                if row["shard"] is None:
+                    raise ValueError(f"{source.ref}: kept sample {row['key']!r} names no shard")
+                taken[row["key"]] = (row["shard"], row["jpg_offset"])
+    return taken
+
+
+def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set[int], stems: set[str],
+                   out: str) -> tuple[Any, int, dict[int, int]]:  # fmt: skip
+    """`path` without the samples whose `.jpg` data starts at one of `offsets` (the index's; a raw version's tar
+    keys are not its sample keys) or whose tar key is in `stems` (an index without offsets); returns what was
+    written, how many samples were cut and each kept `.jpg`'s new offset by its old one."""
+    from datasets_manifests.filesystems import url_to_fs
+    from pipelines.tasks.webdata import group_tar, write_tar
+
+    cut = 0
+    old_offset_of: dict[str, int] = {}  # new member name of each kept .jpg -> its old data offset
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        nonlocal cut
+        with registry.open(source, path) as handle:
+            for sample in group_tar(handle):
+                if sample.offsets.get("jpg") in offsets or sample.key in stems:
+                    cut += 1
+                    continue
+                for extension, data in sample.members.items():
+                    if extension == "jpg":
+                        old_offset_of[f"{sample.key}.jpg"] = sample.offsets["jpg"]
+                    yield f"{sample.key}.{extension}", data
+
+    fs, root = url_to_fs(out)
+    written = write_tar(f"{root}/{path}", members(), fs)
+    return written, cut, {old: written.data_offsets[name][0] for name, old in old_offset_of.items()}
+
+
+def _same_file(registry: Registry, source: Manifest, path: str, out: str) -> None:
+    """A file the takedown leaves as it is, put in the new version's staging: a hard link locally (no copy), a
+    copy inside the store on a remote registry."""
+    if registry.is_local:
+        target = Path(out) / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(registry.local_path(source, path), target)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(registry.local_path(source, path), target)
+        return
+    registry.fs.copy(registry.path_of(source, path), f"{registry.fs._strip_protocol(out)}/{path}")
+
+
+def _write_index(registry: Registry, source: Manifest, taken: set[str], moved: dict[tuple[str, int], int],
+                 target: Path) -> dict[str, Any]:  # fmt: skip
+    """The index with the samples taken out dropped (reason `takedown`, no shard) and the kept `.jpg` offsets of
+    the rewritten shards moved; the same rows in the same order, every column kept (a CapFilt index's too)."""
+    from datasets_manifests.index import write_index_batches
+
+    def tables() -> Iterator[pa.Table]:
+        for batch in scan_index(registry, source):
+            rows = batch.to_pylist()
+            for row in rows:
+                if row["key"] in taken:
+                    row.update(status="dropped", drop_reason=REASON, shard=None, jpg_offset=None, jpg_bytes=None)
+                elif row["status"] == "ok" and row["jpg_offset"] is not None:
+                    row["jpg_offset"] = moved.get((row["shard"], row["jpg_offset"]), row["jpg_offset"])
+            yield pa.Table.from_pylist(rows, schema=batch.schema)
+
+    return write_index_batches(tables(), target, _schema(registry, source, INDEX_FILE), in_key_order=False)
+
+
+def _write_texts(registry: Registry, source: Manifest, taken: set[str], target: Path) -> None:
+    """A CapFilt version's texts, those of the samples taken out no longer kept (reason `takedown`)."""
+    from datasets_manifests.index import write_texts_batches
+
+    schema = _schema(registry, source, TEXTS_FILE)
+
+    def tables() -> Iterator[pa.Table]:
+        for batch in iter_registry_parquet(registry, registry.path_of(source, TEXTS_FILE), schema.names):
+            rows = batch.to_pylist()
+            for row in rows:
+                if row["key"] in taken and row["kept"]:
+                    row.update(kept=False, drop_reason=REASON)
+            yield pa.Table.from_pylist(rows, schema=schema)
+
+    write_texts_batches(tables(), target, schema)
+
+
+def _schema(registry: Registry, source: Manifest, relpath: str) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    with registry.open(source, relpath) as handle:
+        return pq.read_schema(handle)

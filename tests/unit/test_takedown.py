@@ -1,0 +1,92 @@
+"""`blip data takedown`: samples taken out of every dataset version that keeps them, each as its next version made
+from it (shards rewritten without them, their index rows dropped as 'takedown', a CapFilt version's texts too), on a
+local and a memory:// registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from datasets_manifests.index import read_texts, scan_index
+from datasets_manifests.manifest import Producer
+from datasets_manifests.ops import verify
+from datasets_manifests.registry import Registry
+from pipelines.cli import main
+
+from datasets_fixtures import memory_url, publish_dataset, sample_rows
+
+URL = "http://127.0.0.1/img/{}.jpg"
+
+
+@pytest.fixture(params=["local", "memory"])
+def registry(request, tmp_path) -> Registry:
+    """raw@v1 (8 samples, 1 dropped) -> capfilt@v1 (with texts) -> pretrain@v1 (a model)."""
+    registry = Registry(tmp_path / "registry" if request.param == "local" else memory_url())
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(8, dropped={2: "failed_to_download"}),
+                          stage="download")  # fmt: skip
+    texts = [{"key": f"s{i:06d}", "text": text, "source": source, "itm_score": 0.9, "kept": True, "drop_reason": None}
+             for i in range(8) if i != 2 for text, source in ((f"web {i}", "web"), (f"synthetic {i}", "synthetic"))]
+    capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(8, dropped={2: "failed_to_download"}),
+                              parents=(raw,), stage="capfilt", texts=texts)  # fmt: skip
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"weights")
+    registry.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
+                     files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    return registry
+
+
+def rows_of(registry: Registry, ref: str) -> dict[str, dict]:
+    manifest = registry.resolve(ref)
+    return {row["key"]: row for batch in scan_index(registry, manifest) for row in batch.to_pylist()}
+
+
+def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys):
+    code = main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--url", URL.format(2)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "capfilt@v1 -> capfilt@v2: 1 samples taken out (1 shards rewritten)" in out
+    assert "raw@v1 -> raw@v2: 1 samples taken out" in out  # s000002 was dropped already: nothing to take out
+    assert "blip data rm capfilt@v1 raw@v1 --data-only" in out
+    assert "made from the old versions (a takedown does not change them): pretrain@v1 (model)" in out
+
+    for name in ("raw", "capfilt"):
+        old, new = registry.resolve(f"{name}@v1"), registry.resolve(f"{name}@v2")
+        assert new.parents == (old.ref,) and new.producer.stage == "takedown"
+        kept_before = sum(row["status"] == "ok" for row in rows_of(registry, old.ref).values())
+        assert new.counts["taken_down"] == 1 and new.counts["kept"] == kept_before - 1
+        assert new.drop_reasons == {"failed_to_download": 1, "takedown": 1}
+        assert new.shards()[0].num_samples == old.shards()[0].num_samples - 1
+        rows = rows_of(registry, new.ref)
+        assert rows["s000003"]["status"] == "dropped" and rows["s000003"]["shard"] is None
+        assert rows["s000003"]["drop_reason"] == "takedown"
+        for row in rows.values():  # every kept image is where the new index says, the same bytes
+            if row["status"] == "ok":
+                data = registry.read_range(new, row["shard"], row["jpg_offset"], row["jpg_bytes"])
+                assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+        assert verify(registry, new) == []
+    texts = read_texts(registry, registry.resolve("capfilt@v2")).to_pylist()
+    assert {(t["text"], t["kept"], t["drop_reason"]) for t in texts if t["key"] == "s000003"} == {
+        ("web 3", False, "takedown"), ("synthetic 3", False, "takedown")}
+    assert sum(t["kept"] for t in texts) == 2 * 6
+
+    # Again: the versions already published; `find` says where it is kept now (only the old versions).
+    assert main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert sorted((v["from"], v["to"]) for v in again["versions"]) == [("capfilt@v1", "capfilt@v2"),
+                                                                       ("raw@v1", "raw@v2")]
+    assert [m.version for m in registry.versions("dataset", "raw")] == ["v1", "v2"]
+    main(["data", "--registry", registry.url, "find", "--url", URL.format(3), "--json"])
+    assert json.loads(capsys.readouterr().out)["kept_in"] == ["capfilt@v1", "raw@v1"]
+
+
+def test_a_takedown_of_a_named_version_by_key_and_what_it_refuses(registry, capsys):
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "--key", "s000005", "--key", "s000006"]) == 0
+    assert "raw@v1 -> raw@v2: 2 samples taken out" in capsys.readouterr().out
+    assert registry.versions("dataset", "capfilt")[-1].version == "v1"  # only the version named
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v2", "--key", "s000005"]) == 0
+    assert "raw@v2: keeps none of them" in capsys.readouterr().out
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1"]) != 0
+    assert "give --url" in capsys.readouterr().err
