@@ -311,9 +311,10 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     registry = _registry(args)
     urls = _wanted_urls(args, "takedown")
     refs = [registry.resolve(ref, "dataset").ref for ref in args.refs]
-    if not refs:  # every version that keeps one: what `blip data find` lists as kept
+    if not refs:  # every version that keeps one (`blip data find`), but those a takedown already replaced
         found = find_samples(registry, urls=urls, keys=args.key, sha256s=args.sha256)
-        refs = sorted({item.ref for item in found if item.status == "ok" and not item.data_removed})
+        replaced = {parent for m in registry.list("dataset") if m.producer.stage == "takedown" for parent in m.parents}
+        refs = sorted({item.ref for item in found if item.status == "ok" and not item.data_removed} - replaced)
     results = []
     for ref in refs:
         try:
@@ -329,7 +330,8 @@ def cmd_takedown(args: argparse.Namespace) -> int:
         _print_json({"versions": versions, "trained_on_old": [m.ref for m in models]})
         return 0
     if not results:
-        print(f"no dataset version of {registry.url} keeps them")
+        print(f"no dataset version of {registry.url} keeps them, but those a takedown replaced (`blip data find` "
+              "lists them; `blip data rm REF --data-only` frees their data)")
     for ref, new in results:
         if new is None:
             print(f"{ref}: keeps none of them")

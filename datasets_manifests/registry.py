@@ -41,6 +41,7 @@ MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TAKEDOWN_STAGE = "takedown"  # `blip data takedown`'s versions: the same data without some samples (find_cached)
 REMOVED_DIR = ".removed"  # a removed version's record: its name is never given again, and asking for it says why
 REMOTE_THREADS = 16  # object-store requests in flight while publishing: each one waits on the network
 _Item = TypeVar("_Item")
@@ -531,13 +532,22 @@ class Registry:
                 return manifest
         return None
 
-    def find_cached(self, kind: str, name: str, key: str) -> Manifest | None:
-        """The version of `name` produced by a run with this cache key, if one was published."""
-        for manifest in reversed(self.versions(kind, name)):
+    def find_cached(self, kind: str, name: str, key: str, follow_takedowns: bool = True) -> Manifest | None:
+        """The version of `name` produced by a run with this cache key, if one was published; with
+        `follow_takedowns`, the last version samples were taken out of it into (`blip data takedown`), so that a
+        rerun goes on from the data as it is now (what was made from the old version is made again)."""
+        versions = self.versions(kind, name)
+        for manifest in reversed(versions):
             # Also a version whose data files `blip data rm --data-only` removed: what was made from it stays cached
             # (a flow rerun after freeing a download whose shards exist downloads nothing); a stage that has to
             # read its data refuses, naming the removal (`path_of`).
             if manifest.producer.cache_key == key:
+                while follow_takedowns:
+                    successor = next((m for m in versions if m.producer.stage == TAKEDOWN_STAGE
+                                      and m.parent_ids == (manifest.id,)), None)  # fmt: skip
+                    if successor is None:
+                        break
+                    manifest = successor
                 return manifest
         return None
 

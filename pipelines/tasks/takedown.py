@@ -6,7 +6,9 @@ shards that held them (the other shards are the same files: hard links on a loca
 store on a remote one), their index rows kept as `dropped` with the reason `takedown` (so the new version says
 what was taken out, and a diff against the old one shows it), a CapFilt version's texts of them marked not kept.
 The old version is then freed with `blip data rm OLD --data-only` (its record stays, with the models trained on
-it in its lineage). A rerun with the same samples is the version already published (its cache key).
+it in its lineage). A rerun with the same samples is the version already published (its cache key). A stage whose
+cached output samples were taken out of goes on from the new version (`Registry.find_cached`): a flow rerun
+after a takedown makes again what was made from the old data (a model trained on it is trained again).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import pyarrow as pa
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
 from datasets_manifests.manifest import Manifest, Producer, cache_key
-from datasets_manifests.registry import Registry, now_utc
+from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, now_utc
 
-STAGE = "takedown"
+STAGE = TAKEDOWN_STAGE
 REASON = "takedown"
 
 
@@ -40,7 +42,7 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     if not taken:
         return None
     key = cache_key(STAGE, [source.id], hashlib.sha256("\n".join(sorted(taken)).encode()).hexdigest()[:16])
-    cached = registry.find_cached("dataset", source.name, key)
+    cached = registry.find_cached("dataset", source.name, key, follow_takedowns=False)
     if cached is not None:
         return cached
     started = now_utc()

@@ -25,7 +25,7 @@ def registry(request, tmp_path) -> Registry:
     """raw@v1 (8 samples, 1 dropped) -> capfilt@v1 (with texts) -> pretrain@v1 (a model)."""
     registry = Registry(tmp_path / "registry" if request.param == "local" else memory_url())
     raw = publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(8, dropped={2: "failed_to_download"}),
-                          stage="download")  # fmt: skip
+                          stage="download", cache_key="raw-key")  # fmt: skip
     texts = [{"key": f"s{i:06d}", "text": text, "source": source, "itm_score": 0.9, "kept": True, "drop_reason": None}
              for i in range(8) if i != 2 for text, source in ((f"web {i}", "web"), (f"synthetic {i}", "synthetic"))]
     capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(8, dropped={2: "failed_to_download"}),
@@ -44,6 +44,7 @@ def rows_of(registry: Registry, ref: str) -> dict[str, dict]:
 
 
 def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys):
+    assert registry.find_cached("dataset", "raw", "raw-key").version == "v1"
     code = main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--url", URL.format(2)])
     out = capsys.readouterr().out
     assert code == 0
@@ -72,12 +73,18 @@ def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys
         ("web 3", False, "takedown"), ("synthetic 3", False, "takedown")}
     assert sum(t["kept"] for t in texts) == 2 * 6
 
-    # Again: the versions already published; `find` says where it is kept now (only the old versions).
-    assert main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--json"]) == 0
+    # Again: nothing left but the replaced versions; named, the versions already published.
+    assert main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3)]) == 0
+    assert "keeps them, but those a takedown replaced" in capsys.readouterr().out
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "capfilt@v1", "--url", URL.format(3),
+                 "--json"]) == 0  # fmt: skip
     again = json.loads(capsys.readouterr().out)
     assert sorted((v["from"], v["to"]) for v in again["versions"]) == [("capfilt@v1", "capfilt@v2"),
                                                                        ("raw@v1", "raw@v2")]
     assert [m.version for m in registry.versions("dataset", "raw")] == ["v1", "v2"]
+    # A rerun of the stage that made raw@v1 goes on from the data as it is now.
+    assert registry.find_cached("dataset", "raw", "raw-key").version == "v2"
+    assert registry.find_cached("dataset", "raw", "raw-key", follow_takedowns=False).version == "v1"
     main(["data", "--registry", registry.url, "find", "--url", URL.format(3), "--json"])
     assert json.loads(capsys.readouterr().out)["kept_in"] == ["capfilt@v1", "raw@v1"]
 
@@ -88,5 +95,10 @@ def test_a_takedown_of_a_named_version_by_key_and_what_it_refuses(registry, caps
     assert registry.versions("dataset", "capfilt")[-1].version == "v1"  # only the version named
     assert main(["data", "--registry", registry.url, "takedown", "raw@v2", "--key", "s000005"]) == 0
     assert "raw@v2: keeps none of them" in capsys.readouterr().out
+    # Another sample later, everywhere: out of the newest versions, not again out of the replaced raw@v1.
+    assert main(["data", "--registry", registry.url, "takedown", "--key", "s000007"]) == 0
+    out = capsys.readouterr().out
+    assert "raw@v2 -> raw@v3" in out and "capfilt@v1 -> capfilt@v2" in out and "raw@v1 ->" not in out
+    assert registry.find_cached("dataset", "raw", "raw-key").version == "v3"
     assert main(["data", "--registry", registry.url, "takedown", "raw@v1"]) != 0
     assert "give --url" in capsys.readouterr().err
