@@ -68,8 +68,8 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
                 raise ValueError(f"{source.ref}/{entry.path}: {len(by_shard[entry.path])} samples to take out, "
                                  f"{dropped} found in the shard")  # fmt: skip
             moved.update({(entry.path, old): new for old, new in new_offsets.items()})
-            files.append({**base, "num_samples": (entry.num_samples or 0) - dropped, "sha256": written.sha256,
-                          "bytes": written.bytes})  # fmt: skip
+            samples = None if entry.num_samples is None else entry.num_samples - dropped
+            files.append({**base, "num_samples": samples, "sha256": written.sha256, "bytes": written.bytes})
         else:
             _same_file(registry, source, entry.path, out)
             files.append({**base, "sha256": entry.sha256, "bytes": entry.bytes})
