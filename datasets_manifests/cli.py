@@ -368,24 +368,26 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     def described(removal: Any) -> str:
         part = "its data files" if removal.data_only else "whole"
+        shared = f" ({_size(removal.shared_bytes)} of it stays: hard links of another version)" \
+            if removal.shared_bytes else ""  # fmt: skip
         return f"{removal.manifest.ref} ({removal.manifest.kind}, {part}): {len(removal.files)} files, " \
-            f"{_size(removal.bytes)}"  # fmt: skip
+            f"{_size(removal.bytes)}{shared}"  # fmt: skip
 
-    total = _size(sum(removal.bytes for removal in plan))
+    total = _size(sum(removal.bytes - removal.shared_bytes for removal in plan))
     if args.dry_run:
         if args.json:
             _print_json({"dry_run": True, "removals": [removal.to_dict() for removal in plan]})
             return 0
         for removal in plan:
             print(f"would remove {described(removal)}")
-        print(f"{total} in all; nothing removed (--dry-run)")
+        print(f"{total} freed in all; nothing removed (--dry-run)")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise UserError("blip data rm asks before it removes: pass --yes (--dry-run says what it would remove)")
         for removal in plan:
             print(f"will remove {described(removal)}")
-        if input(f"remove {len(plan)} version(s), {total}? [y/N] ").strip().lower() not in ("y", "yes"):
+        if input(f"remove {len(plan)} version(s), freeing {total}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return 1
     with tqdm(total=sum(len(removal.files) for removal in plan), unit="file", desc="removing", file=sys.stderr,

@@ -47,6 +47,7 @@ class Removal:
     data_only: bool
     files: tuple[str, ...]  # the version's files this removal deletes that are still there
     bytes: int
+    shared_bytes: int = 0  # of `bytes`, what another version's hard links to the same files keep on disk (local)
 
     @property
     def what(self) -> str:
@@ -54,7 +55,7 @@ class Removal:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ref": self.manifest.ref, "kind": self.manifest.kind, "id": self.manifest.id, "what": self.what,
-                "files": len(self.files), "bytes": self.bytes}  # fmt: skip
+                "files": len(self.files), "bytes": self.bytes, "shared_bytes": self.shared_bytes}  # fmt: skip
 
 
 def plan_removals(registry: Registry, refs: Iterable[str], *, data_only: bool) -> list[Removal]:
@@ -134,8 +135,12 @@ def _removal(registry: Registry, manifest: Manifest, data_only: bool) -> Removal
     entries = [entry for entry in manifest.files if entry.role in DATA_ROLES or not data_only]
     gone = registry.absent(manifest, entries)  # one listing: a rerun of a stopped removal deletes what is left
     left = [entry for entry in entries if entry.path not in gone]
+    shared = 0
+    if registry.is_local:  # a takedown's new version hard-links the shards it left as they were: those stay
+        root = registry.version_path(manifest.kind, manifest.name, manifest.version)
+        shared = sum(entry.bytes for entry in left if os.stat(f"{root}/{entry.path}").st_nlink > 1)
     return Removal(manifest=manifest, data_only=data_only, files=tuple(entry.path for entry in left),
-                   bytes=sum(entry.bytes for entry in left))  # fmt: skip
+                   bytes=sum(entry.bytes for entry in left), shared_bytes=shared)  # fmt: skip
 
 
 def _children_first(manifests: list[Manifest]) -> list[Manifest]:

@@ -64,11 +64,17 @@ def test_data_only_frees_the_shards_and_keeps_the_record_index_and_lineage(regis
     shard_bytes = raw.file(SHARD).bytes
     code, out, _ = rm(capsys, registry, "raw@v1", "--data-only", "--dry-run")
     assert code == 0 and "would remove raw@v1 (dataset, its data files): 1 files" in out and "nothing removed" in out
+    if registry.is_local:  # a file another version hard-links (a takedown's unchanged shards) is not freed
+        link = Path(registry.root, "linked.tar")
+        link.hardlink_to(registry.local_path(raw, SHARD))
+        code, out, _ = rm(capsys, registry, "raw@v1", "--data-only", "--dry-run")
+        assert "of it stays: hard links of another version" in out and "0 B freed in all" in out
+        link.unlink()
     assert exists(registry, raw, SHARD)
     code, out, _ = rm(capsys, registry, "raw@v1", "--data-only", "--yes", "--json")
     assert code == 0
     assert json.loads(out)["removals"] == [{"ref": "raw@v1", "kind": "dataset", "id": raw.id, "what": "data",
-                                            "files": 1, "bytes": shard_bytes}]  # fmt: skip
+                                            "files": 1, "bytes": shard_bytes, "shared_bytes": 0}]  # fmt: skip
     assert not exists(registry, raw, SHARD) and exists(registry, raw, "index.parquet")
     assert registry.resolve("raw@v1") == raw  # still listed, lineage whole
     assert [m.ref for m in registry.children(raw)] == ["capfilt@v1"]
