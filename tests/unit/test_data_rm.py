@@ -149,7 +149,8 @@ def test_refused_while_an_unfinished_run_reads_it_and_without_yes_off_a_terminal
     raw = registry.resolve("raw@v1")
     work = registry.note_work("shard-key", stage="shard", name="train", parents=[raw])
     (work / "part-0.parquet").write_bytes(b"half")
-    with pytest.raises(RemovalRefused, match=r"read by the unfinished run shard-key \(shard → train\).*work --remove"):
+    refused = r"read by the unfinished run shard-key \(shard → train\).*work --remove"
+    with pytest.raises(RemovalRefused, match=refused):
         plan_removals(registry, ["raw@v1"], data_only=True)
     registry.remove_work("shard-key")
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
