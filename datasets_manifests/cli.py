@@ -25,7 +25,7 @@ from typing import Any
 from datasets_manifests.browser import DEFAULT_PORT
 from datasets_manifests.browser.jobs import WAIT_S
 from datasets_manifests.manifest import KINDS, Manifest
-from datasets_manifests.registry import Registry, default_registry_url
+from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, default_registry_url
 
 
 class UserError(Exception):
@@ -123,20 +123,14 @@ def register(subparsers: Any) -> None:
 
     find = command("find", "where a sample is: every dataset version holding a URL, key or image sha256 (kept, or "
                    "why dropped; its shard) and the models trained on it: what a takedown request asks", cmd_find)
-    find.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
-    find.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
-    find.add_argument("--key", action="append", default=[], help="a sample key (repeatable)")
-    find.add_argument("--sha256", action="append", default=[], help="the sha256 of an image's bytes (repeatable)")
+    _sample_options(find)
 
     takedown = command("takedown", "take samples (by URL, key or image sha256) out of dataset versions: each that "
                        "keeps one gets a next version without them (their shards rewritten, their index rows dropped "
                        "as 'takedown'); then free the old one with `blip data rm OLD --data-only`", cmd_takedown)
     takedown.add_argument("refs", nargs="*", metavar="REF",
                           help="dataset versions to take them out of (default: every one that keeps one of them)")
-    for flag, help_text in (("--url", "an image URL (repeatable)"), ("--key", "a sample key (repeatable)"),
-                            ("--sha256", "the sha256 of an image's bytes (repeatable)")):  # fmt: skip
-        takedown.add_argument(flag, action="append", default=[], help=help_text)
-    takedown.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
+    _sample_options(takedown)
 
     rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
                  "files (--data-only: shards, weights, images; the record, index, stats and lineage stay)", cmd_rm)
@@ -291,6 +285,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_options(parser: argparse.ArgumentParser) -> None:
+    """The samples `find` and `takedown` look for: by URL (or a file of them), key or image sha256."""
+    parser.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
+    parser.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
+    parser.add_argument("--key", action="append", default=[], help="a sample key (repeatable)")
+    parser.add_argument("--sha256", action="append", default=[], help="the sha256 of an image's bytes (repeatable)")
+
+
 def _wanted_urls(args: argparse.Namespace, command: str) -> list[str]:
     """--url and the lines of --urls FILE; an error when no sample is named at all."""
     urls = list(args.url)
@@ -313,7 +315,8 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     refs = [registry.resolve(ref, "dataset").ref for ref in args.refs]
     if not refs:  # every version that keeps one (`blip data find`), but those a takedown already replaced
         found = find_samples(registry, urls=urls, keys=args.key, sha256s=args.sha256)
-        replaced = {parent for m in registry.list("dataset") if m.producer.stage == "takedown" for parent in m.parents}
+        replaced = {parent for m in registry.list("dataset") if m.producer.stage == TAKEDOWN_STAGE
+                    for parent in m.parents}  # fmt: skip
         refs = sorted({item.ref for item in found if item.status == "ok" and not item.data_removed} - replaced)
     results = []
     for ref in refs:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 from datasets_manifests.index import INDEX_FILE, has_layer, scan_index
-from datasets_manifests.manifest import Manifest
+from datasets_manifests.manifest import Manifest, children_by_parent
 from datasets_manifests.registry import Registry
 
 COLUMNS = ["key", "url", "image_sha256", "status", "drop_reason", "split", "shard", "caption"]
@@ -74,10 +74,7 @@ def trained_on(registry: Registry, refs: Iterable[str]) -> list[Manifest]:
     followed: each is searched itself (`find_samples`), and one that dropped the sample passed it on to nothing."""
     everything = registry.list()
     by_ref = {manifest.ref: manifest for manifest in everything}
-    children: dict[str, list[Manifest]] = {}
-    for manifest in everything:
-        for parent_id in manifest.parent_ids:
-            children.setdefault(parent_id, []).append(manifest)
+    children = children_by_parent(everything)
     seen: dict[str, Manifest] = {}
     pending = [by_ref[ref] for ref in refs if ref in by_ref]
     while pending:

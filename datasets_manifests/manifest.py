@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 SCHEMA_VERSION = 1
 Kind = Literal["dataset", "model", "evaluation"]
@@ -131,6 +131,15 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         return cls.from_dict(json.loads(text))
+
+
+def children_by_parent(manifests: Iterable[Manifest]) -> dict[str, list[Manifest]]:
+    """parent id -> the versions among `manifests` that name it as a parent (lineage walked downwards)."""
+    children: dict[str, list[Manifest]] = {}
+    for manifest in manifests:
+        for parent_id in manifest.parent_ids:
+            children.setdefault(parent_id, []).append(manifest)
+    return children
 
 
 def canonical_json(data: Any) -> str:

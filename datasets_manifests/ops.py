@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from datasets_manifests.filesystems import sha256_file
-from datasets_manifests.manifest import FileEntry, Manifest
+from datasets_manifests.manifest import FileEntry, Manifest, children_by_parent
 from datasets_manifests.registry import Registry
 
 
@@ -471,10 +471,7 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
 
     def data_removed(manifest: Manifest | None) -> bool:
         return manifest is not None and (manifest.kind, manifest.name, manifest.version) in removed
-    children_of: dict[str, list[Manifest]] = {}
-    for manifest in everything:
-        for parent_id in manifest.parent_ids:
-            children_of.setdefault(parent_id, []).append(manifest)
+    children_of = children_by_parent(everything)
 
     def up(manifest: Manifest, seen: set[str]) -> list[LineageNode]:
         nodes = []
@@ -556,7 +553,7 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
         elif area.files == 0:
             continue
         elif area.published is not None:
-            entries.append(WorkEntry(key=area.key, what=_run_described(area.note), state="leftover",
+            entries.append(WorkEntry(key=area.key, what=run_described(area.note), state="leftover",
                                      detail=f"published as {area.published}", removable_as_leftover=True,
                                      **common))  # fmt: skip
         elif area.key.startswith(COPY_PREFIXES):
@@ -570,12 +567,12 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
         else:
             note = area.note or {}
             detail = f"started {note.get('started_at', '?')} on {note.get('host', '?')}" if note else "not published"
-            entries.append(WorkEntry(key=area.key, what=_run_described(area.note), state="unfinished", detail=detail,
+            entries.append(WorkEntry(key=area.key, what=run_described(area.note), state="unfinished", detail=detail,
                                      **common))  # fmt: skip
     return entries + _training_runs(registry, areas) + _uncommitted(registry)
 
 
-def _run_described(note: dict[str, Any] | None) -> str:
+def run_described(note: dict[str, Any] | None) -> str:
     """'stage → version name' from a run's note (`Registry.note_work`)."""
     if not note:
         return "stage run (no note: an older run)"

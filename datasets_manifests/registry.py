@@ -682,7 +682,7 @@ class Registry:
             for entry in manifest.files:
                 source, dest = staging / entry.path, stage_root / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                linked = _place_file(source, dest, link=move)
+                linked = place_file(source, dest, link=move)
                 if dest.stat().st_size != entry.bytes or (not linked and sha256_file(dest)[0] != entry.sha256):
                     raise RegistryError(f"{manifest.ref}: {entry.path} changed while publishing")
             (stage_root / MANIFEST_NAME).write_text(manifest.to_json())
@@ -763,9 +763,9 @@ class Registry:
             raise RegistryError(f"corrupt manifest {path}: {error}") from error
 
 
-def _place_file(source: Path, dest: Path, link: bool) -> bool:
-    """Put a staged file into the registry's staging dir: a hard link when allowed (no copy, same inode),
-    else a copy. Returns True when linked (the bytes are then the ones already hashed)."""
+def place_file(source: Path, dest: Path, link: bool) -> bool:
+    """Put a file in a staging dir: a hard link when allowed (no copy, same inode), else a copy (another
+    filesystem, or links not allowed). Returns True when linked (the bytes are then the ones already hashed)."""
     if link:
         try:
             os.link(source, dest)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from datasets_manifests.manifest import Manifest
-from datasets_manifests.ops import COPY_PREFIXES
+from datasets_manifests.ops import COPY_PREFIXES, run_described
 from datasets_manifests.registry import MANIFEST_NAME, Registry, RegistryError, now_utc
 
 DATA_ROLES = ("shard", "weights", "image")  # what --data-only frees; the index, stats, configs and metrics stay
@@ -163,7 +163,7 @@ def _unfinished_readers(registry: Registry) -> dict[str, list[tuple[str, str]]]:
         note = area.note or {}
         if area.published is None and area.files:
             for ref in note.get("parents", []):
-                readers.setdefault(ref, []).append((area.key, f"{note.get('stage', '?')} → {note.get('name', '?')}"))
+                readers.setdefault(ref, []).append((area.key, run_described(note)))
     return readers
 
 

@@ -150,10 +150,8 @@ def read_sample_image(registry: Registry, manifest: Manifest, location: dict[str
         with registry.open(manifest, shard) as handle:
             return _scan_tar(handle, key, what)
     except FileNotFoundError as error:
-        removal = registry.removal(manifest)
-        if removal is not None and shard in removal.get("files", ()):
-            raise ThumbnailError(f"shard {shard} of {manifest.ref} was removed on {removal.get('removed_at', '?')} "
-                                 "(`blip data rm --data-only`)", 410) from error  # fmt: skip
+        registry.removal(manifest)  # read again: removed since this long-lived registry first read the version?
+        check_inside_registry(registry, manifest, shard)  # then the 410 naming the removal, as for any read
         raise ThumbnailError(f"shard {shard} of {manifest.ref} is missing from the registry", 404) from error
     except (tarfile.TarError, EOFError) as error:
         raise ThumbnailError(f"shard {shard} of {manifest.ref} is corrupt: {error}", 502) from error

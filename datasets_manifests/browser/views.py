@@ -16,7 +16,7 @@ import numpy as np
 from datasets_manifests.browser.jobs import LRU
 from datasets_manifests.browser.query import QueryError, VersionData
 from datasets_manifests.index import TEXTS_POSITION
-from datasets_manifests.manifest import KINDS, Manifest
+from datasets_manifests.manifest import KINDS, Manifest, children_by_parent
 from datasets_manifests.ops import DIFF_CATEGORIES, DiffTables
 from datasets_manifests.registry import NotFoundError, Registry, check_name
 
@@ -65,11 +65,7 @@ class Catalog:
         return {m.id: m for m in self.all()}
 
     def children_map(self) -> dict[str, list[Manifest]]:
-        children: dict[str, list[Manifest]] = {}
-        for manifest in self.all():
-            for parent_id in manifest.parent_ids:
-                children.setdefault(parent_id, []).append(manifest)
-        return children
+        return children_by_parent(self.all())
 
 
 def summary_row(manifest: Manifest) -> dict[str, Any]:

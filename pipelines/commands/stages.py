@@ -65,8 +65,8 @@ def register(subparsers: Any) -> None:
     shard.add_argument("--name", required=True, help="name of the training dataset, e.g. demo")
     shard.add_argument("--decontaminate", action="append", default=[], metavar="REF",
                        help="a downstream version (coco@v1, flickr@v1) whose val/test images must not be trained "
-                       "on: near copies of them (64-bit difference hash within eval_overlap_max_distance bits, "
-                       "default 4) are dropped as eval_overlap; repeatable")  # fmt: skip
+                       "on: near copies of them (256-bit difference hash within eval_overlap_max_distance bits, "
+                       "default 10) are dropped as eval_overlap; repeatable")  # fmt: skip
     _common(shard, "shard")
     shard.set_defaults(func=cmd_shard)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -257,10 +256,9 @@ def write_train_shards(staging: Path, pairs: list[Any], idxs: list[int], image_r
 
 def copy_file(source: Path, staging: Path, relative: str, files: list[dict[str, Any]], role: str) -> None:
     """Hard-link (or copy) `source` to `staging/relative` and record its file entry."""
+    from datasets_manifests.registry import place_file
+
     target = staging / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(source, target)
+    place_file(source, target, link=True)
     files.append({"path": relative, "role": role})

@@ -97,9 +97,10 @@ def caption_problem(raw: str, caption: str, cfg: ShardConfig) -> str | None:
     return None
 
 
-def check_image(data: bytes, cfg: ShardConfig, on_image: Any = None) -> tuple[str | None, int, int, bool]:
-    """(problem or None, width, height, needs re-encoding to an RGB JPEG); `on_image(image)` is given the decoded
-    image of a good one."""
+def check_image(data: bytes, cfg: ShardConfig,
+                eval_hashes: np.ndarray | None = None) -> tuple[str | None, int, int, bool]:  # fmt: skip
+    """(problem or None, width, height, needs re-encoding to an RGB JPEG). With `eval_hashes` (`eval_image_hashes`)
+    a decoded image that is a near copy of an evaluation image is the problem `eval_overlap`."""
     from PIL import Image
 
     try:
@@ -108,9 +109,12 @@ def check_image(data: bytes, cfg: ShardConfig, on_image: Any = None) -> tuple[st
             if width * height > cfg.max_image_pixels:
                 return "too_large", width, height, False
             image.load()
-            if on_image is not None:
-                on_image(image)
-            return None, width, height, not (image.format == "JPEG" and image.mode == "RGB")
+            reencode = not (image.format == "JPEG" and image.mode == "RGB")
+            # A near copy of an evaluation image: training on it would inflate the scores.
+            if eval_hashes is not None and \
+                    nearest_distance(image_dhash(image), eval_hashes) <= cfg.eval_overlap_max_distance:  # fmt: skip
+                return "eval_overlap", width, height, reencode
+            return None, width, height, reencode
     except Image.DecompressionBombError:
         return "too_large", 0, 0, False
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
@@ -470,13 +474,9 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
     if data is None:
         record.update(status="dropped", drop_reason="missing_image")
         return record
-    dhash: list[np.ndarray] = []
-    problem, width, height, reencode = check_image(data, cfg, None if eval_hashes is None else
-                                                   lambda image: dhash.append(image_dhash(image)))  # fmt: skip
+    problem, width, height, reencode = check_image(data, cfg, eval_hashes)
     record.update(width=width or None, height=height or None, reencode=reencode,
                   image_sha256=hashlib.sha256(data).hexdigest())
-    if not problem and dhash and nearest_distance(dhash[0], eval_hashes) <= cfg.eval_overlap_max_distance:
-        problem = "eval_overlap"  # a near copy of an evaluation image: training on it would inflate the scores
     problem = problem or caption_problem(raw, caption, cfg)
     if problem:
         record.update(status="dropped", drop_reason=problem)

@@ -14,7 +14,6 @@ after a takedown makes again what was made from the old data (a model trained on
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
 from datasets_manifests.manifest import Manifest, Producer, cache_key
-from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, now_utc
+from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, now_utc, place_file
 
 STAGE = TAKEDOWN_STAGE
 REASON = "takedown"
@@ -139,10 +138,7 @@ def _same_file(registry: Registry, source: Manifest, path: str, out: str) -> Non
     if registry.is_local:
         target = Path(out) / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(registry.local_path(source, path), target)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copy2(registry.local_path(source, path), target)
+        place_file(registry.local_path(source, path), target, link=True)
         return
     registry.fs.copy(registry.path_of(source, path), f"{registry.fs._strip_protocol(out)}/{path}")
 

@@ -213,7 +213,7 @@ def test_crash_mid_publish_leaves_no_version_and_retry_works(registry, tmp_path,
     if registry.is_local:
         import datasets_manifests.registry as registry_module
 
-        monkeypatch.setattr(registry_module, "_place_file", fail_after_first(registry_module._place_file))
+        monkeypatch.setattr(registry_module, "place_file", fail_after_first(registry_module.place_file))
     else:
         monkeypatch.setattr(registry.fs, "put_file", fail_after_first(registry.fs.put_file))
     with pytest.raises(OSError, match="injected"):
