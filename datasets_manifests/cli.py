@@ -341,6 +341,8 @@ def cmd_takedown(args: argparse.Namespace) -> int:
         else:
             print(f"{ref} -> {new.ref}: {new.counts['taken_down']} samples taken out "
                   f"({new.stats['takedown']['shards_rewritten']} shards rewritten)")
+            if unchanged := new.stats["takedown"].get("unchanged"):
+                print(f"  the same files (they name no url; look at them): {', '.join(unchanged)}")
     if done:
         print(f"free the old versions' data: blip data rm {' '.join(ref for ref, _ in done)} --data-only")
     if models:

@@ -3,8 +3,11 @@
 What a takedown request (an opt-out by URL, an image that must go) needs once `blip data find` has said where the
 sample is: versions are immutable, so the samples are taken out of a new version — their members cut from the
 shards that held them (the other shards are the same files: hard links on a local registry, copies inside the
-store on a remote one), their index rows kept as `dropped` with the reason `takedown` (so the new version says
-what was taken out, and a diff against the old one shows it), a CapFilt version's texts of them marked not kept.
+store on a remote one), their index rows kept as `dropped` with the reason `takedown` and without their texts (the
+key, url and image sha256 stay, so the new version says what was taken out and a diff against the old one shows
+it), a CapFilt version's texts of them emptied and marked not kept, and their rows cut from the version's other
+parquet files that name URLs (a download's source list and img2dataset's per-shard tables). Files without a `url`
+column are the same files, listed in the version's stats (`unchanged`) for the operator to judge.
 The old version is then freed with `blip data rm OLD --data-only` (its record stays, with the models trained on
 it in its lineage). A rerun with the same samples is the version already published (its cache key). A stage whose
 cached output samples were taken out of goes on from the new version (`Registry.find_cached`): a flow rerun
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -26,6 +30,16 @@ from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, now_utc, place
 
 STAGE = TAKEDOWN_STAGE
 REASON = "takedown"
+TEXT_COLUMNS = ("caption", "raw_caption")  # an index row's texts, emptied when its sample is taken out
+
+
+@dataclass(frozen=True)
+class TakenSamples:
+    """The kept samples of a version to take out, and what finds their rows in its other files."""
+
+    where: dict[str, tuple[str, int | None]]  # key -> (shard, .jpg offset)
+    texts: set[tuple[str | None, str | None]]  # (url, raw caption) of each
+    urls_still_kept: set[str]  # their urls that other kept samples share: only a row of the same text goes
 
 
 def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str] = (), keys: Iterable[str] = (),
@@ -37,10 +51,12 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         raise ValueError(f"{source.ref} has no {INDEX_FILE}: its samples cannot be found to take them out")
     if registry.removal(source) is not None:
         raise ValueError(f"{source.ref}: its data files were removed (`blip data rm`); nothing to rewrite")
-    taken = _taken_samples(registry, source, set(urls), set(keys), {sha.lower() for sha in sha256s})
+    found = _taken_samples(registry, source, set(urls), set(keys), {sha.lower() for sha in sha256s})
+    taken = found.where
     if not taken:
         return None
-    key = cache_key(STAGE, [source.id], hashlib.sha256("\n".join(sorted(taken)).encode()).hexdigest()[:16])
+    keys_digest = hashlib.sha256("\n".join(sorted(taken)).encode()).hexdigest()
+    key = cache_key(STAGE, [source.id], keys_digest[:16])
     cached = registry.find_cached("dataset", source.name, key, follow_takedowns=False)
     if cached is not None:
         return cached
@@ -55,10 +71,21 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         by_shard.setdefault(shard, set()).add(sample_key)
     files: list[dict[str, Any]] = []
     moved: dict[tuple[str, int], int] = {}  # (shard, old .jpg offset) -> new offset, in the shards rewritten
+    rewritten_tables: list[str] = []  # parquet files whose rows of the samples were cut
+    unchanged: list[str] = []  # files that name no URL, left as they are (e.g. a synthetic corpus's ground truth)
     for entry in source.files:
         base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
         if entry.path in (INDEX_FILE, TEXTS_FILE):
             continue
+        if entry.path.endswith(".parquet") and entry.role != "shard":
+            written_table = _rewrite_table(registry, source, entry.path, found, stage / entry.path)
+            if written_table is not None:
+                files.append({**base, "sha256": written_table[0], "bytes": written_table[1]})
+                rewritten_tables.append(entry.path)
+                continue
+            unchanged.append(entry.path)
+        elif entry.path not in by_shard and entry.role not in ("shard", "stats"):
+            unchanged.append(entry.path)
         if entry.path in by_shard:
             offsets = {taken[k][1] for k in by_shard[entry.path] if taken[k][1] is not None}
             stems = {k for k in by_shard[entry.path] if taken[k][1] is None}  # an index without offsets
@@ -80,11 +107,13 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     manifest = registry.publish(
         kind="dataset", name=source.name, staging_dir=stage, parents=[source], digests_from_writer=True,
         remote_staging=None if registry.is_local else out, files=files,
-        producer=Producer(stage=STAGE, config={"samples": sorted(taken)}, cache_key=key, started_at=started),
+        producer=Producer(stage=STAGE, config={"samples": len(taken), "keys_sha256": keys_digest}, cache_key=key,
+                          started_at=started),
         counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                 "dropped": summary["counts"]["dropped"], "taken_down": len(taken)},
         drop_reasons=summary["drop_reasons"], splits=summary["splits"],
-        stats={**source.stats, STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard)}},
+        stats={**source.stats, STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard),
+                                       "tables_rewritten": rewritten_tables, "unchanged": unchanged}},
         sample_schema=source.sample_schema, metadata=source.metadata,
     )  # fmt: skip
     registry.remove_work(key)
@@ -92,16 +121,22 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
 
 
 def _taken_samples(registry: Registry, source: Manifest, urls: set[str], keys: set[str],
-                   sha256s: set[str]) -> dict[str, tuple[str, int | None]]:  # fmt: skip
-    """key -> (shard, .jpg offset) of the kept samples to take out."""
-    taken = {}
-    for batch in scan_index(registry, source, ["key", "url", "image_sha256", "status", "shard", "jpg_offset"]):
+                   sha256s: set[str]) -> TakenSamples:  # fmt: skip
+    """The kept samples whose url, key or image sha256 is given."""
+    where, texts, kept_urls = {}, set(), set()
+    columns = ["key", "url", "raw_caption", "image_sha256", "status", "shard", "jpg_offset"]
+    for batch in scan_index(registry, source, columns):
         for row in batch.to_pylist():
-            if row["status"] == "ok" and (row["key"] in keys or row["url"] in urls or row["image_sha256"] in sha256s):
+            if row["status"] != "ok":
+                continue
+            if row["key"] in keys or row["url"] in urls or row["image_sha256"] in sha256s:
                 if row["shard"] is None:
                     raise ValueError(f"{source.ref}: kept sample {row['key']!r} names no shard")
-                taken[row["key"]] = (row["shard"], row["jpg_offset"])
-    return taken
+                where[row["key"]] = (row["shard"], row["jpg_offset"])
+                texts.add((row["url"], row["raw_caption"]))
+            else:
+                kept_urls.add(row["url"])
+    return TakenSamples(where, texts, {url for url, _ in texts if url in kept_urls})
 
 
 def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set[int], stems: set[str],
@@ -132,6 +167,37 @@ def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set
     return written, cut, {old: written.data_offsets[name][0] for name, old in old_offset_of.items()}
 
 
+def _rewrite_table(registry: Registry, source: Manifest, path: str, found: TakenSamples,
+                   target: Path) -> tuple[str, int] | None:  # fmt: skip
+    """`path` (a parquet file beside the shards) without the rows of the samples taken out, written to `target`:
+    the rows of their urls (of their url and text, where another kept sample has the same url). Returns its sha256
+    and size, or None when the file has no `url` column (it names no sample this way and stays as it is)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with registry.open(source, path) as handle:
+        table = pq.read_table(handle)
+    if "url" not in table.column_names:
+        return None
+
+    def among(values: Iterable[str]) -> Any:
+        value_set = pa.array(sorted(values), pa.string())
+        return pc.fill_null(pc.is_in(table.column("url"), value_set=value_set), False).to_numpy(zero_copy_only=False)
+
+    taken = among(url for url, _ in found.texts if url is not None)
+    shared = among(found.urls_still_kept)
+    if shared.any():  # a url a kept sample also has: only the row of the taken text goes (none in a file without)
+        has_text = "caption" in table.column_names
+        urls = table.column("url").to_pylist()
+        captions = table.column("caption").to_pylist() if has_text else []
+        for index in shared.nonzero()[0]:
+            taken[index] = has_text and (urls[index], captions[index]) in found.texts
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(pa.array(~taken)), target)
+    data = target.read_bytes()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
 def _same_file(registry: Registry, source: Manifest, path: str, out: str) -> None:
     """A file the takedown leaves as it is, put in the new version's staging: a hard link locally (no copy), a
     copy inside the store on a remote registry."""
@@ -155,6 +221,7 @@ def _write_index(registry: Registry, source: Manifest, taken: set[str], moved: d
             for row in rows:
                 if row["key"] in taken:
                     row.update(status="dropped", drop_reason=REASON, shard=None, jpg_offset=None, jpg_bytes=None)
+                    row.update({column: None for column in TEXT_COLUMNS if column in row})
                 elif row["status"] == "ok" and row["jpg_offset"] is not None:
                     row["jpg_offset"] = moved.get((row["shard"], row["jpg_offset"]), row["jpg_offset"])
             yield pa.Table.from_pylist(rows, schema=batch.schema)
@@ -163,7 +230,7 @@ def _write_index(registry: Registry, source: Manifest, taken: set[str], moved: d
 
 
 def _write_texts(registry: Registry, source: Manifest, taken: set[str], target: Path) -> None:
-    """A CapFilt version's texts, those of the samples taken out no longer kept (reason `takedown`)."""
+    """A CapFilt version's texts, those of the samples taken out emptied and not kept (reason `takedown`)."""
     from datasets_manifests.index import write_texts_batches
 
     schema = _schema(registry, source, TEXTS_FILE)
@@ -172,8 +239,8 @@ def _write_texts(registry: Registry, source: Manifest, taken: set[str], target: 
         for batch in iter_registry_parquet(registry, registry.path_of(source, TEXTS_FILE), schema.names):
             rows = batch.to_pylist()
             for row in rows:
-                if row["key"] in taken and row["kept"]:
-                    row.update(kept=False, drop_reason=REASON)
+                if row["key"] in taken:
+                    row.update(text=None, kept=False, drop_reason=REASON if row["kept"] else row["drop_reason"])
             yield pa.Table.from_pylist(rows, schema=schema)
 
     write_texts_batches(tables(), target, schema)

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, summarize_index, validate_index, write_index, write_texts
@@ -73,7 +75,8 @@ def write_shard(staging: Path, rows: list[dict[str, Any]], shard: str = "shards/
 def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dict[str, Any]], *,
                     parents: tuple[Manifest, ...] = (), version: str | None = None, stage: str = "shard",
                     texts: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
-                    cache_key: str = "") -> Manifest:
+                    cache_key: str = "", tables: dict[str, list[dict[str, Any]]] | None = None) -> Manifest:
+    """`tables`: other parquet files of the version ({path: rows}, role "other"), e.g. a download's source list."""
     staging.mkdir(parents=True, exist_ok=True)
     write_shard(staging, rows)
     write_index(rows, staging / INDEX_FILE)
@@ -85,6 +88,9 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
     if texts is not None:
         write_texts(texts, staging / TEXTS_FILE)
         files.append({"path": TEXTS_FILE, "role": "index"})
+    for path, table_rows in (tables or {}).items():
+        pq.write_table(pa.Table.from_pylist(table_rows), staging / path)
+        files.append({"path": path, "role": "other"})
     summary = summarize_index(validate_index(rows))
     config = config or {"name": name}
     return registry.publish(

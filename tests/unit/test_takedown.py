@@ -8,6 +8,7 @@ import hashlib
 import json
 
 import pytest
+import pyarrow.parquet as pq
 
 from datasets_manifests.index import read_texts, scan_index
 from datasets_manifests.manifest import Producer
@@ -22,10 +23,14 @@ URL = "http://127.0.0.1/img/{}.jpg"
 
 @pytest.fixture(params=["local", "memory"])
 def registry(request, tmp_path) -> Registry:
-    """raw@v1 (8 samples, 1 dropped) -> capfilt@v1 (with texts) -> pretrain@v1 (a model)."""
+    """raw@v1 (8 samples, 1 dropped; its source list and a ground truth without urls) -> capfilt@v1 (with texts)
+    -> pretrain@v1 (a model)."""
     registry = Registry(tmp_path / "registry" if request.param == "local" else memory_url())
-    raw = publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(8, dropped={2: "failed_to_download"}),
-                          stage="download", cache_key="raw-key")  # fmt: skip
+    rows = sample_rows(8, dropped={2: "failed_to_download"})
+    tables = {"source.parquet": [{"url": row["url"], "caption": row["raw_caption"]} for row in rows],
+              "ground_truth.parquet": [{"path": f"/img/{i}.jpg", "shape": "circle"} for i in range(8)]}
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", rows, stage="download", cache_key="raw-key",
+                          tables=tables)  # fmt: skip
     texts = [{"key": f"s{i:06d}", "text": text, "source": source, "itm_score": 0.9, "kept": True, "drop_reason": None}
              for i in range(8) if i != 2 for text, source in ((f"web {i}", "web"), (f"synthetic {i}", "synthetic"))]
     capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(8, dropped={2: "failed_to_download"}),
@@ -50,6 +55,7 @@ def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys
     assert code == 0
     assert "capfilt@v1 -> capfilt@v2: 1 samples taken out (1 shards rewritten)" in out
     assert "raw@v1 -> raw@v2: 1 samples taken out" in out  # s000002 was dropped already: nothing to take out
+    assert "the same files (they name no url; look at them): ground_truth.parquet" in out
     assert "blip data rm capfilt@v1 raw@v1 --data-only" in out
     assert "made from the old versions (a takedown does not change them): pretrain@v1 (model)" in out
 
@@ -62,15 +68,24 @@ def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys
         assert new.shards()[0].num_samples == old.shards()[0].num_samples - 1
         rows = rows_of(registry, new.ref)
         assert rows["s000003"]["status"] == "dropped" and rows["s000003"]["shard"] is None
-        assert rows["s000003"]["drop_reason"] == "takedown"
+        assert rows["s000003"]["drop_reason"] == "takedown" and rows["s000003"]["url"] == URL.format(3)
+        assert rows["s000003"]["caption"] is None and rows["s000003"]["raw_caption"] is None  # its texts are gone
+        assert new.producer.config == {"samples": 1, "keys_sha256": hashlib.sha256(b"s000003").hexdigest()}
         for row in rows.values():  # every kept image is where the new index says, the same bytes
             if row["status"] == "ok":
                 data = registry.read_range(new, row["shard"], row["jpg_offset"], row["jpg_bytes"])
                 assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
         assert verify(registry, new) == []
     texts = read_texts(registry, registry.resolve("capfilt@v2")).to_pylist()
-    assert {(t["text"], t["kept"], t["drop_reason"]) for t in texts if t["key"] == "s000003"} == {
-        ("web 3", False, "takedown"), ("synthetic 3", False, "takedown")}
+    assert [(t["text"], t["source"], t["kept"], t["drop_reason"]) for t in texts if t["key"] == "s000003"] == [
+        (None, "web", False, "takedown"), (None, "synthetic", False, "takedown")]
+    # The download's source list loses the url; a file that names no url is the same file, and says so.
+    raw_v1, raw_v2 = registry.resolve("raw@v1"), registry.resolve("raw@v2")
+    source_list = pq.read_table(registry.open(raw_v2, "source.parquet")).to_pylist()
+    assert [row["url"] for row in source_list] == [URL.format(i) for i in range(8) if i != 3]
+    assert raw_v2.stats["takedown"]["tables_rewritten"] == ["source.parquet"]
+    assert raw_v2.stats["takedown"]["unchanged"] == ["ground_truth.parquet"]
+    assert raw_v2.file("ground_truth.parquet").sha256 == raw_v1.file("ground_truth.parquet").sha256
     assert sum(t["kept"] for t in texts) == 2 * 6
 
     # Again: nothing left but the replaced versions; named, the versions already published.
@@ -102,3 +117,21 @@ def test_a_takedown_of_a_named_version_by_key_and_what_it_refuses(registry, caps
     assert registry.find_cached("dataset", "raw", "raw-key").version == "v3"
     assert main(["data", "--registry", registry.url, "takedown", "raw@v1"]) != 0
     assert "give --url" in capsys.readouterr().err
+
+
+def test_a_url_two_samples_share_loses_only_the_taken_row(tmp_path):
+    """Two samples with the same url and different texts: taking one out by key cuts its row of the source list
+    (told apart by the text), and a table without texts keeps the url the other sample still needs."""
+    registry = Registry(tmp_path / "registry")
+    rows = sample_rows(4)
+    rows[3]["url"] = rows[2]["url"]
+    tables = {"source.parquet": [{"url": row["url"], "caption": row["raw_caption"]} for row in rows],
+              "urls.parquet": [{"url": row["url"]} for row in rows]}
+    publish_dataset(registry, tmp_path / "raw", "raw", rows, stage="download", tables=tables)
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "--key", "s000003"]) == 0
+    new = registry.resolve("raw@v2")
+    source_list = pq.read_table(registry.open(new, "source.parquet")).to_pylist()
+    assert [row["caption"] for row in source_list] == [rows[i]["raw_caption"] for i in range(3)]
+    assert [row["url"] for row in pq.read_table(registry.open(new, "urls.parquet")).to_pylist()] == [
+        rows[i]["url"] for i in range(4)]
+    assert verify(registry, new) == []
