@@ -542,14 +542,18 @@ class Registry:
             # (a flow rerun after freeing a download whose shards exist downloads nothing); a stage that has to
             # read its data refuses, naming the removal (`path_of`).
             if manifest.producer.cache_key == key:
-                while follow_takedowns:
-                    successor = next((m for m in versions if m.producer.stage == TAKEDOWN_STAGE
-                                      and m.parent_ids == (manifest.id,)), None)  # fmt: skip
-                    if successor is None:
-                        break
-                    manifest = successor
-                return manifest
+                return (follow_takedowns and self.replaced_by(manifest, versions)) or manifest
         return None
+
+    def replaced_by(self, manifest: Manifest, versions: list[Manifest] | None = None) -> Manifest | None:
+        """The last version of the line of takedowns from `manifest` (each made from the one before by `blip data
+        takedown`), or None when no takedown replaced it. `versions`: its name's versions, when already listed."""
+        versions = self.versions(manifest.kind, manifest.name) if versions is None else versions
+        newest = None
+        while (successor := next((m for m in versions if m.producer.stage == TAKEDOWN_STAGE
+                                  and m.parent_ids == ((newest or manifest).id,)), None)) is not None:  # fmt: skip
+            newest = successor
+        return newest
 
     def children(self, manifest: Manifest) -> list[Manifest]:
         """Versions that name `manifest` as a parent (datasets made from it, models trained on it)."""

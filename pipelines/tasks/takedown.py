@@ -60,6 +60,9 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     cached = registry.find_cached("dataset", source.name, key, follow_takedowns=False)
     if cached is not None:
         return cached
+    if (newest := registry.replaced_by(source)) is not None:  # two successors would fork the line
+        raise ValueError(f"a takedown already replaced it ({newest.ref} is the newest of that line): take them out "
+                         f"of {newest.ref} (`blip data takedown` without REF finds the versions that keep them)")
     started = now_utc()
     work = registry.note_work(key, stage=STAGE, name=source.name, parents=[source], shared=True)
     stage = work / "stage"

@@ -115,6 +115,9 @@ def test_a_takedown_of_a_named_version_by_key_and_what_it_refuses(registry, caps
     out = capsys.readouterr().out
     assert "raw@v2 -> raw@v3" in out and "capfilt@v1 -> capfilt@v2" in out and "raw@v1 ->" not in out
     assert registry.find_cached("dataset", "raw", "raw-key").version == "v3"
+    # A version a takedown replaced, named again for other samples: refused (a second successor would fork it).
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "--key", "s000004"]) != 0
+    assert "a takedown already replaced it (raw@v3 is the newest of that line)" in capsys.readouterr().err
     assert main(["data", "--registry", registry.url, "takedown", "raw@v1"]) != 0
     assert "give --url" in capsys.readouterr().err
 
