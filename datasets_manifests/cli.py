@@ -2,6 +2,7 @@
 
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
                                | rm REF... [--data-only] [--dry-run] [--yes] | find --url URL | --key KEY | --sha256 HEX
+                               | tag REF TAG | untag NAME@TAG
                                | takedown [REF...] --url URL | --urls FILE | --key KEY | --sha256 HEX
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
@@ -46,7 +47,7 @@ def _seconds(text: str) -> float:
 def register(subparsers: Any) -> None:
     data = subparsers.add_parser(
         "data", help="inspect dataset/model versions: ls, show, lineage, diff, verify, samples, find, takedown, "
-        "export, work, rm, catalog, serve, publish-downstream, publish-model, export-model",
+        "export, work, rm, tag, untag, catalog, serve, publish-downstream, publish-model, export-model",
         description="Inspect the versioned registry (datasets, models, evaluations) and the catalog of public "
         "sources. --registry (or $BLIP_REGISTRY) picks the registry; default ./artifacts/registry.",
     )
@@ -145,6 +146,15 @@ def register(subparsers: Any) -> None:
     rm.add_argument("--dry-run", action="store_true", help="say what would be removed and freed; remove nothing")
     rm.add_argument("--yes", "-y", action="store_true",
                     help="remove without asking (needed when stdin is not a terminal)")
+
+    tag = command("tag", "give a version a movable name (name@prod): every command and config that takes a version "
+                  "takes it; moving it keeps who moved it from which version", cmd_tag)
+    tag.formatter_class = argparse.RawDescriptionHelpFormatter
+    tag.epilog = TAG_HELP
+    tag.add_argument("ref", metavar="REF", help="the version to tag (name@vN, or any reference)")
+    tag.add_argument("tag", metavar="TAG", help="a lowercase name that is not 'latest', a version (v3) or hex")
+    untag = command("untag", "remove a tag (name@tag); the version stays", cmd_untag)
+    untag.add_argument("ref", metavar="NAME@TAG")
 
     catalog = command("catalog", "public sources and BLIP's 14M / 129M compositions", cmd_catalog)
     catalog.add_argument("name", nargs="?", help="a source or composition name")
@@ -351,6 +361,43 @@ def cmd_takedown(args: argparse.Namespace) -> int:
     return 0
 
 
+TAG_HELP = """\
+A tag names one version of a name and moves when it is set again; a reference NAME@TAG works wherever a
+version is asked for (blip capfilt --captioner / --filter, blip train --dataset / --init, blip data show). What a
+stage makes records its inputs by content id, so moving a tag changes no lineage and no cache. A version with a
+tag is not removed whole (move or remove the tag first).
+examples:
+  blip data tag blip-captioner@v3 prod       set (or move) blip-captioner@prod
+  blip data show blip-captioner@prod         which version it names, since when, and the versions before
+  blip data untag blip-captioner@prod"""
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from datasets_manifests.tags import set_tag
+
+    registry = _registry(args)
+    manifest, before = set_tag(registry, args.ref, args.tag)
+    was = None if before is None else before.get("version")
+    if args.json:
+        _print_json({"tag": f"{manifest.name}@{args.tag}", "ref": manifest.ref, "before": was})
+    elif was == manifest.version:
+        print(f"{manifest.name}@{args.tag} names {manifest.ref} already")
+    else:
+        print(f"{manifest.name}@{args.tag} -> {manifest.ref}" + (f" (was {manifest.name}@{was})" if was else ""))
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    from datasets_manifests.tags import remove_tag
+
+    record = remove_tag(_registry(args), args.ref)
+    if args.json:
+        _print_json({"removed": args.ref, "ref": f"{record['name']}@{record['version']}"})
+    else:
+        print(f"removed {args.ref} (it named {record['name']}@{record['version']}; the version stays)")
+    return 0
+
+
 RM_HELP = """\
 A removal is recorded in <registry>/.removed/ before anything is deleted: a removal stopped half-way is
 finished by running it again, a removed version's name (name@vN) is never given again, and asking for it
@@ -537,19 +584,24 @@ def cmd_work(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- ls / show
 def cmd_ls(args: argparse.Namespace) -> int:
+    from datasets_manifests.tags import tags_by_id
+
     registry = _registry(args)
     manifests = [m for m in registry.list(args.kind) if args.name is None or m.name == args.name]
     removed = registry.removed_versions()  # one listing: the versions whose data files `blip data rm` removed
+    tags = tags_by_id(registry)
     if args.json:
-        _print_json([{**_summary(m), "data_removed": (m.kind, m.name, m.version) in removed} for m in manifests])
+        _print_json([{**_summary(m), "data_removed": (m.kind, m.name, m.version) in removed,
+                      "tags": tags.get(m.id, [])} for m in manifests])  # fmt: skip
         return 0
     if not manifests:
         print(f"no versions in {registry.url}")
         return 0
-    rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "SIZE", "PARENTS", "FINISHED")]
+    rows = [("VERSION", "KIND", "ID", "STAGE", "SAMPLES", "SIZE", "PARENTS", "FINISHED", "TAGS")]
     rows += [(m.ref, m.kind, m.short_id, m.producer.stage, _samples_of(m),
               "data removed" if (m.kind, m.name, m.version) in removed else _size(_bytes_of(m)),
-              ",".join(m.parents) or "-", m.producer.finished_at or "-") for m in manifests]  # fmt: skip
+              ",".join(m.parents) or "-", m.producer.finished_at or "-", ",".join(tags.get(m.id, [])) or "-")
+             for m in manifests]  # fmt: skip
     _print_table(rows)
     return 0
 
@@ -575,6 +627,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         data = json.loads(manifest.to_json())
         data["lineage"] = tree.to_dict()
+        data["tags"] = {tag: {k: v for k, v in record.items() if k not in ("kind", "name", "tag")}
+                        for tag, record in registry.tags_of(manifest.kind, manifest.name).items()
+                        if record.get("id") == manifest.id}  # fmt: skip
         _print_json(data)
         return 0
     for line in show_lines(registry, manifest):
@@ -604,6 +659,11 @@ def show_lines(registry: Registry, manifest: Manifest) -> list[str]:
     ]
     if manifest.parents:
         lines.append(f"  parents: {', '.join(manifest.parents)}")
+    for tag, record in registry.tags_of(manifest.kind, manifest.name).items():
+        if record.get("id") == manifest.id:
+            before = ", ".join(entry["version"] for entry in record.get("history", []))  # newest first
+            lines.append(f"  tag {manifest.name}@{tag}: since {record.get('tagged_at')} by {record.get('by')}"
+                         + (f" (before: {before})" if before else ""))
     if manifest.counts:
         lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in manifest.counts.items()))
     if manifest.splits:

@@ -6,11 +6,12 @@ Layout under the registry root (local directory by default, `s3://`, `gs://`, `m
     <root>/<kind>s/<name>/<version>/<files...>
     <root>/.work/<cache_key>/                          # local working dirs of running stages (resumable)
     <root>/.removed/<kind>s/<name>/<version>.json      # what `blip data rm` removed (datasets_manifests.removal)
+    <root>/.tags/<kind>s/<name>/<tag>.json              # a tag: the version it names now, and before (tags.py)
 
 Publishing is atomic: files are staged and their checksums verified, and the manifest is written last (on a
 local disk the whole version directory is renamed into place in one step). Versions are immutable:
 publishing different content under an existing name@version raises `VersionExistsError`.
-References: `name@v3`, `name@latest`, `name` (= latest), `name@<content-id prefix>`.
+References: `name@v3`, `name@latest`, `name` (= latest), `name@<tag>` (`blip data tag`), `name@<content-id prefix>`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _VERSION_RE = re.compile(r"^v(\d+)$")
 _VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAKEDOWN_STAGE = "takedown"  # `blip data takedown`'s versions: the same data without some samples (find_cached)
 REMOVED_DIR = ".removed"  # a removed version's record: its name is never given again, and asking for it says why
+TAGS_DIR = ".tags"  # movable names of versions (`name@prod`): the only mutable records of a registry
 REMOTE_THREADS = 16  # object-store requests in flight while publishing: each one waits on the network
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -408,16 +410,20 @@ class Registry:
 
     def write_removal(self, manifest: Manifest, record: dict[str, Any]) -> None:
         """Record a removal (`datasets_manifests.removal`) before anything is deleted: whole or absent."""
-        path = self.removal_path(manifest.kind, manifest.name, manifest.version)
+        # a record cut short would hide why the version's files are gone
+        self.write_record(self.removal_path(manifest.kind, manifest.name, manifest.version), record)
+        self._removed_files[manifest.id] = (record, frozenset(record.get("files", ())))
+
+    def write_record(self, path: str, record: dict[str, Any]) -> None:
+        """A small JSON record (a removal, a tag), whole or absent: renamed into place locally, one put on a store."""
         data = json.dumps(record, indent=1).encode()
-        if self.is_local:  # a record cut short would hide why the version's files are gone
+        if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             partial = Path(f"{path}.{uuid.uuid4().hex[:8]}.partial")
             partial.write_bytes(data)
             os.replace(partial, path)
         else:
             self.fs.pipe_file(path, data)  # an object store's put is whole or absent
-        self._removed_files[manifest.id] = (record, frozenset(record.get("files", ())))
 
     def removed_of(self, kind: str, name: str) -> list[str]:
         """The versions of a name that have a removal record (one listing; empty when none was removed)."""
@@ -440,6 +446,27 @@ class Registry:
             if len(parts) == 3 and parts[0].endswith("s") and parts[2].endswith(".json"):
                 found.add((parts[0][:-1], parts[1], parts[2].removesuffix(".json")))
         return found
+
+    def tag_path(self, kind: str, name: str, tag: str) -> str:
+        return f"{self.root}/{TAGS_DIR}/{kind}s/{name}/{tag}.json"
+
+    def tag_record(self, kind: str, name: str, tag: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.tag_path(kind, name, tag)))
+        except (FileNotFoundError, PermissionError):  # S3 answers 403 for a missing key without ListBucket rights
+            return None
+
+    def tags_of(self, kind: str, name: str) -> dict[str, dict[str, Any]]:
+        """tag -> its record ({"version", "id", "tagged_at", "host", "history"}) of a name's tags (one listing)."""
+        try:
+            paths = self.fs.ls(f"{self.root}/{TAGS_DIR}/{kind}s/{name}", detail=False)
+        except FileNotFoundError:
+            return {}
+        tags = {}
+        for path in sorted(p for p in paths if p.endswith(".json")):
+            with contextlib.suppress(FileNotFoundError):  # moved away between the listing and the read
+                tags[path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")] = json.loads(self.fs.cat_file(path))
+        return tags
 
     # ------------------------------------------------------------------ reading
     def names(self, kind: str) -> list[str]:
@@ -502,8 +529,13 @@ class Registry:
         exact = [m for m in candidates if m.version == selector]
         if exact:
             return exact[0]
+        if not _VERSION_RE.match(selector) and not _is_hex(selector):  # a tag (never a version or an id prefix)
+            record = self.tag_record(candidates[0].kind, name, selector) or {}
+            tagged = [m for m in candidates if m.id == record.get("id")]
+            if tagged:
+                return tagged[0]
         # An id prefix must be hex and long enough not to match by accident ("v1" is never an id).
-        is_prefix = len(selector) >= 4 and all(c in "0123456789abcdef" for c in selector.lower())
+        is_prefix = len(selector) >= 4 and _is_hex(selector)
         by_id = [m for m in candidates if is_prefix and m.id.startswith(selector.lower())]
         if len(by_id) == 1:
             return by_id[0]
@@ -511,7 +543,8 @@ class Registry:
             raise NotFoundError(f"{ref!r} is ambiguous: {', '.join(m.ref for m in by_id)}")
         self._raise_if_removed(kinds, name, selector)
         versions = ", ".join(m.version for m in candidates)
-        raise NotFoundError(f"{ref!r} not found (versions of {name}: {versions})")
+        tags = ", ".join(self.tags_of(candidates[0].kind, name))
+        raise NotFoundError(f"{ref!r} not found (versions of {name}: {versions}{f'; tags: {tags}' if tags else ''})")
 
     def _raise_if_removed(self, kinds: list[str], name: str, version: str | None) -> None:
         """A version asked for that `blip data rm` removed is said to be removed, and when (any of the name's
@@ -778,6 +811,11 @@ def place_file(source: Path, dest: Path, link: bool) -> bool:
             pass
     shutil.copy2(source, dest)
     return False
+
+
+def _is_hex(text: str) -> bool:
+    """Could be a content-id prefix (what a tag may never be, so that the two never meet)."""
+    return bool(text) and all(c in "0123456789abcdef" for c in text.lower())
 
 
 def _version_sort_key(manifest: Manifest) -> tuple[int, str, str]:

@@ -6,7 +6,8 @@ images: terabytes at 129M) and keeps the manifest, the per-sample index, stats a
 listed, browsable and diffable, its lineage whole; a rerun of the stage that made it reuses the record, so what
 was made from it stays cached (a flow rerun after freeing a download whose shards exist downloads nothing), and a
 stage that has to read its data refuses, naming the removal (`Registry.path_of`, `Registry.absent`).
-Neither removes a version that an unfinished stage run reads (its rerun would fail half-way).
+Neither removes a version that an unfinished stage run reads (its rerun would fail half-way), and a version with
+a tag (`blip data tag`) is not removed whole: the tag is moved or removed first.
 
 Each removal writes its record first (`<root>/.removed/<kind>s/<name>/<version>.json`), then deletes: a removal
 killed half-way is finished by the next `blip data rm` (`finish_removals`, or the same command again), a removed
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.ops import COPY_PREFIXES, run_described
 from datasets_manifests.registry import MANIFEST_NAME, Registry, RegistryError, now_utc
+from datasets_manifests.tags import tags_by_id
 
 DATA_ROLES = ("shard", "weights", "image")  # what --data-only frees; the index, stats, configs and metrics stay
 REMOVING_DIR = ".removing"  # a local registry's whole versions on their way out
@@ -67,8 +69,12 @@ def plan_removals(registry: Registry, refs: Iterable[str], *, data_only: bool) -
         manifests.setdefault(manifest.id, manifest)
     everything = registry.list()
     readers = _unfinished_readers(registry)
+    tags = tags_by_id(registry)
     problems = []
     for manifest in manifests.values():
+        for tag in tags.get(manifest.id, []) if not data_only else []:
+            problems.append(f"{manifest.ref} is tagged {manifest.name}@{tag}: move the tag (`blip data tag "
+                            f"{manifest.name}@vN {tag}`) or remove it (`blip data untag {manifest.name}@{tag}`) first")
         for key, run in readers.get(manifest.ref, []):
             problems.append(f"{manifest.ref} is read by the unfinished run {key} ({run}): let it finish, or remove "
                             f"its work first (`blip data work --remove {key}`)")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pipelines.runtime import apply_environment
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `blip data ls | head`: the reader left; not an error to print a traceback for
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except Exception as error:  # noqa: BLE001 - user-facing errors become one line
         if _is_user_error(error) and not getattr(args, "traceback", False):
             print(f"blip {args.command}: error: {error}", file=sys.stderr)

@@ -55,6 +55,7 @@ from datasets_manifests.manifest import Manifest
 from datasets_manifests.ops import DIFF_CATEGORIES
 from datasets_manifests.registry import (DataRemovedError, NotFoundError, OutsideRegistryError, Registry,
                                          RegistryError)
+from datasets_manifests.tags import tags_by_id
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -122,7 +123,9 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
     @api
     def versions(_: Request) -> Response:
         removed = registry.removed_versions()  # one listing: versions whose data files `blip data rm` removed
-        rows = [{**summary_row(m), "data_removed": (m.kind, m.name, m.version) in removed} for m in catalog.all()]
+        tags = tags_by_id(registry)  # `blip data tag`: read at each request, since tags move
+        rows = [{**summary_row(m), "data_removed": (m.kind, m.name, m.version) in removed, "tags": tags.get(m.id, [])}
+                for m in catalog.all()]  # fmt: skip
         return JSONResponse({"registry": registry.url, "versions": rows})
 
     @api
@@ -147,6 +150,8 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
             "children": [{"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version} for m in kids],
             "evaluations": evaluations,
             "data_removed": registry.removal(manifest),  # `blip data rm --data-only`: shards gone, index kept
+            "tags": {tag: record for tag, record in registry.tags_of(manifest.kind, manifest.name).items()
+                     if record.get("id") == manifest.id},  # fmt: skip
         }
         return JSONResponse(body)
 

@@ -131,7 +131,7 @@ async function homePage() {
   const groups = { dataset: [], model: [], evaluation: [] };
   data.versions.forEach(v => (groups[v.kind] || (groups[v.kind] = [])).push(v));
   const datasetRows = groups.dataset.map(v => `<tr>
-      <td><a href="${refHref(v)}">${esc(v.name)}</a></td><td>${esc(v.version)}</td><td>${esc(v.stage)}</td>
+      <td><a href="${refHref(v)}">${esc(v.name)}</a></td><td>${esc(v.version)}${(v.tags || []).map(t => ` ${badge(t, "tag")}`).join("")}</td><td>${esc(v.stage)}</td>
       <td class="num">${fmt(v.num_samples)}</td><td class="mono">${esc(Object.entries(v.counts).map(([k, n]) => `${k}=${n}`).join(" "))}</td>
       <td>${v.parents.map(esc).join(", ")}</td><td class="num">${v.data_removed ? `<span class="muted" title="blip data rm --data-only">data removed</span>` : bytes(v.bytes)}</td><td class="mono">${esc(v.short_id)}</td>
       <td class="muted">${esc(v.finished_at)}</td></tr>`).join("");
@@ -189,7 +189,7 @@ async function versionPage(kind, name, version, params) {
   const parquet = info.parquet ? Object.entries(info.parquet).filter(([, v]) => v).map(([label, v]) =>
       `<div>${esc(label)}: ${v.error ? `<span class="error">${esc(v.error)}</span>` : `${fmt(v.rows)} rows, ${v.row_groups} row groups`}</div>`).join("") : "";
   main.innerHTML = `
-    <h1>${badge(kind)} ${esc(m.ref)} <span class="mono muted">${esc(m.id.slice(0, 12))}</span></h1>
+    <h1>${badge(kind)} ${esc(m.ref)} <span class="mono muted">${esc(m.id.slice(0, 12))}</span>${Object.entries(info.tags || {}).map(([t, r]) => ` <span class="badge tag" data-testid="tag" title="since ${esc(r.tagged_at)} by ${esc(r.by)}">${esc(m.name)}@${esc(t)}</span>`).join("")}</h1>
     <div class="muted">stage <b>${esc(m.producer.stage)}</b> · config ${esc(m.producer.config_hash)} · code ${esc(m.producer.code_version)}
       · published ${esc(m.producer.finished_at)} · ${fmt(info.summary.num_samples)} samples in shards</div>
     ${info.data_removed ? `<div class="error">data files removed on ${esc(info.data_removed.removed_at)} by <span class="mono">blip data rm</span> (${fmt(info.data_removed.files.length)} files): the record, index and stats remain; images cannot be shown</div>` : ""}
