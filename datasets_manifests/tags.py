@@ -1,13 +1,14 @@
 """`blip data tag`: movable names of versions — `blip-129m-capfilt@prod`, `captioner@approved`.
 
-Versions are immutable and numbered; a lab also needs a name that says which version a team uses now, that a
-command line or a script can name (`blip capfilt … --captioner blip-captioner@prod`) and that moves when a better
-version is approved without every script changing. A tag is that name: a small record in `<root>/.tags/<kind>s/<name>/<tag>.json`
-naming the version by its content id, with the versions it named before (who moved it, when), written whole or
-not at all. Every reference resolves through it (`Registry.resolve`: `name@tag`). Tags are the only mutable
-records of a registry: what a stage made records its inputs by id, so moving a tag never changes a lineage or a
-cache key. A tag cannot look like a version (`v3`), `latest` or a content-id prefix (hex), so the three never
-meet; a version with a tag is not removed whole (`blip data rm` names the tag to move or remove first).
+Versions are immutable and numbered; a lab also needs a name that says which version a team uses now, that a command
+line or a script can name (`blip capfilt … --captioner blip-captioner@prod`) and that moves when a better version is
+approved without every script changing. A tag is that name: a small record in
+`<root>/.tags/<kind>s/<name>/<tag>.json` naming the version by its content id, with the versions it named before
+(who moved it, when), written whole or not at all. Every reference resolves through it (`Registry.resolve`:
+`name@tag`). Tags are the only mutable records of a registry: what a stage made records its inputs by id, so moving
+a tag never changes a lineage or a cache key. A tag cannot look like a version (`v3`), `latest` or a content-id
+prefix (hex), so the three never meet; a version with a tag is not removed whole (`blip data rm` names the tag to
+move or remove first).
 """
 
 from __future__ import annotations
