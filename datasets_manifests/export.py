@@ -15,14 +15,18 @@ pretraining code (`pretrain_dataset`), so salesforce/BLIP's `pretrain.py` trains
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) escapes a string with (C)
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet
 from datasets_manifests.manifest import Manifest
@@ -30,6 +34,7 @@ from datasets_manifests.registry import Registry, RegistryError
 
 FORMATS = ("blip-json", "jsonl")
 SOURCES = ("all", "web", "synthetic")
+OUT_COLUMNS = ("key", "url", "caption", "source", "itm_score", "shard")  # each batch of kept texts, to be written
 
 
 def export_texts(registry: Registry, manifest: Manifest, out: str | Path, fmt: str = "blip-json",
@@ -46,32 +51,34 @@ def export_texts(registry: Registry, manifest: Manifest, out: str | Path, fmt: s
     if not has_layer(manifest, INDEX_FILE):
         raise RegistryError(f"{manifest.ref} has no {INDEX_FILE}: only dataset versions with a per-sample index "
                             "are exported")  # fmt: skip
-    items = _kept_texts(registry, manifest, on_rows) if has_layer(manifest, TEXTS_FILE) else \
+    tables = _kept_texts(registry, manifest, on_rows) if has_layer(manifest, TEXTS_FILE) else \
         _kept_captions(registry, manifest, on_rows)  # fmt: skip
     counts: Counter[str] = Counter()
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    image_root = None if images is None else str(images.resolve())
     try:
         with open(partial, "w", encoding="utf-8") as handle:
             first = True
             handle.write("[\n" if fmt == "blip-json" else "")
-            for item in items:
-                if source != "all" and item["source"] != source:
+            for table in tables:
+                if source != "all":
+                    table = table.filter(pc.equal(table["source"], source))
+                if image_root is not None:  # a dropped sample's text: no image to name
+                    has_image = pc.is_valid(table["shard"])
+                    if without := len(table) - (pc.sum(has_image).as_py() or 0):
+                        counts["no_image"] += without
+                    table = table.filter(has_image)
+                if not len(table):
                     continue
-                shard = item.pop("shard")
-                if images is not None:
-                    if shard is None:  # a dropped sample's text: no image to name
-                        counts["no_image"] += 1
-                        continue
-                    item["image"] = str(image_path(images, shard, item["key"]))
-                counts[item["source"]] += 1
+                for count in pc.value_counts(table["source"]).to_pylist():
+                    counts[count["values"]] += count["counts"]
+                lines = _json_lines(table, fmt, image_root)
                 if fmt == "blip-json":
-                    where = {"image": item["image"]} if images is not None else {"url": item["url"]}
-                    handle.write(("" if first else ",\n") + json.dumps({**where, "caption": item["caption"]},
-                                                                       ensure_ascii=False))  # fmt: skip
+                    handle.write(("" if first else ",\n") + ",\n".join(lines))
                 else:
-                    handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+                    handle.write("\n".join(lines) + "\n")
                 first = False
             handle.write("\n]\n" if fmt == "blip-json" else "")
         os.replace(partial, target)
@@ -80,48 +87,84 @@ def export_texts(registry: Registry, manifest: Manifest, out: str | Path, fmt: s
     return dict(counts)
 
 
+def _json_lines(table: pa.Table, fmt: str, image_root: str | None) -> list[str]:
+    """One JSON object a row of `table` (OUT_COLUMNS), as `json.dumps(..., ensure_ascii=False)` writes it, built a
+    batch at a time: each string escaped by the json module's C encoder, no dict or encoder object per row."""
+    column = {name: table[name].to_pylist() for name in OUT_COLUMNS}
+    if image_root is not None:
+        stems: dict[str, str] = {}
+        column["image"] = [f"{image_root}/{stems.get(shard) or stems.setdefault(shard, _stem(shard))}/{key}"
+                           f"{IMAGE_EXTENSION}" for shard, key in zip(column["shard"], column["key"])]  # fmt: skip
+    text = {name: [_json_string(value) for value in values] for name, values in column.items()
+            if name not in ("shard", "itm_score")}  # fmt: skip
+    if fmt == "blip-json":
+        where = "image" if image_root is not None else "url"
+        return [f'{{"{where}": {place}, "caption": {caption}}}' for place, caption in zip(text[where], text["caption"])]
+    scores = ["null" if score is None else repr(round(float(score), 6)) for score in column["itm_score"]]
+    lines = [f'{{"key": {key}, "url": {url}, "caption": {caption}, "source": {source}, "itm_score": {score}'
+             for key, url, caption, source, score in zip(text["key"], text["url"], text["caption"], text["source"],
+                                                         scores)]  # fmt: skip
+    if image_root is not None:
+        return [f'{line}, "image": {image}}}' for line, image in zip(lines, text["image"])]
+    return [f"{line}}}" for line in lines]
+
+
+def _json_string(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
 def _kept_captions(registry: Registry, manifest: Manifest,
-                   on_rows: Callable[[int], object] | None) -> Iterator[dict[str, Any]]:  # fmt: skip
+                   on_rows: Callable[[int], object] | None) -> Iterator[pa.Table]:  # fmt: skip
+    """The index's kept samples with a caption, a batch at a time (OUT_COLUMNS; no ITM score)."""
     path = registry.path_of(manifest, INDEX_FILE)
     columns = ["key", "url", "caption", "caption_source", "status", "shard"]
     for batch in iter_registry_parquet(registry, path, columns):
-        for row in batch.to_pylist():
-            if row["status"] == "ok" and row["caption"]:
-                yield {"key": row["key"], "url": row["url"], "caption": row["caption"],
-                       "source": row["caption_source"] or "web", "itm_score": None, "shard": row["shard"]}  # fmt: skip
+        rows = pa.Table.from_batches([batch])
+        rows = rows.filter(pc.and_(pc.equal(rows["status"], "ok"), pc.greater(pc.utf8_length(rows["caption"]), 0)))
+        yield pa.table({"key": rows["key"], "url": rows["url"], "caption": rows["caption"],
+                        "source": pc.fill_null(rows["caption_source"], "web"),
+                        "itm_score": pa.nulls(len(rows), pa.float32()), "shard": rows["shard"]})  # fmt: skip
         if on_rows is not None:
             on_rows(batch.num_rows)
 
 
 def _kept_texts(registry: Registry, manifest: Manifest,
-                on_rows: Callable[[int], object] | None) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """texts.parquet's kept rows with their sample's URL: the two files are in the same key order (CapFilt writes
-    the texts in the index's order), so one pass over each joins them."""
-    urls = _index_urls(registry, manifest, on_rows)
-    key, url, shard = None, None, None
+                on_rows: Callable[[int], object] | None) -> Iterator[pa.Table]:  # fmt: skip
+    """texts.parquet's kept rows with their sample's URL and shard (OUT_COLUMNS), a batch at a time: the two files
+    are in the same key order (CapFilt writes the texts in the index's order), so each batch of texts finds its
+    samples among the index rows not yet passed (a window of about a batch) and one pass over each joins them."""
+    index = iter_registry_parquet(registry, registry.path_of(manifest, INDEX_FILE), ["key", "url", "shard"])
+    window = pa.table({"key": pa.array([], pa.string()), "url": pa.array([], pa.string()),
+                       "shard": pa.array([], pa.string())})  # fmt: skip
     texts = iter_registry_parquet(registry, registry.path_of(manifest, TEXTS_FILE),
                                   ["key", "text", "source", "itm_score", "kept"])  # fmt: skip
     for batch in texts:
-        for row in batch.to_pylist():
-            while key != row["key"]:
-                try:
-                    key, url, shard = next(urls)
-                except StopIteration:
-                    raise RegistryError(f"{manifest.ref}: {TEXTS_FILE} has texts of key {row['key']!r}, which "
-                                        f"{INDEX_FILE} does not list at that place (the two are not in the same "
-                                        "order): not a CapFilt version's texts") from None  # fmt: skip
-            if row["kept"]:
-                score = row["itm_score"]
-                yield {"key": key, "url": url, "caption": row["text"], "source": row["source"],
-                       "itm_score": None if score is None else round(float(score), 6), "shard": shard}  # fmt: skip
+        if not batch.num_rows:
+            continue
+        keys = batch.column("key")
+        while not pc.is_in(keys[-1:], value_set=window["key"].combine_chunks())[0].as_py():
+            more = next(index, None)
+            if more is None:
+                raise _out_of_order(manifest, keys, window)
+            window = pa.concat_tables([window, pa.Table.from_batches([more])]).combine_chunks()
+            if on_rows is not None:
+                on_rows(more.num_rows)
+        positions = pc.index_in(keys, value_set=window["key"].combine_chunks())
+        if positions.null_count or (np.diff(positions.to_numpy(zero_copy_only=False)) < 0).any():
+            raise _out_of_order(manifest, keys, window)
+        kept = pc.fill_null(batch.column("kept"), False)
+        samples = window.take(positions.filter(kept))
+        yield pa.table({"key": samples["key"], "url": samples["url"], "caption": batch.column("text").filter(kept),
+                        "source": batch.column("source").filter(kept),
+                        "itm_score": batch.column("itm_score").filter(kept), "shard": samples["shard"]})  # fmt: skip
+        window = window.slice(positions[-1].as_py())  # the last sample's texts may go on in the next batch
 
 
-def _index_urls(registry: Registry, manifest: Manifest,
-                on_rows: Callable[[int], object] | None) -> Iterator[tuple[str, str | None, str | None]]:  # fmt: skip
-    for batch in iter_registry_parquet(registry, registry.path_of(manifest, INDEX_FILE), ["key", "url", "shard"]):
-        yield from zip(*(batch.column(name).to_pylist() for name in ("key", "url", "shard")))
-        if on_rows is not None:
-            on_rows(batch.num_rows)
+def _out_of_order(manifest: Manifest, keys: pa.Array, window: pa.Table) -> RegistryError:
+    found = pc.is_in(keys, value_set=window["key"].combine_chunks()).to_pylist()
+    key = keys[found.index(False) if False in found else 0].as_py()
+    return RegistryError(f"{manifest.ref}: {TEXTS_FILE} has texts of key {key!r}, which {INDEX_FILE} does not list "
+                         "at that place (the two are not in the same order): not a CapFilt version's texts")
 
 
 # ------------------------------------------------------------------------------------------------ images

@@ -123,3 +123,29 @@ def test_images_out_of_the_shards_for_blips_own_pretraining_code(registry, tmp_p
     monkeypatch.setattr(registry, "open", Broken(registry.open))
     with pytest.raises(RegistryError, match="shard shards/train-000000.tar cannot be read to its end"):
         export_module.export_images(registry, boot, tmp_path / "other")
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 5, 64])
+def test_texts_join_their_samples_across_any_batch_boundaries(registry, tmp_path, monkeypatch, batch_rows):
+    """Batches of texts and of index rows that end anywhere (a sample's texts split between two batches, samples
+    without texts between them) give the row-by-row join."""
+    from datasets_manifests import export as export_module
+
+    rows = sample_rows(9, dropped={0: "broken_image", 4: "broken_image", 8: "broken_image"})
+    texts = [text for i, row in enumerate(rows) if row["status"] == "ok"
+             for text in [{"key": row["key"], "text": f"t{i}.{n}", "source": "synthetic", "itm_score": 0.5 + n / 10,
+                           "kept": n != 1, "drop_reason": None if n != 1 else "itm_below_threshold"}
+                          for n in range(i % 3 + 1)]]  # fmt: skip
+    manifest = publish_dataset(registry, tmp_path / "gaps", "gaps", [dict(r) for r in rows], texts=texts)
+    real = export_module.iter_registry_parquet
+    monkeypatch.setattr(export_module, "iter_registry_parquet",
+                        lambda registry, path, columns: real(registry, path, columns, batch_rows=batch_rows))
+    out = tmp_path / "gaps.jsonl"
+    counts = export_module.export_texts(registry, manifest, out, "jsonl")
+    url = {row["key"]: row["url"] for row in rows}
+    expected = [{"key": t["key"], "url": url[t["key"]], "caption": t["text"], "source": "synthetic",
+                 "itm_score": round(t["itm_score"], 6)} for t in texts if t["kept"]]  # fmt: skip
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{**item, "itm_score": round(item["itm_score"], 6)} for item in got] == [
+        {**item, "itm_score": pytest.approx(item["itm_score"], abs=1e-6)} for item in expected]
+    assert counts == {"synthetic": len(expected)}
