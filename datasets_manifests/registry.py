@@ -457,7 +457,7 @@ class Registry:
             return None
 
     def tags_of(self, kind: str, name: str) -> dict[str, dict[str, Any]]:
-        """tag -> its record ({"version", "id", "tagged_at", "host", "history"}) of a name's tags (one listing)."""
+        """tag -> its record ({"version", "id", "tagged_at", "by", "history"}) of a name's tags (one listing)."""
         try:
             paths = self.fs.ls(f"{self.root}/{TAGS_DIR}/{kind}s/{name}", detail=False)
         except FileNotFoundError:
@@ -529,7 +529,7 @@ class Registry:
         exact = [m for m in candidates if m.version == selector]
         if exact:
             return exact[0]
-        if not _VERSION_RE.match(selector) and not _is_hex(selector):  # a tag (never a version or an id prefix)
+        if not reads_as_version_or_id(selector):  # a tag
             record = self.tag_record(candidates[0].kind, name, selector) or {}
             tagged = [m for m in candidates if m.id == record.get("id")]
             if tagged:
@@ -813,8 +813,12 @@ def place_file(source: Path, dest: Path, link: bool) -> bool:
     return False
 
 
+def reads_as_version_or_id(selector: str) -> bool:
+    """`latest`, a version number (v3) or a content-id prefix (hex): what a tag may never be, so they never meet."""
+    return selector == "latest" or bool(_VERSION_RE.match(selector)) or _is_hex(selector)
+
+
 def _is_hex(text: str) -> bool:
-    """Could be a content-id prefix (what a tag may never be, so that the two never meet)."""
     return bool(text) and all(c in "0123456789abcdef" for c in text.lower())
 
 

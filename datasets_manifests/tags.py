@@ -20,7 +20,8 @@ import socket
 from typing import Any
 
 from datasets_manifests.manifest import KINDS, Manifest
-from datasets_manifests.registry import TAGS_DIR, Registry, RegistryError, check_name, now_utc, parse_ref
+from datasets_manifests.registry import (TAGS_DIR, Registry, RegistryError, check_name, now_utc, parse_ref,
+                                         reads_as_version_or_id)
 
 TAG_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 HISTORY = 50  # earlier versions a tag record keeps (newest first)
@@ -30,7 +31,7 @@ def check_tag(tag: str) -> str:
     """A tag name, or a RegistryError saying why it cannot be one."""
     if not TAG_RE.match(tag):
         raise RegistryError(f"invalid tag {tag!r}: start with a lowercase letter; then letters, digits, '.', '_', '-'")
-    if tag == "latest" or re.fullmatch(r"v\d+", tag) or all(c in "0123456789abcdef" for c in tag):
+    if reads_as_version_or_id(tag):
         raise RegistryError(f"invalid tag {tag!r}: it would read as 'latest', a version (v3) or a content-id prefix")
     return tag
 
@@ -40,6 +41,8 @@ def set_tag(registry: Registry, ref: str, tag: str) -> tuple[Manifest, dict[str,
     when the tag is new). Setting a tag to the version it names already changes nothing."""
     manifest = registry.resolve(ref)
     check_tag(tag)
+    if any(m.version == tag for m in registry.versions(manifest.kind, manifest.name)):
+        raise RegistryError(f"{manifest.name}@{tag} is a version's own name: a tag of that name would never be read")
     before = registry.tag_record(manifest.kind, manifest.name, tag)
     if before is not None and before.get("id") == manifest.id:
         return manifest, before

@@ -79,9 +79,12 @@ def test_a_tag_never_reads_as_a_version_or_an_id(tag):
         check_tag(tag)
 
 
-def test_tagging_what_does_not_exist_is_an_error(registry):
+def test_tagging_what_does_not_exist_is_an_error(registry, tmp_path):
     with pytest.raises(NotFoundError):
         set_tag(registry, "raw@v9", "prod")
+    publish_dataset(registry, tmp_path / "named", "raw", sample_rows(2), version="stable")
+    with pytest.raises(RegistryError, match="raw@stable is a version's own name"):
+        set_tag(registry, "raw@v1", "stable")
     assert check_tag("prod-2026.11_a") == "prod-2026.11_a"
 
 
