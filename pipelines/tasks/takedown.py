@@ -39,7 +39,14 @@ class TakenSamples:
 
     where: dict[str, tuple[str, int | None]]  # key -> (shard, .jpg offset)
     texts: set[tuple[str | None, str | None]]  # (url, raw caption) of each
-    urls_still_kept: set[str]  # their urls that other kept samples share: only a row of the same text goes
+    urls: set[str]  # their urls
+    urls_still_kept: set[str]  # of `urls`, those other kept samples share: only a row of the same text goes
+
+    def names(self, url: str | None, text: str | None) -> bool:
+        """Whether a row of this url and text is about one of the samples (another row of the same image)."""
+        if url in self.urls_still_kept:
+            return (url, text) in self.texts
+        return url in self.urls
 
 
 def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str] = (), keys: Iterable[str] = (),
@@ -102,10 +109,11 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         else:
             _same_file(registry, source, entry.path, out)
             files.append({**base, "sha256": entry.sha256, "bytes": entry.bytes})
-    summary = _write_index(registry, source, set(taken), moved, stage / INDEX_FILE)
+    emptied: set[str] = set()  # dropped samples of the same image (a repeated url): their texts go too
+    summary = _write_index(registry, source, found, moved, stage / INDEX_FILE, emptied)
     files.append({"path": INDEX_FILE, "role": "index"})
     if has_layer(source, TEXTS_FILE):
-        _write_texts(registry, source, set(taken), stage / TEXTS_FILE)
+        _write_texts(registry, source, set(taken) | emptied, stage / TEXTS_FILE)
         files.append({"path": TEXTS_FILE, "role": "index"})
     manifest = registry.publish(
         kind="dataset", name=source.name, staging_dir=stage, parents=[source], digests_from_writer=True,
@@ -116,7 +124,8 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
                 "dropped": summary["counts"]["dropped"], "taken_down": len(taken)},
         drop_reasons=summary["drop_reasons"], splits=summary["splits"],
         stats={**source.stats, STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard),
-                                       "tables_rewritten": rewritten_tables, "unchanged": unchanged}},
+                                       "dropped_rows_emptied": len(emptied), "tables_rewritten": rewritten_tables,
+                                       "unchanged": unchanged}},
         sample_schema=source.sample_schema, metadata=source.metadata,
     )  # fmt: skip
     registry.remove_work(key)
@@ -139,7 +148,8 @@ def _taken_samples(registry: Registry, source: Manifest, urls: set[str], keys: s
                 texts.add((row["url"], row["raw_caption"]))
             else:
                 kept_urls.add(row["url"])
-    return TakenSamples(where, texts, {url for url, _ in texts if url in kept_urls})
+    urls = {url for url, _ in texts if url is not None}
+    return TakenSamples(where, texts, urls, urls & kept_urls)
 
 
 def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set[int], stems: set[str],
@@ -187,7 +197,7 @@ def _rewrite_table(registry: Registry, source: Manifest, path: str, found: Taken
         value_set = pa.array(sorted(values), pa.string())
         return pc.fill_null(pc.is_in(table.column("url"), value_set=value_set), False).to_numpy(zero_copy_only=False)
 
-    taken = among(url for url, _ in found.texts if url is not None)
+    taken = among(found.urls)
     shared = among(found.urls_still_kept)
     if shared.any():  # a url a kept sample also has: only the row of the taken text goes (none in a file without)
         has_text = "caption" in table.column_names
@@ -212,19 +222,24 @@ def _same_file(registry: Registry, source: Manifest, path: str, out: str) -> Non
     registry.fs.copy(registry.path_of(source, path), f"{registry.fs._strip_protocol(out)}/{path}")
 
 
-def _write_index(registry: Registry, source: Manifest, taken: set[str], moved: dict[tuple[str, int], int],
-                 target: Path) -> dict[str, Any]:  # fmt: skip
-    """The index with the samples taken out dropped (reason `takedown`, no shard) and the kept `.jpg` offsets of
-    the rewritten shards moved; the same rows in the same order, every column kept (a CapFilt index's too)."""
+def _write_index(registry: Registry, source: Manifest, found: TakenSamples, moved: dict[tuple[str, int], int],
+                 target: Path, emptied: set[str]) -> dict[str, Any]:  # fmt: skip
+    """The index with the samples taken out dropped (reason `takedown`, no shard, no texts) and the kept `.jpg`
+    offsets of the rewritten shards moved; the same rows in the same order, every column kept (a CapFilt index's
+    too). A row dropped before whose url (and text, for a url kept samples share) is one of theirs keeps its reason
+    and loses its texts; its key is added to `emptied`."""
     from datasets_manifests.index import write_index_batches
 
     def tables() -> Iterator[pa.Table]:
         for batch in scan_index(registry, source):
             rows = batch.to_pylist()
             for row in rows:
-                if row["key"] in taken:
+                if row["key"] in found.where:
                     row.update(status="dropped", drop_reason=REASON, shard=None, jpg_offset=None, jpg_bytes=None)
                     row.update({column: None for column in TEXT_COLUMNS if column in row})
+                elif row["status"] != "ok" and found.names(row["url"], row.get("raw_caption")):
+                    row.update({column: None for column in TEXT_COLUMNS if column in row})
+                    emptied.add(row["key"])
                 elif row["status"] == "ok" and row["jpg_offset"] is not None:
                     row["jpg_offset"] = moved.get((row["shard"], row["jpg_offset"]), row["jpg_offset"])
             yield pa.Table.from_pylist(rows, schema=batch.schema)
@@ -233,7 +248,8 @@ def _write_index(registry: Registry, source: Manifest, taken: set[str], moved: d
 
 
 def _write_texts(registry: Registry, source: Manifest, taken: set[str], target: Path) -> None:
-    """A CapFilt version's texts, those of the samples taken out emptied and not kept (reason `takedown`)."""
+    """A CapFilt version's texts, those of the samples `taken` emptied and not kept (reason `takedown` for a text
+    that was kept)."""
     from datasets_manifests.index import write_texts_batches
 
     schema = _schema(registry, source, TEXTS_FILE)

@@ -138,3 +138,25 @@ def test_a_url_two_samples_share_loses_only_the_taken_row(tmp_path):
     assert [row["url"] for row in pq.read_table(registry.open(new, "urls.parquet")).to_pylist()] == [
         rows[i]["url"] for i in range(4)]
     assert verify(registry, new) == []
+
+
+def test_a_dropped_row_of_the_same_image_loses_its_texts_too(tmp_path):
+    """A sample dropped before as a repeat of the taken one's url keeps its drop reason and loses its texts, in the
+    index and in a CapFilt version's texts."""
+    registry = Registry(tmp_path / "registry")
+    rows = sample_rows(5, dropped={4: "duplicate_url"})
+    rows[4]["url"] = rows[1]["url"]
+    texts = [{"key": row["key"], "text": f"text {i}", "source": "web", "itm_score": 0.9, "kept": i != 4,
+              "drop_reason": "itm_below_threshold" if i == 4 else None} for i, row in enumerate(rows)]
+    publish_dataset(registry, tmp_path / "cf", "capfilt", rows, stage="capfilt", texts=texts)
+    assert main(["data", "--registry", registry.url, "takedown", "--url", rows[1]["url"]]) == 0
+    new = registry.resolve("capfilt@v2")
+    index = rows_of(registry, new.ref)
+    assert (index["s000001"]["drop_reason"], index["s000004"]["drop_reason"]) == ("takedown", "duplicate_url")
+    assert [index[key]["raw_caption"] for key in ("s000001", "s000004")] == [None, None]
+    assert index["s000003"]["raw_caption"] == rows[3]["raw_caption"]
+    after = {t["key"]: t for t in read_texts(registry, new).to_pylist()}
+    assert after["s000004"]["text"] is None and after["s000004"]["drop_reason"] == "itm_below_threshold"
+    assert after["s000001"]["text"] is None and after["s000001"]["drop_reason"] == "takedown"
+    assert new.stats["takedown"]["dropped_rows_emptied"] == 1 and new.counts["taken_down"] == 1
+    assert verify(registry, new) == []
