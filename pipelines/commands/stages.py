@@ -21,8 +21,9 @@ def register(subparsers: Any) -> None:
     corpus = subparsers.add_parser(
         "demo-corpus", help="write or serve the synthetic noisy web corpus (with ground truth)",
         description="A seeded corpus of rendered shape scenes with true captions, a controlled fraction of noisy "
-        "web texts and broken records (404, corrupt, empty, HTML, oversized, CMYK, greyscale, PNG alpha), "
-        "served over HTTP on 127.0.0.1 for the download stage.")
+        "web texts and broken records (404, corrupt, empty, HTML, oversized, CMYK, greyscale, PNG alpha) and, "
+        "with --opt-out-fraction, images whose server opts out of AI use (X-Robots-Tag), served over HTTP on "
+        "127.0.0.1 for the download stage.")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", metavar="ACTION", required=True)
     write = corpus_sub.add_parser("write", help="generate a corpus directory",
                                   description="Generate images/, ground_truth.parquet and corpus.json in DIR.")
@@ -33,6 +34,8 @@ def register(subparsers: Any) -> None:
     write.add_argument("--noise-fraction", type=float, default=None, help="share of web texts replaced by noise "
                        "(default 0.4)")
     write.add_argument("--bad-fraction", type=float, default=None, help="share of broken records (default 0.06)")
+    write.add_argument("--opt-out-fraction", type=float, default=None, help="share of good records served with "
+                       "`X-Robots-Tag: noai, noimageai`, which the download honours (default 0)")
     write.add_argument("--config", type=Path, default=None, help="a demo corpus YAML (configs/demo_corpus.yaml); "
                        "the options above override its values")
     write.set_defaults(func=cmd_corpus_write)
@@ -112,7 +115,8 @@ def cmd_corpus_write(args: argparse.Namespace) -> int:
     from pipelines.tasks.demo_corpus import DemoCorpusConfig, write_corpus
 
     given = {key: value for key, value in (("n", args.n), ("seed", args.seed), ("noise_fraction", args.noise_fraction),
-                                           ("bad_fraction", args.bad_fraction)) if value is not None}
+                                           ("bad_fraction", args.bad_fraction),
+                                           ("opt_out_fraction", args.opt_out_fraction)) if value is not None}
     from_file = to_dict(load_config(DemoCorpusConfig, args.config)) if args.config else {}
     cfg = build(DemoCorpusConfig, {**from_file, **given}, origin="blip demo-corpus write options")
     started = time.perf_counter()

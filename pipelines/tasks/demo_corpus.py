@@ -59,6 +59,7 @@ BAD_KINDS = {
     "empty_caption": "empty_caption",
     "absurd_caption": "absurd_caption",
 }
+OPTED_OUT = "opted_out"  # a good image whose server says X-Robots-Tag: noai (DemoCorpusConfig.opt_out_fraction)
 BOILERPLATE = ("Click here to enlarge", "Free shipping on all orders over $50!", "Stock Photo - Royalty Free Image",
                "Image may contain: text", "Copyright (c) All rights reserved.", "thumbnail", "Loading...")
 UNRELATED = ("Best recipes for a summer barbecue 2019", "How to fix a leaking kitchen tap in 5 steps",
@@ -79,6 +80,9 @@ class DemoCorpusConfig:
     image_size: int = 96  # rendered side in pixels
     oversized_side: int = 5000  # side of the "oversized" image (a flat PNG: tiny file, huge pixel count)
     jpeg_quality: int = 90
+    # fraction of good records whose server answers `X-Robots-Tag: noai, noimageai` (an opt-out the download
+    # honours: disallowed_by_robots); drawn apart from everything else, so 0 (the demo's) leaves the corpus as it was
+    opt_out_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_range("DemoCorpusConfig", "n", self.n, 1)
@@ -87,6 +91,7 @@ class DemoCorpusConfig:
         check_range("DemoCorpusConfig", "image_size", self.image_size, 16, 1024)
         check_range("DemoCorpusConfig", "oversized_side", self.oversized_side, 1024, 20000)
         check_range("DemoCorpusConfig", "jpeg_quality", self.jpeg_quality, 1, 100)
+        check_range("DemoCorpusConfig", "opt_out_fraction", self.opt_out_fraction, 0.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,14 @@ def _bad_assignment(cfg: DemoCorpusConfig, rng: random.Random) -> dict[int, str]
     return dict(zip(rows, chosen))
 
 
+def _opt_out(cfg: DemoCorpusConfig, rows: list[dict[str, Any]]) -> None:
+    """Mark `opt_out_fraction` of the good records as opted out (their own random draw: the rest of the corpus is
+    the same with or without them). Rows 0 and 1 stay: duplicates point at them."""
+    good = [row for row in rows[2:] if row["bad_kind"] is None]
+    for row in random.Random(f"{cfg.seed}-opt-out").sample(good, round(cfg.opt_out_fraction * len(good))):
+        row.update(bad_kind=OPTED_OUT, expected="disallowed_by_robots")
+
+
 def _encode(image: Any, fmt: str, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, quality=quality) if fmt == "JPEG" else image.save(buffer, format=fmt)
@@ -291,6 +304,7 @@ def write_corpus(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
         })
     for record in rows:
         del record["_scene"]
+    _opt_out(cfg, rows)
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, out / "ground_truth.parquet")
     summary = {
@@ -299,6 +313,7 @@ def write_corpus(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
         "noise_kinds": dict(Counter(r["noise_kind"] for r in rows if r["noise_kind"])),
         "bad_kinds": dict(Counter(r["bad_kind"] for r in rows if r["bad_kind"])),
         "transient": [r["path"] for r in rows if r["bad_kind"] == "transient_503"],
+        "opted_out": [r["path"] for r in rows if r["bad_kind"] == OPTED_OUT],
     }
     (out / "corpus.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
@@ -335,7 +350,8 @@ def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Pat
 # ---------------------------------------------------------------------------------------------- serving
 
 
-def _handler(corpus_dir: Path, transient: set[str], delay: float) -> type[SimpleHTTPRequestHandler]:
+def _handler(corpus_dir: Path, transient: set[str], delay: float,
+             opted_out: frozenset[str] = frozenset()) -> type[SimpleHTTPRequestHandler]:  # fmt: skip
     seen: set[str] = set()
     lock = threading.Lock()
 
@@ -355,6 +371,11 @@ def _handler(corpus_dir: Path, transient: set[str], delay: float) -> type[Simple
                 return
             super().do_GET()
 
+        def end_headers(self) -> None:
+            if self.path.lstrip("/").split("?", 1)[0] in opted_out:  # the site's opt-out, on a good image
+                self.send_header("X-Robots-Tag", "noai, noimageai")
+            super().end_headers()
+
         def guess_type(self, path: Any) -> str:
             # Everything under images/ is served as an image, as a misconfigured web server would (HTML too).
             return "image/png" if str(path).endswith(".png") else "image/jpeg"
@@ -373,7 +394,8 @@ def serve_corpus(corpus_dir: str | Path, port: int = 0, delay: float = 0.0) -> I
     """
     corpus = Path(corpus_dir).resolve()
     summary = json.loads((corpus / "corpus.json").read_text()) if (corpus / "corpus.json").exists() else {}
-    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(corpus, set(summary.get("transient", ())), delay))
+    handler = _handler(corpus, set(summary.get("transient", ())), delay, frozenset(summary.get("opted_out", ())))
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="demo-corpus-http", daemon=True)
     thread.start()

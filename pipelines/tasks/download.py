@@ -41,6 +41,7 @@ from datasets_manifests.spill import SpilledRows, ascending_order, first_repeate
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "download"
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's default X-Robots-Tag opt-outs
 RETRY_STAGE = "download-retry"
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: names 00000.tar ...
 
@@ -72,6 +73,9 @@ class DownloadConfig:
     caption_col: str | None = None
     max_shard_retry: int = 1  # retries of a shard that failed (a worker that died: its shard is redone anyway)
     user_agent_token: str | None = None
+    # Opt-outs honoured: an image whose response carries `X-Robots-Tag: <one of these>` (or `<user_agent_token>:
+    # <one of these>`) is not stored and is counted as disallowed_by_robots. img2dataset's defaults; () honours none.
+    disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
 
     def __post_init__(self) -> None:
         check_range("DownloadConfig", "processes", self.processes, 1)
@@ -84,6 +88,10 @@ class DownloadConfig:
         check_range("DownloadConfig", "max_image_area", self.max_image_area, 1.0)
         check_range("DownloadConfig", "max_aspect_ratio", self.max_aspect_ratio, 1.0)
         check_range("DownloadConfig", "max_shard_retry", self.max_shard_retry, 0, 10)
+        for directive in self.disallowed_header_directives:  # img2dataset compares them lowercased and stripped
+            if not isinstance(directive, str) or not directive or directive != directive.strip().lower():
+                raise ValueError(f"disallowed_header_directives: {directive!r} is not a lowercase "
+                                 "X-Robots-Tag directive (e.g. noai)")  # fmt: skip
 
     def cache_relevant(self) -> DownloadConfig:
         """The settings that decide the published shards; how and where the work runs is reset to the defaults,
@@ -128,7 +136,14 @@ def classify_error(message: str | None) -> str:
 
 def download_key(cfg: DownloadConfig, source_id: str) -> str:
     """Cache key (and work directory name) of a download: the source and the output-affecting settings."""
-    return cache_key(STAGE, [source_id], config_hash(cfg.cache_relevant()))
+    return cache_key(STAGE, [source_id], _settings_hash(cfg))
+
+
+def _settings_hash(cfg: DownloadConfig) -> str:
+    """The hash of the output-affecting settings; the opt-outs left out at their default, as before the setting
+    existed (those downloads honoured the same ones), so no download published before is made again."""
+    default = cfg.disallowed_header_directives == OPT_OUT_DIRECTIVES
+    return config_hash(cfg.cache_relevant(), leave_out=("disallowed_header_directives",) if default else ())
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -183,7 +198,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
 def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
     """Re-download only the URLs that failed in `previous`; publish a complete new version whose parent it is."""
     parent = registry.resolve(previous, "dataset")
-    key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg.cache_relevant()))
+    key = cache_key(RETRY_STAGE, [parent.id], _settings_hash(cfg))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         _remove_work(registry, cfg, key)
@@ -343,7 +358,7 @@ def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path,
         min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area, max_aspect_ratio=cfg.max_aspect_ratio,
         distributor=cfg.distributor, incremental_mode="incremental", enable_wandb=False, compute_hash="sha256",
         oom_shard_count=SHARD_DIGITS, max_shard_retry=cfg.max_shard_retry, user_agent_token=cfg.user_agent_token,
-        extract_exif=False,
+        disallowed_header_directives=list(cfg.disallowed_header_directives), extract_exif=False,
     )
 
 

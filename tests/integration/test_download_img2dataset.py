@@ -30,13 +30,14 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = ["processes=1", "threads=2", "samples_per_shard=10", "image_size=64", "max_image_area=1000000",
              "timeout=5"]
 SHARD_LEVEL = {"duplicate_url", "duplicate_image", "empty_caption", "absurd_caption"}
-DOWNLOAD_LEVEL = {"http_404", "decode_error", "empty_body", "too_large", "http_503"}
+DOWNLOAD_LEVEL = {"http_404", "decode_error", "empty_body", "too_large", "http_503", "disallowed_by_robots"}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     directory = tmp_path_factory.mktemp("corpus")
-    write_corpus(DemoCorpusConfig(n=60, seed=11, bad_fraction=0.25, oversized_side=1100), directory)
+    write_corpus(DemoCorpusConfig(n=60, seed=11, bad_fraction=0.25, oversized_side=1100, opt_out_fraction=0.1),
+                 directory)  # fmt: skip
     return directory
 
 
@@ -69,11 +70,14 @@ def test_download_matches_ground_truth_and_retry(corpus, tmp_path):
         raw = run_download(_config(), source, name="raw", registry=registry)
         _check_against_truth(registry, raw, truth, base)
         assert raw.drop_reasons["too_large"] == 1 and raw.drop_reasons["http_503"] >= 1
+        opted_out = sum(row["bad_kind"] == "opted_out" for row in truth)  # X-Robots-Tag: noai, honoured
+        assert opted_out >= 3 and raw.drop_reasons["disallowed_by_robots"] == opted_out
         assert run_download(_config(), source, name="raw", registry=registry).id == raw.id  # no-op re-run
         retried = run_retry_failed(_config(), raw.ref, name="raw", registry=registry)
     assert retried.parents == (raw.ref,) and retried.version == "v2"
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"]
     assert "http_503" not in retried.drop_reasons
+    assert retried.drop_reasons["disallowed_by_robots"] == opted_out  # asked again: the site still opts out
     assert retried.counts["ok"] == raw.counts["ok"] + retried.counts["recovered"]
     index = pq.read_table(registry.local_path(retried, "index.parquet"))
     assert len(index) == len(truth) and len(set(index.column("key").to_pylist())) == len(truth)
@@ -84,6 +88,20 @@ def test_download_matches_ground_truth_and_retry(corpus, tmp_path):
     assert dataset.num_samples == retried.counts["ok"] - sum(shard_level.values())
     counts = Counter()
     assert sum(1 for _ in iter_samples(registry, dataset, decode=True, counts=counts)) == dataset.num_samples
+
+
+def test_opt_outs_are_honoured_unless_the_config_turns_them_off(corpus, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    truth = read_ground_truth(corpus).to_pylist()
+    everything = load_config(DownloadConfig, ROOT / "configs/download/demo.yaml",
+                             [*OVERRIDES, "disallowed_header_directives=[]"])  # fmt: skip
+    with serve_corpus(corpus) as base:
+        source = write_source_list(corpus, base, tmp_path / "source.parquet")
+        raw = run_download(everything, source, name="raw", registry=registry)
+    assert "disallowed_by_robots" not in raw.drop_reasons
+    index = {row["url"]: row for row in pq.read_table(registry.local_path(raw, "index.parquet")).to_pylist()}
+    opted_out = [row for row in truth if row["bad_kind"] == "opted_out"]
+    assert opted_out and all(index[f"{base}/{row['path']}"]["status"] == "ok" for row in opted_out)
 
 
 def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(corpus, tmp_path, monkeypatch):

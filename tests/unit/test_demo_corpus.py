@@ -88,3 +88,25 @@ def test_match_ground_truth_ignores_host(corpus):
     matched = match_ground_truth(corpus, urls, [row["caption"] for row in truth])
     assert [m["row"] for m in matched] == [row["row"] for row in truth]
     assert match_ground_truth(corpus, ["http://x/images/none.jpg"], ["?"]) == [None]
+
+
+def test_opted_out_images_are_served_with_the_sites_opt_out_and_leave_the_rest_alone(tmp_path):
+    """`opt_out_fraction`: good records whose server says X-Robots-Tag: noai; drawn apart, so the other records
+    (and every image) are those of the corpus without opt-outs."""
+    plain = write_corpus(DemoCorpusConfig(n=40, seed=5), tmp_path / "plain")
+    opted = write_corpus(DemoCorpusConfig(n=40, seed=5, opt_out_fraction=0.2), tmp_path / "opted")
+    assert plain["opted_out"] == [] and len(opted["opted_out"]) >= 5
+    truth = {row["path"]: row for row in read_ground_truth(tmp_path / "opted").to_pylist()}
+    before = {row["path"]: row for row in read_ground_truth(tmp_path / "plain").to_pylist()}
+    for path, row in truth.items():
+        changed = {key for key in row if row[key] != before[path][key]}
+        assert changed == ({"bad_kind", "expected"} if path in opted["opted_out"] else set())
+        if path in opted["opted_out"]:
+            assert (row["bad_kind"], row["expected"], before[path]["bad_kind"]) == (
+                "opted_out", "disallowed_by_robots", None)
+    with serve_corpus(tmp_path / "opted") as base:
+        with urllib.request.urlopen(f"{base}/{opted['opted_out'][0]}") as response:
+            assert response.headers["X-Robots-Tag"] == "noai, noimageai" and response.read()[:2] == b"\xff\xd8"
+        good = next(path for path, row in truth.items() if row["bad_kind"] is None)
+        with urllib.request.urlopen(f"{base}/{good}") as response:
+            assert response.headers["X-Robots-Tag"] is None

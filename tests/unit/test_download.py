@@ -71,6 +71,13 @@ def test_cache_key_covers_only_output_settings():
     assert download_key(replace(base, image_size=224), "source:x") != key
     assert download_key(replace(base, samples_per_shard=50), "source:x") != key
     assert download_key(base, "source:y") != key
+    # The honoured opt-outs decide what is stored; at their default the key is the one from before the setting
+    # existed (pinned), so no published download is made again.
+    assert download_key(replace(base, disallowed_header_directives=()), "source:x") != key
+    assert download_key(replace(base, disallowed_header_directives=("noai",)), "source:x") != key
+    assert download_key(DownloadConfig(), "abc") == "9dbd9fc0fa79f82c1a4557a1"
+    with pytest.raises(ValueError, match="'NoAI' is not a lowercase X-Robots-Tag directive"):
+        DownloadConfig(disallowed_header_directives=("NoAI",))
 
 
 def _img2dataset_shard(fs, root: str, shard_id: int, outcomes: list[tuple[str, bool]]) -> None:
