@@ -8,7 +8,10 @@ Accepted forms:
 The output has `url`, `caption`, `source_key` (sha256 of url + caption, 16 hex digits: stable whatever the file
 order, and a valid webdataset key). A csv/tsv/parquet list may bring its own `source_key` column instead (ids that
 must not change when the URLs do, e.g. a mirror or the demo corpus's server on an ephemeral port): letters,
-digits, `_` and `-`, at most 64, unique. Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
+digits, `_` and `-`, at most 64, unique. With `hash_col` (a column, or a JSON record's field, holding the sha256 of
+each image's original bytes, as DataComp's metadata does), the output has a `sha256` column too, which img2dataset
+checks each downloaded image against (`verify_hash`): an image changed since the list was made is not stored.
+Exact (url, caption) duplicates are dropped and counted: BLIP issue #154 shows
 a single URL with ~9M captions in the released LAION-115M list.
 A list is read through fsspec, so `s3://...` and `gs://...` work once the `s3`/`gcs` extra is installed.
 Stdlib, numpy, pyarrow and fsspec (tqdm for the progress bar of a large list).
@@ -41,6 +44,9 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a webdataset key: no '.' (exte
 URL_ALIASES = ("url", "URL", "image_url", "image", "img_url")
 CAPTION_ALIASES = ("caption", "TEXT", "text", "alt", "alt_text")
 SOURCE_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("source_key", pa.string())])
+HASH_COLUMN = "sha256"  # the normalised list's expected image hash, with `hash_col` (img2dataset's verify_hash)
+HASHED_SOURCE_SCHEMA = SOURCE_SCHEMA.append(pa.field(HASH_COLUMN, pa.string()))
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class SourceListError(ValueError):
@@ -81,13 +87,14 @@ def detect_format(path: str | Path) -> str:
     raise SourceListError(f"{path}: unknown source list format {suffix!r} (expected .json, .jsonl, .csv, .tsv, .parquet)")
 
 
-def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None) -> tuple[pa.Table, SourceReport]:
-    """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key) table with exact
-    duplicates removed. In memory: for a list of any size, `normalise_source_list` writes it to a file."""
+def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None,
+                     hash_col: str | None = None) -> tuple[pa.Table, SourceReport]:  # fmt: skip
+    """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key[, sha256]) table
+    with exact duplicates removed. In memory: for a list of any size, `normalise_source_list` writes it to a file."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="source-list-") as tmp:
-        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col)
+        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col, hash_col)
         return pq.read_table(Path(tmp) / "source.parquet"), report
 
 
@@ -96,7 +103,7 @@ CHUNK_ROWS = 1 << 18
 
 
 def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str | None = None,
-                          caption_col: str | None = None) -> SourceReport:
+                          caption_col: str | None = None, hash_col: str | None = None) -> SourceReport:
     """Read a source list and write the normalised parquet that the download stage feeds img2dataset.
 
     Streams: the list (BLIP's 115M-record LAION JSON included) is read a chunk at a time into an Arrow file
@@ -114,24 +121,26 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     report = SourceReport(path=str(path), format=fmt)
     pairs, urls, keys = [], [], []
     given_keys = False
+    schema = HASHED_SOURCE_SCHEMA if hash_col else SOURCE_SCHEMA
     progress = tqdm(desc=f"reading {Path(fs_path).name}", unit=" rows", unit_scale=True,
                     disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
-        with progress, fs.open(fs_path, "rb") as handle, spill_writer(staged, SOURCE_SCHEMA) as writer:
-            chunks = _json_chunks(handle, str(path), fmt) if fmt in ("json", "jsonl") else \
-                _table_chunks(handle, str(path), fmt, url_col, caption_col)  # fmt: skip
-            for chunk_urls, chunk_captions, chunk_keys, records in chunks:
+        with progress, fs.open(fs_path, "rb") as handle, spill_writer(staged, schema) as writer:
+            chunks = _json_chunks(handle, str(path), fmt, hash_col) if fmt in ("json", "jsonl") else \
+                _table_chunks(handle, str(path), fmt, url_col, caption_col, hash_col)  # fmt: skip
+            for chunk_urls, chunk_captions, chunk_keys, records, chunk_hashes in chunks:
                 report.records += records
                 given_keys = chunk_keys is not None
                 given = pa.array(chunk_keys, pa.string()) if given_keys else pa.nulls(len(chunk_urls), pa.string())
+                hashes = [pa.array(chunk_hashes, pa.string())] if hash_col else []
                 writer.write_table(pa.table([pa.array(chunk_urls, pa.string()), pa.array(chunk_captions, pa.string()),
-                                             given], schema=SOURCE_SCHEMA))  # fmt: skip
+                                             given, *hashes], schema=schema))  # fmt: skip
                 pairs.append(_digests(f"{url}\n{caption}" for url, caption in zip(chunk_urls, chunk_captions)))
                 urls.append(_digests(chunk_urls))
                 if given_keys:
                     keys.append(_digests(chunk_keys))
                 progress.update(len(chunk_urls))
-        _write_kept(staged, out, report, pairs, urls, keys if given_keys else None)
+        _write_kept(staged, out, report, pairs, urls, keys if given_keys else None, schema)
     finally:
         staged.unlink(missing_ok=True)
     return report
@@ -142,7 +151,7 @@ def _digests(texts: Any) -> np.ndarray:
 
 
 def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.ndarray], urls: list[np.ndarray],
-                keys: list[np.ndarray] | None) -> None:  # fmt: skip
+                keys: list[np.ndarray] | None, schema: pa.Schema = SOURCE_SCHEMA) -> None:  # fmt: skip
     """Drop the exact duplicates (the first of each (url, caption) pair stays), count the URLs with most captions,
     check given keys are unique, and write the kept rows of `staged` to `out`."""
     def joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -167,12 +176,12 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
         if len(unique_keys) != len(key_digests):
             repeated_key = unique_keys[np.flatnonzero(key_counts > 1)[0]].tobytes()
     found: dict[bytes, str] = {}
-    table = read_spilled([staged], SOURCE_SCHEMA)
+    table = read_spilled([staged], schema)
     if repeated_key is not None:
         for key in table.column("source_key").to_pylist():
             if digest16(key) == repeated_key:
                 raise SourceListError(f"{report.path}: column {KEY_COLUMN!r} repeats {key!r} (keys must be unique)")
-    with pq.ParquetWriter(str(out), SOURCE_SCHEMA) as writer:
+    with pq.ParquetWriter(str(out), schema) as writer:
         for first_row in range(0, len(table), CHUNK_ROWS):
             chunk = table.slice(first_row, CHUNK_ROWS).filter(pa.array(keep[first_row : first_row + CHUNK_ROWS]))
             chunk_urls, captions = chunk.column("url").to_pylist(), chunk.column("caption").to_pylist()
@@ -182,15 +191,22 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
                     found[digest] = url
             source_keys = chunk.column("source_key") if keys is not None else \
                 pa.array([source_key(url, caption) for url, caption in zip(chunk_urls, captions)], pa.string())  # fmt: skip
-            writer.write_table(pa.table([chunk.column("url"), chunk.column("caption"), source_keys], schema=SOURCE_SCHEMA))
+            hashes = [chunk.column(HASH_COLUMN)] if HASH_COLUMN in schema.names else []
+            writer.write_table(pa.table([chunk.column("url"), chunk.column("caption"), source_keys, *hashes],
+                                        schema=schema))  # fmt: skip
     report.top_duplicated_urls = {found[digest]: count for digest, count in wanted.items()}
 
 
-def _json_chunks(handle: IO[bytes], path: str, fmt: str) -> Iterator[tuple[list[str], list[str], None, int]]:
-    """(urls, captions, None, records) of BLIP annotation records, CHUNK_ROWS-ish rows at a time; a caption list
-    becomes one row per caption."""
+# (urls, captions, given keys or None, records read, expected image hashes or None) of a part of a list
+Chunk = tuple[list[str], list[str], list[str] | None, int, list[str] | None]
+
+
+def _json_chunks(handle: IO[bytes], path: str, fmt: str, hash_col: str | None = None) -> Iterator[Chunk]:
+    """(urls, captions, None, records, hashes) of BLIP annotation records, CHUNK_ROWS-ish rows at a time; a caption
+    list becomes one row per caption; hashes: each record's `hash_col` field (None without it)."""
     urls: list[str] = []
     captions: list[str] = []
+    hashes: list[str] = []
     records = 0
     values = _jsonl_values(handle, path) if fmt == "jsonl" else _json_array_values(handle, path)
     for index, record in enumerate(values):
@@ -203,15 +219,25 @@ def _json_chunks(handle: IO[bytes], path: str, fmt: str) -> Iterator[tuple[list[
         caption_list = caption if isinstance(caption, list) else [caption]
         if not caption_list or not all(isinstance(c, str) for c in caption_list):
             raise SourceListError(f"{path}: record {index} caption must be a string or a list of strings: {_short(record)}")
+        expected = _checked_hash(record.get(hash_col), path, f"record {index}", hash_col) if hash_col else ""
         for text_caption in caption_list:
             urls.append(url)
             captions.append(text_caption)
+            hashes.append(expected)
         records += 1
         if len(urls) >= CHUNK_ROWS:
-            yield urls, captions, None, records
-            urls, captions, records = [], [], 0
+            yield urls, captions, None, records, hashes if hash_col else None
+            urls, captions, hashes, records = [], [], [], 0
     if urls or records:
-        yield urls, captions, None, records
+        yield urls, captions, None, records, hashes if hash_col else None
+
+
+def _checked_hash(value: Any, path: str, where: str, column: str) -> str:
+    """A sha256 hex digest (lowercased), or a SourceListError naming the record: img2dataset would drop every image
+    whose expected hash is missing or malformed as a mismatch."""
+    if isinstance(value, str) and _SHA256_RE.match(value.lower()):
+        return value.lower()
+    raise SourceListError(f"{path}: {where} has {column} {value!r}: expected the 64 hex digits of a sha256")
 
 
 def _jsonl_values(handle: IO[bytes], path: str) -> Iterator[Any]:
@@ -279,9 +305,10 @@ def _json_array_values(handle: IO[bytes], path: str, read_chars: int = 1 << 22) 
             raise SourceListError(f"{path}: not valid JSON (after record {index - 1}: expected ',' or ']')")
 
 
-def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
-                  caption_col: str | None) -> Iterator[tuple[list[str], list[str], list[str] | None, int]]:  # fmt: skip
-    """(urls, captions, given keys or None, rows) of an img2dataset-style table, a batch at a time."""
+def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, caption_col: str | None,
+                  hash_col: str | None = None) -> Iterator[Chunk]:  # fmt: skip
+    """(urls, captions, given keys or None, rows, hashes or None) of an img2dataset-style table, a batch at a
+    time."""
     if fmt == "parquet":
         try:
             parquet = open_parquet(handle)
@@ -290,7 +317,8 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
         names = parquet.schema_arrow.names
         url_name = _column(names, path, url_col, URL_ALIASES, "url")
         caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
-        columns = [url_name, caption_name, *([KEY_COLUMN] if KEY_COLUMN in names else [])]
+        hash_name = _column(names, path, hash_col, (), "hash") if hash_col else None
+        columns = [url_name, caption_name, *([KEY_COLUMN] if KEY_COLUMN in names else []), *filter(None, [hash_name])]
         batches: Iterator[Any] = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns)
     else:
         import pyarrow.csv as pacsv
@@ -301,6 +329,7 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
         names = next(csv.reader([header], delimiter=delimiter), [])
         url_name = _column(names, path, url_col, URL_ALIASES, "url")
         caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
+        hash_name = _column(names, path, hash_col, (), "hash") if hash_col else None
         try:  # every column read as text: a caption column of digits stays text
             batches = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=64 << 20),
                                      parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -327,8 +356,12 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None,
                     if not isinstance(key, str) or not _KEY_RE.match(key):
                         raise SourceListError(f"{path}: row {row + index} has {KEY_COLUMN} {key!r}: expected 1-64 "
                                               "letters, digits, '_' or '-'")
+            hashes = None
+            if hash_name is not None:
+                hashes = [_checked_hash(value, path, f"row {row + index}", hash_name)
+                          for index, value in enumerate(batch.column(hash_name).to_pylist())]  # fmt: skip
             row += len(urls)
-            yield urls, captions, given_keys, len(urls)
+            yield urls, captions, given_keys, len(urls), hashes
     except pa.ArrowInvalid as error:
         raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
 

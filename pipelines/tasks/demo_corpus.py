@@ -329,8 +329,10 @@ def read_ground_truth(corpus_dir: str | Path) -> Any:
     return pq.read_table(path)
 
 
-def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Path) -> Path:
-    """Write the img2dataset-form source list (parquet: url, caption, source_key) with URLs under `base_url`.
+def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Path, sha256: bool = False) -> Path:
+    """Write the img2dataset-form source list (parquet: url, caption, source_key) with URLs under `base_url`;
+    with `sha256`, each image's sha256 as it is now (as DataComp's metadata lists them; the empty body's for a
+    record without one), for the download's `verify_hash_col: sha256`.
 
     The server's port is ephemeral, so the URLs change from run to run; `source_key` (from the corpus path and
     caption) does not, so sample keys, the train/val split and every seeded order are the same in every run."""
@@ -343,7 +345,11 @@ def write_source_list(corpus_dir: str | Path, base_url: str, out_path: str | Pat
     keys = [hashlib.sha256(f"{path}\n{caption}".encode()).hexdigest()[:16] for path, caption in zip(paths, captions)]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"url": urls, "caption": captions, "source_key": keys}), out)
+    columns = {"url": urls, "caption": captions, "source_key": keys}
+    if sha256:
+        files = [Path(corpus_dir) / path for path in paths]
+        columns["sha256"] = [hashlib.sha256(file.read_bytes() if file.is_file() else b"").hexdigest() for file in files]
+    pq.write_table(pa.table(columns), out)
     return out
 
 

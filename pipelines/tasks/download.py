@@ -38,6 +38,7 @@ from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA, open_parque
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, RegistryError, now_utc
 from datasets_manifests.spill import SpilledRows, ascending_order, first_repeated_key, read_spilled, spill_writer
+from datasets_manifests.sources import HASH_COLUMN  # the normalised list's expected image hash (verify_hash)
 from pipelines.config import check_range, config_hash, to_dict
 
 STAGE = "download"
@@ -76,6 +77,10 @@ class DownloadConfig:
     # Opt-outs honoured: an image whose response carries `X-Robots-Tag: <one of these>` (or `<user_agent_token>:
     # <one of these>`) is not stored and is counted as disallowed_by_robots. img2dataset's defaults; () honours none.
     disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    # The source list's column (a JSON record's field) with the sha256 of each image's original bytes, e.g.
+    # DataComp's `sha256`: img2dataset checks every download against it (verify_hash) and an image that changed
+    # since the list was made is not stored (hash_mismatch). None: nothing checked.
+    verify_hash_col: str | None = None
 
     def __post_init__(self) -> None:
         check_range("DownloadConfig", "processes", self.processes, 1)
@@ -88,6 +93,8 @@ class DownloadConfig:
         check_range("DownloadConfig", "max_image_area", self.max_image_area, 1.0)
         check_range("DownloadConfig", "max_aspect_ratio", self.max_aspect_ratio, 1.0)
         check_range("DownloadConfig", "max_shard_retry", self.max_shard_retry, 0, 10)
+        if self.verify_hash_col is not None and not self.verify_hash_col.strip():
+            raise ValueError("verify_hash_col: empty; name the source list's sha256 column, or leave it null")
         for directive in self.disallowed_header_directives:  # img2dataset compares them lowercased and stripped
             if not isinstance(directive, str) or not directive or directive != directive.strip().lower():
                 raise ValueError(f"disallowed_header_directives: {directive!r} is not a lowercase "
@@ -140,10 +147,11 @@ def download_key(cfg: DownloadConfig, source_id: str) -> str:
 
 
 def _settings_hash(cfg: DownloadConfig) -> str:
-    """The hash of the output-affecting settings; the opt-outs left out at their default, as before the setting
-    existed (those downloads honoured the same ones), so no download published before is made again."""
-    default = cfg.disallowed_header_directives == OPT_OUT_DIRECTIVES
-    return config_hash(cfg.cache_relevant(), leave_out=("disallowed_header_directives",) if default else ())
+    """The hash of the output-affecting settings; those added later left out at their defaults (the downloads made
+    before them did the same), so no download published before is made again."""
+    unset = (("disallowed_header_directives",) if cfg.disallowed_header_directives == OPT_OUT_DIRECTIVES else ()) + \
+        (("verify_hash_col",) if cfg.verify_hash_col is None else ())  # fmt: skip
+    return config_hash(cfg.cache_relevant(), leave_out=unset)
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -170,7 +178,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
                               outside=_outside_work(cfg, key))  # fmt: skip
     stage = work / "stage"
     source_table = stage / "source.parquet"
-    report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col)
+    report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col, cfg.verify_hash_col)
     raw_output = _raw_output(cfg, key, stage / "raw")
     _run_img2dataset(cfg, source_table, raw_output, work / "tmp")
     # Shards written to storage inside a remote registry's store are indexed there and published by a copy
@@ -210,7 +218,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     stage.mkdir(parents=True, exist_ok=True)
     source_table = work / "retry_source.parquet"
     kept_file = work / "kept_rows.arrow"
-    failed = _split_parent_index(registry, parent, kept_file, source_table)
+    failed = _split_parent_index(registry, parent, kept_file, source_table, verify_hashes=bool(cfg.verify_hash_col))
     retry_output = _raw_output(cfg, key, work / "retry")
     if failed:
         _run_img2dataset(cfg, source_table, retry_output, work / "tmp")
@@ -359,6 +367,7 @@ def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path,
         distributor=cfg.distributor, incremental_mode="incremental", enable_wandb=False, compute_hash="sha256",
         oom_shard_count=SHARD_DIGITS, max_shard_retry=cfg.max_shard_retry, user_agent_token=cfg.user_agent_token,
         disallowed_header_directives=list(cfg.disallowed_header_directives), extract_exif=False,
+        verify_hash=[HASH_COLUMN, "sha256"] if cfg.verify_hash_col else None,  # the normalised list's column
     )
 
 
@@ -541,16 +550,19 @@ def _check_complete(rows: pa.Table, expected: int, raw_dir: str) -> None:
             "(img2dataset gave up on them); run the same command again to resume")
 
 
-def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, source_table: Path) -> int:
+def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, source_table: Path,
+                        verify_hashes: bool = False) -> int:  # fmt: skip
     """Stream the parent's index once: its ok rows to `kept_file` (ROWS_SCHEMA), its failed ones to the retry's
-    source list `source_table` (url, caption, source_key). Returns the number of failed rows."""
+    source list `source_table` (url, caption, source_key; with `verify_hashes`, the sha256 each image must have,
+    from the download's normalised list). Returns the number of failed rows."""
     import pyarrow.parquet as pq
 
     from datasets_manifests.index import scan_index
-    from datasets_manifests.sources import SOURCE_SCHEMA
+    from datasets_manifests.sources import HASHED_SOURCE_SCHEMA, SOURCE_SCHEMA
 
     failed = 0
-    with spill_writer(kept_file, ROWS_SCHEMA) as kept, pq.ParquetWriter(str(source_table), SOURCE_SCHEMA) as retry:
+    failed_rows = source_table.with_name(f"{source_table.name}.unhashed") if verify_hashes else source_table
+    with spill_writer(kept_file, ROWS_SCHEMA) as kept, pq.ParquetWriter(str(failed_rows), SOURCE_SCHEMA) as retry:
         for batch in scan_index(registry, parent):
             ok = pc.equal(batch.column("status"), "ok")
             kept.write_table(_as_rows(pa.Table.from_batches([batch.filter(ok)])))
@@ -558,7 +570,39 @@ def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, s
             failed += len(dropped)
             retry.write_table(pa.table([dropped.column("url"), dropped.column("raw_caption"), dropped.column("key")],
                                        schema=SOURCE_SCHEMA))  # fmt: skip
+    if verify_hashes:  # the failures only (a few percent of a download), with the hash each image must have
+        rows = pq.read_table(failed_rows)
+        failed_rows.unlink()
+        expected = _expected_hashes(registry, parent, rows.column("source_key"))
+        hashes = pa.array([expected[key] for key in rows.column("source_key").to_pylist()], pa.string())
+        pq.write_table(rows.append_column(HASH_COLUMN, hashes).cast(HASHED_SOURCE_SCHEMA), source_table)
     return failed
+
+
+def _expected_hashes(registry: Registry, version: Manifest, keys: pa.ChunkedArray) -> dict[str, str]:
+    """source_key -> the sha256 the download's normalised list expects, for `keys`: from the `source.parquet` of
+    the download that began `version`'s line of retries."""
+    from datasets_manifests.index import iter_registry_parquet
+
+    download = version
+    while download.producer.stage == RETRY_STAGE and download.parents:
+        download = registry.resolve(download.parents[0], "dataset")
+    if not any(entry.path == "source.parquet" for entry in download.files):
+        raise ValueError(f"{download.ref} keeps no source.parquet: the images' expected sha256 are unknown")
+    wanted = pa.array(sorted(set(keys.to_pylist())), pa.string())
+    expected: dict[str, str] = {}
+    try:
+        path = registry.path_of(download, "source.parquet")
+        for batch in iter_registry_parquet(registry, path, ["source_key", HASH_COLUMN]):
+            hit = batch.filter(pc.is_in(batch.column("source_key"), value_set=wanted))
+            expected.update(zip(hit.column("source_key").to_pylist(), hit.column(HASH_COLUMN).to_pylist()))
+    except (KeyError, pa.ArrowInvalid) as error:
+        raise ValueError(f"{download.ref}: its source.parquet has no {HASH_COLUMN} column (downloaded without "
+                         f"verify_hash_col): {error}") from None
+    missing = [key for key in wanted.to_pylist() if key not in expected]
+    if missing:
+        raise ValueError(f"{download.ref}: no expected sha256 for {len(missing)} failed samples (e.g. {missing[0]!r})")
+    return expected
 
 
 def _as_rows(table: pa.Table) -> pa.Table:

@@ -104,6 +104,31 @@ def test_opt_outs_are_honoured_unless_the_config_turns_them_off(corpus, tmp_path
     assert opted_out and all(index[f"{base}/{row['path']}"]["status"] == "ok" for row in opted_out)
 
 
+def test_an_image_changed_since_the_list_was_made_is_not_stored(corpus, tmp_path):
+    """`verify_hash_col`: each image checked against the sha256 its list gives (DataComp's metadata has one); an
+    image whose bytes changed after is dropped as hash_mismatch, here and again in a --retry-failed, which takes the
+    expected hashes from the download's normalised list."""
+    import shutil
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    truth = read_ground_truth(copy).to_pylist()
+    changed = next(row for row in truth[2:] if row["bad_kind"] is None)
+    registry = Registry(tmp_path / "registry")
+    verified = load_config(DownloadConfig, ROOT / "configs/download/demo.yaml", [*OVERRIDES, "verify_hash_col=sha256"])
+    with serve_corpus(copy) as base:
+        source = write_source_list(copy, base, tmp_path / "source.parquet", sha256=True)
+        (copy / changed["path"]).write_bytes((corpus / truth[0]["path"]).read_bytes())  # another image there now
+        raw = run_download(verified, source, name="raw", registry=registry)
+        retried = run_retry_failed(verified, raw.ref, name="raw", registry=registry)
+    index = {row["url"]: row for row in pq.read_table(registry.local_path(raw, "index.parquet")).to_pylist()}
+    assert index[f"{base}/{changed['path']}"]["drop_reason"] == "hash_mismatch"
+    assert raw.drop_reasons["hash_mismatch"] == 1
+    assert raw.counts["ok"] == sum(row["expected"] not in DOWNLOAD_LEVEL for row in truth) - 1  # the rest stored
+    assert retried.drop_reasons["hash_mismatch"] == 1 and "http_503" not in retried.drop_reasons
+    assert retried.counts["recovered"] == raw.drop_reasons["http_503"]
+
+
 def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(corpus, tmp_path, monkeypatch):
     # A registry on fsspec memory:// (as s3://): the retried version's unchanged parent shards are copied inside
     # the store at publish, not downloaded to this machine and uploaded again.

@@ -75,7 +75,10 @@ def test_cache_key_covers_only_output_settings():
     # existed (pinned), so no published download is made again.
     assert download_key(replace(base, disallowed_header_directives=()), "source:x") != key
     assert download_key(replace(base, disallowed_header_directives=("noai",)), "source:x") != key
+    assert download_key(replace(base, verify_hash_col="sha256"), "source:x") != key
     assert download_key(DownloadConfig(), "abc") == "9dbd9fc0fa79f82c1a4557a1"
+    with pytest.raises(ValueError, match="verify_hash_col: empty"):
+        DownloadConfig(verify_hash_col=" ")
     with pytest.raises(ValueError, match="'NoAI' is not a lowercase X-Robots-Tag directive"):
         DownloadConfig(disallowed_header_directives=("NoAI",))
 

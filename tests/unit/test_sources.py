@@ -144,3 +144,37 @@ def test_a_list_read_in_chunks_is_the_list_read_at_once(tmp_path, monkeypatch):
     assert list(whole_report.top_duplicated_urls) == [f"http://h/{i}.jpg" for i in range(5)]
     pairs = list(zip(whole.column("url").to_pylist(), whole.column("caption").to_pylist()))
     assert len(set(pairs)) == len(pairs) and pairs[0] == ("http://h/0.jpg", "c0")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_a_hash_column_is_carried_for_img2dataset_to_check(tmp_path, fmt):
+    """`hash_col`: each row's expected image sha256 (lowercased) in a `sha256` column, the first of exact
+    duplicates kept; a missing or malformed one is an error naming the row, before anything is downloaded."""
+    digest = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3)]
+    rows = [{"url": "http://a/0.jpg", "caption": "a", "img_sha": digest[0].upper()},
+            {"url": "http://a/1.jpg", "caption": "b", "img_sha": digest[1]},
+            {"url": "http://a/0.jpg", "caption": "a", "img_sha": digest[2]}]  # fmt: skip
+    path = tmp_path / f"list.{fmt}"
+
+    def write(records):
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        elif fmt == "csv":
+            pa.csv.write_csv(pa.Table.from_pylist(records), path)
+        else:
+            pq.write_table(pa.Table.from_pylist(records), path)
+
+    import pyarrow.csv  # noqa: F401 - pa.csv
+
+    write(rows)
+    table, report = read_source_list(path, hash_col="img_sha")
+    assert table.column_names == ["url", "caption", "source_key", "sha256"]
+    assert table.column("sha256").to_pylist() == digest[:2] and report.duplicates == 1
+    assert read_source_list(path)[0].column_names == ["url", "caption", "source_key"]  # not asked: not carried
+    write([*rows[:1], {**rows[1], "img_sha": "not-a-hash"}])
+    where = "record 1" if fmt == "jsonl" else "row 1"
+    with pytest.raises(SourceListError, match=f"{where} has img_sha 'not-a-hash': expected the 64 hex digits"):
+        read_source_list(path, hash_col="img_sha")
+    if fmt != "jsonl":
+        with pytest.raises(SourceListError, match="no column 'sha'"):
+            read_source_list(path, hash_col="sha")
