@@ -15,6 +15,7 @@ pretraining code (`pretrain_dataset`), so salesforce/BLIP's `pretrain.py` trains
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from collections import Counter
@@ -92,9 +93,7 @@ def _json_lines(table: pa.Table, fmt: str, image_root: str | None) -> list[str]:
     batch at a time: each string escaped by the json module's C encoder, no dict or encoder object per row."""
     column = {name: table[name].to_pylist() for name in OUT_COLUMNS}
     if image_root is not None:
-        stems: dict[str, str] = {}
-        column["image"] = [f"{image_root}/{stems.get(shard) or stems.setdefault(shard, _stem(shard))}/{key}"
-                           f"{IMAGE_EXTENSION}" for shard, key in zip(column["shard"], column["key"])]  # fmt: skip
+        column["image"] = [image_path(image_root, shard, key) for shard, key in zip(column["shard"], column["key"])]
     text = {name: [_json_string(value) for value in values] for name, values in column.items()
             if name not in ("shard", "itm_score")}  # fmt: skip
     if fmt == "blip-json":
@@ -145,13 +144,13 @@ def _kept_texts(registry: Registry, manifest: Manifest,
         while not pc.is_in(keys[-1:], value_set=window["key"].combine_chunks())[0].as_py():
             more = next(index, None)
             if more is None:
-                raise _out_of_order(manifest, keys, window)
+                raise _out_of_order(manifest, keys, pc.index_in(keys, value_set=window["key"].combine_chunks()))
             window = pa.concat_tables([window, pa.Table.from_batches([more])]).combine_chunks()
             if on_rows is not None:
                 on_rows(more.num_rows)
         positions = pc.index_in(keys, value_set=window["key"].combine_chunks())
         if positions.null_count or (np.diff(positions.to_numpy(zero_copy_only=False)) < 0).any():
-            raise _out_of_order(manifest, keys, window)
+            raise _out_of_order(manifest, keys, positions)
         kept = pc.fill_null(batch.column("kept"), False)
         samples = window.take(positions.filter(kept))
         yield pa.table({"key": samples["key"], "url": samples["url"], "caption": batch.column("text").filter(kept),
@@ -160,11 +159,15 @@ def _kept_texts(registry: Registry, manifest: Manifest,
         window = window.slice(positions[-1].as_py())  # the last sample's texts may go on in the next batch
 
 
-def _out_of_order(manifest: Manifest, keys: pa.Array, window: pa.Table) -> RegistryError:
-    found = pc.is_in(keys, value_set=window["key"].combine_chunks()).to_pylist()
-    key = keys[found.index(False) if False in found else 0].as_py()
-    return RegistryError(f"{manifest.ref}: {TEXTS_FILE} has texts of key {key!r}, which {INDEX_FILE} does not list "
-                         "at that place (the two are not in the same order): not a CapFilt version's texts")
+def _out_of_order(manifest: Manifest, keys: pa.Array, positions: pa.Array) -> RegistryError:
+    """The error naming the first text whose sample is not where the index's order puts it (`positions`: each
+    text's row among the index rows not yet passed; null where it is not among them)."""
+    places = positions.to_pylist()
+    wrong = next((i for i, place in enumerate(places) if place is None or (i and places[i - 1] is not None
+                                                                          and place < places[i - 1])), 0)  # fmt: skip
+    return RegistryError(f"{manifest.ref}: {TEXTS_FILE} has texts of key {keys[wrong].as_py()!r}, which {INDEX_FILE} "
+                         "does not list at that place (the two are not in the same order): not a CapFilt version's "
+                         "texts")
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -172,9 +175,10 @@ IMAGE_EXTENSION = ".jpg"  # every shard stores its images as <key>.jpg (the shar
 COMPLETE = ".complete"  # in a shard's folder once every image of it is written
 
 
-def image_path(folder: Path, shard: str, key: str) -> Path:
-    """Where `export_images` writes the image of sample `key` of `shard` (a path inside the version)."""
-    return folder.resolve() / _stem(shard) / f"{key}{IMAGE_EXTENSION}"
+def image_path(root: str, shard: str, key: str) -> str:
+    """Where `export_images` writes the image of sample `key` of `shard` (a path inside the version) under its
+    folder `root` (resolved: the annotation names absolute paths)."""
+    return f"{root}/{_stem(shard)}/{key}{IMAGE_EXTENSION}"
 
 
 def export_images(registry: Registry, manifest: Manifest, folder: Path, workers: int | None = None,
@@ -224,5 +228,6 @@ def export_images(registry: Registry, manifest: Manifest, folder: Path, workers:
     return {"shards": len(todo), "shards_already": len(done), "images": images}
 
 
+@functools.cache  # a few thousand shards; called for every image entry of an export
 def _stem(shard_path: str) -> str:
     return Path(shard_path).name.removesuffix(".tar")
