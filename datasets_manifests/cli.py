@@ -620,6 +620,7 @@ def _summary(manifest: Manifest) -> dict[str, Any]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from datasets_manifests.ops import lineage
+    from datasets_manifests.tags import tags_of_version
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref)
@@ -628,8 +629,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         data = json.loads(manifest.to_json())
         data["lineage"] = tree.to_dict()
         data["tags"] = {tag: {k: v for k, v in record.items() if k not in ("kind", "name", "tag")}
-                        for tag, record in registry.tags_of(manifest.kind, manifest.name).items()
-                        if record.get("id") == manifest.id}  # fmt: skip
+                        for tag, record in tags_of_version(registry, manifest).items()}  # fmt: skip
         _print_json(data)
         return 0
     for line in show_lines(registry, manifest):
@@ -651,6 +651,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def show_lines(registry: Registry, manifest: Manifest) -> list[str]:
+    from datasets_manifests.tags import tags_of_version
+
     producer = manifest.producer
     lines = [
         f"{manifest.kind} {manifest.ref}  id {manifest.id}",
@@ -659,11 +661,10 @@ def show_lines(registry: Registry, manifest: Manifest) -> list[str]:
     ]
     if manifest.parents:
         lines.append(f"  parents: {', '.join(manifest.parents)}")
-    for tag, record in registry.tags_of(manifest.kind, manifest.name).items():
-        if record.get("id") == manifest.id:
-            before = ", ".join(entry["version"] for entry in record.get("history", []))  # newest first
-            lines.append(f"  tag {manifest.name}@{tag}: since {record.get('tagged_at')} by {record.get('by')}"
-                         + (f" (before: {before})" if before else ""))
+    for tag, record in tags_of_version(registry, manifest).items():
+        before = ", ".join(entry["version"] for entry in record.get("history", []))  # newest first
+        lines.append(f"  tag {manifest.name}@{tag}: since {record.get('tagged_at')} by {record.get('by')}"
+                     + (f" (before: {before})" if before else ""))
     if manifest.counts:
         lines.append("  counts: " + ", ".join(f"{k}={v}" for k, v in manifest.counts.items()))
     if manifest.splits:

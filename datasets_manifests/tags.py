@@ -69,6 +69,12 @@ def remove_tag(registry: Registry, ref: str) -> dict[str, Any]:
     raise RegistryError(f"{name!r} has no tag {tag!r}")
 
 
+def tags_of_version(registry: Registry, manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """tag -> record of the tags that name `manifest` now."""
+    return {tag: record for tag, record in registry.tags_of(manifest.kind, manifest.name).items()
+            if record.get("id") == manifest.id}  # fmt: skip
+
+
 def tags_by_id(registry: Registry) -> dict[str, list[str]]:
     """Manifest id -> its tags, from one listing of the registry's tags."""
     base = f"{registry.root}/{TAGS_DIR}"

@@ -55,7 +55,7 @@ from datasets_manifests.manifest import Manifest
 from datasets_manifests.ops import DIFF_CATEGORIES
 from datasets_manifests.registry import (DataRemovedError, NotFoundError, OutsideRegistryError, Registry,
                                          RegistryError)
-from datasets_manifests.tags import tags_by_id
+from datasets_manifests.tags import tags_by_id, tags_of_version
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -150,8 +150,7 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
             "children": [{"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version} for m in kids],
             "evaluations": evaluations,
             "data_removed": registry.removal(manifest),  # `blip data rm --data-only`: shards gone, index kept
-            "tags": {tag: record for tag, record in registry.tags_of(manifest.kind, manifest.name).items()
-                     if record.get("id") == manifest.id},  # fmt: skip
+            "tags": tags_of_version(registry, manifest),  # `blip data tag`: read at each request, since tags move
         }
         return JSONResponse(body)
 
