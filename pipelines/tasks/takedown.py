@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
 from datasets_manifests.manifest import Manifest, Producer, cache_key
@@ -134,22 +135,40 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
 
 def _taken_samples(registry: Registry, source: Manifest, urls: set[str], keys: set[str],
                    sha256s: set[str]) -> TakenSamples:  # fmt: skip
-    """The kept samples whose url, key or image sha256 is given."""
-    where, texts, kept_urls = {}, set(), set()
+    """The kept samples whose url, key or image sha256 is given: the index matched a batch at a time by Arrow
+    (a few seconds a million rows), then, when one was asked for by key or hash, its url looked for among the
+    other kept samples (a second pass over the url column)."""
+    wanted = {column: pa.array(sorted(values), pa.string())
+              for column, values in (("key", keys), ("url", urls), ("image_sha256", sha256s))}  # fmt: skip
+    where, texts = {}, set()
     columns = ["key", "url", "raw_caption", "image_sha256", "status", "shard", "jpg_offset"]
     for batch in scan_index(registry, source, columns):
-        for row in batch.to_pylist():
-            if row["status"] != "ok":
-                continue
-            if row["key"] in keys or row["url"] in urls or row["image_sha256"] in sha256s:
-                if row["shard"] is None:
-                    raise ValueError(f"{source.ref}: kept sample {row['key']!r} names no shard")
-                where[row["key"]] = (row["shard"], row["jpg_offset"])
-                texts.add((row["url"], row["raw_caption"]))
-            else:
-                kept_urls.add(row["url"])
-    urls = {url for url, _ in texts if url is not None}
-    return TakenSamples(where, texts, urls, urls & kept_urls)
+        hit = _matches(batch, wanted)
+        for row in batch.filter(pc.and_(pc.equal(batch.column("status"), "ok"), hit)).to_pylist():
+            if row["shard"] is None:
+                raise ValueError(f"{source.ref}: kept sample {row['key']!r} names no shard")
+            where[row["key"]] = (row["shard"], row["jpg_offset"])
+            texts.add((row["url"], row["raw_caption"]))
+    taken_urls = {url for url, _ in texts if url is not None}
+    shared: set[str] = set()
+    if taken_urls - urls:  # samples asked for by key or hash: do kept others have their urls?
+        taken_keys = pa.array(sorted(where), pa.string())
+        url_set = pa.array(sorted(taken_urls), pa.string())
+        for batch in scan_index(registry, source, ["key", "url", "status"]):
+            other = pc.and_(pc.and_(pc.equal(batch.column("status"), "ok"),
+                                    pc.invert(pc.is_in(batch.column("key"), value_set=taken_keys))),
+                            pc.is_in(batch.column("url"), value_set=url_set))  # fmt: skip
+            shared.update(batch.column("url").filter(other).to_pylist())
+    return TakenSamples(where, texts, taken_urls, shared)
+
+
+def _matches(batch: pa.RecordBatch, wanted: dict[str, pa.Array]) -> pa.Array:
+    """Rows whose column value is one of those wanted (any column), null as no."""
+    hit = pa.array([False] * batch.num_rows)
+    for column, values in wanted.items():
+        if len(values):
+            hit = pc.or_(hit, pc.fill_null(pc.is_in(batch.column(column), value_set=values), False))
+    return hit
 
 
 def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set[int], stems: set[str],
@@ -185,7 +204,6 @@ def _rewrite_table(registry: Registry, source: Manifest, path: str, found: Taken
     """`path` (a parquet file beside the shards) without the rows of the samples taken out, written to `target`:
     the rows of their urls (of their url and text, where another kept sample has the same url). Returns its sha256
     and size, or None when the file has no `url` column (it names no sample this way and stays as it is)."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     with registry.open(source, path) as handle:
@@ -227,40 +245,86 @@ def _write_index(registry: Registry, source: Manifest, found: TakenSamples, move
     """The index with the samples taken out dropped (reason `takedown`, no shard, no texts) and the kept `.jpg`
     offsets of the rewritten shards moved; the same rows in the same order, every column kept (a CapFilt index's
     too). A row dropped before whose url (and text, for a url kept samples share) is one of theirs keeps its reason
-    and loses its texts; its key is added to `emptied`."""
+    and loses its texts; its key is added to `emptied`. Column by column with Arrow, a batch at a time."""
     from datasets_manifests.index import write_index_batches
+
+    taken_keys = pa.array(sorted(found.where), pa.string())
+    only_theirs = pa.array(sorted(found.urls - found.urls_still_kept), pa.string())
+    shared = pa.array(sorted(found.urls_still_kept), pa.string())
+    shared_texts = pa.array(sorted(f"{url}\n{text}" for url, text in found.texts if url in found.urls_still_kept
+                                   and text is not None), pa.string())  # fmt: skip
+    offsets_by_shard: dict[str, tuple[Any, Any]] = {}  # shard -> (old .jpg offsets sorted, their new offsets)
+    for (shard, old), new in sorted(moved.items()):
+        olds, news = offsets_by_shard.setdefault(shard, ([], []))
+        olds.append(old)
+        news.append(new)
 
     def tables() -> Iterator[pa.Table]:
         for batch in scan_index(registry, source):
-            rows = batch.to_pylist()
-            for row in rows:
-                if row["key"] in found.where:
-                    row.update(status="dropped", drop_reason=REASON, shard=None, jpg_offset=None, jpg_bytes=None)
-                    row.update({column: None for column in TEXT_COLUMNS if column in row})
-                elif row["status"] != "ok" and found.names(row["url"], row.get("raw_caption")):
-                    row.update({column: None for column in TEXT_COLUMNS if column in row})
-                    emptied.add(row["key"])
-                elif row["status"] == "ok" and row["jpg_offset"] is not None:
-                    row["jpg_offset"] = moved.get((row["shard"], row["jpg_offset"]), row["jpg_offset"])
-            yield pa.Table.from_pylist(rows, schema=batch.schema)
+            table = pa.Table.from_batches([batch])
+            taken = pc.fill_null(pc.is_in(table["key"], value_set=taken_keys), False)
+            url = table["url"]
+            text = table["raw_caption"] if "raw_caption" in table.column_names else pa.nulls(len(table), pa.string())
+            same_image = pc.or_(pc.fill_null(pc.is_in(url, value_set=only_theirs), False),
+                                pc.and_(pc.fill_null(pc.is_in(url, value_set=shared), False),
+                                        pc.fill_null(pc.is_in(pc.binary_join_element_wise(url, text, "\n"),
+                                                              value_set=shared_texts), False)))  # fmt: skip
+            dropped_before = pc.and_(pc.not_equal(table["status"], "ok"), pc.invert(taken))
+            emptied_here = pc.and_(dropped_before, same_image)
+            emptied.update(table["key"].filter(emptied_here).to_pylist())
+            no_texts = pc.or_(taken, emptied_here)
+            table = _set(table, "status", pc.if_else(taken, "dropped", table["status"]))
+            table = _set(table, "drop_reason", pc.if_else(taken, REASON, table["drop_reason"]))
+            for column in ("shard", "jpg_offset", "jpg_bytes"):
+                table = _set(table, column, pc.if_else(taken, pa.scalar(None, table.schema.field(column).type),
+                                                       table[column]))  # fmt: skip
+            for column in TEXT_COLUMNS:
+                if column in table.column_names:
+                    table = _set(table, column, pc.if_else(no_texts, pa.scalar(None, pa.string()), table[column]))
+            yield _moved_offsets(table, offsets_by_shard)
 
     return write_index_batches(tables(), target, _schema(registry, source, INDEX_FILE), in_key_order=False)
 
 
+def _moved_offsets(table: pa.Table, offsets_by_shard: dict[str, tuple[Any, Any]]) -> pa.Table:
+    """The kept samples' `.jpg` offsets in the rewritten shards moved to where the new shards hold them."""
+    import numpy as np
+
+    offsets = table["jpg_offset"].combine_chunks()
+    kept = pc.equal(table["status"], "ok")  # after the taken samples were marked dropped
+    for shard, (olds, news) in offsets_by_shard.items():
+        here = pc.and_(pc.and_(pc.fill_null(pc.equal(table["shard"], shard), False), kept),
+                       pc.is_valid(offsets)).combine_chunks()  # fmt: skip
+        if not pc.any(here).as_py():
+            continue
+        old = offsets.filter(here).to_numpy()
+        place = np.searchsorted(olds, old)
+        if (place >= len(olds)).any() or (np.asarray(olds)[np.minimum(place, len(olds) - 1)] != old).any():
+            raise ValueError(f"{shard}: a kept sample's .jpg offset is not among the rewritten shard's")
+        offsets = pc.replace_with_mask(offsets, here, pa.array(np.asarray(news)[place], pa.int64()))
+    return _set(table, "jpg_offset", offsets)
+
+
+def _set(table: pa.Table, column: str, values: Any) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(column), table.schema.field(column), values)
+
+
 def _write_texts(registry: Registry, source: Manifest, taken: set[str], target: Path) -> None:
     """A CapFilt version's texts, those of the samples `taken` emptied and not kept (reason `takedown` for a text
-    that was kept)."""
+    that was kept); column by column with Arrow, a batch at a time."""
     from datasets_manifests.index import write_texts_batches
 
     schema = _schema(registry, source, TEXTS_FILE)
+    keys = pa.array(sorted(taken), pa.string())
 
     def tables() -> Iterator[pa.Table]:
         for batch in iter_registry_parquet(registry, registry.path_of(source, TEXTS_FILE), schema.names):
-            rows = batch.to_pylist()
-            for row in rows:
-                if row["key"] in taken:
-                    row.update(text=None, kept=False, drop_reason=REASON if row["kept"] else row["drop_reason"])
-            yield pa.Table.from_pylist(rows, schema=schema)
+            table = pa.Table.from_batches([batch])
+            hit = pc.fill_null(pc.is_in(table["key"], value_set=keys), False)
+            table = _set(table, "drop_reason", pc.if_else(pc.and_(hit, pc.fill_null(table["kept"], False)), REASON,
+                                                          table["drop_reason"]))  # fmt: skip
+            table = _set(table, "text", pc.if_else(hit, pa.scalar(None, pa.string()), table["text"]))
+            yield _set(table, "kept", pc.if_else(hit, False, table["kept"])).cast(schema)
 
     write_texts_batches(tables(), target, schema)
 

@@ -160,3 +160,23 @@ def test_a_dropped_row_of_the_same_image_loses_its_texts_too(tmp_path):
     assert after["s000001"]["text"] is None and after["s000001"]["drop_reason"] == "takedown"
     assert new.stats["takedown"]["dropped_rows_emptied"] == 1 and new.counts["taken_down"] == 1
     assert verify(registry, new) == []
+
+
+def test_an_index_that_disagrees_with_its_shard_is_refused_not_rewritten_wrong(tmp_path, monkeypatch, capsys):
+    """A kept sample of a rewritten shard whose .jpg offset is not one of the shard's: the new index would point
+    at the wrong bytes, so the takedown stops naming the shard."""
+    import datasets_fixtures
+
+    registry = Registry(tmp_path / "registry")
+    real_write_shard = datasets_fixtures.write_shard
+
+    def shifted(staging, rows, shard="shards/train-000000.tar"):
+        real_write_shard(staging, rows, shard)
+        rows[2]["jpg_offset"] += 512  # the index no longer says where s000002's image is
+
+    monkeypatch.setattr(datasets_fixtures, "write_shard", shifted)
+    publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(4), stage="download")
+    assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "--key", "s000001"]) != 0
+    assert "shards/train-000000.tar: a kept sample's .jpg offset is not among the rewritten shard's" in \
+        capsys.readouterr().err  # fmt: skip
+    assert registry.versions("dataset", "raw")[-1].version == "v1"
