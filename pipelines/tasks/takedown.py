@@ -201,32 +201,36 @@ def _rewrite_shard(registry: Registry, source: Manifest, path: str, offsets: set
 
 def _rewrite_table(registry: Registry, source: Manifest, path: str, found: TakenSamples,
                    target: Path) -> tuple[str, int] | None:  # fmt: skip
-    """`path` (a parquet file beside the shards) without the rows of the samples taken out, written to `target`:
-    the rows of their urls (of their url and text, where another kept sample has the same url). Returns its sha256
-    and size, or None when the file has no `url` column (it names no sample this way and stays as it is)."""
+    """`path` (a parquet file beside the shards) without the rows of the samples taken out, written to `target` a
+    batch at a time (a 129M-row source list is ~20 GB in memory): the rows of their urls (of their url and text,
+    where another kept sample has the same url). Returns its sha256 and size, or None when the file has no `url`
+    column (it names no sample this way and stays as it is)."""
     import pyarrow.parquet as pq
 
+    from datasets_manifests.filesystems import sha256_file
+    from datasets_manifests.index import open_parquet
+
+    urls = pa.array(sorted(found.urls), pa.string())
+    shared = pa.array(sorted(found.urls_still_kept), pa.string())
     with registry.open(source, path) as handle:
-        table = pq.read_table(handle)
-    if "url" not in table.column_names:
-        return None
-
-    def among(values: Iterable[str]) -> Any:
-        value_set = pa.array(sorted(values), pa.string())
-        return pc.fill_null(pc.is_in(table.column("url"), value_set=value_set), False).to_numpy(zero_copy_only=False)
-
-    taken = among(found.urls)
-    shared = among(found.urls_still_kept)
-    if shared.any():  # a url a kept sample also has: only the row of the taken text goes (none in a file without)
-        has_text = "caption" in table.column_names
-        urls = table.column("url").to_pylist()
-        captions = table.column("caption").to_pylist() if has_text else []
-        for index in shared.nonzero()[0]:
-            taken[index] = has_text and (urls[index], captions[index]) in found.texts
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.filter(pa.array(~taken)), target)
-    data = target.read_bytes()
-    return hashlib.sha256(data).hexdigest(), len(data)
+        table_file = open_parquet(handle)
+        schema = table_file.schema_arrow
+        if "url" not in schema.names:
+            return None
+        has_text = "caption" in schema.names
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(str(target), schema) as writer:
+            for batch in table_file.iter_batches(batch_size=1 << 16):
+                url = batch.column("url")
+                taken = pc.fill_null(pc.is_in(url, value_set=urls), False).to_numpy(zero_copy_only=False)
+                in_shared = pc.fill_null(pc.is_in(url, value_set=shared), False).to_numpy(zero_copy_only=False)
+                if in_shared.any():
+                    # A url a kept sample also has: only the row of the taken text goes (none in a file without).
+                    rows = batch.to_pylist()
+                    for index in in_shared.nonzero()[0]:
+                        taken[index] = has_text and (rows[index]["url"], rows[index]["caption"]) in found.texts
+                writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(~taken)))
+    return sha256_file(target)
 
 
 def _same_file(registry: Registry, source: Manifest, path: str, out: str) -> None:
