@@ -56,6 +56,12 @@ def rows_taken(registry: Registry, source: Any, urls: set[str], keys: set[str], 
     return takedown.TakenSamples(where, texts, taken_urls, taken_urls & kept_urls)
 
 
+def same_image(found: Any, url: str | None, text: str | None) -> bool:
+    if url in found.urls_still_kept:
+        return (url, text) in found.texts
+    return url in found.urls
+
+
 def rows_index(registry: Registry, source: Any, found: Any, moved: dict[tuple[str, int], int], target: Path,
                emptied: set[str]) -> dict[str, Any]:  # fmt: skip
     from datasets_manifests.index import write_index_batches
@@ -67,7 +73,7 @@ def rows_index(registry: Registry, source: Any, found: Any, moved: dict[tuple[st
                 if row["key"] in found.where:
                     row.update(status="dropped", drop_reason=takedown.REASON, shard=None, jpg_offset=None,
                                jpg_bytes=None, caption=None, raw_caption=None)  # fmt: skip
-                elif row["status"] != "ok" and found.names(row["url"], row.get("raw_caption")):
+                elif row["status"] != "ok" and same_image(found, row["url"], row.get("raw_caption")):
                     row.update(caption=None, raw_caption=None)
                     emptied.add(row["key"])
                 elif row["status"] == "ok" and row["jpg_offset"] is not None:

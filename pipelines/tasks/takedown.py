@@ -43,12 +43,6 @@ class TakenSamples:
     urls: set[str]  # their urls
     urls_still_kept: set[str]  # of `urls`, those other kept samples share: only a row of the same text goes
 
-    def names(self, url: str | None, text: str | None) -> bool:
-        """Whether a row of this url and text is about one of the samples (another row of the same image)."""
-        if url in self.urls_still_kept:
-            return (url, text) in self.texts
-        return url in self.urls
-
 
 def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str] = (), keys: Iterable[str] = (),
                  sha256s: Iterable[str] = ()) -> Manifest | None:
