@@ -354,7 +354,8 @@ def cmd_takedown(args: argparse.Namespace) -> int:
             if unchanged := new.stats["takedown"].get("unchanged"):
                 print(f"  the same files (they name no url; look at them): {', '.join(unchanged)}")
     if done:
-        print(f"free the old versions' data: blip data rm {' '.join(ref for ref, _ in done)} --data-only")
+        print(f"free the old versions' data: blip data rm {' '.join(ref for ref, _ in done)} --data-only "
+              "(their records and indexes stay, and the indexes still name these samples' urls and texts)")
     if models:
         print("made from the old versions (a takedown does not change them): "
               + ", ".join(f"{m.ref} ({m.kind})" for m in models))
