@@ -282,6 +282,30 @@ def test_work_page_lists_what_blip_data_work_lists(server: str, browser_page: An
     assert not page.errors, page.errors
 
 
+def test_tags_show_on_the_list_and_the_version_page(server: str, browser_page: Any, registry_url: str) -> None:
+    """`blip data tag`: the badge on the home page's row and in the version page's title, as the tag moves (the
+    tag is removed again: the registry is shared with the other tests)."""
+    from datasets_manifests.tags import remove_tag, set_tag
+
+    page = browser_page
+    registry = Registry(registry_url)
+    main, _, _ = _pick_versions(server)
+    set_tag(registry, main["ref"], "browser-test")
+    try:
+        page.goto(server + "/")
+        page.wait_for_selector("[data-testid=datasets] .badge.tag")
+        assert page.locator("[data-testid=datasets] .badge.tag").all_inner_texts() == ["browser-test"]
+        page.goto(f"{server}/#/v/dataset/{main['name']}/{main['version']}")
+        badge = page.wait_for_selector("[data-testid=tag]")
+        assert badge.inner_text() == f"{main['name']}@browser-test"
+    finally:
+        remove_tag(registry, f"{main['name']}@browser-test")
+    page.goto(server + "/")
+    page.wait_for_selector("[data-testid=datasets]")
+    assert page.locator("[data-testid=datasets] .badge.tag").count() == 0
+    assert not page.errors, page.errors
+
+
 def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shots: Path,
                                             registry_source: str) -> None:
     if registry_source != "sample":
