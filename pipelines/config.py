@@ -113,14 +113,17 @@ def build(cls: type[T], raw: dict[str, Any], *, origin: str = "<dict>", prefix: 
         raise _config_error(origin, key, f"{prefix or cls.__name__}: {error}") from error
 
 
-def to_dict(config: Any) -> Any:
-    """Plain JSON-able form of a config (dataclasses -> dicts, tuples -> lists, Paths -> str)."""
+def to_dict(config: Any, hashing: bool = False) -> Any:
+    """Plain JSON-able form of a config (dataclasses -> dicts, tuples -> lists, Paths -> str). `hashing`: the form
+    `config_hash` hashes, without the fields a config class lists in `ADDED_LATER` while they hold their default."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        added_later = getattr(type(config), "ADDED_LATER", ()) if hashing else ()
+        return {f.name: to_dict(getattr(config, f.name), hashing) for f in dataclasses.fields(config)
+                if not (f.name in added_later and getattr(config, f.name) == f.default)}  # fmt: skip
     if isinstance(config, (list, tuple)):
-        return [to_dict(item) for item in config]
+        return [to_dict(item, hashing) for item in config]
     if isinstance(config, dict):
-        return {str(key): to_dict(value) for key, value in config.items()}
+        return {str(key): to_dict(value, hashing) for key, value in config.items()}
     if isinstance(config, Path):
         return str(config)
     return config
@@ -128,8 +131,9 @@ def to_dict(config: Any) -> Any:
 
 def config_hash(config: Any, leave_out: tuple[str, ...] = ()) -> str:
     """sha256 of the canonical JSON form of a config (first 16 hex digits), without the `leave_out` keys
-    (dotted: "data.shard_cache_dir")."""
-    plain = to_dict(config)
+    (dotted: "data.shard_cache_dir"). A config class's `ADDED_LATER` fields (settings added after versions were
+    published with it) are left out while at their default: those versions' hashes, so their cache keys, stay."""
+    plain = to_dict(config, hashing=True)
     for dotted in leave_out:
         *parents, name = dotted.split(".")
         owner = plain

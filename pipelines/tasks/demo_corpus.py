@@ -83,6 +83,7 @@ class DemoCorpusConfig:
     # fraction of good records whose server answers `X-Robots-Tag: noai, noimageai` (an opt-out the download
     # honours: disallowed_by_robots); drawn apart from everything else, so 0 (the demo's) leaves the corpus as it was
     opt_out_fraction: float = 0.0
+    ADDED_LATER = ("opt_out_fraction",)  # out of the hash at its default: the corpora made before are the same
 
     def __post_init__(self) -> None:
         check_range("DemoCorpusConfig", "n", self.n, 1)

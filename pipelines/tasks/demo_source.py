@@ -18,9 +18,7 @@ from pipelines.tasks.download import DownloadConfig, run_download, run_retry_fai
 
 def download_demo_corpus(corpus_cfg: DemoCorpusConfig, download_cfg: DownloadConfig, *, name: str,
                          registry: Registry) -> Manifest:
-    # (opt_out_fraction left out at its default 0: the corpora made before the setting are the same corpora)
-    unset = ("opt_out_fraction",) if corpus_cfg.opt_out_fraction == 0 else ()
-    corpus_id = f"demo-corpus-{config_hash(corpus_cfg, leave_out=unset)}"
+    corpus_id = f"demo-corpus-{config_hash(corpus_cfg)}"
     corpus_dir = registry.work_dir(corpus_id)
     if not (corpus_dir / "corpus.json").exists():
         write_corpus(corpus_cfg, corpus_dir)

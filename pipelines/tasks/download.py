@@ -81,6 +81,7 @@ class DownloadConfig:
     # DataComp's `sha256`: img2dataset checks every download against it (verify_hash) and an image that changed
     # since the list was made is not stored (hash_mismatch). None: nothing checked.
     verify_hash_col: str | None = None
+    ADDED_LATER = ("disallowed_header_directives", "verify_hash_col")  # out of the hash at their defaults (config_hash)
 
     def __post_init__(self) -> None:
         check_range("DownloadConfig", "processes", self.processes, 1)
@@ -143,15 +144,7 @@ def classify_error(message: str | None) -> str:
 
 def download_key(cfg: DownloadConfig, source_id: str) -> str:
     """Cache key (and work directory name) of a download: the source and the output-affecting settings."""
-    return cache_key(STAGE, [source_id], _settings_hash(cfg))
-
-
-def _settings_hash(cfg: DownloadConfig) -> str:
-    """The hash of the output-affecting settings; those added later left out at their defaults (the downloads made
-    before them did the same), so no download published before is made again."""
-    unset = (("disallowed_header_directives",) if cfg.disallowed_header_directives == OPT_OUT_DIRECTIVES else ()) + \
-        (("verify_hash_col",) if cfg.verify_hash_col is None else ())  # fmt: skip
-    return config_hash(cfg.cache_relevant(), leave_out=unset)
+    return cache_key(STAGE, [source_id], config_hash(cfg.cache_relevant()))
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -206,7 +199,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
 def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str, registry: Registry) -> Manifest:
     """Re-download only the URLs that failed in `previous`; publish a complete new version whose parent it is."""
     parent = registry.resolve(previous, "dataset")
-    key = cache_key(RETRY_STAGE, [parent.id], _settings_hash(cfg))
+    key = cache_key(RETRY_STAGE, [parent.id], config_hash(cfg.cache_relevant()))
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         _remove_work(registry, cfg, key)

@@ -110,3 +110,12 @@ def test_opted_out_images_are_served_with_the_sites_opt_out_and_leave_the_rest_a
         good = next(path for path, row in truth.items() if row["bad_kind"] is None)
         with urllib.request.urlopen(f"{base}/{good}") as response:
             assert response.headers["X-Robots-Tag"] is None
+
+
+def test_the_opt_out_setting_leaves_the_corpus_id_of_the_corpora_before_it():
+    """`opt_out_fraction` is ADDED_LATER: at its default the hash (the demo's corpus id and download key) is the
+    one from before the setting existed (pinned); set, it is another corpus."""
+    from pipelines.config import config_hash
+
+    assert config_hash(DemoCorpusConfig()) == "5076e7d16209b29a"
+    assert config_hash(DemoCorpusConfig(opt_out_fraction=0.1)) != "5076e7d16209b29a"

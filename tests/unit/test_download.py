@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.cli import CommandError, main
 from pipelines.commands.stages import stage_config_path
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, load_config, to_dict
 from pipelines.config import CONFIG_DIR
 from pipelines.tasks import download
 from pipelines.tasks.demo_corpus import read_ground_truth
@@ -77,6 +77,7 @@ def test_cache_key_covers_only_output_settings():
     assert download_key(replace(base, disallowed_header_directives=("noai",)), "source:x") != key
     assert download_key(replace(base, verify_hash_col="sha256"), "source:x") != key
     assert download_key(DownloadConfig(), "abc") == "9dbd9fc0fa79f82c1a4557a1"
+    assert "verify_hash_col" in to_dict(DownloadConfig())  # recorded in the producer config, hashed only when set
     with pytest.raises(ValueError, match="verify_hash_col: empty"):
         DownloadConfig(verify_hash_col=" ")
     with pytest.raises(ValueError, match="'NoAI' is not a lowercase X-Robots-Tag directive"):
