@@ -262,11 +262,13 @@ def _write_index(registry: Registry, source: Manifest, found: TakenSamples, move
             table = pa.Table.from_batches([batch])
             taken = pc.fill_null(pc.is_in(table["key"], value_set=taken_keys), False)
             url = table["url"]
-            text = table["raw_caption"] if "raw_caption" in table.column_names else pa.nulls(len(table), pa.string())
-            same_image = pc.or_(pc.fill_null(pc.is_in(url, value_set=only_theirs), False),
-                                pc.and_(pc.fill_null(pc.is_in(url, value_set=shared), False),
-                                        pc.fill_null(pc.is_in(pc.binary_join_element_wise(url, text, "\n"),
-                                                              value_set=shared_texts), False)))  # fmt: skip
+            same_image = pc.fill_null(pc.is_in(url, value_set=only_theirs), False)
+            if len(shared_texts):  # a url kept samples share: only the rows of the taken text (joined once, here)
+                text = table["raw_caption"] if "raw_caption" in table.column_names else \
+                    pa.nulls(len(table), pa.string())  # fmt: skip
+                same_text = pc.is_in(pc.binary_join_element_wise(url, text, "\n"), value_set=shared_texts)
+                same_image = pc.or_(same_image, pc.and_(pc.fill_null(pc.is_in(url, value_set=shared), False),
+                                                        pc.fill_null(same_text, False)))  # fmt: skip
             dropped_before = pc.and_(pc.not_equal(table["status"], "ok"), pc.invert(taken))
             emptied_here = pc.and_(dropped_before, same_image)
             emptied.update(table["key"].filter(emptied_here).to_pylist())
