@@ -128,13 +128,15 @@ def register(subparsers: Any) -> None:
 
     takedown = command("takedown", "take samples (by URL, key or image sha256) out of dataset versions: each that "
                        "keeps one gets a next version without them (their shards rewritten, their index rows dropped "
-                       "as 'takedown'); then free the old one with `blip data rm OLD --data-only`", cmd_takedown)
+                       "as 'takedown'); then free the old one with `blip data rm OLD --data-only` (which also "
+                       "writes its index, texts and source list again without them)", cmd_takedown)
     takedown.add_argument("refs", nargs="*", metavar="REF",
                           help="dataset versions to take them out of (default: every one that keeps one of them)")
     _sample_options(takedown)
 
     rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
-                 "files (--data-only: shards, weights, images; the record, index, stats and lineage stay)", cmd_rm)
+                 "files (--data-only: shards, weights, images; the record, index, stats and lineage stay; a version "
+                 "a takedown replaced has them written again without what it took out)", cmd_rm)
     rm.formatter_class = argparse.RawDescriptionHelpFormatter
     rm.epilog = RM_HELP
     rm.add_argument("refs", nargs="+", metavar="REF", help="versions to remove (name@vN); a parent and the versions "
@@ -353,9 +355,11 @@ def cmd_takedown(args: argparse.Namespace) -> int:
                   f"({new.stats['takedown']['shards_rewritten']} shards rewritten)")
             if unchanged := new.stats["takedown"].get("unchanged"):
                 print(f"  the same files (they name no url; look at them): {', '.join(unchanged)}")
-    if done:
-        print(f"free the old versions' data: blip data rm {' '.join(ref for ref, _ in done)} --data-only "
-              "(their records and indexes stay, and the indexes still name these samples' urls and texts)")
+    if done:  # the whole line before each new version: a version two takedowns back still names these samples
+        old = sorted({m.ref for _, new in done for m in registry.versions("dataset", new.name)
+                      if m.id != new.id and (last := registry.replaced_by(m)) is not None and last.id == new.id})
+        print(f"free the old versions' data: blip data rm {' '.join(old)} --data-only (their records stay; their "
+              "indexes, texts, source lists and stats are written again without these samples' texts and rows)")
     if models:
         print("made from the old versions (a takedown does not change them): "
               + ", ".join(f"{m.ref} ({m.kind})" for m in models))
@@ -406,6 +410,9 @@ says when and where it was removed. Neither form removes a version an unfinished
 (`blip data work` lists them). Run it while no stage reads the versions you remove.
 examples:
   blip data rm raw@v1 --data-only          free a download once its training shards are made
+  blip data rm raw@v1 --data-only          after `blip data takedown` made raw@v2: also writes raw@v1's index,
+                                           texts, source list and stats again as raw@v2 has them (run it again
+                                           after a further takedown of raw@v2: as raw@v3 has them)
   blip data rm capfilt@v2 pretrain@v3      a bootstrapped set and the model trained on it, together"""
 
 
@@ -423,8 +430,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
         part = "its data files" if removal.data_only else "whole"
         shared = f" ({_size(removal.shared_bytes)} of it stays: hard links of another version)" \
             if removal.shared_bytes else ""  # fmt: skip
+        scrub = "" if removal.scrub is None else f"; {', '.join(removal.scrub.files)} written again as " \
+            f"{removal.scrub.newest.ref} has them (what its takedowns took out: texts, urls)"  # fmt: skip
         return f"{removal.manifest.ref} ({removal.manifest.kind}, {part}): {len(removal.files)} files, " \
-            f"{_size(removal.bytes)}{shared}"  # fmt: skip
+            f"{_size(removal.bytes)}{shared}{scrub}"  # fmt: skip
 
     total = _size(sum(removal.bytes - removal.shared_bytes for removal in plan))
     if args.dry_run:

@@ -37,6 +37,7 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
 
     removal = registry.removal(manifest)  # files `blip data rm --data-only` removed are not damage: not checked
     files = [entry for entry in manifest.files if entry.path not in set((removal or {}).get("files", ()))]
+    scrubbed = registry.accepted_digests(manifest, removal)  # files written again after a takedown replaced it
     with tqdm(total=sum(entry.bytes for entry in files), unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"verifying {manifest.ref}", disable=None if progress else True) as bar:  # fmt: skip
 
@@ -47,6 +48,11 @@ def verify(registry: Registry, ref: str | Manifest, chunk: int = 1 << 20, worker
             if entry.path in damaged:
                 return damaged[entry.path]
             digest, size = sha256_file(path, registry.fs, chunk, on_read=bar.update)
+            if entry.path in scrubbed:
+                if (digest, size) in scrubbed[entry.path]:
+                    return None
+                return f"{entry.path}: sha256 {digest[:12]}, {size} bytes: neither the manifest's nor what `blip " \
+                    "data rm --data-only` wrote again after a takedown (its removal record)"  # fmt: skip
             if size != entry.bytes:  # changed between the listing and the read
                 return f"{entry.path}: {size} bytes, manifest says {entry.bytes}"
             if digest != entry.sha256:

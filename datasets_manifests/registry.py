@@ -235,7 +235,26 @@ class Registry:
         if removal is not None:
             for path in set(problems) & set(removal.get("files", ())):
                 problems[path] = f"{path}: removed by `blip data rm` on {removal.get('removed_at', '?')}"
+            for path, digests in self.accepted_digests(manifest, removal).items():  # written again by a scrub
+                size = stripped.get(self.fs._strip_protocol(f"{root}/{path}"))
+                if path in problems and size in {size for _, size in digests}:
+                    del problems[path]
+                elif path in problems and size is not None:
+                    problems[path] = f"{path}: {size} bytes, neither the manifest's nor what `blip data rm " \
+                        "--data-only` wrote again after a takedown (its removal record)"  # fmt: skip
         return problems
+
+    def accepted_digests(self, manifest: Manifest, removal: dict[str, Any] | None) -> dict[str, set[tuple[str, int]]]:
+        """The files of a version that `blip data rm --data-only` wrote again after a takedown replaced it
+        (`datasets_manifests.scrub`, told by its removal record) -> the (sha256, bytes) each may have: the scrub's,
+        or also the manifest's while the scrub is not done (it replaces one file after another)."""
+        scrubbed = (removal or {}).get("scrubbed") or {}
+        accepted, published = {}, {entry.path: entry for entry in manifest.files}
+        for path, digest in scrubbed.get("files", {}).items():
+            accepted[path] = {(digest["sha256"], digest["bytes"])}
+            if not scrubbed.get("done") and (entry := published.get(path)) is not None:
+                accepted[path].add((entry.sha256, entry.bytes))
+        return accepted
 
     def url_of(self, manifest: Manifest, relpath: str) -> str:
         """Full URL of a referenced file (local path for a local registry), usable by webdataset/pyarrow."""

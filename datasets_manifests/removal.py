@@ -5,7 +5,9 @@ dataset's or a model's lineage never points at nothing. `data_only` frees the he
 images: terabytes at 129M) and keeps the manifest, the per-sample index, stats and configs: the version stays
 listed, browsable and diffable, its lineage whole; a rerun of the stage that made it reuses the record, so what
 was made from it stays cached (a flow rerun after freeing a download whose shards exist downloads nothing), and a
-stage that has to read its data refuses, naming the removal (`Registry.path_of`, `Registry.absent`).
+stage that has to read its data refuses, naming the removal (`Registry.path_of`, `Registry.absent`). A version a
+takedown replaced also has the files that still name what it took out written again, as the newest version of its
+line has them (`datasets_manifests.scrub`: the texts emptied, the source list without the urls).
 Neither removes a version that an unfinished stage run reads (its rerun would fail half-way), and a version with
 a tag (`blip data tag`) is not removed whole: the tag is moved or removed first.
 
@@ -30,6 +32,7 @@ from typing import Any, Callable, Iterable
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.ops import COPY_PREFIXES, run_described
 from datasets_manifests.registry import MANIFEST_NAME, Registry, RegistryError, now_utc
+from datasets_manifests.scrub import Scrub, plan_scrub, scrub
 from datasets_manifests.tags import tags_by_id
 
 DATA_ROLES = ("shard", "weights", "image")  # what --data-only frees; the index, stats, configs and metrics stay
@@ -50,6 +53,7 @@ class Removal:
     files: tuple[str, ...]  # the version's files this removal deletes that are still there
     bytes: int
     shared_bytes: int = 0  # of `bytes`, what another version's hard links to the same files keep on disk (local)
+    scrub: Scrub | None = None  # a version a takedown replaced: the files that still name what it took out
 
     @property
     def what(self) -> str:
@@ -57,7 +61,8 @@ class Removal:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ref": self.manifest.ref, "kind": self.manifest.kind, "id": self.manifest.id, "what": self.what,
-                "files": len(self.files), "bytes": self.bytes, "shared_bytes": self.shared_bytes}  # fmt: skip
+                "files": len(self.files), "bytes": self.bytes, "shared_bytes": self.shared_bytes,
+                "scrub": None if self.scrub is None else self.scrub.to_dict()}  # fmt: skip
 
 
 def plan_removals(registry: Registry, refs: Iterable[str], *, data_only: bool) -> list[Removal]:
@@ -97,6 +102,8 @@ def remove(registry: Registry, removal: Removal, on_files: Callable[[int], objec
     root = registry.version_path(manifest.kind, manifest.name, manifest.version)
     if removal.data_only:
         _delete_files(registry, manifest, removal.files, on_files)
+        if removal.scrub is not None:
+            scrub(registry, removal.scrub)
     elif registry.is_local:
         parking = Path(registry.root) / REMOVING_DIR / f"{manifest.kind}s-{manifest.name}-{manifest.version}-" \
             f"{uuid.uuid4().hex[:8]}"  # fmt: skip
@@ -145,8 +152,10 @@ def _removal(registry: Registry, manifest: Manifest, data_only: bool) -> Removal
     if registry.is_local:  # a takedown's new version hard-links the shards it left as they were: those stay
         root = registry.version_path(manifest.kind, manifest.name, manifest.version)
         shared = sum(entry.bytes for entry in left if os.stat(f"{root}/{entry.path}").st_nlink > 1)
+    kept = [entry for entry in manifest.files if entry.role not in DATA_ROLES]
     return Removal(manifest=manifest, data_only=data_only, files=tuple(entry.path for entry in left),
-                   bytes=sum(entry.bytes for entry in left), shared_bytes=shared)  # fmt: skip
+                   bytes=sum(entry.bytes for entry in left), shared_bytes=shared,
+                   scrub=plan_scrub(registry, manifest, kept) if data_only else None)  # fmt: skip
 
 
 def _children_first(manifests: list[Manifest]) -> list[Manifest]:
@@ -180,7 +189,8 @@ def _write_record(registry: Registry, removal: Removal) -> None:
     files = sorted(set(earlier.get("files", ())) | set(removal.files)) if removal.data_only else sorted(sizes)
     record = {"ref": manifest.ref, "kind": manifest.kind, "id": manifest.id, "what": removal.what,
               "files": files if removal.data_only else [], "bytes": sum(sizes[path] for path in files),
-              "removed_at": now_utc(), "host": socket.gethostname()}  # fmt: skip
+              "removed_at": now_utc(), "host": socket.gethostname(),
+              **({"scrubbed": earlier["scrubbed"]} if "scrubbed" in earlier and removal.data_only else {})}  # fmt: skip
     registry.write_removal(manifest, record)
 
 

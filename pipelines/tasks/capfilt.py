@@ -801,7 +801,8 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
                 **{f"texts_{s}": stats["texts"][s] for s in SOURCES},
                 **{f"texts_{s}_kept": stats["texts_kept"][s] for s in SOURCES}},
         drop_reasons=stats["sample_drop_reasons"],
-        stats={"capfilt": {k: v for k, v in stats.items() if k != "rejects"}, "rejects_sample": stats["rejects"]},
+        # The sample of rejected texts only in stats.json: a file a takedown can rewrite (a manifest cannot change).
+        stats={"capfilt": {k: v for k, v in stats.items() if k != "rejects"}},
         sample_schema={"jpg": "original JPEG bytes (unchanged)",
                        "txt": "the kept text with the highest ITM score",
                        "json": "input metadata + captions (kept texts) + texts (all, with source, itm_score, kept, "

@@ -7,7 +7,8 @@ store on a remote one), their index rows kept as `dropped` with the reason `take
 key, url and image sha256 stay, so the new version says what was taken out and a diff against the old one shows
 it), a CapFilt version's texts of them emptied and marked not kept, and their rows cut from the version's other
 parquet files that name URLs (a download's source list and img2dataset's per-shard tables). Files without a `url`
-column are the same files, listed in the version's stats (`unchanged`) for the operator to judge.
+column are the same files, listed in the version's stats (`unchanged`) for the operator to judge. Stats that quote
+samples (a CapFilt version's rejected texts, in `stats.json` and, before, in its manifest) lose their entries.
 The old version is then freed with `blip data rm OLD --data-only` (its record stays, with the models trained on
 it in its lineage). A rerun with the same samples is the version already published (its cache key). A stage whose
 cached output samples were taken out of goes on from the new version (`Registry.find_cached`): a flow rerun
@@ -17,6 +18,7 @@ after a takedown makes again what was made from the old data (a model trained on
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +80,13 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     moved: dict[tuple[str, int], int] = {}  # (shard, old .jpg offset) -> new offset, in the shards rewritten
     rewritten_tables: list[str] = []  # parquet files whose rows of the samples were cut
     unchanged: list[str] = []  # files that name no URL, left as they are (e.g. a synthetic corpus's ground truth)
+    stats_files = []  # JSON stats that may quote samples (a CapFilt version's sample of rejected texts)
     for entry in source.files:
         base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
         if entry.path in (INDEX_FILE, TEXTS_FILE):
+            continue
+        if _names_samples(entry):  # rewritten once the index says which dropped rows lose their texts too
+            stats_files.append(entry)
             continue
         if entry.path.endswith(".parquet") and entry.role != "shard":
             written_table = _rewrite_table(registry, source, entry.path, found, stage / entry.path)
@@ -110,6 +116,19 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     if has_layer(source, TEXTS_FILE):
         _write_texts(registry, source, set(taken) | emptied, stage / TEXTS_FILE)
         files.append({"path": TEXTS_FILE, "role": "index"})
+    stats_rewritten = []
+    for entry in stats_files:
+        base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
+        with registry.open(source, entry.path) as handle:
+            stats = json.load(handle)
+        if (kept := without_samples(stats, set(taken) | emptied)) != stats:
+            (stage / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            (stage / entry.path).write_text(json.dumps(kept, indent=2, sort_keys=True))
+            files.append({**base, **_digest(stage / entry.path)})
+            stats_rewritten.append(entry.path)
+        else:
+            _same_file(registry, source, entry.path, out)
+            files.append({**base, "sha256": entry.sha256, "bytes": entry.bytes})
     manifest = registry.publish(
         kind="dataset", name=source.name, staging_dir=stage, parents=[source], digests_from_writer=True,
         remote_staging=None if registry.is_local else out, files=files,
@@ -118,13 +137,38 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                 "dropped": summary["counts"]["dropped"], "taken_down": len(taken)},
         drop_reasons=summary["drop_reasons"], splits=summary["splits"],
-        stats={**source.stats, STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard),
-                                       "dropped_rows_emptied": len(emptied), "tables_rewritten": rewritten_tables,
-                                       "unchanged": unchanged}},
+        stats={**without_samples(source.stats, set(taken) | emptied),
+               STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard),
+                       "dropped_rows_emptied": len(emptied), "tables_rewritten": rewritten_tables,
+                       "stats_rewritten": stats_rewritten, "unchanged": unchanged}},
         sample_schema=source.sample_schema, metadata=source.metadata,
     )  # fmt: skip
     registry.remove_work(key)
     return manifest
+
+
+def without_samples(stats: Any, keys: set[str]) -> Any:
+    """`stats` (JSON) without the list entries that quote one of the samples `keys` (an entry with a `key`): a
+    CapFilt version's sample of rejected texts quotes each text and its sample."""
+    if isinstance(stats, dict):
+        return {name: without_samples(value, keys) for name, value in stats.items()}
+    if isinstance(stats, list):
+        return [without_samples(item, keys) for item in stats
+                if not (isinstance(item, dict) and item.get("key") in keys)]
+    return stats
+
+
+def _names_samples(entry: Any) -> bool:
+    """A JSON stats file that may quote samples; img2dataset's per-shard `_stats.json` only count (thousands of
+    them at 129M: not read)."""
+    return entry.role == "stats" and entry.path.endswith(".json") and not entry.path.endswith("_stats.json")
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    from datasets_manifests.filesystems import sha256_file
+
+    digest, size = sha256_file(path)
+    return {"sha256": digest, "bytes": size}
 
 
 def _taken_samples(registry: Registry, source: Manifest, urls: set[str], keys: set[str],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import uuid
 from pathlib import Path
@@ -75,8 +76,10 @@ def write_shard(staging: Path, rows: list[dict[str, Any]], shard: str = "shards/
 def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dict[str, Any]], *,
                     parents: tuple[Manifest, ...] = (), version: str | None = None, stage: str = "shard",
                     texts: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
-                    cache_key: str = "", tables: dict[str, list[dict[str, Any]]] | None = None) -> Manifest:
-    """`tables`: other parquet files of the version ({path: rows}, role "other"), e.g. a download's source list."""
+                    cache_key: str = "", tables: dict[str, list[dict[str, Any]]] | None = None,
+                    json_stats: dict[str, Any] | None = None, stats: dict[str, Any] | None = None) -> Manifest:
+    """`tables`: other parquet files of the version ({path: rows}, role "other"), e.g. a download's source list;
+    `json_stats`: JSON files of role "stats" ({path: value}); `stats`: the manifest's stats."""
     staging.mkdir(parents=True, exist_ok=True)
     write_shard(staging, rows)
     write_index(rows, staging / INDEX_FILE)
@@ -91,6 +94,9 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
     for path, table_rows in (tables or {}).items():
         pq.write_table(pa.Table.from_pylist(table_rows), staging / path)
         files.append({"path": path, "role": "other"})
+    for path, value in (json_stats or {}).items():
+        (staging / path).write_text(json.dumps(value, indent=2, sort_keys=True))
+        files.append({"path": path, "role": "stats"})
     summary = summarize_index(validate_index(rows))
     config = config or {"name": name}
     return registry.publish(
@@ -98,5 +104,5 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
         producer=Producer(stage=stage, config=config, cache_key=cache_key,
                           config_hash=hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()),
         counts=summary["counts"], drop_reasons=summary["drop_reasons"], splits=summary["splits"],
-        stats={stage: {"input": len(rows)}}, sample_schema={"jpg": "JPEG bytes", "txt": "caption"},
+        stats=stats or {stage: {"input": len(rows)}}, sample_schema={"jpg": "JPEG bytes", "txt": "caption"},
     )

@@ -74,7 +74,8 @@ def test_data_only_frees_the_shards_and_keeps_the_record_index_and_lineage(regis
     code, out, _ = rm(capsys, registry, "raw@v1", "--data-only", "--yes", "--json")
     assert code == 0
     assert json.loads(out)["removals"] == [{"ref": "raw@v1", "kind": "dataset", "id": raw.id, "what": "data",
-                                            "files": 1, "bytes": shard_bytes, "shared_bytes": 0}]  # fmt: skip
+                                            "files": 1, "bytes": shard_bytes, "shared_bytes": 0,
+                                            "scrub": None}]  # fmt: skip
     assert not exists(registry, raw, SHARD) and exists(registry, raw, "index.parquet")
     assert registry.resolve("raw@v1") == raw  # still listed, lineage whole
     assert [m.ref for m in registry.children(raw)] == ["capfilt@v1"]

@@ -180,3 +180,23 @@ def test_an_index_that_disagrees_with_its_shard_is_refused_not_rewritten_wrong(t
     assert "shards/train-000000.tar: a kept sample's .jpg offset is not among the rewritten shard's" in \
         capsys.readouterr().err  # fmt: skip
     assert registry.versions("dataset", "raw")[-1].version == "v1"
+
+
+def test_stats_that_quote_a_taken_sample_lose_those_quotes(tmp_path, capsys):
+    """A CapFilt version's sample of rejected texts quotes texts and their samples: in its stats.json and (versions
+    made before that moved there) in its manifest. The takedown's version keeps the others' quotes only."""
+    registry = Registry(tmp_path / "registry")
+    rows = sample_rows(4)
+    rejects = [{"key": row["key"], "source": "web", "text": f"rejected {i}", "itm_score": 0.1,
+                "drop_reason": "itm_below_threshold"} for i, row in enumerate(rows)]  # fmt: skip
+    stats = {"capfilt": {"samples": 4}, "rejects_sample": rejects}
+    publish_dataset(registry, tmp_path / "cf", "capfilt", rows, stage="capfilt", stats=stats,
+                    json_stats={"stats.json": {"samples": 4, "rejects": rejects}})  # fmt: skip
+    assert main(["data", "--registry", registry.url, "takedown", "--key", "s000002"]) == 0
+    new = registry.resolve("capfilt@v2")
+    quoted = [reject["text"] for reject in json.load(registry.open(new, "stats.json"))["rejects"]]
+    assert quoted == ["rejected 0", "rejected 1", "rejected 3"]
+    assert [reject["text"] for reject in new.stats["rejects_sample"]] == quoted
+    assert new.stats["capfilt"] == {"samples": 4} and new.stats["takedown"]["stats_rewritten"] == ["stats.json"]
+    assert verify(registry, new) == []
+    capsys.readouterr()

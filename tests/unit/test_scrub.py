@@ -1,0 +1,158 @@
+"""`blip data rm OLD --data-only` after a takedown: the version it replaced is freed and its index, texts, source
+list and stats written again as the newest version of its line has them (`datasets_manifests.scrub`), on a local
+and a memory:// registry."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from datasets_manifests import scrub as scrub_module
+from datasets_manifests.index import read_texts, scan_index
+from datasets_manifests.manifest import Producer
+from datasets_manifests.ops import verify
+from datasets_manifests.registry import Registry
+from pipelines.cli import main
+
+from datasets_fixtures import memory_url, publish_dataset, sample_rows
+
+URL = "http://127.0.0.1/img/{}.jpg"
+
+
+@pytest.fixture(params=["local", "memory"])
+def registry(request, tmp_path) -> Registry:
+    """raw@v1 (6 samples; a source list, a ground truth without urls) -> capfilt@v1 (texts, stats quoting rejects)
+    -> pretrain@v1 (a model)."""
+    registry = Registry(tmp_path / "registry" if request.param == "local" else memory_url())
+    rows = sample_rows(6)
+    tables = {"source.parquet": [{"url": row["url"], "caption": row["raw_caption"]} for row in rows],
+              "ground_truth.parquet": [{"path": f"/img/{i}.jpg", "shape": "circle"} for i in range(6)]}
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", rows, stage="download", tables=tables)
+    texts = [{"key": row["key"], "text": f"{source} {i}", "source": source, "itm_score": 0.9, "kept": True,
+              "drop_reason": None} for i, row in enumerate(rows) for source in ("web", "synthetic")]  # fmt: skip
+    rejects = [{"key": row["key"], "text": f"rejected {i}"} for i, row in enumerate(rows)]
+    capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(6), parents=(raw,), stage="capfilt",
+                              texts=texts, json_stats={"stats.json": {"rejects": rejects}})  # fmt: skip
+    weights = tmp_path / "model"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"weights")
+    registry.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
+                     files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    return registry
+
+
+def data(capsys, registry: Registry, *args: str) -> tuple[int, str, str]:
+    code = main(["data", "--registry", registry.url, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def index_of(registry: Registry, ref: str) -> dict[str, dict]:
+    return {row["key"]: row for batch in scan_index(registry, registry.resolve(ref)) for row in batch.to_pylist()}
+
+
+def test_freeing_a_replaced_version_writes_its_files_again_without_what_was_taken(registry, capsys):
+    before = {name: index_of(registry, f"{name}@v1") for name in ("raw", "capfilt")}
+    code, out, _ = data(capsys, registry, "takedown", "--url", URL.format(3))
+    assert code == 0 and "blip data rm capfilt@v1 raw@v1 --data-only" in out
+    code, out, _ = data(capsys, registry, "rm", "capfilt@v1", "raw@v1", "--data-only", "--dry-run", "--json")
+    plan = {removal["ref"]: removal["scrub"] for removal in json.loads(out)["removals"]}
+    assert plan["raw@v1"] == {"as": "raw@v2", "files": ["index.parquet", "source.parquet"]}
+    assert plan["capfilt@v1"] == {"as": "capfilt@v2", "files": ["index.parquet", "texts.parquet", "stats.json"]}
+    assert index_of(registry, "raw@v1") == before["raw"]  # a dry run writes nothing
+    code, out, _ = data(capsys, registry, "rm", "capfilt@v1", "raw@v1", "--data-only", "--yes")
+    assert code == 0 and "index.parquet, source.parquet written again as raw@v2 has them" in out
+
+    for name in ("raw", "capfilt"):
+        rows = index_of(registry, f"{name}@v1")
+        # The old version's own decisions stay (s000003 was kept there); its texts are gone; the rest as it was.
+        assert rows["s000003"]["status"] == "ok" and rows["s000003"]["url"] == URL.format(3)
+        assert rows["s000003"]["caption"] is None and rows["s000003"]["raw_caption"] is None
+        assert {key: row for key, row in rows.items() if key != "s000003"} == \
+            {key: row for key, row in before[name].items() if key != "s000003"}  # fmt: skip
+        assert verify(registry, f"{name}@v1") == []
+    raw_v1, raw_v2 = registry.resolve("raw@v1"), registry.resolve("raw@v2")
+    source_list = pq.read_table(registry.open(raw_v1, "source.parquet")).to_pylist()
+    assert [row["url"] for row in source_list] == [URL.format(i) for i in range(6) if i != 3]
+    assert pq.read_table(registry.open(raw_v1, "ground_truth.parquet")).num_rows == 6  # names no url: as it was
+    capfilt_v1 = registry.resolve("capfilt@v1")
+    texts = read_texts(registry, capfilt_v1).to_pylist()
+    assert [(t["text"], t["kept"]) for t in texts if t["key"] == "s000003"] == [(None, True), (None, True)]
+    assert sum(t["text"] is not None for t in texts) == 10
+    quoted = [reject["key"] for reject in json.load(registry.open(capfilt_v1, "stats.json"))["rejects"]]
+    assert "s000003" not in quoted and len(quoted) == 5
+    record = registry.removal(raw_v1)["scrubbed"]
+    assert record["as"] == "raw@v2" and record["done"] and set(record["files"]) == {"index.parquet", "source.parquet"}
+    assert raw_v1.file("source.parquet").sha256 != record["files"]["source.parquet"]["sha256"]
+    assert record["files"]["source.parquet"]["sha256"] == raw_v2.file("source.parquet").sha256
+
+    # What the takedown request asks is still answered: the old versions kept it, and what was trained on them.
+    code, out, _ = data(capsys, registry, "find", "--url", URL.format(3), "--json")
+    found = json.loads(out)
+    assert found["kept_in"] == ["capfilt@v1", "raw@v1"]
+    assert [m["ref"] for m in found["trained_on_it"]] == ["pretrain@v1"]
+    # Again: nothing left to free or to write.
+    code, out, _ = data(capsys, registry, "rm", "raw@v1", "--data-only", "--dry-run", "--json")
+    assert json.loads(out)["removals"][0]["scrub"] is None and json.loads(out)["removals"][0]["files"] == 0
+
+
+def test_a_further_takedown_is_written_into_the_versions_the_first_replaced(registry, capsys):
+    assert data(capsys, registry, "takedown", "raw@v1", "--key", "s000001")[0] == 0
+    assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 0
+    assert index_of(registry, "raw@v1")["s000001"]["raw_caption"] is None
+    code, out, _ = data(capsys, registry, "takedown", "raw@v2", "--key", "s000004")
+    assert code == 0 and "blip data rm raw@v1 raw@v2 --data-only" in out  # raw@v1 still quotes s000004
+    code, out, _ = data(capsys, registry, "rm", "raw@v1", "raw@v2", "--data-only", "--yes")
+    assert code == 0 and "raw@v1 (dataset, its data files): 0 files" in out and "as raw@v3 has them" in out
+    for ref in ("raw@v1", "raw@v2"):
+        rows = index_of(registry, ref)
+        assert [rows[key]["raw_caption"] for key in ("s000001", "s000004")] == [None, None]
+        assert rows["s000002"]["raw_caption"] is not None
+        urls = [row["url"] for row in pq.read_table(registry.open(registry.resolve(ref), "source.parquet")).to_pylist()]
+        assert urls == [URL.format(i) for i in (0, 2, 3, 5)]
+        assert verify(registry, ref) == []
+        assert registry.removal(registry.resolve(ref))["scrubbed"]["as"] == "raw@v3"
+
+
+def test_a_scrub_stopped_half_way_verifies_and_is_finished_by_the_same_command(registry, capsys, monkeypatch):
+    assert data(capsys, registry, "takedown", "raw@v1", "--key", "s000002")[0] == 0
+    real_replace = scrub_module._replace
+    replaced = []
+
+    def killed_after_one(registry, manifest, path, written):
+        if replaced:
+            raise KeyboardInterrupt  # the operator's ^C, or a kill, between two files
+        replaced.append(path)
+        real_replace(registry, manifest, path, written)
+
+    monkeypatch.setattr(scrub_module, "_replace", killed_after_one)
+    assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 130  # interrupted
+    raw_v1 = registry.resolve("raw@v1")
+    assert replaced == ["index.parquet"] and registry.removal(raw_v1)["scrubbed"]["done"] is False
+    assert verify(registry, raw_v1) == []  # each file as published or as written again
+    monkeypatch.setattr(scrub_module, "_replace", real_replace)
+    code, out, _ = data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")
+    assert code == 0 and "written again as raw@v2" in out
+    assert registry.removal(raw_v1)["scrubbed"]["done"] is True and verify(registry, raw_v1) == []
+    assert len(pq.read_table(registry.open(raw_v1, "source.parquet"))) == 5
+
+    # A file that is neither as published nor as written again is damage, and said so.
+    with registry.fs.open(registry.path_of(raw_v1, "source.parquet"), "wb") as handle:
+        pq.write_table(pq.read_table(registry.open(registry.resolve("raw@v2"), "ground_truth.parquet")), handle)
+    (problem,) = verify(registry, raw_v1)
+    assert problem.startswith("source.parquet: ") and "neither the manifest's nor" in problem
+
+
+def test_a_successor_that_is_not_the_version_row_for_row_is_refused(tmp_path, capsys):
+    registry = Registry(tmp_path / "registry")
+    rows = sample_rows(4)
+    raw = publish_dataset(registry, tmp_path / "raw", "raw", rows, stage="download")
+    other = sample_rows(4)
+    other[1], other[2] = other[2], other[1]
+    publish_dataset(registry, tmp_path / "v2", "raw", other, parents=(raw,), stage="takedown")
+    before = index_of(registry, "raw@v1")
+    code, _, err = data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")
+    assert code != 0 and "raw@v2/index.parquet is not raw@v1/index.parquet row for row" in err
+    assert "first other key: 's000001'" in err and index_of(registry, "raw@v1") == before
