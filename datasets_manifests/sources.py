@@ -88,13 +88,13 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None,
-                     hash_col: str | None = None) -> tuple[pa.Table, SourceReport]:  # fmt: skip
+                     hash_col: str | None = None, key_col: str | None = None) -> tuple[pa.Table, SourceReport]:
     """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key[, sha256]) table
     with exact duplicates removed. In memory: for a list of any size, `normalise_source_list` writes it to a file."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="source-list-") as tmp:
-        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col, hash_col)
+        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col, hash_col, key_col)
         return pq.read_table(Path(tmp) / "source.parquet"), report
 
 
@@ -103,8 +103,12 @@ CHUNK_ROWS = 1 << 18
 
 
 def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str | None = None,
-                          caption_col: str | None = None, hash_col: str | None = None) -> SourceReport:
+                          caption_col: str | None = None, hash_col: str | None = None,
+                          key_col: str | None = None) -> SourceReport:  # fmt: skip
     """Read a source list and write the normalised parquet that the download stage feeds img2dataset.
+
+    Each row's `source_key` (its samples' key in every version) is the list's own id where it has one — the
+    column `key_col` (DataComp's `uid`), else a `source_key` column — and otherwise a hash of its url and caption.
 
     Streams: the list (BLIP's 115M-record LAION JSON included) is read a chunk at a time into an Arrow file
     beside `out_path`, keeping only 128-bit digests of each (url, caption) pair, URL and given key; the exact
@@ -126,8 +130,8 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
                     disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
         with progress, fs.open(fs_path, "rb") as handle, spill_writer(staged, schema) as writer:
-            chunks = _json_chunks(handle, str(path), fmt, hash_col) if fmt in ("json", "jsonl") else \
-                _table_chunks(handle, str(path), fmt, url_col, caption_col, hash_col)  # fmt: skip
+            chunks = _json_chunks(handle, str(path), fmt, hash_col, key_col) if fmt in ("json", "jsonl") else \
+                _table_chunks(handle, str(path), fmt, url_col, caption_col, hash_col, key_col)  # fmt: skip
             for chunk_urls, chunk_captions, chunk_keys, records, chunk_hashes in chunks:
                 report.records += records
                 given_keys = chunk_keys is not None
@@ -140,7 +144,7 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
                 if given_keys:
                     keys.append(_digests(chunk_keys))
                 progress.update(len(chunk_urls))
-        _write_kept(staged, out, report, pairs, urls, keys if given_keys else None, schema)
+        _write_kept(staged, out, report, pairs, urls, keys if given_keys else None, schema, key_col or KEY_COLUMN)
     finally:
         staged.unlink(missing_ok=True)
     return report
@@ -151,7 +155,8 @@ def _digests(texts: Any) -> np.ndarray:
 
 
 def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.ndarray], urls: list[np.ndarray],
-                keys: list[np.ndarray] | None, schema: pa.Schema = SOURCE_SCHEMA) -> None:  # fmt: skip
+                keys: list[np.ndarray] | None, schema: pa.Schema = SOURCE_SCHEMA,
+                key_name: str = KEY_COLUMN) -> None:  # fmt: skip
     """Drop the exact duplicates (the first of each (url, caption) pair stays), count the URLs with most captions,
     check given keys are unique, and write the kept rows of `staged` to `out`."""
     def joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -180,7 +185,7 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
     if repeated_key is not None:
         for key in table.column("source_key").to_pylist():
             if digest16(key) == repeated_key:
-                raise SourceListError(f"{report.path}: column {KEY_COLUMN!r} repeats {key!r} (keys must be unique)")
+                raise SourceListError(f"{report.path}: column {key_name!r} repeats {key!r} (keys must be unique)")
     with pq.ParquetWriter(str(out), schema) as writer:
         for first_row in range(0, len(table), CHUNK_ROWS):
             chunk = table.slice(first_row, CHUNK_ROWS).filter(pa.array(keep[first_row : first_row + CHUNK_ROWS]))
@@ -201,12 +206,15 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
 Chunk = tuple[list[str], list[str], list[str] | None, int, list[str] | None]
 
 
-def _json_chunks(handle: IO[bytes], path: str, fmt: str, hash_col: str | None = None) -> Iterator[Chunk]:
-    """(urls, captions, None, records, hashes) of BLIP annotation records, CHUNK_ROWS-ish rows at a time; a caption
-    list becomes one row per caption; hashes: each record's `hash_col` field (None without it)."""
+def _json_chunks(handle: IO[bytes], path: str, fmt: str, hash_col: str | None = None,
+                 key_col: str | None = None) -> Iterator[Chunk]:  # fmt: skip
+    """(urls, captions, keys, records, hashes) of BLIP annotation records, CHUNK_ROWS-ish rows at a time; a caption
+    list becomes one row per caption; hashes: each record's `hash_col` field, keys its `key_col` field (None
+    without them)."""
     urls: list[str] = []
     captions: list[str] = []
     hashes: list[str] = []
+    keys: list[str] = []
     records = 0
     values = _jsonl_values(handle, path) if fmt == "jsonl" else _json_array_values(handle, path)
     for index, record in enumerate(values):
@@ -219,17 +227,28 @@ def _json_chunks(handle: IO[bytes], path: str, fmt: str, hash_col: str | None = 
         caption_list = caption if isinstance(caption, list) else [caption]
         if not caption_list or not all(isinstance(c, str) for c in caption_list):
             raise SourceListError(f"{path}: record {index} caption must be a string or a list of strings: {_short(record)}")
-        expected = _checked_hash(record.get(hash_col), path, f"record {index}", hash_col) if hash_col else ""
-        for text_caption in caption_list:
-            urls.append(url)
-            captions.append(text_caption)
-            hashes.append(expected)
+        if hash_col:
+            hashes += [_checked_hash(record.get(hash_col), path, f"record {index}", hash_col)] * len(caption_list)
+        if key_col:
+            if len(caption_list) != 1:
+                raise SourceListError(f"{path}: record {index} has {len(caption_list)} captions and one {key_col}: "
+                                      f"a key names one (url, caption) row: {_short(record)}")  # fmt: skip
+            keys.append(_checked_key(record.get(key_col), path, f"record {index}", key_col))
+        urls += [url] * len(caption_list)
+        captions += caption_list
         records += 1
         if len(urls) >= CHUNK_ROWS:
-            yield urls, captions, None, records, hashes if hash_col else None
-            urls, captions, hashes, records = [], [], [], 0
+            yield urls, captions, keys if key_col else None, records, hashes if hash_col else None
+            urls, captions, hashes, keys, records = [], [], [], [], 0
     if urls or records:
-        yield urls, captions, None, records, hashes if hash_col else None
+        yield urls, captions, keys if key_col else None, records, hashes if hash_col else None
+
+
+def _checked_key(value: Any, path: str, where: str, column: str) -> str:
+    """A sample key as webdataset needs it (no '.' or '/'), or a SourceListError naming the record."""
+    if isinstance(value, str) and _KEY_RE.match(value):
+        return value
+    raise SourceListError(f"{path}: {where} has {column} {value!r}: expected 1-64 letters, digits, '_' or '-'")
 
 
 def _checked_hash(value: Any, path: str, where: str, column: str) -> str:
@@ -306,7 +325,7 @@ def _json_array_values(handle: IO[bytes], path: str, read_chars: int = 1 << 22) 
 
 
 def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, caption_col: str | None,
-                  hash_col: str | None = None) -> Iterator[Chunk]:  # fmt: skip
+                  hash_col: str | None = None, key_col: str | None = None) -> Iterator[Chunk]:  # fmt: skip
     """(urls, captions, given keys or None, rows, hashes or None) of an img2dataset-style table, a batch at a
     time."""
     if fmt == "parquet":
@@ -318,7 +337,8 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
         url_name = _column(names, path, url_col, URL_ALIASES, "url")
         caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
         hash_name = _column(names, path, hash_col, (), "hash") if hash_col else None
-        columns = [url_name, caption_name, *([KEY_COLUMN] if KEY_COLUMN in names else []), *filter(None, [hash_name])]
+        key_name = _key_column(names, path, key_col)
+        columns = [url_name, caption_name, *filter(None, [key_name, hash_name])]
         batches: Iterator[Any] = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns)
     else:
         import pyarrow.csv as pacsv
@@ -330,6 +350,7 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
         url_name = _column(names, path, url_col, URL_ALIASES, "url")
         caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
         hash_name = _column(names, path, hash_col, (), "hash") if hash_col else None
+        key_name = _key_column(names, path, key_col)
         try:  # every column read as text: a caption column of digits stays text
             batches = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=64 << 20),
                                      parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -350,12 +371,9 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
                 elif not isinstance(caption, str):
                     captions[index] = str(caption)
             given_keys = None
-            if KEY_COLUMN in batch.schema.names:
-                given_keys = batch.column(KEY_COLUMN).to_pylist()
-                for index, key in enumerate(given_keys):
-                    if not isinstance(key, str) or not _KEY_RE.match(key):
-                        raise SourceListError(f"{path}: row {row + index} has {KEY_COLUMN} {key!r}: expected 1-64 "
-                                              "letters, digits, '_' or '-'")
+            if key_name is not None:
+                given_keys = [_checked_key(key, path, f"row {row + index}", key_name)
+                              for index, key in enumerate(batch.column(key_name).to_pylist())]  # fmt: skip
             hashes = None
             if hash_name is not None:
                 hashes = [_checked_hash(value, path, f"row {row + index}", hash_name)
@@ -364,6 +382,13 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
             yield urls, captions, given_keys, len(urls), hashes
     except pa.ArrowInvalid as error:
         raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
+
+
+def _key_column(names: list[str], path: str, key_col: str | None) -> str | None:
+    """The column of the list's own sample ids: `key_col` (which must be there), else `source_key` if present."""
+    if key_col:
+        return _column(names, path, key_col, (), "key")
+    return KEY_COLUMN if KEY_COLUMN in names else None
 
 
 def _column(names: list[str], path: str, wanted: str | None, aliases: tuple[str, ...], what: str) -> str:

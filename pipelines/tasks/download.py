@@ -81,7 +81,11 @@ class DownloadConfig:
     # DataComp's `sha256`: img2dataset checks every download against it (verify_hash) and an image that changed
     # since the list was made is not stored (hash_mismatch). None: nothing checked.
     verify_hash_col: str | None = None
-    ADDED_LATER = ("disallowed_header_directives", "verify_hash_col")  # out of the hash at their defaults (config_hash)
+    # The source list's column (a JSON record's field) with its own id of each row, e.g. DataComp's `uid`: the
+    # samples' key in every version (`blip data find --key`, exports), so results join back to the list's metadata.
+    # None: a `source_key` column if the list has one, else a hash of the url and caption.
+    key_col: str | None = None
+    ADDED_LATER = ("disallowed_header_directives", "verify_hash_col", "key_col")  # out of the hash at their defaults
 
     def __post_init__(self) -> None:
         check_range("DownloadConfig", "processes", self.processes, 1)
@@ -96,6 +100,8 @@ class DownloadConfig:
         check_range("DownloadConfig", "max_shard_retry", self.max_shard_retry, 0, 10)
         if self.verify_hash_col is not None and not self.verify_hash_col.strip():
             raise ValueError("verify_hash_col: empty; name the source list's sha256 column, or leave it null")
+        if self.key_col is not None and not self.key_col.strip():
+            raise ValueError("key_col: empty; name the source list's id column (e.g. uid), or leave it null")
         for directive in self.disallowed_header_directives:  # img2dataset compares them lowercased and stripped
             if not isinstance(directive, str) or not directive or directive != directive.strip().lower():
                 raise ValueError(f"disallowed_header_directives: {directive!r} is not a lowercase "
@@ -171,7 +177,8 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
                               outside=_outside_work(cfg, key))  # fmt: skip
     stage = work / "stage"
     source_table = stage / "source.parquet"
-    report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col, cfg.verify_hash_col)
+    report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col, cfg.verify_hash_col,
+                                   cfg.key_col)
     raw_output = _raw_output(cfg, key, stage / "raw")
     _run_img2dataset(cfg, source_table, raw_output, work / "tmp")
     # Shards written to storage inside a remote registry's store are indexed there and published by a copy

@@ -76,10 +76,13 @@ def test_cache_key_covers_only_output_settings():
     assert download_key(replace(base, disallowed_header_directives=()), "source:x") != key
     assert download_key(replace(base, disallowed_header_directives=("noai",)), "source:x") != key
     assert download_key(replace(base, verify_hash_col="sha256"), "source:x") != key
+    assert download_key(replace(base, key_col="uid"), "source:x") != key  # other keys: other versions
     assert download_key(DownloadConfig(), "abc") == "9dbd9fc0fa79f82c1a4557a1"
     assert "verify_hash_col" in to_dict(DownloadConfig())  # recorded in the producer config, hashed only when set
     with pytest.raises(ValueError, match="verify_hash_col: empty"):
         DownloadConfig(verify_hash_col=" ")
+    with pytest.raises(ValueError, match="key_col: empty"):
+        DownloadConfig(key_col="")
     with pytest.raises(ValueError, match="'NoAI' is not a lowercase X-Robots-Tag directive"):
         DownloadConfig(disallowed_header_directives=("NoAI",))
 

@@ -178,3 +178,42 @@ def test_a_hash_column_is_carried_for_img2dataset_to_check(tmp_path, fmt):
     if fmt != "jsonl":
         with pytest.raises(SourceListError, match="no column 'sha'"):
             read_source_list(path, hash_col="sha")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_a_key_column_names_the_samples(tmp_path, fmt):
+    """`key_col` (DataComp's `uid`): the list's own id of each row is its samples' key in every version; a missing,
+    malformed or repeated one is an error naming the row and the column, before anything is downloaded."""
+    import pyarrow.csv  # noqa: F401 - pa.csv
+
+    rows = [{"url": "http://a/0.jpg", "caption": "a", "uid": "0f3a"},
+            {"url": "http://a/1.jpg", "caption": "b", "uid": "9bc1"},
+            {"url": "http://a/0.jpg", "caption": "a", "uid": "77aa"}]  # fmt: skip
+    path = tmp_path / f"list.{fmt}"
+
+    def write(records):
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        elif fmt == "csv":
+            pa.csv.write_csv(pa.Table.from_pylist(records), path)
+        else:
+            pq.write_table(pa.Table.from_pylist(records), path)
+
+    write(rows)
+    table, report = read_source_list(path, key_col="uid")
+    assert table.column("source_key").to_pylist() == ["0f3a", "9bc1"] and report.duplicates == 1
+    assert read_source_list(path)[0].column("source_key").to_pylist()[0] == source_key("http://a/0.jpg", "a")
+    where = "record" if fmt == "jsonl" else "row"
+    for changed, problem in (({"uid": "a.b"}, f"{where} 1 has uid 'a.b': expected 1-64"),
+                             ({"uid": "0f3a", "caption": "c"}, "column 'uid' repeats '0f3a'")):
+        write([rows[0], {**rows[1], **changed}])
+        with pytest.raises(SourceListError, match=problem):
+            read_source_list(path, key_col="uid")
+    if fmt == "jsonl":  # a caption list would give one key to several rows
+        write([{**rows[0], "caption": ["a", "b"]}])
+        with pytest.raises(SourceListError, match="record 0 has 2 captions and one uid"):
+            read_source_list(path, key_col="uid")
+    else:
+        write(rows)
+        with pytest.raises(SourceListError, match="no column 'id'"):
+            read_source_list(path, key_col="id")
