@@ -43,6 +43,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TAKEDOWN_STAGE = "takedown"  # `blip data takedown`'s versions: the same data without some samples (find_cached)
+TAKEDOWN_REASON = "takedown"  # the drop reason of a sample a takedown took out (its image is shown nowhere)
 REMOVED_DIR = ".removed"  # a removed version's record: its name is never given again, and asking for it says why
 TAGS_DIR = ".tags"  # movable names of versions (`name@prod`): the only mutable records of a registry
 REMOTE_THREADS = 16  # object-store requests in flight while publishing: each one waits on the network
@@ -454,16 +455,22 @@ class Registry:
 
     def removed_versions(self) -> set[tuple[str, str, str]]:
         """(kind, name, version) of every removal record: one listing of the registry's `.removed/`."""
+        return set(self.removal_stamps())
+
+    def removal_stamps(self) -> dict[tuple[str, str, str], str]:
+        """(kind, name, version) -> a stamp of its removal record (size and time as the listing gives them) that
+        changes when the record is written again, as a scrub does (`datasets_manifests.scrub`): one listing."""
         base = f"{self.root}/{REMOVED_DIR}"
         try:
-            paths = self.fs.find(base)
+            listing = self.fs.find(base, detail=True)
         except FileNotFoundError:
-            return set()
-        found = set()
-        for path in paths:
+            return {}
+        found = {}
+        for path, info in listing.items():
             parts = self.fs._strip_protocol(path)[len(self.fs._strip_protocol(base)) + 1 :].split("/")
             if len(parts) == 3 and parts[0].endswith("s") and parts[2].endswith(".json"):
-                found.add((parts[0][:-1], parts[1], parts[2].removesuffix(".json")))
+                when = next((info[k] for k in ("mtime", "LastModified", "updated", "created", "ETag") if k in info), "")
+                found[(parts[0][:-1], parts[1], parts[2].removesuffix(".json"))] = f"{info.get('size')}/{when}"
         return found
 
     def tag_path(self, kind: str, name: str, tag: str) -> str:

@@ -181,12 +181,17 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
         key = request.path_params["key"]
         size = _thumb_size(request)
         cache_key = ThumbnailCache.key(manifest.id, key, size)
-        data = thumbs.get(cache_key)
-        if data is None:
+        try:  # where the image is, first: a cached thumbnail of an image taken out or freed is not served
             source, location = image_source(catalog, manifest, key)
-            image = read_sample_image(registry, source, location, key)
-            data = make_thumbnail(image, size, f"{manifest.ref} sample {key}")
-            thumbs.put(cache_key, data)
+            data = None if catalog.data_removed(source) else thumbs.get(cache_key)
+            if data is None:
+                image = read_sample_image(registry, source, location, key)
+                data = make_thumbnail(image, size, f"{manifest.ref} sample {key}")
+                thumbs.put(cache_key, data)
+        except (QueryError, ThumbnailError, DataRemovedError) as error:
+            if getattr(error, "status", 410) == 410:
+                thumbs.drop(cache_key)  # nor kept on this machine's disk
+            raise
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"})
 
     @api

@@ -47,6 +47,10 @@ class LRU:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def pop(self, key: Hashable) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
     def get_or_make(self, key: Hashable, make: Callable[[], T]) -> T:
         found = self.get(key, MISSING)
         if found is not MISSING:

@@ -98,6 +98,11 @@ class ThumbnailCache:
                 self.hits += 1
         return data
 
+    def drop(self, key: str) -> None:
+        """Forget a thumbnail (an image taken out by a takedown, or whose data were removed)."""
+        self._memory.pop(key)
+        (self.cache_dir / key[:2] / f"{key}.jpg").unlink(missing_ok=True)
+
     def put(self, key: str, data: bytes) -> None:
         self._memory.put(key, data)
         path = self.cache_dir / key[:2] / f"{key}.jpg"

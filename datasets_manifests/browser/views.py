@@ -18,19 +18,23 @@ from datasets_manifests.browser.query import QueryError, VersionData
 from datasets_manifests.index import TEXTS_POSITION
 from datasets_manifests.manifest import KINDS, Manifest, children_by_parent
 from datasets_manifests.ops import DIFF_CATEGORIES, DiffTables
-from datasets_manifests.registry import NotFoundError, Registry, check_name
+from datasets_manifests.registry import TAKEDOWN_REASON, NotFoundError, Registry, check_name
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-CATALOG_TTL_S = 3.0  # new versions appear within this many seconds; versions themselves never change
+CATALOG_TTL_S = 3.0  # new versions and removals appear within this many seconds
 
 
 class Catalog:
-    """The registry's manifests, re-listed at most every `CATALOG_TTL_S` seconds, plus per-version handles."""
+    """The registry's manifests and removal records, re-listed at most every `CATALOG_TTL_S` seconds, plus
+    per-version handles. A version's files never change but for one case: freeing a version a takedown replaced
+    writes its index and texts again (`datasets_manifests.scrub`, which rewrites its removal record); its handles
+    are keyed by the record's stamp, so footers and filter results of the files before are not used after."""
 
     def __init__(self, registry: Registry, ttl_s: float = CATALOG_TTL_S) -> None:
         self.registry, self.ttl_s = registry, ttl_s
         self._listed_at = -1e9
         self._manifests: list[Manifest] = []
+        self._removals: dict[tuple[str, str, str], str] = {}  # (kind, name, version) -> its removal record's stamp
         self._lock = threading.Lock()
         self._data = LRU(64)
         self.locations = LRU(50_000)  # (manifest id, key) -> shard location, filled by sample pages
@@ -39,8 +43,14 @@ class Catalog:
         with self._lock:
             if time.monotonic() - self._listed_at > self.ttl_s:
                 self._manifests = self.registry.list()
+                self._removals = self.registry.removal_stamps()
                 self._listed_at = time.monotonic()
             return list(self._manifests)
+
+    def data_removed(self, manifest: Manifest) -> bool:
+        """Its data files were removed (`blip data rm --data-only`), as of the last listing."""
+        self.all()
+        return (manifest.kind, manifest.name, manifest.version) in self._removals
 
     def get(self, kind: str, name: str, version: str) -> Manifest:
         if kind not in KINDS:
@@ -59,7 +69,14 @@ class Catalog:
         raise NotFoundError(f"no {kind} version {name}@{version} in {self.registry.url}")
 
     def data(self, manifest: Manifest) -> VersionData:
-        return self._data.get_or_make(manifest.id, lambda: VersionData(self.registry, manifest))
+        self.all()
+        stamp = self._removals.get((manifest.kind, manifest.name, manifest.version))
+        return self._data.get_or_make((manifest.id, stamp), lambda: VersionData(self.registry, manifest))
+
+    def newest_of_line(self, manifest: Manifest) -> Manifest | None:
+        """The last version of the line of takedowns from `manifest` (`Registry.replaced_by` on this listing)."""
+        same_name = [m for m in self.all() if (m.kind, m.name) == (manifest.kind, manifest.name)]
+        return self.registry.replaced_by(manifest, same_name)
 
     def by_id(self) -> dict[str, Manifest]:
         return {m.id: m for m in self.all()}
@@ -151,6 +168,7 @@ def image_source(catalog: Catalog, manifest: Manifest, key: str) -> tuple[Manife
     location = catalog.locations.get_or_make((manifest.id, key), lambda: catalog.data(manifest).locate(key))
     if location is None:
         raise QueryError(f"{manifest.ref} has no sample with key {key!r} in its index", 404)
+    _refuse_taken_out(catalog, manifest, key, location)
     if location.get("shard"):
         return manifest, location
     by_id, queue, seen = catalog.by_id(), list(manifest.parent_ids), {manifest.id}
@@ -163,10 +181,25 @@ def image_source(catalog: Catalog, manifest: Manifest, key: str) -> tuple[Manife
         if data.has_index:
             found = catalog.locations.get_or_make((parent.id, key), lambda data=data: data.locate(key))
             if found is not None and found.get("shard"):
+                _refuse_taken_out(catalog, parent, key, found)
                 return parent, found
         queue.extend(parent.parent_ids)
     reason = location.get("drop_reason") or "not in any shard"
     raise QueryError(f"{manifest.ref} sample {key!r} has no image in its shards or its parents' ({reason})", 404)
+
+
+def _refuse_taken_out(catalog: Catalog, manifest: Manifest, key: str, location: dict[str, Any]) -> None:
+    """A sample a takedown took out is shown by no version: not by the takedown's (whose row says so, and
+    whose parent still has the image until its data are freed), nor by the versions it replaced (the newest of
+    their line says so)."""
+    if location.get("drop_reason") == TAKEDOWN_REASON:
+        raise QueryError(f"{manifest.ref} sample {key!r} was taken out by a takedown: its image is not shown", 410)
+    newest = catalog.newest_of_line(manifest) if manifest.kind == "dataset" else None
+    if newest is not None:
+        there = catalog.locations.get_or_make((newest.id, key), lambda: catalog.data(newest).locate(key))
+        if there is not None and there.get("drop_reason") == TAKEDOWN_REASON:
+            raise QueryError(f"{manifest.ref} sample {key!r} was taken out by a takedown ({newest.ref}): its image "
+                             "is not shown", 410)  # fmt: skip
 
 
 def lineage_graph(catalog: Catalog, manifest: Manifest, max_depth: int = 12) -> dict[str, Any]:

@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
 from datasets_manifests.manifest import Manifest, Producer, cache_key
-from datasets_manifests.registry import TAKEDOWN_STAGE, Registry, now_utc, place_file
+from datasets_manifests.registry import TAKEDOWN_REASON, TAKEDOWN_STAGE, Registry, now_utc, place_file
 
 STAGE = TAKEDOWN_STAGE
-REASON = "takedown"
+REASON = TAKEDOWN_REASON
 TEXT_COLUMNS = ("caption", "raw_caption")  # an index row's texts, emptied when its sample is taken out
 
 

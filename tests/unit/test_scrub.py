@@ -156,3 +156,37 @@ def test_a_successor_that_is_not_the_version_row_for_row_is_refused(tmp_path, ca
     code, _, err = data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")
     assert code != 0 and "raw@v2/index.parquet is not raw@v1/index.parquet row for row" in err
     assert "first other key: 's000001'" in err and index_of(registry, "raw@v1") == before
+
+
+def test_the_browser_shows_a_taken_sample_nowhere_and_the_scrubbed_index_at_once(registry, capsys, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """A taken sample's image is shown by no version (not the takedown's, whose parent still has it; not the
+    replaced one's; a thumbnail cached before is not served, and leaves the disk); once the old version is freed,
+    a running browser reads its scrubbed index, not the footers it had of the file before."""
+    from starlette.testclient import TestClient
+
+    from datasets_manifests.browser import app as browser_app
+
+    monkeypatch.setattr(browser_app, "CATALOG_TTL_S", 0.0)  # every request lists again: no wait in the test
+    thumbs = tmp_path / "thumbs"
+    client = TestClient(browser_app.create_app(registry.url, thumb_cache_dir=thumbs))
+
+    def samples(ref: str) -> dict[str, dict]:
+        name, version = ref.split("@")
+        body = client.get(f"/api/versions/dataset/{name}/{version}/samples").json()
+        return {row["key"]: row for row in body["samples"]}
+
+    before = samples("raw@v1")
+    assert client.get(before["s000003"]["thumb"]).status_code == 200
+    assert len(list(thumbs.rglob("*.jpg"))) == 1
+    assert data(capsys, registry, "takedown", "--url", URL.format(3))[0] == 0
+    for ref, says in (("raw@v1", "taken out by a takedown (raw@v2)"), ("capfilt@v1", "(capfilt@v2)"),
+                      ("raw@v2", "raw@v2 sample 's000003' was taken out by a takedown")):  # fmt: skip
+        answer = client.get(samples(ref)["s000003"]["thumb"])
+        assert answer.status_code == 410 and says in answer.json()["error"], (ref, answer.json())
+    assert list(thumbs.rglob("*.jpg")) == []  # the thumbnail cached before is gone from disk
+    assert client.get(before["s000002"]["thumb"]).status_code == 200  # the others are shown
+    assert samples("raw@v1")["s000003"]["caption"] == before["s000003"]["caption"] is not None
+    assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 0
+    after = samples("raw@v1")
+    assert after["s000003"]["caption"] is None and after["s000002"]["caption"] == before["s000002"]["caption"]
