@@ -151,7 +151,8 @@ def _kept_texts(registry: Registry, manifest: Manifest,
         positions = pc.index_in(keys, value_set=window["key"].combine_chunks())
         if positions.null_count or (np.diff(positions.to_numpy(zero_copy_only=False)) < 0).any():
             raise _out_of_order(manifest, keys, positions)
-        kept = pc.fill_null(batch.column("kept"), False)
+        # a text emptied by a takedown (`blip data rm` wrote the replaced version's texts again) is not exported
+        kept = pc.and_(pc.fill_null(batch.column("kept"), False), pc.is_valid(batch.column("text")))
         samples = window.take(positions.filter(kept))
         yield pa.table({"key": samples["key"], "url": samples["url"], "caption": batch.column("text").filter(kept),
                         "source": batch.column("source").filter(kept),
@@ -186,7 +187,7 @@ def export_images(registry: Registry, manifest: Manifest, folder: Path, workers:
     """Every image of the version's shards as a file, `folder/<shard>/<key>.jpg` (`image_path`), each shard read
     once front to back, several at a time (`workers`; default 2 a core locally, 16 on a store). Resumable: a shard
     whose folder holds its `.complete` mark is skipped, a shard stopped midway is written again, and each image
-    file is whole or absent. Returns {"shards": written now, "shards_already": skipped, "images": written now};
+    file is whole or absent; the mark is written once the shard's images are on disk (a power cut included). Returns {"shards": written now, "shards_already": skipped, "images": written now};
     a tar that breaks is a RegistryError naming it (`blip data verify` checks a version's shards)."""
     shards = manifest.shards()
     done = [entry for entry in shards if (folder / _stem(entry.path) / COMPLETE).is_file()]
@@ -216,7 +217,12 @@ def export_images(registry: Registry, manifest: Manifest, folder: Path, workers:
         except (tarfile.TarError, EOFError) as error:
             raise RegistryError(f"{manifest.ref}: shard {path} cannot be read to its end ({error}); "
                                 f"`blip data verify {manifest.ref}` checks every file") from None  # fmt: skip
-        (target / COMPLETE).write_text(f"{written}\n")
+        # The images on disk before the mark that says so: after a power cut a shard without its mark is written
+        # again, and one with it holds whole files (one sync a shard, not an fsync an image: ~10k a shard).
+        os.sync()
+        mark = target / f"{COMPLETE}.partial"
+        mark.write_text(f"{written}\n")
+        os.replace(mark, target / COMPLETE)
         return written
 
     images = 0

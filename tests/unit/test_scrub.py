@@ -53,7 +53,7 @@ def index_of(registry: Registry, ref: str) -> dict[str, dict]:
     return {row["key"]: row for batch in scan_index(registry, registry.resolve(ref)) for row in batch.to_pylist()}
 
 
-def test_freeing_a_replaced_version_writes_its_files_again_without_what_was_taken(registry, capsys):
+def test_freeing_a_replaced_version_writes_its_files_again_without_what_was_taken(registry, capsys, tmp_path):
     before = {name: index_of(registry, f"{name}@v1") for name in ("raw", "capfilt")}
     code, out, _ = data(capsys, registry, "takedown", "--url", URL.format(3))
     assert code == 0 and "blip data rm capfilt@v1 raw@v1 --data-only" in out
@@ -88,6 +88,12 @@ def test_freeing_a_replaced_version_writes_its_files_again_without_what_was_take
     assert raw_v1.file("source.parquet").sha256 != record["files"]["source.parquet"]["sha256"]
     assert record["files"]["source.parquet"]["sha256"] == raw_v2.file("source.parquet").sha256
 
+    # An export of the old version names neither the sample's url nor its texts.
+    for ref in ("raw@v1", "capfilt@v1"):
+        assert data(capsys, registry, "export", ref, "--out", str(tmp_path / f"{ref}.json"))[0] == 0
+        exported = json.loads((tmp_path / f"{ref}.json").read_text())
+        assert exported and URL.format(3) not in {entry["url"] for entry in exported}, ref
+        assert all(entry["caption"] for entry in exported)
     # What the takedown request asks is still answered: the old versions kept it, and what was trained on them.
     code, out, _ = data(capsys, registry, "find", "--url", URL.format(3), "--json")
     found = json.loads(out)
