@@ -238,7 +238,7 @@ class Registry:
                 problems[path] = f"{path}: removed by `blip data rm` on {removal.get('removed_at', '?')}"
             for path, digests in self.accepted_digests(manifest, removal).items():  # written again by a scrub
                 size = stripped.get(self.fs._strip_protocol(f"{root}/{path}"))
-                if path in problems and size in {size for _, size in digests}:
+                if path in problems and size in {scrubbed_size for _, scrubbed_size in digests}:
                     del problems[path]
                 elif path in problems and size is not None:
                     problems[path] = f"{path}: {size} bytes, neither the manifest's nor what `blip data rm " \

@@ -96,6 +96,9 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
+THUMB_CACHE_CONTROL = "private, max-age=300"
+
+
 def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, wait_s: float = WAIT_S) -> Starlette:
     """The browser app over one registry (any fsspec URL the `Registry` accepts).
 
@@ -192,7 +195,8 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
             if getattr(error, "status", 410) == 410:
                 thumbs.drop(cache_key)  # nor kept on this machine's disk
             raise
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"})
+        # Kept by the web browser 5 minutes, not for a day as immutable: a takedown makes a version's image unshowable.
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": THUMB_CACHE_CONTROL})
 
     @api
     def image(request: Request) -> Response:

@@ -183,7 +183,8 @@ def test_the_browser_shows_a_taken_sample_nowhere_and_the_scrubbed_index_at_once
         return {row["key"]: row for row in body["samples"]}
 
     before = samples("raw@v1")
-    assert client.get(before["s000003"]["thumb"]).status_code == 200
+    shown = client.get(before["s000003"]["thumb"])
+    assert shown.status_code == 200 and "immutable" not in shown.headers["cache-control"]  # a day in a web browser
     assert len(list(thumbs.rglob("*.jpg"))) == 1
     assert data(capsys, registry, "takedown", "--url", URL.format(3))[0] == 0
     for ref, says in (("raw@v1", "taken out by a takedown (raw@v2)"), ("capfilt@v1", "(capfilt@v2)"),
