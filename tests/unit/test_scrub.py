@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -197,3 +199,27 @@ def test_the_browser_shows_a_taken_sample_nowhere_and_the_scrubbed_index_at_once
     assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 0
     after = samples("raw@v1")
     assert after["s000003"]["caption"] is None and after["s000002"]["caption"] == before["s000002"]["caption"]
+
+
+def test_two_files_read_in_batches_of_other_sizes_are_paired_row_for_row():
+    """The old and the newest file have other row groups: their rows are paired by position, whatever the sizes."""
+    from datasets_manifests.scrub import ScrubError, _row_for_row
+
+    def batches(sizes, texts):
+        start = 0
+        for size in sizes:
+            rows = range(start, start + size)
+            yield pa.record_batch({"key": [f"k{i}" for i in rows], "text": [texts(i) for i in rows]})
+            start += size
+
+    pairs = list(_row_for_row(batches([3, 0, 4, 1, 2], lambda i: f"t{i}"),
+                              batches([5, 5], lambda i: None if i % 4 == 0 else "x")))  # fmt: skip
+    assert [len(old) for old, _ in pairs] == [3, 4, 1, 2]
+    for old, new in pairs:
+        assert old["key"].to_pylist() == new["key"].to_pylist()
+        kept = pc.if_else(pc.is_valid(new["text"]), old["text"], pa.scalar(None, pa.string()))
+        assert kept.to_pylist() == [None if int(k[1:]) % 4 == 0 else f"t{k[1:]}" for k in old["key"].to_pylist()]
+    with pytest.raises(ScrubError, match="fewer rows"):
+        list(_row_for_row(batches([6], str), batches([5], str)))
+    with pytest.raises(ScrubError, match="more rows"):
+        list(_row_for_row(batches([4], str), batches([5], str)))
