@@ -106,3 +106,11 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
         counts=summary["counts"], drop_reasons=summary["drop_reasons"], splits=summary["splits"],
         stats=stats or {stage: {"input": len(rows)}}, sample_schema={"jpg": "JPEG bytes", "txt": "caption"},
     )
+
+
+def publish_model(registry: Registry, staging: Path, parents: list[Manifest], name: str = "pretrain") -> Manifest:
+    """A model version (a few bytes of weights) trained on `parents`."""
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"weights")
+    return registry.publish(kind="model", name=name, staging_dir=staging, producer=Producer(stage="pretrain"),
+                            files=[{"path": "model.safetensors", "role": "weights"}], parents=parents)

@@ -13,7 +13,7 @@ import pytest
 from datasets_manifests.registry import Registry
 from pipelines.cli import main
 
-from datasets_fixtures import memory_url, publish_dataset, sample_rows
+from datasets_fixtures import memory_url, publish_dataset, publish_model, sample_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -415,11 +415,7 @@ def test_find_says_where_a_url_is_kept_or_dropped_and_what_was_trained_on_it(pop
     from datasets_manifests.manifest import Producer
 
     capfilt = populated.resolve("capfilt@v1")
-    weights = tmp_path / "model"
-    weights.mkdir()
-    (weights / "model.safetensors").write_bytes(b"weights")
-    model = populated.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
-                              files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    model = publish_model(populated, tmp_path / "model", [capfilt])
     scores = tmp_path / "eval"
     scores.mkdir()
     (scores / "metrics.json").write_text("{}")

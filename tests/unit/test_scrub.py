@@ -13,12 +13,11 @@ import pytest
 
 from datasets_manifests import scrub as scrub_module
 from datasets_manifests.index import read_texts, scan_index
-from datasets_manifests.manifest import Producer
 from datasets_manifests.ops import verify
 from datasets_manifests.registry import Registry
 from pipelines.cli import main
 
-from datasets_fixtures import memory_url, publish_dataset, sample_rows
+from datasets_fixtures import memory_url, publish_dataset, publish_model, sample_rows
 
 URL = "http://127.0.0.1/img/{}.jpg"
 
@@ -37,11 +36,7 @@ def registry(request, tmp_path) -> Registry:
     rejects = [{"key": row["key"], "text": f"rejected {i}"} for i, row in enumerate(rows)]
     capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(6), parents=(raw,), stage="capfilt",
                               texts=texts, json_stats={"stats.json": {"rejects": rejects}})  # fmt: skip
-    weights = tmp_path / "model"
-    weights.mkdir()
-    (weights / "model.safetensors").write_bytes(b"weights")
-    registry.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
-                     files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    publish_model(registry, tmp_path / "model", [capfilt])
     return registry
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -146,6 +147,18 @@ def test_a_list_read_in_chunks_is_the_list_read_at_once(tmp_path, monkeypatch):
     assert len(set(pairs)) == len(pairs) and pairs[0] == ("http://h/0.jpg", "c0")
 
 
+def write_list(path: Path, records: list[dict]) -> None:
+    """A source list of `records` in the form its suffix says (.jsonl, .csv, .parquet)."""
+    import pyarrow.csv as pacsv
+
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    elif path.suffix == ".csv":
+        pacsv.write_csv(pa.Table.from_pylist(records), path)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
 def test_a_hash_column_is_carried_for_img2dataset_to_check(tmp_path, fmt):
     """`hash_col`: each row's expected image sha256 (lowercased) in a `sha256` column, the first of exact
@@ -156,22 +169,12 @@ def test_a_hash_column_is_carried_for_img2dataset_to_check(tmp_path, fmt):
             {"url": "http://a/0.jpg", "caption": "a", "img_sha": digest[2]}]  # fmt: skip
     path = tmp_path / f"list.{fmt}"
 
-    def write(records):
-        if fmt == "jsonl":
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        elif fmt == "csv":
-            pa.csv.write_csv(pa.Table.from_pylist(records), path)
-        else:
-            pq.write_table(pa.Table.from_pylist(records), path)
-
-    import pyarrow.csv  # noqa: F401 - pa.csv
-
-    write(rows)
+    write_list(path, rows)
     table, report = read_source_list(path, hash_col="img_sha")
     assert table.column_names == ["url", "caption", "source_key", "sha256"]
     assert table.column("sha256").to_pylist() == digest[:2] and report.duplicates == 1
     assert read_source_list(path)[0].column_names == ["url", "caption", "source_key"]  # not asked: not carried
-    write([*rows[:1], {**rows[1], "img_sha": "not-a-hash"}])
+    write_list(path, [*rows[:1], {**rows[1], "img_sha": "not-a-hash"}])
     where = "record 1" if fmt == "jsonl" else "row 1"
     with pytest.raises(SourceListError, match=f"{where} has img_sha 'not-a-hash': expected the 64 hex digits"):
         read_source_list(path, hash_col="img_sha")
@@ -184,36 +187,26 @@ def test_a_hash_column_is_carried_for_img2dataset_to_check(tmp_path, fmt):
 def test_a_key_column_names_the_samples(tmp_path, fmt):
     """`key_col` (DataComp's `uid`): the list's own id of each row is its samples' key in every version; a missing,
     malformed or repeated one is an error naming the row and the column, before anything is downloaded."""
-    import pyarrow.csv  # noqa: F401 - pa.csv
-
     rows = [{"url": "http://a/0.jpg", "caption": "a", "uid": "0f3a"},
             {"url": "http://a/1.jpg", "caption": "b", "uid": "9bc1"},
             {"url": "http://a/0.jpg", "caption": "a", "uid": "77aa"}]  # fmt: skip
     path = tmp_path / f"list.{fmt}"
 
-    def write(records):
-        if fmt == "jsonl":
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        elif fmt == "csv":
-            pa.csv.write_csv(pa.Table.from_pylist(records), path)
-        else:
-            pq.write_table(pa.Table.from_pylist(records), path)
-
-    write(rows)
+    write_list(path, rows)
     table, report = read_source_list(path, key_col="uid")
     assert table.column("source_key").to_pylist() == ["0f3a", "9bc1"] and report.duplicates == 1
     assert read_source_list(path)[0].column("source_key").to_pylist()[0] == source_key("http://a/0.jpg", "a")
     where = "record" if fmt == "jsonl" else "row"
     for changed, problem in (({"uid": "a.b"}, f"{where} 1 has uid 'a.b': expected 1-64"),
                              ({"uid": "0f3a", "caption": "c"}, "column 'uid' repeats '0f3a'")):
-        write([rows[0], {**rows[1], **changed}])
+        write_list(path, [rows[0], {**rows[1], **changed}])
         with pytest.raises(SourceListError, match=problem):
             read_source_list(path, key_col="uid")
     if fmt == "jsonl":  # a caption list would give one key to several rows
-        write([{**rows[0], "caption": ["a", "b"]}])
+        write_list(path, [{**rows[0], "caption": ["a", "b"]}])
         with pytest.raises(SourceListError, match="record 0 has 2 captions and one uid"):
             read_source_list(path, key_col="uid")
     else:
-        write(rows)
+        write_list(path, rows)
         with pytest.raises(SourceListError, match="no column 'id'"):
             read_source_list(path, key_col="id")

@@ -11,12 +11,11 @@ import pytest
 import pyarrow.parquet as pq
 
 from datasets_manifests.index import read_texts, scan_index
-from datasets_manifests.manifest import Producer
 from datasets_manifests.ops import verify
 from datasets_manifests.registry import Registry
 from pipelines.cli import main
 
-from datasets_fixtures import memory_url, publish_dataset, sample_rows
+from datasets_fixtures import memory_url, publish_dataset, publish_model, sample_rows
 
 URL = "http://127.0.0.1/img/{}.jpg"
 
@@ -35,11 +34,7 @@ def registry(request, tmp_path) -> Registry:
              for i in range(8) if i != 2 for text, source in ((f"web {i}", "web"), (f"synthetic {i}", "synthetic"))]
     capfilt = publish_dataset(registry, tmp_path / "cf", "capfilt", sample_rows(8, dropped={2: "failed_to_download"}),
                               parents=(raw,), stage="capfilt", texts=texts)  # fmt: skip
-    weights = tmp_path / "model"
-    weights.mkdir()
-    (weights / "model.safetensors").write_bytes(b"weights")
-    registry.publish(kind="model", name="pretrain", staging_dir=weights, producer=Producer(stage="pretrain"),
-                     files=[{"path": "model.safetensors", "role": "weights"}], parents=[capfilt])
+    publish_model(registry, tmp_path / "model", [capfilt])
     return registry
 
 
