@@ -3,7 +3,7 @@
     blip data [--registry URL] ls | show REF | lineage REF | diff REF_A REF_B | verify REF | work [--remove KEY]
                                | rm REF... [--data-only] [--dry-run] [--yes] | find --url URL | --key KEY | --sha256 HEX
                                | tag REF TAG | untag NAME@TAG
-                               | takedown [REF...] --url URL | --urls FILE | --key KEY | --sha256 HEX
+                               | takedown [REF...] --url URL | --urls FILE | --key KEY | --sha256 HEX [--free-old]
                                | samples REF [--n N --where COL=VAL --text STR] | catalog [NAME] | serve
                                | publish-downstream BENCHMARK --annotations DIR --images DIR --name NAME
                                | publish-model SOURCE --name NAME [--kind KIND]
@@ -133,6 +133,9 @@ def register(subparsers: Any) -> None:
     takedown.add_argument("refs", nargs="*", metavar="REF",
                           help="dataset versions to take them out of (default: every one that keeps one of them)")
     _sample_options(takedown)
+    takedown.add_argument("--free-old", action="store_true",
+                          help="then free the versions they replaced at once (`blip data rm OLD… --data-only`: their "
+                          "shards go, their index, texts, source list and stats are written again without them)")
 
     rm = command("rm", "remove versions: whole (refused while a kept version was made from one), or only their data "
                  "files (--data-only: shards, weights, images; the record, index, stats and lineage stay; a version "
@@ -339,10 +342,13 @@ def cmd_takedown(args: argparse.Namespace) -> int:
         results.append((ref, new))
     done = [(ref, new) for ref, new in results if new is not None]
     models = trained_on(registry, [ref for ref, _ in done])
+    old = _replaced_lines(registry, [new for _, new in done])
+    freed = _free_old(registry, old) if old and args.free_old else []
     if args.json:
         versions = [{"from": ref, "to": new.ref if new else None,
                      "taken_down": new.counts.get("taken_down", 0) if new else 0} for ref, new in results]
-        _print_json({"versions": versions, "trained_on_old": [m.ref for m in models]})
+        _print_json({"versions": versions, "trained_on_old": [m.ref for m in models], "old": old,
+                     "freed": [removal.to_dict() for removal in freed]})  # fmt: skip
         return 0
     if not results:
         print(f"no dataset version of {registry.url} keeps them, but those a takedown replaced (`blip data find` "
@@ -355,15 +361,39 @@ def cmd_takedown(args: argparse.Namespace) -> int:
                   f"({new.stats['takedown']['shards_rewritten']} shards rewritten)")
             if unchanged := new.stats["takedown"].get("unchanged"):
                 print(f"  the same files (they name no url; look at them): {', '.join(unchanged)}")
-    if done:  # the whole line before each new version: a version two takedowns back still names these samples
-        old = sorted({m.ref for _, new in done for m in registry.versions("dataset", new.name)
-                      if m.id != new.id and (last := registry.replaced_by(m)) is not None and last.id == new.id})
+    if freed:
+        for removal in freed:
+            print(f"freed {removal.manifest.ref}: {len(removal.files)} files, {_size(removal.bytes)}"
+                  + ("" if removal.scrub is None else f"; {', '.join(removal.scrub.files)} written again as "
+                     f"{removal.scrub.newest.ref} has them"))  # fmt: skip
+    elif old:
         print(f"free the old versions' data: blip data rm {' '.join(old)} --data-only (their records stay; their "
               "indexes, texts, source lists and stats are written again without these samples' texts and rows)")
     if models:
         print("made from the old versions (a takedown does not change them): "
               + ", ".join(f"{m.ref} ({m.kind})" for m in models))
     return 0
+
+
+def _replaced_lines(registry: Any, newest: list[Any]) -> list[str]:
+    """The versions before each of `newest` in its line of takedowns: a version two takedowns back still names
+    the samples the last one took out."""
+    return sorted({m.ref for new in newest for m in registry.versions("dataset", new.name)
+                   if m.id != new.id and (last := registry.replaced_by(m)) is not None and last.id == new.id})
+
+
+def _free_old(registry: Any, refs: list[str]) -> list[Any]:
+    """`blip data rm REFS --data-only`, for `takedown --free-old`; a refusal (a run still reading one) is said as
+    rm says it, after the takedown's versions are published."""
+    from datasets_manifests.removal import RemovalRefused, plan_removals, remove
+
+    try:
+        plan = plan_removals(registry, refs, data_only=True)
+    except RemovalRefused as error:
+        raise UserError(f"the takedown's versions are published; freeing the old ones was {error}") from None
+    for removal in plan:
+        remove(registry, removal)
+    return plan
 
 
 TAG_HELP = """\

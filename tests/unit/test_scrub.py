@@ -218,3 +218,19 @@ def test_two_files_read_in_batches_of_other_sizes_are_paired_row_for_row():
         list(_row_for_row(batches([6], str), batches([5], str)))
     with pytest.raises(ScrubError, match="more rows"):
         list(_row_for_row(batches([4], str), batches([5], str)))
+
+
+def test_a_takedown_can_free_the_versions_it_replaced_at_once(registry, capsys):
+    code, out, _ = data(capsys, registry, "takedown", "--url", URL.format(4), "--free-old")
+    assert code == 0 and "blip data rm" not in out  # nothing left to run
+    assert "freed capfilt@v1: 1 files" in out and "written again as capfilt@v2 has them" in out
+    assert "freed raw@v1: 1 files" in out and "index.parquet, source.parquet written again as raw@v2" in out
+    for ref in ("raw@v1", "capfilt@v1"):
+        assert index_of(registry, ref)["s000004"]["raw_caption"] is None and verify(registry, ref) == []
+        assert registry.removal(registry.resolve(ref))["scrubbed"]["done"] is True
+    code, out, _ = data(capsys, registry, "takedown", "raw@v2", "--key", "s000001", "--free-old", "--json")
+    answer = json.loads(out)
+    assert answer["old"] == ["raw@v1", "raw@v2"]  # the whole line before raw@v3
+    assert sorted((freed["ref"], freed["scrub"]["as"]) for freed in answer["freed"]) == [("raw@v1", "raw@v3"),
+                                                                                        ("raw@v2", "raw@v3")]
+    assert index_of(registry, "raw@v1")["s000001"]["raw_caption"] is None
