@@ -510,7 +510,8 @@ def lineage(registry: Registry, ref: str | Manifest) -> Lineage:
 
 TRAIN_RUNS = "train-runs"  # the training stages' default Ray Train storage, a folder of the work dir
 COPY_PREFIXES = ("fetch-", "model-")  # local copies of a remote registry's files, fetched again when needed
-CACHES = {"scratch": "temporary files of diffs", "demo-corpus-": "the generated demo corpus"}  # made again
+CACHES = {"scratch": "temporary files of diffs", "demo-corpus-": "the generated demo corpus",  # made again
+          "scrub-": "files a stopped `blip data rm --data-only` wrote to replace a version's (scrub.SCRUB_DIR)"}
 
 
 @dataclass(frozen=True)

@@ -95,9 +95,11 @@ def test_an_area_without_a_note_is_still_listed_and_caches_are_named(tmp_path):
     (registry.work_dir("old") / "stage/source.parquet").write_bytes(b"s")
     registry.work_dir("scratch")  # empty: left out
     (registry.work_dir("demo-corpus-abc") / "corpus.json").write_text("{}")
-    corpus, old = work_entries(registry)  # by key
+    (registry.work_dir("scrub-0123abcd") / "index.parquet").write_bytes(b"i")  # a killed `rm --data-only`
+    corpus, old, scrub = work_entries(registry)  # by key
     assert (old.key, old.state, old.files) == ("old", "unfinished", 1) and old.what.startswith("stage run (no note")
     assert (corpus.state, corpus.what, corpus.removable_as_leftover) == ("cache", "the generated demo corpus", True)
+    assert (scrub.state, scrub.removable_as_leftover) == ("cache", True) and "stopped `blip data rm" in scrub.what
 
 
 def test_training_runs_in_another_storage_are_listed_from_the_model_and_the_note(tmp_path):
