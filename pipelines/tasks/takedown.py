@@ -9,8 +9,9 @@ it), a CapFilt version's texts of them emptied and marked not kept, and their ro
 parquet files that name URLs (a download's source list and img2dataset's per-shard tables). Files without a `url`
 column are the same files, listed in the version's stats (`unchanged`) for the operator to judge. Stats that quote
 samples (a CapFilt version's rejected texts, in `stats.json` and, before, in its manifest) lose their entries.
-The old version is then freed with `blip data rm OLD --data-only` (its record stays, with the models trained on
-it in its lineage). A rerun with the same samples is the version already published (its cache key). A stage whose
+The old version is then freed with `blip data rm OLD --data-only` (or `takedown --free-old`): its shards go, its
+record stays (with the models trained on it in its lineage), and its index, texts, source list and stats are
+written again as the newest version of its line has them (`datasets_manifests.scrub`). A rerun with the same samples is the version already published (its cache key). A stage whose
 cached output samples were taken out of goes on from the new version (`Registry.find_cached`): a flow rerun
 after a takedown makes again what was made from the old data (a model trained on it is trained again).
 """
