@@ -88,13 +88,15 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_source_list(path: str | Path, url_col: str | None = None, caption_col: str | None = None,
-                     hash_col: str | None = None, key_col: str | None = None) -> tuple[pa.Table, SourceReport]:
+                     hash_col: str | None = None, key_col: str | None = None,
+                     extra_cols: tuple[str, ...] = ()) -> tuple[pa.Table, SourceReport]:  # fmt: skip
     """Read any accepted form (a local path or an fsspec URL) into a (url, caption, source_key[, sha256]) table
     with exact duplicates removed. In memory: for a list of any size, `normalise_source_list` writes it to a file."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="source-list-") as tmp:
-        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col, hash_col, key_col)
+        report = normalise_source_list(path, Path(tmp) / "source.parquet", url_col, caption_col, hash_col, key_col,
+                                       extra_cols)
         return pq.read_table(Path(tmp) / "source.parquet"), report
 
 
@@ -104,11 +106,13 @@ CHUNK_ROWS = 1 << 18
 
 def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str | None = None,
                           caption_col: str | None = None, hash_col: str | None = None,
-                          key_col: str | None = None) -> SourceReport:  # fmt: skip
+                          key_col: str | None = None, extra_cols: tuple[str, ...] = ()) -> SourceReport:  # fmt: skip
     """Read a source list and write the normalised parquet that the download stage feeds img2dataset.
 
     Each row's `source_key` (its samples' key in every version) is the list's own id where it has one — the
     column `key_col` (DataComp's `uid`), else a `source_key` column — and otherwise a hash of its url and caption.
+    `extra_cols` (a table list's other columns: LAION's `similarity`, DataComp's `clip_l14_similarity_score`) are
+    carried after them, with the parquet file's types (a csv's are text).
 
     Streams: the list (BLIP's 115M-record LAION JSON included) is read a chunk at a time into an Arrow file
     beside `out_path`, keeping only 128-bit digests of each (url, caption) pair, URL and given key; the exact
@@ -126,19 +130,22 @@ def normalise_source_list(path: str | Path, out_path: str | Path, url_col: str |
     pairs, urls, keys = [], [], []
     given_keys = False
     schema = HASHED_SOURCE_SCHEMA if hash_col else SOURCE_SCHEMA
+    for extra in _extra_fields(fs, fs_path, str(path), fmt, extra_cols):
+        schema = schema.append(extra)
     progress = tqdm(desc=f"reading {Path(fs_path).name}", unit=" rows", unit_scale=True,
                     disable=(fs.size(fs_path) or 0) < 64 << 20)  # fmt: skip
     try:
         with progress, fs.open(fs_path, "rb") as handle, spill_writer(staged, schema) as writer:
             chunks = _json_chunks(handle, str(path), fmt, hash_col, key_col) if fmt in ("json", "jsonl") else \
-                _table_chunks(handle, str(path), fmt, url_col, caption_col, hash_col, key_col)  # fmt: skip
-            for chunk_urls, chunk_captions, chunk_keys, records, chunk_hashes in chunks:
+                _table_chunks(handle, str(path), fmt, url_col, caption_col, hash_col, key_col, extra_cols)  # fmt: skip
+            for chunk_urls, chunk_captions, chunk_keys, records, chunk_hashes, *extras in chunks:
                 report.records += records
                 given_keys = chunk_keys is not None
                 given = pa.array(chunk_keys, pa.string()) if given_keys else pa.nulls(len(chunk_urls), pa.string())
                 hashes = [pa.array(chunk_hashes, pa.string())] if hash_col else []
+                carried = extras[0] if extras else []  # a table list's extra columns
                 writer.write_table(pa.table([pa.array(chunk_urls, pa.string()), pa.array(chunk_captions, pa.string()),
-                                             given, *hashes], schema=schema))  # fmt: skip
+                                             given, *hashes, *carried], schema=schema))  # fmt: skip
                 pairs.append(_digests(f"{url}\n{caption}" for url, caption in zip(chunk_urls, chunk_captions)))
                 urls.append(_digests(chunk_urls))
                 if given_keys:
@@ -196,14 +203,15 @@ def _write_kept(staged: Path, out: Path, report: SourceReport, pairs: list[np.nd
                     found[digest] = url
             source_keys = chunk.column("source_key") if keys is not None else \
                 pa.array([source_key(url, caption) for url, caption in zip(chunk_urls, captions)], pa.string())  # fmt: skip
-            hashes = [chunk.column(HASH_COLUMN)] if HASH_COLUMN in schema.names else []
-            writer.write_table(pa.table([chunk.column("url"), chunk.column("caption"), source_keys, *hashes],
+            rest = [chunk.column(name) for name in schema.names[3:]]  # the expected hashes, the extra columns
+            writer.write_table(pa.table([chunk.column("url"), chunk.column("caption"), source_keys, *rest],
                                         schema=schema))  # fmt: skip
     report.top_duplicated_urls = {found[digest]: count for digest, count in wanted.items()}
 
 
-# (urls, captions, given keys or None, records read, expected image hashes or None) of a part of a list
-Chunk = tuple[list[str], list[str], list[str] | None, int, list[str] | None]
+# (urls, captions, given keys or None, records read, expected image hashes or None[, extra columns]) of a part of a
+# list (the extra columns only from table lists)
+Chunk = tuple[Any, ...]
 
 
 def _json_chunks(handle: IO[bytes], path: str, fmt: str, hash_col: str | None = None,
@@ -324,10 +332,32 @@ def _json_array_values(handle: IO[bytes], path: str, read_chars: int = 1 << 22) 
             raise SourceListError(f"{path}: not valid JSON (after record {index - 1}: expected ',' or ']')")
 
 
+def _extra_fields(fs: Any, fs_path: str, path: str, fmt: str, extra_cols: tuple[str, ...]) -> list[pa.Field]:
+    """The fields of the columns carried beside url and caption: a parquet file's types, a csv's text."""
+    if not extra_cols:
+        return []
+    if fmt in ("json", "jsonl"):
+        raise SourceListError(f"{path}: extra columns ({', '.join(extra_cols)}) are carried from a table source list "
+                              "(parquet, csv, tsv), not from JSON records")  # fmt: skip
+    with fs.open(fs_path, "rb") as handle:
+        if fmt == "parquet":
+            schema = open_parquet(handle).schema_arrow
+            names = schema.names
+        else:
+            header = handle.readline().decode("utf-8", errors="replace")
+            names = next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ","), [])
+    fields = []
+    for name in extra_cols:
+        _column(names, path, name, (), "extra")
+        fields.append(schema.field(name) if fmt == "parquet" else pa.field(name, pa.string()))
+    return fields
+
+
 def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, caption_col: str | None,
-                  hash_col: str | None = None, key_col: str | None = None) -> Iterator[Chunk]:  # fmt: skip
-    """(urls, captions, given keys or None, rows, hashes or None) of an img2dataset-style table, a batch at a
-    time."""
+                  hash_col: str | None = None, key_col: str | None = None,
+                  extra_cols: tuple[str, ...] = ()) -> Iterator[Chunk]:  # fmt: skip
+    """(urls, captions, given keys or None, rows, hashes or None, extra columns) of an img2dataset-style table, a
+    batch at a time."""
     if fmt == "parquet":
         try:
             parquet = open_parquet(handle)
@@ -338,7 +368,7 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
         caption_name = _column(names, path, caption_col, CAPTION_ALIASES, "caption")
         hash_name = _column(names, path, hash_col, (), "hash") if hash_col else None
         key_name = _key_column(names, path, key_col)
-        columns = [url_name, caption_name, *filter(None, [key_name, hash_name])]
+        columns = list(dict.fromkeys([url_name, caption_name, *filter(None, [key_name, hash_name]), *extra_cols]))
         batches: Iterator[Any] = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=columns)
     else:
         import pyarrow.csv as pacsv
@@ -379,7 +409,7 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
                 hashes = [_checked_hash(value, path, f"row {row + index}", hash_name)
                           for index, value in enumerate(batch.column(hash_name).to_pylist())]  # fmt: skip
             row += len(urls)
-            yield urls, captions, given_keys, len(urls), hashes
+            yield urls, captions, given_keys, len(urls), hashes, [batch.column(name) for name in extra_cols]
     except pa.ArrowInvalid as error:
         raise SourceListError(f"{path}: malformed {fmt}: {error}") from error
 

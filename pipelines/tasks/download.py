@@ -85,7 +85,11 @@ class DownloadConfig:
     # samples' key in every version (`blip data find --key`, exports), so results join back to the list's metadata.
     # None: a `source_key` column if the list has one, else a hash of the url and caption.
     key_col: str | None = None
-    ADDED_LATER = ("disallowed_header_directives", "verify_hash_col", "key_col")  # out of the hash at their defaults
+    # Other columns of a table source list carried into the raw version's index beside each sample (img2dataset's
+    # save_additional_columns), e.g. LAION's `similarity`, `punsafe`: filter or join on them later by key.
+    save_additional_columns: tuple[str, ...] = ()
+    ADDED_LATER = ("disallowed_header_directives", "verify_hash_col", "key_col",  # out of the hash at their defaults
+                   "save_additional_columns")
 
     def __post_init__(self) -> None:
         check_range("DownloadConfig", "processes", self.processes, 1)
@@ -102,6 +106,10 @@ class DownloadConfig:
             raise ValueError("verify_hash_col: empty; name the source list's sha256 column, or leave it null")
         if self.key_col is not None and not self.key_col.strip():
             raise ValueError("key_col: empty; name the source list's id column (e.g. uid), or leave it null")
+        for column in self.save_additional_columns:
+            if not isinstance(column, str) or not column.strip() or column in RESERVED_COLUMNS:
+                raise ValueError(f"save_additional_columns: {column!r} is "
+                                 + ("a column the index has already" if column in RESERVED_COLUMNS else "not a name"))
         for directive in self.disallowed_header_directives:  # img2dataset compares them lowercased and stripped
             if not isinstance(directive, str) or not directive or directive != directive.strip().lower():
                 raise ValueError(f"disallowed_header_directives: {directive!r} is not a lowercase "
@@ -178,7 +186,8 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     stage = work / "stage"
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col, cfg.verify_hash_col,
-                                   cfg.key_col)
+                                   cfg.key_col, tuple(cfg.save_additional_columns))
+    extra = carried_fields(source_table)
     raw_output = _raw_output(cfg, key, stage / "raw")
     _run_img2dataset(cfg, source_table, raw_output, work / "tmp")
     # Shards written to storage inside a remote registry's store are indexed there and published by a copy
@@ -186,8 +195,8 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     in_store = raw_output != str(stage / "raw") and _in_registry_store(registry, raw_output)
     copy_to = None if raw_output == str(stage / "raw") or in_store else stage / "raw"
     rows_file = work / ROWS_FILE
-    files = collect_shards(raw_output, "raw", rows_file, copy_to=copy_to)
-    _check_complete(read_rows([rows_file]), report.rows, raw_output)
+    files = collect_shards(raw_output, "raw", rows_file, copy_to=copy_to, extra=extra)
+    _check_complete(read_rows([rows_file], extra), report.rows, raw_output)
     producer = Producer(stage=STAGE, config=to_dict(cfg), config_hash=config_hash(cfg), cache_key=key,
                         started_at=started)
     extra_counts = {"source_records": report.records, "source_duplicates": report.duplicates}
@@ -198,7 +207,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         files.append({"path": relpath, "role": "other"})
     manifest = _publish(registry, name, stage, [rows_file], files + [{"path": "source.parquet", "role": "other"}],
                         producer, parents=[], extra_counts=extra_counts, stats=stats,
-                        remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None)
+                        remote_staging=raw_output.rsplit("/", 1)[0] if in_store else None, extra=extra)
     _remove_work(registry, cfg, key)
     return manifest
 
@@ -219,6 +228,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     source_table = work / "retry_source.parquet"
     kept_file = work / "kept_rows.arrow"
     failed = _split_parent_index(registry, parent, kept_file, source_table, verify_hashes=bool(cfg.verify_hash_col))
+    extra = carried_fields(source_table)  # the parent's own extra columns, whatever this config says
     retry_output = _raw_output(cfg, key, work / "retry")
     if failed:
         _run_img2dataset(cfg, source_table, retry_output, work / "tmp")
@@ -231,8 +241,9 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
                        default=-1)
     rows_file = work / ROWS_FILE
-    files = collect_shards(retry_output, "raw", rows_file, id_offset=first_id, copy_to=stage / "raw") if failed else []
-    rows = read_rows([rows_file] if failed else [])
+    files = collect_shards(retry_output, "raw", rows_file, id_offset=first_id, copy_to=stage / "raw",
+                           extra=extra) if failed else []  # fmt: skip
+    rows = read_rows([rows_file] if failed else [], extra)
     _check_complete(rows, failed, retry_output)
     retried = len(rows)
     recovered = int(pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0)
@@ -242,7 +253,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
                         started_at=started)
     manifest = _publish(registry, name, stage, [kept_file, *([rows_file] if failed else [])], files, producer,
                         parents=[parent], extra_counts={"retried": retried, "recovered": recovered},
-                        stats={"retry_of": parent.ref}, remote_staging=remote_staging)
+                        stats={"retry_of": parent.ref}, remote_staging=remote_staging, extra=extra)
     _remove_work(registry, cfg, key)
     return manifest
 
@@ -305,7 +316,8 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
     fs.makedirs(posixpath.dirname(path.rstrip("/")), exist_ok=True)
     parts = split_source_table(source_table, temp_dir / "source-parts", cfg.samples_per_shard)
     with _workers_temp_dir(temp_dir / "workers" if cfg.distributor == "multiprocessing" else None):
-        _img2dataset_download(img2dataset, cfg, parts, output_folder)
+        _img2dataset_download(img2dataset, cfg, parts, output_folder,
+                              [field.name for field in carried_fields(source_table)])
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -344,7 +356,8 @@ def split_source_table(source_table: Path, directory: Path, samples_per_shard: i
     return directory
 
 
-def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str) -> None:
+def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str,
+                          extra: list[str]) -> None:  # fmt: skip
     import importlib
 
     from pipelines.tasks.download_workers import using_supervised_distributor
@@ -353,13 +366,14 @@ def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: P
     # never retries a failed shard (download_workers).
     main_module = importlib.import_module("img2dataset.main")  # `img2dataset.main` is the function, not the module
     with using_supervised_distributor(main_module):
-        _call_img2dataset(img2dataset, cfg, source_parts, output_folder)
+        _call_img2dataset(img2dataset, cfg, source_parts, output_folder, extra)
 
 
-def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str) -> None:
+def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str,
+                      extra: list[str]) -> None:  # fmt: skip
     img2dataset.download(
         url_list=str(source_parts), input_format="parquet", url_col="url", caption_col="caption",
-        save_additional_columns=["source_key"], output_folder=output_folder, output_format="webdataset",
+        save_additional_columns=["source_key", *extra], output_folder=output_folder, output_format="webdataset",
         processes_count=cfg.processes, thread_count=cfg.threads, number_sample_per_shard=cfg.samples_per_shard,
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
         encode_quality=cfg.encode_quality, encode_format="jpg", timeout=cfg.timeout, retries=cfg.retries,
@@ -399,7 +413,8 @@ BYTES_PER_INDEX_WORKER = 1 << 30
 
 
 def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offset: int = 0,
-                   copy_to: Path | None = None, workers: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                   copy_to: Path | None = None, workers: int | None = None,
+                   extra: list[pa.Field] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Index img2dataset's finished shards in `raw_output` (a path or fsspec URL): their index rows go to
     `rows_file` (ROWS_SCHEMA, an Arrow file: `read_rows`), their file entries are returned.
 
@@ -436,13 +451,13 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
                 else:
                     fs.get_file(path, str(target))
                 names[ext] = str(target)
-        jobs.append((names, f"{prefix}/{new_id}"))
+        jobs.append((names, f"{prefix}/{new_id}", extra or []))
         tar_bytes += listed.get(sources[".tar"]) or fs.size(sources[".tar"])
     if workers is None:
         workers = process_count(tar_bytes, BYTES_PER_INDEX_WORKER, len(jobs))
     progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
     files: list[dict[str, Any]] = []
-    with spill_writer(rows_file, ROWS_SCHEMA) as writer:
+    with spill_writer(rows_file, rows_schema(extra)) as writer:
         for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
             writer.write_table(shard_rows)
             files.extend(shard_files)
@@ -456,11 +471,28 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
 ROWS_FILE = "rows.arrow"
 ROWS_SCHEMA = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA] +
                         [pa.field("error_message", pa.string()), pa.field("raw_key", pa.string())])  # fmt: skip
+# Names an extra column may not have: the index's own, the normalised list's, img2dataset's (it refuses them).
+RESERVED_COLUMNS = frozenset([*ROWS_SCHEMA.names, "source_key", "sha256", "original_width", "original_height",
+                              "exif", "md5", "sha512"])  # fmt: skip
 
 
-def read_rows(paths: list[Path]) -> pa.Table:
+def read_rows(paths: list[Path], extra: list[pa.Field] | None = None) -> pa.Table:
     """The rows of `collect_shards` files, memory-mapped."""
-    return read_spilled(paths, ROWS_SCHEMA)
+    return read_spilled(paths, rows_schema(extra))
+
+
+def rows_schema(extra: list[pa.Field] | None = None) -> pa.Schema:
+    """ROWS_SCHEMA and the source list's extra columns after it (`save_additional_columns`)."""
+    return pa.schema([*ROWS_SCHEMA, *(field.with_nullable(True) for field in extra or [])])
+
+
+def carried_fields(source_table: Path) -> list[pa.Field]:
+    """The extra columns a normalised source list carries (after url, caption, source_key and sha256)."""
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.sources import HASHED_SOURCE_SCHEMA
+
+    return [field for field in pq.read_schema(source_table) if field.name not in HASHED_SOURCE_SCHEMA.names]
 
 
 class _HashingReader(io.RawIOBase):
@@ -481,7 +513,8 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def index_raw_shard(names: dict[str, str], stem: str) -> tuple[pa.Table, list[dict[str, Any]]]:
+def index_raw_shard(names: dict[str, str], stem: str,
+                    extra: list[pa.Field] | None = None) -> tuple[pa.Table, list[dict[str, Any]]]:  # fmt: skip
     """Index rows and file entries of one finished img2dataset shard (`.tar`, `.parquet`, `_stats.json`: local
     paths or URLs), published as `{stem}.tar` etc. Every stored JPEG is hashed (image_sha256: the shard stage
     dedups by it), and every file as a whole (the entries' sha256 and bytes: the registry need not re-read them)."""
@@ -536,7 +569,12 @@ def index_raw_shard(names: dict[str, str], stem: str) -> tuple[pa.Table, list[di
         if role == "shard":
             entry["num_samples"] = successes
         files.append(entry)
-    return pa.Table.from_pylist(rows, schema=ROWS_SCHEMA), files
+    rows_table = pa.Table.from_pylist(rows, schema=ROWS_SCHEMA)
+    for field in extra or []:  # img2dataset's table, row for row, keeps the source list's extra columns
+        values = table.column(field.name).cast(field.type) if field.name in table.column_names else \
+            pa.nulls(len(table), field.type)  # fmt: skip
+        rows_table = rows_table.append_column(field.with_nullable(True), values)
+    return rows_table, files
 
 
 def _check_complete(rows: pa.Table, expected: int, raw_dir: str) -> None:
@@ -557,25 +595,29 @@ def _split_parent_index(registry: Registry, parent: Manifest, kept_file: Path, s
     from the download's normalised list). Returns the number of failed rows."""
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import scan_index
-    from datasets_manifests.sources import HASHED_SOURCE_SCHEMA, SOURCE_SCHEMA
+    from datasets_manifests.index import INDEX_FILE, scan_index
+    from datasets_manifests.sources import SOURCE_SCHEMA
 
     failed = 0
     failed_rows = source_table.with_name(f"{source_table.name}.unhashed") if verify_hashes else source_table
-    with spill_writer(kept_file, ROWS_SCHEMA) as kept, pq.ParquetWriter(str(failed_rows), SOURCE_SCHEMA) as retry:
+    with registry.open(parent, INDEX_FILE) as handle:  # the source list's extra columns, carried to the retry
+        extra = [field for field in pq.read_schema(handle) if field.name not in ROWS_SCHEMA.names]
+    retry_schema = pa.schema([*SOURCE_SCHEMA, *extra])
+    with spill_writer(kept_file, rows_schema(extra)) as kept, \
+            pq.ParquetWriter(str(failed_rows), retry_schema) as retry:  # fmt: skip
         for batch in scan_index(registry, parent):
             ok = pc.equal(batch.column("status"), "ok")
-            kept.write_table(_as_rows(pa.Table.from_batches([batch.filter(ok)])))
+            kept.write_table(_as_rows(pa.Table.from_batches([batch.filter(ok)]), rows_schema(extra)))
             dropped = batch.filter(pc.invert(ok))
             failed += len(dropped)
-            retry.write_table(pa.table([dropped.column("url"), dropped.column("raw_caption"), dropped.column("key")],
-                                       schema=SOURCE_SCHEMA))  # fmt: skip
+            retry.write_table(pa.table([dropped.column("url"), dropped.column("raw_caption"), dropped.column("key"),
+                                        *(dropped.column(field.name) for field in extra)], schema=retry_schema))
     if verify_hashes:  # the failures only (a few percent of a download), with the hash each image must have
         rows = pq.read_table(failed_rows)
         failed_rows.unlink()
         expected = _expected_hashes(registry, parent, rows.column("source_key"))
         hashes = pa.array([expected[key] for key in rows.column("source_key").to_pylist()], pa.string())
-        pq.write_table(rows.append_column(HASH_COLUMN, hashes).cast(HASHED_SOURCE_SCHEMA), source_table)
+        pq.write_table(rows.append_column(pa.field(HASH_COLUMN, pa.string()), hashes), source_table)
     return failed
 
 
@@ -605,24 +647,25 @@ def _expected_hashes(registry: Registry, version: Manifest, keys: pa.ChunkedArra
     return expected
 
 
-def _as_rows(table: pa.Table) -> pa.Table:
-    """An index table as ROWS_SCHEMA (a column it lacks is null; others are dropped)."""
+def _as_rows(table: pa.Table, schema: pa.Schema = ROWS_SCHEMA) -> pa.Table:
+    """An index table as `schema` (a column it lacks is null; others are dropped)."""
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-               for f in ROWS_SCHEMA]  # fmt: skip
-    return pa.table(columns, schema=ROWS_SCHEMA)
+               for f in schema]  # fmt: skip
+    return pa.table(columns, schema=schema)
 
 
 def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], files: list[dict[str, Any]],
              producer: Producer, *, parents: list[Manifest], extra_counts: dict[str, int],
-             stats: dict[str, Any], remote_staging: str | None = None) -> Manifest:
+             stats: dict[str, Any], remote_staging: str | None = None,
+             extra: list[pa.Field] | None = None) -> Manifest:  # fmt: skip
     from datasets_manifests.index import INDEX_FILE, write_index_batches
 
-    rows = read_rows(row_files)
+    rows = read_rows(row_files, extra)
     order = ascending_order(rows, ["key"])
     spilled = SpilledRows(rows)  # (Arrow's own take would copy all the rows' strings into memory at each batch)
     batches = (spilled.take(order[first : first + INDEX_BATCH_ROWS])
                for first in range(0, len(order), INDEX_BATCH_ROWS))  # fmt: skip
-    summary = write_index_batches(batches, stage / INDEX_FILE, schema=ROWS_SCHEMA)
+    summary = write_index_batches(batches, stage / INDEX_FILE, schema=rows_schema(extra))
     counts = {"input": summary["counts"]["total"], "ok": summary["counts"]["ok"],
               "dropped": summary["counts"]["dropped"], **extra_counts}  # fmt: skip
     manifest = registry.publish(

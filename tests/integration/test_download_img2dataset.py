@@ -129,6 +129,34 @@ def test_an_image_changed_since_the_list_was_made_is_not_stored(corpus, tmp_path
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"]
 
 
+def test_a_lists_own_ids_and_extra_columns_reach_the_index_and_its_retry(corpus, tmp_path):
+    """`key_col: uid` (DataComp's ids) names the samples; `save_additional_columns: [similarity]` (LAION's CLIP
+    score) is carried by img2dataset into the raw index, each value beside its sample, and by --retry-failed into
+    the retried rows as well."""
+    import pyarrow as pa
+
+    registry = Registry(tmp_path / "registry")
+    carried = load_config(DownloadConfig, ROOT / "configs/download/demo.yaml",
+                          [*OVERRIDES, "key_col=uid", "save_additional_columns=[similarity]"])  # fmt: skip
+    with serve_corpus(corpus) as base:
+        listed = pq.read_table(write_source_list(corpus, base, tmp_path / "plain.parquet"))
+        uids = [f"uid{row:04d}x" for row in range(len(listed))]
+        scores = [round(0.2 + row / 1000, 3) for row in range(len(listed))]
+        source = tmp_path / "source.parquet"
+        pq.write_table(listed.append_column("uid", pa.array(uids)).append_column("similarity", pa.array(scores)),
+                       source)  # fmt: skip
+        raw = run_download(carried, source, name="raw", registry=registry)
+        retried = run_retry_failed(carried, raw.ref, name="raw", registry=registry)
+    expected = {(url, caption): (uid, score) for url, caption, uid, score
+                in zip(listed["url"].to_pylist(), listed["caption"].to_pylist(), uids, scores)}  # fmt: skip
+    for version in (raw, retried):
+        index = pq.read_table(registry.local_path(version, "index.parquet"))
+        assert index.schema.field("similarity").type == pa.float64()
+        for row in index.to_pylist():
+            assert (row["key"], row["similarity"]) == expected[(row["url"], row["raw_caption"])]
+    assert retried.counts["recovered"] == raw.drop_reasons["http_503"] > 0
+
+
 def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(corpus, tmp_path, monkeypatch):
     # A registry on fsspec memory:// (as s3://): the retried version's unchanged parent shards are copied inside
     # the store at publish, not downloaded to this machine and uploaded again.

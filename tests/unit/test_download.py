@@ -83,6 +83,10 @@ def test_cache_key_covers_only_output_settings():
         DownloadConfig(verify_hash_col=" ")
     with pytest.raises(ValueError, match="key_col: empty"):
         DownloadConfig(key_col="")
+    assert download_key(replace(base, save_additional_columns=("similarity",)), "source:x") != key
+    for reserved in ("status", "sha256", "source_key", "exif"):  # the index's, the list's, img2dataset's own
+        with pytest.raises(ValueError, match=f"save_additional_columns: '{reserved}' is a column the index has"):
+            DownloadConfig(save_additional_columns=(reserved,))
     with pytest.raises(ValueError, match="'NoAI' is not a lowercase X-Robots-Tag directive"):
         DownloadConfig(disallowed_header_directives=("NoAI",))
 

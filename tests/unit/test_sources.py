@@ -210,3 +210,28 @@ def test_a_key_column_names_the_samples(tmp_path, fmt):
         write_list(path, rows)
         with pytest.raises(SourceListError, match="no column 'id'"):
             read_source_list(path, key_col="id")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_extra_columns_are_carried_with_their_types(tmp_path, fmt):
+    """`extra_cols` (img2dataset's save_additional_columns: LAION's similarity, punsafe): after url, caption,
+    source_key and sha256, a parquet list's types kept (a csv's are text); a missing one names the columns there."""
+    rows = [{"url": "http://a/0.jpg", "caption": "a", "similarity": 0.31, "punsafe": 0.01},
+            {"url": "http://a/1.jpg", "caption": "b", "similarity": 0.29, "punsafe": 0.2},
+            {"url": "http://a/0.jpg", "caption": "a", "similarity": 0.5, "punsafe": 0.0}]  # fmt: skip
+    path = tmp_path / f"list.{fmt}"
+    write_list(path, rows)
+    table, report = read_source_list(path, extra_cols=("similarity", "punsafe"))
+    assert table.column_names == ["url", "caption", "source_key", "similarity", "punsafe"] and report.duplicates == 1
+    values = table.column("similarity").to_pylist()
+    assert values == ([0.31, 0.29] if fmt == "parquet" else ["0.31", "0.29"])  # the first of the duplicates
+    assert read_source_list(path, extra_cols=("similarity",))[0].column_names[3:] == ["similarity"]
+    with pytest.raises(SourceListError, match="no column 'aesthetic'"):
+        read_source_list(path, extra_cols=("aesthetic",))
+
+
+def test_extra_columns_are_refused_from_json_records(tmp_path):
+    path = tmp_path / "list.jsonl"
+    write_list(path, [{"url": "http://a/0.jpg", "caption": "a", "similarity": 0.3}])
+    with pytest.raises(SourceListError, match="carried from a table source list"):
+        read_source_list(path, extra_cols=("similarity",))
