@@ -11,9 +11,10 @@ column are the same files, listed in the version's stats (`unchanged`) for the o
 samples (a CapFilt version's rejected texts, in `stats.json` and, before, in its manifest) lose their entries.
 The old version is then freed with `blip data rm OLD --data-only` (or `takedown --free-old`): its shards go, its
 record stays (with the models trained on it in its lineage), and its index, texts, source list and stats are
-written again as the newest version of its line has them (`datasets_manifests.scrub`). A rerun with the same samples is the version already published (its cache key). A stage whose
-cached output samples were taken out of goes on from the new version (`Registry.find_cached`): a flow rerun
-after a takedown makes again what was made from the old data (a model trained on it is trained again).
+written again as the newest version of its line has them (`datasets_manifests.scrub`). A rerun with the same
+samples is the version already published (its cache key). A stage whose cached output samples were taken out
+of goes on from the new version (`Registry.find_cached`): a flow rerun after a takedown makes again what was made
+from the old data (a model trained on it is trained again).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     unchanged: list[str] = []  # files that name no URL, left as they are (e.g. a synthetic corpus's ground truth)
     stats_files = []  # JSON stats that may quote samples (a CapFilt version's sample of rejected texts)
     for entry in source.files:
-        base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
+        base = _described(entry)
         if entry.path in (INDEX_FILE, TEXTS_FILE):
             continue
         if _names_samples(entry):  # rewritten once the index says which dropped rows lose their texts too
@@ -114,15 +115,16 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     emptied: set[str] = set()  # dropped samples of the same image (a repeated url): their texts go too
     summary = _write_index(registry, source, found, moved, stage / INDEX_FILE, emptied)
     files.append({"path": INDEX_FILE, "role": "index"})
+    without_texts = set(taken) | emptied  # the samples whose texts go: taken out, or dropped repeats of those
     if has_layer(source, TEXTS_FILE):
-        _write_texts(registry, source, set(taken) | emptied, stage / TEXTS_FILE)
+        _write_texts(registry, source, without_texts, stage / TEXTS_FILE)
         files.append({"path": TEXTS_FILE, "role": "index"})
     stats_rewritten = []
     for entry in stats_files:
-        base = {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
+        base = _described(entry)
         with registry.open(source, entry.path) as handle:
             stats = json.load(handle)
-        if (kept := without_samples(stats, set(taken) | emptied)) != stats:
+        if (kept := without_samples(stats, without_texts)) != stats:
             (stage / entry.path).parent.mkdir(parents=True, exist_ok=True)
             (stage / entry.path).write_text(json.dumps(kept, indent=2, sort_keys=True))
             files.append({**base, **_digest(stage / entry.path)})
@@ -138,7 +140,7 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         counts={"input": summary["counts"]["total"], "kept": summary["counts"]["ok"],
                 "dropped": summary["counts"]["dropped"], "taken_down": len(taken)},
         drop_reasons=summary["drop_reasons"], splits=summary["splits"],
-        stats={**without_samples(source.stats, set(taken) | emptied),
+        stats={**without_samples(source.stats, without_texts),
                STAGE: {"of": source.ref, "samples": len(taken), "shards_rewritten": len(by_shard),
                        "dropped_rows_emptied": len(emptied), "tables_rewritten": rewritten_tables,
                        "stats_rewritten": stats_rewritten, "unchanged": unchanged}},
@@ -157,6 +159,11 @@ def without_samples(stats: Any, keys: set[str]) -> Any:
         return [without_samples(item, keys) for item in stats
                 if not (isinstance(item, dict) and item.get("key") in keys)]
     return stats
+
+
+def _described(entry: Any) -> dict[str, Any]:
+    """A file entry of the new version as the source's says it, before its digest is known."""
+    return {"path": entry.path, "role": entry.role, "split": entry.split, "num_samples": entry.num_samples}
 
 
 def _names_samples(entry: Any) -> bool:
