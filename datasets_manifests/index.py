@@ -68,6 +68,11 @@ TEXTS_SCHEMA = pa.schema([
 # its texts by position; without them (or when they disagree with the texts' keys) the texts are looked up by key.
 TEXTS_POSITION = ("texts_row", "texts_count")
 
+# Manifest metadata: the source list's own columns (the download's `save_additional_columns`, e.g. DataComp's
+# `uid` or LAION's `similarity`) that a version's index carries after its own; the stages that derive a version
+# carry them on, so that a bootstrapped sample still has its list's scores.
+SOURCE_COLUMNS = "source_columns"
+
 # What a `--where width=32` string turns into, per Arrow type.
 _PARSERS = {
     pa.int32(): int, pa.int64(): int, pa.float32(): float, pa.float64(): float,
@@ -281,6 +286,20 @@ def summarize_index(table: pa.Table) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
+def source_columns(registry: Registry, manifest: Manifest) -> list[pa.Field]:
+    """The source list's columns `manifest`'s index carries (SOURCE_COLUMNS), typed as its index has them."""
+    names = manifest.metadata.get(SOURCE_COLUMNS) or []
+    if not names:
+        return []
+    with registry.open(manifest, INDEX_FILE) as handle:
+        schema = pq.read_schema(handle)
+    missing = [name for name in names if name not in schema.names]
+    if missing:
+        raise SampleIndexError(f"{manifest.ref}: its {INDEX_FILE} lacks the source column(s) {', '.join(missing)} "
+                               f"its manifest names")
+    return [schema.field(name).with_nullable(True) for name in names]
+
+
 def has_layer(manifest: Manifest, relpath: str) -> bool:
     return any(entry.path == relpath for entry in manifest.files)
 

@@ -266,14 +266,15 @@ class ShardWriters:
     (soft affinity: another node if that one left the cluster), where the shard is on local disk.
     """
 
-    def __init__(self, config: capfilt.CapFiltConfig, work: str, refs: dict[str, str]) -> None:
+    def __init__(self, config: capfilt.CapFiltConfig, work: str, refs: dict[str, str],
+                 carried: list[Any] | None = None) -> None:  # fmt: skip
         from pipelines.runtime import ensure_ray
 
         self.ray = ensure_ray()
         self.write = self.ray.remote(capfilt.finish_shard)
         self.options: dict[str, Any] = {"num_cpus": config.compute.writer_cpus, "max_retries": 3}
         self.cached = capfilt.cache_setting(config.compute) is not None
-        self.args = (config, refs)
+        self.args = (config, refs, carried or [])
         self.work = work
         self.pending: list[Any] = []
         self.markers: list[dict[str, Any]] = []

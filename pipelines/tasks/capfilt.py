@@ -385,6 +385,7 @@ def run_capfilt(
     Re-running with the same inputs and config returns the published version (no work); after a crash it
     redoes only the shards without a completion marker.
     """
+    from datasets_manifests.index import source_columns
     from datasets_manifests.manifest import cache_key
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.config import config_hash
@@ -417,9 +418,11 @@ def run_capfilt(
     warn_uncached_remote(shards, config.compute)
     pending = pending_shards(shared, shards)
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
-    perf = process_shards(config, pending, models, int(image_size), shared, refs)
+    carried = source_columns(registry, dataset)  # the source list's columns (the download's save_additional_columns)
+    perf = process_shards(config, pending, models, int(image_size), shared, refs, carried)
     perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)
-    return _publish(registry, config, key, shared, shards, name, started, perf, [dataset, captioner, filter_model])
+    return _publish(registry, config, key, shared, shards, name, started, perf, [dataset, captioner, filter_model],
+                    carried)  # fmt: skip
 
 
 def _remove_leftover_work(registry: Registry, key: str) -> None:
@@ -540,7 +543,7 @@ def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
-                   work: str, refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+                   work: str, refs: dict[str, str], carried: list[Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the Ray pipeline over `shards`; each shard's outputs are written by a Ray task once its last batch is in.
 
     The driver only routes the model results (a few hundred bytes per image): reading each input shard again,
@@ -556,7 +559,7 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     received = {shard.index: 0 for shard in shards}
     nodes: dict[int, str] = {}  # the node that decoded each shard: its writer goes there, to the cached copy
     began = time.perf_counter()
-    writers = _ray_capfilt.ShardWriters(config, work, refs)
+    writers = _ray_capfilt.ShardWriters(config, work, refs, carried)
     for shard in shards:
         if shard.num_samples == 0:
             writers.submit(shard, [])
@@ -605,8 +608,9 @@ def _perf_summary(perf: dict[str, float]) -> dict[str, Any]:
 
 
 def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], config: CapFiltConfig,
-                 refs: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """Write one input shard's outputs (tar, index part, texts part) and, last, its completion marker.
+                 refs: dict[str, str], carried: list[Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write one input shard's outputs (tar, index part, texts part) and, last, its completion marker. The
+    `carried` source columns (pyarrow fields: `index.source_columns`) go from each sample's json to its index row.
 
     Runs in a Ray task (`_ray_capfilt.ShardWriters`), once per input shard; idempotent (temporary names, the
     marker last), so a task retried after its worker died writes the same bytes. The input shard is streamed
@@ -627,7 +631,8 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
             for _, key, sample in iter_tar_samples(handle):
                 if key not in by_key:
                     raise CapFiltError(f"{shard.path}: sample {key!r} has no CapFilt result")
-                records, row, files = build_sample(key, sample, by_key.pop(key), shard, config, refs)
+                records, row, files = build_sample(key, sample, by_key.pop(key), shard, config, refs,
+                                                   [field.name for field in carried or []])  # fmt: skip
                 text_rows.extend(records)
                 index_rows.append(row)
                 yield from files
@@ -643,7 +648,7 @@ def finish_shard(work: str, shard: ShardPlan, results: list[dict[str, Any]], con
         # Where the sample's texts start in this part's texts file (the publish makes it a row of texts.parquet).
         row["texts_row"], first_text = first_text, first_text + row["texts_count"]
     stem = shard.path.replace("/", "__")
-    write_index(typed_table(index_rows, "index"), f"{work}/parts/{stem}.index.parquet")
+    write_index(typed_table(index_rows, "index", carried), f"{work}/parts/{stem}.index.parquet")
     write_texts(typed_table(text_rows, "texts"), f"{work}/parts/{stem}.texts.parquet")
     # The tar's digest travels in the marker to the publish, which then does not read every shard back.
     marker = {"path": shard.path, "split": shard.split, "num_samples": sum(row["status"] == "ok" for row in index_rows),
@@ -663,22 +668,23 @@ EXTRA_COLUMNS = {
 }
 
 
-def part_schema(kind: Literal["index", "texts"]) -> Any:
-    """The contract columns (datasets_manifests.index) and this stage's extras, typed."""
+def part_schema(kind: Literal["index", "texts"], carried: list[Any] | None = None) -> Any:
+    """The contract columns (datasets_manifests.index), this stage's extras, typed, and (index) the `carried`
+    source columns."""
     import pyarrow as pa
 
     from datasets_manifests.index import INDEX_SCHEMA, TEXTS_SCHEMA
 
     contract = INDEX_SCHEMA if kind == "index" else TEXTS_SCHEMA
     extras = [pa.field(name, pa.type_for_alias(alias)) for name, alias in sorted(EXTRA_COLUMNS[kind].items())]
-    return pa.schema([*contract, *extras])
+    return pa.schema([*contract, *extras, *(carried or [] if kind == "index" else [])])
 
 
-def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"]) -> Any:
-    """Rows -> an Arrow table of `part_schema(kind)`."""
+def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"], carried: list[Any] | None = None) -> Any:
+    """Rows -> an Arrow table of `part_schema(kind, carried)`."""
     import pyarrow as pa
 
-    schema = part_schema(kind)
+    schema = part_schema(kind, carried)
     unknown = sorted({name for row in rows for name in row} - set(schema.names))
     if unknown:  # from_pylist would drop them silently
         raise ValueError(f"typed_table({kind}): columns without a declared type: {', '.join(unknown)}")
@@ -686,8 +692,10 @@ def typed_table(rows: list[dict[str, Any]], kind: Literal["index", "texts"]) -> 
 
 
 def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], shard: ShardPlan,
-                 config: CapFiltConfig, refs: dict[str, str]) -> tuple[list[dict], dict[str, Any], list[tuple[str, bytes]]]:  # fmt: skip
-    """Text records, index row and output tar members (empty when dropped) of one sample."""
+                 config: CapFiltConfig, refs: dict[str, str], carried: list[str] | None = None
+                 ) -> tuple[list[dict], dict[str, Any], list[tuple[str, bytes]]]:  # fmt: skip
+    """Text records, index row and output tar members (empty when dropped) of one sample; its index row has the
+    `carried` source columns of its json."""
     try:
         meta = json.loads(sample.get("json", b"{}") or b"{}")
     except ValueError:
@@ -705,6 +713,7 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
         "shard": None if drop_reason else shard.path, "jpg_offset": None, "jpg_bytes": None,
         "status": "dropped" if drop_reason else "ok", "drop_reason": drop_reason, "error_detail": error,
         "texts_kept": sum(r["kept"] for r in records), "texts_count": len(records),
+        **{name: meta.get(name) for name in carried or []},
     }  # fmt: skip
     if drop_reason:
         return records, row, []
@@ -738,7 +747,8 @@ def _thresholds(filter_config: FilterConfig) -> dict[str, float]:
 
 
 def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, shards: list[ShardPlan], name: str,
-             started: str, perf: dict[str, Any], parents: list[Manifest]) -> Manifest:  # fmt: skip
+             started: str, perf: dict[str, Any], parents: list[Manifest],
+             carried: list[Any] | None = None) -> Manifest:  # fmt: skip
     """Concatenate the per-shard parts, add stats (and quality when ground truth exists), publish, clean up.
 
     The merged index, texts and stats are written to this machine's work dir; the shards are published from
@@ -746,7 +756,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import write_index_batches, write_texts_batches
+    from datasets_manifests.index import SOURCE_COLUMNS, write_index_batches, write_texts_batches
     from datasets_manifests.manifest import Producer
     from datasets_manifests.registry import REMOTE_THREADS, in_threads
     from pipelines.config import config_hash, to_dict
@@ -774,7 +784,7 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
             first_text += int(pc.sum(table.column("texts_count")).as_py() or 0)
 
     # Keys are unique across parts: each shard holds its own keys of the input version's index.
-    write_index_batches(index_parts(), work / "index.parquet", part_schema("index"), in_key_order=False)
+    write_index_batches(index_parts(), work / "index.parquet", part_schema("index", carried), in_key_order=False)
     write_texts_batches(parts("texts"), work / "texts.parquet", part_schema("texts"))
     stats = merge_stats([marker["stats"] for marker in markers])
     quality = capfilt_quality.evaluate(registry, parents[0], config.ground_truth,
@@ -810,7 +820,8 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
         metadata={"captioner": parents[1].ref, "filter": parents[2].ref, "sampling": _sampling(config.captioner),
                   "seed": _base_seed(config.captioner), "thresholds": _thresholds(config.filter),
                   "training_texts": "one sample per image: json.captions lists every kept text (web + synthetic, "
-                                    "the BLIP union); a reader may sample one per step; txt = best kept text"},
+                                    "the BLIP union); a reader may sample one per step; txt = best kept text",
+                  **({SOURCE_COLUMNS: [field.name for field in carried]} if carried else {})},
     )  # fmt: skip
     registry.remove_work(key)  # the merged files here, and the shared work prefix inside a remote store
     return manifest

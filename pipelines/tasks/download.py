@@ -86,7 +86,8 @@ class DownloadConfig:
     # None: a `source_key` column if the list has one, else a hash of the url and caption.
     key_col: str | None = None
     # Other columns of a table source list carried into the raw version's index beside each sample (img2dataset's
-    # save_additional_columns), e.g. LAION's `similarity`, `punsafe`: filter or join on them later by key.
+    # save_additional_columns), e.g. LAION's `similarity`, `punsafe`, and on into the shard stage's and CapFilt's
+    # versions (their index and each sample's json).
     save_additional_columns: tuple[str, ...] = ()
     ADDED_LATER = ("disallowed_header_directives", "verify_hash_col", "key_col",  # out of the hash at their defaults
                    "save_additional_columns")
@@ -471,9 +472,11 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
 ROWS_FILE = "rows.arrow"
 ROWS_SCHEMA = pa.schema([field.with_nullable(True) for field in INDEX_SCHEMA] +
                         [pa.field("error_message", pa.string()), pa.field("raw_key", pa.string())])  # fmt: skip
-# Names an extra column may not have: the index's own, the normalised list's, img2dataset's (it refuses them).
+# Names an extra column may not have: the index's own, the normalised list's, img2dataset's (it refuses them), and
+# those CapFilt adds to the index and to each sample's json (the column is carried into both).
 RESERVED_COLUMNS = frozenset([*ROWS_SCHEMA.names, "source_key", "sha256", "original_width", "original_height",
-                              "exif", "md5", "sha512"])  # fmt: skip
+                              "exif", "md5", "sha512", "error_detail", "texts_count", "texts_kept", "texts_row",
+                              "captions", "texts", "capfilt"])  # fmt: skip
 
 
 def read_rows(paths: list[Path], extra: list[pa.Field] | None = None) -> pa.Table:
@@ -658,7 +661,7 @@ def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], 
              producer: Producer, *, parents: list[Manifest], extra_counts: dict[str, int],
              stats: dict[str, Any], remote_staging: str | None = None,
              extra: list[pa.Field] | None = None) -> Manifest:  # fmt: skip
-    from datasets_manifests.index import INDEX_FILE, write_index_batches
+    from datasets_manifests.index import INDEX_FILE, SOURCE_COLUMNS, write_index_batches
 
     rows = read_rows(row_files, extra)
     order = ascending_order(rows, ["key"])
@@ -675,7 +678,8 @@ def _publish(registry: Registry, name: str, stage: Path, row_files: list[Path], 
         drop_reasons=summary["drop_reasons"], stats=stats,
         sample_schema={"jpg": "JPEG bytes (img2dataset re-encoded)", "txt": "raw web caption",
                        "json": "img2dataset metadata + source_key"},
-        metadata={"layout": "img2dataset-webdataset", "raw": True},
+        metadata={"layout": "img2dataset-webdataset", "raw": True,
+                  **({SOURCE_COLUMNS: [field.name for field in extra]} if extra else {})},
     )
     del rows  # the memory maps, before their files go
     for path in row_files:

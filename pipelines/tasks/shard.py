@@ -213,9 +213,12 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
     stage.mkdir(parents=True, exist_ok=True)
     eval_hashes = eval_image_hashes(registry, evals) if evals else None
+    from datasets_manifests.index import source_columns
+
+    carried = source_columns(registry, parent)  # the source list's columns (`save_additional_columns`)
     input_counts, scanned_before = _scan(cfg, registry, parent, work, _kept_files(registry, key, work, SCAN_PARTS),
-                                         eval_hashes)  # fmt: skip
-    records = read_spilled([work / RECORDS_FILE], RECORD_SCHEMA)
+                                         eval_hashes, carried)  # fmt: skip
+    records = read_spilled([work / RECORDS_FILE], record_schema(carried))
     with _phase("deciding duplicates", len(records)):  # minutes at 129M records, with no per-item progress
         decision = _decide(records, cfg)
     if not decision.kept.any():  # an empty training set is never what was asked for
@@ -228,7 +231,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
                                                            _kept_files(registry, key, work, WRITTEN_PARTS))
     resumed = {"raw_shards_checked_before": scanned_before, "output_shards_written_before": written_before}
     manifest = _publish(cfg, registry, parent, name, key, started, stage, out, records, decision, written,
-                        shard_entries, input_counts, resumed, evals)  # fmt: skip
+                        shard_entries, input_counts, resumed, evals, carried)  # fmt: skip
     del records  # the memory map, before its file goes
     registry.remove_work(key)  # the records (~45 GB at 129M), and staged shards whose copies are the version's now
     return manifest
@@ -257,6 +260,12 @@ RECORD_SCHEMA = pa.schema([
     # 128-bit digests the dedup groups by (null: no URL, or no image).
     ("url_hash", pa.binary(16)), ("image_hash", pa.binary(16)),
 ])  # fmt: skip
+
+
+def record_schema(carried: list[pa.Field]) -> pa.Schema:
+    """RECORD_SCHEMA and the source list's columns the raw version carries, after it."""
+    return pa.schema([*RECORD_SCHEMA, *carried])
+
 
 # Pass 1 decodes every image (~30-60 MB/s per core): a process of its own pays off from about this much input.
 SCAN_BYTES_PER_PROCESS = 64 << 20
@@ -361,7 +370,8 @@ def _kept_files(registry: Registry, key: str, work: Path, folder: str) -> KeptFi
 
 
 def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, parts: KeptFiles,
-          eval_hashes: np.ndarray | None = None) -> tuple[dict[str, int], int]:  # fmt: skip
+          eval_hashes: np.ndarray | None = None, carried: list[pa.Field] | None = None
+          ) -> tuple[dict[str, int], int]:  # fmt: skip
     """Pass 1: one record per raw sample (no image bytes kept), with its first drop reason if any, into
     `work/records.arrow` in raw shard order. Returns the input counts and how many raw shards a stopped run of
     this key had already checked.
@@ -379,17 +389,20 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, pa
 
     records_path, summary_path = work / RECORDS_FILE, work / SCAN_SUMMARY
     entries = parent.shards()
+    carried = carried or []
+    schema = record_schema(carried)
     if records_path.exists() and summary_path.exists():  # a stopped run got past pass 1
         log.info("shard: going on from a stopped run: its %d raw shards are checked", len(entries))
         return json.loads(summary_path.read_text()), len(entries)
     parts.restore()
     part_paths = [parts.path(f"{number:06d}.arrow") for number in range(len(entries))]
-    todo = [number for number, path in enumerate(part_paths) if _read_part(path) is None]
+    todo = [number for number, path in enumerate(part_paths) if _read_part(path, schema) is None]
     if len(todo) < len(entries):
         log.info("shard: going on from a stopped run: %d of %d raw shards already checked", len(entries) - len(todo),
                  len(entries))  # fmt: skip
     index_url = registry.url_of(parent, INDEX_FILE) if any(e.path == INDEX_FILE for e in parent.files) else None
-    jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url, eval_hashes) for n in todo]
+    jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url, eval_hashes, carried)
+            for n in todo]  # fmt: skip
     workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
               disable=len(entries) < 4) as progress:  # fmt: skip
@@ -399,9 +412,9 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, pa
                 progress.update()
     truncated = 0
     joining = records_path.with_name(records_path.name + ".partial")
-    with spill_writer(joining, RECORD_SCHEMA) as writer:
+    with spill_writer(joining, schema) as writer:
         for path in part_paths:
-            table, was_truncated = _read_part(path)  # type: ignore[misc]  # every part is there now
+            table, was_truncated = _read_part(path, schema)  # type: ignore[misc]  # every part is there now
             writer.write_table(table)
             truncated += was_truncated
     os.replace(joining, records_path)
@@ -419,35 +432,39 @@ def _write_part(parts: KeptFiles, name: str, table: pa.Table, truncated: bool) -
         writer.write_table(table)
 
 
-def _read_part(path: Path) -> tuple[pa.Table, bool] | None:
-    """A raw shard's records and whether it was truncated; None when missing, or not of this code's schema (a
-    run of another version of the stage left it: checked again)."""
+def _read_part(path: Path, schema: pa.Schema) -> tuple[pa.Table, bool] | None:
+    """A raw shard's records and whether it was truncated; None when missing, or not of `schema` (a run of
+    another version of the stage left it: checked again)."""
     if not path.exists():
         return None
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # the map stays open while the table lives
-    if not table.schema.remove_metadata().equals(RECORD_SCHEMA):
+    if not table.schema.remove_metadata().equals(schema):
         return None
     return table.replace_schema_metadata(None), (table.schema.metadata or {}).get(b"truncated") == b"1"
 
 
 def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None,
-                   eval_hashes: np.ndarray | None = None) -> tuple[pa.Table, bool]:  # fmt: skip
-    """Pass 1 over one raw shard (`url`, published as `path`): its records (RECORD_SCHEMA), and whether it was
-    truncated (then the samples the raw index at `index_url` lists in it that could not be read are dropped as
-    `truncated_shard`). With `eval_hashes` (`eval_image_hashes`), near copies of evaluation images are dropped."""
+                   eval_hashes: np.ndarray | None = None, carried: list[pa.Field] | None = None
+                   ) -> tuple[pa.Table, bool]:  # fmt: skip
+    """Pass 1 over one raw shard (`url`, published as `path`): its records (`record_schema(carried)`), and whether
+    it was truncated (then the samples the raw index at `index_url` lists in it that could not be read are dropped
+    as `truncated_shard`). With `eval_hashes` (`eval_image_hashes`), near copies of evaluation images are dropped.
+    The `carried` source columns are read from each sample's json (img2dataset writes its row's columns there)."""
     import fsspec
 
     from blip_models.processing import pre_caption
     from pipelines.tasks.webdata import iter_tar
 
+    carried = carried or []
+    names = [field.name for field in carried]
     records: list[dict[str, Any]] = []
     errors: Counter = Counter()
     with fsspec.open(url, "rb") as handle:
         for sample in iter_tar(handle, errors, path):
-            records.append(_record(cfg, sample, path, pre_caption, eval_hashes))
+            records.append(_record(cfg, sample, path, pre_caption, eval_hashes, names))
     if errors and index_url is not None:
         seen = {record["key"] for record in records}
-        for row in _expected_rows(index_url, path):
+        for row in _expected_rows(index_url, path, names):
             if row["key"] not in seen:
                 records.append({**row, "status": "dropped", "drop_reason": "truncated_shard", "source_shard": path})
     for record in records:
@@ -455,11 +472,15 @@ def scan_raw_shard(cfg: ShardConfig, url: str, path: str, index_url: str | None,
         record["url_hash"] = None if record["url"] is None else digest16(record["url"])
         sha = record.get("image_sha256")
         record["image_hash"] = None if sha is None else bytes.fromhex(sha[:32])
-    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA), bool(errors)
+    try:
+        return pa.Table.from_pylist(records, schema=record_schema(carried)), bool(errors)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # a json value that is not of its index column's type
+        raise ValueError(f"{path}: a sample's source column does not have its index type "
+                         f"({', '.join(f'{field.name}: {field.type}' for field in carried)}): {error}") from error
 
 
 def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
-            eval_hashes: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+            eval_hashes: np.ndarray | None = None, carried: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     data = sample.members.get("jpg")
     try:
         meta = json.loads(sample.members.get("json", b"{}"))
@@ -470,7 +491,8 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
     caption = pre_caption(raw, cfg.max_words)
     record = {"key": key, "url": meta.get("url"), "raw_caption": raw, "caption": caption, "source_shard": shard_path,
               "status": "ok", "drop_reason": None, "width": None, "height": None, "image_sha256": None,
-              "source_offset": sample.offsets.get("jpg"), "source_bytes": len(data or b""), "reencode": False}
+              "source_offset": sample.offsets.get("jpg"), "source_bytes": len(data or b""), "reencode": False,
+              **{name: meta.get(name) for name in carried}}
     if data is None:
         record.update(status="dropped", drop_reason="missing_image")
         return record
@@ -483,12 +505,12 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
     return record
 
 
-def _expected_rows(index_url: str, shard_path: str) -> list[dict[str, Any]]:
+def _expected_rows(index_url: str, shard_path: str, carried: list[str] | None = None) -> list[dict[str, Any]]:
     """The raw index's ok rows of one shard: what a truncated shard should have held."""
     import fsspec
     import pyarrow.parquet as pq
 
-    columns = ["key", "url", "raw_caption", "caption"]
+    columns = ["key", "url", "raw_caption", "caption", *(carried or [])]
     with fsspec.open(index_url, "rb") as handle:
         # Without pre-buffering, whose cache would hold the scanned columns of the whole index (apache/arrow#39808).
         table = pq.read_table(handle, columns=columns, filters=[("shard", "=", shard_path), ("status", "=", "ok")],
@@ -712,7 +734,8 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     if done:
         log.info("shard: going on from a stopped run: %d of %d output shards already written", len(done), len(slices))
 
-    pass2_columns = SpilledRows(records.select(_PASS2_COLUMNS))
+    carried = records.column_names[len(RECORD_SCHEMA):]  # the source columns: into each sample's json
+    pass2_columns = SpilledRows(records.select([*_PASS2_COLUMNS, *carried]))
 
     def jobs() -> Iterator[tuple[Any, ...]]:  # built as submitted: each carries its records' columns
         for number, (split, index, rows) in enumerate(slices):
@@ -845,6 +868,7 @@ def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk
 
     handles: dict[str, Any] = {}
     keys, reencoded = [], {}
+    carried = chunk.column_names[len(_PASS2_COLUMNS):]
 
     def members() -> Iterator[tuple[str, bytes]]:  # one batch of images in memory at a time
         records = chunk.to_pylist()
@@ -858,7 +882,7 @@ def write_output_shard(cfg: ShardConfig, out: str, split: str, index: int, chunk
                 if "." in record["key"] or "/" in record["key"]:  # webdataset splits member names at the first dot
                     raise ValueError(f"sample key {record['key']!r} must not contain '.' or '/'")
                 keys.append(record["key"])
-                for extension, data in _members(record, jpg).items():
+                for extension, data in _members(record, jpg, carried).items():
                     yield f"{record['key']}.{extension}", data
 
     path = shard_name(split, index)
@@ -922,10 +946,11 @@ def _reencode(data: bytes, cfg: ShardConfig) -> bytes:
     return buffer.getvalue()
 
 
-def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:
+def _members(record: dict[str, Any], jpg: bytes, carried: list[str] | tuple[str, ...] = ()) -> dict[str, bytes]:
     meta = {"key": record["key"], "url": record["url"], "raw_caption": record["raw_caption"],
             "caption": record["caption"], "image_sha256": record["image_sha256"], "width": record["width"],
-            "height": record["height"], "source_key": record["key"], "caption_source": "web"}
+            "height": record["height"], "source_key": record["key"], "caption_source": "web",
+            **{name: record[name] for name in carried}}
     return {"jpg": jpg, "txt": record["caption"].encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -933,14 +958,15 @@ def _members(record: dict[str, Any], jpg: bytes) -> dict[str, bytes]:
 
 def _index_batches(records: pa.Table, decision: Decision, written: Written) -> Iterator[pa.Table]:
     """The new index in key order, a batch at a time: one row per key (a repeated key is counted, not given a
-    second row); split, shard and offsets only on kept rows."""
+    second row); split, shard and offsets only on kept rows; the source columns the records carry after."""
     from datasets_manifests.index import INDEX_BATCH_ROWS, INDEX_SCHEMA
 
     rows = decision.order[decision.dropped_as[decision.order] != DUPLICATE_REASONS.index("duplicate_key")]
     reasons = pa.array(DUPLICATE_REASONS, pa.string())
     shard_paths = pa.array(written.shard_paths, pa.string())
+    carried = records.column_names[len(RECORD_SCHEMA):]
     columns = ["key", "url", "image_sha256", "width", "height", "caption", "raw_caption", "split", "status",
-               "drop_reason"]  # fmt: skip
+               "drop_reason", *carried]  # fmt: skip
     index_columns = SpilledRows(records.select(columns))
     for first in range(0, len(rows), INDEX_BATCH_ROWS):
         batch = rows[first : first + INDEX_BATCH_ROWS]
@@ -962,16 +988,17 @@ def _index_batches(records: pa.Table, decision: Decision, written: Written) -> I
             "status": pc.if_else(kept, "ok", "dropped"),
             "drop_reason": pc.coalesce(reasons.take(pa.array(decision.dropped_as[batch])), column["drop_reason"]),
         }
-        yield pa.table({field.name: values[field.name] for field in INDEX_SCHEMA})
+        yield pa.table({name: values[name] for name in [*INDEX_SCHEMA.names, *carried]})
 
 
 def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, key: str, started: str,
              stage: Path, out: str, records: pa.Table, decision: Decision, written: Written,
              shard_entries: list[dict[str, Any]], input_counts: dict[str, int],
-             resumed: dict[str, int], evals: list[Manifest]) -> Manifest:  # fmt: skip
-    from datasets_manifests.index import INDEX_FILE, write_index_batches
+             resumed: dict[str, int], evals: list[Manifest], carried: list[pa.Field]) -> Manifest:  # fmt: skip
+    from datasets_manifests.index import INDEX_FILE, INDEX_SCHEMA, SOURCE_COLUMNS, write_index_batches
 
-    summary = write_index_batches(_index_batches(records, decision, written), stage / INDEX_FILE)
+    summary = write_index_batches(_index_batches(records, decision, written), stage / INDEX_FILE,
+                                  pa.schema([*INDEX_SCHEMA, *carried]))
     repeated = int((decision.dropped_as == DUPLICATE_REASONS.index("duplicate_key")).sum())
     if repeated:
         input_counts = {**input_counts, "duplicate_key": repeated}
@@ -995,8 +1022,10 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
         drop_reasons=summary["drop_reasons"],
         stats=stats,
         sample_schema={"jpg": "RGB JPEG bytes", "txt": "normalised caption (BLIP pre_caption)",
-                       "json": "key, url, raw_caption, caption, image_sha256, width, height, source_key"},
-        metadata={"layout": "webdataset", "shard_pattern": "shards/{split}-{i:06d}.tar"},
+                       "json": "key, url, raw_caption, caption, image_sha256, width, height, source_key"
+                               + "".join(f", {field.name}" for field in carried)},
+        metadata={"layout": "webdataset", "shard_pattern": "shards/{split}-{i:06d}.tar",
+                  **({SOURCE_COLUMNS: [field.name for field in carried]} if carried else {})},
     )
 
 

@@ -33,7 +33,9 @@ def _jpeg(image, quality=90) -> bytes:
 
 def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), no_text=(), seed=0,
                  name="web-tiny"):  # fmt: skip
-    """Publish a web dataset version (+ ground_truth.parquet) and tiny captioner/filter model versions.
+    """Publish a web dataset version (+ ground_truth.parquet) and tiny captioner/filter model versions. The web
+    version carries two source-list columns (the download's save_additional_columns): a string `uid` and a float32
+    `similarity`, in each sample's json and in its index.
 
     `corrupt`: keys whose .jpg is replaced by garbage bytes; `no_text`: keys without a .txt member.
     Returns (dataset, captioner, filter) manifests.
@@ -70,7 +72,8 @@ def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), 
                     jpg = b"\xff\xd8\xff\xe0 not a jpeg" if key in corrupt else _jpeg(demo_corpus.render(scene, image_size))
                     url = f"http://127.0.0.1:1/images/{row:06d}.jpg"
                     meta = {"key": key, "url": url, "raw_caption": raw, "caption": pre_caption(raw, 30),
-                            "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": image_size, "height": image_size}
+                            "image_sha256": hashlib.sha256(jpg).hexdigest(), "width": image_size, "height": image_size,
+                            **source_columns_of(key)}  # fmt: skip
                     for ext, data in (("jpg", jpg), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
                         if ext == "txt" and key in no_text:
                             continue
@@ -83,11 +86,14 @@ def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), 
                                        "true_caption": demo_corpus.true_caption(scene), "shape": scene.shape,
                                        "colour": scene.colour, "is_noisy": noisy, "bad_kind": None})
             files.append({"path": path, "role": "shard", "num_samples": per_shard, "split": "train"})
-        write_index(index_rows, staging / "index.parquet")
+        index = pa.Table.from_pylist(index_rows)
+        write_index(index.set_column(index.schema.get_field_index("similarity"), "similarity",
+                                     index.column("similarity").cast(pa.float32())), staging / "index.parquet")
         pq.write_table(pa.Table.from_pylist(truth_rows), staging / "ground_truth.parquet")
         files += [{"path": "index.parquet", "role": "index"}, {"path": "ground_truth.parquet", "role": "annotation"}]
         dataset = registry.publish(kind="dataset", name=name, staging_dir=staging, files=files,
-                                   producer=Producer(stage="test-fixture"), splits={"train": shards * per_shard})
+                                   producer=Producer(stage="test-fixture"), splits={"train": shards * per_shard},
+                                   metadata={"source_columns": ["uid", "similarity"]})  # fmt: skip
         torch.manual_seed(seed)
         config = preset("tiny")
         models = []
@@ -98,6 +104,10 @@ def build_inputs(registry, *, shards=3, per_shard=6, image_size=48, corrupt=(), 
                 kind="model", name=model_name, staging_dir=directory, producer=Producer(stage="test-fixture", cache_key=f"seed{seed}"),
                 files=[{"path": "model.safetensors", "role": "weights"}, {"path": "config.json", "role": "config"}]))
         return dataset, models[0], models[1]
+
+
+def source_columns_of(key: str) -> dict:
+    return {"uid": f"u{key[-4:]}", "similarity": int(key) / 100}
 
 
 def _shard_bytes(registry, manifest):
@@ -144,6 +154,8 @@ def _splitting_thresholds(texts):
 
 def _check_provenance(registry, manifest, config, captioner, filter_model):
     """Index, texts.parquet, shard members and manifest metadata tell one consistent story."""
+    import pyarrow as pa
+
     from datasets_manifests.index import read_index, read_texts
     from pipelines.tasks.capfilt import sample_seed
 
@@ -156,6 +168,12 @@ def _check_provenance(registry, manifest, config, captioner, filter_model):
     assert [text["key"] for text in texts] == [key for _, count, key in placed for _ in range(count)]
     thresholds = {source: config.filter.threshold_for(source) for source in ("web", "synthetic")}
     assert metadata["thresholds"] == thresholds and metadata["seed"] == config.captioner.seed
+    # The source list's columns, on every row (dropped ones too), as typed in the input's index.
+    assert metadata["source_columns"] == ["uid", "similarity"]
+    assert read_index(registry, manifest, ["similarity"]).schema.field("similarity").type == pa.float32()
+    for key, row in index.items():
+        assert row["uid"] == source_columns_of(key)["uid"]
+        assert row["similarity"] == pytest.approx(source_columns_of(key)["similarity"], rel=1e-6)
     assert metadata["sampling"]["repetition_penalty"] == config.captioner.repetition_penalty
     by_key = {}
     for text in texts:
@@ -181,6 +199,7 @@ def _check_provenance(registry, manifest, config, captioner, filter_model):
                 seen.add(key)
                 row = index[key]
                 assert row["shard"] == entry.path and row["jpg_offset"] is not None and row["status"] == "ok"
+                assert document["uid"] == row["uid"] and document["similarity"] == pytest.approx(row["similarity"])
                 assert document["capfilt"] == {"captioner": captioner.ref, "filter": filter_model.ref,
                                                "seed": metadata["seed"], "sampling": metadata["sampling"],
                                                "thresholds": metadata["thresholds"]}  # fmt: skip

@@ -129,10 +129,10 @@ def test_an_image_changed_since_the_list_was_made_is_not_stored(corpus, tmp_path
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"]
 
 
-def test_a_lists_own_ids_and_extra_columns_reach_the_index_and_its_retry(corpus, tmp_path):
+def test_a_lists_own_ids_and_extra_columns_reach_the_index_its_retry_and_the_shards(corpus, tmp_path):
     """`key_col: uid` (DataComp's ids) names the samples; `save_additional_columns: [similarity]` (LAION's CLIP
-    score) is carried by img2dataset into the raw index, each value beside its sample, and by --retry-failed into
-    the retried rows as well."""
+    score) is carried by img2dataset into the raw index, each value beside its sample, by --retry-failed into
+    the retried rows as well, and by the shard stage into its index and each sample's json."""
     import pyarrow as pa
 
     registry = Registry(tmp_path / "registry")
@@ -154,7 +154,19 @@ def test_a_lists_own_ids_and_extra_columns_reach_the_index_and_its_retry(corpus,
         assert index.schema.field("similarity").type == pa.float64()
         for row in index.to_pylist():
             assert (row["key"], row["similarity"]) == expected[(row["url"], row["raw_caption"])]
+        assert version.metadata["source_columns"] == ["similarity"]
     assert retried.counts["recovered"] == raw.drop_reasons["http_503"] > 0
+    web = run_shard(ShardConfig(samples_per_shard=16), retried.ref, name="web", registry=registry)
+    assert web.metadata["source_columns"] == ["similarity"]
+    score_of = dict(zip(uids, scores))
+    index = pq.read_table(registry.local_path(web, "index.parquet"))
+    assert index.schema.field("similarity").type == pa.float64()
+    assert {row["key"]: row["similarity"] for row in index.to_pylist()} == \
+        {key: score_of[key] for key in index.column("key").to_pylist()}  # fmt: skip
+    assert len(index) == retried.counts["ok"]  # the shard stage's drops too (their score says what was dropped)
+    assert set(index.column("status").to_pylist()) == {"ok", "dropped"}
+    in_shards = {key: meta["similarity"] for key, _, _, meta in iter_samples(registry, web, decode=False)}
+    assert in_shards and in_shards == {key: score_of[key] for key in in_shards}
 
 
 def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(corpus, tmp_path, monkeypatch):

@@ -44,12 +44,14 @@ def _raw_samples():
     return samples
 
 
-def _write_raw_tar(path: Path, samples) -> dict[str, int]:
+def _write_raw_tar(path: Path, samples, carried=None) -> dict[str, int]:
+    """img2dataset's layout; `carried(key)`: the source columns img2dataset writes into each sample's json."""
     offsets = {}
     with tarfile.open(path, "w") as archive:
         for index, (key, url, caption, data, _) in enumerate(samples):
             raw_key = f"{index:09d}"
-            meta = json.dumps({"source_key": key, "url": url, "caption": caption}).encode()
+            meta = json.dumps({"source_key": key, "url": url, "caption": caption,
+                               **(carried(key) if carried else {})}).encode()  # fmt: skip
             for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", meta)):
                 info = tarfile.TarInfo(f"{raw_key}.{ext}")
                 info.size = len(payload)
@@ -61,16 +63,26 @@ def _write_raw_tar(path: Path, samples) -> dict[str, int]:
 
 @pytest.fixture
 def raw_version(tmp_path):
+    return _raw_version(tmp_path)
+
+
+def _source_columns(key: str) -> dict:  # a DataComp-like id and a LAION-like CLIP score per sample
+    return {"uid": f"u-{key}", "similarity": sum(map(ord, key)) / 1000}
+
+
+def _raw_version(tmp_path, carried=None):
+    """A raw version of 3 shards (the third truncated); with `carried` (`_source_columns`) a download's
+    `save_additional_columns`: in each sample's json, its index (as typed there) and its manifest."""
     registry = Registry(tmp_path / "registry")
     stage = tmp_path / "stage"
     (stage / "raw").mkdir(parents=True)
     samples = _raw_samples()
     first, second = samples[:18], samples[18:]
-    _write_raw_tar(stage / "raw/00000.tar", first)
-    _write_raw_tar(stage / "raw/00001.tar", second)
+    _write_raw_tar(stage / "raw/00000.tar", first, carried)
+    _write_raw_tar(stage / "raw/00001.tar", second, carried)
     # A third shard cut short in the middle of its 3rd sample: 2 samples survive, 2 are lost.
     lost = [(f"t{i:03d}", f"http://h/t{i}.jpg", f"blue circle {i}", _image((200, i, 9)), "ok") for i in range(4)]
-    offsets = _write_raw_tar(stage / "raw/00002.tar", lost)
+    offsets = _write_raw_tar(stage / "raw/00002.tar", lost, carried)
     data = (stage / "raw/00002.tar").read_bytes()
     (stage / "raw/00002.tar").write_bytes(data[: offsets["t002"] + 100])
     rows = []
@@ -78,13 +90,22 @@ def raw_version(tmp_path):
         for key, url, caption, _, _ in group:
             rows.append({"key": key, "url": url, "raw_caption": caption, "caption": caption, "caption_source": "web",
                          "shard": shard, "status": "ok", "drop_reason": None, "split": None, "image_sha256": None,
-                         "width": None, "height": None, "jpg_offset": None, "jpg_bytes": None})
-    from datasets_manifests.index import write_index
+                         "width": None, "height": None, "jpg_offset": None, "jpg_bytes": None,
+                         **(carried(key) if carried else {})})
+    import pyarrow as pa
 
-    write_index(rows, stage / "index.parquet")
+    from datasets_manifests.index import INDEX_SCHEMA, write_index
+
+    table = pa.Table.from_pylist(rows)
+    if carried:  # the score as a float32 column: its type must survive the json round trip
+        table = table.set_column(table.schema.get_field_index("similarity"), "similarity",
+                                 table.column("similarity").cast(pa.float32()))  # fmt: skip
+    write_index(table.select([*INDEX_SCHEMA.names, *(["uid", "similarity"] if carried else [])]),
+                stage / "index.parquet")  # fmt: skip
     files = [{"path": f"raw/0000{i}.tar", "role": "shard"} for i in range(3)] + [{"path": "index.parquet", "role": "index"}]
     manifest = registry.publish(kind="dataset", name="raw-test", staging_dir=stage, files=files,
-                                producer=Producer(stage="handmade"))
+                                producer=Producer(stage="handmade"),
+                                metadata={"source_columns": ["uid", "similarity"]} if carried else {})  # fmt: skip
     return registry, manifest, samples, lost
 
 
@@ -136,6 +157,41 @@ def test_drop_reasons_dedup_and_truncation(raw_version):
         assert image.mode == "RGB" and caption == caption.lower() and "!" not in caption
         assert meta["key"] == key and split_of(key, 0.2) in out.splits
     assert shard_urls(registry, out, "train")[0].endswith("shards/train-000000.tar")
+
+
+def test_the_source_lists_columns_are_carried_to_the_index_and_each_samples_json(tmp_path):
+    import pyarrow as pa
+
+    registry, raw, samples, lost = _raw_version(tmp_path, carried=_source_columns)
+    out = run_shard(ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1), raw, name="web", registry=registry)
+    assert out.metadata["source_columns"] == ["uid", "similarity"]
+    index = pq.read_table(registry.local_path(out, "index.parquet"))
+    assert index.schema.field("uid").type == pa.string() and index.schema.field("similarity").type == pa.float32()
+    rows = index.to_pylist()
+    assert {row["status"] for row in rows} == {"ok", "dropped"}  # dropped samples (a truncated one too) keep theirs
+    assert any(row["drop_reason"] == "truncated_shard" for row in rows)
+    for row in rows:
+        expected = _source_columns(row["key"])
+        assert row["uid"] == expected["uid"]
+        assert row["similarity"] == pytest.approx(expected["similarity"], rel=1e-6)
+    metas = {key: meta for key, _, _, meta in iter_samples(registry, out, decode=False)}
+    assert len(metas) == out.num_samples
+    assert all(meta["uid"] == f"u-{key}" and meta["similarity"] == pytest.approx(_source_columns(key)["similarity"])
+               for key, meta in metas.items())  # fmt: skip
+    # A manifest naming a column its index lacks (not written by this code) is said to be one.
+    import dataclasses
+
+    from datasets_manifests.index import SampleIndexError, source_columns
+
+    with pytest.raises(SampleIndexError, match=r"raw-test@v1: its index.parquet lacks the source column\(s\) punsafe"):
+        source_columns(registry, dataclasses.replace(raw, metadata={"source_columns": ["uid", "punsafe"]}))
+
+
+def test_a_source_value_not_of_its_index_type_names_the_shard_and_column(tmp_path):
+    registry, raw, *_ = _raw_version(tmp_path, carried=lambda key: {"uid": "u", "similarity": "0.5"})
+    with pytest.raises(ValueError, match=r"raw/00000\.tar: a sample's source column does not have its index type "
+                                         r"\(uid: string, similarity: float\)"):
+        run_shard(ShardConfig(), raw, name="web", registry=registry)
 
 
 def test_index_points_into_tars(raw_version):
