@@ -113,13 +113,19 @@ def build(cls: type[T], raw: dict[str, Any], *, origin: str = "<dict>", prefix: 
         raise _config_error(origin, key, f"{prefix or cls.__name__}: {error}") from error
 
 
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
+
+
 def to_dict(config: Any, hashing: bool = False) -> Any:
     """Plain JSON-able form of a config (dataclasses -> dicts, tuples -> lists, Paths -> str). `hashing`: the form
     `config_hash` hashes, without the fields a config class lists in `ADDED_LATER` while they hold their default."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         added_later = getattr(type(config), "ADDED_LATER", ()) if hashing else ()
         return {f.name: to_dict(getattr(config, f.name), hashing) for f in dataclasses.fields(config)
-                if not (f.name in added_later and getattr(config, f.name) == f.default)}  # fmt: skip
+                if not (f.name in added_later and getattr(config, f.name) == _default(f))}  # fmt: skip
     if isinstance(config, (list, tuple)):
         return [to_dict(item, hashing) for item in config]
     if isinstance(config, dict):

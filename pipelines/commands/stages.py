@@ -63,7 +63,9 @@ def register(subparsers: Any) -> None:
         "shard", help="turn a raw version into training shards (dedup, caption cleaning, splits)",
         description="Decode-check, normalise captions (BLIP pre_caption), dedup by URL and image hash, split "
         "train/val by key hash, shuffle by seed and write gap-free shards/{split}-{i:06d}.tar with index.parquet. "
-        "Every dropped sample is recorded with its reason.")
+        "Every dropped sample is recorded with its reason. A download that carried its list's scores "
+        "(save_additional_columns) can be filtered on them as DataComp and LAION filter on CLIP scores: --set "
+        "source_bounds.similarity.min=0.28 drops a sample below (similarity_below_min) before decoding its image.")
     shard.add_argument("ref", help="raw dataset version, e.g. raw-demo@v1")
     shard.add_argument("--name", required=True, help="name of the training dataset, e.g. demo")
     shard.add_argument("--decontaminate", action="append", default=[], metavar="REF",

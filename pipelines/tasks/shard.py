@@ -56,6 +56,20 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceBounds:
+    """The values one source-list column may have (`ShardConfig.source_bounds`); either bound may be left out."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min is None and self.max is None:
+            raise ValueError("a bound needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}: no sample could pass")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShardConfig:
     """How raw shards become training shards."""
 
@@ -72,6 +86,12 @@ class ShardConfig:
     # 256-bit difference hash is within this many bits of an evaluation image's is dropped as `eval_overlap` (a
     # resized or re-encoded copy differs by a few bits; unrelated images by ~100).
     eval_overlap_max_distance: int = 10
+    # Bounds on the source list's columns the raw version carries (the download's `save_additional_columns`), as
+    # DataComp's and LAION's CLIP-score filtering: {similarity: {min: 0.28}, punsafe: {max: 0.1}}. A sample out of
+    # them is dropped as `<column>_below_min` / `<column>_above_max`, one without a value as `<column>_missing`,
+    # before its image is decoded (a filter that keeps 30 % decodes 30 % of the images).
+    source_bounds: dict[str, SourceBounds] = field(default_factory=dict)
+    ADDED_LATER = ("source_bounds",)  # out of the hash while empty: versions sharded before it stay reused
 
     def __post_init__(self) -> None:
         check_range("ShardConfig", "samples_per_shard", self.samples_per_shard, 1, 10_000_000)
@@ -86,6 +106,32 @@ class ShardConfig:
 def split_of(key: str, val_fraction: float) -> str:
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     return "val" if bucket < val_fraction else "train"
+
+
+def source_bound_problem(record: dict[str, Any], bounds: dict[str, SourceBounds]) -> str | None:
+    """Why a sample's source-list values are out of `bounds` (`ShardConfig.source_bounds`), or None."""
+    for column, bound in bounds.items():
+        value = record.get(column)
+        if value is None or value != value:  # null, or NaN
+            return f"{column}_missing"
+        if not isinstance(value, (int, float)):
+            continue  # not a number: building the records table names the column and its type
+        if bound.min is not None and value < bound.min:
+            return f"{column}_below_min"
+        if bound.max is not None and value > bound.max:
+            return f"{column}_above_max"
+    return None
+
+
+def check_source_bounds(bounds: dict[str, SourceBounds], carried: list[pa.Field], ref: str) -> None:
+    """Each bounded column is a numeric source column `ref` carries, or a ValueError names it."""
+    types = {field.name: field.type for field in carried}
+    for column in bounds:
+        if column not in types:
+            have = ", ".join(types) or "none: its download had no save_additional_columns"
+            raise ValueError(f"source_bounds.{column}: {ref} carries no source column {column!r} (it carries {have})")
+        if not (pa.types.is_integer(types[column]) or pa.types.is_floating(types[column])):
+            raise ValueError(f"source_bounds.{column}: {ref}'s column {column!r} is {types[column]}, not a number")
 
 
 def caption_problem(raw: str, caption: str, cfg: ShardConfig) -> str | None:
@@ -191,6 +237,10 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     if no_images:
         raise ValueError(f"{', '.join(no_images)}: no evaluation images (files of role 'image') to keep out of "
                          "the training data; decontaminate against a downstream version with val/test images")
+    from datasets_manifests.index import source_columns
+
+    carried = source_columns(registry, parent)  # the source list's columns (`save_additional_columns`)
+    check_source_bounds(cfg.source_bounds, carried, parent.ref)
     if parent.shards() and all(entry.num_samples == 0 for entry in parent.shards()):
         failures = ", ".join(f"{reason}: {count}" for reason, count in sorted(parent.drop_reasons.items())) or "none"
         raise EmptyInputError(f"{parent.ref} holds no image: its download got none (failures: {failures}); check "
@@ -213,9 +263,6 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
     out = str(stage) if registry.is_local else registry.shared_work_url(key)
     stage.mkdir(parents=True, exist_ok=True)
     eval_hashes = eval_image_hashes(registry, evals) if evals else None
-    from datasets_manifests.index import source_columns
-
-    carried = source_columns(registry, parent)  # the source list's columns (`save_additional_columns`)
     input_counts, scanned_before = _scan(cfg, registry, parent, work, _kept_files(registry, key, work, SCAN_PARTS),
                                          eval_hashes, carried)  # fmt: skip
     records = read_spilled([work / RECORDS_FILE], record_schema(carried))
@@ -495,6 +542,10 @@ def _record(cfg: ShardConfig, sample: Any, shard_path: str, pre_caption: Any,
               **{name: meta.get(name) for name in carried}}
     if data is None:
         record.update(status="dropped", drop_reason="missing_image")
+        return record
+    out_of_bounds = source_bound_problem(record, cfg.source_bounds)
+    if out_of_bounds:  # without decoding the image
+        record.update(status="dropped", drop_reason=out_of_bounds, image_sha256=hashlib.sha256(data).hexdigest())
         return record
     problem, width, height, reencode = check_image(data, cfg, eval_hashes)
     record.update(width=width or None, height=height or None, reencode=reencode,

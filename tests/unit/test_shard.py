@@ -187,6 +187,67 @@ def test_the_source_lists_columns_are_carried_to_the_index_and_each_samples_json
         source_columns(registry, dataclasses.replace(raw, metadata={"source_columns": ["uid", "punsafe"]}))
 
 
+def test_source_bounds_drop_what_a_clip_score_filter_drops_without_decoding_it(tmp_path, monkeypatch):
+    """DataComp's / LAION's CLIP-score filtering on the carried scores: a sample out of bounds is dropped with a
+    reason naming the column, before its image is decoded; the rest is sharded as without bounds."""
+    from pipelines.config import config_hash, load_config
+    from pipelines.tasks import shard
+
+    registry, raw, samples, lost = _raw_version(tmp_path, carried=_source_columns)
+    cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
+    everything = run_shard(cfg, raw, name="web", registry=registry)
+    bounded = load_config(ShardConfig, {"samples_per_shard": 7, "val_fraction": 0.2, "seed": 1},
+                          ["source_bounds.similarity.min=0.252", "source_bounds.similarity.max=0.259"])  # fmt: skip
+    decoded = []
+    check_image = shard.check_image
+    monkeypatch.setattr(shard, "check_image", lambda data, *args: decoded.append(data) or check_image(data, *args))
+    out = run_shard(bounded, raw, name="web-scored", registry=registry)
+    before = {row["key"]: row for row in pq.read_table(registry.local_path(everything, "index.parquet")).to_pylist()}
+    after = {row["key"]: row for row in pq.read_table(registry.local_path(out, "index.parquet")).to_pylist()}
+    assert after.keys() == before.keys()
+    read = {key for key, row in before.items() if row["drop_reason"] != "truncated_shard"}  # the others: no json
+    low = {key for key in read if _source_columns(key)["similarity"] < 0.252}
+    high = {key for key in read if _source_columns(key)["similarity"] > 0.259}
+    assert low and high and len(low) + len(high) < len(read)
+    for key, row in after.items():
+        if key not in read:
+            assert row["drop_reason"] == "truncated_shard"
+        elif key in low | high:
+            assert row["drop_reason"] == ("similarity_below_min" if key in low else "similarity_above_max")
+            assert row["image_sha256"] == hashlib.sha256(_image_of(samples + lost, key)).hexdigest()
+            assert row["width"] is None  # not decoded
+        else:  # in bounds: as without them (the duplicate of a bounded-out sample may now be kept)
+            assert row["drop_reason"] == before[key]["drop_reason"] or (before[key]["drop_reason"] or "").startswith("duplicate")
+    assert len(decoded) == len(read - low - high)
+    assert out.num_samples == sum(row["status"] == "ok" for row in after.values())
+    assert config_hash(cfg) == config_hash(ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1,
+                                                       source_bounds={}))  # fmt: skip
+    assert out.producer.config["source_bounds"] == {"similarity": {"min": 0.252, "max": 0.259}}
+
+
+def _image_of(samples, key):
+    return next(data for sample_key, _, _, data, _ in samples if sample_key == key)
+
+
+def test_source_bounds_are_checked_against_the_config_and_the_version(tmp_path):
+    from pipelines.config import ConfigError, load_config
+
+    for bounds, message in (({"similarity": {"mni": 0.2}}, "unknown key 'source_bounds.similarity.mni'; did you mean "
+                                                           "'source_bounds.similarity.min'"),
+                            ({"similarity": {}}, "a bound needs min, max or both"),
+                            ({"similarity": {"min": 0.5, "max": 0.1}}, "min 0.5 is above max 0.1"),
+                            ({"similarity": {"min": "high"}}, "source_bounds.similarity.min' expected float or null")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ShardConfig, {"source_bounds": bounds})
+    registry, raw, *_ = _raw_version(tmp_path, carried=_source_columns)
+    for bounds, message in (({"punsafe": {"max": 0.1}}, r"source_bounds.punsafe: raw-test@v1 carries no source "
+                                                        r"column 'punsafe' \(it carries uid, similarity\)"),
+                            ({"uid": {"min": 1}}, "source_bounds.uid: raw-test@v1's column 'uid' is string, not a number")):
+        with pytest.raises(ValueError, match=message):
+            run_shard(load_config(ShardConfig, {"source_bounds": bounds}), raw, name="web", registry=registry)
+    assert not registry.versions("dataset", "web")
+
+
 def test_a_source_value_not_of_its_index_type_names_the_shard_and_column(tmp_path):
     registry, raw, *_ = _raw_version(tmp_path, carried=lambda key: {"uid": "u", "similarity": "0.5"})
     with pytest.raises(ValueError, match=r"raw/00000\.tar: a sample's source column does not have its index type "
