@@ -217,7 +217,8 @@ def test_source_bounds_drop_what_a_clip_score_filter_drops_without_decoding_it(t
             assert row["image_sha256"] == hashlib.sha256(_image_of(samples + lost, key)).hexdigest()
             assert row["width"] is None  # not decoded
         else:  # in bounds: as without them (the duplicate of a bounded-out sample may now be kept)
-            assert row["drop_reason"] == before[key]["drop_reason"] or (before[key]["drop_reason"] or "").startswith("duplicate")
+            was = before[key]["drop_reason"]
+            assert row["drop_reason"] == was or (was or "").startswith("duplicate")
     assert len(decoded) == len(read - low - high)
     assert out.num_samples == sum(row["status"] == "ok" for row in after.values())
     assert config_hash(cfg) == config_hash(ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1,
@@ -242,7 +243,8 @@ def test_source_bounds_are_checked_against_the_config_and_the_version(tmp_path):
     registry, raw, *_ = _raw_version(tmp_path, carried=_source_columns)
     for bounds, message in (({"punsafe": {"max": 0.1}}, r"source_bounds.punsafe: raw-test@v1 carries no source "
                                                         r"column 'punsafe' \(it carries uid, similarity\)"),
-                            ({"uid": {"min": 1}}, "source_bounds.uid: raw-test@v1's column 'uid' is string, not a number")):
+                            ({"uid": {"min": 1}},
+                             "source_bounds.uid: raw-test@v1's column 'uid' is string, not a number")):
         with pytest.raises(ValueError, match=message):
             run_shard(load_config(ShardConfig, {"source_bounds": bounds}), raw, name="web", registry=registry)
     assert not registry.versions("dataset", "web")
