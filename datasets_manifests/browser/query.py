@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from datasets_manifests.index import (INDEX_FILE, TEXTS_FILE, TEXTS_POSITION, bool_mask, iter_registry_parquet,
-                                      parquet_format, read_ahead)
+from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask,
+                                      iter_registry_parquet, parquet_format, read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
@@ -181,7 +181,9 @@ class VersionData:
         (None: until they are there), after which `jobs.Pending` says how far the scan is."""
         index_path = self._require_index()
         index = self.dataset(index_path)
-        columns = [c for c in (*SAMPLE_COLUMNS, *TEXTS_POSITION) if c in index.schema.names]
+        # The source list's columns the version carries (LAION's similarity, DataComp's uid): on the card too.
+        carried = [c for c in self.manifest.metadata.get(SOURCE_COLUMNS) or [] if c in index.schema.names]
+        columns = [c for c in (*SAMPLE_COLUMNS, *TEXTS_POSITION, *carried) if c in index.schema.names]
         if where.empty:
             total = self.metadata(index_path).num_rows
             page = self._slice_rows(index_path, offset, limit, columns)
@@ -195,6 +197,7 @@ class VersionData:
         texts = self.texts_of(rows)
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
+            row["source_columns"] = {name: row.pop(name) for name in carried}
         return rows, total
 
     def _find_matches(self, where: SampleFilter, names: list[str], progress: Progress) -> Matches:

@@ -77,9 +77,11 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
                     parents: tuple[Manifest, ...] = (), version: str | None = None, stage: str = "shard",
                     texts: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
                     cache_key: str = "", tables: dict[str, list[dict[str, Any]]] | None = None,
-                    json_stats: dict[str, Any] | None = None, stats: dict[str, Any] | None = None) -> Manifest:
+                    json_stats: dict[str, Any] | None = None, stats: dict[str, Any] | None = None,
+                    metadata: dict[str, Any] | None = None) -> Manifest:
     """`tables`: other parquet files of the version ({path: rows}, role "other"), e.g. a download's source list;
-    `json_stats`: JSON files of role "stats" ({path: value}); `stats`: the manifest's stats."""
+    `json_stats`: JSON files of role "stats" ({path: value}); `stats`: the manifest's stats. Keys of `rows` beyond
+    the index's own are extra index columns (with `metadata={"source_columns": [...]}`: the source list's)."""
     staging.mkdir(parents=True, exist_ok=True)
     write_shard(staging, rows)
     write_index(rows, staging / INDEX_FILE)
@@ -105,6 +107,7 @@ def publish_dataset(registry: Registry, staging: Path, name: str, rows: list[dic
                           config_hash=hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()),
         counts=summary["counts"], drop_reasons=summary["drop_reasons"], splits=summary["splits"],
         stats=stats or {stage: {"input": len(rows)}}, sample_schema={"jpg": "JPEG bytes", "txt": "caption"},
+        metadata=metadata or {},
     )
 
 

@@ -350,8 +350,18 @@ function sampleCard(s) {
       ${dropped && s.drop_reason ? `<span class="muted">why: ${esc(s.drop_reason)}</span>` : ""}
       <span class="muted" style="float:right">${s.width}×${s.height} · ${esc(s.split)}</span></div>
       ${s.raw_caption && s.raw_caption !== s.caption ? `<div class="muted" style="font-size:12px" title="raw web alt-text">raw: ${esc(s.raw_caption)}</div>` : ""}
+      ${sourceColumns(s.source_columns)}
       ${captions}
       <a class="muted" style="font-size:11px" href="${esc(s.url)}" rel="noreferrer noopener" target="_blank">${esc(s.url)}</a></div></div>`;
+}
+
+// The source list's own columns the version carries (a CLIP score, an id), as the list had them.
+function sourceColumns(columns) {
+  const entries = Object.entries(columns || {});
+  if (!entries.length) return "";
+  const shown = v => v == null ? "–" : typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v);
+  return `<div class="muted mono" style="font-size:11px" title="the source list's columns" data-testid="source-columns">
+    ${entries.map(([name, value]) => `${esc(name)} ${esc(shown(value))}`).join(" · ")}</div>`;
 }
 
 async function showImageError(img) {
