@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,8 @@ def register(subparsers: Any) -> None:
     samples.add_argument("--offset", type=int, default=0, help="skip this many matching samples")
     samples.add_argument("--where", action="append", default=[], metavar="COL=VAL",
                          help="keep samples whose COL equals VAL (repeat; same COL twice means either; "
-                         "VAL 'null' means missing), e.g. --where status=dropped")
+                         "VAL 'null' means missing), e.g. --where status=dropped; or compares: COL>=VAL (>, <=, <; "
+                         "repeats all hold), e.g. --where similarity>=0.28 --where similarity<0.35")
     samples.add_argument("--text", default=None, help="case-insensitive substring of caption, raw_caption or url")
     samples.add_argument("--columns", default=None, help="comma-separated columns to print")
 
@@ -829,14 +831,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- samples
+_WHERE = re.compile(r"^([A-Za-z_][\w.-]*)(>=|<=|>|<|=)(.*)$", re.DOTALL)
+
+
 def parse_where(items: list[str]) -> dict[str, Any]:
-    """['status=dropped', 'split=train', 'split=val'] -> {'status': 'dropped', 'split': ['train', 'val']}."""
+    """['status=dropped', 'split=train', 'split=val'] -> {'status': 'dropped', 'split': ['train', 'val']};
+    ['similarity>=0.28', 'similarity<0.4'] -> {'similarity': [Compare('>=', '0.28'), Compare('<', '0.4')]}."""
+    from datasets_manifests.index import Compare
+
     where: dict[str, Any] = {}
     for item in items:
-        column, sep, value = item.partition("=")
-        if not sep or not column:
-            raise UserError(f"--where {item!r}: expected COL=VAL")
-        if column in where:
+        match = _WHERE.match(item)
+        if match is None:
+            raise UserError(f"--where {item!r}: expected COL=VAL, or COL>=VAL (>, <=, <)")
+        column, op, value = match.groups()
+        if op != "=":
+            where.setdefault(column, []).append(Compare(op, value))
+        elif column in where:
             previous = where[column]
             where[column] = [*previous, value] if isinstance(previous, list) else [previous, value]
         else:

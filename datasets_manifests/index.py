@@ -15,8 +15,10 @@ whatever the file's size. Imports pyarrow (not torch/ray).
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -82,6 +84,21 @@ _PARSERS = {
 
 class SampleIndexError(RegistryError):
     """A per-sample index that is malformed or cannot answer the query; the message says why."""
+
+
+@dataclass(frozen=True)
+class Compare:
+    """A `where` condition other than equality: `--where similarity>=0.28` is Compare(">=", "0.28")."""
+
+    op: str  # one of COMPARISONS
+    value: Any
+
+    def __post_init__(self) -> None:
+        if self.op not in COMPARISONS:
+            raise SampleIndexError(f"where: comparison {self.op!r} (use one of {', '.join(COMPARISONS)})")
+
+
+COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}  # on Arrow expressions
 
 
 # --------------------------------------------------------------------------- writing
@@ -464,13 +481,14 @@ def _literal(schema: pa.Schema, column: str, value: Any) -> Any:
     try:
         return parser(value)
     except (ValueError, KeyError) as error:
-        raise SampleIndexError(f"where {column}={value!r}: not a valid {column_type} value") from error
+        raise SampleIndexError(f"where {column} {value!r}: not a valid {column_type} value") from error
 
 
 def build_filter(schema: pa.Schema, where: dict[str, Any] | None, text: str | None,
                  text_columns: tuple[str, ...] = ("caption", "raw_caption", "url")) -> pc.Expression | None:
-    """An Arrow filter: every `where` column equals its value (a list means any of; None means null),
-    and, with `text`, any text column contains it (case-insensitive)."""
+    """An Arrow filter: every `where` column equals its value (a list means any of; None means null) or, where
+    its value is a `Compare` (or a list of them, all holding), compares so; and, with `text`, any text column
+    contains it (case-insensitive)."""
     expression: pc.Expression | None = None
 
     def both(term: pc.Expression) -> None:
@@ -480,7 +498,16 @@ def build_filter(schema: pa.Schema, where: dict[str, Any] | None, text: str | No
     for column, value in (where or {}).items():
         if column not in schema.names:
             raise SampleIndexError(f"where: unknown column {column!r} (columns: {', '.join(schema.names)})")
-        if isinstance(value, (list, tuple, set)):
+        comparisons = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, Compare) for item in comparisons):
+            if not all(isinstance(item, Compare) for item in comparisons):
+                raise SampleIndexError(f"where: {column!r} both equals and compares: give one or the other")
+            for item in comparisons:
+                literal = _literal(schema, column, item.value)
+                if literal is None:
+                    raise SampleIndexError(f"where {column}{item.op}: a comparison needs a value")
+                both(COMPARISONS[item.op](pc.field(column), literal))
+        elif isinstance(value, (list, tuple, set)):
             values = [_literal(schema, column, v) for v in value]
             both(pc.field(column).isin(pa.array(values, schema.field(column).type)))
         else:
