@@ -91,7 +91,7 @@ def register(subparsers: Any) -> None:
     samples.add_argument("--where", action="append", default=[], metavar="COL=VAL",
                          help="keep samples whose COL equals VAL (repeat; same COL twice means either; "
                          "VAL 'null' means missing), e.g. --where status=dropped; or compares: COL>=VAL (>, <=, <; "
-                         "repeats all hold), e.g. --where similarity>=0.28 --where similarity<0.35")
+                         "repeats all hold; quoted in a shell), e.g. --where 'similarity>=0.28' --where 'similarity<0.35'")
     samples.add_argument("--text", default=None, help="case-insensitive substring of caption, raw_caption or url")
     samples.add_argument("--columns", default=None, help="comma-separated columns to print")
 
