@@ -43,6 +43,8 @@ from pipelines.tasks.shard_cache import ShardCache, is_local
 from pipelines.tasks.webdata import atomic_output, count_tar_samples, iter_tar_samples, write_tar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from datasets_manifests.manifest import Manifest
     from datasets_manifests.registry import Registry
 
@@ -329,6 +331,56 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
     total["histogram_edges"] = [round(i / HISTOGRAM_BINS, 4) for i in range(HISTOGRAM_BINS + 1)]
     return total
+
+
+SOURCE_COLUMN_BINS = 10
+
+
+def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) -> dict[str, Any]:
+    """How CapFilt's decisions fall along each numeric source-list column the version carries (a LAION / DataComp
+    CLIP score): over SOURCE_COLUMN_BINS equal bins of its range, the samples in each, how many kept their web
+    text (did the ITM filter agree with the list's score?) and how many were kept at all; samples without a value
+    are counted as `missing`. Two passes over those index columns, and the texts' `kept` column (a byte a text):
+    each sample's web text is its first text (`decide_texts`), at its `texts_row`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from datasets_manifests.index import iter_parquet
+
+    numeric = [field.name for field in carried
+               if pa.types.is_integer(field.type) or pa.types.is_floating(field.type)]  # fmt: skip
+    if not numeric:
+        return {}
+    ranges: dict[str, list[float]] = {}
+    for batch in iter_parquet(index_path, numeric):
+        for name in numeric:
+            low, high = pc.min_max(batch.column(name)).values()
+            if low.is_valid and high.is_valid:
+                seen = ranges.setdefault(name, [low.as_py(), high.as_py()])
+                seen[:] = [min(seen[0], low.as_py()), max(seen[1], high.as_py())]
+    web_kept = pq.read_table(texts_path, columns=["kept"]).column("kept").to_numpy().astype(bool)
+    out: dict[str, Any] = {}
+    for name in numeric:
+        low, high = ranges.get(name, [0.0, 0.0])
+        edges = np.linspace(low, high, SOURCE_COLUMN_BINS + 1)
+        counts = {kind: np.zeros(SOURCE_COLUMN_BINS, dtype=np.int64) for kind in ("samples", "web_text_kept",
+                                                                                   "samples_kept")}  # fmt: skip
+        missing = 0
+        for batch in iter_parquet(index_path, [name, "texts_row", "status"]):
+            has_value = pc.is_valid(batch.column(name)).to_numpy(zero_copy_only=False)
+            missing += int((~has_value).sum())
+            values = batch.column(name).to_numpy(zero_copy_only=False)[has_value].astype(np.float64)
+            bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, SOURCE_COLUMN_BINS - 1)
+            rows = batch.column("texts_row").to_numpy(zero_copy_only=False)[has_value].astype(np.int64)
+            ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)[has_value]
+            counts["samples"] += np.bincount(bins, minlength=SOURCE_COLUMN_BINS)
+            for kind, flags in (("web_text_kept", web_kept[rows]), ("samples_kept", ok)):
+                counts[kind] += np.bincount(bins, weights=flags, minlength=SOURCE_COLUMN_BINS).astype(np.int64)
+        out[name] = {"edges": [round(float(edge), 6) for edge in edges], "missing": missing,
+                     **{kind: values.tolist() for kind, values in counts.items()}}  # fmt: skip
+    return out
 
 
 def _reject_order(reject: dict[str, Any]) -> str:
@@ -791,6 +843,9 @@ def _publish(registry: Registry, config: CapFiltConfig, key: str, shared: str, s
                                        lambda: (pq.read_table(work / "texts.parquet"), pq.read_table(work / "index.parquet")))
     if quality is not None:
         stats["quality"] = quality
+    by_source_column = source_column_stats(work / "index.parquet", work / "texts.parquet", carried or [])
+    if by_source_column:
+        stats["by_source_column"] = by_source_column
     stats["throughput"] = perf
     (work / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     # Shard digests come from the writer tasks (hashed as written; a marker of an older run may lack them).

@@ -278,6 +278,19 @@ def test_capfilt_full_run_provenance(ray_session, inputs, tmp_path):
     assert set(stats["kept_fraction"]) == {"web", "synthetic"}
     quality = stats["quality"]
     assert quality["samples_matched"] == 17 and quality["synthetic"]["total"] == 34
+    # CapFilt's decisions along the carried score: each sample in its bin of the score's range, once.
+    by_score = stats["by_source_column"]["similarity"]
+    edges, web_kept = by_score["edges"], {t["key"] for t in texts if t["source"] == "web" and t["kept"]}
+    assert by_score["missing"] == 0 and len(edges) == 11
+    assert (edges[0], edges[-1]) == pytest.approx((0.0, 0.17))  # the 18 samples' scores: 0.00 ... 0.17
+    bin_of = {key: min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, 9)
+              for key, row in index.items()}  # fmt: skip
+    for kind, counted in (("samples", set(index)), ("web_text_kept", web_kept),
+                          ("samples_kept", {key for key, row in index.items() if row["status"] == "ok"})):
+        assert by_score[kind] == [sum(bin_of[key] == b for key in counted) for b in range(10)], kind
+    assert sum(by_score["web_text_kept"]) == stats["texts_kept"]["web"]
+    assert json.loads(registry.local_path(manifest, "stats.json").read_text())["by_source_column"] == \
+        {"similarity": by_score}  # fmt: skip
     assert 0 <= stats["throughput"]["actor_busy_fraction"] <= 1
     assert stats["throughput"]["writes_on_decode_node"] == 3  # each shard's decode node reached the driver
     assert pq.read_table(registry.local_path(manifest, "texts.parquet")).num_rows == len(texts)
