@@ -190,7 +190,7 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
                                    cfg.key_col, tuple(cfg.save_additional_columns))
     extra = carried_fields(source_table)
     raw_output = _raw_output(cfg, key, stage / "raw")
-    _run_img2dataset(cfg, source_table, raw_output, work / "tmp")
+    _run_img2dataset(cfg, source_table, raw_output, work / "tmp", extra)
     # Shards written to storage inside a remote registry's store are indexed there and published by a copy
     # inside the store; shards on other shared storage are copied into the local staging dir publish reads.
     in_store = raw_output != str(stage / "raw") and _in_registry_store(registry, raw_output)
@@ -232,7 +232,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     extra = carried_fields(source_table)  # the parent's own extra columns, whatever this config says
     retry_output = _raw_output(cfg, key, work / "retry")
     if failed:
-        _run_img2dataset(cfg, source_table, retry_output, work / "tmp")
+        _run_img2dataset(cfg, source_table, retry_output, work / "tmp", extra)
     # The parent's shards and sidecars come along unchanged; retried shards are numbered after them. A local
     # registry hard-links them into the staging dir; a remote one copies them inside its store at publish.
     parent_files = [e for e in parent.files if e.path.startswith("raw/")]
@@ -297,11 +297,13 @@ def _raw_output(cfg: DownloadConfig, key: str, local_dir: Path) -> str:
     return f"{cfg.output_folder.rstrip('/')}/{key}/{local_dir.name}"
 
 
-def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str, temp_dir: Path) -> None:
-    """img2dataset into `output_folder` (path or fsspec URL); finished shards (with _stats.json) are skipped on a
-    relaunch. The driver reads `source_table` (in parts, under `temp_dir`) and writes its input splits under
-    `output_folder`/_tmp, so with the ray distributor only `output_folder` has to be shared between nodes.
-    `temp_dir` also holds the multiprocessing workers' TMPDIR; what this puts there is removed afterwards."""
+def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str, temp_dir: Path,
+                     extra: list[pa.Field]) -> None:  # fmt: skip
+    """img2dataset into `output_folder` (path or fsspec URL), keeping the list's `extra` columns beside each sample
+    (`carried_fields`); finished shards (with _stats.json) are skipped on a relaunch. The driver reads
+    `source_table` (in parts, under `temp_dir`) and writes its input splits under `output_folder`/_tmp, so with
+    the ray distributor only `output_folder` has to be shared between nodes. `temp_dir` also holds the
+    multiprocessing workers' TMPDIR; what this puts there is removed afterwards."""
     # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -317,8 +319,7 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
     fs.makedirs(posixpath.dirname(path.rstrip("/")), exist_ok=True)
     parts = split_source_table(source_table, temp_dir / "source-parts", cfg.samples_per_shard)
     with _workers_temp_dir(temp_dir / "workers" if cfg.distributor == "multiprocessing" else None):
-        _img2dataset_download(img2dataset, cfg, parts, output_folder,
-                              [field.name for field in carried_fields(source_table)])
+        _img2dataset_download(img2dataset, cfg, parts, output_folder, [field.name for field in extra])
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
