@@ -246,8 +246,7 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
         raise EmptyInputError(f"{parent.ref} holds no image: its download got none (failures: {failures}); check "
                               f"the network and the source URLs, then `blip download --retry-failed {parent.ref} "
                               "--name NAME` tries them again")  # fmt: skip
-    # Without evaluation sets the distance plays no part: left out, so versions sharded before it existed are reused.
-    key = cache_key(STAGE, [parent.id, *(manifest.id for manifest in evals)], _config_hash(cfg, bool(evals)))
+    key = _stage_key(cfg, parent, evals, carried)
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:
         registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
@@ -1082,6 +1081,17 @@ def _publish(cfg: ShardConfig, registry: Registry, parent: Manifest, name: str, 
 
 def _config_hash(cfg: ShardConfig, decontaminating: bool) -> str:
     return config_hash(cfg, leave_out=() if decontaminating else ("eval_overlap_max_distance",))
+
+
+def _stage_key(cfg: ShardConfig, parent: Manifest, evals: list[Manifest], carried: list[pa.Field]) -> str:
+    """The run's cache key. Without evaluation sets the distance plays no part: left out, so versions sharded
+    before it existed are reused. The carried source columns are in it when there are any: a version the stage
+    made before it carried them (from a list with `save_additional_columns`) lacks them, so it must not be reused;
+    a raw version with none keeps its key."""
+    config = _config_hash(cfg, bool(evals))
+    if carried:
+        config = f"{config}+carried:{','.join(field.name for field in carried)}"
+    return cache_key(STAGE, [parent.id, *(manifest.id for manifest in evals)], config)
 
 
 def summary(manifest: Manifest) -> dict[str, Any]:

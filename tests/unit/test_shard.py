@@ -157,14 +157,26 @@ def test_drop_reasons_dedup_and_truncation(raw_version):
         assert image.mode == "RGB" and caption == caption.lower() and "!" not in caption
         assert meta["key"] == key and split_of(key, 0.2) in out.splits
     assert shard_urls(registry, out, "train")[0].endswith("shards/train-000000.tar")
+    # No source column carried: the key is the one versions sharded before the stage carried them have.
+    assert out.producer.cache_key == _key_without_carried_columns(cfg, raw)
+
+
+def _key_without_carried_columns(cfg, raw) -> str:
+    from datasets_manifests.manifest import cache_key
+    from pipelines.tasks.shard import STAGE, _config_hash
+
+    return cache_key(STAGE, [raw.id], _config_hash(cfg, False))
 
 
 def test_the_source_lists_columns_are_carried_to_the_index_and_each_samples_json(tmp_path):
     import pyarrow as pa
 
     registry, raw, samples, lost = _raw_version(tmp_path, carried=_source_columns)
-    out = run_shard(ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1), raw, name="web", registry=registry)
+    cfg = ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1)
+    out = run_shard(cfg, raw, name="web", registry=registry)
     assert out.metadata["source_columns"] == ["uid", "similarity"]
+    # A version sharded from this raw version before the stage carried its columns lacks them: not reused.
+    assert out.producer.cache_key != _key_without_carried_columns(cfg, raw)
     index = pq.read_table(registry.local_path(out, "index.parquet"))
     assert index.schema.field("uid").type == pa.string() and index.schema.field("similarity").type == pa.float32()
     rows = index.to_pylist()
