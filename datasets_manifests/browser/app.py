@@ -8,10 +8,12 @@ stage runs left in their work dirs (shown, not removed: `blip data work --remove
 Each page is backed by a JSON endpoint:
 
     GET /api/versions                                   all versions (summary rows)
-    GET /api/versions/{kind}/{name}/{version}           one version: manifest, files, parquet footers, relatives
+    GET /api/versions/{kind}/{name}/{version}           one version: manifest, files, parquet footers, source
+                                                        columns, relatives
     GET /api/versions/{kind}/{name}/{version}/lineage   graph: nodes (level < 0 ancestors, > 0 descendants), edges
     GET /api/versions/{kind}/{name}/{version}/histograms  ITM score / size / caption-length histograms
-    GET /api/versions/{kind}/{name}/{version}/samples   ?q=&source=&min_score=&max_score=&decision=&split=&limit=&offset=
+    GET /api/versions/{kind}/{name}/{version}/samples   ?q=&source=&min_score=&max_score=&decision=&split=
+                                                        &column=&column_min=&column_max=&limit=&offset=
     GET /api/versions/{kind}/{name}/{version}/thumb/{key}?size=   JPEG thumbnail cut from the shard
     GET /api/versions/{kind}/{name}/{version}/image?path=         thumbnail of an image file the manifest lists
     GET /api/diff?a=name@v1&b=name@v2&category=&limit=&offset=    added / removed / recaptioned keys
@@ -149,6 +151,7 @@ def create_app(registry_url: str, *, thumb_cache_dir: str | Path | None = None, 
             "manifest": {**manifest.to_dict(), "id": manifest.id, "ref": manifest.ref},
             "summary": summary_row(manifest),
             "parquet": catalog.data(manifest).summary() if manifest.kind == "dataset" else None,
+            "source_columns": catalog.data(manifest).source_columns() if manifest.kind == "dataset" else [],
             "parents": parents,
             "children": [{"ref": m.ref, "kind": m.kind, "name": m.name, "version": m.version} for m in kids],
             "evaluations": evaluations,
@@ -333,6 +336,8 @@ def parse_sample_query(request: Request) -> tuple[SampleFilter, int, int]:
         q=params.get("q", "").strip(), source=params.get("source", "").strip(),
         min_score=_float_param(request, "min_score"), max_score=_float_param(request, "max_score"),
         decision=params.get("decision", "").strip(), split=params.get("split", "").strip(),
+        column=params.get("column", "").strip(), column_min=_float_param(request, "column_min"),
+        column_max=_float_param(request, "column_max"),
     )
     return where, _int_param(request, "limit", 48, 1, MAX_PAGE), _int_param(request, "offset", 0, 0, None)
 

@@ -62,6 +62,9 @@ class SampleFilter:
     max_score: float | None = None
     decision: str = ""  # "kept" | "dropped": the caption's (or, without texts, the image's) decision
     split: str = ""
+    column: str = ""  # a numeric source column the version carries (LAION's similarity) and its range
+    column_min: float | None = None
+    column_max: float | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("", "web", "synthetic"):
@@ -70,6 +73,13 @@ class SampleFilter:
             raise QueryError(f"decision must be 'kept' or 'dropped', not {self.decision!r}")
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
             raise QueryError(f"min_score {self.min_score} is above max_score {self.max_score}")
+        ranged = self.column_min is not None or self.column_max is not None
+        if ranged and not self.column:
+            raise QueryError("column_min / column_max bound a source column: name it (column=...)")
+        if self.column and not ranged:
+            raise QueryError(f"column={self.column} without column_min or column_max: give its range")
+        if self.column_min is not None and self.column_max is not None and self.column_min > self.column_max:
+            raise QueryError(f"column_min {self.column_min} is above column_max {self.column_max}")
 
     @property
     def empty(self) -> bool:
@@ -172,6 +182,20 @@ class VersionData:
                 out[label] = {"path": path, "error": f"cannot read {path}: {error}"}
         return out
 
+    def source_columns(self) -> list[dict[str, Any]]:
+        """The source list's columns the version carries, typed (the sample grid offers a range on numeric ones)."""
+        try:
+            fields = self._source_fields() if self.has_index else []
+        except Exception:  # noqa: BLE001 - a broken index is shown by `summary`; the page still opens
+            return []
+        return [{"name": field.name, "type": str(field.type), "numeric": _numeric(field.type)} for field in fields]
+
+    def _source_fields(self) -> list[pa.Field]:
+        """The source list's columns the version carries (`SOURCE_COLUMNS`), as its index types them."""
+        schema = self.metadata(self._require_index()).schema.to_arrow_schema()
+        return [schema.field(name) for name in self.manifest.metadata.get(SOURCE_COLUMNS) or []
+                if name in schema.names]  # fmt: skip
+
     # ------------------------------------------------------------------ samples
     def query_samples(self, where: SampleFilter, limit: int, offset: int,
                       wait_s: float | None = None) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
@@ -258,7 +282,8 @@ class VersionData:
     def _walk_projections(self, where: SampleFilter, names: list[str]) -> tuple[list[str], dict, dict]:
         """What the walk beside the texts reads: index columns, their projection (key, the index's own conditions,
         q on the web captions) and the texts' projection (key, the text conditions, q on the texts)."""
-        index_only = SampleFilter(split=where.split)  # the conditions on the index's own columns
+        index_only = SampleFilter(split=where.split, column=where.column, column_min=where.column_min,
+                                  column_max=where.column_max)  # the conditions on the index's own columns
         projection = {"key": ds.field("key"), "ok": self._index_expression(index_only, names),
                       "q": self._index_q_expression(where.q, names)}
         text_projection = {"key": ds.field("key"), "level": self._text_expression(where),
@@ -353,6 +378,7 @@ class VersionData:
     def _index_filter_columns(self, where: SampleFilter, names: list[str]) -> list[str]:
         """The index columns `where`'s conditions on the index read."""
         wanted = {"key"} | ({"split"} if where.split else set()) | ({"caption", "raw_caption"} if where.q else set())
+        wanted |= {where.column} if where.column else set()
         if where.text_level and not self.has_texts:
             wanted |= {"status", "caption_source"}
         return [name for name in names if name in wanted]
@@ -362,6 +388,8 @@ class VersionData:
         every matching key: used for versions whose texts are not in the index's order (`_key_set_masks`)."""
         conditions: list[ds.Expression] = []
         candidates = None
+        if where.column:
+            conditions.append(self._column_range(where))
         if where.split:
             conditions.append(ds.field("split") == where.split)
             if where.text_level and self.has_texts:
@@ -390,6 +418,23 @@ class VersionData:
         for condition in conditions:
             expression = expression & condition
         return expression
+
+    def _column_range(self, where: SampleFilter) -> ds.Expression:
+        """`where`'s range on a numeric source column; a sample without a value for it is outside any range."""
+        fields = {field.name: field for field in self._source_fields()}
+        field = fields.get(where.column)
+        if field is None:
+            carried = ", ".join(fields) or "none"
+            raise QueryError(f"{self.manifest.ref} carries no source column {where.column!r} (it carries: {carried})")
+        if not _numeric(field.type):
+            raise QueryError(f"{self.manifest.ref}: source column {where.column!r} is {field.type}, not a number: "
+                             "it has no range")
+        condition = ds.field(where.column).is_valid()
+        if where.column_min is not None:
+            condition = condition & (ds.field(where.column) >= where.column_min)
+        if where.column_max is not None:
+            condition = condition & (ds.field(where.column) <= where.column_max)
+        return condition
 
     @staticmethod
     def _index_q_expression(q: str, names: list[str]) -> ds.Expression:
@@ -536,6 +581,10 @@ def _find_parquet(manifest: Manifest, basename: str) -> str | None:
         if entry.path.rsplit("/", 1)[-1] == basename:
             return entry.path
     return None
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
 def _numbers(values: pa.Array | pa.ChunkedArray, dtype: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, write_index, write_texts
 from datasets_manifests.manifest import Manifest, Producer
 from datasets_manifests.registry import Registry
 
@@ -109,8 +110,6 @@ def write_dataset_files(staging: Path, samples: list[dict[str, Any]], per_shard:
     Dropped samples stay in the index (with their reason) but not in the shards, as the stages do;
     `captions` maps key -> (training caption, its source) where a stage replaced the web caption.
     """
-    from datasets_manifests.index import INDEX_FILE, write_index
-
     dropped, captions = dropped or {}, captions or {}
     kept = [s for s in samples if s["key"] not in dropped]
     entries, rows, offsets, shard_of = [], [], {}, {}
@@ -159,8 +158,6 @@ def add_texts_position(index_path: Path, texts: list[dict[str, Any]]) -> None:
     """Add `texts_row` / `texts_count` to an index whose texts are listed in its order, as CapFilt writes them."""
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import write_index
-
     write_index(with_texts_position(pq.read_table(index_path), [row["key"] for row in texts]), index_path)
 
 
@@ -176,6 +173,26 @@ def with_texts_position(index: pa.Table, text_keys: list[str]) -> pa.Table:
     index = index.drop_columns([name for name in TEXTS_POSITION if name in index.column_names])
     index = index.append_column("texts_row", pa.array(np.cumsum(count) - count))
     return index.append_column("texts_count", pa.array(count))
+
+
+def clip_scores(samples: list[dict[str, Any]]) -> dict[str, float | None]:
+    """A LAION-like `similarity` per sample, as a source list gives it (`save_additional_columns`): lower for
+    the noisy alt-texts; every eleventh sample has none. From the key alone (the registry's rng is left alone)."""
+    scores: dict[str, float | None] = {}
+    for sample in samples:
+        spread = int(hashlib.sha256(sample["key"].encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        missing = int(sample["key"]) % 11 == 10
+        scores[sample["key"]] = None if missing else round((0.15 if sample["noisy"] else 0.28) + 0.1 * spread, 4)
+    return scores
+
+
+def add_source_column(index_path: Path, name: str, values: dict[str, float | None]) -> None:
+    """Append a float32 source-list column (by key) to an index, as the stages carry one."""
+    import pyarrow.parquet as pq
+
+    index = pq.read_table(index_path)
+    column = pa.array([values.get(key) for key in index.column("key").to_pylist()], pa.float32())
+    write_index(index.append_column(pa.field(name, pa.float32()), column), index_path)
 
 
 def build_sample_registry(root: str | Path) -> dict[str, Manifest]:
@@ -201,6 +218,8 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     # web v1: 24 downloaded pairs in 2 shards (+ one example image file), one dropped at shard time.
     staging = stage("web1")
     files = write_dataset_files(staging, samples, per_shard=12, split="train", dropped={"000000005": "too_small"})
+    scores = clip_scores(samples)  # the source list's CLIP score, carried by web v1 and its CapFilt version
+    add_source_column(staging / INDEX_FILE, "similarity", scores)
     (staging / "images").mkdir(exist_ok=True)
     (staging / "images" / "example.jpg").write_bytes(samples[0]["jpg"])
     files.append({"path": "images/example.jpg", "role": "image"})
@@ -209,6 +228,7 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
         splits={"train": 23}, counts={"input": 25, "ok": 23, "dropped": 1, "failed_download": 1},
         drop_reasons={"too_small": 1, "failed_download": 1}, stats={"success_rate": 0.96, "mean_width": 128.0},
         sample_schema={"jpg": "JPEG bytes", "txt": "web caption", "json": "url, key, size"},
+        metadata={"source_columns": ["similarity"]},
     )
     # web v2: two samples taken down, four new ones, two captions re-cleaned.
     staging = stage("web2")
@@ -230,7 +250,6 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     )
     # CapFilt of web v1 with the pretrained model as captioner and filter.
     staging = stage("capfilt")
-    from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, write_texts
 
     threshold = 0.5
     inputs = [s for s in samples if s["key"] != "000000005"]  # CapFilt reads the kept samples of web v1
@@ -244,6 +263,7 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     files = write_dataset_files(staging, inputs, per_shard=12, split="train", dropped=dropped, captions=captions)
     write_texts(pa.Table.from_pylist(texts, schema=TEXTS_SCHEMA), staging / TEXTS_FILE)
     add_texts_position(staging / INDEX_FILE, texts)
+    add_source_column(staging / INDEX_FILE, "similarity", scores)
     files.append({"path": TEXTS_FILE, "role": "index"})
     kept_texts = sum(row["kept"] for row in texts)
     capfilt = registry.publish(
@@ -252,7 +272,7 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
         splits={"train": len(inputs) - len(dropped)}, counts={"images": len(inputs), "texts": len(texts), "kept_texts": kept_texts,
                                       "dropped_texts": len(texts) - kept_texts, "dropped_images": len(dropped)},
         drop_reasons={"itm_below_threshold": len(texts) - kept_texts, "no_caption_kept": len(dropped)},
-        stats={"itm_threshold": threshold},
+        stats={"itm_threshold": threshold}, metadata={"source_columns": ["similarity"]},
     )
     staging = stage("model2")
     (staging / "model.safetensors").write_bytes(b"\1" * 64)

@@ -318,6 +318,42 @@ def test_missing_image_shows_an_error_panel(server: str, browser_page: Any, shot
     assert page.errors == []
 
 
+def test_a_source_column_shows_on_the_cards_and_filters_by_its_range(server: str, browser_page: Any, shots: Path,
+                                                                     registry_source: str) -> None:
+    """The source list's CLIP score (`similarity`) on each card, and the grid filtered to a range of it beside
+    a CapFilt condition, as the JSON API filters."""
+    if registry_source != "sample":
+        pytest.skip("needs the sample registry's version with a source column")
+    page = browser_page
+    base = "/api/versions/dataset/web-demo-capfilt/v1"
+    page.goto(f"{server}/#/v/dataset/web-demo-capfilt/v1")
+    page.wait_for_selector("[data-testid=sample-grid] .sample")
+    first = _api(server, f"{base}/samples?limit=24")["samples"]
+    shown = page.locator("[data-testid=source-columns]").all_inner_texts()
+    assert len(shown) == len(first)
+    for text, sample in zip(shown, first):
+        score = sample["source_columns"]["similarity"]
+        assert text.strip() == f"similarity {'–' if score is None else f'{score:.4f}'}"
+    page.select_option("select[name=column]", "similarity")
+    page.fill("input[name=column_min]", "0.3")
+    page.select_option("select[name=source]", "web")
+    page.select_option("select[name=decision]", "kept")
+    with page.expect_response(lambda response: "/samples?" in response.url and "column_min=0.3" in response.url):
+        page.click("#sample-filters button[type=submit]")
+    query = "source=web&decision=kept&column=similarity&column_min=0.3"
+    expected = _api(server, f"{base}/samples?{query}&limit=24")
+    assert 0 < expected["total"] < len(first)  # the range and the filter both narrow it
+    assert all(s["source_columns"]["similarity"] >= 0.3 for s in expected["samples"])
+    page.wait_for_function(
+        "total => document.querySelector('[data-testid=sample-total]')?.textContent.startsWith(total)",
+        arg=f"{expected['total']:,}")
+    keys = page.eval_on_selector_all("[data-testid=sample-grid] .sample", "cards => cards.map(c => c.dataset.key)")
+    assert keys == [s["key"] for s in expected["samples"]]
+    assert page.input_value("input[name=column_min]") == "0.3"  # the form keeps the filter it shows
+    page.screenshot(path=str(shots / "source-column.png"), full_page=True)
+    assert page.errors == []
+
+
 def test_missing_and_corrupt_shards_show_error_panels(server: str, browser_page: Any, shots: Path,
                                                       registry_source: str) -> None:
     if registry_source != "sample":

@@ -568,6 +568,52 @@ def test_a_sample_card_has_the_source_lists_columns_its_version_carries(tmp_path
         [{}, {}]  # fmt: skip
 
 
+def test_samples_filter_by_a_range_of_a_numeric_source_column(tmp_path: Path) -> None:
+    from datasets_fixtures import publish_dataset, sample_rows
+
+    registry = Registry(str(tmp_path / "registry"))
+    scores = [0.25 + n / 100 for n in range(5)] + [None]  # the last sample's list had no score
+    rows = [{**row, "uid": f"u{n}", "similarity": score} for n, (row, score) in enumerate(zip(sample_rows(6), scores))]
+    texts = [text for n, row in enumerate(rows) for text in (
+        {"key": row["key"], "text": row["caption"], "source": "web", "itm_score": 0.9 if n % 2 == 0 else 0.1,
+         "kept": n % 2 == 0, "drop_reason": None if n % 2 == 0 else "itm_below_threshold"},
+        {"key": row["key"], "text": f"a synthetic caption {n}", "source": "synthetic", "itm_score": 0.8, "kept": True,
+         "drop_reason": None})]  # fmt: skip
+    publish_dataset(registry, tmp_path / "scored", "scored", rows, texts=texts,
+                    metadata={"source_columns": ["uid", "similarity"]})  # fmt: skip
+    publish_dataset(registry, tmp_path / "plain", "plain", sample_rows(2))
+    client = TestClient(create_app(str(tmp_path / "registry"), thumb_cache_dir=tmp_path / "thumbs"))
+    base = "/api/versions/dataset/scored/v1"
+    assert client.get(base).json()["source_columns"] == [
+        {"name": "uid", "type": "string", "numeric": False}, {"name": "similarity", "type": "double", "numeric": True}]
+    assert client.get("/api/versions/dataset/plain/v1").json()["source_columns"] == []
+
+    def keys(query: str) -> list[str]:
+        body = client.get(f"{base}/samples?{query}").json()
+        assert body["total"] == len(body["samples"])
+        return [sample["key"] for sample in body["samples"]]
+
+    key = [row["key"] for row in rows]
+    assert keys("column=similarity&column_min=0.255&column_max=0.285") == key[1:4]
+    assert keys("column=similarity&column_max=0.255") == key[:1]
+    assert keys("column=similarity&column_min=0") == key[:5]  # no value: outside any range
+    # With conditions on the texts too (the walk beside texts.parquet): a kept web text and the list's score.
+    assert keys("column=similarity&column_min=0.255&source=web&decision=kept") == [key[2], key[4]]
+    assert keys("column=similarity&column_min=0.255&q=synthetic caption 3") == [key[3]]
+    for query, message in [
+        ("column=uid&column_min=0", "scored@v1: source column 'uid' is string, not a number"),
+        ("column=punsafe&column_min=0", "scored@v1 carries no source column 'punsafe' (it carries: uid, similarity)"),
+        ("column_min=0.3", "column_min / column_max bound a source column: name it"),
+        ("column=similarity", "column=similarity without column_min or column_max"),
+        ("column=similarity&column_min=0.3&column_max=0.2", "column_min 0.3 is above column_max 0.2"),
+        ("column=similarity&column_min=high", "column_min must be a number"),
+    ]:
+        answer = client.get(f"{base}/samples?{query}")
+        assert answer.status_code == 400 and message in answer.json()["error"], (query, answer.json())
+    answer = client.get("/api/versions/dataset/plain/v1/samples?column=similarity&column_min=0")
+    assert answer.status_code == 400 and "carries no source column 'similarity' (it carries: none)" in answer.text
+
+
 def _expected_keys(registry_dir: Path, q: str = "", source: str = "", low: float | None = None,
                    decision: str = "") -> list[str]:
     """The filter semantics, recomputed in plain Python from the full tables."""

@@ -297,7 +297,9 @@ async function samplesSection(base, info, params) {
   const hasTexts = info.parquet.texts != null;
   const splits = Object.keys(info.manifest.splits || {});
   const value = k => esc(params.get(k) || "");
-  const sel = (k, options) => options.map(([v, label]) => `<option value="${v}" ${params.get(k) === v ? "selected" : ""}>${label}</option>`).join("");
+  const sel = (k, options) => options.map(([v, label]) => `<option value="${esc(v)}" ${params.get(k) === v ? "selected" : ""}>${esc(label)}</option>`).join("");
+  // A range on a numeric column of the source list (LAION's similarity): where the list's score and CapFilt agree.
+  const ranged = (info.source_columns || []).filter(c => c.numeric);
   box.innerHTML = `<form class="filters" id="sample-filters">
       <label>search text / key<input name="q" value="${value("q")}" placeholder="e.g. circle"></label>
       <label>caption source<select name="source">${sel("source", [["", "any"], ["web", "web"], ["synthetic", "synthetic"]])}</select></label>
@@ -305,12 +307,16 @@ async function samplesSection(base, info, params) {
       <label>max ITM score<input type="number" step="0.01" min="0" max="1" name="max_score" value="${value("max_score")}"></label>` : ""}
       <label>decision<select name="decision">${sel("decision", [["", "any"], ["kept", "kept"], ["dropped", "dropped"]])}</select></label>
       <label>split<select name="split">${sel("split", [["", "any"], ...splits.map(s => [s, s])])}</select></label>
+      ${ranged.length ? `<label>source column<select name="column">${sel("column", ranged.map(c => [c.name, c.name]))}</select></label>
+      <label>from<input type="number" step="any" name="column_min" value="${value("column_min")}"></label>
+      <label>to<input type="number" step="any" name="column_max" value="${value("column_max")}"></label>` : ""}
       <button type="submit">Apply</button><button type="button" class="secondary" id="clear-filters">Clear</button>
     </form><div id="sample-results"><p class="muted">Loading samples…</p></div>`;
   const form = document.getElementById("sample-filters");
   const go = offset => {
     const query = new URLSearchParams();
     for (const [k, v] of new FormData(form).entries()) if (String(v).trim()) query.set(k, String(v).trim());
+    if (!query.has("column_min") && !query.has("column_max")) query.delete("column");  // a column with no range
     if (offset) query.set("offset", offset);
     const [path] = location.hash.split("?");
     location.hash = `${path}?${query}`;
