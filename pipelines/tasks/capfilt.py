@@ -334,14 +334,20 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 SOURCE_COLUMN_BINS = 10
+FINE_BINS = 4096  # the resolution of the bins' edges: 1/4096 of the column's range
 
 
 def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) -> dict[str, Any]:
     """How CapFilt's decisions fall along each numeric source-list column the version carries (a LAION / DataComp
-    CLIP score): over SOURCE_COLUMN_BINS equal bins of its range, the samples in each, how many kept their web
-    text (did the ITM filter agree with the list's score?) and how many were kept at all; samples without a value
-    are counted as `missing`. Two passes over those index columns, and the texts' `kept` column (a byte a text):
-    each sample's web text is its first text (`decide_texts`), at its `texts_row`."""
+    CLIP score): over up to SOURCE_COLUMN_BINS bins of about equal numbers of samples (deciles: a CLIP score's
+    useful range is narrow, and equal-width bins over a range stretched by one outlier would put most samples in
+    one bin), the samples in each, how many kept their web text (did the ITM filter agree with the list's score?)
+    and how many were kept at all; samples without a value are counted as `missing`.
+
+    Two passes over those index columns and the texts' `kept` column (a byte a text; each sample's web text is
+    its first, `decide_texts`, at its `texts_row`): the range, then counts in FINE_BINS equal bins of it, merged
+    into the deciles' bins. A bin's edges are fine-bin edges, so a sample is in bin i when edges[i] <= value <
+    edges[i + 1] (the last bin holds its upper edge); many equal values (a fine bin past a decile) give fewer bins."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -361,26 +367,44 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
                 seen = ranges.setdefault(name, [low.as_py(), high.as_py()])
                 seen[:] = [min(seen[0], low.as_py()), max(seen[1], high.as_py())]
     web_kept = pq.read_table(texts_path, columns=["kept"]).column("kept").to_numpy().astype(bool)
+    kinds = ("samples", "web_text_kept", "samples_kept")
     out: dict[str, Any] = {}
     for name in numeric:
         low, high = ranges.get(name, [0.0, 0.0])
-        edges = np.linspace(low, high, SOURCE_COLUMN_BINS + 1)
-        counts = {kind: np.zeros(SOURCE_COLUMN_BINS, dtype=np.int64) for kind in ("samples", "web_text_kept",
-                                                                                   "samples_kept")}  # fmt: skip
+        fine_edges = np.linspace(low, high, FINE_BINS + 1)
+        fine = {kind: np.zeros(FINE_BINS, dtype=np.int64) for kind in kinds}
         missing = 0
         for batch in iter_parquet(index_path, [name, "texts_row", "status"]):
             has_value = pc.is_valid(batch.column(name)).to_numpy(zero_copy_only=False)
             missing += int((~has_value).sum())
             values = batch.column(name).to_numpy(zero_copy_only=False)[has_value].astype(np.float64)
-            bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, SOURCE_COLUMN_BINS - 1)
+            bins = np.clip(np.searchsorted(fine_edges, values, side="right") - 1, 0, FINE_BINS - 1)
             rows = batch.column("texts_row").to_numpy(zero_copy_only=False)[has_value].astype(np.int64)
             ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)[has_value]
-            counts["samples"] += np.bincount(bins, minlength=SOURCE_COLUMN_BINS)
+            fine["samples"] += np.bincount(bins, minlength=FINE_BINS)
             for kind, flags in (("web_text_kept", web_kept[rows]), ("samples_kept", ok)):
-                counts[kind] += np.bincount(bins, weights=flags, minlength=SOURCE_COLUMN_BINS).astype(np.int64)
-        out[name] = {"edges": [round(float(edge), 6) for edge in edges], "missing": missing,
-                     **{kind: values.tolist() for kind, values in counts.items()}}  # fmt: skip
+                fine[kind] += np.bincount(bins, weights=flags, minlength=FINE_BINS).astype(np.int64)
+        starts = _decile_starts(fine["samples"]) if high > low else np.array([0])
+        counts = {kind: np.add.reduceat(values, starts) for kind, values in fine.items()}
+        edges = [float(fine_edges[start]) for start in starts] + [float(high)]
+        out[name] = {"edges": edges, "missing": missing, **{kind: values.tolist() for kind, values in counts.items()}}
     return out
+
+
+def _decile_starts(samples: Any) -> Any:
+    """The first fine bin of each of up to SOURCE_COLUMN_BINS bins of about equal sample counts (`samples`: the
+    count in each fine bin): a bin ends with the fine bin where the running count reaches the next decile."""
+    import numpy as np
+
+    running = np.cumsum(samples)
+    total = int(running[-1])
+    if total == 0:
+        return np.array([0])
+    targets = total * np.arange(1, SOURCE_COLUMN_BINS) / SOURCE_COLUMN_BINS
+    ends = np.searchsorted(running, targets, side="left") + 1  # one past the fine bin that reaches each decile
+    starts = np.unique(np.concatenate([[0], ends[ends < len(samples)]]))
+    # A bin that would start after the last sample (the running count already whole) is merged into the one before.
+    return starts[np.concatenate([[True], running[starts[1:] - 1] < total])]
 
 
 def _reject_order(reject: dict[str, Any]) -> str:

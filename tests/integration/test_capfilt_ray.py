@@ -278,16 +278,17 @@ def test_capfilt_full_run_provenance(ray_session, inputs, tmp_path):
     assert set(stats["kept_fraction"]) == {"web", "synthetic"}
     quality = stats["quality"]
     assert quality["samples_matched"] == 17 and quality["synthetic"]["total"] == 34
-    # CapFilt's decisions along the carried score: each sample in its bin of the score's range, once.
+    # CapFilt's decisions along the carried score: each sample in its bin (deciles of the samples), once.
     by_score = stats["by_source_column"]["similarity"]
     edges, web_kept = by_score["edges"], {t["key"] for t in texts if t["source"] == "web" and t["kept"]}
-    assert by_score["missing"] == 0 and len(edges) == 11
+    bins = len(edges) - 1
+    assert by_score["missing"] == 0 and bins == 10 and set(by_score["samples"]) == {1, 2}  # 18 samples, ~1.8 each
     assert (edges[0], edges[-1]) == pytest.approx((0.0, 0.17))  # the 18 samples' scores: 0.00 ... 0.17
-    bin_of = {key: min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, 9)
+    bin_of = {key: min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, bins - 1)
               for key, row in index.items()}  # fmt: skip
     for kind, counted in (("samples", set(index)), ("web_text_kept", web_kept),
                           ("samples_kept", {key for key, row in index.items() if row["status"] == "ok"})):
-        assert by_score[kind] == [sum(bin_of[key] == b for key in counted) for b in range(10)], kind
+        assert by_score[kind] == [sum(bin_of[key] == b for key in counted) for b in range(bins)], kind
     assert sum(by_score["web_text_kept"]) == stats["texts_kept"]["web"]
     assert json.loads(registry.local_path(manifest, "stats.json").read_text())["by_source_column"] == \
         {"similarity": by_score}  # fmt: skip

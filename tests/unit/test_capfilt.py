@@ -668,3 +668,59 @@ def test_remote_model_files_are_loaded_without_leaving_a_copy_and_once_a_node_wi
     for model in (first, second):
         for (name, tensor), reference in zip(model.state_dict().items(), direct.state_dict().values()):
             assert torch.equal(tensor, reference), name
+
+
+def _scored_version(tmp_path, values, name="similarity", kind=None):
+    """An index (a score per sample, each sample's web text first of its two texts) and texts.parquet whose web
+    text is kept above 0.3, as CapFilt writes them; `values` None: no score."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kind = kind or pa.float32()
+    kept = [value is not None and value > 0.3 for value in values]
+    index = pa.table({name: pa.array(values, kind), "texts_row": pa.array([2 * i for i in range(len(values))]),
+                      "status": ["ok" if web or i % 3 == 0 else "dropped" for i, web in enumerate(kept)]})
+    pq.write_table(index, tmp_path / "index.parquet", row_group_size=128)
+    pq.write_table(pa.table({"kept": [flag for web in kept for flag in (web, True)]}), tmp_path / "texts.parquet")
+    return [pa.field(name, kind), pa.field("uid", pa.string())], index.to_pylist(), kept
+
+
+def test_source_column_stats_bins_hold_about_a_tenth_of_the_samples_each_despite_an_outlier(tmp_path):
+    import random
+
+    import numpy as np
+
+    rng = random.Random(3)
+    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 20
+    rng.shuffle(values)
+    carried, rows, web_kept = _scored_version(tmp_path, values)
+    stats = capfilt.source_column_stats(tmp_path / "index.parquet", tmp_path / "texts.parquet", carried)
+    assert list(stats) == ["similarity"]  # a string column has no bins
+    score = stats["similarity"]
+    edges = score["edges"]
+    assert len(edges) == 11 and edges == sorted(edges) and score["missing"] == 20
+    assert edges[0] == min(row["similarity"] for row in rows if row["similarity"] is not None) and edges[-1] == 5.0
+    assert sum(score["samples"]) == 1000 and max(score["samples"]) - min(score["samples"]) <= 20  # ~100 each
+    # Each sample in the bin its edges say, once (equal-width bins would hold 990 of them in the first).
+    bin_of = [min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, 9) if row["similarity"] is not None
+              else None for row in rows]  # fmt: skip
+    for kind, flags in (("samples", [True] * len(rows)), ("web_text_kept", web_kept),
+                        ("samples_kept", [row["status"] == "ok" for row in rows])):
+        assert score[kind] == [sum(1 for b, flag in zip(bin_of, flags) if b == i and flag) for i in range(10)], kind
+    assert score["web_text_kept"][0] == 0 and score["web_text_kept"][-1] == score["samples"][-1]  # the filter's cut
+
+
+def test_source_column_stats_with_equal_or_integer_values(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "same").mkdir()
+    carried, *_ = _scored_version(tmp_path / "same", [0.5] * 30 + [None])
+    same = capfilt.source_column_stats(tmp_path / "same/index.parquet", tmp_path / "same/texts.parquet", carried)
+    assert same["similarity"] == {"edges": [0.5, 0.5], "missing": 1, "samples": [30], "web_text_kept": [30],
+                                  "samples_kept": [30]}  # fmt: skip
+    (tmp_path / "ints").mkdir()
+    carried, *_ = _scored_version(tmp_path / "ints", [i % 4 for i in range(40)], name="votes", kind=pa.int64())
+    votes = capfilt.source_column_stats(tmp_path / "ints/index.parquet", tmp_path / "ints/texts.parquet", carried)
+    # Four values, ten per value: a bin per value (a value is never split between bins).
+    assert votes["votes"]["samples"] == [10, 10, 10, 10] and votes["votes"]["edges"][0] == 0.0
+    assert votes["votes"]["edges"][-1] == 3.0
