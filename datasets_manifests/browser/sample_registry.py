@@ -264,6 +264,9 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     write_texts(pa.Table.from_pylist(texts, schema=TEXTS_SCHEMA), staging / TEXTS_FILE)
     add_texts_position(staging / INDEX_FILE, texts)
     add_source_column(staging / INDEX_FILE, "similarity", scores)
+    from pipelines.tasks.capfilt import source_column_stats  # CapFilt's decisions along the list's score
+
+    by_score = source_column_stats(staging / INDEX_FILE, staging / TEXTS_FILE, [pa.field("similarity", pa.float32())])
     files.append({"path": TEXTS_FILE, "role": "index"})
     kept_texts = sum(row["kept"] for row in texts)
     capfilt = registry.publish(
@@ -272,7 +275,8 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
         splits={"train": len(inputs) - len(dropped)}, counts={"images": len(inputs), "texts": len(texts), "kept_texts": kept_texts,
                                       "dropped_texts": len(texts) - kept_texts, "dropped_images": len(dropped)},
         drop_reasons={"itm_below_threshold": len(texts) - kept_texts, "no_caption_kept": len(dropped)},
-        stats={"itm_threshold": threshold}, metadata={"source_columns": ["similarity"]},
+        stats={"capfilt": {"itm_threshold": threshold, "by_source_column": by_score}},
+        metadata={"source_columns": ["similarity"]},
     )
     staging = stage("model2")
     (staging / "model.safetensors").write_bytes(b"\1" * 64)

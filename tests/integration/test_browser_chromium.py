@@ -328,6 +328,15 @@ def test_a_source_column_shows_on_the_cards_and_filters_by_its_range(server: str
     base = "/api/versions/dataset/web-demo-capfilt/v1"
     page.goto(f"{server}/#/v/dataset/web-demo-capfilt/v1")
     page.wait_for_selector("[data-testid=sample-grid] .sample")
+    # CapFilt's stats along the score: a chart of its web-text decisions in the score's deciles.
+    by_score = _api(server, base)["manifest"]["stats"]["capfilt"]["by_source_column"]["similarity"]
+    title = f"CapFilt's web texts by the list's similarity (deciles of {sum(by_score['samples'])} samples)"
+    page.wait_for_selector(f"#histograms b:has-text(\"{title}\")")
+    bars = page.eval_on_selector_all("#histograms svg rect title", "titles => titles.map(t => t.textContent)")
+    for label, counts in (("web text kept", by_score["web_text_kept"]),
+                          ("web text dropped", [n - k for n, k in zip(by_score["samples"], by_score["web_text_kept"])])):
+        shown = [int(bar.split(": ")[1].split(" in ")[0]) for bar in bars if bar.startswith(f"{label}: ")]
+        assert shown == [n for n in counts if n > 0], label  # a bar per non-empty bin
     first = _api(server, f"{base}/samples?limit=24")["samples"]
     shown = page.locator("[data-testid=source-columns]").all_inner_texts()
     assert len(shown) == len(first)

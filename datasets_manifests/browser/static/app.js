@@ -208,7 +208,7 @@ async function versionPage(kind, name, version, params) {
   if (kind === "dataset") {
     const card = document.getElementById("histograms");
     getJSON(`${base}/histograms`, body => { card.innerHTML = `<h2>Histograms</h2>${pendingNote(body)}`; })
-      .then(drawHistograms).catch(error => {
+      .then(data => drawHistograms(data, m.stats)).catch(error => {
         if (!(error instanceof NavigatedAway)) card.innerHTML = `<h2>Histograms</h2>${errorBox(error)}`;
       });
   }
@@ -250,12 +250,20 @@ function histogramSvg(title, edges, series) {
     <text x="${left - 4}" y="${top + 4}" text-anchor="end">${fmt(max)}</text><text x="${left - 4}" y="${height - bottom}" text-anchor="end">0</text>
     ${bars}${ticks}</svg></div>`;
 }
-function drawHistograms(data) {
+function drawHistograms(data, stats) {
   const parts = [];
   if (data.itm_score) parts.push(histogramSvg(`ITM score (${fmt(data.itm_score.total)} captions)`, data.itm_score.edges,
     data.itm_score.series.map(s => ({ ...s, color: SERIES_COLORS[s.label] || "#888" }))));
   if (data.megapixels) parts.push(histogramSvg("image size (megapixels)", data.megapixels.edges, [{ label: "images", counts: data.megapixels.counts, color: "#5b7db1" }]));
   if (data.caption_words) parts.push(histogramSvg("web caption length (words)", data.caption_words.edges, [{ label: "captions", counts: data.caption_words.counts, color: "#5b7db1" }]));
+  // CapFilt's stats: its web-text decisions along each numeric column of the source list (a CLIP score), in bins of
+  // about a tenth of the samples each: where the ITM filter and the list's score agree.
+  for (const [name, b] of Object.entries(((stats || {}).capfilt || {}).by_source_column || {})) {
+    const samples = b.samples.reduce((s, n) => s + n, 0);
+    parts.push(histogramSvg(`CapFilt's web texts by the list's ${name} (deciles of ${fmt(samples)} samples)`, b.edges, [
+      { label: "web text kept", counts: b.web_text_kept, color: SERIES_COLORS["web kept"] },
+      { label: "web text dropped", counts: b.samples.map((n, i) => n - b.web_text_kept[i]), color: SERIES_COLORS["web dropped"] }]));
+  }
   document.getElementById("histograms").innerHTML = `<h2>Histograms</h2><div style="display:flex;flex-wrap:wrap;gap:24px">${parts.join("") || `<p class="muted">no per-sample index</p>`}</div>`;
 }
 
