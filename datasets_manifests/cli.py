@@ -856,7 +856,7 @@ def parse_where(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from datasets_manifests.index import query_samples
+    from datasets_manifests.index import SOURCE_COLUMNS, query_samples
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref)
@@ -870,19 +870,26 @@ def cmd_samples(args: argparse.Namespace) -> int:
         _print_json({"ref": manifest.ref, "total": total, "offset": args.offset, "rows": rows})
         return 0
     print(f"{manifest.ref}: {total} matching samples; showing {len(rows)} from {args.offset}")
+    carried = [name for name in manifest.metadata.get(SOURCE_COLUMNS) or [] if name in page.column_names]
     for row in rows:
-        print(_sample_line(row) if columns is None else "  " + "  ".join(f"{c}={row[c]!r}" for c in columns))
+        print(_sample_line(row, carried) if columns is None else "  " + "  ".join(f"{c}={row[c]!r}" for c in columns))
     return 0
 
 
-def _sample_line(row: dict[str, Any]) -> str:
+def _sample_line(row: dict[str, Any], carried: list[str]) -> str:
+    """A sample on one line: key, status, split, size, the source list's columns (a CLIP score), caption."""
     caption = row.get("caption") or ""
     caption = caption if len(caption) <= 70 else caption[:67] + "..."
     size = f"{row.get('width')}x{row.get('height')}" if row.get("width") is not None else "-"
     status = row.get("status", "?")
     if status != "ok":
         status = f"{status}:{row.get('drop_reason')}"
-    return f"  {row.get('key')}  [{status}]  {row.get('split') or '-'}  {size}  {caption!r}"
+    listed = "".join(f"  {name}={_short(row[name])}" for name in carried)
+    return f"  {row.get('key')}  [{status}]  {row.get('split') or '-'}  {size}{listed}  {caption!r}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 # --------------------------------------------------------------------------- catalog / serve

@@ -220,6 +220,8 @@ def test_samples_where_compares_a_carried_score(capsys, tmp_path):
         assert code != 0 and message in err, err
     code, _, err = run(capsys, registry, "samples", "scored@v1", "--where", ">=3")
     assert code != 0 and "expected COL=VAL, or COL>=VAL" in err
+    code, out, _ = run(capsys, registry, "samples", "scored@v1", "--where", "similarity>0.6")  # the score is shown
+    assert code == 0 and out.splitlines()[1:] == ["  s000007  [ok]  train  8x8  similarity=0.7  'a photo of thing 7'"]
 
 
 def test_catalog_lists_and_shows(capsys, tmp_path):
