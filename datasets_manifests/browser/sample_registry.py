@@ -250,7 +250,6 @@ def _publish_all(registry: Registry, staging_root: Path, rng: random.Random) -> 
     )
     # CapFilt of web v1 with the pretrained model as captioner and filter.
     staging = stage("capfilt")
-
     threshold = 0.5
     inputs = [s for s in samples if s["key"] != "000000005"]  # CapFilt reads the kept samples of web v1
     texts = capfilt_texts(inputs, rng, threshold)
