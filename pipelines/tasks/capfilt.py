@@ -342,7 +342,7 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
     CLIP score): over up to SOURCE_COLUMN_BINS bins of about equal numbers of samples (deciles: a CLIP score's
     useful range is narrow, and equal-width bins over a range stretched by one outlier would put most samples in
     one bin), the samples in each, how many kept their web text (did the ITM filter agree with the list's score?)
-    and how many were kept at all; samples without a value are counted as `missing`.
+    and how many were kept at all; samples without a value (null or NaN) are counted as `missing`.
 
     Two passes over those index columns and the texts' `kept` column (a byte a text; each sample's web text is
     its first, `decide_texts`, at its `texts_row`): the range, then counts in FINE_BINS equal bins of it, merged
@@ -375,10 +375,10 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
         fine = {kind: np.zeros(FINE_BINS, dtype=np.int64) for kind in kinds}
         missing = 0
         for batch in iter_parquet(index_path, [name, "texts_row", "status"]):
-            has_value = pc.is_valid(batch.column(name)).to_numpy(zero_copy_only=False)
+            values = np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+            has_value = ~np.isnan(values)  # null (NaN in numpy) or NaN: no value, as the shard stage's bounds see it
             missing += int((~has_value).sum())
-            values = batch.column(name).to_numpy(zero_copy_only=False)[has_value].astype(np.float64)
-            bins = np.clip(np.searchsorted(fine_edges, values, side="right") - 1, 0, FINE_BINS - 1)
+            bins = np.clip(np.searchsorted(fine_edges, values[has_value], side="right") - 1, 0, FINE_BINS - 1)
             rows = batch.column("texts_row").to_numpy(zero_copy_only=False)[has_value].astype(np.int64)
             ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)[has_value]
             fine["samples"] += np.bincount(bins, minlength=FINE_BINS)

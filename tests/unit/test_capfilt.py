@@ -685,24 +685,29 @@ def _scored_version(tmp_path, values, name="similarity", kind=None):
     return [pa.field(name, kind), pa.field("uid", pa.string())], index.to_pylist(), kept
 
 
+def _has_value(value) -> bool:
+    return value is not None and value == value  # null, or NaN: no value
+
+
 def test_source_column_stats_bins_hold_about_a_tenth_of_the_samples_each_despite_an_outlier(tmp_path):
     import random
 
     import numpy as np
 
     rng = random.Random(3)
-    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 20
+    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 15 + [float("nan")] * 5
     rng.shuffle(values)
     carried, rows, web_kept = _scored_version(tmp_path, values)
     stats = capfilt.source_column_stats(tmp_path / "index.parquet", tmp_path / "texts.parquet", carried)
     assert list(stats) == ["similarity"]  # a string column has no bins
     score = stats["similarity"]
     edges = score["edges"]
-    assert len(edges) == 11 and edges == sorted(edges) and score["missing"] == 20
-    assert edges[0] == min(row["similarity"] for row in rows if row["similarity"] is not None) and edges[-1] == 5.0
+    assert len(edges) == 11 and edges == sorted(edges) and score["missing"] == 20  # 15 nulls, 5 NaNs
+    scored = [row["similarity"] for row in rows if _has_value(row["similarity"])]
+    assert edges[0] == min(scored) and edges[-1] == 5.0
     assert sum(score["samples"]) == 1000 and max(score["samples"]) - min(score["samples"]) <= 20  # ~100 each
     # Each sample in the bin its edges say, once (equal-width bins would hold 990 of them in the first).
-    bin_of = [min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, 9) if row["similarity"] is not None
+    bin_of = [min(int(np.searchsorted(edges, row["similarity"], side="right")) - 1, 9) if _has_value(row["similarity"])
               else None for row in rows]  # fmt: skip
     for kind, flags in (("samples", [True] * len(rows)), ("web_text_kept", web_kept),
                         ("samples_kept", [row["status"] == "ok" for row in rows])):
