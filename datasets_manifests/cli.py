@@ -856,7 +856,7 @@ def parse_where(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from datasets_manifests.index import SOURCE_COLUMNS, query_samples
+    from datasets_manifests.index import SOURCE_COLUMNS, finite_or_none, query_samples
 
     registry = _registry(args)
     manifest = registry.resolve(args.ref)
@@ -866,7 +866,8 @@ def cmd_samples(args: argparse.Namespace) -> int:
     page, total = query_samples(registry, manifest, where=parse_where(args.where), text=args.text,
                                 limit=args.n, offset=args.offset, columns=columns)
     rows = page.to_pylist()
-    if args.json:
+    if args.json:  # a NaN score (a source list may have them) as null: `NaN` is not JSON
+        rows = [{column: finite_or_none(value) for column, value in row.items()} for row in rows]
         _print_json({"ref": manifest.ref, "total": total, "offset": args.offset, "rows": rows})
         return 0
     print(f"{manifest.ref}: {total} matching samples; showing {len(rows)} from {args.offset}")

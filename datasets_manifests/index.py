@@ -15,6 +15,7 @@ whatever the file's size. Imports pyarrow (not torch/ray).
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections import Counter
@@ -303,6 +304,11 @@ def summarize_index(table: pa.Table) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
+def finite_or_none(value: Any) -> Any:
+    """A value JSON can carry: a NaN or infinite float (a source list's score may be NaN) is None, no value."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def source_columns(registry: Registry, manifest: Manifest) -> list[pa.Field]:
     """The source list's columns `manifest`'s index carries (SOURCE_COLUMNS), typed as its index has them."""
     names = manifest.metadata.get(SOURCE_COLUMNS) or []

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask,
+from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask, finite_or_none,
                                       iter_registry_parquet, parquet_format, read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
@@ -221,7 +221,7 @@ class VersionData:
         texts = self.texts_of(rows)
         for row in rows:
             row["texts"] = texts.get(row["key"], [])
-            row["source_columns"] = {name: row.pop(name) for name in carried}
+            row["source_columns"] = {name: finite_or_none(row.pop(name)) for name in carried}  # NaN: not JSON
         return rows, total
 
     def _find_matches(self, where: SampleFilter, names: list[str], progress: Progress) -> Matches:

@@ -342,7 +342,7 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
     CLIP score): over up to SOURCE_COLUMN_BINS bins of about equal numbers of samples (deciles: a CLIP score's
     useful range is narrow, and equal-width bins over a range stretched by one outlier would put most samples in
     one bin), the samples in each, how many kept their web text (did the ITM filter agree with the list's score?)
-    and how many were kept at all; samples without a value (null or NaN) are counted as `missing`.
+    and how many were kept at all; samples without a value (null, NaN or infinite) are counted as `missing`.
 
     Two passes over those index columns and the texts' `kept` column (a byte a text; each sample's web text is
     its first, `decide_texts`, at its `texts_row`): the range, then counts in FINE_BINS equal bins of it, merged
@@ -362,10 +362,10 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
     ranges: dict[str, list[float]] = {}
     for batch in iter_parquet(index_path, numeric):
         for name in numeric:
-            low, high = pc.min_max(batch.column(name)).values()
-            if low.is_valid and high.is_valid:
-                seen = ranges.setdefault(name, [low.as_py(), high.as_py()])
-                seen[:] = [min(seen[0], low.as_py()), max(seen[1], high.as_py())]
+            values = _finite_values(batch.column(name))
+            if values.size:
+                seen = ranges.setdefault(name, [float(values.min()), float(values.max())])
+                seen[:] = [min(seen[0], float(values.min())), max(seen[1], float(values.max()))]
     web_kept = pq.read_table(texts_path, columns=["kept"]).column("kept").to_numpy().astype(bool)
     kinds = ("samples", "web_text_kept", "samples_kept")
     out: dict[str, Any] = {}
@@ -376,7 +376,7 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
         missing = 0
         for batch in iter_parquet(index_path, [name, "texts_row", "status"]):
             values = np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
-            has_value = ~np.isnan(values)  # null (NaN in numpy) or NaN: no value, as the shard stage's bounds see it
+            has_value = np.isfinite(values)  # null (NaN in numpy), NaN or infinite: no value
             missing += int((~has_value).sum())
             bins = np.clip(np.searchsorted(fine_edges, values[has_value], side="right") - 1, 0, FINE_BINS - 1)
             rows = batch.column("texts_row").to_numpy(zero_copy_only=False)[has_value].astype(np.int64)
@@ -389,6 +389,13 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
         edges = [float(fine_edges[start]) for start in starts] + [float(high)]
         out[name] = {"edges": edges, "missing": missing, **{kind: values.tolist() for kind, values in counts.items()}}
     return out
+
+
+def _finite_values(column: Any) -> Any:
+    import numpy as np
+
+    values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return values[np.isfinite(values)]
 
 
 def _decile_starts(samples: Any) -> Any:

@@ -555,14 +555,14 @@ def test_a_sample_card_has_the_source_lists_columns_its_version_carries(tmp_path
     from datasets_fixtures import publish_dataset, sample_rows
 
     registry = Registry(str(tmp_path / "registry"))
-    rows = [{**row, "uid": f"u{n}", "similarity": 0.25 + n / 100}
+    rows = [{**row, "uid": f"u{n}", "similarity": 0.25 + n / 100 if n != 3 else float("nan")}
             for n, row in enumerate(sample_rows(4, dropped={2: "similarity_below_min"}))]  # fmt: skip
     publish_dataset(registry, tmp_path / "scored", "scored", rows, metadata={"source_columns": ["uid", "similarity"]})
     publish_dataset(registry, tmp_path / "plain", "plain", sample_rows(2))
     client = TestClient(create_app(str(tmp_path / "registry"), thumb_cache_dir=tmp_path / "thumbs"))
     samples = client.get("/api/versions/dataset/scored/v1/samples").json()["samples"]
     assert [s["source_columns"] for s in samples] == [{"uid": f"u{n}", "similarity": pytest.approx(0.25 + n / 100)}
-                                                      for n in range(4)]  # fmt: skip
+                                                      for n in range(3)] + [{"uid": "u3", "similarity": None}]  # NaN
     assert "uid" not in samples[0] and samples[2]["drop_reason"] == "similarity_below_min"
     assert [s["source_columns"] for s in client.get("/api/versions/dataset/plain/v1/samples").json()["samples"]] == \
         [{}, {}]  # fmt: skip

@@ -686,7 +686,9 @@ def _scored_version(tmp_path, values, name="similarity", kind=None):
 
 
 def _has_value(value) -> bool:
-    return value is not None and value == value  # null, or NaN: no value
+    import math
+
+    return value is not None and math.isfinite(value)  # null, NaN or infinite: no value
 
 
 def test_source_column_stats_bins_hold_about_a_tenth_of_the_samples_each_despite_an_outlier(tmp_path):
@@ -695,14 +697,14 @@ def test_source_column_stats_bins_hold_about_a_tenth_of_the_samples_each_despite
     import numpy as np
 
     rng = random.Random(3)
-    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 15 + [float("nan")] * 5
+    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 15 + [float("nan")] * 5 + [float("inf")] * 2
     rng.shuffle(values)
     carried, rows, web_kept = _scored_version(tmp_path, values)
     stats = capfilt.source_column_stats(tmp_path / "index.parquet", tmp_path / "texts.parquet", carried)
     assert list(stats) == ["similarity"]  # a string column has no bins
     score = stats["similarity"]
     edges = score["edges"]
-    assert len(edges) == 11 and edges == sorted(edges) and score["missing"] == 20  # 15 nulls, 5 NaNs
+    assert len(edges) == 11 and edges == sorted(edges) and score["missing"] == 22  # 15 nulls, 5 NaNs, 2 infinite
     scored = [row["similarity"] for row in rows if _has_value(row["similarity"])]
     assert edges[0] == min(scored) and edges[-1] == 5.0
     assert sum(score["samples"]) == 1000 and max(score["samples"]) - min(score["samples"]) <= 20  # ~100 each

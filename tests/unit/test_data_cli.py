@@ -197,20 +197,26 @@ def test_samples_with_where_text_and_json(populated, capsys):
     assert json.loads(out)["total"] == 7 and [r["key"] for r in json.loads(out)["rows"]] == ["s000005", "s000006"]
 
 
+def _refuse(constant: str):
+    raise AssertionError(f"{constant} in the JSON output")
+
+
 def test_samples_where_compares_a_carried_score(capsys, tmp_path):
     registry = Registry(str(tmp_path / "registry"))
-    rows = [{**row, "similarity": n / 10} for n, row in enumerate(sample_rows(8))]
+    rows = [{**row, "similarity": n / 10} for n, row in enumerate(sample_rows(8))] + \
+        [{**sample_rows(9)[8], "similarity": float("nan")}]  # fmt: skip
     publish_dataset(registry, tmp_path / "scored", "scored", rows, metadata={"source_columns": ["similarity"]})
 
     def keys(*where: str) -> list[str]:
         code, out, err = run(capsys, registry, "samples", "scored@v1", "--json", "--n", "20",
                              *(arg for item in where for arg in ("--where", item)))  # fmt: skip
         assert code == 0, err
-        return [int(row["key"][1:]) for row in json.loads(out)["rows"]]
+        return [int(row["key"][1:]) for row in json.loads(out, parse_constant=_refuse)["rows"]]
 
     assert keys("similarity>=0.3") == [3, 4, 5, 6, 7]
     assert keys("similarity>0.3", "similarity<=0.5") == [4, 5]  # repeats all hold
     assert keys("similarity<0.2", "status=ok") == [0, 1]
+    assert keys("key=s000008") == [8]  # its NaN score printed as null: `NaN` is not JSON
     assert keys("width>=8", "caption=a photo of thing 2") == [2]  # an int column, and equality beside
     for where, message in (("similarity>=high", "where similarity 'high': not a valid double value"),
                            ("similarity>=", "where similarity>=: a comparison needs a value"),
