@@ -697,7 +697,8 @@ def test_source_column_stats_bins_hold_about_a_tenth_of_the_samples_each_despite
     import numpy as np
 
     rng = random.Random(3)
-    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10 + [None] * 15 + [float("nan")] * 5 + [float("inf")] * 2
+    values = [rng.uniform(0.2, 0.4) for _ in range(990)] + [5.0] * 10
+    values += [None] * 15 + [float("nan")] * 5 + [float("inf")] * 2  # no value
     rng.shuffle(values)
     carried, rows, web_kept = _scored_version(tmp_path, values)
     stats = capfilt.source_column_stats(tmp_path / "index.parquet", tmp_path / "texts.parquet", carried)
