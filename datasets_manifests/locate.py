@@ -3,9 +3,11 @@ the given URLs, keys or image sha256s, whether it is kept there (or why it was d
 the models and evaluations made from the versions that keep it (`trained_on`).
 
 The question a takedown request asks ("is my photo in your training data, and what was trained on it?"; web-scale
-opt-outs name URLs). Each index is read a batch at a time, only the columns asked about, the values looked up by
-Arrow (`is_in`): bounded memory on a 129M-row index. Versions whose data files were removed (`blip data rm
---data-only`) keep their index, so they are searched too and said to be so.
+opt-outs name URLs). Each index is read a batch at a time, only the columns asked about (a URL search reads the
+`url` column, not the keys, hashes and captions beside it), the values looked up by Arrow (`is_in`): bounded
+memory on a 129M-row index; the rest of a matching row is then read from the row groups that hold matches.
+Versions whose data files were removed (`blip data rm --data-only`) keep their index, so they are searched too
+and said to be so.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
-from datasets_manifests.index import INDEX_FILE, has_layer, scan_index
+import numpy as np
+
+from datasets_manifests.index import INDEX_FILE, SampleIndexError, bool_mask, has_layer, open_parquet, scan_index
 from datasets_manifests.manifest import Manifest, children_by_parent
 from datasets_manifests.registry import Registry
 
@@ -58,14 +62,52 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
         if not has_layer(manifest, INDEX_FILE):
             continue
         data_removed = (manifest.kind, manifest.name, manifest.version) in removed
-        for batch in scan_index(registry, manifest, COLUMNS):
+        _check_columns(registry, manifest)
+        rows = []  # the row numbers of the matches in the index, ascending
+        start = 0
+        for batch in scan_index(registry, manifest, list(wanted)):
             mask = None
             for column, values in wanted.items():
                 hit = pc.is_in(batch.column(column), value_set=values)
                 mask = hit if mask is None else pc.or_(mask, hit)
-            for row in batch.filter(pc.fill_null(mask, False)).to_pylist():
-                found.append(Found(ref=manifest.ref, data_removed=data_removed, **row))
+            rows.append(np.flatnonzero(bool_mask(mask)) + start)
+            start += batch.num_rows
+        matches = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        for row in _index_rows(registry, manifest, matches, COLUMNS).to_pylist():
+            found.append(Found(ref=manifest.ref, data_removed=data_removed, **row))
     return found
+
+
+def _check_columns(registry: Registry, manifest: Manifest) -> None:
+    """An index lacking one of COLUMNS is named before it is searched (its footer alone is read)."""
+    import pyarrow.parquet as pq
+
+    with registry.open(manifest, INDEX_FILE) as handle:
+        names = pq.read_schema(handle).names
+    missing = [column for column in COLUMNS if column not in names]
+    if missing:
+        raise SampleIndexError(f"{manifest.ref}/{INDEX_FILE} has no column {missing[0]!r} (columns: "
+                               f"{', '.join(names)})")
+
+
+def _index_rows(registry: Registry, manifest: Manifest, rows: Any, columns: list[str]) -> Any:
+    """`columns` of the index rows numbered `rows` (ascending), reading only the row groups that hold them."""
+    import pyarrow as pa
+
+    if not len(rows):
+        return pa.table({column: pa.array([], pa.string()) for column in columns})
+    path = registry.path_of(manifest, INDEX_FILE)
+    handle = None if registry.is_local else registry.fs.open(path, "rb")
+    try:
+        file = open_parquet(path if handle is None else handle)
+        starts = np.cumsum([0] + [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)])
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        pieces = [file.read_row_group(int(group), columns=columns).take(pa.array(rows[groups == group] - starts[group]))
+                  for group in np.unique(groups)]  # fmt: skip
+        return pa.concat_tables(pieces)
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def trained_on(registry: Registry, refs: Iterable[str]) -> list[Manifest]:

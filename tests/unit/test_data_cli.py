@@ -444,6 +444,29 @@ def test_serve_wait_option_parses_seconds_and_names_a_bad_value(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_find_reads_the_asked_column_then_the_row_groups_holding_matches(tmp_path, monkeypatch, remote):
+    """Matches in several row groups (and several in one), by url, key and sha256 together: the rows found are
+    the index's own, in its order, on a local and a remote registry."""
+    import pyarrow.parquet as pq
+
+    from datasets_manifests import index
+    from datasets_manifests.locate import COLUMNS, find_samples
+
+    monkeypatch.setattr(index, "ROW_GROUP_SIZE", 4)  # 20 rows: 5 row groups
+    registry = Registry(memory_url() if remote else str(tmp_path / "registry"))
+    manifest = publish_dataset(registry, tmp_path / "v", "web", sample_rows(20, dropped={9: "too_small"}))
+    table = index.read_index(registry, manifest)
+    with registry.open(manifest, index.INDEX_FILE) as handle:
+        assert pq.ParquetFile(handle).metadata.num_row_groups == 5
+    rows = table.to_pylist()
+    found = find_samples(registry, urls=[rows[1]["url"], rows[2]["url"], "http://nowhere/x.jpg"], keys=[rows[9]["key"]],
+                         sha256s=[rows[17]["image_sha256"].upper()])  # fmt: skip
+    assert [f.to_dict() for f in found] == [{**{c: rows[n][c] for c in COLUMNS}, "ref": "web@v1", "data_removed": False}
+                                            for n in (1, 2, 9, 17)]  # fmt: skip
+    assert find_samples(registry, urls=["http://nowhere/x.jpg"]) == []
+
+
 def test_find_says_where_a_url_is_kept_or_dropped_and_what_was_trained_on_it(populated, capsys, tmp_path):
     from datasets_manifests.manifest import Producer
 
