@@ -387,7 +387,8 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
         starts = _decile_starts(fine["samples"]) if high > low else np.array([0])
         counts = {kind: np.add.reduceat(values, starts) for kind, values in fine.items()}
         edges = [float(fine_edges[start]) for start in starts] + [float(high)]
-        out[name] = {"edges": edges, "missing": missing, **{kind: values.tolist() for kind, values in counts.items()}}
+        out[name] = {"edges": edges, "bins": "deciles", "missing": missing,  # (equal-width bins before: no "bins")
+                     **{kind: values.tolist() for kind, values in counts.items()}}  # fmt: skip
     return out
 
 

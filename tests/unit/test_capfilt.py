@@ -724,8 +724,8 @@ def test_source_column_stats_with_equal_or_integer_values(tmp_path):
     (tmp_path / "same").mkdir()
     carried, *_ = _scored_version(tmp_path / "same", [0.5] * 30 + [None])
     same = capfilt.source_column_stats(tmp_path / "same/index.parquet", tmp_path / "same/texts.parquet", carried)
-    assert same["similarity"] == {"edges": [0.5, 0.5], "missing": 1, "samples": [30], "web_text_kept": [30],
-                                  "samples_kept": [30]}  # fmt: skip
+    assert same["similarity"] == {"edges": [0.5, 0.5], "bins": "deciles", "missing": 1, "samples": [30],
+                                  "web_text_kept": [30], "samples_kept": [30]}  # fmt: skip
     (tmp_path / "ints").mkdir()
     carried, *_ = _scored_version(tmp_path / "ints", [i % 4 for i in range(40)], name="votes", kind=pa.int64())
     votes = capfilt.source_column_stats(tmp_path / "ints/index.parquet", tmp_path / "ints/texts.parquet", carried)

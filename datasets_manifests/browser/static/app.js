@@ -260,7 +260,8 @@ function drawHistograms(data, stats) {
   // about a tenth of the samples each: where the ITM filter and the list's score agree.
   for (const [name, b] of Object.entries(((stats || {}).capfilt || {}).by_source_column || {})) {
     const samples = b.samples.reduce((s, n) => s + n, 0);
-    parts.push(histogramSvg(`CapFilt's web texts by the list's ${name} (deciles of ${fmt(samples)} samples)`, b.edges, [
+    const bins = b.bins === "deciles" ? "deciles" : "equal bins";  // a version made before the deciles
+    parts.push(histogramSvg(`CapFilt's web texts by the list's ${name} (${bins} of ${fmt(samples)} samples)`, b.edges, [
       { label: "web text kept", counts: b.web_text_kept, color: SERIES_COLORS["web kept"] },
       { label: "web text dropped", counts: b.samples.map((n, i) => n - b.web_text_kept[i]), color: SERIES_COLORS["web dropped"] }]));
   }
