@@ -304,6 +304,11 @@ def summarize_index(table: pa.Table) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading
+def is_numeric(kind: pa.DataType) -> bool:
+    """A column type with a range: a source column that `source_bounds`, a range filter or binning can use."""
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
 def finite_or_none(value: Any) -> Any:
     """A value JSON can carry: a NaN or infinite float (a source list's score may be NaN) is None, no value."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -453,6 +458,11 @@ def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None
     _check_columns(dataset.schema, columns or [], manifest, INDEX_FILE)
     yield from iter_registry_parquet(registry, registry.path_of(manifest, INDEX_FILE), columns or dataset.schema.names,
                                      batch_rows)  # fmt: skip
+
+
+def check_index_columns(registry: Registry, manifest: Manifest, columns: list[str]) -> None:
+    """`manifest`'s index has `columns`, or a SampleIndexError names the first it lacks (its footer alone is read)."""
+    _check_columns(_dataset(registry, manifest, INDEX_FILE).schema, columns, manifest, INDEX_FILE)
 
 
 def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,

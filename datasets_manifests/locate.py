@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from datasets_manifests.index import INDEX_FILE, SampleIndexError, bool_mask, has_layer, open_parquet, scan_index
+from datasets_manifests.index import INDEX_FILE, bool_mask, check_index_columns, has_layer, open_parquet, scan_index
 from datasets_manifests.manifest import Manifest, children_by_parent
 from datasets_manifests.registry import Registry
 
@@ -62,7 +62,7 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
         if not has_layer(manifest, INDEX_FILE):
             continue
         data_removed = (manifest.kind, manifest.name, manifest.version) in removed
-        _check_columns(registry, manifest)
+        check_index_columns(registry, manifest, COLUMNS)  # the answer's columns, before the scan
         rows = []  # the row numbers of the matches in the index, ascending
         start = 0
         for batch in scan_index(registry, manifest, list(wanted)):
@@ -76,18 +76,6 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
         for row in _index_rows(registry, manifest, matches, COLUMNS).to_pylist():
             found.append(Found(ref=manifest.ref, data_removed=data_removed, **row))
     return found
-
-
-def _check_columns(registry: Registry, manifest: Manifest) -> None:
-    """An index lacking one of COLUMNS is named before it is searched (its footer alone is read)."""
-    import pyarrow.parquet as pq
-
-    with registry.open(manifest, INDEX_FILE) as handle:
-        names = pq.read_schema(handle).names
-    missing = [column for column in COLUMNS if column not in names]
-    if missing:
-        raise SampleIndexError(f"{manifest.ref}/{INDEX_FILE} has no column {missing[0]!r} (columns: "
-                               f"{', '.join(names)})")
 
 
 def _index_rows(registry: Registry, manifest: Manifest, rows: Any, columns: list[str]) -> Any:

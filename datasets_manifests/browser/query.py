@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask, finite_or_none,
-                                      iter_registry_parquet, parquet_format, read_ahead)
+                                      is_numeric, iter_registry_parquet, parquet_format, read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
@@ -188,7 +188,7 @@ class VersionData:
             fields = self._source_fields() if self.has_index else []
         except Exception:  # noqa: BLE001 - a broken index is shown by `summary`; the page still opens
             return []
-        return [{"name": field.name, "type": str(field.type), "numeric": _numeric(field.type)} for field in fields]
+        return [{"name": field.name, "type": str(field.type), "numeric": is_numeric(field.type)} for field in fields]
 
     def _source_fields(self) -> list[pa.Field]:
         """The source list's columns the version carries (`SOURCE_COLUMNS`), as its index types them."""
@@ -426,7 +426,7 @@ class VersionData:
         if field is None:
             carried = ", ".join(fields) or "none"
             raise QueryError(f"{self.manifest.ref} carries no source column {where.column!r} (it carries: {carried})")
-        if not _numeric(field.type):
+        if not is_numeric(field.type):
             raise QueryError(f"{self.manifest.ref}: source column {where.column!r} is {field.type}, not a number: "
                              "it has no range")
         condition = ds.field(where.column).is_valid()
@@ -581,10 +581,6 @@ def _find_parquet(manifest: Manifest, basename: str) -> str | None:
         if entry.path.rsplit("/", 1)[-1] == basename:
             return entry.path
     return None
-
-
-def _numeric(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
 def _numbers(values: pa.Array | pa.ChunkedArray, dtype: Any) -> np.ndarray:

@@ -349,20 +349,19 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
     into the deciles' bins. A bin's edges are fine-bin edges, so a sample is in bin i when edges[i] <= value <
     edges[i + 1] (the last bin holds its upper edge); many equal values (a fine bin past a decile) give fewer bins."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from datasets_manifests.index import iter_parquet
+    from datasets_manifests.index import is_numeric, iter_parquet
 
-    numeric = [field.name for field in carried
-               if pa.types.is_integer(field.type) or pa.types.is_floating(field.type)]  # fmt: skip
+    numeric = [field.name for field in carried if is_numeric(field.type)]
     if not numeric:
         return {}
     ranges: dict[str, list[float]] = {}
     for batch in iter_parquet(index_path, numeric):
         for name in numeric:
-            values = _finite_values(batch.column(name))
+            values = _floats(batch.column(name))
+            values = values[np.isfinite(values)]
             if values.size:
                 seen = ranges.setdefault(name, [float(values.min()), float(values.max())])
                 seen[:] = [min(seen[0], float(values.min())), max(seen[1], float(values.max()))]
@@ -375,7 +374,7 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
         fine = {kind: np.zeros(FINE_BINS, dtype=np.int64) for kind in kinds}
         missing = 0
         for batch in iter_parquet(index_path, [name, "texts_row", "status"]):
-            values = np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+            values = _floats(batch.column(name))
             has_value = np.isfinite(values)  # null (NaN in numpy), NaN or infinite: no value
             missing += int((~has_value).sum())
             bins = np.clip(np.searchsorted(fine_edges, values[has_value], side="right") - 1, 0, FINE_BINS - 1)
@@ -392,11 +391,11 @@ def source_column_stats(index_path: Path, texts_path: Path, carried: list[Any]) 
     return out
 
 
-def _finite_values(column: Any) -> Any:
+def _floats(column: Any) -> Any:
+    """A numeric column as float64, a null as NaN (so `np.isfinite` says which samples have a value)."""
     import numpy as np
 
-    values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    return values[np.isfinite(values)]
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def _decile_starts(samples: Any) -> Any:

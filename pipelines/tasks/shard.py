@@ -125,12 +125,14 @@ def source_bound_problem(record: dict[str, Any], bounds: dict[str, SourceBounds]
 
 def check_source_bounds(bounds: dict[str, SourceBounds], carried: list[pa.Field], ref: str) -> None:
     """Each bounded column is a numeric source column `ref` carries, or a ValueError names it."""
+    from datasets_manifests.index import is_numeric
+
     types = {field.name: field.type for field in carried}
     for column in bounds:
         if column not in types:
             have = ", ".join(types) or "none: its download had no save_additional_columns"
             raise ValueError(f"source_bounds.{column}: {ref} carries no source column {column!r} (it carries {have})")
-        if not (pa.types.is_integer(types[column]) or pa.types.is_floating(types[column])):
+        if not is_numeric(types[column]):
             raise ValueError(f"source_bounds.{column}: {ref}'s column {column!r} is {types[column]}, not a number")
 
 
