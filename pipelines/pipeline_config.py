@@ -64,7 +64,7 @@ class PipelineConfig:
 
     name: str  # prefix of every version this pipeline publishes
     registry: str | None = None  # registry URL; None: BLIP_REGISTRY or ./artifacts/registry
-    ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray
+    ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray; auto: `ray start`'s
     source: SourceConfig = field(default_factory=SourceConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)

@@ -45,6 +45,8 @@ def apply_environment() -> None:
 def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init_kwargs: Any) -> Any:
     """Connect to the cluster in `address`/RAY_ADDRESS, or start a private local Ray (no dashboard).
 
+    `auto` (Ray's word) joins the local cluster that `ray start` left running; without an address a running one is
+    not joined (`ray.init()` would): the run gets its own instance, the same on every machine, with `num_cpus`.
     Returns the `ray` module. Safe to call twice, and from several threads at once (the flow's concurrent stages).
     """
     apply_environment()
@@ -57,19 +59,34 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
 
 
 _RAY_INIT_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs: dict[str, Any]) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=init_kwargs.pop("log_to_driver", True), **init_kwargs)
-    else:
-        init_kwargs.setdefault("include_dashboard", False)
-        if not init_kwargs["include_dashboard"]:
-            runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-            runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
-            init_kwargs["runtime_env"] = runtime_env
-        ray.init(num_cpus=num_cpus, **init_kwargs)
+        return
+    running = _cluster_left_by_ray_start()
+    if running:
+        logger.info("a local Ray cluster started with `ray start` is running at %s; this run starts its own "
+                    "(RAY_ADDRESS=auto joins that one)", running)
+    init_kwargs.setdefault("include_dashboard", False)
+    if not init_kwargs["include_dashboard"]:
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
+        init_kwargs["runtime_env"] = runtime_env
+    ray.init(address="local", num_cpus=num_cpus, **init_kwargs)  # "local": a new instance even beside a running one
+
+
+def _cluster_left_by_ray_start() -> str | None:
+    """The address `ray start --head` wrote for `ray.init()` to find (/tmp/ray/ray_current_cluster), or None."""
+    try:
+        from ray._private.utils import read_ray_address  # private: the file's place is Ray's to choose
+
+        return read_ray_address() or None
+    except (ImportError, OSError):
+        return None
 
 
 SHARED_FILESYSTEM_ENV = "BLIP_SHARED_FILESYSTEM"  # "1": local paths are mounted at the same place on every node
@@ -112,7 +129,13 @@ def quiet_state_api_warnings() -> None:
     Ray Train's placement-group cleaner asks the state API every second whether the train controller is alive and
     logs a warning each time it cannot (dozens per minute in every training log). Its job, removing a dead run's
     placement group, does not arise here: a private Ray ends with the process that started it.
+    The state API finds its cluster by RAY_ADDRESS, else by looking for Ray processes on the machine: beside another
+    instance (a `ray start` cluster, a second run) it finds two, and the cleaner's thread died printing "Found
+    multiple active Ray instances". Workers are told their own cluster's address.
     """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

@@ -52,7 +52,7 @@ class DownloadConfig:
     """img2dataset settings of the download stage (names follow img2dataset's options)."""
 
     distributor: Literal["multiprocessing", "ray"] = "multiprocessing"  # "ray": on the cluster in ray_address
-    ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray
+    ray_address: str | None = None  # None: RAY_ADDRESS or a private local Ray; auto: `ray start`'s
     # multiprocessing only: img2dataset 1.47's ray distributor ignores it and runs one 1-CPU Ray task per shard,
     # so the cluster's CPU slots set the concurrency.
     processes: int = 2

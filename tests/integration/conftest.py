@@ -16,8 +16,11 @@ from flow_helpers import ROOT, STAGES_BEFORE_CAPFILT, _env, _flow_command, _snap
 
 
 @pytest.fixture(scope="session")
-def pipeline_registry(tmp_path_factory) -> Path:
-    """A registry where the flow was killed during CapFilt and then completed by a second run."""
+def pipeline_registry(tmp_path_factory, ray_session) -> Path:
+    """A registry where the flow was killed during CapFilt and then completed by a second run.
+
+    The test session's Ray instance is up meanwhile, as another one may be on a user's machine: the flow's stages
+    start their own beside it, and Ray Train's state-API calls must still find theirs."""
     root = tmp_path_factory.mktemp("flow")
     registry_dir = root / "registry"
     log = open(root / "first-run.log", "w")
@@ -42,6 +45,8 @@ def pipeline_registry(tmp_path_factory) -> Path:
         assert after[name] == before[name], name
     assert len(after["tiny-capfilt"]) == 1 and len(after["tiny-report"]) == 1
     assert "Downstream metrics" in second.stdout + second.stderr  # the report table, printed by the flow
+    for output in ((root / "first-run.log").read_text(), second.stdout + second.stderr):
+        assert "Found multiple active Ray instances" not in output
     return registry_dir
 
 

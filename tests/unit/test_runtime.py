@@ -77,3 +77,31 @@ def test_a_worker_process_that_dies_is_named_in_one_line(monkeypatch):
     monkeypatch.setenv(runtime.MAX_PROCESSES_ENV, "none")
     with pytest.raises(ValueError, match="BLIP_MAX_PROCESSES='none': expected a whole number"):
         runtime.process_count(10_000, 100, 50)
+
+
+def test_without_an_address_a_run_starts_its_own_ray_even_beside_one_that_ray_start_left(monkeypatch, caplog):
+    """`ray.init()` would join the cluster `ray start` left running (and refuse `num_cpus` there): a run without
+    RAY_ADDRESS gets its own instance; RAY_ADDRESS=auto (Ray's word) joins that cluster."""
+    calls = []
+
+    class FakeRay:
+        def init(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "_cluster_left_by_ray_start", lambda: "127.0.0.1:6390")
+    with caplog.at_level("INFO", logger="pipelines.runtime"):
+        runtime._init_ray(FakeRay(), None, 2, {})
+    assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] == 2 and not calls[-1]["include_dashboard"]
+    assert calls[-1]["runtime_env"]["worker_process_setup_hook"] == "pipelines.runtime.quiet_state_api_warnings"
+    assert "started with `ray start` is running at 127.0.0.1:6390" in caplog.text and "RAY_ADDRESS=auto" in caplog.text
+
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    runtime._init_ray(FakeRay(), None, None, {})
+    assert calls[-1] == {"address": "auto", "log_to_driver": True}
+    runtime._init_ray(FakeRay(), "127.0.0.1:6379", None, {"log_to_driver": False})  # the argument wins
+    assert calls[-1] == {"address": "127.0.0.1:6379", "log_to_driver": False}
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.setattr(runtime, "_cluster_left_by_ray_start", lambda: None)
+    runtime._init_ray(FakeRay(), None, None, {})
+    assert calls[-1]["address"] == "local"
