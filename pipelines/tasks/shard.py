@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from datasets_manifests.index import finite_or_none
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import Registry, now_utc
 from datasets_manifests.spill import (SpilledRows, ascending_order, digest16, read_spilled, repeated_values,
@@ -1002,7 +1003,7 @@ def _members(record: dict[str, Any], jpg: bytes, carried: list[str] | tuple[str,
     meta = {"key": record["key"], "url": record["url"], "raw_caption": record["raw_caption"],
             "caption": record["caption"], "image_sha256": record["image_sha256"], "width": record["width"],
             "height": record["height"], "source_key": record["key"], "caption_source": "web",
-            **{name: record[name] for name in carried}}
+            **{name: finite_or_none(record[name]) for name in carried}}  # JSON has no NaN: a score without value
     return {"jpg": jpg, "txt": record["caption"].encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 

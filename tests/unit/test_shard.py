@@ -199,6 +199,27 @@ def test_the_source_lists_columns_are_carried_to_the_index_and_each_samples_json
         source_columns(registry, dataclasses.replace(raw, metadata={"source_columns": ["uid", "punsafe"]}))
 
 
+def test_a_nan_score_is_kept_in_the_index_and_written_as_null_in_the_samples_json(tmp_path):
+    """A LAION list's score may be NaN: the index keeps it (Arrow has NaN), the sample's json says null (JSON has
+    no NaN: Python's json wrote `NaN`, which strict readers refuse)."""
+    import math
+
+    registry, raw, samples, lost = _raw_version(
+        tmp_path, carried=lambda key: {**_source_columns(key), "similarity": math.nan if key == "k003" else 0.3})
+    out = run_shard(ShardConfig(samples_per_shard=7, val_fraction=0.2, seed=1), raw, name="web", registry=registry)
+    rows = {row["key"]: row for row in pq.read_table(registry.local_path(out, "index.parquet")).to_pylist()}
+    assert math.isnan(rows["k003"]["similarity"]) and rows["k004"]["similarity"] == pytest.approx(0.3)
+    for split in out.splits:
+        for entry in out.shards(split):
+            with tarfile.open(registry.local_path(out, entry.path)) as archive:
+                for member in archive.getmembers():
+                    if member.name.endswith(".json"):
+                        text = archive.extractfile(member).read().decode()
+                        json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {member.name}"))
+                        if member.name.startswith("k003"):
+                            assert json.loads(text)["similarity"] is None
+
+
 def test_source_bounds_drop_what_a_clip_score_filter_drops_without_decoding_it(tmp_path, monkeypatch):
     """DataComp's / LAION's CLIP-score filtering on the carried scores: a sample out of bounds is dropped with a
     reason naming the column, before its image is decoded; the rest is sharded as without bounds."""
