@@ -1,20 +1,25 @@
-"""`blip data find` at the index's scale: the asked column read alone, then the row groups that hold a match, vs
-every column the answer shows read for every row.
+"""`blip data find` at the index's scale: the row groups whose Bloom filters may hold the URL, vs the asked column
+of every row group, vs every column the answer shows read for every row.
 
 A takedown request names a URL (or a key, an image sha256); `find_samples` looks for it in every dataset version's
 index. Here one version of `--rows` samples with realistic columns (random sha256s and URL paths, which do not
-compress; captions from a vocabulary) is searched for three URLs: ours (`locate.find_samples`: the `url` column
-scanned with Arrow's `is_in`, then the eight columns of the answer read from the row groups holding the matches)
-against the scan it was before, side by side on the same file (warm page cache for both, alternated, best of
-`--repeats`): the eight columns (key, url, sha256, status, drop reason, split, shard, caption) scanned for every
-row, matched by the same `is_in`. Both give the same rows. Also reported: the compressed bytes each reads (from the
-Parquet footer), which is what a cold disk or an object store pays. Prints one JSON object.
-`python benchmarks/bench_find.py` (~1 min at the default 2M rows).
+compress; captions from a vocabulary) is searched for three URLs, side by side (warm page cache for all,
+alternated, best of `--repeats`), the same rows found by each:
+- ours (`locate.find_samples` on the index as the stages write it, with a Bloom filter per row group on url and
+  image_sha256): the filters read, the `url` column of the row groups they may hold it in, then the eight columns
+  of the answer from the row groups holding the matches;
+- url_column: the same function on the same index written without filters (as before them, and as a key search
+  still reads): the `url` column of every row group;
+- every_column: the lookup before that, the eight columns (key, url, sha256, status, drop reason, split, shard,
+  caption) scanned for every row, matched by the same `is_in`.
+Also reported: the compressed bytes each reads (from the Parquet footer), what a cold disk or an object store
+pays. Prints one JSON object. `python benchmarks/bench_find.py` (~1 min at the default 2M rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -30,7 +35,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datasets_manifests.index import INDEX_FILE, scan_index, write_index  # noqa: E402
+from datasets_manifests.bloom import row_groups_to_read, value_hashes  # noqa: E402
+from datasets_manifests.index import INDEX_FILE, ROW_GROUP_SIZE, scan_index, write_index  # noqa: E402
 from datasets_manifests.locate import COLUMNS, Found, find_samples  # noqa: E402
 from datasets_manifests.manifest import Producer  # noqa: E402
 from datasets_manifests.registry import Registry  # noqa: E402
@@ -46,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(root: Path, rows: int) -> tuple[Registry, Any, list[str]]:
-    """A shard-stage-like version's index (no shards: `find` reads the index alone) and three URLs it holds."""
+def build(root: Path, rows: int) -> tuple[tuple[Registry, Any], tuple[Registry, Any], list[str]]:
+    """A shard-stage-like version's index (no shards: `find` reads the index alone), with and without the Bloom
+    filters, and three URLs it holds."""
     rng = np.random.default_rng(0)
     keys = pa.array(np.char.zfill(np.arange(rows).astype(str), 9))
     paths = pa.array([bytes(row).hex() for row in rng.integers(0, 256, (rows, 8), dtype=np.uint8)])
@@ -69,14 +76,22 @@ def build(root: Path, rows: int) -> tuple[Registry, Any, list[str]]:
         "status": pa.array(np.where(dropped, "dropped", "ok")),
         "drop_reason": pa.array(np.where(dropped, "too_small", None).tolist(), pa.string()),
     })  # fmt: skip
+    asked = [url[int(n)].as_py() for n in (rows // 7, rows // 2, rows - 3)]  # three row groups
+    return publish(root / "filters", index, filters=True), publish(root / "plain", index, filters=False), asked
+
+
+def publish(root: Path, index: pa.Table, filters: bool) -> tuple[Registry, Any]:
+    """A registry holding the index as one version: as the stages write it, or without the Bloom filters."""
     staging = root / "staging"
     staging.mkdir(parents=True)
-    write_index(index, staging / INDEX_FILE)
+    if filters:
+        write_index(index, staging / INDEX_FILE)
+    else:
+        pq.write_table(index, staging / INDEX_FILE, row_group_size=ROW_GROUP_SIZE)
     registry = Registry(str(root / "registry"))
     manifest = registry.publish(kind="dataset", name="web", staging_dir=staging, producer=Producer(stage="bench"),
                                 files=[{"path": INDEX_FILE, "role": "index"}])  # fmt: skip
-    asked = [url[int(n)].as_py() for n in (rows // 7, rows // 2, rows - 3)]  # three row groups
-    return registry, manifest, asked
+    return registry, manifest
 
 
 def scan_every_column(registry: Registry, manifest: Any, urls: list[str]) -> list[Found]:
@@ -96,34 +111,55 @@ def compressed_bytes(path: Path, columns: list[str], groups: list[int] | None = 
     return sum(metadata.row_group(g).column(names.index(c)).total_compressed_size for g in chosen for c in columns)
 
 
+def filter_bytes(path: Path, column: str) -> int:
+    metadata = pq.read_metadata(path)
+    names = metadata.schema.to_arrow_schema().names
+    return sum(metadata.row_group(g).column(names.index(column)).bloom_filter_length or 0
+               for g in range(metadata.num_row_groups))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-find-") as tmp:
-        registry, manifest, urls = build(Path(tmp), args.rows)
-        times: dict[str, list[float]] = {"ours": [], "every_column": []}
+        (registry, manifest), (plain, plain_manifest), urls = build(Path(tmp), args.rows)
+        sides = {"ours": lambda: find_samples(registry, urls=urls),
+                 "url_column": lambda: find_samples(plain, urls=urls),
+                 "every_column": lambda: scan_every_column(plain, plain_manifest, urls)}
+        times: dict[str, list[float]] = {side: [] for side in sides}
         answers = {}
-        for _ in range(args.repeats):  # alternated: both sides see the same warm page cache
-            for side, run in (("ours", lambda: find_samples(registry, urls=urls)),
-                              ("every_column", lambda: scan_every_column(registry, manifest, urls))):
+        for _ in range(args.repeats):  # alternated: every side sees the same warm page cache
+            for side, run in sides.items():
                 start = time.perf_counter()
-                answers[side] = run()
+                answers[side] = [dataclasses.replace(found, ref="") for found in run()]
                 times[side].append(time.perf_counter() - start)
         path = Path(registry.path_of(manifest, INDEX_FILE))
         metadata = pq.read_metadata(path)
+        blob = path.read_bytes()
+        probed = row_groups_to_read(metadata, lambda offset, length: blob[offset:offset + length],
+                                    {"url": value_hashes(urls)})  # fmt: skip
         starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
         keys = [int(found.key) for found in answers["ours"]]
         groups = sorted({int(np.searchsorted(starts, key, side="right") - 1) for key in keys})
-        read_ours = compressed_bytes(path, ["url"]) + compressed_bytes(path, COLUMNS, groups)
-        read_baseline = compressed_bytes(path, COLUMNS)
-    ours, baseline = min(times["ours"]), min(times["every_column"])
+        plain_path = Path(plain.path_of(plain_manifest, INDEX_FILE))
+        read = {"ours": filter_bytes(path, "url") + compressed_bytes(path, ["url"], probed)
+                + compressed_bytes(path, COLUMNS, groups),
+                "url_column": compressed_bytes(plain_path, ["url"]) + compressed_bytes(plain_path, COLUMNS, groups),
+                "every_column": compressed_bytes(plain_path, COLUMNS)}
+        sizes = {"with_filters": path.stat().st_size, "without": plain_path.stat().st_size}
+    best = {side: min(values) for side, values in times.items()}
     report = {
         "benchmark": "find", "rows": args.rows, "urls_asked": len(urls), "row_groups": metadata.num_row_groups,
-        "ours": {"wall_s": round(ours, 3), "rows_per_s": round(args.rows / ours), "compressed_mib_read":
-                 round(read_ours / 2**20, 1)},
-        "every_column": {"wall_s": round(baseline, 3), "rows_per_s": round(args.rows / baseline),
-                         "compressed_mib_read": round(read_baseline / 2**20, 1)},
-        "ratio": round(baseline / ours, 2), "bytes_ratio": round(read_baseline / read_ours, 2),
-        "same_rows": answers["ours"] == answers["every_column"] and len(answers["ours"]) == len(urls),
+        "row_groups_read": len(probed),
+        **{side: {"wall_s": round(best[side], 3), "rows_per_s": round(args.rows / best[side]),
+                  "compressed_mib_read": round(read[side] / 2**20, 1)} for side in sides},
+        "ratio_vs_url_column": round(best["url_column"] / best["ours"], 2),
+        "bytes_ratio_vs_url_column": round(read["url_column"] / read["ours"], 2),
+        "ratio_vs_every_column": round(best["every_column"] / best["ours"], 2),
+        "bytes_ratio_vs_every_column": round(read["every_column"] / read["ours"], 2),
+        "index_mib": {side: round(size / 2**20, 1) for side, size in sizes.items()},
+        "filters_share_of_index": round(sizes["with_filters"] / sizes["without"] - 1, 4),
+        "same_rows": answers["ours"] == answers["url_column"] == answers["every_column"]
+                     and len(answers["ours"]) == len(urls),
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     return report

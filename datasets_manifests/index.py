@@ -15,6 +15,7 @@ whatever the file's size. Imports pyarrow (not torch/ray).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -185,22 +186,32 @@ def validate_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], what: str
     return table
 
 
-def _write(table: pa.Table, path: str | os.PathLike[str]) -> None:
+def _write(table: pa.Table, path: str | os.PathLike[str], bloom: bool = False) -> None:
+    """`bloom`: Bloom filters on the columns a takedown looks up (datasets_manifests.bloom), one per row group."""
     path = str(path)
+    options = {"row_group_size": ROW_GROUP_SIZE,
+               "bloom_filter_options": _bloom_options(len(table), table.column_names) if bloom else None}
     if "://" in path:
         import fsspec
 
         with fsspec.open(path, "wb") as handle:
-            pq.write_table(table, handle, row_group_size=ROW_GROUP_SIZE)
+            pq.write_table(table, handle, **options)
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE)
+        pq.write_table(table, path, **options)
+
+
+def _bloom_options(rows: int, columns: list[str]) -> dict[str, dict[str, Any]] | None:
+    from datasets_manifests.bloom import bloom_filter_options
+
+    # Sized for a row group's rows: a small index gets a small filter (a row group of 64 Ki rows: ~128 KiB).
+    return bloom_filter_options(max(1, min(rows, ROW_GROUP_SIZE)), columns) or None
 
 
 def write_index(rows_or_table: pa.Table | Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
     """Validate and write `index.parquet`; returns the number of rows written."""
     table = validate_index(rows_or_table, what=str(path))
-    _write(table, path)
+    _write(table, path, bloom=True)
     return len(table)
 
 
@@ -232,7 +243,7 @@ def write_index_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str]
         summaries.append(summarize_index(table))
         return table
 
-    _write_batches((check(table) for table in tables), path, schema or INDEX_SCHEMA)
+    _write_batches((check(table) for table in tables), path, schema or INDEX_SCHEMA, bloom=True)
     total: dict[str, Counter] = {"counts": Counter({"total": 0, "ok": 0, "dropped": 0}), "drop_reasons": Counter(),
                                  "splits": Counter()}  # fmt: skip
     for summary in summaries:
@@ -256,7 +267,8 @@ def write_texts_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str]
     return rows
 
 
-def _write_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], schema: pa.Schema) -> None:
+def _write_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], schema: pa.Schema,
+                   bloom: bool = False) -> None:  # fmt: skip
     """Write the tables as one Parquet file with the row groups of a single `write_table` of their concatenation
     (whole ROW_GROUP_SIZE groups, the rest last), holding less than a row group beyond the table at hand."""
     import pyarrow.parquet as pq
@@ -268,13 +280,23 @@ def _write_batches(tables: Iterable[pa.Table], path: str | os.PathLike[str], sch
     # declare them.
     schema = pa.schema([field.with_nullable(True) for field in schema])
     pending = schema.empty_table()
-    with _open_for_write(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+    with _open_for_write(path) as handle, contextlib.ExitStack() as stack:
+        writer = None
+
+        def opened(rows: int) -> pq.ParquetWriter:
+            nonlocal writer
+            if writer is None:  # opened at the first write: a file of less than a row group gets a smaller filter
+                options = _bloom_options(rows, schema.names) if bloom else None
+                writer = stack.enter_context(pq.ParquetWriter(handle, schema, bloom_filter_options=options))
+            return writer
+
         for table in tables:
             pending = pa.concat_tables([pending, table.select(schema.names).cast(schema)])
             whole = len(pending) // ROW_GROUP_SIZE * ROW_GROUP_SIZE
             if whole:
-                writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_SIZE)
+                opened(whole).write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_SIZE)
                 pending = pending.slice(whole)
+        writer = opened(len(pending))
         if len(pending):
             writer.write_table(pending, row_group_size=ROW_GROUP_SIZE)
 

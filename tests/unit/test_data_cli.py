@@ -467,6 +467,47 @@ def test_find_reads_the_asked_column_then_the_row_groups_holding_matches(tmp_pat
     assert find_samples(registry, urls=["http://nowhere/x.jpg"]) == []
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_find_reads_only_the_row_groups_whose_bloom_filters_may_hold_a_url(tmp_path, monkeypatch, remote):
+    """The index's url and image_sha256 columns carry a Bloom filter per row group: a URL or sha256 search reads
+    the row groups whose filters may hold it; a key search (no filter) and an index written before the filters
+    read every row group. The same rows either way."""
+    import pyarrow.parquet as pq
+
+    from datasets_manifests import index, locate
+    from datasets_manifests.locate import find_samples
+
+    monkeypatch.setattr(index, "ROW_GROUP_SIZE", 4)  # 40 rows: 10 row groups
+    registry = Registry(memory_url() if remote else str(tmp_path / "registry"))
+    manifest = publish_dataset(registry, tmp_path / "v", "web", sample_rows(40))
+    rows = index.read_index(registry, manifest).to_pylist()
+    read: list[tuple[int, tuple[str, ...]]] = []
+    open_parquet = locate.open_parquet
+
+    def counting(source):
+        file = open_parquet(source)
+        read_row_group = file.read_row_group
+        file.read_row_group = lambda group, columns: read.append((group, tuple(columns))) or read_row_group(
+            group, columns=columns)
+        return file
+
+    monkeypatch.setattr(locate, "open_parquet", counting)
+    found = find_samples(registry, urls=[rows[9]["url"]], sha256s=[rows[30]["image_sha256"]])
+    assert [f.key for f in found] == [rows[9]["key"], rows[30]["key"]]
+    asked = sorted(group for group, columns in read if columns == ("url", "image_sha256"))
+    assert {2, 7} <= set(asked) and len(asked) <= 4  # the two that hold them (a false positive is ~1 % each)
+    read.clear()
+    assert [f.key for f in find_samples(registry, keys=[rows[9]["key"]])] == [rows[9]["key"]]
+    assert sorted(group for group, columns in read if columns == ("key",)) == list(range(10))
+    # An index written without filters (before they were): every row group, the same answer.
+    read.clear()
+    table = index.read_index(registry, manifest)
+    with registry.fs.open(registry.path_of(manifest, index.INDEX_FILE), "wb") as handle:
+        pq.write_table(table, handle, row_group_size=4)
+    assert [f.key for f in find_samples(registry, urls=[rows[9]["url"]])] == [rows[9]["key"]]
+    assert sorted(group for group, columns in read if columns == ("url",)) == list(range(10))
+
+
 def test_find_says_where_a_url_is_kept_or_dropped_and_what_was_trained_on_it(populated, capsys, tmp_path):
     from datasets_manifests.manifest import Producer
 
