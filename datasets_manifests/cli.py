@@ -307,7 +307,16 @@ def _sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
     parser.add_argument("--urls", type=Path, default=None, metavar="FILE", help="a file of URLs, one a line")
     parser.add_argument("--key", action="append", default=[], help="a sample key (repeatable)")
-    parser.add_argument("--sha256", action="append", default=[], help="the sha256 of an image's bytes (repeatable)")
+    parser.add_argument("--sha256", action="append", default=[], type=_sha256_hex,
+                        help="the sha256 of an image's bytes, 64 hexadecimal digits (repeatable)")
+
+
+def _sha256_hex(value: str) -> str:
+    """A cut or mistyped hash would be found nowhere and said "not found": refused instead."""
+    text = value.strip().lower()
+    if len(text) != 64 or any(char not in "0123456789abcdef" for char in text):
+        raise argparse.ArgumentTypeError(f"not a sha256 (64 hexadecimal digits): {value!r}")
+    return text
 
 
 def _wanted_urls(args: argparse.Namespace, command: str) -> list[str]:

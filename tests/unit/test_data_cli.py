@@ -547,5 +547,9 @@ def test_find_says_where_a_url_is_kept_or_dropped_and_what_was_trained_on_it(pop
     assert code == 0 and {line.split()[1] for line in out.splitlines()[:2]} == {"s000003"}
     code, out, _ = run(capsys, populated, "find", "--url", "http://nowhere/x.jpg")
     assert code == 1 and "not found in any dataset version" in out
+    for typo in (sha[:-1], sha[:-1] + "g"):  # a hash cut short or mistyped is refused, not "not found"
+        with pytest.raises(SystemExit):
+            run(capsys, populated, "find", "--sha256", typo)
+        assert f"not a sha256 (64 hexadecimal digits): '{typo}'" in capsys.readouterr().err
     code, _, err = run(capsys, populated, "find")
     assert code != 0 and "give --url" in err
