@@ -118,6 +118,8 @@ def bench_pretrain(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     if args.preset == "base":
         config = config.replace(queue_size=57600)  # BLIP's queue; the image size stays 224 (pretraining)
     batch = args.pretrain_batch
+    if config.queue_size % batch:  # a small preset's queue (tiny: 32) holds a whole number of the batches timed
+        config = config.replace(queue_size=batch * -(-config.queue_size // batch))
     model = BlipPretrain(config).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
