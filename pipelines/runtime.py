@@ -59,6 +59,7 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
 
 
 _RAY_INIT_LOCK = threading.Lock()
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 logger = logging.getLogger(__name__)
 
 
@@ -72,10 +73,14 @@ def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs
         logger.info("a local Ray cluster started with `ray start` is running at %s; this run starts its own "
                     "(RAY_ADDRESS=auto joins that one)", running)
     init_kwargs.setdefault("include_dashboard", False)
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     if not init_kwargs["include_dashboard"]:
-        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
-        init_kwargs["runtime_env"] = runtime_env
+    if PREEMPTION_WATCHER_ENV not in os.environ:
+        # One node, which no cloud takes back: Ray Train's preemption watcher (an actor process per training run,
+        # polling for node drains, that also logs an error line at its start) has nothing to watch.
+        runtime_env["env_vars"] = {PREEMPTION_WATCHER_ENV: "0", **(runtime_env.get("env_vars") or {})}
+    init_kwargs["runtime_env"] = runtime_env
     ray.init(address="local", num_cpus=num_cpus, **init_kwargs)  # "local": a new instance even beside a running one
 
 
