@@ -76,7 +76,9 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
 
 
 def _opened(registry: Registry, path: str) -> Any:
-    return open(path, "rb") if registry.is_local else registry.fs.open(path, "rb")
+    import pyarrow as pa
+
+    return pa.OSFile(path) if registry.is_local else registry.fs.open(path, "rb")  # OSFile: Arrow's own reads
 
 
 def _matching_rows(file: Any, handle: Any, wanted: dict[str, Any], hashes: dict[str, list[int]]) -> Any:

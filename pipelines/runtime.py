@@ -70,8 +70,8 @@ def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs
         return
     running = _cluster_left_by_ray_start()
     if running:
-        logger.info("a local Ray cluster started with `ray start` is running at %s; this run starts its own "
-                    "(RAY_ADDRESS=auto joins that one)", running)
+        logger.info("`ray start` left the address of a local Ray cluster (%s) for ray.init() to join; this run "
+                    "starts its own (RAY_ADDRESS=auto joins that one)", running)
     init_kwargs.setdefault("include_dashboard", False)
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     if not init_kwargs["include_dashboard"]:

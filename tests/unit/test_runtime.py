@@ -95,7 +95,7 @@ def test_without_an_address_a_run_starts_its_own_ray_even_beside_one_that_ray_st
     assert calls[-1]["address"] == "local" and calls[-1]["num_cpus"] == 2 and not calls[-1]["include_dashboard"]
     assert calls[-1]["runtime_env"]["worker_process_setup_hook"] == "pipelines.runtime.quiet_state_api_warnings"
     assert calls[-1]["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # one node: no drains
-    assert "started with `ray start` is running at 127.0.0.1:6390" in caplog.text and "RAY_ADDRESS=auto" in caplog.text
+    assert "a local Ray cluster (127.0.0.1:6390)" in caplog.text and "RAY_ADDRESS=auto" in caplog.text
 
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     runtime._init_ray(FakeRay(), None, None, {})
