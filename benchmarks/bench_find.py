@@ -5,11 +5,11 @@ A takedown request names a URL (or a key, an image sha256); `find_samples` looks
 index. Here one version of `--rows` samples with realistic columns (random sha256s and URL paths, which do not
 compress; captions from a vocabulary) is searched for three URLs, side by side (warm page cache for all,
 alternated, best of `--repeats`), the same rows found by each:
-- ours (`locate.find_samples` on the index as the stages write it, with a Bloom filter per row group on url and
-  image_sha256): the filters read, the `url` column of the row groups they may hold it in, then the eight columns
-  of the answer from the row groups holding the matches;
-- url_column: the same function on the same index written without filters (as before them, and as a key search
-  still reads): the `url` column of every row group;
+- ours (`locate.find_samples` on the index as the stages write it, with a Bloom filter per row group on key, url
+  and image_sha256): the url filters read, the `url` column of the row groups they may hold it in, then the eight
+  columns of the answer from the row groups holding the matches;
+- url_column: the same function on the same index written without filters (as before them): the `url` column of
+  every row group;
 - every_column: the lookup before that, the eight columns (key, url, sha256, status, drop reason, split, shard,
   caption) scanned for every row, matched by the same `is_in`.
 Also reported: the compressed bytes each reads (from the Parquet footer), what a cold disk or an object store

@@ -1,11 +1,12 @@
 """Parquet's split-block Bloom filters, probed: which row groups of an index may hold a value.
 
-The index writes one per row group for the columns a takedown looks up (`BLOOM_COLUMNS`: url, image_sha256), ~1 %
-false positives at 64 Ki distinct values: ~128 KiB a row group, against ~2-4 MiB for the column chunk itself
-(URLs and hashes do not compress). pyarrow writes them but neither its dataset scanner nor its Python API reads
-them, so this does, after the format's specification (parquet-format, BloomFilter.md): a Thrift header (numBytes,
-and the algorithm, hash and compression, each of which has one value: split-block, xxHash64, uncompressed), then
-numBytes of 32-byte blocks. A value (a BYTE_ARRAY's bytes, no length prefix) is hashed with xxHash64 (seed 0);
+The index writes one per row group for the columns a sample is looked up by (`BLOOM_COLUMNS`: key, url,
+image_sha256), ~1 % false positives at 64 Ki distinct values: ~128 KiB a row group, against ~0.5-4 MiB for the
+column chunk itself (URLs, hashes and CapFilt's shuffled hex keys do not compress; a key in a version sorted by
+key is found by the row groups' min/max statistics too). pyarrow writes them but neither its dataset scanner nor
+its Python API reads them, so this does, after the format's specification (parquet-format, BloomFilter.md): a
+Thrift header (numBytes, and the algorithm, hash and compression, each of which has one value: split-block,
+xxHash64, uncompressed), then numBytes of 32-byte blocks. A value (a BYTE_ARRAY's bytes, no length prefix) is hashed with xxHash64 (seed 0);
 the top 32 bits pick a block, the low 32 bits, times 8 salts, one bit in each of its 8 words. A filter says "maybe"
 or "surely not": a row group whose filters all say "surely not" is not read.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Iterable
 
-BLOOM_COLUMNS = ("url", "image_sha256")
+BLOOM_COLUMNS = ("key", "url", "image_sha256")
 BLOOM_FPP = 0.01
 
 _SALTS = (0x47B6137B, 0x44974D91, 0x8824AD5B, 0xA2B7289D, 0x705495C7, 0x2DF1424B, 0x9EFC4947, 0x5C6BFB31)

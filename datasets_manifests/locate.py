@@ -3,12 +3,12 @@ the given URLs, keys or image sha256s, whether it is kept there (or why it was d
 the models and evaluations made from the versions that keep it (`trained_on`).
 
 The question a takedown request asks ("is my photo in your training data, and what was trained on it?"; web-scale
-opt-outs name URLs). An index carries a Bloom filter per row group on its url and image_sha256 columns
+opt-outs name URLs). An index carries a Bloom filter per row group on its key, url and image_sha256 columns
 (datasets_manifests.bloom): only the row groups whose filters may hold an asked value are read (~1 % of the others
 at 1 % false positives), a row group at a time and only the columns asked about (a URL search reads the `url`
 column, not the keys, hashes and captions beside it), the values looked up by Arrow (`is_in`); the rest of a
-matching row is then read from the row groups that hold matches. A key search, or an index written before the
-filters, reads the asked column of every row group: bounded memory on a 129M-row index either way.
+matching row is then read from the row groups that hold matches. An index written before the filters (or before
+the key's) has the asked column of every row group read: bounded memory on a 129M-row index either way.
 Versions whose data files were removed (`blip data rm --data-only`) keep their index, so they are searched too
 and said to be so.
 """

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from datasets_manifests.bloom import row_groups_to_read, value_hashes
 from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask, finite_or_none,
                                       is_numeric, iter_registry_parquet, parquet_format, read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
@@ -507,13 +508,28 @@ class VersionData:
         return [c for c in TEXT_COLUMNS if c in names] + [c for c in names if c not in TEXT_COLUMNS]
 
     def locate(self, key: str) -> dict[str, Any] | None:
-        """Shard path and `.jpg` byte range of one key (a projected, filtered scan of the index)."""
+        """Shard path and `.jpg` byte range of one key (the index's row groups that may hold it, filtered)."""
         index = self.dataset(self._require_index())
         columns = [c for c in ("key", "shard", "jpg_offset", "jpg_bytes", "drop_reason") if c in index.schema.names]
         if "shard" not in columns:
             raise QueryError(f"{self.manifest.ref}: index has no 'shard' column, cannot find images", status=404)
-        rows = index.to_table(columns=columns, filter=ds.field("key") == key).to_pylist()
+        groups = self._row_groups_that_may_hold(self._require_index(), "key", key)
+        if not groups:
+            return None
+        # Only the row groups whose Bloom filters may hold the key: a CapFilt index lists its keys shuffled, so the
+        # row groups' min/max statistics alone leave every one to read (an index without filters: every one still).
+        fragment = next(iter(index.get_fragments())).subset(row_group_ids=groups)
+        rows = fragment.to_table(schema=index.schema, columns=columns, filter=ds.field("key") == key).to_pylist()
         return rows[0] if rows else None
+
+    def _row_groups_that_may_hold(self, relpath: str, column: str, value: str) -> list[int]:
+        location = self._location(relpath)
+        with (pa.OSFile(location) if self.registry.is_local else self.registry.fs.open(location, "rb")) as handle:
+            def read_range(offset: int, length: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(length)
+
+            return row_groups_to_read(self.metadata(relpath), read_range, {column: value_hashes([value])})
 
     # ------------------------------------------------------------------ histograms
     def histograms(self, wait_s: float | None = None) -> dict[str, Any]:

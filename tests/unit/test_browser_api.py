@@ -1038,3 +1038,36 @@ def test_metrics_fall_back_to_what_stages_record() -> None:
     explicit = Manifest(kind="model", name="m", version="v2", producer=Producer(stage="pretrain"),
                         metadata={"metrics": {"cider": 1.5}}, stats={"last": {"loss": 1.0}})
     assert metrics_of(explicit) == {"cider": 1.5}
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_locating_a_key_reads_the_row_groups_its_bloom_filter_may_hold_it_in(tmp_path: Path, monkeypatch, remote):
+    """A sample's image is found by its key (a thumbnail outside a listed page, the takedown check): in an index
+    whose keys are shuffled (as CapFilt lists them) the min/max statistics rule out no row group, the key's Bloom
+    filters rule out all but ~1 %. An index written without filters has every row group read, the same answer."""
+    import random
+
+    from datasets_fixtures import memory_url, publish_dataset, sample_rows
+
+    from datasets_manifests import index
+    from datasets_manifests.browser import query
+    from datasets_manifests.registry import Registry
+
+    monkeypatch.setattr(index, "ROW_GROUP_SIZE", 4)  # 40 rows: 10 row groups
+    rows = sample_rows(40)
+    random.Random(0).shuffle(rows)
+    registry = Registry(memory_url() if remote else str(tmp_path / "registry"))
+    manifest = publish_dataset(registry, tmp_path / "v", "capfilt-like", rows)
+    table = index.read_index(registry, manifest)
+    data = query.VersionData(registry, manifest)
+    wanted = table.column("key")[21].as_py()
+    groups = data._row_groups_that_may_hold(data.index_path, "key", wanted)
+    assert 5 in groups and len(groups) <= 2  # row 21 is in row group 5
+    found = data.locate(wanted)
+    assert found is not None and found["key"] == wanted and found["shard"] == table.column("shard")[21].as_py()
+    assert data.locate("no-such-key") is None
+    with registry.fs.open(registry.path_of(manifest, index.INDEX_FILE), "wb") as handle:
+        pq.write_table(table, handle, row_group_size=4)  # as an index written before the filters
+    data = query.VersionData(registry, manifest)
+    assert data._row_groups_that_may_hold(data.index_path, "key", wanted) == list(range(10))
+    assert data.locate(wanted) == found

@@ -468,10 +468,10 @@ def test_find_reads_the_asked_column_then_the_row_groups_holding_matches(tmp_pat
 
 
 @pytest.mark.parametrize("remote", [False, True])
-def test_find_reads_only_the_row_groups_whose_bloom_filters_may_hold_a_url(tmp_path, monkeypatch, remote):
-    """The index's url and image_sha256 columns carry a Bloom filter per row group: a URL or sha256 search reads
-    the row groups whose filters may hold it; a key search (no filter) and an index written before the filters
-    read every row group. The same rows either way."""
+def test_find_reads_only_the_row_groups_whose_bloom_filters_may_hold_what_it_asks(tmp_path, monkeypatch, remote):
+    """The index's key, url and image_sha256 columns carry a Bloom filter per row group: a search reads the row
+    groups whose filters may hold what it asks; an index written before the filters has every row group read. The
+    same rows either way."""
     import pyarrow.parquet as pq
 
     from datasets_manifests import index, locate
@@ -498,7 +498,8 @@ def test_find_reads_only_the_row_groups_whose_bloom_filters_may_hold_a_url(tmp_p
     assert {2, 7} <= set(asked) and len(asked) <= 4  # the two that hold them (a false positive is ~1 % each)
     read.clear()
     assert [f.key for f in find_samples(registry, keys=[rows[9]["key"]])] == [rows[9]["key"]]
-    assert sorted(group for group, columns in read if columns == ("key",)) == list(range(10))
+    asked = sorted(group for group, columns in read if columns == ("key",))
+    assert 2 in asked and len(asked) <= 2
     # An index written without filters (before they were): every row group, the same answer.
     read.clear()
     table = index.read_index(registry, manifest)
