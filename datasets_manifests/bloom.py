@@ -102,17 +102,21 @@ def may_contain(bitset: bytes, hashes: Iterable[int]) -> bool:
     return False
 
 
-def row_groups_to_read(metadata: Any, read_range: Any, wanted: dict[str, list[int]]) -> list[int]:
+def row_groups_to_read(metadata: Any, handle: Any, wanted: dict[str, list[int]]) -> list[int]:
     """The row groups of a Parquet file (its `metadata`) that may hold a value of `wanted` (column -> value hashes):
-    those where one of the columns has no filter or its filter says maybe. `read_range(offset, length)` reads
-    bytes of the file (one small read per filter)."""
+    those where one of the columns has no filter or its filter says maybe. `handle` is the file, open for reading
+    (one small read per filter)."""
     names = metadata.schema.to_arrow_schema().names
     groups = []
     for group in range(metadata.num_row_groups):
         for column, hashes in wanted.items():
             chunk = metadata.row_group(group).column(names.index(column))
             offset, length = chunk.bloom_filter_offset, chunk.bloom_filter_length
-            if offset is None or not length or may_contain(filter_bitset(read_range(offset, length)), hashes):
+            if offset is None or not length:
+                groups.append(group)
+                break
+            handle.seek(offset)
+            if may_contain(filter_bitset(handle.read(length)), hashes):
                 groups.append(group)
                 break
     return groups

@@ -437,6 +437,12 @@ def read_ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         thread.join()
 
 
+def open_registry_file(registry: Registry, path: str) -> Any:
+    """A file of `registry` (`path` from `registry.path_of`) for seeks and reads: Arrow's own file on a local
+    registry, the registry's filesystem's otherwise."""
+    return pa.OSFile(path) if registry.is_local else registry.fs.open(path, "rb")
+
+
 def iter_registry_parquet(registry: Registry, path: str, columns: list[str], batch_rows: int = 65536,
                           **options: Any) -> Iterator[pa.RecordBatch]:  # fmt: skip
     """`iter_parquet` over a file of `registry` (`path` from `registry.path_of`): read by Arrow's own file on a

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from datasets_manifests.bloom import row_groups_to_read, value_hashes
-from datasets_manifests.index import INDEX_FILE, bool_mask, check_index_columns, has_layer, open_parquet
+from datasets_manifests.index import (INDEX_FILE, bool_mask, check_index_columns, has_layer, open_parquet,
+                                      open_registry_file)
 from datasets_manifests.manifest import Manifest, children_by_parent
 from datasets_manifests.registry import Registry
 
@@ -67,7 +68,7 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
             continue
         data_removed = (manifest.kind, manifest.name, manifest.version) in removed
         check_index_columns(registry, manifest, COLUMNS)  # the answer's columns, before the scan
-        with _opened(registry, registry.path_of(manifest, INDEX_FILE)) as handle:
+        with open_registry_file(registry, registry.path_of(manifest, INDEX_FILE)) as handle:
             file = open_parquet(handle)
             matches = _matching_rows(file, handle, wanted, hashes)
             for row in _index_rows(file, matches, COLUMNS).to_pylist():
@@ -75,24 +76,14 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
     return found
 
 
-def _opened(registry: Registry, path: str) -> Any:
-    import pyarrow as pa
-
-    return pa.OSFile(path) if registry.is_local else registry.fs.open(path, "rb")  # OSFile: Arrow's own reads
-
-
 def _matching_rows(file: Any, handle: Any, wanted: dict[str, Any], hashes: dict[str, list[int]]) -> Any:
     """The row numbers (ascending) whose asked column holds an asked value: only the row groups whose Bloom filters
     may hold one are read (all of them in an index written without filters), a row group at a time."""
     import pyarrow.compute as pc
 
-    def read_range(offset: int, length: int) -> bytes:
-        handle.seek(offset)
-        return handle.read(length)
-
     starts = _row_group_starts(file)
     rows = [np.zeros(0, dtype=np.int64)]
-    for group in row_groups_to_read(file.metadata, read_range, hashes):
+    for group in row_groups_to_read(file.metadata, handle, hashes):
         table = file.read_row_group(group, columns=list(wanted))
         mask = None
         for column, values in wanted.items():

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from datasets_manifests.bloom import row_groups_to_read, value_hashes
 from datasets_manifests.index import (INDEX_FILE, SOURCE_COLUMNS, TEXTS_FILE, TEXTS_POSITION, bool_mask, finite_or_none,
-                                      is_numeric, iter_registry_parquet, parquet_format, read_ahead)
+                                      is_numeric, iter_registry_parquet, open_registry_file, parquet_format,
+                                      read_ahead)
 from datasets_manifests.browser.jobs import BackgroundAnswers, Progress
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import OutsideRegistryError, Registry
@@ -523,13 +524,8 @@ class VersionData:
         return rows[0] if rows else None
 
     def _row_groups_that_may_hold(self, relpath: str, column: str, value: str) -> list[int]:
-        location = self._location(relpath)
-        with (pa.OSFile(location) if self.registry.is_local else self.registry.fs.open(location, "rb")) as handle:
-            def read_range(offset: int, length: int) -> bytes:
-                handle.seek(offset)
-                return handle.read(length)
-
-            return row_groups_to_read(self.metadata(relpath), read_range, {column: value_hashes([value])})
+        with open_registry_file(self.registry, self._location(relpath)) as handle:
+            return row_groups_to_read(self.metadata(relpath), handle, {column: value_hashes([value])})
 
     # ------------------------------------------------------------------ histograms
     def histograms(self, wait_s: float | None = None) -> dict[str, Any]:
