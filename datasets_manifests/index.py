@@ -187,7 +187,8 @@ def validate_texts(rows_or_table: pa.Table | Iterable[dict[str, Any]], what: str
 
 
 def _write(table: pa.Table, path: str | os.PathLike[str], bloom: bool = False) -> None:
-    """`bloom`: Bloom filters on the columns a takedown looks up (datasets_manifests.bloom), one per row group."""
+    """`bloom`: Bloom filters on the columns a sample is looked up by (datasets_manifests.bloom), one per row
+    group."""
     path = str(path)
     options = {"row_group_size": ROW_GROUP_SIZE,
                "bloom_filter_options": _bloom_options(len(table), table.column_names) if bloom else None}
@@ -488,9 +489,10 @@ def scan_index(registry: Registry, manifest: Manifest, columns: list[str] | None
                                      batch_rows)  # fmt: skip
 
 
-def check_index_columns(registry: Registry, manifest: Manifest, columns: list[str]) -> None:
-    """`manifest`'s index has `columns`, or a SampleIndexError names the first it lacks (its footer alone is read)."""
-    _check_columns(_dataset(registry, manifest, INDEX_FILE).schema, columns, manifest, INDEX_FILE)
+def check_index_columns(schema: pa.Schema, manifest: Manifest, columns: list[str]) -> None:
+    """`manifest`'s index (its `schema`, from a footer already read) has `columns`, or a SampleIndexError names
+    the first it lacks."""
+    _check_columns(schema, columns, manifest, INDEX_FILE)
 
 
 def read_texts(registry: Registry, manifest: Manifest, columns: list[str] | None = None,

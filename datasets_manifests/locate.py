@@ -67,9 +67,9 @@ def find_samples(registry: Registry, *, urls: Iterable[str] = (), keys: Iterable
         if not has_layer(manifest, INDEX_FILE):
             continue
         data_removed = (manifest.kind, manifest.name, manifest.version) in removed
-        check_index_columns(registry, manifest, COLUMNS)  # the answer's columns, before the scan
         with open_registry_file(registry, registry.path_of(manifest, INDEX_FILE)) as handle:
             file = open_parquet(handle)
+            check_index_columns(file.schema_arrow, manifest, COLUMNS)  # the answer's columns, before the scan
             matches = _matching_rows(file, handle, wanted, hashes)
             for row in _index_rows(file, matches, COLUMNS).to_pylist():
                 found.append(Found(ref=manifest.ref, data_removed=data_removed, **row))

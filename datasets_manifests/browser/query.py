@@ -510,11 +510,12 @@ class VersionData:
 
     def locate(self, key: str) -> dict[str, Any] | None:
         """Shard path and `.jpg` byte range of one key (the index's row groups that may hold it, filtered)."""
-        index = self.dataset(self._require_index())
+        index_path = self._require_index()
+        index = self.dataset(index_path)
         columns = [c for c in ("key", "shard", "jpg_offset", "jpg_bytes", "drop_reason") if c in index.schema.names]
         if "shard" not in columns:
             raise QueryError(f"{self.manifest.ref}: index has no 'shard' column, cannot find images", status=404)
-        groups = self._row_groups_that_may_hold(self._require_index(), "key", key)
+        groups = self._row_groups_that_may_hold(index_path, "key", key)
         if not groups:
             return None
         # Only the row groups whose Bloom filters may hold the key: a CapFilt index lists its keys shuffled, so the
