@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from pipelines.logs import show_project_logs
 from pipelines.runtime import apply_environment
 
 # One module per command group, in the order they appear in `blip --help`.
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     apply_environment()
+    show_project_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override, e.g. --set source.demo.n=2000; repeatable")
     args = parser.parse_args(argv)
 
+    from pipelines.logs import show_project_logs
     from pipelines.runtime import apply_environment
 
     apply_environment()
+    show_project_logs()
     from datasets_manifests.registry import Registry
     from pipelines.pipeline_config import load_pipeline
 

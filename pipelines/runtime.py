@@ -31,6 +31,10 @@ ENVIRONMENT = {
     # Ray Train 2.60 routes a worker's print() to its logger and, when sys.stdout is wrapped (img2dataset pulls in
     # wandb, whose console capture wraps it), also to the stream: every training log line reached us twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The project's log lines in a flow run's log on the Prefect server too (read when Prefect sets up logging),
+    # and no warning for a line logged outside a run (a thread a stage started): it is still printed.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,datasets_manifests,blip_models",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -51,6 +51,7 @@ def register(subparsers: Any) -> None:
     finetune.add_argument("--name", default=None, help="output model name (default: <init name>-<task>)")
     finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     finetune.add_argument("--registry", default=None, help="registry URL (default BLIP_REGISTRY or ./artifacts/registry)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = subparsers.add_parser(
@@ -133,7 +134,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     init = _model_argument(args.init, pretrained, "--init")
     registry = Registry(args.registry)
     name = args.name or _default_name(init, args.task)
-    manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry)
+    from pipelines.progress import TrainingBar
+
+    with TrainingBar(f"finetune {args.task}", enabled=not args.no_progress) as bar:
+        manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry, on_progress=bar)
     print(render_finetune_table(manifest))
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0

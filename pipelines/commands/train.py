@@ -59,27 +59,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, _ = load_recipe_config(PretrainConfig, resolve_config_path(args.config), "train", None, args.overrides)
     registry = Registry(args.registry)
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    from pipelines.progress import TrainingBar
 
-        bar = tqdm(total=None, unit="step", desc="train", dynamic_ncols=True)
-
-    def on_progress(progress: dict[str, Any]) -> None:
-        if bar is None:
-            return
-        bar.total = progress.get("total")
-        bar.n = progress.get("step", 0)
-        bar.set_postfix({k: f"{progress[k]:.3g}" for k in ("loss_itc", "loss_itm", "loss_lm", "lr") if k in progress},
-                        refresh=False)  # fmt: skip
-        bar.refresh()
-
-    try:
+    with TrainingBar("train", enabled=not args.no_progress) as bar:
         manifest = run_pretrain(cfg, args.dataset[0], extra_datasets=args.dataset[1:], registry=registry,
-                                init=args.init, resume=args.resume, run_name=args.name, on_progress=on_progress)
-    finally:
-        if bar is not None:
-            bar.close()
+                                init=args.init, resume=args.resume, run_name=args.name, on_progress=bar)
     meta = manifest.metadata
     print(f"{manifest.ref}  id {manifest.short_id}  step {meta.get('final_step')}/{meta.get('planned_steps')}  "
           f"restarts {meta.get('restarts')}  parents {', '.join(manifest.parents)}")  # fmt: skip

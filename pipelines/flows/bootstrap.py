@@ -23,6 +23,7 @@ from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
 from pipelines.flows.stages import results, run_stage
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
+from pipelines.logs import show_project_logs
 from pipelines.runtime import apply_environment
 from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, publish_model,
                              report, shard)
@@ -32,6 +33,7 @@ from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluat
 def bootstrap(preset: str = "tiny", overrides: list[str] | None = None) -> str:
     """Run the whole recipe for a preset (tiny | 14m | 129m | a config path); returns the report's ref."""
     apply_environment()
+    show_project_logs()  # a deployment's run starts here, not in the CLI
     cfg = load_pipeline(preset, overrides or [])  # every key/type/range checked before any work starts
     registry = Registry(cfg.registry) if cfg.registry else Registry()
     if cfg.ray_address:

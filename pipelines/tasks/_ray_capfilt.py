@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -322,6 +323,8 @@ def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], mod
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.compute.progress_bars
+    if not config.compute.progress_bars:  # the stage shows its own; Ray Data would log how to turn its bars on
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     compute = config.compute
     raw = to_dict(config)
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

@@ -33,12 +33,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pipelines import runtime
 from pipelines.config import RangeError, check_range
+from pipelines.progress import StageProgress
 from pipelines.tasks.shard_cache import ShardCache, is_local
 from pipelines.tasks.webdata import atomic_output, count_tar_samples, iter_tar_samples, write_tar
 
@@ -148,7 +149,7 @@ class ComputeConfig:
     # of downloading the shard again. null: no cache (each shard is read twice from the store).
     shard_cache_dir: str | None = None
     shard_cache_gb: float = 100.0  # the least recently read shards are removed beyond this size
-    progress_bars: bool = False
+    progress_bars: bool = False  # Ray Data's own bar per operator too (the stage's, images and shards, always shows)
 
     def __post_init__(self) -> None:
         check_range("compute", "batch_size", self.batch_size, 1)
@@ -502,8 +503,15 @@ def run_capfilt(
     pending = pending_shards(shared, shards)
     refs = {"captioner": captioner.ref, "filter": filter_model.ref}
     carried = source_columns(registry, dataset)  # the source list's columns (the download's save_additional_columns)
-    perf = process_shards(config, pending, models, int(image_size), shared, refs, carried)
-    perf["shards_total"], perf["shards_resumed"] = len(shards), len(shards) - len(pending)
+    resumed = len(shards) - len(pending)
+    total_images = sum(shard.num_samples for shard in shards)
+    with StageProgress("capfilt", total_images, "img", initial=total_images - sum(s.num_samples for s in pending),
+                       logger=log) as progress:  # fmt: skip
+        def on_batch(images: int, written: int) -> None:
+            progress.update(images, shards=f"{resumed + written}/{len(shards)} written")
+
+        perf = process_shards(config, pending, models, int(image_size), shared, refs, carried, on_batch)
+    perf["shards_total"], perf["shards_resumed"] = len(shards), resumed
     return _publish(registry, config, key, shared, shards, name, started, perf, [dataset, captioner, filter_model],
                     carried)  # fmt: skip
 
@@ -626,8 +634,11 @@ def decode_items(shards: list[ShardPlan]) -> list[dict[str, Any]]:
 
 
 def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[str, Any], image_size: int,
-                   work: str, refs: dict[str, str], carried: list[Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   work: str, refs: dict[str, str], carried: list[Any] | None = None,
+                   on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the Ray pipeline over `shards`; each shard's outputs are written by a Ray task once its last batch is in.
+    `on_batch(images, shards_written)` follows the run (the images of each model batch as it comes back, and how
+    many shards the writers have finished so far).
 
     The driver only routes the model results (a few hundred bytes per image): reading each input shard again,
     building and hashing its output tar happen in writer tasks on the cluster's CPUs, writing under `work` (a
@@ -663,7 +674,11 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
             ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
             batches[index] = {}
             writers.submit(by_index[index], ordered, node=nodes.get(index))
+        if on_batch:
+            on_batch(len(results), len(writers.markers))
     markers = writers.finish()
+    if on_batch:
+        on_batch(0, len(markers))
     perf["wall_s"] = time.perf_counter() - began
     perf["write_s"] = sum(float(marker.get("write_s", 0.0)) for marker in markers)  # writer-task time, all tasks
     perf["writes_on_decode_node"] = writers.placed

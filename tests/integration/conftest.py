@@ -47,6 +47,10 @@ def pipeline_registry(tmp_path_factory, ray_session) -> Path:
     assert "Downstream metrics" in second.stdout + second.stderr  # the report table, printed by the flow
     for output in ((root / "first-run.log").read_text(), second.stdout + second.stderr):
         assert "Found multiple active Ray instances" not in output
+    # The stage's own INFO lines reach the flow's log, once (Prefect's console prints them; ours stands aside).
+    progress = [line for line in (second.stdout + second.stderr).splitlines()
+                if "| INFO    | pipelines.tasks.capfilt - capfilt: " in line]
+    assert progress and " img (100.0 %)" in progress[-1] and len(set(progress)) == len(progress), progress
     return registry_dir
 
 
