@@ -223,6 +223,7 @@ class ModelWorkers:
     def __init__(self, model_dir: str, kind: str, cfg: EvaluateConfig) -> None:
         self.local: ModelWorker | None = None
         self.actors: list[Any] = []
+        self.files: Any = None
         if cfg.num_workers == 0:
             self.local = ModelWorker(model_dir, kind, cfg.device, cfg.precision)
             return
@@ -230,10 +231,14 @@ class ModelWorkers:
 
         self.ray = ensure_ray()
         check_gpus_available(self.ray, cfg.gpus_per_worker, "gpus_per_worker")
-        files = self.ray.put(read_model_files(model_dir))  # stored once; every actor reads it, on any node
+        # The model's files, stored once; every actor reads them, on any node. Held here as long as the actors
+        # live: a restarted actor (one the OOM killer took mid-evaluation) is built from them again, and Ray frees
+        # an object once its creator drops it — the restart then failed with ReferenceCountingAssertionError.
+        self.files = self.ray.put(read_model_files(model_dir))
         actor = self.ray.remote(ModelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                                                      max_restarts=2, max_task_retries=2)  # fmt: skip
-        self.actors = [actor.remote(files, kind, cfg.device, cfg.precision, True) for _ in range(cfg.num_workers)]
+        self.actors = [actor.remote(self.files, kind, cfg.device, cfg.precision, True)
+                       for _ in range(cfg.num_workers)]  # fmt: skip
 
     def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any]) -> list[Any]:
         if self.local is not None:
@@ -246,6 +251,7 @@ class ModelWorkers:
         for actor in self.actors:  # frees their CPUs/GPUs for the next stage at once
             self.ray.kill(actor)
         self.actors = []
+        self.files = None
 
     def __enter__(self) -> ModelWorkers:
         return self

@@ -455,6 +455,37 @@ def test_a_transformers_checkpoint_initialises_finetuning(downstream, tmp_path, 
     assert training_init_source(str(tmp_path / "hf-itm"))[0] == conversions[0]  # converted once
 
 
+def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_features(ray_session, tmp_path):
+    """An evaluation actor the OOM killer takes (BLIP's retrieval evaluation is known for it) is restarted from the
+    model files in the object store: they were freed once the actors had started, so its restart failed
+    (ReferenceCountingAssertionError) and the evaluation with it."""
+    import gc
+    import os
+    import signal
+    import time
+
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_text_rows
+
+    torch.manual_seed(0)
+    model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
+    cfg = EvaluateConfig(task="retrieval", num_workers=1, cpus_per_worker=0.5, text_batch_size=4, device="cpu")
+    texts = ["a red circle", "a blue square on a green background", "two yellow stars", "a photo"] * 2
+    with ModelWorkers(str(model_dir), "retrieval", cfg) as workers:
+        before = workers.map(encode_text_rows, (texts, 4), [range(0, 8)])[0]
+        gc.collect()  # nothing but the workers themselves may keep the files alive
+        actor = workers.actors[0]
+        pid = ray_session.get(actor.run.remote(lambda model, rows: os.getpid(), range(0)))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while ray_session.get(actor.run.remote(lambda model, rows: os.getpid(), range(0))) == pid:
+            assert time.monotonic() < deadline  # the call above waits for the restarted actor
+        after = workers.map(encode_text_rows, (texts, 4), [range(0, 8)])[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     """The retrieval encoding split over workers (row ranges on batch boundaries) gives bit-identical features to
     one serial loop, as the evaluation computed them before it was split; the worker runs from shipped bytes."""
