@@ -240,12 +240,34 @@ class ModelWorkers:
         self.actors = [actor.remote(self.files, kind, cfg.device, cfg.precision, True)
                        for _ in range(cfg.num_workers)]  # fmt: skip
 
-    def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any]) -> list[Any]:
-        if self.local is not None:
-            return [self.local.run(fn, *shared, rows) for rows in parts]
-        refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
-        calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
-        return self.ray.get(calls)
+    def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any],
+            progress: tuple[str, str] | None = None) -> list[Any]:  # fmt: skip
+        """The results in the order of `parts`; `progress` (description, unit) shows the rows done as the parts
+        finish (a bar on a terminal, a log line a minute elsewhere: `pipelines.progress`)."""
+        from pipelines.progress import StageProgress
+
+        sizes = [_rows_in(rows) for rows in parts]
+        bar = StageProgress(progress[0], sum(sizes), progress[1], logger=log) if progress else None
+        try:
+            if self.local is not None:
+                results = []
+                for rows, size in zip(parts, sizes):
+                    results.append(self.local.run(fn, *shared, rows))
+                    if bar:
+                        bar.update(size)
+                return results
+            refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
+            calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
+            size_of, waiting = dict(zip(calls, sizes)), list(calls)
+            while waiting:
+                done, waiting = self.ray.wait(waiting, num_returns=1)
+                self.ray.get(done)  # a part that failed stops the evaluation now, not after every other part
+                if bar:
+                    bar.update(size_of[done[0]])
+            return self.ray.get(calls)
+        finally:
+            if bar:
+                bar.close()
 
     def close(self) -> None:
         for actor in self.actors:  # frees their CPUs/GPUs for the next stage at once
@@ -258,6 +280,21 @@ class ModelWorkers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _rows_in(part: Any) -> int:
+    """The rows a part of the work covers: a range, or a tuple of ranges (re-ranking: image rows, text rows)."""
+    return sum(len(rows) for rows in part) if isinstance(part, tuple) else len(part)
+
+
+# Parts a worker's share of the rows is cut into: the rows done show as the parts finish, and a worker that is
+# done early takes a part from a slower one. Parts start on batch boundaries, so the results are the same.
+PARTS_PER_WORKER = 4
+
+
+def work_parts(num_rows: int, batch_size: int, num_workers: int) -> list[range]:
+    """`batch_rows` for `num_workers` workers (0: this process), `PARTS_PER_WORKER` parts each."""
+    return batch_rows(num_rows, batch_size, max(1, num_workers) * PARTS_PER_WORKER)
 
 
 def batch_rows(num_rows: int, batch_size: int, num_parts: int) -> list[range]:
@@ -312,15 +349,17 @@ def encode_retrieval(workers: ModelWorkers, image_urls: list[str], texts: list[s
 
     from pipelines.tasks.evaluate_tasks import encode_video_rows
 
-    parts = max(1, cfg.num_workers)
     text_parts = workers.map(encode_text_rows, (texts, cfg.text_batch_size),
-                             batch_rows(len(texts), cfg.text_batch_size, parts))
+                             work_parts(len(texts), cfg.text_batch_size, cfg.num_workers),
+                             progress=(f"eval {cfg.task}: texts", "texts"))  # fmt: skip
     if cfg.task == "video":  # one clip per forward: any split forms the same forwards
         image_parts = workers.map(encode_video_rows, (image_urls, cfg.num_frames),
-                                  batch_rows(len(image_urls), 1, parts))
+                                  work_parts(len(image_urls), 1, cfg.num_workers),
+                                  progress=(f"eval {cfg.task}: videos", "videos"))  # fmt: skip
     else:
         image_parts = workers.map(encode_image_rows, (image_urls, cfg.image_batch_size),
-                                  batch_rows(len(image_urls), cfg.image_batch_size, parts))  # fmt: skip
+                                  work_parts(len(image_urls), cfg.image_batch_size, cfg.num_workers),
+                                  progress=(f"eval {cfg.task}: images", "img"))  # fmt: skip
     images, texts_out = list(zip(*image_parts)), list(zip(*text_parts))
     return {"image_embeds": torch.cat(images[0]), "image_feats": torch.cat(images[1]),
             "text_ids": torch.cat(texts_out[0]), "text_mask": torch.cat(texts_out[1]),
@@ -363,8 +402,10 @@ def evaluate_retrieval(model_dir: str, image_urls: list[str], eval_set: Any, k_t
         image_parts = split_rows(len(image_urls), parts)
         text_parts = split_rows(len(eval_set.texts), parts)
         shared = {k: features[k] for k in ("image_embeds", "text_ids", "text_mask")}
+        # One part a worker, as BLIP splits the ranks: each part receives every image's ViT tokens (GBs at COCO's
+        # size), and an (image, text) pair both directions rank is scored once only within a part.
         results = workers.map(rerank_rows, (shared, sims, k_test, cfg.itm_pairs_per_batch),
-                              list(zip(image_parts, text_parts)))
+                              list(zip(image_parts, text_parts)), progress=(f"eval {cfg.task}: ITM re-ranking", "rows"))
     score_i2t = torch.cat([r[0] for r in results])
     score_t2i = torch.cat([r[1] for r in results])
     metrics = itm_eval(score_i2t, score_t2i, eval_set.txt2img, eval_set.img2txt)
@@ -417,13 +458,12 @@ def caption_gt(registry: Any, dataset: Any, layout: Any, split: str, items: list
 
 def generate_captions(model_dir: str, image_urls: list[str], cfg: EvaluateConfig) -> list[str]:
     """One caption per image, in order: the images split into row ranges over the workers (or this process)."""
-    from pipelines.tasks.retrieval_eval import split_rows
-
     options = {"num_beams": cfg.num_beams, "max_length": cfg.max_length, "min_length": cfg.min_length,
                "repetition_penalty": cfg.repetition_penalty, "batch_size": cfg.caption_batch_size}  # fmt: skip
-    parts = [rows for rows in split_rows(len(image_urls), max(1, cfg.num_workers)) if len(rows)]
+    parts = work_parts(len(image_urls), cfg.caption_batch_size, cfg.num_workers)
     with ModelWorkers(model_dir, "caption", cfg) as workers:
-        return [c for part in workers.map(caption_rows, (image_urls, options), parts) for c in part]
+        return [c for part in workers.map(caption_rows, (image_urls, options), parts,
+                                          progress=("eval caption: captions", "img")) for c in part]
 
 
 def evaluate_caption(model_dir: str, image_urls: list[str], image_ids: list[int], gt: dict[int, tuple[str, ...]],

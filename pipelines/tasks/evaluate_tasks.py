@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tasks.evaluate import (K_TEST, EvaluateConfig, ModelWorkers, _annotation, evaluate_retrieval,
-                                      load_images)
+                                      load_images, work_parts)
 
 VIDEO_MAX_WORDS = 40  # BLIP video_dataset.py: pre_caption(caption, 40) (blip_spec text-length table)
 
@@ -92,8 +92,6 @@ def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfi
     from blip_models.processing import pre_question
     from pipelines.tasks.downstream_data import load_answer_list, load_vqa, load_vqa_official
     from pipelines.tasks.metrics import vqa_accuracy, write_vqa_results
-    from pipelines.tasks.retrieval_eval import split_rows
-
     annotations = dataset.metadata["annotations"]
     path = _annotation(registry, dataset, annotations[cfg.split])
     questions = load_vqa(path, "test" if cfg.split == "test" else "train")
@@ -102,10 +100,11 @@ def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfi
     options = {"mode": cfg.vqa_inference, "k_test": cfg.vqa_k_test, "num_beams": cfg.num_beams, "max_length": 10,
                "min_length": 1, "batch_size": cfg.vqa_batch_size}  # fmt: skip
     urls = [registry.url_of(dataset, f"images/{q.image}") for q in questions]
-    parts = [rows for rows in split_rows(len(questions), max(1, cfg.num_workers)) if len(rows)]
+    parts = work_parts(len(questions), cfg.vqa_batch_size, cfg.num_workers)
     shared = (urls, [pre_question(q.question) for q in questions], answer_list, options)
     with ModelWorkers(model_dir, "vqa", cfg) as workers:
-        answers = [a for part in workers.map(vqa_rows, shared, parts) for a in part]
+        answers = [a for part in workers.map(vqa_rows, shared, parts, progress=("eval vqa: questions", "questions"))
+                   for a in part]  # fmt: skip
     predictions = {int(q.question_id): a for q, a in zip(questions, answers)}  # type: ignore[arg-type]
     write_vqa_results(staging / "vqa_result.json", predictions)
     details = {"num_images": len(questions), "inference": cfg.vqa_inference, "workers": cfg.num_workers}
@@ -127,16 +126,15 @@ def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConf
     from blip_models.processing import pre_caption
     from pipelines.tasks.downstream_data import NLVR_MAX_WORDS, load_nlvr
     from pipelines.tasks.metrics import nlvr_accuracy
-    from pipelines.tasks.retrieval_eval import split_rows
-
     pairs = load_nlvr(_annotation(registry, dataset, dataset.metadata["annotations"][cfg.split]))[: cfg.max_images or None]
     lefts = [registry.url_of(dataset, f"images/{p.images[0]}") for p in pairs]
     rights = [registry.url_of(dataset, f"images/{p.images[1]}") for p in pairs]
     sentences = [pre_caption(p.sentence, NLVR_MAX_WORDS) for p in pairs]
-    parts = [rows for rows in split_rows(len(pairs), max(1, cfg.num_workers)) if len(rows)]
+    parts = work_parts(len(pairs), cfg.image_batch_size, cfg.num_workers)
     shared = (lefts, rights, sentences, cfg.image_batch_size)
     with ModelWorkers(model_dir, "nlvr", cfg) as workers:
-        predictions = [p for part in workers.map(nlvr_rows, shared, parts) for p in part]
+        predictions = [p for part in workers.map(nlvr_rows, shared, parts, progress=("eval nlvr: pairs", "pairs"))
+                       for p in part]  # fmt: skip
     return ({"accuracy": nlvr_accuracy(predictions, [p.label for p in pairs])},
             {"num_images": len(pairs), "workers": cfg.num_workers})
 

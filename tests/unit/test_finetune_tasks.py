@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -455,7 +456,7 @@ def test_a_transformers_checkpoint_initialises_finetuning(downstream, tmp_path, 
     assert training_init_source(str(tmp_path / "hf-itm"))[0] == conversions[0]  # converted once
 
 
-def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_features(ray_session, tmp_path):
+def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_features(ray_session, tmp_path, caplog):
     """An evaluation actor the OOM killer takes (BLIP's retrieval evaluation is known for it) is restarted from the
     model files in the object store: they were freed once the actors had started, so its restart failed
     (ReferenceCountingAssertionError) and the evaluation with it."""
@@ -467,7 +468,7 @@ def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_featu
     from blip_models.checkpoints import save_pretrained
     from blip_models.configuration_blip import preset
     from blip_models.modeling_retrieval import BlipRetrieval
-    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_text_rows
+    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_text_rows, work_parts
 
     torch.manual_seed(0)
     model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
@@ -482,8 +483,12 @@ def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_featu
         deadline = time.monotonic() + 60
         while ray_session.get(actor.run.remote(lambda model, rows: os.getpid(), range(0))) == pid:
             assert time.monotonic() < deadline  # the call above waits for the restarted actor
-        after = workers.map(encode_text_rows, (texts, 4), [range(0, 8)])[0]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+        with caplog.at_level(logging.INFO, logger="pipelines.tasks.evaluate"):
+            parts = work_parts(len(texts), 4, cfg.num_workers)  # 2 batches: 2 parts (4 a worker asked)
+            after = workers.map(encode_text_rows, (texts, 4), parts, progress=("eval retrieval: texts", "texts"))
+    assert parts == [range(0, 4), range(4, 8)]
+    assert all(torch.equal(a, torch.cat(b)) for a, b in zip(before, zip(*after)))
+    assert caplog.records[-1].getMessage().startswith("eval retrieval: texts: 8 / 8 texts (100.0 %), ")
 
 
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
@@ -494,7 +499,8 @@ def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     from blip_models.modeling_retrieval import BlipRetrieval
     from blip_models.tokenizer import load_tokenizer, tokenize
     from pipelines.tasks.evaluate import (EvaluateConfig, ModelWorker, ModelWorkers, batch_rows, encode_image_rows,
-                                          encode_retrieval, encode_text_rows, load_images, read_model_files)
+                                          encode_retrieval, encode_text_rows, load_images, read_model_files,
+                                          work_parts)
 
     registry, manifest = downstream
     torch.manual_seed(0)
@@ -505,6 +511,9 @@ def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     assert batch_rows(15, 4, 3) == [range(0, 8), range(8, 15)]  # BLIP's split of 4 batches: 2, 2, 0
     assert batch_rows(30, 4, 3) == [range(0, 12), range(12, 24), range(24, 30)]
     assert batch_rows(3, 64, 2) == [range(0, 3)]  # one batch: one part, never an empty one
+    assert work_parts(15, 4, 3) == [range(0, 4), range(4, 8), range(8, 12), range(12, 15)]  # a batch a part at most
+    assert work_parts(15, 4, 0) == [range(0, 8), range(8, 15)]  # BLIP's split of 4 batches in 4 parts: 2, 2, 0, 0
+    assert len(work_parts(1000, 4, 2)) == 8  # 4 parts a worker: progress as they finish, a fast worker takes more
 
     cfg = EvaluateConfig(task="retrieval", num_workers=0, text_batch_size=4, image_batch_size=2, device="cpu")
     with ModelWorkers(str(model_dir), "retrieval", cfg) as workers:
