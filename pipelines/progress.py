@@ -54,7 +54,7 @@ class StageProgress:
             self.logger.info("%s", self.line())
 
     def line(self) -> str:
-        """`capfilt: 1,234 / 5,678 img (21.7 %), 45.6 img/s, about 1 min 37 s left; shards 3/9`."""
+        """`capfilt: 1,234 / 5,678 img (21.7 %), 45.6 img/s, about 1 min 37 s left; shards 3/9 written`."""
         share = f" ({100 * self.done / self.total:.1f} %)" if self.total else ""
         text = f"{self.desc}: {self.done:,} / {self.total:,} {self.unit}{share}"
         elapsed, ran = time.monotonic() - self.started, self.done - self.initial

@@ -22,8 +22,8 @@ from prefect import flow
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
 from pipelines.flows.stages import results, run_stage
-from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.logs import show_project_logs
+from pipelines.pipeline_config import PipelineConfig, load_pipeline
 from pipelines.runtime import apply_environment
 from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, publish_model,
                              report, shard)
