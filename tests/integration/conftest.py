@@ -3,8 +3,10 @@ CapFilt and resumed), used by the flow tests and by the browser test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +53,10 @@ def pipeline_registry(tmp_path_factory, ray_session) -> Path:
     progress = [line for line in (second.stdout + second.stderr).splitlines()
                 if "| INFO    | pipelines.tasks.capfilt - capfilt: " in line]
     assert progress and " img (100.0 %)" in progress[-1] and len(set(progress)) == len(progress), progress
+    # ... and the run's log on the Prefect server (the ephemeral one's database), as the UI shows it
+    with contextlib.closing(sqlite3.connect(root / "prefect" / "prefect.db")) as database:
+        served = [row[0] for row in database.execute("SELECT message FROM log WHERE name = 'pipelines.tasks.capfilt'")]
+    assert any(message.startswith("capfilt: ") and "(100.0 %)" in message for message in served), served
     return registry_dir
 
 
