@@ -50,7 +50,7 @@ def supervised_distributor(processes_count: int, downloader: Downloader, reader:
     from tqdm import tqdm
 
     def run(shards: Iterable[Any]) -> list[Any]:
-        with tqdm(desc="downloading shards", unit="shard") as progress:
+        with tqdm(desc="downloading shards", unit="shard", total=shards_to_download(shards)) as progress:
             return run_shards(processes_count, downloader, shards, progress.update)
 
     # `reader` cuts the source list into shard files as it is iterated: taken a shard at a time, as workers free
@@ -77,7 +77,7 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
         remaining = iter(shards)
         pending: dict[Any, Any] = {}
         failed: list[Any] = []
-        with tqdm(desc="downloading shards", unit="shard") as progress:
+        with tqdm(desc="downloading shards", unit="shard", total=shards_to_download(shards)) as progress:
             while True:
                 limit = _in_flight_limit(ray)  # read again each time: a cluster that scales up gets more
                 while len(pending) < limit and (shard := next(remaining, _DONE)) is not _DONE:
@@ -93,6 +93,27 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
                     progress.update()
 
     retrier(run, run(reader), max_shard_retry)
+
+
+def shards_to_download(shards: Iterable[Any]) -> int | None:
+    """How many shards `shards` will give, for the bar's total: a list's length (a retry pass), or for
+    img2dataset's `Reader` (which cuts its files into shards only as it is iterated) the shards its parquet files
+    make, from their footers, less those a resumed run had finished; None when that cannot be told."""
+    if isinstance(shards, (list, tuple)):
+        return len(shards)
+    try:
+        per_shard, start, done = shards.number_sample_per_shard, shards.start_shard_id, set(shards.done_shards)
+        import pyarrow.parquet as pq
+
+        total = 0
+        for path in shards.input_files:
+            with shards.fs.open(path, "rb") as handle:
+                count = -(-pq.ParquetFile(handle).metadata.num_rows // per_shard)
+            total += sum(1 for shard_id in range(start, start + count) if shard_id not in done)
+            start += count
+        return total
+    except Exception:  # noqa: BLE001 - another input format or reader: a bar without a total, as before
+        return None
 
 
 IN_FLIGHT_PER_CPU = 2  # shard tasks in flight per cluster CPU: every CPU busy, one queued behind it, and an

@@ -157,3 +157,27 @@ def test_a_worker_that_dies_between_shards_is_replaced_and_no_shard_is_charged_o
         failed = download_workers.run_shards(1, downloader, shards(), lambda: None)
     assert failed == [] and _finished(tmp_path / "log")[0] == Counter(range(8))
     assert "between shards" in caplog.text and "goes to another worker" not in caplog.text
+
+
+def test_the_bar_knows_how_many_shards_img2dataset_s_reader_will_give(tmp_path):
+    """img2dataset's Reader cuts its files into shards only as it is iterated, so its bar had no total: the total
+    comes from the parquet footers, less the shards a resumed run had finished."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from img2dataset.reader import Reader
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (tmp_path / "tmp").mkdir()
+    for name, rows in (("part-000000.parquet", 250), ("part-000001.parquet", 40)):
+        pq.write_table(pa.table({"url": [f"http://x/{i}.jpg" for i in range(rows)], "caption": ["c"] * rows}),
+                       parts / name)  # fmt: skip
+
+    def reader(done: set[int]) -> Reader:
+        return Reader(str(parts), "parquet", "url", "caption", None, None, None, 100, done, str(tmp_path / "tmp"))
+
+    assert download_workers.shards_to_download(reader(set())) == 3 + 1  # 100 + 100 + 50, then 40
+    assert download_workers.shards_to_download(reader({0, 3})) == 2  # a resumed run: shards 1 and 2 are left
+    assert len(list(reader({0, 3}))) == 2  # what the reader really gives
+    assert download_workers.shards_to_download([("shard", 1), ("shard", 2)]) == 2  # a retry pass: a list
+    assert download_workers.shards_to_download(iter(())) is None  # anything else: a bar without a total
