@@ -92,6 +92,7 @@ def evaluate_vqa(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConfi
     from blip_models.processing import pre_question
     from pipelines.tasks.downstream_data import load_answer_list, load_vqa, load_vqa_official
     from pipelines.tasks.metrics import vqa_accuracy, write_vqa_results
+
     annotations = dataset.metadata["annotations"]
     path = _annotation(registry, dataset, annotations[cfg.split])
     questions = load_vqa(path, "test" if cfg.split == "test" else "train")
@@ -126,6 +127,7 @@ def evaluate_nlvr(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateConf
     from blip_models.processing import pre_caption
     from pipelines.tasks.downstream_data import NLVR_MAX_WORDS, load_nlvr
     from pipelines.tasks.metrics import nlvr_accuracy
+
     pairs = load_nlvr(_annotation(registry, dataset, dataset.metadata["annotations"][cfg.split]))[: cfg.max_images or None]
     lefts = [registry.url_of(dataset, f"images/{p.images[0]}") for p in pairs]
     rights = [registry.url_of(dataset, f"images/{p.images[1]}") for p in pairs]
