@@ -6,9 +6,9 @@ column chunk itself (URLs, hashes and CapFilt's shuffled hex keys do not compres
 key is found by the row groups' min/max statistics too). pyarrow writes them but neither its dataset scanner nor
 its Python API reads them, so this does, after the format's specification (parquet-format, BloomFilter.md): a
 Thrift header (numBytes, and the algorithm, hash and compression, each of which has one value: split-block,
-xxHash64, uncompressed), then numBytes of 32-byte blocks. A value (a BYTE_ARRAY's bytes, no length prefix) is hashed with xxHash64 (seed 0);
-the top 32 bits pick a block, the low 32 bits, times 8 salts, one bit in each of its 8 words. A filter says "maybe"
-or "surely not": a row group whose filters all say "surely not" is not read.
+xxHash64, uncompressed), then numBytes of 32-byte blocks. A value (a BYTE_ARRAY's bytes, no length prefix) is
+hashed with xxHash64 (seed 0); the top 32 bits pick a block, the low 32 bits, times 8 salts, one bit in each of
+its 8 words. A filter says "maybe" or "surely not": a row group whose filters all say "surely not" is not read.
 """
 
 from __future__ import annotations
@@ -112,11 +112,12 @@ def row_groups_to_read(metadata: Any, handle: Any, wanted: dict[str, list[int]])
         for column, hashes in wanted.items():
             chunk = metadata.row_group(group).column(names.index(column))
             offset, length = chunk.bloom_filter_offset, chunk.bloom_filter_length
-            if offset is None or not length:
-                groups.append(group)
-                break
-            handle.seek(offset)
-            if may_contain(filter_bitset(handle.read(length)), hashes):
+            if offset is None or not length or may_contain(filter_bitset(_read_at(handle, offset, length)), hashes):
                 groups.append(group)
                 break
     return groups
+
+
+def _read_at(handle: Any, offset: int, length: int) -> bytes:
+    handle.seek(offset)
+    return handle.read(length)

@@ -258,13 +258,16 @@ class ModelWorkers:
                 return results
             refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
             calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
-            size_of, waiting = dict(zip(calls, sizes)), list(calls)
+            part_of, waiting = {call: i for i, call in enumerate(calls)}, list(calls)
+            results = [None] * len(calls)
             while waiting:
                 done, waiting = self.ray.wait(waiting, num_returns=1)
-                self.ray.get(done)  # a part that failed stops the evaluation now, not after every other part
+                # Fetched as it finishes, once (encoded features are GBs at COCO's size); a part that failed stops
+                # the evaluation now, not after every other part.
+                results[part_of[done[0]]] = self.ray.get(done[0])
                 if bar:
-                    bar.update(size_of[done[0]])
-            return self.ray.get(calls)
+                    bar.update(sizes[part_of[done[0]]])
+            return results
         finally:
             if bar:
                 bar.close()
