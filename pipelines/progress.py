@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -27,21 +27,23 @@ class StageProgress:
     `initial` counts work a resumed run found done; the rate and the time left count only this run's work.
     """
 
-    def __init__(self, desc: str, total: int, unit: str, *, initial: int = 0, logger: logging.Logger | None = None,
-                 log_every_s: float = 60.0, stream: TextIO | None = None) -> None:  # fmt: skip
+    def __init__(self, desc: str, total: int | None, unit: str, *, initial: int = 0,
+                 logger: logging.Logger | None = None, log_every_s: float = 60.0, stream: TextIO | None = None,
+                 enabled: bool = True) -> None:  # fmt: skip
         self.desc, self.total, self.unit, self.initial = desc, total, unit, initial
         self.done = initial
         self.postfix: dict[str, Any] = {}
         self.logger = logger or logging.getLogger(__name__)
         self.log_every_s = log_every_s
         self.started = self.last_logged = time.monotonic()
+        self.enabled = enabled  # False: nothing shown (a stage's bar for a few shards)
         stream = stream or sys.stderr
         self.bar = None
-        if stream.isatty():
+        if enabled and stream.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
-                            unit_scale=total >= 100_000)  # fmt: skip
+                            unit_scale=(total or 0) >= 100_000)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.done += n
@@ -49,20 +51,23 @@ class StageProgress:
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=False)
             self.bar.update(n)
-        elif time.monotonic() - self.last_logged >= self.log_every_s:
+        elif self.enabled and time.monotonic() - self.last_logged >= self.log_every_s:
             self.last_logged = time.monotonic()
             self.logger.info("%s", self.line())
 
     def line(self) -> str:
         """`capfilt: 1,234 / 5,678 img (21.7 %), 45.6 img/s, about 1 min 37 s left; shards 3/9 written`."""
-        share = f" ({100 * self.done / self.total:.1f} %)" if self.total else ""
-        text = f"{self.desc}: {self.done:,} / {self.total:,} {self.unit}{share}"
+        if self.total is None:  # not known beforehand: what is done so far
+            text = f"{self.desc}: {self.done:,} {self.unit}"
+        else:
+            share = f" ({100 * self.done / self.total:.1f} %)" if self.total else ""
+            text = f"{self.desc}: {self.done:,} / {self.total:,} {self.unit}{share}"
         elapsed, ran = time.monotonic() - self.started, self.done - self.initial
         if ran > 0 and elapsed > 0:
             rate = ran / elapsed
-            text += f", {rate:,.1f} {self.unit}/s"
-            if self.done < self.total:
-                text += f", about {_duration((self.total - self.done) / rate)} left"
+            text += f", {rate:,.1f} {self.unit}/s" if rate >= 1 else f", {rate:.2g} {self.unit}/s"  # 0.033 shards/s
+            if self.total is not None and self.done < self.total:
+                text += f", about {format_duration((self.total - self.done) / rate)} left"
         if self.postfix:
             text += "; " + ", ".join(f"{key} {value}" for key, value in self.postfix.items())
         return text
@@ -72,8 +77,9 @@ class StageProgress:
             self.bar.set_postfix(self.postfix, refresh=False)
             self.bar.close()
             self.bar = None
-        else:
+        elif self.enabled:
             self.logger.info("%s", self.line())
+            self.enabled = False  # closed: a second close logs nothing
 
     def __enter__(self) -> StageProgress:
         return self
@@ -83,30 +89,50 @@ class StageProgress:
 
 
 class TrainingBar:
-    """The bar of `blip train` / `blip finetune`, fed by rank 0's `progress.json` (the `on_progress` of the training
-    stages): steps done of the planned total, the latest losses and learning rate."""
+    """The progress of `blip train` / `blip finetune` and of the flow's training stages, fed by rank 0's
+    `progress.json` (the `on_progress` of the training stages): steps done of the planned total, the latest losses
+    and learning rate. A bar on a terminal; elsewhere (a Prefect worker's log, a file) a log line a minute and one
+    at the end, as `StageProgress`: a pretraining runs for days, and a log that shows only Ray's checkpoint reports
+    says nothing about how far it is."""
 
-    def __init__(self, desc: str, enabled: bool = True) -> None:
+    def __init__(self, desc: str, enabled: bool = True, *, stream: TextIO | None = None,
+                 logger: logging.Logger | None = None, log_every_s: float = 60.0) -> None:  # fmt: skip
+        self.desc, self.enabled, self.log_every_s = desc, enabled, log_every_s
+        self.stream = stream or sys.stderr
+        self.logger = logger or logging.getLogger(__name__)
         self.bar = None
-        if enabled:
+        self.lines: StageProgress | None = None  # off a terminal, from the first record (a resumed run's step)
+        if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, unit="step", desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=None, unit="step", desc=desc, dynamic_ncols=True, file=self.stream)
 
     def __call__(self, progress: dict[str, Any]) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
-        self.bar.total = progress.get("total")
-        self.bar.n = progress.get("step", 0)
+        step, total = int(progress.get("step", 0)), progress.get("total")
         shown = {key: f"{value:.3g}" for key, value in progress.items()
                  if (key.startswith("loss") or key == "lr") and isinstance(value, (int, float))}  # fmt: skip
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.refresh()
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = step
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.refresh()
+            return
+        if self.lines is None:
+            self.lines = StageProgress(self.desc, total, "steps", initial=step, logger=self.logger,
+                                       log_every_s=self.log_every_s, stream=self.stream)  # fmt: skip
+        self.lines.total = total
+        self.lines.postfix = shown
+        self.lines.update(step - self.lines.done)  # back to a checkpoint's step after a restart: negative
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.lines is not None:
+            self.lines.close()
+            self.lines = None
 
     def __enter__(self) -> TrainingBar:
         return self

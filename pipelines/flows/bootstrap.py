@@ -15,6 +15,7 @@ reuses every published version (stage cache keys) and resumes inside the interru
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 from prefect import flow
@@ -24,6 +25,7 @@ from datasets_manifests.registry import Registry
 from pipelines.flows.stages import results, run_stage
 from pipelines.logs import show_project_logs
 from pipelines.pipeline_config import PipelineConfig, load_pipeline
+from pipelines.progress import TrainingBar
 from pipelines.runtime import apply_environment
 from pipelines.tasks import (capfilt, demo_source, download, downstream, evaluate, finetune, pretrain, publish_model,
                              report, shard)
@@ -100,9 +102,10 @@ def pretrain_on(cfg: PipelineConfig, dataset: Manifest, human: list[Manifest], t
     """Pretraining on `dataset` (web or bootstrapped) + the human-annotated pairs, as both of BLIP's pretrainings."""
     name = cfg.version_name(f"pretrain-{tag}")
     # resume_if_present: a flow rerun after a crash mid-pretraining continues that Ray Train run (same cache key).
-    return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
-                     extra_datasets=human, registry=registry, output_kind="model", output_name=name,
-                     upstream=[dataset, *human], resume_if_present=True)
+    with TrainingBar(f"pretrain-{tag}") as progress:  # a worker's log: a line a minute, steps, losses, time left
+        return run_stage(f"pretrain-{tag}", pretrain.run_pretrain, replace(cfg.pretrain, output_name=name), dataset,
+                         extra_datasets=human, registry=registry, output_kind="model", output_name=name,
+                         upstream=[dataset, *human], resume_if_present=True, on_progress=progress)
 
 
 def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: str, registry: Registry) -> tuple[Manifest, Manifest]:
@@ -110,12 +113,15 @@ def finetune_pair(cfg: PipelineConfig, model: Manifest, clean: Manifest, tag: st
     time: a cluster with room for both runs them side by side; otherwise Ray starts the second's workers when the
     first's free their resources."""
     futures = []
-    for role, ft_cfg in (("captioner", cfg.finetune_captioner), ("filter", cfg.finetune_filter)):
-        name = cfg.version_name(f"{role}-{tag}")
-        futures.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model, dataset=clean,
-                                 name=name, registry=registry, output_kind="model", output_name=name,
-                                 upstream=[model, clean], submit=True))  # fmt: skip
-    captioner, filter_ = results(futures)
+    with contextlib.ExitStack() as bars:
+        for role, ft_cfg in (("captioner", cfg.finetune_captioner), ("filter", cfg.finetune_filter)):
+            name = cfg.version_name(f"{role}-{tag}")
+            progress = bars.enter_context(TrainingBar(f"finetune-{role}-{tag}"))
+            futures.append(run_stage(f"finetune-{role}-{tag}", finetune.run_finetune, ft_cfg, init=model,
+                                     dataset=clean, name=name, registry=registry, output_kind="model",
+                                     output_name=name, upstream=[model, clean], submit=True,
+                                     on_progress=progress))  # fmt: skip
+        captioner, filter_ = results(futures)
     return captioner, filter_
 
 

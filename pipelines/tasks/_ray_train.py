@@ -13,6 +13,7 @@ history, TensorBoard event files and, at the last step, the model (`model/`, sav
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import json
 import os
@@ -148,10 +149,7 @@ def launch(
                              failure_config=FailureConfig(max_failures=scaling.max_failures)),
     )  # fmt: skip
     stop = threading.Event()
-    watcher = None
-    if on_progress:
-        watcher = threading.Thread(target=_watch, args=(progress_url, on_progress, stop), daemon=True)
-        watcher.start()
+    watcher = watch_progress(progress_url, on_progress, stop) if on_progress else None
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
@@ -209,6 +207,16 @@ def read_progress(url: str) -> dict[str, Any] | None:
             return json.loads(handle.read())
     except (OSError, ValueError):
         return None
+
+
+def watch_progress(url: str, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> threading.Thread:
+    """A started thread that calls `on_progress` with each new record at `url` until `stop` is set. It runs in a
+    copy of this thread's context: a flow's task run is found there, so what `on_progress` logs reaches the run's
+    log on the Prefect server (a plain thread's lines were printed only)."""
+    watcher = threading.Thread(target=contextvars.copy_context().run, args=(_watch, url, on_progress, stop),
+                               daemon=True)  # fmt: skip
+    watcher.start()
+    return watcher
 
 
 def _watch(url: str, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:

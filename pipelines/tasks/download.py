@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import re
@@ -40,6 +41,8 @@ from datasets_manifests.registry import Registry, RegistryError, now_utc
 from datasets_manifests.spill import SpilledRows, ascending_order, first_repeated_key, read_spilled, spill_writer
 from datasets_manifests.sources import HASH_COLUMN  # the normalised list's expected image hash (verify_hash)
 from pipelines.config import check_range, config_hash, to_dict
+
+log = logging.getLogger(__name__)
 
 STAGE = "download"
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's default X-Robots-Tag opt-outs
@@ -427,9 +430,8 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
     sha256 and bytes): the shards are spread over `workers` processes (None: one per CPU core, at most one per
     BYTES_PER_INDEX_WORKER of tars), so at 129M images it is not one core reading terabytes.
     """
-    from tqdm import tqdm
-
     from datasets_manifests.sources import url_to_fs
+    from pipelines.progress import StageProgress
     from pipelines.runtime import map_in_processes, process_count
 
     fs, root = url_to_fs(raw_output)
@@ -457,14 +459,13 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
         tar_bytes += listed.get(sources[".tar"]) or fs.size(sources[".tar"])
     if workers is None:
         workers = process_count(tar_bytes, BYTES_PER_INDEX_WORKER, len(jobs))
-    progress = tqdm(total=len(jobs), desc="indexing raw shards", unit="shard", disable=len(jobs) < 4)
     files: list[dict[str, Any]] = []
-    with spill_writer(rows_file, rows_schema(extra)) as writer:
+    with (StageProgress("indexing raw shards", len(jobs), "shards", logger=log, enabled=len(jobs) >= 4) as progress,
+          spill_writer(rows_file, rows_schema(extra)) as writer):  # fmt: skip
         for shard_rows, shard_files in map_in_processes(index_raw_shard, jobs, workers):
             writer.write_table(shard_rows)
             files.extend(shard_files)
             progress.update()
-    progress.close()
     return files
 
 

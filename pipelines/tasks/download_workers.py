@@ -47,10 +47,11 @@ def supervised_distributor(processes_count: int, downloader: Downloader, reader:
     in `processes_count` spawned processes; shards that report a failure are retried `max_shard_retry` times, as
     img2dataset does; a shard whose worker died goes to another worker."""
     from img2dataset.distributor import retrier
-    from tqdm import tqdm
+
+    from pipelines.progress import StageProgress
 
     def run(shards: Iterable[Any]) -> list[Any]:
-        with tqdm(desc="downloading shards", unit="shard", total=shards_to_download(shards)) as progress:
+        with StageProgress("downloading shards", shards_to_download(shards), "shards", logger=log) as progress:
             return run_shards(processes_count, downloader, shards, progress.update)
 
     # `reader` cuts the source list into shard files as it is iterated: taken a shard at a time, as workers free
@@ -66,7 +67,8 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
     that report a failure are retried `max_shard_retry` times through img2dataset's `retrier`."""
     import ray
     from img2dataset.distributor import retrier
-    from tqdm import tqdm
+
+    from pipelines.progress import StageProgress
 
     download_shard = ray.remote(num_cpus=1, max_retries=MAX_DEATHS - 1)(_download_shard)
     downloader_ref = ray.put(downloader)  # sent to the object store once, not with every task
@@ -77,7 +79,7 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
         remaining = iter(shards)
         pending: dict[Any, Any] = {}
         failed: list[Any] = []
-        with tqdm(desc="downloading shards", unit="shard", total=shards_to_download(shards)) as progress:
+        with StageProgress("downloading shards", shards_to_download(shards), "shards", logger=log) as progress:
             while True:
                 limit = _in_flight_limit(ray)  # read again each time: a cluster that scales up gets more
                 while len(pending) < limit and (shard := next(remaining, _DONE)) is not _DONE:

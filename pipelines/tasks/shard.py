@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import tarfile
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -206,17 +207,20 @@ def eval_image_hashes(registry: Registry, eval_sets: list[Manifest]) -> np.ndarr
     version keeps as files) of `eval_sets` (HASH_WORDS x n uint64: `nearest_distance`); an image that cannot be
     decoded is an error naming it."""
     from PIL import Image
-    from tqdm import tqdm
+
+    from pipelines.progress import StageProgress
 
     entries = [(manifest, entry.path) for manifest in eval_sets for entry in manifest.files if entry.role == "image"]
     hashes = np.zeros((HASH_WORDS, len(entries)), dtype=np.uint64)
-    for number, (manifest, path) in enumerate(tqdm(entries, desc="hashing evaluation images", unit="image",
-                                                   disable=len(entries) < 1000)):  # fmt: skip
-        try:
-            with registry.open(manifest, path) as handle, Image.open(io.BytesIO(handle.read())) as image:
-                hashes[:, number] = image_dhash(image)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"evaluation image {manifest.ref}/{path} cannot be decoded: {error}") from error
+    with StageProgress("hashing evaluation images", len(entries), "img", logger=log,
+                       enabled=len(entries) >= 1000) as progress:  # fmt: skip
+        for number, (manifest, path) in enumerate(entries):
+            try:
+                with registry.open(manifest, path) as handle, Image.open(io.BytesIO(handle.read())) as image:
+                    hashes[:, number] = image_dhash(image)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise ValueError(f"evaluation image {manifest.ref}/{path} cannot be decoded: {error}") from error
+            progress.update()
     return hashes
 
 
@@ -288,12 +292,17 @@ def run_shard(cfg: ShardConfig, dataset_ref: str | Manifest, *, name: str, regis
 
 @contextlib.contextmanager
 def _phase(what: str, records: int) -> Iterator[None]:
-    """A one-step progress bar (what, how many records, how long) for a long array computation."""
-    from tqdm import tqdm
+    """A long array computation said at its start and its end, with how long it took (a log line each: a bar of one
+    step was a line with a carriage return in a worker's log)."""
+    from pipelines.progress import format_duration
 
-    with tqdm(total=1, desc=f"{what} ({records:,} records)", disable=records < 1_000_000) as bar:
+    if records < 1_000_000:
         yield
-        bar.update()
+        return
+    started = time.monotonic()
+    log.info("shard: %s (%s records) ...", what, f"{records:,}")
+    yield
+    log.info("shard: %s (%s records) done in %s", what, f"{records:,}", format_duration(time.monotonic() - started))
 
 
 # Pass 1's records, one row per raw sample, kept on disk (`datasets_manifests.spill`) so that the driver holds
@@ -430,9 +439,8 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, pa
     of a remote registry) as they come, so a rerun checks only the shards still missing; once all are there they
     are joined into the one file the rest of the stage reads (in large batches: `SpilledRows` takes rows chunk by
     chunk), the same bytes as one process's."""
-    from tqdm import tqdm
-
     from datasets_manifests.index import INDEX_FILE
+    from pipelines.progress import StageProgress
     from pipelines.runtime import map_in_processes, process_count
     from pipelines.tasks.webdata import atomic_output
 
@@ -453,8 +461,8 @@ def _scan(cfg: ShardConfig, registry: Registry, parent: Manifest, work: Path, pa
     jobs = [(cfg, registry.url_of(parent, entries[n].path), entries[n].path, index_url, eval_hashes, carried)
             for n in todo]  # fmt: skip
     workers = process_count(sum(entries[n].bytes for n in todo), SCAN_BYTES_PER_PROCESS, len(jobs))
-    with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="checking raw shards", unit="shard",
-              disable=len(entries) < 4) as progress:  # fmt: skip
+    with StageProgress("checking raw shards", len(entries), "shards", initial=len(entries) - len(todo), logger=log,
+                       enabled=len(entries) >= 4) as progress:  # fmt: skip
         with parts.uploading():
             for number, (table, was_truncated) in zip(todo, map_in_processes(scan_raw_shard, jobs, workers)):
                 _write_part(parts, part_paths[number].name, table, was_truncated)
@@ -774,8 +782,7 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     What each returned (offsets, sizes, digests) is kept in `kept` (`work/written/`, and the store of a remote
     registry): a rerun takes a shard whose record and tar are both there (the tar the size its record says)
     instead of writing it again."""
-    from tqdm import tqdm
-
+    from pipelines.progress import StageProgress
     from pipelines.runtime import map_in_processes, process_count
 
     slices = plan_output_shards(cfg, records, decision)
@@ -809,9 +816,9 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
     reencoded_rows: list[np.ndarray] = []  # per output shard (Arrow and numpy arrays, not Python objects)
     reencoded_sha256: list[pa.Array] = []
     results = map_in_processes(write_output_shard, jobs(), workers)
-    with kept.uploading():
-        for number, (split, index, rows) in enumerate(tqdm(slices, total=len(slices), desc="writing shards",
-                                                           unit="shard", disable=len(slices) < 4)):  # fmt: skip
+    with kept.uploading(), StageProgress("writing shards", len(slices), "shards", initial=len(done), logger=log,
+                                         enabled=len(slices) >= 4) as progress:  # fmt: skip
+        for number, (split, index, rows) in enumerate(slices):
             if number in done:
                 entry, offsets, sizes, reencoded = _read_written(kept.path(_written_name(split, index)))
             else:
@@ -824,6 +831,7 @@ def _write_shards(cfg: ShardConfig, registry: Registry, parent: Manifest, record
             reencoded_rows.append(rows[np.fromiter(reencoded, dtype=np.int64, count=len(reencoded))])
             reencoded_sha256.append(pa.array(list(reencoded.values()), pa.string()))
             entries.append(entry)
+            progress.update(number not in done)  # the shards a stopped run wrote are in `initial`
     every_row = np.concatenate(reencoded_rows) if reencoded_rows else np.zeros(0, dtype=np.int64)
     by_row = np.argsort(every_row)
     written.reencoded_rows = every_row[by_row]

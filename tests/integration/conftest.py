@@ -53,10 +53,17 @@ def pipeline_registry(tmp_path_factory, ray_session) -> Path:
     progress = [line for line in (second.stdout + second.stderr).splitlines()
                 if "| INFO    | pipelines.tasks.capfilt - capfilt: " in line]
     assert progress and " img (100.0 %)" in progress[-1] and len(set(progress)) == len(progress), progress
+    # The trainings' progress too: off a terminal, a line a minute and one at the end (not a redrawn bar).
+    for stage in ("pretrain-capfilt", "finetune-captioner-capfilt", "finetune-filter-capfilt"):
+        trained = [line for line in (second.stdout + second.stderr).splitlines()
+                   if f"| INFO    | pipelines.progress - {stage}: " in line]  # fmt: skip
+        assert trained and " steps (100.0 %)" in trained[-1] and "loss" in trained[-1], (stage, trained)
     # ... and the run's log on the Prefect server (the ephemeral one's database), as the UI shows it
     with contextlib.closing(sqlite3.connect(root / "prefect" / "prefect.db")) as database:
         served = [row[0] for row in database.execute("SELECT message FROM log WHERE name = 'pipelines.tasks.capfilt'")]
+        trained = [row[0] for row in database.execute("SELECT message FROM log WHERE name = 'pipelines.progress'")]
     assert any(message.startswith("capfilt: ") and "(100.0 %)" in message for message in served), served
+    assert any(message.startswith("pretrain-capfilt: ") and "(100.0 %)" in message for message in trained), trained
     return registry_dir
 
 

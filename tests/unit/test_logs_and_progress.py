@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.progress import StageProgress, _duration
+from pipelines.progress import StageProgress, format_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,17 +110,65 @@ def test_on_a_terminal_progress_is_a_bar(caplog):
 
 @pytest.mark.parametrize(("seconds", "text"), [(4.6, "5 s"), (97, "1 min 37 s"), (7_380, "2 h 03 min")])
 def test_durations_read_as_time_left(seconds, text):
-    assert _duration(seconds) == text
+    assert format_duration(seconds) == text
 
 
-def test_the_training_bar_shows_steps_losses_and_the_learning_rate(capsys):
+def test_the_training_bar_shows_steps_losses_and_the_learning_rate(caplog):
     from pipelines.progress import TrainingBar
 
-    with TrainingBar("finetune caption") as bar:
-        bar({"step": 3, "total": 6, "loss_lm": 2.345678, "lr": 0.001, "samples_per_s": 5.0})
-    drawn = capsys.readouterr().err
+    stream = _Terminal()
+    with caplog.at_level(logging.INFO):
+        with TrainingBar("finetune caption", stream=stream) as bar:
+            bar({"step": 3, "total": 6, "loss_lm": 2.345678, "lr": 0.001, "samples_per_s": 5.0})
+    drawn = stream.getvalue()
     assert "finetune caption" in drawn and "3/6" in drawn and "loss_lm=2.35" in drawn and "lr=0.001" in drawn
     assert "samples_per_s" not in drawn
-    with TrainingBar("train", enabled=False) as bar:  # --no-progress
+    assert not caplog.records
+    stream = _Terminal()
+    with TrainingBar("train", enabled=False, stream=stream) as bar:  # --no-progress
         bar({"step": 1, "total": 2})
-    assert capsys.readouterr().err == ""
+    assert stream.getvalue() == ""
+
+
+def test_off_a_terminal_training_progress_is_a_log_line_at_an_interval(caplog):
+    """A flow's pretraining in a Prefect worker's log, or `blip train > file`: lines, not a redrawn bar."""
+    from pipelines.progress import TrainingBar
+
+    stream = io.StringIO()
+    logger = logging.getLogger("pipelines.progress")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with TrainingBar("pretrain-web", stream=stream, log_every_s=3600) as bar:
+            bar({"step": 200, "total": 500, "loss_itc": 3.9, "lr": 0.00135})  # a resumed run's first record
+            bar({"step": 250, "total": 500, "loss_itc": 3.5, "lr": 0.0012})
+            assert not caplog.records  # within the interval
+            bar.lines.log_every_s = 0
+            bar({"step": 300, "total": 500, "loss_itc": 3.1, "lr": 0.001})
+            line = caplog.records[-1].getMessage()
+            assert line.startswith("pretrain-web: 300 / 500 steps (60.0 %), ")
+            assert line.endswith(" left; loss_itc 3.1, lr 0.001")
+            bar({"step": 200, "total": 500, "loss_itc": 3.9, "lr": 0.00135})  # restarted from a checkpoint
+            bar({"step": 500, "total": 500, "loss_itc": 2.0, "lr": 1e-05})
+        final = caplog.records[-1].getMessage()
+    assert final.startswith("pretrain-web: 500 / 500 steps (100.0 %), ") and "left" not in final
+    assert final.endswith("; loss_itc 2, lr 1e-05")
+    assert stream.getvalue() == ""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with TrainingBar("pretrain-web", stream=stream, log_every_s=0):  # a stage found published: no record
+            pass
+    assert not caplog.records
+
+
+def test_a_bar_turned_off_shows_nothing_and_an_unknown_total_shows_what_is_done(caplog):
+    stream = io.StringIO()
+    logger = logging.getLogger("pipelines.tasks.shard")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with StageProgress("writing shards", 3, "shards", logger=logger, log_every_s=0, stream=stream,
+                           enabled=False) as bar:  # a stage's bar for a few shards
+            bar.update(3)
+        assert not caplog.records
+        with StageProgress("downloading shards", None, "shards", logger=logger, log_every_s=3600,
+                           stream=stream) as bar:  # img2dataset's reader of another format: no total
+            bar.update(2)
+    assert caplog.records[-1].getMessage().startswith("downloading shards: 2 shards, ")
+    assert "left" not in caplog.records[-1].getMessage() and "%" not in caplog.records[-1].getMessage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pipelines.tasks._ray_train import (
     plan_run,
     read_progress,
     remove_orphaned_event_dirs,
+    watch_progress,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -111,6 +113,27 @@ def test_progress_goes_to_a_missing_folder_and_a_failure_never_stops_training(
     assert [item["step"] for item in files.history] == [1, 2]  # training bookkeeping went on
     warnings = [line for line in capsys.readouterr().err.splitlines() if "cannot write progress" in line]
     assert len(warnings) == 1
+
+
+def test_the_progress_watcher_calls_back_in_the_callers_context(tmp_path: Path) -> None:
+    """A flow's task run is found in the context: the watcher's log lines reach the run's log on the server."""
+    import contextvars
+    import threading
+
+    run = contextvars.ContextVar("run", default=None)
+    run.set("task-run-1")
+    files = rank_zero(str(tmp_path / "run"))
+    files.log(5, {"loss": 2.0}, total=10)
+    seen: list[tuple[Any, dict[str, Any]]] = []
+    stop = threading.Event()
+    watcher = watch_progress(str(tmp_path / "run" / "progress.json"), lambda p: seen.append((run.get(), p)), stop)
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    watcher.join(timeout=5)
+    files.close()
+    assert seen == [("task-run-1", {"step": 5, "total": 10, "loss": 2.0})]
 
 
 # ---------------------------------------------------------------------------------------------- lineage and config
