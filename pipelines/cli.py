@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:  # Ctrl-C; a stage that can go on says how (`TrainingInterrupted`, ...)
+        how = str(error) or getattr(args, "on_interrupt", "")
+        print(f"blip {args.command}: interrupted{f': {how}' if how else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `blip data ls | head`: the reader left; not an error to print a traceback for
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again

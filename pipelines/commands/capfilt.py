@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--registry", default=None, help="registry URL (default: $BLIP_REGISTRY or ./artifacts/registry)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set filter.threshold=0.6; repeatable")
-    parser.set_defaults(func=cmd_capfilt)
+    parser.set_defaults(func=cmd_capfilt, on_interrupt="the same command goes on from the shards this run finished")
 
 
 def resolve_config_path(value: str) -> Path:

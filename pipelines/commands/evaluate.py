@@ -135,9 +135,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     name = args.name or _default_name(init, args.task)
     from pipelines.progress import TrainingBar
+    from pipelines.tasks._ray_train import TrainingInterrupted
 
-    with TrainingBar(f"finetune {args.task}", enabled=not args.no_progress) as bar:
-        manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry, on_progress=bar)
+    try:
+        with TrainingBar(f"finetune {args.task}", enabled=not args.no_progress) as bar:
+            manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry,
+                                    on_progress=bar)  # fmt: skip
+    except TrainingInterrupted as stopped:  # finetuning goes on from a run of the same inputs by itself
+        raise KeyboardInterrupt(f"{stopped}; the same command goes on from it") from None
     print(render_finetune_table(manifest))
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0

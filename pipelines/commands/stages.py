@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
                        "on: near copies of them (256-bit difference hash within eval_overlap_max_distance bits, "
                        "default 10) are dropped as eval_overlap; repeatable")  # fmt: skip
     _common(shard, "shard")
-    shard.set_defaults(func=cmd_shard)
+    shard.set_defaults(func=cmd_shard, on_interrupt="the same command goes on from where this run stopped")
 
 
 OVERRIDE_EXAMPLES = {"download": "processes=4", "shard": "samples_per_shard=5000"}  # keys of each stage's config

@@ -17,7 +17,10 @@ import contextvars
 import importlib
 import json
 import os
+import posixpath
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -39,6 +42,16 @@ class UserError(Exception):
 
 class TrainingDataError(UserError):
     """A run stopped because its data could not be read (`ShardsUnreadable`, `NothingTrainedError`)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal) stopped a run: Ray Train aborted it; its checkpoints stay, so it can go on."""
+
+    def __init__(self, run_name: str, checkpoint_step: int | None) -> None:
+        self.run_name, self.checkpoint_step = run_name, checkpoint_step
+        where = f"its last checkpoint is step {checkpoint_step}" if checkpoint_step is not None else (
+            "before its first checkpoint: it starts again from step 0")
+        super().__init__(f"training run {run_name!r} stopped; {where}")
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -150,11 +163,21 @@ def launch(
     )  # fmt: skip
     stop = threading.Event()
     watcher = watch_progress(progress_url, on_progress, stop) if on_progress else None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.getsignal(signal.SIGINT) if in_main_thread else None
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
         raise data_failure(run_name, error) or error
+    except SystemExit as stopped:
+        # In the main thread `fit` sets Ray Train's Ctrl-C handler, which aborts the run (its workers stopped, its
+        # checkpoints kept); the driver's wait then ends in SystemExit(1): a bare exit 1 that said nothing.
+        if not in_main_thread:
+            raise
+        raise TrainingInterrupted(run_name, last_checkpoint_step(run_dir)) from stopped
     finally:
+        if in_main_thread:  # Ray Train leaves its handler set: a later Ctrl-C would call a controller that is gone
+            signal.signal(signal.SIGINT, previous_handler)
         stop.set()
         if watcher:
             watcher.join(timeout=5)
@@ -196,6 +219,19 @@ def _last_line(failure: BaseException) -> str:
     # Through a DataLoader worker the message carries that worker's traceback; its last line is the error.
     lines = str(failure).strip().splitlines()
     return lines[-1][:300] if lines else ""
+
+
+def last_checkpoint_step(run_dir: str) -> int | None:
+    """The step of the newest `checkpoint_step<N>` folder of a run (a path or URL); None when there is none."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    fs, root = url_to_fs(run_dir)
+    try:
+        names = [posixpath.basename(path.rstrip("/")) for path in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return None
+    steps = [int(match.group(1)) for name in names if (match := re.fullmatch(r"checkpoint_step(\d+)", name))]
+    return max(steps, default=None)
 
 
 def read_progress(url: str) -> dict[str, Any] | None:

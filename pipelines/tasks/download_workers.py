@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
+import threading
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
@@ -149,7 +151,8 @@ class _Worker:
     def __init__(self, context: Any, downloader: Downloader) -> None:
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, downloader), daemon=True)
-        self.process.start()
+        with ctrl_c_ignored():  # inherited: Ctrl-C stops the driver, which stops its workers (`run_shards`)
+            self.process.start()
         child.close()
         self.shard: tuple[int, Any] | None = None  # (number, shard) in hand
         self.done = 0
@@ -177,6 +180,20 @@ class _Worker:
         self.process.join()
         with contextlib.suppress(OSError):
             self.connection.close()
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored while a worker process starts, which keeps it so: a terminal's Ctrl-C goes to every process of
+    the group, and each worker printed its own KeyboardInterrupt traceback (often mid-import, interleaved)."""
+    if threading.current_thread() is not threading.main_thread():  # only there can a handler be set
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _serve(connection: Connection, downloader: Downloader) -> None:
@@ -263,18 +280,23 @@ SUPERVISED = {"multiprocessing_distributor": supervised_distributor, "ray_distri
 @contextlib.contextmanager
 def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
     """`img2dataset.download` runs `supervised_distributor` (distributor="multiprocessing") or
-    `supervised_ray_distributor` ("ray") inside the block. img2dataset picks its distributor from module globals
-    of `img2dataset.main`; an img2dataset without them (a version other than the pinned 1.47) is refused rather
-    than left to hang."""
-    missing = [name for name in SUPERVISED if not hasattr(img2dataset_main, name)]
+    `supervised_ray_distributor` ("ray") inside the block, and its logger process ignores a terminal's Ctrl-C, as
+    the workers do (img2dataset's own handler in the driver stops it). img2dataset picks these from module
+    globals of `img2dataset.main`; an img2dataset without them (a version other than the pinned 1.47) is refused
+    rather than left to hang."""
+    from pipelines.tasks._img2dataset_logger import LoggerProcessIgnoringCtrlC
+
+    replacements = {**SUPERVISED, "LoggerProcess": LoggerProcessIgnoringCtrlC}
+    missing = [name for name in replacements if not hasattr(img2dataset_main, name)]
     if missing:
         raise RuntimeError(f"img2dataset.main has no {missing[0]}: this img2dataset is not the pinned 1.47.0 "
                            "(pyproject.toml)")  # fmt: skip
-    originals = {name: getattr(img2dataset_main, name) for name in SUPERVISED}
-    for name, replacement in SUPERVISED.items():
+    originals = {name: getattr(img2dataset_main, name) for name in replacements}
+    for name, replacement in replacements.items():
         setattr(img2dataset_main, name, replacement)
     try:
         yield
     finally:
         for name, original in originals.items():
             setattr(img2dataset_main, name, original)
+

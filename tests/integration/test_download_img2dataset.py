@@ -205,7 +205,10 @@ def test_retry_on_a_remote_registry_copies_the_parent_shards_inside_its_store(co
     assert not any((tmp_path / "work").iterdir())  # and the work dirs are gone
 
 
-def test_resume_after_kill(corpus, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_kill(corpus, tmp_path, stop):
+    """A download killed (kill -9), or stopped with Ctrl-C (SIGINT to its process group, as a terminal sends it:
+    it exited 0, as if finished, through img2dataset's own handler), goes on from its finished shards."""
     truth = read_ground_truth(corpus).to_pylist()
     registry_dir = tmp_path / "registry"
     with serve_corpus(corpus, delay=0.08) as base:
@@ -213,16 +216,25 @@ def test_resume_after_kill(corpus, tmp_path):
         command = [sys.executable, "-m", "pipelines.cli", "download", str(source), "--name", "raw",
                    "--registry", str(registry_dir), "--config", str(ROOT / "configs/download/demo.yaml")]
         command += [arg for override in OVERRIDES for arg in ("--set", override)]
-        process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        finished: list[Path] = []
-        while time.time() < deadline and not finished:
-            finished = list(registry_dir.glob(".work/*/stage/raw/00000_stats.json"))
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)  # the whole group: img2dataset's pool processes too
-        process.wait()
+        with open(tmp_path / "download.log", "w") as log:
+            # SIGINT handled as in a terminal even where the tests run with it ignored (a script's background job)
+            process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=log,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            deadline = time.time() + 120
+            finished: list[Path] = []
+            while time.time() < deadline and not finished:
+                finished = list(registry_dir.glob(".work/*/stage/raw/00000_stats.json"))
+                time.sleep(0.05)
+            os.killpg(process.pid, stop)  # the whole group: img2dataset's pool processes too
+            returncode = process.wait(timeout=60)
         assert finished, "first shard never finished"
+        if stop == signal.SIGINT:
+            said = (tmp_path / "download.log").read_text()
+            message = ("blip download: interrupted: the download stopped; the shards it finished are kept: the same "
+                       "command goes on from them")
+            assert returncode == 130 and message in said, said[-3000:]
+            assert "Traceback" not in said  # its workers ignore the terminal's Ctrl-C: the driver stops them
+            assert _group_ends(process.pid), "a process of the stopped download is still running"
         raw_dir = finished[0].parent
         done_before = sorted(p.name for p in raw_dir.glob("*_stats.json"))
         assert len(done_before) < 6, "download finished before the kill; the test proves nothing"
@@ -233,6 +245,18 @@ def test_resume_after_kill(corpus, tmp_path):
     assert registry.local_path(raw, "raw/00000.tar").stat().st_mtime_ns == first_mtime  # not redone
     assert len(raw.shards()) == 6
     _check_against_truth(registry, raw, truth, base)
+
+
+def _group_ends(group: int, timeout: float = 30) -> bool:
+    """True once no process of the process group is left."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _spawned_children() -> set[int]:

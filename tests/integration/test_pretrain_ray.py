@@ -4,7 +4,10 @@ tolerance after `kill -9` of a worker, and resume equivalence (N steps straight 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -142,6 +145,44 @@ def test_resume_equals_uninterrupted(ray_session: Any, scenes: tuple[Registry, A
     expected = straight.model.state_dict()
     worst = max((expected[k].float() - v.float()).abs().max().item() for k, v in model.state_dict().items())
     assert worst < 1e-5, worst
+
+
+def test_ctrl_c_stops_a_run_that_then_goes_on_with_resume(ray_session: Any, scenes: tuple[Registry, Any],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """Ctrl-C on `blip train` (SIGINT to its process group, as a terminal sends it): Ray Train aborts the run and
+    the command exits 130 naming the run's last checkpoint and how to go on (it exited 1 and said nothing); then
+    `--resume --name` goes on from that checkpoint."""
+    registry, dataset = scenes
+    name, run_dir = "ctrl-c", registry.work_dir("train-runs") / "ctrl-c"
+    published = registry.versions("model", "blip-tiny-pretrain")  # the module's other runs
+    base = ["scaling.num_workers=1", "loop.epochs=1000", "loop.checkpoint_every=5"]
+    command = [sys.executable, "-m", "pipelines.cli", "train", str(CONFIG), "--dataset", dataset.ref, "--registry",
+               registry.url, "--name", name, "--no-progress", *[arg for item in base for arg in ("--set", item)]]
+    with open(tmp_path / "train.log", "w") as log:
+        # Its own session, and SIGINT handled as in a terminal even where this test runs with it ignored (a
+        # background job of a script).
+        process = subprocess.Popen(command, cwd=CONFIG.parents[2], stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
+                                   start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+        deadline = time.time() + 400
+        while not registered_checkpoint(run_dir) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert registered_checkpoint(run_dir), (tmp_path / "train.log").read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGINT)
+        returncode = process.wait(timeout=300)
+    output = (tmp_path / "train.log").read_text()
+    said = re.search(r"blip train: interrupted: training run 'ctrl-c' stopped; its last checkpoint is step (\d+); "
+                     r"the same command with `--resume --name ctrl-c` goes on from it", output)  # fmt: skip
+    assert returncode == 130 and said, output[-3000:]
+    step = int(said.group(1))
+    assert step >= 5 and step % 5 == 0
+    assert registry.versions("model", "blip-tiny-pretrain") == published  # nothing published
+
+    cfg = load_config(PretrainConfig, CONFIG, [*base, f"loop.max_steps={step + 5}"])
+    resumed = run_pretrain(cfg, dataset.ref, registry=registry, run_name=name, resume=True)
+    assert resumed.metadata["final_step"] == step + 5
+    assert resumed.metadata["restored_from_checkpoint"] == 1
 
 
 def test_a_dataset_that_cannot_be_read_fails_the_run_with_the_reason(ray_session: Any, tmp_path: Path) -> None:

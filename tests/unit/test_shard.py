@@ -631,6 +631,27 @@ def _counting(calls: Counter):
     return counted
 
 
+def test_blip_shard_stopped_with_ctrl_c_says_the_same_command_goes_on(raw_version, monkeypatch, capsys, caplog):
+    from pipelines import cli
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    real_plan = shard.plan_output_shards
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the operator's ^C, after the raw shards were checked
+
+    monkeypatch.setattr(shard, "plan_output_shards", interrupted)
+    command = ["shard", raw.ref, "--name", "stopped", "--registry", registry.url]
+    assert cli.main(command) == 130
+    assert capsys.readouterr().err.endswith("blip shard: interrupted: the same command goes on from where this run "
+                                            "stopped\n")  # fmt: skip
+    monkeypatch.setattr(shard, "plan_output_shards", real_plan)
+    with caplog.at_level("INFO", logger="pipelines.tasks.shard"):
+        assert cli.main(command) == 0
+    assert "going on from a stopped run: its 3 raw shards are checked" in caplog.text
+
+
 def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch,
                                                                                       caplog):
     """A run that stops in pass 1 (an error at the third raw shard) keeps the records of the shards it checked; one

@@ -17,6 +17,8 @@ from pipelines.tasks._ray_train import (
     UserError,
     _RankZeroFiles,
     plan_run,
+    TrainingInterrupted,
+    last_checkpoint_step,
     read_progress,
     remove_orphaned_event_dirs,
     watch_progress,
@@ -134,6 +136,24 @@ def test_the_progress_watcher_calls_back_in_the_callers_context(tmp_path: Path) 
     watcher.join(timeout=5)
     files.close()
     assert seen == [("task-run-1", {"step": 5, "total": 10, "loss": 2.0})]
+
+
+@pytest.mark.parametrize("scheme", ["", "memory://"])
+def test_an_interrupted_run_names_its_last_checkpoint(tmp_path: Path, scheme: str) -> None:
+    """What `blip train` says after Ctrl-C: the newest checkpoint folder's step (the run goes on from it)."""
+    import fsspec
+
+    run_dir = f"{scheme}{tmp_path}/runs/stopped"
+    assert last_checkpoint_step(run_dir) is None  # no run folder yet
+    assert str(TrainingInterrupted("stopped", None)) == ("training run 'stopped' stopped; before its first checkpoint: "
+                                                         "it starts again from step 0")  # fmt: skip
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    for name in ("checkpoint_step00000050", "checkpoint_step00000100", "checkpoint_manager_snapshot.json", "x"):
+        fs.makedirs(f"{root}/{name}", exist_ok=True)
+    assert last_checkpoint_step(run_dir) == 100
+    stopped = TrainingInterrupted("stopped", last_checkpoint_step(run_dir))
+    assert isinstance(stopped, KeyboardInterrupt)  # the CLI's Ctrl-C path: exit 130 with this line
+    assert str(stopped) == "training run 'stopped' stopped; its last checkpoint is step 100"
 
 
 # ---------------------------------------------------------------------------------------------- lineage and config
