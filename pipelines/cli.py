@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as error:  # Ctrl-C; a stage that can go on says how (`TrainingInterrupted`, ...)
-        how = str(error) or getattr(args, "on_interrupt", "")
+        how = "; ".join(part for part in (str(error), getattr(args, "on_interrupt", "")) if part)
         print(f"blip {args.command}: interrupted{f': {how}' if how else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `blip data ls | head`: the reader left; not an error to print a traceback for

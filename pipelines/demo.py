@@ -1,7 +1,7 @@
 """`make demo`: BLIP's whole bootstrapping recipe on the embedded demo corpus, on one machine, in minutes.
 
-Runs the `bootstrap` Prefect flow with the `tiny` preset in Prefect's ephemeral mode (a temporary local
-server, no setup) and a private local Ray: generate the noisy web corpus (with ground truth) -> serve it on
+Runs the `bootstrap` Prefect flow with the `tiny` preset on a temporary local Prefect server (no setup;
+`pipelines.prefect_server`) and a private local Ray: generate the noisy web corpus (with ground truth) -> serve it on
 127.0.0.1 -> img2dataset download (+ one retry of the failed URLs) -> shard -> pretrain on web data ->
 finetune captioner + filter -> CapFilt -> pretrain on bootstrapped data -> finetune + evaluate both ->
 report. Ends with the comparison table, what every stage dropped and why, where the artifacts are and how
@@ -34,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"registry={args.registry}", *args.overrides]
     cfg = load_pipeline(args.preset, overrides)  # a bad value fails here, before anything runs
     from pipelines.flows.bootstrap import bootstrap
+    from pipelines.prefect_server import temporary_server
 
     started = time.monotonic()
-    state = bootstrap(preset=args.preset, overrides=overrides, return_state=True)
+    try:
+        with temporary_server():  # no setup; a terminal's Ctrl-C leaves it running until the run has ended
+            state = bootstrap(preset=args.preset, overrides=overrides, return_state=True)
+    except KeyboardInterrupt as error:
+        print(f"\nthe demo stopped{f': {error}' if str(error) else ''}; `make demo` again goes on from where it "
+              "stopped (published stages are reused)", file=sys.stderr)  # fmt: skip
+        return 130
     if not state.is_completed():
         print(f"\nthe demo flow ended {state.name}: {state.message}", file=sys.stderr)
         return 1

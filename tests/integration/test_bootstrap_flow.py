@@ -162,3 +162,36 @@ def test_a_given_captioner_and_filter_replace_the_web_pretraining(pipeline_regis
         metrics = registry.resolve(f"tiny-eval-{task}-web@latest").metadata["metrics"]
         web.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
     assert report["given"]["metrics"] == web
+
+
+def test_the_flows_temporary_server_outlives_a_ctrl_c_and_stops_after_the_run(tmp_path, monkeypatch):
+    """`blip flow run`'s Prefect server (no PREFECT_API_URL) ignores the terminal's Ctrl-C, which reaches every
+    process of the group: Prefect's own temporary server stopped at once, and the interrupted flow hung for
+    minutes retrying to report to it. It ends when the run's process stops it."""
+    import os
+    import signal
+
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.prefect_server import temporary_server
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    with temporary_server() as url:
+        assert url and PREFECT_API_URL.value() == url  # this process's client points at it
+        [server] = [pid for pid, command in _children().items() if "pipelines.prefect_server" in command]
+        os.kill(server, signal.SIGINT)  # the terminal's Ctrl-C
+        time.sleep(1)
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            assert response.status == 200
+    assert PREFECT_API_URL.value() != url
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
+    assert server not in _children()
+
+
+def _children() -> dict[int, str]:
+    import os
+
+    from process_table import processes
+
+    return {pid: command for pid, parent, command in processes() if parent == os.getpid()}
