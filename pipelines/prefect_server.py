@@ -69,8 +69,9 @@ def temporary_server() -> Iterator[str | None]:
         return
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    # The UI off and only the services a temporary server runs, as Prefect's own temporary server sets them.
     process = subprocess.Popen([sys.executable, "-m", "pipelines.prefect_server", str(port)],
-                               env={**os.environ, "PREFECT_UI_ENABLED": "0"})  # fmt: skip
+                               env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _answers(url):

@@ -176,7 +176,8 @@ def launch(
             raise
         raise TrainingInterrupted(run_name, last_checkpoint_step(run_dir)) from stopped
     finally:
-        if in_main_thread:  # Ray Train leaves its handler set: a later Ctrl-C would call a controller that is gone
+        # Ray Train leaves its handler set: a later Ctrl-C would call a controller that is gone.
+        if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         stop.set()
         if watcher:

@@ -390,7 +390,7 @@ def _ctrl_c_is_an_interruption() -> Iterator[None]:
         raise KeyboardInterrupt("the download stopped; the shards it finished are kept: the same command goes on "
                                 "from them") from stopped  # fmt: skip
     finally:
-        if in_main_thread:
+        if previous is not None:  # None: not set from Python, nothing to set again
             signal.signal(signal.SIGINT, previous)
 
 
