@@ -1,6 +1,6 @@
 """The bootstrap flow end to end, with the real parts: crash and resume, then the deployment path.
 
-1. `blip flow run tiny` (Prefect ephemeral mode, local Ray) is SIGKILLed while CapFilt runs (after its first
+1. `blip flow run tiny` (its temporary Prefect server, local Ray) is SIGKILLed while CapFilt runs (after its first
    shard's completion marker appears) and run again: every finished stage is reused (same versions, same
    ids), CapFilt resumes, the flow completes, and the CapFilt output equals an uninterrupted run's bytes.
 2. On the same registry: a real Prefect server on 127.0.0.1 (isolated PREFECT_HOME), the process work pool,
