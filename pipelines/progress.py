@@ -123,8 +123,7 @@ class TrainingBar:
             self.lines = StageProgress(self.desc, total, "steps", initial=step, logger=self.logger,
                                        log_every_s=self.log_every_s, stream=self.stream)  # fmt: skip
         self.lines.total = total
-        self.lines.postfix = shown
-        self.lines.update(step - self.lines.done)  # back to a checkpoint's step after a restart: negative
+        self.lines.update(step - self.lines.done, **shown)  # back to a checkpoint's step after a restart: negative
 
     def close(self) -> None:
         if self.bar is not None:

@@ -11,6 +11,7 @@ Values already set by the user win (setdefault). On a real multi-node cluster se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -232,3 +233,41 @@ def exit_description(code: int | None) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name if -code in signal.valid_signals() else -code}"
     return f"exited with code {code}"
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored while a worker process starts, which keeps it so: a terminal's Ctrl-C goes to every process of
+    the group, and each worker printed its own KeyboardInterrupt traceback (often mid-import, interleaved); the
+    process that started it stops it instead."""
+    if threading.current_thread() is not threading.main_thread():  # only there can a handler be set
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def ctrl_c_of_a_library(interrupted: Callable[[], KeyboardInterrupt]) -> Iterator[None]:
+    """Around a call into a library that sets its own Ctrl-C handler, ending the call in SystemExit, and leaves the
+    handler set (img2dataset's download: `sys.exit(0)`, read as a success; Ray Train's `fit`: exit 1, saying
+    nothing). In the main thread, where such a handler can be set, that exit becomes `interrupted()` (exit 130 and
+    a line saying how to go on, `pipelines.cli`), and the handler set before is set again afterwards (a later
+    Ctrl-C in the same process went through the library's)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        yield
+    except SystemExit as stopped:
+        if not in_main_thread:
+            raise
+        raise interrupted() from stopped
+    finally:
+        if previous is not None:  # None: not set from Python, nothing to set again
+            signal.signal(signal.SIGINT, previous)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from img2dataset.logger import LoggerProcess
 
-from pipelines.tasks.download_workers import ctrl_c_ignored
+from pipelines.runtime import ctrl_c_ignored
 
 
 class LoggerProcessIgnoringCtrlC(LoggerProcess):

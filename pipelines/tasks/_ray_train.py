@@ -20,7 +20,6 @@ import os
 import posixpath
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -126,7 +125,7 @@ def launch(
     """
     storage_path, run_dir = plan_run(storage_path, run_name, resume, start_if_missing)  # before Ray starts
 
-    from pipelines.runtime import check_gpus_available, ensure_ray, unreachable_local_inputs
+    from pipelines.runtime import check_gpus_available, ctrl_c_of_a_library, ensure_ray, unreachable_local_inputs
 
     ray = ensure_ray()
     if scaling.use_gpu:
@@ -163,22 +162,14 @@ def launch(
     )  # fmt: skip
     stop = threading.Event()
     watcher = watch_progress(progress_url, on_progress, stop) if on_progress else None
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.getsignal(signal.SIGINT) if in_main_thread else None
     try:
-        result = trainer.fit()
+        # Ray Train's Ctrl-C handler aborts the run gracefully (workers stopped, checkpoints kept) and leaves the
+        # driver's wait to end in SystemExit(1).
+        with ctrl_c_of_a_library(lambda: TrainingInterrupted(run_name, last_checkpoint_step(run_dir))):
+            result = trainer.fit()
     except TrainingFailedError as error:
         raise data_failure(run_name, error) or error
-    except SystemExit as stopped:
-        # In the main thread `fit` sets Ray Train's Ctrl-C handler, which aborts the run (its workers stopped, its
-        # checkpoints kept); the driver's wait then ends in SystemExit(1): a bare exit 1 that said nothing.
-        if not in_main_thread:
-            raise
-        raise TrainingInterrupted(run_name, last_checkpoint_step(run_dir)) from stopped
     finally:
-        # Ray Train leaves its handler set: a later Ctrl-C would call a controller that is gone.
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
         stop.set()
         if watcher:
             watcher.join(timeout=5)

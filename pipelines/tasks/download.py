@@ -24,9 +24,7 @@ import os
 import posixpath
 import re
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -367,31 +365,20 @@ def _img2dataset_download(img2dataset: Any, cfg: DownloadConfig, source_parts: P
                           extra: list[str]) -> None:  # fmt: skip
     import importlib
 
+    from pipelines.runtime import ctrl_c_of_a_library
     from pipelines.tasks.download_workers import using_supervised_distributor
 
     # img2dataset's own multiprocessing pool waits forever for a shard whose worker died, and its Ray distributor
     # never retries a failed shard (download_workers).
     main_module = importlib.import_module("img2dataset.main")  # `img2dataset.main` is the function, not the module
-    with using_supervised_distributor(main_module), _ctrl_c_is_an_interruption():
+    with using_supervised_distributor(main_module), ctrl_c_of_a_library(_download_stopped):
         _call_img2dataset(img2dataset, cfg, source_parts, output_folder, extra)
 
 
-@contextmanager
-def _ctrl_c_is_an_interruption() -> Iterator[None]:
-    """img2dataset sets its own Ctrl-C handler, which removes its `_tmp` folder and ends in `sys.exit(0)`: a
-    stopped download exited 0, as if it had finished, and the handler stayed set for the rest of the process (a
-    flow's later stages then exited 0 on Ctrl-C as well). Inside this block that exit is a KeyboardInterrupt that
-    says what is kept; the handler set before is set again afterwards."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
-    try:
-        yield
-    except SystemExit as stopped:
-        raise KeyboardInterrupt("the download stopped; the shards it finished are kept: the same command goes on "
-                                "from them") from stopped  # fmt: skip
-    finally:
-        if previous is not None:  # None: not set from Python, nothing to set again
-            signal.signal(signal.SIGINT, previous)
+def _download_stopped() -> KeyboardInterrupt:
+    # img2dataset's Ctrl-C handler removes its `_tmp` folder and exits 0; the finished shards stay for a rerun.
+    return KeyboardInterrupt("the download stopped; the shards it finished are kept: the same command goes on from "
+                             "them")  # fmt: skip
 
 
 def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path, output_folder: str,

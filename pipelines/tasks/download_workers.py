@@ -28,13 +28,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import signal
-import threading
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
 
-from pipelines.runtime import WorkerProcessDied, exit_description, oom_hint
+from pipelines.runtime import WorkerProcessDied, ctrl_c_ignored, exit_description, oom_hint
 
 log = logging.getLogger(__name__)
 TASKS_PER_CHILD = 5  # as img2dataset's Pool(maxtasksperchild=5)
@@ -182,20 +180,6 @@ class _Worker:
             self.connection.close()
 
 
-@contextlib.contextmanager
-def ctrl_c_ignored() -> Iterator[None]:
-    """SIGINT ignored while a worker process starts, which keeps it so: a terminal's Ctrl-C goes to every process of
-    the group, and each worker printed its own KeyboardInterrupt traceback (often mid-import, interleaved)."""
-    if threading.current_thread() is not threading.main_thread():  # only there can a handler be set
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _serve(connection: Connection, downloader: Downloader) -> None:
     """A worker's loop: a (number, shard) in, (number, downloader(shard)) out, until told to leave (None)."""
     while (item := connection.recv()) is not None:
@@ -299,4 +283,3 @@ def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(img2dataset_main, name, original)
-
