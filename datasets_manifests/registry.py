@@ -17,6 +17,7 @@ References: `name@v3`, `name@latest`, `name` (= latest), `name@<tag>` (`blip dat
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -39,6 +40,10 @@ from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
 log = logging.getLogger(__name__)
 DEFAULT_REGISTRY = "./artifacts/registry"
 MANIFEST_NAME = "manifest.json"
+# A store publish creates this file in its version folder only if absent before it uploads (the store's exclusive
+# create: S3's If-None-Match, GCS's generation 0): two runs publishing one name at once never share a folder.
+CLAIM_NAME = ".publishing.json"
+_CLAIM_ATTEMPTS = 1000  # version numbers tried past those other publishes hold before giving up
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -61,6 +66,10 @@ class VersionExistsError(RegistryError):
 
 class NotFoundError(RegistryError):
     pass
+
+
+class _VersionTaken(Exception):
+    """The version number this publish chose was committed or claimed by another publish meanwhile."""
 
 
 class DataRemovedError(NotFoundError):
@@ -357,7 +366,8 @@ class Registry:
     def uncommitted_publishes(self) -> list[tuple[str, str]]:
         """(label, path or URL) of each publish that stopped before its commit (or is writing now: they look the
         same): a local registry's `.staging/<name>-<id>` (hard links, mostly), a remote one's version folder without
-        its manifest (copies, at 129M terabytes of shards). A retry of the same name writes the same folder."""
+        its manifest (copies, at 129M terabytes of shards; its claim, `claim_of`, names the run). A retry of the same
+        run writes the same folder; another publish of the name takes the next number."""
         if self.is_local:
             staging = Path(self.root) / ".staging"
             folders = sorted(staging.iterdir()) if staging.is_dir() else []
@@ -674,33 +684,64 @@ class Registry:
             finished_at=now_utc(),
             host=producer.host or socket.gethostname(),
         )
-        manifest = Manifest(
-            kind=kind, name=name, version=version or self.next_version(kind, name), producer=producer,
-            files=tuple(entries), parents=tuple(p.ref for p in parents), parent_ids=tuple(p.id for p in parents),
-            **fields,
-        )
-        target = self.version_path(kind, name, manifest.version)
-        if version is not None and (self._removal_record(kind, name, version) or {}).get("what") == "all":
-            raise VersionExistsError(f"{manifest.ref} was removed (`blip data rm`) and its name is not given again: "
-                                     "publish under a new version")  # fmt: skip
-        if self.fs.exists(f"{target}/{MANIFEST_NAME}"):
-            existing = self._read_manifest(f"{target}/{MANIFEST_NAME}")
-            if existing.id == manifest.id and self.removal(existing) is None:
-                return existing
-            if existing.id == manifest.id:
-                raise VersionExistsError(f"{manifest.ref} exists, but its data files were removed (`blip data rm`): "
-                                         "publish under a new version")  # fmt: skip
-            raise VersionExistsError(
-                f"{manifest.ref} already exists with different content (id {existing.short_id} != {manifest.short_id});"
-                " versions are immutable: publish under a new version"
-            )
-        if self.is_local:
-            self._publish_local(manifest, staging, target, move)
+        # Two runs may publish the same name at once (two flows, two CapFilt configs into one dataset name): a
+        # number chosen here can be committed, or claimed on a store, by the other before this one commits. A
+        # number this publish chose moves on to the next free one; one asked for by name is never moved.
+        chosen = version or self.next_version(kind, name)
+        for _ in range(_CLAIM_ATTEMPTS):
+            manifest = Manifest(
+                kind=kind, name=name, version=chosen, producer=producer, files=tuple(entries),
+                parents=tuple(p.ref for p in parents), parent_ids=tuple(p.id for p in parents), **fields,
+            )  # fmt: skip
+            target = self.version_path(kind, name, manifest.version)
+            try:
+                existing = self._committed_or_none(manifest, target, named=version is not None)
+                if existing is not None:
+                    return existing
+                if self.is_local:
+                    self._publish_local(manifest, staging, target, move)
+                else:
+                    self._publish_remote(manifest, staging, target, remote)
+                break
+            except _VersionTaken as taken:
+                if version is not None:
+                    raise VersionExistsError(f"{manifest.ref} {taken}: publish under another version") from None
+                chosen = self._version_after(kind, name, chosen)
         else:
-            self._publish_remote(manifest, staging, target, remote)
+            raise RegistryError(f"{name}: no free version number up to {chosen}: other publishes hold them all")
         if producer.cache_key:
             self._drop_work_note(producer.cache_key)
         return manifest
+
+    def _committed_or_none(self, manifest: Manifest, target: str, named: bool) -> Manifest | None:
+        """The version committed as `manifest` already (the same publish run again), or None when its number is
+        free; raises when the number was removed or holds other content (`_VersionTaken` for a number the publish
+        chose itself: it moves on)."""
+        if (self._removal_record(manifest.kind, manifest.name, manifest.version) or {}).get("what") == "all":
+            if not named:
+                raise _VersionTaken("was removed")
+            raise VersionExistsError(f"{manifest.ref} was removed (`blip data rm`) and its name is not given again: "
+                                     "publish under a new version")  # fmt: skip
+        if not self.fs.exists(f"{target}/{MANIFEST_NAME}"):
+            return None
+        existing = self._read_manifest(f"{target}/{MANIFEST_NAME}")
+        if existing.id == manifest.id and self.removal(existing) is None:
+            return existing
+        if existing.id == manifest.id:
+            raise VersionExistsError(f"{manifest.ref} exists, but its data files were removed (`blip data rm`): "
+                                     "publish under a new version")  # fmt: skip
+        if not named:
+            raise _VersionTaken("was published by another run meanwhile")
+        raise VersionExistsError(
+            f"{manifest.ref} already exists with different content (id {existing.short_id} != {manifest.short_id});"
+            " versions are immutable: publish under a new version"
+        )
+
+    def _version_after(self, kind: str, name: str, taken: str) -> str:
+        """The next number to try after `taken`: past it, and past every committed or removed one."""
+        match = _VERSION_RE.match(taken)
+        after = int(match.group(1)) + 1 if match else 1
+        return f"v{max(after, int(self.next_version(kind, name)[1:]))}"
 
     def _entry(self, staging: Path, item: FileEntry | dict[str, Any], digests_from_writer: bool = False,
                remote: str | None = None) -> FileEntry:  # fmt: skip
@@ -709,7 +750,7 @@ class Registry:
         relpath = entry.path if entry else data.get("path")
         if not isinstance(relpath, str) or not relpath:
             raise RegistryError(f"file entry without a 'path': {item!r}")
-        if relpath.startswith("/") or ".." in Path(relpath).parts or relpath == MANIFEST_NAME:
+        if relpath.startswith("/") or ".." in Path(relpath).parts or relpath in (MANIFEST_NAME, CLAIM_NAME):
             raise RegistryError(f"invalid file path in a version: {relpath!r}")
         local = staging / relpath
         given = (entry.sha256, entry.bytes) if entry else (data.get("sha256"), data.get("bytes"))
@@ -751,9 +792,11 @@ class Registry:
             (stage_root / MANIFEST_NAME).write_text(manifest.to_json())
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(stage_root, target)  # the commit: one atomic rename
+                os.rename(stage_root, target)  # the commit: one atomic rename (fails onto a folder with files)
             except OSError as error:
-                raise VersionExistsError(f"{manifest.ref}: target exists or cannot be created ({error})") from error
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise _VersionTaken("was published by another run meanwhile") from error
+                raise RegistryError(f"{manifest.ref}: cannot create {target} ({error})") from error
         except BaseException:
             shutil.rmtree(stage_root, ignore_errors=True)
             raise
@@ -799,6 +842,7 @@ class Registry:
                         f"expected {entry.bytes} bytes, sha256 {entry.sha256[:12]}"
                     )
 
+        self._claim(manifest, target)  # before the try: a folder another publish holds is never cleaned up here
         try:
             for folder in sorted({f"{target}/{entry.path}".rsplit("/", 1)[0] for entry in manifest.files}):
                 self.fs.makedirs(folder, exist_ok=True)
@@ -809,13 +853,49 @@ class Registry:
             with self.fs.open(f"{target}/{MANIFEST_NAME}", "w") as handle:
                 handle.write(manifest.to_json())
         except BaseException:
-            # Best effort: a crash that skips this leaves only invisible files that a retry overwrites.
+            # Best effort: a crash that skips this leaves invisible files (and the claim) that a retry of the same
+            # run overwrites; `blip data work` lists them.
             if not self.fs.exists(f"{target}/{MANIFEST_NAME}"):
                 try:
                     self.fs.rm(target, recursive=True)
                 except (OSError, FileNotFoundError):
                     pass
             raise
+        with contextlib.suppress(OSError):
+            self.fs.rm_file(f"{target}/{CLAIM_NAME}")  # the manifest holds the number now
+
+    def _claim(self, manifest: Manifest, target: str) -> None:
+        """Create the version folder's claim, only if absent (raises `_VersionTaken` when another publish holds
+        it). A publish stopped before its commit leaves its claim: a retry of the same run (its cache key) takes it
+        over and writes the same folder again; another run moves on to the next number."""
+        path = f"{target}/{CLAIM_NAME}"
+        claim = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc(),
+                 "cache_key": manifest.producer.cache_key, "stage": manifest.producer.stage}  # fmt: skip
+        self.fs.makedirs(target, exist_ok=True)
+        try:
+            with self.fs.open(path, "xb") as handle:  # fsspec's exclusive create
+                handle.write(json.dumps(claim).encode())
+        except FileExistsError:
+            held = self.claim_of(target) or {}
+            if not manifest.producer.cache_key or held.get("cache_key") != manifest.producer.cache_key:
+                raise _VersionTaken(f"is being published by another run (since {held.get('started_at', '?')} on "
+                                    f"{held.get('host', '?')}) or was left by one stopped before its commit") from None
+            self.fs.pipe_file(path, json.dumps(claim).encode())  # this run's own stopped publish: taken over
+        except (ValueError, NotImplementedError) as error:  # a store without an exclusive create
+            log.warning("%s cannot create a file only if absent (%s): a publish of the same name at the same time "
+                        "could write into this version's folder", self.root, error)  # fmt: skip
+            self.fs.pipe_file(path, json.dumps(claim).encode())
+        if self.fs.exists(f"{target}/{MANIFEST_NAME}"):  # committed (and its claim released) since our check
+            self.fs.rm_file(path)
+            raise _VersionTaken("was published by another run meanwhile")
+
+    def claim_of(self, folder: str) -> dict[str, Any] | None:
+        """The claim of a store's version folder being published (or left by a publish stopped before its
+        commit): who started it, when, for which run; None when there is none or it cannot be read."""
+        try:
+            return json.loads(self.fs.cat_file(f"{folder.rstrip('/')}/{CLAIM_NAME}"))
+        except (OSError, ValueError):
+            return None
 
     def _read_manifest(self, path: str) -> Manifest:
         with self.fs.open(path, "r") as handle:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from datasets_manifests.manifest import Manifest, Producer, cache_key
-from datasets_manifests.registry import NotFoundError, Registry, RegistryError, VersionExistsError
+from datasets_manifests.registry import CLAIM_NAME, NotFoundError, Registry, RegistryError, VersionExistsError
 
 from datasets_fixtures import memory_url, publish_dataset, sample_rows
 
@@ -405,3 +405,83 @@ def test_fetch_keeps_a_local_copy_and_never_takes_a_cut_one_for_the_file(registr
     target.write_bytes(data[:1000])  # as a killed download into the file itself would have left it
     assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
     assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
+
+
+def publish_meanwhile(registry: Registry, method: str, monkeypatch, tmp_path: Path, contents: dict[str, bytes],
+                      **kwargs) -> list[Manifest]:  # fmt: skip
+    """Wrap the registry's commit step (`_publish_local` / `_publish_remote`) so that another publish of the same
+    name commits first, after this one chose its version number: two runs publishing at the same time."""
+    original, others = getattr(registry, method), []
+
+    def commit_after_another(*args, **call_kwargs):
+        if not others:
+            monkeypatch.setattr(registry, method, original)
+            others.append(publish_files(registry, tmp_path / "other", contents, **kwargs))
+            monkeypatch.setattr(registry, method, commit_after_another)
+        return original(*args, **call_kwargs)
+
+    monkeypatch.setattr(registry, method, commit_after_another)
+    return others
+
+
+def test_a_publish_that_loses_its_version_to_another_takes_the_next(registry, tmp_path, monkeypatch):
+    """Two runs publish the same name at once: both chose v2; the one that commits second gets v3, each version's
+    files are its own (on a store the loser uploaded into the winner's folder, and failed on a local disk)."""
+    publish_files(registry, tmp_path / "first", {"x.bin": b"v1"})
+    method = "_publish_local" if registry.is_local else "_publish_remote"
+    others = publish_meanwhile(registry, method, monkeypatch, tmp_path, {"x.bin": b"the other run's"})
+    mine = publish_files(registry, tmp_path / "mine", {"x.bin": b"this run's"})
+    assert [others[0].version, mine.version] == ["v2", "v3"]
+    for manifest, payload in ((others[0], b"the other run's"), (mine, b"this run's")):
+        with registry.open(registry.resolve(manifest.ref), "x.bin") as handle:
+            assert handle.read() == payload
+    monkeypatch.undo()
+    with pytest.raises(VersionExistsError, match="toy@v4 was published by another run"):  # named: never moved
+        publish_meanwhile(registry, method, monkeypatch, tmp_path, {"x.bin": b"another"}, version="v4")
+        publish_files(registry, tmp_path / "named", {"x.bin": b"named"}, version="v4")
+
+
+def test_a_store_publish_claims_its_version_folder_before_it_uploads(tmp_path, monkeypatch):
+    """On an object store a version folder is claimed (a file created only if absent) before any upload: a publish
+    still uploading holds its number; a retry of the same run (same cache key) takes its own stopped one over."""
+    registry = Registry(memory_url())
+    claim = f"{registry.version_path('dataset', 'toy', 'v1')}/{CLAIM_NAME}"
+    registry.fs.pipe_file(claim, json.dumps({"host": "elsewhere", "cache_key": "another-run"}).encode())
+    first = publish_files(registry, tmp_path / "a", {"x.bin": b"a"}, producer=Producer(stage="t", cache_key="k1"))
+    assert first.version == "v2" and registry.fs.isfile(claim)  # v1 is being uploaded by another run: left alone
+    assert not registry.fs.exists(f"{registry.version_path('dataset', 'toy', 'v2')}/{CLAIM_NAME}")  # released
+    with pytest.raises(VersionExistsError, match="being published.*elsewhere"):
+        publish_files(registry, tmp_path / "b", {"x.bin": b"b"}, version="v1")
+    stopped = f"{registry.version_path('dataset', 'toy', 'v3')}/{CLAIM_NAME}"
+    registry.fs.pipe_file(stopped, json.dumps({"host": "here", "cache_key": "k2"}).encode())
+    registry.fs.pipe_file(stopped.replace(CLAIM_NAME, "x.bin"), b"half an upload")
+    retried = publish_files(registry, tmp_path / "c", {"x.bin": b"c"}, producer=Producer(stage="t", cache_key="k2"))
+    assert retried.version == "v3"
+    with registry.open(retried, "x.bin") as handle:
+        assert handle.read() == b"c"
+    with pytest.raises(RegistryError, match="invalid file path"):
+        publish_files(registry, tmp_path / "d", {CLAIM_NAME: b"{}"})
+
+
+def test_publishes_from_threads_at_once_each_get_their_own_version(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    results: list[tuple[int, Manifest]] = []
+    errors: list[BaseException] = []
+
+    def publish(number: int) -> None:
+        try:
+            staging = tmp_path / f"run{number}"
+            results.append((number, publish_files(registry, staging, {"x.bin": f"run {number}".encode()})))
+        except BaseException as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=publish, args=(number,)) for number in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(int(manifest.version[1:]) for _, manifest in results) == [1, 2, 3, 4, 5, 6]
+    for number, manifest in results:
+        with registry.open(registry.resolve(manifest.ref), "x.bin") as handle:
+            assert handle.read() == f"run {number}".encode()

@@ -9,7 +9,7 @@ import json
 from datasets_manifests.filesystems import url_to_fs
 from datasets_manifests.manifest import Producer
 from datasets_manifests.ops import work_entries
-from datasets_manifests.registry import WORK_NOTE, Registry
+from datasets_manifests.registry import CLAIM_NAME, WORK_NOTE, Registry
 from pipelines.cli import main
 
 from datasets_fixtures import memory_url
@@ -155,10 +155,14 @@ def test_publishes_stopped_before_their_commit_are_listed_and_removed_only_on_re
     remote = Registry(memory_url())
     _publish(remote, tmp_path / "committed", "web-shards", "k-committed")
     remote.fs.pipe_file(f"{remote.root}/datasets/web-raw/v1/shards/x.tar", b"x" * 300)
+    claim = json.dumps({"host": "node-7", "pid": 41, "started_at": "2026-11-29T10:00:00Z", "stage": "download"})
+    remote.fs.pipe_file(f"{remote.root}/datasets/web-raw/v1/{CLAIM_NAME}", claim.encode())  # who was publishing
     for registry, key, what, size in ((local, ".staging/web-raw-1a2b3c4d", "a publish of web-raw", 100),
-                                      (remote, "datasets/web-raw/v1", "a publish of web-raw@v1", 300)):
+                                      (remote, "datasets/web-raw/v1", "a publish of web-raw@v1", 300 + len(claim))):
         [entry] = work_entries(registry)
         assert (entry.key, entry.what, entry.state, entry.bytes) == (key, what, "uncommitted", size)
+        if registry is remote:
+            assert entry.detail.startswith("started 2026-11-29T10:00:00Z on node-7 (pid 41, download); stopped")
         url = registry.url if registry is remote else str(registry.root)
         assert main(["data", "--registry", url, "work", "--remove-leftovers"]) == 0
         assert [e.key for e in work_entries(registry)] == [key]
