@@ -598,8 +598,8 @@ def _uncommitted(registry: Registry) -> list[WorkEntry]:
         what = f"a publish of {version}"
         detail = "stopped before its commit, or publishing now: remove it with --remove once no publish runs"
         if parts[0] != ".staging" and (claim := registry.claim_of(place)):
-            detail = (f"started {claim.get('started_at', '?')} on {claim.get('host', '?')} (pid {claim.get('pid', '?')},"
-                      f" {claim.get('stage', '?')}); {detail}")  # fmt: skip
+            who = f"{claim.get('host', '?')} (pid {claim.get('pid', '?')}, {claim.get('stage', '?')})"
+            detail = f"started {claim.get('started_at', '?')} on {who}; {detail}"
         if parts[0] != ".staging" and (parts[0][:-1], parts[1], parts[2]) in removed:
             what, detail = f"a removal of {version}", "stopped half-way: the next `blip data rm` finishes it"
         entries.append(WorkEntry(key=label, what=what, state="uncommitted", detail=detail, bytes=size, files=files,
