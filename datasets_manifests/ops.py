@@ -520,7 +520,7 @@ class WorkEntry:
 
     key: str  # what `--remove` takes: the work key, or train-runs/<run name>
     what: str
-    state: str  # "unfinished" | "leftover" | "cache" | "checkpoints" | "uncommitted"
+    state: str  # "running" | "unfinished" | "leftover" | "cache" | "checkpoints" | "uncommitted"
     detail: str
     bytes: int
     files: int
@@ -574,7 +574,11 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
         else:
             note = area.note or {}
             detail = f"started {note.get('started_at', '?')} on {note.get('host', '?')}" if note else "not published"
-            entries.append(WorkEntry(key=area.key, what=run_described(area.note), state="unfinished", detail=detail,
+            running = registry.running_elsewhere(area.key)  # its process holds the run's lock now
+            if running:
+                detail = f"{detail} (pid {note.get('pid', '?')}); --remove refuses it while it runs"
+            entries.append(WorkEntry(key=area.key, what=run_described(area.note),
+                                     state="running" if running else "unfinished", detail=detail,
                                      **common))  # fmt: skip
     return entries + _training_runs(registry, areas) + _uncommitted(registry)
 

@@ -68,6 +68,10 @@ class NotFoundError(RegistryError):
     pass
 
 
+class WorkInProgressError(RegistryError):
+    """A stage run on the same inputs with the same config is running in another process on this machine."""
+
+
 class _VersionTaken(Exception):
     """The version number this publish chose was committed or claimed by another publish meanwhile."""
 
@@ -121,6 +125,9 @@ def parse_ref(ref: str) -> tuple[str, str]:
 
 
 WORK_NOTE = "run.json"  # in a stage run's work dir: what the run is (`Registry.note_work`)
+# Stage runs this process holds (`Registry._work_lock`, flock'ed until the publish or the process's end, whichever
+# comes first: a killed run holds nothing).
+_HELD_WORK: dict[str, IO[Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -328,12 +335,76 @@ class Registry:
         `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there). The publish removes
         the local note; `remove_work` removes both."""
         work = self.work_dir(key)
+        self._hold_work(key, stage, name)
         note = json.dumps({"stage": stage, "name": name, "parents": [parent.ref for parent in parents],
-                           "started_at": now_utc(), "host": socket.gethostname(), **details})  # fmt: skip
+                           "started_at": now_utc(), "host": socket.gethostname(), "pid": os.getpid(),
+                           **details})  # fmt: skip
         (work / WORK_NOTE).write_text(note)
         if shared and not self.is_local:
             self.fs.pipe_file(f"{self.root}/.work/{key}/{WORK_NOTE}", note.encode())
         return work
+
+    def _hold_work(self, key: str, stage: str, name: str) -> None:
+        """Take the run's lock (`_work_lock`), or say which process runs it: two processes on the
+        same inputs would write one work dir (two img2dataset into one output folder, two Ray Train runs into one
+        checkpoint folder). A process that holds it already (a retry in the same worker) keeps it."""
+        import fcntl
+
+        path = self._work_lock(key)
+        held = _HELD_WORK.get(str(path))
+        if held is not None and not held.closed:
+            return
+        while True:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                note = self._work_note(key) or {}
+                who = f"pid {note.get('pid', '?')} on {note.get('host', '?')}, started {note.get('started_at', '?')}"
+                raise WorkInProgressError(
+                    f"{stage} → {name} on these inputs with this config is running already ({who}): wait for it to "
+                    f"publish (running it again then reuses that version), or stop it; its work: "
+                    f"{self.work_base() / key}"
+                ) from None
+            try:  # the holder before may have released and removed the file between our open and our lock
+                same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                _HELD_WORK[str(path)] = handle
+                return
+            handle.close()
+
+    def _work_lock(self, key: str) -> Path:
+        """A run's lock file: beside the work dirs (`.work-locks` of a local registry, `blip-work-locks` beside
+        $BLIP_WORK_DIR), not in them, whose listings say what runs left."""
+        base = self.work_base()
+        folder = base.with_name(f"{base.name}-locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}.lock"
+
+    def running_elsewhere(self, key: str) -> bool:
+        """Whether another process on this machine runs the stage run `key` now (holds its lock)."""
+        import fcntl
+
+        path = self._work_lock(key)
+        if str(path) in _HELD_WORK or not path.is_file():
+            return False
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
+
+    def _release_work(self, key: str) -> None:
+        path = str(self._work_lock(key))
+        handle = _HELD_WORK.pop(path, None)
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # while still locked: a waiting process then sees another file and retries
+            handle.close()
 
     def work_areas(self) -> list[WorkArea]:
         """Every stage run's work left here (this machine's work dirs, and a remote registry's `.work/` prefix in
@@ -398,6 +469,7 @@ class Registry:
         (work / WORK_NOTE).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             work.rmdir()
+        self._release_work(key)
 
     def shared_work_url(self, key: str) -> str:
         """Where workers on any node write a stage run's large outputs: the local work dir for a local registry
@@ -410,6 +482,10 @@ class Registry:
     def remove_work(self, key: str) -> list[str]:
         """Remove a stage run's `work_dir` and, for a remote registry, its `shared_work_url` prefix in the store
         (terabytes of staged shards at scale), once its version is published; returns those that held something."""
+        if self.running_elsewhere(key):
+            note = self._work_note(key) or {}
+            who = f"pid {note.get('pid', '?')} on {note.get('host', '?')}"
+            raise WorkInProgressError(f"{self.work_base() / key} is the work of a run going on ({who}): stop it first")
         work, removed = self.work_dir(key), []
         if any(work.iterdir()):
             removed.append(str(work))
@@ -419,6 +495,9 @@ class Registry:
             if self.fs.exists(prefix):
                 self.fs.rm(prefix, recursive=True)
                 removed.append(self.fs.unstrip_protocol(prefix))
+        self._release_work(key)
+        with contextlib.suppress(OSError):
+            self._work_lock(key).unlink()  # a killed run's, held by no one
         return removed
 
     # ------------------------------------------------------------------ removed versions

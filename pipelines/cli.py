@@ -7,6 +7,7 @@ Modules import their heavy dependencies inside the handlers, so `blip data ls` s
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -61,10 +62,32 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
         return 141  # 128 + SIGPIPE, as a shell reports it
     except Exception as error:  # noqa: BLE001 - user-facing errors become one line
-        if _is_user_error(error) and not getattr(args, "traceback", False):
+        if getattr(args, "traceback", False):
+            raise
+        if _is_user_error(error):
             print(f"blip {args.command}: error: {error}", file=sys.stderr)
             return 2
+        if (full := _disk_full(error)) is not None:  # at 129M (~6 TB a version) the most likely end of a long run
+            where = f" ({full.filename})" if full.filename else ""
+            then = getattr(args, "on_interrupt", "") or ("run the same command again: a stage goes on from the work "
+                                                         "it finished (`blip train` with `--resume --name RUN`)")
+            print(f"blip {args.command}: error: no space left on the device{where}: free space (`blip data work` "
+                  f"lists what runs left; `--remove-leftovers` frees what no rerun needs), then {then}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         raise
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The disk-full (or over-quota) OSError an error is, or was raised from (a worker process's, re-raised)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _is_user_error(error: Exception) -> bool:

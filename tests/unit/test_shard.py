@@ -652,6 +652,48 @@ def test_blip_shard_stopped_with_ctrl_c_says_the_same_command_goes_on(raw_versio
     assert "going on from a stopped run: its 3 raw shards are checked" in caplog.text
 
 
+def test_blip_shard_on_a_full_disk_says_so_and_goes_on_once_there_is_space(raw_version, monkeypatch, capsys,
+                                                                             caplog):  # fmt: skip
+    """A full disk (the kernel's ENOSPC, from /dev/full) ends the command with one line saying what to do, not a
+    traceback; the rerun goes on from the raw shards the first run checked."""
+    from pipelines import cli
+    from pipelines.tasks import shard
+
+    registry, raw, *_ = raw_version
+    real_plan = shard.plan_output_shards
+
+    def disk_full(*args, **kwargs):
+        with open("/dev/full", "wb", buffering=0) as full:
+            full.write(b"an output shard")
+
+    monkeypatch.setattr(shard, "plan_output_shards", disk_full)
+    command = ["shard", raw.ref, "--name", "full", "--registry", registry.url]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("blip shard: error: no space left on the device: free space (`blip data work` lists what "
+                        "runs left; `--remove-leftovers` frees what no rerun needs), then the same command goes on "
+                        "from where this run stopped\n"), err  # fmt: skip
+    assert "Traceback" not in err
+    monkeypatch.setattr(shard, "plan_output_shards", real_plan)
+    with caplog.at_level("INFO", logger="pipelines.tasks.shard"):
+        assert cli.main(command) == 0
+    assert "going on from a stopped run: its 3 raw shards are checked" in caplog.text
+
+
+def test_a_disk_full_raised_from_by_another_error_is_found_too():
+    from pipelines.cli import _disk_full
+
+    try:
+        try:
+            with open("/dev/full", "wb", buffering=0) as full:
+                full.write(b"x")
+        except OSError as error:
+            raise RuntimeError("a worker process failed") from error
+    except RuntimeError as wrapped:
+        assert _disk_full(wrapped) is wrapped.__cause__
+    assert _disk_full(OSError(13, "Permission denied")) is None and _disk_full(ValueError()) is None
+
+
 def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch,
                                                                                       caplog):
     """A run that stops in pass 1 (an error at the third raw shard) keeps the records of the shards it checked; one

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from datasets_manifests.filesystems import url_to_fs
 from datasets_manifests.manifest import Producer
 from datasets_manifests.ops import work_entries
@@ -212,3 +214,46 @@ def _noted_run(registry, key, stage, name, size):
     work = registry.note_work(key, stage=stage, name=name)
     (work / "records.arrow").write_bytes(b"r" * size)
     return work
+
+
+def test_a_second_process_on_the_same_run_is_refused_until_the_first_ends_or_publishes(tmp_path):
+    """Two processes on the same stage inputs and config would write one work dir (two img2dataset runs into one
+    output folder): the second is told which process runs it; a killed run holds nothing; a publish lets go."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from datasets_manifests.registry import WorkInProgressError
+
+    registry = Registry(tmp_path / "registry")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom datasets_manifests.registry import Registry\n"
+         f"Registry({str(registry.root)!r}).note_work('k1', stage='download', name='web-raw')\n"
+         "print('noted', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "noted"
+        with pytest.raises(WorkInProgressError, match=rf"download → web-raw .* running already \(pid {holder.pid} on"):
+            registry.note_work("k1", stage="download", name="web-raw")
+        with pytest.raises(WorkInProgressError, match="stop it first"):
+            registry.remove_work("k1")
+        registry.note_work("k2", stage="download", name="other")  # another run: not held
+        running = {entry.key: entry for entry in work_entries(registry)}
+        assert running["k1"].state == "running" and f"(pid {holder.pid})" in running["k1"].detail
+        assert running["k2"].state == "unfinished"  # held by this process, not another
+        assert main(["data", "--registry", str(registry.root), "work", "--remove-stale", "0"]) == 0
+        assert [entry.key for entry in work_entries(registry)] == ["k1"]  # a running one is never stale
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    work = registry.note_work("k1", stage="download", name="web-raw")  # the killed run's lock went with it
+    assert json.loads((work / WORK_NOTE).read_text())["pid"] == os.getpid()
+    assert registry.note_work("k1", stage="download", name="web-raw") == work  # a retry in the same process
+    _publish(registry, work / "publish", "web-raw", "k1")
+    assert not (tmp_path / "registry/.work-locks/k1.lock").exists()
+    second = subprocess.run([sys.executable, "-c", "from datasets_manifests.registry import Registry\n"
+                             f"Registry({str(registry.root)!r}).note_work('k1', stage='download', name='web-raw')"])
+    assert second.returncode == 0  # published: the lock was let go
+    assert [path.name for path in (tmp_path / "registry/.work-locks").iterdir()] == ["k1.lock"]  # the second's
