@@ -114,8 +114,8 @@ def register(subparsers: Any) -> None:
                    "runs, leftovers, training checkpoints; remove them", cmd_work)  # fmt: skip
     work.add_argument("--remove", action="append", default=[], metavar="KEY",
                       help="remove this work (a key from the listing, e.g. train-runs/NAME); repeatable. An "
-                      "unfinished run's work is what its rerun goes on from: the rerun then starts over; a run going on (state "
-                      "running: its process holds the run's lock) is refused")  # fmt: skip
+                      "unfinished run's work is what its rerun goes on from: the rerun then starts over; a run going "
+                      "on (state running: its process holds the run's lock) is refused")  # fmt: skip
     work.add_argument("--remove-leftovers", action="store_true",
                       help="remove what no rerun needs: the work of published runs, caches (local copies of remote "
                       "files, the demo corpus) and the checkpoints of training runs whose model is published; run it "

@@ -235,7 +235,8 @@ def test_a_second_process_on_the_same_run_is_refused_until_the_first_ends_or_pub
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "noted"
-        with pytest.raises(WorkInProgressError, match=rf"download → web-raw .* running already \(pid {holder.pid} on"):
+        refused = rf"download → web-raw .* running already \(pid {holder.pid} on"
+        with pytest.raises(WorkInProgressError, match=refused):
             registry.note_work("k1", stage="download", name="web-raw")
         with pytest.raises(WorkInProgressError, match="stop it first"):
             registry.remove_work("k1")
