@@ -7,13 +7,12 @@ Modules import their heavy dependencies inside the handlers, so `blip data ls` s
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
 
 from pipelines.logs import show_project_logs
-from pipelines.runtime import apply_environment
+from pipelines.runtime import apply_environment, disk_full
 
 # One module per command group, in the order they appear in `blip --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_user_error(error):
             print(f"blip {args.command}: error: {error}", file=sys.stderr)
             return 2
-        if (full := _disk_full(error)) is not None:  # at 129M (~6 TB a version) the most likely end of a long run
+        if (full := disk_full(error)) is not None:  # at 129M (~6 TB a version) the most likely end of a long run
             where = f" ({full.filename})" if full.filename else ""
             then = getattr(args, "on_interrupt", "") or ("run the same command again: a stage goes on from the work "
                                                          "it finished (`blip train` with `--resume --name RUN`)")
@@ -76,18 +75,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         raise
-
-
-def _disk_full(error: BaseException) -> OSError | None:
-    """The disk-full (or over-quota) OSError an error is, or was raised from (a worker process's, re-raised)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _is_user_error(error: Exception) -> bool:

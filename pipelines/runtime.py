@@ -12,6 +12,7 @@ Values already set by the user win (setdefault). On a real multi-node cluster se
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -191,6 +192,18 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
             raise WorkerProcessDied(f"a worker process running {function.__module__}.{function.__qualname__} "
                                     f"{exit_description(code)}{oom_hint(code, f'{MAX_PROCESSES_ENV}=N runs fewer')}; "
                                     "nothing was published: run the command again") from error
+
+
+def disk_full(error: BaseException) -> OSError | None:
+    """The disk-full (or over-quota) OSError an error is, or was raised from (a worker process's, re-raised)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class WorkerProcessDied(RuntimeError):

@@ -20,25 +20,35 @@ traceback that did not say which shard: `supervised_ray_distributor` retries fai
 one does, lets Ray run a shard whose worker died `MAX_DEATHS` times in all, and then stops in the same one line.
 img2dataset's also submitted every shard at once (13k tasks at 129M); this one keeps two a cluster CPU in flight.
 
+A shard that fails on a full disk (img2dataset printed the traceback and went on to the next shard, which failed
+the same way, and the download ended saying only that some shards did not finish) stops the download at once with
+the disk's OSError, which the command says in one line.
+
 `using_supervised_distributor` puts both in img2dataset's place for one `download` call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import logging
 import multiprocessing
+import os
+import sys
+import traceback
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
 
-from pipelines.runtime import WorkerProcessDied, ctrl_c_ignored, exit_description, oom_hint
+from pipelines.runtime import WorkerProcessDied, ctrl_c_ignored, disk_full, exit_description, oom_hint
 
 log = logging.getLogger(__name__)
 TASKS_PER_CHILD = 5  # as img2dataset's Pool(maxtasksperchild=5)
 MAX_DEATHS = 3  # deaths of a worker holding the same shard before the download stops: not transient then
 
-Downloader = Callable[[Any], tuple[bool, Any]]
+Downloader = Any  # img2dataset's Downloader: `download_shard(shard)` writes a shard, raises when it cannot
+ShardResult = tuple[bool, Any, "str | None"]  # (done, shard, where the disk was full when that stopped it)
 
 
 def supervised_distributor(processes_count: int, downloader: Downloader, reader: Iterable[Any], _: Any,
@@ -89,7 +99,7 @@ def supervised_ray_distributor(processes_count: int, downloader: Downloader, rea
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     shard = pending.pop(ref)
-                    status, row = _shard_result(ray, ref, shard)
+                    status, row, _ = _shard_result(ray, ref, shard)
                     if status is False:
                         failed.append(row)
                     progress.update()
@@ -127,14 +137,101 @@ def _in_flight_limit(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_CPU
 
 
-def _download_shard(downloader: Downloader, shard: Any) -> tuple[bool, Any]:
-    return downloader(shard)
+class _DiskFull(BaseException):
+    """A shard's writer hit a full disk. Not an Exception: img2dataset catches every Exception around a sample,
+    prints its traceback and goes on to the next sample, which fails the same way (a traceback a sample, 10,000
+    samples a shard); this one passes through to `_download_shard`."""
 
 
-def _shard_result(ray: Any, ref: Any, shard: Any) -> tuple[bool, Any]:
-    """A shard task's (status, row); a task whose worker died every time Ray ran it stops the download."""
+def _stopping_on_a_full_disk(writer_class: type) -> type:
+    """img2dataset's sample writer class, telling a full disk apart: the first write that meets one is noted and the
+    shard's later writes are skipped, then `close` raises `_DiskFull`. Raising at the write itself would leave
+    img2dataset's download loop, whose thread pool then waits forever on a semaphore that only the loop releases."""
+    if getattr(writer_class, "stops_on_a_full_disk", False):
+        return writer_class
+
+    class Writer(writer_class):  # type: ignore[misc, valid-type]
+        stops_on_a_full_disk = True
+        disk_was_full = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:  # before img2dataset's loop starts: raising here leaves nothing waiting
+                super().__init__(*args, **kwargs)
+            except OSError as error:
+                if disk_full(error) is None:
+                    raise
+                raise _DiskFull() from error
+
+        def write(self, *args: Any, **kwargs: Any) -> Any:
+            if self.disk_was_full:
+                return None
+            try:
+                return super().write(*args, **kwargs)
+            except OSError as error:
+                if disk_full(error) is None:
+                    raise
+                self.disk_was_full = True
+                return None
+
+        def close(self) -> Any:
+            try:
+                result = super().close()
+            except OSError as error:
+                if disk_full(error) is None:
+                    raise
+                raise _DiskFull() from error
+            if self.disk_was_full:  # some samples were not written: the shard is not done
+                raise _DiskFull()
+            return result
+
+    Writer.__name__ = Writer.__qualname__ = writer_class.__name__
+    return Writer
+
+
+def _let_go_quietly(stop: _DiskFull) -> None:
+    """Free the shard's writer, which the exception's frames hold: its tar stream's `__del__` flushes onto the full
+    disk, and Python would print that as an "Exception ignored" traceback (the line the command ends with says it)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if disk_full(unraisable.exc_value) else hook(unraisable)
     try:
-        return ray.get(ref)
+        for error in (stop, stop.__cause__):
+            if error is not None and error.__traceback__ is not None:
+                traceback.clear_frames(error.__traceback__)
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _download_shard(downloader: Downloader, shard: Any) -> ShardResult:
+    """img2dataset's `Downloader.__call__` (a failed shard printed with its traceback, reported, not raised), but a
+    full disk is told apart: it fails every shard after it, so the download stops (`_stop_on_a_full_disk`)."""
+    if (writer_class := getattr(downloader, "sample_writer_class", None)) is not None:
+        downloader.sample_writer_class = _stopping_on_a_full_disk(writer_class)  # this process's copy
+    full = str(getattr(downloader, "output_folder", "") or "")
+    try:
+        downloader.download_shard(shard)
+        return True, shard, None
+    except _DiskFull as stop:
+        _let_go_quietly(stop)
+        return False, shard, full
+    except Exception as error:  # noqa: BLE001 - as img2dataset: one shard's failure is reported, not raised
+        if disk_full(error) is not None:  # outside the writer: the shard's stats file, say
+            return False, shard, full
+        traceback.print_exc()
+        print(f"shard {shard[0]} failed with error {error}")
+        return False, shard, None
+
+
+def _stop_on_a_full_disk(result: ShardResult) -> ShardResult:
+    if result[2] is not None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), result[2] or None)  # the output folder
+    return result
+
+
+def _shard_result(ray: Any, ref: Any, shard: Any) -> ShardResult:
+    """A shard task's result; a task whose worker died every time Ray ran it stops the download."""
+    try:
+        return _stop_on_a_full_disk(ray.get(ref))
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError) as error:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WorkerProcessDied(
@@ -181,10 +278,11 @@ class _Worker:
 
 
 def _serve(connection: Connection, downloader: Downloader) -> None:
-    """A worker's loop: a (number, shard) in, (number, downloader(shard)) out, until told to leave (None)."""
+    """A worker's loop: a (number, shard) in, (number, its `_download_shard` result) out, until told to leave
+    (None)."""
     while (item := connection.recv()) is not None:
         number, shard = item
-        connection.send((number, downloader(shard)))
+        connection.send((number, _download_shard(downloader, shard)))
 
 
 def run_shards(processes: int, downloader: Downloader, shards: Iterable[Any], done: Callable[[], Any]) -> list[Any]:
@@ -220,7 +318,7 @@ def run_shards(processes: int, downloader: Downloader, shards: Iterable[Any], do
                     with contextlib.suppress(EOFError, OSError):  # the pipe closed: the worker died
                         result = worker.connection.recv()
                 if result is not None:
-                    _number, (status, row) = result
+                    status, row, _ = _stop_on_a_full_disk(result[1])
                     worker.shard, worker.done = None, worker.done + 1
                     if status is False:
                         failed.append(row)
@@ -265,7 +363,8 @@ SUPERVISED = {"multiprocessing_distributor": supervised_distributor, "ray_distri
 def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
     """`img2dataset.download` runs `supervised_distributor` (distributor="multiprocessing") or
     `supervised_ray_distributor` ("ray") inside the block, and its logger process ignores a terminal's Ctrl-C, as
-    the workers do (img2dataset's own handler in the driver stops it). img2dataset picks these from module
+    the workers do (img2dataset's own handler in the driver stops it), and is stopped after a download that
+    raised (img2dataset never joins it then: the command hung at exit). img2dataset picks these from module
     globals of `img2dataset.main`; an img2dataset without them (a version other than the pinned 1.47) is refused
     rather than left to hang."""
     from pipelines.tasks._img2dataset_logger import LoggerProcessIgnoringCtrlC
@@ -283,3 +382,4 @@ def using_supervised_distributor(img2dataset_main: Any) -> Iterator[None]:
     finally:
         for name, original in originals.items():
             setattr(img2dataset_main, name, original)
+        LoggerProcessIgnoringCtrlC.stop_started()  # the logger of a download that raised: never joined

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -15,18 +16,42 @@ from pipelines.runtime import WorkerProcessDied
 from pipelines.tasks import download_workers
 
 
+class FullDiskWriter:
+    """A sample writer on a full disk: every write gets the kernel's ENOSPC (/dev/full)."""
+
+    def write(self, sample: int) -> None:
+        with open("/dev/full", "wb", buffering=0) as full:
+            full.write(b"sample %d" % sample)
+
+    def close(self) -> None:
+        pass
+
+
 class RecordingDownloader:
-    """Appends 'pid shard' for each shard it finishes; SIGKILLs its own process on `dies_on` (once, or always), or
-    just after its `exits_after`-th result."""
+    """img2dataset's Downloader contract (`download_shard` writes a shard or raises). Appends 'pid shard' for each
+    shard it finishes; SIGKILLs its own process on `dies_on` (once, or always), or just after its `exits_after`-th
+    result; raises once on `fails_once`; writes `full_on` to a full disk (/dev/full: the kernel's ENOSPC)."""
 
     def __init__(self, log: Path, dies_on: int | None = None, always: bool = False, fails_once: int | None = None,
-                 exits_after: int | None = None):
+                 exits_after: int | None = None, full_on: int | None = None):
         self.log, self.dies_on, self.always, self.fails_once = log, dies_on, always, fails_once
         self.exits_after = exits_after  # the process kills itself just after this many results, while idle
+        self.full_on = full_on
+        self.output_folder = str(log.parent / "shards")
+        self.sample_writer_class = FullDiskWriter
         self.results = 0
 
-    def __call__(self, shard: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
+    def download_shard(self, shard: tuple[int, str]) -> None:
         number = shard[0]
+        if number == self.full_on:  # as img2dataset: each sample in its own try, its failure printed, the next one
+            writer = self.sample_writer_class()
+            for sample in range(5):
+                try:
+                    writer.write(sample)
+                except Exception:  # noqa: BLE001 - img2dataset's `except Exception` around each sample
+                    traceback.print_exc()
+                    print(f"Sample {sample} failed to download")
+            writer.close()
         if number == self.dies_on:
             marker = self.log.with_suffix(f".died-{number}")
             if self.always or not marker.exists():
@@ -36,7 +61,7 @@ class RecordingDownloader:
             marker = self.log.with_suffix(f".failed-{number}")
             if not marker.exists():
                 marker.touch()
-                return False, shard  # what img2dataset's Downloader returns for a shard that raised
+                raise RuntimeError(f"shard {number}: a transient failure")
         with open(self.log, "a") as out:
             out.write(f"{os.getpid()} {number}\n")
         self.results += 1
@@ -44,7 +69,6 @@ class RecordingDownloader:
             import threading
 
             threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
-        return True, shard
 
 
 def _finished(log: Path) -> tuple[Counter, Counter]:
@@ -75,6 +99,30 @@ def test_shards_that_report_a_failure_are_retried_as_img2dataset_does(tmp_path):
     download_workers.supervised_distributor(2, RecordingDownloader(tmp_path / "log", fails_once=1), iter(shards),
                                             None, max_shard_retry=1)  # fmt: skip
     assert _finished(tmp_path / "log")[0] == Counter(range(4))
+
+
+def test_a_full_disk_stops_the_download_at_once_instead_of_failing_every_shard_after_it(tmp_path, capfd):
+    """img2dataset printed each shard's ENOSPC traceback, went on to fail the next, and the download ended saying
+    only that some shards did not finish; now the first full-disk failure stops it with the disk's OSError."""
+    import errno
+
+    shards = [(number, f"part-{number}") for number in range(12)]
+    downloader = RecordingDownloader(tmp_path / "log", full_on=4)
+    with pytest.raises(OSError) as raised:
+        download_workers.supervised_distributor(1, downloader, iter(shards), None, max_shard_retry=2)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "shards"))
+    assert _finished(tmp_path / "log")[0] == Counter(range(4))  # nothing after it was tried
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err and "failed" not in printed.out  # not a traceback for every sample
+
+
+def test_a_shard_that_fails_otherwise_is_printed_as_img2dataset_prints_it(tmp_path, capfd):
+    shards = [(number, f"part-{number}") for number in range(3)]
+    failed = download_workers.run_shards(1, RecordingDownloader(tmp_path / "log", fails_once=1), shards, lambda: None)
+    assert failed == [(1, "part-1")]
+    out = capfd.readouterr()
+    assert "RuntimeError: shard 1: a transient failure" in out.err
+    assert "shard 1 failed with error shard 1: a transient failure" in out.out
 
 
 def test_img2dataset_gets_the_supervised_distributors_for_one_call_only():
@@ -181,3 +229,28 @@ def test_the_bar_knows_how_many_shards_img2dataset_s_reader_will_give(tmp_path):
     assert len(list(reader({0, 3}))) == 2  # what the reader really gives
     assert download_workers.shards_to_download([("shard", 1), ("shard", 2)]) == 2  # a retry pass: a list
     assert download_workers.shards_to_download(iter(())) is None  # anything else: a bar without a total
+
+
+def test_img2dataset_s_logger_is_stopped_when_the_download_raises(tmp_path, monkeypatch):
+    """img2dataset joins its logger process only after the distributor returns; the logger runs until every shard
+    has its stats file. A download whose distributor raised (a full disk, a shard killing its worker every time)
+    left it running, and the command hung at exit, where multiprocessing joins its children."""
+    import importlib
+    import multiprocessing
+
+    import img2dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from img2dataset.logger import LoggerProcess
+
+    def dies(*args, **kwargs):
+        raise WorkerProcessDied("the worker downloading shard 0 was killed by SIGKILL, 3 times")
+
+    monkeypatch.setattr(download_workers, "run_shards", dies)
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/0.jpg"], "caption": ["c"]}), tmp_path / "list.parquet")
+    with pytest.raises(WorkerProcessDied):
+        with download_workers.using_supervised_distributor(importlib.import_module("img2dataset.main")):
+            img2dataset.download(url_list=str(tmp_path / "list.parquet"), input_format="parquet", url_col="url",
+                                 caption_col="caption", output_folder=str(tmp_path / "out"), processes_count=1,
+                                 thread_count=1, enable_wandb=False)  # fmt: skip
+    assert not [child for child in multiprocessing.active_children() if isinstance(child, LoggerProcess)]

@@ -681,7 +681,7 @@ def test_blip_shard_on_a_full_disk_says_so_and_goes_on_once_there_is_space(raw_v
 
 
 def test_a_disk_full_raised_from_by_another_error_is_found_too():
-    from pipelines.cli import _disk_full
+    from pipelines.runtime import disk_full as _disk_full
 
     try:
         try:
