@@ -195,14 +195,20 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
 
 
 def disk_full(error: BaseException) -> OSError | None:
-    """The disk-full (or over-quota) OSError an error is, or was raised from (a worker process's, re-raised)."""
+    """The disk-full (or over-quota) OSError an error is, or was raised from: a worker process's re-raised, a Ray
+    task's (`RayTaskError.cause`), a Ray Train worker's (`WorkerGroupError.worker_failures`)."""
     seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        linked = [current.__cause__, current.__context__, getattr(current, "cause", None),
+                  *(getattr(current, "worker_failures", None) or {}).values()]  # fmt: skip
+        pending.extend(item for item in linked if isinstance(item, BaseException))
     return None
 
 

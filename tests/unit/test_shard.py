@@ -691,7 +691,21 @@ def test_a_disk_full_raised_from_by_another_error_is_found_too():
             raise RuntimeError("a worker process failed") from error
     except RuntimeError as wrapped:
         assert _disk_full(wrapped) is wrapped.__cause__
+        full = wrapped.__cause__
     assert _disk_full(OSError(13, "Permission denied")) is None and _disk_full(ValueError()) is None
+
+    class RayTaskErrorLike(RuntimeError):  # Ray's: the task's own error as `.cause`, not chained
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("task failed")
+            self.cause = cause
+
+    class WorkerGroupErrorLike(RuntimeError):  # Ray Train's: each failed worker's error by rank
+        def __init__(self, worker_failures: dict) -> None:
+            super().__init__("workers failed")
+            self.worker_failures = worker_failures
+
+    assert _disk_full(RayTaskErrorLike(full)) is full
+    assert _disk_full(WorkerGroupErrorLike({0: ValueError("peer"), 1: RayTaskErrorLike(full)})) is full
 
 
 def test_a_stopped_run_goes_on_from_the_raw_shards_it_checked_and_the_shards_it_wrote(raw_version, monkeypatch,
