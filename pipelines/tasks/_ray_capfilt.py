@@ -15,6 +15,7 @@ accelerator was starved by JPEG decoding.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -300,12 +301,26 @@ class ShardWriters:
         if not self.pending:
             return
         ready, self.pending = self.ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout)
-        try:
-            self.markers.extend(self.ray.get(ready))
-        except self.ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, capfilt.CapFiltError):  # names the shard: the CLI's one-line error
-                raise error.cause from None
-            raise
+        failed = None
+        for ref in ready:  # each fetched, errors too: Ray prints one never fetched as an "Unhandled error"
+            try:
+                self.markers.append(self.ray.get(ref))
+            except self.ray.exceptions.RayTaskError as error:
+                failed = failed or error
+        if failed is None:
+            return
+        self._settle()
+        if isinstance(failed.cause, capfilt.CapFiltError):  # names the shard: the CLI's one-line error
+            raise failed.cause from None
+        raise failed
+
+    def _settle(self) -> None:
+        """After a failed write: the writes in flight finish (their shards are kept for the rerun), each result
+        fetched, errors too (a full disk fails them all: Ray printed each after the command's own line)."""
+        for ref in self.pending:
+            with contextlib.suppress(Exception):
+                self.ray.get(ref)
+        self.pending = []
 
 
 def run_pipeline(config: capfilt.CapFiltConfig, items: list[dict[str, Any]], models: dict[str, dict[str, str]],
