@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if (full := disk_full(error)) is not None:  # at 129M (~6 TB a version) the most likely end of a long run
             where = f" ({full.filename})" if full.filename else ""
-            then = getattr(args, "on_interrupt", "") or ("run the same command again: a stage goes on from the work "
-                                                         "it finished (`blip train` with `--resume --name RUN`)")
-            print(f"blip {args.command}: error: no space left on the device{where}: free space (`blip data work` "
-                  f"lists what runs left; `--remove-leftovers` frees what no rerun needs), then {then}",
+            stopped = f"; {full.stopped}" if getattr(full, "stopped", None) else ""  # `TrainingDiskFull`
+            then = getattr(args, "on_interrupt", "") or "run the same command again (a stage goes on from its work)"
+            print(f"blip {args.command}: error: no space left on the device{where}{stopped}: free space (`blip data "
+                  f"work` lists what runs left; `--remove-leftovers` frees what no rerun needs), then {then}",
                   file=sys.stderr)  # fmt: skip
             return 2
         raise

@@ -137,12 +137,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from pipelines.progress import TrainingBar
     from pipelines.tasks._ray_train import TrainingInterrupted
 
+    args.on_interrupt = "the same command goes on from it"  # finetuning goes on from a run of the same inputs
     try:
         with TrainingBar(f"finetune {args.task}", enabled=not args.no_progress) as bar:
             manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry,
                                     on_progress=bar)  # fmt: skip
-    except TrainingInterrupted as stopped:  # finetuning goes on from a run of the same inputs by itself
-        raise KeyboardInterrupt(f"{stopped}; the same command goes on from it") from None
+    except TrainingInterrupted as stopped:
+        raise KeyboardInterrupt(f"{stopped}; {args.on_interrupt}") from None
     print(render_finetune_table(manifest))
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0

@@ -60,15 +60,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, _ = load_recipe_config(PretrainConfig, resolve_config_path(args.config), "train", None, args.overrides)
     registry = Registry(args.registry)
     from pipelines.progress import TrainingBar
-    from pipelines.tasks._ray_train import TrainingInterrupted
+    from pipelines.tasks._ray_train import TrainingDiskFull, TrainingInterrupted
 
     try:
         with TrainingBar("train", enabled=not args.no_progress) as bar:
             manifest = run_pretrain(cfg, args.dataset[0], extra_datasets=args.dataset[1:], registry=registry,
                                     init=args.init, resume=args.resume, run_name=args.name, on_progress=bar)
-    except TrainingInterrupted as stopped:
+    except (TrainingInterrupted, TrainingDiskFull) as stopped:
         resume = "" if args.resume and args.name else f" with `--resume --name {stopped.run_name}`"
-        raise KeyboardInterrupt(f"{stopped}; the same command{resume} goes on from it") from None
+        args.on_interrupt = f"the same command{resume} goes on from it"  # the CLI's line after a full disk
+        if isinstance(stopped, TrainingDiskFull):
+            raise
+        raise KeyboardInterrupt(f"{stopped}; {args.on_interrupt}") from None
     meta = manifest.metadata
     print(f"{manifest.ref}  id {manifest.short_id}  step {meta.get('final_step')}/{meta.get('planned_steps')}  "
           f"restarts {meta.get('restarts')}  parents {', '.join(manifest.parents)}")  # fmt: skip

@@ -14,10 +14,10 @@ history, TensorBoard event files and, at the last step, the model (`model/`, sav
 from __future__ import annotations
 
 import contextvars
+import errno
 import importlib
 import json
 import os
-import posixpath
 import re
 import shutil
 import sys
@@ -33,6 +33,7 @@ HISTORY_FILE = "history.jsonl"
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.json"
 ATTEMPTS_DIR = "blip_attempts"
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
 class UserError(Exception):
@@ -51,6 +52,17 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"its last checkpoint is step {checkpoint_step}" if checkpoint_step is not None else (
             "before its first checkpoint: it starts again from step 0")
         super().__init__(f"training run {run_name!r} stopped; {where}")
+
+
+class TrainingDiskFull(OSError):
+    """A run stopped on a full disk (a checkpoint's or a worker's write): its checkpoints before stay."""
+
+    def __init__(self, run_name: str, checkpoint_step: int | None, filename: str | None) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        self.run_name, self.checkpoint_step = run_name, checkpoint_step
+        where = f"its last checkpoint is step {checkpoint_step}" if checkpoint_step is not None else (
+            "before its first checkpoint: it starts again from step 0")
+        self.stopped = f"training run {run_name!r} stopped; {where}"
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -125,7 +137,8 @@ def launch(
     """
     storage_path, run_dir = plan_run(storage_path, run_name, resume, start_if_missing)  # before Ray starts
 
-    from pipelines.runtime import check_gpus_available, ctrl_c_of_a_library, ensure_ray, unreachable_local_inputs
+    from pipelines.runtime import (check_gpus_available, ctrl_c_of_a_library, disk_full, ensure_ray,
+                                   unreachable_local_inputs)
 
     ray = ensure_ray()
     if scaling.use_gpu:
@@ -168,6 +181,8 @@ def launch(
         with ctrl_c_of_a_library(lambda: TrainingInterrupted(run_name, last_checkpoint_step(run_dir))):
             result = trainer.fit()
     except TrainingFailedError as error:
+        if (full := disk_full(error)) is not None:  # Ray Train retried it `max_failures` times: no use
+            raise TrainingDiskFull(run_name, last_checkpoint_step(run_dir), full.filename) from error
         raise data_failure(run_name, error) or error
     finally:
         stop.set()
@@ -214,16 +229,19 @@ def _last_line(failure: BaseException) -> str:
 
 
 def last_checkpoint_step(run_dir: str) -> int | None:
-    """The step of the newest `checkpoint_step<N>` folder of a run (a path or URL); None when there is none."""
+    """The step of a run's (a path or URL) newest checkpoint Ray Train registered, the one a resumed run goes on
+    from (its checkpoint manager's snapshot); None when there is none. A newer `checkpoint_step<N>` folder may be
+    one whose write failed half-way (a full disk): not a checkpoint."""
     from datasets_manifests.filesystems import url_to_fs
 
     fs, root = url_to_fs(run_dir)
     try:
-        names = [posixpath.basename(path.rstrip("/")) for path in fs.ls(root, detail=False)]
-    except FileNotFoundError:
+        with fs.open(f"{root}/{CHECKPOINT_SNAPSHOT}", "r") as handle:
+            latest = json.loads(handle.read()).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, ValueError):
         return None
-    steps = [int(match.group(1)) for name in names if (match := re.fullmatch(r"checkpoint_step(\d+)", name))]
-    return max(steps, default=None)
+    match = re.fullmatch(r"checkpoint_step(\d+)", str(latest.get("checkpoint_dir_name", "")))
+    return int(match.group(1)) if match else None
 
 
 def read_progress(url: str) -> dict[str, Any] | None:

@@ -140,7 +140,10 @@ def test_the_progress_watcher_calls_back_in_the_callers_context(tmp_path: Path) 
 
 @pytest.mark.parametrize("scheme", ["", "memory://"])
 def test_an_interrupted_run_names_its_last_checkpoint(tmp_path: Path, scheme: str) -> None:
-    """What `blip train` says after Ctrl-C: the newest checkpoint folder's step (the run goes on from it)."""
+    """What `blip train` says after Ctrl-C or a full disk: the step of the newest checkpoint Ray Train registered
+    (the run goes on from it), not a newer folder whose write failed half-way."""
+    import json
+
     import fsspec
 
     run_dir = f"{scheme}{tmp_path}/runs/stopped"
@@ -148,9 +151,13 @@ def test_an_interrupted_run_names_its_last_checkpoint(tmp_path: Path, scheme: st
     assert str(TrainingInterrupted("stopped", None)) == ("training run 'stopped' stopped; before its first checkpoint: "
                                                          "it starts again from step 0")  # fmt: skip
     fs, root = fsspec.core.url_to_fs(run_dir)
-    for name in ("checkpoint_step00000050", "checkpoint_step00000100", "checkpoint_manager_snapshot.json", "x"):
+    for name in ("checkpoint_step00000050", "checkpoint_step00000100", "checkpoint_step00000150", "x"):
         fs.makedirs(f"{root}/{name}", exist_ok=True)
-    assert last_checkpoint_step(run_dir) == 100
+    assert last_checkpoint_step(run_dir) is None  # folders, none registered: the run starts again from step 0
+    snapshot = {"ray_version": "2.60.0", "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_step00000100",
+                                                                     "metrics": {"step": 100}}}  # fmt: skip
+    fs.pipe_file(f"{root}/checkpoint_manager_snapshot.json", json.dumps(snapshot).encode())
+    assert last_checkpoint_step(run_dir) == 100  # step 150's write failed half-way: never registered
     stopped = TrainingInterrupted("stopped", last_checkpoint_step(run_dir))
     assert isinstance(stopped, KeyboardInterrupt)  # the CLI's Ctrl-C path: exit 130 with this line
     assert str(stopped) == "training run 'stopped' stopped; its last checkpoint is step 100"
