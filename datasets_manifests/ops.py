@@ -574,7 +574,8 @@ def work_entries(registry: Registry) -> list[WorkEntry]:
         else:
             note = area.note or {}
             detail = f"started {note.get('started_at', '?')} on {note.get('host', '?')}" if note else "not published"
-            running = registry.running_elsewhere(area.key)  # its process holds the run's lock now
+            # its process holds the run's lock now (this machine), or beat in the store's note (another one)
+            running = registry.running_elsewhere(area.key) or registry.alive_elsewhere(note)
             if running:
                 detail = f"{detail} (pid {note.get('pid', '?')}); --remove refuses it while it runs"
             entries.append(WorkEntry(key=area.key, what=run_described(area.note),

@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,6 +129,12 @@ WORK_NOTE = "run.json"  # in a stage run's work dir: what the run is (`Registry.
 # Stage runs this process holds (`Registry._work_lock`, flock'ed until the publish or the process's end, whichever
 # comes first: a killed run holds nothing).
 _HELD_WORK: dict[str, IO[Any]] = {}
+# A run that shares its note in a store (`note_work(shared=True)` on a remote registry) rewrites the note's
+# `alive_at` this often while it runs: a driver on another machine starting the same run is refused while the note
+# is younger than WORK_STALE_S, and takes over the work of one that stopped (no beat for that long).
+WORK_ALIVE_S = 60.0
+WORK_STALE_S = 180.0
+_HEARTBEATS: dict[str, tuple[threading.Event, threading.Thread]] = {}  # store note URL -> its beat
 
 
 @dataclass(frozen=True)
@@ -336,13 +343,54 @@ class Registry:
         the local note; `remove_work` removes both."""
         work = self.work_dir(key)
         self._hold_work(key, stage, name)
-        note = json.dumps({"stage": stage, "name": name, "parents": [parent.ref for parent in parents],
-                           "started_at": now_utc(), "host": socket.gethostname(), "pid": os.getpid(),
-                           **details})  # fmt: skip
-        (work / WORK_NOTE).write_text(note)
+        note = {"stage": stage, "name": name, "parents": [parent.ref for parent in parents], "started_at": now_utc(),
+                "host": socket.gethostname(), "pid": os.getpid(), **details}  # fmt: skip
+        url = f"{self.root}/.work/{key}/{WORK_NOTE}"
         if shared and not self.is_local:
-            self.fs.pipe_file(f"{self.root}/.work/{key}/{WORK_NOTE}", note.encode())
+            held = self._work_note(key, store_only=True)
+            if held and self.alive_elsewhere(held):
+                self._release_work(key)
+                raise WorkInProgressError(
+                    f"{stage} → {name} on these inputs with this config is running already on {held.get('host')} "
+                    f"(pid {held.get('pid', '?')}, started {held.get('started_at', '?')}, alive at "
+                    f"{held.get('alive_at')}): wait for it to publish, or stop it (its note is stale "
+                    f"{WORK_STALE_S:.0f} s after its last beat; a rerun then goes on from its work)"
+                )  # fmt: skip
+        (work / WORK_NOTE).write_text(json.dumps(note))
+        if shared and not self.is_local:
+            self._keep_alive(url, note)
         return work
+
+    def alive_elsewhere(self, note: dict[str, Any]) -> bool:
+        """Whether a store note is another machine's run that beat within WORK_STALE_S (this machine's runs: the
+        lock, `running_elsewhere`, says)."""
+        if note.get("host") == socket.gethostname() or not note.get("alive_at"):
+            return False
+        try:
+            beat = datetime.fromisoformat(str(note["alive_at"]).replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        return (datetime.now(timezone.utc) - beat).total_seconds() < WORK_STALE_S
+
+    def _keep_alive(self, url: str, note: dict[str, Any]) -> None:
+        """Write the store note now and again every WORK_ALIVE_S with its `alive_at`, until the run lets go of
+        its work (`_release_work`) or its process ends."""
+        _stop_beat(url)  # this process noted the run again (a retry): one beat, with the new note
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                note["alive_at"] = now_utc()
+                with contextlib.suppress(OSError):  # a store hiccup: the next beat tries again
+                    self.fs.pipe_file(url, json.dumps(note).encode())
+                if stop.wait(WORK_ALIVE_S):
+                    return
+
+        note["alive_at"] = now_utc()
+        self.fs.pipe_file(url, json.dumps(note).encode())  # the first one before the run starts: errors surface
+        thread = threading.Thread(target=beat, name="blip-work-alive", daemon=True)
+        _HEARTBEATS[url] = (stop, thread)
+        thread.start()
 
     def _hold_work(self, key: str, stage: str, name: str) -> None:
         """Take the run's lock (`_work_lock`), or say which process runs it: two processes on the
@@ -399,6 +447,8 @@ class Registry:
         return False
 
     def _release_work(self, key: str) -> None:
+        if not self.is_local:
+            _stop_beat(f"{self.root}/.work/{key}/{WORK_NOTE}")
         path = str(self._work_lock(key))
         handle = _HELD_WORK.pop(path, None)
         if handle is not None:
@@ -452,10 +502,10 @@ class Registry:
                         found.append((f"{kind}s/{name}/{folder.rsplit('/', 1)[-1]}", self.fs.unstrip_protocol(folder)))
         return found
 
-    def _work_note(self, key: str) -> dict[str, Any] | None:
+    def _work_note(self, key: str, store_only: bool = False) -> dict[str, Any] | None:
         local = self.work_base() / key / WORK_NOTE
         try:
-            if local.is_file():
+            if local.is_file() and not store_only:
                 return json.loads(local.read_text())
             if not self.is_local and self.fs.isfile(f"{self.root}/.work/{key}/{WORK_NOTE}"):
                 return json.loads(self.fs.cat_file(f"{self.root}/.work/{key}/{WORK_NOTE}"))
@@ -482,8 +532,9 @@ class Registry:
     def remove_work(self, key: str) -> list[str]:
         """Remove a stage run's `work_dir` and, for a remote registry, its `shared_work_url` prefix in the store
         (terabytes of staged shards at scale), once its version is published; returns those that held something."""
-        if self.running_elsewhere(key):
-            note = self._work_note(key) or {}
+        stored = self._work_note(key, store_only=True) if not self.is_local else None
+        if self.running_elsewhere(key) or (stored and self.alive_elsewhere(stored)):
+            note = stored or self._work_note(key) or {}
             who = f"pid {note.get('pid', '?')} on {note.get('host', '?')}"
             raise WorkInProgressError(f"{self.work_base() / key} is the work of a run going on ({who}): stop it first")
         work, removed = self.work_dir(key), []
@@ -983,6 +1034,15 @@ class Registry:
             return Manifest.from_json(text)
         except (ValueError, TypeError, KeyError) as error:
             raise RegistryError(f"corrupt manifest {path}: {error}") from error
+
+
+def _stop_beat(url: str) -> None:
+    """Stop a run's beat (`Registry._keep_alive`) and wait for a write it is making: the stage's clean-up may
+    remove the note's folder next."""
+    if (beating := _HEARTBEATS.pop(url, None)) is not None:
+        stop, thread = beating
+        stop.set()
+        thread.join(timeout=30)
 
 
 def place_file(source: Path, dest: Path, link: bool) -> bool:

@@ -258,3 +258,42 @@ def test_a_second_process_on_the_same_run_is_refused_until_the_first_ends_or_pub
                              f"Registry({str(registry.root)!r}).note_work('k1', stage='download', name='web-raw')"])
     assert second.returncode == 0  # published: the lock was let go
     assert [path.name for path in (tmp_path / "registry/.work-locks").iterdir()] == ["k1.lock"]  # the second's
+
+
+def test_a_run_noted_in_a_store_by_another_machine_is_refused_while_it_beats(tmp_path, monkeypatch):
+    """A remote registry's stage run shares its note in the store and rewrites its `alive_at` every WORK_ALIVE_S:
+    the same run started on another machine is refused while the note beats, and takes the work over once it has
+    not beaten for WORK_STALE_S (the first machine stopped). The publish stops the beat."""
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from datasets_manifests import registry as registry_module
+    from datasets_manifests.registry import WorkInProgressError
+
+    monkeypatch.setattr(registry_module, "WORK_ALIVE_S", 0.05)
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))  # this machine's side of a remote registry
+    registry = Registry(memory_url())
+    url = f"{registry.root}/.work/k1/{WORK_NOTE}"
+
+    def noted_elsewhere(seconds_ago: float) -> None:
+        beat = (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        registry.fs.pipe_file(url, json.dumps({"stage": "shard", "name": "web", "host": "node-7", "pid": 41,
+                                                "started_at": "2026-11-29T10:00:00Z", "alive_at": beat}).encode())
+
+    noted_elsewhere(5)
+    with pytest.raises(WorkInProgressError, match=r"shard → web .* running already on node-7 \(pid 41"):
+        registry.note_work("k1", stage="shard", name="web", shared=True)
+    [entry] = work_entries(registry)
+    assert entry.state == "running"
+    with pytest.raises(WorkInProgressError, match="stop it first"):
+        registry.remove_work("k1")
+    noted_elsewhere(registry_module.WORK_STALE_S + 60)  # node-7 stopped: its work is this run's to go on from
+    registry.note_work("k1", stage="shard", name="web", shared=True)
+    first = json.loads(registry.fs.cat_file(url))
+    assert first["host"] != "node-7" and first["alive_at"]
+    time.sleep(1.2)  # the beat rewrites alive_at (a second's resolution)
+    assert json.loads(registry.fs.cat_file(url))["alive_at"] > first["alive_at"]
+    _publish(registry, tmp_path / "publish", "web", "k1")
+    stopped = json.loads(registry.fs.cat_file(url))["alive_at"]
+    time.sleep(1.2)
+    assert json.loads(registry.fs.cat_file(url))["alive_at"] == stopped  # published: no beat
