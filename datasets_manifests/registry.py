@@ -339,8 +339,10 @@ class Registry:
         """A stage run's `work_dir`, with a note of what the run is (`WORK_NOTE`: stage, the version it publishes,
         its parents, when and where it last started, and `details`, e.g. the Ray Train run a training stage
         keeps its checkpoints in) for `blip data work`; with `shared`, a remote registry's
-        `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there). The publish removes
-        the local note; `remove_work` removes both."""
+        `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there), its `alive_at`
+        rewritten every WORK_ALIVE_S until the publish: a driver on another machine is refused the same run while
+        it beats (`alive_elsewhere`). The publish removes the local note; `remove_work` removes both. Raises
+        `WorkInProgressError` when another process runs the same."""
         work = self.work_dir(key)
         self._hold_work(key, stage, name)
         note = {"stage": stage, "name": name, "parents": [parent.ref for parent in parents], "started_at": now_utc(),
@@ -379,12 +381,10 @@ class Registry:
         stop = threading.Event()
 
         def beat() -> None:
-            while True:
+            while not stop.wait(WORK_ALIVE_S):
                 note["alive_at"] = now_utc()
                 with contextlib.suppress(OSError):  # a store hiccup: the next beat tries again
                     self.fs.pipe_file(url, json.dumps(note).encode())
-                if stop.wait(WORK_ALIVE_S):
-                    return
 
         note["alive_at"] = now_utc()
         self.fs.pipe_file(url, json.dumps(note).encode())  # the first one before the run starts: errors surface
