@@ -115,7 +115,7 @@ def register(subparsers: Any) -> None:
     work.add_argument("--remove", action="append", default=[], metavar="KEY",
                       help="remove this work (a key from the listing, e.g. train-runs/NAME); repeatable. An "
                       "unfinished run's work is what its rerun goes on from: the rerun then starts over; a run going "
-                      "on (state running: its process holds the run's lock) is refused")  # fmt: skip
+                      "on (state running: its process holds the run's lock, or its note in the store beats) is refused")
     work.add_argument("--remove-leftovers", action="store_true",
                       help="remove what no rerun needs: the work of published runs, caches (local copies of remote "
                       "files, the demo corpus) and the checkpoints of training runs whose model is published; run it "
@@ -123,7 +123,7 @@ def register(subparsers: Any) -> None:
     work.add_argument("--remove-stale", type=float, default=None, metavar="DAYS",
                       help="also remove abandoned work: unfinished runs, their training checkpoints and publishes "
                       "killed before their commit whose last write is older than DAYS days (a run going on writes "
-                      "as it goes, and one running on this machine is never taken; its rerun starts over)")  # fmt: skip
+                      "as it goes, and a running one is never taken; its rerun starts over)")  # fmt: skip
 
     find = command("find", "where a sample is: every dataset version holding a URL, key or image sha256 (kept, or "
                    "why dropped; its shard) and the models trained on it: what a takedown request asks", cmd_find)

@@ -70,7 +70,8 @@ class NotFoundError(RegistryError):
 
 
 class WorkInProgressError(RegistryError):
-    """A stage run on the same inputs with the same config is running in another process on this machine."""
+    """A stage run on the same inputs with the same config is running in another process: on this machine (its
+    lock), or, with a remote registry, on another one whose note in the store still beats."""
 
 
 class _VersionTaken(Exception):
@@ -347,7 +348,6 @@ class Registry:
         self._hold_work(key, stage, name)
         note = {"stage": stage, "name": name, "parents": [parent.ref for parent in parents], "started_at": now_utc(),
                 "host": socket.gethostname(), "pid": os.getpid(), **details}  # fmt: skip
-        url = f"{self.root}/.work/{key}/{WORK_NOTE}"
         if shared and not self.is_local:
             held = self._work_note(key, store_only=True)
             if held and self.alive_elsewhere(held):
@@ -360,8 +360,12 @@ class Registry:
                 )  # fmt: skip
         (work / WORK_NOTE).write_text(json.dumps(note))
         if shared and not self.is_local:
-            self._keep_alive(url, note)
+            self._keep_alive(self._store_note_url(key), note)
         return work
+
+    def _store_note_url(self, key: str) -> str:
+        """Where a remote registry's store keeps a shared run's note (`note_work(shared=True)`)."""
+        return f"{self.root}/.work/{key}/{WORK_NOTE}"
 
     def alive_elsewhere(self, note: dict[str, Any]) -> bool:
         """Whether a store note is another machine's run that beat within WORK_STALE_S (this machine's runs: the
@@ -396,17 +400,13 @@ class Registry:
         """Take the run's lock (`_work_lock`), or say which process runs it: two processes on the
         same inputs would write one work dir (two img2dataset into one output folder, two Ray Train runs into one
         checkpoint folder). A process that holds it already (a retry in the same worker) keeps it."""
-        import fcntl
-
         path = self._work_lock(key)
         held = _HELD_WORK.get(str(path))
         if held is not None and not held.closed:
             return
         while True:
             handle = open(path, "a+")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _locked(handle):
                 handle.close()
                 note = self._work_note(key) or {}
                 who = f"pid {note.get('pid', '?')} on {note.get('host', '?')}, started {note.get('started_at', '?')}"
@@ -434,21 +434,15 @@ class Registry:
 
     def running_elsewhere(self, key: str) -> bool:
         """Whether another process on this machine runs the stage run `key` now (holds its lock)."""
-        import fcntl
-
         path = self._work_lock(key)
         if str(path) in _HELD_WORK or not path.is_file():
             return False
         with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-        return False
+            return not _locked(handle)  # closing the file lets go of a lock it got
 
     def _release_work(self, key: str) -> None:
         if not self.is_local:
-            _stop_beat(f"{self.root}/.work/{key}/{WORK_NOTE}")
+            _stop_beat(self._store_note_url(key))
         path = str(self._work_lock(key))
         handle = _HELD_WORK.pop(path, None)
         if handle is not None:
@@ -507,8 +501,8 @@ class Registry:
         try:
             if local.is_file() and not store_only:
                 return json.loads(local.read_text())
-            if not self.is_local and self.fs.isfile(f"{self.root}/.work/{key}/{WORK_NOTE}"):
-                return json.loads(self.fs.cat_file(f"{self.root}/.work/{key}/{WORK_NOTE}"))
+            if not self.is_local and self.fs.isfile(self._store_note_url(key)):
+                return json.loads(self.fs.cat_file(self._store_note_url(key)))
         except (OSError, ValueError):  # a note half written by a killed run: the area is still listed
             return None
         return None
@@ -1034,6 +1028,17 @@ class Registry:
             return Manifest.from_json(text)
         except (ValueError, TypeError, KeyError) as error:
             raise RegistryError(f"corrupt manifest {path}: {error}") from error
+
+
+def _locked(handle: IO[Any]) -> bool:
+    """Take an exclusive lock of an open file without waiting; False when another process holds one."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _stop_beat(url: str) -> None:
