@@ -15,10 +15,13 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 ENVIRONMENT = {
@@ -192,6 +195,37 @@ def map_in_processes(function: Callable[..., Any], jobs: Iterable[tuple[Any, ...
             raise WorkerProcessDied(f"a worker process running {function.__module__}.{function.__qualname__} "
                                     f"{exit_description(code)}{oom_hint(code, f'{MAX_PROCESSES_ENV}=N runs fewer')}; "
                                     "nothing was published: run the command again") from error
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new local folder `<prefix><pid>-<random>` for this process's scratch files, after removing the folders
+    of processes that are gone.
+
+    A worker killed with SIGKILL (Ray restarting it, a test, the OOM killer) runs no `finally`; at base scale a
+    checkpoint left in /tmp is ~2.7 GB a kill. The pid in the name lets the next process with the same prefix on
+    this node remove it."""
+    remove_orphaned_temp_dirs(prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def remove_orphaned_temp_dirs(prefix: str, directory: str | None = None) -> int:
+    """Remove the `<prefix><pid>-*` folders whose process no longer runs; returns how many were removed.
+
+    Only folders named with a pid are touched, and a live process with that pid (even an unrelated one, or
+    another user's) keeps its folder."""
+    removed = 0
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        except PermissionError:  # another user's live process
+            continue
+    return removed
 
 
 def disk_full(error: BaseException) -> OSError | None:

@@ -19,6 +19,11 @@ os.environ.pop("BLIP_REGISTRY", None)
 # Checkpoint downloads, conversions and remembered digests go to a scratch cache, never the user's torch hub dir.
 os.environ["BLIP_CHECKPOINT_CACHE"] = tempfile.mkdtemp(prefix="blip-test-checkpoints-")
 atexit.register(shutil.rmtree, os.environ["BLIP_CHECKPOINT_CACHE"], ignore_errors=True)
+# A remote registry's work on this machine ($BLIP_WORK_DIR, default <tmp>/blip-work, and its -locks beside) goes
+# to a scratch folder too: tests on memory:// registries would otherwise leave their work in the real one.
+_machine_work = Path(tempfile.mkdtemp(prefix="blip-test-machine-"))
+os.environ["BLIP_WORK_DIR"] = str(_machine_work / "blip-work")
+atexit.register(shutil.rmtree, _machine_work, ignore_errors=True)
 
 from pipelines.runtime import apply_environment  # noqa: E402
 

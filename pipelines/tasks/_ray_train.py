@@ -21,12 +21,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from pipelines.runtime import process_temp_dir
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.jsonl"
@@ -383,7 +384,7 @@ def train_worker(config: dict[str, Any]) -> None:
             return
         import torch
 
-        directory = Path(tempfile.mkdtemp(prefix="blip-ckpt-"))
+        directory = process_temp_dir(CHECKPOINT_PREFIX)
         try:
             torch.save(state, directory / STATE_FILE)
             run.save(directory)
@@ -438,27 +439,9 @@ def _save_final(directory: Path, loop: Any, task: Any, state: dict[str, Any], ru
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
+# Rank 0's local folders, named with its pid so that a later run on the node removes those of a killed worker.
 TB_PREFIX = "blip-tb-"
-
-
-def remove_orphaned_event_dirs(directory: str | None = None) -> int:
-    """Remove the local TensorBoard folders of training workers that no longer run (killed before `close`).
-
-    A folder is `blip-tb-<pid>-<random>`; it is removed only when no process has that pid (a live process with
-    the same pid, even an unrelated one, keeps it). Returns how many were removed."""
-    removed = 0
-    for path in Path(directory or tempfile.gettempdir()).glob(f"{TB_PREFIX}*-*"):
-        pid_text = path.name[len(TB_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or not path.is_dir():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
-        except PermissionError:  # another user's live process
-            continue
-    return removed
+CHECKPOINT_PREFIX = "blip-ckpt-"
 
 
 class _RankZeroFiles:
@@ -470,11 +453,9 @@ class _RankZeroFiles:
         self.last: dict[str, float] = {}
         self.started = time.time()
         self.elapsed_before = 0.0
-        if rank == 0:
-            remove_orphaned_event_dirs()
         # Events are written locally (TensorBoard appends to open files, which object stores cannot) and copied
-        # into each checkpoint. The pid in the name lets a later run remove the folder of a killed worker.
-        self.tb_dir = Path(tempfile.mkdtemp(prefix=f"{TB_PREFIX}{os.getpid()}-")) if rank == 0 else None
+        # into each checkpoint.
+        self.tb_dir = process_temp_dir(TB_PREFIX) if rank == 0 else None
         self.writer = None
         self.progress_failed = False
 

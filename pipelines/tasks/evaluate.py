@@ -35,12 +35,12 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pipelines.config import check_range, config_hash, to_dict
+from pipelines.runtime import process_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def load_images(urls: list[str], image_size: int) -> Any:
     return torch.stack(tensors)
 
 
+EVAL_MODEL_PREFIX = "blip-eval-model-"  # where a worker materialises model bytes shipped to it
 MODEL_FILES = ("config.json", "model.safetensors")  # a save_pretrained directory (blip_models.checkpoints)
 
 
@@ -190,10 +191,13 @@ class ModelWorker:
         import torch
 
         if isinstance(source, dict):  # bytes shipped through the object store: materialise, load, delete
-            with tempfile.TemporaryDirectory(prefix="blip-eval-model-") as directory:
+            directory = process_temp_dir(EVAL_MODEL_PREFIX)  # pid-named: an actor killed meanwhile leaves it
+            try:
                 for name, data in source.items():
-                    (Path(directory) / name).write_bytes(data)
-                model = load_task_model(directory, kind)
+                    (directory / name).write_bytes(data)
+                model = load_task_model(str(directory), kind)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
         else:
             model = load_task_model(source, kind)
         has_gpu = torch.cuda.is_available()

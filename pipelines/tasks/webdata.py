@@ -13,6 +13,7 @@ truncated or corrupt shard ends that shard's stream and is counted, never a cras
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -150,19 +151,31 @@ def atomic_output(path: str | Path, fs: Any = None) -> Iterator[IO[bytes]]:
         try:
             with fs.open(str(path), "wb") as handle:
                 yield handle
-        except BaseException:
+        except BaseException as error:
             if fs.exists(str(path)):
                 fs.rm(str(path))
-            raise
+            _raise_naming(error, path)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the name appears: a published version survives a power cut
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the name appears: a published version survives a power cut
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)  # a partial file: on a full disk, the space the rerun needs
+        _raise_naming(error, path)
+
+
+def _raise_naming(error: BaseException, path: str | Path) -> None:
+    """Raise `error`; a full disk's error that names no file (a write to an open handle) names `path`: the
+    user's line says which disk to free."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and not error.filename:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    raise error
 
 
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]], fs: Any = None,

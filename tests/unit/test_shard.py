@@ -654,27 +654,34 @@ def test_blip_shard_stopped_with_ctrl_c_says_the_same_command_goes_on(raw_versio
 
 def test_blip_shard_on_a_full_disk_says_so_and_goes_on_once_there_is_space(raw_version, monkeypatch, capsys,
                                                                              caplog):  # fmt: skip
-    """A full disk (the kernel's ENOSPC, from /dev/full) ends the command with one line saying what to do, not a
-    traceback; the rerun goes on from the raw shards the first run checked."""
+    """A full disk under an output shard (its temp file a link to /dev/full: the kernel's ENOSPC at the real
+    write) ends the command with one line naming the shard, not a traceback, and leaves no partial file; the
+    rerun goes on from the raw shards the first run checked."""
     from pipelines import cli
     from pipelines.tasks import shard
+    from pipelines.tasks.webdata import shard_name
 
     registry, raw, *_ = raw_version
-    real_plan = shard.plan_output_shards
+    real_staged_sizes = shard._staged_sizes
+    full_shard: list[Path] = []
 
-    def disk_full(*args, **kwargs):
-        with open("/dev/full", "wb", buffering=0) as full:
-            full.write(b"an output shard")
+    def staged_sizes_on_a_full_disk(out: str) -> dict[str, int]:
+        target = Path(out) / shard_name("train", 0)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.with_name(target.name + ".tmp").symlink_to("/dev/full")
+        full_shard.append(target)
+        return real_staged_sizes(out)
 
-    monkeypatch.setattr(shard, "plan_output_shards", disk_full)
+    monkeypatch.setattr(shard, "_staged_sizes", staged_sizes_on_a_full_disk)
     command = ["shard", raw.ref, "--name", "full", "--registry", registry.url]
     assert cli.main(command) == 2
     err = capsys.readouterr().err
-    assert err.endswith("blip shard: error: no space left on the device: free space (`blip data work` lists what "
-                        "runs left; `--remove-leftovers` frees what no rerun needs), then the same command goes on "
-                        "from where this run stopped\n"), err  # fmt: skip
+    assert err.endswith(f"blip shard: error: no space left on the device ({full_shard[0]}): free space (`blip data "
+                        "work` lists what runs left; `--remove-leftovers` frees what no rerun needs), then the same "
+                        "command goes on from where this run stopped\n"), err  # fmt: skip
     assert "Traceback" not in err
-    monkeypatch.setattr(shard, "plan_output_shards", real_plan)
+    assert not full_shard[0].exists() and not full_shard[0].with_name(full_shard[0].name + ".tmp").is_symlink()
+    monkeypatch.setattr(shard, "_staged_sizes", real_staged_sizes)
     with caplog.at_level("INFO", logger="pipelines.tasks.shard"):
         assert cli.main(command) == 0
     assert "going on from a stopped run: its 3 raw shards are checked" in caplog.text

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from pipelines.runtime import process_temp_dir, remove_orphaned_temp_dirs
 from pipelines.tasks._ray_train import (
     UserError,
     _RankZeroFiles,
@@ -20,7 +21,6 @@ from pipelines.tasks._ray_train import (
     TrainingInterrupted,
     last_checkpoint_step,
     read_progress,
-    remove_orphaned_event_dirs,
     watch_progress,
 )
 
@@ -238,24 +238,32 @@ def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) ->
     assert from_pretrained(tmp_path / "model").visual_encoder.grad_ckpt_from == 2  # no block checkpointed
 
 
-def test_event_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path):
-    """A worker killed before `close` leaves its local TensorBoard folder; the next run's rank 0 removes it."""
+def test_scratch_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path, monkeypatch):
+    """A worker killed by SIGKILL leaves its local TensorBoard events or half-written checkpoint; the next
+    process taking a folder of the same kind on the node removes it, and nothing else."""
     import os
     import subprocess
     import sys
+    import tempfile
+
+    from pipelines.tasks._ray_train import CHECKPOINT_PREFIX, TB_PREFIX
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)  # that process has exited: nothing runs under its pid (unless reused)
-    orphan = tmp_path / f"blip-tb-{dead_pid}-abc123"
-    live = tmp_path / f"blip-tb-{os.getpid()}-def456"
-    unrelated = tmp_path / "blip-tb-notapid"
-    for folder in (orphan, live, unrelated):
+    orphan = tmp_path / f"{CHECKPOINT_PREFIX}{dead_pid}-abc123"
+    other_kind = tmp_path / f"{TB_PREFIX}{dead_pid}-abc123"  # swept by the next TensorBoard folder, not this one
+    live = tmp_path / f"{CHECKPOINT_PREFIX}{os.getpid()}-def456"
+    unrelated = tmp_path / f"{CHECKPOINT_PREFIX}notapid"
+    for folder in (orphan, other_kind, live, unrelated):
         folder.mkdir()
-        (folder / "events.out.tfevents.1").write_bytes(b"x")
+        (folder / "train_state.pt").write_bytes(b"x")
     try:
         os.kill(dead_pid, 0)
         pytest.skip(f"pid {dead_pid} was reused meanwhile")
     except ProcessLookupError:
         pass
-    assert remove_orphaned_event_dirs(str(tmp_path)) == 1
-    assert not orphan.exists() and live.exists() and unrelated.exists()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    created = process_temp_dir(CHECKPOINT_PREFIX)
+    assert created.parent == tmp_path and created.name.startswith(f"{CHECKPOINT_PREFIX}{os.getpid()}-")
+    assert not orphan.exists() and other_kind.exists() and live.exists() and unrelated.exists()
+    assert remove_orphaned_temp_dirs(TB_PREFIX, str(tmp_path)) == 1 and not other_kind.exists()
