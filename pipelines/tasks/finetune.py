@@ -239,6 +239,7 @@ def run_finetune(
                     config_hash(cfg, RUN_ONLY_KEYS))  # fmt: skip
     cached = registry.find_cached("model", name, key)
     if cached is not None:
+        registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
         return cached
 
     model_config = task_model_config(init_config_of(init_source), cfg)
@@ -266,7 +267,7 @@ def run_finetune(
     }  # fmt: skip
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     run_name = f"{stage}-{key[:12]}"
-    work = registry.note_work(key, stage=stage, name=name, parents=parents,
+    work = registry.note_work(key, stage=stage, name=name, parents=parents, shared=True,  # as pretrain's
                               ray_run={"name": run_name, "storage_path": storage})  # fmt: skip
     started = now_utc()
     # A run of this key interrupted by a crash continues from its last checkpoint; otherwise a new run starts.
@@ -292,9 +293,11 @@ def run_finetune(
         "ray_run": {"name": run_name, "storage_path": storage},
     }  # fmt: skip
     dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
-    return registry.publish(
+    manifest = registry.publish(
         kind="model", name=name, staging_dir=staging, files=files, producer=producer, parents=parents,
         metadata=metadata, stats=stats["summary"], drop_reasons=dropped,
         counts={"samples_trained": stats["samples_seen"], "dropped": sum(dropped.values()),
                 "refilled": stats["dropped"].get("refilled", 0), "dataset_samples": plan.num_samples},
     )  # fmt: skip
+    registry.remove_work(key)  # a remote registry's: the uploaded copy here, the note in its store
+    return manifest

@@ -329,6 +329,7 @@ def run_pretrain(
     parents, init_source, init_origin, key = lineage(registry, cfg, datasets)
     cached = registry.find_cached("model", cfg.output_name, key)
     if cached is not None:
+        registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
         return cached
 
     blip_config = cfg.blip_config()
@@ -342,7 +343,9 @@ def run_pretrain(
     # Runs live under one directory keyed by run name, so `--resume --name X` finds X after a config change.
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
     name = run_name or f"{STAGE}-{key[:12]}"
-    work = registry.note_work(key, stage=STAGE, name=cfg.output_name, parents=parents,
+    # shared: with a remote registry its store holds the note, so the same run from another machine (a second
+    # Prefect worker) is refused instead of training into the same Ray Train run directory.
+    work = registry.note_work(key, stage=STAGE, name=cfg.output_name, parents=parents, shared=True,
                               ray_run={"name": name, "storage_path": storage})  # fmt: skip
     config = worker_config(cfg, shards, init_source, pid_dir)
     started = now_utc()
@@ -365,13 +368,15 @@ def run_pretrain(
         "world_size": plan.world_size, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
     }  # fmt: skip
     dropped = {reason: count for reason, count in stats["dropped"].items() if reason != "refilled"}
-    return registry.publish(
+    manifest = registry.publish(
         kind="model", name=cfg.output_name, staging_dir=staging, files=files, producer=producer,
         parents=parents, metadata=metadata, stats=stats["summary"], drop_reasons=dropped,
         counts={"samples_trained": stats["samples_seen"], "dropped": sum(dropped.values()),
                 "refilled": stats["dropped"].get("refilled", 0), "dataset_samples": plan.num_samples,
                 "left_out_per_epoch": plan.dropped_per_epoch},
     )  # fmt: skip
+    registry.remove_work(key)  # a remote registry's: the uploaded copy here, the note in its store
+    return manifest
 
 
 def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = None,

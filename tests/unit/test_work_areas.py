@@ -297,3 +297,63 @@ def test_a_run_noted_in_a_store_by_another_machine_is_refused_while_it_beats(tmp
     stopped = json.loads(registry.fs.cat_file(url))["alive_at"]
     time.sleep(1.2)
     assert json.loads(registry.fs.cat_file(url))["alive_at"] == stopped  # published: no beat
+
+
+def test_a_training_run_shares_its_note_in_the_store_and_is_refused_to_another_machine(tmp_path, monkeypatch):
+    """Pretraining (finetuning the same) notes its run in a remote registry's store as the data stages do: started
+    from another machine while that one's note beats (a second Prefect worker), it is refused before any Ray Train
+    worker starts, instead of training into the same run directory; its own run beats there, and its publish
+    leaves nothing behind (the note in the store, the uploaded copy here). Ray Train itself is replaced by a run
+    that writes a final checkpoint: memory:// is not shared with worker processes."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import ray.train
+
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_pretrain import BlipPretrain
+    from datasets_manifests import registry as registry_module
+    from datasets_manifests.registry import WorkInProgressError
+    from pipelines.config import load_config
+    from pipelines.tasks import _ray_train
+    from pipelines.tasks.pretrain import PretrainConfig, lineage, run_pretrain
+
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
+    registry = Registry(memory_url())
+    staging = tmp_path / "shards"
+    (staging / "shards").mkdir(parents=True)
+    (staging / "shards/train-000000.tar").write_bytes(b"\0" * 1024)
+    dataset = registry.publish(kind="dataset", name="web", staging_dir=staging, producer=Producer(stage="test"),
+                               files=[{"path": "shards/train-000000.tar", "role": "shard", "split": "train",
+                                       "num_samples": 64}])  # fmt: skip
+    cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[2] / "configs/train/pretrain_tiny.yaml",
+                      ["scaling.num_workers=1"])  # fmt: skip
+    key = lineage(registry, cfg, [dataset])[3]
+    note_url = f"{registry.root}/.work/{key}/{WORK_NOTE}"
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    registry.fs.pipe_file(note_url, json.dumps({"stage": "pretrain", "name": cfg.output_name, "host": "node-7",
+                                                "pid": 41, "started_at": now, "alive_at": now}).encode())
+    with pytest.raises(WorkInProgressError, match=rf"pretrain → {cfg.output_name} .* running already on node-7"):
+        run_pretrain(cfg, dataset.ref, registry=registry)
+    assert not any((tmp_path / "work" / "train-runs").iterdir())  # refused before a run directory was planned
+
+    registry.fs.rm_file(note_url)  # node-7 stopped and its note was cleared
+    seen = []
+
+    def final_checkpoint_only(worker_config, *, storage_path, run_name, **kwargs):
+        seen.append(json.loads(registry.fs.cat_file(note_url)))  # the run's own note, shared while it trains
+        folder = tmp_path / "checkpoint"
+        save_pretrained(BlipPretrain(preset("tiny")), folder / "model")
+        metrics = {"final_step": 1, "planned_steps": 1, "restarts": 0, "restores": 0, "samples_seen": 64,
+                   "dropped": {}, "init": {"from": "scratch"}, "summary": {}}  # fmt: skip
+        (folder / _ray_train.METRICS_FILE).write_text(json.dumps(metrics))
+        (folder / _ray_train.HISTORY_FILE).write_text("")
+        return _ray_train.Outcome(ray.train.Checkpoint.from_directory(str(folder)), metrics)
+
+    monkeypatch.setattr(_ray_train, "launch", final_checkpoint_only)
+    model = run_pretrain(cfg, dataset.ref, registry=registry)
+    assert seen[0]["host"] != "node-7" and seen[0]["stage"] == "pretrain" and seen[0]["alive_at"]
+    assert model.producer.cache_key == key and not registry.fs.exists(f"{registry.root}/.work/{key}")
+    assert not (tmp_path / "work" / key).exists() and work_entries(registry) == []
+    assert registry_module._HEARTBEATS.get(note_url) is None  # the beat stopped with the publish
