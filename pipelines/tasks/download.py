@@ -185,8 +185,9 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
         _remove_work(registry, cfg, key)  # what a run stopped between its publish and its clean-up left
         return cached
     started = now_utc()
-    work = registry.note_work(key, stage=STAGE, name=name, shared=cfg.output_folder is not None,
-                              outside=_outside_work(cfg, key))  # fmt: skip
+    # shared: a remote registry's store holds the note (with an output folder, the shards too), so the same download
+    # from another machine is refused instead of fetching every image twice into two versions.
+    work = registry.note_work(key, stage=STAGE, name=name, shared=True, outside=_outside_work(cfg, key))
     stage = work / "stage"
     source_table = stage / "source.parquet"
     report = normalise_source_list(source, source_table, cfg.url_col, cfg.caption_col, cfg.verify_hash_col,
@@ -225,8 +226,8 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
         _remove_work(registry, cfg, key)
         return cached
     started = now_utc()
-    work = registry.note_work(key, stage=RETRY_STAGE, name=name, parents=[parent],
-                              shared=cfg.output_folder is not None, outside=_outside_work(cfg, key))  # fmt: skip
+    work = registry.note_work(key, stage=RETRY_STAGE, name=name, parents=[parent], shared=True,
+                              outside=_outside_work(cfg, key))  # fmt: skip
     stage = work / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     source_table = work / "retry_source.parquet"
