@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, NoReturn, TypeVar
 
 from datasets_manifests.filesystems import sha256_file, url_to_fs
 from datasets_manifests.manifest import KINDS, FileEntry, Manifest, Producer
@@ -348,20 +348,44 @@ class Registry:
         self._hold_work(key, stage, name)
         note = {"stage": stage, "name": name, "parents": [parent.ref for parent in parents], "started_at": now_utc(),
                 "host": socket.gethostname(), "pid": os.getpid(), **details}  # fmt: skip
-        if shared and not self.is_local:
-            held = self._work_note(key, store_only=True)
-            if held and self.alive_elsewhere(held):
-                self._release_work(key)
-                raise WorkInProgressError(
-                    f"{stage} → {name} on these inputs with this config is running already on {held.get('host')} "
-                    f"(pid {held.get('pid', '?')}, started {held.get('started_at', '?')}, alive at "
-                    f"{held.get('alive_at')}): wait for it to publish, or stop it (its note is stale "
-                    f"{WORK_STALE_S:.0f} s after its last beat; a rerun then goes on from its work)"
-                )  # fmt: skip
+        shared = shared and not self.is_local
+        held = self._work_note(key, store_only=True) if shared else None
+        if held and self.alive_elsewhere(held):
+            self._refuse_running_elsewhere(key, held, stage, name)
         (work / WORK_NOTE).write_text(json.dumps(note))
-        if shared and not self.is_local:
-            self._keep_alive(self._store_note_url(key), note)
+        if shared:
+            url = self._store_note_url(key)
+            note["alive_at"] = now_utc()
+            if held is None and not self._create_only_if_absent(url, json.dumps(note).encode()):
+                # another machine noted the same run since this one looked (both started at once)
+                held = self._work_note(key, store_only=True)
+                if held and self.alive_elsewhere(held):
+                    self._refuse_running_elsewhere(key, held, stage, name)
+            self._keep_alive(url, note)
         return work
+
+    def _refuse_running_elsewhere(self, key: str, held: dict[str, Any], stage: str, name: str) -> NoReturn:
+        self._release_work(key)
+        raise WorkInProgressError(
+            f"{stage} → {name} on these inputs with this config is running already on {held.get('host')} "
+            f"(pid {held.get('pid', '?')}, started {held.get('started_at', '?')}, alive at "
+            f"{held.get('alive_at')}): wait for it to publish, or stop it (its note is stale "
+            f"{WORK_STALE_S:.0f} s after its last beat; a rerun then goes on from its work)"
+        )  # fmt: skip
+
+    def _create_only_if_absent(self, url: str, data: bytes) -> bool:
+        """Write `url` only if no file is there (fsspec's exclusive create: S3's `If-None-Match`); False when
+        one is. A store without an exclusive create is written anyway, with a warning (True)."""
+        try:
+            with self.fs.open(url, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError) as error:
+            log.warning("%s cannot create a file only if absent (%s): two runs starting at the same time could "
+                        "both write %s", self.root, error, url.rsplit("/", 1)[-1])  # fmt: skip
+            self.fs.pipe_file(url, data)
+        return True
 
     def _store_note_url(self, key: str) -> str:
         """Where a remote registry's store keeps a shared run's note (`note_work(shared=True)`)."""
@@ -996,19 +1020,12 @@ class Registry:
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now_utc(),
                  "cache_key": manifest.producer.cache_key, "stage": manifest.producer.stage}  # fmt: skip
         self.fs.makedirs(target, exist_ok=True)
-        try:
-            with self.fs.open(path, "xb") as handle:  # fsspec's exclusive create
-                handle.write(json.dumps(claim).encode())
-        except FileExistsError:
+        if not self._create_only_if_absent(path, json.dumps(claim).encode()):
             held = self.claim_of(target) or {}
             if not manifest.producer.cache_key or held.get("cache_key") != manifest.producer.cache_key:
                 raise _VersionTaken(f"is being published by another run (since {held.get('started_at', '?')} on "
-                                    f"{held.get('host', '?')}) or was left by one stopped before its commit") from None
+                                    f"{held.get('host', '?')}) or was left by one stopped before its commit")
             self.fs.pipe_file(path, json.dumps(claim).encode())  # this run's own stopped publish: taken over
-        except (ValueError, NotImplementedError) as error:  # a store without an exclusive create
-            log.warning("%s cannot create a file only if absent (%s): a publish of the same name at the same time "
-                        "could write into this version's folder", self.root, error)  # fmt: skip
-            self.fs.pipe_file(path, json.dumps(claim).encode())
         if self.fs.exists(f"{target}/{MANIFEST_NAME}"):  # committed (and its claim released) since our check
             self.fs.rm_file(path)
             raise _VersionTaken("was published by another run meanwhile")

@@ -357,3 +357,32 @@ def test_a_training_run_shares_its_note_in_the_store_and_is_refused_to_another_m
     assert model.producer.cache_key == key and not registry.fs.exists(f"{registry.root}/.work/{key}")
     assert not (tmp_path / "work" / key).exists() and work_entries(registry) == []
     assert registry_module._HEARTBEATS.get(note_url) is None  # the beat stopped with the publish
+
+
+def test_two_machines_starting_the_same_run_at_once_do_not_both_go_on(tmp_path, monkeypatch):
+    """Both look for the store note before either has written it (a deployment triggered twice): the note is
+    created only if absent, so the one that writes second finds the other's and is refused."""
+    from datetime import datetime, timezone
+
+    from datasets_manifests.registry import WorkInProgressError
+
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
+    registry = Registry(memory_url())
+    url = f"{registry.root}/.work/k1/{WORK_NOTE}"
+    real_work_note = Registry._work_note
+
+    def looked_before_the_other_wrote(self, key, store_only=False):
+        if store_only and not looked:  # this machine's look: no note yet; node-7 writes its own right after
+            looked.append(key)
+            now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.fs.pipe_file(url, json.dumps({"stage": "shard", "name": "web", "host": "node-7", "pid": 41,
+                                               "started_at": now, "alive_at": now}).encode())  # fmt: skip
+            return None
+        return real_work_note(self, key, store_only)
+
+    looked: list[str] = []
+    monkeypatch.setattr(Registry, "_work_note", looked_before_the_other_wrote)
+    with pytest.raises(WorkInProgressError, match=r"running already on node-7 \(pid 41"):
+        registry.note_work("k1", stage="shard", name="web", shared=True)
+    assert looked == ["k1"] and json.loads(registry.fs.cat_file(url))["host"] == "node-7"  # its note stands
+    assert not registry.running_elsewhere("k1")  # this process let go of its lock
