@@ -342,8 +342,9 @@ class Registry:
         keeps its checkpoints in) for `blip data work`; with `shared`, a remote registry's
         `shared_work_url` gets the note too (what fills a bucket's `.work/` is named there), its `alive_at`
         rewritten every WORK_ALIVE_S until the publish: a driver on another machine is refused the same run while
-        it beats (`alive_elsewhere`); a first note is created only if absent, so of two started at once one goes on. The publish removes the local note; `remove_work` removes both. Raises
-        `WorkInProgressError` when another process runs the same."""
+        it beats (`alive_elsewhere`); a first note is created only if absent, so of two started at once one goes
+        on. The publish removes the local note; `remove_work` removes both. Raises `WorkInProgressError` when
+        another process runs the same."""
         work = self.work_dir(key)
         self._hold_work(key, stage, name)
         note = {"stage": stage, "name": name, "parents": [parent.ref for parent in parents], "started_at": now_utc(),
