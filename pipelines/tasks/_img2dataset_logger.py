@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from multiprocessing.process import BaseProcess
 
-from img2dataset.logger import LoggerProcess
-
 from pipelines.runtime import ctrl_c_ignored
+from pipelines.tasks._img2dataset import import_img2dataset
+
+import_img2dataset()  # without wandb: before img2dataset's modules below
+from img2dataset.logger import LoggerProcess  # noqa: E402
 
 
 class LoggerProcessIgnoringCtrlC(LoggerProcess):

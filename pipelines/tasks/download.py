@@ -310,7 +310,9 @@ def _run_img2dataset(cfg: DownloadConfig, source_table: Path, output_folder: str
     multiprocessing workers' TMPDIR; what this puts there is removed afterwards."""
     # albumentations (imported by img2dataset) checks PyPI for updates at import: no network on workers.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import img2dataset
+    from pipelines.tasks._img2dataset import import_img2dataset
+
+    img2dataset = import_img2dataset()
 
     if cfg.distributor == "ray":
         from pipelines.runtime import ensure_ray
@@ -400,9 +402,9 @@ def _call_img2dataset(img2dataset: Any, cfg: DownloadConfig, source_parts: Path,
 
 @contextmanager
 def _workers_temp_dir(directory: Path | None) -> Iterator[None]:
-    """TMPDIR of the processes started inside, removed afterwards. img2dataset imports wandb, which makes two
-    temporary folders at import and removes them at a normal exit; img2dataset's pool terminates its workers,
-    so without this every worker leaves two empty folders in /tmp, run after run."""
+    """TMPDIR of the processes started inside, removed afterwards: what a worker stopped before its normal exit
+    leaves in its temporary folder goes with it (wandb's two import-time folders did, before img2dataset was
+    imported without it: `_img2dataset`)."""
     if directory is None:
         yield
         return

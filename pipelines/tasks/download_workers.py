@@ -42,6 +42,11 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Iterator
 
 from pipelines.runtime import WorkerProcessDied, ctrl_c_ignored, disk_full, exit_description, oom_hint
+from pipelines.tasks._img2dataset import import_img2dataset
+
+# A worker process (spawned, or a Ray worker) imports this module for its function before it unpickles the
+# img2dataset Downloader it is given: img2dataset is imported here first, without wandb.
+import_img2dataset()
 
 log = logging.getLogger(__name__)
 TASKS_PER_CHILD = 5  # as img2dataset's Pool(maxtasksperchild=5)

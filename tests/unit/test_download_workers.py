@@ -254,3 +254,36 @@ def test_img2dataset_s_logger_is_stopped_when_the_download_raises(tmp_path, monk
                                  caption_col="caption", output_folder=str(tmp_path / "out"), processes_count=1,
                                  thread_count=1, enable_wandb=False)  # fmt: skip
     assert not [child for child in multiprocessing.active_children() if isinstance(child, LoggerProcess)]
+
+
+def test_img2dataset_is_imported_without_wandb_and_wandb_still_imports_after(tmp_path):
+    """img2dataset imports wandb, which leaves two folders in the temporary directory of every killed process that
+    imported it (a Ray worker when its cluster stops): the download's modules import img2dataset with a stand-in,
+    in the driver and in a worker unpickling its function and Downloader (the order a spawned process or a Ray
+    worker loads them), and a later `import wandb` still finds the real one."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from img2dataset.downloader import Downloader
+
+    from pipelines.tasks import download_workers
+
+    root = Path(__file__).resolve().parents[2]
+    driver = ("import sys, os\n"
+              "import pipelines.tasks.download_workers, pipelines.tasks._img2dataset_logger\n"
+              "from img2dataset.downloader import Downloader\n"
+              "print('wandb' in sys.modules, type(sys.modules['img2dataset.logger'].wandb).__name__)\n"
+              "print(os.listdir(os.environ['TMPDIR']))\n"
+              "import wandb; print(hasattr(wandb, 'init'))\n")  # fmt: skip
+    payload = pickle.dumps((download_workers._serve, Downloader)).hex()
+    worker = f"import pickle, sys; pickle.loads(bytes.fromhex('{payload}')); print('wandb' in sys.modules)"
+    outputs = []
+    for code in (driver, worker):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=root,
+                                env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs += result.stdout.split()
+    assert outputs == ["False", "module", "[]", "True", "False"], outputs
