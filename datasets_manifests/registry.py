@@ -357,12 +357,12 @@ class Registry:
         if shared:
             url = self._store_note_url(key)
             note["alive_at"] = now_utc()
-            if held is None and not self._create_only_if_absent(url, json.dumps(note).encode()):
-                # another machine noted the same run since this one looked (both started at once)
+            created = held is None and self._create_only_if_absent(url, json.dumps(note).encode())
+            if held is None and not created:  # another machine noted the same run since this one looked
                 held = self._work_note(key, store_only=True)
                 if held and self.alive_elsewhere(held):
                     self._refuse_running_elsewhere(key, held, stage, name)
-            self._keep_alive(url, note)
+            self._keep_alive(url, note, written=created)
         return work
 
     def _refuse_running_elsewhere(self, key: str, held: dict[str, Any], stage: str, name: str) -> NoReturn:
@@ -403,9 +403,9 @@ class Registry:
             return False
         return (datetime.now(timezone.utc) - beat).total_seconds() < WORK_STALE_S
 
-    def _keep_alive(self, url: str, note: dict[str, Any]) -> None:
-        """Write the store note now and again every WORK_ALIVE_S with its `alive_at`, until the run lets go of
-        its work (`_release_work`) or its process ends."""
+    def _keep_alive(self, url: str, note: dict[str, Any], written: bool) -> None:
+        """Write the store note now (unless it was just `written`) and again every WORK_ALIVE_S with its
+        `alive_at`, until the run lets go of its work (`_release_work`) or its process ends."""
         _stop_beat(url)  # this process noted the run again (a retry): one beat, with the new note
         stop = threading.Event()
 
@@ -415,8 +415,9 @@ class Registry:
                 with contextlib.suppress(OSError):  # a store hiccup: the next beat tries again
                     self.fs.pipe_file(url, json.dumps(note).encode())
 
-        note["alive_at"] = now_utc()
-        self.fs.pipe_file(url, json.dumps(note).encode())  # the first one before the run starts: errors surface
+        if not written:
+            note["alive_at"] = now_utc()
+            self.fs.pipe_file(url, json.dumps(note).encode())  # the first one before the run starts: errors surface
         thread = threading.Thread(target=beat, name="blip-work-alive", daemon=True)
         _HEARTBEATS[url] = (stop, thread)
         thread.start()
