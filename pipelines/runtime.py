@@ -232,6 +232,9 @@ def remove_orphaned_temp_dirs(prefix: str, directory: str | None = None) -> int:
     return removed
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, or over the disk quota
+
+
 def disk_full(error: BaseException) -> OSError | None:
     """The disk-full (or over-quota) OSError an error is, or was raised from: a worker process's re-raised, a Ray
     task's (`RayTaskError.cause`), a Ray Train worker's (`WorkerGroupError.worker_failures`)."""
@@ -242,7 +245,7 @@ def disk_full(error: BaseException) -> OSError | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
             return current
         linked = [current.__cause__, current.__context__, getattr(current, "cause", None),
                   *(getattr(current, "worker_failures", None) or {}).values()]  # fmt: skip

@@ -13,7 +13,6 @@ truncated or corrupt shard ends that shard's stream and is counted, never a cras
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -26,6 +25,7 @@ from typing import IO, Any, Container, Iterable, Iterator
 
 from datasets_manifests.manifest import Manifest
 from datasets_manifests.registry import Registry
+from pipelines.runtime import DISK_FULL_ERRNOS
 from pipelines.tasks.tar_reader import iter_tar_members
 
 SAMPLE_SCHEMA = {
@@ -173,7 +173,7 @@ def atomic_output(path: str | Path, fs: Any = None) -> Iterator[IO[bytes]]:
 def _raise_naming(error: BaseException, path: str | Path) -> None:
     """Raise `error`; a full disk's error that names no file (a write to an open handle) names `path`: the
     user's line says which disk to free."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and not error.filename:
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS and not error.filename:
         raise OSError(error.errno, error.strerror, str(path)) from error
     raise error
 
