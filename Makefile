@@ -9,7 +9,10 @@ PY := $(VENV)/bin/python
 # The stamp depends on pyproject.toml and constraints.txt: editing the dependencies reinstalls, a second `make` does
 # not. constraints.txt pins every package (`make lock` re-resolves them), so fresh clones install the same versions.
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= --durations=15  # the slowest tests, to keep `make test` within its ~20 minutes
+# Two pytest-xdist workers: on 2 cores one computes while the other waits on a subprocess, a server or a Ray start
+# (tests/conftest.py says which tests go together). TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --durations=15  # the slowest tests, to keep `make test` within its ~20 minutes
 # Commands run with the venv first on PATH, like an activated venv (Ray jobs and Prefect workers spawn `python`).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 

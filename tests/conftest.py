@@ -94,3 +94,38 @@ def stages_without_prefect(monkeypatch):
 
     monkeypatch.setattr(stages, "materialize", lambda *args, **kwargs: Task)
     return logged, artifacts, metadata
+
+
+# --- `make test` runs on two pytest-xdist workers (`-n 2`): this is how the tests are shared between them ---------
+# A test module is one unit of work (its tests share module fixtures and some read what an earlier one published);
+# the flow registry's tests, in two modules, are one unit (the bootstrap flow runs once per worker that needs it).
+# The longest unit goes first so that it is not the last one running: on 2 cores, while one worker waits on a
+# subprocess or a Ray start, the other computes.
+PIPELINE_REGISTRY_UNIT = "pipeline_registry"
+
+
+def _work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its module, or the flow registry's unit."""
+    module = nodeid.split("::", 1)[0]
+    if module.endswith("test_bootstrap_flow.py") or (module.endswith("test_browser_chromium.py")
+                                                     and nodeid.endswith("[pipeline]")):
+        return PIPELINE_REGISTRY_UNIT
+    return module
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the flow registry's unit, then integration modules, then unit tests
+        items.sort(key=lambda item: (_work_unit(item.nodeid) != PIPELINE_REGISTRY_UNIT,
+                                     "/integration/" not in item.nodeid))  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order above (by default: the units with most tests first)
+    return ModuleScheduling(config, log)
