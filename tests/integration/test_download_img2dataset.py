@@ -45,7 +45,9 @@ def _config() -> DownloadConfig:
     return load_config(DownloadConfig, ROOT / "configs/download/demo.yaml", OVERRIDES)
 
 
-def _check_against_truth(registry, manifest, truth, base):
+def _check_against_truth(registry, manifest, truth, base, redone: bool = False):
+    """Every sample's outcome is the corpus's truth. `redone`: the download was stopped mid-shard and that shard
+    fetched again, so a transient 503 may have been the URL's first request, made before the stop: then it is ok."""
     index = pq.read_table(registry.local_path(manifest, "index.parquet")).to_pylist()
     assert len(index) == len(truth) and len({row["key"] for row in index}) == len(index)
     outcome = {}
@@ -55,6 +57,8 @@ def _check_against_truth(registry, manifest, truth, base):
     for row in truth:
         got = outcome[(f"{base}/{row['path']}", row["caption"])]
         want = row["expected"] if row["expected"] in DOWNLOAD_LEVEL else "ok"
+        if redone and row["bad_kind"] == "transient_503" and got == "ok":
+            want = "ok"
         assert got == want, (row["row"], row["bad_kind"], got)
         expected[want] += 1
     assert manifest.counts["ok"] == expected.pop("ok")
@@ -244,7 +248,7 @@ def test_resume_after_kill(corpus, tmp_path, stop):
         raw = run_download(_config(), source, name="raw", registry=registry)
     assert registry.local_path(raw, "raw/00000.tar").stat().st_mtime_ns == first_mtime  # not redone
     assert len(raw.shards()) == 6
-    _check_against_truth(registry, raw, truth, base)
+    _check_against_truth(registry, raw, truth, base, redone=True)
 
 
 def _group_ends(group: int, timeout: float = 30) -> bool:
@@ -295,7 +299,7 @@ def test_download_workers_killed_mid_shard_have_their_shards_done_again(corpus, 
         killer.join(timeout=5)
     assert killed, "the download ended before its workers could be killed"
     assert len(raw.shards()) == 6
-    _check_against_truth(registry, raw, truth, base)
+    _check_against_truth(registry, raw, truth, base, redone=True)
 
 
 def test_ray_distributor_into_an_output_folder_url(corpus, tmp_path, ray_session):
