@@ -73,6 +73,11 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, **init
 
 _RAY_INIT_LOCK = threading.Lock()
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# A private instance without a dashboard: a driver that started it in a thread (the flow's concurrent stages run in
+# Prefect's task threads) waited ~15 s at its exit (measured: 1 s when started on the main thread) for two flushes,
+# its OpenTelemetry metrics (~10 s; no dashboard, nothing reads them) and its task events (~5 s; for the state API
+# of an instance going away).
+PRIVATE_RAY_ENVIRONMENT = {"RAY_enable_metrics_collection": "0", "RAY_task_events_shutdown_flush_timeout_ms": "1000"}
 logger = logging.getLogger(__name__)
 
 
@@ -94,6 +99,9 @@ def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs
         # polling for node drains, that also logs an error line at its start) has nothing to watch.
         runtime_env["env_vars"] = {PREEMPTION_WATCHER_ENV: "0", **(runtime_env.get("env_vars") or {})}
     init_kwargs["runtime_env"] = runtime_env
+    if not init_kwargs["include_dashboard"]:
+        for name, value in PRIVATE_RAY_ENVIRONMENT.items():  # read by this driver and every process Ray starts
+            os.environ.setdefault(name, value)  # a user's setting wins
     ray.init(address="local", num_cpus=num_cpus, **init_kwargs)  # "local": a new instance even beside a running one
 
 

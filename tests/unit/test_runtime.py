@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipelines import runtime
@@ -89,6 +91,9 @@ def test_without_an_address_a_run_starts_its_own_ray_even_beside_one_that_ray_st
             calls.append(kwargs)
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_enable_metrics_collection", "")  # restored after the test, as the next line leaves it
+    monkeypatch.delenv("RAY_enable_metrics_collection")
+    monkeypatch.setenv("RAY_task_events_shutdown_flush_timeout_ms", "3000")  # the user's
     monkeypatch.setattr(runtime, "_cluster_left_by_ray_start", lambda: "127.0.0.1:6390")
     with caplog.at_level("INFO", logger="pipelines.runtime"):
         runtime._init_ray(FakeRay(), None, 2, {})
@@ -96,6 +101,9 @@ def test_without_an_address_a_run_starts_its_own_ray_even_beside_one_that_ray_st
     assert calls[-1]["runtime_env"]["worker_process_setup_hook"] == "pipelines.runtime.quiet_state_api_warnings"
     assert calls[-1]["runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # one node: no drains
     assert "a local Ray cluster (127.0.0.1:6390)" in caplog.text and "RAY_ADDRESS=auto" in caplog.text
+    # No dashboard: no metrics, and a short task-event flush at exit (where the user has not said otherwise)
+    assert os.environ["RAY_enable_metrics_collection"] == "0"
+    assert os.environ["RAY_task_events_shutdown_flush_timeout_ms"] == "3000"
 
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     runtime._init_ray(FakeRay(), None, None, {})
