@@ -98,7 +98,8 @@ def stages_without_prefect(monkeypatch):
 
 # --- `make test` runs on two pytest-xdist workers (`-n 2`): this is how the tests are shared between them ---------
 # A test module is one unit of work (its tests share module fixtures and some read what an earlier one published);
-# the flow registry's tests, in two modules, are one unit (the bootstrap flow runs once per worker that needs it).
+# the flow registry's tests, in two modules, are one unit (a session fixture is built in each worker that asks for
+# it: together, the bootstrap flow's two runs happen once).
 # The longest unit goes first so that it is not the last one running: on 2 cores, while one worker waits on a
 # subprocess or a Ray start, the other computes.
 PIPELINE_REGISTRY_UNIT = "pipeline_registry"
