@@ -94,14 +94,13 @@ def _init_ray(ray: Any, address: str | None, num_cpus: float | None, init_kwargs
     runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     if not init_kwargs["include_dashboard"]:
         runtime_env.setdefault("worker_process_setup_hook", "pipelines.runtime.quiet_state_api_warnings")
+        for name, value in PRIVATE_RAY_ENVIRONMENT.items():  # read by this driver and every process Ray starts
+            os.environ.setdefault(name, value)  # a user's setting wins
     if PREEMPTION_WATCHER_ENV not in os.environ:
         # One node, which no cloud takes back: Ray Train's preemption watcher (an actor process per training run,
         # polling for node drains, that also logs an error line at its start) has nothing to watch.
         runtime_env["env_vars"] = {PREEMPTION_WATCHER_ENV: "0", **(runtime_env.get("env_vars") or {})}
     init_kwargs["runtime_env"] = runtime_env
-    if not init_kwargs["include_dashboard"]:
-        for name, value in PRIVATE_RAY_ENVIRONMENT.items():  # read by this driver and every process Ray starts
-            os.environ.setdefault(name, value)  # a user's setting wins
     ray.init(address="local", num_cpus=num_cpus, **init_kwargs)  # "local": a new instance even beside a running one
 
 
