@@ -31,16 +31,21 @@ process (tests, benchmarks). Idempotent via the cache key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pipelines.config import check_range, config_hash, to_dict
 from pipelines.runtime import process_temp_dir
+
+if TYPE_CHECKING:
+    from pipelines.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +213,52 @@ class ModelWorker:
         self.device = pick_device(device, has_gpu)
         self.autocast = self.device == "cuda" and precision == "bf16"
         self.model = model.to(self.device).eval()
+        # What `fn` of the running call said of its part (`report_part_done`): the part (the call's last argument,
+        # its rows) and the share of it done, one tuple so that `progress()` (the driver asks it from another
+        # thread while `run` runs) never reads one part's share with another part.
+        self.part_done: tuple[Any, float] = (None, 0.0)
+        self.listener: Callable[[float], None] | None = None  # in this process: `ModelWorkers.map`'s bar
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         import torch
 
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.no_grad())
-            if self.autocast:
-                stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-            return _to_cpu(fn(self.model, *args))
+        self.part_done = (args[-1] if args else None), 0.0
+        token = _PART_DONE.set(self._note_part_done)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                if self.autocast:
+                    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+                return _to_cpu(fn(self.model, *args))
+        finally:
+            _PART_DONE.reset(token)
+
+    def _note_part_done(self, fraction: float) -> None:
+        self.part_done = self.part_done[0], fraction
+        if self.listener is not None:
+            self.listener(fraction)
+
+    def progress(self) -> tuple[Any, float]:
+        """(the running call's part, its share done); on a Ray actor, called in its own concurrency group."""
+        return self.part_done
+
+
+# `ModelWorker.run` sets it for the call it runs; `report_part_done` reads it.
+_PART_DONE: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar("part_done",
+                                                                                            default=None)
+
+
+def report_part_done(fraction: float) -> None:
+    """Said by a worker's function as it goes: the share (0–1) of its part done. The driver's bar moves within a
+    long part (the ITM re-ranking is one part a worker: at COCO's size, minutes to an hour each); outside a
+    `ModelWorker` it does nothing."""
+    hook = _PART_DONE.get()
+    if hook is not None:
+        hook(min(1.0, max(0.0, fraction)))
+
+
+# How often `ModelWorkers.map` asks its actors how far their running parts are, while a bar is shown.
+PROGRESS_POLL_S = 2.0
 
 
 class ModelWorkers:
@@ -239,42 +281,63 @@ class ModelWorkers:
         # live: a restarted actor (one the OOM killer took mid-evaluation) is built from them again, and Ray frees
         # an object once its creator drops it — the restart then failed with ReferenceCountingAssertionError.
         self.files = self.ray.put(read_model_files(model_dir))
-        actor = self.ray.remote(ModelWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                                                     max_restarts=2, max_task_retries=2)  # fmt: skip
+        # `progress` runs in its own concurrency group, beside a running `run` (the default group: one at a time).
+        actor = self.ray.remote(concurrency_groups={"progress": 1})(ModelWorker).options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=2, max_task_retries=2)
         self.actors = [actor.remote(self.files, kind, cfg.device, cfg.precision, True)
                        for _ in range(cfg.num_workers)]  # fmt: skip
 
     def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any],
-            progress: tuple[str, str] | None = None) -> list[Any]:  # fmt: skip
-        """The results in the order of `parts`; `progress` (description, unit) shows the rows done as the parts
-        finish (a bar on a terminal, a log line a minute elsewhere: `pipelines.progress`)."""
+            progress: tuple[str, str] | StageProgress | None = None) -> list[Any]:  # fmt: skip
+        """The results in the order of `parts`; `progress` (description, unit; or a bar to feed) shows the rows done
+        as the parts finish, and within a part as far as its function says (`report_part_done`): a bar on a
+        terminal, a log line a minute elsewhere (`pipelines.progress`)."""
         from pipelines.progress import StageProgress
 
         sizes = [_rows_in(rows) for rows in parts]
-        bar = StageProgress(progress[0], sum(sizes), progress[1], logger=log) if progress else None
+        if isinstance(progress, tuple):
+            progress = StageProgress(progress[0], sum(sizes), progress[1], logger=log)
+        bar = _PartsBar(progress, sizes)
         try:
             if self.local is not None:
                 results = []
-                for rows, size in zip(parts, sizes):
-                    results.append(self.local.run(fn, *shared, rows))
-                    if bar:
-                        bar.update(size)
+                for index, rows in enumerate(parts):
+                    self.local.listener = functools.partial(bar.within, index)
+                    try:
+                        results.append(self.local.run(fn, *shared, rows))
+                    finally:
+                        self.local.listener = None
+                    bar.finished(index)
                 return results
             refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
             calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
             part_of, waiting = {call: i for i, call in enumerate(calls)}, list(calls)
             results = [None] * len(calls)
             while waiting:
-                done, waiting = self.ray.wait(waiting, num_returns=1)
+                done, waiting = self.ray.wait(waiting, num_returns=1,
+                                              timeout=PROGRESS_POLL_S if progress is not None else None)
+                if not done:
+                    self._poll_parts(parts, bar)
+                    continue
                 # Fetched as it finishes, once (encoded features are GBs at COCO's size); a part that failed stops
                 # the evaluation now, not after every other part.
                 results[part_of[done[0]]] = self.ray.get(done[0])
-                if bar:
-                    bar.update(sizes[part_of[done[0]]])
+                bar.finished(part_of[done[0]])
             return results
         finally:
-            if bar:
-                bar.close()
+            if progress is not None:
+                progress.close()
+
+    def _poll_parts(self, parts: list[Any], bar: _PartsBar) -> None:
+        """Ask every actor how far its running part is; an actor that does not answer at once (restarting, or
+        busy starting) is asked again next time."""
+        asks = [actor.progress.options(concurrency_group="progress").remote() for actor in self.actors]
+        ready, _ = self.ray.wait(asks, num_returns=len(asks), timeout=1.0)
+        for ask in ready:
+            with contextlib.suppress(Exception):  # a restarted actor's error: no figure this time
+                part, fraction = self.ray.get(ask)
+                if part in parts:
+                    bar.within(parts.index(part), fraction)
 
     def close(self) -> None:
         for actor in self.actors:  # frees their CPUs/GPUs for the next stage at once
@@ -287,6 +350,26 @@ class ModelWorkers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PartsBar:
+    """A `StageProgress` (or nothing) fed by part: within a part as its function reports (never its last row), the
+    rest when it returns; a report for a part already done (a late poll) changes nothing."""
+
+    def __init__(self, progress: StageProgress | None, sizes: list[int]) -> None:
+        self.progress, self.sizes, self.shown = progress, sizes, [0] * len(sizes)
+        self.done = [False] * len(sizes)
+
+    def within(self, index: int, fraction: float) -> None:
+        target = min(self.sizes[index] - 1, int(self.sizes[index] * fraction))
+        if self.progress is not None and not self.done[index] and target > self.shown[index]:
+            self.progress.update(target - self.shown[index])
+            self.shown[index] = target
+
+    def finished(self, index: int) -> None:
+        if self.progress is not None and not self.done[index]:
+            self.progress.update(self.sizes[index] - self.shown[index])
+        self.done[index], self.shown[index] = True, self.sizes[index]
 
 
 def _rows_in(part: Any) -> int:
@@ -385,7 +468,8 @@ def rerank_rows(model: Any, features: dict[str, Any], sims: Any, k_test: int, pa
     make = itm_score_fn_for if hasattr(model, "precompute_cross_kv") else uncached_itm_score_fn_for
     itm = make(model, *(features[k].to(device) for k in ("image_embeds", "text_ids", "text_mask")))
     scores = retrieval_scores_from_sims(sims, itm, k_test, pairs_per_batch=pairs_per_batch, image_rows=image_rows,
-                                        text_rows=text_rows)  # fmt: skip
+                                        text_rows=text_rows,
+                                        on_pairs=lambda done, total: report_part_done(done / total))  # fmt: skip
     return (scores.score_i2t[image_rows.start:image_rows.stop], scores.score_t2i[text_rows.start:text_rows.stop],
             scores.itm_pairs)  # fmt: skip
 

@@ -85,8 +85,10 @@ def _check_rows(rows: range | None, num_rows: int, name: str) -> range:
 
 
 def _score_pairs(itm_score_fn: ItmScoreFn, image_indices: torch.Tensor, text_indices: torch.Tensor,
-                 pairs_per_batch: int) -> tuple[torch.Tensor, int]:
-    """Scores of all pairs, `pairs_per_batch` per scorer call; returns (scores (n,), number of calls)."""
+                 pairs_per_batch: int, on_pairs: Callable[[int, int], None] | None = None,
+                 ) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Scores of all pairs, `pairs_per_batch` per scorer call; returns (scores (n,), number of calls).
+    `on_pairs(done, total)` after each call."""
     import torch
 
     scores = torch.empty(len(image_indices), dtype=torch.float32)
@@ -99,16 +101,20 @@ def _score_pairs(itm_score_fn: ItmScoreFn, image_indices: torch.Tensor, text_ind
                              "expected one raw positive ITM logit per pair")
         scores[start:end] = logits.detach().float().cpu()
         calls += 1
+        if on_pairs is not None:
+            on_pairs(end, len(image_indices))
     return scores, calls
 
 
 def retrieval_scores_from_sims(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_test: int, *,
                                pairs_per_batch: int = 1024, image_rows: range | None = None,
-                               text_rows: range | None = None, share_pairs: bool = True) -> RetrievalScores:
+                               text_rows: range | None = None, share_pairs: bool = True,
+                               on_pairs: Callable[[int, int], None] | None = None) -> RetrievalScores:
     """BLIP's re-ranked score matrices from a similarity matrix `sims` (N_img, N_txt), batched.
 
     Only rows in `image_rows` of score_i2t and `text_rows` of score_t2i are computed (default: all); rows
-    outside them are 0, so summing the results of disjoint slices gives the full matrices."""
+    outside them are 0, so summing the results of disjoint slices gives the full matrices. `on_pairs(done, total)`
+    is told the pairs scored so far after each scorer call (a progress bar)."""
     import torch
 
     if k_test < 1 or pairs_per_batch < 1:
@@ -130,10 +136,11 @@ def retrieval_scores_from_sims(sims: torch.Tensor, itm_score_fn: ItmScoreFn, k_t
                                 torch.arange(text_rows.start, text_rows.stop).repeat_interleave(k_t2i)])
         if share_pairs:
             keys, inverse = torch.unique(pair_images * num_texts + pair_texts, sorted=True, return_inverse=True)
-            unique_scores, calls = _score_pairs(itm_score_fn, keys // num_texts, keys % num_texts, pairs_per_batch)
+            unique_scores, calls = _score_pairs(itm_score_fn, keys // num_texts, keys % num_texts, pairs_per_batch,
+                                                on_pairs)
             pair_scores, scored = unique_scores[inverse], len(keys)
         else:
-            pair_scores, calls = _score_pairs(itm_score_fn, pair_images, pair_texts, pairs_per_batch)
+            pair_scores, calls = _score_pairs(itm_score_fn, pair_images, pair_texts, pairs_per_batch, on_pairs)
             scored = len(pair_images)
         i2t_logits = pair_scores[: i2t_texts.numel()].view_as(i2t_texts)  # (R_i, k)
         t2i_logits = pair_scores[i2t_texts.numel():].view_as(t2i_images)  # (R_t, k)

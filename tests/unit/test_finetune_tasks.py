@@ -491,6 +491,103 @@ def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_featu
     assert caplog.records[-1].getMessage().startswith("eval retrieval: texts: 8 / 8 texts (100.0 %), ")
 
 
+def test_the_re_ranking_bar_moves_within_a_part_as_its_pairs_are_scored(downstream, tmp_path):
+    """The ITM re-ranking is one part a worker (minutes to an hour each at COCO's size): its bar moved only when a
+    whole part returned, so a one-worker evaluation showed 0 % until the end. Now the scorer's batches say how far
+    the part is, and the bar (a log line off a terminal) moves within it; the scores are those of the split run."""
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.progress import StageProgress
+    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_retrieval, rerank_rows
+    from pipelines.tasks.retrieval_eval import similarity_matrix
+
+    registry, manifest = downstream
+    torch.manual_seed(0)
+    model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
+    annotation = json.loads(registry.local_path(manifest, "annotation/coco_karpathy_test.json").read_text())
+    urls = [str(registry.local_path(manifest, f"images/{item['image']}")) for item in annotation]
+    texts = [caption for item in annotation for caption in item["caption"]]
+    cfg = EvaluateConfig(task="retrieval", num_workers=0, device="cpu")
+    lines: list[str] = []
+    logger = logging.getLogger("test.rerank.progress")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with ModelWorkers(str(model_dir), "retrieval", cfg) as workers:
+            features = encode_retrieval(workers, urls, texts, cfg)
+            sims = similarity_matrix(features["image_feats"], features["text_feats"])
+            shared = {key: features[key] for key in ("image_embeds", "text_ids", "text_mask")}
+            whole = (range(len(urls)), range(len(texts)))  # one part: 3 image rows + 15 text rows
+            bar = StageProgress("rerank", 18, "rows", logger=logger, log_every_s=0, stream=io.StringIO())
+            (i2t, t2i, pairs), = workers.map(rerank_rows, (shared, sims, 2, 4), [whole], progress=bar)
+            halves = workers.map(rerank_rows, (shared, sims, 2, 4), [(range(0, 2), range(0, 8)),
+                                                                      (range(2, 3), range(8, 15))])
+    finally:
+        logger.removeHandler(handler)
+    done = [int(line.split(": ", 1)[1].split(" / ")[0]) for line in lines]
+    assert done[-1] == 18 and lines[-1].startswith("rerank: 18 / 18 rows (100.0 %)")
+    within = [count for count in done if 0 < count < 18]
+    assert len(within) >= 3 and within == sorted(within), lines  # a step of the bar a scorer call (4 pairs each)
+    assert pairs <= sum(part[2] for part in halves)  # a pair both directions rank: scored once within a part
+    # The same scores (to float rounding: the pairs are batched differently in one part and in two)
+    torch.testing.assert_close(i2t, torch.cat([halves[0][0], halves[1][0]]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(t2i, torch.cat([halves[0][1], halves[1][1]]), rtol=0, atol=1e-5)
+
+
+def test_a_ray_worker_tells_the_bar_how_far_its_running_part_is(ray_session, tmp_path):
+    """On Ray actors the driver asks each actor how far its running part is (a concurrency group of its own, beside
+    the running call) every PROGRESS_POLL_S: the bar shows half a part while that part is still running."""
+    import time
+
+    from blip_models.checkpoints import save_pretrained
+    from blip_models.configuration_blip import preset
+    from blip_models.modeling_retrieval import BlipRetrieval
+    from pipelines.progress import StageProgress
+    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers
+
+    torch.manual_seed(0)
+    model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
+    cfg = EvaluateConfig(task="retrieval", num_workers=1, cpus_per_worker=0.5, device="cpu")
+    release = tmp_path / "release"
+
+    def half_then_wait(model, release, rows):  # runs on the actor; returns when the driver saw the half
+        import time
+        from pathlib import Path
+
+        from pipelines.tasks.evaluate import report_part_done
+
+        report_part_done(0.5)
+        deadline = time.monotonic() + 120
+        while not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Path(release).exists()
+
+    lines: list[str] = []
+
+    class Lines(logging.Handler):  # the driver's log: the half shown releases the running part
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+            if lines[-1].startswith("parts: 4 / 8 rows"):
+                release.touch()
+
+    logger = logging.getLogger("test.parts.progress")
+    handler = Lines()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with ModelWorkers(str(model_dir), "retrieval", cfg) as workers:
+            bar = StageProgress("parts", 8, "rows", logger=logger, log_every_s=0, stream=io.StringIO())
+            started = time.monotonic()
+            results = workers.map(half_then_wait, (str(release),), [range(0, 8)], progress=bar)
+    finally:
+        logger.removeHandler(handler)
+    assert results == [True], f"the bar never showed the running part's half in {time.monotonic() - started:.0f} s"
+    assert lines[0].startswith("parts: 4 / 8 rows (50.0 %)") and lines[-1].startswith("parts: 8 / 8 rows")
+
+
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     """The retrieval encoding split over workers (row ranges on batch boundaries) gives bit-identical features to
     one serial loop, as the evaluation computed them before it was split; the worker runs from shipped bytes."""
