@@ -257,6 +257,12 @@ def report_part_done(fraction: float) -> None:
         hook(min(1.0, max(0.0, fraction)))
 
 
+def report_batch_done(stop: int, rows: range) -> None:
+    """`report_part_done` for a loop over `rows` in batches whose latest batch ended before row `stop`."""
+    if len(rows):
+        report_part_done((min(stop, rows.stop) - rows.start) / len(rows))
+
+
 # How often `ModelWorkers.map` asks its actors how far their running parts are, while a bar is shown.
 PROGRESS_POLL_S = 2.0
 
@@ -414,6 +420,7 @@ def encode_text_rows(model: Any, texts: list[str], batch_size: int, rows: range)
         feats.append(model.text_features(batch_ids.to(device), batch_mask.to(device)))  # (b, E)
         ids.append(batch_ids)
         masks.append(batch_mask)
+        report_batch_done(start + batch_size, rows)
     return torch.cat(ids), torch.cat(masks), torch.cat(feats)
 
 
@@ -428,6 +435,7 @@ def encode_image_rows(model: Any, image_urls: list[str], batch_size: int, rows: 
         batch_embeds, batch_feats = model.image_features(pixels.to(device))
         embeds.append(batch_embeds)
         feats.append(batch_feats)
+        report_batch_done(start + batch_size, rows)
     return torch.cat(embeds), torch.cat(feats)
 
 
@@ -528,6 +536,7 @@ def caption_rows(model: Any, image_urls: list[str], options: dict[str, Any], row
         pixels = load_images(image_urls[start:min(start + batch, rows.stop)], model.config.vision.image_size)
         with torch.no_grad():
             captions += [c.strip() for c in model.generate(pixels.to(device), tokenizer, **options)]
+        report_batch_done(start + batch, rows)
     return captions
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tasks.evaluate import (K_TEST, EvaluateConfig, ModelWorkers, _annotation, evaluate_retrieval,
-                                      load_images, work_parts)
+                                      load_images, report_batch_done, work_parts)
 
 VIDEO_MAX_WORDS = 40  # BLIP video_dataset.py: pre_caption(caption, 40) (blip_spec text-length table)
 
@@ -63,6 +63,7 @@ def vqa_rows(model: Any, image_urls: list[str], questions: list[str], answer_lis
         pixels = load_images(image_urls[start:stop], model.config.vision.image_size)
         answers += model.answer(pixels.to(device), ids.to(device), mask.to(device), tokenizer, answer_list=answer_list,
                                 **options)  # fmt: skip
+        report_batch_done(stop, rows)
     return answers
 
 
@@ -84,6 +85,7 @@ def nlvr_rows(model: Any, left_urls: list[str], right_urls: list[str], sentences
             output = model(load_images(left_urls[start:stop], size).to(device),
                            load_images(right_urls[start:stop], size).to(device), ids.to(device), mask.to(device))
             predictions += output.logits.argmax(-1).tolist()
+            report_batch_done(stop, rows)
     return predictions
 
 

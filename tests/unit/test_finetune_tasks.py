@@ -628,6 +628,10 @@ def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
         assert torch.equal(torch.cat([part[2] for part in split]), text_feats)
         split = workers.map(encode_image_rows, (urls, 2), batch_rows(3, 2, 2))
         assert torch.equal(torch.cat([part[0] for part in split]), features["image_embeds"])
+        seen: list[float] = []  # each batch tells the bar how far its part is
+        workers.local.listener = seen.append
+        workers.local.run(encode_text_rows, texts, 4, range(3, 15))
+        assert seen == [4 / 12, 8 / 12, 1.0]
     shipped = ModelWorker(read_model_files(model_dir), "retrieval", "auto", "bf16")  # bytes, no path
     assert shipped.device == ("cuda" if torch.cuda.is_available() else "cpu")
     if shipped.device == "cpu":  # bf16 autocast is a CUDA-only setting
