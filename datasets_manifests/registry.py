@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,6 +136,9 @@ _HELD_WORK: dict[str, IO[Any]] = {}
 # is younger than WORK_STALE_S, and takes over the work of one that stopped (no beat for that long).
 WORK_ALIVE_S = 60.0
 WORK_STALE_S = 180.0
+# A run taking over another run's note (it stopped) reads it back this long after writing its own: of two machines
+# that found the same stopped note and wrote theirs, the later write goes on and the other is refused.
+WORK_TAKEOVER_SETTLE_S = 3.0
 _HEARTBEATS: dict[str, tuple[threading.Event, threading.Thread]] = {}  # store note URL -> its beat
 
 
@@ -356,14 +360,28 @@ class Registry:
         (work / WORK_NOTE).write_text(json.dumps(note))
         if shared:
             url = self._store_note_url(key)
-            note["alive_at"] = now_utc()
+            note["alive_at"], note["claim"] = now_utc(), uuid.uuid4().hex
             created = held is None and self._create_only_if_absent(url, json.dumps(note).encode())
             if held is None and not created:  # another machine noted the same run since this one looked
                 held = self._work_note(key, store_only=True)
                 if held and self.alive_elsewhere(held):
                     self._refuse_running_elsewhere(key, held, stage, name)
-            self._keep_alive(url, note, written=created)
+            taken = not created and held is not None and not _noted_by_this_process(held)
+            if taken:  # a stopped run's note (its work is this run's to go on from)
+                self._take_over_note(key, url, note, stage, name)
+            self._keep_alive(url, note, written=created or taken)
         return work
+
+    def _take_over_note(self, key: str, url: str, note: dict[str, Any], stage: str, name: str) -> None:
+        """Write this run's note over a stopped run's, then read it back after WORK_TAKEOVER_SETTLE_S: two
+        machines that found the same stopped note would both overwrite it (a store's write cannot be made
+        conditional on the file it replaces), so the one whose note is not there then is refused; the other, whose
+        write came last, goes on. The beat starts after the check, or it would overwrite the other's note."""
+        self.fs.pipe_file(url, json.dumps(note).encode())
+        time.sleep(WORK_TAKEOVER_SETTLE_S)
+        there = self._work_note(key, store_only=True)
+        if there is not None and there.get("claim") != note["claim"]:
+            self._refuse_running_elsewhere(key, there, stage, name)
 
     def _refuse_running_elsewhere(self, key: str, held: dict[str, Any], stage: str, name: str) -> NoReturn:
         self._release_work(key)
@@ -1058,6 +1076,11 @@ def _locked(handle: IO[Any]) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _noted_by_this_process(note: dict[str, Any]) -> bool:
+    """Whether a store note is this process's own (a retry of a run it noted before)."""
+    return note.get("host") == socket.gethostname() and note.get("pid") == os.getpid()
 
 
 def _stop_beat(url: str) -> None:

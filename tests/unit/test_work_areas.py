@@ -271,6 +271,7 @@ def test_a_run_noted_in_a_store_by_another_machine_is_refused_while_it_beats(tmp
     from datasets_manifests.registry import WorkInProgressError
 
     monkeypatch.setattr(registry_module, "WORK_ALIVE_S", 0.05)
+    monkeypatch.setattr(registry_module, "WORK_TAKEOVER_SETTLE_S", 0.1)
     monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))  # this machine's side of a remote registry
     registry = Registry(memory_url())
     url = f"{registry.root}/.work/k1/{WORK_NOTE}"
@@ -297,6 +298,56 @@ def test_a_run_noted_in_a_store_by_another_machine_is_refused_while_it_beats(tmp
     stopped = json.loads(registry.fs.cat_file(url))["alive_at"]
     time.sleep(1.2)
     assert json.loads(registry.fs.cat_file(url))["alive_at"] == stopped  # published: no beat
+
+
+def test_of_two_machines_taking_over_one_stopped_run_the_later_note_goes_on(tmp_path, monkeypatch):
+    """Two machines that find the same stopped run's note both overwrite it (a store cannot make a write
+    conditional on the file it replaces): each reads the note back WORK_TAKEOVER_SETTLE_S after writing, and the
+    one whose note is no longer there is refused, before its beat starts (it would overwrite the other's note).
+    Here the other machine (node-9) writes its note just after this one's."""
+    import threading
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from datasets_manifests import registry as registry_module
+    from datasets_manifests.registry import WorkInProgressError
+
+    monkeypatch.setattr(registry_module, "WORK_ALIVE_S", 0.05)
+    monkeypatch.setattr(registry_module, "WORK_TAKEOVER_SETTLE_S", 2.0)
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work"))
+    registry = Registry(memory_url())
+    url = f"{registry.root}/.work/k1/{WORK_NOTE}"
+    stopped = (datetime.now(timezone.utc) - timedelta(seconds=registry_module.WORK_STALE_S + 60))
+
+    def note(host: str, beat: datetime, claim: str) -> bytes:
+        return json.dumps({"stage": "shard", "name": "web", "host": host, "pid": 41, "claim": claim,
+                           "started_at": "2026-11-29T10:00:00Z",
+                           "alive_at": beat.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode()  # fmt: skip
+
+    registry.fs.pipe_file(url, note("node-7", stopped, "c7"))
+    taken = threading.Event()
+
+    def node_9_takes_it_over_too() -> None:  # as soon as this machine's note is there
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and json.loads(registry.fs.cat_file(url))["host"] == "node-7":
+            time.sleep(0.005)
+        registry.fs.pipe_file(url, note("node-9", datetime.now(timezone.utc), "c9"))
+        taken.set()
+
+    other = threading.Thread(target=node_9_takes_it_over_too)
+    other.start()
+    with pytest.raises(WorkInProgressError, match=r"running already on node-9"):
+        registry.note_work("k1", stage="shard", name="web", shared=True)
+    other.join()
+    assert taken.is_set()
+    time.sleep(0.3)  # no beat of this machine's overwrites node-9's note
+    assert json.loads(registry.fs.cat_file(url))["host"] == "node-9"
+
+    registry.fs.pipe_file(url, note("node-9", stopped, "c9"))  # node-9 stopped too; no one else comes now
+    registry.note_work("k1", stage="shard", name="web", shared=True)
+    mine = json.loads(registry.fs.cat_file(url))
+    assert mine["host"] != "node-9" and mine["claim"] not in ("c7", "c9")
+    _publish(registry, tmp_path / "publish", "web", "k1")
 
 
 def test_a_training_run_shares_its_note_in_the_store_and_is_refused_to_another_machine(tmp_path, monkeypatch):
