@@ -189,22 +189,17 @@ def _to_cpu(value: Any) -> Any:
 
 class ModelWorker:
     """One worker: the task model loaded once onto its device; `run(fn, *args)` calls `fn(model, *args)` under
-    no_grad (and bf16 autocast on CUDA when asked). The same class runs in this process and as a Ray actor."""
+    no_grad (and bf16 autocast on CUDA when asked). The same class runs in this process and as a Ray actor, which
+    is built without its model (`source` None) and loads it at its first `run_shipped`: the model's files come as
+    an object ref in a method's argument, not the constructor's, so Ray core does not log an error line for every
+    actor (a restarted actor's constructor arguments in the object store may be gone: ray#53727; `ModelWorkers`
+    holds them), and an actor restarted after a crash loads them again at its next call."""
 
-    def __init__(self, source: str | dict[str, bytes], kind: str, device: str, precision: str,
+    def __init__(self, source: str | dict[str, bytes] | None, kind: str, device: str, precision: str,
                  in_ray: bool = False) -> None:
         import torch
 
-        if isinstance(source, dict):  # bytes shipped through the object store: materialise, load, delete
-            directory = process_temp_dir(EVAL_MODEL_PREFIX)  # pid-named: an actor killed meanwhile leaves it
-            try:
-                for name, data in source.items():
-                    (directory / name).write_bytes(data)
-                model = load_task_model(str(directory), kind)
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)
-        else:
-            model = load_task_model(source, kind)
+        self.kind = kind
         has_gpu = torch.cuda.is_available()
         if in_ray:  # a Ray worker may see GPUs it was not given; use one only when Ray assigned it
             import ray
@@ -212,12 +207,36 @@ class ModelWorker:
             has_gpu = has_gpu and bool(ray.get_gpu_ids())
         self.device = pick_device(device, has_gpu)
         self.autocast = self.device == "cuda" and precision == "bf16"
-        self.model = model.to(self.device).eval()
+        self.model: Any = None
+        if source is not None:
+            self._load(source)
         # What `fn` of the running call said of its part (`report_part_done`): the part (the call's last argument,
         # its rows) and the share of it done, one tuple so that `progress()` (the driver asks it from another
         # thread while `run` runs) never reads one part's share with another part.
         self.part_done: tuple[Any, float] = (None, 0.0)
         self.listener: Callable[[float], None] | None = None  # in this process: `ModelWorkers.map`'s bar
+
+    def _load(self, source: str | dict[str, bytes]) -> None:
+        if isinstance(source, dict):  # bytes shipped through the object store: materialise, load, delete
+            directory = process_temp_dir(EVAL_MODEL_PREFIX)  # pid-named: an actor killed meanwhile leaves it
+            try:
+                for name, data in source.items():
+                    (directory / name).write_bytes(data)
+                model = load_task_model(str(directory), self.kind)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        else:
+            model = load_task_model(source, self.kind)
+        self.model = model.to(self.device).eval()
+
+    def run_shipped(self, files: list[Any], fn: Callable[..., Any], *args: Any) -> Any:
+        """`run` on a Ray actor: `files` is [the object ref of the model's files], loaded at the first call (in a
+        list, so that Ray does not fetch the files for every call)."""
+        if self.model is None:
+            import ray
+
+            self._load(ray.get(files[0]))
+        return self.run(fn, *args)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         import torch
@@ -283,15 +302,14 @@ class ModelWorkers:
 
         self.ray = ensure_ray()
         check_gpus_available(self.ray, cfg.gpus_per_worker, "gpus_per_worker")
-        # The model's files, stored once; every actor reads them, on any node. Held here as long as the actors
-        # live: a restarted actor (one the OOM killer took mid-evaluation) is built from them again, and Ray frees
-        # an object once its creator drops it — the restart then failed with ReferenceCountingAssertionError.
+        # The model's files, stored once; every actor reads them at its first call, on any node. Held here as long
+        # as the actors live: a restarted actor (one the OOM killer took mid-evaluation) loads them again, and Ray
+        # frees an object once its creator drops it (a restart then failed with ReferenceCountingAssertionError).
         self.files = self.ray.put(read_model_files(model_dir))
         # `progress` runs in its own concurrency group, beside a running `run` (the default group: one at a time).
         actor = self.ray.remote(concurrency_groups={"progress": 1})(ModelWorker).options(
             num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=2, max_task_retries=2)
-        self.actors = [actor.remote(self.files, kind, cfg.device, cfg.precision, True)
-                       for _ in range(cfg.num_workers)]  # fmt: skip
+        self.actors = [actor.remote(None, kind, cfg.device, cfg.precision, True) for _ in range(cfg.num_workers)]
 
     def map(self, fn: Callable[..., Any], shared: tuple[Any, ...], parts: list[Any],
             progress: tuple[str, str] | StageProgress | None = None) -> list[Any]:  # fmt: skip
@@ -316,7 +334,8 @@ class ModelWorkers:
                     bar.finished(index)
                 return results
             refs = [self.ray.put(value) for value in shared]  # stored once, read by every worker without a copy each
-            calls = [self.actors[i % len(self.actors)].run.remote(fn, *refs, rows) for i, rows in enumerate(parts)]
+            calls = [self.actors[i % len(self.actors)].run_shipped.remote([self.files], fn, *refs, rows)
+                     for i, rows in enumerate(parts)]  # fmt: skip
             part_of, waiting = {call: i for i, call in enumerate(calls)}, list(calls)
             results = [None] * len(calls)
             while waiting:
