@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ import pyarrow.compute as pc
 from datasets_manifests.index import INDEX_FILE, TEXTS_FILE, has_layer, iter_registry_parquet, scan_index
 from datasets_manifests.manifest import Manifest, Producer, cache_key
 from datasets_manifests.registry import TAKEDOWN_REASON, TAKEDOWN_STAGE, Registry, now_utc, place_file
+from pipelines.progress import StageProgress
+
+log = logging.getLogger(__name__)
 
 STAGE = TAKEDOWN_STAGE
 REASON = TAKEDOWN_REASON
@@ -83,7 +87,10 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     rewritten_tables: list[str] = []  # parquet files whose rows of the samples were cut
     unchanged: list[str] = []  # files that name no URL, left as they are (e.g. a synthetic corpus's ground truth)
     stats_files = []  # JSON stats that may quote samples (a CapFilt version's sample of rejected texts)
-    for entry in source.files:
+    # A file at a time: on a remote registry each shard is copied inside the store (hours at 129M), and the index
+    # and texts (written last) take minutes; a bar on a terminal, a log line a minute elsewhere.
+    bar = StageProgress(f"takedown {source.ref}", len(source.files), "files", logger=log)
+    for entry in _counted(source.files, bar):
         base = _described(entry)
         if entry.path in (INDEX_FILE, TEXTS_FILE):
             continue
@@ -115,10 +122,12 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     emptied: set[str] = set()  # dropped samples of the same image (a repeated url): their texts go too
     summary = _write_index(registry, source, found, moved, stage / INDEX_FILE, emptied)
     files.append({"path": INDEX_FILE, "role": "index"})
+    bar.update(1)
     without_texts = set(taken) | emptied  # the samples whose texts go: taken out, or dropped repeats of those
     if has_layer(source, TEXTS_FILE):
         _write_texts(registry, source, without_texts, stage / TEXTS_FILE)
         files.append({"path": TEXTS_FILE, "role": "index"})
+        bar.update(1)
     stats_rewritten = []
     for entry in stats_files:
         base = _described(entry)
@@ -132,6 +141,7 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
         else:
             _same_file(registry, source, entry.path, out)
             files.append({**base, "sha256": entry.sha256, "bytes": entry.bytes})
+    bar.close()
     manifest = registry.publish(
         kind="dataset", name=source.name, staging_dir=stage, parents=[source], digests_from_writer=True,
         remote_staging=None if registry.is_local else out, files=files,
@@ -148,6 +158,15 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     )  # fmt: skip
     registry.remove_work(key)
     return manifest
+
+
+def _counted(entries: list[Any], bar: StageProgress) -> Iterator[Any]:
+    """`entries`, each counted on the bar once the loop is done with it; the index and texts when they are
+    written (after the loop)."""
+    for entry in entries:
+        yield entry
+        if entry.path not in (INDEX_FILE, TEXTS_FILE):
+            bar.update(1)
 
 
 def without_samples(stats: Any, keys: set[str]) -> Any:

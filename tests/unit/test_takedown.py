@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import pytest
 import pyarrow.parquet as pq
@@ -43,11 +44,16 @@ def rows_of(registry: Registry, ref: str) -> dict[str, dict]:
     return {row["key"]: row for batch in scan_index(registry, manifest) for row in batch.to_pylist()}
 
 
-def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys):
+def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys, caplog):
     assert registry.find_cached("dataset", "raw", "raw-key").version == "v1"
-    code = main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--url", URL.format(2)])
+    with caplog.at_level(logging.INFO, logger="pipelines.tasks.takedown"):
+        code = main(["data", "--registry", registry.url, "takedown", "--url", URL.format(3), "--url", URL.format(2)])
     out = capsys.readouterr().out
     assert code == 0
+    # Its progress, a file at a time (a line a minute off a terminal, and one at the end)
+    files = {ref: len(registry.resolve(ref).files) for ref in ("capfilt@v1", "raw@v1")}
+    assert sorted(record.getMessage().split(",")[0] for record in caplog.records) == [
+        f"takedown {ref}: {count} / {count} files (100.0 %)" for ref, count in files.items()]
     assert "capfilt@v1 -> capfilt@v2: 1 samples taken out (1 shards rewritten)" in out
     assert "raw@v1 -> raw@v2: 1 samples taken out" in out  # s000002 was dropped already: nothing to take out
     assert "the same files (they name no url; look at them): ground_truth.parquet" in out
