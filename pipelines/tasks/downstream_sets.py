@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipelines.tasks.downstream import copy_file
+from pipelines.tasks.downstream import copy_file, counted
 
 VQA_FILES = {"train": ("vqa_train.json", "vqa_val.json", "vg_qa.json"), "test": "vqa_test.json",
              "answer_list": "answer_list.json", "val_questions": "v2_OpenEnded_mscoco_val2014_questions.json",
@@ -78,7 +78,7 @@ def stage_vqa(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) -
     order = list(range(len(kept)))
     random.Random(cfg.shuffle_seed).shuffle(order)
     with _shard_writer(staging, cfg) as writer:
-        for number, index in enumerate(order):
+        for number, index in enumerate(counted(order, "downstream: train shards", "questions")):
             question = kept[index]
             weights = vqa_answer_weights(question)
             meta = {"question": question.question, "answers": list(weights), "weights": list(weights.values()),
@@ -113,7 +113,7 @@ def stage_nlvr(staging: Path, annotation_dir: Path, image_root: Path, cfg: Any) 
     order = list(range(len(train)))
     random.Random(cfg.shuffle_seed).shuffle(order)
     with _shard_writer(staging, cfg) as writer:
-        for number, index in enumerate(order):
+        for number, index in enumerate(counted(order, "downstream: train shards", "pairs")):
             pair = train[index]
             left, right = pair.images
             writer.write(f"{number:08d}", {f"left.{_suffix(left)}": (image_root / left).read_bytes(),

@@ -271,8 +271,9 @@ def test_vqa_train_on_val_switch(tmp_path: Path):
     assert registry.local_path(held_out, "annotation/vqa_val.json").is_file()
 
 
-def test_train_shards_are_published_with_the_digests_their_writer_computed(tmp_path: Path):
+def test_train_shards_are_published_with_the_digests_their_writer_computed(tmp_path: Path, caplog):
     import hashlib
+    import logging
 
     from datasets_manifests.ops import verify
     from datasets_manifests.registry import Registry
@@ -282,8 +283,13 @@ def test_train_shards_are_published_with_the_digests_their_writer_computed(tmp_p
     for benchmark in ("coco", "vqa"):  # the Karpathy stager and the other sets' writer
         config = DownstreamConfig(benchmark=benchmark, num_train=5, num_val=2, num_test=1, image_size=32,
                                   samples_per_shard=4)  # fmt: skip
-        manifest = publish_downstream(config, name=f"{benchmark}-digests", registry=registry)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipelines.tasks.downstream"):
+            manifest = publish_downstream(config, name=f"{benchmark}-digests", registry=registry)
         shards = manifest.shards("train")
+        written, unit = sum(entry.num_samples for entry in shards), "pairs" if benchmark == "coco" else "questions"
+        # The writing shows its progress (here a line at the end)
+        assert f"downstream: train shards: {written} / {written} {unit} (100.0 %)" in caplog.text
         assert len(shards) >= 2
         for entry in shards:
             data = registry.local_path(manifest, entry.path).read_bytes()
