@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import json
 import logging
 import random
 import tarfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Container, Iterator
@@ -224,12 +227,14 @@ def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------------- micro-batches
 
 
-def decode_batch(task: TrainTask, raws: list[Any], seeds: list[int], spare: list[dict[str, Any]] | None = None) -> MicroBatch:
+def decode_batch(task: TrainTask, raws: list[Any], seeds: list[int]) -> MicroBatch:
     """Decode and collate one micro-batch; dropped samples are counted by reason.
 
     A task with `fixed_batch_size = True` (its model all-gathers across ranks) gets short micro-batches filled
-    back to full size with repeats of the valid samples, or of `spare` (the last good sample of this stream)
-    when none is valid; those repeats are counted as "refilled".
+    back to full size with repeats of the valid samples, counted as "refilled". A micro-batch left with no usable
+    sample carries placeholder samples instead (`filler_batch`): the loop runs the model on them with a loss that
+    counts zero, so that this rank takes part in the step's collectives like the others. The filler depends on
+    nothing in the stream, so a resumed run makes the same batches as one that was not stopped.
     """
     samples, dropped = [], {}
     for raw, seed in zip(raws, seeds):
@@ -243,18 +248,61 @@ def decode_batch(task: TrainTask, raws: list[Any], seeds: list[int], spare: list
         except Exception:  # noqa: BLE001 - any undecodable sample is dropped and counted, never fatal
             dropped["corrupt_sample"] = dropped.get("corrupt_sample", 0) + 1
     trained = len(samples)
-    if spare is not None and samples:
-        spare[:] = samples[-1:]
-    if getattr(task, "fixed_batch_size", False) and trained < len(raws):
-        pool = samples or list(spare or [])
-        if pool:
-            samples = samples + [pool[i % len(pool)] for i in range(len(raws) - trained)]
-            dropped["refilled"] = dropped.get("refilled", 0) + len(raws) - trained
+    if getattr(task, "fixed_batch_size", False) and 0 < trained < len(raws):
+        samples = samples + [samples[i % trained] for i in range(len(raws) - trained)]
+        dropped["refilled"] = dropped.get("refilled", 0) + len(raws) - trained
+    batch = None
     if len(samples) < max(1, getattr(task, "min_batch_size", 1)):
         if samples:
             dropped["batch_too_small"] = dropped.get("batch_too_small", 0) + trained
-        return MicroBatch(batch=None, num_samples=0, dropped=dropped)
-    return MicroBatch(batch=task.collate(samples), num_samples=trained, dropped=dropped)
+    else:
+        try:
+            batch = task.collate(samples)
+        except ValueError:
+            if trained == len(raws):
+                raise  # a whole micro-batch that cannot be collated: the config's problem (the error says which)
+            # What the drops left cannot form a batch (retrieval: a refilled batch showing one image has no ITM
+            # negative): dropped too, and counted.
+            dropped["batch_unusable"] = dropped.get("batch_unusable", 0) + trained
+    if batch is None:
+        return MicroBatch(batch=None, num_samples=0, dropped=dropped, filler=filler_batch(task, len(raws)))
+    return MicroBatch(batch=batch, num_samples=trained, dropped=dropped)
+
+
+FILLER_TEXT = "a picture"
+# task -> {batch size: its collated filler}, built once per process (weak: not kept beyond the task's life)
+_FILLERS: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
+def filler_raw(index: int) -> dict[str, Any]:
+    """A placeholder sample every task decodes (black image, a short text; its own image id, so an ITM negative
+    exists): what a rank's model runs on when a micro-batch lost every sample."""
+    return {"__key__": f"filler-{index}", "jpg": _black_jpeg(), "left.jpg": _black_jpeg(), "right.jpg": _black_jpeg(),
+            "json": json.dumps({"caption": FILLER_TEXT, "idx": -1 - index, "image_id": f"filler-{index}",
+                                "question": "what is it", "answers": ["nothing"], "weights": [1.0],
+                                "sentence": FILLER_TEXT, "label": 0}).encode()}  # fmt: skip
+
+
+def filler_batch(task: TrainTask, size: int) -> Any:
+    """`size` placeholder samples collated (one when the task takes any batch size), built once per process;
+    None when the task cannot decode them (a test's task: its loop is never distributed)."""
+    size = size if getattr(task, "fixed_batch_size", False) else max(1, getattr(task, "min_batch_size", 1))
+    built = _FILLERS.setdefault(task, {})
+    if size not in built:
+        try:
+            built[size] = task.collate([task.decode(filler_raw(i), i) for i in range(size)])
+        except Exception:  # noqa: BLE001 - no filler: the loop's zero step (correct in one process)
+            built[size] = None
+    return built[size]
+
+
+@functools.cache
+def _black_jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, format="JPEG")
+    return out.getvalue()
 
 
 class RankStream(torch.utils.data.IterableDataset):
@@ -283,7 +331,6 @@ class RankStream(torch.utils.data.IterableDataset):
         del order
         reader = read_positions(plan.segments(self.epoch, self.rank), np.sort(chosen, axis=None), self.cache)
         pending: dict[int, dict[str, Any] | str] = {}  # read, not yet batched: about shuffle_buffer / workers
-        spare: list[dict[str, Any]] = []
         for batch_index, positions in zip(mine, chosen):
             raws = []
             for position in positions.tolist():
@@ -292,7 +339,7 @@ class RankStream(torch.utils.data.IterableDataset):
                     pending[got] = raw
                 raws.append(pending.pop(position))
             seeds = [sample_seed(plan.seed, self.epoch, self.rank, batch_index * size + i) for i in range(size)]
-            yield decode_batch(self.task, raws, seeds, spare)
+            yield decode_batch(self.task, raws, seeds)
 
 
 def _identity(item: Any) -> Any:
@@ -342,9 +389,6 @@ def write_scene_shards(root: str | Path, num_shards: int, per_shard: int, image_
 
     Returns [(relative shard path, samples)].
     """
-    import io
-    import json
-
     from pipelines.tasks.demo_corpus import random_scene, render, true_caption
     from pipelines.tasks.webdata import TarShardWriter
 

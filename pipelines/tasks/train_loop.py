@@ -120,6 +120,7 @@ class MicroBatch:
     batch: Batch | None  # None when every sample of this micro-batch was dropped
     num_samples: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    filler: Batch | None = None  # with batch None: placeholder samples the model runs on, their loss times 0
 
     def pin_memory(self) -> MicroBatch:
         """A copy whose tensors are in page-locked memory, so that `.to(device, non_blocking=True)` overlaps.
@@ -257,6 +258,7 @@ class LoopState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of this epoch consumed (per rank; the data position)
     samples_seen: int = 0  # this rank's samples trained on, all epochs
+    trained_in_epoch: int = 0  # this rank's samples trained on in this epoch (-1: not known, an older checkpoint)
     restarts: int = 0  # how many times this run was restored from a checkpoint
     dropped: dict[str, int] = field(default_factory=dict)  # this rank's dropped samples by reason
     world_size: int = 1
@@ -314,6 +316,7 @@ class TrainLoop:
         info = self.step_info()
         sums: dict[str, Any] = {}  # floats or device scalars until the one host transfer below
         losses = []
+        with_samples = max(1, sum(micro.batch is not None for micro in micro_batches))  # what the metrics average
         for index, micro in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DDP: all-reduce gradients only on the last micro-batch of the step.
@@ -323,8 +326,10 @@ class TrainLoop:
                 (loss / len(micro_batches)).backward()
             losses.append(loss.detach())
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value / len(micro_batches)
+                sums[key] = sums.get(key, 0.0) + value / with_samples
             self.state.samples_seen += micro.num_samples
+            if self.state.trained_in_epoch >= 0:
+                self.state.trained_in_epoch += micro.num_samples
             for reason, count in micro.dropped.items():
                 self.state.dropped[reason] = self.state.dropped.get(reason, 0) + count
         if self.optim_cfg.max_grad_norm is not None:
@@ -341,14 +346,17 @@ class TrainLoop:
         return sums
 
     def _forward(self, micro: MicroBatch, info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]:
-        if micro.batch is None:
-            # Every sample was dropped: still take part in the gradient all-reduce, with zero gradients, so
-            # that the other ranks do not wait forever (a corrupt sample is never fatal).
+        if micro.batch is None and micro.filler is None:  # a task without a filler: never distributed (tests)
             zero = sum((p.sum() for p in self.model.parameters() if p.requires_grad), torch.zeros((), device=self.device))
             return zero * 0.0, {}
-        batch = _to_device(micro.batch, self.device)
+        # Every sample dropped: the model runs on placeholder samples and their loss counts zero. A forward is
+        # what arms DDP's gradient all-reduce for the backward, and the queues' all-gathers run in it: a rank that
+        # skipped it paired its next collective with the others' previous one (wrong gradients, then a hang). A
+        # pretraining model's queues take the placeholders' features as the others' (a few negatives).
+        batch = _to_device(micro.batch if micro.batch is not None else micro.filler, self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.task.loss(self.model, batch, info)
+            loss, metrics = self.task.loss(self.model, batch, info)
+        return (loss, metrics) if micro.batch is not None else (loss * 0.0, {})
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -368,7 +376,7 @@ class TrainLoop:
         sample_gpu = self.device.type == "cuda"  # off for good after the first failed reading
         while self.state.step < self.total_steps:
             source = iter(batches(self.state.epoch, self.state.batches_in_epoch))
-            trained_before, dropped_before = self.state.samples_seen, dict(self.state.dropped)
+            dropped_before = dict(self.state.dropped)
             while self.state.step < self.total_steps and self.state.batches_in_epoch < self.steps_per_epoch * accum:
                 waited = time.perf_counter()
                 group = [next(source) for _ in range(accum)]
@@ -380,12 +388,12 @@ class TrainLoop:
                            busy)  # fmt: skip
                 final = self.state.step >= self.total_steps
                 epoch_done = self.state.batches_in_epoch >= self.steps_per_epoch * accum
-                if epoch_done and self.state.samples_seen == trained_before:
+                if epoch_done and self.state.trained_in_epoch == 0:  # the whole epoch, a resumed one's part too
                     raise nothing_trained(self.state.epoch, {reason: count - dropped_before.get(reason, 0)
                                                              for reason, count in self.state.dropped.items()})
                 if epoch_done:  # move the data position before a checkpoint so a restore starts the next epoch
                     self.state.epoch += 1
-                    self.state.batches_in_epoch = 0
+                    self.state.batches_in_epoch = self.state.trained_in_epoch = 0
                 if on_log and (self.state.step % self.loop_cfg.log_every == 0 or final):
                     last = mean_across_ranks(window.summary(self.lr))
                     on_log(self.state.step, last)
@@ -400,7 +408,8 @@ class TrainLoop:
     def state_dict(self) -> dict[str, Any]:
         """The whole loop state; collective (gathers every rank's RNG and dropped counts)."""
         per_rank = gather_objects({"rng": rng_state(), "dropped": dict(self.state.dropped),
-                                   "samples_seen": self.state.samples_seen})
+                                   "samples_seen": self.state.samples_seen,
+                                   "trained_in_epoch": self.state.trained_in_epoch})
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -428,6 +437,7 @@ class TrainLoop:
         mine = state["per_rank"][rank]
         saved.dropped = dict(mine["dropped"])
         saved.samples_seen = mine["samples_seen"]
+        saved.trained_in_epoch = mine.get("trained_in_epoch", -1)  # an older checkpoint: not known, not checked
         saved.restarts += int(count_restart)
         self.state = saved
         set_rng_state(mine["rng"])

@@ -169,10 +169,10 @@ def whole_stream_batches(stream: RankStream, worker: int, workers: int) -> list[
     raws = [raw for _, raw in read_positions(pieces, range(plan.samples_per_rank))]
     rng = random.Random(f"buffer/{plan.seed}/{stream.epoch}/{stream.rank}")
     outputs = list(shuffled(iter(raws), plan.shuffle_buffer, rng))
-    batches, spare = [], []
+    batches = []
     for batch in range(stream.skip + worker, len(outputs) // size, workers):
         seeds = [sample_seed(plan.seed, stream.epoch, stream.rank, batch * size + i) for i in range(size)]
-        batches.append(decode_batch(stream.task, outputs[batch * size:(batch + 1) * size], seeds, spare))
+        batches.append(decode_batch(stream.task, outputs[batch * size:(batch + 1) * size], seeds))
     return batches
 
 
@@ -234,7 +234,10 @@ def test_corrupt_and_missing_samples_are_dropped_and_counted(shard_dir: Path, tm
     positions = [raw for _, raw in read_positions([(ShardRef(str(broken), 16), 0, 16)], range(16))]
     assert len(positions) == 16 and "unreadable_shard" in positions  # positions never shift
     empty = decode_batch(task, ["missing_from_shard"] * 4, [0] * 4)
-    assert empty.batch is None and empty.dropped == {"missing_from_shard": 4}
+    assert empty.batch is None and empty.dropped == {"missing_from_shard": 4} and empty.num_samples == 0
+    # ... with placeholder samples the model runs on (loss times 0): the same whatever came before in the stream
+    assert empty.filler["image"].shape == (4, 3, 32, 32) and len(set(empty.filler["image_ids"].tolist())) == 4
+    assert torch.equal(decode_batch(task, ["unreadable_shard"] * 4, [9] * 4).filler["image"], empty.filler["image"])
 
 
 def test_many_unreadable_shards_in_a_row_stop_the_run_with_the_error(shard_dir: Path, tmp_path: Path) -> None:
@@ -415,6 +418,82 @@ def test_an_epoch_without_one_usable_sample_stops_the_run_before_its_checkpoint(
     import pickle
 
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)  # crosses Ray's process boundary
+
+
+def test_every_task_runs_on_the_placeholder_samples_of_an_emptied_micro_batch() -> None:
+    """The filler is decoded and collated by each task (pretraining, and the four finetuning tasks), and a batch
+    of it has an ITM negative (distinct image ids)."""
+    from blip_models.configuration_blip import preset, to_dict
+
+    from pipelines.tasks.finetune_tasks import TASK_CLASSES
+    from pipelines.tasks.train_data import filler_batch
+
+    config = to_dict(preset("tiny"))
+    tasks = {"pretrain": pretrain_task()} | {name: TASK_CLASSES[name](config, {"batch_size": 4, "loader_workers": 0})
+                                            for name in ("retrieval", "caption", "vqa", "nlvr")}  # fmt: skip
+    for name, task in tasks.items():
+        filler = filler_batch(task, 4)
+        assert filler is not None, name
+        images = filler["left"] if name == "nlvr" else filler["image"]
+        assert images.shape[1:] == (3, 32, 32) and len(images) == (4 if task.fixed_batch_size else 1), name
+    assert filler_batch(KeyTask(), 4) == {"keys": ["filler-0"]}  # any task that decodes it; one that cannot: None
+    assert filler_batch(LinearTask(), 4) is None
+
+
+def test_a_retrieval_micro_batch_left_with_one_image_is_dropped_not_fatal() -> None:
+    """Refilled with repeats of its one valid sample, a retrieval micro-batch shows a single image id and has no
+    ITM negative: its collate raised and stopped the run on every retry. It is now dropped and counted; a whole
+    micro-batch that cannot be collated (the batch size is the problem) still raises with the advice."""
+    from blip_models.configuration_blip import preset, to_dict
+
+    from pipelines.tasks.finetune_tasks import TASK_CLASSES
+
+    task = TASK_CLASSES["retrieval"](to_dict(preset("tiny")), {"batch_size": 4, "loader_workers": 0})
+    good = {"__key__": "0", "jpg": _jpeg_bytes(), "json": b'{"caption": "a red circle", "idx": 7}'}
+    micro = decode_batch(task, [good, "unreadable_shard", "unreadable_shard", "unreadable_shard"], [0, 1, 2, 3])
+    assert micro.batch is None and micro.filler is not None
+    assert micro.dropped == {"unreadable_shard": 3, "refilled": 3, "batch_unusable": 1} and micro.num_samples == 0
+    with pytest.raises(ValueError, match="ITM hard negatives need at least two distinct images"):
+        decode_batch(task, [good] * 4, [0, 1, 2, 3])
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_a_resumed_epoch_whose_rest_is_unreadable_counts_what_it_trained_before_the_stop(shard_dir: Path) -> None:
+    """The check that an epoch trained on something counted from where the run (re)started: a run resumed in an
+    epoch whose remaining micro-batches were all dropped stopped with NothingTrainedError on every retry, though
+    the epoch had trained before the stop. The count of the epoch is part of the checkpoint now."""
+    from pipelines.tasks.train_loop import MicroBatch
+
+    loop, batches = linear_loop(shard_dir, batch_size=8, grad_accum=1, epochs=1)
+    steps = loop.steps_per_epoch
+
+    def first_half_readable(epoch: int, skip: int) -> Any:
+        readable = list(batches(epoch, 0))
+        return (readable[i] if i < steps // 2 else MicroBatch(batch=None, num_samples=0, dropped={"gone": 8})
+                for i in range(skip, steps))  # fmt: skip
+
+    loop.total_steps = steps // 2
+    loop.run(first_half_readable)
+    state = loop.state_dict()
+    resumed, _ = linear_loop(shard_dir, batch_size=8, grad_accum=1, epochs=1)
+    resumed.load_state_dict(state)
+    resumed.run(first_half_readable)  # raised NothingTrainedError before
+    assert resumed.state.step == steps and resumed.state.epoch == 1
+    assert resumed.state.samples_seen == 8 * (steps // 2)
+    assert resumed.state.dropped == {"gone": 8 * (steps - steps // 2)}
+    old = {**state, "per_rank": [{key: value for key, value in mine.items() if key != "trained_in_epoch"}
+                                 for mine in state["per_rank"]]}  # fmt: skip
+    resumed.load_state_dict(old)  # a checkpoint written before the count: not known, not checked in that epoch
+    assert resumed.state.trained_in_epoch == -1
 
 
 class LinearTask(KeyTask):
