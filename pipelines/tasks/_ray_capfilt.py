@@ -305,18 +305,20 @@ class ShardWriters:
         for ref in ready:  # each fetched, errors too: Ray prints one never fetched as an "Unhandled error"
             try:
                 self.markers.append(self.ray.get(ref))
-            except self.ray.exceptions.RayTaskError as error:
+            except self.ray.exceptions.RayError as error:  # the task's own error, or its worker or node died
                 failed = failed or error
         if failed is None:
             return
-        self._settle()
-        if isinstance(failed.cause, capfilt.CapFiltError):  # names the shard: the CLI's one-line error
+        self.settle()
+        if isinstance(getattr(failed, "cause", None), capfilt.CapFiltError):  # names the shard: a one-line error
             raise failed.cause from None
         raise failed
 
-    def _settle(self) -> None:
-        """After a failed write: the writes in flight finish (their shards are kept for the rerun), each result
-        fetched, errors too (a full disk fails them all: Ray printed each after the command's own line)."""
+    def settle(self) -> None:
+        """After a failure (a write's, or the pipeline's): the writes in flight finish (their shards are kept for
+        the rerun), each result fetched, errors too (a full disk fails them all: Ray printed each after the
+        command's own line). A retry in the same process on the same cluster (the flow retries a crashed worker)
+        would otherwise write a shard beside a write of it still running: two writers of one temporary file."""
         for ref in self.pending:
             with contextlib.suppress(Exception):
                 self.ray.get(ref)

@@ -242,7 +242,9 @@ def decide_texts(
         texts.append((caption, "synthetic", seeds[index], index))
     if scores is not None and len(scores) != len(texts):
         raise ValueError(f"decide_texts({key}): {len(scores)} scores for {len(texts)} texts")
-    kept = keep_mask(scores, [t[1] for t in texts], config.filter) if scores is not None else [False] * len(texts)
+    # Decided on the scores as stored (six decimals): a text stored with score 0.5 and threshold 0.5 is kept.
+    kept = keep_mask([round_score(score) for score in scores], [t[1] for t in texts], config.filter) \
+        if scores is not None else [False] * len(texts)  # fmt: skip
     records = []
     for position, (text, source, seed, index) in enumerate(texts):
         score = round_score(scores[position]) if scores is not None else None
@@ -654,31 +656,35 @@ def process_shards(config: CapFiltConfig, shards: list[ShardPlan], models: dict[
     nodes: dict[int, str] = {}  # the node that decoded each shard: its writer goes there, to the cached copy
     began = time.perf_counter()
     writers = _ray_capfilt.ShardWriters(config, work, refs, carried)
-    for shard in shards:
-        if shard.num_samples == 0:
-            writers.submit(shard, [])
-    items = decode_items(shards)
-    for row in _ray_capfilt.run_pipeline(config, items, models, image_size) if items else ():
-        results = json.loads(row["results"])
-        if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode
-            perf["first_batch_s"], perf["first_batch_images"] = time.perf_counter() - began, len(results)
-        index = int(row["shard_index"])
-        nodes[index] = str(row.get("node") or "")
-        batches[index][int(row["start"])] = results
-        received[index] += len(results)
-        perf["images"] += len(results)
-        for name, value in row.items():
-            if name.endswith("_s"):
-                perf[name] = perf.get(name, 0.0) + float(value)
-        if received[index] == by_index[index].num_samples:
-            ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
-            batches[index] = {}
-            writers.submit(by_index[index], ordered, node=nodes.get(index))
+    try:
+        for shard in shards:
+            if shard.num_samples == 0:
+                writers.submit(shard, [])
+        items = decode_items(shards)
+        for row in _ray_capfilt.run_pipeline(config, items, models, image_size) if items else ():
+            results = json.loads(row["results"])
+            if not perf["images"]:  # start-up: Ray scheduling, actor construction, model loading, first decode
+                perf["first_batch_s"], perf["first_batch_images"] = time.perf_counter() - began, len(results)
+            index = int(row["shard_index"])
+            nodes[index] = str(row.get("node") or "")
+            batches[index][int(row["start"])] = results
+            received[index] += len(results)
+            perf["images"] += len(results)
+            for name, value in row.items():
+                if name.endswith("_s"):
+                    perf[name] = perf.get(name, 0.0) + float(value)
+            if received[index] == by_index[index].num_samples:
+                ordered = [r for start in sorted(batches[index]) for r in batches[index][start]]
+                batches[index] = {}
+                writers.submit(by_index[index], ordered, node=nodes.get(index))
+            if on_batch:
+                on_batch(len(results), len(writers.markers))
+        markers = writers.finish()
         if on_batch:
-            on_batch(len(results), len(writers.markers))
-    markers = writers.finish()
-    if on_batch:
-        on_batch(0, len(markers))
+            on_batch(0, len(markers))
+    except Exception:
+        writers.settle()  # no write of this run goes on beside a rerun's
+        raise
     perf["wall_s"] = time.perf_counter() - began
     perf["write_s"] = sum(float(marker.get("write_s", 0.0)) for marker in markers)  # writer-task time, all tasks
     perf["writes_on_decode_node"] = writers.placed
@@ -797,6 +803,8 @@ def build_sample(key: str, sample: dict[str, bytes], result: dict[str, Any], sha
     try:
         meta = json.loads(sample.get("json", b"{}") or b"{}")
     except ValueError:
+        meta = {}
+    if not isinstance(meta, dict):  # valid JSON but not an object (a damaged shard): no metadata, as unreadable
         meta = {}
     error = result["error"]
     reason = error.split(":", 1)[0] if error else None

@@ -379,6 +379,30 @@ def test_shard_writer_tasks_write_each_shard_and_name_a_failed_one(ray_session, 
         writers.finish()
     assert not (tmp_path / "work-bad" / marker_relpath(shards[1])).exists()
 
+    # A writer whose worker died (not an error of its own: WorkerCrashedError) stops the run too, after the writes
+    # still in flight have finished: it escaped at once before, and a rerun in the same process (the flow retries
+    # such errors) could write a shard beside a write of it still running.
+    def write_or_crash(work: str, shard: str, results: list, *args: object) -> dict:
+        import os
+        import time
+        from pathlib import Path
+
+        if shard == "crash":
+            os._exit(1)
+        time.sleep(3)
+        Path(work, "slow-done").write_text("written")
+        return {"path": shard}
+
+    slow_work = tmp_path / "work-crash"
+    slow_work.mkdir()
+    writers = _ray_capfilt.ShardWriters(config, str(slow_work), refs)
+    writers.write, writers.options["max_retries"] = ray_session.remote(write_or_crash), 0
+    writers.submit("crash", [])
+    ray_session.wait(writers.pending, timeout=60)  # its worker is gone
+    with pytest.raises(ray_session.exceptions.WorkerCrashedError):
+        writers.submit("slow", [])
+    assert (slow_work / "slow-done").read_text() == "written" and writers.pending == []
+
     # Remote shards through the node's shard cache: the writer task, placed on the node that "decoded" the shard
     # (here: this process filled the cache, as a decode task on that node does), reads the node's copy; the store
     # sends each shard once, and the copy is removed once written.

@@ -100,6 +100,9 @@ def test_decide_texts_records_every_decision():
     assert records[2]["itm_score"] == 0.7 and all(r["filter"] == "itm@v1" for r in records)
     assert capfilt.choose_caption(records)["text"] == "a blue square"
 
+    edge = capfilt.decide_texts("e", "a red circle", ["x"], [0.4999996, 0.4999994], seeds[:1], config,
+                                captioner="c", filter_ref="f")  # fmt: skip
+    assert [(r["itm_score"], r["kept"]) for r in edge] == [(0.5, True), (0.499999, False)]  # the stored score decides
     missing = capfilt.decide_texts("m", None, ["x y"], [0.99, 0.1], seeds[:1], config, captioner="c", filter_ref="f")
     assert missing[0]["drop_reason"] == "missing_web_text" and not missing[0]["kept"]
     broken = capfilt.decide_texts("b", "web text", [], None, [], config, captioner="c", filter_ref="f",
@@ -108,6 +111,19 @@ def test_decide_texts_records_every_decision():
     assert capfilt.choose_caption(broken) is None
     with pytest.raises(ValueError, match="1 scores for 2 texts"):
         capfilt.decide_texts("k", "a", ["b"], [0.5], seeds[:1], config, captioner="c", filter_ref="f")
+
+
+def test_a_sample_json_that_is_not_an_object_is_read_as_no_metadata():
+    """Valid JSON that is not an object (a damaged input shard) crashed the shard's writer on every retry."""
+    config = load_config(CapFiltConfig, {})
+    shard = capfilt.ShardPlan(index=0, path="shards/train-000000.tar", url="unused", split="train", num_samples=1)
+    result = {"key": "k", "web_text": "a red circle", "error": None, "synthetic": ["a red circle"],
+              "scores": [0.9, 0.8], "seeds": [1]}  # fmt: skip
+    for document in (b"[1]", b"not json"):
+        records, row, files = capfilt.build_sample("k", {"jpg": b"jpeg", "json": document}, result, shard, config,
+                                                   {"captioner": "c@v1", "filter": "f@v1"})  # fmt: skip
+        assert row["url"] is None and row["status"] == "ok"
+        assert [name for name, _ in files] == ["k.jpg", "k.json", "k.txt"]
 
 
 def test_beam_search_provenance_records_what_beam_search_uses(tmp_path):
