@@ -314,7 +314,9 @@ def setup(config: dict[str, Any], rank: int, world: int, device: Any, wrap: Call
     plan = DataPlan(shards=shards, world_size=world,
                     batch_size=data["batch_size"], grad_accum=optim_cfg.grad_accum, seed=loop_cfg.seed,
                     shuffle_buffer=data["shuffle_buffer"], resampled=data["resampled"])  # fmt: skip
-    return task, plan, TrainLoop(task, model, optim_cfg, loop_cfg, plan.steps_per_epoch, device)
+    order = {"batch_size": plan.batch_size, "grad_accum": plan.grad_accum, "seed": plan.seed,
+             "shuffle_buffer": plan.shuffle_buffer, "resampled": plan.resampled}  # what a checkpoint's position means
+    return task, plan, TrainLoop(task, model, optim_cfg, loop_cfg, plan.steps_per_epoch, device, data_order=order)
 
 
 def shard_cache(data: dict[str, Any]) -> Any:

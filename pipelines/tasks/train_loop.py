@@ -283,6 +283,7 @@ class TrainLoop:
         loop: LoopConfig,
         steps_per_epoch: int,
         device: torch.device | str = "cpu",
+        data_order: dict[str, Any] | None = None,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError(
@@ -291,6 +292,9 @@ class TrainLoop:
             )
         self.task, self.model, self.optim_cfg, self.loop_cfg = task, model, optim, loop
         self.steps_per_epoch = steps_per_epoch
+        # The settings that fix which samples a data position stands for (batch size, accumulation, seed, shuffle):
+        # a checkpoint's position read under other ones would train samples twice in its epoch and skip others.
+        self.data_order = data_order
         self.device = torch.device(device)
         self.optimizer = build_optimizer(model, optim)
         self.state = LoopState(world_size=world_info()[1])
@@ -417,6 +421,7 @@ class TrainLoop:
             "loop": asdict(self.state),
             "per_rank": per_rank,
             "steps_per_epoch": self.steps_per_epoch,
+            "data_order": self.data_order,
         }
 
     def load_state_dict(self, state: dict[str, Any], count_restart: bool = True) -> None:
@@ -432,6 +437,13 @@ class TrainLoop:
                 f"checkpoint has {state['steps_per_epoch']} steps per epoch, this run plans {self.steps_per_epoch}: "
                 "the dataset or batch size changed"
             )
+        saved_order = state.get("data_order")  # None: an older checkpoint, or a loop without a data plan
+        if saved_order and self.data_order and saved_order != self.data_order:
+            changed = ", ".join(f"{key} {saved_order.get(key)} -> {value}" for key, value in self.data_order.items()
+                                if saved_order.get(key) != value)  # fmt: skip
+            raise ValueError(f"the data order changed since the checkpoint ({changed}): its position in the epoch "
+                             "would stand for other samples (some trained twice, others skipped); resume with the "
+                             "settings it was written with, or start a new run (another --name)")  # fmt: skip
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         mine = state["per_rank"][rank]

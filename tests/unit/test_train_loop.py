@@ -496,6 +496,24 @@ def test_a_resumed_epoch_whose_rest_is_unreadable_counts_what_it_trained_before_
     assert resumed.state.trained_in_epoch == -1
 
 
+def test_a_checkpoint_is_not_resumed_under_another_data_order(shard_dir: Path) -> None:
+    """Batch 8 x 1 and 4 x 2 plan the same steps per epoch, but a saved position (micro-batches into the epoch)
+    stands for other samples under the other: resumed, it trained some twice and skipped others."""
+    loop, _ = linear_loop(shard_dir, batch_size=8, grad_accum=1)
+    loop.data_order = {"batch_size": 8, "grad_accum": 1, "seed": 0, "shuffle_buffer": 8, "resampled": False}
+    state = loop.state_dict()
+    other, _ = linear_loop(shard_dir, batch_size=4, grad_accum=2)
+    other.data_order = {**loop.data_order, "batch_size": 4, "grad_accum": 2}
+    assert other.steps_per_epoch == loop.steps_per_epoch
+    with pytest.raises(ValueError, match=r"the data order changed since the checkpoint \(batch_size 8 -> 4, "
+                                         r"grad_accum 1 -> 2\)"):
+        other.load_state_dict(state)
+    other.data_order = dict(loop.data_order)
+    other.load_state_dict(state)  # the same order: resumed
+    other.data_order = {**loop.data_order, "seed": 1}
+    other.load_state_dict({**state, "data_order": None})  # a checkpoint from before the check: not refused
+
+
 class LinearTask(KeyTask):
     """y = w * x + b fitted to 1 on the sample numbers: a model small enough to compare exactly."""
 
