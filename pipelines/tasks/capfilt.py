@@ -495,6 +495,10 @@ def run_capfilt(
     if cached is not None:
         _remove_leftover_work(registry, key)
         return cached
+    if config.ground_truth:  # read at the publish: a wrong path found then cost the whole run
+        from pipelines.tasks import capfilt_quality
+
+        capfilt_quality.check_ground_truth(config.ground_truth)
     started = now_utc()
     registry.note_work(key, stage=STAGE, name=name, parents=[dataset, captioner, filter_model], shared=True)
     # Shards, index parts and markers go where every node's writer tasks reach (inside a remote registry's

@@ -30,13 +30,20 @@ GROUND_TRUTH_FILE = "ground_truth.parquet"
 _NOT_A_DESCRIPTION = ("empty_caption", "absurd_caption")
 
 
+def check_ground_truth(explicit: str) -> None:
+    """A configured ground-truth file (a path or URL) exists: checked before CapFilt runs, not after every shard."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    fs, path = url_to_fs(explicit)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"capfilt ground_truth {explicit}: no such file")
+
+
 def find_ground_truth(registry: Registry, dataset: Manifest, explicit: str | None) -> Any | None:
     """The ground-truth file: the configured path, else the first `ground_truth.parquet` along the lineage."""
     if explicit:
-        path = Path(explicit)
-        if not path.exists():
-            raise FileNotFoundError(f"capfilt ground_truth {explicit}: no such file")
-        return str(path)
+        check_ground_truth(explicit)
+        return explicit
     seen: set[str] = set()
     queue = [dataset]
     while queue:

@@ -339,6 +339,11 @@ def test_damaged_input_shards_fail_before_ray_in_one_line(models_without_ray, tm
     assert error.startswith("blip capfilt: error: web@v1: 4 of its 5 shards are damaged") and error.count("\n") == 1
     assert "shards/train-000001.tar: missing; shards/train-000002.tar: 100 bytes, manifest says" in error
     assert "and 1 more" in error and "blip data verify web@v1" in error
+    # A configured ground-truth file that is not there: refused before the run, not at its publish
+    missing = tmp_path / "nowhere" / "ground_truth.parquet"
+    assert main([*command, "--set", f"ground_truth={missing}"]) == 2
+    error = capsys.readouterr().err
+    assert error == f"blip capfilt: error: capfilt ground_truth {missing}: no such file\n"
 
 
 def test_filter_at_another_image_size_is_reported(tmp_path, caplog):
