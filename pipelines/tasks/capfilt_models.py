@@ -5,8 +5,12 @@ Pure tensor functions called by the Ray actors of `_ray_capfilt.py` (and by the 
 published caption back from its recorded seed), `score_texts` (ITM match probability of the web text and every
 caption, the image encoded once), and the helpers they use. Decoding
 follows blip_models.generation (lengths include the prompt, repetition penalty, top-k then top-p); the only
-change is the random draw: each row draws with its own seeded uniforms, so a caption does not depend on which
-other images shared its batch (see `sample_rows`).
+change is the random draw: each row draws with its own seeded uniforms, so the draws do not depend on which
+other images shared its batch (see `sample_rows`). The logits themselves can differ in their last bits with the
+batch's size and company (matrix kernels sum in other orders; more so in bf16), which once in a while turns a
+draw near a token boundary to its neighbour: a resumed run makes the same batches (fixed slices of each shard,
+the batch size in the cache key) and so the same captions, while `regenerate_caption` (a batch of one) gives
+back the published caption as a rule, not bit for bit.
 """
 
 from __future__ import annotations
