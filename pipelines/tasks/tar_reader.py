@@ -10,7 +10,10 @@ It reads what webdataset shards contain: ustar / GNU / pax headers (long names t
 `path`, sizes through pax `size` or base-256), regular files; directories, links and other entries are
 skipped. gzip / bz2 / xz-compressed tars are read through their decompressors. Errors are `tarfile.ReadError`
 (a `tarfile.TarError`), as `tarfile` raises them: a header whose checksum does not match, or a header or member
-cut short (a truncated shard). Like `tarfile`, the first all-zero block ends the archive.
+cut short (a truncated shard). Like `tarfile`, the first all-zero block ends the archive; unlike `tarfile`, a
+file that ends after a member without that block is an error too: a shard cut exactly between two members read
+as a whole one, its later samples silently gone (every writer of shards here, tarfile and webdataset's, ends
+them with the blocks).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def iter_tar_members(fileobj: IO[bytes]) -> Iterator[TarMember]:
         header = fileobj.read(BLOCK)
         if not header:
             _check_not_past_end(fileobj, position)
+            if position:  # members, then no end-of-archive blocks: the file was cut between two members
+                raise tarfile.ReadError(f"unexpected end of data: the tar ends at byte {position} without its "
+                                        "end-of-archive blocks (cut short between two members)")  # fmt: skip
             return
         if header == _ZERO_BLOCK:
             return

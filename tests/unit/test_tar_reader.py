@@ -74,6 +74,14 @@ def test_truncated_and_corrupt_tars_raise_read_error() -> None:
     with pytest.raises(tarfile.ReadError, match="checksum"):
         list(iter_tar_members(io.BytesIO(bytes(corrupt))))
     assert list(iter_tar_members(io.BytesIO(b""))) == []  # like tarfile at the end of data: no members
+    # Cut exactly between two members: tarfile reads it as a whole tar, its later members silently gone
+    short = build(tarfile.USTAR_FORMAT, ["k0.jpg", "k0.txt", "k1.jpg", "k1.txt"])
+    boundary = reference(short)[2][1] - 512  # where the third member's header starts
+    assert [m.name for m in tarfile.open(fileobj=io.BytesIO(short[:boundary])) if m.isfile()] == ["k0.jpg", "k0.txt"]
+    members = iter_tar_members(io.BytesIO(short[:boundary]))
+    assert [next(members).name for _ in range(2)] == ["k0.jpg", "k0.txt"]
+    with pytest.raises(tarfile.ReadError, match="ends at byte .* without its end-of-archive blocks"):
+        next(members)
 
 
 def test_data_is_only_readable_at_its_member() -> None:
