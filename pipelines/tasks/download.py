@@ -243,8 +243,7 @@ def run_retry_failed(cfg: DownloadConfig, previous: str | Manifest, *, name: str
     remote_staging = None if registry.is_local else registry.version_path("dataset", parent.name, parent.version)
     for entry in parent_files if registry.is_local else ():
         _link_or_copy(registry, parent, entry.path, stage / entry.path)
-    first_id = 1 + max((int(Path(e.path).name[:SHARD_DIGITS]) for e in parent_files if e.path.endswith(".tar")),
-                       default=-1)
+    first_id = 1 + max((int(Path(e.path).stem) for e in parent_files if e.path.endswith(".tar")), default=-1)
     rows_file = work / ROWS_FILE
     files = collect_shards(retry_output, "raw", rows_file, id_offset=first_id, copy_to=stage / "raw",
                            extra=extra) if failed else []  # fmt: skip
@@ -450,9 +449,10 @@ def collect_shards(raw_output: str | Path, prefix: str, rows_file: Path, id_offs
     jobs: list[tuple[dict[str, str], str]] = []
     tar_bytes = 0
     listed = {info["name"].rstrip("/"): info.get("size") for info in fs.ls(root, detail=True)}  # one listing
-    stats_files = sorted(fs.glob(f"{root}/{'[0-9]' * SHARD_DIGITS}_stats.json"))
-    for stats_path in stats_files:
-        shard_id = int(stats_path.rsplit("/", 1)[-1][:SHARD_DIGITS])
+    # Shard numbers are padded to SHARD_DIGITS and grow past them (100000_stats.json after 99999_stats.json).
+    numbered = [(int(path.rsplit("/", 1)[-1].split("_", 1)[0]), path) for path in fs.glob(f"{root}/*_stats.json")
+                if path.rsplit("/", 1)[-1].split("_", 1)[0].isdigit()]  # fmt: skip
+    for shard_id, stats_path in sorted(numbered):
         new_id = f"{shard_id + id_offset:0{SHARD_DIGITS}d}"
         sources = {ext: f"{root}/{shard_id:0{SHARD_DIGITS}d}{ext}" for ext in (".tar", ".parquet", "_stats.json")}
         names = {ext: fs.unstrip_protocol(path) for ext, path in sources.items()}  # URLs, for index_raw_shard

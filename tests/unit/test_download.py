@@ -138,6 +138,18 @@ def test_collect_shards_from_shared_storage_url(tmp_path):
         assert (entry["sha256"], entry["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
+def test_shards_past_99999_are_collected_in_number_order(tmp_path):
+    """img2dataset pads shard numbers to five digits and goes on with six: 100000_stats.json was never found (a
+    129M-row list at 1,000 a shard has 129,000 shards), so the download could not complete."""
+    url = f"memory://collect-{uuid.uuid4().hex}/raw"
+    fs, root = fsspec.core.url_to_fs(url)
+    for shard_id, source_key in ((100000, "late"), (99999, "early")):
+        _img2dataset_shard(fs, root, shard_id, [(source_key, True)])
+    files = collect_shards(url, "raw", tmp_path / "rows.arrow", copy_to=tmp_path / "raw")
+    assert [entry["path"] for entry in files if entry["role"] == "shard"] == ["raw/99999.tar", "raw/100000.tar"]
+    assert [row["key"] for row in download.read_rows([tmp_path / "rows.arrow"]).to_pylist()] == ["early", "late"]
+
+
 def test_shards_in_a_remote_registrys_store_are_indexed_and_published_there(tmp_path):
     # Remote registry (memory://, standing in for s3://) and img2dataset's output_folder in the same store: the
     # shards are indexed where they are and the publish copies them inside the store, not through this machine.
