@@ -349,8 +349,29 @@ def _extra_fields(fs: Any, fs_path: str, path: str, fmt: str, extra_cols: tuple[
     fields = []
     for name in extra_cols:
         _column(names, path, name, (), "extra")
-        fields.append(schema.field(name) if fmt == "parquet" else pa.field(name, pa.string()))
+        field = schema.field(name) if fmt == "parquet" else pa.field(name, pa.string())
+        if not _json_writable(field.type):
+            # img2dataset writes each sample's extra columns into its .json: json.dumps failed for every image, each
+            # sample went missing from its shard and the download could never account for them.
+            raise SourceListError(f"{path}: extra column {name!r} is {field.type}: a sample's extra columns go into "
+                                  "its JSON, which holds numbers, strings, booleans and lists or records of them; "
+                                  "cast it in the source list (a string, say)")  # fmt: skip
+        fields.append(field)
     return fields
+
+
+def _json_writable(kind: pa.DataType) -> bool:
+    """Whether pyarrow gives values of `kind` as Python values json.dumps writes (not datetimes, Decimals, bytes)."""
+    import pyarrow.types as t
+
+    if t.is_dictionary(kind):
+        return _json_writable(kind.value_type)
+    if t.is_list(kind) or t.is_large_list(kind) or t.is_fixed_size_list(kind):
+        return _json_writable(kind.value_type)
+    if t.is_struct(kind):
+        return all(_json_writable(kind.field(i).type) for i in range(kind.num_fields))
+    return (t.is_integer(kind) or t.is_floating(kind) or t.is_boolean(kind) or t.is_null(kind)
+            or t.is_string(kind) or t.is_large_string(kind))  # fmt: skip
 
 
 def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, caption_col: str | None,

@@ -230,6 +230,23 @@ def test_extra_columns_are_carried_with_their_types(tmp_path, fmt):
         read_source_list(path, extra_cols=("aesthetic",))
 
 
+def test_an_extra_column_json_cannot_hold_is_refused_naming_its_type(tmp_path):
+    """img2dataset writes a sample's extra columns into its .json: a timestamp (or date, decimal, bytes) failed
+    json.dumps for every image, each sample went missing from its shard, and the download never completed."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"url": ["http://a/0.jpg"], "caption": ["a"], "crawled": [datetime.datetime(2024, 5, 1)],
+                             "tags": [["x", "y"]], "box": [{"w": 3, "h": 4}]}), path)  # fmt: skip
+    with pytest.raises(SourceListError, match=r"extra column 'crawled' is timestamp\[us\]: .* cast it"):
+        read_source_list(path, extra_cols=("tags", "crawled"))
+    table, _ = read_source_list(path, extra_cols=("tags", "box"))  # lists and records of plain values: carried
+    assert table.column("tags").to_pylist() == [["x", "y"]] and table.column("box").to_pylist() == [{"w": 3, "h": 4}]
+
+
 def test_extra_columns_are_refused_from_json_records(tmp_path):
     path = tmp_path / "list.jsonl"
     write_list(path, [{"url": "http://a/0.jpg", "caption": "a", "similarity": 0.3}])
