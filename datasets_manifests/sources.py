@@ -344,7 +344,7 @@ def _extra_fields(fs: Any, fs_path: str, path: str, fmt: str, extra_cols: tuple[
             schema = open_parquet(handle).schema_arrow
             names = schema.names
         else:
-            header = handle.readline().decode("utf-8", errors="replace")
+            header = handle.readline().decode("utf-8-sig", errors="replace")  # -sig: Excel's byte-order mark
             names = next(csv.reader([header], delimiter="\t" if fmt == "tsv" else ","), [])
     fields = []
     for name in extra_cols:
@@ -395,7 +395,9 @@ def _table_chunks(handle: IO[bytes], path: str, fmt: str, url_col: str | None, c
         import pyarrow.csv as pacsv
 
         delimiter = "\t" if fmt == "tsv" else ","
-        header = handle.readline().decode("utf-8", errors="replace")
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which glued itself to the first column's
+        # name ("\ufeffurl": no url column, said of a file whose header shows one); Arrow skips it too.
+        header = handle.readline().decode("utf-8-sig", errors="replace")
         handle.seek(0)
         names = next(csv.reader([header], delimiter=delimiter), [])
         url_name = _column(names, path, url_col, URL_ALIASES, "url")

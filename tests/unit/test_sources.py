@@ -247,6 +247,16 @@ def test_an_extra_column_json_cannot_hold_is_refused_naming_its_type(tmp_path):
     assert table.column("tags").to_pylist() == [["x", "y"]] and table.column("box").to_pylist() == [{"w": 3, "h": 4}]
 
 
+def test_a_csv_with_excels_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it was glued to the first column's name, and the list
+    was refused for having no url column while its header showed one."""
+    path = tmp_path / "list.csv"
+    path.write_bytes("\ufeffurl,caption,score\nhttp://a/0.jpg,a red circle,0.3\n".encode())
+    table, _ = read_source_list(path, extra_cols=("score",))
+    assert table.select(["url", "caption", "score"]).to_pylist() == [
+        {"url": "http://a/0.jpg", "caption": "a red circle", "score": "0.3"}]
+
+
 def test_extra_columns_are_refused_from_json_records(tmp_path):
     path = tmp_path / "list.jsonl"
     write_list(path, [{"url": "http://a/0.jpg", "caption": "a", "similarity": 0.3}])
