@@ -70,15 +70,23 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     cached = registry.find_cached("dataset", source.name, key, follow_takedowns=False)
     if cached is not None:
         return cached
+    started = now_utc()
+    # One takedown of a version at a time, whatever samples it takes (its work is held by version, not by the
+    # samples): two at once both found no successor and published two, a fork whose newest kept the other's
+    # samples. Checked again once held: one that finished meanwhile is found.
+    line = line_key(source)
+    work = registry.note_work(line, stage=STAGE, name=source.name, parents=[source], shared=True)
+    if (cached := registry.find_cached("dataset", source.name, key, follow_takedowns=False)) is not None:
+        registry.remove_work(line)
+        return cached
     if (newest := registry.replaced_by(source)) is not None:  # two successors would fork the line
+        registry.remove_work(line)
         raise ValueError(f"a takedown already replaced it ({newest.ref} is the newest of that line): take them out "
                          f"of {newest.ref} (`blip data takedown` without REF finds the versions that keep them)")
-    started = now_utc()
-    work = registry.note_work(key, stage=STAGE, name=source.name, parents=[source], shared=True)
     stage = work / "stage"
     shutil.rmtree(stage, ignore_errors=True)  # a stopped run's partial files: written again
     stage.mkdir(parents=True)
-    out = str(stage) if registry.is_local else registry.shared_work_url(key)
+    out = str(stage) if registry.is_local else registry.shared_work_url(line)
     by_shard: dict[str, set[str]] = {}
     for sample_key, (shard, _) in taken.items():
         by_shard.setdefault(shard, set()).add(sample_key)
@@ -156,8 +164,13 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
                        "stats_rewritten": stats_rewritten, "unchanged": unchanged}},
         sample_schema=source.sample_schema, metadata=source.metadata,
     )  # fmt: skip
-    registry.remove_work(key)
+    registry.remove_work(line)
     return manifest
+
+
+def line_key(source: Manifest) -> str:
+    """The work key of every takedown of `source`: one at a time."""
+    return cache_key(STAGE, [source.id], "takedown-of-version")
 
 
 def _counted(entries: list[Any], bar: StageProgress) -> Iterator[Any]:

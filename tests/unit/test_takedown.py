@@ -105,6 +105,38 @@ def test_a_takedown_by_url_rewrites_every_version_that_keeps_it(registry, capsys
     assert json.loads(capsys.readouterr().out)["kept_in"] == ["capfilt@v1", "raw@v1"]
 
 
+def test_two_takedowns_of_one_version_at_once_do_not_fork_its_line(tmp_path):
+    """Takedowns of different samples of one version held different work: both found no successor, both
+    published one (v2 without A, v3 without B, both made from v1) and the newest kept A. Now a version's
+    takedowns hold one work: the second is refused while the first runs (here another process holds it)."""
+    import subprocess
+    import sys
+
+    from datasets_manifests.registry import WorkInProgressError
+    from pipelines.tasks.takedown import line_key, run_takedown
+
+    registry = Registry(tmp_path / "registry")
+    publish_dataset(registry, tmp_path / "raw", "raw", sample_rows(8), stage="download")
+    holding = ("import sys, time\nfrom datasets_manifests.registry import Registry\n"
+               "from pipelines.tasks.takedown import line_key\n"
+               f"registry = Registry({str(registry.root)!r})\n"
+               "registry.note_work(line_key(registry.resolve('raw@v1')), stage='takedown', name='raw')\n"
+               "print('held', flush=True)\ntime.sleep(120)\n")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkInProgressError, match="takedown → raw .* running already"):
+            run_takedown(registry, "raw@v1", urls=[URL.format(4)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_takedown(registry, "raw@v1", urls=[URL.format(4)]).version == "v2"
+    with pytest.raises(ValueError, match="a takedown already replaced it"):
+        run_takedown(registry, "raw@v1", urls=[URL.format(5)])
+    assert [m.version for m in registry.versions("dataset", "raw")] == ["v1", "v2"]
+    assert line_key(registry.resolve("raw@v1")) != line_key(registry.resolve("raw@v2"))
+
+
 def test_a_takedown_of_a_named_version_by_key_and_what_it_refuses(registry, capsys):
     assert main(["data", "--registry", registry.url, "takedown", "raw@v1", "--key", "s000005", "--key", "s000006"]) == 0
     assert "raw@v1 -> raw@v2: 2 samples taken out" in capsys.readouterr().out
