@@ -276,13 +276,16 @@ class Registry:
     def accepted_digests(self, manifest: Manifest, removal: dict[str, Any] | None) -> dict[str, set[tuple[str, int]]]:
         """The files of a version that `blip data rm --data-only` wrote again after a takedown replaced it
         (`datasets_manifests.scrub`, told by its removal record) -> the (sha256, bytes) each may have: the scrub's,
-        or also the manifest's while the scrub is not done (it replaces one file after another)."""
+        or also the manifest's and an earlier scrub's while the scrub is not done (it replaces one file after
+        another)."""
         scrubbed = (removal or {}).get("scrubbed") or {}
         accepted, published = {}, {entry.path: entry for entry in manifest.files}
         for path, digest in scrubbed.get("files", {}).items():
             accepted[path] = {(digest["sha256"], digest["bytes"])}
             if not scrubbed.get("done") and (entry := published.get(path)) is not None:
                 accepted[path].add((entry.sha256, entry.bytes))
+                # a further scrub (after a further takedown) stopped half-way: a file may be as the one before
+                accepted[path].update((d["sha256"], d["bytes"]) for d in scrubbed.get("before", {}).get(path, ()))
         return accepted
 
     def url_of(self, manifest: Manifest, relpath: str) -> str:

@@ -91,8 +91,16 @@ def scrub(registry: Registry, plan: Scrub) -> dict[str, dict[str, Any]]:
             if digest != manifest.file(path).sha256:
                 written[path] = {"sha256": digest, "bytes": size}
         record = registry.removal(manifest) or {}
-        earlier = (record.get("scrubbed") or {}).get("files", {})
-        step = {"as": newest.ref, "as_id": newest.id, "at": now_utc(), "files": {**earlier, **written}}
+        last = record.get("scrubbed") or {}
+        earlier = last.get("files", {})
+        # What each file may still be until this step is done, beside the manifest's: any earlier step's (a file
+        # not yet replaced again is as the scrub before left it; a stopped step's, as it or as before it).
+        before = {path: list(digests) for path, digests in last.get("before", {}).items()}
+        for path, digest in earlier.items():
+            if digest not in before.setdefault(path, []):
+                before[path].append(digest)
+        step = {"as": newest.ref, "as_id": newest.id, "at": now_utc(), "files": {**earlier, **written},
+                "before": before}  # fmt: skip
         registry.write_removal(manifest, {**record, "scrubbed": {**step, "done": False}})
         for path in written:
             _replace(registry, manifest, path, work / path)

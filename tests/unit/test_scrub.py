@@ -141,6 +141,18 @@ def test_a_scrub_stopped_half_way_verifies_and_is_finished_by_the_same_command(r
     assert registry.removal(raw_v1)["scrubbed"]["done"] is True and verify(registry, raw_v1) == []
     assert len(pq.read_table(registry.open(raw_v1, "source.parquet"))) == 5
 
+    # A further takedown, and its scrub stopped half-way too: a file not yet replaced again is as the first scrub
+    # left it, which verify refused (neither the manifest's nor the new step's) until the scrub was finished.
+    assert data(capsys, registry, "takedown", "raw@v2", "--key", "s000004")[0] == 0
+    replaced.clear()
+    monkeypatch.setattr(scrub_module, "_replace", killed_after_one)
+    assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 130
+    assert replaced == ["index.parquet"] and registry.removal(raw_v1)["scrubbed"]["as"] == "raw@v3"
+    assert verify(registry, raw_v1) == []
+    monkeypatch.setattr(scrub_module, "_replace", real_replace)
+    assert data(capsys, registry, "rm", "raw@v1", "--data-only", "--yes")[0] == 0
+    assert verify(registry, raw_v1) == [] and len(pq.read_table(registry.open(raw_v1, "source.parquet"))) == 4
+
     # A file that is neither as published nor as written again is damage, and said so.
     with registry.fs.open(registry.path_of(raw_v1, "source.parquet"), "wb") as handle:
         pq.write_table(pq.read_table(registry.open(registry.resolve("raw@v2"), "ground_truth.parquet")), handle)
