@@ -315,18 +315,23 @@ class Registry:
         return self.fs.cat_file(path, start=offset, end=offset + size)
 
     def fetch(self, manifest: Manifest, relpath: str, target: Path) -> Path:
-        """A local copy of a version's file at `target`, kept for the next call: downloaded into `<target>.partial`
-        and renamed when complete, so a process killed mid-download leaves nothing that is taken for the file (a
-        cut-short model looked complete to the next run); a copy of another size than the manifest's is fetched
-        again."""
+        """A local copy of a version's file at `target`, kept for the next call: downloaded into a `.partial` file
+        of this call and renamed when complete, so a process killed mid-download leaves nothing that is taken for
+        the file (a cut-short model looked complete to the next run); a copy of another size than the manifest's
+        is fetched again."""
         size = manifest.file(relpath).bytes
         if target.exists() and (size is None or target.stat().st_size == size):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        with self.open(manifest, relpath) as remote, open(partial, "wb") as local:
-            shutil.copyfileobj(remote, local, 16 << 20)
-        os.replace(partial, target)
+        # Named for this process: two processes fetching the same file (two evaluation workers of one machine)
+        # wrote one `.partial`, each truncating the other's, and the first renamed a torn copy into place.
+        partial = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+        try:
+            with self.open(manifest, relpath) as remote, open(partial, "wb") as local:
+                shutil.copyfileobj(remote, local, 16 << 20)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
         return target
 
     def work_base(self) -> Path:

@@ -406,6 +406,42 @@ def test_fetch_keeps_a_local_copy_and_never_takes_a_cut_one_for_the_file(registr
     assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
     assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
 
+    # Two fetches of one file at once (two evaluation workers of a machine): here the second runs whole while the
+    # first is reading. They shared one `.partial`: the second emptied the first's and renamed it into place, and
+    # the first wrote on into it past a gap of zeros (then failed to rename a file no longer there).
+    if not registry.is_local:
+        return  # memory:// hands both fetches one file object (one read position): no race to stage there
+    target.unlink()
+    opened = registry.open
+
+    class SecondFetchMidway:  # the first fetch's source: the second fetch runs whole during its first read
+        def __init__(self, handle) -> None:
+            self.handle, self.raced = handle, False
+
+        def __enter__(self) -> "SecondFetchMidway":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+        def read(self, size: int = -1) -> bytes:
+            if self.raced:
+                return self.handle.read(size)
+            self.raced, chunk = True, self.handle.read(100)
+            registry.open = opened  # type: ignore[method-assign]
+            assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
+            return chunk
+
+    def open_racing(version, relpath, mode="rb"):
+        return SecondFetchMidway(opened(version, relpath, mode))
+
+    registry.open = open_racing  # type: ignore[method-assign]
+    try:
+        assert registry.fetch(manifest, "model.safetensors", target).read_bytes() == data
+    finally:
+        registry.open = opened  # type: ignore[method-assign]
+    assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
+
 
 def publish_meanwhile(registry: Registry, method: str, monkeypatch, tmp_path: Path, contents: dict[str, bytes],
                       **kwargs) -> list[Manifest]:  # fmt: skip
