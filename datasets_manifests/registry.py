@@ -139,6 +139,7 @@ WORK_STALE_S = 180.0
 # A run taking over another run's note (it stopped) reads it back this long after writing its own: of two machines
 # that found the same stopped note and wrote theirs, the later write goes on and the other is refused.
 WORK_TAKEOVER_SETTLE_S = 3.0
+REMOTE_LISTINGS_TTL_S = 10.0  # how long a remote registry's listing (of versions, tags, removals) is taken as it is
 _HEARTBEATS: dict[str, tuple[threading.Event, threading.Thread]] = {}  # store note URL -> its beat
 
 
@@ -195,6 +196,12 @@ class Registry:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         self.is_local = "file" in protocols or "local" in protocols
         self.root = self.root.rstrip("/") or "/"
+        dircache = getattr(self.fs, "dircache", None)
+        if not self.is_local and dircache is not None and dircache.listings_expiry_time is None:
+            # s3fs / gcsfs keep a listing forever by default, in one filesystem object per bucket and process: a
+            # long-running process (the browser, a flow worker) never saw the versions, tags and removals others
+            # made (`@latest` stayed old). A command's repeated listings still come from the cache.
+            dircache.listings_expiry_time = REMOTE_LISTINGS_TTL_S
         # id -> (record, removed paths) of versions whose data files were removed, read once per version (`path_of`)
         self._removed_files: dict[str, tuple[dict[str, Any], frozenset[str]] | None] = {}
         if self.is_local:

@@ -47,6 +47,20 @@ def test_a_move_publish_removes_the_work_dirs_it_empties(tmp_path):
     assert (tmp_path / "elsewhere").is_dir()
 
 
+def test_a_remote_registrys_listings_expire(tmp_path):
+    """s3fs / gcsfs keep a directory listing forever by default (one filesystem object per bucket and process): a
+    long-running browser or flow worker never saw another process's new versions. A remote registry's listings
+    now expire after REMOTE_LISTINGS_TTL_S; a value the user gave the filesystem is kept."""
+    from datasets_manifests import registry as registry_module
+
+    remote = Registry(memory_url())
+    assert remote.fs.dircache.listings_expiry_time == registry_module.REMOTE_LISTINGS_TTL_S
+    remote.fs.dircache.listings_expiry_time = 300.0  # as set by the user's storage options
+    assert Registry(memory_url()).fs.dircache.listings_expiry_time == 300.0
+    remote.fs.dircache.listings_expiry_time = None
+    assert Registry(tmp_path / "local").fs.dircache.listings_expiry_time is None  # a local listing is not cached
+
+
 def test_publish_and_resolve_every_ref_form(registry, tmp_path):
     first = publish_files(registry, tmp_path / "a", {"x.bin": b"one"})
     second = publish_files(registry, tmp_path / "b", {"x.bin": b"two", "sub/y.bin": b"why"})
