@@ -13,11 +13,14 @@ truncated or corrupt shard ends that shard's stream and is counted, never a cras
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +84,20 @@ def group_tar(fileobj: IO[bytes], start: int = 0, stop: int | None = None,
         yield sample
 
 
+# What a damaged file raises while it is read (a cut or corrupt tar, a broken compressed stream): the data are
+# bad, and reading again changes nothing. Any other OSError is the reading failing (a connection reset, an I/O
+# error of the disk), which a rerun may not meet.
+DAMAGED_TAR_ERRORS = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError)
+
+
 def iter_tar(fileobj: IO[bytes], errors: Counter | None = None, name: str = "") -> Iterator[TarSample]:
     """The samples of a tar; a truncated/corrupt tar ends the stream and is counted (`truncated_shard`), never
-    raised: the partial sample being read is dropped, the ones before survive."""
+    raised: the partial sample being read is dropped, the ones before survive. An I/O error raises: counted, a
+    transient network error while a stage read a shard from a store dropped the rest of it for good (the stage's
+    results are kept for its rerun), where the run's failing lets the rerun read it again."""
     try:
         yield from group_tar(fileobj)
-    except (tarfile.TarError, EOFError, OSError):
+    except DAMAGED_TAR_ERRORS:
         if errors is not None:
             errors["truncated_shard"] += 1
 

@@ -151,6 +151,19 @@ def test_every_sample_reader_groups_the_same_way_and_keeps_its_contract_on_a_bro
     counts: Counter = Counter()
     assert [s.key for s in webdata.iter_tar(io.BytesIO(cut), counts)] == ["0000", "0001", "0002"]
     assert counts == {"truncated_shard": 1}  # counted, never raised
+    # ... but the reading failing (a connection reset mid-shard) is raised: a rerun may read it whole
+    class ResetMidway(io.BytesIO):
+        def read(self, size: int = -1) -> bytes:
+            if self.tell() > whole[3].offsets["json"]:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().read(size)
+
+    with pytest.raises(ConnectionResetError):
+        list(webdata.iter_tar(ResetMidway(raw), counts))
+    assert counts == {"truncated_shard": 1}
+    broken_gzip = gzip.compress(raw)[:-100]  # a compressed shard cut short: damaged data, counted
+    assert len(list(webdata.iter_tar(io.BytesIO(broken_gzip), counts))) < len(whole)
+    assert counts == {"truncated_shard": 2}
     strict = webdata.iter_tar_samples(io.BytesIO(cut))
     assert [next(strict)[1] for _ in range(3)] == ["0000", "0001", "0002"]
     with pytest.raises(tarfile.ReadError):
