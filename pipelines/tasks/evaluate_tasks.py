@@ -147,7 +147,11 @@ def evaluate_video(registry: Any, dataset: Any, model_dir: str, cfg: EvaluateCon
     from blip_models.processing import pre_caption
     from pipelines.tasks.downstream_data import RetrievalEvalSet, load_msrvtt
 
-    clips = load_msrvtt(_annotation(registry, dataset, dataset.metadata["annotations"]["test"]))[: cfg.max_images or None]
+    annotations = dataset.metadata["annotations"]
+    if cfg.split not in annotations:  # MSRVTT 1k-A: test only; another split ran on test, labelled as asked
+        raise ValueError(f"{dataset.ref} has no {cfg.split} split for video retrieval (it has: "
+                         f"{', '.join(sorted(annotations))}): set split: test")  # fmt: skip
+    clips = load_msrvtt(_annotation(registry, dataset, annotations[cfg.split]))[: cfg.max_images or None]
     paths = [registry.url_of(dataset, f"videos/{c.clip_name}.mp4") for c in clips]  # workers read them on any node
     texts = tuple(pre_caption(c.caption, VIDEO_MAX_WORDS) for c in clips)
     eval_set = RetrievalEvalSet(tuple(c.clip_name for c in clips), texts,

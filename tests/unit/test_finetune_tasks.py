@@ -711,6 +711,9 @@ def test_vqa_nlvr_video_sets_and_evaluation_in_process(tmp_path, benchmark, task
         assert metrics["accuracy"] in (0.0, 100 / 3, 200 / 3, 100.0)
     else:
         assert metrics["txt_r5"] == 100.0 and metrics["img_r_median"] >= 1.0  # 3 clips, one caption each
+        with pytest.raises(ValueError, match="has no val split for video retrieval"):  # ran on test, said val
+            run_evaluate(EvaluateConfig(task="video", split="val", num_workers=0), model=str(model), dataset=dataset,
+                         name="eval-video-val", registry=registry)  # fmt: skip
     with pytest.raises(ValueError, match="needs a"):
         run_evaluate(EvaluateConfig(task="caption", num_workers=0), model=str(model), dataset=dataset, name="bad",
                      registry=registry)
