@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -235,6 +236,8 @@ def _coerce(tp: Any, value: Any, origin: str, dotted: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+            return float(value)  # `lr: 1e-4` / `--set optim.lr=1e-4`: YAML 1.1 reads a float without a dot as text
         fail()
     if tp is str:
         if isinstance(value, str):
@@ -247,6 +250,10 @@ def _coerce(tp: Any, value: Any, origin: str, dotted: str) -> Any:
     if isinstance(value, tp):
         return value
     fail()
+
+
+# A number in exponent notation without a decimal point ("1e-4", "5E3"), which YAML 1.1 (PyYAML) leaves a string.
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _override_for(key: str | None, overrides: list[str] | tuple[str, ...]) -> str | None:

@@ -45,6 +45,15 @@ def test_invalid_value_names_the_key(override, named):
     assert named in str(error.value)
 
 
+def test_a_float_in_exponent_notation_without_a_point_is_a_float(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as text: `--set pretrain.optim.lr=1e-4` (and `lr: 1e-4` in a file, as
+    learning rates are written) failed with "expected float, got '1e-4'"."""
+    assert load_pipeline("tiny", ["pretrain.optim.lr=1e-4", "pretrain.optim.min_lr=5E-7"]).pretrain.optim.lr == 1e-4
+    assert load_pipeline("tiny", ["pretrain.optim.min_lr=5E-7"]).pretrain.optim.min_lr == 5e-7
+    with pytest.raises(ConfigError, match="expected int, got '1e3'"):  # an int field still wants an int
+        load_pipeline("tiny", ["shard.samples_per_shard=1e3"])
+
+
 def test_flow_fails_before_any_stage(tmp_path, capsys):
     from pipelines.flows.bootstrap import bootstrap
 
