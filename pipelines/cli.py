@@ -84,9 +84,10 @@ def _is_user_error(error: Exception) -> bool:
     return isinstance(error, (CommandError, ConfigError, FileNotFoundError)) or bool(
         # MissingFilesystemError: an s3:// URL without s3fs; CapFiltError: a wrong model kind or an empty dataset;
         # EmptyInputError: a shard stage given a download that got no image; WorkerProcessDied: a stage's worker
-        # process was killed (out of memory) - its traceback would be concurrent.futures' internals
+        # process was killed (out of memory) - its traceback would be concurrent.futures' internals; SourceListError:
+        # a source list that cannot be read as one (its format, a missing url column)
         names & {"RegistryError", "UserError", "MissingFilesystemError", "CapFiltError", "EmptyInputError",
-                 "WorkerProcessDied"}
+                 "WorkerProcessDied", "SourceListError"}
     )
 
 

@@ -176,9 +176,10 @@ def run_download(cfg: DownloadConfig, source: str | Path, *, name: str, registry
     corpus's URLs carry the ephemeral port of its server); default: the sha256 of the list.
     `extra_files` ({path in version: local file}) are published with the shards (e.g. ground truth).
     """
-    from datasets_manifests.sources import normalise_source_list, source_list_sha256
+    from datasets_manifests.sources import detect_format, normalise_source_list, source_list_sha256
 
     source = str(source)  # a local path or an fsspec URL (s3://..., gs://...)
+    detect_format(source)  # a list of no known format is refused before a run is noted (`blip data work`)
     key = download_key(cfg, source_id or f"source:{source_list_sha256(source)}")
     cached = registry.find_cached("dataset", name, key)
     if cached is not None:

@@ -57,6 +57,15 @@ def test_cli_user_errors(tmp_path, capsys):
     assert "source list not found" in capsys.readouterr().err
     assert main(["download", "--name", "raw", "--registry", str(tmp_path)]) == 2
     assert "--retry-failed" in capsys.readouterr().err
+    # A list that cannot be read as one: one line (it was a traceback), and no unfinished run left noted
+    (tmp_path / "list.txt").write_text("http://a/0.jpg a caption\n")
+    assert main(["download", str(tmp_path / "list.txt"), "--name", "raw", "--registry", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blip download: error: ") and "unknown source list format 'txt'" in err
+    assert not (tmp_path / "r" / ".work").exists()
+    (tmp_path / "list.csv").write_text("link,text\nhttp://a/0.jpg,a caption\n")
+    assert main(["download", str(tmp_path / "list.csv"), "--name", "raw", "--registry", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("blip download: error: ")  # no url column: named, no traceback
     assert main(["demo-corpus", "write", str(tmp_path / "c"), "--n", "12", "--bad-fraction", "0.0"]) == 0
     assert (tmp_path / "c" / "ground_truth.parquet").exists()
 
