@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="BLIP data bootstrapping: download -> shard -> pretrain -> CapFilt -> finetune -> evaluate, "
         "with every dataset and model a versioned artifact in a registry.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # dest "verb": `blip submit --command` has a `command` of its own, which made its errors "blip None: error"
+    subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as error:  # Ctrl-C; a stage that can go on says how (`TrainingInterrupted`, ...)
         how = "; ".join(part for part in (str(error), getattr(args, "on_interrupt", "")) if part)
-        print(f"blip {args.command}: interrupted{f': {how}' if how else ''}", file=sys.stderr)
+        print(f"blip {args.verb}: interrupted{f': {how}' if how else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `blip data ls | head`: the reader left; not an error to print a traceback for
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
@@ -64,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "traceback", False):
             raise
         if _is_user_error(error):
-            print(f"blip {args.command}: error: {error}", file=sys.stderr)
+            print(f"blip {args.verb}: error: {error}", file=sys.stderr)
             return 2
         if (full := disk_full(error)) is not None:  # at 129M (~6 TB a version) the most likely end of a long run
             where = f" ({full.filename})" if full.filename else ""
             stopped = f"; {full.stopped}" if getattr(full, "stopped", None) else ""  # `TrainingDiskFull`
             then = getattr(args, "on_interrupt", "") or "run the same command again (a stage goes on from its work)"
-            print(f"blip {args.command}: error: no space left on the device{where}{stopped}: free space (`blip data "
+            print(f"blip {args.verb}: error: no space left on the device{where}{stopped}: free space (`blip data "
                   f"work` lists what runs left; `--remove-leftovers` frees what no rerun needs), then {then}",
                   file=sys.stderr)  # fmt: skip
             return 2

@@ -11,11 +11,13 @@ project as its working directory, streams the job's logs and exits with its stat
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipelines.cli import CommandError
 
@@ -81,8 +83,6 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     if not os.environ.get("PREFECT_API_URL"):
         raise CommandError(
             "PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
@@ -116,6 +116,8 @@ def follow_flow_run(flow_run_id: Any, timeout: float | None = None, poll_seconds
                 print(f"[{time.strftime('%H:%M:%S')}] {flow_run.name}: {state.name}", flush=True)
                 last_state = state.name
             if state is not None and state.is_final():
+                if not state.is_completed() and state.message:
+                    print(f"{flow_run.name}: {state.message}", flush=True)  # why: the failed stage's error
                 return 0 if state.is_completed() else 1
             if timeout is not None and time.monotonic() - started > timeout:
                 print(f"still {last_state} after {timeout:.0f} s; the run goes on (flow run id {flow_run_id})")
@@ -124,6 +126,16 @@ def follow_flow_run(flow_run_id: Any, timeout: float | None = None, poll_seconds
 
 
 # -------------------------------------------------------------------------------------------- blip submit
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Iterator[None]:
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def job_entrypoint(target: str | None, command: str | None, overrides: list[str]) -> str:
@@ -145,8 +157,12 @@ def job_runtime_env(extra_env: list[str]) -> dict[str, Any]:
 
     # The loopback switch is for single-machine Ray only; a cluster's nodes bring their own environment.
     env_vars = {k: v for k, v in ENVIRONMENT.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    if os.environ.get("BLIP_REGISTRY"):  # the registry this shell uses (the job would use the uploaded folder's)
+        env_vars["BLIP_REGISTRY"] = os.environ["BLIP_REGISTRY"]
     for pair in extra_env:
-        key, _, value = pair.partition("=")
+        key, equals, value = pair.partition("=")
+        if not equals:
+            raise CommandError(f"--env {pair!r} must look like KEY=VALUE")
         env_vars[key] = value
     # The project is uploaded as the job's working directory; `python -m pipelines.cli` imports it from there.
     return {"working_dir": str(PROJECT_ROOT), "excludes": JOB_EXCLUDES, "env_vars": env_vars}
@@ -164,17 +180,38 @@ def submit_with_retry(client: Any, entrypoint: str, runtime_env: dict[str, Any],
             time.sleep(2.0)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    import os
+def check_job_target(target: str | None, command: str | None, overrides: list[str]) -> None:
+    """What the job would fail on, said here: a flow TARGET and its overrides are validated (a typo uploaded the
+    project and failed on the cluster); a config file must be inside the project (the job runs in its uploaded
+    copy); --command takes no TARGET or --set."""
+    from pipelines.pipeline_config import load_pipeline
 
+    if command:
+        if target or overrides:
+            raise CommandError("--command runs that command alone: give TARGET and --set without it, or put them in "
+                               "the command")  # fmt: skip
+        return
+    if target is None:
+        return
+    path = Path(target).resolve()
+    if path.is_file() and not path.is_relative_to(PROJECT_ROOT):
+        raise CommandError(f"{target}: the job runs in the uploaded project ({PROJECT_ROOT}), where this file is "
+                           "not: put the config under the project (configs/pipeline/) and name it from there")
+    load_pipeline(target, overrides)  # ConfigError: one line, naming the key
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     if not address.startswith("http"):
         address = f"http://{address}"
+    check_job_target(args.target, args.command, args.overrides)
     entrypoint = job_entrypoint(args.target, args.command, args.overrides)
     try:
-        client = JobSubmissionClient(address)
+        # Ray's client takes RAY_ADDRESS over the address it is given: --address went to the local cluster.
+        with _without_env("RAY_ADDRESS") if args.address else contextlib.nullcontext():
+            client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as error:
         raise CommandError(f"cannot reach the Ray job server at {address}: {error}") from error
     job_id = submit_with_retry(client, entrypoint, job_runtime_env(args.env))

@@ -74,3 +74,45 @@ def _wait_for_job_server(address: str, head: subprocess.Popen, log_path: Path, t
         time.sleep(1)
     stop_process_group(head)
     pytest.fail(f"Ray job server at {address} did not answer within {timeout_s:.0f} s:\n{log_path.read_text()}")
+
+
+def test_submit_runs_a_stage_and_streams_its_logs(ray_head, tmp_path, capsys, monkeypatch):
+    """The job runs a blip command to completion on the cluster and its output comes back through the job logs.
+    --address wins over a RAY_ADDRESS of the shell (Ray's client took the variable over the address it was
+    given: the job went to the other cluster), and the shell's BLIP_REGISTRY reaches the job."""
+    out_dir = tmp_path / "corpus"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # another cluster's address (nothing listens there)
+    code = main(["submit", "--address", ray_head, "--command", f"blip demo-corpus write {out_dir} --n 12 --seed 3"])
+    captured = capsys.readouterr().out
+    assert code == 0, captured
+    assert "SUCCEEDED" in captured and f"to {ray_head}" in captured
+    assert (out_dir / "ground_truth.parquet").exists()
+    assert str(out_dir) in captured  # the job's own output (the corpus summary), through the job logs
+    registry = tmp_path / "shell-registry"
+    registry.mkdir()
+    monkeypatch.setenv("BLIP_REGISTRY", str(registry))
+    assert main(["submit", "--address", ray_head, "--command", "blip data ls"]) == 0
+    out = capsys.readouterr().out
+    assert f"o versions in {registry}\n" in out, out  # `blip data ls` of the shell's registry, in the job
+
+
+def test_submit_reports_a_failing_job(ray_head, capsys):
+    code = main(["submit", "--address", ray_head, "--command",
+                 "blip data --registry /tmp/blip-empty-registry show no-such-dataset@v1"])  # fmt: skip
+    captured = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED" in captured
+
+
+def test_submit_checks_the_flow_target_before_uploading(ray_head, tmp_path, capsys):
+    """A typo in a preset's override failed on the cluster after the project was uploaded; a config outside the
+    project does not exist in the job's copy of it; --command with a TARGET or --set dropped them silently."""
+    assert main(["submit", "--address", ray_head, "tiny", "--set", "capfilt.filter.treshold=0.6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blip submit: error: ") and "capfilt.filter.treshold" in err and err.count("\n") == 1
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((ROOT / "configs/pipeline/tiny.yaml").read_text())
+    assert main(["submit", "--address", ray_head, str(outside)]) == 2
+    assert "the job runs in the uploaded project" in capsys.readouterr().err
+    assert main(["submit", "--address", ray_head, "tiny", "--command", "blip data ls"]) == 2
+    assert "--command runs that command alone" in capsys.readouterr().err
