@@ -114,6 +114,21 @@ def plan_run(storage_path: str, run_name: str, resume: bool, start_if_missing: b
     return storage_path, fs.unstrip_protocol(run_dir) if "://" in storage_path else run_dir
 
 
+def run_name_for(stage: str, key: str, run_key: str, storage_path: str) -> str:
+    """The Ray Train run of a stage run: named by `run_key`, the cache key without the settings that change how a
+    run goes, not what it trains (`pretrain.RUN_MECHANICS_KEYS`), so that a rerun with more retries (a run that
+    used up `max_failures`) goes on from the same checkpoints instead of step 0; named by the cache key `key` where
+    a run of that name is there (started before names left those settings out)."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    names = [f"{stage}-{run_key[:12]}", f"{stage}-{key[:12]}"]
+    if names[0] == names[1]:
+        return names[0]
+    path = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    fs, root = url_to_fs(path)
+    return next((name for name in names if fs.exists(f"{root.rstrip('/')}/{name}")), names[0])
+
+
 def init_sources(worker_config: dict[str, Any]) -> list[str]:
     """The initial weights every worker loads: finetuning's init model, pretraining's checkpoint or ViT weights."""
     init = worker_config.get("task", {}).get("kwargs", {}).get("init")

@@ -223,7 +223,8 @@ def run_finetune(
     from datasets_manifests.registry import Registry, check_name, now_utc
     from pipelines.config import ConfigError
     from pipelines.tasks import _ray_train
-    from pipelines.tasks.pretrain import RUN_ONLY_KEYS, _role, init_identity, shard_cache_setting, warn_uncached_remote
+    from pipelines.tasks.pretrain import (RUN_ONLY_KEYS, _role, init_identity, run_key, shard_cache_setting,
+                                          warn_uncached_remote)
     from pipelines.tasks.publish_model import training_init_source
     from pipelines.tasks.train_data import DataPlan, shards_of
 
@@ -235,8 +236,8 @@ def run_finetune(
     init_source, init_origin = (init_source, {}) if init_manifest else training_init_source(init_source)
     parents = [init_manifest, dataset] if init_manifest is not None else [dataset]
     stage = f"finetune-{cfg.task}"
-    key = cache_key(stage, [p.id for p in parents] + ([] if init_manifest else init_identity(init_source)),
-                    config_hash(cfg, RUN_ONLY_KEYS))  # fmt: skip
+    inputs = [p.id for p in parents] + ([] if init_manifest else init_identity(init_source))
+    key = cache_key(stage, inputs, config_hash(cfg, RUN_ONLY_KEYS))
     cached = registry.find_cached("model", name, key)
     if cached is not None:
         registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
@@ -266,7 +267,7 @@ def run_finetune(
         "find_unused_parameters": cfg.scaling.find_unused_parameters,
     }  # fmt: skip
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
-    run_name = f"{stage}-{key[:12]}"
+    run_name = _ray_train.run_name_for(stage, key, run_key(cfg, stage, inputs), storage)
     work = registry.note_work(key, stage=stage, name=name, parents=parents, shared=True,  # as pretrain's
                               ray_run={"name": run_name, "storage_path": storage})  # fmt: skip
     started = now_utc()

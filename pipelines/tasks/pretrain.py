@@ -326,7 +326,7 @@ def run_pretrain(
         raise ValueError(f"pretrain: a dataset version is given twice ({', '.join(d.ref for d in datasets)})")
     if init is not None:
         cfg = replace(cfg, init=InitConfig(checkpoint=init))
-    parents, init_source, init_origin, key = lineage(registry, cfg, datasets)
+    parents, init_source, init_origin, key, inputs = lineage(registry, cfg, datasets)
     cached = registry.find_cached("model", cfg.output_name, key)
     if cached is not None:
         registry.remove_work(key)  # what a run stopped between its publish and its clean-up left
@@ -342,7 +342,7 @@ def run_pretrain(
     warn_uncached_remote(cfg.data, shards)
     # Runs live under one directory keyed by run name, so `--resume --name X` finds X after a config change.
     storage = cfg.scaling.storage_path or str(registry.work_dir("train-runs"))
-    name = run_name or f"{STAGE}-{key[:12]}"
+    name = run_name or _ray_train.run_name_for(STAGE, key, run_key(cfg, STAGE, inputs), storage)
     # shared: with a remote registry its store holds the note, so the same run from another machine (a second
     # Prefect worker) is refused instead of training into the same Ray Train run directory.
     work = registry.note_work(key, stage=STAGE, name=cfg.output_name, parents=parents, shared=True,
@@ -401,9 +401,9 @@ def worker_config(cfg: PretrainConfig, shards: Any, init_source: str | None = No
 
 
 def lineage(registry: Any, cfg: PretrainConfig,
-            datasets: Sequence[Any]) -> tuple[list[Any], str | None, dict[str, str], str]:  # fmt: skip
+            datasets: Sequence[Any]) -> tuple[list[Any], str | None, dict[str, str], str, list[str]]:  # fmt: skip
     """(parents, local path or URL of the initial weights, what the metadata records of a converted transformers
-    checkpoint, cache key) of a pretraining run.
+    checkpoint, cache key, the ids the key is made of) of a pretraining run.
 
     An init that is a model version becomes a parent after the dataset versions, so the key (and with it the
     published version) changes whenever the initial weights do; a file or directory enters the key by the
@@ -422,13 +422,25 @@ def lineage(registry: Any, cfg: PretrainConfig,
     elif cfg.init.vit_weights:
         init_source = cfg.init.vit_weights
         outside = init_identity(init_source)
-    key = cache_key(STAGE, [p.id for p in parents] + outside, config_hash(cfg, RUN_ONLY_KEYS))
-    return parents, init_source, init_origin, key
+    inputs = [p.id for p in parents] + outside
+    return parents, init_source, init_origin, cache_key(STAGE, inputs, config_hash(cfg, RUN_ONLY_KEYS)), inputs
+
+
+def run_key(cfg: Any, stage: str, inputs: list[str]) -> str:
+    """The key that names a stage's Ray Train run: `inputs` (the cache key's) and the config without
+    RUN_MECHANICS_KEYS."""
+    from datasets_manifests.manifest import cache_key
+
+    return cache_key(stage, inputs, config_hash(cfg, RUN_MECHANICS_KEYS))
 
 
 # Where a run keeps temporary copies does not change what it trains; these keys came after cache keys were in use,
 # so they are left out of them (runs keep their keys). The other fields stay in, as they always were.
 RUN_ONLY_KEYS = ("data.shard_cache_dir", "data.shard_cache_gb")
+# Nor do these, which say how a run goes; the published version's cache key keeps them (as it always did), the
+# name of the Ray Train run a rerun goes on from leaves them out (`_ray_train.run_name_for`).
+RUN_MECHANICS_KEYS = (*RUN_ONLY_KEYS, "scaling.max_failures", "scaling.cpus_per_worker", "scaling.checkpoints_to_keep",
+                      "data.loader_workers", "loop.log_every", "loop.checkpoint_every")  # fmt: skip
 
 
 def shard_cache_setting(data: Any) -> list[Any] | None:

@@ -187,22 +187,22 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
                                          files=[{"path": "model/model.safetensors", "role": "weights"},
                                                 {"path": "model/config.json", "role": "config"}]))  # fmt: skip
     cfg = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml")
-    parents, source, _, scratch_key = lineage(registry, cfg, [dataset])
+    parents, source, _, scratch_key, _ = lineage(registry, cfg, [dataset])
     assert parents == [dataset] and source is None
 
     first = dataclasses.replace(cfg, init=InitConfig(checkpoint=versions[0].ref))
-    parents, source, _, first_key = lineage(registry, first, [dataset])
+    parents, source, _, first_key, _ = lineage(registry, first, [dataset])
     assert [p.id for p in parents] == [dataset.id, versions[0].id]
     assert source is not None and (Path(source) / "config.json").is_file()
     latest = dataclasses.replace(cfg, init=InitConfig(checkpoint="tiny-init"))  # resolves to the second version
-    parents, _, _, latest_key = lineage(registry, latest, [dataset])
+    parents, _, _, latest_key, _ = lineage(registry, latest, [dataset])
     assert parents[-1].id == versions[1].id
     assert len({scratch_key, first_key, latest_key}) == 3
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="no-such-model")), [dataset])
     # A released checkpoint by its BLIP (or LAVIS) name: its URL, which the workers download into their cache.
     named = dataclasses.replace(cfg, init=InitConfig(checkpoint="model_base_capfilt_large"))
-    parents, source, _, named_key = lineage(registry, named, [dataset])
+    parents, source, _, named_key, _ = lineage(registry, named, [dataset])
     assert parents == [dataset] and source == ck.OFFICIAL_URL_PREFIX + "model_base_capfilt_large.pth"
     assert named_key not in {scratch_key, first_key, latest_key}
     assert lineage(registry, dataclasses.replace(cfg, init=InitConfig(checkpoint="blip_pretrain/base")),
@@ -214,10 +214,37 @@ def test_init_from_a_model_version_is_a_parent_and_changes_the_cache_key(
     outside = tmp_path / "outside"
     shutil.copytree(registry.local_path(versions[0], "model/config.json").parent, outside)
     by_path = dataclasses.replace(cfg, init=InitConfig(checkpoint=str(outside)))
-    parents, source, _, outside_key = lineage(registry, by_path, [dataset])
+    parents, source, _, outside_key, _ = lineage(registry, by_path, [dataset])
     assert parents == [dataset] and source == str(outside) and outside_key == lineage(registry, by_path, [dataset])[3]
     shutil.copy(registry.local_path(versions[1], "model/model.safetensors"), outside / "model.safetensors")
     assert lineage(registry, by_path, [dataset])[3] not in {outside_key, first_key}
+
+
+def test_a_rerun_with_more_retries_goes_on_from_the_same_training_run(scenes: tuple[Any, Any], tmp_path: Path) -> None:
+    """The Ray Train run a rerun goes on from was named by the cache key, which holds how a run goes too: a run
+    that used up `max_failures`, rerun with more, started again from step 0 (days at scale). The run's name now
+    leaves those settings out; the published version's key keeps them. A run named the old way is still found."""
+    from pipelines.config import load_config
+    from pipelines.tasks._ray_train import run_name_for
+    from pipelines.tasks.pretrain import PretrainConfig, lineage, run_key
+
+    registry, dataset = scenes
+    cfg = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml")
+    how = ["scaling.max_failures=7", "loop.log_every=3", "loop.checkpoint_every=11", "data.loader_workers=0",
+           "scaling.checkpoints_to_keep=5"]  # fmt: skip
+    rerun = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml", how)
+    other = load_config(PretrainConfig, CONFIGS / "train" / "pretrain_tiny.yaml", ["optim.lr=0.00042"])
+    _, _, _, key, inputs = lineage(registry, cfg, [dataset])
+    rerun_key = lineage(registry, rerun, [dataset])[3]
+    assert key != rerun_key  # another version's key: the published version says how it was trained
+    assert run_key(cfg, "pretrain", inputs) == run_key(rerun, "pretrain", inputs)
+    assert run_key(other, "pretrain", inputs) != run_key(cfg, "pretrain", inputs)  # what it trains: another run
+    storage = tmp_path / "runs"
+    name = run_name_for("pretrain", key, run_key(cfg, "pretrain", inputs), str(storage))
+    assert name == run_name_for("pretrain", rerun_key, run_key(rerun, "pretrain", inputs), str(storage))
+    assert name != f"pretrain-{key[:12]}"
+    (storage / f"pretrain-{key[:12]}").mkdir(parents=True)  # a run started by the code before
+    assert run_name_for("pretrain", key, run_key(cfg, "pretrain", inputs), str(storage)) == f"pretrain-{key[:12]}"
 
 
 def test_published_models_do_not_carry_gradient_checkpointing(tmp_path: Path) -> None:
