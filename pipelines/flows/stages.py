@@ -37,8 +37,25 @@ RETRY_DELAYS = [10, 60]
 
 
 def is_transient(error: BaseException | None) -> bool:
+    """Whether a stage's error may not happen again (retried). Of the names above, an HTTP error that is the
+    server's answer about the request (404, 401, 403: a missing file, no access) and CUDA running out of memory
+    (the same batch on the same GPU runs out again) are not: their retries only waited 70 s to fail the same way."""
     names = {cls.__name__ for cls in type(error).__mro__} if error is not None else set()
-    return bool(names & TRANSIENT_ERROR_NAMES)
+    if not names & TRANSIENT_ERROR_NAMES:
+        return False
+    if "OutOfMemoryError" in names and type(error).__module__.split(".")[0] == "torch":
+        return False
+    status = _http_status(error)
+    return not ("HTTPError" in names and status is not None and 400 <= status < 500 and status not in (408, 429))
+
+
+def _http_status(error: BaseException | None) -> int | None:
+    """The status of an HTTP error: urllib's `code`, requests' (and huggingface_hub's) `response.status_code`."""
+    for value in (getattr(error, "code", None), getattr(error, "status", None),
+                  getattr(getattr(error, "response", None), "status_code", None)):  # fmt: skip
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def _retry_only_transient(task: Any, task_run: Any, state: Any) -> bool:

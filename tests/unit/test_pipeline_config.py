@@ -91,3 +91,29 @@ def test_bad_set_value_blames_the_override_not_the_file(tmp_path, capsys):
     # Nested: the override of a whole mapping is blamed for a bad key inside it.
     with pytest.raises(ConfigError, match=r"^--set pretrain.optim=\{lr: x\} .*pretrain.optim.lr"):
         load_pipeline("tiny", ["pretrain.optim={lr: x}"])
+
+
+def test_only_errors_that_may_not_happen_again_are_retried():
+    """A stage is retried on network blips and lost Ray workers; not on a server's answer about the request (an
+    HTTP 404 or 401: a missing file, no access) nor on CUDA running out of memory, which repeat."""
+    import urllib.error
+
+    import ray.exceptions
+    import requests
+    import torch
+
+    from pipelines.flows.stages import is_transient
+
+    def http(code: int) -> urllib.error.HTTPError:
+        return urllib.error.HTTPError("http://h/x", code, "", {}, None)  # type: ignore[arg-type]
+
+    def answered(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(response=response)
+
+    assert is_transient(ConnectionResetError()) and is_transient(http(503)) and is_transient(http(429))
+    assert is_transient(answered(502)) and is_transient(ray.exceptions.OutOfMemoryError("node memory"))
+    assert not is_transient(http(404)) and not is_transient(answered(401)) and not is_transient(answered(403))
+    assert not is_transient(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not is_transient(ValueError("bad input")) and not is_transient(None)
