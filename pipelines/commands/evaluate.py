@@ -143,7 +143,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             manifest = run_finetune(cfg, init=init, dataset=args.dataset, name=name, registry=registry,
                                     on_progress=bar)  # fmt: skip
     except TrainingInterrupted as stopped:
-        raise KeyboardInterrupt(f"{stopped}; {args.on_interrupt}") from None
+        raise KeyboardInterrupt(str(stopped)) from None  # the CLI adds how to go on (`args.on_interrupt`)
     print(render_finetune_table(manifest))
     print(f"{manifest.ref}  id {manifest.short_id}")
     return 0

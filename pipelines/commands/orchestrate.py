@@ -83,10 +83,14 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the environment's, else the active Prefect profile's
+    if not api_url:
         raise CommandError(
             "PREFECT_API_URL is not set: point it at your Prefect server, e.g. "
-            "export PREFECT_API_URL=http://127.0.0.1:4200/api (see README, 'Prefect deployments')"
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api, or `prefect config set PREFECT_API_URL=...` "
+            "(see README, 'Prefect deployments')"
         )
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -95,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         flow_run = run_deployment(name=name, parameters=parse_params(args.param), timeout=0)
     except ObjectNotFound as error:
-        raise CommandError(f"deployment {name!r} not found on {os.environ['PREFECT_API_URL']} "
+        raise CommandError(f"deployment {name!r} not found on {api_url} "
                            "(run `prefect --no-prompt deploy --all` from infra/ first)") from error
     print(f"started flow run {flow_run.name} ({flow_run.id}) of {name}", flush=True)
     if args.no_follow:

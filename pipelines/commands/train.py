@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.on_interrupt = f"the same command{resume} goes on from it"  # the CLI's line after a full disk
         if isinstance(stopped, TrainingDiskFull):
             raise
-        raise KeyboardInterrupt(f"{stopped}; {args.on_interrupt}") from None
+        raise KeyboardInterrupt(str(stopped)) from None  # the CLI adds how to go on (`args.on_interrupt`)
     meta = manifest.metadata
     print(f"{manifest.ref}  id {manifest.short_id}  step {meta.get('final_step')}/{meta.get('planned_steps')}  "
           f"restarts {meta.get('restarts')}  parents {', '.join(manifest.parents)}")  # fmt: skip

@@ -175,6 +175,7 @@ def test_ctrl_c_stops_a_run_that_then_goes_on_with_resume(ray_session: Any, scen
     said = re.search(r"blip train: interrupted: training run 'ctrl-c' stopped; its last checkpoint is step (\d+); "
                      r"the same command with `--resume --name ctrl-c` goes on from it", output)  # fmt: skip
     assert returncode == 130 and said, output[-3000:]
+    assert output.count("`--resume --name ctrl-c` goes on from it") == 1  # said once (it was said twice)
     step = int(said.group(1))
     assert step >= 5 and step % 5 == 0
     assert registry.versions("model", "blip-tiny-pretrain") == published  # nothing published
