@@ -201,7 +201,11 @@ def check_job_target(target: str | None, command: str | None, overrides: list[st
     if path.is_file() and not path.is_relative_to(PROJECT_ROOT):
         raise CommandError(f"{target}: the job runs in the uploaded project ({PROJECT_ROOT}), where this file is "
                            "not: put the config under the project (configs/pipeline/) and name it from there")
-    load_pipeline(target, overrides)  # ConfigError: one line, naming the key
+    config = load_pipeline(target, overrides)  # ConfigError: one line, naming the key
+    if config.registry is None and not os.environ.get("BLIP_REGISTRY"):
+        print("blip submit: note: no registry is set (the config's `registry`, BLIP_REGISTRY): the job publishes "
+              "into ./artifacts/registry of its uploaded copy of the project, on the cluster, gone with the job's "
+              "folder; set BLIP_REGISTRY (s3://...) to keep its versions", file=sys.stderr)  # fmt: skip
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -117,3 +117,17 @@ def test_only_errors_that_may_not_happen_again_are_retried():
     assert not is_transient(http(404)) and not is_transient(answered(401)) and not is_transient(answered(403))
     assert not is_transient(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not is_transient(ValueError("bad input")) and not is_transient(None)
+
+
+def test_submit_says_where_a_job_without_a_registry_publishes(capsys, monkeypatch):
+    """A flow submitted without a registry (tiny's `registry: null`, no BLIP_REGISTRY) publishes into the job's
+    uploaded copy of the project, gone with it: said before the upload."""
+    from pipelines.commands.orchestrate import check_job_target
+
+    monkeypatch.delenv("BLIP_REGISTRY", raising=False)
+    check_job_target("tiny", None, [])
+    assert "no registry is set" in capsys.readouterr().err
+    monkeypatch.setenv("BLIP_REGISTRY", "s3://bucket/registry")
+    check_job_target("tiny", None, [])
+    check_job_target("tiny", None, ["registry=s3://bucket/other"])
+    assert capsys.readouterr().err == ""
