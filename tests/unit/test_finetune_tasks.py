@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -494,23 +495,29 @@ def test_an_evaluation_worker_killed_mid_run_is_rebuilt_and_gives_the_same_featu
     assert "constructor arguments in the object store" not in capfd.readouterr().err
 
 
-def test_the_re_ranking_bar_moves_within_a_part_as_its_pairs_are_scored(downstream, tmp_path):
-    """The ITM re-ranking is one part a worker (minutes to an hour each at COCO's size): its bar moved only when a
-    whole part returned, so a one-worker evaluation showed 0 % until the end. Now the scorer's batches say how far
-    the part is, and the bar (a log line off a terminal) moves within it; the scores are those of the split run."""
+def tiny_retrieval_and_test_set(downstream: Any, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A tiny random retrieval model's directory, and the image paths and texts of the demo set's test split."""
     from blip_models.checkpoints import save_pretrained
     from blip_models.configuration_blip import preset
     from blip_models.modeling_retrieval import BlipRetrieval
-    from pipelines.progress import StageProgress
-    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_retrieval, rerank_rows
-    from pipelines.tasks.retrieval_eval import similarity_matrix
 
     registry, manifest = downstream
     torch.manual_seed(0)
     model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
     annotation = json.loads(registry.local_path(manifest, "annotation/coco_karpathy_test.json").read_text())
     urls = [str(registry.local_path(manifest, f"images/{item['image']}")) for item in annotation]
-    texts = [caption for item in annotation for caption in item["caption"]]
+    return model_dir, urls, [caption for item in annotation for caption in item["caption"]]
+
+
+def test_the_re_ranking_bar_moves_within_a_part_as_its_pairs_are_scored(downstream, tmp_path):
+    """The ITM re-ranking is one part a worker (minutes to an hour each at COCO's size): its bar moved only when a
+    whole part returned, so a one-worker evaluation showed 0 % until the end. Now the scorer's batches say how far
+    the part is, and the bar (a log line off a terminal) moves within it; the scores are those of the split run."""
+    from pipelines.progress import StageProgress
+    from pipelines.tasks.evaluate import EvaluateConfig, ModelWorkers, encode_retrieval, rerank_rows
+    from pipelines.tasks.retrieval_eval import similarity_matrix
+
+    model_dir, urls, texts = tiny_retrieval_and_test_set(downstream, tmp_path)
     cfg = EvaluateConfig(task="retrieval", num_workers=0, device="cpu")
     lines: list[str] = []
     logger = logging.getLogger("test.rerank.progress")
@@ -594,20 +601,12 @@ def test_a_ray_worker_tells_the_bar_how_far_its_running_part_is(ray_session, tmp
 def test_split_encoding_matches_one_serial_pass(downstream, tmp_path):
     """The retrieval encoding split over workers (row ranges on batch boundaries) gives bit-identical features to
     one serial loop, as the evaluation computed them before it was split; the worker runs from shipped bytes."""
-    from blip_models.checkpoints import save_pretrained
-    from blip_models.configuration_blip import preset
-    from blip_models.modeling_retrieval import BlipRetrieval
     from blip_models.tokenizer import load_tokenizer, tokenize
     from pipelines.tasks.evaluate import (EvaluateConfig, ModelWorker, ModelWorkers, batch_rows, encode_image_rows,
                                           encode_retrieval, encode_text_rows, load_images, read_model_files,
                                           work_parts)
 
-    registry, manifest = downstream
-    torch.manual_seed(0)
-    model_dir = save_pretrained(BlipRetrieval(preset("tiny")), tmp_path / "retrieval")
-    annotation = json.loads(registry.local_path(manifest, "annotation/coco_karpathy_test.json").read_text())
-    urls = [str(registry.local_path(manifest, f"images/{item['image']}")) for item in annotation]
-    texts = [caption for item in annotation for caption in item["caption"]]
+    model_dir, urls, texts = tiny_retrieval_and_test_set(downstream, tmp_path)
     assert batch_rows(15, 4, 3) == [range(0, 8), range(8, 15)]  # BLIP's split of 4 batches: 2, 2, 0
     assert batch_rows(30, 4, 3) == [range(0, 12), range(12, 24), range(24, 30)]
     assert batch_rows(3, 64, 2) == [range(0, 3)]  # one batch: one part, never an empty one
