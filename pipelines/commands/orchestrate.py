@@ -161,8 +161,8 @@ def job_runtime_env(extra_env: list[str]) -> dict[str, Any]:
 
     # The loopback switch is for single-machine Ray only; a cluster's nodes bring their own environment.
     env_vars = {k: v for k, v in ENVIRONMENT.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    if os.environ.get("BLIP_REGISTRY"):  # the registry this shell uses (the job would use the uploaded folder's)
-        env_vars["BLIP_REGISTRY"] = os.environ["BLIP_REGISTRY"]
+    if registry := os.environ.get("BLIP_REGISTRY"):  # this shell's (the job would use the uploaded folder's)
+        env_vars["BLIP_REGISTRY"] = registry if "://" in registry else os.path.abspath(registry)  # not the job's cwd
     for pair in extra_env:
         key, equals, value = pair.partition("=")
         if not equals:

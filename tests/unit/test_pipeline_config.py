@@ -131,3 +131,16 @@ def test_submit_says_where_a_job_without_a_registry_publishes(capsys, monkeypatc
     check_job_target("tiny", None, [])
     check_job_target("tiny", None, ["registry=s3://bucket/other"])
     assert capsys.readouterr().err == ""
+
+
+def test_the_shells_registry_goes_with_a_submitted_job(tmp_path, monkeypatch):
+    """BLIP_REGISTRY reaches the job (a relative path made absolute: the job runs in the uploaded copy)."""
+    from pipelines.commands.orchestrate import job_runtime_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BLIP_REGISTRY", "artifacts/registry")
+    assert job_runtime_env([])["env_vars"]["BLIP_REGISTRY"] == str(tmp_path / "artifacts/registry")
+    monkeypatch.setenv("BLIP_REGISTRY", "s3://bucket/registry")
+    assert job_runtime_env(["BLIP_REGISTRY=s3://other/r"])["env_vars"]["BLIP_REGISTRY"] == "s3://other/r"
+    with pytest.raises(Exception, match="must look like KEY=VALUE"):
+        job_runtime_env(["NOVALUE"])
