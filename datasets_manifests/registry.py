@@ -330,8 +330,8 @@ class Registry:
         if target.exists() and (size is None or target.stat().st_size == size):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Named for this process: two processes fetching the same file (two evaluation workers of one machine)
-        # wrote one `.partial`, each truncating the other's, and the first renamed a torn copy into place.
+        # Named for this call: two fetches of the same file (two evaluation workers of one machine) wrote one
+        # `.partial`, each truncating the other's, and the first renamed a torn copy into place.
         partial = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
         try:
             with self.open(manifest, relpath) as remote, open(partial, "wb") as local:

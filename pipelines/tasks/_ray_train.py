@@ -98,12 +98,8 @@ def plan_run(storage_path: str, run_name: str, resume: bool, start_if_missing: b
     is finetuning's resume-if-present (a crashed run of the same key continues, else a new one starts).
     Plain paths are made absolute; URLs (file://, s3://, memory://) keep their protocol.
     """
-    from datasets_manifests.filesystems import url_to_fs
-
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).resolve())
-    fs, root = url_to_fs(storage_path)  # an s3:// path without s3fs: one line with the install hint
-    run_dir = f"{root.rstrip('/')}/{run_name}"
+    storage_path, fs, root = _storage(storage_path)
+    run_dir = f"{root}/{run_name}"
     exists = fs.exists(run_dir)
     if exists and not resume:
         raise UserError(f"a training run named {run_name!r} already exists in {storage_path}: pass --resume to "
@@ -119,14 +115,22 @@ def run_name_for(stage: str, key: str, run_key: str, storage_path: str) -> str:
     run goes, not what it trains (`pretrain.RUN_MECHANICS_KEYS`), so that a rerun with more retries (a run that
     used up `max_failures`) goes on from the same checkpoints instead of step 0; named by the cache key `key` where
     a run of that name is there (started before names left those settings out)."""
-    from datasets_manifests.filesystems import url_to_fs
-
     names = [f"{stage}-{run_key[:12]}", f"{stage}-{key[:12]}"]
     if names[0] == names[1]:
         return names[0]
-    path = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-    fs, root = url_to_fs(path)
-    return next((name for name in names if fs.exists(f"{root.rstrip('/')}/{name}")), names[0])
+    _, fs, root = _storage(storage_path)
+    return next((name for name in names if fs.exists(f"{root}/{name}")), names[0])
+
+
+def _storage(storage_path: str) -> tuple[str, Any, str]:
+    """(the storage path as Ray Train gets it, its filesystem, its root without a trailing slash): plain paths made
+    absolute; URLs (file://, s3://, memory://) keep their protocol."""
+    from datasets_manifests.filesystems import url_to_fs
+
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    fs, root = url_to_fs(storage_path)  # an s3:// path without s3fs: one line with the install hint
+    return storage_path, fs, root.rstrip("/")
 
 
 def init_sources(worker_config: dict[str, Any]) -> list[str]:
