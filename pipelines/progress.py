@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
+
+_Item = TypeVar("_Item")
 
 
 def format_duration(seconds: float) -> str:
@@ -54,6 +56,12 @@ class StageProgress:
         elif self.enabled and time.monotonic() - self.last_logged >= self.log_every_s:
             self.last_logged = time.monotonic()
             self.logger.info("%s", self.line())
+
+    def each(self, items: Iterable[_Item], counts: Callable[[_Item], int] = lambda item: 1) -> Iterator[_Item]:
+        """`items`, each counted on the bar (`counts(item)`, default 1) once the loop's body is done with it."""
+        for item in items:
+            yield item
+            self.update(counts(item))
 
     def line(self) -> str:
         """`capfilt: 1,234 / 5,678 img (21.7 %), 45.6 img/s, about 1 min 37 s left; shards 3/9 written`."""

@@ -264,9 +264,7 @@ def counted(items: Sequence[_Item], desc: str, unit: str) -> Iterator[_Item]:
     from pipelines.progress import StageProgress
 
     with StageProgress(desc, len(items), unit, logger=log) as bar:
-        for item in items:
-            yield item
-            bar.update(1)
+        yield from bar.each(items)
 
 
 def copy_file(source: Path, staging: Path, relative: str, files: list[dict[str, Any]], role: str) -> None:

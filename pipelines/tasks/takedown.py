@@ -98,7 +98,8 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
     # A file at a time: on a remote registry each shard is copied inside the store (hours at 129M), and the index
     # and texts (written last) take minutes; a bar on a terminal, a log line a minute elsewhere.
     bar = StageProgress(f"takedown {source.ref}", len(source.files), "files", logger=log)
-    for entry in _counted(source.files, bar):
+    # each file counted once the loop is done with it; the index and texts when they are written (after the loop)
+    for entry in bar.each(source.files, lambda entry: int(entry.path not in (INDEX_FILE, TEXTS_FILE))):
         base = _described(entry)
         if entry.path in (INDEX_FILE, TEXTS_FILE):
             continue
@@ -171,15 +172,6 @@ def run_takedown(registry: Registry, ref: str | Manifest, *, urls: Iterable[str]
 def line_key(source: Manifest) -> str:
     """The work key of every takedown of `source`: one at a time."""
     return cache_key(STAGE, [source.id], "takedown-of-version")
-
-
-def _counted(entries: list[Any], bar: StageProgress) -> Iterator[Any]:
-    """`entries`, each counted on the bar once the loop is done with it; the index and texts when they are
-    written (after the loop)."""
-    for entry in entries:
-        yield entry
-        if entry.path not in (INDEX_FILE, TEXTS_FILE):
-            bar.update(1)
 
 
 def without_samples(stats: Any, keys: set[str]) -> Any:
