@@ -379,22 +379,21 @@ class ModelWorkers:
 
 class _PartsBar:
     """A `StageProgress` (or nothing) fed by part: within a part as its function reports (never its last row), the
-    rest when it returns; a report for a part already done (a late poll) changes nothing."""
+    rest when it returns; a report for a part already done (a late poll: its rows are all shown) changes nothing."""
 
     def __init__(self, progress: StageProgress | None, sizes: list[int]) -> None:
         self.progress, self.sizes, self.shown = progress, sizes, [0] * len(sizes)
-        self.done = [False] * len(sizes)
 
     def within(self, index: int, fraction: float) -> None:
         target = min(self.sizes[index] - 1, int(self.sizes[index] * fraction))
-        if self.progress is not None and not self.done[index] and target > self.shown[index]:
+        if self.progress is not None and target > self.shown[index]:
             self.progress.update(target - self.shown[index])
             self.shown[index] = target
 
     def finished(self, index: int) -> None:
-        if self.progress is not None and not self.done[index]:
+        if self.progress is not None and self.shown[index] < self.sizes[index]:
             self.progress.update(self.sizes[index] - self.shown[index])
-        self.done[index], self.shown[index] = True, self.sizes[index]
+        self.shown[index] = self.sizes[index]
 
 
 def _rows_in(part: Any) -> int:
